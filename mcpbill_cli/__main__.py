@@ -1,0 +1,3 @@
+from mcpbill_cli.cli import main
+
+main()

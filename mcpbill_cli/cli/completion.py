@@ -1,0 +1,29 @@
+"""`mcpbill completion bash|zsh|fish`: print a shell completion script."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mcpbill_cli.cli.output import handles_errors
+from mcpbill_cli.errors import InvalidInput
+
+SHELLS = ("bash", "zsh", "fish")
+
+
+def script(shell: str) -> str:
+    from typer._completion_shared import get_completion_script
+
+    return get_completion_script(prog_name="mcpbill", complete_var="_MCPBILL_COMPLETE",
+                                 shell=shell)
+
+
+@handles_errors
+def completion(
+    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")],
+) -> None:
+    """Print the completion script. Example: mcpbill completion bash > ~/.mcpbill-complete.bash"""
+    if shell not in SHELLS:
+        raise InvalidInput(f"shell {shell!r} is not one of {', '.join(SHELLS)}")
+    typer.echo(script(shell), nl=False)

@@ -1,0 +1,42 @@
+"""`mcpbill init`: a home with config, signing keys, a migrated ledger and a sample pricing file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+from mcpbill_cli.cli.state import state
+
+if TYPE_CHECKING:
+    from mcpbill_cli.setup import InitResult
+
+
+@handles_errors
+def init(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace existing signing keys (every token they signed stops "
+                        "verifying). Config, pricing and ledger data are kept.")] = False,
+    alg: Annotated[str, typer.Option(
+        "--alg", help="Signing algorithm: EdDSA (default), ES256 or HS256.")] = "EdDSA",
+    mode: Annotated[str, typer.Option(
+        "--mode", help="demo (no chain; `wallet fund --demo` works) or live.")] = "demo",
+    as_json: JsonOption = False,
+) -> None:
+    """Create the mcpbill home: config.toml, keys/, a migrated ledger and a sample pricing.toml.
+
+    Running it again on an initialized home changes nothing and exits 7 (ALREADY_EXISTS);
+    --force replaces the signing keys only.
+    """
+    from mcpbill_cli.setup import initialize
+
+    result = initialize(state(ctx).settings, alg=alg, mode=mode, force=force)
+    emit(result, as_json=as_json, human=lambda: _render(result))
+
+
+def _render(result: InitResult) -> None:
+    for line in result.steps:
+        say(f"[green]✓[/] {line}")
+    out.print(str(result.home))

@@ -1,0 +1,103 @@
+"""`mcpbill keys list | rotate | export-jwks | retire`: the operator's signing keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+from mcpbill_cli.cli.state import state
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.fsutil import write_atomic
+
+app = typer.Typer(help="Signing keys for credit tokens and receipts.", no_args_is_help=True)
+
+
+@app.command("list")
+@handles_errors
+def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List keys: kid, algorithm, status (active, verifying, retired) and until when."""
+    keys = list(state(ctx).keyring().keys.values())
+
+    def human() -> None:
+        table = Table("kid", "alg", "status", "created", "verifies until")
+        for k in keys:
+            table.add_row(k.kid, k.alg, k.status, k.created_at[:19],
+                          "-" if k.status == "active" else (k.verify_until or "never")[:19])
+        out.print(table)
+
+    emit(keys, as_json=as_json, human=human)
+
+
+@app.command("rotate")
+@handles_errors
+def rotate(
+    ctx: typer.Context,
+    alg: Annotated[str, typer.Option("--alg", help="EdDSA, ES256 or HS256.")] = "EdDSA",
+    as_json: JsonOption = False,
+) -> None:
+    """Make a new active key. The old one keeps verifying until its last token expires."""
+    from mcpbill_cli import keys
+    from mcpbill_cli.ledger.credit import last_expiry
+    from mcpbill_cli.ledger.engine import reading
+
+    st = state(ctx)
+    ring = st.keyring()
+    with reading(st.engine()) as conn:
+        until = last_expiry(conn, ring.active().kid)
+    old = ring.active()
+    new = keys.rotate(ring, alg, now=utcnow(), last_expiry=until)
+    ring.save()
+    data = {"active": new, "previous": ring.keys[old.kid]}
+    emit(data, as_json=as_json, human=lambda: (
+        say(f"{old.kid} verifies until {ring.keys[old.kid].verify_until}"), out.print(new.kid)))
+
+
+@app.command("export-jwks")
+@handles_errors
+def export_jwks(
+    ctx: typer.Context,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JWKS document of public keys that verify now, for stateless verifiers."""
+    document = state(ctx).keyring().jwks()
+    text = json.dumps(document, indent=2) + "\n"
+    if out_file is None:
+        typer.echo(text, nl=False)
+        return
+    write_atomic(out_file, text.encode())
+    say(f"wrote {len(document['keys'])} key(s) to {out_file}")
+
+
+@app.command("retire")
+@handles_errors
+def retire(
+    ctx: typer.Context,
+    kid: Annotated[str, typer.Argument(help="The key to stop verifying with.")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Retire even though unexpired tokens signed by it would stop "
+                        "verifying.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Stop verifying with a key now (for a compromised or unused key)."""
+    from mcpbill_cli import keys
+    from mcpbill_cli.errors import InvalidInput
+    from mcpbill_cli.ledger.credit import live_tokens_signed_by
+    from mcpbill_cli.ledger.engine import reading
+
+    st = state(ctx)
+    ring = st.keyring()
+    ring.get(kid)
+    with reading(st.engine()) as conn:
+        live = live_tokens_signed_by(conn, kid, now=utcnow())
+    if live and not force:
+        raise InvalidInput(f"{live} unexpired token(s) are signed by {kid} and would stop "
+                           "verifying; pass --force to retire it anyway")
+    info = keys.retire(ring, kid)
+    ring.save()
+    emit(info, as_json=as_json, human=lambda: say(f"retired {kid}"))

@@ -1,0 +1,14 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mcpbill_cli.config import DEFAULT_TENANT
+
+TenantOption = Annotated[
+    str, typer.Option("--tenant", "-t", help="The tenant (customer) whose wallet this is.")
+]
+DEFAULT_TENANT_VALUE = DEFAULT_TENANT

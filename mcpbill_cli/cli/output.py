@@ -1,0 +1,128 @@
+"""How the CLI speaks: data on stdout, talk on stderr, one JSON envelope with ``--json``.
+
+Every refusal is a BillingError; its ``code`` maps to the exit status here and only here.
+The table is copied into the README ("Exit codes"); a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from mcpbill_cli.errors import BillingError
+
+SCHEMA_VERSION = 1
+
+EXIT_CODES: dict[str, int] = {
+    "USAGE_ERROR": 2,
+    "INVALID_INPUT": 3,
+    "NOT_FOUND": 4,
+    "INSUFFICIENT_FUNDS": 5,
+    "BUDGET_EXCEEDED": 5,
+    "INVALID_CREDIT_TOKEN": 6,
+    "TOKEN_REVOKED": 6,
+    "SCOPE_DENIED": 6,
+    "ALREADY_EXISTS": 7,
+    "IDEMPOTENCY_CONFLICT": 7,
+    "HOLD_NOT_ACTIVE": 7,
+    "CALL_FAILED": 7,
+    "LEDGER_UNAVAILABLE": 8,
+    "NOT_INITIALIZED": 9,
+    "SCHEMA_OUTDATED": 9,
+    "CONFIG_INVALID": 10,
+    "PRICING_INVALID": 10,
+    "PRICE_UNKNOWN": 10,
+    "DEMO_ONLY": 11,
+    "STATELESS_VERIFIER": 11,
+}
+GENERIC_FAILURE = 1
+
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document {schema_version, status, data, "
+                                      "errors} on stdout, on failure too.")
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def exit_code(code: str) -> int:
+    return EXIT_CODES.get(code, GENERIC_FAILURE)
+
+
+def envelope(data: Any = None, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "status": "error" if errors else "ok",
+            "data": to_jsonable(data), "errors": errors or []}
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def print_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def emit(data: Any, *, as_json: bool, human: Callable[[], None]) -> None:
+    """Print ``data`` as the JSON envelope, or call ``human`` to render it for a person."""
+    if as_json:
+        print_json(envelope(data))
+    else:
+        human()
+
+
+def fail(exc: BillingError, *, as_json: bool) -> NoReturn:
+    code = exit_code(exc.code)
+    if as_json:
+        print_json(envelope(None, [exc.to_dict()]))
+    else:
+        err.print(f"[bold red]error[/] [dim]{exc.code}[/]: ", end="")
+        err.print(exc.message, markup=False)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Render any BillingError the command raises, as JSON when the command got ``--json``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BillingError as exc:
+            fail(exc, as_json=bool(kwargs.get("as_json")))
+
+    return wrapper
+
+
+def say(message: str) -> None:
+    """Talk to the person at the terminal (stderr), never mixed into data on stdout."""
+    err.print(message)
+
+
+def with_usd(value: Any, *amount_fields: str) -> dict[str, Any]:
+    """A result as a JSON object whose micro-USDC fields become ``<name>_usd`` decimal strings."""
+    from mcpbill_cli.money import format_usd
+
+    data: dict[str, Any] = to_jsonable(value)
+    for name in amount_fields:
+        data[f"{name}_usd"] = format_usd(data.pop(name))
+    return data

@@ -1,0 +1,176 @@
+"""`mcpbill pricing show | set | unset | validate | diff | quote`: the pricing table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli import pricing
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+from mcpbill_cli.cli.state import state
+from mcpbill_cli.money import format_usd, parse_usd
+
+app = typer.Typer(
+    help="Show, edit, check and compare the pricing table (pricing.toml in the home). "
+         "Edits rewrite the file in normal form, without comments.",
+    no_args_is_help=True,
+)
+
+TenantOption = Annotated[str | None, typer.Option(
+    "--tenant", "-t", help="Price as this tenant sees it (its own prices and discount).")]
+
+
+def _pricing_path(ctx: typer.Context) -> Path:
+    return state(ctx).settings.pricing_path
+
+
+@app.command("show")
+@handles_errors
+def show(ctx: typer.Context, tenant: TenantOption = None, as_json: JsonOption = False) -> None:
+    """Show the effective price of every listed tool, the default and the free tiers."""
+    sheet = pricing.price_sheet(pricing.load_pricing(_pricing_path(ctx)), tenant)
+    emit(sheet.to_dict(), as_json=as_json, human=lambda: _render_sheet(sheet))
+
+
+@app.command("set")
+@handles_errors
+def set_price(
+    ctx: typer.Context,
+    tool: Annotated[str, typer.Argument(help="The exact tool name, e.g. search or db.write.")],
+    price: Annotated[str, typer.Argument(help="USDC per call (or per unit), e.g. 0.002 or 0.")],
+    tenant: Annotated[str | None, typer.Option(
+        "--tenant", "-t", help="Set this tenant's own price (its discount does not apply).")
+    ] = None,
+    per_unit: Annotated[bool, typer.Option(
+        "--per-unit", help="PRICE is per unit the tool reports (tokens, rows); needs --max.")
+    ] = False,
+    max_price: Annotated[str | None, typer.Option(
+        "--max", help="With --per-unit: the most one call may cost, what a call holds.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Set a tool's price (for everyone, or for one tenant). Bumps the table version."""
+    amount = parse_usd(price, allow_zero=True, field="price")
+    cap = None if max_price is None else parse_usd(max_price, allow_zero=True, field="max")
+    edit = pricing.edit_pricing(_pricing_path(ctx), lambda table: pricing.set_price(
+        table, tool, amount, tenant=tenant, per_unit=per_unit, max_amount=cap))
+    _emit_edit(edit, _pricing_path(ctx), as_json=as_json)
+
+
+@app.command("unset")
+@handles_errors
+def unset_price(
+    ctx: typer.Context,
+    tool: Annotated[str, typer.Argument(help="The tool whose own price to remove.")],
+    tenant: Annotated[str | None, typer.Option(
+        "--tenant", "-t", help="Remove this tenant's own price instead.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove a tool's own price; it then falls to the free tiers or the default price."""
+    edit = pricing.edit_pricing(
+        _pricing_path(ctx), lambda table: pricing.unset_price(table, tool, tenant=tenant))
+    _emit_edit(edit, _pricing_path(ctx), as_json=as_json)
+
+
+@app.command("validate")
+@handles_errors
+def validate(
+    ctx: typer.Context,
+    file: Annotated[Path | None, typer.Argument(
+        help="The file to check.", show_default="pricing.toml in the home")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a pricing file without changing anything; exit 10 with the key path if it is bad."""
+    path = file or _pricing_path(ctx)
+    table = pricing.load_pricing(path)
+    data = {"path": str(path), "pricingVersion": table.version, "tools": len(table.tools),
+            "tenants": len(table.tenants)}
+    emit(data, as_json=as_json, human=lambda: out.print(
+        f"{path}: valid, version {table.version}, {len(table.tools)} tool(s), "
+        f"{len(table.tenants)} tenant(s)"))
+
+
+@app.command("diff")
+@handles_errors
+def diff(
+    ctx: typer.Context,
+    other_file: Annotated[Path, typer.Argument(help="The pricing file to compare with.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show what would change, per tool and tenant, if OTHER_FILE replaced the current table."""
+    path = _pricing_path(ctx)
+    current, other = pricing.load_pricing(path), pricing.load_pricing(other_file)
+    changes = pricing.diff_tables(current, other)
+    data = {"from": {"path": str(path), "pricingVersion": current.version},
+            "to": {"path": str(other_file), "pricingVersion": other.version},
+            "changes": [change.to_dict() for change in changes]}
+    emit(data, as_json=as_json, human=lambda: _render_changes(changes))
+
+
+@app.command("quote")
+@handles_errors
+def quote(
+    ctx: typer.Context,
+    tool: Annotated[str, typer.Argument(help="The tool to price.")],
+    tenant: TenantOption = None,
+    units: Annotated[int | None, typer.Option(
+        "--units", min=0, help="Units a per-unit tool reported; without it, the maximum.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print what one call costs (USDC) on stdout, and which rule decided on stderr."""
+    table = pricing.load_pricing(_pricing_path(ctx))
+    price = pricing.quote(table, tool, tenant=tenant, units=units)
+    data = {"tool": tool, "tenant": tenant, "units": units, **price.to_dict()}
+    emit(data, as_json=as_json, human=lambda: _render_quote(price, units))
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _render_sheet(sheet: pricing.PriceSheet) -> None:
+    who = f" for tenant {sheet.tenant}" if sheet.tenant else ""
+    table = Table("tool", "price (USDC)", "rule", title=f"pricing version {sheet.version}{who}")
+    for name, price in sheet.tools:
+        table.add_row(name, price.describe(), price.rule)
+    out.print(table)
+    if sheet.default is None:
+        out.print("other tools: refused (no default_price)")
+    else:
+        out.print(f"other tools: {sheet.default.describe()} ({sheet.default.rule})")
+    if sheet.free_tiers:
+        out.print(f"free tiers: {', '.join(sheet.free_tiers)}")
+    if sheet.daily_cap is not None:
+        out.print(f"daily cap: {format_usd(sheet.daily_cap)} USDC per UTC day")
+
+
+def _emit_edit(edit: pricing.PricingEdit, path: Path, *, as_json: bool) -> None:
+    changes = edit.changes
+    data: dict[str, Any] = {
+        "path": str(path), "previousVersion": edit.before.version,
+        "pricingVersion": edit.after.version, "changes": [c.to_dict() for c in changes],
+    }
+
+    def human() -> None:
+        _render_changes(changes)
+        say(f"wrote pricing version {edit.after.version} to {path}")
+
+    emit(data, as_json=as_json, human=human)
+
+
+def _render_changes(changes: list[pricing.Change]) -> None:
+    if not changes:
+        say("no changes")
+        return
+    for change in changes:
+        out.print(f"{change.kind:<8} {change.key}: {change.before or '-'} -> {change.after or '-'}")
+
+
+def _render_quote(price: pricing.Price, units: int | None) -> None:
+    out.print(format_usd(price.amount))
+    per_unit_max = price.per_unit is not None and units is None
+    held = " (the most a call may cost: no --units given)" if per_unit_max else ""
+    say(f"{price.describe()}{held}; rule {price.rule}, pricing version {price.version}")

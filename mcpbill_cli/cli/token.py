@@ -1,0 +1,200 @@
+"""`mcpbill token issue | list | show | inspect | sweep`: spend-capped credit tokens."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say, with_usd
+from mcpbill_cli.cli.state import State, state
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.config import DEFAULT_TENANT, ENV_TOKEN
+from mcpbill_cli.money import format_usd
+
+if TYPE_CHECKING:
+    from mcpbill_cli.ledger.credit import TokenView
+
+app = typer.Typer(help="Credit tokens: issue, list, show, inspect, sweep.", no_args_is_help=True)
+
+_VIEW_AMOUNTS = ("limit", "spent", "held", "remaining")
+
+
+@app.command("issue")
+@handles_errors
+def issue(
+    ctx: typer.Context,
+    limit: Annotated[str, typer.Option(
+        "--limit", help="Spend limit in USDC, allotted from the tenant now, e.g. 5 or 0.25.")],
+    ttl: Annotated[str | None, typer.Option(
+        "--ttl", help="Lifetime: 90s, 15m, 24h, 2d (capped by ttl_cap, default 24h).")] = None,
+    tenant: Annotated[str | None, typer.Option(
+        "--tenant", "-t", help="Tenant to allot from.", show_default=DEFAULT_TENANT)] = None,
+    agent: Annotated[str, typer.Option("--agent", help="The agent's id (the `sub`).")] = "agent",
+    scope: Annotated[list[str] | None, typer.Option(
+        "--scope", help="Tool pattern the token may call (search, db.*, *); repeat for more. "
+                        "Default: * (a child: its parent's scope).")] = None,
+    aud: Annotated[str | None, typer.Option(
+        "--aud", help="Audience: the server(s) that accept it.", show_default="config audience"
+    )] = None,
+    parent: Annotated[str | None, typer.Option(
+        "--parent", help="Parent jti: fund a sub-agent's child token from the parent's credit."
+    )] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Mint a credit token; prints only the JWT, so TOKEN=$(mcpbill token issue ...) works.
+
+    Example: mcpbill token issue --limit 5 --ttl 24h --scope search --scope "db.*"
+    """
+    from mcpbill_cli.durations import parse_duration
+    from mcpbill_cli.ledger.credit import IssueRequest
+    from mcpbill_cli.ledger.credit import issue as issue_token
+    from mcpbill_cli.ledger.engine import writing
+    from mcpbill_cli.money import parse_usd
+    from mcpbill_cli.tokens import validate_scope
+
+    st = state(ctx)
+    settings = st.settings
+    request = IssueRequest(
+        tenant=tenant or DEFAULT_TENANT, agent=agent, limit=parse_usd(limit, field="limit"),
+        ttl=parse_duration(ttl, field="ttl") if ttl else settings.default_ttl,
+        scope=validate_scope(scope) if scope else None, audience=aud or settings.audience,
+        issuer=settings.issuer, parent=parent, demo=settings.demo)
+    signer = st.keyring().signing_key()
+    with writing(st.engine()) as conn:
+        issued = issue_token(conn, request, signer=signer, ttl_cap=settings.ttl_cap,
+                             now=utcnow())
+    if tenant and tenant != issued.claims.tenant:
+        say(f"[yellow]note[/]: a child token belongs to its parent's tenant "
+            f"{issued.claims.tenant}")
+    claims = issued.claims
+    data = {"token": issued.token, "jti": claims.jti, "tenant": claims.tenant,
+            "agent": claims.agent, "scope": list(claims.scope), "audience": claims.audience,
+            "limit_usd": format_usd(claims.limit), "exp": claims.expires_at.isoformat(),
+            "parent": claims.parent, "kid": claims.kid}
+
+    def human() -> None:
+        say(f"issued {claims.jti}: {format_usd(claims.limit)} USDC for {claims.agent} "
+            f"({claims.tenant}), expires {claims.expires_at:%Y-%m-%d %H:%M:%SZ}")
+        typer.echo(issued.token)
+
+    emit(data, as_json=as_json, human=human)
+
+
+@app.command("list")
+@handles_errors
+def list_tokens(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
+    status: Annotated[str | None, typer.Option(
+        "--status", help="active, revoked or expired.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List tokens with their limit, spend and status."""
+    from mcpbill_cli.errors import InvalidInput
+    from mcpbill_cli.ledger.credit import list_views
+    from mcpbill_cli.ledger.engine import reading
+
+    if status not in (None, "active", "revoked", "expired"):
+        raise InvalidInput(f"--status {status!r} is not one of active, revoked, expired")
+    with reading(state(ctx).engine()) as conn:
+        views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status)
+
+    def human() -> None:
+        table = Table("jti", "tenant", "agent", "status", "limit", "spent", "remaining",
+                      "expires")
+        for v in views:
+            table.add_row(v.jti, v.tenant, v.agent, v.status, format_usd(v.limit),
+                          format_usd(v.spent), format_usd(v.remaining),
+                          f"{v.expires_at:%Y-%m-%d %H:%M}")
+        out.print(table)
+
+    emit([_view_data(v) for v in views], as_json=as_json, human=human)
+
+
+@app.command("show")
+@handles_errors
+def show(ctx: typer.Context,
+         jti: Annotated[str, typer.Argument(help="The token's jti (tok_...).")],
+         as_json: JsonOption = False) -> None:
+    """Show one token: limit, spent, held, remaining, status and children."""
+    from mcpbill_cli.ledger.credit import show as show_token
+    from mcpbill_cli.ledger.engine import reading
+
+    with reading(state(ctx).engine()) as conn:
+        view = show_token(conn, jti, now=utcnow())
+    emit(_view_data(view), as_json=as_json, human=lambda: _render_view(view))
+
+
+def _view_data(view: TokenView) -> dict[str, Any]:
+    return with_usd(view, *_VIEW_AMOUNTS)
+
+
+def _render_view(view: TokenView) -> None:
+    table = Table(box=None, show_header=False)
+    for key, value in _view_data(view).items():
+        shown = ", ".join(value) if isinstance(value, list) else ("-" if value is None else value)
+        table.add_row(key, str(shown))
+    out.print(table)
+
+
+@app.command("inspect")
+@handles_errors
+def inspect(
+    ctx: typer.Context,
+    token: Annotated[str | None, typer.Argument(
+        help="The JWT, or - to read it from stdin. Default: $AGENT_CREDIT_JWT, else stdin.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Verify a token's signature and claims and show them; exits non-zero if it is invalid."""
+    import os
+
+    raw = token if token not in (None, "-") else None
+    if raw is None and token is None:
+        raw = os.environ.get(ENV_TOKEN)
+    if raw is None:
+        raw = sys.stdin.read()
+    data = _inspect(state(ctx), raw.strip())
+    emit(data, as_json=as_json, human=lambda: _render_claims(data))
+
+
+def _inspect(st: State, raw: str) -> dict[str, Any]:
+    from mcpbill_cli.errors import TokenRevoked
+    from mcpbill_cli.ledger.credit import show as show_token
+    from mcpbill_cli.ledger.engine import reading
+    from mcpbill_cli.tokens import decode_token
+
+    claims = decode_token(raw, st.keyring().verification_keys(), audience=None,
+                          issuer=st.settings.issuer, leeway=st.settings.leeway)
+    with reading(st.engine()) as conn:
+        view = show_token(conn, claims.jti, now=utcnow())
+    if view.status == "revoked":
+        raise TokenRevoked(f"token {claims.jti} was revoked at {view.revoked_at}",
+                           jti=claims.jti)
+    return {"valid": True, "kid": claims.kid, **with_usd(claims, "limit"),
+            "remaining_usd": format_usd(view.remaining), "status": view.status}
+
+
+def _render_claims(data: dict[str, Any]) -> None:
+    table = Table(box=None, show_header=False)
+    for key, value in data.items():
+        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
+    out.print(table)
+
+
+@app.command("sweep")
+@handles_errors
+def sweep(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Return what expired (and revoked) tokens left unspent to their tenants."""
+    from mcpbill_cli.ledger.credit import sweep as sweep_tokens
+    from mcpbill_cli.ledger.engine import writing
+
+    with writing(state(ctx).engine()) as conn:
+        released = sweep_tokens(conn, now=utcnow())
+    data = [{"jti": jti, "released_usd": format_usd(amount)} for jti, amount in released]
+    emit(data, as_json=as_json, human=lambda: say(
+        f"released {format_usd(sum(a for _, a in released))} USDC from {len(released)} token(s)"))

@@ -1,0 +1,66 @@
+"""`mcpbill wallet`: fund a tenant's USDC wallet and show its balance."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli.cli.options import DEFAULT_TENANT_VALUE, TenantOption
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say, with_usd
+from mcpbill_cli.cli.state import state
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.errors import DemoOnly, InvalidInput
+from mcpbill_cli.money import format_usd, parse_usd
+
+app = typer.Typer(help="Tenant wallets: funding and balances.", no_args_is_help=True)
+
+
+@app.command("fund")
+@handles_errors
+def fund(
+    ctx: typer.Context,
+    tenant: TenantOption = DEFAULT_TENANT_VALUE,
+    demo: Annotated[str | None, typer.Option(
+        "--demo", metavar="AMOUNT", help="Credit AMOUNT USDC from the demo source "
+                                         "(demo mode only), e.g. 10 or 2.50.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Credit a tenant's wallet. Example: mcpbill wallet fund --demo 10"""
+    from mcpbill_cli.ledger.credit import fund_demo
+    from mcpbill_cli.ledger.engine import writing
+
+    st = state(ctx)
+    if demo is None:
+        raise InvalidInput("say how to fund: --demo AMOUNT (demo mode)")
+    amount = parse_usd(demo)
+    if not st.settings.demo:
+        raise DemoOnly("demo funding is off in live mode; fund with a USDC deposit instead, "
+                       "or set mode = \"demo\" in config.toml")
+    with writing(st.engine()) as conn:
+        result = fund_demo(conn, tenant, amount, now=utcnow())
+    emit(with_usd(result, "amount", "available"), as_json=as_json, human=lambda: say(
+        f"funded {tenant} with {format_usd(amount)} USDC (demo); "
+        f"{format_usd(result.available)} available"))
+
+
+@app.command("balance")
+@handles_errors
+def balance(ctx: typer.Context, tenant: TenantOption = DEFAULT_TENANT_VALUE,
+            as_json: JsonOption = False) -> None:
+    """Show funded, allotted to tokens, held, spent and available, in USDC."""
+    from mcpbill_cli.ledger.credit import tenant_balance
+    from mcpbill_cli.ledger.engine import reading
+
+    with reading(state(ctx).engine()) as conn:
+        bal = tenant_balance(conn, tenant)
+
+    def human() -> None:
+        table = Table("tenant", "funded", "allotted", "held", "spent", "available")
+        table.add_row(bal.tenant, *(format_usd(v) for v in (
+            bal.funded, bal.allotted, bal.held, bal.spent, bal.available)))
+        out.print(table)
+
+    emit(with_usd(bal, "funded", "allotted", "held", "spent", "available"),
+         as_json=as_json, human=human)

@@ -1,0 +1,137 @@
+"""Settings, resolved once: command-line flag > environment variable > config file > default."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mcpbill_cli.durations import parse_duration
+from mcpbill_cli.errors import ConfigInvalid, InvalidInput
+
+ENV_HOME = "MCPBILL_HOME"
+ENV_DB_URL = "MCPBILL_DB_URL"
+ENV_MODE = "MCPBILL_MODE"
+ENV_TTL_CAP = "MCPBILL_TTL_CAP"
+ENV_ISSUER = "MCPBILL_ISSUER"
+ENV_AUDIENCE = "MCPBILL_AUDIENCE"
+ENV_TOKEN = "AGENT_CREDIT_JWT"
+
+CONFIG_FILE = "config.toml"
+PRICING_FILE = "pricing.toml"
+LEDGER_FILE = "ledger.db"
+KEYS_DIR = "keys"
+
+MODES = ("demo", "live")
+DEFAULT_TENANT = "default"
+
+# Keys a config.toml may hold; anything else is a typo we would rather report than ignore.
+_KNOWN_KEYS = {
+    "mode", "db_url", "issuer", "audience", "ttl_cap", "default_ttl", "leeway",
+    "hold_timeout", "chains", "wallet",
+}
+
+
+def default_home() -> Path:
+    """The platform config dir: ``$XDG_CONFIG_HOME/mcpbill`` (``~/.config/mcpbill``) or macOS's."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mcpbill"
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "mcpbill"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db_url: str
+    mode: str = "demo"
+    issuer: str = "mcpbill"
+    audience: str = "mcpbill"
+    ttl_cap: int = 24 * 3600
+    default_ttl: int = 24 * 3600
+    leeway: int = 30
+    hold_timeout: int = 300
+    file: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_FILE
+
+    @property
+    def pricing_path(self) -> Path:
+        return self.home / PRICING_FILE
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / KEYS_DIR
+
+    @property
+    def demo(self) -> bool:
+        return self.mode == "demo"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The parsed config.toml, ``{}`` when there is none; a broken file is an error, not a default."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigInvalid(f"cannot read {path}: {exc}", path=str(path)) from None
+    unknown = sorted(set(data) - _KNOWN_KEYS)
+    if unknown:
+        raise ConfigInvalid(f"{path}: unknown key(s) {', '.join(unknown)}", path=str(path))
+    return data
+
+
+def load_settings(
+    *, home: str | Path | None = None, db_url: str | None = None, mode: str | None = None
+) -> Settings:
+    """Resolve every setting once. Arguments are the command-line flags (``None`` = not given)."""
+    home_path = Path(home or os.environ.get(ENV_HOME) or default_home()).expanduser()
+    file = read_config_file(home_path / CONFIG_FILE)
+
+    def pick(flag: Any, env: str | None, key: str, default: Any) -> Any:
+        if flag is not None:
+            return flag
+        if env and os.environ.get(env):
+            return os.environ[env]
+        return file.get(key, default)
+
+    resolved_mode = str(pick(mode, ENV_MODE, "mode", "demo"))
+    if resolved_mode not in MODES:
+        raise ConfigInvalid(f"mode {resolved_mode!r} is not one of {', '.join(MODES)}")
+    ttl_cap = _seconds(pick(None, ENV_TTL_CAP, "ttl_cap", "24h"), "ttl_cap")
+    return Settings(
+        home=home_path,
+        db_url=str(pick(db_url, ENV_DB_URL, "db_url", f"sqlite:///{home_path / LEDGER_FILE}")),
+        mode=resolved_mode,
+        issuer=str(pick(None, ENV_ISSUER, "issuer", "mcpbill")),
+        audience=str(pick(None, ENV_AUDIENCE, "audience", "mcpbill")),
+        ttl_cap=ttl_cap,
+        default_ttl=min(_seconds(file.get("default_ttl", "24h"), "default_ttl"), ttl_cap),
+        leeway=_seconds(file.get("leeway", "30s"), "leeway"),
+        hold_timeout=_seconds(file.get("hold_timeout", "5m"), "hold_timeout"),
+        file=file,
+    )
+
+
+def _seconds(value: Any, key: str) -> int:
+    try:
+        return parse_duration(str(value), field=key)
+    except InvalidInput as exc:
+        raise ConfigInvalid(f"config {key}: {exc}") from None
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced by ``***``, safe to print."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, colon, _ = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

@@ -1,0 +1,127 @@
+"""One exception tree: every refusal is a :class:`BillingError` with a stable ``code``.
+
+Servers catch ``BillingError``; the CLI maps ``code`` to an exit status in one place
+(``mcpbill_cli/cli/output.py``). ``to_dict()`` is the wire form an agent reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BillingError(Exception):
+    """Root of every mcpbill error. ``code`` is stable; ``message`` says what to do next."""
+
+    code: ClassVar[str] = "BILLING_ERROR"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as a JSON-ready object: ``{"code", "message", **details}``."""
+        return {"code": self.code, "message": self.message, **self.details}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code}: {self.message})"
+
+
+# --- refusals on the call path (DESIGN.md "The verifier's call path") -------------------------
+
+
+class InvalidCreditToken(BillingError):
+    """The token is malformed, badly signed, expired, not yet valid or for another audience.
+
+    ``reason`` is one of: malformed, bad_signature, unknown_key, expired, not_yet_valid,
+    wrong_audience, wrong_issuer.
+    """
+
+    code = "INVALID_CREDIT_TOKEN"
+
+    def __init__(self, message: str, *, reason: str, **details: Any) -> None:
+        super().__init__(message, reason=reason, **details)
+        self.reason = reason
+
+
+class TokenRevoked(BillingError):
+    code = "TOKEN_REVOKED"
+
+
+class ScopeDenied(BillingError):
+    code = "SCOPE_DENIED"
+
+
+class BudgetExceeded(BillingError):
+    """Recoverable: carries ``priceUsd``, ``remainingUsd``, ``shortfallUsd`` and ``fallback``."""
+
+    code = "BUDGET_EXCEEDED"
+
+
+class IdempotencyConflict(BillingError):
+    code = "IDEMPOTENCY_CONFLICT"
+
+
+class PriceUnknown(BillingError):
+    code = "PRICE_UNKNOWN"
+
+
+class LedgerUnavailable(BillingError):
+    code = "LEDGER_UNAVAILABLE"
+
+
+class HoldNotActive(BillingError):
+    """A capture or void of a hold that was already resolved or has timed out."""
+
+    code = "HOLD_NOT_ACTIVE"
+
+
+class CallFailed(BillingError):
+    """The call behind this idempotency key failed and was voided; it stays failed."""
+
+    code = "CALL_FAILED"
+
+
+class StatelessVerifier(BillingError):
+    """A verifier built without a ledger can only run preflight."""
+
+    code = "STATELESS_VERIFIER"
+
+
+# --- operator errors ---------------------------------------------------------------------------
+
+
+class InvalidInput(BillingError):
+    code = "INVALID_INPUT"
+
+
+class NotFound(BillingError):
+    code = "NOT_FOUND"
+
+
+class InsufficientFunds(BillingError):
+    code = "INSUFFICIENT_FUNDS"
+
+
+class AlreadyExists(BillingError):
+    code = "ALREADY_EXISTS"
+
+
+class NotInitialized(BillingError):
+    code = "NOT_INITIALIZED"
+
+
+class SchemaOutdated(BillingError):
+    code = "SCHEMA_OUTDATED"
+
+
+class ConfigInvalid(BillingError):
+    code = "CONFIG_INVALID"
+
+
+class PricingInvalid(BillingError):
+    code = "PRICING_INVALID"
+
+
+class DemoOnly(BillingError):
+    code = "DEMO_ONLY"

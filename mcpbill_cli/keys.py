@@ -1,0 +1,265 @@
+"""Signing keys: Ed25519 (default), ES256 or HS256, kept in ``<home>/keys/``, private files 0600.
+
+``keyring.json`` lists every key with its status: ``active`` signs new tokens and receipts;
+``verifying`` keys (rotated out) still verify until their last token expires; ``retired`` keys
+verify nothing. Private key material is never printed and never leaves this module.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mcpbill_cli.errors import AlreadyExists, InvalidInput, NotFound, NotInitialized
+from mcpbill_cli.fsutil import write_atomic, write_new_secret
+
+ALGORITHMS = ("EdDSA", "ES256", "HS256")
+DEFAULT_ALGORITHM = "EdDSA"
+INDEX = "keyring.json"
+MIN_HMAC_BYTES = 32
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    kid: str
+    alg: str
+    created_at: str
+    status: str  # active | verifying | retired
+    verify_until: str | None = None
+
+    def verifies_at(self, now: datetime) -> bool:
+        if self.status == "active":
+            return True
+        if self.status == "verifying" and self.verify_until is not None:
+            return datetime.fromisoformat(self.verify_until) > now
+        return False
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    """A key the verifier may check a signature with, and the one algorithm it is pinned to."""
+
+    kid: str
+    alg: str
+    key: Any
+
+
+class KeyRing:
+    """The keys in one directory. Reading is cheap; private keys load only when signing."""
+
+    def __init__(self, directory: Path, keys: dict[str, KeyInfo]) -> None:
+        self.directory = directory
+        self.keys = keys
+
+    @classmethod
+    def load(cls, directory: Path) -> KeyRing:
+        try:
+            raw = json.loads((directory / INDEX).read_text())
+        except FileNotFoundError:
+            raise NotInitialized(f"no signing keys in {directory}: run `mcpbill init`") from None
+        return cls(directory, {k["kid"]: KeyInfo(**k) for k in raw["keys"]})
+
+    @classmethod
+    def exists(cls, directory: Path) -> bool:
+        return (directory / INDEX).exists()
+
+    def active(self) -> KeyInfo:
+        for info in self.keys.values():
+            if info.status == "active":
+                return info
+        raise NotInitialized("no active signing key: run `mcpbill keys rotate`")
+
+    def get(self, kid: str) -> KeyInfo:
+        try:
+            return self.keys[kid]
+        except KeyError:
+            raise NotFound(f"no key {kid!r}; `mcpbill keys list` shows the keys") from None
+
+    def signing_key(self) -> tuple[KeyInfo, Any]:
+        """The active key's metadata and private key object (or HMAC secret bytes)."""
+        info = self.active()
+        return info, _load_private(self.directory, info)
+
+    def verification_keys(self, now: datetime | None = None) -> dict[str, VerificationKey]:
+        """Every key that may verify now, by kid, each pinned to its own algorithm."""
+        moment = now or datetime.now(UTC)
+        return {
+            info.kid: VerificationKey(info.kid, info.alg, _public(self.directory, info))
+            for info in self.keys.values()
+            if info.verifies_at(moment)
+        }
+
+    def jwks(self, now: datetime | None = None) -> dict[str, Any]:
+        """The JWKS document of public keys that verify now (HS256 secrets are never exported)."""
+        return {"keys": [_to_jwk(vk) for vk in self.verification_keys(now).values()
+                         if vk.alg != "HS256"]}
+
+    def save(self) -> None:
+        doc = {"keys": [asdict(k) for k in self.keys.values()]}
+        write_atomic(self.directory / INDEX, (json.dumps(doc, indent=2) + "\n").encode(),
+                     mode=0o600)
+
+
+def create_key(ring: KeyRing, alg: str, *, now: datetime) -> KeyInfo:
+    """Write a new private key file (0600) and make it the active key of ``ring``."""
+    if alg not in ALGORITHMS:
+        raise InvalidInput(f"algorithm {alg!r} is not one of {', '.join(ALGORITHMS)}")
+    kid = f"{now:%Y%m%d}-{secrets.token_hex(4)}"
+    write_new_secret(_key_path(ring.directory, kid, alg), _generate(alg))
+    info = KeyInfo(kid=kid, alg=alg, created_at=now.isoformat(), status="active")
+    ring.keys[kid] = info
+    return info
+
+
+def rotate(ring: KeyRing, alg: str, *, now: datetime, last_expiry: datetime | None) -> KeyInfo:
+    """A new active key; the old one verifies until ``last_expiry`` (its last token's ``exp``)."""
+    old = ring.active()
+    until = max(last_expiry or now, now)
+    ring.keys[old.kid] = replace(old, status="verifying", verify_until=until.isoformat())
+    return create_key(ring, alg, now=now)
+
+
+def retire(ring: KeyRing, kid: str) -> KeyInfo:
+    """Stop verifying with ``kid`` at once. The active key cannot be retired: rotate first."""
+    info = ring.get(kid)
+    if info.status == "active":
+        raise InvalidInput(f"{kid} is the active signing key: run `mcpbill keys rotate` first")
+    retired = replace(info, status="retired", verify_until=None)
+    ring.keys[kid] = retired
+    return retired
+
+
+def init_keyring(directory: Path, alg: str, *, now: datetime, force: bool) -> KeyRing:
+    """A keyring with one active key. Existing keys are kept unless ``force``."""
+    if KeyRing.exists(directory) and not force:
+        raise AlreadyExists(
+            f"signing keys already exist in {directory}; pass --force to replace them "
+            "(every token they signed stops verifying)"
+        )
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.chmod(0o700)
+    ring = KeyRing(directory, {})
+    create_key(ring, alg, now=now)
+    return ring
+
+
+# --- key material -------------------------------------------------------------------------------
+
+
+def _key_path(directory: Path, kid: str, alg: str) -> Path:
+    return directory / (f"{kid}.secret" if alg == "HS256" else f"{kid}.pem")
+
+
+def _generate(alg: str) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    if alg == "HS256":
+        return secrets.token_bytes(MIN_HMAC_BYTES)
+    private = ed25519.Ed25519PrivateKey.generate() if alg == "EdDSA" else (
+        ec.generate_private_key(ec.SECP256R1()))
+    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+
+def _load_private(directory: Path, info: KeyInfo) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    data = _key_path(directory, info.kid, info.alg).read_bytes()
+    if info.alg == "HS256":
+        if len(data) < MIN_HMAC_BYTES:
+            raise InvalidInput(f"HS256 key {info.kid} is shorter than {MIN_HMAC_BYTES} bytes")
+        return data
+    return serialization.load_pem_private_key(data, password=None)
+
+
+def _public(directory: Path, info: KeyInfo) -> Any:
+    private = _load_private(directory, info)
+    return private if info.alg == "HS256" else private.public_key()
+
+
+def _to_jwk(vk: VerificationKey) -> dict[str, Any]:
+    from jwt.algorithms import ECAlgorithm, OKPAlgorithm
+
+    algorithm = OKPAlgorithm if vk.alg == "EdDSA" else ECAlgorithm
+    jwk: dict[str, Any] = algorithm.to_jwk(vk.key, as_dict=True)
+    return {**jwk, "kid": vk.kid, "alg": vk.alg, "use": "sig"}
+
+
+def keys_from_jwks(document: dict[str, Any]) -> dict[str, VerificationKey]:
+    """Verification keys from a JWKS document (what a stateless verifier is given)."""
+    from jwt import PyJWK
+
+    found: dict[str, VerificationKey] = {}
+    for entry in document.get("keys", []):
+        if entry.get("alg") not in ("EdDSA", "ES256") or not entry.get("kid"):
+            continue
+        jwk = PyJWK(entry)
+        found[entry["kid"]] = VerificationKey(entry["kid"], entry["alg"], jwk.key)
+    return found
+
+
+class KeySource:
+    """Keys for a long-running verifier. A directory source re-reads ``keyring.json`` when it
+    changes (a rotation elsewhere), checking at most every ``check_interval`` seconds; a static
+    source (a JWKS) never changes. ``generation`` moves whenever the keys did.
+    """
+
+    def __init__(self, *, directory: Path | None = None,
+                 keys: dict[str, VerificationKey] | None = None,
+                 check_interval: float = 1.0) -> None:
+        import threading
+
+        self.directory = directory
+        self.generation = 0
+        self._interval = check_interval
+        self._next_check = 0.0
+        self._stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._keys: dict[str, VerificationKey] = keys or {}
+        self._signer: tuple[KeyInfo, Any] | None = None
+        self._until = datetime.max.replace(tzinfo=UTC)
+        if directory is not None:
+            self._reload()
+
+    @classmethod
+    def from_jwks(cls, document: dict[str, Any]) -> KeySource:
+        return cls(keys=keys_from_jwks(document))
+
+    def verification_keys(self) -> dict[str, VerificationKey]:
+        self._maybe_reload()
+        return self._keys
+
+    def signer(self) -> tuple[KeyInfo, Any] | None:
+        """The active key and its private key, or None for a source with public keys only."""
+        self._maybe_reload()
+        return self._signer
+
+    def _maybe_reload(self) -> None:
+        import time
+
+        if self.directory is None or time.monotonic() < self._next_check:
+            return
+        with self._lock:
+            self._next_check = time.monotonic() + self._interval
+            stat = (self.directory / INDEX).stat()
+            if (stat.st_mtime_ns, stat.st_size) != self._stamp or datetime.now(UTC) >= self._until:
+                self._reload()
+
+    def _reload(self) -> None:
+        assert self.directory is not None
+        stat = (self.directory / INDEX).stat()
+        ring = KeyRing.load(self.directory)
+        now = datetime.now(UTC)
+        self._keys = ring.verification_keys(now)
+        self._signer = ring.signing_key()
+        # A verifying key lapses at its verify_until: reload then, even if the file is the same.
+        lapses = [datetime.fromisoformat(k.verify_until) for k in ring.keys.values()
+                  if k.status == "verifying" and k.verify_until and k.verifies_at(now)]
+        self._until = min(lapses, default=datetime.max.replace(tzinfo=UTC))
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        self.generation += 1

@@ -1,0 +1,270 @@
+"""Billed calls on the ledger: the verifier's hot path, a few statements per transaction.
+
+A call is one row of ``calls`` (its idempotency record, outcome and receipt) plus the transfers
+that move its money between ``token:<jti>`` and ``revenue``. The token's debit is the guard:
+one ``UPDATE ... WHERE NOT closed AND available >= amount RETURNING available``, so no
+interleaving of threads, processes or servers can spend past the limit or after a revocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, select, update
+
+from mcpbill_cli.errors import HoldNotActive
+from mcpbill_cli.ledger import audit, ops
+from mcpbill_cli.ledger.models import accounts, calls, tenant_daily_spend, transfers
+
+a = accounts.c
+c = calls.c
+t = transfers.c
+d = tenant_daily_spend.c
+_AVAILABLE = a.credits_posted - a.debits_posted - a.debits_pending
+
+# Prepared once; SQLAlchemy caches their compiled form.
+_DEBIT_POSTED = (
+    update(accounts)
+    .where(a.id == bindparam("account"), a.closed.is_(False), _AVAILABLE >= bindparam("amount"))
+    .values(debits_posted=a.debits_posted + bindparam("amount"))
+    .returning(_AVAILABLE)
+)
+_DEBIT_PENDING = (
+    update(accounts)
+    .where(a.id == bindparam("account"), a.closed.is_(False), _AVAILABLE >= bindparam("amount"))
+    .values(debits_pending=a.debits_pending + bindparam("amount"))
+    .returning(_AVAILABLE)
+)
+_CREDIT_POSTED = (update(accounts).where(a.id == bindparam("account"))
+                  .values(credits_posted=a.credits_posted + bindparam("amount")))
+_CREDIT_PENDING = (update(accounts).where(a.id == bindparam("account"))
+                   .values(credits_pending=a.credits_pending + bindparam("amount")))
+_INSERT_TRANSFER = transfers.insert()
+_ADD_DAILY = (
+    update(tenant_daily_spend)
+    .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"),
+           d.amount + bindparam("b_amount") <= bindparam("b_cap"))
+    .values(amount=d.amount + bindparam("b_amount"))
+)
+_SUB_DAILY = (update(tenant_daily_spend)
+              .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
+              .values(amount=d.amount - bindparam("b_amount")))
+
+
+class Replay(Exception):  # noqa: N818 - control flow, never leaves the verifier
+    """The idempotency key already has a call: roll back and return that call's outcome."""
+
+
+class DailyCapReached(Exception):  # noqa: N818 - turned into BUDGET_EXCEEDED by the verifier
+    def __init__(self, cap: int, spent: int) -> None:
+        super().__init__(cap, spent)
+        self.cap = cap
+        self.spent = spent
+
+
+@dataclass(frozen=True)
+class NewCall:
+    id: str
+    idempotency_key: str
+    request_hash: str
+    jti: str
+    tenant: str
+    agent: str
+    tool: str
+    units: int | None
+    amount: int
+    pricing_version: int
+    price_rule: str
+    demo: bool
+    daily_cap: int | None
+
+    @property
+    def account(self) -> str:
+        return ops.token_account(self.jti)
+
+
+@dataclass(frozen=True)
+class StoredCall:
+    id: str
+    idempotency_key: str
+    request_hash: str
+    jti: str
+    tool: str
+    status: str
+    amount_held: int
+    amount: int | None
+    receipt: str | None
+    timeout_at: datetime | None
+
+
+def stored(conn: Connection, *, key: str | None = None, call_id: str | None = None
+           ) -> StoredCall | None:
+    where = c.idempotency_key == key if key is not None else c.id == call_id
+    row = conn.execute(select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tool, c.status,
+                              c.amount_held, c.amount, c.receipt, c.timeout_at)
+                       .where(where)).one_or_none()
+    return StoredCall(*row) if row is not None else None
+
+
+def charge(conn: Connection, call: NewCall, *, at: datetime,
+           sign: Callable[[int], str]) -> tuple[int, str]:
+    """Post the call's price at once; returns (remaining, receipt). ``sign(remaining)`` signs."""
+    remaining = _debit(conn, _DEBIT_POSTED, call)
+    conn.execute(_CREDIT_POSTED, {"account": ops.REVENUE, "amount": call.amount})
+    transfer_id = f"charge:{call.id}"
+    _transfer(conn, transfer_id, call, "posted", "charge", at)
+    _count_daily(conn, call, at)
+    receipt = sign(remaining)
+    _insert_call(conn, call, status="captured", amount=call.amount, transfer_id=transfer_id,
+                 receipt=receipt, timeout_at=None, at=at)
+    audit.record(conn, "charge", at=at, jti=call.jti, tenant=call.tenant, agent=call.agent,
+                 tool=call.tool, amount=call.amount, ref=call.id, demo=call.demo)
+    return remaining, receipt
+
+
+def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime) -> int:
+    """Reserve the call's amount as a pending transfer; returns what remains available."""
+    remaining = _debit(conn, _DEBIT_PENDING, call)
+    conn.execute(_CREDIT_PENDING, {"account": ops.REVENUE, "amount": call.amount})
+    _transfer(conn, f"hold:{call.id}", call, "pending", "hold", at, timeout_at=timeout_at)
+    _count_daily(conn, call, at)
+    _insert_call(conn, call, status="held", amount=None, transfer_id=None, receipt=None,
+                 timeout_at=timeout_at, at=at)
+    audit.record(conn, "hold", at=at, jti=call.jti, tenant=call.tenant, agent=call.agent,
+                 tool=call.tool, amount=call.amount, ref=call.id, demo=call.demo)
+    return remaining
+
+
+def capture(conn: Connection, call_id: str, *, amount: int | None, units: int | None,
+            at: datetime, sign: Callable[[int, int], str]) -> tuple[int, int, str]:
+    """Post a held call (in part: the rest returns); returns (amount, remaining, receipt).
+
+    ``sign(amount, remaining)`` makes the receipt. A call captured already raises Replay.
+    """
+    row = _resolve_call(conn, call_id, "captured", at, before_timeout=True)
+    posted = ops.post_pending(conn, id=f"capture:{call_id}", pending_id=f"hold:{call_id}",
+                              amount=amount, at=at)
+    remaining = ops.balance(conn, ops.token_account(row.jti)).available
+    receipt = sign(posted, remaining)
+    conn.execute(update(calls).where(c.id == call_id).values(
+        amount=posted, units=units, transfer_id=f"capture:{call_id}", receipt=receipt))
+    _uncount_daily(conn, row, row.amount_held - posted)
+    audit.record(conn, "capture", at=at, jti=row.jti, tenant=row.tenant, agent=row.agent,
+                 tool=row.tool, amount=posted, ref=call_id, demo=row.demo)
+    return posted, remaining, receipt
+
+
+def void(conn: Connection, call_id: str, *, at: datetime, expired: bool = False) -> int:
+    """Release a held call; returns the amount released."""
+    row = _resolve_call(conn, call_id, "expired" if expired else "voided", at,
+                        before_timeout=not expired)
+    released = ops.void_pending(conn, id=f"{'expire' if expired else 'void'}:{call_id}",
+                                pending_id=f"hold:{call_id}", at=at, expired=expired)
+    _uncount_daily(conn, row, released)
+    audit.record(conn, "expire" if expired else "void", at=at, jti=row.jti, tenant=row.tenant,
+                 agent=row.agent, tool=row.tool, amount=released, ref=call_id, demo=row.demo)
+    return released
+
+
+def expire_call(conn: Connection, pending_id: str, *, now: datetime) -> bool:
+    """Void a hold past its timeout (named by its pending transfer id); False if it was not."""
+    call_id = pending_id.removeprefix("hold:")
+    try:
+        void(conn, call_id, at=now, expired=True)
+    except HoldNotActive:
+        return False
+    return True
+
+
+def available(conn: Connection, jti: str) -> tuple[int, bool] | None:
+    """(available, closed) of a token's account, or None when the ledger does not know it."""
+    row = conn.execute(select(_AVAILABLE, a.closed).where(a.id == ops.token_account(jti))).first()
+    return (int(row[0]), bool(row[1])) if row is not None else None
+
+
+def daily_spent(conn: Connection, tenant: str, day: str) -> int:
+    value = conn.execute(select(d.amount).where(d.tenant == tenant, d.day == day)).scalar()
+    return int(value or 0)
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _debit(conn: Connection, statement: Any, call: NewCall) -> int:
+    row = conn.execute(statement, {"account": call.account, "amount": call.amount}).first()
+    if row is None:
+        ops.explain_refused_debit(conn, call.account, call.amount)
+    return int(row[0])  # type: ignore[index]
+
+
+def _transfer(conn: Connection, id: str, call: NewCall, kind: str, code: str, at: datetime,
+              timeout_at: datetime | None = None) -> None:
+    conn.execute(_INSERT_TRANSFER, {
+        "id": id, "debit_account_id": call.account, "credit_account_id": ops.REVENUE,
+        "amount": call.amount, "kind": kind, "pending_id": None,
+        "status": "pending" if kind == "pending" else None, "timeout_at": timeout_at,
+        "code": code, "ref": call.id, "demo": call.demo, "created_at": at})
+
+
+def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | None,
+                 transfer_id: str | None, receipt: str | None, timeout_at: datetime | None,
+                 at: datetime) -> None:
+    inserted = ops.insert_ignore(conn, calls, {
+        "id": call.id, "idempotency_key": call.idempotency_key,
+        "request_hash": call.request_hash, "jti": call.jti, "tenant": call.tenant,
+        "agent": call.agent, "tool": call.tool, "units": call.units,
+        "amount_held": call.amount, "amount": amount, "status": status,
+        "transfer_id": transfer_id, "timeout_at": timeout_at,
+        "pricing_version": call.pricing_version, "price_rule": call.price_rule,
+        "receipt": receipt, "demo": call.demo, "created_at": at,
+        "resolved_at": at if status == "captured" else None})
+    if not inserted:
+        raise Replay(call.idempotency_key)
+
+
+def _day(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d")
+
+
+def _count_daily(conn: Connection, call: NewCall, at: datetime) -> None:
+    """Count the amount against the tenant's daily cap, atomically, or refuse."""
+    if call.daily_cap is None:
+        return
+    day = _day(at)
+    params = {"b_tenant": call.tenant, "b_day": day, "b_amount": call.amount,
+              "b_cap": call.daily_cap}
+    if conn.execute(_ADD_DAILY, params).rowcount == 1:
+        return
+    if call.amount <= call.daily_cap and ops.insert_ignore(conn, tenant_daily_spend, {
+            "tenant": call.tenant, "day": day, "amount": call.amount}):
+        return
+    if conn.execute(_ADD_DAILY, params).rowcount == 1:  # another call created today's row
+        return
+    raise DailyCapReached(call.daily_cap, daily_spent(conn, call.tenant, day))
+
+
+def _uncount_daily(conn: Connection, row: Any, amount: int) -> None:
+    if amount > 0:
+        conn.execute(_SUB_DAILY, {"b_tenant": row.tenant, "b_day": _day(row.created_at),
+                                  "b_amount": amount})
+
+
+def _resolve_call(conn: Connection, call_id: str, status: str, at: datetime, *,
+                  before_timeout: bool) -> Any:
+    """Flip a held call to ``status`` once; Replay if it was captured, HoldNotActive else."""
+    query = update(calls).where(c.id == call_id, c.status == "held")
+    if before_timeout:
+        query = query.where(c.timeout_at > at)
+    row = conn.execute(query.values(status=status, resolved_at=at).returning(
+        c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo, c.created_at)).first()
+    if row is not None:
+        return row
+    current = stored(conn, call_id=call_id)
+    if current is not None and current.status == "captured" and status == "captured":
+        raise Replay(current.idempotency_key)
+    state = "unknown" if current is None else (
+        "timed out" if current.status == "held" else current.status)
+    raise HoldNotActive(f"hold {call_id} is {state}", hold=call_id, state=state)

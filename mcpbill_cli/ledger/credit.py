@@ -1,0 +1,364 @@
+"""The credit lifecycle on the ledger: fund a tenant, issue, show, revoke and sweep tokens.
+
+Each function does its work inside the caller's transaction; a refusal raises and the caller's
+rollback leaves the ledger exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, case, func, insert, select, update
+
+from mcpbill_cli.clock import aware
+from mcpbill_cli.errors import InsufficientFunds, InvalidInput, NotFound
+from mcpbill_cli.keys import KeyInfo
+from mcpbill_cli.ledger import audit, ops
+from mcpbill_cli.ledger.models import accounts, tokens, transfers
+from mcpbill_cli.money import format_usd
+from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti, scope_within
+
+tk = tokens.c
+t = transfers.c
+a = accounts.c
+
+SPEND_CODES = ("charge", "capture")
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    tenant: str
+    agent: str
+    limit: int
+    ttl: int
+    scope: list[str] | None
+    audience: str
+    issuer: str
+    parent: str | None = None
+    demo: bool = False
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str = field(repr=False)
+    claims: Claims
+
+
+def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any],
+          ttl_cap: int, now: datetime) -> IssuedToken:
+    """Record a token and allot its limit from the tenant (or its parent) in one transaction."""
+    if request.ttl > ttl_cap:
+        raise InvalidInput(f"ttl is above the cap of {ttl_cap}s; ask for less or raise ttl_cap",
+                           field="ttl")
+    now = now.replace(microsecond=0)
+    parent = _parent_row(conn, request, now) if request.parent else None
+    scope = list(request.scope or (json.loads(parent.scope) if parent else ["*"]))
+    exp = expires(now, request.ttl)
+    tenant = parent.tenant if parent else request.tenant
+    if parent is not None:
+        if not scope_within(scope, tuple(json.loads(parent.scope))):
+            raise InvalidInput(f"scope {scope} is wider than the parent's "
+                               f"{json.loads(parent.scope)}", field="scope")
+        exp = min(exp, aware(parent.expires_at))
+    info, private_key = signer
+    claims = Claims(jti=new_jti(), tenant=tenant, agent=request.agent, scope=tuple(scope),
+                    audience=request.audience, issuer=request.issuer, issued_at=now,
+                    not_before=now, expires_at=exp, limit=request.limit, kid=info.kid,
+                    parent=request.parent)
+    _record_token(conn, claims, demo=request.demo)
+    source = ops.token_account(parent.jti) if parent else ops.tenant_account(tenant)
+    _allot(conn, claims, source, code="child" if parent else "allot", at=now, demo=request.demo)
+    return IssuedToken(encode_token(claims, info.alg, private_key), claims)
+
+
+def _parent_row(conn: Connection, request: IssueRequest, now: datetime) -> Any:
+    row = conn.execute(select(tokens).where(tk.jti == request.parent)).one_or_none()
+    if row is None:
+        raise NotFound(f"no token {request.parent}; `mcpbill token list` shows tokens")
+    if row.revoked_at is not None or aware(row.expires_at) <= now:
+        raise InvalidInput(f"parent token {row.jti} is {status_of(row, now)}; a child needs "
+                           "an active parent", field="parent")
+    return row
+
+
+def _record_token(conn: Connection, claims: Claims, *, demo: bool) -> None:
+    conn.execute(insert(tokens).values(
+        jti=claims.jti, tenant=claims.tenant, agent=claims.agent, kid=claims.kid,
+        scope=json.dumps(list(claims.scope)), audience=claims.audience,
+        parent_jti=claims.parent, limit_micro=claims.limit, issued_at=claims.issued_at,
+        expires_at=claims.expires_at, demo=demo))
+    ops.ensure_account(conn, ops.token_account(claims.jti), kind="token", guarded=True,
+                       at=claims.issued_at)
+
+
+def _allot(conn: Connection, claims: Claims, source: str, *, code: str, at: datetime,
+           demo: bool) -> None:
+    ops.ensure_account(conn, source, kind="tenant", guarded=True, at=at)
+    try:
+        ops.transfer(conn, id=f"{code}:{claims.jti}", debit=source,
+                     credit=ops.token_account(claims.jti), amount=claims.limit, code=code,
+                     at=at, demo=demo, ref=claims.jti)
+    except InsufficientFunds as exc:
+        available = ops.balance(conn, source).available
+        whose = f"parent token {claims.parent}" if claims.parent else f"tenant {claims.tenant}"
+        hint = "" if claims.parent else (
+            f"; fund it with `mcpbill wallet fund --tenant {claims.tenant} --demo AMOUNT`")
+        raise InsufficientFunds(
+            f"{whose} has {format_usd(available)} USDC available, less than the limit "
+            f"{format_usd(claims.limit)}{hint}",
+            available=format_usd(available), requested=format_usd(claims.limit),
+        ) from exc
+    audit.record(conn, "issue", at=at, jti=claims.jti, tenant=claims.tenant,
+                 agent=claims.agent, amount=claims.limit, ref=claims.parent, demo=demo)
+
+
+# --- funding ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Funding:
+    tenant: str
+    amount: int
+    transfer_id: str
+    available: int
+
+
+def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime) -> Funding:
+    """Credit ``tenant`` from the demo source (demo mode only; no chain involved)."""
+    ops.ensure_account(conn, ops.DEMO_SOURCE, kind="chain", guarded=False, at=now)
+    account = ops.tenant_account(tenant)
+    ops.ensure_account(conn, account, kind="tenant", guarded=True, at=now)
+    transfer_id = f"deposit:demo:{uuid.uuid4().hex}"
+    ops.transfer(conn, id=transfer_id, debit=ops.DEMO_SOURCE, credit=account, amount=amount,
+                 code="deposit", at=now, demo=True, ref="demo")
+    audit.record(conn, "deposit", at=now, tenant=tenant, amount=amount, ref=transfer_id,
+                 demo=True)
+    return Funding(tenant, amount, transfer_id, ops.balance(conn, account).available)
+
+
+@dataclass(frozen=True)
+class TenantBalance:
+    """funded = available + allotted + held + spent, always."""
+
+    tenant: str
+    funded: int
+    allotted: int
+    held: int
+    spent: int
+    available: int
+
+
+def tenant_balance(conn: Connection, tenant: str) -> TenantBalance:
+    account = ops.tenant_account(tenant)
+    funded = conn.execute(select(func.coalesce(func.sum(t.amount), 0)).where(
+        t.credit_account_id == account, t.code == "deposit")).scalar_one()
+    token_accounts = select(("token:" + tk.jti).label("id")).where(tk.tenant == tenant)
+    allotted, held = conn.execute(
+        select(func.coalesce(func.sum(a.credits_posted - a.debits_posted - a.debits_pending), 0),
+               func.coalesce(func.sum(a.debits_pending), 0))
+        .where(a.id.in_(token_accounts))).one()
+    spent = conn.execute(select(func.coalesce(func.sum(t.amount), 0)).where(
+        t.debit_account_id.in_(token_accounts), t.code.in_(SPEND_CODES))).scalar_one()
+    available = conn.execute(select(a.credits_posted - a.debits_posted - a.debits_pending)
+                             .where(a.id == account)).scalar_one_or_none()
+    if available is None and not funded:
+        raise NotFound(f"tenant {tenant!r} has never been funded; "
+                       f"`mcpbill wallet fund --tenant {tenant} --demo AMOUNT` funds it")
+    return TenantBalance(tenant, int(funded), int(allotted), int(held), int(spent),
+                         int(available or 0))
+
+
+# --- views --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenView:
+    jti: str
+    tenant: str
+    agent: str
+    scope: list[str]
+    status: str
+    limit: int
+    spent: int
+    held: int
+    remaining: int
+    issued_at: datetime
+    expires_at: datetime
+    parent: str | None
+    revoked_at: datetime | None
+    revoke_reason: str | None
+    children: list[str]
+
+
+def status_of(row: Any, now: datetime) -> str:
+    if row.revoked_at is not None:
+        return "revoked"
+    return "expired" if aware(row.expires_at) <= now else "active"
+
+
+def _views_query() -> Any:
+    spent = (select(func.coalesce(func.sum(t.amount), 0))
+             .where(t.debit_account_id == "token:" + tk.jti, t.code.in_(SPEND_CODES))
+             .scalar_subquery())
+    return (select(tokens, a.debits_pending.label("held"),
+                   (a.credits_posted - a.debits_posted - a.debits_pending).label("remaining"),
+                   spent.label("spent"))
+            .join(accounts, a.id == "token:" + tk.jti))
+
+
+def _view(row: Any, now: datetime, children: list[str]) -> TokenView:
+    return TokenView(
+        jti=row.jti, tenant=row.tenant, agent=row.agent, scope=json.loads(row.scope),
+        status=status_of(row, now), limit=row.limit_micro, spent=int(row.spent),
+        held=int(row.held), remaining=int(row.remaining), issued_at=aware(row.issued_at),
+        expires_at=aware(row.expires_at), parent=row.parent_jti,
+        revoked_at=aware(row.revoked_at) if row.revoked_at else None,
+        revoke_reason=row.revoke_reason, children=children)
+
+
+def show(conn: Connection, jti: str, *, now: datetime) -> TokenView:
+    row = conn.execute(_views_query().where(tk.jti == jti)).one_or_none()
+    if row is None:
+        raise NotFound(f"no token {jti}; `mcpbill token list` shows tokens")
+    children = list(conn.execute(select(tk.jti).where(tk.parent_jti == jti)
+                                 .order_by(tk.issued_at)).scalars())
+    return _view(row, now, children)
+
+
+def list_views(conn: Connection, *, now: datetime, tenant: str | None = None,
+               agent: str | None = None, status: str | None = None) -> list[TokenView]:
+    query = _views_query().order_by(tk.issued_at, tk.jti)
+    if tenant:
+        query = query.where(tk.tenant == tenant)
+    if agent:
+        query = query.where(tk.agent == agent)
+    if status == "revoked":
+        query = query.where(tk.revoked_at.is_not(None))
+    elif status == "expired":
+        query = query.where(tk.revoked_at.is_(None), tk.expires_at <= now)
+    elif status == "active":
+        query = query.where(tk.revoked_at.is_(None), tk.expires_at > now)
+    return [_view(row, now, []) for row in conn.execute(query)]
+
+
+# --- revocation and sweeping --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Revocation:
+    jti: str
+    already: bool
+    released: int
+    cascaded_from: str | None
+
+
+def tokens_for(conn: Connection, *, tenant: str | None, agent: str | None,
+               now: datetime) -> list[str]:
+    """Active, top-level tokens of a tenant or agent (children follow their parents)."""
+    query = select(tk.jti).where(tk.revoked_at.is_(None), tk.expires_at > now)
+    if tenant:
+        query = query.where(tk.tenant == tenant)
+    if agent:
+        query = query.where(tk.agent == agent)
+    return list(conn.execute(query.order_by(tk.issued_at)).scalars())
+
+
+def revoke(conn: Connection, jtis: Iterable[str], *, reason: str | None, now: datetime,
+           dry_run: bool = False) -> list[Revocation]:
+    """Revoke tokens and their descendants; each unspent, unheld remainder returns at once."""
+    plan = _revocation_plan(conn, list(dict.fromkeys(jtis)))
+    if dry_run:
+        return [Revocation(jti, row.revoked_at is not None, 0, origin)
+                for jti, row, origin in plan]
+    outcomes = []
+    for jti, row, origin in plan:
+        closed = conn.execute(update(tokens).where(tk.jti == jti, tk.revoked_at.is_(None))
+                              .values(revoked_at=now, revoke_reason=reason)).rowcount == 1
+        ops.close_account(conn, ops.token_account(jti))
+        if closed:
+            audit.record(conn, "revoke", at=now, jti=jti, tenant=row.tenant, agent=row.agent,
+                         ref=origin, detail={"reason": reason} if reason else None)
+        outcomes.append((jti, row, origin, not closed))
+    released = {jti: _release(conn, row, now) for jti, row, _, _ in reversed(outcomes)}
+    return [Revocation(jti, already, released[jti], origin)
+            for jti, _, origin, already in outcomes]
+
+
+def _revocation_plan(conn: Connection, jtis: list[str]) -> list[tuple[str, Any, str | None]]:
+    """Each named token then its descendants, breadth first; unknown jti refuse the whole call."""
+    rows = {r.jti: r for r in conn.execute(select(tokens).where(tk.jti.in_(jtis)))}
+    missing = [j for j in jtis if j not in rows]
+    if missing:
+        raise NotFound(f"no token {', '.join(missing)}; nothing was revoked")
+    plan: list[tuple[str, Any, str | None]] = [(j, rows[j], None) for j in jtis]
+    frontier = [(j, j) for j in jtis]
+    seen = set(jtis)
+    while frontier:
+        origins = dict(frontier)
+        children = conn.execute(select(tokens).where(tk.parent_jti.in_(list(origins))))
+        frontier = []
+        for child in children:
+            if child.jti not in seen:
+                seen.add(child.jti)
+                origin = origins[child.parent_jti]
+                plan.append((child.jti, child, origin))
+                frontier.append((child.jti, origin))
+    return plan
+
+
+def _release(conn: Connection, row: Any, now: datetime) -> int:
+    """Return a token's remainder to its parent while the parent is active, else the tenant."""
+    target = ops.tenant_account(row.tenant)
+    if row.parent_jti:
+        parent = conn.execute(select(tokens).where(tk.jti == row.parent_jti)).one()
+        if status_of(parent, now) == "active":
+            target = ops.token_account(parent.jti)
+    return ops.release_available(
+        conn, id=f"release:{row.jti}:{uuid.uuid4().hex[:12]}", debit=ops.token_account(row.jti),
+        credit=target, code="release", at=now, demo=row.demo, ref=row.jti)
+
+
+def sweep(conn: Connection, *, now: datetime) -> list[tuple[str, int]]:
+    """Release what expired or revoked tokens still hold unspent; returns (jti, amount) pairs."""
+    expire_holds(conn, now=now)
+    available = a.credits_posted - a.debits_posted - a.debits_pending
+    rows = conn.execute(
+        select(tokens).join(accounts, a.id == "token:" + tk.jti)
+        .where(available > 0, (tk.revoked_at.is_not(None)) | (tk.expires_at <= now))
+        .order_by(case((tk.parent_jti.is_(None), 1), else_=0), tk.issued_at.desc()))
+    released = [(row.jti, _release(conn, row, now)) for row in rows.all()]
+    return [(jti, amount) for jti, amount in released if amount]
+
+
+def expire_holds(conn: Connection, *, now: datetime, account: str | None = None) -> int:
+    """Void every hold past its timeout (optionally only on ``account``); returns how many."""
+    from mcpbill_cli.ledger.calls import expire_call
+
+    count = 0
+    for pending_id in ops.expired_holds(conn, at=now, debit=account):
+        if expire_call(conn, pending_id, now=now):
+            count += 1
+    return count
+
+
+def revoked_list(conn: Connection, *, now: datetime) -> list[dict[str, Any]]:
+    """Revoked tokens not yet expired, for stateless verifiers: ``[{jti, exp}]``."""
+    rows = conn.execute(select(tk.jti, tk.expires_at).where(
+        and_(tk.revoked_at.is_not(None), tk.expires_at > now)).order_by(tk.jti))
+    return [{"jti": jti, "exp": int(aware(exp).timestamp())} for jti, exp in rows]
+
+
+def last_expiry(conn: Connection, kid: str) -> datetime | None:
+    """When the last token signed by ``kid`` expires (None if it signed none)."""
+    value = conn.execute(select(func.max(tk.expires_at)).where(tk.kid == kid)).scalar_one()
+    return aware(value) if value is not None else None
+
+
+def live_tokens_signed_by(conn: Connection, kid: str, *, now: datetime) -> int:
+    return int(conn.execute(select(func.count()).where(
+        tk.kid == kid, tk.revoked_at.is_(None), tk.expires_at > now)).scalar_one())

@@ -1,0 +1,138 @@
+"""Engines for the ledger: SQLite (WAL, ``BEGIN IMMEDIATE`` for writes) or PostgreSQL (psycopg 3).
+
+Every write transaction on SQLite takes the write lock up front, so a conditional UPDATE never
+meets "database is locked" half way through. Read-only work uses :func:`reading`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError, ProgrammingError
+
+from mcpbill_cli.config import redact_url
+from mcpbill_cli.errors import InvalidInput, LedgerUnavailable, NotInitialized, SchemaOutdated
+from mcpbill_cli.ledger.models import SCHEMA_REVISION
+
+_READONLY = "mcpbill_readonly"
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine for ``url``; SQLite files get WAL, a busy timeout and immediate write locks."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises several types for a bad URL
+        raise InvalidInput(f"not a database URL: {redact_url(url)} ({exc})") from None
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, parsed.database)
+    if parsed.drivername == "postgresql":  # a bare postgresql:// means psycopg 3 here
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    try:
+        return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size,
+                             pool_pre_ping=True)
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        raise LedgerUnavailable(
+            f"no driver for {redact_url(url)}: {exc}; install mcpbill[postgres] for PostgreSQL",
+            url=redact_url(url),
+        ) from None
+
+
+def _sqlite_engine(url: str, database: str | None) -> Engine:
+    if database and database != ":memory:":
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        readonly = conn.get_execution_options().get(_READONLY, False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A read-only transaction: on SQLite a deferred BEGIN, so readers never wait for the lock."""
+    with _unavailable_as_error(engine), engine.connect() as conn:
+        conn = conn.execution_options(**{_READONLY: True})
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Connection]:
+    """A write transaction: committed on success, rolled back on any exception."""
+    with _unavailable_as_error(engine), engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def _unavailable_as_error(engine: Engine) -> Iterator[None]:
+    try:
+        yield
+    except OperationalError as exc:
+        raise unavailable(engine, exc) from None
+
+
+def unavailable(engine: Engine, exc: DBAPIError) -> LedgerUnavailable:
+    url = redact_url(engine.url.render_as_string(hide_password=False))
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    return LedgerUnavailable(
+        f"cannot reach the ledger at {url}: {reason}; check MCPBILL_DB_URL or --db-url",
+        url=url,
+    )
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The ledger's Alembic revision, or ``None`` for an empty database. Never migrates."""
+    from sqlalchemy import Column, MetaData, String, Table
+
+    version = Table("alembic_version", MetaData(), Column("version_num", String(32)))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(version.c.version_num)).scalar_one_or_none()
+    except (OperationalError, ProgrammingError) as exc:
+        if _is_missing_table(exc):
+            return None
+        raise unavailable(engine, exc) from None
+
+
+def _is_missing_table(exc: DBAPIError) -> bool:
+    message = str(exc.orig).lower()
+    return "no such table" in message or "does not exist" in message
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse a ledger that is empty or at another schema revision; name the command that fixes it."""
+    revision = current_revision(engine)
+    if revision is None:
+        raise NotInitialized(
+            "the ledger has no tables yet: run `mcpbill init` (or `mcpbill db upgrade`)"
+        )
+    if revision != SCHEMA_REVISION:
+        raise SchemaOutdated(
+            f"the ledger is at schema {revision} but this mcpbill needs {SCHEMA_REVISION}: "
+            "run `mcpbill db upgrade`",
+            current=revision,
+            required=SCHEMA_REVISION,
+        )
+
+
+def ping(engine: Engine) -> None:
+    with reading(engine) as conn:
+        conn.execute(text("SELECT 1"))

@@ -1,0 +1,199 @@
+"""The ledger's tables, as SQLAlchemy Core. Migrations in ``migrations/`` create them.
+
+Accounts and transfers follow TigerBeetle: an account keeps four running sums; a transfer moves
+an amount from a debit account to a credit account once, under an id the caller chose.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
+SCHEMA_REVISION = "0001"
+
+metadata = MetaData()
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(200), primary_key=True),  # tenant:acme, token:<jti>, revenue, chain:<caip2>
+    Column("kind", String(16), nullable=False),
+    # A guarded account may never spend more than it was credited: enforced by CHECK and by the
+    # conditional UPDATE that moves money, never by reading first.
+    Column("guarded", Boolean, nullable=False),
+    Column("closed", Boolean, nullable=False, default=False),
+    Column("debits_posted", BigInteger, nullable=False, default=0),
+    Column("credits_posted", BigInteger, nullable=False, default=0),
+    Column("debits_pending", BigInteger, nullable=False, default=0),
+    Column("credits_pending", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint(
+        "debits_posted >= 0 AND credits_posted >= 0 AND debits_pending >= 0"
+        " AND credits_pending >= 0",
+        name="ck_accounts_sums_nonnegative",
+    ),
+    CheckConstraint(
+        "NOT guarded OR credits_posted - debits_posted - debits_pending >= 0",
+        name="ck_accounts_no_overdraft",
+    ),
+)
+
+transfers = Table(
+    "transfers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("debit_account_id", String(200), ForeignKey("accounts.id"), nullable=False),
+    Column("credit_account_id", String(200), ForeignKey("accounts.id"), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    # posted | pending | post_pending | void_pending
+    Column("kind", String(16), nullable=False),
+    Column("pending_id", String(200), ForeignKey("transfers.id"), nullable=True),
+    # for kind=pending: pending | posted | voided | expired
+    Column("status", String(10), nullable=True),
+    Column("timeout_at", DateTime(timezone=True), nullable=True),
+    # what the money is for: deposit, allot, charge, hold, capture, void, release, child
+    Column("code", String(16), nullable=False),
+    Column("ref", String(200), nullable=True),
+    Column("demo", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("amount >= 0", name="ck_transfers_amount_nonnegative"),
+    CheckConstraint("debit_account_id <> credit_account_id", name="ck_transfers_two_accounts"),
+    Index("ix_transfers_debit", "debit_account_id"),
+    Index("ix_transfers_credit", "credit_account_id"),
+    Index("ix_transfers_pending_open", "status", "timeout_at"),
+    Index("ix_transfers_created", "created_at"),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("tenant", String(100), nullable=False),
+    Column("agent", String(200), nullable=False),
+    Column("kid", String(64), nullable=False),
+    Column("scope", Text, nullable=False),  # JSON list of tool patterns
+    Column("audience", String(200), nullable=False),
+    Column("parent_jti", String(64), ForeignKey("tokens.jti"), nullable=True),
+    Column("limit_micro", BigInteger, nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("revoke_reason", Text, nullable=True),
+    Column("demo", Boolean, nullable=False, default=False),
+    CheckConstraint("limit_micro > 0", name="ck_tokens_limit_positive"),
+    Index("ix_tokens_tenant", "tenant"),
+    Index("ix_tokens_parent", "parent_jti"),
+)
+
+# One row per billed call: the idempotency record, the outcome and the signed receipt.
+calls = Table(
+    "calls",
+    metadata,
+    Column("id", String(64), primary_key=True),  # receipt id
+    Column("idempotency_key", String(200), nullable=False),
+    Column("request_hash", String(64), nullable=False),
+    Column("jti", String(64), nullable=False),
+    Column("tenant", String(100), nullable=False),
+    Column("agent", String(200), nullable=False),
+    Column("tool", String(200), nullable=False),
+    Column("units", BigInteger, nullable=True),
+    Column("amount_held", BigInteger, nullable=False),
+    Column("amount", BigInteger, nullable=True),  # captured
+    Column("status", String(10), nullable=False),  # held | captured | voided | expired
+    Column("transfer_id", String(200), nullable=True),
+    Column("timeout_at", DateTime(timezone=True), nullable=True),
+    Column("pricing_version", Integer, nullable=False),
+    Column("price_rule", String(200), nullable=False),
+    Column("receipt", Text, nullable=True),
+    Column("demo", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("idempotency_key", name="uq_calls_idempotency_key"),
+    Index("ix_calls_jti", "jti"),
+    Index("ix_calls_created", "created_at"),
+)
+
+# The audit trail: every hold, capture, void, refusal and operator action.
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(24), nullable=False),
+    Column("code", String(40), nullable=True),
+    Column("jti", String(64), nullable=True),
+    Column("token_hash", String(64), nullable=True),  # for tokens that could not be parsed
+    Column("tenant", String(100), nullable=True),
+    Column("agent", String(200), nullable=True),
+    Column("tool", String(200), nullable=True),
+    Column("amount", BigInteger, nullable=True),
+    Column("ref", String(200), nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("demo", Boolean, nullable=False, default=False),
+    Index("ix_events_at", "at"),
+)
+
+# Deposits seen on chain, credited once per (chain, tx hash, log index).
+deposits = Table(
+    "deposits",
+    metadata,
+    Column("id", String(200), primary_key=True),  # <caip2>:<tx hash>:<log index>
+    Column("chain", String(64), nullable=False),
+    Column("tx_hash", String(66), nullable=False),
+    Column("log_index", Integer, nullable=False),
+    Column("block_number", BigInteger, nullable=False),
+    Column("sender", String(42), nullable=False),
+    Column("recipient", String(42), nullable=False),
+    Column("token_address", String(42), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("tenant", String(100), nullable=True),  # NULL while the sender is not linked
+    Column("status", String(12), nullable=False),  # credited | unlinked
+    Column("transfer_id", String(200), ForeignKey("transfers.id"), nullable=True),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+    Column("credited_at", DateTime(timezone=True), nullable=True),
+    UniqueConstraint("chain", "tx_hash", "log_index", name="uq_deposits_log"),
+    CheckConstraint("amount > 0", name="ck_deposits_amount_positive"),
+)
+
+# Which tenant a sending address belongs to.
+wallet_links = Table(
+    "wallet_links",
+    metadata,
+    Column("address", String(42), primary_key=True),  # lowercase 0x...
+    Column("tenant", String(100), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# Where `wallet sync` resumes, per chain.
+scan_checkpoints = Table(
+    "scan_checkpoints",
+    metadata,
+    Column("chain", String(64), primary_key=True),
+    Column("block_number", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# A tenant's spend per UTC day, for the pricing table's daily cap (conditional UPDATE).
+tenant_daily_spend = Table(
+    "tenant_daily_spend",
+    metadata,
+    Column("tenant", String(100), primary_key=True),
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    Column("amount", BigInteger, nullable=False),
+    CheckConstraint("amount >= 0", name="ck_daily_spend_nonnegative"),
+)

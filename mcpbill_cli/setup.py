@@ -1,0 +1,94 @@
+"""Creating an mcpbill home (`mcpbill init`): nothing that exists is overwritten without force."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.config import MODES, Settings, redact_url
+from mcpbill_cli.errors import AlreadyExists, InvalidInput
+from mcpbill_cli.fsutil import write_atomic
+from mcpbill_cli.keys import ALGORITHMS, KeyRing, init_keyring
+
+
+@dataclass(frozen=True)
+class InitResult:
+    home: Path
+    db_url: str
+    kid: str
+    schema: str
+    created: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[str]:
+        return [f"created {c}" for c in self.created] + [f"kept {k}" for k in self.kept]
+
+
+def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitResult:
+    """Create what is missing; refuse an initialized home unless ``force`` (then: new keys)."""
+    if alg not in ALGORITHMS:
+        raise InvalidInput(f"algorithm {alg!r} is not one of {', '.join(ALGORITHMS)}")
+    if mode not in MODES:
+        raise InvalidInput(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    existing = KeyRing.exists(settings.keys_dir)
+    if existing and not force:
+        raise AlreadyExists(
+            f"{settings.home} is already initialized; nothing was changed. "
+            "Pass --force to replace its signing keys."
+        )
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    created: list[str] = []
+    kept: list[str] = []
+    schema = _migrate(settings)
+    created.append(f"ledger at schema {schema} ({redact_url(settings.db_url)})")
+    old_files = sorted(settings.keys_dir.glob("*")) if existing else []
+    ring = init_keyring(settings.keys_dir, alg, now=utcnow(), force=force)
+    ring.save()
+    for old in old_files:
+        if old.name != "keyring.json" and old.stem not in ring.keys:
+            old.unlink()
+    kid = ring.active().kid
+    created.append(f"signing key {kid} ({alg}) in {settings.keys_dir}")
+    _write_if_missing(settings.config_path, _config_text(mode), created, kept, mode=0o600)
+    _write_if_missing(settings.pricing_path, _sample_pricing(), created, kept)
+    return InitResult(settings.home, redact_url(settings.db_url), kid, schema, created, kept)
+
+
+def _migrate(settings: Settings) -> str:
+    from mcpbill_cli.ledger.engine import make_engine
+    from mcpbill_cli.ledger.schema import upgrade
+
+    engine = make_engine(settings.db_url)
+    try:
+        return upgrade(engine)[1]
+    finally:
+        engine.dispose()
+
+
+def _write_if_missing(path: Path, text: str, created: list[str], kept: list[str],
+                      mode: int = 0o644) -> None:
+    if path.exists():
+        kept.append(str(path))
+        return
+    write_atomic(path, text.encode(), mode=mode)
+    created.append(str(path))
+
+
+def _config_text(mode: str) -> str:
+    header = (
+        "# mcpbill settings. Precedence: command-line flag > environment variable > this file.\n"
+        "# db_url = \"postgresql+psycopg://user@host/mcpbill\"  # or MCPBILL_DB_URL\n"
+    )
+    body = {"mode": mode, "issuer": "mcpbill", "audience": "mcpbill", "ttl_cap": "24h",
+            "default_ttl": "24h", "leeway": "30s", "hold_timeout": "5m"}
+    return header + tomli_w.dumps(body)
+
+
+def _sample_pricing() -> str:
+    from mcpbill_cli.pricing import SAMPLE_PRICING
+
+    return SAMPLE_PRICING

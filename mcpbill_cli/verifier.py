@@ -1,0 +1,555 @@
+"""The embeddable verifier: what an MCP server calls on every tool call.
+
+    quote = verifier.preflight(token, "search")             # may raise BillingError
+    with verifier.call(token, "search", args=args) as call: # hold; void if the block raises
+        result = run_the_tool(args)
+    receipt = call.receipt                                   # captured and signed
+
+An agent can never spend more than its token allows (the ledger's guarded debit), is never
+billed twice for one call (idempotency keys), is never billed for a call that failed (void),
+and always gets a receipt or a structured refusal (:class:`~mcpbill_cli.errors.BillingError`).
+
+This module imports neither typer nor rich nor web3, never prints and never exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from mcpbill_cli.clock import Clock, aware, utcnow
+from mcpbill_cli.config import Settings, load_settings
+from mcpbill_cli.errors import (
+    BillingError,
+    BudgetExceeded,
+    CallFailed,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidCreditToken,
+    ScopeDenied,
+    StatelessVerifier,
+    TokenRevoked,
+)
+from mcpbill_cli.keys import KeySource
+from mcpbill_cli.ledger import audit, calls
+from mcpbill_cli.ledger.credit import expire_holds
+from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
+from mcpbill_cli.ledger.ops import AccountClosed, token_account
+from mcpbill_cli.money import format_usd
+from mcpbill_cli.pricing import Price, PricingSource, PricingTable, fallback_tools, free_tools
+from mcpbill_cli.pricing import daily_cap as table_daily_cap
+from mcpbill_cli.pricing import quote as price_quote
+from mcpbill_cli.receipts import Receipt, sign_receipt, verify_receipt
+from mcpbill_cli.tokens import Claims, decode_token, scope_allows
+
+__all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
+
+logger = logging.getLogger("mcpbill")
+
+TOKEN_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a call would cost now, and what the token has left (``None`` when stateless)."""
+
+    tool: str
+    jti: str
+    tenant: str
+    agent: str
+    price: Price
+    remaining: int | None
+
+    @property
+    def amount(self) -> int:
+        return self.price.amount
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "jti": self.jti, "priceUsd": format_usd(self.amount),
+                "remainingUsd": None if self.remaining is None else format_usd(self.remaining),
+                "asset": "USDC", "rule": self.price.rule, "pricingVersion": self.price.version}
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reservation of ``amount`` on the token, captured or voided once the tool has run.
+
+    ``replayed`` is set when the idempotency key had already been charged: the tool may run
+    again, nothing more is billed, and capture returns that original receipt.
+    """
+
+    id: str
+    jti: str
+    tenant: str
+    agent: str
+    tool: str
+    amount: int
+    idempotency_key: str
+    timeout_at: datetime | None
+    price: Price
+    replayed: Receipt | None = None
+
+
+@dataclass
+class BilledCall:
+    """The handle a ``with verifier.call(...)`` block gets: report units, read the receipt."""
+
+    hold: Hold
+    units: int | None = None
+    receipt: Receipt | None = field(default=None, init=False)
+
+    def report_units(self, units: int) -> None:
+        """For per-unit tools: how many units (tokens, rows...) this call used."""
+        self.units = units
+
+
+class Verifier:
+    """Preflight, hold, capture, void and charge tool calls against credit tokens.
+
+    Build it with :meth:`from_settings` (the CLI's home and ledger), explicitly, or with
+    :meth:`stateless` (a JWKS and a revocation list, no ledger: preflight only).
+    Thread-safe; one instance serves a whole server.
+    """
+
+    def __init__(
+        self, *, keys: KeySource, pricing: PricingSource | PricingTable | Path | str,
+        engine: Engine | None = None, db_url: str | None = None,
+        audience: str | None = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
+        hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        if engine is None and db_url is not None:
+            engine = make_engine(db_url)
+            check_schema(engine)
+        self.engine = engine
+        self.keys = keys
+        self.pricing = pricing if isinstance(pricing, PricingSource) else PricingSource(pricing)
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = leeway
+        self.hold_timeout = hold_timeout
+        self.demo = demo
+        self.network = "mcpbill:demo" if demo else "mcpbill:ledger"
+        self._revoked = revoked
+        self._clock = clock
+        self._token_cache: dict[str, Claims] = {}
+        self._cache_generation = keys.generation
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides: Any) -> Verifier:
+        """A verifier on the CLI's home: its ledger, keys, pricing file and mode."""
+        s = settings or load_settings()
+        options: dict[str, Any] = {
+            "db_url": s.db_url, "keys": KeySource(directory=s.keys_dir),
+            "pricing": s.pricing_path, "audience": s.audience, "issuer": s.issuer,
+            "leeway": s.leeway, "hold_timeout": s.hold_timeout, "demo": s.demo}
+        return cls(**{**options, **overrides})
+
+    @classmethod
+    def stateless(cls, *, jwks: Path | str | dict[str, Any],
+                  pricing: PricingSource | PricingTable | Path | str,
+                  revocations: Path | str | dict[str, Any] | None = None,
+                  **options: Any) -> Verifier:
+        """A ledger-less verifier: preflight checks token, scope and price only."""
+        document = jwks if isinstance(jwks, dict) else json.loads(Path(jwks).read_text())
+        revoked_doc = (revocations if isinstance(revocations, dict) or revocations is None
+                       else json.loads(Path(revocations).read_text()))
+        revoked = {r["jti"]: int(r["exp"]) for r in (revoked_doc or {}).get("revoked", [])}
+        return cls(keys=KeySource.from_jwks(document), pricing=pricing, revoked=revoked,
+                   **options)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+
+    # --- the call path --------------------------------------------------------------------------
+
+    def preflight(self, token: str, tool: str, *, args: Any = None,
+                  units: int | None = None) -> Quote:
+        """Check everything a call needs, moving no money: token, scope, price, balance."""
+        with self._refusals_recorded(token, tool):
+            claims = self._claims(token, tool)
+            price = self._price(claims, tool, units)
+            if self.engine is None:
+                return Quote(tool, claims.jti, claims.tenant, claims.agent, price, None)
+            remaining = self._remaining(claims)
+            if remaining < price.amount:
+                raise self._budget_exceeded(claims, tool, price, remaining)
+            return Quote(tool, claims.jti, claims.tenant, claims.agent, price, remaining)
+
+    def hold(self, token: str, tool: str, *, args: Any = None,
+             idempotency_key: str | None = None, request_id: str | int | None = None,
+             max_units: int | None = None) -> Hold:
+        """Reserve the call's price (for a per-unit tool: ``max_units`` or its maximum).
+
+        An uncaptured hold voids itself after ``hold_timeout`` seconds.
+        """
+        with self._refusals_recorded(token, tool):
+            claims, price, call = self._new_call(token, tool, args, idempotency_key, request_id,
+                                                 max_units)
+            now = self._clock()
+            timeout_at = now + timedelta(seconds=self.hold_timeout)
+            try:
+                self._guarded(claims, tool, price, call, lambda conn: calls.hold(
+                    conn, call, at=now, timeout_at=timeout_at))
+            except calls.Replay:
+                return self._joined(call, claims, price)
+            return Hold(call.id, claims.jti, claims.tenant, claims.agent, tool, call.amount,
+                        call.idempotency_key, timeout_at, price)
+
+    def capture(self, hold: Hold, *, units: int | None = None) -> Receipt:
+        """Post a hold (per-unit tools: for ``units``; the rest returns) and sign the receipt."""
+        if hold.replayed is not None:
+            return hold.replayed
+        amount = None if units is None else min(hold.price.for_units(units), hold.amount)
+        now = self._clock()
+        with self._refusals_recorded(None, hold.tool, jti=hold.jti):
+            try:
+                with writing(self._ledger()) as conn:
+                    _, _, jws = calls.capture(
+                        conn, hold.id, amount=amount, units=units, at=now,
+                        sign=lambda posted, remaining: self._sign(
+                            hold, posted, remaining, now, f"capture:{hold.id}").jws)
+            except calls.Replay:
+                return self.receipt_for(hold.id) or self._lost(hold.id)
+            return self._receipt_from(jws)
+
+    def void(self, hold: Hold) -> None:
+        """Release a hold: the tool failed, nothing is billed. Voiding twice is a no-op."""
+        if hold.replayed is not None:
+            return
+        with writing(self._ledger()) as conn:
+            stored = calls.stored(conn, call_id=hold.id)
+            if stored is not None and stored.status == "voided":
+                return
+            calls.void(conn, hold.id, at=self._clock())
+
+    def charge(self, token: str, tool: str, *, args: Any = None,
+               idempotency_key: str | None = None, request_id: str | int | None = None,
+               units: int | None = None) -> Receipt:
+        """Hold and capture in one step, for a call whose price is known up front."""
+        with self._refusals_recorded(token, tool):
+            claims, price, call = self._new_call(token, tool, args, idempotency_key, request_id,
+                                                 units)
+            now = self._clock()
+            receipt: list[Receipt] = []
+
+            def sign(remaining: int) -> str:
+                receipt.append(self._sign(call, call.amount, remaining, now,
+                                          f"charge:{call.id}"))
+                return receipt[0].jws
+
+            try:
+                self._guarded(claims, tool, price, call,
+                              lambda conn: calls.charge(conn, call, at=now, sign=sign))
+            except calls.Replay:
+                replayed = self._joined(call, claims, price).replayed
+                if replayed is None:
+                    raise IdempotencyConflict(
+                        f"idempotency key {call.idempotency_key!r} belongs to a call still in "
+                        "progress", idempotencyKey=call.idempotency_key) from None
+                return replayed
+            return receipt[-1]
+
+    @contextmanager
+    def call(self, token: str, tool: str, *, args: Any = None,
+             idempotency_key: str | None = None, request_id: str | int | None = None,
+             max_units: int | None = None) -> Iterator[BilledCall]:
+        """Hold, run the block, capture on success or void on an exception (then re-raise)."""
+        billed = BilledCall(self.hold(token, tool, args=args, idempotency_key=idempotency_key,
+                                      request_id=request_id, max_units=max_units))
+        try:
+            yield billed
+        except BaseException:
+            self.void(billed.hold)
+            raise
+        billed.receipt = self.capture(billed.hold, units=billed.units)
+
+    # --- receipts -------------------------------------------------------------------------------
+
+    def receipt_for(self, key_or_id: str) -> Receipt | None:
+        """The receipt of a captured call, by idempotency key or receipt id (a lost reply)."""
+        with reading(self._ledger()) as conn:
+            stored = calls.stored(conn, key=key_or_id) or calls.stored(conn, call_id=key_or_id)
+        if stored is None or stored.receipt is None:
+            return None
+        return self._receipt_from(stored.receipt)
+
+    def verify_receipt(self, jws: str) -> Receipt:
+        """Check a receipt's signature with this verifier's keys (offline, no ledger)."""
+        return verify_receipt(jws, self.keys.verification_keys())
+
+    def sweep_expired(self) -> int:
+        """Void every hold past its timeout; returns how many. Holds also expire lazily."""
+        with writing(self._ledger()) as conn:
+            return expire_holds(conn, now=self._clock())
+
+    # --- async twins ----------------------------------------------------------------------------
+
+    async def apreflight(self, token: str, tool: str, **kw: Any) -> Quote:
+        return await asyncio.to_thread(lambda: self.preflight(token, tool, **kw))
+
+    async def ahold(self, token: str, tool: str, **kw: Any) -> Hold:
+        return await asyncio.to_thread(lambda: self.hold(token, tool, **kw))
+
+    async def acapture(self, hold: Hold, *, units: int | None = None) -> Receipt:
+        return await asyncio.to_thread(lambda: self.capture(hold, units=units))
+
+    async def avoid(self, hold: Hold) -> None:
+        await asyncio.to_thread(self.void, hold)
+
+    async def acharge(self, token: str, tool: str, **kw: Any) -> Receipt:
+        return await asyncio.to_thread(lambda: self.charge(token, tool, **kw))
+
+    @asynccontextmanager
+    async def acall(self, token: str, tool: str, **kw: Any) -> AsyncIterator[BilledCall]:
+        """The async form of :meth:`call`."""
+        billed = BilledCall(await self.ahold(token, tool, **kw))
+        try:
+            yield billed
+        except BaseException:
+            await self.avoid(billed.hold)
+            raise
+        billed.receipt = await self.acapture(billed.hold, units=billed.units)
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _ledger(self) -> Engine:
+        if self.engine is None:
+            raise StatelessVerifier(
+                "this verifier has no ledger (built from a JWKS): it can run preflight only; "
+                "build it with Verifier.from_settings() or a db_url to hold and charge")
+        return self.engine
+
+    def _claims(self, token: str, tool: str) -> Claims:
+        claims = self._verified(token)
+        if self._revoked is not None and claims.jti in self._revoked:
+            raise TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
+        if not scope_allows(claims.scope, tool):
+            raise ScopeDenied(f"tool {tool!r} is outside this token's scope "
+                              f"{list(claims.scope)}", tool=tool, scope=list(claims.scope))
+        return claims
+
+    def _verified(self, token: str) -> Claims:
+        """Decode once per distinct token; the expiry is rechecked on every call."""
+        keys = self.keys.verification_keys()  # picks up a rotation or a lapsed key
+        if self.keys.generation != self._cache_generation:
+            self._token_cache = {}
+            self._cache_generation = self.keys.generation
+        claims = self._token_cache.get(token)
+        if claims is None:
+            claims = decode_token(token, keys, audience=self.audience, issuer=self.issuer,
+                                  leeway=self.leeway, now=self._clock())
+            if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+                self._token_cache = {}
+            self._token_cache[token] = claims
+        elif claims.expires_at.timestamp() <= self._clock().timestamp() - self.leeway:
+            raise InvalidCreditToken("token has expired", reason="expired")
+        return claims
+
+    def _price(self, claims: Claims, tool: str, units: int | None) -> Price:
+        return price_quote(self.pricing.current(), tool, tenant=claims.tenant, units=units)
+
+    def _remaining(self, claims: Claims) -> int:
+        with reading(self._ledger()) as conn:
+            found = calls.available(conn, claims.jti)
+        if found is None:
+            raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
+                                     reason="unknown_token")
+        remaining, closed = found
+        if closed:
+            raise TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
+        return remaining
+
+    def _new_call(self, token: str, tool: str, args: Any, key: str | None,
+                  request_id: str | int | None, units: int | None
+                  ) -> tuple[Claims, Price, calls.NewCall]:
+        self._ledger()
+        claims = self._claims(token, tool)
+        price = self._price(claims, tool, units)
+        table = self.pricing.current()
+        request_hash = _request_hash(claims.jti, tool, args)
+        call = calls.NewCall(
+            id=f"rcpt_{uuid.uuid4().hex[:24]}",
+            idempotency_key=key or _derived_key(request_hash, request_id),
+            request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
+            agent=claims.agent, tool=tool, units=units, amount=price.amount,
+            pricing_version=price.version, price_rule=price.rule, demo=self.demo,
+            daily_cap=table_daily_cap(table, claims.tenant))
+        return claims, price, call
+
+    def _guarded(self, claims: Claims, tool: str, price: Price, call: calls.NewCall,
+                 step: Any) -> None:
+        """Run a money-moving step; on a refused debit, replay, expire stale holds or refuse."""
+        for attempt in (1, 2):
+            try:
+                with writing(self._ledger()) as conn:
+                    step(conn)
+                return
+            except AccountClosed:
+                self._replay_if_known(call)
+                raise TokenRevoked(f"token {claims.jti} has been revoked",
+                                   jti=claims.jti) from None
+            except InsufficientFunds as exc:
+                self._replay_if_known(call)
+                if "available" not in exc.details:
+                    raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
+                                             reason="unknown_token") from None
+                if attempt == 1 and self._expire_stale_holds(claims.jti):
+                    continue
+                raise self._budget_exceeded(claims, tool, price,
+                                            int(exc.details["available"])) from None
+            except calls.DailyCapReached as cap:
+                self._replay_if_known(call)
+                raise self._daily_cap_exceeded(claims, tool, price, cap) from None
+
+    def _replay_if_known(self, call: calls.NewCall) -> None:
+        with reading(self._ledger()) as conn:
+            if calls.stored(conn, key=call.idempotency_key) is not None:
+                raise calls.Replay(call.idempotency_key)
+
+    def _expire_stale_holds(self, jti: str) -> int:
+        with writing(self._ledger()) as conn:
+            return expire_holds(conn, now=self._clock(), account=token_account(jti))
+
+    def _joined(self, call: calls.NewCall, claims: Claims, price: Price) -> Hold:
+        """The call this idempotency key already made: same receipt, a conflict, or a failure."""
+        with reading(self._ledger()) as conn:
+            stored = calls.stored(conn, key=call.idempotency_key)
+        if stored is None:
+            raise calls.Replay(call.idempotency_key)  # cannot happen: the key was just taken
+        if stored.request_hash != call.request_hash:
+            raise IdempotencyConflict(
+                f"idempotency key {call.idempotency_key!r} was used for another request "
+                f"({stored.tool}); use a new key for a new call",
+                idempotencyKey=call.idempotency_key)
+        if stored.status in ("voided", "expired"):
+            raise CallFailed(f"the call with idempotency key {call.idempotency_key!r} "
+                             f"failed ({stored.status}) and stays failed; retry with a new key",
+                             idempotencyKey=call.idempotency_key, status=stored.status)
+        receipt = self._receipt_from(stored.receipt) if stored.receipt else None
+        timeout = aware(stored.timeout_at) if stored.timeout_at else None
+        return Hold(stored.id, claims.jti, claims.tenant, claims.agent, stored.tool,
+                    stored.amount_held, stored.idempotency_key, timeout, price, receipt)
+
+    def _sign(self, call: calls.NewCall | Hold, amount: int, remaining: int, at: datetime,
+              transaction: str) -> Receipt:
+        signer = self.keys.signer()
+        if signer is None:
+            raise StatelessVerifier("no signing key: receipts need the operator's key ring")
+        info, key = signer
+        claims = {
+            "success": True, "transaction": transaction, "network": self.network,
+            "payer": call.agent, "amount": str(amount), "receiptId": call.id,
+            "tool": call.tool, "amountUsd": format_usd(amount), "asset": "USDC",
+            "jti": call.jti, "tenant": call.tenant, "idempotencyKey": call.idempotency_key,
+            "remainingUsd": format_usd(remaining), "pricingVersion": _version_of(call),
+            "priceRule": _rule_of(call), "demo": self.demo,
+            "timestamp": at.isoformat().replace("+00:00", "Z"),
+        }
+        return sign_receipt(claims, kid=info.kid, alg=info.alg, key=key)
+
+    def _receipt_from(self, jws: str) -> Receipt:
+        import jwt
+
+        return Receipt(jws, jwt.decode(jws, options={"verify_signature": False}))
+
+    def _lost(self, call_id: str) -> Receipt:
+        raise CallFailed(f"call {call_id} was captured but its receipt cannot be read",
+                         receiptId=call_id)
+
+    def _budget_exceeded(self, claims: Claims, tool: str, price: Price,
+                         remaining: int) -> BudgetExceeded:
+        return BudgetExceeded(
+            f"{tool} costs {format_usd(price.amount)} USDC but this token has "
+            f"{format_usd(remaining)} left",
+            reason="token_limit", tool=tool, jti=claims.jti,
+            priceUsd=format_usd(price.amount), remainingUsd=format_usd(remaining),
+            shortfallUsd=format_usd(price.amount - remaining),
+            fallback=self._fallback(claims, remaining))
+
+    def _daily_cap_exceeded(self, claims: Claims, tool: str, price: Price,
+                            cap: calls.DailyCapReached) -> BudgetExceeded:
+        left = max(cap.cap - cap.spent, 0)
+        return BudgetExceeded(
+            f"tenant {claims.tenant} has reached its daily cap of {format_usd(cap.cap)} USDC "
+            f"({format_usd(left)} left today, {tool} costs {format_usd(price.amount)})",
+            reason="daily_cap", tool=tool, jti=claims.jti, priceUsd=format_usd(price.amount),
+            remainingUsd=format_usd(left), shortfallUsd=format_usd(price.amount - left),
+            dailyCapUsd=format_usd(cap.cap), fallback=self._fallback(claims, left))
+
+    def _fallback(self, claims: Claims, remaining: int) -> dict[str, Any]:
+        table = self.pricing.current()
+        scope = list(claims.scope)
+        return {
+            "tools": [{"tool": name, "priceUsd": format_usd(amount)}
+                      for name, amount in fallback_tools(table, claims.tenant, scope, remaining)],
+            "freeTools": free_tools(table, claims.tenant, scope),
+            "moreCredit": f"ask the operator for a new credit token for tenant {claims.tenant} "
+                          "(mcpbill token issue --limit AMOUNT)",
+        }
+
+    @contextmanager
+    def _refusals_recorded(self, token: str | None, tool: str,
+                           jti: str | None = None) -> Iterator[None]:
+        """Record every refusal in the audit trail, then let it propagate unchanged."""
+        try:
+            yield
+        except BillingError as exc:
+            self._record_refusal(exc, token, tool, jti)
+            raise
+
+    def _record_refusal(self, exc: BillingError, token: str | None, tool: str,
+                        jti: str | None) -> None:
+        if self.engine is None:
+            return
+        claims = self._token_cache.get(token) if token else None
+        fingerprint = audit.token_fingerprint(token) if token and claims is None else None
+        try:
+            with writing(self.engine) as conn:
+                audit.record(conn, "refusal", at=self._clock(), code=exc.code,
+                             jti=claims.jti if claims else jti,
+                             tenant=claims.tenant if claims else None,
+                             agent=claims.agent if claims else None, tool=tool,
+                             token_hash=fingerprint, demo=self.demo,
+                             detail={"reason": exc.details.get("reason")}
+                             if "reason" in exc.details else None)
+        except BillingError as failure:  # the ledger is down: the refusal still stands
+            logger.warning("could not record refusal %s: %s", exc.code, failure.message)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+
+
+def _request_hash(jti: str, tool: str, args: Any) -> str:
+    return hashlib.sha256(canonical_json([jti, tool, args]).encode()).hexdigest()
+
+
+def _derived_key(request_hash: str, request_id: str | int | None) -> str:
+    """Without a key: the same MCP request retried is one call; no request id, a new key."""
+    if request_id is None:
+        return f"rnd_{uuid.uuid4().hex}"
+    return "drv_" + hashlib.sha256(f"{request_hash}:{request_id}".encode()).hexdigest()[:40]
+
+
+def _version_of(call: calls.NewCall | Hold) -> int:
+    return call.pricing_version if isinstance(call, calls.NewCall) else call.price.version
+
+
+def _rule_of(call: calls.NewCall | Hold) -> str:
+    return call.price_rule if isinstance(call, calls.NewCall) else call.price.rule

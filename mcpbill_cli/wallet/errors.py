@@ -1,0 +1,91 @@
+"""Refusals of the on-chain wallet: each a :class:`~mcpbill_cli.errors.BillingError`, stable code.
+
+The CLI maps each ``code`` to an exit status in ``mcpbill_cli/cli/output.py``. Messages say what
+to do next; ``details`` carry the numbers a script needs (e.g. ``more_needed`` for a pending tx).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcpbill_cli.errors import BillingError
+
+
+class TxNotFound(BillingError):
+    """The RPC knows no transaction with this hash on this chain."""
+
+    code = "TX_NOT_FOUND"
+
+
+class TxPending(BillingError):
+    """Not final yet: in the mempool, or mined with fewer confirmations than required."""
+
+    code = "TX_PENDING"
+
+    def __init__(self, message: str, *, confirmations: int, required: int, **details: Any) -> None:
+        more = max(required - confirmations, 0)
+        super().__init__(message, confirmations=confirmations, required=required,
+                         more_needed=more, **details)
+        self.confirmations = confirmations
+        self.required = required
+        self.more_needed = more
+
+
+class TxReverted(BillingError):
+    """The transaction was mined but failed (receipt status 0): nothing moved."""
+
+    code = "TX_REVERTED"
+
+
+class NotUsdc(BillingError):
+    """No USDC reached the deposit address: another token (a lookalike), or no token at all."""
+
+    code = "NOT_USDC"
+
+
+class WrongRecipient(BillingError):
+    """USDC moved in this transaction, but to an address that is not the deposit address."""
+
+    code = "WRONG_RECIPIENT"
+
+
+class DepositClaimed(BillingError):
+    """This on-chain transfer was already credited to another tenant."""
+
+    code = "DEPOSIT_CLAIMED"
+
+
+class RpcUnavailable(BillingError):
+    """The RPC endpoint is unreachable, rate-limiting or failing, after bounded retries."""
+
+    code = "RPC_UNAVAILABLE"
+
+
+class WrongChain(BillingError):
+    """The RPC serves another chain than the one configured: nothing is read from it."""
+
+    code = "WRONG_CHAIN"
+
+
+class UnknownChain(BillingError):
+    code = "UNKNOWN_CHAIN"
+
+
+class NoRpcUrl(BillingError):
+    code = "NO_RPC_URL"
+
+
+class NoDepositAddress(BillingError):
+    code = "NO_DEPOSIT_ADDRESS"
+
+
+class NoCheckpoint(BillingError):
+    """A first sync of a chain needs a starting block: scanning from block 0 is never implicit."""
+
+    code = "NO_CHECKPOINT"
+
+
+class WrongPassword(BillingError):
+    """The keystore did not decrypt with this password."""
+
+    code = "WRONG_PASSWORD"

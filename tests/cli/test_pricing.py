@@ -1,0 +1,273 @@
+"""`mcpbill pricing ...` through the Typer app, against a real pricing.toml in a temp home."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from mcpbill_cli.cli.pricing import app
+from mcpbill_cli.pricing import SAMPLE_PRICING, load_pricing, parse_pricing, render_pricing
+
+SAMPLE = parse_pricing(SAMPLE_PRICING)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MCPBILL_HOME", str(tmp_path))
+    (tmp_path / "pricing.toml").write_text(SAMPLE_PRICING)
+    return tmp_path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def flat(text: str) -> str:
+    """Output without Rich's line wrapping."""
+    return " ".join(text.split())
+
+
+def run_json(runner: CliRunner, *args: str) -> tuple[int, dict[str, Any]]:
+    result = run(runner, *args, "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+# --- show ------------------------------------------------------------------------------------
+
+
+def test_show_lists_every_tool_with_its_rule(runner: CliRunner, home: Path) -> None:
+    result = run(runner, "show", "--tenant", "acme")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].strip() == "pricing version 1 for tenant acme"
+    assert any("search" in line and "0.001" in line and "tenant.acme.tools.search" in line
+               for line in lines)
+    assert "other tools: 0.008 (default_price-discount:20%)" in lines
+    assert "free tiers: read.*" in lines
+    assert "daily cap: 25.00 USDC per UTC day" in lines
+
+
+def test_show_json_is_one_envelope(runner: CliRunner, home: Path) -> None:
+    code, document = run_json(runner, "show")
+    assert code == 0
+    assert document["schema_version"] == 1 and document["status"] == "ok"
+    assert document["errors"] == []
+    data = document["data"]
+    assert [row["tool"] for row in data["tools"]] == ["search", "status", "summarize"]
+    assert data["tools"][2] == {
+        "tool": "summarize", "amountUsd": "0.50", "asset": "USDC", "rule": "tools.summarize",
+        "pricingVersion": 1, "free": False, "discountPercent": 0, "perUnitUsd": "0.00001",
+        "maxUsd": "0.50",
+    }
+    assert data["default"]["amountUsd"] == "0.01"
+    assert (data["freeTiers"], data["dailyCapUsd"]) == (["read.*"], None)
+
+
+def test_show_prints_tool_names_with_brackets_verbatim(runner: CliRunner, home: Path) -> None:
+    assert run(runner, "set", "[bold]x", "0.5").exit_code == 0
+    assert "[bold]x" in run(runner, "show").stdout
+
+
+def test_show_without_a_pricing_file_says_how_to_start(runner: CliRunner, home: Path) -> None:
+    (home / "pricing.toml").unlink()
+    result = run(runner, "show")
+    assert result.exit_code == 10
+    assert "mcpbill init" in result.stderr
+
+
+# --- set / unset -----------------------------------------------------------------------------
+
+
+def test_set_then_unset_round_trips_through_the_file(runner: CliRunner, home: Path) -> None:
+    path = home / "pricing.toml"
+    result = run(runner, "set", "db.write", "0.05")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "added    tools.\"db.write\": - -> 0.05\n"
+    assert "wrote pricing version 2" in result.stderr
+    assert path.read_text() == render_pricing(load_pricing(path))  # normal form
+    assert run(runner, "quote", "db.write").stdout == "0.05\n"
+    assert run(runner, "unset", "db.write").exit_code == 0
+    table = load_pricing(path)
+    assert table.version == 3
+    assert table.to_document() == {**SAMPLE.to_document(), "version": 3}
+
+
+def test_set_and_unset_a_tenant_price(runner: CliRunner, home: Path) -> None:
+    code, document = run_json(runner, "set", "summarize", "0.00002", "--tenant", "globex",
+                              "--per-unit", "--max", "0.10")
+    assert code == 0
+    assert document["data"] == {
+        "path": str(home / "pricing.toml"), "previousVersion": 1, "pricingVersion": 2,
+        "changes": [{"key": "tenants.globex.tools.summarize", "kind": "added", "before": None,
+                     "after": "0.00002/unit, max 0.10", "tenant": "globex",
+                     "tool": "summarize"}],
+    }
+    assert run(runner, "quote", "summarize", "-t", "globex", "--units", "1000").stdout == "0.02\n"
+    assert run(runner, "unset", "summarize", "--tenant", "globex").exit_code == 0
+    assert "globex" not in load_pricing(home / "pricing.toml").tenants
+
+
+def test_set_creates_the_file_in_an_initialized_home(runner: CliRunner, home: Path) -> None:
+    (home / "pricing.toml").unlink()
+    assert run(runner, "set", "search", "0.002").exit_code == 0
+    assert load_pricing(home / "pricing.toml").version == 1
+
+
+def test_set_without_a_home_is_not_initialized(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MCPBILL_HOME", str(tmp_path / "missing"))
+    code, document = run_json(runner, "set", "search", "1")
+    assert code == 9
+    assert document["errors"][0]["code"] == "NOT_INITIALIZED"
+
+
+REFUSED_EDITS = [
+    (("set", "search", "0.0000001"), 3, "INVALID_INPUT", "more than 6 decimals"),
+    (("set", "search", "cheap"), 3, "INVALID_INPUT", "not an amount"),
+    (("set", "search", "1e3"), 3, "INVALID_INPUT", "not an amount"),
+    (("set", "search", "--", "-1"), 3, "INVALID_INPUT", "not an amount"),
+    (("set", "x", "1", "--per-unit"), 3, "INVALID_INPUT", "needs a maximum"),
+    (("set", "x", "1", "--max", "2"), 3, "INVALID_INPUT", "only applies to a per-unit"),
+    (("set", "x", "1", "--per-unit", "--max", "-2"), 3, "INVALID_INPUT", "not an amount"),
+    (("set", "db.*", "1"), 3, "INVALID_INPUT", "exact names"),
+    (("set", "x", "1", "--tenant", " acme"), 3, "INVALID_INPUT", "tenant name"),
+    (("unset", "translate"), 4, "NOT_FOUND", "'translate' has no price of its own"),
+    (("unset", "search", "--tenant", "nobody"), 4, "NOT_FOUND", "tenant 'nobody'"),
+]
+
+
+@pytest.mark.parametrize(("args", "exit_code", "code", "message"), REFUSED_EDITS)
+def test_a_refused_edit_leaves_the_file_byte_for_byte(
+    runner: CliRunner, home: Path, args: tuple[str, ...], exit_code: int, code: str, message: str
+) -> None:
+    before = (home / "pricing.toml").read_bytes()
+    result = run(runner, args[0], "--json", *args[1:])
+    assert result.exit_code == exit_code, result.output
+    document = json.loads(result.stdout)
+    assert (document["status"], document["data"]) == ("error", None)
+    assert document["errors"][0]["code"] == code
+    assert message in document["errors"][0]["message"]
+    assert (home / "pricing.toml").read_bytes() == before
+
+
+BROKEN_FILES = [
+    ('price = "0.002"', 'price = "-0.002"', "line 16: tools.search.price"),
+    ('price = "0.002"', "price = 0.5", "line 16: tools.search.price"),
+    ('max_price = "0.50"', "", "line 18: tools.summarize"),
+    ("discount_percent = 20", "discount_percent = 200", "line 27: tenants.acme.discount_percent"),
+    ('price = "0.001"', 'prize = "0.001"', "line 31: tenants.acme.tools.search.prize"),
+    ('price = "0.002"', "price = ", "(at line 16, column 23)"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "where"), BROKEN_FILES)
+def test_editing_a_broken_file_is_refused_and_leaves_it(
+    runner: CliRunner, home: Path, old: str, new: str, where: str
+) -> None:
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace(old, new, 1))
+    before = path.read_bytes()
+    result = run(runner, "set", "search", "0.003")
+    assert result.exit_code == 10, result.output
+    assert where in flat(result.stderr)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(("old", "new", "where"), BROKEN_FILES)
+def test_validate_names_the_key_path_and_line(
+    runner: CliRunner, home: Path, old: str, new: str, where: str
+) -> None:
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace(old, new, 1))
+    code, document = run_json(runner, "validate")
+    assert code == 10
+    assert document["errors"][0]["code"] == "PRICING_INVALID"
+    assert where in document["errors"][0]["message"]
+
+
+# --- validate / diff / quote -----------------------------------------------------------------
+
+
+def test_validate_a_good_file(runner: CliRunner, home: Path) -> None:
+    result = run(runner, "validate")
+    assert result.exit_code == 0
+    assert result.stdout == f"{home / 'pricing.toml'}: valid, version 1, 3 tool(s), 1 tenant(s)\n"
+
+
+def test_validate_another_file(runner: CliRunner, home: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text("version = 4\n")
+    code, document = run_json(runner, "validate", str(other))
+    assert (code, document["data"]) == (
+        0, {"path": str(other), "pricingVersion": 4, "tools": 0, "tenants": 0})
+    code, document = run_json(runner, "validate", str(tmp_path / "absent.toml"))
+    assert code == 10 and "no pricing table" in document["errors"][0]["message"]
+
+
+def test_diff_lists_changes_per_tool_and_tenant(
+    runner: CliRunner, home: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"')
+                     .replace("discount_percent = 20", "discount_percent = 25")
+                     .replace("version = 1", "version = 2"))
+    result = run(runner, "diff", str(other))
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "changed  tenants.acme.discount_percent: 20% -> 25%",
+        "changed  tools.search: 0.002 -> 0.003",
+    ]
+    code, document = run_json(runner, "diff", str(other))
+    assert document["data"]["from"]["pricingVersion"] == 1
+    assert document["data"]["to"] == {"path": str(other), "pricingVersion": 2}
+    assert len(document["data"]["changes"]) == 2
+
+
+def test_diff_of_the_same_table_is_empty(runner: CliRunner, home: Path) -> None:
+    result = run(runner, "diff", str(home / "pricing.toml"))
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "no changes\n")
+
+
+def test_quote_prints_the_amount_and_the_rule(runner: CliRunner, home: Path) -> None:
+    result = run(runner, "quote", "summarize", "--tenant", "acme")
+    assert result.exit_code == 0
+    assert result.stdout == "0.40\n"
+    assert "rule tools.summarize-discount:20%, pricing version 1" in flat(result.stderr)
+    code, document = run_json(runner, "quote", "summarize", "-t", "acme", "--units", "100")
+    assert document["data"] == {
+        "tool": "summarize", "tenant": "acme", "units": 100, "amountUsd": "0.0008",
+        "asset": "USDC", "rule": "tools.summarize-discount:20%", "pricingVersion": 1,
+        "free": False, "discountPercent": 20, "perUnitUsd": "0.00001", "maxUsd": "0.40",
+    }
+
+
+def test_quote_an_unknown_tool_without_default_is_price_unknown(
+    runner: CliRunner, home: Path
+) -> None:
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace('default_price = "0.01"', ""))
+    code, document = run_json(runner, "quote", "translate")
+    assert code == 10
+    assert document["errors"][0]["code"] == "PRICE_UNKNOWN"
+
+
+def test_quote_refuses_negative_units(runner: CliRunner, home: Path) -> None:
+    result = runner.invoke(app, ["quote", "summarize", "--units", "-1"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("command", ["show", "set", "unset", "validate", "diff", "quote"])
+def test_every_command_has_help(runner: CliRunner, command: str) -> None:
+    result = run(runner, command, "--help")
+    assert result.exit_code == 0
+    assert "--json" in result.stdout
