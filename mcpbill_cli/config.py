@@ -18,7 +18,7 @@ ENV_MODE = "MCPBILL_MODE"
 ENV_TTL_CAP = "MCPBILL_TTL_CAP"
 ENV_ISSUER = "MCPBILL_ISSUER"
 ENV_AUDIENCE = "MCPBILL_AUDIENCE"
-ENV_TOKEN = "AGENT_CREDIT_JWT"
+ENV_TOKEN = "AGENT_CREDIT_JWT"  # noqa: S105 - the variable's name, not a secret
 
 CONFIG_FILE = "config.toml"
 PRICING_FILE = "pricing.toml"
@@ -74,7 +74,7 @@ class Settings:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """The parsed config.toml, ``{}`` when there is none; a broken file is an error, not a default."""
+    """The parsed config.toml, ``{}`` when there is none; a broken file is an error."""
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)

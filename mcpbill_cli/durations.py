@@ -7,7 +7,7 @@ import re
 from mcpbill_cli.errors import InvalidInput
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(?P<n>\d{1,9})(?P<unit>[smhd])")
+_DURATION = re.compile(r"(?P<n>[0-9]{1,9})(?P<unit>[smhd])")
 
 
 def parse_duration(text: str, *, field: str = "duration") -> int:

@@ -14,7 +14,7 @@ DECIMALS = 6
 # The ledger stores amounts as signed 64-bit integers; leave headroom for sums of many amounts.
 MAX_MICRO = 10**15  # one billion USDC
 
-_AMOUNT = re.compile(r"\$?(?P<whole>\d*)(?:\.(?P<frac>\d*))?")
+_AMOUNT = re.compile(r"\$?(?P<whole>[0-9]*)(?:\.(?P<frac>[0-9]*))?")
 
 
 def parse_usd(text: str, *, allow_zero: bool = False, field: str = "amount") -> int:

@@ -136,10 +136,10 @@ class PricingTable:
             doc["tools"] = _tools_document(self.tools)
         if self.free_tiers:
             doc["free_tiers"] = {"patterns": list(self.free_tiers)}
-        if self.tenants:
-            doc["tenants"] = {
-                name: self.tenants[name].to_document() for name in sorted(self.tenants)
-            }
+        tenants = {name: self.tenants[name] for name in sorted(self.tenants)
+                   if not self.tenants[name].empty}
+        if tenants:
+            doc["tenants"] = {name: terms.to_document() for name, terms in tenants.items()}
         return doc
 
     def free_tier_for(self, tool: str) -> str | None:
@@ -349,10 +349,12 @@ class PriceSheet:
     default: Price | None
     free_tiers: tuple[str, ...]
     daily_cap: int | None
+    tenant_has_terms: bool = False  # False for a tenant the table does not mention (a typo?)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pricingVersion": self.version, "tenant": self.tenant,
+            "tenantHasTerms": self.tenant_has_terms,
             "tools": [{"tool": name, **price.to_dict()} for name, price in self.tools],
             "default": None if self.default is None else self.default.to_dict(),
             "freeTiers": list(self.free_tiers),
@@ -365,7 +367,7 @@ def price_sheet(table: PricingTable, tenant: str | None = None) -> PriceSheet:
     return PriceSheet(
         version=table.version, tenant=tenant, tools=price_list(table, tenant),
         default=default_quote(table, tenant), free_tiers=table.free_tiers,
-        daily_cap=daily_cap(table, tenant),
+        daily_cap=daily_cap(table, tenant), tenant_has_terms=tenant in table.tenants,
     )
 
 
@@ -730,7 +732,7 @@ def render_pricing(table: PricingTable) -> str:
 def save_pricing(path: Path, table: PricingTable) -> None:
     """Write ``table`` atomically (temp file, fsync, rename, fsync dir); never an invalid one."""
     text = render_pricing(table)
-    if parse_pricing(text, source=str(path)) != table:
+    if parse_pricing(text, source=str(path)).to_document() != table.to_document():
         raise PricingInvalid(f"{path}: refusing to write a table that does not read back the "
                              "same (a name or amount outside the schema?)", path=str(path))
     _write_atomically(path, text)

@@ -54,7 +54,13 @@ def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitR
     kid = ring.active().kid
     created.append(f"signing key {kid} ({alg}) in {settings.keys_dir}")
     _write_if_missing(settings.config_path, _config_text(mode), created, kept, mode=0o600)
-    _write_if_missing(settings.pricing_path, _sample_pricing(), created, kept)
+    if settings.pricing_path.exists():
+        kept.append(str(settings.pricing_path))
+    else:
+        from mcpbill_cli.pricing import SAMPLE_PRICING, save_pricing_text
+
+        save_pricing_text(settings.pricing_path, SAMPLE_PRICING)
+        created.append(str(settings.pricing_path))
     return InitResult(settings.home, redact_url(settings.db_url), kid, schema, created, kept)
 
 
@@ -86,9 +92,3 @@ def _config_text(mode: str) -> str:
     body = {"mode": mode, "issuer": "mcpbill", "audience": "mcpbill", "ttl_cap": "24h",
             "default_ttl": "24h", "leeway": "30s", "hold_timeout": "5m"}
     return header + tomli_w.dumps(body)
-
-
-def _sample_pricing() -> str:
-    from mcpbill_cli.pricing import SAMPLE_PRICING
-
-    return SAMPLE_PRICING

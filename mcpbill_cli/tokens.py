@@ -117,8 +117,10 @@ def _verified_payload(token: str, key: VerificationKey, *, audience: str | None,
     try:
         if now is not None:
             return _decode_at(token, key, audience, issuer, leeway, options, now)
-        return jwt.decode(token, key.key, algorithms=[key.alg], audience=audience,
-                          issuer=issuer, leeway=leeway, options=options)
+        payload: dict[str, Any] = jwt.decode(token, key.key, algorithms=[key.alg],
+                                             audience=audience, issuer=issuer, leeway=leeway,
+                                             options=options)
+        return payload
     except jwt.PyJWTError as exc:
         for kind, reason, message in _REASONS:
             if isinstance(exc, kind):
@@ -129,9 +131,9 @@ def _verified_payload(token: str, key: VerificationKey, *, audience: str | None,
 def _decode_at(token: str, key: VerificationKey, audience: str | None, issuer: str | None,
                leeway: int, options: Any, now: datetime) -> dict[str, Any]:
     """Decode as of ``now`` (tests and reconcile): verify the signature, then check time here."""
+    untimed: Any = {**options, "verify_exp": False, "verify_nbf": False, "verify_iat": False}
     payload: dict[str, Any] = jwt.decode(
-        token, key.key, algorithms=[key.alg], audience=audience, issuer=issuer,
-        options={**options, "verify_exp": False, "verify_nbf": False, "verify_iat": False})
+        token, key.key, algorithms=[key.alg], audience=audience, issuer=issuer, options=untimed)
     stamp = now.timestamp()
     if options["verify_exp"] and payload["exp"] <= stamp - leeway:
         raise jwt.ExpiredSignatureError()

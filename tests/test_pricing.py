@@ -308,6 +308,13 @@ def test_an_empty_tenant_means_nothing_and_is_dropped() -> None:
     assert table == PricingTable(version=1)
 
 
+def test_an_empty_tenant_is_not_written(tmp_path: Path) -> None:
+    path = tmp_path / "pricing.toml"
+    save_pricing(path, PricingTable(version=2, tenants={"acme": TenantPricing()}))
+    assert "acme" not in path.read_text()
+    assert load_pricing(path) == PricingTable(version=2)
+
+
 def test_a_table_where_a_table_belongs() -> None:
     with pytest.raises(PricingInvalid, match=r"tools: must be a table, not a string"):
         PricingTable.from_document({"version": 1, "tools": "search"})

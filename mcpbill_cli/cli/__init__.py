@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from mcpbill_cli.__about__ import __version__
-from mcpbill_cli.cli import completion, config, db, init, keys, revoke, token, wallet
+from mcpbill_cli.cli import (
+    completion,
+    config,
+    db,
+    demo,
+    init,
+    keys,
+    pricing,
+    revoke,
+    token,
+    wallet,
+)
 from mcpbill_cli.cli.output import envelope, exit_code, print_json
 from mcpbill_cli.cli.state import State
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME
@@ -53,9 +64,11 @@ app.add_typer(db.app, name="db")
 app.add_typer(keys.app, name="keys")
 app.add_typer(wallet.app, name="wallet")
 app.add_typer(token.app, name="token")
+app.add_typer(pricing.app, name="pricing")
 app.command("revoke")(revoke.revoke)
 app.add_typer(revoke.revocations_app, name="revocations")
 app.command("completion")(completion.completion)
+app.command("demo")(demo.demo)
 
 
 def main() -> None:

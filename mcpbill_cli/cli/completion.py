@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mcpbill_cli.cli.output import handles_errors
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors
 from mcpbill_cli.errors import InvalidInput
 
 SHELLS = ("bash", "zsh", "fish")
@@ -22,8 +22,11 @@ def script(shell: str) -> str:
 @handles_errors
 def completion(
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")],
+    as_json: JsonOption = False,
 ) -> None:
     """Print the completion script. Example: mcpbill completion bash > ~/.mcpbill-complete.bash"""
     if shell not in SHELLS:
         raise InvalidInput(f"shell {shell!r} is not one of {', '.join(SHELLS)}")
-    typer.echo(script(shell), nl=False)
+    text = script(shell)
+    emit({"shell": shell, "script": text}, as_json=as_json,
+         human=lambda: typer.echo(text, nl=False))

@@ -52,9 +52,13 @@ def rotate(
     old = ring.active()
     new = keys.rotate(ring, alg, now=utcnow(), last_expiry=until)
     ring.save()
-    data = {"active": new, "previous": ring.keys[old.kid]}
-    emit(data, as_json=as_json, human=lambda: (
-        say(f"{old.kid} verifies until {ring.keys[old.kid].verify_until}"), out.print(new.kid)))
+    previous = ring.keys[old.kid]
+
+    def human() -> None:
+        say(f"{old.kid} verifies until {previous.verify_until}")
+        out.print(new.kid)
+
+    emit({"active": new, "previous": previous}, as_json=as_json, human=human)
 
 
 @app.command("export-jwks")
@@ -63,15 +67,19 @@ def export_jwks(
     ctx: typer.Context,
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file instead of stdout.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """Print the JWKS document of public keys that verify now, for stateless verifiers."""
+    """Print the JWKS document of public keys that verify now, for stateless verifiers.
+
+    Without --json, stdout is the JWKS itself: mcpbill keys export-jwks > jwks.json
+    """
     document = state(ctx).keyring().jwks()
     text = json.dumps(document, indent=2) + "\n"
-    if out_file is None:
-        typer.echo(text, nl=False)
-        return
-    write_atomic(out_file, text.encode())
-    say(f"wrote {len(document['keys'])} key(s) to {out_file}")
+    if out_file is not None:
+        write_atomic(out_file, text.encode())
+    emit(document, as_json=as_json, human=lambda: say(
+        f"wrote {len(document['keys'])} key(s) to {out_file}") if out_file else typer.echo(
+        text, nl=False))
 
 
 @app.command("retire")

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import PurePath
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
@@ -75,6 +76,8 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, PurePath):
+        return str(value)
     return value
 
 

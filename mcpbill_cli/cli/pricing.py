@@ -132,6 +132,8 @@ def quote(
 
 
 def _render_sheet(sheet: pricing.PriceSheet) -> None:
+    if sheet.tenant is not None and not sheet.tenant_has_terms:
+        say(f"tenant {sheet.tenant!r} has no terms of its own: these are everyone's prices")
     who = f" for tenant {sheet.tenant}" if sheet.tenant else ""
     table = Table("tool", "price (USDC)", "rule", title=f"pricing version {sheet.version}{who}")
     for name, price in sheet.tools:

@@ -106,7 +106,7 @@ def stored(conn: Connection, *, key: str | None = None, call_id: str | None = No
     row = conn.execute(select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tool, c.status,
                               c.amount_held, c.amount, c.receipt, c.timeout_at)
                        .where(where)).one_or_none()
-    return StoredCall(*row) if row is not None else None
+    return StoredCall(**row._mapping) if row is not None else None
 
 
 def charge(conn: Connection, call: NewCall, *, at: datetime,

@@ -118,7 +118,7 @@ def _is_missing_table(exc: DBAPIError) -> bool:
 
 
 def check_schema(engine: Engine) -> None:
-    """Refuse a ledger that is empty or at another schema revision; name the command that fixes it."""
+    """Refuse a ledger that is empty or at another schema; name the command that fixes it."""
     revision = current_revision(engine)
     if revision is None:
         raise NotInitialized(

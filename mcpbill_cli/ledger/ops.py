@@ -68,8 +68,10 @@ class Balance:
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
     """INSERT unless the primary or a unique key exists; True when a row was written."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing()
-    return conn.execute(stmt).rowcount == 1
+    key = list(table.primary_key.columns)[0]
+    # RETURNING, not rowcount: drivers disagree on rowcount for INSERT ... ON CONFLICT.
+    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing().returning(key)
+    return conn.execute(stmt).first() is not None
 
 
 def ensure_account(

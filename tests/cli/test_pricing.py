@@ -70,6 +70,14 @@ def test_show_json_is_one_envelope(runner: CliRunner, home: Path) -> None:
     }
     assert data["default"]["amountUsd"] == "0.01"
     assert (data["freeTiers"], data["dailyCapUsd"]) == (["read.*"], None)
+    assert (data["tenant"], data["tenantHasTerms"]) == (None, False)
+
+
+def test_show_for_a_tenant_without_terms_says_so(runner: CliRunner, home: Path) -> None:
+    result = run(runner, "show", "--tenant", "acne")
+    assert result.exit_code == 0
+    assert "tenant 'acne' has no terms of its own" in flat(result.stderr)
+    assert run_json(runner, "show", "-t", "acme")[1]["data"]["tenantHasTerms"] is True
 
 
 def test_show_prints_tool_names_with_brackets_verbatim(runner: CliRunner, home: Path) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from sqlalchemy import Engine
+from web3 import Web3
 
 from mcpbill_cli.errors import ConfigInvalid
 from mcpbill_cli.ledger.ops import chain_account, tenant_account
@@ -19,7 +20,8 @@ from mcpbill_cli.wallet.errors import (
     WrongChain,
     WrongRecipient,
 )
-from tests.wallet.conftest import USDC, Devnet, deposit_rows, ledger_rows, posted
+
+from .devnet import USDC, Devnet, deposit_rows, ledger_rows, posted
 
 
 def fund(engine: Engine, net: Devnet, tx: str, tenant: str = "acme"):  # type: ignore[no-untyped-def]
@@ -90,11 +92,12 @@ def test_usdc_to_another_address_is_refused(engine: Engine, devnet: Devnet) -> N
 
 
 def test_plain_ether_transfer_is_not_usdc(engine: Engine, devnet: Devnet) -> None:
-    tx = devnet.w3.eth.send_transaction({"from": devnet.alice, "to": devnet.deposit_address,
-                                         "value": 10**18}).to_0x_hex()
+    to = Web3.to_checksum_address(devnet.deposit_address)
+    tx = devnet.w3.eth.send_transaction({"from": devnet.alice, "to": to, "value": 10**18})
+    devnet.w3.eth.wait_for_transaction_receipt(tx)
     devnet.mine(5)
     with pytest.raises(NotUsdc) as refused:
-        fund(engine, devnet, tx)
+        fund(engine, devnet, tx.to_0x_hex())
     assert refused.value.details["reason"] == "no_usdc_transfer"
 
 

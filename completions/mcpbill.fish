@@ -1,0 +1,1 @@
+complete --command mcpbill --no-files --arguments "(env _MCPBILL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) mcpbill)" --condition "env _MCPBILL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) mcpbill"

@@ -1,0 +1,46 @@
+"""`mcpbill demo`: watch a paid-call loop run end to end on a throwaway home."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+
+
+@handles_errors
+def demo(
+    home: Annotated[Path | None, typer.Option(
+        "--home", help="Run in this home instead of a fresh temporary one (must be new).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Init a demo home, fund $10, issue a $0.05 token, call tools until the budget runs out.
+
+    Shows every signed receipt, then the BUDGET_EXCEEDED refusal with its fallback hints,
+    then checks the ledger's invariants.
+    """
+    from mcpbill_cli.demo import run_demo
+
+    where = home or Path(tempfile.mkdtemp(prefix="mcpbill-demo-"))
+    steps = []
+    for step in run_demo(where):
+        steps.append(step)
+        if not as_json:
+            _show(step.kind, step.text, step.data)
+    emit({"home": str(where), "steps": steps}, as_json=as_json,
+         human=lambda: say(f"demo ledger kept in {where}"))
+
+
+def _show(kind: str, text: str, data: dict[str, object]) -> None:
+    if kind == "refusal":
+        say(f"[yellow]refused[/] {data.get('code')}: {text}")
+        out.print(json.dumps(data, indent=2))
+    elif kind == "receipt":
+        say(f"[green]receipt[/] {text}")
+    else:
+        say(text)

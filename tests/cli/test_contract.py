@@ -1,0 +1,136 @@
+"""Contracts every command keeps: --help that teaches, one JSON document with --json (on
+failure too), committed completion scripts that match what the CLI generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.main import get_command
+
+from mcpbill_cli.cli import app
+from mcpbill_cli.cli.completion import SHELLS, script
+from tests.cli.conftest import Invoke, ok_json
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def command_paths() -> list[tuple[str, ...]]:
+    """Every leaf command of the CLI, e.g. ("token", "issue")."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(command: object, prefix: tuple[str, ...]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if not subcommands:
+            found.append(prefix)
+            return
+        for name, sub in subcommands.items():
+            walk(sub, (*prefix, name))
+
+    walk(get_command(app), ())
+    return sorted(found)
+
+
+@pytest.mark.parametrize("path", command_paths(), ids=" ".join)
+def test_every_command_has_help_and_takes_json(cli: Invoke, path: tuple[str, ...]) -> None:
+    result = cli(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "--json" in result.stdout
+    summary = result.stdout.split("Usage:")[1].split("╭")[0].strip()
+    assert len(summary.splitlines()) >= 2, f"{' '.join(path)} has no help text"
+
+
+def test_root_help_lists_every_group(cli: Invoke) -> None:
+    result = cli("--help")
+    assert result.exit_code == 0
+    for group in ("init", "wallet", "token", "revoke", "keys", "pricing", "db", "config"):
+        assert group in result.stdout
+
+
+# One successful invocation per command, run in order on one home, each with --json.
+SUCCESSFUL = [
+    ("config", "show"),
+    ("db", "status"),
+    ("db", "upgrade"),
+    ("keys", "list"),
+    ("keys", "export-jwks"),
+    ("wallet", "fund", "--demo", "10"),
+    ("wallet", "balance"),
+    ("token", "issue", "--limit", "1"),
+    ("token", "list"),
+    ("token", "show", "{jti}"),
+    ("token", "inspect", "{token}"),
+    ("pricing", "show"),
+    ("pricing", "quote", "search"),
+    ("pricing", "set", "search", "0.003"),
+    ("pricing", "unset", "search"),
+    ("pricing", "validate"),
+    ("pricing", "diff", "{pricing}"),
+    ("revoke", "{jti}"),
+    ("revocations", "export"),
+    ("token", "sweep"),
+    ("keys", "rotate"),
+    ("keys", "retire", "{old_kid}", "--force"),
+    ("completion", "bash"),
+    ("init", "--force"),
+]
+
+
+def test_every_command_prints_one_json_document(ledger_cli: Invoke,
+                                                isolated_home: Path) -> None:
+    missing = [p for p in command_paths()
+               if not any(args[:len(p)] == p for args in SUCCESSFUL)]
+    assert not missing, f"add a --json invocation for {missing}"
+    values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml")}
+    for args in SUCCESSFUL:
+        data = ok_json(ledger_cli(*(a.format(**values) for a in args), "--json"))
+        if args[:2] == ("token", "issue"):
+            values.update(token=data["token"], jti=data["jti"])
+        if args[:2] == ("keys", "rotate"):
+            values["old_kid"] = data["previous"]["kid"]
+
+
+@pytest.mark.parametrize("args", [
+    ("wallet", "balance"), ("token", "list"), ("keys", "list"), ("token", "show", "tok_x"),
+    ("revoke", "tok_x"), ("db", "status"), ("pricing", "show"),
+])
+def test_failures_are_one_json_document(cli: Invoke, args: tuple[str, ...]) -> None:
+    result = cli("--db-url", "postgresql+psycopg://nobody@127.0.0.1:1/x", *args, "--json")
+    assert result.exit_code != 0
+    document = json.loads(result.stdout)
+    assert set(document) == {"schema_version", "status", "data", "errors"}
+    assert document["status"] == "error" and document["data"] is None
+    assert all(set(e) >= {"code", "message"} for e in document["errors"])
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_committed_completion_scripts_match_the_cli(shell: str) -> None:
+    committed = (ROOT / "completions" / f"mcpbill.{shell}").read_text()
+    assert committed == script(shell), (
+        f"completions/mcpbill.{shell} is stale: run `mcpbill completion {shell} > "
+        f"completions/mcpbill.{shell}`")
+
+
+def test_unknown_shell_is_refused(cli: Invoke) -> None:
+    assert cli("completion", "powershell").exit_code == 3
+
+
+def test_typer_app_has_no_install_completion() -> None:
+    assert isinstance(app, typer.Typer)
+    assert "--install-completion" not in str(get_command(app).params)
+
+
+def test_readme_exit_code_table_matches_the_cli() -> None:
+    import re
+
+    from mcpbill_cli.cli.output import EXIT_CODES
+
+    documented: dict[str, int] = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        row = re.match(r"\| (\d+) \| ([^|]*) \|", line)
+        if row:
+            for code in re.findall(r"`([A-Z_]+)`", row.group(2)):
+                documented[code] = int(row.group(1))
+    assert documented == EXIT_CODES

@@ -1,0 +1,70 @@
+"""Settings precedence, config show scrubbing, and schema checks that never migrate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from mcpbill_cli.config import load_settings
+from mcpbill_cli.ledger.engine import make_engine
+from tests.cli.conftest import Invoke, error_json, ok_json
+
+
+def test_flag_beats_environment_beats_file_beats_default(
+        isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text('mode = "live"\ndb_url = "sqlite:///file.db"\n')
+    assert load_settings().db_url == "sqlite:///file.db"
+    assert load_settings().mode == "live"
+    monkeypatch.setenv("MCPBILL_DB_URL", "sqlite:///env.db")
+    monkeypatch.setenv("MCPBILL_MODE", "demo")
+    assert (load_settings().db_url, load_settings().mode) == ("sqlite:///env.db", "demo")
+    assert load_settings(db_url="sqlite:///flag.db").db_url == "sqlite:///flag.db"
+    (isolated_home / "config.toml").write_text("")
+    monkeypatch.delenv("MCPBILL_DB_URL")
+    assert load_settings().db_url == f"sqlite:///{isolated_home / 'ledger.db'}"
+
+
+def test_home_flag_beats_environment(cli: Invoke, tmp_path: Path) -> None:
+    data = ok_json(cli("--home", str(tmp_path / "elsewhere"), "config", "show", "--json"))
+    assert data["home"] == str(tmp_path / "elsewhere")
+
+
+def test_config_show_scrubs_the_database_password(cli: Invoke) -> None:
+    result = cli("--db-url", "postgresql+psycopg://ops:hunter2@db/ledger", "config", "show")
+    assert result.exit_code == 0
+    assert "ops:***@db/ledger" in result.stdout and "hunter2" not in result.output
+
+
+def test_a_broken_config_file_is_an_error_naming_it(cli: Invoke, isolated_home: Path) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text("modee = 'demo'\n")
+    result = cli("config", "show", "--json")
+    assert result.exit_code == 10
+    assert "modee" in error_json(result, "CONFIG_INVALID")["message"]
+
+
+def test_an_older_schema_is_refused_and_never_migrated_by_a_read(
+        ledger_cli: Invoke, db_url: str) -> None:
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0000'"))
+    result = ledger_cli("wallet", "balance", "--json")
+    assert result.exit_code == 9
+    assert "mcpbill db upgrade" in error_json(result, "SCHEMA_OUTDATED")["message"]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0000"
+    status = ok_json(ledger_cli("db", "status", "--json"))
+    assert (status["current"], status["up_to_date"]) == ("0000", False)
+    engine.dispose()
+
+
+def test_an_empty_ledger_asks_for_init(cli: Invoke, db_url: str) -> None:
+    result = cli("--db-url", db_url, "token", "list", "--json")
+    assert result.exit_code == 9
+    assert "mcpbill init" in error_json(result, "NOT_INITIALIZED")["message"]
+    upgraded = ok_json(cli("--db-url", db_url, "db", "upgrade", "--json"))
+    assert (upgraded["from"], upgraded["to"]) == (None, "0001")
+    assert ok_json(cli("--db-url", db_url, "token", "list", "--json")) == []
