@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mcpbill_cli.clock import utcnow
-from mcpbill_cli.config import load_settings
+from mcpbill_cli.config import LEDGER_FILE, load_settings
 from mcpbill_cli.errors import BillingError
 
 DEMO_FUNDS = 10_000_000
@@ -37,7 +37,8 @@ def run_demo(home: Path) -> Iterator[DemoStep]:
     from mcpbill_cli.setup import initialize
     from mcpbill_cli.verifier import Verifier
 
-    settings = load_settings(home=home, mode="demo")
+    # Always a SQLite file in the demo home: a demo never writes into a configured ledger.
+    settings = load_settings(home=home, db_url=f"sqlite:///{home / LEDGER_FILE}", mode="demo")
     init = initialize(settings, alg="EdDSA", mode="demo", force=False)
     yield DemoStep("setup", f"initialized {home} (ledger schema {init.schema})", {})
     engine = make_engine(settings.db_url)

@@ -75,6 +75,7 @@ SUCCESSFUL = [
     ("keys", "retire", "{old_kid}", "--force"),
     ("completion", "bash"),
     ("init", "--force"),
+    ("demo", "--home", "{demo}"),
 ]
 
 
@@ -83,13 +84,18 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke,
     missing = [p for p in command_paths()
                if not any(args[:len(p)] == p for args in SUCCESSFUL)]
     assert not missing, f"add a --json invocation for {missing}"
-    values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml")}
+    values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml"),
+                              "demo": str(isolated_home.parent / "demo-home")}
     for args in SUCCESSFUL:
         data = ok_json(ledger_cli(*(a.format(**values) for a in args), "--json"))
         if args[:2] == ("token", "issue"):
             values.update(token=data["token"], jti=data["jti"])
         if args[:2] == ("keys", "rotate"):
             values["old_kid"] = data["previous"]["kid"]
+        if args[0] == "demo":
+            kinds = [step["kind"] for step in data["steps"]]
+            assert kinds[-2:] == ["refusal", "summary"] and "receipt" in kinds
+            assert data["steps"][-1]["data"]["violations"] == []
 
 
 @pytest.mark.parametrize("args", [

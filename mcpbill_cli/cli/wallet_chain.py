@@ -1,0 +1,234 @@
+"""`mcpbill wallet address | create | link | sync`, and `fund --tx` / `balance --onchain`: USDC on chain.
+
+Registered on the `wallet` group by ``cli/wallet.py``. web3 (about a second to import) loads only
+inside these command bodies, through ``mcpbill_cli.wallet``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, out, say
+from mcpbill_cli.cli.state import State, state
+from mcpbill_cli.money import format_usd
+
+if TYPE_CHECKING:
+    from mcpbill_cli.wallet.chains import Chain
+    from mcpbill_cli.wallet.crediting import Credit, Deposit
+    from mcpbill_cli.wallet.rpc import Rpc
+    from mcpbill_cli.wallet.scan import Progress
+
+ChainOption = Annotated[str | None, typer.Option(
+    "--chain", help="base, base-sepolia, ethereum, sepolia, a [chains.NAME] from config.toml, "
+                    "or a CAIP-2 id.", show_default="[wallet] chain in config.toml, else base")]
+RpcUrlOption = Annotated[str | None, typer.Option(
+    "--rpc-url", envvar="MCPBILL_RPC_URL", show_default="rpc_url of the chain in config.toml",
+    help="JSON-RPC endpoint of the chain.")]
+
+
+@handles_errors
+def address(
+    ctx: typer.Context,
+    new: Annotated[str | None, typer.Option(
+        "--set", metavar="ADDRESS", help="Make ADDRESS the deposit address (watch-only).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show or set the deposit address tenants send USDC to.
+
+    Example: mcpbill wallet address --set 0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913
+    """
+    from mcpbill_cli.wallet.addresses import checksum_address
+    from mcpbill_cli.wallet.deposit_address import get_deposit_address, set_deposit_address
+
+    settings = state(ctx).settings
+    if new is None:
+        current = get_deposit_address(settings.file)
+    else:
+        current = set_deposit_address(settings.config_path, new)
+        say(f"deposit address set in {settings.config_path}")
+    shown = checksum_address(current)
+    emit({"address": shown, "changed": new is not None}, as_json=as_json,
+         human=lambda: out.print(shown))
+
+
+@handles_errors
+def create(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing keystore (its key is lost unless you kept a "
+                        "copy).")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Create the operator's own key in an encrypted keystore (keys/wallet.json, mode 0600).
+
+    The password comes from MCPBILL_KEYSTORE_PASSWORD or a prompt, never from the command line.
+    """
+    from mcpbill_cli.wallet.addresses import checksum_address
+    from mcpbill_cli.wallet.keystore import create_keystore, keystore_path
+
+    path = keystore_path(state(ctx).settings.keys_dir)
+    created = create_keystore(path, _keystore_password(), force=force)
+    shown = checksum_address(created.lower())
+    say(f"wrote an encrypted keystore to {path}; keep its password safe")
+    emit({"address": shown, "path": str(path)}, as_json=as_json, human=lambda: out.print(shown))
+
+
+@handles_errors
+def link(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="The tenant the sender pays for.")],
+    sender: Annotated[str, typer.Option("--address", help="The sending address (0x...).")],
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Move an address linked to another tenant.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Credit USDC from a sending address to a tenant; kept deposits from it are credited now.
+
+    Example: mcpbill wallet link --tenant acme --address 0xAbC...
+    """
+    from mcpbill_cli.wallet.links import link as link_address
+
+    result = link_address(state(ctx).engine(), tenant, sender, replace=replace)
+    credited = sum(c.deposit.amount for c in result.credited)
+    data = {"address": result.address, "tenant": result.tenant, "previous": result.previous,
+            "credited": [_credit_json(c) for c in result.credited]}
+    emit(data, as_json=as_json, human=lambda: say(
+        f"linked {result.address} to {tenant}"
+        + (f" (was {result.previous})" if result.changed and result.previous else "")
+        + (f"; credited {format_usd(credited)} USDC kept from earlier" if credited else "")))
+
+
+@handles_errors
+def sync(
+    ctx: typer.Context,
+    chain: ChainOption = None,
+    from_block: Annotated[int | None, typer.Option(
+        "--from-block", min=0, help="Scan from this block (needed once per chain; a rescan is "
+                                    "harmless).", show_default="the stored checkpoint")] = None,
+    rpc_url: RpcUrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Scan the chain for final USDC deposits: credit linked senders, keep and list the rest.
+
+    Example: mcpbill wallet sync --chain base --from-block 23000000
+    """
+    from mcpbill_cli.wallet.deposit_address import get_deposit_address
+    from mcpbill_cli.wallet.scan import sync as scan
+
+    st = state(ctx)
+    target, rpc = _connect(st, chain, rpc_url)
+    with _progress_bar(target.name) as progress:
+        result = scan(st.engine(), rpc, target, get_deposit_address(st.settings.file),
+                      from_block=from_block, progress=progress)
+    data = {"chain": result.chain, "from_block": result.from_block, "to_block": result.to_block,
+            "latest_block": result.latest_block,
+            "credited": [_credit_json(c) for c in result.credited],
+            "unlinked": [_deposit_json(d) for d in result.unlinked]}
+    emit(data, as_json=as_json, human=lambda: _render_sync(result))
+
+
+def fund_onchain(ctx: typer.Context, tenant: str, tx: str, chain: str | None,
+                 rpc_url: str | None, as_json: bool) -> None:
+    """`wallet fund --tx HASH`: verify the transaction on chain and credit it once."""
+    from mcpbill_cli.wallet.deposit_address import get_deposit_address
+    from mcpbill_cli.wallet.deposits import fund_from_tx
+
+    st = state(ctx)
+    target, rpc = _connect(st, chain, rpc_url)
+    result = fund_from_tx(st.engine(), rpc, target, tenant, tx,
+                          get_deposit_address(st.settings.file))
+    data = {"tenant": result.tenant, "chain": result.chain, "tx": result.tx_hash,
+            "amount_usd": format_usd(result.amount),
+            "credited": [_deposit_json(d) for d in result.credited],
+            "already_credited": [_deposit_json(d) for d in result.already]}
+    emit(data, as_json=as_json, human=lambda: say(
+        f"credited {format_usd(result.amount)} USDC to {tenant} from {result.tx_hash}"
+        if result.credited else
+        f"{result.tx_hash} was already credited to {tenant}: nothing to do"))
+
+
+def balance_onchain(ctx: typer.Context, chain: str | None, rpc_url: str | None,
+                    as_json: bool) -> None:
+    """`wallet balance --onchain`: the deposit address's USDC beside the ledger's totals."""
+    from mcpbill_cli.wallet.balances import chain_balance
+    from mcpbill_cli.wallet.deposit_address import get_deposit_address
+
+    st = state(ctx)
+    target, rpc = _connect(st, chain, rpc_url)
+    bal = chain_balance(st.engine(), rpc, target, get_deposit_address(st.settings.file))
+    data = {"chain": bal.chain, "address": bal.address, "onchain_usd": format_usd(bal.onchain),
+            "credited_usd": format_usd(bal.credited), "unlinked_usd": format_usd(bal.unlinked),
+            "unaccounted_usd": format_usd(bal.unaccounted)}
+
+    def human() -> None:
+        table = Table("chain", "address", "on chain", "credited", "unlinked", "unaccounted")
+        table.add_row(target.name, bal.address, *(format_usd(v) for v in (
+            bal.onchain, bal.credited, bal.unlinked, bal.unaccounted)))
+        out.print(table)
+
+    emit(data, as_json=as_json, human=human)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _connect(st: State, chain: str | None, rpc_url: str | None) -> tuple[Chain, Rpc]:
+    from mcpbill_cli.wallet import chains
+    from mcpbill_cli.wallet.rpc import Rpc, connect
+
+    target = chains.resolve_chain(chain, st.settings.file)
+    return target, Rpc(connect(chains.rpc_url(target, rpc_url)))
+
+
+def _keystore_password() -> str:
+    from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD
+
+    password = os.environ.get(ENV_KEYSTORE_PASSWORD)
+    if password:
+        return password
+    return str(typer.prompt("keystore password", hide_input=True, confirmation_prompt=True,
+                            err=True))
+
+
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Progress]:
+    """A Rich progress bar on stderr, drawn only for a terminal: stdout stays data."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (TextColumn(f"scanning {label}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("blocks"))
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _render_sync(result: Any) -> None:
+    credited = sum(c.deposit.amount for c in result.credited)
+    say(f"scanned blocks {result.from_block}..{result.to_block} of {result.chain} "
+        f"(latest {result.latest_block}); credited {len(result.credited)} deposit(s), "
+        f"{format_usd(credited)} USDC")
+    if not result.unlinked:
+        return
+    table = Table("tx", "sender", "amount", "block")
+    for deposit in result.unlinked:
+        table.add_row(deposit.tx_hash, deposit.sender, format_usd(deposit.amount),
+                      str(deposit.block_number))
+    out.print(table)
+    say(f"{len(result.unlinked)} deposit(s) from unlinked senders are kept: `mcpbill wallet "
+        "link --tenant T --address SENDER` or `mcpbill wallet fund --tenant T --tx HASH`")
+
+
+def _deposit_json(deposit: Deposit) -> dict[str, Any]:
+    return {"id": deposit.id, "chain": deposit.chain, "tx": deposit.tx_hash,
+            "log_index": deposit.log_index, "block": deposit.block_number,
+            "sender": deposit.sender, "amount_usd": format_usd(deposit.amount)}
+
+
+def _credit_json(credit: Credit) -> dict[str, Any]:
+    return {**_deposit_json(credit.deposit), "tenant": credit.tenant}
