@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from mcpbill_cli.cli import wallet_chain
 from mcpbill_cli.cli.options import DEFAULT_TENANT_VALUE, TenantOption
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say, with_usd
 from mcpbill_cli.cli.state import state
@@ -25,12 +26,19 @@ def fund(
     demo: Annotated[str | None, typer.Option(
         "--demo", metavar="AMOUNT", help="Credit AMOUNT USDC from the demo source "
                                          "(demo mode only), e.g. 10 or 2.50.")] = None,
+    tx: Annotated[str | None, typer.Option(
+        "--tx", metavar="HASH", help="Credit the USDC this transaction sent to the deposit "
+                                     "address (once, when final).")] = None,
+    chain: wallet_chain.ChainOption = None,
+    rpc_url: wallet_chain.RpcUrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Credit a tenant's wallet. Example: mcpbill wallet fund --demo 10"""
     from mcpbill_cli.ledger.credit import fund_demo
     from mcpbill_cli.ledger.engine import writing
 
+    if tx is not None and demo is None:
+        return wallet_chain.fund_onchain(ctx, tenant, tx, chain, rpc_url, as_json)
     st = state(ctx)
     if demo is None:
         raise InvalidInput("say how to fund: --demo AMOUNT (demo mode)")
@@ -48,8 +56,15 @@ def fund(
 @app.command("balance")
 @handles_errors
 def balance(ctx: typer.Context, tenant: TenantOption = DEFAULT_TENANT_VALUE,
+            onchain: Annotated[bool, typer.Option(
+                "--onchain", help="Show the deposit address's USDC on chain beside the "
+                                  "ledger's deposits instead.")] = False,
+            chain: wallet_chain.ChainOption = None,
+            rpc_url: wallet_chain.RpcUrlOption = None,
             as_json: JsonOption = False) -> None:
     """Show funded, allotted to tokens, held, spent and available, in USDC."""
+    if onchain:
+        return wallet_chain.balance_onchain(ctx, chain, rpc_url, as_json)
     from mcpbill_cli.ledger.credit import tenant_balance
     from mcpbill_cli.ledger.engine import reading
 
@@ -64,3 +79,9 @@ def balance(ctx: typer.Context, tenant: TenantOption = DEFAULT_TENANT_VALUE,
 
     emit(with_usd(bal, "funded", "allotted", "held", "spent", "available"),
          as_json=as_json, human=human)
+
+
+app.command("address")(wallet_chain.address)
+app.command("create")(wallet_chain.create)
+app.command("link")(wallet_chain.link)
+app.command("sync")(wallet_chain.sync)

@@ -1,4 +1,4 @@
-"""`mcpbill wallet address | create | link | sync`, and `fund --tx` / `balance --onchain`: USDC on chain.
+"""`mcpbill wallet address | create | link | sync`, `fund --tx`, `balance --onchain`: on chain.
 
 Registered on the `wallet` group by ``cli/wallet.py``. web3 (about a second to import) loads only
 inside these command bodies, through ``mcpbill_cli.wallet``.
@@ -17,6 +17,7 @@ from rich.table import Table
 from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, out, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.money import format_usd
+from mcpbill_cli.wallet.chains import ENV_RPC_URL
 
 if TYPE_CHECKING:
     from mcpbill_cli.wallet.chains import Chain
@@ -25,10 +26,10 @@ if TYPE_CHECKING:
     from mcpbill_cli.wallet.scan import Progress
 
 ChainOption = Annotated[str | None, typer.Option(
-    "--chain", help="base, base-sepolia, ethereum, sepolia, a [chains.NAME] from config.toml, "
-                    "or a CAIP-2 id.", show_default="[wallet] chain in config.toml, else base")]
+    "--chain", help="base, base-sepolia, ethereum, sepolia, a \\[chains.NAME] from "
+                    "config.toml, or a CAIP-2 id.", show_default="[wallet] chain in config.toml, else base")]
 RpcUrlOption = Annotated[str | None, typer.Option(
-    "--rpc-url", envvar="MCPBILL_RPC_URL", show_default="rpc_url of the chain in config.toml",
+    "--rpc-url", envvar=ENV_RPC_URL, show_default="rpc_url of the chain in config.toml",
     help="JSON-RPC endpoint of the chain.")]
 
 
@@ -199,11 +200,12 @@ def _keystore_password() -> str:
 @contextmanager
 def _progress_bar(label: str) -> Iterator[Progress]:
     """A Rich progress bar on stderr, drawn only for a terminal: stdout stays data."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+    from rich.progress import Progress as RichProgress
 
     columns = (TextColumn(f"scanning {label}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("blocks"))
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+    with RichProgress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 metadata = MetaData()
 
@@ -145,7 +145,21 @@ events = Table(
     Column("ref", String(200), nullable=True),
     Column("detail", Text, nullable=True),
     Column("demo", Boolean, nullable=False, default=False),
+    # The hash chain: seq orders events, hash = sha256(prev_hash + the event's canonical form).
+    Column("seq", BigInteger, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
     Index("ix_events_at", "at"),
+    UniqueConstraint("seq", name="uq_events_seq"),
+)
+
+# One row: the end of the audit chain. Locking it orders every event writer.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
 )
 
 # Deposits seen on chain, credited once per (chain, tx hash, log index).

@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from mcpbill_cli.config import load_settings
 from mcpbill_cli.ledger.engine import make_engine
+from mcpbill_cli.ledger.models import SCHEMA_REVISION
 from tests.cli.conftest import Invoke, error_json, ok_json
 
 
@@ -66,5 +67,5 @@ def test_an_empty_ledger_asks_for_init(cli: Invoke, db_url: str) -> None:
     assert result.exit_code == 9
     assert "mcpbill init" in error_json(result, "NOT_INITIALIZED")["message"]
     upgraded = ok_json(cli("--db-url", db_url, "db", "upgrade", "--json"))
-    assert (upgraded["from"], upgraded["to"]) == (None, "0001")
+    assert (upgraded["from"], upgraded["to"]) == (None, SCHEMA_REVISION)
     assert ok_json(cli("--db-url", db_url, "token", "list", "--json")) == []

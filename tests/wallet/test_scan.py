@@ -42,6 +42,7 @@ def test_block_ranges_are_bounded_and_contiguous() -> None:
     assert list(block_ranges(10, 9, 7)) == []
 
 
+@pytest.mark.slow
 def test_sync_over_hundreds_of_blocks_resumes_from_its_checkpoint(
     engine: Engine, devnet: Devnet
 ) -> None:
