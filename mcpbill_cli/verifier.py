@@ -50,7 +50,7 @@ from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing import Price, PricingSource, PricingTable, fallback_tools, free_tools
 from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
-from mcpbill_cli.receipts import Receipt, sign_receipt, verify_receipt
+from mcpbill_cli.receipts import Receipt, read_receipt, sign_receipt, verify_receipt
 from mcpbill_cli.tokens import Claims, decode_token, scope_allows
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
@@ -225,7 +225,7 @@ class Verifier:
                             hold, posted, remaining, now, f"capture:{hold.id}").jws)
             except calls.Replay:
                 return self.receipt_for(hold.id) or self._lost(hold.id)
-            return self._receipt_from(jws)
+            return read_receipt(jws)
 
     def void(self, hold: Hold) -> None:
         """Release a hold: the tool failed, nothing is billed. Voiding twice is a no-op."""
@@ -286,7 +286,7 @@ class Verifier:
             stored = calls.stored(conn, key=key_or_id) or calls.stored(conn, call_id=key_or_id)
         if stored is None or stored.receipt is None:
             return None
-        return self._receipt_from(stored.receipt)
+        return read_receipt(stored.receipt)
 
     def verify_receipt(self, jws: str) -> Receipt:
         """Check a receipt's signature with this verifier's keys (offline, no ledger)."""
@@ -440,7 +440,7 @@ class Verifier:
             raise CallFailed(f"the call with idempotency key {call.idempotency_key!r} "
                              f"failed ({stored.status}) and stays failed; retry with a new key",
                              idempotencyKey=call.idempotency_key, status=stored.status)
-        receipt = self._receipt_from(stored.receipt) if stored.receipt else None
+        receipt = read_receipt(stored.receipt) if stored.receipt else None
         timeout = aware(stored.timeout_at) if stored.timeout_at else None
         return Hold(stored.id, claims.jti, claims.tenant, claims.agent, stored.tool,
                     stored.amount_held, stored.idempotency_key, timeout, price, receipt)
@@ -461,11 +461,6 @@ class Verifier:
             "timestamp": at.isoformat().replace("+00:00", "Z"),
         }
         return sign_receipt(claims, kid=info.kid, alg=info.alg, key=key)
-
-    def _receipt_from(self, jws: str) -> Receipt:
-        import jwt
-
-        return Receipt(jws, jwt.decode(jws, options={"verify_signature": False}))
 
     def _lost(self, call_id: str) -> Receipt:
         raise CallFailed(f"call {call_id} was captured but its receipt cannot be read",

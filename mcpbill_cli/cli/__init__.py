@@ -16,6 +16,7 @@ from mcpbill_cli.cli import (
     init,
     keys,
     pricing,
+    receipt,
     revoke,
     token,
     wallet,
@@ -65,6 +66,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(wallet.app, name="wallet")
 app.add_typer(token.app, name="token")
 app.add_typer(pricing.app, name="pricing")
+app.add_typer(receipt.app, name="receipt")
 app.command("revoke")(revoke.revoke)
 app.add_typer(revoke.revocations_app, name="revocations")
 app.command("completion")(completion.completion)

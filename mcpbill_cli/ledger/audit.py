@@ -31,7 +31,7 @@ _MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1)
 def event_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
     """The chain hash of one event; stable across SQLite and PostgreSQL round trips."""
     fields = {name: event.get(name) for name in CHAIN_FIELDS}
-    fields["at"] = aware(fields["at"]).astimezone(UTC).isoformat(timespec="microseconds")
+    fields["at"] = aware(event["at"]).astimezone(UTC).isoformat(timespec="microseconds")
     fields["demo"] = bool(fields["demo"])
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
@@ -68,7 +68,7 @@ def verify_chain(conn: Connection, *, batch: int = 5000) -> Iterator[ChainBreak]
             yield ChainBreak(expected_seq, f"events {expected_seq}..{row['seq'] - 1} are missing")
         if row["prev_hash"] != expected_prev:
             yield ChainBreak(row["seq"], "prev_hash does not match the event before")
-        if event_hash(row["prev_hash"], row) != row["hash"]:
+        if event_hash(row["prev_hash"], dict(row)) != row["hash"]:
             yield ChainBreak(row["seq"], "the event was changed after it was written")
         expected_prev, expected_seq = row["hash"], row["seq"] + 1
     head = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).one()

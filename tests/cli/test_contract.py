@@ -10,6 +10,7 @@ import pytest
 import typer
 from typer.main import get_command
 
+from mcpbill_cli import Receipt, Verifier
 from mcpbill_cli.cli import app
 from mcpbill_cli.cli.completion import SHELLS, script
 from tests.cli.conftest import Invoke, ok_json
@@ -62,6 +63,8 @@ SUCCESSFUL = [
     ("token", "list"),
     ("token", "show", "{jti}"),
     ("token", "inspect", "{token}"),
+    ("receipt", "show", "{idempotency_key}"),
+    ("receipt", "verify", "{receipt}"),
     ("pricing", "show"),
     ("pricing", "quote", "search"),
     ("pricing", "set", "search", "0.003"),
@@ -79,6 +82,14 @@ SUCCESSFUL = [
 ]
 
 
+def charge_once(token: str) -> Receipt:
+    verifier = Verifier.from_settings()
+    try:
+        return verifier.charge(token, "search", idempotency_key="contract-1")
+    finally:
+        verifier.close()
+
+
 def test_every_command_prints_one_json_document(ledger_cli: Invoke,
                                                 isolated_home: Path) -> None:
     missing = [p for p in command_paths()
@@ -90,6 +101,8 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke,
         data = ok_json(ledger_cli(*(a.format(**values) for a in args), "--json"))
         if args[:2] == ("token", "issue"):
             values.update(token=data["token"], jti=data["jti"])
+            receipt = charge_once(data["token"])
+            values.update(idempotency_key=receipt.claims["idempotencyKey"], receipt=receipt.jws)
         if args[:2] == ("keys", "rotate"):
             values["old_kid"] = data["previous"]["kid"]
         if args[0] == "demo":

@@ -4,6 +4,8 @@ Revision ID: 0002
 Revises: 0001
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -41,7 +43,8 @@ def upgrade() -> None:
 def _chain_existing_events() -> tuple[int, str]:
     """Chain the events a 0001 ledger already has, in the order they were written."""
     conn = op.get_bind()
-    typed = {"at": sa.DateTime(timezone=True), "demo": sa.Boolean(), "amount": sa.BigInteger()}
+    typed: dict[str, Any] = {"at": sa.DateTime(timezone=True), "demo": sa.Boolean(),
+                             "amount": sa.BigInteger()}
     events = sa.table("events", sa.column("id"),
                       *(sa.column(f, typed.get(f)) for f in CHAIN_FIELDS if f != "seq"),
                       sa.column("seq"), sa.column("prev_hash"), sa.column("hash"))

@@ -1,0 +1,64 @@
+"""`mcpbill receipt show | verify`: recover a receipt whose reply was lost; check one offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out
+from mcpbill_cli.cli.state import state
+from mcpbill_cli.errors import NotFound
+
+app = typer.Typer(help="Signed receipts: recover and verify.", no_args_is_help=True)
+
+
+def _render(claims: dict[str, object]) -> None:
+    table = Table(box=None, show_header=False)
+    for key, value in claims.items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command("show")
+@handles_errors
+def show(ctx: typer.Context,
+         key: Annotated[str, typer.Argument(help="An idempotency key or a receipt id (rcpt_…).")],
+         as_json: JsonOption = False) -> None:
+    """Show the receipt of a captured call, by idempotency key or receipt id."""
+    from mcpbill_cli.ledger import calls
+    from mcpbill_cli.ledger.engine import reading
+    from mcpbill_cli.receipts import read_receipt
+
+    with reading(state(ctx).engine()) as conn:
+        stored = calls.stored(conn, key=key) or calls.stored(conn, call_id=key)
+    if stored is None or stored.receipt is None:
+        state_note = f" (the call is {stored.status})" if stored else ""
+        raise NotFound(f"no receipt for {key!r}{state_note}")
+    receipt = read_receipt(stored.receipt)
+    emit(receipt.to_dict(), as_json=as_json, human=lambda: _render(receipt.to_dict()))
+
+
+@app.command("verify")
+@handles_errors
+def verify(
+    ctx: typer.Context,
+    receipt: Annotated[str, typer.Argument(help="The receipt JWS, or - to read it from stdin.")],
+    jwks: Annotated[Path | None, typer.Option(
+        "--jwks", help="Verify against this JWKS file instead of the home's keys.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check a receipt's signature offline; exits 6 (INVALID_RECEIPT) if it does not verify."""
+    from mcpbill_cli.keys import keys_from_jwks
+    from mcpbill_cli.receipts import verify_receipt
+
+    text = (sys.stdin.read() if receipt == "-" else receipt).strip()
+    keys = (keys_from_jwks(json.loads(jwks.read_text())) if jwks
+            else state(ctx).keyring().verification_keys())
+    checked = verify_receipt(text, keys)
+    emit({"valid": True, **checked.claims}, as_json=as_json,
+         human=lambda: _render({"valid": True, **checked.claims}))
