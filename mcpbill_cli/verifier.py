@@ -145,6 +145,7 @@ class Verifier:
         self._clock = clock
         self._token_cache: dict[str, Claims] = {}
         self._cache_generation = keys.generation
+        self._recorded_versions: set[int] = set()
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -381,6 +382,8 @@ class Verifier:
         claims = self._claims(token, tool)
         price = self._price(claims, tool, units)
         table = self.pricing.current()
+        if table.version not in self._recorded_versions:
+            self._record_pricing_version(table)
         request_hash = _request_hash(claims.jti, tool, args)
         call = calls.NewCall(
             id=f"rcpt_{uuid.uuid4().hex[:24]}",
@@ -390,6 +393,13 @@ class Verifier:
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
             daily_cap=table_daily_cap(table, claims.tenant))
         return claims, price, call
+
+    def _record_pricing_version(self, table: PricingTable) -> None:
+        """Keep the table this verifier charges with, so reconcile can re-price its calls."""
+        with writing(self._ledger()) as conn:
+            calls.record_pricing_version(conn, table.version, table.to_document(),
+                                         at=self._clock())
+        self._recorded_versions.add(table.version)
 
     def _guarded(self, claims: Claims, tool: str, price: Price, call: calls.NewCall,
                  step: Any) -> None:

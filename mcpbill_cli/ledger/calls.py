@@ -8,6 +8,7 @@ interleaving of threads, processes or servers can spend past the limit or after 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,13 @@ from sqlalchemy import Connection, bindparam, select, update
 
 from mcpbill_cli.errors import HoldNotActive
 from mcpbill_cli.ledger import audit, ops
-from mcpbill_cli.ledger.models import accounts, calls, tenant_daily_spend, transfers
+from mcpbill_cli.ledger.models import (
+    accounts,
+    calls,
+    pricing_versions,
+    tenant_daily_spend,
+    transfers,
+)
 
 a = accounts.c
 c = calls.c
@@ -183,6 +190,14 @@ def available(conn: Connection, jti: str) -> tuple[int, bool] | None:
     """(available, closed) of a token's account, or None when the ledger does not know it."""
     row = conn.execute(select(_AVAILABLE, a.closed).where(a.id == ops.token_account(jti))).first()
     return (int(row[0]), bool(row[1])) if row is not None else None
+
+
+def record_pricing_version(conn: Connection, version: int, document: dict[str, Any], *,
+                           at: datetime) -> None:
+    """Keep a pricing table version (the first one recorded under a number stays)."""
+    ops.insert_ignore(conn, pricing_versions, {
+        "version": version, "document": json.dumps(document, sort_keys=True),
+        "recorded_at": at})
 
 
 def daily_spent(conn: Connection, tenant: str, day: str) -> int:

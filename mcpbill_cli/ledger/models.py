@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 metadata = MetaData()
 
@@ -210,4 +210,13 @@ tenant_daily_spend = Table(
     Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
     Column("amount", BigInteger, nullable=False),
     CheckConstraint("amount >= 0", name="ck_daily_spend_nonnegative"),
+)
+
+# Every pricing table version a verifier charged with, so reconcile can re-price old calls.
+pricing_versions = Table(
+    "pricing_versions",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("document", Text, nullable=False),  # the table's normal form, as JSON
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
 )

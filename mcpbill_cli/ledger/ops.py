@@ -7,6 +7,7 @@ A transfer id is chosen by the caller; the same id with the same parameters is a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -67,11 +68,17 @@ class Balance:
 
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
     """INSERT unless the primary or a unique key exists; True when a row was written."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return conn.execute(_insert_ignore_statement(conn.dialect.name, table), values
+                        ).first() is not None
+
+
+@functools.cache
+def _insert_ignore_statement(dialect_name: str, table: Table) -> Any:
+    """Built once per table: values go in as bind parameters, so the compiled form is reused."""
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
     key = list(table.primary_key.columns)[0]
     # RETURNING, not rowcount: drivers disagree on rowcount for INSERT ... ON CONFLICT.
-    stmt = dialect.insert(table).values(**values).on_conflict_do_nothing().returning(key)
-    return conn.execute(stmt).first() is not None
+    return dialect.insert(table).on_conflict_do_nothing().returning(key)
 
 
 def ensure_account(

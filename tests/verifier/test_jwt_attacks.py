@@ -49,7 +49,7 @@ def assert_refused_everywhere(verifier: Verifier, token: str, code: str,
                               reason: str | None, variant: Any = None) -> None:
     """preflight, hold and charge all refuse the same way (``variant`` names the case)."""
     for step in (verifier.preflight, verifier.hold, verifier.charge):
-        assert refusal(lambda: step(token, "search")) == (code, reason), (step.__name__,
+        assert refusal(lambda s=step: s(token, "search")) == (code, reason), (step.__name__,
                                                                           variant)
 
 
