@@ -44,9 +44,9 @@ import tomli_w
 
 from mcpbill_cli.errors import InvalidInput, NotFound, NotInitialized, PriceUnknown, PricingInvalid
 from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.scope import MAX_NAME_LENGTH, in_scope, matches, overlap, pattern_problem
 
 CURRENCY = "USDC"
-MAX_NAME_LENGTH = 128  # MCP's own limit for tool names
 RELOAD_INTERVAL = 0.5  # seconds between two stat() calls of a watched pricing file
 
 logger = logging.getLogger("mcpbill")
@@ -158,47 +158,6 @@ def _known(value: int | None) -> int:
 
 
 # --- patterns --------------------------------------------------------------------------------
-
-
-def matches(pattern: str, tool: str) -> bool:
-    """``*`` covers every tool, ``db.*`` every tool under ``db.`` (``db.x.y`` too), else itself."""
-    if pattern == "*":
-        return True
-    if pattern.endswith(".*"):
-        return tool.startswith(pattern[:-1])
-    return pattern == tool
-
-
-def in_scope(scope: list[str] | tuple[str, ...], tool: str) -> bool:
-    """True when any pattern of ``scope`` covers ``tool``."""
-    return any(matches(pattern, tool) for pattern in scope)
-
-
-def _covers(wide: str, narrow: str) -> bool:
-    """True when every tool ``narrow`` matches is also matched by ``wide``."""
-    if wide == "*":
-        return True
-    if narrow == "*":
-        return False
-    return matches(wide, narrow[:-1] if narrow.endswith(".*") else narrow)
-
-
-def _overlap(first: str, second: str) -> str | None:
-    # In this grammar two patterns either nest or are disjoint, so the overlap is the narrower.
-    if _covers(first, second):
-        return second
-    if _covers(second, first):
-        return first
-    return None
-
-
-def _pattern_problem(pattern: str) -> str | None:
-    if pattern == "*":
-        return None
-    stem = pattern[:-2] if pattern.endswith(".*") else pattern
-    if not stem or "*" in stem:
-        return f"pattern {pattern!r} is not valid: use '*', a prefix like 'read.*', or a tool name"
-    return _name_problem(stem, "pattern")
 
 
 def _name_problem(name: str, what: str) -> str | None:
@@ -392,8 +351,8 @@ def free_tools(table: PricingTable, tenant: str | None, scope: list[str]) -> lis
     """
     listed = [name for name, price in price_list(table, tenant)
               if price.free and in_scope(scope, name)]
-    tiers = [overlap for tier in table.free_tiers for pattern in scope
-             if (overlap := _overlap(tier, pattern)) is not None]
+    tiers = [common for tier in table.free_tiers for pattern in scope
+             if (common := overlap(tier, pattern)) is not None]
     return list(dict.fromkeys(listed + tiers))
 
 
@@ -578,7 +537,7 @@ def _free_tiers(node: Any, path: tuple[str, ...]) -> tuple[str, ...]:
     for number, pattern in enumerate(patterns, start=1):
         if not isinstance(pattern, str):
             raise _Problem(path, f"pattern {number} must be a string, not {_toml_type(pattern)}")
-        problem = _pattern_problem(pattern)
+        problem = pattern_problem(pattern)
         if problem is not None:
             raise _Problem(path, problem)
         if pattern in patterns[: number - 1]:

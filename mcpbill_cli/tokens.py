@@ -17,6 +17,7 @@ import jwt
 from mcpbill_cli.errors import InvalidCreditToken, InvalidInput
 from mcpbill_cli.keys import VerificationKey
 from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.scope import pattern_problem
 
 # A credit token is a few hundred bytes; anything this large is refused before parsing.
 MAX_TOKEN_BYTES = 8192
@@ -160,44 +161,15 @@ def _claims(payload: dict[str, Any], *, kid: str) -> Claims:
         raise InvalidCreditToken("token claims are malformed", reason="malformed") from None
 
 
-# --- scope --------------------------------------------------------------------------------------
-
-
-def pattern_matches(pattern: str, tool: str) -> bool:
-    """``*`` matches every tool, ``db.*`` matches ``db.write`` and ``db.x.y``, else exact."""
-    if pattern == "*":
-        return True
-    if pattern.endswith(".*"):
-        return tool.startswith(pattern[:-1])
-    return pattern == tool
-
-
-def scope_allows(scope: tuple[str, ...] | list[str], tool: str) -> bool:
-    return any(pattern_matches(p, tool) for p in scope)
-
-
-def scope_within(child: list[str] | tuple[str, ...], parent: tuple[str, ...]) -> bool:
-    """Every pattern of ``child`` is covered by one of ``parent`` (a child never widens)."""
-    return all(any(_covers(p, c) for p in parent) for c in child)
-
-
-def _covers(parent: str, child: str) -> bool:
-    if parent == "*":
-        return True
-    if child == "*":
-        return False
-    if parent.endswith(".*"):
-        return child.startswith(parent[:-1])
-    return parent == child
+# --- scope ---------------------------------------------------------------------------------------
 
 
 def validate_scope(scope: list[str]) -> list[str]:
+    """The scope as given (``["*"]`` when empty), or INVALID_INPUT naming the bad pattern."""
     for pattern in scope:
-        body = pattern[:-2] if pattern.endswith(".*") else pattern
-        if pattern != "*" and (not body or "*" in body or any(c.isspace() for c in pattern)):
-            raise InvalidInput(
-                f"scope {pattern!r} is not a tool pattern: use a tool name (search), "
-                "a prefix (db.*) or *", field="scope")
+        problem = pattern_problem(pattern)
+        if problem:
+            raise InvalidInput(f"scope {problem}", field="scope")
     return scope or ["*"]
 
 

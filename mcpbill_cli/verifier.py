@@ -51,7 +51,8 @@ from mcpbill_cli.pricing import Price, PricingSource, PricingTable, fallback_too
 from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.receipts import Receipt, read_receipt, sign_receipt, verify_receipt
-from mcpbill_cli.tokens import Claims, decode_token, scope_allows
+from mcpbill_cli.scope import in_scope
+from mcpbill_cli.tokens import Claims, decode_token
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
 
@@ -339,7 +340,7 @@ class Verifier:
         claims = self._verified(token)
         if self._revoked is not None and claims.jti in self._revoked:
             raise TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
-        if not scope_allows(claims.scope, tool):
+        if not in_scope(claims.scope, tool):
             raise ScopeDenied(f"tool {tool!r} is outside this token's scope "
                               f"{list(claims.scope)}", tool=tool, scope=list(claims.scope))
         return claims

@@ -21,7 +21,8 @@ from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, tokens, transfers
 from mcpbill_cli.money import format_usd
-from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti, scope_within
+from mcpbill_cli.scope import within
+from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti
 
 tk = tokens.c
 t = transfers.c
@@ -61,7 +62,7 @@ def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any
     exp = expires(now, request.ttl)
     tenant = parent.tenant if parent else request.tenant
     if parent is not None:
-        if not scope_within(scope, tuple(json.loads(parent.scope))):
+        if not within(scope, json.loads(parent.scope)):
             raise InvalidInput(f"scope {scope} is wider than the parent's "
                                f"{json.loads(parent.scope)}", field="scope")
         exp = min(exp, aware(parent.expires_at))

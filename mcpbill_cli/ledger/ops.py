@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, and_, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mcpbill_cli.errors import (
     HoldNotActive,
@@ -75,10 +74,14 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> boo
 @functools.cache
 def _insert_ignore_statement(dialect_name: str, table: Table) -> Any:
     """Built once per table: values go in as bind parameters, so the compiled form is reused."""
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    dialect_insert: Any
+    if dialect_name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
     key = list(table.primary_key.columns)[0]
     # RETURNING, not rowcount: drivers disagree on rowcount for INSERT ... ON CONFLICT.
-    return dialect.insert(table).on_conflict_do_nothing().returning(key)
+    return dialect_insert(table).on_conflict_do_nothing().returning(key)
 
 
 def ensure_account(

@@ -107,7 +107,7 @@ def _mined_receipt(rpc: Rpc, chain: Chain, tx_hash: str) -> Any:
     if receipt is not None:
         return receipt
     if rpc.is_pending(tx_hash):
-        raise TxPending(
+        raise TxPending.waiting(
             f"transaction {tx_hash} is not mined yet on {chain.name}: wait "
             f"{chain.confirmations} confirmations and retry", confirmations=0,
             required=chain.confirmations, tx=tx_hash, chain=chain.caip2,
@@ -145,10 +145,9 @@ def _usdc_deposits(chain: Chain, tx_hash: str, logs: Iterable[Any],
 def _require_final(rpc: Rpc, chain: Chain, tx_hash: str, block: int) -> None:
     confirmations = rpc.block_number() - block + 1
     if confirmations < chain.confirmations:
-        more = chain.confirmations - confirmations
-        raise TxPending(
+        raise TxPending.waiting(
             f"transaction {tx_hash} has {confirmations} of {chain.confirmations} confirmations "
-            f"on {chain.name}: retry after {more} more block(s)",
+            f"on {chain.name}: retry after {chain.confirmations - confirmations} more block(s)",
             confirmations=confirmations, required=chain.confirmations, tx=tx_hash,
             chain=chain.caip2,
         )

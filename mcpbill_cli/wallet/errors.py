@@ -18,17 +18,26 @@ class TxNotFound(BillingError):
 
 
 class TxPending(BillingError):
-    """Not final yet: in the mempool, or mined with fewer confirmations than required."""
+    """Not final yet: in the mempool, or mined with fewer confirmations than required.
+
+    Details: ``confirmations`` (0 in the mempool), ``required``, ``more_needed``.
+    """
 
     code = "TX_PENDING"
 
-    def __init__(self, message: str, *, confirmations: int, required: int, **details: Any) -> None:
-        more = max(required - confirmations, 0)
-        super().__init__(message, confirmations=confirmations, required=required,
-                         more_needed=more, **details)
-        self.confirmations = confirmations
-        self.required = required
-        self.more_needed = more
+    @classmethod
+    def waiting(cls, message: str, *, confirmations: int, required: int,
+                **details: Any) -> TxPending:
+        return cls(message, confirmations=confirmations, required=required,
+                   more_needed=max(required - confirmations, 0), **details)
+
+    @property
+    def confirmations(self) -> int:
+        return int(self.details.get("confirmations", 0))
+
+    @property
+    def more_needed(self) -> int:
+        return int(self.details.get("more_needed", 0))
 
 
 class TxReverted(BillingError):
