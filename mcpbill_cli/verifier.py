@@ -387,7 +387,7 @@ class Verifier:
             self._record_pricing_version(table)
         request_hash = _request_hash(claims.jti, tool, args)
         call = calls.NewCall(
-            id=f"rcpt_{uuid.uuid4().hex[:24]}",
+            id=calls.new_call_id(),
             idempotency_key=key or _derived_key(request_hash, request_id),
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,

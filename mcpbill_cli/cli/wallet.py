@@ -37,11 +37,14 @@ def fund(
     from mcpbill_cli.ledger.credit import fund_demo
     from mcpbill_cli.ledger.engine import writing
 
-    if tx is not None and demo is None:
+    if tx is not None:
+        if demo is not None:
+            raise InvalidInput("give either --demo AMOUNT or --tx HASH, not both")
         return wallet_chain.fund_onchain(ctx, tenant, tx, chain, rpc_url, as_json)
     st = state(ctx)
     if demo is None:
-        raise InvalidInput("say how to fund: --demo AMOUNT (demo mode)")
+        raise InvalidInput("say how to fund: --tx HASH (a USDC deposit on chain) or --demo AMOUNT "
+                           "(demo mode)")
     amount = parse_usd(demo)
     if not st.settings.demo:
         raise DemoOnly("demo funding is off in live mode; fund with a USDC deposit instead, "

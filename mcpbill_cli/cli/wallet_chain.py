@@ -71,14 +71,13 @@ def create(
 
     The password comes from MCPBILL_KEYSTORE_PASSWORD or a prompt, never from the command line.
     """
-    from mcpbill_cli.wallet.addresses import checksum_address
     from mcpbill_cli.wallet.keystore import create_keystore, keystore_path
 
     path = keystore_path(state(ctx).settings.keys_dir)
     created = create_keystore(path, _keystore_password(), force=force)
-    shown = checksum_address(created.lower())
     say(f"wrote an encrypted keystore to {path}; keep its password safe")
-    emit({"address": shown, "path": str(path)}, as_json=as_json, human=lambda: out.print(shown))
+    emit({"address": created, "path": str(path)}, as_json=as_json,
+         human=lambda: out.print(created))
 
 
 @handles_errors

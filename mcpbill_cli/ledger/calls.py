@@ -9,6 +9,8 @@ interleaving of threads, processes or servers can spend past the limit or after 
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,6 +61,12 @@ _ADD_DAILY = (
 _SUB_DAILY = (update(tenant_daily_spend)
               .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
               .values(amount=d.amount - bindparam("b_amount")))
+
+
+def new_call_id() -> str:
+    """A receipt id that sorts by time: new rows land at the right edge of every index on
+    ``calls.id`` and ``transfers.id``, which keeps each commit's dirty pages few."""
+    return f"rcpt_{time.time_ns():016x}{secrets.token_hex(6)}"
 
 
 class Replay(Exception):  # noqa: N818 - control flow, never leaves the verifier

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import defaultdict
 from typing import Any
 
-import jwt
 from sqlalchemy import Connection, func, select
 
 from mcpbill_cli.ledger.models import accounts, calls, tokens, transfers
@@ -91,7 +92,7 @@ def _each_charge_has_one_receipt(conn: Connection) -> None:
             continue
         assert call.transfer_id == moves[0].id and call.amount == moves[0].amount, call
         assert call.receipt, f"captured call {call.id} has no receipt"
-        signed = jwt.decode(call.receipt, options={"verify_signature": False})
+        signed = _claims_of(call.receipt)
         assert (signed["receiptId"], int(signed["amount"]), signed["idempotencyKey"]) == (
             call.id, call.amount, call.idempotency_key), signed
 
@@ -119,3 +120,10 @@ def _spent_within_limit(conn: Connection) -> None:
     over = conn.execute(select(tk.jti, tk.limit_micro, spent.label("spent"))
                         .where(spent > tk.limit_micro)).all()
     assert not over, f"tokens spent past their limit: {over}"
+
+
+def _claims_of(jws: str) -> dict[str, Any]:
+    """A receipt's payload, unverified (the tests verify signatures with the JWKS elsewhere)."""
+    body = jws.split(".")[1]
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return claims

@@ -81,6 +81,8 @@ def test_address_and_link_without_a_chain(cli: Invoke) -> None:
         "address": address, "changed": True}
     assert cli("wallet", "address").stdout == address + "\n"
     refusal(cli("wallet", "address", "--set", "0x1234", "--json"), "INVALID_INPUT")
+    refusal(cli("wallet", "fund", "--demo", "5", "--tx", "0x" + "ab" * 32, "--json"),
+            "INVALID_INPUT")
 
     sender = "0x" + "ab" * 20
     linked = data(cli("wallet", "link", "--tenant", "acme", "--address", sender, "--json"))

@@ -7,7 +7,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
+from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import AlreadyExists
+from mcpbill_cli.ledger.engine import writing
+from mcpbill_cli.ledger.models import wallet_links
 from mcpbill_cli.ledger.ops import tenant_account
 from mcpbill_cli.wallet.deposits import fund_from_tx
 from mcpbill_cli.wallet.errors import NoCheckpoint
@@ -140,20 +143,11 @@ def test_sync_credits_a_kept_deposit_once_its_sender_is_linked(
     devnet.pay(devnet.bob, 6 * USDC)
     devnet.mine(3)
     run_sync(engine, devnet, from_block=start)
-    from mcpbill_cli.ledger.engine import writing
-    from mcpbill_cli.ledger.models import wallet_links
-
     with writing(engine) as conn:  # linked by another process, after that sync read its links
         conn.execute(wallet_links.insert().values(address=devnet.bob.lower(), tenant="globex",
-                                                  created_at=devnet_time(devnet)))
+                                                  created_at=utcnow()))
     result = run_sync(engine, devnet)
     assert [(c.tenant, c.deposit.amount) for c in result.credited] == [("globex", 6 * USDC)]
-
-
-def devnet_time(net: Devnet) -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(net.w3.eth.get_block("latest")["timestamp"], UTC)
 
 
 def test_kept_deposit_can_be_funded_by_tx_hash(engine: Engine, devnet: Devnet) -> None:

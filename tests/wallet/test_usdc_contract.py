@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from sqlalchemy import Engine
 from web3 import Web3
 
@@ -27,6 +28,16 @@ DOMAIN_FIELDS = [
 ]
 
 
+def typed_data(net: Devnet, message: dict[str, Any], name: str = "USD Coin") -> dict[str, Any]:
+    return {
+        "types": {"EIP712Domain": DOMAIN_FIELDS, "TransferWithAuthorization": AUTHORIZATION_FIELDS},
+        "primaryType": "TransferWithAuthorization",
+        "domain": {"name": name, "version": "2", "chainId": net.w3.eth.chain_id,
+                   "verifyingContract": net.usdc.address},
+        "message": message,
+    }
+
+
 def authorization(net: Devnet, signer: Any, amount: int, *, name: str = "USD Coin",
                   nonce: bytes | None = None) -> tuple[Any, ...]:
     """An EIP-3009 TransferWithAuthorization to the deposit address, signed like x402 does."""
@@ -34,13 +45,7 @@ def authorization(net: Devnet, signer: Any, amount: int, *, name: str = "USD Coi
     message = {"from": signer.address, "to": Web3.to_checksum_address(net.deposit_address),
                "value": amount, "validAfter": 0, "validBefore": now + 3600,
                "nonce": nonce or os.urandom(32)}
-    signed = Account.sign_typed_data(signer.key, full_message={
-        "types": {"EIP712Domain": DOMAIN_FIELDS, "TransferWithAuthorization": AUTHORIZATION_FIELDS},
-        "primaryType": "TransferWithAuthorization",
-        "domain": {"name": name, "version": "2", "chainId": net.w3.eth.chain_id,
-                   "verifyingContract": net.usdc.address},
-        "message": message,
-    })
+    signed = Account.sign_typed_data(signer.key, full_message=typed_data(net, message, name))
     return (message["from"], message["to"], amount, 0, message["validBefore"],
             message["nonce"], signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big"))
 
@@ -65,6 +70,13 @@ def test_the_token_looks_like_usdc(devnet: Devnet) -> None:
     usdc = devnet.usdc.functions
     assert (usdc.name().call(), usdc.symbol().call(), usdc.version().call(),
             usdc.decimals().call()) == ("USD Coin", "USDC", "2", 6)
+
+
+def test_the_eip712_domain_separator_is_the_one_wallets_sign(devnet: Devnet) -> None:
+    message = {"from": devnet.alice, "to": devnet.bob, "value": 1, "validAfter": 0,
+               "validBefore": 1, "nonce": bytes(32)}
+    expected = encode_typed_data(full_message=typed_data(devnet, message)).header
+    assert devnet.usdc.functions.DOMAIN_SEPARATOR().call() == expected
 
 
 def test_a_transfer_with_authorization_is_a_deposit(

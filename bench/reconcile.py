@@ -1,0 +1,617 @@
+"""Reconcile a busy day: time and peak memory against a bare GROUP BY over the same rows.
+
+For each backend (SQLite file, PostgreSQL database) and each size (100k and ``--rows``, default
+1,000,000 calls in one UTC day), the script builds a ledger with bulk INSERTs in exactly the
+shape the verifier writes (calls with their signed receipts, transfers, the hash-chained audit
+events, accounts whose sums match, tokens, deposits, the pricing version), then prints:
+
+- ``sql``: reconcile with ``--chain off`` (totals and every SQL check, no per-row Python work)
+  divided by the bare ``SELECT tool, count(*), sum(amount) FROM calls WHERE created_at in the
+  day GROUP BY tool`` (target <= 3);
+- ``default``: reconcile as `mcpbill reconcile --date` runs it (SQL checks plus the day's
+  segment of the audit hash chain, re-hashed in Python, in parallel);
+- ``receipts``: the same with ``--verify-receipts`` (every receipt's Ed25519 signature and its
+  claims against the row, in parallel), with receipts verified per second;
+- the peak RSS of each reconcile, each run in a fresh subprocess (``ru_maxrss``): it must not
+  grow with the row count.
+
+Every receipt is a real JWS signed over its own call's claims (signed in a process pool while
+generating): a reused pool of receipts would not match their calls, and the reconcile would
+rightly report them. Each generated ledger is reconciled once to prove it is clean (no
+finding) before anything is timed.
+
+Usage: python bench/reconcile.py [--rows N] [--backend sqlite|postgres|both] [--jobs J]
+       [--no-receipts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, Table, text
+from sqlalchemy.engine import make_url
+
+from mcpbill_cli.keys import KeyRing, init_keyring
+from mcpbill_cli.ledger.audit import GENESIS, event_hash
+from mcpbill_cli.ledger.engine import make_engine, writing
+from mcpbill_cli.ledger.models import (
+    accounts,
+    audit_head,
+    calls,
+    events,
+    pricing_versions,
+    tokens,
+    transfers,
+)
+from mcpbill_cli.ledger.schema import upgrade
+from mcpbill_cli.money import format_usd
+from mcpbill_cli.pricing import PricingTable
+
+PG_ADMIN = os.environ.get("MCPBILL_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DAY = date(2026, 11, 27)
+SEED = 20261127
+TENANTS = 10
+TOKENS_PER_TENANT = 100
+AGENTS_PER_TENANT = 20
+HOLD_TIMEOUT = 300
+PRICING_DOC: dict[str, Any] = {
+    "version": 1,
+    "default_price": "0.01",
+    "tools": {
+        "search": {"price": "0.01"},
+        "translate": {"price": "0.05"},
+        "status": {"price": "0"},
+        "summarize": {"price_per_unit": "0.00001", "max_price": "0.50"},
+    },
+}
+FIXED = {"search": 10_000, "translate": 50_000, "status": 0}
+PER_UNIT, MAX_PRICE = 10, 500_000
+TOOL_WEIGHTS = [("search", 60), ("translate", 15), ("status", 10), ("summarize", 15)]
+# How calls end: charged at once, held then captured, voided, or expired by the sweeper.
+OUTCOME_WEIGHTS = [("charge", 94), ("capture", 3), ("void", 2), ("expire", 1)]
+REFUSAL_CODES = ["BUDGET_EXCEEDED", "SCOPE_DENIED", "INVALID_CREDIT_TOKEN", "PRICE_UNKNOWN"]
+REFUSALS_PER_CALL = 0.005
+CHUNK = 20_000
+
+
+# --- the generated day ----------------------------------------------------------------------
+
+
+@dataclass
+class Token:
+    jti: str
+    tenant: str
+    agent: str
+    spent: int = 0
+    limit: int = 0
+
+
+@dataclass
+class Call:
+    """One call as the verifier leaves it, with the moments its transfers were written."""
+
+    id: str
+    token: Token
+    tool: str
+    outcome: str
+    at: datetime
+    units: int | None
+    amount_held: int
+    amount: int | None  # posted
+
+    @property
+    def resolved_at(self) -> datetime:
+        if self.outcome == "charge":
+            return self.at
+        if self.outcome == "expire":
+            return self.at + timedelta(seconds=HOLD_TIMEOUT + 7)
+        return self.at + timedelta(milliseconds=350)
+
+
+@dataclass
+class Day:
+    """The deterministic plan of a day: its tokens, then its calls, generated twice from a seed
+    (once to total each token's spend so limits fit, once to write) instead of kept in memory.
+    """
+
+    rows: int
+    start: datetime = field(init=False)
+    tokens: list[Token] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
+        rng = random.Random(SEED)
+        self.tokens = [
+            Token(jti=f"tok_{uuid.UUID(int=rng.getrandbits(128)).hex[:22]}",
+                  tenant=f"tenant-{t}", agent=f"agent-{t}-{rng.randrange(AGENTS_PER_TENANT)}")
+            for t in range(TENANTS) for _ in range(TOKENS_PER_TENANT)]
+        for call in self.calls():
+            if call.amount:
+                call.token.spent += call.amount
+        for token in self.tokens:
+            token.limit = token.spent + 5 * 10**6
+
+    @property
+    def setup_at(self) -> datetime:
+        return self.start + timedelta(seconds=1)
+
+    def calls(self) -> Iterator[Call]:
+        rng = random.Random(SEED + 1)
+        tools = [name for name, weight in TOOL_WEIGHTS for _ in range(weight)]
+        outcomes = [name for name, weight in OUTCOME_WEIGHTS for _ in range(weight)]
+        # Calls spread over the day after setup, ending an hold timeout before midnight.
+        span = (86_400 - 2 * HOLD_TIMEOUT - 10) * 10**6
+        step = span // self.rows
+        for n in range(self.rows):
+            at = self.setup_at + timedelta(seconds=1, microseconds=n * step)
+            token = self.tokens[rng.randrange(len(self.tokens))]
+            tool = tools[rng.randrange(len(tools))]
+            outcome = outcomes[rng.randrange(len(outcomes))]
+            units = rng.randrange(1, 80_000) if tool == "summarize" else None
+            held, posted = _amounts(tool, outcome, units)
+            yield Call(id=f"rcpt_{uuid.UUID(int=rng.getrandbits(128)).hex[:24]}", token=token,
+                       tool=tool, outcome=outcome, at=at, units=units, amount_held=held,
+                       amount=posted)
+
+
+def _amounts(tool: str, outcome: str, units: int | None) -> tuple[int, int | None]:
+    if tool in FIXED:
+        price = FIXED[tool]
+        return price, price if outcome in ("charge", "capture") else None
+    assert units is not None
+    used = min(units * PER_UNIT, MAX_PRICE)
+    if outcome == "charge":
+        return used, used
+    return MAX_PRICE, used if outcome == "capture" else None
+
+
+# --- rows in the verifier's shape -----------------------------------------------------------
+
+
+def _transfer(id: str, debit: str, credit: str, amount: int, kind: str, code: str,
+              at: datetime, *, ref: str | None, status: str | None = None,
+              pending_id: str | None = None, timeout_at: datetime | None = None,
+              demo: bool = False) -> dict[str, Any]:
+    return {"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount,
+            "kind": kind, "pending_id": pending_id, "status": status, "timeout_at": timeout_at,
+            "code": code, "ref": ref, "demo": demo, "created_at": at}
+
+
+def call_transfers(call: Call) -> list[dict[str, Any]]:
+    account = f"token:{call.token.jti}"
+    if call.outcome == "charge":
+        assert call.amount is not None
+        return [_transfer(f"charge:{call.id}", account, "revenue", call.amount, "posted",
+                          "charge", call.at, ref=call.id)]
+    status = {"capture": "posted", "void": "voided", "expire": "expired"}[call.outcome]
+    timeout = call.at + timedelta(seconds=HOLD_TIMEOUT)
+    hold = _transfer(f"hold:{call.id}", account, "revenue", call.amount_held, "pending", "hold",
+                     call.at, ref=call.id, status=status, timeout_at=timeout)
+    code = call.outcome
+    amount = call.amount if call.outcome == "capture" else call.amount_held
+    assert amount is not None
+    kind = "post_pending" if call.outcome == "capture" else "void_pending"
+    return [hold, _transfer(f"{code}:{call.id}", account, "revenue", amount, kind, code,
+                            call.resolved_at, ref=call.id, pending_id=f"hold:{call.id}")]
+
+
+def call_row(call: Call, receipt: str | None) -> dict[str, Any]:
+    status = {"charge": "captured", "capture": "captured", "void": "voided",
+              "expire": "expired"}[call.outcome]
+    transfer = {"charge": f"charge:{call.id}", "capture": f"capture:{call.id}"}.get(call.outcome)
+    timeout = None if call.outcome == "charge" else call.at + timedelta(seconds=HOLD_TIMEOUT)
+    return {"id": call.id, "idempotency_key": f"drv_{call.id[5:]}", "request_hash": "0" * 64,
+            "jti": call.token.jti, "tenant": call.token.tenant, "agent": call.token.agent,
+            "tool": call.tool, "units": call.units, "amount_held": call.amount_held,
+            "amount": call.amount, "status": status, "transfer_id": transfer,
+            "timeout_at": timeout, "pricing_version": 1,
+            "price_rule": f"tools.{call.tool}", "receipt": receipt, "demo": False,
+            "created_at": call.at, "resolved_at": call.resolved_at}
+
+
+def receipt_claims(call: Call, remaining: int) -> dict[str, Any]:
+    """The claims ``Verifier._sign`` puts in a receipt."""
+    assert call.amount is not None
+    transaction = f"{'charge' if call.outcome == 'charge' else 'capture'}:{call.id}"
+    return {"success": True, "transaction": transaction, "network": "mcpbill:ledger",
+            "payer": call.token.agent, "amount": str(call.amount), "receiptId": call.id,
+            "tool": call.tool, "amountUsd": format_usd(call.amount), "asset": "USDC",
+            "jti": call.token.jti, "tenant": call.token.tenant,
+            "idempotencyKey": f"drv_{call.id[5:]}", "remainingUsd": format_usd(remaining),
+            "pricingVersion": 1, "priceRule": f"tools.{call.tool}", "demo": False,
+            "timestamp": call.resolved_at.isoformat().replace("+00:00", "Z")}
+
+
+def call_events(call: Call) -> list[dict[str, Any]]:
+    base = {"code": None, "jti": call.token.jti, "token_hash": None,
+            "tenant": call.token.tenant, "agent": call.token.agent, "tool": call.tool,
+            "ref": call.id, "detail": None, "demo": False}
+    if call.outcome == "charge":
+        return [{**base, "at": call.at, "kind": "charge", "amount": call.amount}]
+    return [{**base, "at": call.at, "kind": "hold", "amount": call.amount_held},
+            {**base, "at": call.resolved_at, "kind": call.outcome,
+             "amount": call.amount if call.outcome == "capture" else call.amount_held}]
+
+
+def refusal_event(token: Token, at: datetime, code: str) -> dict[str, Any]:
+    detail = json.dumps({"reason": "expired"}) if code == "INVALID_CREDIT_TOKEN" else None
+    return {"at": at, "kind": "refusal", "code": code, "jti": token.jti, "token_hash": None,
+            "tenant": token.tenant, "agent": token.agent, "tool": "search", "amount": None,
+            "ref": None, "detail": detail, "demo": False}
+
+
+# --- signing receipts in parallel -----------------------------------------------------------
+
+_SIGNER: tuple[str, Any] | None = None
+
+
+def _load_signer(keys_dir: str) -> None:
+    global _SIGNER
+    info, key = KeyRing.load(Path(keys_dir)).signing_key()
+    assert info.alg == "EdDSA", "the bench signs with its own Ed25519 key ring"
+    header = json.dumps({"alg": "EdDSA", "kid": info.kid, "typ": "mcpbill-receipt+jwt"},
+                        separators=(",", ":"))
+    _SIGNER = (_b64(header.encode()), key)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _sign_all(claims: list[dict[str, Any]]) -> list[str]:
+    """Compact JWS (EdDSA), as PyJWT builds them; cryptography directly, to sign 1M quickly."""
+    assert _SIGNER is not None
+    header, key = _SIGNER
+    signed = []
+    for claim in claims:
+        body = f"{header}.{_b64(json.dumps(claim, separators=(',', ':')).encode())}"
+        signed.append(f"{body}.{_b64(key.sign(body.encode()))}")
+    return signed
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _sqlite_value(value: Any) -> Any:
+    """What SQLAlchemy's SQLite types store: naive UTC text for datetimes, 0/1 for booleans."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+class Writer:
+    """Bulk inserts with the raw driver (COPY on PostgreSQL, executemany on SQLite); the audit
+    chain is hashed in order with the ledger's own ``event_hash``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seq = 0
+        self.head = GENESIS
+
+    def rows(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        names = list(rows[0])
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            if self.engine.dialect.name == "postgresql":
+                with cursor.copy(f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
+                                 ) as copy:  # type: ignore[attr-defined]
+                    for row in rows:
+                        copy.write_row([row[n] for n in names])
+            else:
+                cursor.execute("BEGIN IMMEDIATE")
+                cursor.executemany(
+                    f"INSERT INTO {table.name} ({', '.join(names)}) "
+                    f"VALUES ({', '.join('?' for _ in names)})",
+                    [[_sqlite_value(row[n]) for n in names] for row in rows])
+            raw.commit()
+        finally:
+            raw.close()
+
+    def events(self, batch: Sequence[dict[str, Any]]) -> None:
+        chained = []
+        for event in batch:
+            self.seq += 1
+            event = {**event, "seq": self.seq}
+            digest = event_hash(self.head, event)
+            chained.append({**event, "prev_hash": self.head, "hash": digest})
+            self.head = digest
+        self.rows(events, chained)
+
+    def close_chain(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(audit_head.update().where(audit_head.c.id == 1).values(
+                seq=self.seq, hash=self.head))
+
+
+def generate(engine: Engine, rows: int, keys_dir: Path, *, jobs: int) -> None:
+    """Write a clean day of ``rows`` calls into a migrated, empty ledger.
+
+    Receipts of one batch are signed in worker processes while the batch before is written.
+    """
+    day = Day(rows)
+    writer = Writer(engine)
+    _write_setup(writer, day, keys_dir)
+    remaining = {token.jti: token.limit for token in day.tokens}
+    rng = random.Random(SEED + 2)
+    with ProcessPoolExecutor(jobs, initializer=_load_signer, initargs=(str(keys_dir),)) as pool:
+        pending: tuple[list[Call], list[Future[list[str]]]] | None = None
+        for batch in _batches(day.calls()):
+            signing = _submit_signing(pool, batch, remaining, jobs)
+            if pending is not None:
+                _write_batch(writer, *pending, rng)
+            pending = (batch, signing)
+        if pending is not None:
+            _write_batch(writer, *pending, rng)
+    writer.close_chain()
+    _write_accounts(writer)
+
+
+def _batches(calls_: Iterator[Call]) -> Iterator[list[Call]]:
+    batch: list[Call] = []
+    for call in calls_:
+        batch.append(call)
+        if len(batch) == CHUNK:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _submit_signing(pool: ProcessPoolExecutor, batch: list[Call], remaining: dict[str, int],
+                    jobs: int) -> list[Future[list[str]]]:
+    claims = []
+    for call in batch:
+        if call.amount is not None:
+            remaining[call.token.jti] -= call.amount
+            claims.append(receipt_claims(call, remaining[call.token.jti]))
+    size = len(claims) // jobs + 1
+    return [pool.submit(_sign_all, claims[i:i + size]) for i in range(0, len(claims), size)]
+
+
+def _write_setup(writer: Writer, day: Day, keys_dir: Path) -> None:
+    table = PricingTable.from_document(PRICING_DOC)
+    writer.rows(pricing_versions, [{"version": 1, "recorded_at": day.setup_at,
+                                    "document": json.dumps(table.to_document(), sort_keys=True)}])
+    kid = KeyRing.load(keys_dir).active().kid
+    writer.rows(tokens, [{
+        "jti": t.jti, "tenant": t.tenant, "agent": t.agent, "kid": kid, "scope": '["*"]',
+        "audience": "mcpbill", "parent_jti": None, "limit_micro": t.limit,
+        "issued_at": day.setup_at, "expires_at": day.setup_at + timedelta(hours=24),
+        "revoked_at": None, "revoke_reason": None, "demo": False} for t in day.tokens])
+    moves, trail = [], []
+    for tenant, funded in _tenant_funding(day).items():
+        deposit = f"deposit:demo:{tenant}"
+        moves.append(_transfer(deposit, "chain:demo", f"tenant:{tenant}", funded, "posted",
+                               "deposit", day.setup_at, ref="demo", demo=True))
+        trail.append({"at": day.setup_at, "kind": "deposit", "code": None, "jti": None,
+                      "token_hash": None, "tenant": tenant, "agent": None, "tool": None,
+                      "amount": funded, "ref": deposit, "detail": None, "demo": True})
+    for t in day.tokens:
+        moves.append(_transfer(f"allot:{t.jti}", f"tenant:{t.tenant}", f"token:{t.jti}",
+                               t.limit, "posted", "allot", day.setup_at, ref=t.jti))
+        trail.append({"at": day.setup_at, "kind": "issue", "code": None, "jti": t.jti,
+                      "token_hash": None, "tenant": t.tenant, "agent": t.agent, "tool": None,
+                      "amount": t.limit, "ref": None, "detail": None, "demo": False})
+    _write_accounts_skeleton(writer, day)
+    writer.rows(transfers, moves)
+    writer.events(trail)
+
+
+def _tenant_funding(day: Day) -> dict[str, int]:
+    funding: dict[str, int] = {}
+    for t in day.tokens:
+        funding[t.tenant] = funding.get(t.tenant, 0) + t.limit
+    return {tenant: amount + 100 * 10**6 for tenant, amount in funding.items()}
+
+
+def _write_batch(writer: Writer, batch: list[Call], signing: list[Future[list[str]]],
+                 rng: random.Random) -> None:
+    signed = iter([jws for future in signing for jws in future.result()])
+    writer.rows(calls, [call_row(c, next(signed) if c.amount is not None else None)
+                        for c in batch])
+    writer.rows(transfers, [t for c in batch for t in call_transfers(c)])
+    trail = [e for c in batch for e in call_events(c)]
+    trail += [refusal_event(c.token, c.at, rng.choice(REFUSAL_CODES))
+              for c in batch if rng.random() < REFUSALS_PER_CALL]
+    writer.events(sorted(trail, key=lambda e: e["at"]))
+
+
+def _write_accounts_skeleton(writer: Writer, day: Day) -> None:
+    """Every account at zero first (transfers reference them); sums are set at the end."""
+    ids = [("chain:demo", "chain", False)]  # the migration creates "revenue"
+    ids += [(f"tenant:{t}", "tenant", True) for t in sorted({t.tenant for t in day.tokens})]
+    ids += [(f"token:{t.jti}", "token", True) for t in day.tokens]
+    writer.rows(accounts, [{"id": i, "kind": kind, "guarded": guarded, "closed": False,
+                            "debits_posted": 0, "credits_posted": 0, "debits_pending": 0,
+                            "credits_pending": 0, "created_at": day.setup_at}
+                           for i, kind, guarded in ids])
+
+
+def _write_accounts(writer: Writer) -> None:
+    """Each account's posted sums, as the transfers written add them up (all holds resolved)."""
+    posted = "transfers.kind IN ('posted', 'post_pending')"
+    with writer.engine.begin() as conn:
+        conn.execute(text(
+            "UPDATE accounts SET"
+            " debits_posted = (SELECT coalesce(sum(amount), 0) FROM transfers"
+            f" WHERE transfers.debit_account_id = accounts.id AND {posted}),"
+            " credits_posted = (SELECT coalesce(sum(amount), 0) FROM transfers"
+            f" WHERE transfers.credit_account_id = accounts.id AND {posted})"))
+
+
+# --- databases ------------------------------------------------------------------------------
+
+KEYS_DIR = Path()
+
+
+def fresh_database(backend: str, workdir: Path, label: str) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{workdir / f'{label}.db'}"
+    import psycopg
+
+    name = f"mcpbill_bench_{label}_{os.getpid()}"
+    with psycopg.connect(_libpq(PG_ADMIN), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return make_url(PG_ADMIN).set(drivername="postgresql+psycopg", database=name
+                                  ).render_as_string(hide_password=False)
+
+
+def drop_database(url: str) -> None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        Path(str(parsed.database)).unlink(missing_ok=True)
+        return
+    import psycopg
+
+    with psycopg.connect(_libpq(PG_ADMIN), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def bare_seconds(engine: Engine, day: Day) -> float:
+    """Best of three: the baseline GROUP BY over the day's calls."""
+    query = text("SELECT tool, count(*), sum(amount) FROM calls "
+                 "WHERE created_at >= :start AND created_at < :end GROUP BY tool")
+    params = {"start": day.start, "end": day.start + timedelta(days=1)}
+    if engine.dialect.name == "sqlite":
+        params = {k: v.strftime("%Y-%m-%d %H:%M:%S.%f") for k, v in params.items()}
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        with engine.connect() as conn:
+            conn.execute(query, params).all()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+# --- reconciling in a subprocess ------------------------------------------------------------
+
+
+def child(db_url: str, keys_dir: str, mode: str, jobs: int) -> None:
+    """Run one reconcile; print {seconds, maxrss_kib, findings, receipts} as JSON."""
+    from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
+
+    engine = make_engine(db_url)
+    start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
+    options = ReconcileOptions(
+        window=Window(start, start + timedelta(days=1)), keys_dir=Path(keys_dir),
+        chain="off" if mode == "sql" else "window", verify_receipts=mode == "receipts",
+        jobs=jobs, now=start + timedelta(days=2))
+    started = time.perf_counter()
+    report = reconcile(engine, options)
+    seconds = time.perf_counter() - started
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "maxrss_kib": maxrss,
+                      "findings": [(f.name, f.count) for f in report.findings],
+                      "calls": report.summary.calls}))
+
+
+def run_child(db_url: str, mode: str, jobs: int) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", db_url, str(KEYS_DIR), mode, str(jobs)],
+        check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["findings"]:
+        raise SystemExit(f"the generated ledger is not clean ({mode}): {result['findings']}")
+    return result
+
+
+def bench(backend: str, rows: int, workdir: Path, jobs: int, receipts: bool) -> None:
+    url = fresh_database(backend, workdir, f"r{rows}")
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        started = time.perf_counter()
+        generate(engine, rows, KEYS_DIR, jobs=jobs)
+        built = time.perf_counter() - started
+        _analyze(engine)
+        bare = bare_seconds(engine, Day.__new__(Day) if False else _day_only(rows))
+        modes = ["sql", "default"] + (["receipts"] if receipts else [])
+        results = {mode: run_child(url, mode, jobs) for mode in modes}
+        _print_row(backend, rows, built, bare, results)
+    finally:
+        engine.dispose()
+        drop_database(url)
+
+
+def _day_only(rows: int) -> Day:
+    day = Day.__new__(Day)
+    day.rows = rows
+    day.start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
+    return day
+
+
+def _analyze(engine: Engine) -> None:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
+        else:
+            conn.exec_driver_sql("ANALYZE")
+
+
+def _print_row(backend: str, rows: int, built: float, bare: float,
+               results: dict[str, dict[str, Any]]) -> None:
+    parts = [f"{backend:8} {rows:>9,} calls  built in {built:6.1f} s  bare {bare:6.3f} s"]
+    for mode, result in results.items():
+        seconds = result["seconds"]
+        parts.append(f"{mode} {seconds:7.2f} s = {seconds / bare:5.1f}x bare, "
+                     f"peak {result['maxrss_kib'] / 1024:5.0f} MiB")
+    if "receipts" in results:
+        extra = results["receipts"]["seconds"] - results["default"]["seconds"]
+        signed = sum(1 for _ in ()) or results["receipts"]["calls"]
+        parts.append(f"receipts ~{signed / max(extra, 1e-9):,.0f}/s")
+    print("\n    ".join(parts), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    global KEYS_DIR
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-receipts", action="store_true",
+                        help="skip the --verify-receipts run (the slowest)")
+    args = parser.parse_args(argv)
+    sizes = sorted({min(100_000, args.rows), args.rows})
+    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    with tempfile.TemporaryDirectory(prefix="mcpbill-bench-") as tmp:
+        workdir = Path(tmp)
+        KEYS_DIR = workdir / "keys"
+        init_keyring(KEYS_DIR, "EdDSA", now=datetime.now(UTC), force=False).save()
+        print(f"reconcile a day; {args.jobs} job(s); target: sql <= 3x bare, peak flat")
+        for backend in backends:
+            for rows in sizes:
+                bench(backend, rows, workdir, args.jobs, not args.no_receipts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        KEYS_DIR = Path(sys.argv[3])
+        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
+        main()

@@ -1,0 +1,66 @@
+"""A paid MCP server: a free ``status``, a paid ``search`` and a per-word ``summarize``.
+
+    python examples/paid_server.py                         # stdio
+    python examples/paid_server.py --http --port 8000      # streamable HTTP on /mcp
+
+Prices, keys and the ledger come from the mcpbill home (``MCPBILL_HOME``, see ``mcpbill init``);
+the sample pricing table prices status at 0, search at 0.002 and summarize at 0.00001 a word.
+Agents send their credit token in ``_meta["mcpbill/token"]``, as ``Authorization: Bearer`` over
+HTTP, or in ``AGENT_CREDIT_JWT`` when they launch this server over stdio. Each paid result
+carries its signed receipt in ``_meta["mcpbill/receipt"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mcp.server.mcpserver import MCPServer
+
+from mcpbill_cli.mcp import Billing, report_units
+
+MAX_WORDS = 2000  # summarize holds 2000 words' worth while it runs, and captures what it used
+
+
+def build_server(billing: Billing) -> MCPServer:
+    """The example server, billed by ``billing``."""
+    server: MCPServer = MCPServer("mcpbill-example", extensions=[billing], log_level="WARNING")
+
+    @billing.tool(server)
+    def status() -> dict[str, str]:
+        """Is the server up? Free, but still needs a valid credit token."""
+        return {"status": "ok"}
+
+    @billing.tool(server)
+    def search(q: str) -> list[str]:
+        """Search a (made-up) index; billed per call."""
+        if not q.strip():
+            raise ValueError("the query is empty")
+        return [f"{q}: result {n}" for n in range(1, 4)]
+
+    @billing.tool(server, max_units=MAX_WORDS)
+    def summarize(text: str) -> str:
+        """Summarize a text; billed per word, at most 2000 words."""
+        words = text.split()
+        if not words or len(words) > MAX_WORDS:
+            raise ValueError(f"send 1 to {MAX_WORDS} words, not {len(words)}")
+        report_units(len(words))
+        return " ".join(words[:12]) + (" ..." if len(words) > 12 else "")
+
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http", action="store_true", help="serve streamable HTTP, not stdio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    server = build_server(Billing.from_settings())
+    if args.http:
+        server.run("streamable-http", host=args.host, port=args.port)
+    else:
+        server.run("stdio")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`mcpbill x402 fetch`: try the downstream x402 resolver from the shell.
+
+The resolver (``mcpbill_cli.x402``: httpx, the ledger, eth-account) loads inside the command body
+only, so `mcpbill --help` and `mcpbill token issue` never import it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, say
+from mcpbill_cli.cli.state import State, state
+from mcpbill_cli.config import ENV_TOKEN
+
+if TYPE_CHECKING:
+    from mcpbill_cli.x402 import FetchResult, PaymentPolicy
+    from mcpbill_cli.x402.signing import TypedDataSigner
+
+DEFAULT_MAX = "1.00"
+DEFAULT_TOOL = "x402.fetch"
+
+app = typer.Typer(help="Pay downstream x402 (HTTP 402) challenges within an agent's budget.",
+                  no_args_is_help=True)
+
+
+@app.command("fetch")
+@handles_errors
+def fetch(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Argument(help="The URL to GET (a paid API answering 402).")],
+    token: Annotated[str | None, typer.Option(
+        "--token", envvar=ENV_TOKEN, show_default=False,
+        help="The agent's credit token that pays (its budget, scope and daily cap).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Show the requirements and the decision; hold and sign nothing.")
+    ] = False,
+    max_amount: Annotated[str, typer.Option(
+        "--max", metavar="AMOUNT", help="The most one payment may cost, in USDC.")] = DEFAULT_MAX,
+    chains: Annotated[list[str] | None, typer.Option(
+        "--chain", help="Allow this chain's USDC (repeatable): a name from the chain registry "
+                        "or a CAIP-2 id.", show_default="[wallet] chain in config.toml, else base")
+    ] = None,
+    tool: Annotated[str, typer.Option(
+        "--tool", help="The tool the payment is billed under (the token's scope must cover it)."
+    )] = DEFAULT_TOOL,
+    request_id: Annotated[str | None, typer.Option(
+        "--request-id", help="Pay this request at most once across runs (the idempotency key "
+                             "derives from it).", show_default="a new payment every run")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """GET URL; on HTTP 402, pay the challenge from the agent's token, within --max.
+
+    Example: mcpbill x402 fetch https://api.example.com/report --max 0.05 --dry-run
+    """
+    from mcpbill_cli.errors import InvalidInput
+    from mcpbill_cli.verifier import Verifier
+    from mcpbill_cli.x402 import AgentBudget
+    from mcpbill_cli.x402 import fetch as fetch_url
+
+    if not token:
+        raise InvalidInput(f"say whose budget pays: --token JWT or {ENV_TOKEN}")
+    st = state(ctx)
+    verifier = Verifier.from_settings(st.settings, engine=st.engine())
+    budget = AgentBudget(verifier, token, tool=tool)
+    policy = _policy(st, chains, max_amount)
+    signer = None if dry_run else _operator_account(st)
+    result = fetch_url(url, budget=budget, policy=policy, signer=signer, dry_run=dry_run,
+                       request_id=request_id)
+    emit(result.to_dict(), as_json=as_json, human=lambda: _render(result))
+
+
+def _policy(st: State, chains: list[str] | None, max_amount: str) -> PaymentPolicy:
+    from mcpbill_cli.money import parse_usd
+    from mcpbill_cli.wallet.chains import resolve_chain
+    from mcpbill_cli.x402 import PaymentPolicy
+
+    names: list[str | None] = list(chains) if chains else [None]  # None: the default chain
+    chosen = [resolve_chain(name, st.settings.file) for name in names]
+    return PaymentPolicy.for_chains(chosen, max_amount=parse_usd(max_amount, field="--max"))
+
+
+def _operator_account(st: State) -> TypedDataSigner:
+    """The operator's keystore wallet; the password from the environment or a prompt."""
+    from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD, keystore_path, load_account
+
+    password = os.environ.get(ENV_KEYSTORE_PASSWORD) or str(typer.prompt(
+        "keystore password", hide_input=True, err=True))
+    return load_account(keystore_path(st.settings.keys_dir), password)
+
+
+def _render(result: FetchResult) -> None:
+    """Talk on stderr (requirements, decision, settlement); the body is the data, on stdout."""
+    say(f"HTTP {result.status} from {result.url}")
+    if result.decision is not None:
+        err.print(_options_table(result))
+    if result.dry_run and result.challenge is not None:
+        say(_prediction(result))
+    if result.outcome is not None:
+        receipt = result.outcome.receipt
+        say(f"paid {receipt.claims['amountUsd']} USDC: transaction "
+            f"{result.outcome.settlement.transaction} on {receipt.claims['network']}; receipt "
+            f"{receipt.receipt_id}; {receipt.claims['remainingUsd']} USDC left on the token")
+    typer.echo(result.body.decode("utf-8", errors="replace"), nl=False)
+
+
+def _options_table(result: FetchResult) -> Table:
+    from mcpbill_cli.money import format_usd
+
+    table = Table("#", "scheme", "network", "amount", "asset", "verdict")
+    for verdict in result.decision.verdicts if result.decision else ():
+        raw, requirement = verdict.offer.raw, verdict.offer.requirement
+        table.add_row(str(verdict.offer.index), str(raw.get("scheme")), str(raw.get("network")),
+                      format_usd(requirement.amount) if requirement else "?",
+                      str(raw.get("asset")), verdict.explanation)
+    return table
+
+
+def _prediction(result: FetchResult) -> str:
+    from mcpbill_cli.money import format_usd
+
+    if result.refusal:
+        return f"a fetch would refuse: {result.refusal['code']}: {result.refusal['message']}"
+    choice = result.decision.choice if result.decision else None
+    index = choice.offer.index if choice else "?"
+    return (f"a fetch would pay option {index}; the token has "
+            f"{format_usd(result.remaining or 0)} USDC left (dry run: nothing held or signed)")

@@ -1,0 +1,222 @@
+"""Per-call billing for the tools of an MCP SDK 2.x ``MCPServer``, as a server extension.
+
+    billing = Billing.from_settings()                  # the mcpbill home's ledger, keys, prices
+    server = MCPServer("paid", extensions=[billing])
+
+    @billing.tool(server)                              # priced by the pricing table
+    async def search(q: str) -> str: ...
+
+    @billing.tool(server, max_units=2000)              # per unit: holds 2000 units' worth
+    def summarize(text: str) -> str:
+        report_units(len(text.split()))
+        ...
+
+Why an extension: ``Extension.intercept_tool_call`` is the SDK's own hook around ``tools/call``.
+It sees the validated params (``_meta``), the request (HTTP headers, request id) and the
+tool's finished ``CallToolResult``, and what it returns is serialized like any tool result.
+The SDK fixes extensions at construction, so ``billing`` goes into ``MCPServer(...)``; a tool
+registered with :meth:`Billing.tool` refuses to run on a server built without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+import anyio
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolRequestParams, CallToolResult
+
+from mcpbill_cli.config import ENV_TOKEN, Settings
+from mcpbill_cli.errors import BillingError
+from mcpbill_cli.mcp.units import current_meter, metering
+from mcpbill_cli.mcp.wire import (
+    EXTENSION_ID,
+    IDEMPOTENCY_KEY_META,
+    PRICE_META,
+    RECEIPT_META,
+    TOKEN_META,
+    credit_token,
+    idempotency_key,
+    refusal,
+    session_id,
+    succeeded,
+    with_receipt,
+)
+from mcpbill_cli.pricing import Price, quote
+from mcpbill_cli.verifier import Hold, Verifier
+
+__all__ = ["BilledTool", "Billing"]
+
+ToolFn = TypeVar("ToolFn", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class BilledTool:
+    """A tool billed per call; ``max_units`` bounds a per-unit tool's hold."""
+
+    name: str
+    max_units: int | None = None
+
+
+@dataclass(frozen=True)
+class _CallRequest:
+    tool: BilledTool
+    token: str
+    args: dict[str, Any]
+    idempotency_key: str | None
+    request_id: str | None
+
+
+class Billing(Extension):
+    """Bill the tools registered with :meth:`tool`: preflight, hold, run, capture or void.
+
+    Every call of a billed tool needs a credit token. A refusal (no token, bad token, out of
+    scope, revoked, over budget...) is returned as an ``isError`` result carrying the
+    :class:`~mcpbill_cli.errors.BillingError` object; a successful paid call carries its signed
+    receipt in ``_meta["mcpbill/receipt"]``; a call whose tool raised or returned an error is
+    voided and costs nothing. Free tools (price 0) still check the token, without a receipt.
+    Tools registered with plain ``server.tool()`` are not billed and need no token.
+
+    ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own OAuth
+    uses that header); agents then send the token in ``_meta["mcpbill/token"]``.
+    """
+
+    identifier = EXTENSION_ID
+
+    def __init__(self, verifier: Verifier, *, bearer: bool = True) -> None:
+        self.verifier = verifier
+        self.bearer = bearer
+        self._billed: dict[str, BilledTool] = {}
+        # MCP request ids restart on every connection: a derived idempotency key scopes them to
+        # the HTTP session, else to this process (a stdio server serves one connection).
+        self._process_scope = uuid.uuid4().hex[:16]
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, bearer: bool = True) -> Billing:
+        """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table."""
+        return cls(Verifier.from_settings(settings), bearer=bearer)
+
+    @property
+    def billed_tools(self) -> dict[str, BilledTool]:
+        """The tools this extension bills, by name."""
+        return dict(self._billed)
+
+    def settings(self) -> dict[str, Any]:
+        """Advertised under ``capabilities.extensions["mcpbill/billing"]`` (2026-07-28 clients)."""
+        return {"asset": "USDC", "network": self.verifier.network, "tokenMeta": TOKEN_META,
+                "tokenEnv": ENV_TOKEN, "receiptMeta": RECEIPT_META, "priceMeta": PRICE_META,
+                "idempotencyKeyMeta": IDEMPOTENCY_KEY_META}
+
+    def price(self, tool: str, max_units: int | None = None) -> Price:
+        """The table's base price of one call (per-unit: the most one call can cost)."""
+        return quote(self.verifier.pricing.current(), tool, units=max_units)
+
+    def tool(self, server: MCPServer[Any], name: str | None = None, *,
+             max_units: int | None = None, meta: dict[str, Any] | None = None,
+             **options: Any) -> Callable[[ToolFn], ToolFn]:
+        """Register a billed tool with ``server.add_tool`` and advertise its price in ``_meta``.
+
+        ``options`` go to ``add_tool`` (``title``, ``description``, ``annotations``...). The
+        function keeps its signature, ``Context`` parameter included, and is returned as is.
+        A tool the pricing table cannot price is refused here (PRICE_UNKNOWN), not per call.
+        """
+
+        def register(fn: ToolFn) -> ToolFn:
+            tool = BilledTool(name or fn.__name__, max_units)
+            advertised = {**(meta or {}), PRICE_META: self.price(tool.name, max_units).to_dict()}
+            server.add_tool(_guarded(fn, tool.name), name=tool.name, meta=advertised, **options)
+            self._billed[tool.name] = tool
+            return fn
+
+        return register
+
+    async def intercept_tool_call(self, params: CallToolRequestParams,
+                                  ctx: ServerRequestContext[Any, Any],
+                                  call_next: CallNext) -> HandlerResult:
+        """Bill a call of a billed tool; pass any other call through untouched."""
+        tool = self._billed.get(params.name)
+        if tool is None:
+            return await call_next(ctx)
+        try:
+            return await self._billed_call(self._call_request(tool, params, ctx), ctx, call_next)
+        except BillingError as error:
+            return refusal(error)
+
+    # --- one call -------------------------------------------------------------------------------
+
+    def _call_request(self, tool: BilledTool, params: CallToolRequestParams,
+                      ctx: ServerRequestContext[Any, Any]) -> _CallRequest:
+        meta = params.meta
+        scope = session_id(ctx.request) or self._process_scope
+        request_id = None if ctx.request_id is None else f"{scope}:{ctx.request_id}"
+        return _CallRequest(tool, credit_token(meta, ctx.request, bearer=self.bearer),
+                            dict(params.arguments or {}), idempotency_key(meta), request_id)
+
+    async def _billed_call(self, call: _CallRequest, ctx: ServerRequestContext[Any, Any],
+                           call_next: CallNext) -> HandlerResult:
+        quote_ = await self.verifier.apreflight(call.token, call.tool.name, args=call.args,
+                                                units=call.tool.max_units)
+        if quote_.price.free:
+            with metering(call.tool.name):
+                return await call_next(ctx)
+        hold = await self.verifier.ahold(
+            call.token, call.tool.name, args=call.args, idempotency_key=call.idempotency_key,
+            request_id=call.request_id, max_units=call.tool.max_units)
+        return await self._settle(hold, ctx, call_next)
+
+    async def _settle(self, hold: Hold, ctx: ServerRequestContext[Any, Any],
+                      call_next: CallNext) -> HandlerResult:
+        """Run the tool on a hold: capture a success, void a failure (charge only on success)."""
+        try:
+            with metering(hold.tool) as meter:
+                result = await call_next(ctx)
+        except BaseException:
+            await self._void(hold)
+            raise
+        if not succeeded(result):
+            await self._void(hold)
+            return result
+        receipt = await self.verifier.acapture(hold, units=meter.units)
+        return with_receipt(cast(CallToolResult, result), receipt)
+
+    async def _void(self, hold: Hold) -> None:
+        # Shielded: a call cancelled by its client must still release what it held.
+        with anyio.CancelScope(shield=True):
+            await self.verifier.avoid(hold)
+
+
+def _guarded(fn: ToolFn, tool: str) -> ToolFn:
+    """``fn`` that refuses to run outside a billed call (a server built without the extension).
+
+    ``functools.wraps`` keeps ``__wrapped__``, so the SDK reads the original signature: the
+    same input schema, output schema and ``Context`` parameter.
+    """
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def billed_async(*args: Any, **kwargs: Any) -> Any:
+            _require_billing(tool)
+            return await fn(*args, **kwargs)
+
+        return cast(ToolFn, billed_async)
+
+    @functools.wraps(fn)
+    def billed(*args: Any, **kwargs: Any) -> Any:
+        _require_billing(tool)
+        return fn(*args, **kwargs)
+
+    return cast(ToolFn, billed)
+
+
+def _require_billing(tool: str) -> None:
+    if current_meter() is None:
+        raise ToolError(f"tool {tool!r} is billed but this server was built without mcpbill "
+                        "billing: pass MCPServer(..., extensions=[billing])")

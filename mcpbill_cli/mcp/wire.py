@@ -1,0 +1,106 @@
+"""The MCP wire shapes of billing (DESIGN.md "MCP wire shapes", after x402's v2 MCP transport).
+
+- the credit token comes from ``_meta["mcpbill/token"]`` on the call, else the HTTP
+  ``Authorization: Bearer`` header, else (stdio and in-process only) ``AGENT_CREDIT_JWT``;
+- an explicit idempotency key may come in ``_meta["mcpbill/idempotencyKey"]``;
+- the receipt goes back in the result's ``_meta["mcpbill/receipt"]``;
+- a refusal is a tool result with ``isError: true``, the error object in ``structuredContent``
+  and the same JSON in ``content[0].text``;
+- each tool's price is advertised in its ``_meta["mcpbill/price"]`` in ``tools/list``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from mcp_types import CallToolResult, TextContent
+
+from mcpbill_cli.config import ENV_TOKEN
+from mcpbill_cli.errors import BillingError, InvalidCreditToken, InvalidInput
+from mcpbill_cli.receipts import Receipt
+
+EXTENSION_ID = "mcpbill/billing"
+TOKEN_META = "mcpbill/token"  # noqa: S105 - a _meta key, not a secret
+RECEIPT_META = "mcpbill/receipt"
+PRICE_META = "mcpbill/price"
+IDEMPOTENCY_KEY_META = "mcpbill/idempotencyKey"
+SESSION_HEADER = "mcp-session-id"
+MAX_KEY_LENGTH = 255
+
+
+def credit_token(meta: Mapping[str, Any] | None, request: Any, *, bearer: bool = True) -> str:
+    """The call's credit token, or INVALID_CREDIT_TOKEN (reason ``missing``) when there is none.
+
+    ``request`` is the HTTP request of an HTTP transport (``None`` on stdio and in process).
+    An HTTP server never falls back to its own environment: that would bill every anonymous
+    caller to whatever token the server process happens to hold.
+    """
+    token = _meta_text(meta, TOKEN_META)
+    if token is None and request is not None and bearer:
+        token = _bearer(request)
+    if token is None and request is None:
+        token = os.environ.get(ENV_TOKEN) or None
+    if token is None:
+        raise InvalidCreditToken(
+            "no credit token: send one in _meta['mcpbill/token'], as Authorization: Bearer "
+            f"(HTTP), or in {ENV_TOKEN} (stdio); ask the operator for one with "
+            "`mcpbill token issue`", reason="missing")
+    return token
+
+
+def idempotency_key(meta: Mapping[str, Any] | None) -> str | None:
+    """The agent's own idempotency key for this call, if it sent one."""
+    key = _meta_text(meta, IDEMPOTENCY_KEY_META)
+    if key is not None and len(key) > MAX_KEY_LENGTH:
+        raise InvalidInput(f"_meta[{IDEMPOTENCY_KEY_META!r}] is longer than {MAX_KEY_LENGTH} "
+                           "characters", field=IDEMPOTENCY_KEY_META)
+    return key
+
+
+def session_id(request: Any) -> str | None:
+    """The streamable HTTP session of this call (``None`` on stdio, in process, stateless)."""
+    headers = getattr(request, "headers", None)
+    return headers.get(SESSION_HEADER) if isinstance(headers, Mapping) else None
+
+
+def refusal(error: BillingError) -> CallToolResult:
+    """The x402-style refusal: ``isError``, the error object, and the same JSON as text."""
+    text = json.dumps(error.to_dict(), default=str)
+    return CallToolResult(content=[TextContent(type="text", text=text)],
+                          structured_content=json.loads(text), is_error=True)
+
+
+def with_receipt(result: CallToolResult, receipt: Receipt) -> CallToolResult:
+    """``result`` with the signed receipt added to its ``_meta``."""
+    meta = {**(result.meta or {}), RECEIPT_META: receipt.to_dict()}
+    return result.model_copy(update={"meta": meta})
+
+
+def succeeded(result: object) -> bool:
+    """A finished, successful tool result: the only kind that is billed.
+
+    Error results and multi-round ``input_required`` interim results are not: the final round
+    of a multi-round call is billed when it completes.
+    """
+    return isinstance(result, CallToolResult) and not result.is_error
+
+
+def _meta_text(meta: Mapping[str, Any] | None, key: str) -> str | None:
+    value = (meta or {}).get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"_meta[{key!r}] must be a string, not {type(value).__name__}",
+                           field=key)
+    return value
+
+
+def _bearer(request: Any) -> str | None:
+    headers = getattr(request, "headers", None)
+    if not isinstance(headers, Mapping):
+        return None
+    scheme, _, value = str(headers.get("authorization", "")).partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None

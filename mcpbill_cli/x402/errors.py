@@ -1,0 +1,53 @@
+"""Refusals of the x402 resolver: each a :class:`~mcpbill_cli.errors.BillingError`, stable code.
+
+Every refusal that can be known before signing is raised before signing: a bad challenge, no
+acceptable option, an option over the per-call maximum, and the agent's budget
+(``BUDGET_EXCEEDED``, from the ledger's guarded hold). ``X402_SETTLEMENT_FAILED`` comes after:
+the payment was signed and sent, and the server did not confirm a settlement (the hold is voided).
+"""
+
+from __future__ import annotations
+
+from mcpbill_cli.errors import BillingError
+
+
+class X402Error(BillingError):
+    """Root of the x402 refusals (catch :class:`BillingError` to catch every refusal)."""
+
+    code = "X402_ERROR"
+
+
+class X402BadChallenge(X402Error):
+    """A 402 that carries no usable x402 payment requirements (missing, not JSON, malformed)."""
+
+    code = "X402_BAD_CHALLENGE"
+
+
+class X402NoAcceptableOption(X402Error):
+    """No option the server accepts is one the operator allows (scheme, network, asset, domain).
+
+    ``options`` lists every option with the reason it was refused.
+    """
+
+    code = "X402_NO_ACCEPTABLE_OPTION"
+
+
+class X402OverMaximum(X402Error):
+    """The cheapest allowed option costs more than the per-call maximum (``maximumUsd``)."""
+
+    code = "X402_OVER_MAXIMUM"
+
+
+class X402SettlementFailed(X402Error):
+    """The payment was sent but the response confirms no settlement; nothing is charged."""
+
+    code = "X402_SETTLEMENT_FAILED"
+
+
+class X402AlreadyPaid(X402Error):
+    """This request (its idempotency key) was paid already: it is never paid twice.
+
+    Details: ``receiptId``, ``transaction`` (the settlement), ``idempotencyKey``.
+    """
+
+    code = "X402_ALREADY_PAID"
