@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 from mcpbill_cli.mcp import Billing, report_units
 
@@ -34,7 +35,7 @@ def build_server(billing: Billing) -> MCPServer:
     def search(q: str) -> list[str]:
         """Search a (made-up) index; billed per call."""
         if not q.strip():
-            raise ValueError("the query is empty")
+            raise ToolError("the query is empty")  # a failed call is voided, not billed
         return [f"{q}: result {n}" for n in range(1, 4)]
 
     @billing.tool(server, max_units=MAX_WORDS)
@@ -42,7 +43,7 @@ def build_server(billing: Billing) -> MCPServer:
         """Summarize a text; billed per word, at most 2000 words."""
         words = text.split()
         if not words or len(words) > MAX_WORDS:
-            raise ValueError(f"send 1 to {MAX_WORDS} words, not {len(words)}")
+            raise ToolError(f"send 1 to {MAX_WORDS} words, not {len(words)}")
         report_units(len(words))
         return " ".join(words[:12]) + (" ..." if len(words) > 12 else "")
 
@@ -50,7 +51,7 @@ def build_server(billing: Billing) -> MCPServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="A paid MCP server (mcpbill example).")
     parser.add_argument("--http", action="store_true", help="serve streamable HTTP, not stdio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

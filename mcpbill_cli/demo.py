@@ -1,83 +1,187 @@
-"""`mcpbill demo`: the whole loop on a throwaway home, in demo mode, no chain.
+"""`mcpbill demo`: the whole loop on a throwaway home, in demo mode, no chain, over real MCP.
 
-init -> fund $10 -> issue a $0.05 token -> paid calls until the budget runs out -> the
-structured BUDGET_EXCEEDED an agent would read -> the ledger's invariants. The core returns
-events; the CLI decides how they look.
+init -> fund $10 -> issue a $0.05 token -> start ``examples/paid_server.py`` as an MCP server
+over stdio, with the token in its ``AGENT_CREDIT_JWT`` as an agent host would pass it -> call
+its tools with the MCP client until the budget runs out -> the structured BUDGET_EXCEEDED an
+agent reads, and follows: it keeps to the fallback tools that still fit, until none does ->
+the ledger's invariants. The core yields steps; the CLI decides how they look.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcpbill_cli.clock import utcnow
-from mcpbill_cli.config import LEDGER_FILE, load_settings
-from mcpbill_cli.errors import BillingError
+from mcpbill_cli.config import (
+    DEFAULT_TENANT,
+    ENV_DB_URL,
+    ENV_HOME,
+    ENV_MODE,
+    ENV_TOKEN,
+    LEDGER_FILE,
+    Settings,
+    load_settings,
+)
+from mcpbill_cli.errors import NotFound
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
+    from mcp.client import Client
+    from mcp_types import CallToolResult
 
 DEMO_FUNDS = 10_000_000
 DEMO_LIMIT = 50_000
-# (tool, args, units reported): a paid search, a free status, a per-unit summarize.
-DEMO_CALLS = [("search", {"q": "usdc"}, None), ("status", {}, None),
-              ("summarize", {"doc": 1}, 1200), ("search", {"q": "mcp"}, None)]
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_SERVER = PACKAGE_ROOT / "examples" / "paid_server.py"
+DEMO_TEXT = " ".join(["Agents pay for each MCP tool call in USDC from a prepaid, capped token."]
+                     * 50)  # summarize is billed per word
+# A paid search, a free status, a per-word summarize, another search; round after round.
+DEMO_CALLS: list[tuple[str, dict[str, Any]]] = [
+    ("search", {"q": "usdc"}), ("status", {}), ("summarize", {"text": DEMO_TEXT}),
+    ("search", {"q": "mcp"})]
+MAX_ROUNDS = 100
+CALL_TIMEOUT = 60  # seconds; a stuck server fails the demo instead of hanging it
 
 
 @dataclass(frozen=True)
 class DemoStep:
-    kind: str  # setup | receipt | refusal | summary
+    kind: str  # setup | receipt | free | refusal | fallback | summary
     text: str
     data: dict[str, Any]
 
 
 def run_demo(home: Path) -> Iterator[DemoStep]:
     """Yield each step as it happens; the ledger under ``home`` is left for inspection."""
-    from mcpbill_cli.ledger import credit, invariants
-    from mcpbill_cli.ledger.engine import make_engine, reading, writing
     from mcpbill_cli.setup import initialize
-    from mcpbill_cli.verifier import Verifier
 
     # Always a SQLite file in the demo home: a demo never writes into a configured ledger.
     settings = load_settings(home=home, db_url=f"sqlite:///{home / LEDGER_FILE}", mode="demo")
     init = initialize(settings, alg="EdDSA", mode="demo", force=False)
     yield DemoStep("setup", f"initialized {home} (ledger schema {init.schema})", {})
-    engine = make_engine(settings.db_url)
-    with writing(engine) as conn:
-        credit.fund_demo(conn, "default", DEMO_FUNDS, now=utcnow())
-        issued = credit.issue(conn, credit.IssueRequest(
-            tenant="default", agent="demo-agent", limit=DEMO_LIMIT, ttl=3600, scope=None,
-            audience=settings.audience, issuer=settings.issuer, demo=True),
-            signer=_signer(settings.keys_dir), ttl_cap=settings.ttl_cap, now=utcnow())
-    yield DemoStep("setup", f"funded $10.00 and issued {issued.claims.jti} with a $0.05 limit",
-                   {"jti": issued.claims.jti})
-    verifier = Verifier.from_settings(settings, engine=engine)
-    yield from _spend(verifier, issued.token)
-    with reading(engine) as conn:
-        balance = credit.tenant_balance(conn, "default")
-        problems = invariants.check(conn)
-    yield DemoStep("summary", "ledger invariants hold" if not problems else
-                   f"{len(problems)} invariant violation(s)",
-                   {"balance": balance, "violations": problems})
-    engine.dispose()
+    token, jti = _fund_and_issue(settings)
+    yield DemoStep("setup", f"funded $10.00 and issued {jti} with a $0.05 limit", {"jti": jti})
+    yield from _agent_session(settings, token)
+    yield _summary(settings)
 
 
-def _signer(keys_dir: Path) -> Any:
+def _fund_and_issue(settings: Settings) -> tuple[str, str]:
     from mcpbill_cli.keys import KeyRing
+    from mcpbill_cli.ledger import credit
+    from mcpbill_cli.ledger.engine import make_engine, writing
 
-    return KeyRing.load(keys_dir).signing_key()
+    engine = make_engine(settings.db_url)
+    try:
+        with writing(engine) as conn:
+            credit.fund_demo(conn, DEFAULT_TENANT, DEMO_FUNDS, now=utcnow())
+            issued = credit.issue(conn, credit.IssueRequest(
+                tenant=DEFAULT_TENANT, agent="demo-agent", limit=DEMO_LIMIT, ttl=3600,
+                scope=None, audience=settings.audience, issuer=settings.issuer, demo=True),
+                signer=KeyRing.load(settings.keys_dir).signing_key(), ttl_cap=settings.ttl_cap,
+                now=utcnow())
+    finally:
+        engine.dispose()
+    return issued.token, issued.claims.jti
 
 
-def _spend(verifier: Any, token: str) -> Iterator[DemoStep]:
-    for round_no in range(100):
-        for tool, args, units in DEMO_CALLS:
-            try:
-                with verifier.call(token, tool, args=args, request_id=f"{round_no}-{tool}",
-                                   max_units=2000 if units else None) as billed:
-                    if units:
-                        billed.report_units(units)
-            except BillingError as refusal:
-                yield DemoStep("refusal", refusal.message, refusal.to_dict())
-                return
-            receipt = billed.receipt
-            yield DemoStep("receipt", f"{tool}: charged {receipt.claims['amountUsd']}, "
-                           f"{receipt.claims['remainingUsd']} left", receipt.to_dict())
+def _agent_session(settings: Settings, token: str) -> Iterator[DemoStep]:
+    """Run the example server over stdio and call it, as an agent would, until refused."""
+    try:
+        from anyio.from_thread import start_blocking_portal
+        from mcp.client import Client
+        from mcp.client.stdio import stdio_client
+    except ImportError:
+        raise NotFound("the demo needs the MCP SDK: pip install 'mcpbill[mcp]'") from None
+    parameters = _server_parameters(settings, token)
+    # The portal runs the async MCP client in a thread, so this generator can yield each step
+    # as it happens; the server's own log goes to a file in the demo home.
+    with (settings.home / "server.log").open("a") as log, start_blocking_portal() as portal, \
+            portal.wrap_async_context_manager(Client(
+                stdio_client(parameters, errlog=log), read_timeout_seconds=CALL_TIMEOUT)) as client:
+        try:
+            yield from _calls(portal, client)
+        except GeneratorExit:
+            return  # the caller stopped early: leave the block normally so the session closes
+
+
+def _server_parameters(settings: Settings, token: str) -> Any:
+    from mcp.client.stdio import StdioServerParameters
+
+    if not EXAMPLE_SERVER.is_file():
+        raise NotFound(f"the example server {EXAMPLE_SERVER} is missing; `mcpbill demo` runs it "
+                       "from a source checkout of mcpbill")
+    env = {ENV_HOME: str(settings.home), ENV_DB_URL: settings.db_url, ENV_MODE: "demo",
+           ENV_TOKEN: token, "PYTHONPATH": str(PACKAGE_ROOT)}
+    return StdioServerParameters(command=sys.executable, args=[str(EXAMPLE_SERVER)], env=env)
+
+
+def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
+    from mcpbill_cli.mcp.wire import PRICE_META
+
+    listed = portal.call(client.list_tools)
+    prices = {tool.name: (tool.meta or {}).get(PRICE_META) for tool in listed.tools}
+    yield DemoStep("setup", f"started {EXAMPLE_SERVER.name} over stdio; its tools: "
+                   + ", ".join(f"{name} {price['amountUsd'] if price else '?'}"
+                               for name, price in prices.items()), {"tools": prices})
+    plan = DEMO_CALLS
+    for _ in range(MAX_ROUNDS):
+        for tool, args in plan:
+            step = _step(tool, portal.call(client.call_tool, tool, args))
+            yield step
+            if step.kind == "refusal":
+                plan = _fallback_plan(plan, step.data)
+                if not plan:
+                    return
+                yield DemoStep("fallback", "the agent follows the hint and keeps to "
+                               + ", ".join(sorted({tool for tool, _ in plan})), {})
+                break
+
+
+def _fallback_plan(plan: list[tuple[str, dict[str, Any]]],
+                   refusal: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The paid calls of ``plan`` that BUDGET_EXCEEDED's fallback hints say still fit."""
+    fits = {hint["tool"] for hint in refusal.get("fallback", {}).get("tools", [])}
+    return [(tool, args) for tool, args in plan if tool in fits]
+
+
+def _step(tool: str, result: CallToolResult) -> DemoStep:
+    """What the agent got back: a receipt, a free result, or a refusal read from the text."""
+    from mcpbill_cli.mcp.wire import RECEIPT_META
+
+    if result.is_error:
+        text = getattr(result.content[0], "text", "") if result.content else ""
+        error = _json_object(text) or {"code": "TOOL_ERROR", "message": text}
+        return DemoStep("refusal", str(error.get("message", text)), error)
+    receipt = (result.meta or {}).get(RECEIPT_META)
+    if receipt is None:
+        return DemoStep("free", f"{tool}: free, nothing charged", {"tool": tool})
+    return DemoStep("receipt", f"{tool}: charged {receipt['amountUsd']}, "
+                    f"{receipt['remainingUsd']} left", dict(receipt))
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _summary(settings: Settings) -> DemoStep:
+    from mcpbill_cli.ledger import credit, invariants
+    from mcpbill_cli.ledger.engine import make_engine, reading
+
+    engine = make_engine(settings.db_url)
+    try:
+        with reading(engine) as conn:
+            balance = credit.tenant_balance(conn, DEFAULT_TENANT)
+            problems = invariants.check(conn)
+    finally:
+        engine.dispose()
+    return DemoStep("summary", "ledger invariants hold" if not problems else
+                    f"{len(problems)} invariant violation(s)",
+                    {"balance": balance, "violations": problems})

@@ -33,8 +33,9 @@ class BillingError(Exception):
 class InvalidCreditToken(BillingError):
     """The token is malformed, badly signed, expired, not yet valid or for another audience.
 
-    ``reason`` is one of: malformed, bad_signature, unknown_key, expired, not_yet_valid,
-    wrong_audience, wrong_issuer.
+    ``reason`` is one of: malformed, bad_signature, unknown_key, algorithm_not_allowed,
+    expired, not_yet_valid, wrong_audience, wrong_issuer, unknown_token (validly signed but
+    not in this ledger).
     """
 
     code = "INVALID_CREDIT_TOKEN"

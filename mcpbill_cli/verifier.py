@@ -37,6 +37,7 @@ from mcpbill_cli.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     InvalidCreditToken,
+    NotFound,
     ScopeDenied,
     StatelessVerifier,
     TokenRevoked,
@@ -230,14 +231,21 @@ class Verifier:
             return read_receipt(jws)
 
     def void(self, hold: Hold) -> None:
-        """Release a hold: the tool failed, nothing is billed. Voiding twice is a no-op."""
+        """Release a hold: the tool failed, nothing is billed.
+
+        Voiding twice, or a hold that already timed out, is a no-op; a captured hold is
+        HOLD_NOT_ACTIVE.
+        """
         if hold.replayed is not None:
             return
+        now = self._clock()
         with writing(self._ledger()) as conn:
             stored = calls.stored(conn, call_id=hold.id)
-            if stored is not None and stored.status == "voided":
+            if stored is not None and stored.status in ("voided", "expired"):
                 return
-            calls.void(conn, hold.id, at=self._clock())
+            lapsed = stored is not None and stored.timeout_at is not None and (
+                aware(stored.timeout_at) <= now)
+            calls.void(conn, hold.id, at=now, expired=lapsed)
 
     def charge(self, token: str, tool: str, *, args: Any = None,
                idempotency_key: str | None = None, request_id: str | int | None = None,
@@ -367,7 +375,7 @@ class Verifier:
 
     def _remaining(self, claims: Claims) -> int:
         with reading(self._ledger()) as conn:
-            found = calls.available(conn, claims.jti)
+            found = calls.available(conn, claims.jti, now=self._clock())
         if found is None:
             raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
                                      reason="unknown_token")
@@ -414,11 +422,11 @@ class Verifier:
                 self._replay_if_known(call)
                 raise TokenRevoked(f"token {claims.jti} has been revoked",
                                    jti=claims.jti) from None
+            except NotFound:
+                raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
+                                         reason="unknown_token") from None
             except InsufficientFunds as exc:
                 self._replay_if_known(call)
-                if "available" not in exc.details:
-                    raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
-                                             reason="unknown_token") from None
                 if attempt == 1 and self._expire_stale_holds(claims.jti):
                     continue
                 raise self._budget_exceeded(claims, tool, price,

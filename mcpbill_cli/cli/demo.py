@@ -1,4 +1,4 @@
-"""`mcpbill demo`: watch a paid-call loop run end to end on a throwaway home."""
+"""`mcpbill demo`: watch a paid-call loop run end to end, over MCP, on a throwaway home."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ def demo(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Init a demo home, fund $10, issue a $0.05 token, call tools until the budget runs out.
+    """Init a demo home, fund $10, issue a $0.05 token, call a paid MCP server until it runs out.
 
-    Shows every signed receipt, then the BUDGET_EXCEEDED refusal with its fallback hints,
-    then checks the ledger's invariants.
+    Starts examples/paid_server.py over stdio and calls its tools with the MCP client. Shows
+    every signed receipt and each BUDGET_EXCEEDED refusal with its fallback hints (the agent
+    follows them until nothing fits), then checks the ledger's invariants. Needs the MCP SDK
+    (pip install 'mcpbill[mcp]').
     """
     from mcpbill_cli.demo import run_demo
 
@@ -33,7 +35,7 @@ def demo(
         if not as_json:
             _show(step.kind, step.text, step.data)
     emit({"home": str(where), "steps": steps}, as_json=as_json,
-         human=lambda: say(f"demo ledger kept in {where}"))
+         human=lambda: say(f"demo ledger and server log kept in {where}"))
 
 
 def _show(kind: str, text: str, data: dict[str, object]) -> None:
@@ -41,6 +43,10 @@ def _show(kind: str, text: str, data: dict[str, object]) -> None:
         say(f"[yellow]refused[/] {data.get('code')}: {text}")
         out.print(json.dumps(data, indent=2))
     elif kind == "receipt":
-        say(f"[green]receipt[/] {text}")
+        say(f"[green]receipt[/] {text} [dim]({data.get('receiptId')})[/]")
+    elif kind == "free":
+        say(f"[cyan]free[/] {text}")
+    elif kind == "fallback":
+        say(f"[yellow]fallback[/] {text}")
     else:
         say(text)

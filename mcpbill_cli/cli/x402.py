@@ -110,12 +110,12 @@ def _render(result: FetchResult) -> None:
 def _options_table(result: FetchResult) -> Table:
     from mcpbill_cli.money import format_usd
 
-    table = Table("#", "scheme", "network", "amount", "asset", "verdict")
+    table = Table("#", "scheme", "network", "amount", "verdict")
     for verdict in result.decision.verdicts if result.decision else ():
         raw, requirement = verdict.offer.raw, verdict.offer.requirement
         table.add_row(str(verdict.offer.index), str(raw.get("scheme")), str(raw.get("network")),
                       format_usd(requirement.amount) if requirement else "?",
-                      str(raw.get("asset")), verdict.explanation)
+                      "ok" if verdict.acceptable else verdict.explanation)
     return table
 
 

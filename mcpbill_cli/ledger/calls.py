@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from mcpbill_cli.errors import HoldNotActive
 from mcpbill_cli.ledger import audit, ops
@@ -194,9 +194,17 @@ def expire_call(conn: Connection, pending_id: str, *, now: datetime) -> bool:
     return True
 
 
-def available(conn: Connection, jti: str) -> tuple[int, bool] | None:
-    """(available, closed) of a token's account, or None when the ledger does not know it."""
-    row = conn.execute(select(_AVAILABLE, a.closed).where(a.id == ops.token_account(jti))).first()
+def available(conn: Connection, jti: str, *, now: datetime) -> tuple[int, bool] | None:
+    """(available, closed) of a token's account, or None when the ledger does not know it.
+
+    Holds past their timeout count as available: they are voided lazily, by the next hold
+    that needs the money or by a sweep, and a quote should not refuse what a hold would get.
+    """
+    account = ops.token_account(jti)
+    lapsed = (select(func.coalesce(func.sum(t.amount), 0))
+              .where(t.debit_account_id == account, t.kind == "pending", t.status == "pending",
+                     t.timeout_at <= now).scalar_subquery())
+    row = conn.execute(select(_AVAILABLE + lapsed, a.closed).where(a.id == account)).first()
     return (int(row[0]), bool(row[1])) if row is not None else None
 
 

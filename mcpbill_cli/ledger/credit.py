@@ -341,9 +341,11 @@ def expire_holds(conn: Connection, *, now: datetime, account: str | None = None)
     from mcpbill_cli.ledger.calls import expire_call
 
     count = 0
-    for pending_id in ops.expired_holds(conn, at=now, debit=account):
-        if expire_call(conn, pending_id, now=now):
-            count += 1
+    while batch := ops.expired_holds(conn, at=now, debit=account):
+        voided = sum(expire_call(conn, pending_id, now=now) for pending_id in batch)
+        if not voided:  # nothing left that can move: never spin
+            break
+        count += voided
     return count
 
 

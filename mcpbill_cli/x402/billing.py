@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Engine
+
 from mcpbill_cli.clock import aware, utcnow
 from mcpbill_cli.errors import (
     BudgetExceeded,
@@ -74,7 +76,7 @@ class AgentBudget:
 
     def remaining(self) -> int:
         """Micro-USDC the token has left (limit less spent and held), read without moving any."""
-        with reading(self.verifier.engine or self._stateless()) as conn:
+        with reading(self._ledger()) as conn:
             found = calls.available(conn, self.claims.jti)
         if found is None:
             raise InvalidCreditToken(f"token {self.claims.jti} is not in this ledger",
@@ -129,12 +131,11 @@ class AgentBudget:
 
     # --- internals ------------------------------------------------------------------------------
 
-    def _ledger(self) -> Any:
-        return self.verifier.engine or self._stateless()
-
-    def _stateless(self) -> Any:
-        raise StatelessVerifier("paying x402 challenges needs a ledger-backed verifier "
-                                "(Verifier.from_settings() or a db_url)")
+    def _ledger(self) -> Engine:
+        if self.verifier.engine is None:
+            raise StatelessVerifier("paying x402 challenges needs a ledger-backed verifier "
+                                    "(Verifier.from_settings() or a db_url)")
+        return self.verifier.engine
 
     def _request_hash(self, request: Mapping[str, Any]) -> str:
         canonical = json.dumps([self.claims.jti, self.tool, RULE, request], sort_keys=True,

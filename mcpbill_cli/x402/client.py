@@ -29,7 +29,7 @@ import httpx
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import Hold
 from mcpbill_cli.x402.billing import AgentBudget
-from mcpbill_cli.x402.errors import X402SettlementFailed
+from mcpbill_cli.x402.errors import X402BadChallenge, X402SettlementFailed
 from mcpbill_cli.x402.policy import Choice, PaymentPolicy, choose
 from mcpbill_cli.x402.signing import TypedDataSigner, sign_authorization
 from mcpbill_cli.x402.wire import (
@@ -105,20 +105,25 @@ class X402Payer:
             raise
         return PendingPayment(challenge, choice, hold, paid)
 
-    def finish(self, pending: PendingPayment, status: int,
-               headers: httpx.Headers) -> PaymentOutcome:
-        """Capture on a confirmed settlement; otherwise void and raise X402_SETTLEMENT_FAILED."""
+    def finish(self, pending: PendingPayment, status: int, headers: httpx.Headers,
+               body: bytes = b"") -> PaymentOutcome:
+        """Capture on a confirmed settlement; otherwise void and raise X402_SETTLEMENT_FAILED.
+
+        ``body`` matters for a 402 only: a v1 server says there why it refused the payment.
+        """
         settlement = parse_settlement(headers, pending.challenge)
         problem = self._settlement_problem(pending, status, settlement)
-        if problem is not None or settlement is None:
-            self.budget.void(pending.hold)
-            raise X402SettlementFailed(
-                f"the payment was not settled ({problem}); the hold is released and nothing "
-                "is charged", status=status, reason=problem,
-                errorReason=settlement.error_reason if settlement else None,
-                idempotencyKey=pending.hold.idempotency_key)
-        receipt = self.budget.capture(pending.hold, self._settlement_record(pending, settlement))
-        return PaymentOutcome(pending.challenge, pending.choice, settlement, receipt)
+        if problem is None and settlement is not None:
+            receipt = self.budget.capture(pending.hold,
+                                          self._settlement_record(pending, settlement))
+            return PaymentOutcome(pending.challenge, pending.choice, settlement, receipt)
+        self.budget.void(pending.hold)
+        reason = (settlement.error_reason if settlement else None) or (
+            _refusal_reason(headers, body) if status == 402 else None)
+        raise X402SettlementFailed(
+            f"the payment was not settled ({problem}{f': {reason}' if reason else ''}); the "
+            "hold is released and nothing is charged", status=status, reason=problem,
+            errorReason=reason, idempotencyKey=pending.hold.idempotency_key)
 
     def _paid_request(self, request: httpx.Request, challenge: Challenge, choice: Choice,
                       hold: Hold) -> httpx.Request:
@@ -138,7 +143,7 @@ class X402Payer:
         if settlement is None:
             return f"HTTP {status} without a readable {pending.challenge.response_header}"
         if not settlement.success:
-            return f"the server reports failure: {settlement.error_reason or 'no reason given'}"
+            return "the server reports a failed settlement"
         if not 200 <= status < 300:
             return f"HTTP {status}"
         if not is_tx_hash(settlement.transaction):
@@ -155,6 +160,14 @@ class X402Payer:
                 "payer": self.signer.address.lower(), "payTo": req.pay_to, "asset": req.asset,
                 "amount": str(req.amount),
                 "resource": str(resource.get("url")) if resource else str(pending.request.url)}
+
+
+def _refusal_reason(headers: httpx.Headers, body: bytes) -> str | None:
+    """Why a server answered a payment with another 402 (the new challenge's ``error``)."""
+    try:
+        return parse_challenge(headers, body).error
+    except X402BadChallenge:
+        return None
 
 
 def describe(request: httpx.Request) -> dict[str, Any]:
@@ -182,8 +195,9 @@ class X402Transport(httpx.BaseTransport):
         pending = self.payer.prepare(request, response.headers, body)
         paid = self.transport.handle_request(pending.request)
         try:
+            body = paid.read() if paid.status_code == 402 else b""
             paid.extensions = {**paid.extensions, OUTCOME: self.payer.finish(
-                pending, paid.status_code, paid.headers)}
+                pending, paid.status_code, paid.headers, body)}
         except BaseException:
             paid.close()
             raise
@@ -215,8 +229,9 @@ class AsyncX402Transport(httpx.AsyncBaseTransport):
         pending = await to_thread.run_sync(self.payer.prepare, request, response.headers, body)
         paid = await self.transport.handle_async_request(pending.request)
         try:
+            body = await paid.aread() if paid.status_code == 402 else b""
             outcome = await to_thread.run_sync(self.payer.finish, pending, paid.status_code,
-                                               paid.headers)
+                                               paid.headers, body)
         except BaseException:
             await paid.aclose()
             raise

@@ -253,3 +253,17 @@ def test_every_step_is_in_the_audit_trail(funded: Engine, verifier: Verifier,
     ]
     assert rows[1]["ref"] == receipt.receipt_id
     assert all(r["at"] is not None and r["token_hash"] is None for r in rows)
+
+
+@pytest.mark.slow
+def test_sweep_voids_every_hold_past_its_timeout(
+        funded: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
+        clock: FakeClock) -> None:
+    """``sweep_expired`` promises every stale hold, not the first batch of them."""
+    token = new_token(limit=USDC)
+    count = 501
+    for _ in range(count):
+        verifier.hold(token.token, "status")  # free: holds nothing, still a pending hold
+    clock.advance(TIMEOUT)
+    assert verifier.sweep_expired() == count
+    assert verifier.sweep_expired() == 0

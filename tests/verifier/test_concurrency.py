@@ -25,8 +25,6 @@ from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock
 from .billing_workers import charge_calls, charge_until_killed
 from .invariants import assert_ledger_invariants
 
-pytestmark = pytest.mark.slow
-
 
 def run_threads(count: int, work: Callable[[], Any] | Callable[[int], Any], *,
                 indexed: bool = False) -> list[Any]:
@@ -82,6 +80,7 @@ def count_calls(engine: Engine, jti: str) -> int:
                                 .where(calls.c.jti == jti)).scalar_one())
 
 
+@pytest.mark.slow
 def test_threads_and_processes_never_spend_past_the_limit(
         engine: Engine, db_url: str, keys_dir: Path, verifier: Verifier, offline: Verifier,
         new_token: Callable[..., IssuedToken], clock: FakeClock) -> None:
@@ -116,6 +115,7 @@ def test_threads_and_processes_never_spend_past_the_limit(
     assert count_calls(engine, token.claims.jti) == 100
 
 
+@pytest.mark.slow
 def test_hold_then_capture_under_threads_never_overdraws(
         engine: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
         clock: FakeClock) -> None:
@@ -207,6 +207,7 @@ def test_retried_mcp_request_without_a_key_is_billed_once(
     assert token_state(engine, token, clock) == (2 * PRICE, 0, USDC - 2 * PRICE)
 
 
+@pytest.mark.slow
 def test_kill_9_in_a_charge_loop_leaves_no_half_written_charge(
         engine: Engine, db_url: str, keys_dir: Path, verifier: Verifier, offline: Verifier,
         new_token: Callable[..., IssuedToken], clock: FakeClock) -> None:
@@ -256,3 +257,13 @@ def test_conflicting_key_in_a_storm_never_debits(
 
     assert run_threads(8, conflicting) == ["IDEMPOTENCY_CONFLICT"] * 8
     assert token_state(engine, token, clock) == (PRICE, 0, USDC - PRICE)
+
+
+def test_same_key_from_another_token_is_a_conflict_not_someone_elses_receipt(
+        engine: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
+        clock: FakeClock) -> None:
+    mine, theirs = new_token(limit=USDC), new_token(limit=USDC, agent="agent-2")
+    verifier.charge(mine.token, "search", args={"q": 1}, idempotency_key="shared")
+    with pytest.raises(IdempotencyConflict):
+        verifier.charge(theirs.token, "search", args={"q": 1}, idempotency_key="shared")
+    assert token_state(engine, theirs, clock) == (0, 0, USDC)

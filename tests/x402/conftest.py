@@ -197,11 +197,11 @@ def wire() -> Iterator[Wire]:
 @pytest.fixture
 def payer_for(verifier: Verifier, signer: SpySigner,
               policy: PaymentPolicy) -> Callable[..., X402Payer]:
-    """``payer_for(token, request_id=None, policy=None)``: the resolver for one agent call."""
+    """``payer_for(token, request_id=None, allow=None)``: the resolver for one agent call."""
 
     def make(token: str, *, request_id: str | None = None,
-             policy_: PaymentPolicy | None = None, tool: str = "search") -> X402Payer:
+             allow: PaymentPolicy | None = None, tool: str = "search") -> X402Payer:
         budget = AgentBudget(verifier, token, tool=tool)
-        return X402Payer(budget, signer, policy_ or policy, request_id=request_id)
+        return X402Payer(budget, signer, allow or policy, request_id=request_id)
 
     return make

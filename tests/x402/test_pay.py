@@ -18,6 +18,7 @@ from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.ledger.ops import balance, token_account
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402 import (
+    AgentBudget,
     AsyncX402Transport,
     PaymentPolicy,
     X402AlreadyPaid,
@@ -26,6 +27,7 @@ from mcpbill_cli.x402 import (
     X402Payer,
     X402SettlementFailed,
     X402Transport,
+    parse_challenge,
     payment_of,
 )
 
@@ -96,15 +98,16 @@ def test_a_replayed_payment_is_refused_by_the_peer(
         peer: Peer, new_token: NewToken, payer_for: PayerFor, wire: Wire, route: str) -> None:
     response = get(payer_for(new_token().token), peer.url + route, wire)
     assert response.status_code == 200
-    [paid] = [r for r in wire.sent if len(r.headers) and (
-        "payment-signature" in r.headers or "x-payment" in r.headers)]
+    [payment] = wire.payments()
     before = peer.balances()
 
-    replay = httpx.get(peer.url + route, headers={
-        k: v for k, v in paid.headers.items() if k in ("payment-signature", "x-payment")})
+    name = "PAYMENT-SIGNATURE" if route.startswith("/v2") else "X-PAYMENT"
+    replay = httpx.get(peer.url + route, headers={name: payment})
 
     assert replay.status_code == 402
     assert "paid content" not in replay.text
+    reason = parse_challenge(replay.headers, replay.content).error or ""
+    assert reason.startswith("invalid_exact_evm_"), reason  # v2: ..._nonce_already_used
     assert peer.balances() == before
 
 
@@ -184,23 +187,21 @@ def test_a_free_route_is_fetched_without_paying(peer: Peer, verifier: Verifier,
 
 
 def test_a_payment_the_peer_refuses_is_voided_and_nothing_is_charged(
-        peer: Peer, verifier: Verifier, new_token: NewToken, payer_for: PayerFor,
+        peer: Peer, verifier: Verifier, new_token: NewToken, policy: PaymentPolicy,
         wire: Wire) -> None:
     """The operator's wallet cannot cover it: the facilitator refuses, the hold is released."""
     from eth_account import Account
 
-    from mcpbill_cli.x402.billing import AgentBudget
-
     issued = new_token()
     broke = SpySigner(Account.create())
-    payer = payer_for(issued.token)
-    payer = X402Payer(AgentBudget(verifier, issued.token, tool="search"), broke, payer.policy)
+    payer = X402Payer(AgentBudget(verifier, issued.token, tool="search"), broke, policy)
     before = peer.balances()
 
     with pytest.raises(X402SettlementFailed) as refused:
         get(payer, peer.url + "/v2/report", wire)
 
-    assert refused.value.details["status"] in (402, 500)
+    assert refused.value.details["status"] == 402
+    assert refused.value.details["errorReason"].startswith("invalid_exact_evm_")
     assert len(broke.signed) == 1
     assert spent_and_held(verifier, issued.claims.jti) == (0, 0)
     assert call_rows(verifier, issued.claims.jti)[0]["status"] == "voided"
@@ -232,7 +233,7 @@ def test_an_asset_the_operator_did_not_allow_is_never_paid(
     other = PaymentPolicy((AllowedAsset("eip155:43113", "0x" + "11" * 20, "USD Coin", "2"),),
                           max_amount=MAX_PER_CALL)
     with pytest.raises(X402NoAcceptableOption) as refused:
-        get(payer_for(new_token().token, policy_=other), peer.url + "/v2/report", wire)
+        get(payer_for(new_token().token, allow=other), peer.url + "/v2/report", wire)
 
     assert [o["reason"] for o in refused.value.details["options"]] == ["asset"]
     assert signer.signed == [] and wire.payments() == []

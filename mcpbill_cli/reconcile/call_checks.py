@@ -1,0 +1,161 @@
+"""Checks on the window's charges: against their token (revoked? expired?) and against the
+price their recorded pricing version gives.
+
+Both read the grouped calls; only a group that fails is looked up row by row, by token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from mcpbill_cli.clock import aware
+from mcpbill_cli.errors import BillingError
+from mcpbill_cli.ledger.models import calls, pricing_versions, tokens
+from mcpbill_cli.money import format_usd
+from mcpbill_cli.pricing import Price, PricingTable, quote
+from mcpbill_cli.reconcile.calls_pass import CallGroup, TokenTally
+from mcpbill_cli.reconcile.collect import Findings
+from mcpbill_cli.reconcile.model import Filters, Row, Window
+
+c = calls.c
+tk = tokens.c
+IN_CHUNKS = 500
+
+
+def check_token_validity(conn: Connection, window: Window, tallies: Mapping[str, TokenTally],
+                         leeway: int, filters: Filters, found: Findings) -> None:
+    """No call charged after its token was revoked, or expired beyond the leeway."""
+    charged = [jti for jti, tally in tallies.items() if tally.last_charged_at is not None]
+    for token in _tokens(conn, charged):
+        last = tallies[token.jti].last_charged_at
+        assert last is not None  # noqa: S101 - selected above
+        if token.revoked_at is not None and last > aware(token.revoked_at):
+            _list_charges_after(conn, window, token.jti, aware(token.revoked_at), filters,
+                                "charge_after_revocation", "revoked", found)
+        expiry = aware(token.expires_at) + timedelta(seconds=leeway)
+        if last > expiry:
+            _list_charges_after(conn, window, token.jti, expiry, filters,
+                                "charge_after_expiry", "expired (with leeway)", found)
+
+
+def _tokens(conn: Connection, jtis: list[str]) -> Iterable[Any]:
+    for start in range(0, len(jtis), IN_CHUNKS):
+        chunk = jtis[start:start + IN_CHUNKS]
+        yield from conn.execute(select(tk.jti, tk.revoked_at, tk.expires_at)
+                                .where(tk.jti.in_(chunk)))
+
+
+def _list_charges_after(conn: Connection, window: Window, jti: str, moment: datetime,
+                        filters: Filters, name: str, what: str, found: Findings) -> None:
+    query = _filtered(select(c.id, c.created_at).where(
+        c.jti == jti, c.status == "captured", c.created_at > moment,
+        c.created_at >= window.start, c.created_at < window.end), filters)
+    for row in conn.execute(query):
+        found.add(name, Row("calls", row.id, f"charged at {aware(row.created_at).isoformat()}, "
+                                             f"token {jti} {what} at {moment.isoformat()}"))
+
+
+def _filtered(query: Any, filters: Filters) -> Any:
+    for column, value in ((c.tenant, filters.tenant), (c.agent, filters.agent),
+                          (c.tool, filters.tool)):
+        if value is not None:
+            query = query.where(column == value)
+    return query
+
+
+class PriceCheck:
+    """Re-price each captured group with its recorded pricing version. Failing groups are
+    counted at once and looked up (by token) in :meth:`list_rows`, after the scan."""
+
+    def __init__(self, conn: Connection, window: Window, found: Findings) -> None:
+        self.conn = conn
+        self.window = window
+        self.found = found
+        self._documents: dict[int, str] = dict(conn.execute(select(  # type: ignore[arg-type]
+            pricing_versions.c.version, pricing_versions.c.document)).all())
+        self._tables: dict[int, PricingTable | None] = {}
+        self._failed: list[tuple[str, CallGroup, str]] = []
+
+    def check(self, group: CallGroup) -> None:
+        if group.status != "captured":
+            return
+        table = self._table(group.pricing_version)
+        if table is None:
+            self._fail("pricing_version_unrecorded", group,
+                       f"pricing version {group.pricing_version} is not recorded")
+            return
+        problem = price_problem(table, group)
+        if problem is not None:
+            self._fail("charge_price_mismatch", group, problem)
+
+    def list_rows(self) -> None:
+        """Name the calls of the failing groups, as many as the findings may list."""
+        for name, group, detail in self._failed:
+            if self.found.full(name):
+                continue
+            query = select(c.id).where(
+                c.jti == group.jti, c.tool == group.tool, c.status == "captured",
+                c.pricing_version == group.pricing_version, _same(c.units, group.units),
+                _same(c.amount_held, group.amount_held), _same(c.amount, group.amount),
+                c.created_at >= self.window.start, c.created_at < self.window.end,
+            ).limit(self.found.max_rows)
+            for call_id in self.conn.execute(query).scalars():
+                self.found.show(name, Row("calls", call_id, detail))
+
+    def _fail(self, name: str, group: CallGroup, detail: str) -> None:
+        self.found.note(name, group.count)
+        if sum(1 for failed in self._failed if failed[0] == name) < self.found.max_rows:
+            self._failed.append((name, group, detail))
+
+    def _table(self, version: int) -> PricingTable | None:
+        if version not in self._tables:
+            document = self._documents.get(version)
+            self._tables[version] = (None if document is None else
+                                     PricingTable.from_document(json.loads(document)))
+        return self._tables[version]
+
+
+def _same(column: Any, value: Any) -> Any:
+    return column.is_(None) if value is None else column == value
+
+
+def price_problem(table: PricingTable, group: CallGroup) -> str | None:
+    """Why this captured group's amounts are not what ``table`` prices, or None if they are."""
+    try:
+        price = quote(table, group.tool, tenant=group.tenant)
+    except BillingError as exc:
+        return f"charged {format_usd(group.amount or 0)}: {exc.message}"
+    expected_held, expected = _expected(price, group)
+    if group.amount_held != expected_held and not _within_hold(price, group):
+        return (f"held {format_usd(group.amount_held or 0)}, version {table.version} holds "
+                f"{format_usd(expected_held)} for {group.tool}")
+    if group.amount != expected:
+        return (f"charged {format_usd(group.amount or 0)}, version {table.version} prices it "
+                f"{format_usd(expected)} ({price.rule})")
+    return None
+
+
+def _expected(price: Price, group: CallGroup) -> tuple[int, int]:
+    """(the hold, the charge) this price gives the group's call: a charge holds what it posts;
+    a hold holds the price (per-unit tools: at most the maximum) and posts what the units
+    reported cost, capped by the hold (no units reported: the whole hold)."""
+    held = group.amount_held or 0
+    if group.kind == "charge":
+        amount = price.amount if group.units is None else price.for_units(group.units)
+        return amount, amount
+    if price.per_unit is None:
+        return price.amount, price.amount
+    if group.units is None:
+        return price.amount, held
+    return price.amount, min(price.for_units(group.units), held)
+
+
+def _within_hold(price: Price, group: CallGroup) -> bool:
+    """A per-unit hold may be smaller than the maximum (``max_units`` was given)."""
+    return (group.kind != "charge" and price.per_unit is not None
+            and 0 <= (group.amount_held or 0) <= price.amount)

@@ -1,0 +1,123 @@
+"""The audit hash chain: the window's segment re-hashed (in parallel slices), or the whole
+chain from genesis with ``audit.verify_chain``.
+
+A segment is every event from the lowest to the highest ``seq`` whose ``at`` falls in the
+window. Its first event must link to the last event before it (whose own hash is taken as
+written: ``--chain full``, or the anchor a previous reconcile printed, vouches for the past).
+Every event's hash is recomputed with ``audit.event_hash``, so an edited, inserted or deleted
+event in the window is found. ``audit_head`` is checked against the last event every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+from sqlalchemy import Connection, Engine, func, select
+
+from mcpbill_cli.ledger import audit
+from mcpbill_cli.ledger.models import audit_head, events
+from mcpbill_cli.reconcile.collect import Findings
+from mcpbill_cli.reconcile.model import Row, Window
+from mcpbill_cli.reconcile.parallel import SliceResult, engine_url, run_slices, worker_engine
+
+e = events.c
+BATCH = 5000
+PARALLEL_FROM = 50_000  # events: fewer are faster re-hashed here than by spawned workers
+NAME = "audit_chain_broken"
+
+
+@dataclass(frozen=True)
+class Segment:
+    url: str
+    first: int
+    last: int
+    max_rows: int
+
+
+def window_seqs(conn: Connection, window: Window) -> tuple[int, int] | None:
+    """The lowest and highest ``seq`` of the events in the window (None: no event)."""
+    low, high = conn.execute(select(func.min(e.seq), func.max(e.seq)).where(
+        e.at >= window.start, e.at < window.end)).one()
+    return None if low is None else (int(low), int(high))
+
+
+def check_window_chain(engine: Engine, conn: Connection, window: Window, jobs: int,
+                       found: Findings) -> tuple[int, str] | None:
+    """Re-hash the window's segment; returns the anchor ``(seq, hash)`` of its last event."""
+    check_head(conn, found)
+    span = window_seqs(conn, window)
+    if span is None:
+        return None
+    first, last = span
+    parts = max(1, jobs) if last - first + 1 >= PARALLEL_FROM else 1
+    url = engine_url(engine)
+    slices = [Segment(url, lo, hi, found.max_rows) for lo, hi in _split(first, last, parts)]
+    work = partial(_verify_slice, conn) if parts == 1 else _verify_in_worker
+    for result in run_slices(work, slices, jobs):
+        _merge(result, found)
+    anchor = conn.execute(select(e.hash).where(e.seq == last)).scalar_one()
+    return last, str(anchor)
+
+
+def check_full_chain(conn: Connection, found: Findings) -> None:
+    """Walk the whole chain from genesis (one process, streaming)."""
+    for chain_break in audit.verify_chain(conn, batch=BATCH):
+        found.add(NAME, Row("events", str(chain_break.seq), chain_break.problem))
+
+
+def check_head(conn: Connection, found: Findings) -> None:
+    """``audit_head`` must name the last event and its hash (events deleted from the end)."""
+    head = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).one()
+    highest = conn.execute(select(func.max(e.seq))).scalar_one() or 0
+    written = conn.execute(select(e.hash).where(e.seq == head.seq)).scalar_one_or_none()
+    if highest != head.seq or (head.seq and written != head.hash):
+        found.add(NAME, Row("events", str(head.seq), "the chain's end does not match "
+                                                     "audit_head (events deleted from the end, "
+                                                     "or the head was edited)"))
+
+
+def _split(first: int, last: int, parts: int) -> Iterator[tuple[int, int]]:
+    size = (last - first + parts) // parts
+    for lo in range(first, last + 1, size):
+        yield lo, min(lo + size - 1, last)
+
+
+def _verify_in_worker(segment: Segment) -> SliceResult:
+    with worker_engine(segment.url).connect() as conn:
+        return _verify_slice(conn, segment)
+
+
+def _verify_slice(conn: Connection, segment: Segment) -> SliceResult:
+    result = SliceResult()
+    for chain_break in verify_segment(conn, segment.first, segment.last):
+        result.add(NAME, Row("events", str(chain_break.seq), chain_break.problem),
+                   segment.max_rows)
+    return result
+
+
+def verify_segment(conn: Connection, first: int, last: int) -> Iterator[audit.ChainBreak]:
+    """Like ``audit.verify_chain`` but for ``seq`` in ``[first, last]``, linked to the last
+    event before ``first``."""
+    before = conn.execute(select(e.seq, e.hash).where(e.seq < first).order_by(e.seq.desc())
+                          .limit(1)).one_or_none()
+    expected_seq, expected_prev = (before.seq + 1, before.hash) if before else (1, audit.GENESIS)
+    query = (select(events).where(e.seq >= first, e.seq <= last).order_by(e.seq)
+             .execution_options(yield_per=BATCH))
+    for row in conn.execute(query).mappings():
+        if row["seq"] != expected_seq:
+            yield audit.ChainBreak(expected_seq,
+                                   f"events {expected_seq}..{row['seq'] - 1} are missing")
+        if row["prev_hash"] != expected_prev:
+            yield audit.ChainBreak(row["seq"], "prev_hash does not match the event before")
+        if audit.event_hash(row["prev_hash"], dict(row)) != row["hash"]:
+            yield audit.ChainBreak(row["seq"], "the event was changed after it was written")
+        expected_prev, expected_seq = row["hash"], row["seq"] + 1
+
+
+def _merge(result: SliceResult, found: Findings) -> None:
+    for name, count in result.counts.items():
+        found.note(name, count)
+        for row in result.rows[name]:
+            found.show(name, row)

@@ -1,0 +1,192 @@
+"""What a reconcile is asked (:class:`ReconcileOptions`) and what it answers
+(:class:`ReconcileReport`): frozen dataclasses, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from mcpbill_cli.errors import InvalidInput
+
+Severity = Literal["error", "warning"]
+ChainMode = Literal["window", "full", "off"]
+DIMENSIONS = ("tenant", "agent", "tool", "token")
+
+# Every finding reconcile can report, with its severity and what it means. The README's
+# "Reconcile" section is this table.
+FINDINGS: dict[str, tuple[Severity, str]] = {
+    "ledger_unbalanced": ("error", "all account balances do not sum to zero"),
+    "account_overdrawn": ("error", "a guarded account (tenant, token) is below zero"),
+    "account_sums_mismatch": ("error", "an account's stored sums differ from its transfers"),
+    "token_overspent": ("error", "a token spent more than its limit"),
+    "captured_call_incomplete": ("error", "a captured call lacks exactly one posted transfer "
+                                          "or its receipt"),
+    "charge_without_call": ("error", "a posted charge or hold whose call row is missing"),
+    "call_without_transfer": ("error", "a held call whose hold transfer is missing"),
+    "charge_amount_mismatch": ("error", "a call's amount differs from the transfer that moved "
+                                        "its money"),
+    "idempotency_key_two_outcomes": ("error", "one call (one idempotency key) has two outcomes, "
+                                              "e.g. captured and voided, or charged twice"),
+    "charge_after_revocation": ("error", "a call was charged after its token was revoked"),
+    "charge_after_expiry": ("error", "a call was charged after its token expired (past the "
+                                     "leeway)"),
+    "charge_price_mismatch": ("error", "a charge differs from the price its recorded pricing "
+                                       "version gives"),
+    "pricing_version_unrecorded": ("warning", "a call's pricing version is not in the ledger, "
+                                              "so its price cannot be checked"),
+    "hold_past_timeout": ("warning", "a hold is still pending after its timeout (run `mcpbill "
+                                     "token sweep`)"),
+    "deposit_mismatch": ("error", "a credited deposit and its ledger transfer disagree, or a "
+                                  "chain deposit transfer has no deposit row"),
+    "deposit_unlinked": ("warning", "USDC arrived from a sender linked to no tenant and is not "
+                                    "credited yet"),
+    "deposit_not_on_chain": ("error", "--onchain: the deposit's transaction does not show that "
+                                      "transfer on chain"),
+    "deposit_unconfirmed": ("warning", "--onchain: the deposit's transaction is no longer final "
+                                       "(a reorg?)"),
+    "deposit_address_balance_differs": ("warning", "--onchain: the deposit address holds other "
+                                                   "than what was recorded (withdrawn, or not "
+                                                   "synced yet)"),
+    "audit_chain_broken": ("error", "an audit event was edited, inserted or deleted"),
+    "receipt_invalid": ("error", "--verify-receipts: a receipt's signature does not verify"),
+    "receipt_mismatch": ("error", "--verify-receipts: a receipt's signed fields differ from its "
+                                  "call"),
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open span of time ``[start, end)``, both timezone-aware."""
+
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise InvalidInput("a reconcile window needs timezone-aware times")
+        if self.end <= self.start:
+            raise InvalidInput(f"the window ends ({self.end.isoformat()}) before it starts "
+                               f"({self.start.isoformat()}): --to must be after --from")
+
+    @classmethod
+    def day(cls, day: date) -> Window:
+        """The UTC day ``day``, midnight to midnight."""
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        return cls(start, start + timedelta(days=1))
+
+    def __contains__(self, moment: datetime) -> bool:
+        return self.start <= moment < self.end
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Narrow the totals and the findings about calls. Ledger-wide checks ignore filters."""
+
+    tenant: str | None = None
+    agent: str | None = None
+    tool: str | None = None
+
+    def admits(self, tenant: str | None, agent: str | None, tool: str | None = None) -> bool:
+        return ((self.tenant is None or self.tenant == tenant)
+                and (self.agent is None or self.agent == agent)
+                and (self.tool is None or tool is None or self.tool == tool))
+
+
+# (caip2) -> (the chain, a Web3 or wallet Rpc reading it); built by the CLI from config.toml.
+ChainReader = Callable[[str], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    """What to reconcile and how thoroughly.
+
+    ``keys_dir`` holds keyring.json: needed only with ``verify_receipts``. ``now`` is when
+    holds count as stale. ``leeway`` (seconds) is the expiry grace the verifier allows.
+    ``jobs`` processes re-hash the audit chain and verify receipts once there are enough rows.
+    """
+
+    window: Window
+    filters: Filters = Filters()
+    chain: ChainMode = "window"
+    verify_receipts: bool = False
+    keys_dir: Path | None = None
+    onchain: ChainReader | None = None
+    leeway: int = 30
+    now: datetime | None = None
+    jobs: int = 1
+    max_rows: int = 100
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row a finding concerns: its table, its key there, and what is wrong with it."""
+
+    table: str
+    key: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A named discrepancy. ``rows`` lists at most ``max_rows`` of the ``count`` rows found."""
+
+    name: str
+    severity: Severity
+    message: str
+    rows: tuple[Row, ...]
+    count: int
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Calls made in the window and what became of them; amounts in micro-USDC.
+
+    ``charged`` is what the window's calls were captured for; ``voided`` and ``expired`` count
+    holds released; ``held`` those still pending; ``refusals`` count refused calls by code.
+    ``deposits`` counts deposits credited in the window, ``deposited`` their amount.
+    """
+
+    calls: int = 0
+    captured: int = 0
+    charged: int = 0
+    voided: int = 0
+    expired: int = 0
+    held: int = 0
+    refusals: Mapping[str, int] = field(default_factory=dict)
+    deposits: int = 0
+    deposited: int = 0
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """Totals and findings of one reconcile. ``totals[dimension][key]``: dimension is one of
+    tenant, agent (keyed ``tenant/agent``), tool, token (keyed by jti).
+
+    ``checks`` names the checks that ran, ``skipped`` those that did not and why.
+    ``audit_anchor`` is ``(seq, hash)`` of the last audit event in the window: keep it, and
+    a later rewrite of the chain up to there cannot go unnoticed.
+    """
+
+    window: Window
+    filters: Filters
+    summary: Totals
+    totals: Mapping[str, Mapping[str, Totals]]
+    findings: tuple[Finding, ...]
+    checks: tuple[str, ...]
+    skipped: tuple[str, ...]
+    audit_anchor: tuple[int, str] | None
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for f in self.findings if f.severity == "error")
+
+    @property
+    def warnings(self) -> int:
+        return sum(1 for f in self.findings if f.severity == "warning")
+
+    def failed(self, *, strict: bool = False) -> bool:
+        """True when a CI gate should fail: any error, or with ``strict`` any warning too."""
+        return bool(self.errors or (strict and self.warnings))

@@ -1,0 +1,143 @@
+"""The reconcile itself: run every check over one window, in one read snapshot, and return the
+report. Never prints, never exits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine, text
+
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.errors import InvalidInput
+from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.reconcile import chain_check, deposit_check, ledger_checks, receipt_check
+from mcpbill_cli.reconcile.call_checks import PriceCheck, check_token_validity
+from mcpbill_cli.reconcile.calls_pass import TokenTally, call_groups
+from mcpbill_cli.reconcile.collect import Findings
+from mcpbill_cli.reconcile.model import ReconcileOptions, ReconcileReport
+from mcpbill_cli.reconcile.totals import TotalsBuilder
+from mcpbill_cli.reconcile.transfers_pass import (
+    TransferTally,
+    tenant_name,
+    token_jti,
+    transfer_groups,
+)
+
+
+PG_WORK_MEM = "64MB"  # per hash or sort of the reconcile's queries, on the server
+
+
+@dataclass
+class _Run:
+    options: ReconcileOptions
+    found: Findings
+    totals: TotalsBuilder = field(default_factory=TotalsBuilder)
+    by_calls: dict[str, TokenTally] = field(default_factory=dict)
+    by_transfers: dict[str, TransferTally] = field(default_factory=dict)
+    chain_accounts: set[str] = field(default_factory=set)
+    checks: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    anchor: tuple[int, str] | None = None
+
+
+def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
+    """Reconcile the ledger over ``options.window``; see :mod:`mcpbill_cli.reconcile`."""
+    if options.verify_receipts and options.keys_dir is None:
+        raise InvalidInput("verifying receipts needs the key ring: pass keys_dir")
+    run = _Run(options, Findings(options.max_rows))
+    with reading(engine) as conn:
+        _snapshot(conn)
+        _read_calls(conn, run)
+        _read_transfers(conn, run)
+        _ledger_checks(conn, run)
+        _chain(engine, conn, run)
+        _receipts(engine, conn, run)
+        _onchain(engine, conn, run)
+    summary, totals = run.totals.frozen()
+    return ReconcileReport(window=options.window, filters=options.filters, summary=summary,
+                           totals=totals, findings=run.found.findings(),
+                           checks=tuple(run.checks), skipped=tuple(run.skipped),
+                           audit_anchor=run.anchor)
+
+
+def _snapshot(conn: Connection) -> None:
+    """Every query of this reconcile sees the same committed state (SQLite's read transaction
+    already does: WAL snapshots). On PostgreSQL, plan the streamed aggregates for the whole
+    result (not the first rows) with room to hash their groups in memory."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        conn.execute(text("SET LOCAL cursor_tuple_fraction = 1"))
+        conn.execute(text(f"SET LOCAL work_mem = '{PG_WORK_MEM}'"))
+
+
+def _read_calls(conn: Connection, run: _Run) -> None:
+    window, filters = run.options.window, run.options.filters
+    prices = PriceCheck(conn, window, run.found)
+    for group in call_groups(conn, window):
+        run.by_calls.setdefault(group.jti, TokenTally(group.tenant, group.agent)).add(group)
+        if filters.admits(group.tenant, group.agent, group.tool):
+            run.totals.add_calls(group)
+            prices.check(group)
+    prices.list_rows()
+    run.totals.add_refusals(conn, window, filters)
+    run.checks += ["prices"]
+
+
+def _read_transfers(conn: Connection, run: _Run) -> None:
+    for group in transfer_groups(conn, run.options.window):
+        if group.code == "deposit":
+            run.chain_accounts.add(group.debit)
+            tenant = tenant_name(group.credit)
+            if tenant is not None and run.options.filters.admits(tenant, None):
+                run.totals.add_deposit(tenant, group.count, group.amount)
+        jti = token_jti(group.debit)
+        if jti is not None:
+            run.by_transfers.setdefault(jti, TransferTally()).add(group)
+
+
+def _ledger_checks(conn: Connection, run: _Run) -> None:
+    options, found = run.options, run.found
+    ledger_checks.check_control_totals(conn, options.window, run.by_calls, run.by_transfers,
+                                       found)
+    check_token_validity(conn, options.window, run.by_calls, options.leeway, options.filters,
+                         found)
+    ledger_checks.check_invariants(conn, found)
+    ledger_checks.check_stale_holds(conn, options.now or utcnow(), found)
+    deposit_check.check_deposits(conn, options.window, run.chain_accounts, options.filters,
+                                 found)
+    run.checks += ["control_totals", "token_validity", "ledger_invariants", "stale_holds",
+                   "deposits"]
+
+
+def _chain(engine: Engine, conn: Connection, run: _Run) -> None:
+    mode = run.options.chain
+    if mode == "off":
+        run.skipped.append("audit_chain (--chain off)")
+        return
+    if mode == "full":
+        chain_check.check_head(conn, run.found)
+        chain_check.check_full_chain(conn, run.found)
+    else:
+        run.anchor = chain_check.check_window_chain(engine, conn, run.options.window,
+                                                    run.options.jobs, run.found)
+    run.checks.append(f"audit_chain ({mode})")
+
+
+def _receipts(engine: Engine, conn: Connection, run: _Run) -> None:
+    options = run.options
+    if not options.verify_receipts or options.keys_dir is None:
+        run.skipped.append("receipt_signatures (--verify-receipts)")
+        return
+    receipt_check.check_receipts(engine, conn, options.window, options.filters,
+                                 options.keys_dir, options.jobs, run.found)
+    run.checks.append("receipt_signatures")
+
+
+def _onchain(engine: Engine, conn: Connection, run: _Run) -> None:
+    options = run.options
+    if options.onchain is None:
+        run.skipped.append("onchain (--onchain)")
+        return
+    deposit_check.check_onchain(engine, conn, options.window, options.filters,
+                                options.onchain, run.found)
+    run.checks.append("onchain")

@@ -1,0 +1,80 @@
+"""Totals per tenant, agent, tool and token, summed from the grouped calls, the refusals in the
+audit trail and the deposits; each total is a frozen :class:`Totals` at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, func, select
+
+from mcpbill_cli.ledger.models import events
+from mcpbill_cli.reconcile.calls_pass import CallGroup
+from mcpbill_cli.reconcile.model import DIMENSIONS, Filters, Totals, Window
+
+e = events.c
+STATUS_FIELDS = {"captured": "captured", "voided": "voided", "expired": "expired",
+                 "held": "held"}
+
+
+@dataclass
+class _Counter:
+    calls: int = 0
+    captured: int = 0
+    charged: int = 0
+    voided: int = 0
+    expired: int = 0
+    held: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    deposits: int = 0
+    deposited: int = 0
+
+    def frozen(self) -> Totals:
+        return Totals(self.calls, self.captured, self.charged, self.voided, self.expired,
+                      self.held, dict(sorted(self.refusals.items())), self.deposits,
+                      self.deposited)
+
+
+class TotalsBuilder:
+    """Adds calls, refusals and deposits into the summary and each dimension's totals."""
+
+    def __init__(self) -> None:
+        self.summary = _Counter()
+        self.by: dict[str, dict[str, _Counter]] = {d: {} for d in DIMENSIONS}
+
+    def _counters(self, tenant: str | None, agent: str | None, tool: str | None,
+                  jti: str | None) -> Iterator[_Counter]:
+        yield self.summary
+        keys = {"tenant": tenant, "agent": f"{tenant}/{agent}" if tenant and agent else None,
+                "tool": tool, "token": jti}
+        for dimension, key in keys.items():
+            if key is not None:
+                yield self.by[dimension].setdefault(key, _Counter())
+
+    def add_calls(self, group: CallGroup) -> None:
+        for counter in self._counters(group.tenant, group.agent, group.tool, group.jti):
+            counter.calls += group.count
+            status = STATUS_FIELDS.get(group.status)
+            if status is not None:
+                setattr(counter, status, getattr(counter, status) + group.count)
+            counter.charged += group.charged
+
+    def add_refusals(self, conn: Connection, window: Window, filters: Filters) -> None:
+        query = (select(e.jti, e.tenant, e.agent, e.tool, e.code, func.count())
+                 .where(e.at >= window.start, e.at < window.end, e.kind == "refusal")
+                 .group_by(e.jti, e.tenant, e.agent, e.tool, e.code))
+        for jti, tenant, agent, tool, code, count in conn.execute(query):
+            if not filters.admits(tenant, agent, tool):
+                continue
+            for counter in self._counters(tenant, agent, tool, jti):
+                counter.refusals[code or "?"] = counter.refusals.get(code or "?", 0) + count
+
+    def add_deposit(self, tenant: str, count: int, amount: int) -> None:
+        for counter in self._counters(tenant, None, None, None):
+            counter.deposits += count
+            counter.deposited += amount
+
+    def frozen(self) -> tuple[Totals, dict[str, dict[str, Totals]]]:
+        totals = {dimension: {key: counter.frozen() for key, counter in sorted(keyed.items())}
+                  for dimension, keyed in self.by.items()}
+        return self.summary.frozen(), totals
