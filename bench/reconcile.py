@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 
 from mcpbill_cli.keys import KeyRing, init_keyring
 from mcpbill_cli.ledger.audit import GENESIS, event_hash
-from mcpbill_cli.ledger.engine import make_engine, writing
+from mcpbill_cli.ledger.engine import make_engine
 from mcpbill_cli.ledger.models import (
     accounts,
     audit_head,

@@ -4,15 +4,17 @@ init -> fund $10 -> issue a $0.05 token -> start ``examples/paid_server.py`` as 
 over stdio, with the token in its ``AGENT_CREDIT_JWT`` as an agent host would pass it -> call
 its tools with the MCP client until the budget runs out -> the structured BUDGET_EXCEEDED an
 agent reads, and follows: it keeps to the fallback tools that still fit, until none does ->
-the ledger's invariants. The core yields steps; the CLI decides how they look.
+reconcile (totals, the ledger's invariants, the audit chain, every receipt's signature).
+The core yields steps; the CLI decides how they look.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,10 +57,14 @@ class DemoStep:
     data: dict[str, Any]
 
 
-def run_demo(home: Path) -> Iterator[DemoStep]:
-    """Yield each step as it happens; the ledger under ``home`` is left for inspection."""
+def run_demo(home: Path) -> Generator[DemoStep, None, None]:
+    """Yield each step as it happens; the ledger under ``home`` is left for inspection.
+
+    Closing the generator early stops the MCP session and the server process cleanly.
+    """
     from mcpbill_cli.setup import initialize
 
+    started = utcnow()
     # Always a SQLite file in the demo home: a demo never writes into a configured ledger.
     settings = load_settings(home=home, db_url=f"sqlite:///{home / LEDGER_FILE}", mode="demo")
     init = initialize(settings, alg="EdDSA", mode="demo", force=False)
@@ -66,7 +72,7 @@ def run_demo(home: Path) -> Iterator[DemoStep]:
     token, jti = _fund_and_issue(settings)
     yield DemoStep("setup", f"funded $10.00 and issued {jti} with a $0.05 limit", {"jti": jti})
     yield from _agent_session(settings, token)
-    yield _summary(settings)
+    yield _summary(settings, started)
 
 
 def _fund_and_issue(settings: Settings) -> tuple[str, str]:
@@ -171,17 +177,30 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _summary(settings: Settings) -> DemoStep:
-    from mcpbill_cli.ledger import credit, invariants
+def _summary(settings: Settings, started: datetime) -> DemoStep:
+    """Reconcile everything the demo did, receipts and audit chain included."""
+    from mcpbill_cli.ledger import credit
     from mcpbill_cli.ledger.engine import make_engine, reading
+    from mcpbill_cli.money import format_usd
+    from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 
+    window = Window(started, utcnow() + timedelta(seconds=1))  # the end is excluded
     engine = make_engine(settings.db_url)
     try:
         with reading(engine) as conn:
             balance = credit.tenant_balance(conn, DEFAULT_TENANT)
-            problems = invariants.check(conn)
+        report = reconcile(engine, ReconcileOptions(
+            window=window, chain="full", verify_receipts=True, keys_dir=settings.keys_dir))
     finally:
         engine.dispose()
-    return DemoStep("summary", "ledger invariants hold" if not problems else
-                    f"{len(problems)} invariant violation(s)",
-                    {"balance": balance, "violations": problems})
+    totals = report.summary
+    found = "no findings" if not report.findings else f"{len(report.findings)} finding(s)"
+    return DemoStep("summary", f"reconciled: {totals.captured} calls charged "
+                    f"{format_usd(totals.charged)} USDC, {totals.voided} voided, "
+                    f"{sum(totals.refusals.values())} refused; {found}", {
+                        "balance": balance, "violations": list(report.findings),
+                        "reconcile": {"calls": totals.calls, "captured": totals.captured,
+                                      "chargedUsd": format_usd(totals.charged),
+                                      "voided": totals.voided,
+                                      "refusals": dict(totals.refusals),
+                                      "checks": list(report.checks)}})

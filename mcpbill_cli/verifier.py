@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +37,7 @@ from mcpbill_cli.errors import (
     IdempotencyConflict,
     InsufficientFunds,
     InvalidCreditToken,
+    InvalidInput,
     NotFound,
     ScopeDenied,
     StatelessVerifier,
@@ -88,7 +89,9 @@ class Hold:
     """A reservation of ``amount`` on the token, captured or voided once the tool has run.
 
     ``replayed`` is set when the idempotency key had already been charged: the tool may run
-    again, nothing more is billed, and capture returns that original receipt.
+    again, nothing more is billed, and capture returns that original receipt. ``joined`` is set
+    whenever the key existed before this call (charged, or still held by another attempt): a
+    caller that must not act twice, like a downstream payment, refuses to go on.
     """
 
     id: str
@@ -101,6 +104,7 @@ class Hold:
     timeout_at: datetime | None
     price: Price
     replayed: Receipt | None = None
+    joined: bool = False
 
 
 @dataclass
@@ -195,14 +199,18 @@ class Verifier:
 
     def hold(self, token: str, tool: str, *, args: Any = None,
              idempotency_key: str | None = None, request_id: str | int | None = None,
-             max_units: int | None = None) -> Hold:
+             max_units: int | None = None, amount: int | None = None,
+             rule: str = "x402") -> Hold:
         """Reserve the call's price (for a per-unit tool: ``max_units`` or its maximum).
 
+        ``amount`` (micro-USDC) holds that instead of the table's price, under price rule
+        ``rule``, undiscounted: for a downstream payment whose price comes from elsewhere (an
+        x402 challenge). Scope, limit, daily cap, idempotency and audit apply as to any call.
         An uncaptured hold voids itself after ``hold_timeout`` seconds.
         """
         with self._refusals_recorded(token, tool):
             claims, price, call = self._new_call(token, tool, args, idempotency_key, request_id,
-                                                 max_units)
+                                                 max_units, amount=amount, rule=rule)
             now = self._clock()
             timeout_at = now + timedelta(seconds=self.hold_timeout)
             try:
@@ -213,8 +221,14 @@ class Verifier:
             return Hold(call.id, claims.jti, claims.tenant, claims.agent, tool, call.amount,
                         call.idempotency_key, timeout_at, price)
 
-    def capture(self, hold: Hold, *, units: int | None = None) -> Receipt:
-        """Post a hold (per-unit tools: for ``units``; the rest returns) and sign the receipt."""
+    def capture(self, hold: Hold, *, units: int | None = None,
+                settlement: Mapping[str, Any] | None = None) -> Receipt:
+        """Post a hold (per-unit tools: for ``units``; the rest returns) and sign the receipt.
+
+        ``settlement`` (a downstream payment's on-chain settlement, with at least
+        ``transaction`` and ``network``) is signed into the receipt: its ``transaction`` and
+        ``network`` become the receipt's, and the whole mapping its ``settlement``.
+        """
         if hold.replayed is not None:
             return hold.replayed
         amount = None if units is None else min(hold.price.for_units(units), hold.amount)
@@ -225,7 +239,8 @@ class Verifier:
                     _, _, jws = calls.capture(
                         conn, hold.id, amount=amount, units=units, at=now,
                         sign=lambda posted, remaining: self._sign(
-                            hold, posted, remaining, now, f"capture:{hold.id}").jws)
+                            hold, posted, remaining, now, f"capture:{hold.id}",
+                            settlement).jws)
             except calls.Replay:
                 return self.receipt_for(hold.id) or self._lost(hold.id)
             return read_receipt(jws)
@@ -385,12 +400,14 @@ class Verifier:
         return remaining
 
     def _new_call(self, token: str, tool: str, args: Any, key: str | None,
-                  request_id: str | int | None, units: int | None
+                  request_id: str | int | None, units: int | None, *,
+                  amount: int | None = None, rule: str = "x402"
                   ) -> tuple[Claims, Price, calls.NewCall]:
         self._ledger()
         claims = self._claims(token, tool)
-        price = self._price(claims, tool, units)
         table = self.pricing.current()
+        price = (self._price(claims, tool, units) if amount is None
+                 else Price(_positive(amount), rule, table.version))
         if table.version not in self._recorded_versions:
             self._record_pricing_version(table)
         request_hash = _request_hash(claims.jti, tool, args)
@@ -462,10 +479,11 @@ class Verifier:
         receipt = read_receipt(stored.receipt) if stored.receipt else None
         timeout = aware(stored.timeout_at) if stored.timeout_at else None
         return Hold(stored.id, claims.jti, claims.tenant, claims.agent, stored.tool,
-                    stored.amount_held, stored.idempotency_key, timeout, price, receipt)
+                    stored.amount_held, stored.idempotency_key, timeout, price, receipt,
+                    joined=True)
 
     def _sign(self, call: calls.NewCall | Hold, amount: int, remaining: int, at: datetime,
-              transaction: str) -> Receipt:
+              transaction: str, settlement: Mapping[str, Any] | None = None) -> Receipt:
         signer = self.keys.signer()
         if signer is None:
             raise StatelessVerifier("no signing key: receipts need the operator's key ring")
@@ -479,6 +497,9 @@ class Verifier:
             "priceRule": _rule_of(call), "demo": self.demo,
             "timestamp": at.isoformat().replace("+00:00", "Z"),
         }
+        if settlement is not None:
+            claims.update(transaction=settlement["transaction"], network=settlement["network"],
+                          settlement=dict(settlement))
         return sign_receipt(claims, kid=info.kid, alg=info.alg, key=key)
 
     def _lost(self, call_id: str) -> Receipt:
@@ -559,6 +580,13 @@ def _derived_key(request_hash: str, request_id: str | int | None) -> str:
     if request_id is None:
         return f"rnd_{uuid.uuid4().hex}"
     return "drv_" + hashlib.sha256(f"{request_hash}:{request_id}".encode()).hexdigest()[:40]
+
+
+def _positive(amount: int) -> int:
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidInput(f"a hold amount must be a positive integer of micro-USDC, "
+                           f"not {amount!r}")
+    return amount
 
 
 def _version_of(call: calls.NewCall | Hold) -> int:

@@ -20,6 +20,7 @@ from mcpbill_cli.cli import (
     revoke,
     token,
     wallet,
+    x402,
 )
 from mcpbill_cli.cli.output import envelope, exit_code, print_json
 from mcpbill_cli.cli.state import State
@@ -67,6 +68,7 @@ app.add_typer(wallet.app, name="wallet")
 app.add_typer(token.app, name="token")
 app.add_typer(pricing.app, name="pricing")
 app.add_typer(receipt.app, name="receipt")
+app.add_typer(x402.app, name="x402")
 app.command("revoke")(revoke.revoke)
 app.add_typer(revoke.revocations_app, name="revocations")
 app.command("completion")(completion.completion)

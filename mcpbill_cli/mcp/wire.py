@@ -103,4 +103,6 @@ def _bearer(request: Any) -> str | None:
     if not isinstance(headers, Mapping):
         return None
     scheme, _, value = str(headers.get("authorization", "")).partition(" ")
-    return value.strip() or None if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None

@@ -25,6 +25,7 @@ from mcpbill_cli.reconcile.model import Filters, Row, Window
 c = calls.c
 tk = tokens.c
 IN_CHUNKS = 500
+VERDICT_CACHE = 100_000  # priced group shapes remembered (per-unit tools make many)
 
 
 def check_token_validity(conn: Connection, window: Window, tallies: Mapping[str, TokenTally],
@@ -32,8 +33,7 @@ def check_token_validity(conn: Connection, window: Window, tallies: Mapping[str,
     """No call charged after its token was revoked, or expired beyond the leeway."""
     charged = [jti for jti, tally in tallies.items() if tally.last_charged_at is not None]
     for token in _tokens(conn, charged):
-        last = tallies[token.jti].last_charged_at
-        assert last is not None  # noqa: S101 - selected above
+        last = aware(tallies[token.jti].last_charged_at)  # type: ignore[arg-type]
         if token.revoked_at is not None and last > aware(token.revoked_at):
             _list_charges_after(conn, window, token.jti, aware(token.revoked_at), filters,
                                 "charge_after_revocation", "revoked", found)
@@ -54,7 +54,8 @@ def _list_charges_after(conn: Connection, window: Window, jti: str, moment: date
                         filters: Filters, name: str, what: str, found: Findings) -> None:
     query = _filtered(select(c.id, c.created_at).where(
         c.jti == jti, c.status == "captured", c.created_at > moment,
-        c.created_at >= window.start, c.created_at < window.end), filters)
+        c.created_at >= window.start, c.created_at < window.end), filters
+    ).order_by(c.created_at, c.id)
     for row in conn.execute(query):
         found.add(name, Row("calls", row.id, f"charged at {aware(row.created_at).isoformat()}, "
                                              f"token {jti} {what} at {moment.isoformat()}"))
@@ -79,19 +80,28 @@ class PriceCheck:
         self._documents: dict[int, str] = dict(conn.execute(select(  # type: ignore[arg-type]
             pricing_versions.c.version, pricing_versions.c.document)).all())
         self._tables: dict[int, PricingTable | None] = {}
+        self._verdicts: dict[tuple[Any, ...], tuple[str, str] | None] = {}
         self._failed: list[tuple[str, CallGroup, str]] = []
 
     def check(self, group: CallGroup) -> None:
         if group.status != "captured":
             return
+        key = group[1:4] + group[5:10]  # all but the token, the status and the counts
+        if key not in self._verdicts:
+            self._verdicts[key] = self._verdict(group)
+        verdict = self._verdicts[key]
+        if verdict is not None:
+            self._fail(*verdict, group)
+        if len(self._verdicts) > VERDICT_CACHE:
+            self._verdicts = {}
+
+    def _verdict(self, group: CallGroup) -> tuple[str, str] | None:
         table = self._table(group.pricing_version)
         if table is None:
-            self._fail("pricing_version_unrecorded", group,
-                       f"pricing version {group.pricing_version} is not recorded")
-            return
+            return ("pricing_version_unrecorded",
+                    f"pricing version {group.pricing_version} is not recorded")
         problem = price_problem(table, group)
-        if problem is not None:
-            self._fail("charge_price_mismatch", group, problem)
+        return None if problem is None else ("charge_price_mismatch", problem)
 
     def list_rows(self) -> None:
         """Name the calls of the failing groups, as many as the findings may list."""
@@ -103,12 +113,12 @@ class PriceCheck:
                 c.pricing_version == group.pricing_version, _same(c.units, group.units),
                 _same(c.amount_held, group.amount_held), _same(c.amount, group.amount),
                 c.created_at >= self.window.start, c.created_at < self.window.end,
-            ).limit(self.found.max_rows)
+            ).order_by(c.created_at, c.id).limit(self.found.max_rows)
             for call_id in self.conn.execute(query).scalars():
                 self.found.show(name, Row("calls", call_id, detail))
 
-    def _fail(self, name: str, group: CallGroup, detail: str) -> None:
-        self.found.note(name, group.count)
+    def _fail(self, name: str, detail: str, group: CallGroup) -> None:
+        self.found.note(name, group.calls)
         if sum(1 for failed in self._failed if failed[0] == name) < self.found.max_rows:
             self._failed.append((name, group, detail))
 
@@ -131,12 +141,12 @@ def price_problem(table: PricingTable, group: CallGroup) -> str | None:
     except BillingError as exc:
         return f"charged {format_usd(group.amount or 0)}: {exc.message}"
     expected_held, expected = _expected(price, group)
-    if group.amount_held != expected_held and not _within_hold(price, group):
-        return (f"held {format_usd(group.amount_held or 0)}, version {table.version} holds "
-                f"{format_usd(expected_held)} for {group.tool}")
     if group.amount != expected:
         return (f"charged {format_usd(group.amount or 0)}, version {table.version} prices it "
                 f"{format_usd(expected)} ({price.rule})")
+    if group.amount_held != expected_held and not _within_hold(price, group):
+        return (f"held {format_usd(group.amount_held or 0)}, version {table.version} holds "
+                f"{format_usd(expected_held)} for {group.tool}")
     return None
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import Connection, case, func, literal, select
 
-from mcpbill_cli.clock import aware
 from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.reconcile.model import Window
 
@@ -22,11 +22,11 @@ BATCH = 2000
 CHARGE_PREFIX = "charge:"
 
 
-@dataclass(frozen=True)
-class CallGroup:
+class CallGroup(NamedTuple):
     """Calls alike in everything reconcile checks. ``kind`` is ``charge`` (charged at once) or
     ``hold`` (held, then captured, voided or expired). Units and the held amount are kept for
-    captured calls only (they decide the price); ``held_total`` sums every call's hold."""
+    captured calls only (they decide the price); ``held_total`` sums every call's hold.
+    ``last_at`` is the latest call's ``created_at`` as the driver returns it."""
 
     jti: str
     tenant: str
@@ -38,13 +38,13 @@ class CallGroup:
     units: int | None
     amount_held: int | None
     amount: int | None
-    count: int
+    calls: int
     held_total: int
     last_at: datetime
 
     @property
     def charged(self) -> int:
-        return (self.amount or 0) * self.count
+        return (self.amount or 0) * self.calls
 
 
 def call_groups(conn: Connection, window: Window) -> Iterator[CallGroup]:
@@ -56,18 +56,13 @@ def call_groups(conn: Connection, window: Window) -> Iterator[CallGroup]:
     held = case((captured, c.amount_held)).label("amount_held")
     keys = (c.jti, c.tenant, c.agent, c.tool, c.status, kind, c.pricing_version, units, held,
             c.amount)
-    query = (select(*keys, func.count().label("n"),
-                    func.sum(c.amount_held).label("held_total"),
-                    func.max(c.created_at).label("last_at"))
+    query = (select(*keys, func.count(), func.coalesce(func.sum(c.amount_held), 0),
+                    func.max(c.created_at))
              .where(c.created_at >= window.start, c.created_at < window.end)
              .group_by(*keys)
              .execution_options(yield_per=BATCH))
     for row in conn.execute(query):
-        yield CallGroup(
-            jti=row.jti, tenant=row.tenant, agent=row.agent, tool=row.tool, status=row.status,
-            kind=row.kind, pricing_version=row.pricing_version, units=row.units,
-            amount_held=row.amount_held, amount=row.amount, count=int(row.n),
-            held_total=int(row.held_total or 0), last_at=aware(row.last_at))
+        yield CallGroup._make(row)
 
 
 @dataclass
@@ -85,14 +80,14 @@ class TokenTally:
     def add(self, group: CallGroup) -> None:
         if group.status == "captured":
             totals = self.charges if group.kind == "charge" else self.captures
-            totals[0] += group.count
+            totals[0] += group.calls
             totals[1] += group.charged
             if self.last_charged_at is None or group.last_at > self.last_charged_at:
                 self.last_charged_at = group.last_at
         if group.kind == "hold":
             status = HOLD_STATUS_OF_CALL.get(group.status, group.status)
             hold = self.holds.setdefault(status, [0, 0])
-            hold[0] += group.count
+            hold[0] += group.calls
             hold[1] += group.held_total
 
 

@@ -47,7 +47,7 @@ def _credited_with_transfers(window: Window, filters: Filters) -> Any:
                     t.code)
              .select_from(deposits.outerjoin(transfers, t.id == d.transfer_id))
              .where(d.status == "credited", d.credited_at >= window.start,
-                    d.credited_at < window.end))
+                    d.credited_at < window.end).order_by(d.credited_at, d.id))
     return query if filters.tenant is None else query.where(d.tenant == filters.tenant)
 
 
@@ -67,12 +67,14 @@ def _transfers_without_rows(window: Window, account: str) -> Any:
     return (select(t.id, t.amount, t.credit_account_id)
             .select_from(transfers.outerjoin(deposits, d.transfer_id == t.id))
             .where(t.debit_account_id == account, t.code == "deposit", d.id.is_(None),
-                   t.created_at >= window.start, t.created_at < window.end))
+                   t.created_at >= window.start, t.created_at < window.end)
+            .order_by(t.created_at, t.id))
 
 
 def _unlinked(window: Window) -> Any:
     return select(d.id, d.amount, d.sender).where(
-        d.status == "unlinked", d.seen_at >= window.start, d.seen_at < window.end)
+        d.status == "unlinked", d.seen_at >= window.start, d.seen_at < window.end
+    ).order_by(d.seen_at, d.id)
 
 
 def check_onchain(engine: Engine, conn: Connection, window: Window, filters: Filters,

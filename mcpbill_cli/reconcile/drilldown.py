@@ -47,7 +47,8 @@ def _calls_with_transfers(jti: str, window: Window) -> Any:
                    held.c.amount.label("hold_amount"), held.c.status.label("hold_status"))
             .select_from(calls.outerjoin(spend, spend.c.id == c.transfer_id)
                          .outerjoin(held, held.c.id == literal("hold:") + c.id))
-            .where(c.jti == jti, _in_window(c.created_at, window)))
+            .where(c.jti == jti, _in_window(c.created_at, window))
+            .order_by(c.created_at, c.id))
 
 
 def _check_call(row: Any, found: Findings) -> None:
@@ -75,7 +76,8 @@ def _transfers_with_calls(jti: str, window: Window) -> Any:
                    c.status, c.transfer_id)
             .select_from(transfers.outerjoin(calls, c.id == t.ref))
             .where(t.debit_account_id == TOKEN_PREFIX + jti,
-                   t.code.in_((*SPEND_CODES, "hold")), _in_window(t.created_at, window)))
+                   t.code.in_((*SPEND_CODES, "hold")), _in_window(t.created_at, window))
+            .order_by(t.created_at, t.id))
 
 
 def _check_transfer(row: Any, found: Findings) -> None:
@@ -99,7 +101,8 @@ def _resolutions_with_holds(jti: str, window: Window) -> Any:
                    held.c.amount.label("hold_amount"), held.c.ref.label("call_id"))
             .select_from(transfers.outerjoin(held, held.c.id == t.pending_id))
             .where(t.debit_account_id == TOKEN_PREFIX + jti, t.code.in_(tuple(RESOLVES_TO)),
-                   _in_window(t.created_at, window)))
+                   _in_window(t.created_at, window))
+            .order_by(t.created_at, t.id))
 
 
 def _check_resolution(row: Any, found: Findings) -> None:

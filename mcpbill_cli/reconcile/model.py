@@ -77,8 +77,42 @@ class Window:
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
         return cls(start, start + timedelta(days=1))
 
+    @classmethod
+    def parse(cls, *, day: str | None = None, since: str | None = None,
+              until: str | None = None, now: datetime) -> Window:
+        """A window from the CLI's ``--date`` or ``--from``/``--to`` (dates or ISO 8601 times;
+        a time without an offset is UTC). Nothing given: yesterday, UTC. No ``--to``: now."""
+        if day is not None:
+            if since is not None or until is not None:
+                raise InvalidInput("give --date, or --from (and --to), not both")
+            return cls.day(_parse_day(day))
+        if since is None:
+            if until is not None:
+                raise InvalidInput("--to needs --from")
+            return cls.day(now.astimezone(UTC).date() - timedelta(days=1))
+        return cls(parse_moment(since, "--from"),
+                   parse_moment(until, "--to") if until is not None else now)
+
     def __contains__(self, moment: datetime) -> bool:
         return self.start <= moment < self.end
+
+
+def _parse_day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"--date {text!r} is not a day: use YYYY-MM-DD, like 2026-11-27",
+                           field="date") from None
+
+
+def parse_moment(text: str, option: str) -> datetime:
+    """A date (its midnight) or an ISO 8601 time, in UTC unless it says otherwise."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{option} {text!r} is not a time: use YYYY-MM-DD or an ISO 8601 "
+                           "time like 2026-11-27T06:00:00Z", field=option) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from mcpbill_cli.reconcile.transfers_pass import (
     transfer_groups,
 )
 
-
 PG_WORK_MEM = "64MB"  # per hash or sort of the reconcile's queries, on the server
 
 

@@ -36,28 +36,24 @@ class _Counter:
 
 
 class TotalsBuilder:
-    """Adds calls, refusals and deposits into the summary and each dimension's totals."""
+    """Adds calls, refusals and deposits into the summary and each dimension's totals.
+
+    Calls are first summed per (tenant, agent, tool, token, status), one dictionary update
+    per group, and rolled up into the dimensions once, in :meth:`frozen`.
+    """
 
     def __init__(self) -> None:
         self.summary = _Counter()
         self.by: dict[str, dict[str, _Counter]] = {d: {} for d in DIMENSIONS}
-
-    def _counters(self, tenant: str | None, agent: str | None, tool: str | None,
-                  jti: str | None) -> Iterator[_Counter]:
-        yield self.summary
-        keys = {"tenant": tenant, "agent": f"{tenant}/{agent}" if tenant and agent else None,
-                "tool": tool, "token": jti}
-        for dimension, key in keys.items():
-            if key is not None:
-                yield self.by[dimension].setdefault(key, _Counter())
+        self._calls: dict[tuple[str, str, str, str, str], list[int]] = {}
 
     def add_calls(self, group: CallGroup) -> None:
-        for counter in self._counters(group.tenant, group.agent, group.tool, group.jti):
-            counter.calls += group.count
-            status = STATUS_FIELDS.get(group.status)
-            if status is not None:
-                setattr(counter, status, getattr(counter, status) + group.count)
-            counter.charged += group.charged
+        key = (group.tenant, group.agent, group.tool, group.jti, group.status)
+        sums = self._calls.get(key)
+        if sums is None:
+            sums = self._calls[key] = [0, 0]
+        sums[0] += group.calls
+        sums[1] += group.charged
 
     def add_refusals(self, conn: Connection, window: Window, filters: Filters) -> None:
         query = (select(e.jti, e.tenant, e.agent, e.tool, e.code, func.count())
@@ -75,6 +71,23 @@ class TotalsBuilder:
             counter.deposited += amount
 
     def frozen(self) -> tuple[Totals, dict[str, dict[str, Totals]]]:
+        for (tenant, agent, tool, jti, status), (count, charged) in self._calls.items():
+            field_name = STATUS_FIELDS.get(status)
+            for counter in self._counters(tenant, agent, tool, jti):
+                counter.calls += count
+                counter.charged += charged
+                if field_name is not None:
+                    setattr(counter, field_name, getattr(counter, field_name) + count)
+        self._calls = {}
         totals = {dimension: {key: counter.frozen() for key, counter in sorted(keyed.items())}
                   for dimension, keyed in self.by.items()}
         return self.summary.frozen(), totals
+
+    def _counters(self, tenant: str | None, agent: str | None, tool: str | None,
+                  jti: str | None) -> Iterator[_Counter]:
+        yield self.summary
+        keys = {"tenant": tenant, "agent": f"{tenant}/{agent}" if tenant and agent else None,
+                "tool": tool, "token": jti}
+        for dimension, key in keys.items():
+            if key is not None:
+                yield self.by[dimension].setdefault(key, _Counter())

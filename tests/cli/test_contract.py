@@ -94,8 +94,9 @@ def charge_once(token: str) -> Receipt:
         verifier.close()
 
 
-# Commands that need a live chain succeed in tests/wallet (over anvil), not here.
-NEEDS_A_CHAIN = {("wallet", "sync")}
+# Commands that need a live chain or a paid HTTP peer succeed in tests/wallet and tests/x402
+# (over anvil), not here.
+NEEDS_A_CHAIN = {("wallet", "sync"), ("x402", "fetch")}
 
 
 def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_home: Path,
@@ -159,6 +160,6 @@ def test_readme_exit_code_table_matches_the_cli() -> None:
     for line in (ROOT / "README.md").read_text().splitlines():
         row = re.match(r"\| (\d+) \| ([^|]*) \|", line)
         if row:
-            for code in re.findall(r"`([A-Z_]+)`", row.group(2)):
+            for code in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.group(2)):
                 documented[code] = int(row.group(1))
     assert documented == EXIT_CODES

@@ -19,7 +19,7 @@ from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, PRICE_META
 from mcpbill_cli.verifier import Verifier
 
-from .conftest import Connect, Mint, receipt_of, refusal_of, revoke, token_view, usd
+from .conftest import Agent, Connect, Mint, receipt_of, refusal_of, revoke, token_view, usd
 
 SEARCH = usd("0.002")
 
@@ -187,14 +187,14 @@ def test_twenty_concurrent_calls_on_one_token_never_overspend(
     token = mint(limit="0.01")  # five searches
     outcomes: list[str] = []
 
-    async def one(agent_call: object, n: int) -> None:
-        result = await agent_call("search", {"q": f"q{n}"})  # type: ignore[operator]
+    async def one(agent: Agent, n: int) -> None:
+        result = await agent.call("search", {"q": f"q{n}"})
         outcomes.append("paid" if not result.is_error else refusal_of(result)["code"])
 
     async def scenario() -> None:
         async with connect(token.token) as agent, anyio.create_task_group() as group:
             for n in range(20):
-                group.start_soon(one, agent.call, n)
+                group.start_soon(one, agent, n)
 
     anyio.run(scenario)
     assert Counter(outcomes) == {"paid": 5, "BUDGET_EXCEEDED": 15}

@@ -13,7 +13,7 @@ from mcpbill_cli.receipts import verify_receipt
 
 
 @pytest.mark.slow
-def test_the_demo_spends_the_whole_budget_over_mcp_and_the_ledger_reconciles(
+def test_the_demo_spends_its_budget_over_mcp_and_reconciles(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A configured ledger is never touched: the demo keeps to a SQLite file in its home.
     monkeypatch.setenv("MCPBILL_DB_URL", "postgresql+psycopg://nobody@127.0.0.1:1/never-used")
@@ -29,6 +29,8 @@ def test_the_demo_spends_the_whole_budget_over_mcp_and_the_ledger_reconciles(
     assert spent + parse_usd(final["remainingUsd"], allow_zero=True) == DEMO_LIMIT
     summary = steps[-1].data
     assert summary["violations"] == [] and summary["balance"].spent == spent
+    assert summary["reconcile"]["captured"] == len(receipts)
+    assert "receipt_signatures" in summary["reconcile"]["checks"]
     assert (home / "ledger.db").is_file() and (home / "server.log").is_file()
 
 

@@ -95,6 +95,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the subprocess is what is new
 def test_the_example_serves_streamable_http_from_the_command_line(
         home: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
     token = mint()

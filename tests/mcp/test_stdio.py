@@ -2,7 +2,8 @@
 
 The token is in ``AGENT_CREDIT_JWT``; the server and the test share the home and the ledger.
 Each server process costs seconds to start, so one session walks through several behaviours
-(each is also tested on its own over the in-memory and HTTP transports in ``test_billing.py``).
+(each is also tested on its own over the in-memory and HTTP transports in ``test_billing.py``,
+on both ledgers), and only that session runs on both ledgers here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, PRICE_META, TOKEN_META
 from mcpbill_cli.verifier import Verifier
 
 from .conftest import (
+    Agent,
     Mint,
     receipt_of,
     refusal_of,
@@ -74,6 +76,10 @@ def test_an_agent_session_over_stdio(home: Settings, mint: Mint, verifier: Verif
     assert_ledger_sound(engine)
 
 
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+@SQLITE_ONLY
 def test_refusals_over_stdio(home: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
     budget = mint(limit="0.003")
     scoped = mint(limit="0.05", scope=["status"], agent="agent-2")
@@ -95,20 +101,21 @@ def test_refusals_over_stdio(home: Settings, mint: Mint, engine: Engine, tmp_pat
 
 
 @pytest.mark.slow
+@SQLITE_ONLY
 def test_twenty_concurrent_calls_over_stdio_never_overspend(
         home: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
     token = mint(limit="0.01")
     outcomes: list[str] = []
 
-    async def one(call: Any, n: int) -> None:
-        result = await call("search", {"q": f"q{n}"})
+    async def one(agent: Agent, n: int) -> None:
+        result = await agent.call("search", {"q": f"q{n}"})
         outcomes.append("paid" if not result.is_error else refusal_of(result)["code"])
 
     async def session() -> None:
         async with stdio_agent(home, token.token, tmp_path / "server.log") as agent, \
                 anyio.create_task_group() as group:
             for n in range(20):
-                group.start_soon(one, agent.call, n)
+                group.start_soon(one, agent, n)
 
     anyio.run(session)
     assert Counter(outcomes) == {"paid": 5, "BUDGET_EXCEEDED": 15}
@@ -148,6 +155,7 @@ class RawStdio:
         self._log.close()
 
 
+@SQLITE_ONLY
 def test_a_request_resent_with_the_same_jsonrpc_id_is_billed_once(
         home: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
     token = mint(limit="0.05")

@@ -266,13 +266,14 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 99))
     def void(self, pick: int) -> None:
         h = self.holds[pick % len(self.holds)]
-        if h.status == "voided":
+        if h.status in ("voided", "expired"):
+            self.verifier.void(h.hold)  # a no-op: nothing was billed and nothing moves
+        elif h.status == "held":
             self.verifier.void(h.hold)
-        elif h.status == "held" and self.clock() < h.timeout_at:
-            self.verifier.void(h.hold)
-            h.status = "voided"
+            timed_out = self.clock() >= h.timeout_at
+            h.status = "expired" if timed_out else "voided"
             h.token.available += h.amount
-            event("void")
+            event("void after timeout" if timed_out else "void")
         else:
             self.refused("HOLD_NOT_ACTIVE", lambda: self.verifier.void(h.hold))
 

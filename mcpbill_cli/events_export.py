@@ -1,0 +1,114 @@
+"""The audit trail as JSON lines, for time-series stores and SIEMs: ``mcpbill events export``.
+
+One event per line, in ``seq`` order, streamed (the trail is never loaded whole). Schema
+version 1; fields may be added in a later version, none is renamed or removed within one:
+
+=================  ===========================================================================
+``schema_version`` ``1``
+``seq``            integer, the event's place in the hash chain (1, 2, ...); resume an export
+                   with ``--after-seq`` the last one shipped
+``at``             string, UTC, ``2026-11-27T12:00:00.123456Z`` (microseconds, always ``Z``)
+``kind``           string: ``charge``, ``hold``, ``capture``, ``void``, ``expire``, ``refusal``,
+                   ``deposit``, ``issue``, ``revoke``, ...
+``code``           string or null: the refusal's error code (``BUDGET_EXCEEDED``, ...)
+``tenant``         string or null
+``agent``          string or null
+``jti``            string or null: the credit token
+``token_hash``     string or null: sha256 of a token that could not be parsed (never the token)
+``tool``           string or null
+``amount_usd``     string or null: USDC as a decimal string, ``"0.01"``
+``amount_micro``   integer or null: the same amount in micro-USDC, for summing
+``ref``            string or null: the call (receipt id), deposit or token the event concerns
+``detail``         object or null: e.g. ``{"reason": "expired"}`` for a refusal
+``demo``           boolean: recorded in demo mode
+``prev_hash``      string: hex sha256 of the event before (64 zeros for the first)
+``hash``           string: hex sha256 of ``prev_hash`` and this event's canonical form
+=================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import Connection, select
+
+from mcpbill_cli.clock import aware
+from mcpbill_cli.fsutil import fsync_dir
+from mcpbill_cli.ledger.models import events
+from mcpbill_cli.money import format_usd
+
+SCHEMA_VERSION = 1
+BATCH = 5000
+e = events.c
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """How many events were written, and the first and last ``seq`` among them."""
+
+    events: int
+    first_seq: int | None
+    last_seq: int | None
+
+
+def export_events(conn: Connection, out: IO[str], *, since: datetime | None = None,
+                  until: datetime | None = None, after_seq: int | None = None) -> ExportResult:
+    """Write the events with ``since <= at < until`` and ``seq > after_seq`` to ``out``."""
+    query = select(events).order_by(e.seq).execution_options(yield_per=BATCH)
+    if since is not None:
+        query = query.where(e.at >= since)
+    if until is not None:
+        query = query.where(e.at < until)
+    if after_seq is not None:
+        query = query.where(e.seq > after_seq)
+    count, first, last = 0, None, None
+    for row in conn.execute(query).mappings():
+        out.write(event_line(row))
+        count += 1
+        first = row["seq"] if first is None else first
+        last = row["seq"]
+    return ExportResult(count, first, last)
+
+
+def event_line(row: Mapping[Any, Any]) -> str:
+    """One event in the export schema, as a JSON line (with its newline)."""
+    amount = row["amount"]
+    document = {
+        "schema_version": SCHEMA_VERSION, "seq": row["seq"], "at": _utc(row["at"]),
+        "kind": row["kind"], "code": row["code"], "tenant": row["tenant"],
+        "agent": row["agent"], "jti": row["jti"], "token_hash": row["token_hash"],
+        "tool": row["tool"], "amount_usd": None if amount is None else format_usd(amount),
+        "amount_micro": amount, "ref": row["ref"],
+        "detail": json.loads(row["detail"]) if row["detail"] else None,
+        "demo": bool(row["demo"]), "prev_hash": row["prev_hash"], "hash": row["hash"],
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def _utc(moment: datetime) -> str:
+    return aware(moment).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@contextmanager
+def atomic_text_file(path: Path) -> Iterator[IO[str]]:
+    """Stream into a temp file beside ``path``; renamed over it only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
