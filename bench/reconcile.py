@@ -3,22 +3,24 @@
 For each backend (SQLite file, PostgreSQL database) and each size (100k and ``--rows``, default
 1,000,000 calls in one UTC day), the script builds a ledger with bulk INSERTs in exactly the
 shape the verifier writes (calls with their signed receipts, transfers, the hash-chained audit
-events, accounts whose sums match, tokens, deposits, the pricing version), then prints:
+events, accounts whose sums match, tokens, deposits, the pricing version), then times, each in
+a fresh subprocess, against a bare ``SELECT tool, count(*), sum(amount) FROM calls WHERE
+created_at in the day GROUP BY tool`` over the same rows (best of three):
 
-- ``sql``: reconcile with ``--chain off`` (totals and every SQL check, no per-row Python work)
-  divided by the bare ``SELECT tool, count(*), sum(amount) FROM calls WHERE created_at in the
-  day GROUP BY tool`` (target <= 3);
-- ``default``: reconcile as `mcpbill reconcile --date` runs it (SQL checks plus the day's
-  segment of the audit hash chain, re-hashed in Python, in parallel);
-- ``receipts``: the same with ``--verify-receipts`` (every receipt's Ed25519 signature and its
-  claims against the row, in parallel), with receipts verified per second;
-- the peak RSS of each reconcile, each run in a fresh subprocess (``ru_maxrss``): it must not
-  grow with the row count.
+- ``window``: the day's own checks (``--window-only --chain off``): totals, prices, control
+  totals, revocation and expiry, stale holds, deposits: SQL aggregates only (target <= 3x);
+- ``sql``: plus ``ledger.invariants.check``, ledger-wide (its cost grows with the whole
+  ledger; here the ledger holds just this day);
+- ``default``: ``mcpbill reconcile --date`` as it runs: plus the day's audit chain re-hashed
+  in Python (``--jobs`` processes);
+- ``receipts``: plus ``--verify-receipts`` (every Ed25519 receipt signature and its fields),
+  reported also as calls verified per second;
 
-Every receipt is a real JWS signed over its own call's claims (signed in a process pool while
-generating): a reused pool of receipts would not match their calls, and the reconcile would
-rightly report them. Each generated ledger is reconciled once to prove it is clean (no
-finding) before anything is timed.
+and the peak RSS of each run (``ru_maxrss`` of its subprocess): it must not grow with rows.
+
+Every receipt is a real JWS signed over its own call's claims (in a process pool while
+generating; a reused pool of receipts would not match their calls, and reconcile would rightly
+report them). A run that reports any finding stops the bench: the generated day must be clean.
 
 Usage: python bench/reconcile.py [--rows N] [--backend sqlite|postgres|both] [--jobs J]
        [--no-receipts]
@@ -493,40 +495,50 @@ def _libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def bare_seconds(engine: Engine, day: Day) -> float:
+def bare_seconds(engine: Engine, start: datetime) -> float:
     """Best of three: the baseline GROUP BY over the day's calls."""
     query = text("SELECT tool, count(*), sum(amount) FROM calls "
                  "WHERE created_at >= :start AND created_at < :end GROUP BY tool")
-    params = {"start": day.start, "end": day.start + timedelta(days=1)}
+    bounds: dict[str, Any] = {"start": start, "end": start + timedelta(days=1)}
     if engine.dialect.name == "sqlite":
-        params = {k: v.strftime("%Y-%m-%d %H:%M:%S.%f") for k, v in params.items()}
+        bounds = {k: _sqlite_value(v) for k, v in bounds.items()}
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
         with engine.connect() as conn:
-            conn.execute(query, params).all()
+            conn.execute(query, bounds).all()
         best = min(best, time.perf_counter() - started)
     return best
 
 
 # --- reconciling in a subprocess ------------------------------------------------------------
 
+# What each measured run checks. "window": the day's own checks only (--window-only --chain
+# off); "sql": plus the ledger-wide invariants (--chain off); "default": `mcpbill reconcile
+# --date` as it runs (the day's audit chain re-hashed); "receipts": with --verify-receipts.
+MODES: dict[str, dict[str, Any]] = {
+    "window": {"chain": "off", "ledger_wide": False},
+    "sql": {"chain": "off"},
+    "default": {},
+    "receipts": {"verify_receipts": True},
+}
+
 
 def child(db_url: str, keys_dir: str, mode: str, jobs: int) -> None:
-    """Run one reconcile; print {seconds, maxrss_kib, findings, receipts} as JSON."""
+    """Run one reconcile; print {seconds, maxrss_kib, findings, calls} as JSON."""
     from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 
     engine = make_engine(db_url)
-    start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
-    options = ReconcileOptions(
-        window=Window(start, start + timedelta(days=1)), keys_dir=Path(keys_dir),
-        chain="off" if mode == "sql" else "window", verify_receipts=mode == "receipts",
-        jobs=jobs, now=start + timedelta(days=2))
+    window = Window.day(DAY)
+    options = ReconcileOptions(window=window, keys_dir=Path(keys_dir), jobs=jobs,
+                               now=window.end + timedelta(days=1), **MODES[mode])
     started = time.perf_counter()
     report = reconcile(engine, options)
     seconds = time.perf_counter() - started
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "maxrss_kib": maxrss,
+    print(json.dumps({"seconds": seconds,
+                      "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "workers_maxrss_kib": resource.getrusage(
+                          resource.RUSAGE_CHILDREN).ru_maxrss,
                       "findings": [(f.name, f.count) for f in report.findings],
                       "calls": report.summary.calls}))
 
@@ -541,7 +553,7 @@ def run_child(db_url: str, mode: str, jobs: int) -> dict[str, Any]:
     return result
 
 
-def bench(backend: str, rows: int, workdir: Path, jobs: int, receipts: bool) -> None:
+def bench(backend: str, rows: int, workdir: Path, jobs: int, modes: list[str]) -> None:
     url = fresh_database(backend, workdir, f"r{rows}")
     engine = make_engine(url)
     try:
@@ -550,20 +562,12 @@ def bench(backend: str, rows: int, workdir: Path, jobs: int, receipts: bool) -> 
         generate(engine, rows, KEYS_DIR, jobs=jobs)
         built = time.perf_counter() - started
         _analyze(engine)
-        bare = bare_seconds(engine, Day.__new__(Day) if False else _day_only(rows))
-        modes = ["sql", "default"] + (["receipts"] if receipts else [])
+        bare = bare_seconds(engine, datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC))
         results = {mode: run_child(url, mode, jobs) for mode in modes}
-        _print_row(backend, rows, built, bare, results)
+        _print_results(backend, rows, built, bare, results)
     finally:
         engine.dispose()
         drop_database(url)
-
-
-def _day_only(rows: int) -> Day:
-    day = Day.__new__(Day)
-    day.rows = rows
-    day.start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
-    return day
 
 
 def _analyze(engine: Engine) -> None:
@@ -574,23 +578,25 @@ def _analyze(engine: Engine) -> None:
             conn.exec_driver_sql("ANALYZE")
 
 
-def _print_row(backend: str, rows: int, built: float, bare: float,
-               results: dict[str, dict[str, Any]]) -> None:
-    parts = [f"{backend:8} {rows:>9,} calls  built in {built:6.1f} s  bare {bare:6.3f} s"]
+def _print_results(backend: str, rows: int, built: float, bare: float,
+                   results: dict[str, dict[str, Any]]) -> None:
+    print(f"{backend} {rows:,} calls (built in {built:.0f} s): bare GROUP BY {bare:.3f} s",
+          flush=True)
     for mode, result in results.items():
         seconds = result["seconds"]
-        parts.append(f"{mode} {seconds:7.2f} s = {seconds / bare:5.1f}x bare, "
-                     f"peak {result['maxrss_kib'] / 1024:5.0f} MiB")
-    if "receipts" in results:
+        workers = result["workers_maxrss_kib"]
+        print(f"  {mode:9} {seconds:8.2f} s = {seconds / bare:6.1f}x bare   "
+              f"peak RSS {result['maxrss_kib'] / 1024:5.0f} MiB"
+              + (f" (workers {workers / 1024:.0f} MiB)" if workers else ""), flush=True)
+    if "receipts" in results and "default" in results:
         extra = results["receipts"]["seconds"] - results["default"]["seconds"]
-        signed = sum(1 for _ in ()) or results["receipts"]["calls"]
-        parts.append(f"receipts ~{signed / max(extra, 1e-9):,.0f}/s")
-    print("\n    ".join(parts), flush=True)
+        print(f"  receipt signatures: {results['receipts']['calls'] / max(extra, 1e-9):,.0f} "
+              "calls/s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     global KEYS_DIR
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -599,19 +605,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = sorted({min(100_000, args.rows), args.rows})
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    modes = [m for m in MODES if not (args.no_receipts and m == "receipts")]
     with tempfile.TemporaryDirectory(prefix="mcpbill-bench-") as tmp:
         workdir = Path(tmp)
         KEYS_DIR = workdir / "keys"
         init_keyring(KEYS_DIR, "EdDSA", now=datetime.now(UTC), force=False).save()
-        print(f"reconcile a day; {args.jobs} job(s); target: sql <= 3x bare, peak flat")
+        print(f"reconcile one day; {args.jobs} job(s); target: sql <= 3x bare, flat peak RSS",
+              flush=True)
         for backend in backends:
             for rows in sizes:
-                bench(backend, rows, workdir, args.jobs, not args.no_receipts)
+                bench(backend, rows, workdir, args.jobs, modes)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        KEYS_DIR = Path(sys.argv[3])
         child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
     else:
         main()

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 DEMO_FUNDS = 10_000_000
 DEMO_LIMIT = 50_000
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_SERVER = PACKAGE_ROOT / "examples" / "paid_server.py"
+# A source checkout has examples/ next to the package; a wheel can carry it inside the package.
+EXAMPLE_SERVERS = (PACKAGE_ROOT / "examples" / "paid_server.py",
+                   Path(__file__).resolve().parent / "examples" / "paid_server.py")
 DEMO_TEXT = " ".join(["Agents pay for each MCP tool call in USDC from a prepaid, capped token."]
                      * 50)  # summarize is billed per word
 # A paid search, a free status, a per-word summarize, another search; round after round.
@@ -117,12 +119,17 @@ def _agent_session(settings: Settings, token: str) -> Iterator[DemoStep]:
 def _server_parameters(settings: Settings, token: str) -> Any:
     from mcp.client.stdio import StdioServerParameters
 
-    if not EXAMPLE_SERVER.is_file():
-        raise NotFound(f"the example server {EXAMPLE_SERVER} is missing; `mcpbill demo` runs it "
-                       "from a source checkout of mcpbill")
     env = {ENV_HOME: str(settings.home), ENV_DB_URL: settings.db_url, ENV_MODE: "demo",
            ENV_TOKEN: token, "PYTHONPATH": str(PACKAGE_ROOT)}
-    return StdioServerParameters(command=sys.executable, args=[str(EXAMPLE_SERVER)], env=env)
+    return StdioServerParameters(command=sys.executable, args=[str(_example_server())], env=env)
+
+
+def _example_server() -> Path:
+    for path in EXAMPLE_SERVERS:
+        if path.is_file():
+            return path
+    raise NotFound(f"the example server is missing (looked for {EXAMPLE_SERVERS[0]}); "
+                   "`mcpbill demo` runs it from a source checkout of mcpbill")
 
 
 def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
@@ -130,7 +137,7 @@ def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
 
     listed = portal.call(client.list_tools)
     prices = {tool.name: (tool.meta or {}).get(PRICE_META) for tool in listed.tools}
-    yield DemoStep("setup", f"started {EXAMPLE_SERVER.name} over stdio; its tools: "
+    yield DemoStep("setup", "started paid_server.py over stdio; its tools: "
                    + ", ".join(f"{name} {price['amountUsd'] if price else '?'}"
                                for name, price in prices.items()), {"tools": prices})
     plan = DEMO_CALLS

@@ -233,17 +233,20 @@ class Verifier:
             return hold.replayed
         amount = None if units is None else min(hold.price.for_units(units), hold.amount)
         now = self._clock()
+        signed: list[Receipt] = []
+
+        def sign(posted: int, remaining: int) -> str:
+            signed.append(self._sign(hold, posted, remaining, now, f"capture:{hold.id}",
+                                     settlement))
+            return signed[-1].jws
+
         with self._refusals_recorded(None, hold.tool, jti=hold.jti):
             try:
                 with writing(self._ledger()) as conn:
-                    _, _, jws = calls.capture(
-                        conn, hold.id, amount=amount, units=units, at=now,
-                        sign=lambda posted, remaining: self._sign(
-                            hold, posted, remaining, now, f"capture:{hold.id}",
-                            settlement).jws)
+                    calls.capture(conn, hold.id, amount=amount, units=units, at=now, sign=sign)
             except calls.Replay:
                 return self.receipt_for(hold.id) or self._lost(hold.id)
-            return read_receipt(jws)
+            return signed[-1]
 
     def void(self, hold: Hold) -> None:
         """Release a hold: the tool failed, nothing is billed.

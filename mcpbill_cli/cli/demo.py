@@ -21,10 +21,11 @@ def demo(
 ) -> None:
     """Init a demo home, fund $10, issue a $0.05 token, call a paid MCP server until it runs out.
 
-    Starts examples/paid_server.py over stdio and calls its tools with the MCP client. Shows
-    every signed receipt and each BUDGET_EXCEEDED refusal with its fallback hints (the agent
-    follows them until nothing fits), then checks the ledger's invariants. Needs the MCP SDK
-    (pip install 'mcpbill[mcp]').
+    Runs examples/paid_server.py over stdio and calls it with the MCP client, as an agent would.
+
+    Shows each signed receipt, each BUDGET_EXCEEDED with its fallback hints, then a reconcile.
+
+    Needs the MCP SDK: pip install 'mcpbill\\[mcp]'.
     """
     from mcpbill_cli.demo import run_demo
 

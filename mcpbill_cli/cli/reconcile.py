@@ -87,6 +87,9 @@ def reconcile(
     rpc_url: Annotated[str | None, typer.Option(
         "--rpc-url", envvar=ENV_RPC_URL, show_default="rpc_url of each chain in config.toml",
         help="JSON-RPC endpoint for --onchain.")] = None,
+    window_only: Annotated[bool, typer.Option(
+        "--window-only", help="Skip the ledger-wide invariants (balances, stored sums, token "
+                              "limits), which read every transfer ever made.")] = False,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", min=1, help="Processes for re-hashing events and verifying receipts.",
         show_default="the CPU count")] = None,
@@ -111,7 +114,7 @@ def reconcile(
         window=window, filters=Filters(tenant, agent, tool), chain=chain.value,
         verify_receipts=verify_receipts, keys_dir=st.settings.keys_dir,
         onchain=_chain_reader(st, rpc_url) if onchain else None, leeway=st.settings.leeway,
-        jobs=jobs or os.cpu_count() or 1, max_rows=max_rows)
+        jobs=jobs or os.cpu_count() or 1, max_rows=max_rows, ledger_wide=not window_only)
     if not as_json and not as_csv:
         say(f"reconciling {window.start.isoformat()} .. {window.end.isoformat()}")
     report = run_reconcile(st.engine(), options)

@@ -58,6 +58,24 @@ _ADD_DAILY = (
            d.amount + bindparam("b_amount") <= bindparam("b_cap"))
     .values(amount=d.amount + bindparam("b_amount"))
 )
+_STORED = select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tool, c.status,
+                 c.amount_held, c.amount, c.receipt, c.timeout_at)
+_STORED_BY_KEY = _STORED.where(c.idempotency_key == bindparam("b_key"))
+_STORED_BY_ID = _STORED.where(c.id == bindparam("b_id"))
+_RESOLVE_CALL = (update(calls).where(c.id == bindparam("b_id"), c.status == "held")
+                 .values(status=bindparam("b_status"), resolved_at=bindparam("b_at"))
+                 .returning(c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo,
+                            c.created_at))
+_RESOLVE_CALL_BEFORE_TIMEOUT = _RESOLVE_CALL.where(c.timeout_at > bindparam("b_at"))
+_RECORD_CAPTURE = update(calls).where(c.id == bindparam("b_id")).values(
+    amount=bindparam("b_amount"), units=bindparam("b_units"),
+    transfer_id=bindparam("b_transfer"), receipt=bindparam("b_receipt"))
+_LAPSED_HOLDS = (select(func.coalesce(func.sum(t.amount), 0))
+                 .where(t.debit_account_id == bindparam("b_account"), t.kind == "pending",
+                        t.status == "pending", t.timeout_at <= bindparam("b_now"))
+                 .scalar_subquery())
+_AVAILABLE_NOW = select(_AVAILABLE + _LAPSED_HOLDS, a.closed).where(
+    a.id == bindparam("b_account"))
 _SUB_DAILY = (update(tenant_daily_spend)
               .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
               .values(amount=d.amount - bindparam("b_amount")))
@@ -117,10 +135,10 @@ class StoredCall:
 
 def stored(conn: Connection, *, key: str | None = None, call_id: str | None = None
            ) -> StoredCall | None:
-    where = c.idempotency_key == key if key is not None else c.id == call_id
-    row = conn.execute(select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tool, c.status,
-                              c.amount_held, c.amount, c.receipt, c.timeout_at)
-                       .where(where)).one_or_none()
+    if key is not None:
+        row = conn.execute(_STORED_BY_KEY, {"b_key": key}).one_or_none()
+    else:
+        row = conn.execute(_STORED_BY_ID, {"b_id": call_id}).one_or_none()
     return StoredCall(**row._mapping) if row is not None else None
 
 
@@ -164,8 +182,8 @@ def capture(conn: Connection, call_id: str, *, amount: int | None, units: int | 
                               amount=amount, at=at)
     remaining = ops.balance(conn, ops.token_account(row.jti)).available
     receipt = sign(posted, remaining)
-    conn.execute(update(calls).where(c.id == call_id).values(
-        amount=posted, units=units, transfer_id=f"capture:{call_id}", receipt=receipt))
+    conn.execute(_RECORD_CAPTURE, {"b_id": call_id, "b_amount": posted, "b_units": units,
+                                   "b_transfer": f"capture:{call_id}", "b_receipt": receipt})
     _uncount_daily(conn, row, row.amount_held - posted)
     audit.record(conn, "capture", at=at, jti=row.jti, tenant=row.tenant, agent=row.agent,
                  tool=row.tool, amount=posted, ref=call_id, demo=row.demo)
@@ -200,11 +218,8 @@ def available(conn: Connection, jti: str, *, now: datetime) -> tuple[int, bool] 
     Holds past their timeout count as available: they are voided lazily, by the next hold
     that needs the money or by a sweep, and a quote should not refuse what a hold would get.
     """
-    account = ops.token_account(jti)
-    lapsed = (select(func.coalesce(func.sum(t.amount), 0))
-              .where(t.debit_account_id == account, t.kind == "pending", t.status == "pending",
-                     t.timeout_at <= now).scalar_subquery())
-    row = conn.execute(select(_AVAILABLE + lapsed, a.closed).where(a.id == account)).first()
+    row = conn.execute(_AVAILABLE_NOW, {"b_account": ops.token_account(jti), "b_now": now}
+                       ).first()
     return (int(row[0]), bool(row[1])) if row is not None else None
 
 
@@ -286,11 +301,8 @@ def _uncount_daily(conn: Connection, row: Any, amount: int) -> None:
 def _resolve_call(conn: Connection, call_id: str, status: str, at: datetime, *,
                   before_timeout: bool) -> Any:
     """Flip a held call to ``status`` once; Replay if it was captured, HoldNotActive else."""
-    query = update(calls).where(c.id == call_id, c.status == "held")
-    if before_timeout:
-        query = query.where(c.timeout_at > at)
-    row = conn.execute(query.values(status=status, resolved_at=at).returning(
-        c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo, c.created_at)).first()
+    query = _RESOLVE_CALL_BEFORE_TIMEOUT if before_timeout else _RESOLVE_CALL
+    row = conn.execute(query, {"b_id": call_id, "b_status": status, "b_at": at}).first()
     if row is not None:
         return row
     current = stored(conn, call_id=call_id)

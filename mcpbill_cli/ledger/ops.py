@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, insert, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, insert, or_, select, update
 
 from mcpbill_cli.errors import (
     HoldNotActive,
@@ -29,6 +29,24 @@ DEMO_SOURCE = "chain:demo"
 a = accounts.c
 t = transfers.c
 _AVAILABLE = a.credits_posted - a.debits_posted - a.debits_pending
+
+# Statements on the verifier's path are built once, with bind parameters, so every call reuses
+# their compiled form instead of building and hashing a new statement.
+_BALANCE = select(a.id, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
+                  a.closed).where(a.id == bindparam("b_account"))
+_BALANCE_FOR_UPDATE = _BALANCE.with_for_update()
+_RESOLVE = (update(transfers)
+            .where(t.id == bindparam("b_id"), t.kind == "pending", t.status == "pending")
+            .values(status=bindparam("b_status"))
+            .returning(t.id, t.debit_account_id, t.credit_account_id, t.amount, t.demo, t.ref))
+_RESOLVE_BEFORE_TIMEOUT = _RESOLVE.where(t.timeout_at > bindparam("b_at"))
+_INSERT_TRANSFER = insert(transfers)
+_SETTLE_DEBIT = update(accounts).where(a.id == bindparam("b_account")).values(
+    debits_pending=a.debits_pending - bindparam("b_pending"),
+    debits_posted=a.debits_posted + bindparam("b_posted"))
+_SETTLE_CREDIT = update(accounts).where(a.id == bindparam("b_account")).values(
+    credits_pending=a.credits_pending - bindparam("b_pending"),
+    credits_posted=a.credits_posted + bindparam("b_posted"))
 
 
 def tenant_account(tenant: str) -> str:
@@ -94,11 +112,8 @@ def ensure_account(
 
 
 def balance(conn: Connection, account: str, *, lock: bool = False) -> Balance:
-    query = select(a.id, a.debits_posted, a.credits_posted, a.debits_pending,
-                   a.credits_pending, a.closed).where(a.id == account)
-    if lock:
-        query = query.with_for_update()
-    row = conn.execute(query).one_or_none()
+    query = _BALANCE_FOR_UPDATE if lock else _BALANCE
+    row = conn.execute(query, {"b_account": account}).one_or_none()
     if row is None:
         raise NotFound(f"no account {account}")
     return Balance(*row)
@@ -238,12 +253,8 @@ def _same_transfer_or_conflict(conn: Connection, row: dict[str, Any]) -> None:
 
 def _resolve(conn: Connection, pending_id: str, status: str, at: datetime | None) -> Any:
     """Flip a pending transfer to ``status`` exactly once; refuse one resolved or timed out."""
-    query = update(transfers).where(t.id == pending_id, t.kind == "pending",
-                                    t.status == "pending")
-    if at is not None:
-        query = query.where(t.timeout_at > at)
-    row = conn.execute(query.values(status=status).returning(
-        t.id, t.debit_account_id, t.credit_account_id, t.amount, t.demo, t.ref)).one_or_none()
+    params = {"b_id": pending_id, "b_status": status, "b_at": at}
+    row = conn.execute(_RESOLVE if at is None else _RESOLVE_BEFORE_TIMEOUT, params).one_or_none()
     if row is None:
         current = conn.execute(select(t.status, t.timeout_at).where(t.id == pending_id)).first()
         state = "unknown" if current is None else (
@@ -254,17 +265,15 @@ def _resolve(conn: Connection, pending_id: str, status: str, at: datetime | None
 
 def _record_resolution(conn: Connection, id: str, pending: Any, amount: int, kind: str,
                        code: str, at: datetime) -> None:
-    conn.execute(insert(transfers).values(
-        id=id, debit_account_id=pending.debit_account_id,
-        credit_account_id=pending.credit_account_id, amount=amount, kind=kind,
-        pending_id=pending.id, code=code, ref=pending.ref, demo=pending.demo, created_at=at))
+    conn.execute(_INSERT_TRANSFER, {
+        "id": id, "debit_account_id": pending.debit_account_id,
+        "credit_account_id": pending.credit_account_id, "amount": amount, "kind": kind,
+        "pending_id": pending.id, "status": None, "timeout_at": None, "code": code,
+        "ref": pending.ref, "demo": pending.demo, "created_at": at})
 
 
 def _settle(conn: Connection, pending: Any, posted: int) -> None:
     """Turn a reservation into ``posted`` (0 for a void) on both sides; the rest is released."""
-    conn.execute(update(accounts).where(a.id == pending.debit_account_id).values(
-        debits_pending=a.debits_pending - pending.amount,
-        debits_posted=a.debits_posted + posted))
-    conn.execute(update(accounts).where(a.id == pending.credit_account_id).values(
-        credits_pending=a.credits_pending - pending.amount,
-        credits_posted=a.credits_posted + posted))
+    amounts = {"b_pending": pending.amount, "b_posted": posted}
+    conn.execute(_SETTLE_DEBIT, {"b_account": pending.debit_account_id, **amounts})
+    conn.execute(_SETTLE_CREDIT, {"b_account": pending.credit_account_id, **amounts})

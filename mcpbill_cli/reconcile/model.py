@@ -140,6 +140,8 @@ class ReconcileOptions:
     ``keys_dir`` holds keyring.json: needed only with ``verify_receipts``. ``now`` is when
     holds count as stale. ``leeway`` (seconds) is the expiry grace the verifier allows.
     ``jobs`` processes re-hash the audit chain and verify receipts once there are enough rows.
+    ``ledger_wide`` runs ``ledger.invariants.check``, which reads every transfer ever made
+    (its cost grows with the ledger, not the window); turn it off for frequent small windows.
     """
 
     window: Window
@@ -152,6 +154,7 @@ class ReconcileOptions:
     now: datetime | None = None
     jobs: int = 1
     max_rows: int = 100
+    ledger_wide: bool = True
 
 
 @dataclass(frozen=True)

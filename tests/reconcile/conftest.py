@@ -1,4 +1,5 @@
-"""Fixtures: the small ledger of support.small_ledger on each backend."""
+"""Fixtures: the small ledger of support.small_ledger on each backend, and (from the wallet
+tests) the in-process EVM with a test USDC for --onchain."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+
+from tests.wallet.conftest import devnet, tester_devnet, token_build  # noqa: F401 - fixtures
 
 from .support import Ledger, small_ledger
 

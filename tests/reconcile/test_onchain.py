@@ -9,7 +9,6 @@ from typing import Any
 from sqlalchemy import Engine
 
 from mcpbill_cli.wallet.deposits import fund_from_tx
-from tests.wallet.conftest import devnet, tester_devnet, token_build  # noqa: F401 - fixtures
 from tests.wallet.devnet import Devnet
 
 from .support import USDC, Ledger, rows_of, small_ledger
