@@ -2,39 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from typing import Annotated
 
 import typer
 
 from mcpbill_cli.__about__ import __version__
-from mcpbill_cli.cli import (
-    completion,
-    config,
-    db,
-    demo,
-    init,
-    keys,
-    pricing,
-    receipt,
-    revoke,
-    token,
-    wallet,
-    x402,
-)
 from mcpbill_cli.cli.output import envelope, exit_code, print_json
 from mcpbill_cli.cli.state import State
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME
 
-app = typer.Typer(
-    name="mcpbill",
-    help="Sell MCP tool calls to AI agents per call, in USDC: fund wallets, mint spend-capped "
-         "credit tokens, price tools, reconcile the ledger.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-    rich_markup_mode="rich",
-)
+# name -> (module under mcpbill_cli.cli, attribute, whether it is a group of commands).
+# A run builds only the group it was asked for, so `token issue` never imports the wallet,
+# pricing or x402 modules; `--help`, completion and tests get the whole tree.
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "init": ("init", "init", False),
+    "config": ("config", "app", True),
+    "db": ("db", "app", True),
+    "keys": ("keys", "app", True),
+    "wallet": ("wallet", "app", True),
+    "token": ("token", "app", True),
+    "revoke": ("revoke", "revoke", False),
+    "revocations": ("revoke", "revocations_app", True),
+    "pricing": ("pricing", "app", True),
+    "receipt": ("receipt", "app", True),
+    "x402": ("x402", "app", True),
+    "completion": ("completion", "completion", False),
+    "demo": ("demo", "demo", False),
+}
+_ROOT_OPTIONS_WITH_VALUES = ("--home", "--db-url")
 
 
 def _version(value: bool) -> None:
@@ -43,7 +41,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def root(
     ctx: typer.Context,
     home: Annotated[str | None, typer.Option(
@@ -55,28 +52,65 @@ def root(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
+    """Sell MCP tool calls to AI agents per call, in USDC: fund wallets, mint spend-capped
+    credit tokens, price tools, reconcile the ledger."""
     state = State(home, db_url)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
 
-app.command("init")(init.init)
-app.add_typer(config.app, name="config")
-app.add_typer(db.app, name="db")
-app.add_typer(keys.app, name="keys")
-app.add_typer(wallet.app, name="wallet")
-app.add_typer(token.app, name="token")
-app.add_typer(pricing.app, name="pricing")
-app.add_typer(receipt.app, name="receipt")
-app.add_typer(x402.app, name="x402")
-app.command("revoke")(revoke.revoke)
-app.add_typer(revoke.revocations_app, name="revocations")
-app.command("completion")(completion.completion)
-app.command("demo")(demo.demo)
+def build_app(names: list[str] | None = None) -> typer.Typer:
+    """The CLI with every command group, or only ``names`` (what one run needs)."""
+    app = typer.Typer(name="mcpbill", no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_show_locals=False, rich_markup_mode="rich")
+    app.callback()(root)
+    for name, (module, attribute, group) in COMMANDS.items():
+        if names is not None and name not in names:
+            continue
+        target = getattr(importlib.import_module(f"mcpbill_cli.cli.{module}"), attribute)
+        if group:
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
+    return app
+
+
+_FULL: typer.Typer | None = None
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """``from mcpbill_cli.cli import app``: the whole CLI, built on first use."""
+    global _FULL
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _FULL is None:
+        _FULL = build_app()
+    return _FULL
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The command group a command line asks for, skipping the root options."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _ROOT_OPTIONS_WITH_VALUES:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _app_for(argv: list[str]) -> typer.Typer:
+    name = _command_name(argv)
+    if name in COMMANDS and not os.environ.get("_MCPBILL_COMPLETE"):
+        return build_app([name])
+    return build_app()
 
 
 def main() -> None:
     """Console entry point. With ``--json``, usage errors also come out as one JSON document."""
+    app = _app_for(sys.argv[1:])
     if "--json" not in sys.argv[1:]:
         app(prog_name="mcpbill")
         return

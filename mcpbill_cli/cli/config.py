@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.config import Settings, redact_url
 from mcpbill_cli.durations import format_duration
@@ -38,7 +37,7 @@ def show(ctx: typer.Context, as_json: JsonOption = False) -> None:
     data = scrubbed(state(ctx).settings)
 
     def human() -> None:
-        table = Table("setting", "value", box=None)
+        table = new_table("setting", "value", box=None)
         for key, value in data.items():
             table.add_row(key, value)
         out.print(table)

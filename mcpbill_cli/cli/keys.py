@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.fsutil import write_atomic
@@ -24,7 +23,7 @@ def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
     keys = list(state(ctx).keyring().keys.values())
 
     def human() -> None:
-        table = Table("kid", "alg", "status", "created", "verifies until")
+        table = new_table("kid", "alg", "status", "created", "verifies until")
         for k in keys:
             table.add_row(k.kid, k.alg, k.status, k.created_at[:19],
                           "-" if k.status == "active" else (k.verify_until or "never")[:19])

@@ -16,7 +16,6 @@ from pathlib import PurePath
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
 
 from mcpbill_cli.errors import BillingError
 
@@ -65,8 +64,31 @@ EXIT_CODES: dict[str, int] = {
 }
 GENERIC_FAILURE = 1
 
-out = Console(markup=False, highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+class _LazyConsole:
+    """A Rich console made on first use: most runs print a line or nothing, and importing
+    rich.console costs start-up time on every command."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+out: Any = _LazyConsole(markup=False, highlight=False, soft_wrap=True)
+err: Any = _LazyConsole(stderr=True, highlight=False)
+
+
+def new_table(*columns: str, **options: Any) -> Any:
+    """A Rich table (rich.table is imported only by commands that draw one)."""
+    from rich.table import Table
+
+    return Table(*columns, **options)
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document {schema_version, status, data, "

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from mcpbill_cli import pricing
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.money import format_usd, parse_usd
 
@@ -135,7 +134,7 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
     if sheet.tenant is not None and not sheet.tenant_has_terms:
         say(f"tenant {sheet.tenant!r} has no terms of its own: these are everyone's prices")
     who = f" for tenant {sheet.tenant}" if sheet.tenant else ""
-    table = Table("tool", "price (USDC)", "rule", title=f"pricing version {sheet.version}{who}")
+    table = new_table("tool", "price (USDC)", "rule", title=f"pricing version {sheet.version}{who}")
     for name, price in sheet.tools:
         table.add_row(name, price.describe(), price.rule)
     out.print(table)

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.errors import NotFound
 
@@ -18,7 +17,7 @@ app = typer.Typer(help="Signed receipts: recover and verify.", no_args_is_help=T
 
 
 def _render(claims: dict[str, object]) -> None:
-    table = Table(box=None, show_header=False)
+    table = new_table(box=None, show_header=False)
     for key, value in claims.items():
         table.add_row(key, str(value))
     out.print(table)

@@ -6,9 +6,8 @@ import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say, with_usd
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say, with_usd
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import DEFAULT_TENANT, ENV_TOKEN
@@ -104,7 +103,7 @@ def list_tokens(
         views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status)
 
     def human() -> None:
-        table = Table("jti", "tenant", "agent", "status", "limit", "spent", "remaining",
+        table = new_table("jti", "tenant", "agent", "status", "limit", "spent", "remaining",
                       "expires")
         for v in views:
             table.add_row(v.jti, v.tenant, v.agent, v.status, format_usd(v.limit),
@@ -134,7 +133,7 @@ def _view_data(view: TokenView) -> dict[str, Any]:
 
 
 def _render_view(view: TokenView) -> None:
-    table = Table(box=None, show_header=False)
+    table = new_table(box=None, show_header=False)
     for key, value in _view_data(view).items():
         shown = ", ".join(value) if isinstance(value, list) else ("-" if value is None else value)
         table.add_row(key, str(shown))
@@ -180,7 +179,7 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
 
 
 def _render_claims(data: dict[str, Any]) -> None:
-    table = Table(box=None, show_header=False)
+    table = new_table(box=None, show_header=False)
     for key, value in data.items():
         table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
     out.print(table)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from mcpbill_cli.cli import wallet_chain
 from mcpbill_cli.cli.options import DEFAULT_TENANT_VALUE, TenantOption
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say, with_usd
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say, with_usd
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import DemoOnly, InvalidInput
@@ -75,7 +74,7 @@ def balance(ctx: typer.Context, tenant: TenantOption = DEFAULT_TENANT_VALUE,
         bal = tenant_balance(conn, tenant)
 
     def human() -> None:
-        table = Table("tenant", "funded", "allotted", "held", "spent", "available")
+        table = new_table("tenant", "funded", "allotted", "held", "spent", "available")
         table.add_row(bal.tenant, *(format_usd(v) for v in (
             bal.funded, bal.allotted, bal.held, bal.spent, bal.available)))
         out.print(table)

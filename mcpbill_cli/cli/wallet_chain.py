@@ -12,9 +12,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, out, say
+from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, new_table, out, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.wallet.chains import ENV_RPC_URL
@@ -168,7 +167,7 @@ def balance_onchain(ctx: typer.Context, chain: str | None, rpc_url: str | None,
             "unaccounted_usd": format_usd(bal.unaccounted)}
 
     def human() -> None:
-        table = Table("chain", "address", "on chain", "credited", "unlinked", "unaccounted")
+        table = new_table("chain", "address", "on chain", "credited", "unlinked", "unaccounted")
         table.add_row(target.name, bal.address, *(format_usd(v) for v in (
             bal.onchain, bal.credited, bal.unlinked, bal.unaccounted)))
         out.print(table)
@@ -217,7 +216,7 @@ def _render_sync(result: Any) -> None:
         f"{format_usd(credited)} USDC")
     if not result.unlinked:
         return
-    table = Table("tx", "sender", "amount", "block")
+    table = new_table("tx", "sender", "amount", "block")
     for deposit in result.unlinked:
         table.add_row(deposit.tx_hash, deposit.sender, format_usd(deposit.amount),
                       str(deposit.block_number))

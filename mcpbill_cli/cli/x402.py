@@ -7,12 +7,11 @@ only, so `mcpbill --help` and `mcpbill token issue` never import it.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, say
+from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, new_table, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.config import ENV_TOKEN
 
@@ -107,10 +106,10 @@ def _render(result: FetchResult) -> None:
     typer.echo(result.body.decode("utf-8", errors="replace"), nl=False)
 
 
-def _options_table(result: FetchResult) -> Table:
+def _options_table(result: FetchResult) -> Any:
     from mcpbill_cli.money import format_usd
 
-    table = Table("#", "scheme", "network", "amount", "verdict")
+    table = new_table("#", "scheme", "network", "amount", "verdict")
     for verdict in result.decision.verdicts if result.decision else ():
         raw, requirement = verdict.offer.raw, verdict.offer.requirement
         table.add_row(str(verdict.offer.index), str(raw.get("scheme")), str(raw.get("network")),
