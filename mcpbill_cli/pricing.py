@@ -30,7 +30,6 @@ import fcntl
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import tomllib
@@ -43,6 +42,7 @@ from typing import Any, Literal
 import tomli_w
 
 from mcpbill_cli.errors import InvalidInput, NotFound, NotInitialized, PriceUnknown, PricingInvalid
+from mcpbill_cli.fsutil import write_atomic
 from mcpbill_cli.money import format_usd, parse_usd
 from mcpbill_cli.scope import MAX_NAME_LENGTH, in_scope, matches, overlap, pattern_problem
 
@@ -710,30 +710,9 @@ def _write_atomically(path: Path, text: str) -> None:
     except FileNotFoundError:
         mode = 0o644
     try:
-        descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                                 suffix=".tmp")
+        write_atomic(path, text.encode("utf-8"), mode=mode)
     except OSError as exc:
         raise PricingInvalid(f"cannot write {path}: {exc.strerror}", path=str(path)) from None
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, mode)
-        os.replace(temp_name, path)
-    finally:
-        # After os.replace the temp name is gone; this only cleans up after a failure.
-        Path(temp_name).unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable: without it a crash can bring back the old file.
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @dataclass(frozen=True)
