@@ -535,12 +535,23 @@ def child(db_url: str, keys_dir: str, mode: str, jobs: int) -> None:
     started = time.perf_counter()
     report = reconcile(engine, options)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds,
-                      "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    print(json.dumps({"seconds": seconds, "maxrss_kib": peak_rss_kib(),
                       "workers_maxrss_kib": resource.getrusage(
                           resource.RUSAGE_CHILDREN).ru_maxrss,
                       "findings": [(f.name, f.count) for f in report.findings],
                       "calls": report.summary.calls}))
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS: VmHWM (ru_maxrss would carry the spawning parent's peak
+    across exec on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run_child(db_url: str, mode: str, jobs: int) -> dict[str, Any]:

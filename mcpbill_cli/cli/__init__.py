@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "revocations": ("revoke", "revocations_app", True),
     "pricing": ("pricing", "app", True),
     "receipt": ("receipt", "app", True),
+    "reconcile": ("reconcile", "reconcile", False),
+    "events": ("reconcile", "events_app", True),
     "x402": ("x402", "app", True),
     "completion": ("completion", "completion", False),
     "demo": ("demo", "demo", False),

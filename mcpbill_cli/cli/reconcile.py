@@ -18,6 +18,7 @@ from rich import box
 from rich.table import Table
 
 from mcpbill_cli.cli.output import (
+    EXIT_CODES,
     JsonOption,
     emit,
     envelope,
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
     from mcpbill_cli.reconcile import ChainReader, ReconcileReport, Totals
 
 # A reconcile that found discrepancies (errors; with --strict, warnings too) exits with this.
-FINDINGS_EXIT_CODE = 20
 FINDINGS_CODE = "RECONCILE_FINDINGS"
+FINDINGS_EXIT_CODE = EXIT_CODES.get(FINDINGS_CODE, 20)
 
 events_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
 

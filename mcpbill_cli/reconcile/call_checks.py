@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, select
 
@@ -20,6 +20,7 @@ from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing import Price, PricingTable, quote
 from mcpbill_cli.reconcile.calls_pass import CallGroup, TokenTally
 from mcpbill_cli.reconcile.collect import Findings
+from mcpbill_cli.reconcile.metered import MeteredTerms, metered_terms
 from mcpbill_cli.reconcile.model import Filters, Row, Window
 
 c = calls.c
@@ -69,38 +70,57 @@ def _filtered(query: Any, filters: Filters) -> Any:
     return query
 
 
+class Charge(NamedTuple):
+    """What decides whether a captured call was priced right."""
+
+    tool: str
+    tenant: str
+    kind: str
+    units: int | None
+    amount_held: int | None
+    amount: int | None
+
+
 class PriceCheck:
-    """Re-price each captured group with its recorded pricing version. Failing groups are
-    counted at once and looked up (by token) in :meth:`list_rows`, after the scan."""
+    """Re-price the captured calls with their recorded pricing versions: per-unit calls in SQL
+    (:meth:`terms` feeds the scan), the others here, group by group. Failing groups are counted
+    at once and their calls named (by token) in :meth:`list_rows`, after the scan."""
 
     def __init__(self, conn: Connection, window: Window, found: Findings) -> None:
         self.conn = conn
         self.window = window
         self.found = found
-        self._documents: dict[int, str] = dict(conn.execute(select(  # type: ignore[arg-type]
-            pricing_versions.c.version, pricing_versions.c.document)).all())
-        self._tables: dict[int, PricingTable | None] = {}
+        self.tables = {int(version): PricingTable.from_document(json.loads(document))
+                       for version, document in conn.execute(select(
+                           pricing_versions.c.version, pricing_versions.c.document))}
         self._verdicts: dict[tuple[Any, ...], tuple[str, str] | None] = {}
         self._failed: list[tuple[str, CallGroup, str]] = []
 
+    def terms(self) -> list[MeteredTerms]:
+        return metered_terms(self.tables)
+
     def check(self, group: CallGroup) -> None:
-        if group.status != "captured":
+        if group.status != "captured" or group.price_ok == 1 or group.external:
             return
-        key = group[1:4] + group[5:10]  # all but the token, the status and the counts
+        key = (group.tenant, group.tool, group.kind, group.pricing_version, group.amount_held,
+               group.amount, group.price_ok)
         if key not in self._verdicts:
+            if len(self._verdicts) > VERDICT_CACHE:
+                self._verdicts = {}
             self._verdicts[key] = self._verdict(group)
         verdict = self._verdicts[key]
         if verdict is not None:
             self._fail(*verdict, group)
-        if len(self._verdicts) > VERDICT_CACHE:
-            self._verdicts = {}
 
     def _verdict(self, group: CallGroup) -> tuple[str, str] | None:
-        table = self._table(group.pricing_version)
+        table = self.tables.get(group.pricing_version)
         if table is None:
             return ("pricing_version_unrecorded",
                     f"pricing version {group.pricing_version} is not recorded")
-        problem = price_problem(table, group)
+        if group.price_ok == 0:
+            return "charge_price_mismatch", ""  # per-unit: the detail depends on each call
+        problem = price_problem(table, Charge(group.tool, group.tenant, group.kind, None,
+                                              group.amount_held, group.amount))
         return None if problem is None else ("charge_price_mismatch", problem)
 
     def list_rows(self) -> None:
@@ -108,64 +128,65 @@ class PriceCheck:
         for name, group, detail in self._failed:
             if self.found.full(name):
                 continue
-            query = select(c.id).where(
+            query = select(c.id, c.units, c.amount_held, c.amount).where(
                 c.jti == group.jti, c.tool == group.tool, c.status == "captured",
-                c.pricing_version == group.pricing_version, _same(c.units, group.units),
-                _same(c.amount_held, group.amount_held), _same(c.amount, group.amount),
-                c.created_at >= self.window.start, c.created_at < self.window.end,
-            ).order_by(c.created_at, c.id).limit(self.found.max_rows)
-            for call_id in self.conn.execute(query).scalars():
-                self.found.show(name, Row("calls", call_id, detail))
+                c.pricing_version == group.pricing_version,
+                c.created_at >= self.window.start, c.created_at < self.window.end)
+            if group.price_ok is None:
+                query = query.where(_same(c.amount_held, group.amount_held),
+                                    _same(c.amount, group.amount)).limit(self.found.max_rows)
+            for row in self.conn.execute(query.order_by(c.created_at, c.id)):
+                problem = detail or self._row_problem(group, row)
+                if problem is not None:
+                    self.found.show(name, Row("calls", row.id, problem))
+
+    def _row_problem(self, group: CallGroup, row: Any) -> str | None:
+        charge = Charge(group.tool, group.tenant, group.kind, row.units, row.amount_held,
+                        row.amount)
+        return price_problem(self.tables[group.pricing_version], charge)
 
     def _fail(self, name: str, detail: str, group: CallGroup) -> None:
         self.found.note(name, group.calls)
         if sum(1 for failed in self._failed if failed[0] == name) < self.found.max_rows:
             self._failed.append((name, group, detail))
 
-    def _table(self, version: int) -> PricingTable | None:
-        if version not in self._tables:
-            document = self._documents.get(version)
-            self._tables[version] = (None if document is None else
-                                     PricingTable.from_document(json.loads(document)))
-        return self._tables[version]
-
 
 def _same(column: Any, value: Any) -> Any:
     return column.is_(None) if value is None else column == value
 
 
-def price_problem(table: PricingTable, group: CallGroup) -> str | None:
-    """Why this captured group's amounts are not what ``table`` prices, or None if they are."""
+def price_problem(table: PricingTable, charge: Charge) -> str | None:
+    """Why this captured call's amounts are not what ``table`` prices, or None if they are."""
     try:
-        price = quote(table, group.tool, tenant=group.tenant)
+        price = quote(table, charge.tool, tenant=charge.tenant)
     except BillingError as exc:
-        return f"charged {format_usd(group.amount or 0)}: {exc.message}"
-    expected_held, expected = _expected(price, group)
-    if group.amount != expected:
-        return (f"charged {format_usd(group.amount or 0)}, version {table.version} prices it "
+        return f"charged {format_usd(charge.amount or 0)}: {exc.message}"
+    expected_held, expected = _expected(price, charge)
+    if charge.amount != expected:
+        return (f"charged {format_usd(charge.amount or 0)}, version {table.version} prices it "
                 f"{format_usd(expected)} ({price.rule})")
-    if group.amount_held != expected_held and not _within_hold(price, group):
-        return (f"held {format_usd(group.amount_held or 0)}, version {table.version} holds "
-                f"{format_usd(expected_held)} for {group.tool}")
+    if charge.amount_held != expected_held and not _within_hold(price, charge):
+        return (f"held {format_usd(charge.amount_held or 0)}, version {table.version} holds "
+                f"{format_usd(expected_held)} for {charge.tool}")
     return None
 
 
-def _expected(price: Price, group: CallGroup) -> tuple[int, int]:
-    """(the hold, the charge) this price gives the group's call: a charge holds what it posts;
-    a hold holds the price (per-unit tools: at most the maximum) and posts what the units
-    reported cost, capped by the hold (no units reported: the whole hold)."""
-    held = group.amount_held or 0
-    if group.kind == "charge":
-        amount = price.amount if group.units is None else price.for_units(group.units)
+def _expected(price: Price, charge: Charge) -> tuple[int, int]:
+    """(the hold, the charge) this price gives the call: a charge holds what it posts; a hold
+    holds the price (per-unit tools: at most the maximum) and posts what the units reported
+    cost, capped by the hold (no units reported: the whole hold)."""
+    held = charge.amount_held or 0
+    if charge.kind == "charge":
+        amount = price.amount if charge.units is None else price.for_units(charge.units)
         return amount, amount
     if price.per_unit is None:
         return price.amount, price.amount
-    if group.units is None:
+    if charge.units is None:
         return price.amount, held
-    return price.amount, min(price.for_units(group.units), held)
+    return price.amount, min(price.for_units(charge.units), held)
 
 
-def _within_hold(price: Price, group: CallGroup) -> bool:
+def _within_hold(price: Price, charge: Charge) -> bool:
     """A per-unit hold may be smaller than the maximum (``max_units`` was given)."""
-    return (group.kind != "charge" and price.per_unit is not None
-            and 0 <= (group.amount_held or 0) <= price.amount)
+    return (charge.kind != "charge" and price.per_unit is not None
+            and 0 <= (charge.amount_held or 0) <= price.amount)

@@ -17,6 +17,7 @@ from functools import partial
 from sqlalchemy import Connection, Engine, func, select
 
 from mcpbill_cli.ledger import audit
+from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import audit_head, events
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.model import Row, Window
@@ -85,7 +86,7 @@ def _split(first: int, last: int, parts: int) -> Iterator[tuple[int, int]]:
 
 
 def _verify_in_worker(segment: Segment) -> SliceResult:
-    with worker_engine(segment.url).connect() as conn:
+    with reading(worker_engine(segment.url)) as conn:
         return _verify_slice(conn, segment)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, func, select
 
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.keys import KeyRing, VerificationKey
+from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.receipts import verify_receipt
 from mcpbill_cli.reconcile.collect import Findings
@@ -82,7 +83,7 @@ def _filtered(query: Any, start: datetime, end: datetime, filters: Filters) -> A
 
 
 def _verify_in_worker(part: ReceiptSlice) -> SliceResult:
-    with worker_engine(part.url).connect() as conn:
+    with reading(worker_engine(part.url)) as conn:
         return _verify_slice(conn, part)
 
 
@@ -111,7 +112,9 @@ def signed_differences(claims: dict[str, Any], row: Any) -> str:
     """The signed fields that disagree with the call row, as ``field: signed != row``."""
     expected = {"receiptId": row.id, "amount": str(row.amount),
                 "idempotencyKey": row.idempotency_key, "jti": row.jti, "tool": row.tool,
-                "pricingVersion": row.pricing_version, "transaction": row.transfer_id}
+                "pricingVersion": row.pricing_version}
+    if "settlement" not in claims:  # a downstream payment's receipt names its own transaction
+        expected["transaction"] = row.transfer_id
     if "tenant" in claims:
         expected["tenant"] = row.tenant
     return "; ".join(f"{name}: signed {claims.get(name)!r}, ledger {value!r}"

@@ -24,6 +24,7 @@ from mcpbill_cli.reconcile.transfers_pass import (
 )
 
 PG_WORK_MEM = "64MB"  # per hash or sort of the reconcile's queries, on the server
+SQLITE_SORT_THREADS = 4
 
 
 @dataclass
@@ -45,7 +46,7 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
         raise InvalidInput("verifying receipts needs the key ring: pass keys_dir")
     run = _Run(options, Findings(options.max_rows))
     with reading(engine) as conn:
-        _snapshot(conn)
+        _snapshot(conn, options.jobs)
         _read_calls(conn, run)
         _read_transfers(conn, run)
         _ledger_checks(conn, run)
@@ -59,20 +60,24 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
                            audit_anchor=run.anchor)
 
 
-def _snapshot(conn: Connection) -> None:
+def _snapshot(conn: Connection, jobs: int) -> None:
     """Every query of this reconcile sees the same committed state (SQLite's read transaction
     already does: WAL snapshots). On PostgreSQL, plan the streamed aggregates for the whole
-    result (not the first rows) with room to hash their groups in memory."""
+    result (not the first rows) with room to hash their groups in memory. SQLite sorts its
+    GROUP BYs with up to ``jobs`` threads (its sorter's memory stays bounded: it spills)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(f"PRAGMA threads = {max(1, min(jobs, SQLITE_SORT_THREADS))}")
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         conn.execute(text("SET LOCAL cursor_tuple_fraction = 1"))
         conn.execute(text(f"SET LOCAL work_mem = '{PG_WORK_MEM}'"))
+        conn.execute(text("SET LOCAL jit = off"))  # compiling the scans costs more than it saves
 
 
 def _read_calls(conn: Connection, run: _Run) -> None:
     window, filters = run.options.window, run.options.filters
     prices = PriceCheck(conn, window, run.found)
-    for group in call_groups(conn, window):
+    for group in call_groups(conn, window, prices.terms()):
         run.by_calls.setdefault(group.jti, TokenTally(group.tenant, group.agent)).add(group)
         if filters.admits(group.tenant, group.agent, group.tool):
             run.totals.add_calls(group)

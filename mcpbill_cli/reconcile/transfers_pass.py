@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, case, func, literal, select
+from sqlalchemy import Connection, and_, case, func, literal, literal_column, select
 
 from mcpbill_cli.ledger.models import transfers
 from mcpbill_cli.reconcile.model import Window
@@ -41,13 +41,16 @@ def transfer_groups(conn: Connection, window: Window) -> Iterator[TransferGroup]
     """The window's transfers (by ``created_at``) of the codes reconcile checks, grouped."""
     credit = case((t.code == "deposit", t.credit_account_id)).label("credit")
     hold_status = case((t.pending_id.is_(None), literal(None)),
-                       else_=func.coalesce(h.status, literal("missing"))).label("hold_status")
-    keys = (t.code, t.debit_account_id, credit, t.status, hold_status)
-    query = (select(*keys, func.count().label("n"), func.sum(t.amount).label("amount"))
-             .select_from(transfers.outerjoin(held, h.id == t.pending_id))
+                       else_=func.coalesce(h.status, literal("missing")))
+    keys = (t.code, t.debit_account_id, credit, t.status)
+    # Only holds can be resolved: joining just them keeps PostgreSQL's hash small.
+    query = (select(*keys, hold_status.label("hold_status"), func.count().label("n"),
+                    func.sum(t.amount).label("amount"))
+             .select_from(transfers.outerjoin(held, and_(h.id == t.pending_id,
+                                                         h.kind == "pending")))
              .where(t.created_at >= window.start, t.created_at < window.end,
                     t.code.in_(CODES))
-             .group_by(*keys)
+             .group_by(*keys, literal_column("hold_status"))
              .execution_options(yield_per=BATCH))
     for row in conn.execute(query):
         yield TransferGroup(code=row.code, debit=row.debit_account_id, credit=row.credit,

@@ -77,6 +77,8 @@ SUCCESSFUL = [
     ("pricing", "diff", "{pricing}"),
     ("revoke", "{jti}"),
     ("revocations", "export"),
+    ("reconcile",),
+    ("events", "export", "--out", "{events}"),
     ("token", "sweep"),
     ("keys", "rotate"),
     ("keys", "retire", "{old_kid}", "--force"),
@@ -106,7 +108,8 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_hom
                and not any(args[:len(p)] == p for args in SUCCESSFUL)]
     assert not missing, f"add a --json invocation for {missing}"
     values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml"),
-                              "demo": str(isolated_home.parent / "demo-home")}
+                              "demo": str(isolated_home.parent / "demo-home"),
+                              "events": str(isolated_home.parent / "events.jsonl")}
     for args in SUCCESSFUL:
         data = ok_json(ledger_cli(*(a.format(**values) for a in args), "--json"))
         if args[:2] == ("token", "issue"):

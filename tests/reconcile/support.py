@@ -141,8 +141,8 @@ def small_ledger(engine: Engine, keys_dir: Path) -> Ledger:
 
 def busy_day(engine: Engine, keys_dir: Path) -> Ledger:
     """A day of everything: charges, holds captured (in part), voided and expired, refusals,
-    a revoked token, an expired token, a child token, a key rotation, a second pricing version
-    and idempotent replays."""
+    a revoked token, an expired token, a child token, a key rotation, a second pricing version,
+    idempotent replays and a call priced by a downstream x402 payment."""
     ledger = small_ledger(engine, keys_dir)
     _morning(ledger)
     _rotation_and_repricing(ledger)
@@ -223,6 +223,9 @@ def _afternoon(ledger: Ledger) -> None:
         clock.advance(45)
     held = verifier.hold(worker, "summarize", max_units=2_000)
     verifier.capture(held)  # no units reported: the whole (smaller) hold is posted
+    paid = verifier.hold(worker, "summarize", amount=123_456)  # a downstream x402 price
+    verifier.capture(paid, settlement={"transaction": "0x" + "ab" * 32,
+                                       "network": "eip155:84532", "success": True})
     try:
         with verifier.call(worker, "translate"):
             raise RuntimeError("the tool failed")

@@ -32,7 +32,7 @@ def test_a_busy_day_yields_no_finding(engine: Engine, tmp_path: Path) -> None:
         made = conn.execute(select(func.count()).select_from(calls)).scalar_one()
     summary = report.summary
     assert (summary.calls, summary.charged) == (made, revenue)
-    assert (summary.captured, summary.voided, summary.expired, summary.held) == (31, 2, 1, 0)
+    assert (summary.captured, summary.voided, summary.expired, summary.held) == (32, 2, 1, 0)
     assert dict(summary.refusals) == {"BUDGET_EXCEEDED": 1, "INVALID_CREDIT_TOKEN": 2,
                                       "SCOPE_DENIED": 1, "TOKEN_REVOKED": 1}
     assert (summary.deposits, summary.deposited) == (2, 150 * USDC)
