@@ -1,0 +1,108 @@
+"""The verifier and the pricing table: edits apply without a restart, the daily cap holds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from mcpbill_cli.errors import BudgetExceeded
+from mcpbill_cli.keys import KeySource
+from mcpbill_cli.ledger.credit import IssuedToken
+from mcpbill_cli.pricing import PricingSource, edit_pricing, set_price
+from mcpbill_cli.verifier import Verifier
+
+from .billing_support import FakeClock
+
+PRICING_FILE = """version = 4
+default_price = "0.01"
+[tools.search]
+price = "0.01"
+[tenants.acme]
+daily_cap = "0.05"
+"""
+
+
+@pytest.fixture
+def pricing_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pricing.toml"
+    path.write_text(PRICING_FILE)
+    return path
+
+
+@pytest.fixture
+def live_verifier(funded: Engine, keys: KeySource, pricing_file: Path,
+                  clock: FakeClock) -> Verifier:
+    source = PricingSource(pricing_file, check_interval=0)
+    return Verifier(keys=keys, pricing=source, engine=funded, clock=clock)
+
+
+def test_an_edit_is_charged_at_once_and_the_receipt_names_the_new_version(
+        live_verifier: Verifier, new_token: Callable[..., IssuedToken],
+        pricing_file: Path) -> None:
+    token = new_token(limit=1_000_000).token
+    before = live_verifier.charge(token, "search")
+    assert (before.amount, before.claims["pricingVersion"]) == (10_000, 4)
+
+    edit_pricing(pricing_file, lambda table: set_price(table, "search", 3_000))
+    after = live_verifier.charge(token, "search")
+    assert (after.amount, after.claims["pricingVersion"]) == (3_000, 5)
+    assert after.claims["priceRule"] == "tools.search"
+
+
+def test_a_broken_edit_keeps_the_last_good_prices(
+        live_verifier: Verifier, new_token: Callable[..., IssuedToken],
+        pricing_file: Path) -> None:
+    token = new_token(limit=1_000_000).token
+    pricing_file.write_text('version = 9\n[tools.search]\nprice = "-1"\n')
+    receipt = live_verifier.charge(token, "search")
+    assert (receipt.amount, receipt.claims["pricingVersion"]) == (10_000, 4)
+    assert live_verifier.pricing.last_error is not None
+
+
+def test_a_tenant_at_its_daily_cap_gets_budget_exceeded_naming_the_cap(
+        live_verifier: Verifier, new_token: Callable[..., IssuedToken]) -> None:
+    tokens = [new_token(limit=1_000_000).token for _ in range(2)]
+    for n in range(5):
+        live_verifier.charge(tokens[n % 2], "search")
+    with pytest.raises(BudgetExceeded) as refused:
+        live_verifier.charge(tokens[1], "search")
+    details = refused.value.to_dict()
+    assert details["reason"] == "daily_cap" and details["dailyCapUsd"] == "0.05"
+    assert "daily cap of 0.05" in details["message"]
+
+
+def test_the_daily_cap_holds_under_concurrency(
+        live_verifier: Verifier, new_token: Callable[..., IssuedToken]) -> None:
+    tokens = [new_token(limit=1_000_000).token for _ in range(4)]
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        for _ in range(4):
+            try:
+                live_verifier.charge(tokens[n % 4], "search")
+                outcomes.append("paid")
+            except BudgetExceeded as exc:
+                outcomes.append(str(exc.details["reason"]))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("paid") == 5 and outcomes.count("daily_cap") == 27
+
+
+def test_a_void_gives_the_daily_cap_back(
+        live_verifier: Verifier, new_token: Callable[..., IssuedToken]) -> None:
+    token = new_token(limit=1_000_000).token
+    for _ in range(4):
+        live_verifier.charge(token, "search")
+    hold = live_verifier.hold(token, "search")
+    live_verifier.void(hold)
+    assert live_verifier.charge(token, "search").amount == 10_000
