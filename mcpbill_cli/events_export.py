@@ -29,10 +29,8 @@ version 1; fields may be added in a later version, none is renamed or removed wi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import IO, Any
 from sqlalchemy import Connection, select
 
 from mcpbill_cli.clock import aware
-from mcpbill_cli.fsutil import fsync_dir
+from mcpbill_cli.fsutil import atomic_writer
 from mcpbill_cli.ledger.models import events
 from mcpbill_cli.money import format_usd
 
@@ -97,18 +95,6 @@ def _utc(moment: datetime) -> str:
     return aware(moment).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-@contextmanager
-def atomic_text_file(path: Path) -> Iterator[IO[str]]:
+def atomic_text_file(path: Path) -> AbstractContextManager[IO[str]]:
     """Stream into a temp file beside ``path``; renamed over it only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    return atomic_writer(path, text=True)

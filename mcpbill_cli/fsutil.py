@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` in one rename; the file is created with ``mode``."""
+@contextmanager
+def atomic_writer(path: Path, *, mode: int = 0o644, text: bool = False) -> Iterator[IO[Any]]:
+    """Stream into a temp file beside ``path``; it replaces ``path`` in one rename only when
+    the block succeeds (fsynced first), and is removed if the block fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, "w" if text else "wb", encoding="utf-8" if text else None) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -22,6 +27,12 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` in one rename; the file is created with ``mode``."""
+    with atomic_writer(path, mode=mode) as fh:
+        fh.write(data)
 
 
 def write_new_secret(path: Path, data: bytes) -> None:
