@@ -81,9 +81,8 @@ def price_ok_column(terms: list[MeteredTerms], kind: Any,
                                         own.c.tool == c.tool, own.c.tenant == c.tenant))
               .outerjoin(base, and_(base.c.version == c.pricing_version, base.c.tool == c.tool,
                                     base.c.tenant == DEFAULT_TENANT)))
-    listed = own.c.version.is_not(None)
-    per_unit, discount, cap = (case((listed, getattr(own.c, name)),
-                                    else_=getattr(base.c, name))
+    # A listed tenant's own row wins (its values are never NULL), else the default row.
+    per_unit, discount, cap = (func.coalesce(getattr(own.c, name), getattr(base.c, name))
                                for name in ("per_unit", "discount", "cap"))
     cost = (c.units * per_unit * (100 - discount) + 50) // 100
     for_units = case((cost < cap, cost), else_=cap)
