@@ -21,20 +21,14 @@ from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.reconcile import ReconcileOptions, ReconcileReport, Window, reconcile
 from mcpbill_cli.verifier import Verifier
+from tests.verifier.billing_support import PRICING_DOC
 
 DAY = date(2031, 3, 14)
 USDC = 1_000_000
 HOLD_TIMEOUT = 300
+# The verifier tests' table, plus a tenant with a discount and a price of its own.
 PRICING: dict[str, Any] = {
-    "version": 1,
-    "default_price": "0.01",
-    "tools": {
-        "search": {"price": "0.01"},
-        "translate": {"price": "0.05"},
-        "status": {"price": "0"},
-        "summarize": {"price_per_unit": "0.00001", "max_price": "0.50"},
-    },
-    "free_tiers": {"patterns": ["read.*"]},
+    **PRICING_DOC,
     "tenants": {"acme": {"discount_percent": 20, "tools": {"search": {"price": "0.005"}}}},
 }
 
