@@ -23,7 +23,11 @@ generating; a reused pool of receipts would not match their calls, and reconcile
 report them). A run that reports any finding stops the bench: the generated day must be clean.
 
 Usage: python bench/reconcile.py [--rows N] [--backend sqlite|postgres|both] [--jobs J]
-       [--no-receipts]
+       [--no-receipts] [--modes window,sql,default] [--data DIR] [--only-rows] [--profile]
+
+``--data DIR`` keeps the generated ledgers (a SQLite file in DIR, a PostgreSQL database named
+after the row count, and the key ring that signed their receipts) and reuses them on the next
+run: generating a million calls takes minutes. ``--profile`` prints each run's time per phase.
 """
 
 from __future__ import annotations
@@ -467,12 +471,13 @@ def _write_accounts(writer: Writer) -> None:
 KEYS_DIR = Path()
 
 
-def fresh_database(backend: str, workdir: Path, label: str) -> str:
+def fresh_database(backend: str, workdir: Path, label: str, *, keep: bool) -> str:
+    """An empty database (``keep``: one named after ``label`` that a later run reuses)."""
     if backend == "sqlite":
         return f"sqlite:///{workdir / f'{label}.db'}"
     import psycopg
 
-    name = f"mcpbill_bench_{label}_{os.getpid()}"
+    name = f"mcpbill_bench_{label}" if keep else f"mcpbill_bench_{label}_{os.getpid()}"
     with psycopg.connect(_libpq(PG_ADMIN), autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -524,10 +529,11 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def child(db_url: str, keys_dir: str, mode: str, jobs: int) -> None:
-    """Run one reconcile; print {seconds, maxrss_kib, findings, calls} as JSON."""
+def child(db_url: str, keys_dir: str, mode: str, jobs: int, *, profile: bool = False) -> None:
+    """Run one reconcile; print {seconds, maxrss_kib, findings, calls, phases} as JSON."""
     from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 
+    phases = _time_phases() if profile else {}
     engine = make_engine(db_url)
     window = Window.day(DAY)
     options = ReconcileOptions(window=window, keys_dir=Path(keys_dir), jobs=jobs,
@@ -539,7 +545,54 @@ def child(db_url: str, keys_dir: str, mode: str, jobs: int) -> None:
                       "workers_maxrss_kib": resource.getrusage(
                           resource.RUSAGE_CHILDREN).ru_maxrss,
                       "findings": [(f.name, f.count) for f in report.findings],
-                      "calls": report.summary.calls}))
+                      "calls": report.summary.calls, "phases": phases}))
+
+
+# The phases --profile times: (module, function); a function's time includes what it calls.
+PHASES = [
+    ("mcpbill_cli.reconcile.run", "_snapshot"),
+    ("mcpbill_cli.reconcile.run", "_read_calls"),
+    ("mcpbill_cli.reconcile.totals", "TotalsBuilder.add_refusals"),
+    ("mcpbill_cli.reconcile.run", "_read_transfers"),
+    ("mcpbill_cli.reconcile.ledger_checks", "check_control_totals"),
+    ("mcpbill_cli.reconcile.run", "check_token_validity"),
+    ("mcpbill_cli.ledger.invariants", "_balances_sum_to_zero"),
+    ("mcpbill_cli.ledger.invariants", "_no_overdraft"),
+    ("mcpbill_cli.ledger.invariants", "_sums_match_transfers"),
+    ("mcpbill_cli.ledger.invariants", "_spent_within_limit"),
+    ("mcpbill_cli.ledger.invariants", "_captured_calls_posted"),
+    ("mcpbill_cli.reconcile.ledger_checks", "check_stale_holds"),
+    ("mcpbill_cli.reconcile.deposit_check", "check_deposits"),
+    ("mcpbill_cli.reconcile.run", "_chain"),
+    ("mcpbill_cli.reconcile.run", "_receipts"),
+]
+
+
+def _time_phases() -> dict[str, float]:
+    """Wrap each function of :data:`PHASES` where its callers look it up; sum its time."""
+    import functools
+    import importlib
+
+    spent: dict[str, float] = {}
+
+    def timed(name: str, function: Any) -> Any:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
+        return wrapper
+
+    for module_name, path in PHASES:
+        owner: Any = importlib.import_module(module_name)
+        *parents, attribute = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        if hasattr(owner, attribute):  # a phase renamed or gone is not timed
+            setattr(owner, attribute, timed(path, getattr(owner, attribute)))
+    return spent
 
 
 def peak_rss_kib() -> int:
@@ -554,9 +607,10 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_child(db_url: str, mode: str, jobs: int) -> dict[str, Any]:
+def run_child(db_url: str, mode: str, jobs: int, profile: bool) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, __file__, "--child", db_url, str(KEYS_DIR), mode, str(jobs)],
+        [sys.executable, __file__, "--child", db_url, str(KEYS_DIR), mode, str(jobs)]
+        + (["--profile"] if profile else []),
         check=True, capture_output=True, text=True)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if result["findings"]:
@@ -564,21 +618,39 @@ def run_child(db_url: str, mode: str, jobs: int) -> dict[str, Any]:
     return result
 
 
-def bench(backend: str, rows: int, workdir: Path, jobs: int, modes: list[str]) -> None:
-    url = fresh_database(backend, workdir, f"r{rows}")
+@dataclass(frozen=True)
+class Plan:
+    workdir: Path
+    keep: bool
+    jobs: int
+    modes: list[str]
+    profile: bool
+
+
+def bench(backend: str, rows: int, plan: Plan) -> None:
+    label = f"r{rows}"
+    done_marker = plan.workdir / f"{backend}-{label}.done"
+    reuse = plan.keep and done_marker.exists()
+    url = (done_marker.read_text().strip() if reuse
+           else fresh_database(backend, plan.workdir, label, keep=plan.keep))
     engine = make_engine(url)
     try:
-        upgrade(engine)
-        started = time.perf_counter()
-        generate(engine, rows, KEYS_DIR, jobs=jobs)
-        built = time.perf_counter() - started
-        _analyze(engine)
+        built = -1.0
+        if not reuse:
+            upgrade(engine)
+            started = time.perf_counter()
+            generate(engine, rows, KEYS_DIR, jobs=plan.jobs)
+            built = time.perf_counter() - started
+            _analyze(engine)
+            if plan.keep:
+                done_marker.write_text(url)
         bare = bare_seconds(engine, datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC))
-        results = {mode: run_child(url, mode, jobs) for mode in modes}
+        results = {mode: run_child(url, mode, plan.jobs, plan.profile) for mode in plan.modes}
         _print_results(backend, rows, built, bare, results)
     finally:
         engine.dispose()
-        drop_database(url)
+        if not plan.keep:
+            drop_database(url)
 
 
 def _analyze(engine: Engine) -> None:
@@ -591,14 +663,16 @@ def _analyze(engine: Engine) -> None:
 
 def _print_results(backend: str, rows: int, built: float, bare: float,
                    results: dict[str, dict[str, Any]]) -> None:
-    print(f"{backend} {rows:,} calls (built in {built:.0f} s): bare GROUP BY {bare:.3f} s",
-          flush=True)
+    how = "reused" if built < 0 else f"built in {built:.0f} s"
+    print(f"{backend} {rows:,} calls ({how}): bare GROUP BY {bare:.3f} s", flush=True)
     for mode, result in results.items():
         seconds = result["seconds"]
         workers = result["workers_maxrss_kib"]
         print(f"  {mode:9} {seconds:8.2f} s = {seconds / bare:6.1f}x bare   "
               f"peak RSS {result['maxrss_kib'] / 1024:5.0f} MiB"
               + (f" (workers {workers / 1024:.0f} MiB)" if workers else ""), flush=True)
+        for phase, spent in result.get("phases", {}).items():
+            print(f"      {phase:34} {spent:7.2f} s = {spent / bare:5.1f}x", flush=True)
     if "receipts" in results and "default" in results:
         extra = results["receipts"]["seconds"] - results["default"]["seconds"]
         print(f"  receipt signatures: {results['receipts']['calls'] / max(extra, 1e-9):,.0f} "
@@ -613,23 +687,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-receipts", action="store_true",
                         help="skip the --verify-receipts run (the slowest)")
+    parser.add_argument("--modes", help="comma-separated modes to run (default: all)")
+    parser.add_argument("--data", type=Path,
+                        help="keep the generated ledgers here and reuse them next time")
+    parser.add_argument("--only-rows", action="store_true",
+                        help="run --rows only, not also 100k")
+    parser.add_argument("--profile", action="store_true", help="time each reconcile phase")
     args = parser.parse_args(argv)
-    sizes = sorted({min(100_000, args.rows), args.rows})
+    sizes = [args.rows] if args.only_rows else sorted({min(100_000, args.rows), args.rows})
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    modes = [m for m in MODES if not (args.no_receipts and m == "receipts")]
+    modes = args.modes.split(",") if args.modes else list(MODES)
+    modes = [m for m in modes if not (args.no_receipts and m == "receipts")]
     with tempfile.TemporaryDirectory(prefix="mcpbill-bench-") as tmp:
-        workdir = Path(tmp)
+        workdir = args.data or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         KEYS_DIR = workdir / "keys"
-        init_keyring(KEYS_DIR, "EdDSA", now=datetime.now(UTC), force=False).save()
+        if not (KEYS_DIR / "keyring.json").exists():
+            init_keyring(KEYS_DIR, "EdDSA", now=datetime.now(UTC), force=False).save()
+        plan = Plan(workdir, args.data is not None, args.jobs, modes, args.profile)
         print(f"reconcile one day; {args.jobs} job(s); target: sql <= 3x bare, flat peak RSS",
               flush=True)
         for backend in backends:
             for rows in sizes:
-                bench(backend, rows, workdir, args.jobs, modes)
+                bench(backend, rows, plan)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
+              profile="--profile" in sys.argv[6:])
     else:
         main()
