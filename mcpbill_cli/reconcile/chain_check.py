@@ -103,18 +103,8 @@ def verify_segment(conn: Connection, first: int, last: int) -> Iterator[audit.Ch
     event before ``first``."""
     before = conn.execute(select(e.seq, e.hash).where(e.seq < first).order_by(e.seq.desc())
                           .limit(1)).one_or_none()
-    expected_seq, expected_prev = (before.seq + 1, before.hash) if before else (1, audit.GENESIS)
-    query = (select(events).where(e.seq >= first, e.seq <= last).order_by(e.seq)
-             .execution_options(yield_per=BATCH))
-    for row in conn.execute(query).mappings():
-        if row["seq"] != expected_seq:
-            yield audit.ChainBreak(expected_seq,
-                                   f"events {expected_seq}..{row['seq'] - 1} are missing")
-        if row["prev_hash"] != expected_prev:
-            yield audit.ChainBreak(row["seq"], "prev_hash does not match the event before")
-        if audit.event_hash(row["prev_hash"], dict(row)) != row["hash"]:
-            yield audit.ChainBreak(row["seq"], "the event was changed after it was written")
-        expected_prev, expected_seq = row["hash"], row["seq"] + 1
+    expected = (before.seq + 1, before.hash) if before else (1, audit.GENESIS)
+    yield from audit.verify_events(conn, first, last, expected, batch=BATCH)
 
 
 def _merge(result: SliceResult, found: Findings) -> None:
