@@ -14,17 +14,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
+from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import audit_head, events
 
 GENESIS = "0" * 64
 CHAIN_FIELDS = ("seq", "at", "kind", "code", "jti", "token_hash", "tenant", "agent", "tool",
                 "amount", "ref", "detail", "demo")
 
-_HEAD = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
-_INSERT = insert(events)
-_MOVE_HEAD = update(audit_head).where(audit_head.c.id == 1)
+_HEAD = Prepared(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+                 .with_for_update())
+_INSERT = Prepared(insert(events), columns=(*CHAIN_FIELDS, "prev_hash", "hash"))
+_MOVE_HEAD = Prepared(update(audit_head).where(audit_head.c.id == 1)
+                      .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")))
 
 
 def event_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
@@ -81,14 +84,14 @@ def record(conn: Connection, kind: str, *, at: datetime, code: str | None = None
            detail: dict[str, Any] | None = None, demo: bool = False,
            token_hash: str | None = None) -> None:
     """Append one event to the chain, inside the caller's transaction."""
-    head = conn.execute(_HEAD).one()
+    head = _HEAD.first(conn, {})
     event = {"seq": head.seq + 1, "at": at, "kind": kind, "code": code, "jti": jti,
              "token_hash": token_hash, "tenant": tenant, "agent": agent, "tool": tool,
              "amount": amount, "ref": ref,
              "detail": json.dumps(detail, sort_keys=True) if detail else None, "demo": demo}
     digest = event_hash(head.hash, event)
-    conn.execute(_INSERT, {**event, "prev_hash": head.hash, "hash": digest})
-    conn.execute(_MOVE_HEAD, {"seq": event["seq"], "hash": digest})
+    _INSERT.rowcount(conn, {**event, "prev_hash": head.hash, "hash": digest})
+    _MOVE_HEAD.rowcount(conn, {"b_seq": event["seq"], "b_hash": digest})
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 
 from mcpbill_cli.errors import HoldNotActive
 from mcpbill_cli.ledger import audit, ops
+from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import (
     accounts,
     calls,
@@ -34,25 +35,25 @@ t = transfers.c
 d = tenant_daily_spend.c
 _AVAILABLE = a.credits_posted - a.debits_posted - a.debits_pending
 
-# Prepared once; SQLAlchemy caches their compiled form.
-_DEBIT_POSTED = (
+# Compiled once per dialect and run on the driver connection (see fastsql).
+_DEBIT_POSTED = Prepared(
     update(accounts)
     .where(a.id == bindparam("account"), a.closed.is_(False), _AVAILABLE >= bindparam("amount"))
     .values(debits_posted=a.debits_posted + bindparam("amount"))
     .returning(_AVAILABLE)
 )
-_DEBIT_PENDING = (
+_DEBIT_PENDING = Prepared(
     update(accounts)
     .where(a.id == bindparam("account"), a.closed.is_(False), _AVAILABLE >= bindparam("amount"))
     .values(debits_pending=a.debits_pending + bindparam("amount"))
     .returning(_AVAILABLE)
 )
-_CREDIT_POSTED = (update(accounts).where(a.id == bindparam("account"))
-                  .values(credits_posted=a.credits_posted + bindparam("amount")))
-_CREDIT_PENDING = (update(accounts).where(a.id == bindparam("account"))
-                   .values(credits_pending=a.credits_pending + bindparam("amount")))
-_INSERT_TRANSFER = transfers.insert()
-_ADD_DAILY = (
+_CREDIT_POSTED = Prepared(update(accounts).where(a.id == bindparam("account"))
+                          .values(credits_posted=a.credits_posted + bindparam("amount")))
+_CREDIT_PENDING = Prepared(update(accounts).where(a.id == bindparam("account"))
+                           .values(credits_pending=a.credits_pending + bindparam("amount")))
+_INSERT_TRANSFER = Prepared(transfers.insert(), columns=ops.TRANSFER_COLUMNS)
+_ADD_DAILY = Prepared(
     update(tenant_daily_spend)
     .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"),
            d.amount + bindparam("b_amount") <= bindparam("b_cap"))
@@ -60,25 +61,25 @@ _ADD_DAILY = (
 )
 _STORED = select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tool, c.status,
                  c.amount_held, c.amount, c.receipt, c.timeout_at)
-_STORED_BY_KEY = _STORED.where(c.idempotency_key == bindparam("b_key"))
-_STORED_BY_ID = _STORED.where(c.id == bindparam("b_id"))
-_RESOLVE_CALL = (update(calls).where(c.id == bindparam("b_id"), c.status == "held")
-                 .values(status=bindparam("b_status"), resolved_at=bindparam("b_at"))
-                 .returning(c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo,
-                            c.created_at))
-_RESOLVE_CALL_BEFORE_TIMEOUT = _RESOLVE_CALL.where(c.timeout_at > bindparam("b_at"))
-_RECORD_CAPTURE = update(calls).where(c.id == bindparam("b_id")).values(
+_STORED_BY_KEY = Prepared(_STORED.where(c.idempotency_key == bindparam("b_key")))
+_STORED_BY_ID = Prepared(_STORED.where(c.id == bindparam("b_id")))
+_RESOLVE = (update(calls).where(c.id == bindparam("b_id"), c.status == "held")
+            .values(status=bindparam("b_status"), resolved_at=bindparam("b_at"))
+            .returning(c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo, c.created_at))
+_RESOLVE_CALL = Prepared(_RESOLVE)
+_RESOLVE_CALL_BEFORE_TIMEOUT = Prepared(_RESOLVE.where(c.timeout_at > bindparam("b_at")))
+_RECORD_CAPTURE = Prepared(update(calls).where(c.id == bindparam("b_id")).values(
     amount=bindparam("b_amount"), units=bindparam("b_units"),
-    transfer_id=bindparam("b_transfer"), receipt=bindparam("b_receipt"))
+    transfer_id=bindparam("b_transfer"), receipt=bindparam("b_receipt")))
 _LAPSED_HOLDS = (select(func.coalesce(func.sum(t.amount), 0))
                  .where(t.debit_account_id == bindparam("b_account"), t.kind == "pending",
                         t.status == "pending", t.timeout_at <= bindparam("b_now"))
                  .scalar_subquery())
-_AVAILABLE_NOW = select(_AVAILABLE + _LAPSED_HOLDS, a.closed).where(
-    a.id == bindparam("b_account"))
-_SUB_DAILY = (update(tenant_daily_spend)
-              .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
-              .values(amount=d.amount - bindparam("b_amount")))
+_AVAILABLE_NOW = Prepared(select(_AVAILABLE + _LAPSED_HOLDS, a.closed).where(
+    a.id == bindparam("b_account")))
+_SUB_DAILY = Prepared(update(tenant_daily_spend)
+                      .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
+                      .values(amount=d.amount - bindparam("b_amount")))
 
 
 def new_call_id() -> str:
@@ -136,17 +137,17 @@ class StoredCall:
 def stored(conn: Connection, *, key: str | None = None, call_id: str | None = None
            ) -> StoredCall | None:
     if key is not None:
-        row = conn.execute(_STORED_BY_KEY, {"b_key": key}).one_or_none()
+        row = _STORED_BY_KEY.first(conn, {"b_key": key})
     else:
-        row = conn.execute(_STORED_BY_ID, {"b_id": call_id}).one_or_none()
-    return StoredCall(**row._mapping) if row is not None else None
+        row = _STORED_BY_ID.first(conn, {"b_id": call_id})
+    return StoredCall(*row) if row is not None else None
 
 
 def charge(conn: Connection, call: NewCall, *, at: datetime,
            sign: Callable[[int], str]) -> tuple[int, str]:
     """Post the call's price at once; returns (remaining, receipt). ``sign(remaining)`` signs."""
     remaining = _debit(conn, _DEBIT_POSTED, call)
-    conn.execute(_CREDIT_POSTED, {"account": ops.REVENUE, "amount": call.amount})
+    _CREDIT_POSTED.rowcount(conn, {"account": ops.REVENUE, "amount": call.amount})
     transfer_id = f"charge:{call.id}"
     _transfer(conn, transfer_id, call, "posted", "charge", at)
     _count_daily(conn, call, at)
@@ -161,7 +162,7 @@ def charge(conn: Connection, call: NewCall, *, at: datetime,
 def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime) -> int:
     """Reserve the call's amount as a pending transfer; returns what remains available."""
     remaining = _debit(conn, _DEBIT_PENDING, call)
-    conn.execute(_CREDIT_PENDING, {"account": ops.REVENUE, "amount": call.amount})
+    _CREDIT_PENDING.rowcount(conn, {"account": ops.REVENUE, "amount": call.amount})
     _transfer(conn, f"hold:{call.id}", call, "pending", "hold", at, timeout_at=timeout_at)
     _count_daily(conn, call, at)
     _insert_call(conn, call, status="held", amount=None, transfer_id=None, receipt=None,
@@ -178,16 +179,16 @@ def capture(conn: Connection, call_id: str, *, amount: int | None, units: int | 
     ``sign(amount, remaining)`` makes the receipt. A call captured already raises Replay.
     """
     row = _resolve_call(conn, call_id, "captured", at, before_timeout=True)
-    posted = ops.post_pending(conn, id=f"capture:{call_id}", pending_id=f"hold:{call_id}",
-                              amount=amount, at=at)
-    remaining = ops.balance(conn, ops.token_account(row.jti)).available
-    receipt = sign(posted, remaining)
-    conn.execute(_RECORD_CAPTURE, {"b_id": call_id, "b_amount": posted, "b_units": units,
-                                   "b_transfer": f"capture:{call_id}", "b_receipt": receipt})
+    settled = ops.post_pending(conn, id=f"capture:{call_id}", pending_id=f"hold:{call_id}",
+                               amount=amount, at=at)
+    posted = settled.amount
+    receipt = sign(posted, settled.available)
+    _RECORD_CAPTURE.rowcount(conn, {"b_id": call_id, "b_amount": posted, "b_units": units,
+                                    "b_transfer": f"capture:{call_id}", "b_receipt": receipt})
     _uncount_daily(conn, row, row.amount_held - posted)
     audit.record(conn, "capture", at=at, jti=row.jti, tenant=row.tenant, agent=row.agent,
                  tool=row.tool, amount=posted, ref=call_id, demo=row.demo)
-    return posted, remaining, receipt
+    return posted, settled.available, receipt
 
 
 def void(conn: Connection, call_id: str, *, at: datetime, expired: bool = False) -> int:
@@ -218,8 +219,7 @@ def available(conn: Connection, jti: str, *, now: datetime) -> tuple[int, bool] 
     Holds past their timeout count as available: they are voided lazily, by the next hold
     that needs the money or by a sweep, and a quote should not refuse what a hold would get.
     """
-    row = conn.execute(_AVAILABLE_NOW, {"b_account": ops.token_account(jti), "b_now": now}
-                       ).first()
+    row = _AVAILABLE_NOW.first(conn, {"b_account": ops.token_account(jti), "b_now": now})
     return (int(row[0]), bool(row[1])) if row is not None else None
 
 
@@ -239,8 +239,8 @@ def daily_spent(conn: Connection, tenant: str, day: str) -> int:
 # --- internals ---------------------------------------------------------------------------------
 
 
-def _debit(conn: Connection, statement: Any, call: NewCall) -> int:
-    row = conn.execute(statement, {"account": call.account, "amount": call.amount}).first()
+def _debit(conn: Connection, statement: Prepared, call: NewCall) -> int:
+    row = statement.first(conn, {"account": call.account, "amount": call.amount})
     if row is None:
         ops.explain_refused_debit(conn, call.account, call.amount)
     return int(row[0])  # type: ignore[index]
@@ -248,7 +248,7 @@ def _debit(conn: Connection, statement: Any, call: NewCall) -> int:
 
 def _transfer(conn: Connection, id: str, call: NewCall, kind: str, code: str, at: datetime,
               timeout_at: datetime | None = None) -> None:
-    conn.execute(_INSERT_TRANSFER, {
+    _INSERT_TRANSFER.rowcount(conn, {
         "id": id, "debit_account_id": call.account, "credit_account_id": ops.REVENUE,
         "amount": call.amount, "kind": kind, "pending_id": None,
         "status": "pending" if kind == "pending" else None, "timeout_at": timeout_at,
@@ -282,27 +282,27 @@ def _count_daily(conn: Connection, call: NewCall, at: datetime) -> None:
     day = _day(at)
     params = {"b_tenant": call.tenant, "b_day": day, "b_amount": call.amount,
               "b_cap": call.daily_cap}
-    if conn.execute(_ADD_DAILY, params).rowcount == 1:
+    if _ADD_DAILY.rowcount(conn, params) == 1:
         return
     if call.amount <= call.daily_cap and ops.insert_ignore(conn, tenant_daily_spend, {
             "tenant": call.tenant, "day": day, "amount": call.amount}):
         return
-    if conn.execute(_ADD_DAILY, params).rowcount == 1:  # another call created today's row
+    if _ADD_DAILY.rowcount(conn, params) == 1:  # another call created today's row
         return
     raise DailyCapReached(call.daily_cap, daily_spent(conn, call.tenant, day))
 
 
 def _uncount_daily(conn: Connection, row: Any, amount: int) -> None:
     if amount > 0:
-        conn.execute(_SUB_DAILY, {"b_tenant": row.tenant, "b_day": _day(row.created_at),
-                                  "b_amount": amount})
+        _SUB_DAILY.rowcount(conn, {"b_tenant": row.tenant, "b_day": _day(row.created_at),
+                                   "b_amount": amount})
 
 
 def _resolve_call(conn: Connection, call_id: str, status: str, at: datetime, *,
                   before_timeout: bool) -> Any:
     """Flip a held call to ``status`` once; Replay if it was captured, HoldNotActive else."""
     query = _RESOLVE_CALL_BEFORE_TIMEOUT if before_timeout else _RESOLVE_CALL
-    row = conn.execute(query, {"b_id": call_id, "b_status": status, "b_at": at}).first()
+    row = query.first(conn, {"b_id": call_id, "b_status": status, "b_at": at})
     if row is not None:
         return row
     current = stored(conn, call_id=call_id)

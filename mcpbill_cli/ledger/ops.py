@@ -21,6 +21,7 @@ from mcpbill_cli.errors import (
     InvalidInput,
     NotFound,
 )
+from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import accounts, transfers
 
 REVENUE = "revenue"
@@ -30,23 +31,28 @@ a = accounts.c
 t = transfers.c
 _AVAILABLE = a.credits_posted - a.debits_posted - a.debits_pending
 
-# Statements on the verifier's path are built once, with bind parameters, so every call reuses
-# their compiled form instead of building and hashing a new statement.
-_BALANCE = select(a.id, a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending,
-                  a.closed).where(a.id == bindparam("b_account"))
-_BALANCE_FOR_UPDATE = _BALANCE.with_for_update()
-_RESOLVE = (update(transfers)
-            .where(t.id == bindparam("b_id"), t.kind == "pending", t.status == "pending")
-            .values(status=bindparam("b_status"))
-            .returning(t.id, t.debit_account_id, t.credit_account_id, t.amount, t.demo, t.ref))
-_RESOLVE_BEFORE_TIMEOUT = _RESOLVE.where(t.timeout_at > bindparam("b_at"))
-_INSERT_TRANSFER = insert(transfers)
-_SETTLE_DEBIT = update(accounts).where(a.id == bindparam("b_account")).values(
+TRANSFER_COLUMNS = ("id", "debit_account_id", "credit_account_id", "amount", "kind",
+                    "pending_id", "status", "timeout_at", "code", "ref", "demo", "created_at")
+
+# Statements on the verifier's path: compiled once per dialect, run on the driver connection.
+_BALANCE_QUERY = select(a.id, a.debits_posted, a.credits_posted, a.debits_pending,
+                        a.credits_pending, a.closed).where(a.id == bindparam("b_account"))
+_BALANCE = Prepared(_BALANCE_QUERY)
+_BALANCE_FOR_UPDATE = Prepared(_BALANCE_QUERY.with_for_update())
+_RESOLVE_QUERY = (
+    update(transfers)
+    .where(t.id == bindparam("b_id"), t.kind == "pending", t.status == "pending")
+    .values(status=bindparam("b_status"))
+    .returning(t.id, t.debit_account_id, t.credit_account_id, t.amount, t.demo, t.ref))
+_RESOLVE = Prepared(_RESOLVE_QUERY)
+_RESOLVE_BEFORE_TIMEOUT = Prepared(_RESOLVE_QUERY.where(t.timeout_at > bindparam("b_at")))
+_INSERT_TRANSFER = Prepared(insert(transfers), columns=TRANSFER_COLUMNS)
+_SETTLE_DEBIT = Prepared(update(accounts).where(a.id == bindparam("b_account")).values(
     debits_pending=a.debits_pending - bindparam("b_pending"),
-    debits_posted=a.debits_posted + bindparam("b_posted"))
-_SETTLE_CREDIT = update(accounts).where(a.id == bindparam("b_account")).values(
+    debits_posted=a.debits_posted + bindparam("b_posted")).returning(_AVAILABLE))
+_SETTLE_CREDIT = Prepared(update(accounts).where(a.id == bindparam("b_account")).values(
     credits_pending=a.credits_pending - bindparam("b_pending"),
-    credits_posted=a.credits_posted + bindparam("b_posted"))
+    credits_posted=a.credits_posted + bindparam("b_posted")))
 
 
 def tenant_account(tenant: str) -> str:
@@ -84,14 +90,18 @@ class Balance:
 
 
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
-    """INSERT unless the primary or a unique key exists; True when a row was written."""
-    return conn.execute(_insert_ignore_statement(conn.dialect.name, table), values
-                        ).first() is not None
+    """INSERT unless the primary or a unique key exists; True when a row was written.
+
+    ``values`` must name every column the row needs (Python-side defaults are not applied).
+    """
+    statement = _insert_ignore_statement(conn.dialect.name, table, tuple(values))
+    return statement.first(conn, values) is not None
 
 
 @functools.cache
-def _insert_ignore_statement(dialect_name: str, table: Table) -> Any:
-    """Built once per table: values go in as bind parameters, so the compiled form is reused."""
+def _insert_ignore_statement(dialect_name: str, table: Table, columns: tuple[str, ...]
+                             ) -> Prepared:
+    """Built once per table and set of columns, compiled once, run on the driver."""
     dialect_insert: Any
     if dialect_name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
@@ -99,7 +109,8 @@ def _insert_ignore_statement(dialect_name: str, table: Table) -> Any:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     key = list(table.primary_key.columns)[0]
     # RETURNING, not rowcount: drivers disagree on rowcount for INSERT ... ON CONFLICT.
-    return dialect_insert(table).on_conflict_do_nothing().returning(key)
+    return Prepared(dialect_insert(table).on_conflict_do_nothing().returning(key),
+                    columns=columns)
 
 
 def ensure_account(
@@ -113,7 +124,7 @@ def ensure_account(
 
 def balance(conn: Connection, account: str, *, lock: bool = False) -> Balance:
     query = _BALANCE_FOR_UPDATE if lock else _BALANCE
-    row = conn.execute(query, {"b_account": account}).one_or_none()
+    row = query.first(conn, {"b_account": account})
     if row is None:
         raise NotFound(f"no account {account}")
     return Balance(*row)
@@ -155,18 +166,23 @@ def hold(
     return True
 
 
+@dataclass(frozen=True)
+class Posted:
+    amount: int  # what was posted
+    available: int  # what the debit account has available after it
+
+
 def post_pending(
     conn: Connection, *, id: str, pending_id: str, amount: int | None, at: datetime,
     code: str = "capture",
-) -> int:
-    """Post a pending transfer, in full or in part (the rest returns); returns the amount posted."""
+) -> Posted:
+    """Post a pending transfer, in full or in part (the rest returns)."""
     pending = _resolve(conn, pending_id, "posted", at)
     posted = pending.amount if amount is None else amount
     if not 0 <= posted <= pending.amount:
         raise InvalidInput(f"cannot capture {posted} of a hold of {pending.amount}")
     _record_resolution(conn, id, pending, posted, "post_pending", code, at)
-    _settle(conn, pending, posted)
-    return posted
+    return Posted(posted, _settle(conn, pending, posted))
 
 
 def void_pending(
@@ -254,7 +270,7 @@ def _same_transfer_or_conflict(conn: Connection, row: dict[str, Any]) -> None:
 def _resolve(conn: Connection, pending_id: str, status: str, at: datetime | None) -> Any:
     """Flip a pending transfer to ``status`` exactly once; refuse one resolved or timed out."""
     params = {"b_id": pending_id, "b_status": status, "b_at": at}
-    row = conn.execute(_RESOLVE if at is None else _RESOLVE_BEFORE_TIMEOUT, params).one_or_none()
+    row = (_RESOLVE if at is None else _RESOLVE_BEFORE_TIMEOUT).first(conn, params)
     if row is None:
         current = conn.execute(select(t.status, t.timeout_at).where(t.id == pending_id)).first()
         state = "unknown" if current is None else (
@@ -265,15 +281,17 @@ def _resolve(conn: Connection, pending_id: str, status: str, at: datetime | None
 
 def _record_resolution(conn: Connection, id: str, pending: Any, amount: int, kind: str,
                        code: str, at: datetime) -> None:
-    conn.execute(_INSERT_TRANSFER, {
+    _INSERT_TRANSFER.rowcount(conn, {
         "id": id, "debit_account_id": pending.debit_account_id,
         "credit_account_id": pending.credit_account_id, "amount": amount, "kind": kind,
         "pending_id": pending.id, "status": None, "timeout_at": None, "code": code,
         "ref": pending.ref, "demo": pending.demo, "created_at": at})
 
 
-def _settle(conn: Connection, pending: Any, posted: int) -> None:
-    """Turn a reservation into ``posted`` (0 for a void) on both sides; the rest is released."""
+def _settle(conn: Connection, pending: Any, posted: int) -> int:
+    """Turn a reservation into ``posted`` (0 for a void) on both sides; the rest is released.
+    Returns what the debit account has available after."""
     amounts = {"b_pending": pending.amount, "b_posted": posted}
-    conn.execute(_SETTLE_DEBIT, {"b_account": pending.debit_account_id, **amounts})
-    conn.execute(_SETTLE_CREDIT, {"b_account": pending.credit_account_id, **amounts})
+    available = _SETTLE_DEBIT.first(conn, {"b_account": pending.debit_account_id, **amounts})
+    _SETTLE_CREDIT.rowcount(conn, {"b_account": pending.credit_account_id, **amounts})
+    return int(available[0])

@@ -1,0 +1,132 @@
+"""Core statements compiled once per dialect and run on the DBAPI connection.
+
+The verifier's hot path runs a dozen small statements per call. Through ``Connection.execute``
+each pays SQLAlchemy's per-execution machinery (execution context, events, result wrapping),
+about ten times what the driver itself takes. A :class:`Prepared` statement keeps the SQL in
+SQLAlchemy Core (one definition, both dialects, the same bind and result processing) but runs
+it on the driver connection under the caller's transaction. Driver errors come out as the same
+``sqlalchemy.exc`` types ``Connection.execute`` raises, so callers cannot tell the difference.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ClauseElement
+
+Processor = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    sql: str
+    arguments: Callable[[dict[str, Any]], Any] | None  # positional paramstyles: in order
+    constants: dict[str, Any]  # the statement's own literals (``kind = 'pending'``)
+    binds: dict[str, Processor]  # bind processors, by parameter name
+    row: Callable[..., Any] | None  # the row type of a statement that returns rows
+    results: tuple[tuple[int, Processor], ...]  # result processors, by column position
+
+
+class Prepared:
+    """One Core statement, run with :meth:`first`, :meth:`all` or :meth:`rowcount`.
+
+    ``columns`` names the columns an INSERT writes (every one must be passed on each run:
+    Python-side column defaults are not applied here).
+    """
+
+    __slots__ = ("_columns", "_plans", "statement")
+
+    def __init__(self, statement: ClauseElement, *, columns: Sequence[str] | None = None
+                 ) -> None:
+        self.statement = statement
+        self._columns = list(columns) if columns is not None else None
+        self._plans: dict[Dialect, _Plan] = {}
+
+    def first(self, conn: Connection, params: Mapping[str, Any]) -> Any:
+        """The first row (a named tuple), or None."""
+        plan, cursor = self._run(conn, params)
+        return _converted(plan, cursor.fetchone())
+
+    def all(self, conn: Connection, params: Mapping[str, Any]) -> list[Any]:
+        plan, cursor = self._run(conn, params)
+        return [_converted(plan, row) for row in cursor.fetchall()]
+
+    def rowcount(self, conn: Connection, params: Mapping[str, Any]) -> int:
+        """How many rows an UPDATE or DELETE changed."""
+        return int(self._run(conn, params)[1].rowcount)
+
+    def _run(self, conn: Connection, params: Mapping[str, Any]) -> tuple[_Plan, Any]:
+        dialect = conn.dialect
+        plan = self._plans.get(dialect) or self._plan(dialect)
+        if not conn.in_transaction():
+            conn.begin()  # as Connection.execute would (autobegin)
+        values = {**plan.constants, **params}
+        for name, process in plan.binds.items():
+            values[name] = process(values[name])
+        arguments = values if plan.arguments is None else plan.arguments(values)
+        driver = conn.connection.driver_connection
+        try:
+            cursor = driver.cursor()  # type: ignore[union-attr]
+            cursor.execute(plan.sql, arguments)
+        except dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(plan.sql, arguments, exc, dialect.loaded_dbapi.Error,
+                                      dialect=dialect) from exc
+        return plan, cursor
+
+    def _plan(self, dialect: Dialect) -> _Plan:
+        compiled: Any = self.statement.compile(dialect=dialect, column_keys=self._columns)
+        used = set(compiled.bind_names.values())
+        constants, binds = {}, {}
+        for name, bind in compiled.binds.items():
+            if name not in used:
+                continue
+            if not bind.required:
+                constants[name] = bind.effective_value
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                binds[name] = process
+        for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
+            if column.default is None or not column.default.is_scalar:
+                raise NotImplementedError(f"{column} has a default Prepared cannot apply")
+            constants[column.key] = column.default.arg  # a column the caller may leave out
+        arguments = _positional(compiled.positiontup) if compiled.positional else None
+        row_type: Callable[..., Any] | None = None
+        results: tuple[tuple[int, Processor], ...] = ()
+        if compiled.returning or getattr(self.statement, "is_select", False):
+            columns = list(self.statement.exported_columns)  # type: ignore[attr-defined]
+            keys = [c.key or f"c{i}" for i, c in enumerate(columns)]
+            row_type = _row_type(keys)
+            results = tuple(
+                (i, process) for i, c in enumerate(columns)
+                if (process := c.type.dialect_impl(dialect).result_processor(dialect, None))
+                is not None)
+        plan = _Plan(compiled.string, arguments, constants, binds, row_type, results)
+        self._plans[dialect] = plan
+        return plan
+
+
+def _positional(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    if len(names) > 1:
+        return itemgetter(*names)
+    return lambda values: tuple(values[name] for name in names)
+
+
+def _row_type(keys: list[str]) -> Callable[..., Any]:
+    return namedtuple("Row", keys, rename=True)  # type: ignore[misc]  # noqa: PYI024
+
+
+def _converted(plan: _Plan, row: Any) -> Any:
+    if row is None or plan.row is None:
+        return row
+    if plan.results:
+        row = list(row)
+        for i, process in plan.results:
+            row[i] = process(row[i])
+    return plan.row(*row)
