@@ -221,6 +221,21 @@ class Verifier:
             return Hold(call.id, claims.jti, claims.tenant, claims.agent, tool, call.amount,
                         call.idempotency_key, timeout_at, price)
 
+    def begin(self, token: str, tool: str, *, args: Any = None,
+              idempotency_key: str | None = None, request_id: str | int | None = None,
+              max_units: int | None = None) -> Hold | Quote:
+        """What a server needs before it runs a tool, in one step: the :class:`Quote` of a
+        free call (preflighted: nothing to hold), or the :class:`Hold` of a paid one.
+
+        A paid call skips preflight's read: the hold checks the same things as it reserves.
+        """
+        with self._refusals_recorded(token, tool):
+            price = self._price(self._claims(token, tool), tool, max_units)
+        if price.free:
+            return self.preflight(token, tool, args=args, units=max_units)
+        return self.hold(token, tool, args=args, idempotency_key=idempotency_key,
+                         request_id=request_id, max_units=max_units)
+
     def capture(self, hold: Hold, *, units: int | None = None,
                 settlement: Mapping[str, Any] | None = None) -> Receipt:
         """Post a hold (per-unit tools: for ``units``; the rest returns) and sign the receipt.
@@ -332,6 +347,9 @@ class Verifier:
 
     async def ahold(self, token: str, tool: str, **kw: Any) -> Hold:
         return await asyncio.to_thread(lambda: self.hold(token, tool, **kw))
+
+    async def abegin(self, token: str, tool: str, **kw: Any) -> Hold | Quote:
+        return await asyncio.to_thread(lambda: self.begin(token, tool, **kw))
 
     async def acapture(self, hold: Hold, *, units: int | None = None) -> Receipt:
         return await asyncio.to_thread(lambda: self.capture(hold, units=units))

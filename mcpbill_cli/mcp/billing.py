@@ -51,7 +51,7 @@ from mcpbill_cli.mcp.wire import (
     with_receipt,
 )
 from mcpbill_cli.pricing import Price, quote
-from mcpbill_cli.verifier import Hold, Verifier
+from mcpbill_cli.verifier import Hold, Quote, Verifier
 
 __all__ = ["BilledTool", "Billing"]
 
@@ -162,15 +162,13 @@ class Billing(Extension):
 
     async def _billed_call(self, call: _CallRequest, ctx: ServerRequestContext[Any, Any],
                            call_next: CallNext) -> HandlerResult:
-        quote_ = await self.verifier.apreflight(call.token, call.tool.name, args=call.args,
-                                                units=call.tool.max_units)
-        if quote_.price.free:
-            with metering(call.tool.name):
-                return await call_next(ctx)
-        hold = await self.verifier.ahold(
+        opened = await self.verifier.abegin(
             call.token, call.tool.name, args=call.args, idempotency_key=call.idempotency_key,
             request_id=call.request_id, max_units=call.tool.max_units)
-        return await self._settle(hold, ctx, call_next)
+        if isinstance(opened, Quote):  # a free tool: the token was checked, nothing is held
+            with metering(call.tool.name):
+                return await call_next(ctx)
+        return await self._settle(opened, ctx, call_next)
 
     async def _settle(self, hold: Hold, ctx: ServerRequestContext[Any, Any],
                       call_next: CallNext) -> HandlerResult:

@@ -12,7 +12,7 @@ from mcpbill_cli.errors import BillingError
 from mcpbill_cli.ledger.credit import IssuedToken, show
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls, events
-from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.verifier import Hold, Quote, Verifier
 
 from .billing_support import PRICE, USDC, FakeClock
 from .invariants import assert_ledger_invariants
@@ -267,3 +267,33 @@ def test_sweep_voids_every_hold_past_its_timeout(
     clock.advance(TIMEOUT)
     assert verifier.sweep_expired() == count
     assert verifier.sweep_expired() == 0
+
+
+def test_begin_holds_a_paid_call_and_only_preflights_a_free_one(
+        funded: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
+        clock: FakeClock) -> None:
+    token = new_token(limit=USDC)
+    free = verifier.begin(token.token, "status", args={})
+    assert isinstance(free, Quote) and free.price.free
+    paid = verifier.begin(token.token, "search", args={"q": "x"}, request_id="r1")
+    assert isinstance(paid, Hold)
+    assert state(funded, token, clock) == (0, PRICE, USDC - PRICE)
+    assert trail(funded, paid.id) == [("hold", PRICE)]
+    assert verifier.capture(paid).amount == PRICE
+    assert verifier.begin(token.token, "search", args={"q": "x"}, request_id="r1").joined
+    with reading(funded) as conn:  # the free call left no call row: nothing to reconcile
+        assert conn.execute(select(calls.c.tool)).scalars().all() == ["search"]
+
+
+@pytest.mark.parametrize(("tool", "limit", "code"), [
+    ("translate", USDC, "SCOPE_DENIED"), ("search", PRICE - 1, "BUDGET_EXCEEDED"),
+    ("status", USDC, "SCOPE_DENIED")])
+def test_begin_refuses_like_hold_and_records_the_refusal_once(
+        funded: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
+        tool: str, limit: int, code: str) -> None:
+    token = new_token(limit=limit, scope=["search"])
+    assert refusal(lambda: verifier.begin(token.token, tool))["code"] == code
+    with reading(funded) as conn:
+        codes = conn.execute(select(events.c.code).where(events.c.kind == "refusal")
+                             ).scalars().all()
+    assert codes == [code]
