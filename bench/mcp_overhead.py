@@ -2,10 +2,11 @@
 
 Both run on one ``MCPServer`` over the SDK's in-memory transport, with the real client, in the
 same run: rounds alternate between the two so drift (CPU boost, caches) hits both alike. The
-billed tool does the whole path on a SQLite ledger: preflight, hold, run, capture, a signed
-receipt in ``_meta``. Prints the median time per call of each and their ratio (target <= 1.5x),
-and, to tell the MCP glue from the ledger, the same preflight + hold + capture called on the
-verifier directly (no MCP, no threads) in the same rounds.
+billed tool does the whole path on a SQLite ledger: begin (the token, scope and price checks
+and the hold), run, capture, a signed receipt in ``_meta``. Prints the median time per call of
+each and their ratio (target <= 1.5x), and, to tell the MCP glue from the ledger, the same begin (hold) + capture called on the
+verifier directly (no MCP, no threads) in the same rounds; the rest is the MCP billing glue,
+mostly the two worker-thread hops that keep ledger writes off the event loop.
 
 Usage: python bench/mcp_overhead.py [--calls N] [--rounds R]
 """
@@ -32,7 +33,7 @@ from mcpbill_cli.ledger import credit
 from mcpbill_cli.ledger.engine import make_engine, writing
 from mcpbill_cli.mcp import TOKEN_META, Billing
 from mcpbill_cli.setup import initialize
-from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.verifier import Hold, Verifier
 
 PRICING = """version = 1
 [tools.echo]
@@ -84,12 +85,14 @@ async def per_call(client: Client, tool: str, meta: RequestParamsMeta, calls: in
 
 
 def verifier_alone(verifier: Verifier, token: str, calls: int) -> float:
-    """Seconds per call of what billing asks of the verifier, called directly."""
+    """Seconds per call of what billing asks of the verifier, called directly: begin (a hold,
+    for this paid tool), then capture."""
     start = time.perf_counter()
     for n in range(calls):
-        args = {"text": f"hello {n}"}
-        verifier.preflight(token, "echo", args=args)
-        verifier.capture(verifier.hold(token, "echo", args=args, request_id=uuid.uuid4().hex))
+        hold = verifier.begin(token, "echo", args={"text": f"hello {n}"},
+                              request_id=uuid.uuid4().hex)
+        assert isinstance(hold, Hold)
+        verifier.capture(hold)
     return (time.perf_counter() - start) / calls
 
 
@@ -125,7 +128,7 @@ def main() -> None:
     print(f"billed tool call                    {billed * 1000:8.3f} ms/call")
     print(f"ratio billed / unbilled             {billed / unbilled:8.2f}x  (target <= 1.50x)")
     print(f"of which the verifier, called alone {ledger * 1000:8.3f} ms/call "
-          "(preflight + hold + capture)")
+          "(begin: hold, then capture)")
     print(f"and the MCP billing glue            {(billed - unbilled - ledger) * 1000:8.3f} ms/call")
 
 
