@@ -1,0 +1,194 @@
+"""Per-call billing for the tools of a ``fastmcp`` 4.x server, as a middleware (``[fastmcp]``).
+
+    billing = BillingMiddleware.from_settings()        # the mcpbill home's ledger, keys, prices
+    server = FastMCP("paid")
+
+    @billing.tool(server)                              # registers the tool, adds the middleware
+    async def search(q: str) -> list[str]: ...
+
+    @billing.tool(server, max_units=2000)              # per unit: holds 2000 units' worth
+    def summarize(text: str) -> str:
+        report_units(len(text.split()))
+        ...
+
+A tool registered some other way (a mounted or proxied server's) is billed by name with
+``billing.bill("child_search")`` once ``billing`` is in the server's middleware.
+
+The wire is the same as :class:`~mcpbill_cli.mcp.billing.Billing`'s: the token from
+``_meta["mcpbill/token"]``, ``Authorization: Bearer`` or ``AGENT_CREDIT_JWT``; the receipt in
+the result's ``_meta["mcpbill/receipt"]``; refusals as ``isError`` results; prices in each
+billed tool's ``_meta["mcpbill/price"]`` in ``tools/list``. fastmcp hands a middleware the
+request's raw ``_meta``, its id and its HTTP request through ``fastmcp_context.request_context``;
+a tool that raises reaches ``on_call_tool`` as a ``ToolError`` and the call is voided.
+Add billing innermost (after any caching middleware): a cached answer is never billed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import mcp_types as mt
+from fastmcp import FastMCP
+from fastmcp.server.dependencies import FastMCPRequestContext
+from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
+from fastmcp.tools.base import InputRequiredToolResult, Tool, ToolResult
+
+from mcpbill_cli.config import Settings
+from mcpbill_cli.errors import BillingError
+from mcpbill_cli.mcp.billing import BilledTool
+from mcpbill_cli.mcp.units import metering
+from mcpbill_cli.mcp.wire import (
+    PRICE_META,
+    RECEIPT_META,
+    credit_token,
+    idempotency_key,
+    refusal,
+    session_id,
+)
+from mcpbill_cli.pricing import Price, quote
+from mcpbill_cli.receipts import Receipt
+from mcpbill_cli.verifier import Hold, Quote, Verifier
+
+__all__ = ["BillingMiddleware"]
+
+ToolFn = TypeVar("ToolFn", bound=Callable[..., Any])
+CallContext = MiddlewareContext[mt.CallToolRequestParams]
+CallToolNext = CallNext[mt.CallToolRequestParams, ToolResult]
+
+
+class BillingMiddleware(Middleware):
+    """Bill the tools registered with :meth:`tool` or :meth:`bill`: preflight, hold, run,
+    capture or void; other tools pass through untouched and need no token.
+
+    Every call of a billed tool needs a credit token. A refusal is an ``isError`` result carrying
+    the :class:`~mcpbill_cli.errors.BillingError` object; a paid call carries its signed receipt;
+    a call whose tool raised or returned an error is voided. Free tools (price 0) still check the
+    token. ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own auth
+    uses that header); agents then send the token in ``_meta["mcpbill/token"]``.
+    """
+
+    def __init__(self, verifier: Verifier, *, bearer: bool = True) -> None:
+        self.verifier = verifier
+        self.bearer = bearer
+        self._billed: dict[str, BilledTool] = {}
+        self._prices: dict[str, dict[str, Any]] = {}
+        # MCP request ids restart on every connection: a derived idempotency key scopes them to
+        # the HTTP session, else to this process (as Billing does).
+        self._process_scope = uuid.uuid4().hex[:16]
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *,
+                      bearer: bool = True) -> BillingMiddleware:
+        """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table."""
+        return cls(Verifier.from_settings(settings), bearer=bearer)
+
+    @property
+    def billed_tools(self) -> dict[str, BilledTool]:
+        """The tools this middleware bills, by name."""
+        return dict(self._billed)
+
+    def price(self, tool: str, max_units: int | None = None) -> Price:
+        """The table's base price of one call (per-unit: the most one call can cost)."""
+        return quote(self.verifier.pricing.current(), tool, units=max_units)
+
+    def bill(self, name: str, *, max_units: int | None = None) -> None:
+        """Bill every call of the tool listed as ``name``; ``max_units`` bounds a per-unit hold.
+
+        A tool the pricing table cannot price is refused here (PRICE_UNKNOWN), not per call.
+        """
+        advertised = self.price(name, max_units).to_dict()
+        self._billed[name] = BilledTool(name, max_units)
+        self._prices[name] = advertised
+
+    def tool(self, server: FastMCP[Any], name: str | None = None, *,
+             max_units: int | None = None, **options: Any) -> Callable[[ToolFn], ToolFn]:
+        """Register a billed tool with ``server.tool`` and add this middleware to ``server``.
+
+        ``options`` go to ``server.tool`` (``title``, ``description``, ``meta``, ``tags``...).
+        The function is returned as is, so it stays callable (unbilled) in unit tests.
+        """
+
+        def register(fn: ToolFn) -> ToolFn:
+            self.bill(name or fn.__name__, max_units=max_units)
+            server.tool(fn, name=name or fn.__name__, **options)
+            if self not in server.middleware:
+                server.add_middleware(self)
+            return fn
+
+        return register
+
+    async def on_list_tools(self, context: MiddlewareContext[mt.ListToolsRequest],
+                            call_next: CallNext[mt.ListToolsRequest, Sequence[Tool]],
+                            ) -> Sequence[Tool]:
+        """Advertise each billed tool's price in its ``_meta["mcpbill/price"]``."""
+        return [self._advertised(tool) for tool in await call_next(context)]
+
+    async def on_call_tool(self, context: CallContext, call_next: CallToolNext) -> ToolResult:
+        """Bill a call of a billed tool; pass any other call through untouched."""
+        tool = self._billed.get(context.message.name)
+        if tool is None:
+            return await call_next(context)
+        try:
+            return await self._billed_call(tool, context, call_next)
+        except BillingError as error:
+            return ToolResult.from_mcp_result(refusal(error))
+
+    # --- one call -------------------------------------------------------------------------------
+
+    def _advertised(self, tool: Tool) -> Tool:
+        price = self._prices.get(tool.name)
+        if price is None:
+            return tool
+        return tool.model_copy(update={"meta": {**(tool.meta or {}), PRICE_META: price}})
+
+    async def _billed_call(self, tool: BilledTool, context: CallContext,
+                           call_next: CallToolNext) -> ToolResult:
+        request = _request_of(context)
+        meta = request.meta if request is not None else None
+        http = request.request if request is not None else None
+        opened = await self.verifier.abegin(
+            credit_token(meta, http, bearer=self.bearer), tool.name,
+            args=dict(context.message.arguments or {}), idempotency_key=idempotency_key(meta),
+            request_id=self._request_id(request), max_units=tool.max_units)
+        if isinstance(opened, Quote):  # a free tool: the token was checked, nothing is held
+            with metering(tool.name):
+                return await call_next(context)
+        return await self._settle(opened, context, call_next)
+
+    def _request_id(self, request: FastMCPRequestContext | None) -> str | None:
+        if request is None or request.request_id is None:
+            return None
+        return f"{session_id(request.request) or self._process_scope}:{request.request_id}"
+
+    async def _settle(self, hold: Hold, context: CallContext,
+                      call_next: CallToolNext) -> ToolResult:
+        """Run the tool on a hold: capture a success, void a failure (charge only on success)."""
+        try:
+            with metering(hold.tool) as meter:
+                result = await call_next(context)
+        except BaseException:
+            await self._void(hold)
+            raise
+        if result.is_error or isinstance(result, InputRequiredToolResult):
+            await self._void(hold)  # an error, or an interim round of a multi-round call
+            return result
+        return _with_receipt(result, await self.verifier.acapture(hold, units=meter.units))
+
+    async def _void(self, hold: Hold) -> None:
+        # Shielded: a call cancelled by its client must still release what it held.
+        with anyio.CancelScope(shield=True):
+            await self.verifier.avoid(hold)
+
+
+def _request_of(context: CallContext) -> FastMCPRequestContext | None:
+    """The MCP request behind this call (``None`` when the server is called in process)."""
+    fastmcp_context = context.fastmcp_context
+    return None if fastmcp_context is None else fastmcp_context.request_context
+
+
+def _with_receipt(result: ToolResult, receipt: Receipt) -> ToolResult:
+    return result.model_copy(update={"meta": {**(result.meta or {}),
+                                              RECEIPT_META: receipt.to_dict()}})
