@@ -426,8 +426,8 @@ class Verifier:
                   ) -> tuple[Claims, Price, calls.NewCall]:
         self._ledger()
         claims = self._claims(token, tool)
-        table = self.pricing.current()
-        price = (self._price(claims, tool, units) if amount is None
+        table = self.pricing.current()  # read once: the price and the version recorded agree
+        price = (price_quote(table, tool, tenant=claims.tenant, units=units) if amount is None
                  else Price(_positive(amount), rule, table.version))
         if table.version not in self._recorded_versions:
             self._record_pricing_version(table)

@@ -7,12 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from mcpbill_cli.errors import BudgetExceeded
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger.credit import IssuedToken
-from mcpbill_cli.pricing import PricingSource, edit_pricing, set_price
+from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.models import calls, pricing_versions
+from mcpbill_cli.pricing import PricingSource, PricingTable, edit_pricing, set_price
 from mcpbill_cli.verifier import Verifier
 
 from .billing_support import FakeClock
@@ -106,3 +108,32 @@ def test_a_void_gives_the_daily_cap_back(
     hold = live_verifier.hold(token, "search")
     live_verifier.void(hold)
     assert live_verifier.charge(token, "search").amount == 10_000
+
+
+class EditedBetweenReads(PricingSource):
+    """A table edited between any two reads: every read sees the next version."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, check_interval=0)
+        self.version = 4
+
+    def current(self) -> PricingTable:
+        self.version += 1
+        return PricingTable.from_document({**super().current().to_document(),
+                                           "version": self.version})
+
+
+def test_a_call_records_the_very_table_it_was_priced_with(
+        funded: Engine, keys: KeySource, pricing_file: Path, clock: FakeClock,
+        new_token: Callable[..., IssuedToken]) -> None:
+    """However the file changes mid-call, reconcile must find the version a charge names."""
+    verifier = Verifier(keys=keys, pricing=EditedBetweenReads(pricing_file), engine=funded,
+                        clock=clock)
+    token = new_token(limit=1_000_000)
+    charged = [verifier.charge(token.token, "search", args={"n": n}).claims["pricingVersion"]
+               for n in range(3)]
+    with reading(funded) as conn:
+        recorded = set(conn.execute(select(pricing_versions.c.version)).scalars())
+        priced = set(conn.execute(select(calls.c.pricing_version)).scalars())
+    assert priced == set(charged)
+    assert priced <= recorded
