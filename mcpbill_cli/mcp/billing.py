@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -46,7 +45,7 @@ from mcpbill_cli.mcp.wire import (
     credit_token,
     idempotency_key,
     refusal,
-    session_id,
+    request_id_scope,
     succeeded,
     with_receipt,
 )
@@ -95,9 +94,6 @@ class Billing(Extension):
         self.verifier = verifier
         self.bearer = bearer
         self._billed: dict[str, BilledTool] = {}
-        # MCP request ids restart on every connection: a derived idempotency key scopes them to
-        # the HTTP session, else to this process (a stdio server serves one connection).
-        self._process_scope = uuid.uuid4().hex[:16]
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *, bearer: bool = True) -> Billing:
@@ -155,8 +151,8 @@ class Billing(Extension):
     def _call_request(self, tool: BilledTool, params: CallToolRequestParams,
                       ctx: ServerRequestContext[Any, Any]) -> _CallRequest:
         meta = params.meta
-        scope = session_id(ctx.request) or self._process_scope
-        request_id = None if ctx.request_id is None else f"{scope}:{ctx.request_id}"
+        request_id = (None if ctx.request_id is None
+                      else f"{request_id_scope(ctx.request, ctx.session)}:{ctx.request_id}")
         return _CallRequest(tool, credit_token(meta, ctx.request, bearer=self.bearer),
                             dict(params.arguments or {}), idempotency_key(meta), request_id)
 

@@ -25,7 +25,6 @@ Add billing innermost (after any caching middleware): a cached answer is never b
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -46,7 +45,7 @@ from mcpbill_cli.mcp.wire import (
     credit_token,
     idempotency_key,
     refusal,
-    session_id,
+    request_id_scope,
 )
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.receipts import Receipt
@@ -75,9 +74,6 @@ class BillingMiddleware(Middleware):
         self.bearer = bearer
         self._billed: dict[str, BilledTool] = {}
         self._prices: dict[str, dict[str, Any]] = {}
-        # MCP request ids restart on every connection: a derived idempotency key scopes them to
-        # the HTTP session, else to this process (as Billing does).
-        self._process_scope = uuid.uuid4().hex[:16]
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
@@ -161,7 +157,7 @@ class BillingMiddleware(Middleware):
     def _request_id(self, request: FastMCPRequestContext | None) -> str | None:
         if request is None or request.request_id is None:
             return None
-        return f"{session_id(request.request) or self._process_scope}:{request.request_id}"
+        return f"{request_id_scope(request.request, request.session)}:{request.request_id}"
 
     async def _settle(self, hold: Hold, context: CallContext,
                       call_next: CallToolNext) -> ToolResult:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +66,33 @@ def session_id(request: Any) -> str | None:
     """The streamable HTTP session of this call (``None`` on stdio, in process, stateless)."""
     headers = getattr(request, "headers", None)
     return headers.get(SESSION_HEADER) if isinstance(headers, Mapping) else None
+
+
+_CONNECTION_SCOPES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def request_id_scope(request: Any, session: Any) -> str:
+    """What an MCP request id is unique within, for the idempotency key derived from it.
+
+    The streamable HTTP session when there is one: a client that reconnects keeps it, so its
+    resent request is still one call. Else the connection: request ids restart on every
+    connection, and a new connection's first call must not pass for a retry of another's (on
+    stateless HTTP, every request is a connection of its own). Never the whole process.
+
+    The SDK (mcp 2.x) hands each request a new ``ServerSession`` over the connection's state,
+    kept in ``ServerSession._connection``; were that gone, each request would be its own scope:
+    a resent request billed again, never a new one billed nothing.
+    """
+    http_session = session_id(request)
+    if http_session is not None:
+        return f"http:{http_session}"
+    connection = getattr(session, "_connection", None)
+    if connection is None:
+        return uuid.uuid4().hex
+    scope = _CONNECTION_SCOPES.get(connection)
+    if scope is None:
+        scope = _CONNECTION_SCOPES.setdefault(connection, uuid.uuid4().hex)
+    return scope
 
 
 def refusal(error: BillingError) -> CallToolResult:

@@ -152,6 +152,24 @@ def test_the_same_call_retried_with_its_idempotency_key_is_billed_once(
     assert token_view(engine, token).spent == SEARCH
 
 
+def test_the_same_first_call_on_a_new_connection_is_a_new_call(
+        connect: Connect, mint: Mint, engine: Engine) -> None:
+    """Request ids restart on every connection: the same request id, tool and arguments from
+    another connection is another call, billed again, never a free replay of the first."""
+    token = mint(limit="0.05")
+
+    async def scenario() -> list[CallToolResult]:
+        results = []
+        for _ in range(3):
+            async with connect(token.token) as agent:
+                results.append(await agent.call("search", {"q": "same"}))
+        return results
+
+    receipts = [receipt_of(result) for result in anyio.run(scenario)]
+    assert len({receipt["receiptId"] for receipt in receipts}) == 3
+    assert token_view(engine, token).spent == 3 * SEARCH
+
+
 def test_per_unit_tool_is_charged_for_the_units_it_reports(
         connect: Connect, mint: Mint, engine: Engine) -> None:
     token = mint(limit="0.05")

@@ -199,6 +199,17 @@ def test_the_same_call_sent_twice_without_a_key_is_two_calls(
     assert token_view(engine, token).spent == 2 * SEARCH
 
 
+def test_the_same_first_call_on_a_new_connection_is_a_new_call(
+        server: FastMCP[Any], mint: Mint, engine: Engine) -> None:
+    """Request ids restart on every connection: another connection's identical first call is
+    billed again, never a free replay."""
+    token = mint(limit="0.05")
+    receipts = [receipt_of(calls(server, token.token, ("search", {"q": "same"}))[0])
+                for _ in range(3)]
+    assert len({receipt["receiptId"] for receipt in receipts}) == 3
+    assert token_view(engine, token).spent == 3 * SEARCH
+
+
 def test_per_unit_tool_is_charged_for_the_units_it_reports(
         server: FastMCP[Any], mint: Mint, engine: Engine) -> None:
     token = mint(limit="0.05")
