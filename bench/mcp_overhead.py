@@ -4,9 +4,10 @@ Both run on one ``MCPServer`` over the SDK's in-memory transport, with the real 
 same run: rounds alternate between the two so drift (CPU boost, caches) hits both alike. The
 billed tool does the whole path on a SQLite ledger: begin (the token, scope and price checks
 and the hold), run, capture, a signed receipt in ``_meta``. Prints the median time per call of
-each and their ratio (target <= 1.5x), and, to tell the MCP glue from the ledger, the same begin (hold) + capture called on the
-verifier directly (no MCP, no threads) in the same rounds; the rest is the MCP billing glue,
-mostly the two worker-thread hops that keep ledger writes off the event loop.
+each and their ratio (target <= 1.5x), and, to tell the MCP glue from the ledger, the same
+begin (hold) + capture called on the verifier directly (no MCP, no threads) in the same
+rounds; the rest is the MCP billing glue, mostly the two worker-thread hops that keep ledger
+writes off the event loop.
 
 Usage: python bench/mcp_overhead.py [--calls N] [--rounds R]
 """
