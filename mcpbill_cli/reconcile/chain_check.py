@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, func, select
 from mcpbill_cli.ledger import audit
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import audit_head, events
+from mcpbill_cli.reconcile import chain_sql
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.model import Row, Window
 from mcpbill_cli.reconcile.parallel import SliceResult, engine_url, run_slices, worker_engine
@@ -53,10 +54,12 @@ def check_window_chain(engine: Engine, conn: Connection, window: Window, jobs: i
         return None
     first, last = span
     parts = max(1, jobs) if last - first + 1 >= PARALLEL_FROM else 1
+    in_server = conn.dialect.name == "postgresql"  # chain_sql: the server hashes, not us
     url = engine_url(engine)
     slices = [Segment(url, lo, hi, found.max_rows) for lo, hi in _split(first, last, parts)]
-    work = partial(_verify_slice, conn) if parts == 1 else _verify_in_worker
-    for result in run_slices(work, slices, jobs):
+    work = (partial(_verify_slice, conn) if parts == 1
+            else partial(_verify_in_thread, engine) if in_server else _verify_in_worker)
+    for result in run_slices(work, slices, jobs, threads=in_server):
         _merge(result, found)
     anchor = conn.execute(select(e.hash).where(e.seq == last)).scalar_one()
     return last, str(anchor)
@@ -90,6 +93,12 @@ def _verify_in_worker(segment: Segment) -> SliceResult:
         return _verify_slice(conn, segment)
 
 
+def _verify_in_thread(engine: Engine, segment: Segment) -> SliceResult:
+    with reading(engine) as conn:
+        conn.exec_driver_sql("SET LOCAL jit = off")
+        return _verify_slice(conn, segment)
+
+
 def _verify_slice(conn: Connection, segment: Segment) -> SliceResult:
     result = SliceResult()
     for chain_break in verify_segment(conn, segment.first, segment.last):
@@ -100,11 +109,14 @@ def _verify_slice(conn: Connection, segment: Segment) -> SliceResult:
 
 def verify_segment(conn: Connection, first: int, last: int) -> Iterator[audit.ChainBreak]:
     """Like ``audit.verify_chain`` but for ``seq`` in ``[first, last]``, linked to the last
-    event before ``first``."""
+    event before ``first``; on PostgreSQL, the server re-hashes (``chain_sql``)."""
     before = conn.execute(select(e.seq, e.hash).where(e.seq < first).order_by(e.seq.desc())
                           .limit(1)).one_or_none()
     expected = (before.seq + 1, before.hash) if before else (1, audit.GENESIS)
-    yield from audit.verify_events(conn, first, last, expected, batch=BATCH)
+    if conn.dialect.name == "postgresql":
+        yield from chain_sql.verify_segment(conn, first, last, expected)
+    else:
+        yield from audit.verify_events(conn, first, last, expected, batch=BATCH)
 
 
 def _merge(result: SliceResult, found: Findings) -> None:

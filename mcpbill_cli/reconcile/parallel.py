@@ -2,14 +2,16 @@
 slices that worker processes read from the database themselves: nothing big crosses a pipe.
 
 Workers are spawned, not forked: a forked child would share the parent's database
-connections. Each worker opens one engine of its own and keeps it for its slices.
+connections. Each worker opens one engine of its own and keeps it for its slices. Slices
+whose work the database server does (PostgreSQL re-hashing the chain) run in threads, each
+on a connection of its own: the server works them in parallel, nothing is spawned.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -51,12 +53,15 @@ def engine_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=False)
 
 
-def run_slices(work: Callable[[S], SliceResult], slices: Sequence[S],
-               jobs: int) -> Iterator[SliceResult]:
-    """``work`` over every slice: in this process for one job, else in ``jobs`` processes."""
+def run_slices(work: Callable[[S], SliceResult], slices: Sequence[S], jobs: int, *,
+               threads: bool = False) -> Iterator[SliceResult]:
+    """``work`` over every slice: in this process for one job, else in ``jobs`` processes
+    (or threads)."""
     if jobs <= 1 or len(slices) <= 1:
         yield from map(work, slices)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(jobs, len(slices)), mp_context=context) as pool:
+    workers = min(jobs, len(slices))
+    pool: Executor = (ThreadPoolExecutor(workers) if threads else ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")))
+    with pool:
         yield from pool.map(work, slices)
