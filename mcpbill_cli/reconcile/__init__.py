@@ -24,7 +24,9 @@ What is checked, and how it scales:
 
 Memory stays flat whatever the row count: SQL aggregates, results stream (``yield_per``), and
 findings keep at most ``max_rows`` rows each (with the full count). Re-hashing events and
-verifying signatures are per-row Python work; they run in ``jobs`` worker processes.
+verifying signatures are per-row Python work; they run in ``jobs`` worker processes. On
+PostgreSQL the server re-hashes the chain (``chain_sql``), and the big queries run side by
+side on connections that share the reconcile's snapshot (``alongside``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ timeout, and the window's control totals: each token's calls against its transfe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from sqlalchemy import Connection, func, select
@@ -29,9 +29,9 @@ INVARIANT_FINDINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def check_invariants(conn: Connection, found: Findings) -> None:
-    """Every violation ``invariants.check`` finds, under reconcile's finding names."""
-    for violation in invariants.check(conn):
+def check_invariants(violations: Iterable[invariants.Violation], found: Findings) -> None:
+    """Every violation ``invariants.check`` found, under reconcile's finding names."""
+    for violation in violations:
         name, table = INVARIANT_FINDINGS[violation.check]
         if not violation.rows:
             found.note(name, 1, violation.detail)

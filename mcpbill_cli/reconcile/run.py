@@ -3,22 +3,26 @@ report. Never prints, never exits."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from sqlalchemy import Connection, Engine, text
 
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import InvalidInput
+from mcpbill_cli.ledger import invariants
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.reconcile import chain_check, deposit_check, ledger_checks, receipt_check
+from mcpbill_cli.reconcile.alongside import alongside
 from mcpbill_cli.reconcile.call_checks import PriceCheck, check_token_validity
 from mcpbill_cli.reconcile.calls_pass import TokenTally, call_groups
 from mcpbill_cli.reconcile.collect import Findings
-from mcpbill_cli.reconcile.model import ReconcileOptions, ReconcileReport
+from mcpbill_cli.reconcile.model import ReconcileOptions, ReconcileReport, Window
 from mcpbill_cli.reconcile.totals import TotalsBuilder
 from mcpbill_cli.reconcile.transfers_pass import (
+    TransferGroup,
     TransferTally,
     tenant_name,
     token_jti,
@@ -49,10 +53,15 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
     run = _Run(options, Findings(options.max_rows))
     with reading(engine) as conn:
         _snapshot(conn, options.jobs)
+        # The big queries do not depend on each other: on PostgreSQL they run side by side.
+        violations = (alongside(engine, conn, invariants.check, _settings)
+                      if options.ledger_wide else None)
+        moved = alongside(engine, conn, partial(_transfer_groups, options.window),
+                          _hashing_settings)
         with _hashed_groups(conn):
             _read_calls(conn, run)
-            _read_transfers(conn, run)
-        _ledger_checks(conn, run)
+            _read_transfers(moved(), run)
+        _ledger_checks(conn, run, violations)
         _chain(engine, conn, run)
         _receipts(engine, conn, run)
         _onchain(engine, conn, run)
@@ -65,16 +74,30 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
 
 def _snapshot(conn: Connection, jobs: int) -> None:
     """Every query of this reconcile sees the same committed state (SQLite's read transaction
-    already does: WAL snapshots). On PostgreSQL, plan the streamed aggregates for the whole
-    result (not the first rows) with room to hash their groups in memory. SQLite sorts its
-    GROUP BYs with up to ``jobs`` threads (its sorter's memory stays bounded: it spills)."""
+    already does: WAL snapshots). SQLite sorts its GROUP BYs with up to ``jobs`` threads (its
+    sorter's memory stays bounded: it spills)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql(f"PRAGMA threads = {max(1, min(jobs, SQLITE_SORT_THREADS))}")
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-        conn.execute(text("SET LOCAL cursor_tuple_fraction = 1"))
-        conn.execute(text(f"SET LOCAL work_mem = '{PG_WORK_MEM}'"))
-        conn.execute(text("SET LOCAL jit = off"))  # compiling the scans costs more than it saves
+        _settings(conn)
+
+
+def _settings(conn: Connection) -> None:
+    """PostgreSQL: plan the streamed aggregates for the whole result (not the first rows),
+    with room to hash their groups in memory."""
+    conn.execute(text("SET LOCAL cursor_tuple_fraction = 1"))
+    conn.execute(text(f"SET LOCAL work_mem = '{PG_WORK_MEM}'"))
+    conn.execute(text("SET LOCAL jit = off"))  # compiling the scans costs more than it saves
+
+
+def _hashing_settings(conn: Connection) -> None:
+    _settings(conn)
+    conn.execute(text("SET LOCAL enable_sort = off"))  # see _hashed_groups
+
+
+def _transfer_groups(window: Window, conn: Connection) -> list[TransferGroup]:
+    return list(transfer_groups(conn, window))
 
 
 @contextmanager
@@ -103,8 +126,8 @@ def _read_calls(conn: Connection, run: _Run) -> None:
     run.checks += ["prices"]
 
 
-def _read_transfers(conn: Connection, run: _Run) -> None:
-    for group in transfer_groups(conn, run.options.window):
+def _read_transfers(groups: Iterable[TransferGroup], run: _Run) -> None:
+    for group in groups:
         if group.code == "deposit":
             run.chain_accounts.add(group.debit)
             tenant = tenant_name(group.credit)
@@ -115,15 +138,16 @@ def _read_transfers(conn: Connection, run: _Run) -> None:
             run.by_transfers.setdefault(jti, TransferTally()).add(group)
 
 
-def _ledger_checks(conn: Connection, run: _Run) -> None:
+def _ledger_checks(conn: Connection, run: _Run,
+                   violations: Callable[[], list[invariants.Violation]] | None) -> None:
     options, found = run.options, run.found
     ledger_checks.check_control_totals(conn, options.window, run.by_calls, run.by_transfers,
                                        found)
     check_token_validity(conn, options.window, run.by_calls, options.leeway, options.filters,
                          found)
     run.checks += ["control_totals", "token_validity"]
-    if options.ledger_wide:
-        ledger_checks.check_invariants(conn, found)
+    if violations is not None:
+        ledger_checks.check_invariants(violations(), found)
         run.checks.append("ledger_invariants")
     else:
         run.skipped.append("ledger_invariants (--window-only)")
