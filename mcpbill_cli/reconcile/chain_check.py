@@ -10,7 +10,7 @@ event in the window is found. ``audit_head`` is checked against the last event e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +22,7 @@ from mcpbill_cli.ledger.models import audit_head, events
 from mcpbill_cli.reconcile import chain_sql
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.model import Row, Window
-from mcpbill_cli.reconcile.parallel import SliceResult, engine_url, run_slices, worker_engine
+from mcpbill_cli.reconcile.parallel import SliceResult, engine_url, start_slices, worker_engine
 
 e = events.c
 BATCH = 5000
@@ -48,10 +48,17 @@ def window_seqs(conn: Connection, window: Window) -> tuple[int, int] | None:
 def check_window_chain(engine: Engine, conn: Connection, window: Window, jobs: int,
                        found: Findings) -> tuple[int, str] | None:
     """Re-hash the window's segment; returns the anchor ``(seq, hash)`` of its last event."""
+    return start_window_chain(engine, conn, window, jobs, found)()
+
+
+def start_window_chain(engine: Engine, conn: Connection, window: Window, jobs: int,
+                       found: Findings) -> Callable[[], tuple[int, str] | None]:
+    """:func:`check_window_chain` with its workers started now (they read on their own
+    connections while the caller goes on); call the result to collect what they found."""
     check_head(conn, found)
     span = window_seqs(conn, window)
     if span is None:
-        return None
+        return lambda: None
     first, last = span
     parts = max(1, jobs) if last - first + 1 >= PARALLEL_FROM else 1
     in_server = conn.dialect.name == "postgresql"  # chain_sql: the server hashes, not us
@@ -59,10 +66,15 @@ def check_window_chain(engine: Engine, conn: Connection, window: Window, jobs: i
     slices = [Segment(url, lo, hi, found.max_rows) for lo, hi in _split(first, last, parts)]
     work = (partial(_verify_slice, conn) if parts == 1
             else partial(_verify_in_thread, engine) if in_server else _verify_in_worker)
-    for result in run_slices(work, slices, jobs, threads=in_server):
-        _merge(result, found)
-    anchor = conn.execute(select(e.hash).where(e.seq == last)).scalar_one()
-    return last, str(anchor)
+    results = start_slices(work, slices, jobs, threads=in_server)
+
+    def finish() -> tuple[int, str]:
+        for result in results():
+            _merge(result, found)
+        anchor = conn.execute(select(e.hash).where(e.seq == last)).scalar_one()
+        return last, str(anchor)
+
+    return finish
 
 
 def check_full_chain(conn: Connection, found: Findings) -> None:

@@ -57,11 +57,18 @@ def run_slices(work: Callable[[S], SliceResult], slices: Sequence[S], jobs: int,
                threads: bool = False) -> Iterator[SliceResult]:
     """``work`` over every slice: in this process for one job, else in ``jobs`` processes
     (or threads)."""
+    yield from start_slices(work, slices, jobs, threads=threads)()
+
+
+def start_slices(work: Callable[[S], SliceResult], slices: Sequence[S], jobs: int, *,
+                 threads: bool = False) -> Callable[[], Iterator[SliceResult]]:
+    """Like :func:`run_slices`, but the workers start now, while the caller goes on; call
+    the result for their results, in slice order. (One job: the work waits for the call.)"""
     if jobs <= 1 or len(slices) <= 1:
-        yield from map(work, slices)
-        return
+        return lambda: map(work, slices)
     workers = min(jobs, len(slices))
     pool: Executor = (ThreadPoolExecutor(workers) if threads else ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn")))
-    with pool:
-        yield from pool.map(work, slices)
+    futures = [pool.submit(work, part) for part in slices]
+    pool.shutdown(wait=False)
+    return lambda: (future.result() for future in futures)

@@ -54,6 +54,7 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
     with reading(engine) as conn:
         _snapshot(conn, options.jobs)
         # The big queries do not depend on each other: on PostgreSQL they run side by side.
+        chain = _start_chain(engine, conn, run)
         violations = (alongside(engine, conn, invariants.check, _settings)
                       if options.ledger_wide else None)
         moved = alongside(engine, conn, partial(_transfer_groups, options.window),
@@ -62,7 +63,7 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
             _read_calls(conn, run)
             _read_transfers(moved(), run)
         _ledger_checks(conn, run, violations)
-        _chain(engine, conn, run)
+        chain()
         _receipts(engine, conn, run)
         _onchain(engine, conn, run)
     summary, totals = run.totals.frozen()
@@ -157,17 +158,29 @@ def _ledger_checks(conn: Connection, run: _Run,
     run.checks += ["stale_holds", "deposits"]
 
 
-def _chain(engine: Engine, conn: Connection, run: _Run) -> None:
+def _start_chain(engine: Engine, conn: Connection, run: _Run) -> Callable[[], None]:
+    """Start the window's chain check (its workers re-hash while the SQL checks run); call
+    the result to finish it."""
+    mode = run.options.chain
+    if mode != "window":
+        return partial(_chain, conn, run)
+    collect = chain_check.start_window_chain(engine, conn, run.options.window,
+                                             run.options.jobs, run.found)
+
+    def finish() -> None:
+        run.anchor = collect()
+        run.checks.append("audit_chain (window)")
+
+    return finish
+
+
+def _chain(conn: Connection, run: _Run) -> None:
     mode = run.options.chain
     if mode == "off":
         run.skipped.append("audit_chain (--chain off)")
         return
-    if mode == "full":
-        chain_check.check_head(conn, run.found)
-        chain_check.check_full_chain(conn, run.found)
-    else:
-        run.anchor = chain_check.check_window_chain(engine, conn, run.options.window,
-                                                    run.options.jobs, run.found)
+    chain_check.check_head(conn, run.found)
+    chain_check.check_full_chain(conn, run.found)
     run.checks.append(f"audit_chain ({mode})")
 
 
