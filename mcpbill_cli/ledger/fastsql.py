@@ -10,6 +10,7 @@ it on the driver connection under the caller's transaction. Driver errors come o
 
 from __future__ import annotations
 
+import weakref
 from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class Prepared:
                  ) -> None:
         self.statement = statement
         self._columns = list(columns) if columns is not None else None
-        self._plans: dict[Dialect, _Plan] = {}
+        # By engine dialect: a test run or a long-lived process may make many engines.
+        self._plans: weakref.WeakKeyDictionary[Dialect, _Plan] = weakref.WeakKeyDictionary()
 
     def first(self, conn: Connection, params: Mapping[str, Any]) -> Any:
         """The first row (a named tuple), or None."""
