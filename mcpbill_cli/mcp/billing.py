@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -35,7 +36,7 @@ from mcp_types import CallToolRequestParams, CallToolResult
 
 from mcpbill_cli.config import ENV_TOKEN, Settings
 from mcpbill_cli.errors import BillingError
-from mcpbill_cli.mcp.units import current_meter, metering
+from mcpbill_cli.mcp.units import metering
 from mcpbill_cli.mcp.wire import (
     EXTENSION_ID,
     IDEMPOTENCY_KEY_META,
@@ -74,8 +75,38 @@ class _CallRequest:
     request_id: str | None
 
 
+@dataclass
+class _Run:
+    """One billed call, shared by the interceptor and the tool's wrapper.
+
+    The wrapper opens it (the verifier's ``begin``: check, then hold) right before the tool
+    runs: a sync tool in the worker thread the SDK runs it in anyway, so billing adds no thread
+    hop of its own there. The interceptor settles it once the SDK has built the result.
+    Sync tools run with a copy of the context: this object is shared by both copies.
+    """
+
+    verifier: Verifier
+    call: _CallRequest
+    opened: Hold | Quote | None = None
+    refused: BillingError | None = None
+
+    def open(self) -> None:
+        call = self.call
+        try:
+            self.opened = self.verifier.begin(
+                call.token, call.tool.name, args=call.args,
+                idempotency_key=call.idempotency_key, request_id=call.request_id,
+                max_units=call.tool.max_units)
+        except BillingError as error:
+            self.refused = error  # the interceptor answers with it, whatever the SDK made of it
+            raise
+
+
+_current_run: ContextVar[_Run | None] = ContextVar("mcpbill_run", default=None)
+
+
 class Billing(Extension):
-    """Bill the tools registered with :meth:`tool`: preflight, hold, run, capture or void.
+    """Bill the tools registered with :meth:`tool`: check and hold, run, capture or void.
 
     Every call of a billed tool needs a credit token. A refusal (no token, bad token, out of
     scope, revoked, over budget...) is returned as an ``isError`` result carrying the
@@ -142,9 +173,10 @@ class Billing(Extension):
         if tool is None:
             return await call_next(ctx)
         try:
-            return await self._billed_call(self._call_request(tool, params, ctx), ctx, call_next)
+            run = _Run(self.verifier, self._call_request(tool, params, ctx))
         except BillingError as error:
             return refusal(error)
+        return await self._billed_call(run, ctx, call_next)
 
     # --- one call -------------------------------------------------------------------------------
 
@@ -156,25 +188,25 @@ class Billing(Extension):
         return _CallRequest(tool, credit_token(meta, ctx.request, bearer=self.bearer),
                             dict(params.arguments or {}), idempotency_key(meta), request_id)
 
-    async def _billed_call(self, call: _CallRequest, ctx: ServerRequestContext[Any, Any],
+    async def _billed_call(self, run: _Run, ctx: ServerRequestContext[Any, Any],
                            call_next: CallNext) -> HandlerResult:
-        opened = await self.verifier.abegin(
-            call.token, call.tool.name, args=call.args, idempotency_key=call.idempotency_key,
-            request_id=call.request_id, max_units=call.tool.max_units)
-        if isinstance(opened, Quote):  # a free tool: the token was checked, nothing is held
-            with metering(call.tool.name):
-                return await call_next(ctx)
-        return await self._settle(opened, ctx, call_next)
-
-    async def _settle(self, hold: Hold, ctx: ServerRequestContext[Any, Any],
-                      call_next: CallNext) -> HandlerResult:
-        """Run the tool on a hold: capture a success, void a failure (charge only on success)."""
+        """Run the tool, which opens the call first; capture a success, void a failure (charge
+        only on success). A refusal answers the call; a free tool is only checked."""
+        token = _current_run.set(run)
         try:
-            with metering(hold.tool) as meter:
+            with metering(run.call.tool.name) as meter:
                 result = await call_next(ctx)
         except BaseException:
-            await self._void(hold)
+            if isinstance(run.opened, Hold):
+                await self._void(run.opened)
             raise
+        finally:
+            _current_run.reset(token)
+        if run.refused is not None:
+            return refusal(run.refused)
+        hold = run.opened
+        if not isinstance(hold, Hold):  # free, or the SDK refused the arguments: nothing held
+            return result
         if not succeeded(result):
             await self._void(hold)
             return result
@@ -188,7 +220,8 @@ class Billing(Extension):
 
 
 def _guarded(fn: ToolFn, tool: str) -> ToolFn:
-    """``fn`` that refuses to run outside a billed call (a server built without the extension).
+    """``fn`` that opens its billed call before it runs (or refuses to run outside one: a server
+    built without the extension).
 
     ``functools.wraps`` keeps ``__wrapped__``, so the SDK reads the original signature: the
     same input schema, output schema and ``Context`` parameter.
@@ -197,20 +230,22 @@ def _guarded(fn: ToolFn, tool: str) -> ToolFn:
 
         @functools.wraps(fn)
         async def billed_async(*args: Any, **kwargs: Any) -> Any:
-            _require_billing(tool)
+            await anyio.to_thread.run_sync(_billed_run(tool).open)  # ledger work off the loop
             return await fn(*args, **kwargs)
 
         return cast(ToolFn, billed_async)
 
     @functools.wraps(fn)
     def billed(*args: Any, **kwargs: Any) -> Any:
-        _require_billing(tool)
+        _billed_run(tool).open()  # in the SDK's worker thread, before the tool
         return fn(*args, **kwargs)
 
     return cast(ToolFn, billed)
 
 
-def _require_billing(tool: str) -> None:
-    if current_meter() is None:
+def _billed_run(tool: str) -> _Run:
+    run = _current_run.get()
+    if run is None:
         raise ToolError(f"tool {tool!r} is billed but this server was built without mcpbill "
                         "billing: pass MCPServer(..., extensions=[billing])")
+    return run

@@ -8,6 +8,7 @@ import anyio
 import pytest
 from mcp.client import Client
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, RequestParamsMeta
 from sqlalchemy import Engine
 
@@ -129,6 +130,42 @@ def test_bad_units_fail_the_call_and_void_it(verifier: Verifier, mint: Mint,
     assert result.is_error
     view = token_view(engine, token)
     assert (view.spent, view.held) == (0, 0)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_refused_call_never_runs_the_tool_and_a_failed_one_costs_nothing(
+        verifier: Verifier, mint: Mint, engine: Engine, is_async: bool) -> None:
+    """The tool's wrapper opens the call (check, hold) before the tool: in the SDK's worker
+    thread for a sync tool, off the event loop for an async one."""
+    billing = Billing(verifier)
+    server: MCPServer = MCPServer("runs", extensions=[billing])
+    ran: list[str] = []
+
+    def work(q: str) -> str:
+        ran.append(q)
+        if q == "boom":
+            raise ToolError("boom")
+        return q
+
+    if is_async:
+        @billing.tool(server, name="search")
+        async def search_async(q: str) -> str:
+            return work(q)
+    else:
+        @billing.tool(server, name="search")
+        def search(q: str) -> str:
+            return work(q)
+
+    out_of_scope = mint(scope=["translate"])
+    refused = anyio.run(call, server, "search", {"q": "x"}, {TOKEN_META: out_of_scope.token})
+    assert refusal_of(refused)["code"] == "SCOPE_DENIED"
+    assert ran == []
+    token = mint()
+    failed = anyio.run(call, server, "search", {"q": "boom"}, {TOKEN_META: token.token})
+    assert failed.is_error and ran == ["boom"]
+    assert (token_view(engine, token).spent, token_view(engine, token).held) == (0, 0)
+    receipt_of(anyio.run(call, server, "search", {"q": "fine"}, {TOKEN_META: token.token}))
+    assert token_view(engine, token).spent == usd("0.002")
 
 
 def test_report_units_outside_a_billed_call_does_nothing() -> None:
