@@ -59,7 +59,7 @@ CallToolNext = CallNext[mt.CallToolRequestParams, ToolResult]
 
 
 class BillingMiddleware(Middleware):
-    """Bill the tools registered with :meth:`tool` or :meth:`bill`: preflight, hold, run,
+    """Bill the tools registered with :meth:`tool` or :meth:`bill`: check and hold, run,
     capture or void; other tools pass through untouched and need no token.
 
     Every call of a billed tool needs a credit token. A refusal is an ``isError`` result carrying
