@@ -31,3 +31,4 @@ test: install node_modules/.package-lock.json lint
 bench: install
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/verifier.py
+	$(BIN)/python bench/mcp_overhead.py
