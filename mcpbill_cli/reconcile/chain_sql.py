@@ -18,6 +18,7 @@ from sqlalchemy import Connection
 
 from mcpbill_cli.ledger import audit
 
+BATCH = 5000
 TEXT_FIELDS = ("kind", "code", "jti", "token_hash", "tenant", "agent", "tool", "ref", "detail")
 _AT = "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
 
@@ -85,13 +86,8 @@ def _suspects(conn: Connection, first: int, last: int) -> Iterator[Any]:
     driver: Any = conn.connection.driver_connection
     # In parallel workers the events would be sorted again for lag(); read them in order.
     driver.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-    try:
-        with driver.cursor("mcpbill_chain_suspects") as cursor:
-            cursor.execute(_SUSPECTS, {"first": first, "last": last})
-            while rows := cursor.fetchmany(BATCH):
-                yield from rows
-    finally:
-        driver.execute("SET LOCAL max_parallel_workers_per_gather TO DEFAULT")
-
-
-BATCH = 5000
+    with driver.cursor("mcpbill_chain_suspects") as cursor:
+        cursor.execute(_SUSPECTS, {"first": first, "last": last})
+        while rows := cursor.fetchmany(BATCH):
+            yield from rows
+    driver.execute("SET LOCAL max_parallel_workers_per_gather TO DEFAULT")
