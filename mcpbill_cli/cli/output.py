@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -155,7 +156,17 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except BillingError as exc:
             fail(exc, as_json=bool(kwargs.get("as_json")))
 
+    wrapper.__doc__ = reflowed(fn.__doc__)
     return wrapper
+
+
+def reflowed(doc: str | None) -> str | None:
+    """A docstring with each paragraph on one line: Typer's help keeps a docstring's line
+    breaks, and a terminal narrower than the source would break those lines again."""
+    if not doc:
+        return doc
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
 def say(message: str) -> None:

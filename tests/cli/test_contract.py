@@ -18,20 +18,24 @@ from tests.cli.conftest import Invoke, ok_json
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def command_paths() -> list[tuple[str, ...]]:
-    """Every leaf command of the CLI, e.g. ("token", "issue")."""
-    found: list[tuple[str, ...]] = []
+def leaf_commands() -> dict[tuple[str, ...], object]:
+    """Every leaf command of the CLI by its path, e.g. ("token", "issue")."""
+    found: dict[tuple[str, ...], object] = {}
 
     def walk(command: object, prefix: tuple[str, ...]) -> None:
         subcommands = getattr(command, "commands", None)
         if not subcommands:
-            found.append(prefix)
+            found[prefix] = command
             return
         for name, sub in subcommands.items():
             walk(sub, (*prefix, name))
 
     walk(get_command(app), ())
-    return sorted(found)
+    return found
+
+
+def command_paths() -> list[tuple[str, ...]]:
+    return sorted(leaf_commands())
 
 
 @pytest.mark.parametrize("path", command_paths(), ids=" ".join)
@@ -41,6 +45,14 @@ def test_every_command_has_help_and_takes_json(cli: Invoke, path: tuple[str, ...
     assert "--json" in result.stdout
     summary = result.stdout.split("Usage:")[1].split("╭")[0].strip()
     assert len(summary.splitlines()) >= 2, f"{' '.join(path)} has no help text"
+
+
+@pytest.mark.parametrize("path", command_paths(), ids=" ".join)
+def test_help_paragraphs_reflow_to_the_terminal(path: tuple[str, ...]) -> None:
+    """Typer keeps a help text's line breaks: a paragraph must be one line, or a terminal
+    narrower than the source breaks it twice."""
+    text = getattr(leaf_commands()[path], "help", None) or ""
+    assert all("\n" not in paragraph for paragraph in text.split("\n\n")), text
 
 
 def test_root_help_lists_every_group(cli: Invoke) -> None:
