@@ -66,20 +66,23 @@ def pg_database() -> Iterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty ledger URL: a SQLite file, or a fresh schema in this run's PostgreSQL database."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'ledger.db'}"
-        return
-    base = request.getfixturevalue("pg_database")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return _new_schema(request.getfixturevalue("pg_database"))
+
+
+def _new_schema(database_url: str) -> str:
+    """A URL on a new, empty schema of ``database_url`` (dropped with the database)."""
     import psycopg
 
-    url = make_url(base)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    url = make_url(database_url)
     with psycopg.connect(host=url.host, port=url.port or 5432, user=url.username,
                          password=url.password, dbname=url.database, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
         hide_password=False)
 
 
@@ -87,6 +90,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def engine(db_url: str) -> Iterator[Engine]:
     """A migrated ledger on each backend."""
     eng = make_engine(db_url)
+    upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_database: str) -> Iterator[Engine]:
+    """A migrated ledger on PostgreSQL only, for what only PostgreSQL does."""
+    eng = make_engine(_new_schema(pg_database))
     upgrade(eng)
     yield eng
     eng.dispose()

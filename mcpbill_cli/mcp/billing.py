@@ -91,6 +91,9 @@ class _Run:
     refused: BillingError | None = None
 
     def open(self) -> None:
+        """Begin the call, once (a billed tool calling another as a function opens nothing)."""
+        if self.opened is not None:
+            return
         call = self.call
         try:
             self.opened = self.verifier.begin(

@@ -63,10 +63,9 @@ def compare(engine: Engine, first: int, last: int) -> list[tuple[int, str]]:
 
 
 @pytest.fixture
-def postgres(engine: Engine) -> Engine:
-    if engine.dialect.name != "postgresql":
-        pytest.skip("chain_sql is PostgreSQL's")
-    return engine
+def postgres(pg_engine: Engine) -> Engine:
+    """chain_sql is PostgreSQL's."""
+    return pg_engine
 
 
 def test_odd_events_verify_in_the_server_as_in_python(postgres: Engine) -> None:
