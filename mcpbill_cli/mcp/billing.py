@@ -102,7 +102,8 @@ class _Run:
                 max_units=call.tool.max_units)
         except BillingError as error:
             self.refused = error  # the interceptor answers with it, whatever the SDK made of it
-            raise
+            # A deliberate refusal, not a crash: the SDK logs a ToolError at INFO, no traceback.
+            raise ToolError(f"{error.code}: {error.message}") from None
 
 
 _current_run: ContextVar[_Run | None] = ContextVar("mcpbill_run", default=None)

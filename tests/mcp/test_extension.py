@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import anyio
@@ -134,7 +135,8 @@ def test_bad_units_fail_the_call_and_void_it(verifier: Verifier, mint: Mint,
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 def test_a_refused_call_never_runs_the_tool_and_a_failed_one_costs_nothing(
-        verifier: Verifier, mint: Mint, engine: Engine, is_async: bool) -> None:
+        verifier: Verifier, mint: Mint, engine: Engine, is_async: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
     """The tool's wrapper opens the call (check, hold) before the tool: in the SDK's worker
     thread for a sync tool, off the event loop for an async one."""
     billing = Billing(verifier)
@@ -160,6 +162,7 @@ def test_a_refused_call_never_runs_the_tool_and_a_failed_one_costs_nothing(
     refused = anyio.run(call, server, "search", {"q": "x"}, {TOKEN_META: out_of_scope.token})
     assert refusal_of(refused)["code"] == "SCOPE_DENIED"
     assert ran == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []  # not a crash
     token = mint()
     failed = anyio.run(call, server, "search", {"q": "boom"}, {TOKEN_META: token.token})
     assert failed.is_error and ran == ["boom"]
