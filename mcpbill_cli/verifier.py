@@ -189,13 +189,7 @@ class Verifier:
         """Check everything a call needs, moving no money: token, scope, price, balance."""
         with self._refusals_recorded(token, tool):
             claims = self._claims(token, tool)
-            price = self._price(claims, tool, units)
-            if self.engine is None:
-                return Quote(tool, claims.jti, claims.tenant, claims.agent, price, None)
-            remaining = self._remaining(claims)
-            if remaining < price.amount:
-                raise self._budget_exceeded(claims, tool, price, remaining)
-            return Quote(tool, claims.jti, claims.tenant, claims.agent, price, remaining)
+            return self._quote(claims, tool, self._price(claims, tool, units))
 
     def hold(self, token: str, tool: str, *, args: Any = None,
              idempotency_key: str | None = None, request_id: str | int | None = None,
@@ -211,15 +205,7 @@ class Verifier:
         with self._refusals_recorded(token, tool):
             claims, price, call = self._new_call(token, tool, args, idempotency_key, request_id,
                                                  max_units, amount=amount, rule=rule)
-            now = self._clock()
-            timeout_at = now + timedelta(seconds=self.hold_timeout)
-            try:
-                self._guarded(claims, tool, price, call, lambda conn: calls.hold(
-                    conn, call, at=now, timeout_at=timeout_at))
-            except calls.Replay:
-                return self._joined(call, claims, price)
-            return Hold(call.id, claims.jti, claims.tenant, claims.agent, tool, call.amount,
-                        call.idempotency_key, timeout_at, price)
+            return self._hold(claims, price, call)
 
     def begin(self, token: str, tool: str, *, args: Any = None,
               idempotency_key: str | None = None, request_id: str | int | None = None,
@@ -230,11 +216,11 @@ class Verifier:
         A paid call skips preflight's read: the hold checks the same things as it reserves.
         """
         with self._refusals_recorded(token, tool):
-            price = self._price(self._claims(token, tool), tool, max_units)
-        if price.free:
-            return self.preflight(token, tool, args=args, units=max_units)
-        return self.hold(token, tool, args=args, idempotency_key=idempotency_key,
-                         request_id=request_id, max_units=max_units)
+            claims, table, price = self._priced(token, tool, max_units)
+            if price.free:
+                return self._quote(claims, tool, price)
+            return self._hold(claims, price, self._call(
+                claims, tool, table, price, args, idempotency_key, request_id, max_units))
 
     def capture(self, hold: Hold, *, units: int | None = None,
                 settlement: Mapping[str, Any] | None = None) -> Receipt:
@@ -420,26 +406,59 @@ class Verifier:
             raise TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
         return remaining
 
+    def _quote(self, claims: Claims, tool: str, price: Price) -> Quote:
+        """Preflight's answer: the price, and (with a ledger) the balance that covers it."""
+        if self.engine is None:
+            return Quote(tool, claims.jti, claims.tenant, claims.agent, price, None)
+        remaining = self._remaining(claims)
+        if remaining < price.amount:
+            raise self._budget_exceeded(claims, tool, price, remaining)
+        return Quote(tool, claims.jti, claims.tenant, claims.agent, price, remaining)
+
+    def _hold(self, claims: Claims, price: Price, call: calls.NewCall) -> Hold:
+        now = self._clock()
+        timeout_at = now + timedelta(seconds=self.hold_timeout)
+        try:
+            self._guarded(claims, call.tool, price, call, lambda conn: calls.hold(
+                conn, call, at=now, timeout_at=timeout_at))
+        except calls.Replay:
+            return self._joined(call, claims, price)
+        return Hold(call.id, claims.jti, claims.tenant, claims.agent, call.tool, call.amount,
+                    call.idempotency_key, timeout_at, price)
+
     def _new_call(self, token: str, tool: str, args: Any, key: str | None,
                   request_id: str | int | None, units: int | None, *,
                   amount: int | None = None, rule: str = "x402"
                   ) -> tuple[Claims, Price, calls.NewCall]:
         self._ledger()
+        if amount is None:
+            claims, table, price = self._priced(token, tool, units)
+        else:
+            claims, table = self._claims(token, tool), self.pricing.current()
+            price = Price(_positive(amount), rule, table.version)
+        return claims, price, self._call(claims, tool, table, price, args, key, request_id,
+                                         units)
+
+    def _priced(self, token: str, tool: str, units: int | None
+                ) -> tuple[Claims, PricingTable, Price]:
         claims = self._claims(token, tool)
         table = self.pricing.current()  # read once: the price and the version recorded agree
-        price = (price_quote(table, tool, tenant=claims.tenant, units=units) if amount is None
-                 else Price(_positive(amount), rule, table.version))
+        return claims, table, price_quote(table, tool, tenant=claims.tenant, units=units)
+
+    def _call(self, claims: Claims, tool: str, table: PricingTable, price: Price, args: Any,
+              key: str | None, request_id: str | int | None, units: int | None
+              ) -> calls.NewCall:
+        """The call to record, priced from ``table`` (whose version is kept for reconcile)."""
         if table.version not in self._recorded_versions:
             self._record_pricing_version(table)
         request_hash = _request_hash(claims.jti, tool, args)
-        call = calls.NewCall(
+        return calls.NewCall(
             id=calls.new_call_id(),
             idempotency_key=key or _derived_key(request_hash, request_id),
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
             daily_cap=table_daily_cap(table, claims.tenant))
-        return claims, price, call
 
     def _record_pricing_version(self, table: PricingTable) -> None:
         """Keep the table this verifier charges with, so reconcile can re-price its calls."""
