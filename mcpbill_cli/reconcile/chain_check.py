@@ -45,16 +45,11 @@ def window_seqs(conn: Connection, window: Window) -> tuple[int, int] | None:
     return None if low is None else (int(low), int(high))
 
 
-def check_window_chain(engine: Engine, conn: Connection, window: Window, jobs: int,
-                       found: Findings) -> tuple[int, str] | None:
-    """Re-hash the window's segment; returns the anchor ``(seq, hash)`` of its last event."""
-    return start_window_chain(engine, conn, window, jobs, found)()
-
-
 def start_window_chain(engine: Engine, conn: Connection, window: Window, jobs: int,
                        found: Findings) -> Callable[[], tuple[int, str] | None]:
-    """:func:`check_window_chain` with its workers started now (they read on their own
-    connections while the caller goes on); call the result to collect what they found."""
+    """Start re-hashing the window's segment (workers read on their own connections while the
+    caller goes on); call the result to collect what they found and the anchor ``(seq, hash)``
+    of the segment's last event."""
     check_head(conn, found)
     span = window_seqs(conn, window)
     if span is None:

@@ -53,11 +53,10 @@ def engine_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=False)
 
 
-def run_slices(work: Callable[[S], SliceResult], slices: Sequence[S], jobs: int, *,
-               threads: bool = False) -> Iterator[SliceResult]:
-    """``work`` over every slice: in this process for one job, else in ``jobs`` processes
-    (or threads)."""
-    yield from start_slices(work, slices, jobs, threads=threads)()
+def run_slices(work: Callable[[S], SliceResult], slices: Sequence[S],
+               jobs: int) -> Iterator[SliceResult]:
+    """``work`` over every slice: in this process for one job, else in ``jobs`` processes."""
+    yield from start_slices(work, slices, jobs)()
 
 
 def start_slices(work: Callable[[S], SliceResult], slices: Sequence[S], jobs: int, *,
