@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +37,7 @@ from sqlalchemy import Engine
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME, ENV_MODE, ENV_TOKEN, Settings, load_settings
 from mcpbill_cli.keys import KeyRing
-from mcpbill_cli.ledger import credit
+from mcpbill_cli.ledger import credit, invariants
 from mcpbill_cli.ledger.credit import IssuedToken, TokenView
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.mcp import RECEIPT_META, TOKEN_META, Billing
@@ -132,6 +132,25 @@ def token_view(engine: Engine, token: IssuedToken) -> TokenView:
         return credit.show(conn, token.claims.jti, now=utcnow())
 
 
+def assert_ledger_sound(engine: Engine) -> None:
+    with reading(engine) as conn:
+        assert invariants.check(conn) == []
+
+
+def assert_paid_search(result: CallToolResult, token: IssuedToken, verifier: Verifier,
+                       engine: Engine) -> None:
+    """A first paid ``search`` of "usdc" on a 0.05 token: its results, a receipt that verifies,
+    the token debited once, the ledger sound."""
+    assert result.structured_content == {"result": ["usdc: result 1", "usdc: result 2",
+                                                    "usdc: result 3"]}
+    receipt = verifier.verify_receipt(receipt_of(result)["jws"])
+    assert receipt.claims["tool"] == "search" and receipt.amount == usd("0.002")
+    assert receipt.claims["jti"] == token.claims.jti
+    assert receipt.remaining == usd("0.048") == token_view(engine, token).remaining
+    assert token_view(engine, token).spent == usd("0.002")
+    assert_ledger_sound(engine)
+
+
 def revoke(engine: Engine, token: IssuedToken) -> None:
     with writing(engine) as conn:
         credit.revoke(conn, [token.claims.jti], reason="test", now=utcnow())
@@ -151,13 +170,12 @@ def server(verifier: Verifier) -> MCPServer:
 # --- transports --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def http_url(server: MCPServer) -> Iterator[str]:
-    """The server's streamable HTTP endpoint, served by uvicorn in a thread until teardown."""
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """``app``'s streamable HTTP endpoint, served by uvicorn in a thread until the block ends."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(server.streamable_http_app(), log_level="warning")
-    runner = uvicorn.Server(config)
+    runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -171,6 +189,46 @@ def http_url(server: MCPServer) -> Iterator[str]:
         thread.join(10)
         sock.close()
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def http_url(server: MCPServer) -> Iterator[str]:
+    """The server's streamable HTTP endpoint, served by uvicorn in a thread until teardown."""
+    with serve(server.streamable_http_app()) as url:
+        yield url
+
+
+MCP_HEADERS = {"Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}
+
+
+def rpc(web: httpx2.Client, url: str, message: dict[str, Any]) -> httpx2.Response:
+    return web.post(url, json={"jsonrpc": "2.0", **message})
+
+
+def reply(response: httpx2.Response) -> dict[str, Any]:
+    """The JSON-RPC reply in a JSON or an SSE response body."""
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("application/json"):
+        return dict(response.json())
+    data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+    return dict(json.loads(data[-1]))
+
+
+@contextmanager
+def raw_session(url: str, token: str) -> Iterator[httpx2.Client]:
+    """A streamable HTTP session opened by hand (so a test can resend a JSON-RPC id), with
+    ``token`` as ``Authorization: Bearer``; closed when the block ends."""
+    with httpx2.Client(headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
+                       timeout=30) as web:
+        opened = rpc(web, url, {"id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}})
+        web.headers.update({"mcp-session-id": opened.headers["mcp-session-id"],
+                            "mcp-protocol-version": "2025-11-25"})
+        rpc(web, url, {"method": "notifications/initialized"})
+        yield web
+        web.delete(url)
 
 
 def stdio_parameters(home: Settings, token: str | None) -> StdioServerParameters:

@@ -14,19 +14,23 @@ import pytest
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
 
-from mcpbill_cli.ledger import invariants
-from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, PRICE_META
 from mcpbill_cli.verifier import Verifier
 
-from .conftest import Agent, Connect, Mint, receipt_of, refusal_of, revoke, token_view, usd
+from .conftest import (
+    Agent,
+    Connect,
+    Mint,
+    assert_ledger_sound,
+    assert_paid_search,
+    receipt_of,
+    refusal_of,
+    revoke,
+    token_view,
+    usd,
+)
 
 SEARCH = usd("0.002")
-
-
-def assert_ledger_sound(engine: Engine) -> None:
-    with reading(engine) as conn:
-        assert invariants.check(conn) == []
 
 
 def test_paid_call_returns_a_receipt_that_verifies_and_debits_the_ledger(
@@ -37,15 +41,7 @@ def test_paid_call_returns_a_receipt_that_verifies_and_debits_the_ledger(
         async with connect(token.token) as agent:
             return await agent.call("search", {"q": "usdc"})
 
-    result = anyio.run(scenario)
-    assert result.structured_content == {"result": ["usdc: result 1", "usdc: result 2",
-                                                    "usdc: result 3"]}
-    receipt = verifier.verify_receipt(receipt_of(result)["jws"])
-    assert receipt.claims["tool"] == "search" and receipt.amount == SEARCH
-    assert receipt.claims["jti"] == token.claims.jti
-    assert receipt.remaining == usd("0.048") == token_view(engine, token).remaining
-    assert token_view(engine, token).spent == SEARCH
-    assert_ledger_sound(engine)
+    assert_paid_search(anyio.run(scenario), token, verifier, engine)
 
 
 def test_free_call_checks_the_token_and_charges_nothing(

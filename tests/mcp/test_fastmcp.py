@@ -7,33 +7,37 @@ client carries the token in ``_meta``; the HTTP tests send it as ``Authorization
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import httpx2
 import mcp_types as mt
 import pytest
-import uvicorn
 from fastmcp import Client, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.tools.base import ToolResult
 from sqlalchemy import Engine
 
 from mcpbill_cli.errors import PriceUnknown
-from mcpbill_cli.ledger import invariants
-from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, PRICE_META, RECEIPT_META, TOKEN_META
 from mcpbill_cli.mcp.fastmcp import BillingMiddleware
 from mcpbill_cli.mcp.units import report_units
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 
-from .conftest import Mint, receipt_of, refusal_of, token_view, usd
-from .test_http import MCP_HEADERS, reply, rpc
+from .conftest import (
+    Mint,
+    assert_ledger_sound,
+    assert_paid_search,
+    raw_session,
+    receipt_of,
+    refusal_of,
+    reply,
+    rpc,
+    serve,
+    token_view,
+    usd,
+)
 
 SEARCH = usd("0.002")
 
@@ -95,11 +99,6 @@ def calls(server: FastMCP[Any], token: str, *requests: tuple[str, dict[str, Any]
     return anyio.run(scenario)
 
 
-def assert_ledger_sound(engine: Engine) -> None:
-    with reading(engine) as conn:
-        assert invariants.check(conn) == []
-
-
 # --- the wire, as an agent sees it ------------------------------------------------------------
 
 
@@ -107,14 +106,7 @@ def test_paid_call_returns_a_receipt_that_verifies_and_debits_the_ledger(
         server: FastMCP[Any], mint: Mint, verifier: Verifier, engine: Engine) -> None:
     token = mint(limit="0.05")
     [result] = calls(server, token.token, ("search", {"q": "usdc"}))
-    assert result.structured_content == {"result": ["usdc: result 1", "usdc: result 2",
-                                                    "usdc: result 3"]}
-    receipt = verifier.verify_receipt(receipt_of(result)["jws"])
-    assert receipt.claims["tool"] == "search" and receipt.amount == SEARCH
-    assert receipt.claims["jti"] == token.claims.jti
-    assert receipt.remaining == usd("0.048") == token_view(engine, token).remaining
-    assert token_view(engine, token).spent == SEARCH
-    assert_ledger_sound(engine)
+    assert_paid_search(result, token, verifier, engine)
 
 
 def test_free_call_checks_the_token_and_charges_nothing(
@@ -280,41 +272,19 @@ def test_a_tool_the_table_cannot_price_is_refused_at_registration(verifier: Veri
 @pytest.fixture
 def http_url(server: FastMCP[Any]) -> Iterator[str]:
     """The fastmcp server's streamable HTTP endpoint under uvicorn in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    runner = uvicorn.Server(uvicorn.Config(server.http_app(), log_level="warning"))
-    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not runner.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
-    finally:
-        runner.should_exit = True
-        thread.join(10)
-        sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with serve(server.http_app()) as url:
+        yield url
 
 
 def test_over_http_a_resent_request_with_a_bearer_token_is_billed_once(
         http_url: str, mint: Mint, engine: Engine) -> None:
     token = mint()
-    with httpx2.Client(headers={**MCP_HEADERS, "Authorization": f"Bearer {token.token}"},
-                       timeout=30) as web:
-        opened = rpc(web, http_url, {"id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "1"}}})
-        web.headers.update({"mcp-session-id": opened.headers["mcp-session-id"],
-                            "mcp-protocol-version": "2025-11-25"})
-        rpc(web, http_url, {"method": "notifications/initialized"})
+    with raw_session(http_url, token.token) as web:
         search = {"id": 7, "method": "tools/call",
                   "params": {"name": "search", "arguments": {"q": "lost reply"}}}
         first, resent = reply(rpc(web, http_url, search)), reply(rpc(web, http_url, search))
         search["id"] = 8
         another = reply(rpc(web, http_url, search))
-        web.delete(http_url)
     receipt = first["result"]["_meta"][RECEIPT_META]
     assert receipt["jti"] == token.claims.jti  # the token came from the Bearer header
     assert resent["result"]["_meta"][RECEIPT_META] == receipt

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -21,10 +20,18 @@ from sqlalchemy import Engine
 from mcpbill_cli.config import ENV_TOKEN, Settings
 from mcpbill_cli.mcp import TOKEN_META
 
-from .conftest import EXAMPLE, Mint, receipt_of, refusal_of, stdio_parameters, token_view, usd
-
-MCP_HEADERS = {"Accept": "application/json, text/event-stream",
-               "Content-Type": "application/json"}
+from .conftest import (
+    EXAMPLE,
+    Mint,
+    raw_session,
+    receipt_of,
+    refusal_of,
+    reply,
+    rpc,
+    stdio_parameters,
+    token_view,
+    usd,
+)
 
 
 async def call(url: str, headers: dict[str, str], tool: str, args: dict[str, Any],
@@ -55,34 +62,13 @@ def test_a_token_in_meta_wins_over_the_bearer_header(
         usd("0.002"), 0)
 
 
-def rpc(web: httpx2.Client, url: str, message: dict[str, Any]) -> httpx2.Response:
-    return web.post(url, json={"jsonrpc": "2.0", **message})
-
-
-def reply(response: httpx2.Response) -> dict[str, Any]:
-    """The JSON-RPC reply in a JSON or an SSE response body."""
-    assert response.status_code == 200, response.text
-    if response.headers["content-type"].startswith("application/json"):
-        return dict(response.json())
-    data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
-    return dict(json.loads(data[-1]))
-
-
 def test_a_request_resent_in_the_same_session_is_billed_once(
         http_url: str, mint: Mint, engine: Engine) -> None:
     token = mint()
-    with httpx2.Client(headers={**MCP_HEADERS, "Authorization": f"Bearer {token.token}"},
-                       timeout=30) as web:
-        opened = rpc(web, http_url, {"id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "1"}}})
-        web.headers.update({"mcp-session-id": opened.headers["mcp-session-id"],
-                            "mcp-protocol-version": "2025-11-25"})
-        rpc(web, http_url, {"method": "notifications/initialized"})
+    with raw_session(http_url, token.token) as web:
         search = {"id": 7, "method": "tools/call",
                   "params": {"name": "search", "arguments": {"q": "lost reply"}}}
         first, resent = reply(rpc(web, http_url, search)), reply(rpc(web, http_url, search))
-        web.delete(http_url)
     receipt = first["result"]["_meta"]["mcpbill/receipt"]
     assert resent["result"]["_meta"]["mcpbill/receipt"] == receipt
     assert token_view(engine, token).spent == usd("0.002")
