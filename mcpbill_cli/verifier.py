@@ -45,6 +45,7 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger import audit, calls
+from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
 from mcpbill_cli.ledger.ops import AccountClosed, token_account
@@ -135,9 +136,11 @@ class Verifier:
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
         clock: Clock = utcnow,
     ) -> None:
+        self._checkpointer: WalCheckpointer | None = None
         if engine is None and db_url is not None:
-            engine = make_engine(db_url)
+            engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES)
             check_schema(engine)
+            self._checkpointer = background_checkpointer(engine)  # commits never sync to disk
         self.engine = engine
         self.keys = keys
         self.pricing = pricing if isinstance(pricing, PricingSource) else PricingSource(pricing)
@@ -179,6 +182,8 @@ class Verifier:
                    **options)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         if self.engine is not None:
             self.engine.dispose()
 

@@ -23,14 +23,18 @@ from mcpbill_cli.ledger.models import SCHEMA_REVISION
 _READONLY = "mcpbill_readonly"
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """An engine for ``url``; SQLite files get WAL, a busy timeout and immediate write locks."""
+def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None = None) -> Engine:
+    """An engine for ``url``; SQLite files get WAL, a busy timeout and immediate write locks.
+
+    ``wal_autocheckpoint`` sets how many pages of log SQLite lets grow before a commit
+    checkpoints it itself (SQLite's default: 1000); see :mod:`mcpbill_cli.ledger.checkpoint`.
+    """
     try:
         parsed = make_url(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises several types for a bad URL
         raise InvalidInput(f"not a database URL: {redact_url(url)} ({exc})") from None
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url, parsed.database)
+        return _sqlite_engine(url, parsed.database, wal_autocheckpoint)
     if parsed.drivername == "postgresql":  # a bare postgresql:// means psycopg 3 here
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
@@ -43,7 +47,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         ) from None
 
 
-def _sqlite_engine(url: str, database: str | None) -> Engine:
+def _sqlite_engine(url: str, database: str | None, wal_autocheckpoint: int | None) -> Engine:
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -56,6 +60,8 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if wal_autocheckpoint is not None:
+            cursor.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -152,7 +152,8 @@ def test_path_like_or_odd_kid(verifier: Verifier, genuine: IssuedToken, keys_dir
                        f"{real}.pem", str(keys_dir / f"{real}.pem"), "keyring.json",
                        f"{real}\x00", f" {real}", real.upper(), 123, None, [real],
                        {"kid": real}]
-    for kid in kids:
+    # A kid's hex part can be all digits (about 1 in 40): then upper() is the real kid itself.
+    for kid in [kid for kid in kids if kid != real]:
         forged = forge(header_of(genuine, kid=kid), payload_of(genuine), operator_key.sign)
         assert_refused_everywhere(verifier, forged, "INVALID_CREDIT_TOKEN", "unknown_key", kid)
 
