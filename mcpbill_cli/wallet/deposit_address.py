@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,14 +27,20 @@ def get_deposit_address(file: Mapping[str, Any]) -> str:
 
 
 def set_deposit_address(config_path: Path, address: str) -> str:
-    """Write ``[wallet] deposit_address`` into config.toml, keeping every other key; returns it."""
+    """Write ``[wallet] deposit_address`` into config.toml, keeping every other key and, where
+    the file's layout allows, every comment and line as it was; returns the address."""
     normalized = normalize_address(address)
-    data = _read_toml(config_path)
+    text = _read_text(config_path)
+    data = _parse(config_path, text)
     wallet = data.setdefault("wallet", {})
     if not isinstance(wallet, dict):
         raise ConfigInvalid(f"{config_path}: [wallet] must be a table")
     wallet["deposit_address"] = normalized
-    write_toml_atomic(config_path, data)
+    edited = _with_deposit_address(text, normalized)
+    if _parses_to(edited, data):
+        write_atomic(config_path, edited.encode(), mode=0o600)
+    else:  # a layout the line edit does not handle (dotted keys, inline table): rewrite it all
+        write_toml_atomic(config_path, data)
     return normalized
 
 
@@ -47,11 +54,50 @@ def write_toml_atomic(path: Path, data: Mapping[str, Any]) -> None:
     write_atomic(path, tomli_w.dumps(data).encode(), mode=0o600)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+_TABLE_HEADER = re.compile(r"^\s*\[")
+_WALLET_HEADER = re.compile(r"^\s*\[\s*wallet\s*\]\s*(#.*)?$")
+_DEPOSIT_KEY = re.compile(r"^\s*(deposit_address|\"deposit_address\"|'deposit_address')\s*=")
+
+
+def _with_deposit_address(text: str, address: str) -> str:
+    """``text`` with the deposit address set by editing one line or adding one (the caller
+    checks that the result parses to what it should)."""
+    line = f'deposit_address = "{address}"\n'
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    headers = [n for n, current in enumerate(lines) if _WALLET_HEADER.match(current)]
+    if not headers:  # a dotted key or inline table elsewhere makes this fail to parse
+        return "".join(lines) + ("\n" if lines else "") + "[wallet]\n" + line
+    start = headers[0] + 1
+    end = next((n for n in range(start, len(lines)) if _TABLE_HEADER.match(lines[n])),
+               len(lines))
+    for n in range(start, end):
+        if _DEPOSIT_KEY.match(lines[n]):
+            lines[n] = line
+            return "".join(lines)
+    lines.insert(start, line)
+    return "".join(lines)
+
+
+def _parses_to(text: str, expected: Mapping[str, Any]) -> bool:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(text) == expected
+    except tomllib.TOMLDecodeError:
+        return False
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigInvalid(f"cannot read {path}: {exc}", path=str(path)) from None
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigInvalid(f"cannot read {path}: {exc}", path=str(path)) from None

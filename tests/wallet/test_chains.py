@@ -107,6 +107,40 @@ def test_deposit_address_is_written_atomically_keeping_other_keys(tmp_path: Path
     assert os.listdir(tmp_path) == ["config.toml"]  # no temp file left behind
 
 
+@pytest.mark.parametrize(("before", "after"), [
+    pytest.param('# settings\nmode = "live"  # keep\n',
+                 '# settings\nmode = "live"  # keep\n\n[wallet]\ndeposit_address = "{a}"\n',
+                 id="no wallet table: appended"),
+    pytest.param('# top\n[wallet]\n# the operator\'s address\nkeystore = "k.json"\n\n'
+                 '[chains.base]\nrpc_url = "u"  # with an API key\n',
+                 '# top\n[wallet]\ndeposit_address = "{a}"\n# the operator\'s address\n'
+                 'keystore = "k.json"\n\n[chains.base]\nrpc_url = "u"  # with an API key\n',
+                 id="wallet table without the key: inserted under its header"),
+    pytest.param('[wallet] # mine\ndeposit_address = "0x0000000000000000000000000000000000000001"'
+                 '\n# after\n[x]\ny = 1',
+                 '[wallet] # mine\ndeposit_address = "{a}"\n# after\n[x]\ny = 1\n',
+                 id="key replaced in place"),
+])
+def test_setting_the_deposit_address_keeps_comments_and_layout(
+        tmp_path: Path, before: str, after: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(before)
+    address = "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
+    set_deposit_address(config, address)
+    assert config.read_text() == after.format(a=address)
+
+
+@pytest.mark.parametrize("before", [
+    'wallet.keystore = "k.json"\n', 'wallet = { keystore = "k.json" }\n'])
+def test_a_wallet_table_written_inline_is_rewritten_whole(tmp_path: Path, before: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("# gone with the rewrite\n" + before)
+    address = "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
+    set_deposit_address(config, address)
+    assert tomllib.loads(config.read_text()) == {
+        "wallet": {"keystore": "k.json", "deposit_address": address}}
+
+
 def test_a_bad_deposit_address_leaves_the_config_untouched(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('mode = "live"\n')
