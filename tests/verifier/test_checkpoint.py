@@ -54,42 +54,39 @@ def _log_frames(path: str) -> int:
         return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
 
 
-def _sqlite_verifier(path: Path, keys: KeySource, pricing: PricingTable,
-                     clock: FakeClock) -> Verifier:
-    return Verifier(keys=keys, pricing=pricing, db_url=f"sqlite:///{path}", clock=clock)
-
-
-def test_commits_leave_the_log_to_the_checkpoint_thread(
-        sqlite_funded: Engine, keys: KeySource, pricing: PricingTable,
-        sqlite_token: Callable[..., IssuedToken], clock: FakeClock) -> None:
-    path = sqlite_funded.url.database
-    assert path is not None
-    verifier = _sqlite_verifier(Path(path), keys, pricing, clock)
-    token = sqlite_token(limit=USDC)
-    checkpointer = verifier._checkpointer
-    assert checkpointer is not None and checkpointer.running
-    assert _autocheckpoint(verifier.engine) == BACKSTOP_PAGES  # type: ignore[arg-type]
-    checkpointer.close()  # from here on, only commits could checkpoint
-
-    for n in range(60):  # 120 commits, well over SQLite's default 1,000 pages of log
-        verifier.charge(token.token, "search", idempotency_key=f"k-{n}")
-    frames = _log_frames(path)
-    assert SQLITE_DEFAULT_PAGES < frames < BACKSTOP_PAGES, frames
-    assert state(sqlite_funded, token, clock) == (60 * PRICE, 0, USDC - 60 * PRICE)
+@pytest.fixture
+def file_verifier(sqlite_funded: Engine, keys: KeySource, pricing: PricingTable,
+                  clock: FakeClock) -> Iterator[Verifier]:
+    """A verifier built from the ledger file's URL, as a server builds one."""
+    verifier = Verifier(keys=keys, pricing=pricing, db_url=str(sqlite_funded.url), clock=clock)
+    yield verifier
     verifier.close()
 
 
-def test_the_thread_checkpoints_what_calls_wrote_and_stops_on_close(
-        sqlite_funded: Engine, keys: KeySource, pricing: PricingTable,
+def test_commits_leave_the_log_to_the_checkpoint_thread(
+        sqlite_funded: Engine, file_verifier: Verifier,
         sqlite_token: Callable[..., IssuedToken], clock: FakeClock) -> None:
-    path = sqlite_funded.url.database
-    assert path is not None
-    verifier = _sqlite_verifier(Path(path), keys, pricing, clock)
     token = sqlite_token(limit=USDC)
-    checkpointer = verifier._checkpointer
+    checkpointer = file_verifier._checkpointer
+    assert checkpointer is not None and checkpointer.running
+    assert _autocheckpoint(file_verifier.engine) == BACKSTOP_PAGES  # type: ignore[arg-type]
+    checkpointer.close()  # from here on, only commits could checkpoint
+
+    for n in range(60):  # 120 commits, well over SQLite's default 1,000 pages of log
+        file_verifier.charge(token.token, "search", idempotency_key=f"k-{n}")
+    frames = _log_frames(checkpointer.path)
+    assert SQLITE_DEFAULT_PAGES < frames < BACKSTOP_PAGES, frames
+    assert state(sqlite_funded, token, clock) == (60 * PRICE, 0, USDC - 60 * PRICE)
+
+
+def test_the_thread_checkpoints_what_calls_wrote_and_stops_on_close(
+        sqlite_funded: Engine, file_verifier: Verifier,
+        sqlite_token: Callable[..., IssuedToken], clock: FakeClock) -> None:
+    token = sqlite_token(limit=USDC)
+    checkpointer = file_verifier._checkpointer
     assert checkpointer is not None
     for n in range(5):
-        verifier.charge(token.token, "search", idempotency_key=f"k-{n}")
+        file_verifier.charge(token.token, "search", idempotency_key=f"k-{n}")
 
     for _ in range(3000):  # polls the thread's own report; the bound only stops a hang
         last = checkpointer.last
@@ -98,9 +95,9 @@ def test_the_thread_checkpoints_what_calls_wrote_and_stops_on_close(
         time.sleep(0.01)
     else:
         pytest.fail("the checkpoint thread never copied the log")
-    verifier.close()
+    file_verifier.close()
     assert not checkpointer.running
-    verifier.close()  # twice is fine
+    file_verifier.close()  # twice is fine
     assert state(sqlite_funded, token, clock)[0] == 5 * PRICE
 
 
