@@ -18,6 +18,10 @@ created_at in the day GROUP BY tool`` over the same rows (best of three):
   reported also as calls verified per second;
 
 and the peak RSS of each run (``ru_maxrss`` of its subprocess): it must not grow with rows.
+Last, a floor for ``default``: one SHA-256 per event of the day over its chained fields joined
+as text by the database (in SQL on PostgreSQL; read into Python on SQLite, which has no
+SHA-256), against the same bare query. Verifying the chain re-hashes every event's content
+in an exact canonical form, so ``default`` cannot cost less than this floor.
 
 Every receipt is a real JWS signed over its own call's claims (in a process pool while
 generating; a reused pool of receipts would not match their calls, and reconcile would rightly
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import random
@@ -517,6 +522,36 @@ def bare_seconds(engine: Engine, start: datetime) -> float:
     return best
 
 
+_CHAINED = ("prev_hash", "seq", "at", "kind", "code", "jti", "token_hash", "tenant", "agent",
+            "tool", "amount", "ref", "detail", "demo")
+
+
+def chain_floor_seconds(engine: Engine, start: datetime) -> float:
+    """Best of three: one SHA-256 per event of the day over its chained fields joined as text
+    by the database (no canonical form, no escaping, no comparison), and nothing else. Any
+    exact re-hash of the chain does at least this much. PostgreSQL hashes in SQL (parallel
+    workers allowed, as for the bare query); SQLite has no SHA-256, so the joined text is read
+    into Python and hashed there, in one process."""
+    bounds: dict[str, Any] = {"start": start, "end": start + timedelta(days=1)}
+    if engine.dialect.name == "postgresql":
+        joined = f"concat_ws('|', {', '.join(_CHAINED)})"
+        query = text(f"SELECT count(sha256(convert_to({joined}, 'UTF8'))) FROM events "
+                     "WHERE at >= :start AND at < :end")
+    else:
+        joined = " || '|' || ".join(f"ifnull({name}, '')" for name in _CHAINED)
+        query = text(f"SELECT {joined} FROM events WHERE at >= :start AND at < :end")
+        bounds = {k: _sqlite_value(v) for k, v in bounds.items()}
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        with engine.connect() as conn:
+            for (value,) in conn.execute(query, bounds):
+                if isinstance(value, str):
+                    hashlib.sha256(value.encode()).digest()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 # --- reconciling in a subprocess ------------------------------------------------------------
 
 # What each measured run checks. "window": the day's own checks only (--window-only --chain
@@ -645,9 +680,14 @@ def bench(backend: str, rows: int, plan: Plan) -> None:
             _analyze(engine)
             if plan.keep:
                 done_marker.write_text(url)
-        bare = bare_seconds(engine, datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC))
+        day = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
+        bare = bare_seconds(engine, day)
+        floor = chain_floor_seconds(engine, day)
         results = {mode: run_child(url, mode, plan.jobs, plan.profile) for mode in plan.modes}
         _print_results(backend, rows, built, bare, results)
+        where = "in SQL" if backend == "postgres" else "in Python, one process"
+        print(f"  floor: one SHA-256 per event ({where}) {floor:6.2f} s = {floor / bare:4.1f}x "
+              "bare: re-hashing the chain costs at least this", flush=True)
     finally:
         engine.dispose()
         if not plan.keep:
