@@ -66,10 +66,10 @@ def _with_deposit_address(text: str, address: str) -> str:
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
-    headers = [n for n, current in enumerate(lines) if _WALLET_HEADER.match(current)]
-    if not headers:  # a dotted key or inline table elsewhere makes this fail to parse
+    header = next((n for n, current in enumerate(lines) if _WALLET_HEADER.match(current)), None)
+    if header is None:  # a dotted key or inline table elsewhere makes this fail to parse
         return "".join(lines) + ("\n" if lines else "") + "[wallet]\n" + line
-    start = headers[0] + 1
+    start = header + 1
     end = next((n for n in range(start, len(lines)) if _TABLE_HEADER.match(lines[n])),
                len(lines))
     for n in range(start, end):
