@@ -27,6 +27,8 @@ exclusive lock on ``pricing.toml.lock``, and bump ``version``; receipts carry th
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import re
@@ -142,9 +144,21 @@ class PricingTable:
             doc["tenants"] = {name: terms.to_document() for name, terms in tenants.items()}
         return doc
 
+    @property
+    def digest(self) -> str:
+        """What this table says, as a hash: see :func:`document_digest`."""
+        return document_digest(self.to_document())
+
     def free_tier_for(self, tool: str) -> str | None:
         """The first free-tier pattern that covers ``tool``, if any."""
         return next((pattern for pattern in self.free_tiers if matches(pattern, tool)), None)
+
+
+def document_digest(document: Mapping[str, Any]) -> str:
+    """The sha256 (hex) of a table's normal form, its ``version`` included: two tables with one
+    digest charge the same prices under the same version. Ledgers store it: never change it."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _tools_document(tools: Mapping[str, ToolPrice]) -> dict[str, dict[str, str]]:

@@ -226,9 +226,11 @@ def available(conn: Connection, jti: str, *, now: datetime) -> tuple[int, bool] 
 def record_pricing_version(conn: Connection, version: int, document: dict[str, Any], *,
                            at: datetime) -> None:
     """Keep a pricing table version (the first one recorded under a number stays)."""
+    from mcpbill_cli.pricing import document_digest
+
     ops.insert_ignore(conn, pricing_versions, {
         "version": version, "document": json.dumps(document, sort_keys=True),
-        "recorded_at": at})
+        "recorded_at": at, "digest": document_digest(document)})
 
 
 def daily_spent(conn: Connection, tenant: str, day: str) -> int:

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 metadata = MetaData()
 
@@ -119,10 +119,14 @@ calls = Table(
     Column("pricing_version", Integer, nullable=False),
     Column("price_rule", String(200), nullable=False),
     Column("receipt", Text, nullable=True),
+    # The tool's result as the agent got it (JSON, up to the verifier's cap), so a replay
+    # returns it without running the tool again; NULL when not kept.
+    Column("result", Text, nullable=True),
     Column("demo", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("resolved_at", DateTime(timezone=True), nullable=True),
-    UniqueConstraint("idempotency_key", name="uq_calls_idempotency_key"),
+    # Keys belong to a tenant: another tenant's "K" is another key.
+    UniqueConstraint("tenant", "idempotency_key", name="uq_calls_tenant_key"),
     Index("ix_calls_jti", "jti"),
     Index("ix_calls_created", "created_at"),
 )
@@ -213,10 +217,14 @@ tenant_daily_spend = Table(
 )
 
 # Every pricing table version a verifier charged with, so reconcile can re-price old calls.
+# One version, one content: ``digest`` is the sha256 of the file's normal form (its own
+# ``version`` included), so a table edited without a version bump is recorded under a new one.
 pricing_versions = Table(
     "pricing_versions",
     metadata,
     Column("version", Integer, primary_key=True),
     Column("document", Text, nullable=False),  # the table's normal form, as JSON
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("digest", String(64), nullable=False),
+    UniqueConstraint("digest", name="uq_pricing_versions_digest"),
 )

@@ -62,7 +62,7 @@ def test_sql_and_python_agree_on_every_per_unit_price(engine: Engine) -> None:
         for table in tables:
             conn.execute(insert(pricing_versions).values(
                 version=table.version, recorded_at=Window.day(DAY).start,
-                document=json.dumps(table.to_document())))
+                document=json.dumps(table.to_document()), digest=table.digest))
         conn.execute(insert(calls), rows)
     by_jti = {row["jti"]: row for row in rows}
     in_sql = 0
