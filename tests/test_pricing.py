@@ -235,34 +235,34 @@ def test_patterns(pattern: str, tool: str, expected: bool) -> None:
 
 BAD_EDITS = [
     # (what to replace in the sample, with what, key path in the message, line)
-    ('price = "0.002"', 'price = "-0.002"', "tools.search.price", 16),
-    ('price = "0.002"', 'price = -2', "tools.search.price", 16),
-    ('price = "0.002"', 'price = "0.0020001"', "tools.search.price", 16),
-    ('price = "0.002"', "price = 0.5", "tools.search.price", 16),
-    ('price = "0.002"', "price = true", "tools.search.price", 16),
-    ('price = "0.002"', 'price = "1e3"', "tools.search.price", 16),
-    ('price = "0.002"', 'price = "cheap"', "tools.search.price", 16),
-    ('price = "0.002"', 'price = "0.002"\nmax_price = "1"', "tools.search.max_price", 17),
-    ('price = "0.002"', 'price = "0.002"\nprice_per_unit = "1"', "tools.search", 15),
-    ('price = "0.002"', 'cost = "0.002"', "tools.search.cost", 16),
-    ('price = "0.002"', "", "tools.search", 15),
-    ('max_price = "0.50"', "", "tools.summarize", 18),
-    ('price_per_unit = "0.00001"', "", "tools.summarize", 18),
-    ('max_price = "0.50"', 'max_price = "-1"', "tools.summarize.max_price", 20),
-    ("discount_percent = 20", "discount_percent = 101", "tenants.acme.discount_percent", 27),
-    ("discount_percent = 20", "discount_percent = -1", "tenants.acme.discount_percent", 27),
-    ("discount_percent = 20", 'discount_percent = "20"', "tenants.acme.discount_percent", 27),
-    ("discount_percent = 20", "discount_percent = 12.5", "tenants.acme.discount_percent", 27),
-    ('daily_cap = "25.00"', "daily_cap = 25.0", "tenants.acme.daily_cap", 28),
-    ('daily_cap = "25.00"', 'daily_cap = "25.00"\nrebate = 1', "tenants.acme.rebate", 29),
-    ('price = "0.001"', 'price = "0.0000001"', "tenants.acme.tools.search.price", 31),
-    ('patterns = ["read.*"]', 'patterns = ["re*d"]', "free_tiers.patterns", 24),
-    ('patterns = ["read.*"]', 'patterns = "read.*"', "free_tiers.patterns", 24),
-    ('patterns = ["read.*"]', 'patterns = ["read.*", "read.*"]', "free_tiers.patterns", 24),
-    ('patterns = ["read.*"]', "patterns = [1]", "free_tiers.patterns", 24),
-    ("[free_tiers]", "[free_tiers]\nfree = true", "free_tiers.free", 24),
-    ("[tools.status]", '[tools."db.*"]', 'tools."db.*"', 12),
-    ("[tools.status]", '[tools." status"]', 'tools." status"', 12),
+    ('price = "0.002"', 'price = "-0.002"', "tools.search.price", 21),
+    ('price = "0.002"', 'price = -2', "tools.search.price", 21),
+    ('price = "0.002"', 'price = "0.0020001"', "tools.search.price", 21),
+    ('price = "0.002"', "price = 0.5", "tools.search.price", 21),
+    ('price = "0.002"', "price = true", "tools.search.price", 21),
+    ('price = "0.002"', 'price = "1e3"', "tools.search.price", 21),
+    ('price = "0.002"', 'price = "cheap"', "tools.search.price", 21),
+    ('price = "0.002"', 'price = "0.002"\nmax_price = "1"', "tools.search.max_price", 22),
+    ('price = "0.002"', 'price = "0.002"\nprice_per_unit = "1"', "tools.search", 20),
+    ('price = "0.002"', 'cost = "0.002"', "tools.search.cost", 21),
+    ('price = "0.002"', "", "tools.search", 20),
+    ('max_price = "0.50"', "", "tools.summarize", 23),
+    ('price_per_unit = "0.00001"', "", "tools.summarize", 23),
+    ('max_price = "0.50"', 'max_price = "-1"', "tools.summarize.max_price", 25),
+    ("discount_percent = 20", "discount_percent = 101", "tenants.acme.discount_percent", 32),
+    ("discount_percent = 20", "discount_percent = -1", "tenants.acme.discount_percent", 32),
+    ("discount_percent = 20", 'discount_percent = "20"', "tenants.acme.discount_percent", 32),
+    ("discount_percent = 20", "discount_percent = 12.5", "tenants.acme.discount_percent", 32),
+    ('daily_cap = "25.00"', "daily_cap = 25.0", "tenants.acme.daily_cap", 33),
+    ('daily_cap = "25.00"', 'daily_cap = "25.00"\nrebate = 1', "tenants.acme.rebate", 34),
+    ('price = "0.001"', 'price = "0.0000001"', "tenants.acme.tools.search.price", 36),
+    ('patterns = ["read.*"]', 'patterns = ["re*d"]', "free_tiers.patterns", 29),
+    ('patterns = ["read.*"]', 'patterns = "read.*"', "free_tiers.patterns", 29),
+    ('patterns = ["read.*"]', 'patterns = ["read.*", "read.*"]', "free_tiers.patterns", 29),
+    ('patterns = ["read.*"]', "patterns = [1]", "free_tiers.patterns", 29),
+    ("[free_tiers]", "[free_tiers]\nfree = true", "free_tiers.free", 29),
+    ("[tools.status]", '[tools."db.*"]', 'tools."db.*"', 17),
+    ("[tools.status]", '[tools." status"]', 'tools." status"', 17),
     ('default_price = "0.01"', 'default_price = "0.01"\ncolour = "red"', "colour", 11),
     ('default_price = "0.01"', "default_price = 0.01", "default_price", 10),
     ('currency = "USDC"', 'currency = "EUR"', "currency", 7),
@@ -270,7 +270,7 @@ BAD_EDITS = [
     ("version = 1", 'version = "1"', "version", 6),
     ("version = 1", "", "version", None),
     ("[tenants.acme.tools.search]", "[tenants.acme.tools]\nsearch = 3",
-     "tenants.acme.tools.search", 31),
+     "tenants.acme.tools.search", 36),
 ]
 
 
@@ -294,8 +294,8 @@ def test_a_float_price_is_refused_with_the_quoted_form() -> None:
 def test_a_toml_syntax_error_keeps_tomllibs_line_and_column() -> None:
     with pytest.raises(PricingInvalid) as caught:
         parse_pricing(SAMPLE_PRICING.replace('price = "0.002"', "price = "), source="p.toml")
-    assert "(at line 16, column 23)" in caught.value.message
-    assert caught.value.details == {"path": "p.toml", "line": 16}
+    assert "(at line 21, column 23)" in caught.value.message
+    assert caught.value.details == {"path": "p.toml", "line": 21}
 
 
 def test_from_document_names_the_key_path_without_a_line() -> None:
@@ -548,6 +548,37 @@ def test_pricing_source_sees_a_same_size_rewrite(pricing_file: Path) -> None:
     pricing_file.write_text(replaced)
     os.utime(pricing_file, ns=(1, 1))  # a different mtime, same size and inode
     assert quote(source.current(), "search").amount == 3_000
+
+
+def test_pricing_source_warns_when_prices_change_without_a_version_bump(
+    pricing_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = PricingSource(pricing_file, check_interval=0)
+    pricing_file.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"'))
+    os.utime(pricing_file, ns=(1, 1))  # the same size: make sure the stamp changes
+    with caplog.at_level(logging.WARNING, logger="mcpbill"):
+        assert quote(source.current(), "search").amount == 3_000  # in force anyway
+        assert source.current().version == 1
+    assert source.last_error is None
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert f"pricing table {pricing_file} changed without a version bump" in message
+    assert "version 1 now has other prices" in message
+    assert "in force anyway" in message and "under a new version number" in message
+    assert "bump `version`" in message and "`mcpbill pricing set`" in message
+
+
+def test_pricing_source_is_quiet_about_bumped_or_only_reformatted_files(
+    pricing_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = PricingSource(pricing_file, check_interval=0)
+    with caplog.at_level(logging.WARNING, logger="mcpbill"):
+        pricing_file.write_text(render_pricing(SAMPLE))  # no comments, the same prices
+        os.utime(pricing_file, ns=(1, 1))
+        assert source.current() == SAMPLE
+        edit_pricing(pricing_file, lambda table: set_price(table, "search", 3_000))
+        assert source.current().version == 2
+    assert caplog.records == []
 
 
 # --- diffs -----------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 from mcpbill_cli.errors import PriceUnknown
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing import (
+    DEFAULT_DEDUPE_WINDOW,
     PricingTable,
     apply_discount,
+    dedupe_window,
     diff_tables,
     fallback_tools,
     matches,
@@ -36,6 +38,13 @@ fixed_entries = st.fixed_dictionaries({"price": amount_values})
 metered_entries = st.fixed_dictionaries(
     {"price_per_unit": st.integers(0, 10**6).map(format_usd), "max_price": amount_values})
 tool_tables = st.dictionaries(tool_names, fixed_entries | metered_entries, max_size=5)
+# Dedupe windows, spelled as people do; the normal form writes them back as seconds.
+window_values = (st.sampled_from(["0s", "0", "10s", "2m", " 1H ", "1d"])
+                 | st.integers(1, 86400).map(lambda seconds: f"{seconds}s"))
+windowed_entries = st.builds(
+    lambda entry, window: {**entry, **window}, fixed_entries | metered_entries,
+    st.fixed_dictionaries({}, optional={"dedupe_window": window_values}))
+listed_tool_tables = st.dictionaries(tool_names, windowed_entries, max_size=5)
 tenant_documents = st.fixed_dictionaries({}, optional={
     "discount_percent": st.integers(0, 100),
     "daily_cap": amount_values,
@@ -43,7 +52,8 @@ tenant_documents = st.fixed_dictionaries({}, optional={
 })
 documents = st.fixed_dictionaries({"version": st.integers(0, 10**6)}, optional={
     "default_price": amount_values,
-    "tools": tool_tables,
+    "dedupe_window": window_values,
+    "tools": listed_tool_tables,
     "free_tiers": st.lists(st.sampled_from(PATTERNS), unique=True).map(
         lambda patterns: {"patterns": patterns}),
     "tenants": st.dictionaries(st.sampled_from(TENANTS), tenant_documents, max_size=2),
@@ -185,6 +195,20 @@ def test_diff_of_a_set_names_only_that_tool(table: PricingTable, tool: str, amou
         return
     assert [(change.tool, change.after) for change in changes] == [(tool, format_usd(amount))]
     assert diff_tables(table, table) == []
+
+
+@given(tables, tool_names, micro)
+def test_a_window_resolves_tool_then_table_then_default_and_survives_a_price_edit(
+    table: PricingTable, tool: str, amount: int
+) -> None:
+    entry = table.tools.get(tool)
+    expected = next(window for window in (
+        entry.dedupe_window if entry is not None else None, table.dedupe_window,
+        DEFAULT_DEDUPE_WINDOW) if window is not None)
+    assert dedupe_window(table, tool) == expected
+    assert 0 <= expected <= 86400
+    assert dedupe_window(set_price(table, tool, amount), tool) == expected
+    assert dedupe_window(set_price(table, tool, amount, tenant="acme"), tool) == expected
 
 
 @given(tables, tenant_names, st.lists(st.sampled_from([*PATTERNS, *TOOLS]), max_size=3), micro)

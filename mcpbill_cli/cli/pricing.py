@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mcpbill_cli import pricing
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say
 from mcpbill_cli.cli.state import state
+from mcpbill_cli.errors import LedgerUnavailable, NotInitialized, SchemaOutdated
 from mcpbill_cli.money import format_usd, parse_usd
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 app = typer.Typer(
     help="Show, edit, check and compare the pricing table (pricing.toml in the home). "
@@ -82,14 +86,49 @@ def validate(
         help="The file to check.", show_default="pricing.toml in the home")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check a pricing file without changing anything; exit 10 with the key path if it is bad."""
+    """Check a pricing file without changing anything; exit 10 with the key path if it is bad,
+    or if the home's ledger charged with other prices under its version."""
     path = file or _pricing_path(ctx)
     table = pricing.load_pricing(path)
+    recorded = _version_recorded(ctx, table, path)
     data = {"path": str(path), "pricingVersion": table.version, "tools": len(table.tools),
-            "tenants": len(table.tenants)}
+            "tenants": len(table.tenants), "versionRecorded": recorded}
     emit(data, as_json=as_json, human=lambda: out.print(
         f"{path}: valid, version {table.version}, {len(table.tools)} tool(s), "
         f"{len(table.tenants)} tenant(s)"))
+
+
+def _version_recorded(ctx: typer.Context, table: pricing.PricingTable, path: Path) -> bool:
+    """Whether the home's ledger recorded exactly ``table``; False without a ledger to ask."""
+    from mcpbill_cli.ledger.engine import reading
+    from mcpbill_cli.ledger.pricing_versions import check_version
+
+    engine = _existing_ledger(ctx)
+    if engine is None:
+        return False
+    with reading(engine) as conn:
+        return check_version(conn, table, source=str(path))
+
+
+def _existing_ledger(ctx: typer.Context) -> Engine | None:
+    """The home's ledger if it exists and is at this schema; never creates a SQLite file."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    st = state(ctx)
+    try:
+        url = make_url(st.settings.db_url)
+    except ArgumentError:
+        return None
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").expanduser().is_file():
+        return None
+    try:
+        return st.engine()
+    except (NotInitialized, SchemaOutdated):
+        return None
+    except LedgerUnavailable as exc:
+        say(f"not checked against the ledger: {exc.message}")
+        return None
 
 
 @app.command("diff")

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine, insert
 from typer.testing import CliRunner, Result
 
+from mcpbill_cli import Verifier
 from mcpbill_cli.cli.pricing import app
-from mcpbill_cli.pricing import SAMPLE_PRICING, load_pricing, parse_pricing, render_pricing
+from mcpbill_cli.ledger.engine import writing
+from mcpbill_cli.ledger.models import pricing_versions
+from mcpbill_cli.pricing import (
+    SAMPLE_PRICING,
+    PricingTable,
+    load_pricing,
+    parse_pricing,
+    render_pricing,
+)
+from tests.cli.conftest import Invoke, error_json, ok_json
 
 SAMPLE = parse_pricing(SAMPLE_PRICING)
 
@@ -169,12 +182,12 @@ def test_a_refused_edit_leaves_the_file_byte_for_byte(
 
 
 BROKEN_FILES = [
-    ('price = "0.002"', 'price = "-0.002"', "line 16: tools.search.price"),
-    ('price = "0.002"', "price = 0.5", "line 16: tools.search.price"),
-    ('max_price = "0.50"', "", "line 18: tools.summarize"),
-    ("discount_percent = 20", "discount_percent = 200", "line 27: tenants.acme.discount_percent"),
-    ('price = "0.001"', 'prize = "0.001"', "line 31: tenants.acme.tools.search.prize"),
-    ('price = "0.002"', "price = ", "(at line 16, column 23)"),
+    ('price = "0.002"', 'price = "-0.002"', "line 21: tools.search.price"),
+    ('price = "0.002"', "price = 0.5", "line 21: tools.search.price"),
+    ('max_price = "0.50"', "", "line 23: tools.summarize"),
+    ("discount_percent = 20", "discount_percent = 200", "line 32: tenants.acme.discount_percent"),
+    ('price = "0.001"', 'prize = "0.001"', "line 36: tenants.acme.tools.search.prize"),
+    ('price = "0.002"', "price = ", "(at line 21, column 23)"),
 ]
 
 
@@ -216,10 +229,25 @@ def test_validate_another_file(runner: CliRunner, home: Path, tmp_path: Path) ->
     other = tmp_path / "other.toml"
     other.write_text("version = 4\n")
     code, document = run_json(runner, "validate", str(other))
-    assert (code, document["data"]) == (
-        0, {"path": str(other), "pricingVersion": 4, "tools": 0, "tenants": 0})
+    assert (code, document["data"]) == (0, {
+        "path": str(other), "pricingVersion": 4, "tools": 0, "tenants": 0,
+        "versionRecorded": False})
     code, document = run_json(runner, "validate", str(tmp_path / "absent.toml"))
     assert code == 10 and "no pricing table" in document["errors"][0]["message"]
+
+
+def test_set_keeps_a_tools_dedupe_window_and_diff_shows_window_changes(
+    runner: CliRunner, home: Path, tmp_path: Path
+) -> None:
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace('price = "0"', 'price = "0"\ndedupe_window = "0s"'))
+    assert run(runner, "set", "status", "0.001").exit_code == 0
+    assert load_pricing(path).tools["status"].dedupe_window == 0
+    assert 'dedupe_window = "0s"' in path.read_text()
+    other = tmp_path / "other.toml"
+    other.write_text(path.read_text().replace('"0s"', '"5s"'))
+    result = run(runner, "diff", str(other))
+    assert result.stdout == "changed  tools.status.dedupe_window: 0s -> 5s\n"
 
 
 def test_diff_lists_changes_per_tool_and_tenant(
@@ -272,6 +300,125 @@ def test_quote_an_unknown_tool_without_default_is_price_unknown(
 def test_quote_refuses_negative_units(runner: CliRunner, home: Path) -> None:
     result = runner.invoke(app, ["quote", "summarize", "--units", "-1"])
     assert result.exit_code == 2
+
+
+# --- validate against the ledger's pricing versions -------------------------------------------
+
+RECORDED_AT = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+
+@pytest.fixture
+def ledger(home: Path, engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """The home's ledger (SQLite in the home, or PostgreSQL), migrated and empty."""
+    monkeypatch.setenv("MCPBILL_DB_URL", db_url)
+    return engine
+
+
+def record(engine: Engine, table: PricingTable, at: datetime = RECORDED_AT) -> None:
+    """What a verifier does with a table it charges with."""
+    with writing(engine) as conn:
+        conn.execute(insert(pricing_versions).values(
+            version=table.version, document=json.dumps(table.to_document(), sort_keys=True),
+            recorded_at=at, digest=table.digest))
+
+
+def validate_json(cli: Invoke, *args: str) -> tuple[int, dict[str, Any]]:
+    """`mcpbill pricing validate ARGS --json` through the whole app, which closes the ledger."""
+    result = cli("pricing", "validate", *args, "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_validate_refuses_prices_changed_without_a_version_bump(
+    cli: Invoke, home: Path, ledger: Engine
+) -> None:
+    record(ledger, SAMPLE)
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"'))
+    code, document = validate_json(cli)
+    assert (code, document["status"], document["data"]) == (10, "error", None)
+    assert document["errors"] == [{
+        "code": "PRICING_VERSION_REUSED",
+        "message": f"{path}: version 1 has other prices than the version 1 the ledger charged "
+                   "with (recorded 2026-03-04 05:06:07 UTC); bump `version` to 2",
+        "path": str(path), "pricingVersion": 1, "nextVersion": 2,
+        "recordedAt": "2026-03-04T05:06:07+00:00",
+    }]
+    result = cli("pricing", "validate")
+    assert result.exit_code == 10
+    assert "PRICING_VERSION_REUSED" in result.stderr and "bump `version` to 2" in flat(
+        result.stderr)
+
+
+def test_validate_names_a_version_past_every_recorded_one(
+    cli: Invoke, home: Path, ledger: Engine, tmp_path: Path
+) -> None:
+    record(ledger, SAMPLE)
+    record(ledger, replace(SAMPLE, version=7))
+    other = tmp_path / "other.toml"  # any file is checked against the home's ledger
+    other.write_text(SAMPLE_PRICING.replace("discount_percent = 20", "discount_percent = 25"))
+    code, document = validate_json(cli, str(other))
+    assert code == 10
+    assert document["errors"][0]["message"].endswith("; bump `version` to 8")
+    assert document["errors"][0]["message"].startswith(f"{other}: version 1 has other prices")
+
+
+def test_validate_passes_the_recorded_table_and_a_new_version(
+    cli: Invoke, home: Path, ledger: Engine, tmp_path: Path
+) -> None:
+    record(ledger, SAMPLE)
+    code, document = validate_json(cli)
+    assert (code, document["data"]["versionRecorded"]) == (0, True)
+    other = tmp_path / "other.toml"
+    other.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"')
+                     .replace("version = 1", "version = 2"))
+    code, document = validate_json(cli, str(other))
+    assert (code, document["data"]["versionRecorded"]) == (0, False)
+    # Comments and layout are not prices: the normal form of the same table is recorded too.
+    (home / "pricing.toml").write_text(render_pricing(SAMPLE))
+    assert validate_json(cli)[1]["data"]["versionRecorded"] is True
+
+
+def test_validate_without_a_ledger_passes_and_creates_none(cli: Invoke, home: Path) -> None:
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"'))
+    code, document = validate_json(cli)
+    assert (code, document["data"]["versionRecorded"]) == (0, False)
+    assert sorted(p.name for p in home.iterdir()) == ["pricing.toml"]
+
+
+def test_validate_with_an_empty_ledger_file_passes(cli: Invoke, home: Path) -> None:
+    (home / "ledger.db").touch()  # not initialized: nothing recorded, nothing to check
+    code, document = validate_json(cli)
+    assert (code, document["data"]["versionRecorded"]) == (0, False)
+
+
+def test_validate_with_an_unreachable_ledger_says_it_did_not_check(
+    cli: Invoke, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MCPBILL_DB_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    result = cli("pricing", "validate", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"]["versionRecorded"] is False
+    assert "not checked against the ledger: cannot reach the ledger" in flat(result.stderr)
+
+
+def test_a_hand_edit_after_a_verifier_charged_is_refused(
+    ledger_cli: Invoke, isolated_home: Path
+) -> None:
+    cli = ledger_cli
+    ok_json(cli("wallet", "fund", "--demo", "1", "--json"))
+    token = ok_json(cli("token", "issue", "--limit", "0.5", "--json"))["token"]
+    verifier = Verifier.from_settings()
+    try:
+        verifier.charge(token, "search", idempotency_key="first")
+    finally:
+        verifier.close()
+    assert ok_json(cli("pricing", "validate", "--json"))["versionRecorded"] is True
+    path = isolated_home / "pricing.toml"
+    path.write_text(path.read_text().replace('price = "0.002"', 'price = "0.003"'))
+    result = cli("pricing", "validate", "--json")
+    assert result.exit_code == 10, result.output
+    assert error_json(result, "PRICING_VERSION_REUSED")["nextVersion"] == 2
 
 
 @pytest.mark.parametrize("command", ["show", "set", "unset", "validate", "diff", "quote"])

@@ -1,0 +1,99 @@
+"""Writing pricing files: normal form, atomic writes, and locked read-edit-write cycles."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from mcpbill_cli.errors import NotInitialized, PricingInvalid
+from mcpbill_cli.fsutil import write_atomic
+from mcpbill_cli.pricing.diff import Change, diff_tables
+from mcpbill_cli.pricing.parsing import parse_pricing, read_text
+from mcpbill_cli.pricing.table import PricingTable
+
+_NORMAL_FORM_HEADER = (
+    "# mcpbill pricing table, in normal form: `mcpbill pricing set/unset` rewrite this file\n"
+    "# and do not keep comments. Amounts are USDC decimal strings. See `mcpbill pricing show`.\n\n"
+)
+
+
+def render_pricing(table: PricingTable) -> str:
+    """The table as TOML text in normal form, as :func:`save_pricing` writes it."""
+    return _NORMAL_FORM_HEADER + tomli_w.dumps(table.to_document())
+
+
+def save_pricing(path: Path, table: PricingTable) -> None:
+    """Write ``table`` atomically (temp file, fsync, rename, fsync dir); never an invalid one."""
+    text = render_pricing(table)
+    if parse_pricing(text, source=str(path)).to_document() != table.to_document():
+        raise PricingInvalid(f"{path}: refusing to write a table that does not read back the "
+                             "same (a name or amount outside the schema?)", path=str(path))
+    _write_atomically(path, text)
+
+
+def save_pricing_text(path: Path, text: str) -> PricingTable:
+    """Validate TOML ``text`` (comments and all, e.g. :data:`SAMPLE_PRICING`), then write it."""
+    table = parse_pricing(text, source=str(path))
+    _write_atomically(path, text)
+    return table
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
+    try:
+        write_atomic(path, text.encode("utf-8"), mode=mode)
+    except OSError as exc:
+        raise PricingInvalid(f"cannot write {path}: {exc.strerror}", path=str(path)) from None
+
+
+@dataclass(frozen=True)
+class PricingEdit:
+    """The table before and after one :func:`edit_pricing`."""
+
+    before: PricingTable
+    after: PricingTable
+
+    @property
+    def changes(self) -> list[Change]:
+        return diff_tables(self.before, self.after)
+
+
+def lock_path(path: Path) -> Path:
+    """The sibling lock file that serialises edits of ``path``."""
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    if not path.parent.is_dir():
+        raise NotInitialized(f"{path.parent} does not exist: run `mcpbill init` first",
+                             path=str(path))
+    descriptor = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing the descriptor releases the lock
+
+
+def edit_pricing(path: Path, edit: Callable[[PricingTable], PricingTable]) -> PricingEdit:
+    """Read, ``edit`` and write the file under an exclusive lock, so no concurrent edit is lost.
+
+    A missing file starts as an empty table at version 0. ``edit`` returns the new table
+    (:func:`set_price` and :func:`unset_price` bump the version); it may raise to abort.
+    """
+    with _exclusive_lock(path):
+        text = read_text(path)
+        before = PricingTable(version=0) if text is None else parse_pricing(text, source=str(path))
+        after = edit(before)
+        save_pricing(path, after)
+    return PricingEdit(before, after)
