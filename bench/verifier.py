@@ -6,10 +6,17 @@ Prints:
   for a token never seen before (every call a full signature check);
 - ``charge`` throughput / a bare loop of one conditional UPDATE plus one INSERT per call in
   its own transaction, with the raw driver, on the same database (target >= 0.5), on SQLite
-  and on PostgreSQL (skipped with a note if PostgreSQL is unreachable);
-- p50 and p99 latency of hold + capture.
+  and on PostgreSQL (skipped with a note if PostgreSQL is unreachable), for a live-mode
+  verifier (every commit synced: SQLite ``synchronous=FULL``, PostgreSQL
+  ``synchronous_commit=on``) against the bare loop synced the same way, and for a demo-mode
+  one (``NORMAL``, ``off``) against the bare loop unsynced;
+- what durability costs: live / demo charge throughput, beside the same ratio for the bare
+  loops (the part of it the disk takes whatever code runs), and live / demo hold + capture p99;
+- p50 and p99 latency of hold + capture, live and demo.
 
-Usage: python bench/verifier.py [--calls N]
+Live and demo alternate in ``--rounds`` rounds, so a busy moment of the machine weighs on both.
+
+Usage: python bench/verifier.py [--calls N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +100,12 @@ def bench_preflight(settings: Any, count: int) -> None:
     verifier.close()
 
 
-def bare_sqlite_loop(path: str, count: int) -> float:
+def bare_sqlite_loop(path: str, count: int, synced: bool) -> float:
     import sqlite3
 
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if synced else 'NORMAL'}")
     db.execute("CREATE TABLE IF NOT EXISTS b_acct (id TEXT PRIMARY KEY, bal INTEGER)")
     db.execute("CREATE TABLE IF NOT EXISTS b_xfer (id TEXT PRIMARY KEY, acct TEXT, amt INTEGER)")
     db.execute("INSERT OR REPLACE INTO b_acct VALUES ('a', ?)", (10**12,))
@@ -113,10 +121,11 @@ def bare_sqlite_loop(path: str, count: int) -> float:
     return result
 
 
-def bare_pg_loop(url: str, count: int) -> float:
+def bare_pg_loop(url: str, count: int, synced: bool) -> float:
     import psycopg
 
     with psycopg.connect(url, autocommit=False) as db:
+        db.execute(f"SET synchronous_commit TO {'on' if synced else 'off'}")
         db.execute("CREATE TABLE IF NOT EXISTS b_acct (id TEXT PRIMARY KEY, bal BIGINT)")
         db.execute("CREATE TABLE IF NOT EXISTS b_xfer (id TEXT PRIMARY KEY, acct TEXT, amt BIGINT)")
         db.execute("INSERT INTO b_acct VALUES ('a', %s) ON CONFLICT (id) DO UPDATE SET bal = %s",
@@ -131,23 +140,73 @@ def bare_pg_loop(url: str, count: int) -> float:
         return rate(one, count)
 
 
-def bench_charge(label: str, settings: Any, bare_rate: float, count: int) -> None:
+MODES = (("live", True), ("demo", False))  # a verifier's mode, and whether its commits sync
+
+
+@dataclass
+class Tally:
+    """One mode's measurements, summed over the rounds."""
+
+    calls: int = 0
+    bare_seconds: float = 0.0
+    charge_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # hold + capture, ms
+
+
+def bench_charge(label: str, settings: Any, bare: Callable[[bool, int], float], count: int,
+                 rounds: int) -> None:
+    """Charge and hold+capture with a live (synced) and a demo verifier, each beside its floor."""
     token = issue(settings, 10**12)
-    verifier = Verifier.from_settings(settings)
-    verifier.charge(token, "search")  # warm the pool and the statement cache
-    charge_rate = rate(lambda: verifier.charge(token, "search"), count)
-    latencies = []
-    for _ in range(max(count // 2, 50)):
+    verifiers = {mode: Verifier.from_settings(settings, demo=not synced) for mode, synced in MODES}
+    tallies = {mode: Tally() for mode, _ in MODES}
+    per_round = max(count // rounds, 1)
+    for verifier in verifiers.values():
+        charge(verifier, token)  # warm the pool and the statement cache
+    for _ in range(rounds):
+        for mode, synced in MODES:
+            measure(tallies[mode], verifiers[mode], token, per_round,
+                    lambda calls, synced=synced: bare(synced, calls))
+    for verifier in verifiers.values():
+        verifier.close()
+    for mode, synced in MODES:
+        report(label, mode, "synced" if synced else "unsynced", tallies[mode])
+    live, demo = tallies["live"], tallies["demo"]
+    print(f"{label}: {'durability costs':32} charge live/demo "
+          f"{demo.charge_seconds / live.charge_seconds:.2f} (bare synced/unsynced "
+          f"{demo.bare_seconds / live.bare_seconds:.2f}), hold+capture p99 live/demo "
+          f"{p99(live.latencies) / p99(demo.latencies):.2f}")
+
+
+def measure(tally: Tally, verifier: Verifier, token: str, calls: int,
+            bare: Callable[[int], float]) -> None:
+    """One round: the bare loop, ``calls`` charges, then half as many hold+capture."""
+    tally.calls += calls
+    tally.bare_seconds += calls / bare(calls)
+    tally.charge_seconds += calls / rate(lambda: charge(verifier, token), calls)
+    for _ in range(max(calls // 2, 25)):
         start = time.perf_counter()
-        with verifier.call(token, "search"):
+        with verifier.call(token, "search", idempotency_key=uuid.uuid4().hex):
             pass
-        latencies.append((time.perf_counter() - start) * 1000)
-    p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
-    print(f"{label}: bare UPDATE+INSERT      {bare_rate:9.0f}/s")
-    print(f"{label}: charge                  {charge_rate:9.0f}/s  ratio "
-          f"{charge_rate / bare_rate:.2f}  (target >= 0.5)")
-    print(f"{label}: hold+capture latency    p50 {p50:.2f} ms  p99 {p99:.2f} ms")
-    verifier.close()
+        tally.latencies.append((time.perf_counter() - start) * 1000)
+
+
+def charge(verifier: Verifier, token: str) -> None:
+    """A new charge: without a key of its own, a repeat within the dedupe window is a replay."""
+    verifier.charge(token, "search", idempotency_key=uuid.uuid4().hex)
+
+
+def report(label: str, mode: str, sync: str, tally: Tally) -> None:
+    floor = tally.calls / tally.bare_seconds
+    charges = tally.calls / tally.charge_seconds
+    print(f"{label}: {'bare UPDATE+INSERT, ' + sync:32} {floor:9.0f}/s")
+    print(f"{label}: {'charge, ' + mode:32} {charges:9.0f}/s  ratio {charges / floor:.2f}"
+          "  (target >= 0.5)")
+    print(f"{label}: {'hold+capture, ' + mode:32} p50 {statistics.median(tally.latencies):.2f} ms"
+          f"  p99 {p99(tally.latencies):.2f} ms")
+
+
+def p99(latencies: list[float]) -> float:
+    return statistics.quantiles(latencies, n=100)[98]
 
 
 def with_pg_database(fn: Callable[[str], None]) -> None:
@@ -170,18 +229,23 @@ def with_pg_database(fn: Callable[[str], None]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
-    count = parser.parse_args().calls
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="live and demo take turns this many times (default 4)")
+    args = parser.parse_args()
+    count, rounds = args.calls, args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings = make_home(root / "sqlite", f"sqlite:///{root / 'sqlite' / 'ledger.db'}")
         bench_preflight(settings, count)
-        bare = bare_sqlite_loop(str(root / "sqlite" / "ledger.db"), count)
-        bench_charge("sqlite", settings, bare, count)
+        ledger = str(root / "sqlite" / "ledger.db")
+        bench_charge("sqlite", settings,
+                     lambda synced, calls: bare_sqlite_loop(ledger, calls, synced), count, rounds)
 
         def postgres(url: str) -> None:
             pg_settings = make_home(root / "pg", url.replace("postgresql://",
                                                              "postgresql+psycopg://"))
-            bench_charge("postgres", pg_settings, bare_pg_loop(url, count), count)
+            bench_charge("postgres", pg_settings,
+                         lambda synced, calls: bare_pg_loop(url, calls, synced), count, rounds)
 
         with_pg_database(postgres)
 

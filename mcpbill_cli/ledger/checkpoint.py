@@ -7,7 +7,7 @@ A long-lived verifier instead raises its own connections' threshold to :data:`BA
 and runs a :class:`WalCheckpointer`, which checkpoints every ``interval`` seconds in
 ``PASSIVE`` mode: it never waits for a writer and never blocks one, so a busy moment only
 defers it to the next tick. If the thread cannot keep up, the backstop makes commits checkpoint
-again, as SQLite does by default. Short-lived CLI commands keep SQLite's defaults.
+again, as SQLite does by default. Short-lived CLI commands keep SQLite's default threshold.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Every write transaction on SQLite takes the write lock up front, so a conditional UPDATE never
 meets "database is locked" half way through. Read-only work uses :func:`reading`.
+
+Durable before receipted: an engine is durable unless asked otherwise, so a commit is on disk
+when it returns and a receipt signed inside it cannot outlive a power loss. Only a demo-mode
+verifier trades that for speed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError, ProgrammingError
 
 from mcpbill_cli.config import redact_url
@@ -23,23 +27,28 @@ from mcpbill_cli.ledger.models import SCHEMA_REVISION
 _READONLY = "mcpbill_readonly"
 
 
-def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None = None) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None = None,
+                durable: bool = True) -> Engine:
     """An engine for ``url``; SQLite files get WAL, a busy timeout and immediate write locks.
 
-    ``wal_autocheckpoint`` sets how many pages of log SQLite lets grow before a commit
-    checkpoints it itself (SQLite's default: 1000); see :mod:`mcpbill_cli.ledger.checkpoint`.
+    ``durable`` (the default) syncs every commit to disk before it returns: SQLite runs
+    ``synchronous=FULL``, PostgreSQL ``synchronous_commit=on`` whatever the server or role
+    default. ``durable=False`` (a demo verifier) runs ``NORMAL`` and ``off``: a power loss may
+    take back the last commits. ``wal_autocheckpoint`` sets how many pages of log SQLite lets
+    grow before a commit checkpoints it itself (SQLite's default: 1000); see
+    :mod:`mcpbill_cli.ledger.checkpoint`.
     """
     try:
         parsed = make_url(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises several types for a bad URL
         raise InvalidInput(f"not a database URL: {redact_url(url)} ({exc})") from None
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url, parsed.database, wal_autocheckpoint)
+        return _sqlite_engine(url, parsed.database, wal_autocheckpoint, durable)
     if parsed.drivername == "postgresql":  # a bare postgresql:// means psycopg 3 here
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
         return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size,
-                             pool_pre_ping=True)
+                             pool_pre_ping=True, connect_args=_pg_connect_args(parsed, durable))
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
         raise LedgerUnavailable(
             f"no driver for {redact_url(url)}: {exc}; install mcpbill[postgres] for PostgreSQL",
@@ -47,7 +56,22 @@ def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None
         ) from None
 
 
-def _sqlite_engine(url: str, database: str | None, wal_autocheckpoint: int | None) -> Engine:
+def _pg_connect_args(parsed: URL, durable: bool) -> dict[str, str]:
+    """Startup ``options`` that set ``synchronous_commit``, after any the URL carries.
+
+    Set when the connection opens, it costs no round trip; a later ``-c`` wins over an earlier
+    one, so the URL's own ``synchronous_commit`` (or the role's, or the server's) gives way.
+    """
+    if parsed.get_backend_name() != "postgresql":
+        return {}
+    given = parsed.query.get("options", ())
+    options = [given] if isinstance(given, str) else list(given)
+    options.append(f"-csynchronous_commit={'on' if durable else 'off'}")
+    return {"options": " ".join(options)}
+
+
+def _sqlite_engine(url: str, database: str | None, wal_autocheckpoint: int | None,
+                   durable: bool) -> Engine:
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -59,7 +83,8 @@ def _sqlite_engine(url: str, database: str | None, wal_autocheckpoint: int | Non
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # in WAL mode FULL syncs the log at every commit; NORMAL only at checkpoints
+        cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         if wal_autocheckpoint is not None:
             cursor.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         cursor.close()

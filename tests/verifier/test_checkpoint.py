@@ -1,6 +1,6 @@
 """A verifier on a SQLite file checkpoints the write-ahead log from its own thread, so tool
-calls' commits never stop to sync the log to disk; short-lived CLI engines keep SQLite's
-defaults, and PostgreSQL has nothing to checkpoint."""
+calls' commits never stop to checkpoint; short-lived CLI engines keep SQLite's default
+threshold, and PostgreSQL has nothing to checkpoint."""
 
 from __future__ import annotations
 
