@@ -21,6 +21,8 @@ from mcpbill_cli.scope import pattern_problem
 
 # A credit token is a few hundred bytes; anything this large is refused before parsing.
 MAX_TOKEN_BYTES = 8192
+# A header is one flat object; a few nested ones (a jwk, a crit list) is already unusual.
+MAX_HEADER_NESTING = 8
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "jti", "iat", "nbf", "exp", "tenant", "scope",
                    "spendLimitUsd"]
 
@@ -63,18 +65,34 @@ def encode_token(claims: Claims, alg: str, private_key: Any) -> str:
 
 
 def peek_header(token: str) -> dict[str, Any]:
-    """The token's JOSE header, parsed without trusting it (cheaper than PyJWT's own)."""
+    """The token's JOSE header, parsed without trusting it (cheaper than PyJWT's own).
+
+    Total: for any value at all, the header or InvalidCreditToken ``malformed``.
+    """
+    if not isinstance(token, str):  # a server may hand over whatever its transport gave it
+        raise InvalidCreditToken("a credit token is a string (a JWT)", reason="malformed")
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidCreditToken(f"token is longer than {MAX_TOKEN_BYTES} bytes",
                                  reason="malformed")
+    # base64url and dots only; isascii() is O(1) in CPython, and it spares PyJWT a str that
+    # cannot even be encoded (a lone surrogate raises UnicodeEncodeError inside it).
+    if not token.isascii():
+        raise _not_a_jwt()
     head, dot, _ = token.partition(".")
     try:
-        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidCreditToken("token is not a JWT", reason="malformed") from None
+        raw = base64.urlsafe_b64decode(head + "=" * (-len(head) % 4))
+        if raw.count(b"[") + raw.count(b"{") > MAX_HEADER_NESTING:
+            raise _not_a_jwt()  # before json.loads, whose recursion follows the nesting
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError included
+        raise _not_a_jwt() from None
     if not dot or not isinstance(header, dict):
-        raise InvalidCreditToken("token is not a JWT", reason="malformed")
+        raise _not_a_jwt()
     return header
+
+
+def _not_a_jwt() -> InvalidCreditToken:
+    return InvalidCreditToken("token is not a JWT", reason="malformed")
 
 
 def decode_token(
@@ -83,7 +101,9 @@ def decode_token(
 ) -> Claims:
     """Verify signature, algorithm, kid, time and audience; the claims or InvalidCreditToken.
 
-    The algorithm is pinned by the key the ``kid`` names, never taken from the token.
+    The algorithm is pinned by the key the ``kid`` names, never taken from the token; a key
+    the header carries (``jwk``, ``jku``, ``x5c``...) is never used. Total: any other value
+    than a valid token's is InvalidCreditToken, never another exception.
     """
     header = peek_header(token)
     kid = header.get("kid")
@@ -91,9 +111,13 @@ def decode_token(
     if key is None:
         raise InvalidCreditToken("token is signed by a key this server does not know",
                                  reason="unknown_key")
-    if header.get("alg") != key.alg:
-        raise InvalidCreditToken(f"algorithm {header.get('alg')!r} is not allowed for this key",
+    alg = header.get("alg")
+    if alg != key.alg:
+        named = repr(alg[:40]) if isinstance(alg, str) else f"of type {type(alg).__name__}"
+        raise InvalidCreditToken(f"algorithm {named} is not allowed for this key",
                                  reason="algorithm_not_allowed")
+    if header.get("b64", True) is not True:  # RFC 7797 unencoded payload: never a credit token
+        raise InvalidCreditToken("token payload is not base64url-encoded", reason="malformed")
     payload = _verified_payload(token, key, audience=audience, issuer=issuer, leeway=leeway,
                                 verify_exp=verify_exp, now=now)
     return _claims(payload, kid=key.kid)
@@ -127,6 +151,9 @@ def _verified_payload(token: str, key: VerificationKey, *, audience: str | None,
             if isinstance(exc, kind):
                 raise InvalidCreditToken(message, reason=reason) from None
         raise InvalidCreditToken("token is not a valid JWT", reason="malformed") from None
+    except (ValueError, TypeError, OverflowError, RecursionError):  # PyJWT 2.x maps these
+        # to DecodeError itself; this holds the line should a release let one through.
+        raise InvalidCreditToken("token is not a valid JWT", reason="malformed") from None
 
 
 def _decode_at(token: str, key: VerificationKey, audience: str | None, issuer: str | None,
@@ -136,29 +163,63 @@ def _decode_at(token: str, key: VerificationKey, audience: str | None, issuer: s
     payload: dict[str, Any] = jwt.decode(
         token, key.key, algorithms=[key.alg], audience=audience, issuer=issuer, options=untimed)
     stamp = now.timestamp()
-    if options["verify_exp"] and payload["exp"] <= stamp - leeway:
+    if options["verify_exp"] and _seconds(payload, "exp") <= stamp - leeway:
         raise jwt.ExpiredSignatureError()
-    if payload["nbf"] > stamp + leeway:
+    if _seconds(payload, "nbf") > stamp + leeway:
         raise jwt.ImmatureSignatureError()
     return payload
 
 
+# What datetime can hold: 0001-01-01 to 9999-12-31, in seconds since the epoch.
+_FIRST_SECOND, _LAST_SECOND = -62135596800, 253402300799
+
+
+def _seconds(payload: dict[str, Any], name: str) -> int:
+    """A time claim: whole seconds (no float, bool or string) that datetime can hold."""
+    value = payload[name]
+    if type(value) is not int or not _FIRST_SECOND <= value <= _LAST_SECOND:
+        raise InvalidCreditToken(f"token claim {name!r} is not a time in whole seconds",
+                                 reason="malformed")
+    return value
+
+
 def _claims(payload: dict[str, Any], *, kid: str) -> Claims:
     try:
-        scope = payload["scope"]
-        if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
-            raise ValueError("scope")
         return Claims(
-            jti=str(payload["jti"]), tenant=str(payload["tenant"]), agent=str(payload["sub"]),
-            scope=tuple(scope), audience=str(payload["aud"]), issuer=str(payload["iss"]),
-            issued_at=datetime.fromtimestamp(payload["iat"], UTC),
-            not_before=datetime.fromtimestamp(payload["nbf"], UTC),
-            expires_at=datetime.fromtimestamp(payload["exp"], UTC),
-            limit=parse_usd(str(payload["spendLimitUsd"])), kid=kid,
-            parent=payload.get("parent"),
+            jti=_text(payload, "jti"), tenant=_text(payload, "tenant"),
+            agent=_text(payload, "sub"), scope=_scope(payload["scope"]),
+            audience=_text(payload, "aud"), issuer=_text(payload, "iss"),
+            issued_at=datetime.fromtimestamp(_seconds(payload, "iat"), UTC),
+            not_before=datetime.fromtimestamp(_seconds(payload, "nbf"), UTC),
+            expires_at=datetime.fromtimestamp(_seconds(payload, "exp"), UTC),
+            limit=parse_usd(_text(payload, "spendLimitUsd")), kid=kid,
+            parent=None if payload.get("parent") is None else _text(payload, "parent"),
         )
     except (KeyError, TypeError, ValueError, InvalidInput):
         raise InvalidCreditToken("token claims are malformed", reason="malformed") from None
+
+
+# The longest the ledger keeps of each (ledger/models.py): a longer one was never issued here.
+_MAX_LENGTH = {"jti": 64, "parent": 64, "tenant": 100}
+_MAX_TEXT = 200
+
+
+def _text(payload: dict[str, Any], name: str) -> str:
+    """A text claim the ledger can store: printable (no NUL, control character or lone
+    surrogate from a JSON escape), not empty, not longer than its column."""
+    value = payload[name]
+    if not isinstance(value, str) or not value.isprintable() or not (
+            0 < len(value) <= _MAX_LENGTH.get(name, _MAX_TEXT)):
+        raise ValueError(f"claim {name!r} is not printable text of the right length")
+    return value
+
+
+def _scope(value: Any) -> tuple[str, ...]:
+    """The scope's patterns, each one ``mcpbill token issue`` could have written."""
+    if not isinstance(value, list) or not all(
+            isinstance(pattern, str) and pattern_problem(pattern) is None for pattern in value):
+        raise ValueError("scope is not a list of tool patterns")
+    return tuple(value)
 
 
 # --- scope ---------------------------------------------------------------------------------------

@@ -160,6 +160,16 @@ def _unchanged(value: Any) -> Any:
     return value
 
 
-def token_fingerprint(token: str) -> str:
-    """What the trail keeps of a token it could not parse: a hash, never the token."""
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+def token_fingerprint(token: object) -> str:
+    """What the trail keeps of a token it could not parse: a hash, never the token.
+
+    Total, as a refusal's audit must be: a str hashes its UTF-8 (a lone surrogate as
+    written), bytes as they are, and any other value its type's name.
+    """
+    if isinstance(token, str):
+        data = token.encode("utf-8", "surrogatepass")
+    elif isinstance(token, bytes | bytearray):
+        data = bytes(token)
+    else:
+        data = type(token).__name__.encode()
+    return hashlib.sha256(data).hexdigest()
