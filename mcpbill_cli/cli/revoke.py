@@ -47,11 +47,10 @@ def revoke(
     if bool(tokens) + bool(tenant) + bool(agent) != 1:
         raise InvalidInput("name tokens (JTI or JWT), or --tenant T, or --agent A: exactly one")
     jtis = [_jti_of(st, value) for value in tokens or []]
-    now = utcnow()
     with writing(st.engine()) as conn:
         if not jtis:
-            jtis = tokens_for(conn, tenant=tenant, agent=agent, now=now)
-        outcomes = revoke_tokens(conn, jtis, reason=reason, now=now, dry_run=dry_run)
+            jtis = tokens_for(conn, tenant=tenant, agent=agent, now=utcnow())
+        outcomes = revoke_tokens(conn, jtis, reason=reason, clock=utcnow, dry_run=dry_run)
         if dry_run:
             conn.rollback()
     data = {"dry_run": dry_run, "revoked": [

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, select, update
 
-from mcpbill_cli.clock import aware
+from mcpbill_cli.clock import Clock, aware, utcnow
 from mcpbill_cli.errors import InsufficientFunds, InvalidInput, NotFound
 from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
@@ -269,13 +269,19 @@ def tokens_for(conn: Connection, *, tenant: str | None, agent: str | None,
     return list(conn.execute(query.order_by(tk.issued_at)).scalars())
 
 
-def revoke(conn: Connection, jtis: Iterable[str], *, reason: str | None, now: datetime,
-           dry_run: bool = False) -> list[Revocation]:
-    """Revoke tokens and their descendants; each unspent, unheld remainder returns at once."""
+def revoke(conn: Connection, jtis: Iterable[str], *, reason: str | None,
+           clock: Clock = utcnow, dry_run: bool = False) -> list[Revocation]:
+    """Revoke tokens and their descendants; each unspent, unheld remainder returns at once.
+
+    The revocation time is read from ``clock`` once the plan's accounts are locked (see
+    :func:`_lock_accounts`), and stamps the tokens, their events and the released remainders.
+    """
     plan = _revocation_plan(conn, list(dict.fromkeys(jtis)))
     if dry_run:
         return [Revocation(jti, row.revoked_at is not None, 0, origin)
                 for jti, row, origin in plan]
+    _lock_accounts(conn, [jti for jti, _, _ in plan])
+    now = clock()
     outcomes = []
     for jti, row, origin in plan:
         closed = conn.execute(update(tokens).where(tk.jti == jti, tk.revoked_at.is_(None))
@@ -288,6 +294,24 @@ def revoke(conn: Connection, jtis: Iterable[str], *, reason: str | None, now: da
     released = {jti: _release(conn, row, now) for jti, row, _, _ in reversed(outcomes)}
     return [Revocation(jti, already, released[jti], origin)
             for jti, _, origin, already in outcomes]
+
+
+def _lock_accounts(conn: Connection, jtis: list[str]) -> None:
+    """Wait for the charges in flight on these tokens to commit, and keep later ones waiting.
+
+    A charge or hold reads its time (``calls.created_at``) before it commits (today: before
+    its transaction opens), and debits the token's account row with a conditional UPDATE whose
+    row lock it keeps until it commits. So a charge that committed before the revoke took
+    these locks read its time before the revoke reads its own, after them: its ``created_at``
+    is earlier than ``revoked_at``. Any later charge waits for the revoke to commit and then
+    finds the account closed: refused. (Times of one clock: servers whose clocks disagree can
+    still disagree here.)
+    PostgreSQL: FOR UPDATE, in id order so that two revokes cannot deadlock. SQLite ignores
+    FOR UPDATE: ``BEGIN IMMEDIATE`` (see :func:`~mcpbill_cli.ledger.engine.writing`) already
+    holds the database's write lock.
+    """
+    ids = [ops.token_account(jti) for jti in jtis]
+    conn.execute(select(a.id).where(a.id.in_(ids)).order_by(a.id).with_for_update()).all()
 
 
 def _revocation_plan(conn: Connection, jtis: list[str]) -> list[tuple[str, Any, str | None]]:
