@@ -24,6 +24,7 @@ import argparse
 import base64
 import functools
 import hashlib
+import itertools
 import sqlite3
 import statistics
 import tempfile
@@ -54,6 +55,9 @@ PRICING = """version = 1
 [tools.echo]
 price = "0.000001"
 """
+# Every call asks something new: the same call again within echo's dedupe window would be a
+# replay, which neither runs the tool nor bills it.
+_CALL_NUMBERS = itertools.count()
 
 
 def make_home(root: Path) -> Any:
@@ -93,8 +97,9 @@ def build_server(billing: Billing) -> MCPServer:
 async def per_call(client: Client, tool: str, meta: RequestParamsMeta, calls: int) -> float:
     """Seconds per call of ``calls`` sequential calls, checking each one succeeded."""
     start = time.perf_counter()
-    for n in range(calls):
-        result = await client.call_tool(tool, {"text": f"hello {n}"}, meta=meta)
+    for _ in range(calls):
+        result = await client.call_tool(tool, {"text": f"hello {next(_CALL_NUMBERS)}"},
+                                        meta=meta)
         assert not result.is_error, result
     return (time.perf_counter() - start) / calls
 
@@ -129,6 +134,11 @@ _EVENT = ("INSERT INTO events (at, kind, jti, tenant, agent, tool, amount, ref, 
           "1, :seq, :prev, :hash)")
 
 
+# What billing keeps of an echo's result for replays (the SDK's CallToolResult as JSON).
+_RESULT = ('{"content":[{"type":"text","text":"hello 12345"}],'
+           '"structuredContent":{"result":"hello 12345"},"isError":false,"resultType":"complete"}')
+
+
 def ledger_writes_alone(path: Path, jti: str, sign: Callable[[bytes], bytes],
                         calls: int) -> float:
     """Seconds per call of the floor under any billing code: the rows a billed call writes
@@ -155,7 +165,8 @@ def ledger_writes_alone(path: Path, jti: str, sign: Callable[[bytes], bytes],
                 payload = call.encode() * 16  # a receipt: ~600 bytes of claims, signed
                 receipt = base64.urlsafe_b64encode(payload + sign(payload)).decode()
                 db.execute("UPDATE calls SET amount = 1, transfer_id = 'capture:' || :call, "
-                           "receipt = :receipt WHERE id = :call", {**row, "receipt": receipt})
+                           "receipt = :receipt, result = :result WHERE id = :call",
+                           {**row, "receipt": receipt, "result": _RESULT})
             seq, prev = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
             digest = hashlib.sha256(f"{prev}{kind}{call}".encode()).hexdigest()
             db.execute(_EVENT, {**row, "kind": kind, "seq": seq + 1, "prev": prev,
@@ -171,11 +182,10 @@ def verifier_alone(verifier: Verifier, token: str, calls: int) -> float:
     """Seconds per call of what billing asks of the verifier, called directly: begin (a hold,
     for this paid tool), then capture."""
     start = time.perf_counter()
-    for n in range(calls):
-        hold = verifier.begin(token, "echo", args={"text": f"hello {n}"},
-                              request_id=uuid.uuid4().hex)
-        assert isinstance(hold, Hold)
-        verifier.capture(hold)
+    for _ in range(calls):
+        hold = verifier.begin(token, "echo", args={"text": f"hello {next(_CALL_NUMBERS)}"})
+        assert isinstance(hold, Hold) and hold.replayed is None
+        verifier.capture(hold, result=_RESULT)
     return (time.perf_counter() - start) / calls
 
 

@@ -31,8 +31,10 @@ DEFAULT_TENANT = "default"
 # Keys a config.toml may hold; anything else is a typo we would rather report than ignore.
 _KNOWN_KEYS = {
     "mode", "db_url", "issuer", "audience", "ttl_cap", "default_ttl", "leeway",
-    "hold_timeout", "chains", "wallet",
+    "hold_timeout", "replay_result_cap", "chains", "wallet",
 }
+DEFAULT_RESULT_CAP = 256 * 1024
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024 * 1024}
 
 
 def default_home() -> Path:
@@ -54,6 +56,7 @@ class Settings:
     default_ttl: int = 24 * 3600
     leeway: int = 30
     hold_timeout: int = 300
+    result_cap: int = DEFAULT_RESULT_CAP  # bytes of a tool result kept for replays
     file: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -116,6 +119,7 @@ def load_settings(
         default_ttl=min(_seconds(file.get("default_ttl", "24h"), "default_ttl"), ttl_cap),
         leeway=_seconds(file.get("leeway", "30s"), "leeway"),
         hold_timeout=_seconds(file.get("hold_timeout", "5m"), "hold_timeout"),
+        result_cap=_bytes(file.get("replay_result_cap", DEFAULT_RESULT_CAP), "replay_result_cap"),
         file=file,
     )
 
@@ -125,6 +129,16 @@ def _seconds(value: Any, key: str) -> int:
         return parse_duration(str(value), field=key)
     except InvalidInput as exc:
         raise ConfigInvalid(f"config {key}: {exc}") from None
+
+
+def _bytes(value: Any, key: str) -> int:
+    """A size: a whole number of bytes, or text like ``"256KiB"`` / ``"1MiB"``."""
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmib")
+    unit = _SIZE_UNITS.get(text[len(number):])
+    if isinstance(value, bool) or unit is None or not number.isdigit() or len(number) > 12:
+        raise ConfigInvalid(f'config {key}: {value!r} is not a size like 262144 or "256KiB"')
+    return int(number) * unit
 
 
 def redact_url(url: str) -> str:

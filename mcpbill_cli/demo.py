@@ -44,7 +44,9 @@ EXAMPLE_SERVERS = (PACKAGE_ROOT / "examples" / "paid_server.py",
                    Path(__file__).resolve().parent / "examples" / "paid_server.py")
 DEMO_TEXT = " ".join(["Agents pay for each MCP tool call in USDC from a prepaid, capped token."]
                      * 50)  # summarize is billed per word
-# A paid search, a free status, a per-word summarize, another search; round after round.
+# A paid search, a free status, a per-word summarize, another search; round after round. Each
+# round asks something new: the same call again within its dedupe window is a retry, replayed
+# and not billed (round one shows that once, by re-sending its first search).
 DEMO_CALLS: list[tuple[str, dict[str, Any]]] = [
     ("search", {"q": "usdc"}), ("status", {}), ("summarize", {"text": DEMO_TEXT}),
     ("search", {"q": "mcp"})]
@@ -54,7 +56,7 @@ CALL_TIMEOUT = 60  # seconds; a stuck server fails the demo instead of hanging i
 
 @dataclass(frozen=True)
 class DemoStep:
-    kind: str  # setup | receipt | free | refusal | fallback | summary
+    kind: str  # setup | receipt | replay | free | refusal | fallback | summary
     text: str
     data: dict[str, Any]
 
@@ -140,10 +142,11 @@ def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
     yield DemoStep("setup", "started paid_server.py over stdio; its tools: "
                    + ", ".join(f"{name} {price['amountUsd'] if price else '?'}"
                                for name, price in prices.items()), {"tools": prices})
+    yield from _replayed_retry(portal, client)
     plan = DEMO_CALLS
-    for _ in range(MAX_ROUNDS):
+    for number in range(2, MAX_ROUNDS + 2):
         for tool, args in plan:
-            step = _step(tool, portal.call(client.call_tool, tool, args))
+            step = _step(tool, portal.call(client.call_tool, tool, _in_round(args, number)))
             yield step
             if step.kind == "refusal":
                 plan = _fallback_plan(plan, step.data)
@@ -152,6 +155,26 @@ def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
                 yield DemoStep("fallback", "the agent follows the hint and keeps to "
                                + ", ".join(sorted({tool for tool, _ in plan})), {})
                 break
+
+
+def _replayed_retry(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
+    """Round one's first search, then the same call again, as an agent that lost the reply
+    would send it: replayed, with the same receipt, billed once."""
+    tool, args = DEMO_CALLS[0]
+    first = _step(tool, portal.call(client.call_tool, tool, _in_round(args, 1)))
+    yield first
+    again = portal.call(client.call_tool, tool, _in_round(args, 1))
+    step = _step(tool, again)
+    if step.kind == "receipt" and (again.meta or {}).get("mcpbill/replayed"):
+        step = DemoStep("replay", f"{tool} re-sent: the first result and receipt again, "
+                                  "not billed twice", step.data)
+    yield step
+
+
+def _in_round(args: dict[str, Any], number: int) -> dict[str, Any]:
+    """The round's arguments: text arguments carry the round number."""
+    return {name: f"{value} (round {number})" if isinstance(value, str) else value
+            for name, value in args.items()}
 
 
 def _fallback_plan(plan: list[tuple[str, dict[str, Any]]],

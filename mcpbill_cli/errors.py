@@ -6,7 +6,10 @@ Servers catch ``BillingError``; the CLI maps ``code`` to an exit status in one p
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from mcpbill_cli.receipts import Receipt
 
 
 class BillingError(Exception):
@@ -61,6 +64,28 @@ class BudgetExceeded(BillingError):
 
 class IdempotencyConflict(BillingError):
     code = "IDEMPOTENCY_CONFLICT"
+
+
+class CallInProgress(BillingError):
+    """Retryable: this idempotency key belongs to a call still running. Carries
+    ``retryAfterMs``; the retry gets that call's outcome once it is done."""
+
+    code = "CALL_IN_PROGRESS"
+
+
+class DuplicateCall(BillingError):
+    """This call was made and billed already, and its result cannot be returned again (not
+    kept: too large, or not a tool result). Carries the original ``receipt``; ``result`` holds
+    the kept result where there is one, for callers that could not be handed it otherwise."""
+
+    code = "DUPLICATE_CALL"
+
+    def __init__(self, message: str, *, receipt: Receipt, result: Any = None,
+                 **details: Any) -> None:
+        super().__init__(message, receipt=receipt.to_dict(), receiptId=receipt.receipt_id,
+                         **details)
+        self.receipt = receipt
+        self.result = result
 
 
 class PriceUnknown(BillingError):
@@ -122,6 +147,12 @@ class ConfigInvalid(BillingError):
 
 class PricingInvalid(BillingError):
     code = "PRICING_INVALID"
+
+
+class PricingVersionReused(BillingError):
+    """A pricing file's version names other prices than the ledger charged with under it."""
+
+    code = "PRICING_VERSION_REUSED"
 
 
 class DemoOnly(BillingError):

@@ -7,7 +7,16 @@
 
 An agent can never spend more than its token allows (the ledger's guarded debit), is never
 billed twice for one call (idempotency keys), is never billed for a call that failed (void),
-and always gets a receipt or a structured refusal (:class:`~mcpbill_cli.errors.BillingError`).
+and always gets a receipt or a structured refusal (:class:`~mcpbill_cli.errors.BillingError`):
+for any token and any argument, nothing else leaves this module.
+
+Idempotency (DESIGN.md "The verifier's call path"): a call's key is the caller's, else one
+derived from the token, the tool and the canonical arguments, alive for the tool's dedupe window
+(pricing.toml ``dedupe_window``, default 10 s, counted from the end of the call; ``"0s"``: every
+call is new). Keys belong to the tenant. A repeat of a captured call is a replay: the original
+receipt (and the kept result), never a second run, and only for a token that still passes
+signature, expiry and revocation. A repeat of a call still running is CALL_IN_PROGRESS; of a
+failed call, CALL_FAILED with a given key, a new call with a derived one.
 
 This module imports neither typer nor rich nor web3, never prints and never exits.
 """
@@ -19,14 +28,15 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli.clock import Clock, aware, utcnow
 from mcpbill_cli.config import Settings, load_settings
@@ -34,6 +44,9 @@ from mcpbill_cli.errors import (
     BillingError,
     BudgetExceeded,
     CallFailed,
+    CallInProgress,
+    DuplicateCall,
+    HoldNotActive,
     IdempotencyConflict,
     InsufficientFunds,
     InvalidCreditToken,
@@ -43,6 +56,7 @@ from mcpbill_cli.errors import (
     StatelessVerifier,
     TokenRevoked,
 )
+from mcpbill_cli.keeper import HoldKeeper
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger import audit, calls
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
@@ -50,7 +64,14 @@ from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
 from mcpbill_cli.ledger.ops import AccountClosed, token_account
 from mcpbill_cli.money import format_usd
-from mcpbill_cli.pricing import Price, PricingSource, PricingTable, fallback_tools, free_tools
+from mcpbill_cli.pricing import (
+    Price,
+    PricingSource,
+    PricingTable,
+    dedupe_window,
+    fallback_tools,
+    free_tools,
+)
 from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.receipts import Receipt, read_receipt, sign_receipt, verify_receipt
@@ -62,6 +83,11 @@ __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
 logger = logging.getLogger("mcpbill")
 
 TOKEN_CACHE_SIZE = 4096
+DEFAULT_RESULT_CAP = 256 * 1024  # bytes of a tool's result kept for replays
+MAX_KEY_LENGTH = 200  # calls.idempotency_key
+MAX_TOOL_LENGTH = 200
+RETRY_AFTER_MS = 1000  # what CALL_IN_PROGRESS suggests
+OPEN_ATTEMPTS = 4  # a key freed or rolled back under us: try the call again this often
 
 
 @dataclass(frozen=True)
@@ -89,10 +115,10 @@ class Quote:
 class Hold:
     """A reservation of ``amount`` on the token, captured or voided once the tool has run.
 
-    ``replayed`` is set when the idempotency key had already been charged: the tool may run
-    again, nothing more is billed, and capture returns that original receipt. ``joined`` is set
-    whenever the key existed before this call (charged, or still held by another attempt): a
-    caller that must not act twice, like a downstream payment, refuses to go on.
+    ``replayed`` is set when this call was made and captured already (its idempotency key, or
+    the same call within the tool's dedupe window): do not run the tool again; ``result`` is
+    the result kept from that run (JSON text, ``None`` when none was kept), and capture returns
+    the original receipt without billing anything.
     """
 
     id: str
@@ -105,7 +131,7 @@ class Hold:
     timeout_at: datetime | None
     price: Price
     replayed: Receipt | None = None
-    joined: bool = False
+    result: str | None = None
 
 
 @dataclass
@@ -126,7 +152,8 @@ class Verifier:
 
     Build it with :meth:`from_settings` (the CLI's home and ledger), explicitly, or with
     :meth:`stateless` (a JWKS and a revocation list, no ledger: preflight only).
-    Thread-safe; one instance serves a whole server.
+    Thread-safe; one instance serves a whole server. ``result_cap`` bounds, in bytes, the tool
+    result kept for replays (larger ones replay as DUPLICATE_CALL with the receipt).
     """
 
     def __init__(
@@ -134,13 +161,13 @@ class Verifier:
         engine: Engine | None = None, db_url: str | None = None,
         audience: str | None = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
-        clock: Clock = utcnow,
+        clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
         if engine is None and db_url is not None:
-            engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES)
+            engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES, durable=not demo)
             check_schema(engine)
-            self._checkpointer = background_checkpointer(engine)  # commits never sync to disk
+            self._checkpointer = background_checkpointer(engine)  # no commit checkpoints
         self.engine = engine
         self.keys = keys
         self.pricing = pricing if isinstance(pricing, PricingSource) else PricingSource(pricing)
@@ -152,9 +179,11 @@ class Verifier:
         self.network = "mcpbill:demo" if demo else "mcpbill:ledger"
         self._revoked = revoked
         self._clock = clock
+        self.result_cap = result_cap
         self._token_cache: dict[str, Claims] = {}
         self._cache_generation = keys.generation
-        self._recorded_versions: set[int] = set()
+        self._tables: tuple[PricingTable, PricingTable] | None = None  # (the source's, ours)
+        self._keeper = HoldKeeper(self._extend, hold_timeout=hold_timeout, clock=clock)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -165,7 +194,8 @@ class Verifier:
         options: dict[str, Any] = {
             "db_url": s.db_url, "keys": KeySource(directory=s.keys_dir),
             "pricing": s.pricing_path, "audience": s.audience, "issuer": s.issuer,
-            "leeway": s.leeway, "hold_timeout": s.hold_timeout, "demo": s.demo}
+            "leeway": s.leeway, "hold_timeout": s.hold_timeout, "demo": s.demo,
+            "result_cap": s.result_cap}
         return cls(**{**options, **overrides})
 
     @classmethod
@@ -182,6 +212,7 @@ class Verifier:
                    **options)
 
     def close(self) -> None:
+        self._keeper.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
         if self.engine is not None:
@@ -197,26 +228,27 @@ class Verifier:
             return self._quote(claims, tool, self._price(claims, tool, units))
 
     def hold(self, token: str, tool: str, *, args: Any = None,
-             idempotency_key: str | None = None, request_id: str | int | None = None,
-             max_units: int | None = None, amount: int | None = None,
-             rule: str = "x402") -> Hold:
+             idempotency_key: str | None = None, max_units: int | None = None,
+             amount: int | None = None, rule: str = "x402") -> Hold:
         """Reserve the call's price (for a per-unit tool: ``max_units`` or its maximum).
 
         ``amount`` (micro-USDC) holds that instead of the table's price, under price rule
         ``rule``, undiscounted: for a downstream payment whose price comes from elsewhere (an
         x402 challenge). Scope, limit, daily cap, idempotency and audit apply as to any call.
-        An uncaptured hold voids itself after ``hold_timeout`` seconds.
+        An uncaptured hold voids itself after ``hold_timeout`` seconds (see :meth:`keep_alive`).
+        A :attr:`Hold.replayed` hold is a call made already: do not run the tool again.
         """
         with self._refusals_recorded(token, tool):
-            claims, price, call = self._new_call(token, tool, args, idempotency_key, request_id,
-                                                 max_units, amount=amount, rule=rule)
+            claims, price, call = self._new_call(token, tool, args, idempotency_key, max_units,
+                                                 amount=amount, rule=rule)
             return self._hold(claims, price, call)
 
     def begin(self, token: str, tool: str, *, args: Any = None,
-              idempotency_key: str | None = None, request_id: str | int | None = None,
-              max_units: int | None = None) -> Hold | Quote:
+              idempotency_key: str | None = None, max_units: int | None = None) -> Hold | Quote:
         """What a server needs before it runs a tool, in one step: the :class:`Quote` of a
-        free call (preflighted: nothing to hold), or the :class:`Hold` of a paid one.
+        free call (preflighted: nothing to hold), or the :class:`Hold` of a paid one (kept
+        alive while the tool runs, see :meth:`keep_alive`; a :attr:`Hold.replayed` one must not
+        run the tool again).
 
         A paid call skips preflight's read: the hold checks the same things as it reserves.
         """
@@ -224,20 +256,33 @@ class Verifier:
             claims, table, price = self._priced(token, tool, max_units)
             if price.free:
                 return self._quote(claims, tool, price)
-            return self._hold(claims, price, self._call(
-                claims, tool, table, price, args, idempotency_key, request_id, max_units))
+            hold = self._hold(claims, price, self._call(
+                claims, tool, table, price, args, idempotency_key, max_units))
+            self.keep_alive(hold)
+            return hold
+
+    def keep_alive(self, hold: Hold) -> None:
+        """Keep ``hold`` from lapsing until it is captured or voided, however long the tool
+        runs (a thread extends it before its timeout; a process that dies stops doing so)."""
+        if hold.replayed is None and hold.timeout_at is not None:
+            self._keeper.keep(hold.id, hold.timeout_at)
 
     def capture(self, hold: Hold, *, units: int | None = None,
-                settlement: Mapping[str, Any] | None = None) -> Receipt:
+                settlement: Mapping[str, Any] | None = None, result: str | None = None
+                ) -> Receipt:
         """Post a hold (per-unit tools: for ``units``; the rest returns) and sign the receipt.
 
         ``settlement`` (a downstream payment's on-chain settlement, with at least
         ``transaction`` and ``network``) is signed into the receipt: its ``transaction`` and
-        ``network`` become the receipt's, and the whole mapping its ``settlement``.
+        ``network`` become the receipt's, and the whole mapping its ``settlement``. ``result``
+        (the tool's result as JSON text) is kept for replays when it fits ``result_cap``.
+        A hold that lapsed before its capture is HOLD_NOT_ACTIVE: nothing is billed.
         """
         if hold.replayed is not None:
             return hold.replayed
+        self._keeper.forget(hold.id)
         amount = None if units is None else min(hold.price.for_units(units), hold.amount)
+        kept = result if result is not None and len(result.encode()) <= self.result_cap else None
         now = self._clock()
         signed: list[Receipt] = []
 
@@ -246,12 +291,17 @@ class Verifier:
                                      settlement))
             return signed[-1].jws
 
-        with self._refusals_recorded(None, hold.tool, jti=hold.jti):
+        with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id):
             try:
                 with writing(self._ledger()) as conn:
-                    calls.capture(conn, hold.id, amount=amount, units=units, at=now, sign=sign)
+                    calls.capture(conn, hold.id, amount=amount, units=units, at=now, sign=sign,
+                                  result=kept)
             except calls.Replay:
                 return self.receipt_for(hold.id) or self._lost(hold.id)
+            except HoldNotActive as refused:
+                if refused.details.get("state") == "timed out":  # release it now, not at a sweep
+                    self.void(hold)
+                raise
             return signed[-1]
 
     def void(self, hold: Hold) -> None:
@@ -262,49 +312,49 @@ class Verifier:
         """
         if hold.replayed is not None:
             return
+        self._keeper.forget(hold.id)
         now = self._clock()
         with writing(self._ledger()) as conn:
             stored = calls.stored(conn, call_id=hold.id)
             if stored is not None and stored.status in ("voided", "expired"):
                 return
-            lapsed = stored is not None and stored.timeout_at is not None and (
-                aware(stored.timeout_at) <= now)
-            calls.void(conn, hold.id, at=now, expired=lapsed)
+            calls.void(conn, hold.id, at=now, expired=_lapsed(stored, now))
 
     def charge(self, token: str, tool: str, *, args: Any = None,
-               idempotency_key: str | None = None, request_id: str | int | None = None,
-               units: int | None = None) -> Receipt:
-        """Hold and capture in one step, for a call whose price is known up front."""
+               idempotency_key: str | None = None, units: int | None = None) -> Receipt:
+        """Hold and capture in one step, for a call whose price is known up front.
+
+        A repeat of a call charged already returns its original receipt, billing nothing.
+        """
         with self._refusals_recorded(token, tool):
-            claims, price, call = self._new_call(token, tool, args, idempotency_key, request_id,
-                                                 units)
+            claims, price, call = self._new_call(token, tool, args, idempotency_key, units)
             now = self._clock()
             receipt: list[Receipt] = []
 
             def sign(remaining: int) -> str:
                 receipt.append(self._sign(call, call.amount, remaining, now,
                                           f"charge:{call.id}"))
-                return receipt[0].jws
+                return receipt[-1].jws
 
-            try:
-                self._guarded(claims, tool, price, call,
-                              lambda conn: calls.charge(conn, call, at=now, sign=sign))
-            except calls.Replay:
-                replayed = self._joined(call, claims, price).replayed
-                if replayed is None:
-                    raise IdempotencyConflict(
-                        f"idempotency key {call.idempotency_key!r} belongs to a call still in "
-                        "progress", idempotencyKey=call.idempotency_key) from None
-                return replayed
+            replay = self._opened(claims, price, call,
+                                  lambda conn: calls.charge(conn, call, at=now, sign=sign))
+            if replay is not None and replay.replayed is not None:
+                return replay.replayed
             return receipt[-1]
 
     @contextmanager
     def call(self, token: str, tool: str, *, args: Any = None,
-             idempotency_key: str | None = None, request_id: str | int | None = None,
-             max_units: int | None = None) -> Iterator[BilledCall]:
-        """Hold, run the block, capture on success or void on an exception (then re-raise)."""
-        billed = BilledCall(self.hold(token, tool, args=args, idempotency_key=idempotency_key,
-                                      request_id=request_id, max_units=max_units))
+             idempotency_key: str | None = None, max_units: int | None = None
+             ) -> Iterator[BilledCall]:
+        """Hold, run the block, capture on success or void on an exception (then re-raise).
+
+        The hold is kept alive while the block runs. A call made already (a replay) never runs
+        the block: it raises DUPLICATE_CALL carrying the original receipt (``.receipt``).
+        """
+        hold = self.hold(token, tool, args=args, idempotency_key=idempotency_key,
+                         max_units=max_units)
+        billed = BilledCall(_fresh(hold))
+        self.keep_alive(hold)
         try:
             yield billed
         except BaseException:
@@ -314,10 +364,13 @@ class Verifier:
 
     # --- receipts -------------------------------------------------------------------------------
 
-    def receipt_for(self, key_or_id: str) -> Receipt | None:
-        """The receipt of a captured call, by idempotency key or receipt id (a lost reply)."""
+    def receipt_for(self, receipt_id: str | None = None, *, tenant: str | None = None,
+                    idempotency_key: str | None = None) -> Receipt | None:
+        """The receipt of a captured call (a lost reply), by receipt id or by a tenant's
+        idempotency key."""
         with reading(self._ledger()) as conn:
-            stored = calls.stored(conn, key=key_or_id) or calls.stored(conn, call_id=key_or_id)
+            stored = (calls.stored(conn, call_id=receipt_id) if receipt_id is not None
+                      else calls.stored(conn, tenant=tenant, key=idempotency_key))
         if stored is None or stored.receipt is None:
             return None
         return read_receipt(stored.receipt)
@@ -342,8 +395,9 @@ class Verifier:
     async def abegin(self, token: str, tool: str, **kw: Any) -> Hold | Quote:
         return await asyncio.to_thread(lambda: self.begin(token, tool, **kw))
 
-    async def acapture(self, hold: Hold, *, units: int | None = None) -> Receipt:
-        return await asyncio.to_thread(lambda: self.capture(hold, units=units))
+    async def acapture(self, hold: Hold, *, units: int | None = None,
+                       result: str | None = None) -> Receipt:
+        return await asyncio.to_thread(lambda: self.capture(hold, units=units, result=result))
 
     async def avoid(self, hold: Hold) -> None:
         await asyncio.to_thread(self.void, hold)
@@ -354,7 +408,9 @@ class Verifier:
     @asynccontextmanager
     async def acall(self, token: str, tool: str, **kw: Any) -> AsyncIterator[BilledCall]:
         """The async form of :meth:`call`."""
-        billed = BilledCall(await self.ahold(token, tool, **kw))
+        hold = await self.ahold(token, tool, **kw)
+        billed = BilledCall(_fresh(hold))
+        self.keep_alive(hold)
         try:
             yield billed
         except BaseException:
@@ -372,6 +428,7 @@ class Verifier:
         return self.engine
 
     def _claims(self, token: str, tool: str) -> Claims:
+        _check_tool(tool)
         claims = self._verified(token)
         if self._revoked is not None and claims.jti in self._revoked:
             raise TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
@@ -382,6 +439,8 @@ class Verifier:
 
     def _verified(self, token: str) -> Claims:
         """Decode once per distinct token; the expiry is rechecked on every call."""
+        if not isinstance(token, str):
+            raise InvalidCreditToken("a credit token is a string (a JWT)", reason="malformed")
         keys = self.keys.verification_keys()  # picks up a rotation or a lapsed key
         if self.keys.generation != self._cache_generation:
             self._token_cache = {}
@@ -397,8 +456,33 @@ class Verifier:
             raise InvalidCreditToken("token has expired", reason="expired")
         return claims
 
+    def pricing_table(self) -> PricingTable:
+        """The pricing table in force, under the version receipts name: the file's own,
+        unless the file was edited without a version bump and the ledger already charged
+        other prices under it (then the ledger's next free number)."""
+        return self._table()
+
+    def _table(self) -> PricingTable:
+        """See :meth:`pricing_table`: recorded in the ledger once per table read."""
+        source = self.pricing.current()
+        known = self._tables
+        if known is not None and known[0] is source:
+            return known[1]
+        table = source
+        if self.engine is not None:
+            with writing(self.engine) as conn:
+                version = calls.record_pricing_version(conn, source.to_document(),
+                                                       at=self._clock())
+            if version != source.version:
+                logger.warning("pricing table version %d has other prices than the version "
+                               "%d the ledger charged with; charging it as version %d",
+                               source.version, source.version, version)
+                table = replace(source, version=version)
+        self._tables = (source, table)
+        return table
+
     def _price(self, claims: Claims, tool: str, units: int | None) -> Price:
-        return price_quote(self.pricing.current(), tool, tenant=claims.tenant, units=units)
+        return price_quote(self._table(), tool, tenant=claims.tenant, units=units)
 
     def _remaining(self, claims: Claims) -> int:
         with reading(self._ledger()) as conn:
@@ -423,109 +507,142 @@ class Verifier:
     def _hold(self, claims: Claims, price: Price, call: calls.NewCall) -> Hold:
         now = self._clock()
         timeout_at = now + timedelta(seconds=self.hold_timeout)
-        try:
-            self._guarded(claims, call.tool, price, call, lambda conn: calls.hold(
-                conn, call, at=now, timeout_at=timeout_at))
-        except calls.Replay:
-            return self._joined(call, claims, price)
+        replayed = self._opened(claims, price, call, lambda conn: calls.hold(
+            conn, call, at=now, timeout_at=timeout_at))
+        if replayed is not None:
+            return replayed
         return Hold(call.id, claims.jti, claims.tenant, claims.agent, call.tool, call.amount,
                     call.idempotency_key, timeout_at, price)
 
-    def _new_call(self, token: str, tool: str, args: Any, key: str | None,
-                  request_id: str | int | None, units: int | None, *,
-                  amount: int | None = None, rule: str = "x402"
+    def _new_call(self, token: str, tool: str, args: Any, key: str | None, units: int | None,
+                  *, amount: int | None = None, rule: str = "x402"
                   ) -> tuple[Claims, Price, calls.NewCall]:
         self._ledger()
         if amount is None:
             claims, table, price = self._priced(token, tool, units)
         else:
-            claims, table = self._claims(token, tool), self.pricing.current()
+            claims, table = self._claims(token, tool), self._table()
             price = Price(_positive(amount), rule, table.version)
-        return claims, price, self._call(claims, tool, table, price, args, key, request_id,
-                                         units)
+        return claims, price, self._call(claims, tool, table, price, args, key, units, amount)
 
     def _priced(self, token: str, tool: str, units: int | None
                 ) -> tuple[Claims, PricingTable, Price]:
         claims = self._claims(token, tool)
-        table = self.pricing.current()  # read once: the price and the version recorded agree
+        table = self._table()  # read once: the price and the version recorded agree
         return claims, table, price_quote(table, tool, tenant=claims.tenant, units=units)
 
     def _call(self, claims: Claims, tool: str, table: PricingTable, price: Price, args: Any,
-              key: str | None, request_id: str | int | None, units: int | None
-              ) -> calls.NewCall:
-        """The call to record, priced from ``table`` (whose version is kept for reconcile)."""
-        if table.version not in self._recorded_versions:
-            self._record_pricing_version(table)
-        request_hash = _request_hash(claims.jti, tool, args)
+              key: str | None, units: int | None, amount: int | None = None) -> calls.NewCall:
+        """The call to record, priced from ``table`` (whose version is kept for reconcile),
+        under the caller's key or, without one, the key derived from the call itself."""
+        request_hash = _request_hash(claims.jti, tool, args, units, amount)
+        window = None if key is not None else dedupe_window(table, tool)
         return calls.NewCall(
             id=calls.new_call_id(),
-            idempotency_key=key or _derived_key(request_hash, request_id),
+            idempotency_key=_checked_key(key) if key is not None else _derived_key(
+                request_hash, window or 0),
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
-            daily_cap=table_daily_cap(table, claims.tenant))
+            daily_cap=table_daily_cap(table, claims.tenant), dedupe_window=window)
 
-    def _record_pricing_version(self, table: PricingTable) -> None:
-        """Keep the table this verifier charges with, so reconcile can re-price its calls."""
-        with writing(self._ledger()) as conn:
-            calls.record_pricing_version(conn, table.version, table.to_document(),
-                                         at=self._clock())
-        self._recorded_versions.add(table.version)
+    def _opened(self, claims: Claims, price: Price, call: calls.NewCall,
+                step: Callable[[Connection], object]) -> Hold | None:
+        """Run the step that opens ``call`` (a hold or a charge); ``None`` once it ran, or
+        the :attr:`Hold.replayed` hold of the call its key belongs to."""
+        for _ in range(OPEN_ATTEMPTS):
+            try:
+                self._guarded(claims, call.tool, price, call, step)
+                return None
+            except calls.Replay:
+                replayed = self._existing(call, claims, price)
+                if replayed is not None:
+                    return replayed
+        raise CallInProgress(  # the key kept changing hands: other attempts are running
+            f"other calls with idempotency key {call.idempotency_key!r} are in progress",
+            idempotencyKey=call.idempotency_key, retryAfterMs=RETRY_AFTER_MS)
 
     def _guarded(self, claims: Claims, tool: str, price: Price, call: calls.NewCall,
-                 step: Any) -> None:
-        """Run a money-moving step; on a refused debit, replay, expire stale holds or refuse."""
+                 step: Callable[[Connection], object]) -> None:
+        """Run a money-moving step; on a refused debit, expire stale holds or refuse.
+
+        A refused debit still replays a call made already (the budget does not apply to
+        a replay); a closed account (a revoked token) never does.
+        """
         for attempt in (1, 2):
             try:
                 with writing(self._ledger()) as conn:
                     step(conn)
                 return
             except AccountClosed:
-                self._replay_if_known(call)
                 raise TokenRevoked(f"token {claims.jti} has been revoked",
                                    jti=claims.jti) from None
             except NotFound:
                 raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
                                          reason="unknown_token") from None
             except InsufficientFunds as exc:
-                self._replay_if_known(call)
+                self._raise_if_known(call)
                 if attempt == 1 and self._expire_stale_holds(claims.jti):
                     continue
                 raise self._budget_exceeded(claims, tool, price,
                                             int(exc.details["available"])) from None
             except calls.DailyCapReached as cap:
-                self._replay_if_known(call)
+                self._raise_if_known(call)
                 raise self._daily_cap_exceeded(claims, tool, price, cap) from None
 
-    def _replay_if_known(self, call: calls.NewCall) -> None:
+    def _raise_if_known(self, call: calls.NewCall) -> None:
         with reading(self._ledger()) as conn:
-            if calls.stored(conn, key=call.idempotency_key) is not None:
+            if calls.stored(conn, tenant=call.tenant, key=call.idempotency_key) is not None:
                 raise calls.Replay(call.idempotency_key)
 
     def _expire_stale_holds(self, jti: str) -> int:
         with writing(self._ledger()) as conn:
             return expire_holds(conn, now=self._clock(), account=token_account(jti))
 
-    def _joined(self, call: calls.NewCall, claims: Claims, price: Price) -> Hold:
-        """The call this idempotency key already made: same receipt, a conflict, or a failure."""
-        with reading(self._ledger()) as conn:
-            stored = calls.stored(conn, key=call.idempotency_key)
-        if stored is None:
-            raise calls.Replay(call.idempotency_key)  # cannot happen: the key was just taken
-        if stored.request_hash != call.request_hash:
-            raise IdempotencyConflict(
-                f"idempotency key {call.idempotency_key!r} was used for another request "
-                f"({stored.tool}); use a new key for a new call",
-                idempotencyKey=call.idempotency_key)
-        if stored.status in ("voided", "expired"):
-            raise CallFailed(f"the call with idempotency key {call.idempotency_key!r} "
-                             f"failed ({stored.status}) and stays failed; retry with a new key",
-                             idempotencyKey=call.idempotency_key, status=stored.status)
-        receipt = read_receipt(stored.receipt) if stored.receipt else None
+    def _existing(self, call: calls.NewCall, claims: Claims, price: Price) -> Hold | None:
+        """What the call already under ``call``'s key means for ``call``: its replay (a Hold),
+        ``None`` when the key is free again (retry), or a refusal.
+
+        Never a word about another token's call: a key used by another request is only
+        IDEMPOTENCY_CONFLICT.
+        """
+        now = self._clock()
+        with writing(self._ledger()) as conn:
+            stored = calls.stored(conn, tenant=call.tenant, key=call.idempotency_key)
+            if stored is None:
+                return None  # the other attempt rolled back: try again
+            if stored.request_hash != call.request_hash:
+                raise IdempotencyConflict(
+                    f"idempotency key {call.idempotency_key!r} was used for another request; "
+                    "use a new key for a new call", idempotencyKey=call.idempotency_key)
+            if stored.status == "held" and not _lapsed(stored, now):
+                raise CallInProgress(
+                    f"the call with idempotency key {call.idempotency_key!r} is still "
+                    f"running; retry in {RETRY_AFTER_MS} ms for its outcome",
+                    idempotencyKey=call.idempotency_key, retryAfterMs=RETRY_AFTER_MS)
+            if stored.status == "held":  # its server died mid-call: the hold is void
+                calls.void(conn, stored.id, at=now, expired=True)
+                stored = replace(stored, status="expired")
+            if _replayable(stored, call, now):
+                return self._replayed(stored, claims, price)
+            if call.dedupe_window is not None:  # a derived key: free it for this new call
+                calls.retire_key(conn, stored)
+                return None
+        raise CallFailed(f"the call with idempotency key {call.idempotency_key!r} failed "
+                         f"({stored.status}) and stays failed; use a new key for a new call",
+                         idempotencyKey=call.idempotency_key, status=stored.status)
+
+    def _replayed(self, stored: calls.StoredCall, claims: Claims, price: Price) -> Hold:
+        if stored.receipt is None:
+            self._lost(stored.id)
         timeout = aware(stored.timeout_at) if stored.timeout_at else None
         return Hold(stored.id, claims.jti, claims.tenant, claims.agent, stored.tool,
-                    stored.amount_held, stored.idempotency_key, timeout, price, receipt,
-                    joined=True)
+                    stored.amount_held, stored.idempotency_key, timeout, price,
+                    read_receipt(stored.receipt), stored.result)  # type: ignore[arg-type]
+
+    def _extend(self, call_ids: list[str], until: datetime, now: datetime) -> set[str]:
+        with writing(self._ledger()) as conn:
+            return calls.extend(conn, call_ids, until=until, now=now)
 
     def _sign(self, call: calls.NewCall | Hold, amount: int, remaining: int, at: datetime,
               transaction: str, settlement: Mapping[str, Any] | None = None) -> Receipt:
@@ -572,7 +689,7 @@ class Verifier:
             dailyCapUsd=format_usd(cap.cap), fallback=self._fallback(claims, left))
 
     def _fallback(self, claims: Claims, remaining: int) -> dict[str, Any]:
-        table = self.pricing.current()
+        table = self._table()
         scope = list(claims.scope)
         return {
             "tools": [{"tool": name, "priceUsd": format_usd(amount)}
@@ -583,32 +700,36 @@ class Verifier:
         }
 
     @contextmanager
-    def _refusals_recorded(self, token: str | None, tool: str,
-                           jti: str | None = None) -> Iterator[None]:
+    def _refusals_recorded(self, token: Any, tool: Any, jti: str | None = None,
+                           ref: str | None = None) -> Iterator[None]:
         """Record every refusal in the audit trail, then let it propagate unchanged."""
         try:
             yield
         except BillingError as exc:
-            self._record_refusal(exc, token, tool, jti)
+            self._record_refusal(exc, token, tool, jti, ref)
             raise
 
-    def _record_refusal(self, exc: BillingError, token: str | None, tool: str,
-                        jti: str | None) -> None:
+    def _record_refusal(self, exc: BillingError, token: Any, tool: Any, jti: str | None,
+                        ref: str | None) -> None:
         if self.engine is None:
             return
-        claims = self._token_cache.get(token) if token else None
+        claims = self._token_cache.get(token) if isinstance(token, str) else None
         fingerprint = audit.token_fingerprint(token) if token and claims is None else None
         try:
             with writing(self.engine) as conn:
                 audit.record(conn, "refusal", at=self._clock(), code=exc.code,
                              jti=claims.jti if claims else jti,
                              tenant=claims.tenant if claims else None,
-                             agent=claims.agent if claims else None, tool=tool,
+                             agent=claims.agent if claims else None,
+                             tool=_storable(tool, MAX_TOOL_LENGTH), ref=ref,
                              token_hash=fingerprint, demo=self.demo,
                              detail={"reason": exc.details.get("reason")}
                              if "reason" in exc.details else None)
         except BillingError as failure:  # the ledger is down: the refusal still stands
             logger.warning("could not record refusal %s: %s", exc.code, failure.message)
+        except DBAPIError as failure:  # the ledger took none of it: the refusal still stands
+            logger.warning("could not record refusal %s: %s", exc.code,
+                           type(failure.orig).__name__)
 
 
 def canonical_json(value: Any) -> str:
@@ -616,15 +737,74 @@ def canonical_json(value: Any) -> str:
                       default=str)
 
 
-def _request_hash(jti: str, tool: str, args: Any) -> str:
-    return hashlib.sha256(canonical_json([jti, tool, args]).encode()).hexdigest()
+def _request_hash(jti: str, tool: str, args: Any, units: int | None, amount: int | None
+                  ) -> str:
+    """What identifies a request: the token, the tool, the canonical arguments, and what is
+    held for it (units of a per-unit tool, the amount of a payment priced elsewhere)."""
+    held = [units, amount] if units is not None or amount is not None else []
+    try:
+        canonical = canonical_json([jti, tool, args, *held]).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError, RecursionError):
+        raise InvalidInput("the call's arguments are not JSON (too deeply nested, circular, "
+                           "or with keys that are not strings)", field="args") from None
+    return hashlib.sha256(canonical).hexdigest()
 
 
-def _derived_key(request_hash: str, request_id: str | int | None) -> str:
-    """Without a key: the same MCP request retried is one call; no request id, a new key."""
-    if request_id is None:
+def _derived_key(request_hash: str, window: int) -> str:
+    """Without a key: the same request within the tool's dedupe window is one call; with no
+    window (``"0s"``), every call is a new one."""
+    if window <= 0:
         return f"rnd_{uuid.uuid4().hex}"
-    return "drv_" + hashlib.sha256(f"{request_hash}:{request_id}".encode()).hexdigest()[:40]
+    return f"drv_{request_hash[:48]}"
+
+
+def _checked_key(key: Any) -> str:
+    if not _printable(key, MAX_KEY_LENGTH):
+        raise InvalidInput(f"an idempotency key is printable text of 1 to {MAX_KEY_LENGTH} "
+                           "characters", field="idempotency_key")
+    return str(key)
+
+
+def _check_tool(tool: Any) -> None:
+    if not _printable(tool, MAX_TOOL_LENGTH):
+        raise InvalidInput(f"a tool name is printable text of 1 to {MAX_TOOL_LENGTH} "
+                           "characters", field="tool")
+
+
+def _printable(value: Any, limit: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
+
+
+def _storable(value: Any, limit: int) -> str | None:
+    """``value`` as text any ledger column takes (no NUL, no lone surrogate), for the audit
+    trail of a refusal whose input was refused for being odd."""
+    if not isinstance(value, str):
+        return None
+    text = value[:limit].encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+    return text or None
+
+
+def _lapsed(stored: calls.StoredCall | None, now: datetime) -> bool:
+    return (stored is not None and stored.timeout_at is not None
+            and aware(stored.timeout_at) <= now)
+
+
+def _replayable(stored: calls.StoredCall, call: calls.NewCall, now: datetime) -> bool:
+    """A captured call is replayed under a given key always, under a derived key until its
+    window has passed since it ended."""
+    if stored.status != "captured":
+        return False
+    if call.dedupe_window is None or stored.resolved_at is None:
+        return True
+    return aware(stored.resolved_at) + timedelta(seconds=call.dedupe_window) > now
+
+
+def _fresh(hold: Hold) -> Hold:
+    """``hold``, or DUPLICATE_CALL when it is a replay (a ``with`` block cannot be skipped)."""
+    if hold.replayed is None:
+        return hold
+    raise DuplicateCall(f"this call was made already (receipt {hold.id}); it is not run or "
+                        "billed again", receipt=hold.replayed, result=hold.result)
 
 
 def _positive(amount: int) -> int:

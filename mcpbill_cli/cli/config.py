@@ -24,6 +24,7 @@ def scrubbed(settings: Settings) -> dict[str, str]:
         "default_ttl": format_duration(settings.default_ttl),
         "leeway": format_duration(settings.leeway),
         "hold_timeout": format_duration(settings.hold_timeout),
+        "replay_result_cap": str(settings.result_cap),
         "config_file": str(settings.config_path),
         "pricing_file": str(settings.pricing_path),
         "keys_dir": str(settings.keys_dir),

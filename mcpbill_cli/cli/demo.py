@@ -49,5 +49,7 @@ def _show(kind: str, text: str, data: dict[str, object]) -> None:
         say(f"[cyan]free[/] {text}")
     elif kind == "fallback":
         say(f"[yellow]fallback[/] {text}")
+    elif kind == "replay":
+        say(f"[green]replay[/] {text} [dim]({data.get('receiptId')})[/]")
     else:
         say(text)

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.errors import NotFound
+from mcpbill_cli.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from mcpbill_cli.ledger.calls import StoredCall
 
 app = typer.Typer(help="Signed receipts: recover and verify.", no_args_is_help=True)
 
@@ -26,20 +31,33 @@ def _render(claims: dict[str, object]) -> None:
 @app.command("show")
 @handles_errors
 def show(ctx: typer.Context,
-         key: Annotated[str, typer.Argument(help="An idempotency key or a receipt id (rcpt_…).")],
+         key: Annotated[str, typer.Argument(help="A receipt id (rcpt_…) or an idempotency key.")],
+         tenant: Annotated[str | None, typer.Option(
+             "--tenant", "-t", help="The tenant whose idempotency key KEY is (keys belong to "
+                                    "a tenant); needed when several tenants used KEY.")] = None,
          as_json: JsonOption = False) -> None:
-    """Show the receipt of a captured call, by idempotency key or receipt id."""
+    """Show the receipt of a captured call, by receipt id or by a tenant's idempotency key."""
     from mcpbill_cli.ledger import calls
     from mcpbill_cli.ledger.engine import reading
     from mcpbill_cli.receipts import read_receipt
 
     with reading(state(ctx).engine()) as conn:
-        stored = calls.stored(conn, key=key) or calls.stored(conn, call_id=key)
+        stored = calls.stored(conn, call_id=key) or _by_key(conn, key, tenant)
     if stored is None or stored.receipt is None:
         state_note = f" (the call is {stored.status})" if stored else ""
         raise NotFound(f"no receipt for {key!r}{state_note}")
     receipt = read_receipt(stored.receipt)
     emit(receipt.to_dict(), as_json=as_json, human=lambda: _render(receipt.to_dict()))
+
+
+def _by_key(conn: Connection, key: str, tenant: str | None) -> StoredCall | None:
+    from mcpbill_cli.ledger import calls
+
+    found = [c for c in calls.with_key(conn, key) if tenant is None or c.tenant == tenant]
+    if len(found) > 1:
+        raise InvalidInput(f"idempotency key {key!r} is used by {len(found)} tenants: pass "
+                           "--tenant T")
+    return found[0] if found else None
 
 
 @app.command("verify")

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
-from mcpbill_cli.errors import HoldNotActive
+from mcpbill_cli.errors import HoldNotActive, LedgerUnavailable
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import (
@@ -28,6 +28,7 @@ from mcpbill_cli.ledger.models import (
     tenant_daily_spend,
     transfers,
 )
+from mcpbill_cli.pricing import document_digest
 
 a = accounts.c
 c = calls.c
@@ -59,10 +60,23 @@ _ADD_DAILY = Prepared(
            d.amount + bindparam("b_amount") <= bindparam("b_cap"))
     .values(amount=d.amount + bindparam("b_amount"))
 )
-_STORED = select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tool, c.status,
-                 c.amount_held, c.amount, c.receipt, c.timeout_at)
-_STORED_BY_KEY = Prepared(_STORED.where(c.idempotency_key == bindparam("b_key")))
+_STORED = select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tenant, c.tool, c.status,
+                 c.amount_held, c.amount, c.receipt, c.timeout_at, c.resolved_at, c.result)
+_STORED_BY_KEY = Prepared(_STORED.where(c.tenant == bindparam("b_tenant"),
+                                        c.idempotency_key == bindparam("b_key"),
+                                        c.key_retired.is_(False)))
 _STORED_BY_ID = Prepared(_STORED.where(c.id == bindparam("b_id")))
+# A derived key frees itself for a new call once its window has passed: the old call keeps its
+# row and its key, retired (the unique index covers live keys only).
+_RETIRE_KEY = Prepared(update(calls).where(c.id == bindparam("b_id"), c.key_retired.is_(False))
+                       .values(key_retired=True))
+# Off the hot path (a few times per long call), through SQLAlchemy: they take lists of ids.
+_EXTEND_CALLS = (update(calls).where(c.id.in_(bindparam("b_ids", expanding=True)),
+                                     c.status == "held", c.timeout_at > bindparam("b_now"))
+                 .values(timeout_at=bindparam("b_until")).returning(c.id))
+_EXTEND_HOLDS = (update(transfers).where(
+    t.id.in_(bindparam("b_holds", expanding=True)), t.kind == "pending", t.status == "pending",
+    t.timeout_at > bindparam("b_now")).values(timeout_at=bindparam("b_until")))
 _RESOLVE = (update(calls).where(c.id == bindparam("b_id"), c.status == "held")
             .values(status=bindparam("b_status"), resolved_at=bindparam("b_at"))
             .returning(c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo, c.created_at))
@@ -70,13 +84,21 @@ _RESOLVE_CALL = Prepared(_RESOLVE)
 _RESOLVE_CALL_BEFORE_TIMEOUT = Prepared(_RESOLVE.where(c.timeout_at > bindparam("b_at")))
 _RECORD_CAPTURE = Prepared(update(calls).where(c.id == bindparam("b_id")).values(
     amount=bindparam("b_amount"), units=bindparam("b_units"),
-    transfer_id=bindparam("b_transfer"), receipt=bindparam("b_receipt")))
+    transfer_id=bindparam("b_transfer"), receipt=bindparam("b_receipt"),
+    result=bindparam("b_result")))
 _LAPSED_HOLDS = (select(func.coalesce(func.sum(t.amount), 0))
                  .where(t.debit_account_id == bindparam("b_account"), t.kind == "pending",
                         t.status == "pending", t.timeout_at <= bindparam("b_now"))
                  .scalar_subquery())
 _AVAILABLE_NOW = Prepared(select(_AVAILABLE + _LAPSED_HOLDS, a.closed).where(
     a.id == bindparam("b_account")))
+_VERSION_OF_DIGEST = Prepared(select(pricing_versions.c.version)
+                              .where(pricing_versions.c.digest == bindparam("b_digest")))
+_PRICING_VERSION_TAKEN = Prepared(select(pricing_versions.c.version)
+                                  .where(pricing_versions.c.version == bindparam("b_version")))
+_NEXT_PRICING_VERSION = Prepared(select(func.coalesce(func.max(pricing_versions.c.version), 0)
+                                        + 1))
+_RECORD_ATTEMPTS = 5
 _SUB_DAILY = Prepared(update(tenant_daily_spend)
                       .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
                       .values(amount=d.amount - bindparam("b_amount")))
@@ -114,6 +136,9 @@ class NewCall:
     price_rule: str
     demo: bool
     daily_cap: int | None
+    # None: the caller gave the key. Else the key was derived from the call itself, and a
+    # repeat within this many seconds of the call's end is the same call.
+    dedupe_window: int | None = None
 
     @property
     def account(self) -> str:
@@ -126,21 +151,53 @@ class StoredCall:
     idempotency_key: str
     request_hash: str
     jti: str
+    tenant: str
     tool: str
     status: str
     amount_held: int
     amount: int | None
     receipt: str | None
     timeout_at: datetime | None
+    resolved_at: datetime | None
+    result: str | None
 
 
-def stored(conn: Connection, *, key: str | None = None, call_id: str | None = None
-           ) -> StoredCall | None:
+def stored(conn: Connection, *, tenant: str | None = None, key: str | None = None,
+           call_id: str | None = None) -> StoredCall | None:
+    """The call under ``tenant``'s idempotency ``key``, or the call ``call_id``."""
     if key is not None:
-        row = _STORED_BY_KEY.first(conn, {"b_key": key})
+        row = _STORED_BY_KEY.first(conn, {"b_tenant": tenant, "b_key": key})
     else:
         row = _STORED_BY_ID.first(conn, {"b_id": call_id})
     return StoredCall(*row) if row is not None else None
+
+
+def with_key(conn: Connection, key: str) -> list[StoredCall]:
+    """The live calls under ``key`` in every tenant (an operator's lookup, not the call path)."""
+    rows = conn.execute(_STORED.where(c.idempotency_key == key, c.key_retired.is_(False))
+                        .order_by(c.tenant))
+    return [StoredCall(*tuple(row)) for row in rows]
+
+
+def retire_key(conn: Connection, call: StoredCall) -> bool:
+    """Free ``call``'s derived key for a new call (its window has passed); False if it was
+    retired or changed meanwhile."""
+    return _RETIRE_KEY.rowcount(conn, {"b_id": call.id}) == 1
+
+
+def extend(conn: Connection, call_ids: list[str], *, until: datetime, now: datetime
+           ) -> set[str]:
+    """Move the timeout of held calls still live at ``now`` to ``until``; returns their ids.
+
+    A call that was resolved, or whose hold lapsed already, is left as it is: once lapsed, a
+    hold may have been voided by a sweep, and the money it held may be spent elsewhere.
+    """
+    live = set(conn.execute(_EXTEND_CALLS, {"b_ids": call_ids, "b_now": now,
+                                            "b_until": until}).scalars())
+    if live:
+        conn.execute(_EXTEND_HOLDS, {"b_holds": [f"hold:{i}" for i in sorted(live)],
+                                     "b_now": now, "b_until": until})
+    return live
 
 
 def charge(conn: Connection, call: NewCall, *, at: datetime,
@@ -173,10 +230,12 @@ def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime)
 
 
 def capture(conn: Connection, call_id: str, *, amount: int | None, units: int | None,
-            at: datetime, sign: Callable[[int, int], str]) -> tuple[int, int, str]:
+            at: datetime, sign: Callable[[int, int], str], result: str | None = None
+            ) -> tuple[int, int, str]:
     """Post a held call (in part: the rest returns); returns (amount, remaining, receipt).
 
-    ``sign(amount, remaining)`` makes the receipt. A call captured already raises Replay.
+    ``sign(amount, remaining)`` makes the receipt; ``result`` (the tool's result, JSON) is kept
+    for replays. A call captured already raises Replay.
     """
     row = _resolve_call(conn, call_id, "captured", at, before_timeout=True)
     settled = ops.post_pending(conn, id=f"capture:{call_id}", pending_id=f"hold:{call_id}",
@@ -184,7 +243,8 @@ def capture(conn: Connection, call_id: str, *, amount: int | None, units: int | 
     posted = settled.amount
     receipt = sign(posted, settled.available)
     _RECORD_CAPTURE.rowcount(conn, {"b_id": call_id, "b_amount": posted, "b_units": units,
-                                    "b_transfer": f"capture:{call_id}", "b_receipt": receipt})
+                                    "b_transfer": f"capture:{call_id}", "b_receipt": receipt,
+                                    "b_result": result})
     _uncount_daily(conn, row, row.amount_held - posted)
     audit.record(conn, "capture", at=at, jti=row.jti, tenant=row.tenant, agent=row.agent,
                  tool=row.tool, amount=posted, ref=call_id, demo=row.demo)
@@ -223,14 +283,29 @@ def available(conn: Connection, jti: str, *, now: datetime) -> tuple[int, bool] 
     return (int(row[0]), bool(row[1])) if row is not None else None
 
 
-def record_pricing_version(conn: Connection, version: int, document: dict[str, Any], *,
-                           at: datetime) -> None:
-    """Keep a pricing table version (the first one recorded under a number stays)."""
-    from mcpbill_cli.pricing import document_digest
+def record_pricing_version(conn: Connection, document: dict[str, Any], *, at: datetime) -> int:
+    """Keep a pricing table (``document``, its normal form) and return the version it is
+    charged under: its own, unless the ledger already holds other prices under that number.
 
-    ops.insert_ignore(conn, pricing_versions, {
-        "version": version, "document": json.dumps(document, sort_keys=True),
-        "recorded_at": at, "digest": document_digest(document)})
+    One version, one content: a table hand-edited without a ``version`` bump is recorded under
+    the next free number, so no receipt ever names a version that had other prices. The same
+    content (its digest) always gets the same number, on every replica.
+    """
+    digest = document_digest(document)
+    for _ in range(_RECORD_ATTEMPTS):
+        known = _VERSION_OF_DIGEST.first(conn, {"b_digest": digest})
+        if known is not None:
+            return int(known[0])
+        version = int(document["version"])
+        if _PRICING_VERSION_TAKEN.first(conn, {"b_version": version}) is not None:
+            version = int(_NEXT_PRICING_VERSION.first(conn, {})[0])
+        if ops.insert_ignore(conn, pricing_versions, {
+                "version": version, "document": json.dumps({**document, "version": version},
+                                                           sort_keys=True),
+                "recorded_at": at, "digest": digest}):
+            return version
+    raise LedgerUnavailable("could not record the pricing table: other writers kept taking "
+                            "its version number; retry")
 
 
 def daily_spent(conn: Connection, tenant: str, day: str) -> int:
@@ -267,7 +342,7 @@ def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | 
         "amount_held": call.amount, "amount": amount, "status": status,
         "transfer_id": transfer_id, "timeout_at": timeout_at,
         "pricing_version": call.pricing_version, "price_rule": call.price_rule,
-        "receipt": receipt, "demo": call.demo, "created_at": at,
+        "receipt": receipt, "demo": call.demo, "created_at": at, "key_retired": False,
         "resolved_at": at if status == "captured" else None})
     if not inserted:
         raise Replay(call.idempotency_key)

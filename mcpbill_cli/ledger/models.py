@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
@@ -125,8 +126,12 @@ calls = Table(
     Column("demo", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("resolved_at", DateTime(timezone=True), nullable=True),
-    # Keys belong to a tenant: another tenant's "K" is another key.
-    UniqueConstraint("tenant", "idempotency_key", name="uq_calls_tenant_key"),
+    # A key derived from the call (not given by the caller) is retired once its dedupe window
+    # has passed, so that the same call made again later is a new call under the same key.
+    Column("key_retired", Boolean, nullable=False, default=False),
+    # Keys belong to a tenant (another tenant's "K" is another key); one live call per key.
+    Index("uq_calls_live_key", "tenant", "idempotency_key", unique=True,
+          sqlite_where=text("NOT key_retired"), postgresql_where=text("NOT key_retired")),
     Index("ix_calls_jti", "jti"),
     Index("ix_calls_created", "created_at"),
 )

@@ -45,8 +45,9 @@ from mcpbill_cli.mcp.wire import (
     TOKEN_META,
     credit_token,
     idempotency_key,
+    kept_result,
     refusal,
-    request_id_scope,
+    replayed,
     succeeded,
     with_receipt,
 )
@@ -72,7 +73,6 @@ class _CallRequest:
     token: str
     args: dict[str, Any]
     idempotency_key: str | None
-    request_id: str | None
 
 
 @dataclass
@@ -81,7 +81,9 @@ class _Run:
 
     The wrapper opens it (the verifier's ``begin``: check, then hold) right before the tool
     runs: a sync tool in the worker thread the SDK runs it in anyway, so billing adds no thread
-    hop of its own there. The interceptor settles it once the SDK has built the result.
+    hop of its own there. A refusal or a replay stops the tool before it runs. The interceptor
+    settles the call once the SDK has built the result, and answers a refusal or a replay
+    itself, whatever the SDK made of the stopped tool.
     Sync tools run with a copy of the context: this object is shared by both copies.
     """
 
@@ -98,12 +100,13 @@ class _Run:
         try:
             self.opened = self.verifier.begin(
                 call.token, call.tool.name, args=call.args,
-                idempotency_key=call.idempotency_key, request_id=call.request_id,
-                max_units=call.tool.max_units)
+                idempotency_key=call.idempotency_key, max_units=call.tool.max_units)
         except BillingError as error:
-            self.refused = error  # the interceptor answers with it, whatever the SDK made of it
+            self.refused = error
             # A deliberate refusal, not a crash: the SDK logs a ToolError at INFO, no traceback.
             raise ToolError(f"{error.code}: {error.message}") from None
+        if isinstance(self.opened, Hold) and self.opened.replayed is not None:
+            raise ToolError(f"a replay of call {self.opened.id}: the tool does not run again")
 
 
 _current_run: ContextVar[_Run | None] = ContextVar("mcpbill_run", default=None)
@@ -148,7 +151,7 @@ class Billing(Extension):
 
     def price(self, tool: str, max_units: int | None = None) -> Price:
         """The table's base price of one call (per-unit: the most one call can cost)."""
-        return quote(self.verifier.pricing.current(), tool, units=max_units)
+        return quote(self.verifier.pricing_table(), tool, units=max_units)
 
     def tool(self, server: MCPServer[Any], name: str | None = None, *,
              max_units: int | None = None, meta: dict[str, Any] | None = None,
@@ -187,10 +190,8 @@ class Billing(Extension):
     def _call_request(self, tool: BilledTool, params: CallToolRequestParams,
                       ctx: ServerRequestContext[Any, Any]) -> _CallRequest:
         meta = params.meta
-        request_id = (None if ctx.request_id is None
-                      else f"{request_id_scope(ctx.request, ctx.session)}:{ctx.request_id}")
         return _CallRequest(tool, credit_token(meta, ctx.request, bearer=self.bearer),
-                            dict(params.arguments or {}), idempotency_key(meta), request_id)
+                            dict(params.arguments or {}), idempotency_key(meta))
 
     async def _billed_call(self, run: _Run, ctx: ServerRequestContext[Any, Any],
                            call_next: CallNext) -> HandlerResult:
@@ -211,11 +212,18 @@ class Billing(Extension):
         hold = run.opened
         if not isinstance(hold, Hold):  # free, or the SDK refused the arguments: nothing held
             return result
+        if hold.replayed is not None:
+            return replayed(hold.replayed, hold.result)
         if not succeeded(result):
             await self._void(hold)
             return result
-        receipt = await self.verifier.acapture(hold, units=meter.units)
-        return with_receipt(cast(CallToolResult, result), receipt)
+        done = cast(CallToolResult, result)
+        try:
+            receipt = await self.verifier.acapture(hold, units=meter.units,
+                                                   result=kept_result(done))
+        except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
+            return refusal(error)
+        return with_receipt(done, receipt)
 
     async def _void(self, hold: Hold) -> None:
         # Shielded: a call cancelled by its client must still release what it held.

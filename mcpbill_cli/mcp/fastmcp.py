@@ -44,8 +44,9 @@ from mcpbill_cli.mcp.wire import (
     RECEIPT_META,
     credit_token,
     idempotency_key,
+    kept_result,
     refusal,
-    request_id_scope,
+    replayed,
 )
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.receipts import Receipt
@@ -88,7 +89,7 @@ class BillingMiddleware(Middleware):
 
     def price(self, tool: str, max_units: int | None = None) -> Price:
         """The table's base price of one call (per-unit: the most one call can cost)."""
-        return quote(self.verifier.pricing.current(), tool, units=max_units)
+        return quote(self.verifier.pricing_table(), tool, units=max_units)
 
     def bill(self, name: str, *, max_units: int | None = None) -> None:
         """Bill every call of the tool listed as ``name``; ``max_units`` bounds a per-unit hold.
@@ -148,16 +149,13 @@ class BillingMiddleware(Middleware):
         opened = await self.verifier.abegin(
             credit_token(meta, http, bearer=self.bearer), tool.name,
             args=dict(context.message.arguments or {}), idempotency_key=idempotency_key(meta),
-            request_id=self._request_id(request), max_units=tool.max_units)
+            max_units=tool.max_units)
         if isinstance(opened, Quote):  # a free tool: the token was checked, nothing is held
             with metering(tool.name):
                 return await call_next(context)
+        if opened.replayed is not None:  # made already: the tool does not run again
+            return ToolResult.from_mcp_result(replayed(opened.replayed, opened.result))
         return await self._settle(opened, context, call_next)
-
-    def _request_id(self, request: FastMCPRequestContext | None) -> str | None:
-        if request is None or request.request_id is None:
-            return None
-        return f"{request_id_scope(request.request, request.session)}:{request.request_id}"
 
     async def _settle(self, hold: Hold, context: CallContext,
                       call_next: CallToolNext) -> ToolResult:
@@ -171,7 +169,9 @@ class BillingMiddleware(Middleware):
         if result.is_error or isinstance(result, InputRequiredToolResult):
             await self._void(hold)  # an error, or an interim round of a multi-round call
             return result
-        return _with_receipt(result, await self.verifier.acapture(hold, units=meter.units))
+        receipt = await self.verifier.acapture(hold, units=meter.units,
+                                               result=kept_result(_as_mcp(result)))
+        return _with_receipt(result, receipt)
 
     async def _void(self, hold: Hold) -> None:
         # Shielded: a call cancelled by its client must still release what it held.
@@ -183,6 +183,12 @@ def _request_of(context: CallContext) -> FastMCPRequestContext | None:
     """The MCP request behind this call (``None`` when the server is called in process)."""
     fastmcp_context = context.fastmcp_context
     return None if fastmcp_context is None else fastmcp_context.request_context
+
+
+def _as_mcp(result: ToolResult) -> mt.CallToolResult:
+    """A successful result as the protocol object the agent receives."""
+    return mt.CallToolResult(content=result.content, structured_content=result.structured_content,
+                             _meta=result.meta, is_error=False)  # type: ignore[call-arg]
 
 
 def _with_receipt(result: ToolResult, receipt: Receipt) -> ToolResult:

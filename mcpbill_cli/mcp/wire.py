@@ -2,8 +2,12 @@
 
 - the credit token comes from ``_meta["mcpbill/token"]`` on the call, else the HTTP
   ``Authorization: Bearer`` header, else (stdio and in-process only) ``AGENT_CREDIT_JWT``;
-- an explicit idempotency key may come in ``_meta["mcpbill/idempotencyKey"]``;
-- the receipt goes back in the result's ``_meta["mcpbill/receipt"]``;
+- an explicit idempotency key may come in ``_meta["mcpbill/idempotencyKey"]``; without one,
+  the verifier derives the key from the call (token, tool, arguments) within the tool's dedupe
+  window, never from the JSON-RPC request id or a session (MCP 2026-07-28 has no sessions,
+  and a client re-sends a call with a new request id);
+- the receipt goes back in the result's ``_meta["mcpbill/receipt"]``; a replay returns the
+  first run's result, marked ``_meta["mcpbill/replayed"]``;
 - a refusal is a tool result with ``isError: true``, the error object in ``structuredContent``
   and the same JSON in ``content[0].text``;
 - each tool's price is advertised in its ``_meta["mcpbill/price"]`` in ``tools/list``.
@@ -13,24 +17,22 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from mcp_types import CallToolResult, TextContent
 
 from mcpbill_cli.config import ENV_TOKEN
-from mcpbill_cli.errors import BillingError, InvalidCreditToken, InvalidInput
+from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, InvalidInput
 from mcpbill_cli.receipts import Receipt
+from mcpbill_cli.verifier import MAX_KEY_LENGTH
 
 EXTENSION_ID = "mcpbill/billing"
 TOKEN_META = "mcpbill/token"  # noqa: S105 - a _meta key, not a secret
 RECEIPT_META = "mcpbill/receipt"
 PRICE_META = "mcpbill/price"
 IDEMPOTENCY_KEY_META = "mcpbill/idempotencyKey"
-SESSION_HEADER = "mcp-session-id"
-MAX_KEY_LENGTH = 255
+REPLAYED_META = "mcpbill/replayed"
 
 
 def credit_token(meta: Mapping[str, Any] | None, request: Any, *, bearer: bool = True) -> str:
@@ -62,39 +64,6 @@ def idempotency_key(meta: Mapping[str, Any] | None) -> str | None:
     return key
 
 
-def session_id(request: Any) -> str | None:
-    """The streamable HTTP session of this call (``None`` on stdio, in process, stateless)."""
-    headers = getattr(request, "headers", None)
-    return headers.get(SESSION_HEADER) if isinstance(headers, Mapping) else None
-
-
-_CONNECTION_SCOPES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
-
-def request_id_scope(request: Any, session: Any) -> str:
-    """What an MCP request id is unique within, for the idempotency key derived from it.
-
-    The streamable HTTP session when there is one: a client that reconnects keeps it, so its
-    resent request is still one call. Else the connection: request ids restart on every
-    connection, and a new connection's first call must not pass for a retry of another's (on
-    stateless HTTP, every request is a connection of its own). Never the whole process.
-
-    The SDK (mcp 2.x) hands each request a new ``ServerSession`` over the connection's state,
-    kept in ``ServerSession._connection``; were that gone, each request would be its own scope:
-    a resent request billed again, never a new one billed nothing.
-    """
-    http_session = session_id(request)
-    if http_session is not None:
-        return f"http:{http_session}"
-    connection = getattr(session, "_connection", None)
-    if connection is None:
-        return uuid.uuid4().hex
-    scope = _CONNECTION_SCOPES.get(connection)
-    if scope is None:
-        scope = _CONNECTION_SCOPES.setdefault(connection, uuid.uuid4().hex)
-    return scope
-
-
 def refusal(error: BillingError) -> CallToolResult:
     """The x402-style refusal: ``isError``, the error object, and the same JSON as text."""
     text = json.dumps(error.to_dict(), default=str)
@@ -106,6 +75,23 @@ def with_receipt(result: CallToolResult, receipt: Receipt) -> CallToolResult:
     """``result`` with the signed receipt added to its ``_meta``."""
     meta = {**(result.meta or {}), RECEIPT_META: receipt.to_dict()}
     return result.model_copy(update={"meta": meta})
+
+
+def kept_result(result: CallToolResult) -> str:
+    """The result as the agent gets it (before the receipt is added), kept for replays."""
+    return result.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def replayed(receipt: Receipt, kept: str | None) -> CallToolResult:
+    """A replay's answer: the first run's ``kept`` result with its receipt, marked as a replay;
+    DUPLICATE_CALL with the receipt when no result was kept (it was over the size cap)."""
+    if kept is None:
+        return refusal(DuplicateCall(
+            f"this call was made already (receipt {receipt.receipt_id}) and its result was too "
+            "large to keep; it is not run or billed again", receipt=receipt))
+    first = CallToolResult.model_validate_json(kept)
+    meta = {**(first.meta or {}), REPLAYED_META: True, RECEIPT_META: receipt.to_dict()}
+    return first.model_copy(update={"meta": meta})
 
 
 def succeeded(result: object) -> bool:

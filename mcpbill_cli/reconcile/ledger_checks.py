@@ -1,5 +1,6 @@
 """The ledger's own invariants (``ledger.invariants.check``, ledger-wide), holds left past their
-timeout, and the window's control totals: each token's calls against its transfers.
+timeout, calls whose tool ran but whose capture was refused, and the window's control totals:
+each token's calls against its transfers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import Connection, func, select
 
 from mcpbill_cli.ledger import invariants
-from mcpbill_cli.ledger.models import transfers
+from mcpbill_cli.ledger.models import events, transfers
 from mcpbill_cli.reconcile.calls_pass import TokenTally
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.drilldown import drill_token
@@ -18,6 +19,7 @@ from mcpbill_cli.reconcile.model import Row, Window
 from mcpbill_cli.reconcile.transfers_pass import TransferTally
 
 t = transfers.c
+e = events.c
 
 # invariants.check's names -> (finding, the table its rows are keys of)
 INVARIANT_FINDINGS: dict[str, tuple[str, str]] = {
@@ -51,6 +53,17 @@ def check_stale_holds(conn: Connection, now: datetime, found: Findings) -> None:
     for row in rows:
         found.show("hold_past_timeout", Row("transfers", row.id,
                                             f"timed out at {row.timeout_at}"))
+
+
+def check_refused_captures(conn: Connection, window: Window, found: Findings) -> None:
+    """Calls whose tool ran but whose hold had lapsed by its capture: run, never billed."""
+    refused = (e.kind == "refusal", e.code == "HOLD_NOT_ACTIVE", e.ref.is_not(None),
+               e.at >= window.start, e.at < window.end)
+    for row in conn.execute(select(e.ref, e.at, e.tool, e.jti).where(*refused)
+                            .order_by(e.at, e.id)):
+        found.add("capture_refused", Row("calls", row.ref,
+                                         f"{row.tool} for token {row.jti}: capture refused at "
+                                         f"{row.at}, the tool's result was withheld"))
 
 
 def check_control_totals(conn: Connection, window: Window, by_calls: Mapping[str, TokenTally],

@@ -37,6 +37,8 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
                                        "version gives"),
     "pricing_version_unrecorded": ("warning", "a call's pricing version is not in the ledger, "
                                               "so its price cannot be checked"),
+    "capture_refused": ("warning", "a call's tool ran but its hold had lapsed by its capture, "
+                                   "so it was not billed and its result was withheld"),
     "hold_past_timeout": ("warning", "a hold is still pending after its timeout (run `mcpbill "
                                      "token sweep`)"),
     "deposit_mismatch": ("error", "a credited deposit and its ledger transfer disagree, or a "

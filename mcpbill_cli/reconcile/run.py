@@ -161,9 +161,10 @@ def _ledger_checks(conn: Connection, run: _Run,
     else:
         run.skipped.append("ledger_invariants (--window-only)")
     ledger_checks.check_stale_holds(conn, options.now or utcnow(), found)
+    ledger_checks.check_refused_captures(conn, options.window, found)
     deposit_check.check_deposits(conn, options.window, run.chain_accounts, options.filters,
                                  found)
-    run.checks += ["stale_holds", "deposits"]
+    run.checks += ["stale_holds", "refused_captures", "deposits"]
 
 
 def _start_chain(engine: Engine, conn: Connection, run: _Run) -> Callable[[], None]:

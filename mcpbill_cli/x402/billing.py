@@ -23,7 +23,6 @@ from sqlalchemy import Engine
 
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import (
-    IdempotencyConflict,
     InvalidCreditToken,
     ScopeDenied,
     StatelessVerifier,
@@ -82,7 +81,8 @@ class AgentBudget:
         return "x402_" + digest.hexdigest()[:40]
 
     def hold(self, amount: int, *, key: str, request: Mapping[str, Any]) -> Hold:
-        """Reserve ``amount`` micro-USDC under ``key``; refuses a key that was used before."""
+        """Reserve ``amount`` micro-USDC under ``key``; refuses a key that was used before
+        (X402_ALREADY_PAID) or whose payment is still in progress (CALL_IN_PROGRESS)."""
         hold = self.verifier.hold(self.token, self.tool, args={RULE: dict(request)},
                                   idempotency_key=key, amount=amount, rule=RULE)
         if hold.replayed is not None:
@@ -92,11 +92,7 @@ class AgentBudget:
                 "new key to buy it again", receiptId=hold.id, idempotencyKey=key,
                 transaction=hold.replayed.claims.get("transaction"),
                 receipt=hold.replayed.to_dict())
-        if hold.joined:
-            raise IdempotencyConflict(
-                f"a payment for this request (key {key!r}) is in progress; it is never signed "
-                "twice", idempotencyKey=key, receiptId=hold.id)
-        return hold
+        return hold  # a payment of this request still in progress was CALL_IN_PROGRESS
 
     def capture(self, hold: Hold, settlement: Mapping[str, Any]) -> Receipt:
         """Post the hold in full and sign a receipt recording the on-chain ``settlement``."""

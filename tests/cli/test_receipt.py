@@ -44,3 +44,23 @@ def test_show_of_an_unknown_key_is_not_found(ledger_cli: Invoke) -> None:
     result = ledger_cli("receipt", "show", "nope", "--json")
     assert result.exit_code == 4
     error_json(result, "NOT_FOUND")
+
+
+def test_a_key_two_tenants_used_needs_the_tenant(ledger_cli: Invoke) -> None:
+    cli = ledger_cli
+    receipts = {}
+    verifier = Verifier.from_settings()
+    for tenant in ("acme", "globex"):
+        ok_json(cli("wallet", "fund", "--demo", "1", "--tenant", tenant, "--json"))
+        token = ok_json(cli("token", "issue", "--limit", "0.5", "--tenant", tenant,
+                            "--json"))["token"]
+        receipts[tenant] = verifier.charge(token, "search", args={"q": tenant},
+                                           idempotency_key="order-7")
+    verifier.close()
+    refused = cli("receipt", "show", "order-7", "--json")
+    assert refused.exit_code == 3
+    assert "--tenant" in error_json(refused, "INVALID_INPUT")["message"]
+    for tenant, receipt in receipts.items():
+        shown = ok_json(cli("receipt", "show", "order-7", "--tenant", tenant, "--json"))
+        assert shown == receipt.to_dict() and shown["tenant"] == tenant
+    error_json(cli("receipt", "show", "order-7", "--tenant", "initech", "--json"), "NOT_FOUND")

@@ -69,3 +69,23 @@ def test_an_empty_ledger_asks_for_init(cli: Invoke, db_url: str) -> None:
     upgraded = ok_json(cli("--db-url", db_url, "db", "upgrade", "--json"))
     assert (upgraded["from"], upgraded["to"]) == (None, SCHEMA_REVISION)
     assert ok_json(cli("--db-url", db_url, "token", "list", "--json")) == []
+
+
+@pytest.mark.parametrize(("written", "cap"), [(None, 262_144), ('"1MiB"', 1_048_576),
+                                              ('"64KiB"', 65_536), ("4096", 4_096)])
+def test_the_replay_result_cap_is_read_from_config_toml(
+        cli: Invoke, isolated_home: Path, written: str | None, cap: int) -> None:
+    isolated_home.mkdir()
+    if written is not None:
+        (isolated_home / "config.toml").write_text(f"replay_result_cap = {written}\n")
+    assert load_settings().result_cap == cap
+    assert ok_json(cli("config", "show", "--json"))["replay_result_cap"] == str(cap)
+
+
+@pytest.mark.parametrize("written", ['"1GiB"', '"-1"', '"lots"', "true", '"1.5MiB"'])
+def test_a_bad_replay_result_cap_is_config_invalid(cli: Invoke, isolated_home: Path,
+                                                   written: str) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text(f"replay_result_cap = {written}\n")
+    result = cli("config", "show", "--json")
+    assert "replay_result_cap" in error_json(result, "CONFIG_INVALID")["message"]

@@ -51,7 +51,7 @@ def test_revoking_a_child_returns_its_remainder_to_the_active_parent(
         child = credit.issue(conn, request(500_000, parent=parent.claims.jti), signer=signer,
                              ttl_cap=86400, now=utcnow())
     with writing(engine) as conn:
-        [outcome] = credit.revoke(conn, [child.claims.jti], reason=None, now=utcnow())
+        [outcome] = credit.revoke(conn, [child.claims.jti], reason=None, clock=utcnow)
         assert (outcome.released, outcome.cascaded_from) == (500_000, None)
     with reading(engine) as conn:
         assert credit.show(conn, parent.claims.jti, now=utcnow()).remaining == 2_000_000

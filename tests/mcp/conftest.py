@@ -153,7 +153,7 @@ def assert_paid_search(result: CallToolResult, token: IssuedToken, verifier: Ver
 
 def revoke(engine: Engine, token: IssuedToken) -> None:
     with writing(engine) as conn:
-        credit.revoke(conn, [token.claims.jti], reason="test", now=utcnow())
+        credit.revoke(conn, [token.claims.jti], reason="test", clock=utcnow)
 
 
 @pytest.fixture

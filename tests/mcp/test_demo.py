@@ -23,6 +23,8 @@ def test_the_demo_spends_its_budget_over_mcp_and_reconciles(
     assert kinds[-2:] == ["refusal", "summary"] and "fallback" in kinds and "free" in kinds
     keys = KeySource(directory=home / "keys").verification_keys()
     receipts = [step.data for step in steps if step.kind == "receipt"]
+    [replay] = [step.data for step in steps if step.kind == "replay"]
+    assert replay == receipts[0]  # the retry of the first call: its receipt, billed once
     spent = sum(verify_receipt(receipt["jws"], keys).amount for receipt in receipts)
     final = steps[-2].data
     assert final["code"] == "BUDGET_EXCEEDED" and final["fallback"]["tools"] == []

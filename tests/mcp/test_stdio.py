@@ -156,7 +156,7 @@ class RawStdio:
 
 
 @SQLITE_ONLY
-def test_a_request_resent_with_the_same_jsonrpc_id_is_billed_once(
+def test_a_request_resent_with_the_same_or_a_new_jsonrpc_id_is_billed_once(
         home: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
     token = mint(limit="0.05")
     parameters = stdio_parameters(home, token.token)
@@ -170,10 +170,14 @@ def test_a_request_resent_with_the_same_jsonrpc_id_is_billed_once(
         call = {"id": 7, "method": "tools/call",
                 "params": {"name": "search", "arguments": {"q": "lost reply"}}}
         first, resent = server.request(call), server.request(call)
-        other = server.request({**call, "id": 8})
+        again = server.request({**call, "id": 8})
+        other = server.request({**call, "id": 9, "params": {
+            "name": "search", "arguments": {"q": "another query"}}})
     finally:
         server.close()
     receipt = first["result"]["_meta"]["mcpbill/receipt"]
     assert resent["result"]["_meta"]["mcpbill/receipt"] == receipt
+    assert again["result"]["_meta"]["mcpbill/receipt"] == receipt
+    assert again["result"]["content"] == first["result"]["content"]
     assert other["result"]["_meta"]["mcpbill/receipt"]["receiptId"] != receipt["receiptId"]
     assert token_view(engine, token).spent == 2 * usd("0.002")

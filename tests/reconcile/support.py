@@ -178,7 +178,7 @@ def _refusals(ledger: Ledger) -> None:
     _refused(lambda: verifier.charge(short, "search"))
     doomed = ledger.mint("doomed", agent="agent-d")
     with writing(ledger.engine) as conn:
-        revoke(conn, [doomed.claims.jti], reason="leaked", now=clock())
+        revoke(conn, [doomed.claims.jti], reason="leaked", clock=clock)
     _refused(lambda: verifier.charge(doomed.token, "search"))
 
 

@@ -23,7 +23,8 @@ def test_a_busy_day_yields_no_finding(engine: Engine, tmp_path: Path) -> None:
     assert report.findings == ()
     assert not report.failed(strict=True)
     assert report.checks == ("prices", "control_totals", "token_validity", "ledger_invariants",
-                             "stale_holds", "deposits", "audit_chain (window)",
+                             "stale_holds", "refused_captures", "deposits",
+                             "audit_chain (window)",
                              "receipt_signatures")
     assert report.skipped == ("onchain (--onchain)",)
     with reading(engine) as conn:

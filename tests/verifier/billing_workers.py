@@ -6,6 +6,7 @@ document: engines and connections cannot cross a process boundary.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ def charge_calls(db_url: str, keys_dir: str, pricing_doc: dict[str, Any], token:
         go.wait(120)
         outcomes: Counter[str] = Counter()
         receipts: list[str] = []
-        for _ in range(calls):
+        for n in range(calls):
             try:
-                receipts.append(verifier.charge(token, "search").jws)
+                receipts.append(verifier.charge(token, "search",
+                                                args={"pid": os.getpid(), "n": n}).jws)
                 outcomes["ok"] += 1
             except BillingError as exc:
                 outcomes[exc.code] += 1
@@ -48,7 +50,7 @@ def charge_until_killed(db_url: str, keys_dir: str, pricing_doc: dict[str, Any],
     verifier = _verifier(db_url, keys_dir, pricing_doc)
     done = 0
     while True:
-        verifier.charge(token, "search")
+        verifier.charge(token, "search", args={"n": done})
         done += 1
         if done % 5 == 0:
             progress.put(done)

@@ -108,9 +108,10 @@ def _calls_match_their_holds(conn: Connection) -> None:
 
 
 def _idempotency_keys_unique(conn: Connection) -> None:
-    twice = conn.execute(select(c.idempotency_key).group_by(c.idempotency_key)
-                         .having(func.count() > 1)).scalars().all()
-    assert not twice, f"idempotency keys used twice: {twice}"
+    twice = conn.execute(select(c.tenant, c.idempotency_key).where(c.key_retired.is_(False))
+                         .group_by(c.tenant, c.idempotency_key)
+                         .having(func.count() > 1)).all()
+    assert not twice, f"idempotency keys used twice in a tenant: {twice}"
 
 
 def _spent_within_limit(conn: Connection) -> None:

@@ -68,15 +68,15 @@ def test_concurrent_async_charges_never_overdraw(
         clock: FakeClock) -> None:
     issued = new_token(limit=20 * PRICE)
 
-    async def attempt() -> str:
+    async def attempt(n: int) -> str:
         try:
-            await verifier.acharge(issued.token, "search")
+            await verifier.acharge(issued.token, "search", args={"n": n})
         except BillingError as exc:
             return exc.code
         return "ok"
 
     async def storm() -> Counter[str]:
-        return Counter(await asyncio.gather(*(attempt() for _ in range(60))))
+        return Counter(await asyncio.gather(*(attempt(n) for n in range(60))))
 
     assert asyncio.run(storm()) == {"ok": 20, "BUDGET_EXCEEDED": 40}
     assert state(funded, issued, clock) == (20 * PRICE, 0, 0)

@@ -91,7 +91,7 @@ def test_void_twice_is_a_no_op_and_capture_after_void_is_refused(
     refused = refusal(lambda: verifier.capture(hold))
     assert (refused["code"], refused["state"]) == ("HOLD_NOT_ACTIVE", "voided")
     assert state(funded, token, clock) == (0, 0, USDC)
-    assert trail(funded, hold.id) == [("hold", PRICE), ("void", PRICE)]
+    assert trail(funded, hold.id) == [("hold", PRICE), ("void", PRICE), ("refusal", None)]
 
 
 def test_hold_past_its_timeout_is_voided_by_the_sweep(
@@ -109,8 +109,8 @@ def test_hold_past_its_timeout_is_voided_by_the_sweep(
     assert call_status(funded, hold.id) == "expired"
     assert trail(funded, hold.id) == [("hold", PRICE), ("expire", PRICE)]
     # The amount is available again: two calls fit.
-    verifier.charge(token.token, "search")
-    verifier.charge(token.token, "search")
+    verifier.charge(token.token, "search", args={"q": 1})
+    verifier.charge(token.token, "search", args={"q": 2})
     assert state(funded, token, clock) == (2 * PRICE, 0, 0)
 
 
@@ -120,10 +120,10 @@ def test_stale_hold_is_voided_lazily_when_the_next_call_needs_the_money(
         clock: FakeClock, next_call: str) -> None:
     token = new_token(limit=PRICE)
     stale = verifier.hold(token.token, "search")
-    refused = refusal(lambda: getattr(verifier, next_call)(token.token, "search"))
+    refused = refusal(lambda: getattr(verifier, next_call)(token.token, "search", args={"q": 1}))
     assert (refused["code"], refused["remainingUsd"]) == ("BUDGET_EXCEEDED", "0.00")
     clock.advance(TIMEOUT)
-    getattr(verifier, next_call)(token.token, "search")  # no sweep ran
+    getattr(verifier, next_call)(token.token, "search", args={"q": 1})  # no sweep ran
     assert call_status(funded, stale.id) == "expired"
     held = PRICE if next_call == "hold" else 0
     assert state(funded, token, clock) == (PRICE - held, held, 0)
@@ -138,7 +138,7 @@ def test_preflight_counts_a_timed_out_hold_as_available(
     verifier.hold(token.token, "search")
     clock.advance(TIMEOUT)
     assert verifier.preflight(token.token, "search").remaining == PRICE
-    verifier.hold(token.token, "search")
+    verifier.hold(token.token, "search", args={"q": 1})
 
 
 def test_capture_after_the_timeout_is_refused(
@@ -150,7 +150,8 @@ def test_capture_after_the_timeout_is_refused(
     refused = refusal(lambda: verifier.capture(hold))
     assert (refused["code"], refused["state"], refused["hold"]) == (
         "HOLD_NOT_ACTIVE", "timed out", hold.id)
-    assert verifier.sweep_expired() == 1
+    assert call_status(funded, hold.id) == "expired"  # released by the refused capture
+    assert verifier.sweep_expired() == 0
     refused = refusal(lambda: verifier.capture(hold))
     assert (refused["code"], refused["state"]) == ("HOLD_NOT_ACTIVE", "expired")
     assert state(funded, token, clock) == (0, 0, USDC)
@@ -238,7 +239,7 @@ def test_every_step_is_in_the_audit_trail(funded: Engine, verifier: Verifier,
                                           clock: FakeClock) -> None:
     token = new_token(limit=PRICE, agent="agent-7")
     receipt = verifier.charge(token.token, "search")
-    refusal(lambda: verifier.charge(token.token, "search"))
+    refusal(lambda: verifier.charge(token.token, "search", args={"q": 2}))
     refusal(lambda: verifier.hold(token.token, "translate"))
     with reading(funded) as conn:
         rows = conn.execute(select(events).where(events.c.jti == token.claims.jti)
@@ -262,8 +263,8 @@ def test_sweep_voids_every_hold_past_its_timeout(
     """``sweep_expired`` promises every stale hold, not the first batch of them."""
     token = new_token(limit=USDC)
     count = 501
-    for _ in range(count):
-        verifier.hold(token.token, "status")  # free: holds nothing, still a pending hold
+    for n in range(count):
+        verifier.hold(token.token, "status", args={"n": n})  # free: still a pending hold
     clock.advance(TIMEOUT)
     assert verifier.sweep_expired() == count
     assert verifier.sweep_expired() == 0
@@ -275,12 +276,14 @@ def test_begin_holds_a_paid_call_and_only_preflights_a_free_one(
     token = new_token(limit=USDC)
     free = verifier.begin(token.token, "status", args={})
     assert isinstance(free, Quote) and free.price.free
-    paid = verifier.begin(token.token, "search", args={"q": "x"}, request_id="r1")
+    paid = verifier.begin(token.token, "search", args={"q": "x"})
     assert isinstance(paid, Hold)
     assert state(funded, token, clock) == (0, PRICE, USDC - PRICE)
     assert trail(funded, paid.id) == [("hold", PRICE)]
-    assert verifier.capture(paid).amount == PRICE
-    assert verifier.begin(token.token, "search", args={"q": "x"}, request_id="r1").joined
+    receipt = verifier.capture(paid)
+    assert receipt.amount == PRICE
+    again = verifier.begin(token.token, "search", args={"q": "x"})
+    assert isinstance(again, Hold) and again.replayed == receipt
     with reading(funded) as conn:  # the free call left no call row: nothing to reconcile
         assert conn.execute(select(calls.c.tool)).scalars().all() == ["search"]
 

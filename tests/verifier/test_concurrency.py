@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -19,7 +20,7 @@ from mcpbill_cli.errors import BillingError, IdempotencyConflict
 from mcpbill_cli.ledger.credit import IssuedToken, show
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls, transfers
-from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.verifier import Hold, Verifier
 
 from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock
 from .billing_workers import charge_calls, charge_until_killed
@@ -96,7 +97,9 @@ def test_threads_and_processes_never_spend_past_the_limit(
         assert ready.get(timeout=120) == "ready"
 
     receipts: list[Any] = []
-    charge = outcome_counter(20, lambda: receipts.append(verifier.charge(token.token, "search")))
+    numbers = itertools.count()  # every call a new one (next() is atomic)
+    charge = outcome_counter(20, lambda: receipts.append(
+        verifier.charge(token.token, "search", args={"n": next(numbers)})))
     go.set()
     by_thread = run_threads(16, charge)
     by_process = [results.get(timeout=120) for _ in workers]
@@ -120,12 +123,13 @@ def test_hold_then_capture_under_threads_never_overdraws(
         engine: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
         clock: FakeClock) -> None:
     token = new_token(limit=USDC)
+    numbers = itertools.count()
 
     def two_phase() -> None:
-        verifier.capture(verifier.hold(token.token, "search"))
+        verifier.capture(verifier.hold(token.token, "search", args={"n": next(numbers)}))
 
     def in_block() -> None:
-        with verifier.call(token.token, "search"):
+        with verifier.call(token.token, "search", args={"n": next(numbers)}):
             pass
 
     by_thread = run_threads(16, lambda i: outcome_counter(25, two_phase if i % 2 else in_block)(),
@@ -187,23 +191,33 @@ def test_retry_storm_of_holds_shares_one_hold_and_one_receipt(
         engine: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
         clock: FakeClock) -> None:
     token = new_token(limit=USDC)
-    holds = run_threads(8, lambda: verifier.hold(token.token, "search", idempotency_key="h-1"))
-    assert len({h.id for h in holds}) == 1
-    receipts = run_threads(8, lambda: verifier.capture(holds[0]))
+
+    def hold() -> Hold | str:
+        try:
+            return verifier.hold(token.token, "search", idempotency_key="h-1")
+        except BillingError as exc:
+            return exc.code
+
+    outcomes = run_threads(8, hold)
+    [held] = [h for h in outcomes if isinstance(h, Hold)]
+    assert sorted(h for h in outcomes if isinstance(h, str)) == ["CALL_IN_PROGRESS"] * 7
+    receipts = run_threads(8, lambda: verifier.capture(held))
     assert len({r.jws for r in receipts}) == 1
+    assert verifier.hold(token.token, "search", idempotency_key="h-1").replayed == receipts[0]
     assert token_state(engine, token, clock) == (PRICE, 0, USDC - PRICE)
 
 
-def test_retried_mcp_request_without_a_key_is_billed_once(
+def test_a_storm_of_the_same_call_without_a_key_is_billed_once(
         engine: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
         clock: FakeClock) -> None:
     token = new_token(limit=USDC)
-    receipts = run_threads(8, lambda: verifier.charge(token.token, "search", args={"q": 1},
-                                                      request_id=42))
+    receipts = run_threads(8, lambda: verifier.charge(token.token, "search", args={"q": 1}))
     assert len({r.jws for r in receipts}) == 1
     assert receipts[0].claims["idempotencyKey"].startswith("drv_")
-    other = verifier.charge(token.token, "search", args={"q": 1}, request_id=43)
+    clock.advance(11)  # past search's dedupe window: the same call again is a new one
+    other = verifier.charge(token.token, "search", args={"q": 1})
     assert other.receipt_id != receipts[0].receipt_id
+    assert other.claims["idempotencyKey"] == receipts[0].claims["idempotencyKey"]
     assert token_state(engine, token, clock) == (2 * PRICE, 0, USDC - 2 * PRICE)
 
 
@@ -229,7 +243,7 @@ def test_kill_9_in_a_charge_loop_leaves_no_half_written_charge(
     assert worker.exitcode == -signal.SIGKILL
 
     # The ledger is not left locked, and what the killed worker committed is whole.
-    after = verifier.charge(token.token, "search")
+    after = verifier.charge(token.token, "search", args={"after": "kill"})
     offline.verify_receipt(after.jws)
     spent, held, remaining = token_state(engine, token, clock)
     made = count_calls(engine, token.claims.jti)

@@ -20,12 +20,14 @@ from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger.credit import IssuedToken, revoke
 from mcpbill_cli.ledger.engine import make_engine, writing
 from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import Verifier
 
 from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock
 
 DESIGN_CODES = {"INVALID_CREDIT_TOKEN", "TOKEN_REVOKED", "SCOPE_DENIED", "BUDGET_EXCEEDED",
-                "IDEMPOTENCY_CONFLICT", "PRICE_UNKNOWN", "LEDGER_UNAVAILABLE"}
+                "IDEMPOTENCY_CONFLICT", "CALL_IN_PROGRESS", "PRICE_UNKNOWN",
+                "LEDGER_UNAVAILABLE"}
 MORE_CREDIT = ("ask the operator for a new credit token for tenant acme "
                "(mcpbill token issue --limit AMOUNT)")
 
@@ -82,7 +84,7 @@ def test_budget_exceeded_counts_what_is_spent_and_held(
         verifier: Verifier, new_token: Callable[..., IssuedToken]) -> None:
     token = new_token(limit=6 * PRICE)
     verifier.charge(token.token, "search")
-    hold = verifier.hold(token.token, "search")
+    hold = verifier.hold(token.token, "search", args={"q": 2})
     doc = refused(lambda: verifier.hold(token.token, "translate"))
     assert (doc["priceUsd"], doc["remainingUsd"], doc["shortfallUsd"]) == ("0.05", "0.04",
                                                                             "0.01")
@@ -105,7 +107,10 @@ def test_to_dict_works_for_every_code() -> None:
     classes = _all_error_classes()
     codes = set()
     for cls in classes:
-        extra = {"reason": "malformed"} if issubclass(cls, errors.InvalidCreditToken) else {}
+        extra: dict[str, Any] = (
+            {"reason": "malformed"} if issubclass(cls, errors.InvalidCreditToken)
+            else {"receipt": Receipt("a.b.c", {"receiptId": "rcpt_1"})}
+            if issubclass(cls, errors.DuplicateCall) else {})
         error = cls("what happened and what to do next", detail="x", **extra)
         doc = error.to_dict()
         assert json.loads(json.dumps(doc)) == doc
@@ -127,13 +132,18 @@ def test_every_refusal_on_the_call_path_is_data(
     hold = verifier.hold(token.token, "search", idempotency_key="k")
     verifier.void(hold)
     verifier.charge(token.token, "search")  # the budget is gone now
+    running = new_token(limit=PRICE)
+    verifier.hold(running.token, "search", idempotency_key="running")
     strict = PricingTable.from_document({k: v for k, v in PRICING_DOC.items()
                                          if k != "default_price"})
     no_default = Verifier(keys=keys, pricing=strict, engine=funded, clock=clock)
     cases = {
         "INVALID_CREDIT_TOKEN": lambda: verifier.preflight("x.y.z", "search"),
         "SCOPE_DENIED": lambda: verifier.charge(token.token, "translate"),
-        "BUDGET_EXCEEDED": lambda: verifier.charge(token.token, "search"),
+        "BUDGET_EXCEEDED": lambda: verifier.charge(token.token, "search", args={"q": 2}),
+        "CALL_IN_PROGRESS": lambda: verifier.charge(running.token, "search",
+                                                    idempotency_key="running"),
+        "DUPLICATE_CALL": lambda: verifier.call(token.token, "search").__enter__(),
         "IDEMPOTENCY_CONFLICT": lambda: verifier.charge(token.token, "status",
                                                         idempotency_key="k"),
         "CALL_FAILED": lambda: verifier.charge(token.token, "search", idempotency_key="k"),
@@ -147,7 +157,7 @@ def test_every_refusal_on_the_call_path_is_data(
     scope = refused(cases["SCOPE_DENIED"])
     assert (scope["tool"], scope["scope"]) == ("translate", ["search", "status"])
     with writing(funded) as conn:
-        revoke(conn, [token.claims.jti], reason=None, now=clock())
+        revoke(conn, [token.claims.jti], reason=None, clock=clock)
     assert without_message(refused(lambda: verifier.charge(token.token, "search"))) == {
         "code": "TOKEN_REVOKED", "jti": token.claims.jti}
 

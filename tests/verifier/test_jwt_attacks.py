@@ -338,7 +338,7 @@ def test_revoked_on_the_ledger_is_refused_at_once(
     verifier.preflight(genuine.token, "search")  # cached claims must not outlive revocation
     verifier.preflight(child.token, "search")
     with writing(funded) as conn:
-        revoke(conn, [genuine.claims.jti], reason="leaked", now=clock())
+        revoke(conn, [genuine.claims.jti], reason="leaked", clock=clock)
     assert_refused_everywhere(verifier, genuine.token, "TOKEN_REVOKED", None)
     assert_refused_everywhere(verifier, child.token, "TOKEN_REVOKED", None)
 
@@ -347,7 +347,7 @@ def test_revoked_in_the_exported_list_is_refused_by_a_stateless_verifier(
         funded: Engine, ring: KeyRing, pricing: PricingTable, genuine: IssuedToken,
         clock: FakeClock, tmp_path: Path) -> None:
     with writing(funded) as conn:
-        revoke(conn, [genuine.claims.jti], reason="leaked", now=clock())
+        revoke(conn, [genuine.claims.jti], reason="leaked", clock=clock)
         listed = revoked_list(conn, now=clock())
     document = {"revoked": listed}
     stateless = Verifier.stateless(jwks=ring.jwks(), pricing=pricing, revocations=document,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from mcpbill_cli.ledger.credit import IssuedToken
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls, pricing_versions
 from mcpbill_cli.pricing import PricingSource, PricingTable, edit_pricing, set_price
+from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 from mcpbill_cli.verifier import Verifier
 
 from .billing_support import FakeClock
@@ -50,7 +52,7 @@ def test_an_edit_is_charged_at_once_and_the_receipt_names_the_new_version(
     assert (before.amount, before.claims["pricingVersion"]) == (10_000, 4)
 
     edit_pricing(pricing_file, lambda table: set_price(table, "search", 3_000))
-    after = live_verifier.charge(token, "search")
+    after = live_verifier.charge(token, "search", args={"q": 2})
     assert (after.amount, after.claims["pricingVersion"]) == (3_000, 5)
     assert after.claims["priceRule"] == "tools.search"
 
@@ -69,9 +71,9 @@ def test_a_tenant_at_its_daily_cap_gets_budget_exceeded_naming_the_cap(
         live_verifier: Verifier, new_token: Callable[..., IssuedToken]) -> None:
     tokens = [new_token(limit=1_000_000).token for _ in range(2)]
     for n in range(5):
-        live_verifier.charge(tokens[n % 2], "search")
+        live_verifier.charge(tokens[n % 2], "search", args={"n": n})
     with pytest.raises(BudgetExceeded) as refused:
-        live_verifier.charge(tokens[1], "search")
+        live_verifier.charge(tokens[1], "search", args={"n": 5})
     details = refused.value.to_dict()
     assert details["reason"] == "daily_cap" and details["dailyCapUsd"] == "0.05"
     assert "daily cap of 0.05" in details["message"]
@@ -85,9 +87,9 @@ def test_the_daily_cap_holds_under_concurrency(
 
     def worker(n: int) -> None:
         barrier.wait()
-        for _ in range(4):
+        for attempt in range(4):
             try:
-                live_verifier.charge(tokens[n % 4], "search")
+                live_verifier.charge(tokens[n % 4], "search", args={"n": n, "a": attempt})
                 outcomes.append("paid")
             except BudgetExceeded as exc:
                 outcomes.append(str(exc.details["reason"]))
@@ -103,11 +105,11 @@ def test_the_daily_cap_holds_under_concurrency(
 def test_a_void_gives_the_daily_cap_back(
         live_verifier: Verifier, new_token: Callable[..., IssuedToken]) -> None:
     token = new_token(limit=1_000_000).token
-    for _ in range(4):
-        live_verifier.charge(token, "search")
-    hold = live_verifier.hold(token, "search")
+    for n in range(4):
+        live_verifier.charge(token, "search", args={"n": n})
+    hold = live_verifier.hold(token, "search", args={"n": 4})
     live_verifier.void(hold)
-    assert live_verifier.charge(token, "search").amount == 10_000
+    assert live_verifier.charge(token, "search", args={"n": 5}).amount == 10_000
 
 
 class EditedBetweenReads(PricingSource):
@@ -137,3 +139,29 @@ def test_a_call_records_the_very_table_it_was_priced_with(
         priced = set(conn.execute(select(calls.c.pricing_version)).scalars())
     assert priced == set(charged)
     assert priced <= recorded
+
+
+def test_a_hand_edit_without_a_version_bump_is_charged_under_a_new_version(
+        live_verifier: Verifier, funded: Engine, new_token: Callable[..., IssuedToken],
+        pricing_file: Path, clock: FakeClock) -> None:
+    """Before, the new price was charged as version 4, which the ledger knew with the old
+    price: reconcile then reported every such charge as ``charge_price_mismatch``."""
+    token = new_token(limit=1_000_000).token
+    before = live_verifier.charge(token, "search", args={"n": 1})
+    pricing_file.write_text(PRICING_FILE.replace('price = "0.01"\n[tenants',
+                                                 'price = "0.003"\n[tenants'))
+    after = live_verifier.charge(token, "search", args={"n": 2})
+    assert (before.amount, before.claims["pricingVersion"]) == (10_000, 4)
+    assert (after.amount, after.claims["pricingVersion"]) == (3_000, 5)
+    # the same content read again (another replica, a restart) is the same version
+    restarted = Verifier(keys=live_verifier.keys, pricing=PricingSource(pricing_file),
+                         engine=funded, clock=clock)
+    assert restarted.charge(token, "search", args={"n": 3}).claims["pricingVersion"] == 5
+    report = reconcile(funded, ReconcileOptions(window=Window(
+        clock() - timedelta(hours=1), clock() + timedelta(hours=1)), now=clock()))
+    assert report.findings == ()
+    with reading(funded) as conn:
+        versions = dict(conn.execute(select(pricing_versions.c.version,
+                                            pricing_versions.c.document)).all())
+    assert sorted(versions) == [4, 5]
+    assert '"version": 5' in versions[5] and '"0.003"' in versions[5]

@@ -122,15 +122,16 @@ def test_receipt_for_recovers_a_lost_reply(verifier: Verifier,
                                            new_token: Callable[..., IssuedToken]) -> None:
     token = new_token(limit=USDC)
     lost = verifier.charge(token.token, "search", idempotency_key="lost-reply")
-    by_key = verifier.receipt_for("lost-reply")
+    by_key = verifier.receipt_for(tenant="acme", idempotency_key="lost-reply")
     by_id = verifier.receipt_for(lost.receipt_id)
     assert by_key is not None and by_id is not None
     assert by_key.jws == by_id.jws == lost.jws
-    assert verifier.receipt_for("never-used") is None
+    assert verifier.receipt_for(tenant="acme", idempotency_key="never-used") is None
+    assert verifier.receipt_for(tenant="globex", idempotency_key="lost-reply") is None
     hold = verifier.hold(token.token, "search", idempotency_key="in-flight")
-    assert verifier.receipt_for("in-flight") is None
+    assert verifier.receipt_for(tenant="acme", idempotency_key="in-flight") is None
     captured = verifier.capture(hold)
-    recovered = verifier.receipt_for("in-flight")
+    recovered = verifier.receipt_for(tenant="acme", idempotency_key="in-flight")
     assert recovered is not None and recovered.jws == captured.jws
 
 
@@ -145,7 +146,7 @@ def test_receipts_still_verify_after_a_key_rotation(
     ring.save()
     rotated = Verifier(keys=KeySource(directory=keys_dir), pricing=pricing, engine=funded,
                        clock=clock)
-    after = rotated.charge(token.token, "search")  # the old key still verifies the token
+    after = rotated.charge(token.token, "search", args={"q": 2})  # the old key verifies it
     assert jwt_parts(after.jws)[0]["kid"] == ring.active().kid != old_kid
     offline = Verifier.stateless(jwks=ring.jwks(), pricing=pricing, clock=clock)
     assert offline.verify_receipt(before.jws).amount == offline.verify_receipt(after.jws).amount

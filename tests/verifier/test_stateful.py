@@ -7,6 +7,7 @@ and each token's spent, held and remaining equal a plain-Python model of what sh
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -115,6 +116,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.tenant_available = FUNDS
         self.tokens: list[TokenModel] = []
         self.holds: list[HoldModel] = []
+        self.calls = itertools.count()  # each call its own arguments: none is a retry
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -210,7 +212,7 @@ class LedgerMachine(RuleBasedStateMachine):
         amount = price_of(tool, units)
         expected = self.expected_debit(tok, tool, amount)
         call = lambda: self.verifier.hold(tok.issued.token, tool,  # noqa: E731
-                                          max_units=units)
+                                          args={"n": next(self.calls)}, max_units=units)
         if expected != "ok":
             self.check_refusal(expected, call, tok)
             return
@@ -229,7 +231,7 @@ class LedgerMachine(RuleBasedStateMachine):
         amount = price_of(tool, units)
         expected = self.expected_debit(tok, tool, amount)
         call = lambda: self.verifier.charge(tok.issued.token, tool,  # noqa: E731
-                                            units=units)
+                                            args={"n": next(self.calls)}, units=units)
         if expected != "ok":
             self.check_refusal(expected, call, tok)
             return
@@ -261,6 +263,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (receipt.amount, receipt.remaining) == (posted, h.token.available)
         else:
             self.refused("HOLD_NOT_ACTIVE", capture)
+            if h.status == "held":  # timed out: the refused capture releases it at once
+                self.expire(h)
+                event("capture after timeout")
 
     @precondition(lambda self: self.holds)
     @rule(pick=st.integers(0, 99))
@@ -288,7 +293,7 @@ class LedgerMachine(RuleBasedStateMachine):
             t.revoked = True
         expected = {t.jti: self.release(t, now) for t in reversed(plan)}
         with writing(self.engine) as conn:
-            outcome = revoke(conn, [tok.jti], reason="stateful", now=now)
+            outcome = revoke(conn, [tok.jti], reason="stateful", clock=lambda: now)
         assert {r.jti: r.released for r in outcome} == expected
         event(f"revoke {len(plan)} token(s)")
 

@@ -21,6 +21,7 @@ from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import (
     BudgetExceeded,
     CallFailed,
+    CallInProgress,
     IdempotencyConflict,
     ScopeDenied,
     TokenRevoked,
@@ -89,7 +90,7 @@ def test_a_key_is_never_signed_for_twice(verifier: Verifier, new_token: NewToken
                             extensions={IDEMPOTENCY_KEY: "pay-1"})
     first = payer.prepare(request, *challenge())
 
-    with pytest.raises(IdempotencyConflict, match="in progress"):
+    with pytest.raises(CallInProgress, match="still running"):
         payer.prepare(request, *challenge())
 
     payer.budget.void(first.hold)
@@ -145,7 +146,7 @@ def test_a_revoked_token_pays_nothing(verifier: Verifier, new_token: NewToken) -
     issued = new_token()
     assert verifier.engine is not None
     with writing(verifier.engine) as conn:
-        revoke(conn, [issued.claims.jti], reason="test", now=utcnow())
+        revoke(conn, [issued.claims.jti], reason="test", clock=utcnow)
 
     with pytest.raises(TokenRevoked):
         AgentBudget(verifier, issued.token, tool="search").hold(10_000, key="pay-5",

@@ -1,4 +1,5 @@
-"""Idempotency keys per tenant, kept tool results for replays, one content per pricing version.
+"""Idempotency keys per tenant (derived ones retire), kept tool results, one content per
+pricing version.
 
 Revision ID: 0004
 Revises: 0003
@@ -20,8 +21,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("calls") as batch_op:
         batch_op.add_column(sa.Column("result", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("key_retired", sa.Boolean(), nullable=False,
+                                      server_default=sa.false()))
         batch_op.drop_constraint("uq_calls_idempotency_key", type_="unique")
-        batch_op.create_unique_constraint("uq_calls_tenant_key", ["tenant", "idempotency_key"])
+    op.create_index("uq_calls_live_key", "calls", ["tenant", "idempotency_key"], unique=True,
+                    sqlite_where=sa.text("NOT key_retired"),
+                    postgresql_where=sa.text("NOT key_retired"))
     with op.batch_alter_table("pricing_versions") as batch_op:
         batch_op.add_column(sa.Column("digest", sa.String(length=64), nullable=True))
     _digest_recorded_versions()
@@ -43,7 +48,8 @@ def downgrade() -> None:
     with op.batch_alter_table("pricing_versions") as batch_op:
         batch_op.drop_constraint("uq_pricing_versions_digest", type_="unique")
         batch_op.drop_column("digest")
+    op.drop_index("uq_calls_live_key", "calls")
     with op.batch_alter_table("calls") as batch_op:
-        batch_op.drop_constraint("uq_calls_tenant_key", type_="unique")
         batch_op.create_unique_constraint("uq_calls_idempotency_key", ["idempotency_key"])
+        batch_op.drop_column("key_retired")
         batch_op.drop_column("result")
