@@ -10,7 +10,7 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, select, update
@@ -19,12 +19,13 @@ from mcpbill_cli.clock import Clock, aware, utcnow
 from mcpbill_cli.errors import InsufficientFunds, InvalidInput, NotFound
 from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
-from mcpbill_cli.ledger.models import accounts, tokens, transfers
+from mcpbill_cli.ledger.models import accounts, calls, tokens, transfers
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.scope import within
 from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti
 
 tk = tokens.c
+RESULTS_OUTLIVE_TOKEN = timedelta(hours=1)
 t = transfers.c
 a = accounts.c
 
@@ -349,8 +350,13 @@ def _release(conn: Connection, row: Any, now: datetime) -> int:
 
 
 def sweep(conn: Connection, *, now: datetime) -> list[tuple[str, int]]:
-    """Release what expired or revoked tokens still hold unspent; returns (jti, amount) pairs."""
+    """Release what expired or revoked tokens still hold unspent; returns (jti, amount) pairs.
+
+    The tool results kept for replays of those tokens' calls go too: a replay needs a token
+    that is neither expired (an hour past, well beyond any leeway) nor revoked.
+    """
     expire_holds(conn, now=now)
+    _forget_results(conn, now - RESULTS_OUTLIVE_TOKEN)
     available = a.credits_posted - a.debits_posted - a.debits_pending
     rows = conn.execute(
         select(tokens).join(accounts, a.id == "token:" + tk.jti)
@@ -358,6 +364,12 @@ def sweep(conn: Connection, *, now: datetime) -> list[tuple[str, int]]:
         .order_by(case((tk.parent_jti.is_(None), 1), else_=0), tk.issued_at.desc()))
     released = [(row.jti, _release(conn, row, now)) for row in rows.all()]
     return [(jti, amount) for jti, amount in released if amount]
+
+
+def _forget_results(conn: Connection, expired_before: datetime) -> None:
+    done = select(tk.jti).where(tk.revoked_at.is_not(None) | (tk.expires_at <= expired_before))
+    conn.execute(update(calls).where(calls.c.result.is_not(None), calls.c.jti.in_(done))
+                 .values(result=None))
 
 
 def expire_holds(conn: Connection, *, now: datetime, account: str | None = None) -> int:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, func, select
 
 from mcpbill_cli.errors import BillingError, DuplicateCall
 from mcpbill_cli.keys import KeyRing, KeySource
-from mcpbill_cli.ledger.credit import IssuedToken, revoke, show
+from mcpbill_cli.ledger.credit import IssuedToken, revoke, show, sweep
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import calls, events
 from mcpbill_cli.pricing import PricingTable
@@ -289,3 +289,28 @@ def test_a_replay_for_an_expired_token_is_refused(
     refused = refusal(lambda: verifier.charge(token.token, "search", args={"q": 1},
                                               idempotency_key="k"))
     assert (refused["code"], refused["reason"]) == ("INVALID_CREDIT_TOKEN", "expired")
+
+
+def kept_results(engine: Engine) -> list[str | None]:
+    with reading(engine) as conn:
+        return list(conn.execute(select(calls.c.result).order_by(calls.c.id)).scalars())
+
+
+def test_results_are_kept_for_replays_until_no_replay_can_use_them(
+        funded: Engine, verifier: Verifier, new_token: NewToken, clock: FakeClock) -> None:
+    short, revoked, live = (new_token(limit=USDC, ttl=600), new_token(limit=USDC),
+                            new_token(limit=USDC))
+    for issued in (short, revoked, live):
+        hold = verifier.hold(issued.token, "search", args={"q": 1})
+        verifier.capture(hold, result='{"content":[]}')
+    big = verifier.hold(live.token, "search", args={"q": 2})
+    verifier.capture(big, result="x" * (verifier.result_cap + 1))  # over the cap: not kept
+    assert kept_results(funded) == ['{"content":[]}'] * 3 + [None]
+    replay = verifier.hold(live.token, "search", args={"q": 1})
+    assert replay.replayed is not None and replay.result == '{"content":[]}'
+    with writing(funded) as conn:
+        revoke(conn, [revoked.claims.jti], reason="test", clock=clock)
+    clock.advance(600 + 3600)
+    with writing(funded) as conn:
+        sweep(conn, now=clock())
+    assert kept_results(funded) == [None, None, '{"content":[]}', None]

@@ -23,29 +23,18 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 
-from mcpbill_cli.keys import KeyRing, KeySource, init_keyring
+from mcpbill_cli.keys import KeyRing, KeySource
 from mcpbill_cli.ledger.credit import IssuedToken
 from mcpbill_cli.ledger.engine import make_engine
 from mcpbill_cli.ledger.schema import upgrade
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
-from tests.verifier.billing_support import PRICING_DOC, USDC, FakeClock, fund, mint
+
+from .billing_support import PRICING_DOC, USDC, FakeClock, fund, mint
 
 SYNCED = {"sqlite": "2", "postgresql": "on"}  # FULL: the log is synced at every commit
 LAZY = {"sqlite": "1", "postgresql": "off"}  # NORMAL: synced at checkpoints only
 SETTING = {"sqlite": "PRAGMA synchronous", "postgresql": "SHOW synchronous_commit"}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def keys_dir(tmp_path: Path, clock: FakeClock) -> Path:
-    directory = tmp_path / "keys"
-    init_keyring(directory, "EdDSA", now=clock(), force=False).save()
-    return directory
 
 
 @pytest.fixture
