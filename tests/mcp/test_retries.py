@@ -48,11 +48,14 @@ REPLAYED_META = "mcpbill/replayed"
 
 
 class Runs:
-    """How often each tool body really ran."""
+    """How often each tool body really ran; ``gate``, when set, holds ``crunch`` running
+    until the test opens it (``started`` says it is running)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
+        self.gate: threading.Event | None = None
+        self.started = threading.Event()
 
     def ran(self, tool: str) -> int:
         with self.lock:
@@ -71,8 +74,12 @@ def build(verifier: Verifier, runs: Runs, *, slow: float = 0.0) -> MCPServer:
 
     @billing.tool(server)
     def crunch(q: str) -> dict[str, object]:
-        """A paid tool that takes ``slow`` seconds."""
-        time.sleep(slow)
+        """A paid tool that takes ``slow`` seconds, or until the test opens its gate."""
+        runs.started.set()
+        if runs.gate is not None:
+            assert runs.gate.wait(30), "the test never opened the gate"
+        else:
+            time.sleep(slow)
         return {"q": q, "run": runs.ran("crunch")}
 
     @billing.tool(server)
@@ -140,12 +147,14 @@ def test_a_call_resent_after_its_stream_was_lost_is_billed_once(
     re-sends: it is told the call is in progress, and then gets the first run's result."""
     url, _ = served
     token = mint(limit="0.05")
+    runs.gate = threading.Event()
 
     async def scenario() -> list[CallToolResult]:
         async with http_agent(url, token.token) as agent:
             with pytest.raises(Exception, match="[Tt]imed out|[Tt]imeout"):
                 await agent.client.call_tool("crunch", {"q": "big"}, read_timeout_seconds=0.3)
-            answers = [await agent.call("crunch", {"q": "big"})]
+            answers = [await agent.call("crunch", {"q": "big"})]  # the tool is still running
+            runs.gate.set()  # type: ignore[union-attr]
             while answers[-1].is_error:
                 await anyio.sleep(refusal_of(answers[-1])["retryAfterMs"] / 1000)
                 answers.append(await agent.call("crunch", {"q": "big"}))
@@ -204,6 +213,7 @@ def test_two_calls_in_flight_with_one_key_run_once_and_keep_their_hold(
     url, _ = served
     token = mint(limit="0.05")
     key = {IDEMPOTENCY_KEY_META: "order-1"}
+    runs.gate = threading.Event()
     results: list[CallToolResult] = []
 
     async def one() -> None:
@@ -213,11 +223,13 @@ def test_two_calls_in_flight_with_one_key_run_once_and_keep_their_hold(
     async def scenario() -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(one)
-            await anyio.sleep(0.5)  # the first is running
-            group.start_soon(one)
+            while not runs.started.is_set():  # the first is running
+                await anyio.sleep(0.01)
+            await one()
+            runs.gate.set()  # type: ignore[union-attr]
 
     anyio.run(scenario)
-    refused, done = sorted(results, key=lambda r: not r.is_error)
+    refused, done = results
     assert refusal_of(refused)["code"] == "CALL_IN_PROGRESS"
     assert receipt_of(done)["amount"] == str(PRICE)
     assert runs.counts["crunch"] == 1
@@ -228,11 +240,11 @@ def test_two_calls_in_flight_with_one_key_run_once_and_keep_their_hold(
 @pytest.mark.slow
 def test_a_tool_that_outlives_the_hold_timeout_is_billed(
         home: Settings, engine: Engine, mint: Mint, runs: Runs) -> None:
-    verifier = Verifier.from_settings(home, engine=engine, hold_timeout=1)
+    verifier = Verifier.from_settings(home, engine=engine, hold_timeout=2)
     token = mint(limit="0.05")
 
     async def scenario() -> CallToolResult:
-        async with Client(build(verifier, runs, slow=2.5)) as client:
+        async with Client(build(verifier, runs, slow=4.5)) as client:
             return await Agent(client, {"mcpbill/token": token.token}).call("crunch", {"q": "a"})
 
     try:

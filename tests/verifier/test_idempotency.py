@@ -241,10 +241,10 @@ def test_a_tool_running_past_the_hold_timeout_is_billed(
     from mcpbill_cli.clock import utcnow
 
     token = mint(funded, ring, now=utcnow(), limit=USDC)
-    verifier = Verifier(keys=keys, pricing=pricing, engine=funded, hold_timeout=1)
+    verifier = Verifier(keys=keys, pricing=pricing, engine=funded, hold_timeout=2)
     try:
         with verifier.call(token.token, "search", args={"q": 1}) as billed:
-            time.sleep(2.5)
+            time.sleep(4.5)  # past two timeouts
             assert verifier.sweep_expired() == 0  # a sweep meanwhile leaves it alone
     finally:
         verifier.close()
@@ -270,6 +270,7 @@ def test_a_hold_left_alone_still_lapses(
 
 def test_extending_a_kept_hold_moves_both_timeouts(
         funded: Engine, verifier: Verifier, new_token: NewToken, clock: FakeClock) -> None:
+    verifier._keeper.close()  # its thread stays out of the way: this test extends by hand
     token = new_token(limit=USDC)
     hold = verifier.begin(token.token, "search", args={"q": 1})
     assert isinstance(hold, Hold)
