@@ -30,6 +30,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -58,7 +59,7 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.keeper import HoldKeeper
 from mcpbill_cli.keys import KeySource
-from mcpbill_cli.ledger import audit, calls
+from mcpbill_cli.ledger import audit, calls, refusals, seals
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
@@ -76,6 +77,7 @@ from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.receipts import Receipt, read_receipt, sign_receipt, verify_receipt
 from mcpbill_cli.scope import in_scope
+from mcpbill_cli.sealer import Sealer
 from mcpbill_cli.tokens import Claims, decode_token
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
@@ -87,6 +89,9 @@ DEFAULT_RESULT_CAP = 256 * 1024  # bytes of a tool's result kept for replays
 MAX_KEY_LENGTH = 200  # calls.idempotency_key
 MAX_TOOL_LENGTH = 200
 RETRY_AFTER_MS = 1000  # what CALL_IN_PROGRESS suggests
+# Where the calls of this context come from (an MCP server sets the client's address), for
+# the counts of refusals that name no valid token.
+CALL_SOURCE: ContextVar[str] = ContextVar("mcpbill_call_source", default="")
 OPEN_ATTEMPTS = 4  # a key freed or rolled back under us: try the call again this often
 
 
@@ -154,6 +159,10 @@ class Verifier:
     :meth:`stateless` (a JWKS and a revocation list, no ledger: preflight only).
     Thread-safe; one instance serves a whole server. ``result_cap`` bounds, in bytes, the tool
     result kept for replays (larger ones replay as DUPLICATE_CALL with the receipt).
+
+    A verifier built from a ``db_url`` runs a background writer (:mod:`mcpbill_cli.sealer`)
+    that seals the audit trail and writes refusal counts every second; one given an ``engine``
+    leaves that to its owner: call :meth:`seal` (or :meth:`start_sealer`), and :meth:`close`.
     """
 
     def __init__(
@@ -164,6 +173,7 @@ class Verifier:
         clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
+        owned = engine is None and db_url is not None
         if engine is None and db_url is not None:
             engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES, durable=not demo)
             check_schema(engine)
@@ -184,6 +194,11 @@ class Verifier:
         self._cache_generation = keys.generation
         self._tables: tuple[PricingTable, PricingTable] | None = None  # (the source's, ours)
         self._keeper = HoldKeeper(self._extend, hold_timeout=hold_timeout, clock=clock)
+        signs = keys.signer() is not None  # a key ring, not a JWKS: it can sign seals
+        self._sealer = (None if engine is None
+                        else Sealer(engine, self._sign_seal if signs else None, clock))
+        if owned:
+            self.start_sealer()
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -211,7 +226,19 @@ class Verifier:
         return cls(keys=KeySource.from_jwks(document), pricing=pricing, revoked=revoked,
                    **options)
 
+    def seal(self) -> int:
+        """Seal the audit trail and write the refusal counts now; returns the events sealed
+        (0 without a signing key, or while another sealer has its turn)."""
+        return 0 if self._sealer is None else self._sealer.turn()
+
+    def start_sealer(self) -> None:
+        """Run :meth:`seal` every second from a thread of this verifier's (until close)."""
+        if self._sealer is not None:
+            self._sealer.start()
+
     def close(self) -> None:
+        if self._sealer is not None:
+            self._sealer.close()
         self._keeper.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
@@ -640,6 +667,28 @@ class Verifier:
                     stored.amount_held, stored.idempotency_key, timeout, price,
                     read_receipt(stored.receipt), stored.result)  # type: ignore[arg-type]
 
+    def _sign_seal(self, claims: dict[str, Any]) -> tuple[str, str]:
+        signer = self.keys.signer()
+        if signer is None:
+            raise StatelessVerifier("no signing key: seals need the operator's key ring")
+        info, key = signer
+        return seals.signer(info.alg, info.kid, key)(claims)
+
+    def _count_refusal(self, exc: BillingError, fingerprint: str | None) -> None:
+        sealer = self._sealer
+        assert sealer is not None  # noqa: S101 - the caller checked
+        now = self._clock()
+        sealer.counts.add(now, exc.code, str(exc.details.get("reason", "")),
+                          CALL_SOURCE.get(), fingerprint)
+        if not sealer.running and sealer.counts.older_than(now):
+            self._flush_counts()  # no thread writes them: a write a minute, at most
+
+    def _flush_counts(self) -> None:
+        try:
+            self.seal()
+        except BillingError as failure:  # the ledger is down: the refusal still stands
+            logger.warning("could not write refusal counts: %s", failure.message)
+
     def _extend(self, call_ids: list[str], until: datetime, now: datetime) -> set[str]:
         with writing(self._ledger()) as conn:
             return calls.extend(conn, call_ids, until=until, now=now)
@@ -711,10 +760,13 @@ class Verifier:
 
     def _record_refusal(self, exc: BillingError, token: Any, tool: Any, jti: str | None,
                         ref: str | None) -> None:
-        if self.engine is None:
+        if self.engine is None or self._sealer is None:
             return
         claims = self._token_cache.get(token) if isinstance(token, str) else None
         fingerprint = audit.token_fingerprint(token) if token and claims is None else None
+        if claims is None and jti is None and _unauthenticated(exc):
+            self._count_refusal(exc, fingerprint)
+            return
         try:
             with writing(self.engine) as conn:
                 audit.record(conn, "refusal", at=self._clock(), code=exc.code,
@@ -730,6 +782,13 @@ class Verifier:
         except DBAPIError as failure:  # the ledger took none of it: the refusal still stands
             logger.warning("could not record refusal %s: %s", exc.code,
                            type(failure.orig).__name__)
+
+
+def _unauthenticated(exc: BillingError) -> bool:
+    """A refusal of input no known key signed: counted, never an event of its own."""
+    if exc.code == "INVALID_CREDIT_TOKEN":
+        return str(exc.details.get("reason")) in refusals.UNAUTHENTICATED
+    return exc.code == "INVALID_INPUT"
 
 
 def canonical_json(value: Any) -> str:

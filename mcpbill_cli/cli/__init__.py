@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "receipt": ("receipt", "app", True),
     "reconcile": ("reconcile", "reconcile", False),
     "events": ("reconcile", "events_app", True),
+    "audit": ("audit", "app", True),
     "x402": ("x402", "app", True),
     "completion": ("completion", "completion", False),
     "demo": ("demo", "demo", False),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
-from mcpbill_cli.cli.state import state
+from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.config import redact_url
 
 app = typer.Typer(help="Ledger schema: status and migrations.", no_args_is_help=True)
@@ -14,16 +14,33 @@ app = typer.Typer(help="Ledger schema: status and migrations.", no_args_is_help=
 @app.command("upgrade")
 @handles_errors
 def upgrade(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Migrate the ledger to this version's schema (creates the tables on an empty database)."""
+    """Migrate the ledger to this version's schema (creates the tables on an empty database),
+    then seal the audit trail with the home's signing key, if it has one."""
     from mcpbill_cli.ledger import schema
 
     st = state(ctx)
     before, after = schema.upgrade(st.engine(check=False))
+    sealed = _seal(st)
     data = {"db_url": redact_url(st.settings.db_url), "from": before, "to": after,
-            "changed": before != after}
+            "changed": before != after, "sealed_events": sealed}
     emit(data, as_json=as_json, human=lambda: say(
         f"ledger at schema {after}" + (f" (was {before or 'empty'})" if before != after
-                                       else " already")))
+                                       else " already")
+        + (f"; sealed {sealed} event(s)" if sealed else "")))
+
+
+def _seal(st: State) -> int | None:
+    """Events sealed with the home's key; ``None`` without a key ring (`audit seal` later)."""
+    from mcpbill_cli.clock import utcnow
+    from mcpbill_cli.keys import KeyRing
+    from mcpbill_cli.ledger.sealing import seal_all
+    from mcpbill_cli.ledger.seals import signer
+
+    if not KeyRing.exists(st.settings.keys_dir):
+        return None
+    info, key = st.keyring().signing_key()
+    return sum(s.count for s in seal_all(st.engine(), signer(info.alg, info.kid, key),
+                                         clock=utcnow))
 
 
 @app.command("status")

@@ -1,33 +1,37 @@
 """The audit trail: one row per hold, capture, void, refusal and operator action.
 
-Events form a hash chain: each stores ``prev_hash`` and ``hash = sha256(prev_hash +
-canonical(event))``, in ``seq`` order. Writers lock the single ``audit_head`` row, so the chain
-never forks, and an edited, inserted or deleted event breaks it where reconcile can see.
+Writers append events inside their own transactions and take no shared lock: an event's id
+is all that orders it. A sealer (:mod:`mcpbill_cli.ledger.seals`) later chains the committed
+events in signed batches, writing each event's own hash, :func:`event_digest`, as it seals it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, insert
 
 from mcpbill_cli.ledger.fastsql import Prepared
-from mcpbill_cli.ledger.models import audit_head, events
+from mcpbill_cli.ledger.models import events
 
 GENESIS = "0" * 64
+# The fields an event's hash covers, in the order chain_hash takes them. ``seq`` is the
+# event's position: its id (ledgers of schema 0002-0004 numbered a global chain with it).
 CHAIN_FIELDS = ("seq", "at", "kind", "code", "jti", "token_hash", "tenant", "agent", "tool",
                 "amount", "ref", "detail", "demo")
+EVENT_FIELDS = CHAIN_FIELDS[1:]
 
-_HEAD = Prepared(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
-                 .with_for_update())
-_INSERT = Prepared(insert(events), columns=(*CHAIN_FIELDS, "prev_hash", "hash"))
-_MOVE_HEAD = Prepared(update(audit_head).where(audit_head.c.id == 1)
-                      .values(seq=bindparam("b_seq"), hash=bindparam("b_hash")))
+_INSERT = Prepared(insert(events), columns=EVENT_FIELDS)
+
+
+def event_digest(event: Mapping[str, Any]) -> str:
+    """An event's own hash, as a sealer writes it: :func:`event_hash` with the event's id as
+    its ``seq`` and no previous hash. Seals chain these; this form never changes."""
+    return event_hash("", {**event, "seq": event["id"]})
 
 
 def event_hash(prev_hash: str, event: Mapping[str, Any]) -> str:
@@ -83,81 +87,11 @@ def record(conn: Connection, kind: str, *, at: datetime, code: str | None = None
            tool: str | None = None, amount: int | None = None, ref: str | None = None,
            detail: dict[str, Any] | None = None, demo: bool = False,
            token_hash: str | None = None) -> None:
-    """Append one event to the chain, inside the caller's transaction."""
-    head = _HEAD.first(conn, {})
-    event = {"seq": head.seq + 1, "at": at, "kind": kind, "code": code, "jti": jti,
-             "token_hash": token_hash, "tenant": tenant, "agent": agent, "tool": tool,
-             "amount": amount, "ref": ref,
-             "detail": json.dumps(detail, sort_keys=True) if detail else None, "demo": demo}
-    digest = event_hash(head.hash, event)
-    _INSERT.rowcount(conn, {**event, "prev_hash": head.hash, "hash": digest})
-    _MOVE_HEAD.rowcount(conn, {"b_seq": event["seq"], "b_hash": digest})
-
-
-@dataclass(frozen=True)
-class ChainBreak:
-    seq: int
-    problem: str
-
-
-def verify_chain(conn: Connection, *, batch: int = 5000) -> Iterator[ChainBreak]:
-    """Walk the chain in ``seq`` order, streaming; yield every place it does not hold."""
-    last = conn.execute(select(func.max(events.c.seq))).scalar_one() or 0
-    expected_seq, expected_prev = yield from verify_events(conn, 1, last, (1, GENESIS),
-                                                           batch=batch)
-    head = conn.execute(select(audit_head.c.seq, audit_head.c.hash)).one()
-    if head.seq != expected_seq - 1 or head.hash != expected_prev:
-        yield ChainBreak(head.seq, "the chain's end does not match audit_head (events deleted "
-                                   "from the end, or the head was edited)")
-
-
-def verify_events(conn: Connection, first: int, last: int, expected: tuple[int, str], *,
-                  batch: int = 5000) -> Generator[ChainBreak, None, tuple[int, str]]:
-    """Re-hash the events with ``seq`` in ``[first, last]`` in order, streaming; the first
-    must be ``expected`` (its ``seq``, its ``prev_hash``). Yields every break; returns what
-    the event after ``last`` must be."""
-    expected_seq, expected_prev = expected
-    at_of, demo_of = (_converter(conn, name) for name in ("at", "demo"))
-    for (seq, at, kind, code, jti, token_hash, tenant, agent, tool, amount, ref, detail, demo,
-         prev_hash, digest) in _event_rows(conn, first, last, batch):
-        if seq != expected_seq:
-            yield ChainBreak(expected_seq, f"events {expected_seq}..{seq - 1} are missing")
-        if prev_hash != expected_prev:
-            yield ChainBreak(seq, "prev_hash does not match the event before")
-        if chain_hash(prev_hash, seq, utc_text(at_of(at)), kind, code, jti, token_hash, tenant,
-                      agent, tool, amount, ref, detail, demo_of(demo)) != digest:
-            yield ChainBreak(seq, "the event was changed after it was written")
-        expected_prev, expected_seq = digest, seq + 1
-    return expected_seq, expected_prev
-
-
-def _event_rows(conn: Connection, first: int, last: int, batch: int) -> Iterator[Any]:
-    """The events' CHAIN_FIELDS, prev_hash and hash as the driver's own tuples (a server-side
-    cursor on PostgreSQL): a fraction of the cost of SQLAlchemy rows, a million times a day."""
-    postgres = conn.dialect.name == "postgresql"
-    mark = "%({})s" if postgres else ":{}"
-    sql = (f"SELECT {', '.join((*CHAIN_FIELDS, 'prev_hash', 'hash'))} FROM events "  # noqa: S608 - constants only
-           f"WHERE seq >= {mark.format('first')} AND seq <= {mark.format('last')} ORDER BY seq")
-    driver: Any = conn.connection.driver_connection
-    cursor = driver.cursor("mcpbill_audit_chain") if postgres else driver.cursor()
-    try:
-        cursor.execute(sql, {"first": first, "last": last})
-        while rows := cursor.fetchmany(batch):
-            yield from rows
-    finally:
-        cursor.close()
-
-
-def _converter(conn: Connection, column: str) -> Callable[[Any], Any]:
-    """What SQLAlchemy does to a driver's value of ``events.column`` (SQLite: parse the
-    datetime text, 0/1 to bool), so the hash sees what it saw when the event was written."""
-    kind = events.c[column].type.dialect_impl(conn.dialect)
-    process = kind.result_processor(conn.dialect, None)
-    return process if process is not None else _unchanged
-
-
-def _unchanged(value: Any) -> Any:
-    return value
+    """Append one event, inside the caller's transaction; nothing shared is locked."""
+    _INSERT.rowcount(conn, {
+        "at": at, "kind": kind, "code": code, "jti": jti, "token_hash": token_hash,
+        "tenant": tenant, "agent": agent, "tool": tool, "amount": amount, "ref": ref,
+        "detail": json.dumps(detail, sort_keys=True) if detail else None, "demo": demo})
 
 
 def token_fingerprint(token: object) -> str:

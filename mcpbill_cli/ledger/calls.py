@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
+from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import HoldNotActive, LedgerUnavailable
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.fastsql import Prepared
@@ -144,6 +145,10 @@ class NewCall:
     def account(self) -> str:
         return ops.token_account(self.jti)
 
+    @property
+    def revenue(self) -> str:
+        return ops.revenue_account(self.jti)
+
 
 @dataclass(frozen=True)
 class StoredCall:
@@ -204,7 +209,7 @@ def charge(conn: Connection, call: NewCall, *, at: datetime,
            sign: Callable[[int], str]) -> tuple[int, str]:
     """Post the call's price at once; returns (remaining, receipt). ``sign(remaining)`` signs."""
     remaining = _debit(conn, _DEBIT_POSTED, call)
-    _CREDIT_POSTED.rowcount(conn, {"account": ops.REVENUE, "amount": call.amount})
+    _credit(conn, _CREDIT_POSTED, call)
     transfer_id = f"charge:{call.id}"
     _transfer(conn, transfer_id, call, "posted", "charge", at)
     _count_daily(conn, call, at)
@@ -219,7 +224,7 @@ def charge(conn: Connection, call: NewCall, *, at: datetime,
 def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime) -> int:
     """Reserve the call's amount as a pending transfer; returns what remains available."""
     remaining = _debit(conn, _DEBIT_PENDING, call)
-    _CREDIT_PENDING.rowcount(conn, {"account": ops.REVENUE, "amount": call.amount})
+    _credit(conn, _CREDIT_PENDING, call)
     _transfer(conn, f"hold:{call.id}", call, "pending", "hold", at, timeout_at=timeout_at)
     _count_daily(conn, call, at)
     _insert_call(conn, call, status="held", amount=None, transfer_id=None, receipt=None,
@@ -323,10 +328,20 @@ def _debit(conn: Connection, statement: Prepared, call: NewCall) -> int:
     return int(row[0])  # type: ignore[index]
 
 
+def _credit(conn: Connection, statement: Prepared, call: NewCall) -> None:
+    params = {"account": call.revenue, "amount": call.amount}
+    if statement.rowcount(conn, params) == 1:
+        return
+    # A token issued before revenue accounts were per token (its upgrade creates them), or a
+    # row someone removed: the money must land somewhere that balances, never nowhere.
+    ops.ensure_account(conn, call.revenue, kind="revenue", guarded=False, at=utcnow())
+    statement.rowcount(conn, params)
+
+
 def _transfer(conn: Connection, id: str, call: NewCall, kind: str, code: str, at: datetime,
               timeout_at: datetime | None = None) -> None:
     _INSERT_TRANSFER.rowcount(conn, {
-        "id": id, "debit_account_id": call.account, "credit_account_id": ops.REVENUE,
+        "id": id, "debit_account_id": call.account, "credit_account_id": call.revenue,
         "amount": call.amount, "kind": kind, "pending_id": None,
         "status": "pending" if kind == "pending" else None, "timeout_at": timeout_at,
         "code": code, "ref": call.id, "demo": call.demo, "created_at": at})

@@ -96,6 +96,8 @@ def _record_token(conn: Connection, claims: Claims, *, demo: bool) -> None:
         expires_at=claims.expires_at, demo=demo))
     ops.ensure_account(conn, ops.token_account(claims.jti), kind="token", guarded=True,
                        at=claims.issued_at)
+    ops.ensure_account(conn, ops.revenue_account(claims.jti), kind="revenue", guarded=False,
+                       at=claims.issued_at)
 
 
 def _allot(conn: Connection, claims: Claims, source: str, *, code: str, at: datetime,

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 metadata = MetaData()
 
@@ -136,7 +136,9 @@ calls = Table(
     Index("ix_calls_created", "created_at"),
 )
 
-# The audit trail: every hold, capture, void, refusal and operator action.
+# The audit trail: every hold, capture, void, refusal of a valid token and operator action.
+# Writers append without any shared lock; a sealer chains the committed events in batches
+# (``seals``) and stamps each event with its seal and its own hash (see ledger.seals).
 events = Table(
     "events",
     metadata,
@@ -154,21 +156,43 @@ events = Table(
     Column("ref", String(200), nullable=True),
     Column("detail", Text, nullable=True),
     Column("demo", Boolean, nullable=False, default=False),
-    # The hash chain: seq orders events, hash = sha256(prev_hash + the event's canonical form).
-    Column("seq", BigInteger, nullable=False),
-    Column("prev_hash", String(64), nullable=False),
-    Column("hash", String(64), nullable=False),
+    Column("seal", BigInteger, nullable=True),  # NULL until a sealer takes the event
+    Column("hash", String(64), nullable=True),  # the event's own hash, written when sealed
     Index("ix_events_at", "at"),
-    UniqueConstraint("seq", name="uq_events_seq"),
+    Index("ix_events_seal", "seal"),
 )
 
-# One row: the end of the audit chain. Locking it orders every event writer.
-audit_head = Table(
-    "audit_head",
+# One row per sealed batch of events: a hash chain of batches, each signed (a JWS with the
+# operator's key, ``keys export-jwks`` verifies it), so no one without the key can rewrite it.
+seals = Table(
+    "seals",
     metadata,
-    Column("id", Integer, primary_key=True),
-    Column("seq", BigInteger, nullable=False),
+    Column("number", BigInteger, primary_key=True, autoincrement=False),
+    Column("first_id", BigInteger, nullable=False),
+    Column("last_id", BigInteger, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("batch_hash", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Column("sealed_at", DateTime(timezone=True), nullable=False),
+    Column("kid", String(64), nullable=False),
+    Column("jws", Text, nullable=False),
+    CheckConstraint("count > 0 AND first_id <= last_id", name="ck_seals_span"),
+)
+
+# Refusals of input that names no valid token (malformed, badly signed...), counted per UTC
+# minute, code, reason and source with one sample, instead of one event each: a flood of
+# garbage writes a few rows a minute, never a row per request.
+refusal_counts = Table(
+    "refusal_counts",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("code", String(40), primary_key=True),
+    Column("reason", String(40), primary_key=True),
+    Column("source", String(100), primary_key=True),
+    Column("count", BigInteger, nullable=False),
+    Column("sample", String(64), nullable=True),  # a token_hash of one of them
+    CheckConstraint("count > 0", name="ck_refusal_counts_positive"),
 )
 
 # Deposits seen on chain, credited once per (chain, tx hash, log index).

@@ -24,7 +24,7 @@ from mcpbill_cli.errors import (
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import accounts, transfers
 
-REVENUE = "revenue"
+REVENUE = "revenue"  # what calls earned before each token had a revenue account of its own
 DEMO_SOURCE = "chain:demo"
 
 a = accounts.c
@@ -61,6 +61,12 @@ def tenant_account(tenant: str) -> str:
 
 def token_account(jti: str) -> str:
     return f"token:{jti}"
+
+
+def revenue_account(jti: str) -> str:
+    """What ``jti``'s calls earn: one account per token, so no paid call writes a row that
+    calls of other tokens write too (a shared revenue row would serialise a deployment)."""
+    return f"revenue:{jti}"
 
 
 def chain_account(caip2: str) -> str:

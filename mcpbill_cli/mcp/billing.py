@@ -43,6 +43,7 @@ from mcpbill_cli.mcp.wire import (
     PRICE_META,
     RECEIPT_META,
     TOKEN_META,
+    client_address,
     credit_token,
     idempotency_key,
     kept_result,
@@ -52,7 +53,7 @@ from mcpbill_cli.mcp.wire import (
     with_receipt,
 )
 from mcpbill_cli.pricing import Price, quote
-from mcpbill_cli.verifier import Hold, Quote, Verifier
+from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 
 __all__ = ["BilledTool", "Billing"]
 
@@ -179,11 +180,15 @@ class Billing(Extension):
         tool = self._billed.get(params.name)
         if tool is None:
             return await call_next(ctx)
+        source = CALL_SOURCE.set(client_address(ctx.request))
         try:
-            run = _Run(self.verifier, self._call_request(tool, params, ctx))
-        except BillingError as error:
-            return refusal(error)
-        return await self._billed_call(run, ctx, call_next)
+            try:
+                run = _Run(self.verifier, self._call_request(tool, params, ctx))
+            except BillingError as error:
+                return refusal(error)
+            return await self._billed_call(run, ctx, call_next)
+        finally:
+            CALL_SOURCE.reset(source)
 
     # --- one call -------------------------------------------------------------------------------
 

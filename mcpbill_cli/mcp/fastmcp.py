@@ -42,6 +42,7 @@ from mcpbill_cli.mcp.units import metering
 from mcpbill_cli.mcp.wire import (
     PRICE_META,
     RECEIPT_META,
+    client_address,
     credit_token,
     idempotency_key,
     kept_result,
@@ -50,7 +51,7 @@ from mcpbill_cli.mcp.wire import (
 )
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.receipts import Receipt
-from mcpbill_cli.verifier import Hold, Quote, Verifier
+from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 
 __all__ = ["BillingMiddleware"]
 
@@ -128,10 +129,14 @@ class BillingMiddleware(Middleware):
         tool = self._billed.get(context.message.name)
         if tool is None:
             return await call_next(context)
+        request = _request_of(context)
+        source = CALL_SOURCE.set(client_address(request.request if request else None))
         try:
             return await self._billed_call(tool, context, call_next)
         except BillingError as error:
             return ToolResult.from_mcp_result(refusal(error))
+        finally:
+            CALL_SOURCE.reset(source)
 
     # --- one call -------------------------------------------------------------------------------
 

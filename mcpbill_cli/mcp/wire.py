@@ -64,6 +64,13 @@ def idempotency_key(meta: Mapping[str, Any] | None) -> str | None:
     return key
 
 
+def client_address(request: Any) -> str:
+    """The HTTP client's address, where a transport has one ("" on stdio and in process)."""
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None)
+    return host if isinstance(host, str) else ""
+
+
 def refusal(error: BillingError) -> CallToolResult:
     """The x402-style refusal: ``isError``, the error object, and the same JSON as text."""
     text = json.dumps(error.to_dict(), default=str)

@@ -1,0 +1,69 @@
+"""`mcpbill audit seal | seals export`: seal the audit trail, and keep its seals elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
+from mcpbill_cli.cli.state import state
+from mcpbill_cli.clock import utcnow
+
+app = typer.Typer(
+    help="The audit trail: events are sealed in signed batches (verifiers seal every second; "
+         "reconcile checks every seal).",
+    no_args_is_help=True)
+seals_app = typer.Typer(help="The seals of the audit trail.", no_args_is_help=True)
+app.add_typer(seals_app, name="seals")
+
+
+@app.command("seal")
+@handles_errors
+def seal(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Seal every committed, unsealed event now, signed with the home's signing key.
+
+    Safe beside running verifiers and other sealers: they take turns. Example: run it from
+    cron where no verifier runs, so the trail never stays unsealed.
+    """
+    from mcpbill_cli.ledger.sealing import seal_all
+    from mcpbill_cli.ledger.seals import signer
+
+    st = state(ctx)
+    info, key = st.keyring().signing_key()
+    sealed = seal_all(st.engine(), signer(info.alg, info.kid, key), clock=utcnow)
+    data = {"seals": [s.to_dict() for s in sealed], "events": sum(s.count for s in sealed)}
+    emit(data, as_json=as_json, human=lambda: say(
+        f"sealed {data['events']} event(s) in {len(sealed)} seal(s)" if sealed
+        else "nothing to seal"))
+
+
+@seals_app.command("export")
+@handles_errors
+def export(
+    ctx: typer.Context,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Write to this file (atomically) instead of stdout.")] = None,
+    after: Annotated[int, typer.Option(
+        "--after", min=0, help="Only seals numbered after this one (to append to a copy).")
+    ] = 0,
+) -> None:
+    """Write the seals as JSON lines, one seal each, to keep outside the database.
+
+    Each line has the seal's number, event span and count, batch hash, previous seal's hash,
+    hash, time, kid and JWS; `keys export-jwks` verifies the JWS offline.
+    """
+    from mcpbill_cli.fsutil import write_atomic
+    from mcpbill_cli.ledger.engine import reading
+    from mcpbill_cli.ledger.seals import read_seals
+
+    with reading(state(ctx).engine()) as conn:
+        lines = [json.dumps(s.to_dict(), sort_keys=True) + "\n"
+                 for s in read_seals(conn, first=after + 1)]
+    if out_file is None:
+        typer.echo("".join(lines), nl=False)
+        return
+    write_atomic(out_file, "".join(lines).encode())
+    say(f"wrote {len(lines)} seal(s) to {out_file}")

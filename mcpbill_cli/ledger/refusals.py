@@ -1,0 +1,84 @@
+"""Refusals of input that names no valid token, counted instead of written one by one.
+
+A malformed or badly signed token is anybody's to send, as fast as they like: writing one
+audit event for each would let a flood of garbage take the ledger's write capacity from paid
+calls. The verifier counts them in memory (:class:`Counter`, per UTC minute, code, reason and
+source, with one sample token hash) and its background writer adds them to
+``refusal_counts`` every second. Refusals of valid tokens stay events of their own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from mcpbill_cli.ledger.models import refusal_counts
+
+# INVALID_CREDIT_TOKEN reasons that mean "nobody we know signed this": counted, not written.
+UNAUTHENTICATED = frozenset({"malformed", "bad_signature", "unknown_key",
+                             "algorithm_not_allowed", "missing"})
+MAX_SOURCE = 100
+
+Key = tuple[datetime, str, str, str]  # minute, code, reason, source
+
+
+@dataclass
+class Tally:
+    count: int
+    sample: str | None
+
+
+class Counter:
+    """Refusals counted in memory until the next flush; thread-safe."""
+
+    def __init__(self) -> None:
+        self._counts: dict[Key, Tally] = {}
+        self._lock = threading.Lock()
+
+    def add(self, at: datetime, code: str, reason: str, source: str, sample: str | None
+            ) -> None:
+        key = (at.replace(second=0, microsecond=0), code, reason, source[:MAX_SOURCE])
+        with self._lock:
+            tally = self._counts.get(key)
+            if tally is None:
+                self._counts[key] = Tally(1, sample)
+            else:
+                tally.count += 1
+
+    def older_than(self, now: datetime) -> bool:
+        """Whether counts of a minute before ``now``'s are waiting to be written."""
+        minute = now.replace(second=0, microsecond=0)
+        with self._lock:
+            return any(key[0] < minute for key in self._counts)
+
+    def take(self) -> dict[Key, Tally]:
+        """Everything counted so far, and start again from nothing."""
+        with self._lock:
+            taken, self._counts = self._counts, {}
+        return taken
+
+
+def add(conn: Connection, counts: Mapping[Key, Tally]) -> None:
+    """Add ``counts`` to the rows of their minute (one statement per key, upserts)."""
+    insert: Any = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    for (minute, code, reason, source), tally in counts.items():
+        statement = insert(refusal_counts).values(
+            minute=minute, code=code, reason=reason, source=source, count=tally.count,
+            sample=tally.sample)
+        conn.execute(statement.on_conflict_do_update(
+            index_elements=["minute", "code", "reason", "source"],
+            set_={"count": refusal_counts.c.count + statement.excluded.count}))
+
+
+def counted(conn: Connection, start: datetime, end: datetime) -> list[tuple[str, int]]:
+    """(code, count) of the refusals counted in minutes from ``start`` to before ``end``."""
+    c = refusal_counts.c
+    rows = conn.execute(select(c.code, c.count).where(c.minute >= start, c.minute < end))
+    return [(code, int(count)) for code, count in rows]

@@ -1,0 +1,234 @@
+"""Sealing the audit trail: committed events chained in signed batches.
+
+Writers append events with no shared lock (``audit.record``), so no row orders them all and
+ids are taken before commit order is known. A sealer, one at a time, takes the committed,
+unsealed events in id order (a late commit simply lands in the next batch) and writes a seal:
+
+    number, first_id, last_id, count      which events (every event stamped with ``number``)
+    batch_hash = sha256("\\n".join(the events' own hashes, in id order))
+    prev_hash  = the previous seal's hash (GENESIS for the first)
+    hash       = sha256(the canonical JSON of the above and ``sealed_at``)
+    jws        = those claims signed with the operator's key (``keys export-jwks`` verifies)
+
+and stamps each event with the seal's number and its own hash (``audit.event_digest``). An
+edited, inserted, deleted or reordered event no longer hashes to its seal's batch hash; a
+rewritten seal no longer links, or no longer carries a signature that verifies, so someone
+who can write to the database but has no signing key cannot rewrite history consistently.
+
+One sealer at a time: on PostgreSQL a transaction-level advisory lock (others skip their
+turn), on SQLite the write lock; the seal number is a primary key besides. Sealers run in
+every verifier process (every ``SEAL_INTERVAL``) and from ``mcpbill audit seal``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import jwt
+from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+
+from mcpbill_cli.clock import aware
+from mcpbill_cli.keys import VerificationKey
+from mcpbill_cli.ledger.audit import EVENT_FIELDS, GENESIS, event_digest, utc_text
+from mcpbill_cli.ledger.models import events, seals
+
+SEAL_TYPE = "mcpbill-seal+jwt"
+SEAL_INTERVAL = 1.0  # seconds between a verifier's sealer runs
+UNSEALED_WINDOW = 5  # seconds: an event older than this and still unsealed is a finding
+BATCH_LIMIT = 5000  # events per seal
+_ADVISORY_KEY = 0x6D6362696C6C  # "mcbill": one sealer at a time on a PostgreSQL ledger
+
+e = events.c
+s = seals.c
+_STAMP = (update(events).where(e.id == bindparam("b_id"), e.seal.is_(None))
+          .values(seal=bindparam("b_seal"), hash=bindparam("b_hash")))
+
+# claims -> (kid, jws): the operator's signature over a seal
+Sign = Callable[[dict[str, Any]], tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Seal:
+    number: int
+    first_id: int
+    last_id: int
+    count: int
+    batch_hash: str
+    prev_hash: str
+    hash: str
+    sealed_at: datetime
+    kid: str
+    jws: str
+
+    def claims(self) -> dict[str, Any]:
+        """What the seal's JWS signs (and ``seals export`` writes), ``hash`` included."""
+        return {**_hashed_fields(self.number, self.first_id, self.last_id, self.count,
+                                 self.batch_hash, self.prev_hash, self.sealed_at),
+                "hash": self.hash}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.claims(), "kid": self.kid, "jws": self.jws}
+
+
+def signer(alg: str, kid: str, key: Any) -> Sign:
+    """A :data:`Sign` with the operator's signing key (as the key ring hands it out)."""
+
+    def sign(claims: dict[str, Any]) -> tuple[str, str]:
+        return kid, jwt.encode(claims, key, algorithm=alg, headers={"kid": kid,
+                                                                    "typ": SEAL_TYPE})
+
+    return sign
+
+
+def seal_pending(conn: Connection, sign: Sign, *, now: datetime,
+                 limit: int = BATCH_LIMIT) -> Seal | None:
+    """Seal up to ``limit`` committed, unsealed events, inside the caller's write transaction;
+    ``None`` when there is nothing to seal or another sealer holds the turn."""
+    if not _my_turn(conn):
+        return None
+    rows = conn.execute(select(e.id, *(e[name] for name in EVENT_FIELDS))
+                        .where(e.seal.is_(None)).order_by(e.id).limit(limit)).mappings().all()
+    if not rows:
+        return None
+    last = conn.execute(select(s.number, s.hash).order_by(s.number.desc()).limit(1)).first()
+    digests = [event_digest(dict(row)) for row in rows]
+    number = 1 if last is None else int(last.number) + 1
+    fields = _hashed_fields(number, rows[0]["id"], rows[-1]["id"], len(rows),
+                            batch_hash(digests), GENESIS if last is None else last.hash, now)
+    digest = _seal_hash(fields)
+    kid, jws = sign({**fields, "hash": digest})
+    seal = Seal(number, fields["firstId"], fields["lastId"], len(rows), fields["batchHash"],
+                fields["prevHash"], digest, now, kid, jws)
+    conn.execute(insert(seals).values(
+        number=number, first_id=seal.first_id, last_id=seal.last_id, count=seal.count,
+        batch_hash=seal.batch_hash, prev_hash=seal.prev_hash, hash=digest, sealed_at=now,
+        kid=kid, jws=jws))
+    conn.execute(_STAMP, [{"b_id": row["id"], "b_seal": number, "b_hash": h}
+                          for row, h in zip(rows, digests, strict=True)])
+    stamped = conn.execute(select(func.count()).where(e.seal == number)).scalar_one()
+    if stamped != len(rows):  # another sealer got there: roll this one back
+        raise SealRace(number)
+    return seal
+
+
+class SealRace(Exception):  # noqa: N818 - rolls a sealer's transaction back, never leaves it
+    """Another sealer stamped some of these events first."""
+
+
+def batch_hash(digests: list[str]) -> str:
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+# --- verifying --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SealBreak:
+    """A place where the sealed trail does not hold: the seal (or event) and what is wrong."""
+
+    table: str
+    key: str
+    problem: str
+
+
+def read_seals(conn: Connection, *, first: int = 1, last: int | None = None) -> Iterator[Seal]:
+    """The seals numbered ``first``..``last``, in order."""
+    query = select(seals).where(s.number >= first).order_by(s.number)
+    if last is not None:
+        query = query.where(s.number <= last)
+    for row in conn.execute(query.execution_options(yield_per=1000)):
+        yield Seal(int(row.number), int(row.first_id), int(row.last_id), int(row._mapping["count"]),
+                   row.batch_hash, row.prev_hash, row.hash, aware(row.sealed_at), row.kid,
+                   row.jws)
+
+
+def verify_seal(seal: Seal, prev_hash: str, keys: Mapping[str, VerificationKey] | None
+                ) -> Iterator[str]:
+    """What is wrong with ``seal`` itself: its link, its hash, its signature (``keys``:
+    ``None`` skips the signature)."""
+    if seal.prev_hash != prev_hash:
+        yield "does not link to the seal before it (a seal was removed, added or rewritten)"
+    fields = _hashed_fields(seal.number, seal.first_id, seal.last_id, seal.count,
+                            seal.batch_hash, seal.prev_hash, seal.sealed_at)
+    if _seal_hash(fields) != seal.hash:
+        yield "its hash does not match its fields (the seal was edited)"
+    if keys is not None:
+        problem = _signature_problem(seal, keys)
+        if problem:
+            yield problem
+
+
+def verify_batch(conn: Connection, seal: Seal) -> Iterator[SealBreak]:
+    """The events stamped with ``seal``: their count, span and hashes against the seal."""
+    rows = conn.execute(select(e.id, e.hash, *(e[name] for name in EVENT_FIELDS))
+                        .where(e.seal == seal.number).order_by(e.id)).mappings().all()
+    digests = []
+    for row in rows:
+        digest = event_digest(dict(row))
+        digests.append(digest)
+        if row["hash"] != digest:
+            yield SealBreak("events", str(row["id"]), f"changed after seal {seal.number} "
+                                                      "took it")
+    span = (rows[0]["id"], rows[-1]["id"]) if rows else None
+    if len(rows) != seal.count or span != (seal.first_id, seal.last_id):
+        yield SealBreak("seals", str(seal.number),
+                        f"holds {seal.count} events ({seal.first_id}..{seal.last_id}) but "
+                        f"{len(rows)} carry its number: events were inserted or deleted")
+    elif batch_hash(digests) != seal.batch_hash:
+        yield SealBreak("seals", str(seal.number), "its events no longer hash to its batch "
+                                                   "hash (an event was reordered or rewritten "
+                                                   "with its hash)")
+
+
+def unsealed_before(conn: Connection, moment: datetime) -> tuple[int, int | None]:
+    """How many events written before ``moment`` are still unsealed, and the oldest one's id."""
+    count, oldest = conn.execute(select(func.count(), func.min(e.id)).where(
+        e.seal.is_(None), e.at < moment)).one()
+    return int(count), None if oldest is None else int(oldest)
+
+
+def stray_seal_numbers(conn: Connection) -> list[int]:
+    """Seal numbers events carry with no seal row (a seal deleted, or an event forged)."""
+    query = (select(e.seal).distinct().where(e.seal.is_not(None))
+             .where(~select(s.number).where(s.number == e.seal).exists()))
+    return sorted(int(n) for n in conn.execute(query).scalars())
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+def _my_turn(conn: Connection) -> bool:
+    if conn.dialect.name != "postgresql":
+        return True  # SQLite: this write transaction already holds the database's lock
+    return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
+                             {"k": _ADVISORY_KEY}).scalar_one())
+
+
+def _hashed_fields(number: int, first_id: int, last_id: int, count: int, batch: str,
+                   prev_hash: str, sealed_at: datetime) -> dict[str, Any]:
+    return {"seal": number, "firstId": int(first_id), "lastId": int(last_id), "count": count,
+            "batchHash": batch, "prevHash": prev_hash, "sealedAt": utc_text(sealed_at)}
+
+
+def _seal_hash(fields: Mapping[str, Any]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _signature_problem(seal: Seal, keys: Mapping[str, VerificationKey]) -> str | None:
+    key = keys.get(seal.kid)
+    if key is None:
+        return f"signed by key {seal.kid!r}, which the key ring does not hold"
+    try:
+        header = jwt.get_unverified_header(seal.jws)
+        claims = jwt.decode(seal.jws, key.key, algorithms=[key.alg])
+    except jwt.PyJWTError:
+        return "its signature does not verify"
+    if header.get("kid") != seal.kid or claims != seal.claims():
+        return "its signature covers other fields than the seal's"
+    return None
