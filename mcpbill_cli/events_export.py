@@ -1,12 +1,16 @@
 """The audit trail as JSON lines, for time-series stores and SIEMs: ``mcpbill events export``.
 
-One event per line, in ``seq`` order, streamed (the trail is never loaded whole). Schema
-version 1; fields may be added in a later version, none is renamed or removed within one:
+One event per line, in ``id`` order, streamed (the trail is never loaded whole). Schema
+version 2 (version 1, before schema 0005 sealed the trail, had ``seq`` and ``prev_hash`` where
+it now has ``id``, ``seal`` and ``hash``); fields may be added in a later version, none is
+renamed or removed within one:
 
 =================  ===========================================================================
-``schema_version`` ``1``
-``seq``            integer, the event's place in the hash chain (1, 2, ...); resume an export
-                   with ``--after-seq`` the last one shipped
+``schema_version`` ``2``
+``id``             integer, the event's id; resume an export with ``--after`` the last one
+                   shipped. On PostgreSQL an id is taken before its transaction commits, so an
+                   event may commit after higher ids were exported: resume a few seconds
+                   behind and drop the ids already shipped
 ``at``             string, UTC, ``2026-11-27T12:00:00.123456Z`` (microseconds, always ``Z``)
 ``kind``           string: ``charge``, ``hold``, ``capture``, ``void``, ``expire``, ``refusal``,
                    ``deposit``, ``issue``, ``revoke``, ...
@@ -21,8 +25,10 @@ version 1; fields may be added in a later version, none is renamed or removed wi
 ``ref``            string or null: the call (receipt id), deposit or token the event concerns
 ``detail``         object or null: e.g. ``{"reason": "expired"}`` for a refusal
 ``demo``           boolean: recorded in demo mode
-``prev_hash``      string: hex sha256 of the event before (64 zeros for the first)
-``hash``           string: hex sha256 of ``prev_hash`` and this event's canonical form
+``seal``           integer or null: the number of the seal that holds the event (``mcpbill audit
+                   seals export``); null until a sealer takes it (within seconds)
+``hash``           string or null: hex sha256 of the event's canonical form, as its seal chains
+                   it; null while unsealed
 =================  ===========================================================================
 """
 
@@ -43,36 +49,36 @@ from mcpbill_cli.fsutil import atomic_writer
 from mcpbill_cli.ledger.models import events
 from mcpbill_cli.money import format_usd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BATCH = 5000
 e = events.c
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """How many events were written, and the first and last ``seq`` among them."""
+    """How many events were written, and the first and last ``id`` among them."""
 
     events: int
-    first_seq: int | None
-    last_seq: int | None
+    first_id: int | None
+    last_id: int | None
 
 
 def export_events(conn: Connection, out: IO[str], *, since: datetime | None = None,
-                  until: datetime | None = None, after_seq: int | None = None) -> ExportResult:
-    """Write the events with ``since <= at < until`` and ``seq > after_seq`` to ``out``."""
-    query = select(events).order_by(e.seq).execution_options(yield_per=BATCH)
+                  until: datetime | None = None, after: int | None = None) -> ExportResult:
+    """Write the events with ``since <= at < until`` and ``id > after`` to ``out``."""
+    query = select(events).order_by(e.id).execution_options(yield_per=BATCH)
     if since is not None:
         query = query.where(e.at >= since)
     if until is not None:
         query = query.where(e.at < until)
-    if after_seq is not None:
-        query = query.where(e.seq > after_seq)
+    if after is not None:
+        query = query.where(e.id > after)
     count, first, last = 0, None, None
     for row in conn.execute(query).mappings():
         out.write(event_line(row))
         count += 1
-        first = row["seq"] if first is None else first
-        last = row["seq"]
+        first = row["id"] if first is None else first
+        last = row["id"]
     return ExportResult(count, first, last)
 
 
@@ -80,13 +86,13 @@ def event_line(row: Mapping[Any, Any]) -> str:
     """One event in the export schema, as a JSON line (with its newline)."""
     amount = row["amount"]
     document = {
-        "schema_version": SCHEMA_VERSION, "seq": row["seq"], "at": _utc(row["at"]),
+        "schema_version": SCHEMA_VERSION, "id": row["id"], "at": _utc(row["at"]),
         "kind": row["kind"], "code": row["code"], "tenant": row["tenant"],
         "agent": row["agent"], "jti": row["jti"], "token_hash": row["token_hash"],
         "tool": row["tool"], "amount_usd": None if amount is None else format_usd(amount),
         "amount_micro": amount, "ref": row["ref"],
         "detail": json.loads(row["detail"]) if row["detail"] else None,
-        "demo": bool(row["demo"]), "prev_hash": row["prev_hash"], "hash": row["hash"],
+        "demo": bool(row["demo"]), "seal": row["seal"], "hash": row["hash"],
     }
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\n"
 

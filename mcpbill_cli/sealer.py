@@ -51,10 +51,15 @@ class Sealer:
                 self._thread.start()
 
     def close(self) -> None:
+        """Stop the thread, then a last turn (the ledger down: what is left stays for the
+        next sealer, the counts of this turn are lost and said so)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.turn()
+        try:
+            self.turn()
+        except BillingError as exc:
+            logger.warning("could not seal or write refusal counts on close: %s", exc.message)
 
     def turn(self) -> int:
         """One turn: flush the counts, then seal until nothing is left; returns the events

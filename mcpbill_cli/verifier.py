@@ -34,7 +34,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -49,10 +49,8 @@ from mcpbill_cli.errors import (
     DuplicateCall,
     HoldNotActive,
     IdempotencyConflict,
-    InsufficientFunds,
     InvalidCreditToken,
     InvalidInput,
-    NotFound,
     ScopeDenied,
     StatelessVerifier,
     TokenRevoked,
@@ -63,7 +61,7 @@ from mcpbill_cli.ledger import audit, calls, refusals, seals
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
-from mcpbill_cli.ledger.ops import AccountClosed, token_account
+from mcpbill_cli.ledger.ops import token_account
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing import (
     Price,
@@ -81,6 +79,9 @@ from mcpbill_cli.sealer import Sealer
 from mcpbill_cli.tokens import Claims, decode_token
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
+
+_T = TypeVar("_T")
+_Opened = TypeVar("_Opened", calls.Opened, Receipt)
 
 logger = logging.getLogger("mcpbill")
 
@@ -311,25 +312,16 @@ class Verifier:
         amount = None if units is None else min(hold.price.for_units(units), hold.amount)
         kept = result if result is not None and len(result.encode()) <= self.result_cap else None
         now = self._clock()
-        signed: list[Receipt] = []
-
-        def sign(posted: int, remaining: int) -> str:
-            signed.append(self._sign(hold, posted, remaining, now, f"capture:{hold.id}",
-                                     settlement))
-            return signed[-1].jws
-
         with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id):
-            try:
-                with writing(self._ledger()) as conn:
-                    calls.capture(conn, hold.id, amount=amount, units=units, at=now, sign=sign,
-                                  result=kept)
-            except calls.Replay:
-                return self.receipt_for(hold.id) or self._lost(hold.id)
-            except HoldNotActive as refused:
-                if refused.details.get("state") == "timed out":  # release it now, not at a sweep
-                    self.void(hold)
-                raise
-            return signed[-1]
+            with writing(self._ledger()) as conn:
+                settled = calls.settle(conn, hold.id, amount=amount, at=now)
+                if isinstance(settled, calls.Settled):
+                    receipt = self._sign(hold, settled.posted, settled.remaining, now,
+                                         f"capture:{hold.id}", settlement)
+                    calls.record_capture(conn, hold.id, settled, units=units, at=now,
+                                         receipt=receipt.jws, result=kept)
+                    return receipt
+            return self._not_captured(hold, settled)
 
     def void(self, hold: Hold) -> None:
         """Release a hold: the tool failed, nothing is billed.
@@ -345,7 +337,9 @@ class Verifier:
             stored = calls.stored(conn, call_id=hold.id)
             if stored is not None and stored.status in ("voided", "expired"):
                 return
-            calls.void(conn, hold.id, at=now, expired=_lapsed(stored, now))
+            voided = calls.void(conn, hold.id, at=now, expired=_lapsed(stored, now))
+        if isinstance(voided, calls.NotActive):
+            raise _not_active(hold, voided)
 
     def charge(self, token: str, tool: str, *, args: Any = None,
                idempotency_key: str | None = None, units: int | None = None) -> Receipt:
@@ -356,18 +350,19 @@ class Verifier:
         with self._refusals_recorded(token, tool):
             claims, price, call = self._new_call(token, tool, args, idempotency_key, units)
             now = self._clock()
-            receipt: list[Receipt] = []
 
-            def sign(remaining: int) -> str:
-                receipt.append(self._sign(call, call.amount, remaining, now,
-                                          f"charge:{call.id}"))
-                return receipt[-1].jws
+            def charged(conn: Connection) -> Receipt | calls.KeyTaken | calls.Refused:
+                debited = calls.debit_charge(conn, call, at=now)
+                if not isinstance(debited, calls.Opened):
+                    return debited
+                receipt = self._sign(call, call.amount, debited.remaining, now,
+                                     f"charge:{call.id}")
+                return calls.record_charge(conn, call, at=now, receipt=receipt.jws) or receipt
 
-            replay = self._opened(claims, price, call,
-                                  lambda conn: calls.charge(conn, call, at=now, sign=sign))
-            if replay is not None and replay.replayed is not None:
-                return replay.replayed
-            return receipt[-1]
+            opened = self._opened(claims, price, call, charged)
+            if isinstance(opened, Hold):  # a replay
+                return opened.replayed or self._lost(opened.id)
+            return opened
 
     @contextmanager
     def call(self, token: str, tool: str, *, args: Any = None,
@@ -534,10 +529,10 @@ class Verifier:
     def _hold(self, claims: Claims, price: Price, call: calls.NewCall) -> Hold:
         now = self._clock()
         timeout_at = now + timedelta(seconds=self.hold_timeout)
-        replayed = self._opened(claims, price, call, lambda conn: calls.hold(
+        opened = self._opened(claims, price, call, lambda conn: calls.hold(
             conn, call, at=now, timeout_at=timeout_at))
-        if replayed is not None:
-            return replayed
+        if isinstance(opened, Hold):  # a replay
+            return opened
         return Hold(call.id, claims.jti, claims.tenant, claims.agent, call.tool, call.amount,
                     call.idempotency_key, timeout_at, price)
 
@@ -574,53 +569,65 @@ class Verifier:
             daily_cap=table_daily_cap(table, claims.tenant), dedupe_window=window)
 
     def _opened(self, claims: Claims, price: Price, call: calls.NewCall,
-                step: Callable[[Connection], object]) -> Hold | None:
-        """Run the step that opens ``call`` (a hold or a charge); ``None`` once it ran, or
-        the :attr:`Hold.replayed` hold of the call its key belongs to."""
+                write: Callable[[Connection], _Opened | calls.KeyTaken | calls.Refused]
+                ) -> _Opened | Hold:
+        """Run ``write`` (the steps that open ``call``: a hold, or a charge and its receipt) in
+        one transaction: what it opened, or the :attr:`Hold.replayed` hold of the call its key
+        belongs to. A refusal raises; a key freed meanwhile, or stale holds expired to make
+        room, run it again."""
+        swept = False
         for _ in range(OPEN_ATTEMPTS):
-            try:
-                self._guarded(claims, call.tool, price, call, step)
-                return None
-            except calls.Replay:
-                replayed = self._existing(call, claims, price)
-                if replayed is not None:
-                    return replayed
+            outcome = self._write(write)
+            if isinstance(outcome, calls.Refused):
+                if outcome.reason in ("funds", "daily_cap") and self._key_known(call):
+                    outcome = calls.KeyTaken(call.idempotency_key)  # a replay needs no budget
+                elif outcome.reason == "funds" and not swept:
+                    swept = True
+                    if self._expire_stale_holds(claims.jti):
+                        continue
+                    raise self._refusal(claims, call.tool, price, outcome)
+                else:
+                    raise self._refusal(claims, call.tool, price, outcome)
+            if not isinstance(outcome, calls.KeyTaken):
+                return outcome
+            replayed = self._existing(call, claims, price)
+            if replayed is not None:
+                return replayed
         raise CallInProgress(  # the key kept changing hands: other attempts are running
             f"other calls with idempotency key {call.idempotency_key!r} are in progress",
             idempotencyKey=call.idempotency_key, retryAfterMs=RETRY_AFTER_MS)
 
-    def _guarded(self, claims: Claims, tool: str, price: Price, call: calls.NewCall,
-                 step: Callable[[Connection], object]) -> None:
-        """Run a money-moving step; on a refused debit, expire stale holds or refuse.
+    def _write(self, write: Callable[[Connection], _T]) -> _T:
+        """``write`` in one transaction; rolled back when it says the call did not open."""
+        with writing(self._ledger()) as conn:
+            outcome = write(conn)
+            if isinstance(outcome, calls.KeyTaken | calls.Refused):
+                conn.rollback()
+        return outcome
 
-        A refused debit still replays a call made already (the budget does not apply to
-        a replay); a closed account (a revoked token) never does.
-        """
-        for attempt in (1, 2):
-            try:
-                with writing(self._ledger()) as conn:
-                    step(conn)
-                return
-            except AccountClosed:
-                raise TokenRevoked(f"token {claims.jti} has been revoked",
-                                   jti=claims.jti) from None
-            except NotFound:
-                raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
-                                         reason="unknown_token") from None
-            except InsufficientFunds as exc:
-                self._raise_if_known(call)
-                if attempt == 1 and self._expire_stale_holds(claims.jti):
-                    continue
-                raise self._budget_exceeded(claims, tool, price,
-                                            int(exc.details["available"])) from None
-            except calls.DailyCapReached as cap:
-                self._raise_if_known(call)
-                raise self._daily_cap_exceeded(claims, tool, price, cap) from None
+    def _refusal(self, claims: Claims, tool: str, price: Price,
+                 refused: calls.Refused) -> BillingError:
+        if refused.reason == "closed":
+            return TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
+        if refused.reason == "unknown":
+            return InvalidCreditToken(f"token {claims.jti} is not in this ledger",
+                                      reason="unknown_token")
+        if refused.reason == "daily_cap":
+            return self._daily_cap_exceeded(claims, tool, price, refused)
+        return self._budget_exceeded(claims, tool, price, refused.available)
 
-    def _raise_if_known(self, call: calls.NewCall) -> None:
+    def _key_known(self, call: calls.NewCall) -> bool:
         with reading(self._ledger()) as conn:
-            if calls.stored(conn, tenant=call.tenant, key=call.idempotency_key) is not None:
-                raise calls.Replay(call.idempotency_key)
+            return calls.stored(conn, tenant=call.tenant, key=call.idempotency_key) is not None
+
+    def _not_captured(self, hold: Hold, outcome: calls.NotActive) -> Receipt:
+        """A capture that found its hold no longer held: the receipt of a capture made
+        already, else HOLD_NOT_ACTIVE (a hold that timed out is released at once)."""
+        if outcome.state == "captured":
+            return self.receipt_for(hold.id) or self._lost(hold.id)
+        if outcome.state == "timed out":  # release it now, not at the next sweep
+            self.void(hold)
+        raise _not_active(hold, outcome)
 
     def _expire_stale_holds(self, jti: str) -> int:
         with writing(self._ledger()) as conn:
@@ -728,7 +735,7 @@ class Verifier:
             fallback=self._fallback(claims, remaining))
 
     def _daily_cap_exceeded(self, claims: Claims, tool: str, price: Price,
-                            cap: calls.DailyCapReached) -> BudgetExceeded:
+                            cap: calls.Refused) -> BudgetExceeded:
         left = max(cap.cap - cap.spent, 0)
         return BudgetExceeded(
             f"tenant {claims.tenant} has reached its daily cap of {format_usd(cap.cap)} USDC "
@@ -856,6 +863,11 @@ def _replayable(stored: calls.StoredCall, call: calls.NewCall, now: datetime) ->
     if call.dedupe_window is None or stored.resolved_at is None:
         return True
     return aware(stored.resolved_at) + timedelta(seconds=call.dedupe_window) > now
+
+
+def _not_active(hold: Hold, outcome: calls.NotActive) -> HoldNotActive:
+    return HoldNotActive(f"hold {hold.id} is {outcome.state}", hold=hold.id,
+                         state=outcome.state)
 
 
 def _fresh(hold: Hold) -> Hold:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 FINDINGS_CODE = "RECONCILE_FINDINGS"
 FINDINGS_EXIT_CODE = EXIT_CODES.get(FINDINGS_CODE, 20)
 
-events_app = typer.Typer(help="The hash-chained audit trail.", no_args_is_help=True)
+events_app = typer.Typer(help="The audit trail, sealed in signed batches.", no_args_is_help=True)
 
 
 class ChainMode(enum.StrEnum):
@@ -80,8 +80,9 @@ def reconcile(
         "--verify-receipts", help="Also verify every receipt's signature and signed fields "
                                   "(~0.2 ms each, spread over --jobs processes).")] = False,
     chain: Annotated[ChainMode, typer.Option(
-        "--chain", help="The audit hash chain: the window's events, the full chain from "
-                        "genesis, or off.")] = ChainMode.window,
+        "--chain", help="The sealed audit trail: check the seals holding the window's events "
+                        "(each linked to the one before), every seal from the first, or none. "
+                        "Signatures are checked with the home's key ring.")] = ChainMode.window,
     onchain: Annotated[bool, typer.Option(
         "--onchain", help="Re-read each deposit's transaction on chain and compare the deposit "
                           "address's balance (needs an RPC URL).")] = False,
@@ -92,7 +93,7 @@ def reconcile(
         "--window-only", help="Skip the ledger-wide invariants (balances, stored sums, token "
                               "limits), which read every transfer ever made.")] = False,
     jobs: Annotated[int | None, typer.Option(
-        "--jobs", min=1, help="Processes for re-hashing events and verifying receipts.",
+        "--jobs", min=1, help="Processes for hashing sealed events and verifying receipts.",
         show_default="the CPU count")] = None,
     max_rows: Annotated[int, typer.Option(
         "--max-rows", min=1, help="Rows listed per finding (all are counted).")] = 100,
@@ -140,13 +141,14 @@ def _chain_reader(st: State, override: str | None) -> ChainReader:
 
 
 def report_json(report: ReconcileReport) -> dict[str, Any]:
-    """The report as JSON: amounts as ``*_usd`` decimal strings, the anchor as an object."""
+    """The report as JSON: amounts as ``*_usd`` decimal strings, the anchor (the last seal
+    checked) as ``{"seal", "hash"}``."""
     data: dict[str, Any] = to_jsonable(report)
     data["summary"] = _totals_json(report.summary)
     data["totals"] = {dimension: {key: _totals_json(totals) for key, totals in keyed.items()}
                       for dimension, keyed in report.totals.items()}
     anchor = report.audit_anchor
-    data["audit_anchor"] = None if anchor is None else {"seq": anchor[0], "hash": anchor[1]}
+    data["audit_anchor"] = None if anchor is None else {"seal": anchor[0], "hash": anchor[1]}
     data["errors"], data["warnings"] = report.errors, report.warnings
     return data
 
@@ -256,17 +258,18 @@ def export(
                         "otherwise).")] = None,
     until: Annotated[str | None, typer.Option(
         "--until", help="Events before this date or time.")] = None,
-    after_seq: Annotated[int | None, typer.Option(
-        "--after-seq", min=0, help="Events after this seq: resume where the last export "
-                                   "ended.")] = None,
+    after: Annotated[int | None, typer.Option(
+        "--after", min=0, metavar="ID", help="Events after this event id: resume where the "
+                                             "last export ended.")] = None,
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file (atomically) instead of stdout.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write the audit trail as JSON lines (schema_version 1) for time-series stores and SIEMs.
+    """Write the audit trail as JSON lines (schema_version 2) for time-series stores and SIEMs.
 
-    One event per line in seq order, streamed. With --json, --out is required and stdout
-    carries the summary document. Example: mcpbill events export --since 2026-11-27 --out e.jsonl
+    One event per line in id order, streamed, with its seal and hash. With --json, --out is
+    required and stdout carries the summary document. Resume with --after the last id shipped.
+    Example: mcpbill events export --since 2026-11-27 --out e.jsonl
     """
     from mcpbill_cli.errors import InvalidInput
     from mcpbill_cli.events_export import atomic_text_file, export_events
@@ -278,16 +281,16 @@ def export(
                            "file with --out FILE")
     bounds = {"since": parse_moment(since, "--since") if since else None,
               "until": parse_moment(until, "--until") if until else None,
-              "after_seq": after_seq}
+              "after": after}
     with reading(state(ctx).engine()) as conn:
         if out_file is None:
             result = export_events(conn, sys.stdout, **bounds)  # type: ignore[arg-type]
         else:
             with atomic_text_file(out_file) as fh:
                 result = export_events(conn, fh, **bounds)  # type: ignore[arg-type]
-    data = {"events": result.events, "first_seq": result.first_seq,
-            "last_seq": result.last_seq, "out": str(out_file) if out_file else None}
+    data = {"events": result.events, "first_id": result.first_id,
+            "last_id": result.last_id, "out": str(out_file) if out_file else None}
     emit(data, as_json=as_json, human=lambda: say(
         f"exported {result.events} event(s)"
-        + (f", seq {result.first_seq}..{result.last_seq}" if result.events else "")
+        + (f", ids {result.first_id}..{result.last_id}" if result.events else "")
         + (f" to {out_file}" if out_file else "")))

@@ -1,7 +1,11 @@
 """Billed calls on the ledger: the verifier's hot path, a few statements per transaction.
 
+Each step returns what happened (:data:`Opening`, :class:`Settled`, :class:`NotActive`)
+rather than raising, and never calls back into the verifier: the verifier runs a step, signs,
+runs the next step, in one transaction, top to bottom.
+
 A call is one row of ``calls`` (its idempotency record, outcome and receipt) plus the transfers
-that move its money between ``token:<jti>`` and ``revenue``. The token's debit is the guard:
+that move its money between ``token:<jti>`` and ``revenue:<jti>``. The debit is the guard:
 one ``UPDATE ... WHERE NOT closed AND available >= amount RETURNING available``, so no
 interleaving of threads, processes or servers can spend past the limit or after a revocation.
 """
@@ -11,15 +15,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from mcpbill_cli.clock import utcnow
-from mcpbill_cli.errors import HoldNotActive, LedgerUnavailable
+from mcpbill_cli.errors import LedgerUnavailable
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import (
@@ -111,15 +114,56 @@ def new_call_id() -> str:
     return f"rcpt_{time.time_ns():016x}{secrets.token_hex(6)}"
 
 
-class Replay(Exception):  # noqa: N818 - control flow, never leaves the verifier
-    """The idempotency key already has a call: roll back and return that call's outcome."""
+# --- what a step of a call tells the verifier ----------------------------------------------
+# Every step below runs inside the caller's transaction and returns what happened; a step that
+# did not go through leaves writes behind that the caller rolls back (the verifier does).
 
 
-class DailyCapReached(Exception):  # noqa: N818 - turned into BUDGET_EXCEEDED by the verifier
-    def __init__(self, cap: int, spent: int) -> None:
-        super().__init__(cap, spent)
-        self.cap = cap
-        self.spent = spent
+@dataclass(frozen=True)
+class Opened:
+    """The call's money moved and its row is written; ``remaining`` is the token's balance."""
+
+    remaining: int
+
+
+@dataclass(frozen=True)
+class KeyTaken:
+    """The tenant's idempotency key already belongs to a call: what it means is the caller's."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The debit was refused: ``closed`` (a revoked token), ``unknown`` (no such token),
+    ``funds`` (``available`` is short) or ``daily_cap`` (the tenant spent ``spent`` of ``cap``).
+    """
+
+    reason: Literal["closed", "unknown", "funds", "daily_cap"]
+    available: int = 0
+    cap: int = 0
+    spent: int = 0
+
+
+Opening = Opened | KeyTaken | Refused
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A held call posted for ``posted`` (the rest returned); ``row`` is the call's."""
+
+    posted: int
+    remaining: int
+    row: Any
+
+
+@dataclass(frozen=True)
+class NotActive:
+    """The hold is no longer held: ``state`` is captured, voided, expired, timed out or
+    unknown; ``key`` is the call's idempotency key when it was captured."""
+
+    state: str
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,61 +249,76 @@ def extend(conn: Connection, call_ids: list[str], *, until: datetime, now: datet
     return live
 
 
-def charge(conn: Connection, call: NewCall, *, at: datetime,
-           sign: Callable[[int], str]) -> tuple[int, str]:
-    """Post the call's price at once; returns (remaining, receipt). ``sign(remaining)`` signs."""
-    remaining = _debit(conn, _DEBIT_POSTED, call)
+def debit_charge(conn: Connection, call: NewCall, *, at: datetime) -> Opened | Refused:
+    """Post the call's price at once (its row comes with the receipt: :func:`record_charge`)."""
+    debited = _debit(conn, _DEBIT_POSTED, call)
+    if isinstance(debited, Refused):
+        return debited
     _credit(conn, _CREDIT_POSTED, call)
-    transfer_id = f"charge:{call.id}"
-    _transfer(conn, transfer_id, call, "posted", "charge", at)
-    _count_daily(conn, call, at)
-    receipt = sign(remaining)
-    _insert_call(conn, call, status="captured", amount=call.amount, transfer_id=transfer_id,
-                 receipt=receipt, timeout_at=None, at=at)
+    _transfer(conn, f"charge:{call.id}", call, "posted", "charge", at)
+    return _count_daily(conn, call, at) or Opened(debited)
+
+
+def record_charge(conn: Connection, call: NewCall, *, at: datetime, receipt: str
+                  ) -> None | KeyTaken:
+    """The charged call's row, its signed receipt and its event; KeyTaken if the key is."""
+    if not _insert_call(conn, call, status="captured", amount=call.amount,
+                        transfer_id=f"charge:{call.id}", receipt=receipt, timeout_at=None, at=at):
+        return KeyTaken(call.idempotency_key)
     audit.record(conn, "charge", at=at, jti=call.jti, tenant=call.tenant, agent=call.agent,
                  tool=call.tool, amount=call.amount, ref=call.id, demo=call.demo)
-    return remaining, receipt
+    return None
 
 
-def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime) -> int:
-    """Reserve the call's amount as a pending transfer; returns what remains available."""
-    remaining = _debit(conn, _DEBIT_PENDING, call)
+def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime) -> Opening:
+    """Reserve the call's amount as a pending transfer and write its row."""
+    debited = _debit(conn, _DEBIT_PENDING, call)
+    if isinstance(debited, Refused):
+        return debited
     _credit(conn, _CREDIT_PENDING, call)
     _transfer(conn, f"hold:{call.id}", call, "pending", "hold", at, timeout_at=timeout_at)
-    _count_daily(conn, call, at)
-    _insert_call(conn, call, status="held", amount=None, transfer_id=None, receipt=None,
-                 timeout_at=timeout_at, at=at)
+    capped = _count_daily(conn, call, at)
+    if capped is not None:
+        return capped
+    if not _insert_call(conn, call, status="held", amount=None, transfer_id=None, receipt=None,
+                        timeout_at=timeout_at, at=at):
+        return KeyTaken(call.idempotency_key)
     audit.record(conn, "hold", at=at, jti=call.jti, tenant=call.tenant, agent=call.agent,
                  tool=call.tool, amount=call.amount, ref=call.id, demo=call.demo)
-    return remaining
+    return Opened(debited)
 
 
-def capture(conn: Connection, call_id: str, *, amount: int | None, units: int | None,
-            at: datetime, sign: Callable[[int, int], str], result: str | None = None
-            ) -> tuple[int, int, str]:
-    """Post a held call (in part: the rest returns); returns (amount, remaining, receipt).
-
-    ``sign(amount, remaining)`` makes the receipt; ``result`` (the tool's result, JSON) is kept
-    for replays. A call captured already raises Replay.
-    """
+def settle(conn: Connection, call_id: str, *, amount: int | None, at: datetime
+           ) -> Settled | NotActive:
+    """Post a held call before its timeout, in full or for ``amount`` (the rest returns); its
+    receipt comes after (:func:`record_capture`)."""
     row = _resolve_call(conn, call_id, "captured", at, before_timeout=True)
+    if isinstance(row, NotActive):
+        return row
     settled = ops.post_pending(conn, id=f"capture:{call_id}", pending_id=f"hold:{call_id}",
                                amount=amount, at=at)
-    posted = settled.amount
-    receipt = sign(posted, settled.available)
-    _RECORD_CAPTURE.rowcount(conn, {"b_id": call_id, "b_amount": posted, "b_units": units,
-                                    "b_transfer": f"capture:{call_id}", "b_receipt": receipt,
-                                    "b_result": result})
-    _uncount_daily(conn, row, row.amount_held - posted)
+    _uncount_daily(conn, row, row.amount_held - settled.amount)
+    return Settled(settled.amount, settled.available, row)
+
+
+def record_capture(conn: Connection, call_id: str, settled: Settled, *, units: int | None,
+                   at: datetime, receipt: str, result: str | None) -> None:
+    """The settled call's receipt, units and kept ``result`` (JSON, for replays), its event."""
+    _RECORD_CAPTURE.rowcount(conn, {"b_id": call_id, "b_amount": settled.posted,
+                                    "b_units": units, "b_transfer": f"capture:{call_id}",
+                                    "b_receipt": receipt, "b_result": result})
+    row = settled.row
     audit.record(conn, "capture", at=at, jti=row.jti, tenant=row.tenant, agent=row.agent,
-                 tool=row.tool, amount=posted, ref=call_id, demo=row.demo)
-    return posted, settled.available, receipt
+                 tool=row.tool, amount=settled.posted, ref=call_id, demo=row.demo)
 
 
-def void(conn: Connection, call_id: str, *, at: datetime, expired: bool = False) -> int:
-    """Release a held call; returns the amount released."""
+def void(conn: Connection, call_id: str, *, at: datetime, expired: bool = False
+         ) -> int | NotActive:
+    """Release a held call; the amount released."""
     row = _resolve_call(conn, call_id, "expired" if expired else "voided", at,
                         before_timeout=not expired)
+    if isinstance(row, NotActive):
+        return row
     released = ops.void_pending(conn, id=f"{'expire' if expired else 'void'}:{call_id}",
                                 pending_id=f"hold:{call_id}", at=at, expired=expired)
     _uncount_daily(conn, row, released)
@@ -270,12 +329,8 @@ def void(conn: Connection, call_id: str, *, at: datetime, expired: bool = False)
 
 def expire_call(conn: Connection, pending_id: str, *, now: datetime) -> bool:
     """Void a hold past its timeout (named by its pending transfer id); False if it was not."""
-    call_id = pending_id.removeprefix("hold:")
-    try:
-        void(conn, call_id, at=now, expired=True)
-    except HoldNotActive:
-        return False
-    return True
+    return not isinstance(void(conn, pending_id.removeprefix("hold:"), at=now, expired=True),
+                          NotActive)
 
 
 def available(conn: Connection, jti: str, *, now: datetime) -> tuple[int, bool] | None:
@@ -321,11 +376,17 @@ def daily_spent(conn: Connection, tenant: str, day: str) -> int:
 # --- internals ---------------------------------------------------------------------------------
 
 
-def _debit(conn: Connection, statement: Prepared, call: NewCall) -> int:
+def _debit(conn: Connection, statement: Prepared, call: NewCall) -> int | Refused:
+    """The token's guarded debit: what remains, or why it was refused."""
     row = statement.first(conn, {"account": call.account, "amount": call.amount})
-    if row is None:
-        ops.explain_refused_debit(conn, call.account, call.amount)
-    return int(row[0])  # type: ignore[index]
+    if row is not None:
+        return int(row[0])
+    balance = ops.find_balance(conn, call.account)
+    if balance is None:
+        return Refused("unknown")
+    if balance.closed:
+        return Refused("closed")
+    return Refused("funds", available=balance.available)
 
 
 def _credit(conn: Connection, statement: Prepared, call: NewCall) -> None:
@@ -349,8 +410,8 @@ def _transfer(conn: Connection, id: str, call: NewCall, kind: str, code: str, at
 
 def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | None,
                  transfer_id: str | None, receipt: str | None, timeout_at: datetime | None,
-                 at: datetime) -> None:
-    inserted = ops.insert_ignore(conn, calls, {
+                 at: datetime) -> bool:
+    return ops.insert_ignore(conn, calls, {
         "id": call.id, "idempotency_key": call.idempotency_key,
         "request_hash": call.request_hash, "jti": call.jti, "tenant": call.tenant,
         "agent": call.agent, "tool": call.tool, "units": call.units,
@@ -359,29 +420,28 @@ def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | 
         "pricing_version": call.pricing_version, "price_rule": call.price_rule,
         "receipt": receipt, "demo": call.demo, "created_at": at, "key_retired": False,
         "resolved_at": at if status == "captured" else None})
-    if not inserted:
-        raise Replay(call.idempotency_key)
 
 
 def _day(at: datetime) -> str:
     return at.strftime("%Y-%m-%d")
 
 
-def _count_daily(conn: Connection, call: NewCall, at: datetime) -> None:
-    """Count the amount against the tenant's daily cap, atomically, or refuse."""
+def _count_daily(conn: Connection, call: NewCall, at: datetime) -> Refused | None:
+    """Count the amount against the tenant's daily cap, atomically; Refused past the cap."""
     if call.daily_cap is None:
-        return
+        return None
     day = _day(at)
     params = {"b_tenant": call.tenant, "b_day": day, "b_amount": call.amount,
               "b_cap": call.daily_cap}
     if _ADD_DAILY.rowcount(conn, params) == 1:
-        return
+        return None
     if call.amount <= call.daily_cap and ops.insert_ignore(conn, tenant_daily_spend, {
             "tenant": call.tenant, "day": day, "amount": call.amount}):
-        return
+        return None
     if _ADD_DAILY.rowcount(conn, params) == 1:  # another call created today's row
-        return
-    raise DailyCapReached(call.daily_cap, daily_spent(conn, call.tenant, day))
+        return None
+    return Refused("daily_cap", cap=call.daily_cap,
+                   spent=daily_spent(conn, call.tenant, day))
 
 
 def _uncount_daily(conn: Connection, row: Any, amount: int) -> None:
@@ -392,14 +452,14 @@ def _uncount_daily(conn: Connection, row: Any, amount: int) -> None:
 
 def _resolve_call(conn: Connection, call_id: str, status: str, at: datetime, *,
                   before_timeout: bool) -> Any:
-    """Flip a held call to ``status`` once; Replay if it was captured, HoldNotActive else."""
+    """Flip a held call to ``status`` once: its row, or why it is not held any more."""
     query = _RESOLVE_CALL_BEFORE_TIMEOUT if before_timeout else _RESOLVE_CALL
     row = query.first(conn, {"b_id": call_id, "b_status": status, "b_at": at})
     if row is not None:
         return row
     current = stored(conn, call_id=call_id)
-    if current is not None and current.status == "captured" and status == "captured":
-        raise Replay(current.idempotency_key)
-    state = "unknown" if current is None else (
-        "timed out" if current.status == "held" else current.status)
-    raise HoldNotActive(f"hold {call_id} is {state}", hold=call_id, state=state)
+    if current is None:
+        return NotActive("unknown")
+    if current.status == "held":
+        return NotActive("timed out")
+    return NotActive(current.status, current.idempotency_key)

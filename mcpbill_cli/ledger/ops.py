@@ -128,6 +128,12 @@ def ensure_account(
     })
 
 
+def find_balance(conn: Connection, account: str) -> Balance | None:
+    """The account's sums, or ``None`` when there is no such account."""
+    row = _BALANCE.first(conn, {"b_account": account})
+    return None if row is None else Balance(*row)
+
+
 def balance(conn: Connection, account: str, *, lock: bool = False) -> Balance:
     query = _BALANCE_FOR_UPDATE if lock else _BALANCE
     row = query.first(conn, {"b_account": account})

@@ -17,16 +17,21 @@ What is checked, and how it scales:
   account below zero, stored sums equal the transfers, no token past its limit, every captured
   call posted once with a receipt; plus holds still pending past their timeout.
 - **Deposits** against their transfers; with ``onchain``, against the chain itself.
-- **The audit hash chain**: the window's segment re-hashed (``chain="window"``, linked to the
-  event before it), the whole chain (``"full"``), or not at all (``"off"``).
+- **The audit trail against the money**: every hold, capture, charge, void and expire event of
+  the window has its transfer and every such transfer its event, one to one (SQL anti-joins).
+- **The sealed audit trail**: the seals holding the window's events (``chain="window"``, the
+  first linked to the seal before it), every seal (``"full"``), or none (``"off"``): their
+  numbers, links, hashes and signatures (with ``keys_dir``), and each seal's batch re-hashed;
+  events left unsealed too long.
 - **Receipt signatures** (``verify_receipts``): every captured call's receipt verified with
   every key of the key ring and its signed fields compared with the call.
 
 Memory stays flat whatever the row count: SQL aggregates, results stream (``yield_per``), and
-findings keep at most ``max_rows`` rows each (with the full count). Re-hashing events and
-verifying signatures are per-row Python work; they run in ``jobs`` worker processes. On
-PostgreSQL the server re-hashes the chain (``chain_sql``), and the big queries run side by
-side on connections that share the reconcile's snapshot (``alongside``).
+findings keep at most ``max_rows`` rows each (with the full count); a seal's batch, at most
+5,000 events, is the most the audit check holds. Hashing events and verifying signatures are
+per-row Python work; they run in ``jobs`` worker processes. On PostgreSQL the server hashes the
+sealed batches (``seal_sql``), and the big queries run side by side on connections that share
+the reconcile's snapshot (``alongside``).
 """
 
 from __future__ import annotations

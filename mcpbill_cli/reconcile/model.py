@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mcpbill_cli.errors import InvalidInput
+from mcpbill_cli.ledger.seals import UNSEALED_WINDOW
 
 Severity = Literal["error", "warning"]
 ChainMode = Literal["window", "full", "off"]
@@ -52,7 +53,15 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
     "deposit_address_balance_differs": ("warning", "--onchain: the deposit address holds other "
                                                    "than what was recorded (withdrawn, or not "
                                                    "synced yet)"),
-    "audit_chain_broken": ("error", "an audit event was edited, inserted or deleted"),
+    "audit_chain_broken": ("error", "the sealed audit trail does not verify: an event edited, "
+                                    "inserted, deleted or reordered, or a seal edited, "
+                                    "deleted, unlinked or not signed by a key of the key ring"),
+    "audit_unsealed": ("warning", f"audit events written more than {UNSEALED_WINDOW} s ago are "
+                                  "still unsealed (run a verifier on the ledger, or `mcpbill "
+                                  "audit seal`)"),
+    "event_transfer_mismatch": ("error", "a hold, capture, charge, void or expire event without "
+                                         "its transfer, a transfer without its event, or one "
+                                         "call's event twice"),
     "receipt_invalid": ("error", "--verify-receipts: a receipt's signature does not verify"),
     "receipt_mismatch": ("error", "--verify-receipts: a receipt's signed fields differ from its "
                                   "call"),
@@ -139,9 +148,12 @@ ChainReader = Callable[[str], tuple[Any, Any]]
 class ReconcileOptions:
     """What to reconcile and how thoroughly.
 
-    ``keys_dir`` holds keyring.json: needed only with ``verify_receipts``. ``now`` is when
-    holds count as stale. ``leeway`` (seconds) is the expiry grace the verifier allows.
-    ``jobs`` processes re-hash the audit chain and verify receipts once there are enough rows.
+    ``keys_dir`` holds keyring.json: it verifies the seals' signatures (without it they go
+    unchecked, and ``skipped`` says so) and, with ``verify_receipts``, the receipts. ``now`` is
+    when holds count as stale and events as left unsealed. ``leeway`` (seconds) is the expiry
+    grace the verifier allows. ``chain`` checks the seals holding the window's events
+    (``window``), every seal (``full``), or none (``off``). ``jobs`` processes (PostgreSQL:
+    connections) hash the sealed batches and verify receipts once there are enough rows.
     ``ledger_wide`` runs ``ledger.invariants.check``, which reads every transfer ever made
     (its cost grows with the ledger, not the window); turn it off for frequent small windows.
     """
@@ -205,8 +217,9 @@ class ReconcileReport:
     tenant, agent (keyed ``tenant/agent``), tool, token (keyed by jti).
 
     ``checks`` names the checks that ran, ``skipped`` those that did not and why.
-    ``audit_anchor`` is ``(seq, hash)`` of the last audit event in the window: keep it, and
-    a later rewrite of the chain up to there cannot go unnoticed.
+    ``audit_anchor`` is ``(number, hash)`` of the last seal checked: keep it, and a later
+    rewrite of the seals up to there (even one re-signed with a stolen key) cannot go
+    unnoticed. ``None`` when no seal was checked.
     """
 
     window: Window

@@ -1,9 +1,9 @@
-"""CPU-bound checks (re-hashing the audit chain, verifying receipt signatures) split into
+"""CPU-bound checks (hashing the sealed audit batches, verifying receipt signatures) split into
 slices that worker processes read from the database themselves: nothing big crosses a pipe.
 
 Workers are spawned, not forked: a forked child would share the parent's database
 connections. Each worker opens one engine of its own and keeps it for its slices. Slices
-whose work the database server does (PostgreSQL re-hashing the chain) run in threads, each
+whose work the database server does (PostgreSQL hashing the batches) run in threads, each
 on a connection of its own: the server works them in parallel, nothing is spawned.
 """
 

@@ -14,11 +14,12 @@ from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.ledger import invariants
 from mcpbill_cli.ledger.engine import reading
-from mcpbill_cli.reconcile import chain_check, deposit_check, ledger_checks, receipt_check
+from mcpbill_cli.reconcile import deposit_check, ledger_checks, receipt_check, seal_check
 from mcpbill_cli.reconcile.alongside import alongside
 from mcpbill_cli.reconcile.call_checks import PriceCheck, check_token_validity
 from mcpbill_cli.reconcile.calls_pass import TokenTally, call_groups
 from mcpbill_cli.reconcile.collect import Findings
+from mcpbill_cli.reconcile.event_transfers import check_event_transfers
 from mcpbill_cli.reconcile.model import ReconcileOptions, ReconcileReport, Window
 from mcpbill_cli.reconcile.totals import TotalsBuilder
 from mcpbill_cli.reconcile.transfers_pass import (
@@ -41,6 +42,7 @@ class _Run:
     by_calls: dict[str, TokenTally] = field(default_factory=dict)
     by_transfers: dict[str, TransferTally] = field(default_factory=dict)
     chain_accounts: set[str] = field(default_factory=set)
+    moved: dict[str, int] = field(default_factory=dict)  # the window's transfers by code
     checks: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     anchor: tuple[int, str] | None = None
@@ -54,7 +56,7 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
     with reading(engine) as conn:
         _snapshot(conn, options.jobs)
         # The big queries do not depend on each other: on PostgreSQL they run side by side.
-        chain = _start_chain(engine, conn, run)
+        sealed = _start_seals(engine, conn, run)
         violations = (alongside(engine, conn, invariants.check, _serial_settings)
                       if options.ledger_wide else None)
         moved = alongside(engine, conn, partial(_transfer_groups, options.window),
@@ -63,7 +65,7 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
             _read_calls(conn, run)
             _read_transfers(moved(), run)
         _ledger_checks(conn, run, violations)
-        chain()
+        sealed()
         _receipts(engine, conn, run)
         _onchain(engine, conn, run)
     summary, totals = run.totals.frozen()
@@ -137,6 +139,7 @@ def _read_calls(conn: Connection, run: _Run) -> None:
 
 def _read_transfers(groups: Iterable[TransferGroup], run: _Run) -> None:
     for group in groups:
+        run.moved[group.code] = run.moved.get(group.code, 0) + group.count
         if group.code == "deposit":
             run.chain_accounts.add(group.debit)
             tenant = tenant_name(group.credit)
@@ -154,7 +157,8 @@ def _ledger_checks(conn: Connection, run: _Run,
                                        found)
     check_token_validity(conn, options.window, run.by_calls, options.leeway, options.filters,
                          found)
-    run.checks += ["control_totals", "token_validity"]
+    check_event_transfers(conn, options.window, run.moved, found)
+    run.checks += ["control_totals", "token_validity", "event_transfers"]
     if violations is not None:
         ledger_checks.check_invariants(violations(), found)
         run.checks.append("ledger_invariants")
@@ -167,30 +171,28 @@ def _ledger_checks(conn: Connection, run: _Run,
     run.checks += ["stale_holds", "refused_captures", "deposits"]
 
 
-def _start_chain(engine: Engine, conn: Connection, run: _Run) -> Callable[[], None]:
-    """Start the window's chain check (its workers re-hash while the SQL checks run); call
-    the result to finish it."""
-    mode = run.options.chain
-    if mode != "window":
-        return partial(_chain, conn, run)
-    collect = chain_check.start_window_chain(engine, conn, run.options.window,
-                                             run.options.jobs, run.found)
+def _start_seals(engine: Engine, conn: Connection, run: _Run) -> Callable[[], None]:
+    """Start the sealed trail's check (its batches hash while the SQL checks run); call the
+    result to finish it."""
+    options = run.options
+    if options.chain == "off":
+        run.skipped.append("audit_chain (--chain off)")
+        return lambda: None
+    keys = seal_check.seal_keys(options.keys_dir)
+    scope = seal_check.seal_scope(conn, options.chain, options.window)
+    collect = seal_check.start_seal_check(engine, conn, scope, keys, options.jobs, run.found)
 
     def finish() -> None:
         run.anchor = collect()
-        run.checks.append("audit_chain (window)")
+        seal_check.check_unsealed(conn, options.now or utcnow(), run.found)
+        run.checks.append(f"audit_chain ({options.chain})")
+        if keys is not None:
+            run.checks.append("seal_signatures")
+        else:
+            run.skipped.append("seal_signatures (keys_dir)" if options.keys_dir is None
+                               else f"seal_signatures (no key ring in {options.keys_dir})")
 
     return finish
-
-
-def _chain(conn: Connection, run: _Run) -> None:
-    mode = run.options.chain
-    if mode == "off":
-        run.skipped.append("audit_chain (--chain off)")
-        return
-    chain_check.check_head(conn, run.found)
-    chain_check.check_full_chain(conn, run.found)
-    run.checks.append(f"audit_chain ({mode})")
 
 
 def _receipts(engine: Engine, conn: Connection, run: _Run) -> None:

@@ -1,5 +1,6 @@
-"""Totals per tenant, agent, tool and token, summed from the grouped calls, the refusals in the
-audit trail and the deposits; each total is a frozen :class:`Totals` at the end."""
+"""Totals per tenant, agent, tool and token, summed from the grouped calls, the refusals (in
+the audit trail, and counted in ``refusal_counts``) and the deposits; each total is a frozen
+:class:`Totals` at the end."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, func, select
 
+from mcpbill_cli.ledger import refusals
 from mcpbill_cli.ledger.models import events
 from mcpbill_cli.reconcile.calls_pass import CallGroup
 from mcpbill_cli.reconcile.model import DIMENSIONS, Filters, Totals, Window
@@ -56,6 +58,9 @@ class TotalsBuilder:
         sums[1] += group.charged
 
     def add_refusals(self, conn: Connection, window: Window, filters: Filters) -> None:
+        """Refusals of valid tokens (events, by tenant, agent, tool and token) and, unfiltered
+        only, those counted by the minute (garbage tokens: no tenant, agent, tool or token;
+        the minutes that start in the window)."""
         query = (select(e.jti, e.tenant, e.agent, e.tool, e.code, func.count())
                  .where(e.at >= window.start, e.at < window.end, e.kind == "refusal")
                  .group_by(e.jti, e.tenant, e.agent, e.tool, e.code))
@@ -64,6 +69,9 @@ class TotalsBuilder:
                 continue
             for counter in self._counters(tenant, agent, tool, jti):
                 counter.refusals[code or "?"] = counter.refusals.get(code or "?", 0) + count
+        if filters == Filters():
+            for code, count in refusals.counted(conn, window.start, window.end):
+                self.summary.refusals[code] = self.summary.refusals.get(code, 0) + count
 
     def add_deposit(self, tenant: str, count: int, amount: int) -> None:
         for counter in self._counters(tenant, None, None, None):

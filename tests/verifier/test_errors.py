@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-import mcpbill_cli.ledger.calls
 import mcpbill_cli.ledger.ops
 import mcpbill_cli.receipts  # noqa: F401 - registers InvalidReceipt under BillingError
 from mcpbill_cli import errors
@@ -122,7 +121,6 @@ def test_to_dict_works_for_every_code() -> None:
     assert len(own) == len(set(own)), f"two error classes share a code: {sorted(own)}"
     assert {mcpbill_cli.ledger.ops.AccountClosed, mcpbill_cli.receipts.InvalidReceipt} <= set(
         classes)
-    assert mcpbill_cli.ledger.calls.Replay not in classes
 
 
 def test_every_refusal_on_the_call_path_is_data(

@@ -1,0 +1,82 @@
+"""PostgreSQL hashes the sealed batches itself: ``audit.event_digest`` and ``seals.batch_hash``
+written in SQL, so a clean day's events never leave the server.
+
+An event's own hash is ``sha256`` of its canonical JSON (``audit.event_hash`` with the event's
+id as ``seq`` and no previous hash). The canonical JSON is built in SQL exactly as
+``json.dumps`` writes it for the events where that is certain: every text field printable ASCII
+(where ``json.dumps`` escapes only ``"`` and ``\\``) and ``at`` within years 1000..9999. Per
+seal, PostgreSQL returns the count, the id span, the batch hash (the hex digests joined by
+``\\n`` in id order), whether it could decide every event, and how many events' stored hash
+differs. A seal it vouches for is clean; any other is re-checked in Python
+(``seals.verify_batch``), which names the events: the answer is the Python one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from sqlalchemy import Connection
+
+from mcpbill_cli.ledger import audit
+from mcpbill_cli.ledger.seals import Seal
+
+TEXT_FIELDS = ("kind", "code", "jti", "token_hash", "tenant", "agent", "tool", "ref", "detail")
+_AT = "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
+
+
+def _json_value(field: str) -> str:
+    """SQL for ``field`` as ``json.dumps`` writes it (text fields: when printable ASCII)."""
+    if field in TEXT_FIELDS:
+        return (f"coalesce('\"' || replace(replace({field}, '\\', '\\\\'), '\"', '\\\"') "
+                "|| '\"', 'null')")
+    if field == "at":
+        return f"'\"' || {_AT} || '+00:00\"'"
+    if field == "demo":
+        return "CASE WHEN demo THEN 'true' ELSE 'false' END"
+    if field == "seq":  # an event's own hash takes its id as its place
+        return "id::text"
+    return f"coalesce({field}::text, 'null')"  # amount: bigint, as Python's int
+
+
+def canonical_sql() -> str:
+    """SQL for an event's canonical form (the keys sorted, as ``json.dumps`` sorts them)."""
+    members = [f"'\"{field}\":' || {_json_value(field)}" for field in sorted(audit.CHAIN_FIELDS)]
+    return "'{' || " + " || ',' || ".join(members) + " || '}'"
+
+
+# What PostgreSQL can vouch for: printable ASCII throughout, a four-digit year.
+_DECIDABLE = ("canonical ~ '^[ -~]*$' AND at >= '1000-01-01 00:00:00+00' "
+              "AND at < '10000-01-01 00:00:00+00'")
+_BATCHES = f"""
+SELECT seal, count(*), min(id), max(id),
+       encode(sha256(convert_to(string_agg(digest, E'\\n' ORDER BY id), 'UTF8')), 'hex'),
+       bool_and(decidable), count(*) FILTER (WHERE hash IS DISTINCT FROM digest)
+FROM (SELECT seal, id, hash, encode(sha256(convert_to(canonical, 'UTF8')), 'hex') AS digest,
+             {_DECIDABLE} AS decidable
+      FROM (SELECT seal, id, hash, at, {canonical_sql()} AS canonical FROM events
+            WHERE seal >= %(first)s AND seal <= %(last)s) AS written) AS hashed
+GROUP BY seal
+"""  # noqa: S608 - constants only
+
+
+def unvouched(conn: Connection, seals: Iterable[Seal]) -> Iterator[Seal]:
+    """The seals among ``seals`` (in order, numbered ``first``..``last``) whose events
+    PostgreSQL could not show to match: re-check those in Python."""
+    listed = list(seals)
+    if not listed:
+        return
+    found = _batches(conn, listed[0].number, listed[-1].number)
+    for seal in listed:
+        if found.get(seal.number) != _clean(seal):
+            yield seal
+
+
+def _clean(seal: Seal) -> tuple[Any, ...]:
+    """What the server returns for ``seal`` when its events are as sealed."""
+    return seal.count, seal.first_id, seal.last_id, seal.batch_hash, True, 0
+
+
+def _batches(conn: Connection, first: int, last: int) -> dict[int, tuple[Any, ...]]:
+    rows = conn.exec_driver_sql(_BATCHES, {"first": first, "last": last})
+    return {int(seal): tuple(rest) for seal, *rest in rows}
