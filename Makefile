@@ -21,9 +21,12 @@ install: $(BIN)/mcpbill
 demo: install
 	$(BIN)/mcpbill demo
 
+# lint-imports checks the layer rules ([tool.importlinter] in pyproject.toml); --no-cache keeps
+# its cache directory out of the tree.
 lint: install
 	$(BIN)/ruff check mcpbill_cli tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 test: install node_modules/.package-lock.json lint
 	$(BIN)/pytest
@@ -32,3 +35,4 @@ bench: install
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/verifier.py
 	$(BIN)/python bench/mcp_overhead.py
+	$(BIN)/python bench/scaleout.py

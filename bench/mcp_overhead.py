@@ -11,8 +11,9 @@ each and their ratio (target <= 1.5x), and, in the same rounds:
   own code running after an MCP call has left the CPU caches cold: measured by thread CPU
   time, begin and capture cost about twice as much inside a call as in the tight loop;
 - a floor under any billing code on this ledger: the rows a billed call writes (two
-  transactions: account updates, transfers, the call, one chained audit event each) as
-  hand-written SQL on the raw driver, plus the receipt's signature. One plus its share of an
+  transactions: account updates, transfers, the call, one audit event each, appended with no
+  chain: a sealer hashes it later) as hand-written SQL on the raw driver, plus the receipt's
+  signature. One plus its share of an
   unbilled call is the lowest ratio this ledger's writes allow.
 
 Usage: python bench/mcp_overhead.py [--calls N] [--rounds R]
@@ -107,9 +108,9 @@ async def per_call(client: Client, tool: str, meta: RequestParamsMeta, calls: in
 _HOLD = (
     ("UPDATE accounts SET debits_pending = debits_pending + :amount WHERE id = :token "
      "AND closed = 0 AND credits_posted - debits_posted - debits_pending >= :amount"),
-    "UPDATE accounts SET credits_pending = credits_pending + :amount WHERE id = 'revenue'",
+    "UPDATE accounts SET credits_pending = credits_pending + :amount WHERE id = :revenue",
     ("INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, status, "
-     "timeout_at, code, ref, demo, created_at) VALUES ('hold:' || :call, :token, 'revenue', "
+     "timeout_at, code, ref, demo, created_at) VALUES ('hold:' || :call, :token, :revenue, "
      ":amount, 'pending', 'pending', :later, 'hold', :call, 1, :now)"),
     ("INSERT INTO calls (id, idempotency_key, request_hash, jti, tenant, agent, tool, "
      "amount_held, status, timeout_at, pricing_version, price_rule, demo, created_at) VALUES "
@@ -122,16 +123,16 @@ _CAPTURE = (
     ("UPDATE transfers SET status = 'posted' WHERE id = 'hold:' || :call AND kind = 'pending' "
      "AND status = 'pending' AND timeout_at > :now"),
     ("INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, pending_id, "
-     "code, ref, demo, created_at) VALUES ('capture:' || :call, :token, 'revenue', :amount, "
+     "code, ref, demo, created_at) VALUES ('capture:' || :call, :token, :revenue, :amount, "
      "'post_pending', 'hold:' || :call, 'capture', :call, 1, :now)"),
     ("UPDATE accounts SET debits_posted = debits_posted + :amount, "
      "debits_pending = debits_pending - :amount WHERE id = :token"),
     ("UPDATE accounts SET credits_posted = credits_posted + :amount, "
-     "credits_pending = credits_pending - :amount WHERE id = 'revenue'"),
+     "credits_pending = credits_pending - :amount WHERE id = :revenue"),
 )
-_EVENT = ("INSERT INTO events (at, kind, jti, tenant, agent, tool, amount, ref, demo, seq, "
-          "prev_hash, hash) VALUES (:now, :kind, :jti, 'bench', 'bench', 'echo', :amount, :call, "
-          "1, :seq, :prev, :hash)")
+# As audit.record appends: no chain, nothing shared (a sealer hashes it later, off the call).
+_EVENT = ("INSERT INTO events (at, kind, jti, tenant, agent, tool, amount, ref, demo) "
+          "VALUES (:now, :kind, :jti, 'bench', 'bench', 'echo', :amount, :call, 1)")
 
 
 # What billing keeps of an echo's result for replays (the SDK's CallToolResult as JSON).
@@ -142,16 +143,17 @@ _RESULT = ('{"content":[{"type":"text","text":"hello 12345"}],'
 def ledger_writes_alone(path: Path, jti: str, sign: Callable[[bytes], bytes],
                         calls: int) -> float:
     """Seconds per call of the floor under any billing code: the rows a billed call writes
-    (hold: two account updates, a pending transfer, the call, a chained event; capture: the
-    same again and the receipt), as hand-written SQL on the raw driver with its statement
-    cache warm, one transaction each, plus the receipt's signature. No checks, no reads but
-    the chain's head, nothing of mcpbill in the way."""
+    (hold: two account updates, a pending transfer, the call, an event; capture: the same
+    again and the receipt), as hand-written SQL on the raw driver with its statement cache
+    warm, one transaction each, plus the receipt's signature. No checks, no reads, nothing of
+    mcpbill in the way."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")  # as the verifier's connections
     now = utcnow()
-    rows = [{"call": call, "token": f"token:{jti}", "jti": jti, "amount": 1,
-             "now": now.isoformat(" "), "later": (now + timedelta(minutes=5)).isoformat(" "),
+    rows = [{"call": call, "token": f"token:{jti}", "revenue": f"revenue:{jti}", "jti": jti,
+             "amount": 1, "now": now.isoformat(" "),
+             "later": (now + timedelta(minutes=5)).isoformat(" "),
              "digest": hashlib.sha256(call.encode()).hexdigest()}
             for call in (f"floor_{uuid.uuid4().hex}" for _ in range(calls))]
     start = time.perf_counter()
@@ -167,11 +169,7 @@ def ledger_writes_alone(path: Path, jti: str, sign: Callable[[bytes], bytes],
                 db.execute("UPDATE calls SET amount = 1, transfer_id = 'capture:' || :call, "
                            "receipt = :receipt, result = :result WHERE id = :call",
                            {**row, "receipt": receipt, "result": _RESULT})
-            seq, prev = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-            digest = hashlib.sha256(f"{prev}{kind}{call}".encode()).hexdigest()
-            db.execute(_EVENT, {**row, "kind": kind, "seq": seq + 1, "prev": prev,
-                                "hash": digest})
-            db.execute("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1", (seq + 1, digest))
+            db.execute(_EVENT, {**row, "kind": kind})
             db.execute("COMMIT")
     elapsed = time.perf_counter() - start
     db.close()

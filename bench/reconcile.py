@@ -2,25 +2,28 @@
 
 For each backend (SQLite file, PostgreSQL database) and each size (100k and ``--rows``, default
 1,000,000 calls in one UTC day), the script builds a ledger with bulk INSERTs in exactly the
-shape the verifier writes (calls with their signed receipts, transfers, the hash-chained audit
-events, accounts whose sums match, tokens, deposits, the pricing version), then times, each in
+shape the verifier writes (calls with their signed receipts, transfers, the audit events sealed
+in signed batches of 5,000 as a sealer seals them, the refusals of garbage counted per minute,
+accounts whose sums match, tokens, deposits, the pricing version), then times, each in
 a fresh subprocess, against a bare ``SELECT tool, count(*), sum(amount) FROM calls WHERE
 created_at in the day GROUP BY tool`` over the same rows (best of three):
 
 - ``window``: the day's own checks (``--window-only --chain off``): totals, prices, control
-  totals, revocation and expiry, stale holds, deposits: SQL aggregates only;
+  totals, revocation and expiry, events against transfers, stale holds, deposits: SQL
+  aggregates and anti-joins only;
 - ``sql``: plus ``ledger.invariants.check``, ledger-wide (its cost grows with the whole
   ledger; here the ledger holds just this day);
 - ``default``: ``mcpbill reconcile --date`` as it runs, which the target (<= 3x) is for: plus
-  the day's audit chain re-hashed (SQLite: in Python, ``--jobs`` processes; PostgreSQL: in
-  SQL, Python only for what SQL cannot vouch for);
+  the seals holding the day's events checked (links, hashes, signatures) and every event of
+  them re-hashed against its seal's batch hash (SQLite: in Python, ``--jobs`` processes;
+  PostgreSQL: in SQL, Python only for the seals SQL cannot vouch for);
 - ``receipts``: plus ``--verify-receipts`` (every Ed25519 receipt signature and its fields),
   reported also as calls verified per second;
 
 and the peak RSS of each run (``ru_maxrss`` of its subprocess): it must not grow with rows.
-Last, a floor for ``default``: one SHA-256 per event of the day over its chained fields joined
+Last, a floor for ``default``: one SHA-256 per event of the day over its hashed fields joined
 as text by the database (in SQL on PostgreSQL; read into Python on SQLite, which has no
-SHA-256), against the same bare query. Verifying the chain re-hashes every event's content
+SHA-256), against the same bare query. Verifying the seals re-hashes every event's content
 in an exact canonical form, so ``default`` cannot cost less than this floor.
 
 Every receipt is a real JWS signed over its own call's claims (in a process pool while
@@ -33,6 +36,7 @@ Usage: python bench/reconcile.py [--rows N] [--backend sqlite|postgres|both] [--
 ``--data DIR`` keeps the generated ledgers (a SQLite file in DIR, a PostgreSQL database named
 after the row count, and the key ring that signed their receipts) and reuses them on the next
 run: generating a million calls takes minutes. ``--profile`` prints each run's time per phase.
+The seals are signed with that key ring's key, so reconcile checks their signatures too.
 """
 
 from __future__ import annotations
@@ -60,20 +64,22 @@ from sqlalchemy import Engine, Table, text
 from sqlalchemy.engine import make_url
 
 from mcpbill_cli.keys import KeyRing, init_keyring
-from mcpbill_cli.ledger.audit import GENESIS, event_hash
+from mcpbill_cli.ledger.audit import GENESIS, event_digest
 from mcpbill_cli.ledger.engine import make_engine
 from mcpbill_cli.ledger.models import (
     accounts,
-    audit_head,
     calls,
     events,
     pricing_versions,
+    refusal_counts,
+    seals,
     tokens,
     transfers,
 )
 from mcpbill_cli.ledger.schema import upgrade
+from mcpbill_cli.ledger.seals import BATCH_LIMIT, Seal, Sign, batch_hash, signer
 from mcpbill_cli.money import format_usd
-from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.pricing import PricingTable, document_digest
 
 PG_ADMIN = os.environ.get("MCPBILL_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DAY = date(2026, 11, 27)
@@ -99,6 +105,7 @@ TOOL_WEIGHTS = [("search", 60), ("translate", 15), ("status", 10), ("summarize",
 OUTCOME_WEIGHTS = [("charge", 94), ("capture", 3), ("void", 2), ("expire", 1)]
 REFUSAL_CODES = ["BUDGET_EXCEEDED", "SCOPE_DENIED", "INVALID_CREDIT_TOKEN", "PRICE_UNKNOWN"]
 REFUSALS_PER_CALL = 0.005
+GARBAGE_PER_MINUTE = 40  # refusals of tokens nobody signed: counted, not events
 CHUNK = 20_000
 
 
@@ -206,20 +213,20 @@ def _transfer(id: str, debit: str, credit: str, amount: int, kind: str, code: st
 
 
 def call_transfers(call: Call) -> list[dict[str, Any]]:
-    account = f"token:{call.token.jti}"
+    account, revenue = f"token:{call.token.jti}", f"revenue:{call.token.jti}"
     if call.outcome == "charge":
         assert call.amount is not None
-        return [_transfer(f"charge:{call.id}", account, "revenue", call.amount, "posted",
+        return [_transfer(f"charge:{call.id}", account, revenue, call.amount, "posted",
                           "charge", call.at, ref=call.id)]
     status = {"capture": "posted", "void": "voided", "expire": "expired"}[call.outcome]
     timeout = call.at + timedelta(seconds=HOLD_TIMEOUT)
-    hold = _transfer(f"hold:{call.id}", account, "revenue", call.amount_held, "pending", "hold",
+    hold = _transfer(f"hold:{call.id}", account, revenue, call.amount_held, "pending", "hold",
                      call.at, ref=call.id, status=status, timeout_at=timeout)
     code = call.outcome
     amount = call.amount if call.outcome == "capture" else call.amount_held
     assert amount is not None
     kind = "post_pending" if call.outcome == "capture" else "void_pending"
-    return [hold, _transfer(f"{code}:{call.id}", account, "revenue", amount, kind, code,
+    return [hold, _transfer(f"{code}:{call.id}", account, revenue, amount, kind, code,
                             call.resolved_at, ref=call.id, pending_id=f"hold:{call.id}")]
 
 
@@ -310,13 +317,18 @@ def _sqlite_value(value: Any) -> Any:
 
 
 class Writer:
-    """Bulk inserts with the raw driver (COPY on PostgreSQL, executemany on SQLite); the audit
-    chain is hashed in order with the ledger's own ``event_hash``."""
+    """Bulk inserts with the raw driver (COPY on PostgreSQL, executemany on SQLite). Events get
+    their ids here, in the order written, and are sealed as a sealer would seal them: each
+    with its own hash (``audit.event_digest``), in batches of ``BATCH_LIMIT`` in id order,
+    each batch a seal row linked to the one before and signed with ``sign``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, sign: Sign) -> None:
         self.engine = engine
-        self.seq = 0
-        self.head = GENESIS
+        self.sign = sign
+        self.last_id = 0
+        self.batch: list[tuple[int, str, datetime]] = []  # (id, own hash, at) not yet sealed
+        self.seal_number = 0
+        self.prev_hash = GENESIS
 
     def rows(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
@@ -341,19 +353,40 @@ class Writer:
             raw.close()
 
     def events(self, batch: Sequence[dict[str, Any]]) -> None:
-        chained = []
+        sealed, made = [], []
         for event in batch:
-            self.seq += 1
-            event = {**event, "seq": self.seq}
-            digest = event_hash(self.head, event)
-            chained.append({**event, "prev_hash": self.head, "hash": digest})
-            self.head = digest
-        self.rows(events, chained)
+            self.last_id += 1
+            digest = event_digest({**event, "id": self.last_id})
+            self.batch.append((self.last_id, digest, event["at"]))
+            sealed.append({**event, "id": self.last_id, "seal": self.seal_number + 1,
+                           "hash": digest})
+            if len(self.batch) == BATCH_LIMIT:
+                made.append(self._seal())
+        self.rows(events, sealed)
+        self.rows(seals, made)
 
-    def close_chain(self) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(audit_head.update().where(audit_head.c.id == 1).values(
-                seq=self.seq, hash=self.head))
+    def close_trail(self) -> None:
+        """Seal what is left (a last, smaller batch)."""
+        if self.batch:
+            self.rows(seals, [self._seal()])
+
+    def _seal(self) -> dict[str, Any]:
+        """The next seal's row over ``self.batch``, as ``seals.seal_pending`` writes it."""
+        self.seal_number += 1
+        ids = [event_id for event_id, _, _ in self.batch]
+        sealed_at = max(at for _, _, at in self.batch) + timedelta(seconds=1)
+        unhashed = Seal(self.seal_number, ids[0], ids[-1], len(ids),
+                        batch_hash([digest for _, digest, _ in self.batch]), self.prev_hash, "",
+                        sealed_at, "", "")
+        fields = {k: v for k, v in unhashed.claims().items() if k != "hash"}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":"))
+                                .encode()).hexdigest()
+        kid, jws = self.sign({**fields, "hash": digest})
+        self.batch, self.prev_hash = [], digest
+        return {"number": unhashed.number, "first_id": unhashed.first_id,
+                "last_id": unhashed.last_id, "count": unhashed.count,
+                "batch_hash": unhashed.batch_hash, "prev_hash": unhashed.prev_hash,
+                "hash": digest, "sealed_at": sealed_at, "kid": kid, "jws": jws}
 
 
 def generate(engine: Engine, rows: int, keys_dir: Path, *, jobs: int) -> None:
@@ -362,7 +395,8 @@ def generate(engine: Engine, rows: int, keys_dir: Path, *, jobs: int) -> None:
     Receipts of one batch are signed in worker processes while the batch before is written.
     """
     day = Day(rows)
-    writer = Writer(engine)
+    info, key = KeyRing.load(keys_dir).signing_key()
+    writer = Writer(engine, signer(info.alg, info.kid, key))
     _write_setup(writer, day, keys_dir)
     remaining = {token.jti: token.limit for token in day.tokens}
     rng = random.Random(SEED + 2)
@@ -375,7 +409,8 @@ def generate(engine: Engine, rows: int, keys_dir: Path, *, jobs: int) -> None:
             pending = (batch, signing)
         if pending is not None:
             _write_batch(writer, *pending, rng)
-    writer.close_chain()
+    writer.close_trail()
+    _write_garbage_counts(writer, day, rng)
     _write_accounts(writer)
 
 
@@ -403,8 +438,10 @@ def _submit_signing(pool: ProcessPoolExecutor, batch: list[Call], remaining: dic
 
 def _write_setup(writer: Writer, day: Day, keys_dir: Path) -> None:
     table = PricingTable.from_document(PRICING_DOC)
+    document = table.to_document()
     writer.rows(pricing_versions, [{"version": 1, "recorded_at": day.setup_at,
-                                    "document": json.dumps(table.to_document(), sort_keys=True)}])
+                                    "document": json.dumps(document, sort_keys=True),
+                                    "digest": document_digest(document)}])
     kid = KeyRing.load(keys_dir).active().kid
     writer.rows(tokens, [{
         "jti": t.jti, "tenant": t.tenant, "agent": t.agent, "kid": kid, "scope": '["*"]',
@@ -449,11 +486,21 @@ def _write_batch(writer: Writer, batch: list[Call], signing: list[Future[list[st
     writer.events(sorted(trail, key=lambda e: e["at"]))
 
 
+def _write_garbage_counts(writer: Writer, day: Day, rng: random.Random) -> None:
+    """Refusals of tokens nobody signed, as verifiers count them: one row a minute."""
+    minutes = int((timedelta(days=1) - (day.setup_at - day.start)).total_seconds()) // 60
+    writer.rows(refusal_counts, [
+        {"minute": day.start + timedelta(minutes=n + 1), "code": "INVALID_CREDIT_TOKEN",
+         "reason": "malformed", "source": "bench", "count": rng.randrange(1, GARBAGE_PER_MINUTE),
+         "sample": "ab" * 32} for n in range(minutes - 1)])
+
+
 def _write_accounts_skeleton(writer: Writer, day: Day) -> None:
     """Every account at zero first (transfers reference them); sums are set at the end."""
-    ids = [("chain:demo", "chain", False)]  # the migration creates "revenue"
+    ids = [("chain:demo", "chain", False)]
     ids += [(f"tenant:{t}", "tenant", True) for t in sorted({t.tenant for t in day.tokens})]
     ids += [(f"token:{t.jti}", "token", True) for t in day.tokens]
+    ids += [(f"revenue:{t.jti}", "revenue", False) for t in day.tokens]
     writer.rows(accounts, [{"id": i, "kind": kind, "guarded": guarded, "closed": False,
                             "debits_posted": 0, "credits_posted": 0, "debits_pending": 0,
                             "credits_pending": 0, "created_at": day.setup_at}
@@ -522,23 +569,23 @@ def bare_seconds(engine: Engine, start: datetime) -> float:
     return best
 
 
-_CHAINED = ("prev_hash", "seq", "at", "kind", "code", "jti", "token_hash", "tenant", "agent",
-            "tool", "amount", "ref", "detail", "demo")
+_HASHED = ("id", "at", "kind", "code", "jti", "token_hash", "tenant", "agent", "tool",
+           "amount", "ref", "detail", "demo")
 
 
 def chain_floor_seconds(engine: Engine, start: datetime) -> float:
-    """Best of three: one SHA-256 per event of the day over its chained fields joined as text
+    """Best of three: one SHA-256 per event of the day over its hashed fields joined as text
     by the database (no canonical form, no escaping, no comparison), and nothing else. Any
-    exact re-hash of the chain does at least this much. PostgreSQL hashes in SQL (parallel
+    exact re-hash of the sealed events does at least this much. PostgreSQL hashes in SQL (parallel
     workers allowed, as for the bare query); SQLite has no SHA-256, so the joined text is read
     into Python and hashed there, in one process."""
     bounds: dict[str, Any] = {"start": start, "end": start + timedelta(days=1)}
     if engine.dialect.name == "postgresql":
-        joined = f"concat_ws('|', {', '.join(_CHAINED)})"
+        joined = f"concat_ws('|', {', '.join(_HASHED)})"
         query = text(f"SELECT count(sha256(convert_to({joined}, 'UTF8'))) FROM events "
                      "WHERE at >= :start AND at < :end")
     else:
-        joined = " || '|' || ".join(f"ifnull({name}, '')" for name in _CHAINED)
+        joined = " || '|' || ".join(f"ifnull({name}, '')" for name in _HASHED)
         query = text(f"SELECT {joined} FROM events WHERE at >= :start AND at < :end")
         bounds = {k: _sqlite_value(v) for k, v in bounds.items()}
     best = float("inf")
@@ -556,7 +603,8 @@ def chain_floor_seconds(engine: Engine, start: datetime) -> float:
 
 # What each measured run checks. "window": the day's own checks only (--window-only --chain
 # off); "sql": plus the ledger-wide invariants (--chain off); "default": `mcpbill reconcile
-# --date` as it runs (the day's audit chain re-hashed); "receipts": with --verify-receipts.
+# --date` as it runs (the seals of the day's events, and their events re-hashed); "receipts":
+# with --verify-receipts.
 MODES: dict[str, dict[str, Any]] = {
     "window": {"chain": "off", "ledger_wide": False},
     "sql": {"chain": "off"},
@@ -592,6 +640,7 @@ PHASES = [
     ("mcpbill_cli.reconcile.run", "_read_transfers"),
     ("mcpbill_cli.reconcile.ledger_checks", "check_control_totals"),
     ("mcpbill_cli.reconcile.run", "check_token_validity"),
+    ("mcpbill_cli.reconcile.run", "check_event_transfers"),
     ("mcpbill_cli.ledger.invariants", "_balances_sum_to_zero"),
     ("mcpbill_cli.ledger.invariants", "_no_overdraft"),
     ("mcpbill_cli.ledger.invariants", "_sums_match_transfers"),
@@ -599,7 +648,10 @@ PHASES = [
     ("mcpbill_cli.ledger.invariants", "_captured_calls_posted"),
     ("mcpbill_cli.reconcile.ledger_checks", "check_stale_holds"),
     ("mcpbill_cli.reconcile.deposit_check", "check_deposits"),
-    ("mcpbill_cli.reconcile.run", "_chain"),
+    ("mcpbill_cli.reconcile.seal_check", "seal_scope"),
+    ("mcpbill_cli.reconcile.seal_check", "_check_seals"),
+    ("mcpbill_cli.reconcile.seal_check", "_check_batches"),
+    ("mcpbill_cli.reconcile.seal_check", "check_unsealed"),
     ("mcpbill_cli.reconcile.run", "_receipts"),
 ]
 
@@ -687,7 +739,7 @@ def bench(backend: str, rows: int, plan: Plan) -> None:
         _print_results(backend, rows, built, bare, results)
         where = "in SQL" if backend == "postgres" else "in Python, one process"
         print(f"  floor: one SHA-256 per event ({where}) {floor:6.2f} s = {floor / bare:4.1f}x "
-              "bare: re-hashing the chain costs at least this", flush=True)
+              "bare: re-hashing the sealed events costs at least this", flush=True)
     finally:
         engine.dispose()
         if not plan.keep:

@@ -49,21 +49,30 @@ def export(
     after: Annotated[int, typer.Option(
         "--after", min=0, help="Only seals numbered after this one (to append to a copy).")
     ] = 0,
+    as_json: JsonOption = False,
 ) -> None:
     """Write the seals as JSON lines, one seal each, to keep outside the database.
 
     Each line has the seal's number, event span and count, batch hash, previous seal's hash,
-    hash, time, kid and JWS; `keys export-jwks` verifies the JWS offline.
+    hash, time, kid and JWS; `keys export-jwks` verifies the JWS offline. With --json, --out
+    is required and stdout carries the summary document. Example: mcpbill audit seals export
+    --after 41 --out seals.jsonl
     """
+    from mcpbill_cli.errors import InvalidInput
     from mcpbill_cli.fsutil import write_atomic
     from mcpbill_cli.ledger.engine import reading
     from mcpbill_cli.ledger.seals import read_seals
 
+    if as_json and out_file is None:
+        raise InvalidInput("with --json, stdout carries the summary: write the seals to a "
+                           "file with --out FILE")
     with reading(state(ctx).engine()) as conn:
-        lines = [json.dumps(s.to_dict(), sort_keys=True) + "\n"
-                 for s in read_seals(conn, first=after + 1)]
+        seals = [s.to_dict() for s in read_seals(conn, first=after + 1)]
+    text = "".join(json.dumps(s, sort_keys=True) + "\n" for s in seals)
     if out_file is None:
-        typer.echo("".join(lines), nl=False)
+        typer.echo(text, nl=False)
         return
-    write_atomic(out_file, "".join(lines).encode())
-    say(f"wrote {len(lines)} seal(s) to {out_file}")
+    write_atomic(out_file, text.encode())
+    data = {"seals": len(seals), "first": seals[0]["seal"] if seals else None,
+            "last": seals[-1]["seal"] if seals else None, "out": str(out_file)}
+    emit(data, as_json=as_json, human=lambda: say(f"wrote {len(seals)} seal(s) to {out_file}"))

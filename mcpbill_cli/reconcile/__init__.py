@@ -18,7 +18,8 @@ What is checked, and how it scales:
   call posted once with a receipt; plus holds still pending past their timeout.
 - **Deposits** against their transfers; with ``onchain``, against the chain itself.
 - **The audit trail against the money**: every hold, capture, charge, void and expire event of
-  the window has its transfer and every such transfer its event, one to one (SQL anti-joins).
+  the window has its transfer and every such transfer its event, one to one (one grouped SQL
+  pass over both; only mismatches leave the database).
 - **The sealed audit trail**: the seals holding the window's events (``chain="window"``, the
   first linked to the seal before it), every seal (``"full"``), or none (``"off"``): their
   numbers, links, hashes and signatures (with ``keys_dir``), and each seal's batch re-hashed;

@@ -42,7 +42,6 @@ class _Run:
     by_calls: dict[str, TokenTally] = field(default_factory=dict)
     by_transfers: dict[str, TransferTally] = field(default_factory=dict)
     chain_accounts: set[str] = field(default_factory=set)
-    moved: dict[str, int] = field(default_factory=dict)  # the window's transfers by code
     checks: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     anchor: tuple[int, str] | None = None
@@ -139,7 +138,6 @@ def _read_calls(conn: Connection, run: _Run) -> None:
 
 def _read_transfers(groups: Iterable[TransferGroup], run: _Run) -> None:
     for group in groups:
-        run.moved[group.code] = run.moved.get(group.code, 0) + group.count
         if group.code == "deposit":
             run.chain_accounts.add(group.debit)
             tenant = tenant_name(group.credit)
@@ -157,7 +155,7 @@ def _ledger_checks(conn: Connection, run: _Run,
                                        found)
     check_token_validity(conn, options.window, run.by_calls, options.leeway, options.filters,
                          found)
-    check_event_transfers(conn, options.window, run.moved, found)
+    check_event_transfers(conn, options.window, found)
     run.checks += ["control_totals", "token_validity", "event_transfers"]
     if violations is not None:
         ledger_checks.check_invariants(violations(), found)
@@ -180,7 +178,8 @@ def _start_seals(engine: Engine, conn: Connection, run: _Run) -> Callable[[], No
         return lambda: None
     keys = seal_check.seal_keys(options.keys_dir)
     scope = seal_check.seal_scope(conn, options.chain, options.window)
-    collect = seal_check.start_seal_check(engine, conn, scope, keys, options.jobs, run.found)
+    collect = seal_check.start_seal_check(engine, conn, scope, keys, options.jobs, run.found,
+                                          _settings)
 
     def finish() -> None:
         run.anchor = collect()

@@ -88,20 +88,19 @@ def seal_scope(conn: Connection, mode: ChainMode, window: Window) -> Scope | Non
 
 
 def start_seal_check(engine: Engine, conn: Connection, scope: Scope | None, keys: Keys | None,
-                     jobs: int, found: Findings) -> Callable[[], tuple[int, str] | None]:
-    """Start hashing the batches of ``scope`` (workers, or PostgreSQL connections, go on
-    while the caller runs its other checks); call the result to check the seals themselves,
-    collect what the batches showed, and get the anchor ``(number, hash)`` of the last seal."""
+                     jobs: int, found: Findings, prepare: Callable[[Connection], None]
+                     ) -> Callable[[], tuple[int, str] | None]:
+    """Start hashing the batches of ``scope`` (workers, or PostgreSQL connections set up by
+    ``prepare``, go on while the caller runs its other checks); call the result to check the
+    seals themselves, collect what the batches showed, and get the anchor ``(number, hash)``
+    of the last seal."""
     if scope is None:
         return lambda: None
-    spans = _slices(conn, scope)
+    spans, jobs = _slices(conn, scope, jobs)
     in_server = conn.dialect.name == "postgresql"
-    parts = [BatchSlice(engine_url(engine), first, last, found.max_rows)
-             for first, last, _ in spans]
-    hashed = sum(count for _, _, count in spans)
-    jobs = jobs if in_server or hashed >= PARALLEL_FROM else 1
-    work = (partial(_check_batches, conn) if jobs <= 1
-            else partial(_check_in_thread, engine) if in_server else _check_in_worker)
+    parts = [BatchSlice(engine_url(engine), first, last, found.max_rows) for first, last in spans]
+    work = (partial(_check_batches, conn) if jobs <= 1 or len(parts) <= 1
+            else partial(_check_in_thread, engine, prepare) if in_server else _check_in_worker)
     results = start_slices(work, parts, jobs, threads=in_server)
 
     def finish() -> tuple[int, str] | None:
@@ -177,14 +176,18 @@ def _strays(conn: Connection, scope: Scope) -> Iterator[int]:
 # --- the batches, in slices -------------------------------------------------------------------
 
 
-def _slices(conn: Connection, scope: Scope) -> list[tuple[int, int, int]]:
-    """(first, last, events) of consecutive runs of up to SLICE seals of ``scope``."""
+def _slices(conn: Connection, scope: Scope, jobs: int) -> tuple[list[tuple[int, int]], int]:
+    """(first, last) seal numbers of consecutive runs of ``scope``'s seals, and the jobs to
+    hash them: one below PARALLEL_FROM events, else at least one run per job, at most SLICE
+    seals each."""
     query = select(s.number, s.count).where(s.number >= scope.first).order_by(s.number)
     if scope.last is not None:
         query = query.where(s.number <= scope.last)
     rows = [(int(number), int(count)) for number, count in conn.execute(query)]
-    return [(rows[n][0], rows[min(n + SLICE, len(rows)) - 1][0],
-             sum(count for _, count in rows[n:n + SLICE])) for n in range(0, len(rows), SLICE)]
+    jobs = jobs if sum(count for _, count in rows) >= PARALLEL_FROM else 1
+    size = max(1, min(SLICE, -(-len(rows) // jobs)))
+    return [(rows[n][0], rows[min(n + size, len(rows)) - 1][0])
+            for n in range(0, len(rows), size)], jobs
 
 
 def _check_in_worker(part: BatchSlice) -> SliceResult:
@@ -192,9 +195,10 @@ def _check_in_worker(part: BatchSlice) -> SliceResult:
         return _check_batches(conn, part)
 
 
-def _check_in_thread(engine: Engine, part: BatchSlice) -> SliceResult:
+def _check_in_thread(engine: Engine, prepare: Callable[[Connection], None],
+                     part: BatchSlice) -> SliceResult:
     with reading(engine) as conn:
-        conn.exec_driver_sql("SET LOCAL jit = off")
+        prepare(conn)
         return _check_batches(conn, part)
 
 

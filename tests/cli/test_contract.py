@@ -91,6 +91,8 @@ SUCCESSFUL = [
     ("revocations", "export"),
     ("reconcile",),
     ("events", "export", "--out", "{events}"),
+    ("audit", "seal"),
+    ("audit", "seals", "export", "--out", "{seals}"),
     ("token", "sweep"),
     ("keys", "rotate"),
     ("keys", "retire", "{old_kid}", "--force"),
@@ -121,7 +123,8 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_hom
     assert not missing, f"add a --json invocation for {missing}"
     values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml"),
                               "demo": str(isolated_home.parent / "demo-home"),
-                              "events": str(isolated_home.parent / "events.jsonl")}
+                              "events": str(isolated_home.parent / "events.jsonl"),
+                              "seals": str(isolated_home.parent / "seals.jsonl")}
     for args in SUCCESSFUL:
         data = ok_json(ledger_cli(*(a.format(**values) for a in args), "--json"))
         if args[:2] == ("token", "issue"):

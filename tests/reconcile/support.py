@@ -1,7 +1,9 @@
 """Ledgers for the reconcile tests, written by the real Verifier on a clock the test moves.
 
 The day is far in the future so that a rotated key's ``verify_until`` (the last token's
-expiry, on this fake clock) is still ahead of the real clock KeySource reads.
+expiry, on this fake clock) is still ahead of the real clock KeySource reads. The verifiers
+are given an engine, so no sealer thread runs: each ledger seals its trail (``Ledger.seal``)
+when it is written, as a server's sealer would within a second.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class Ledger:
                         pricing=PricingTable.from_document(pricing), engine=self.engine,
                         hold_timeout=HOLD_TIMEOUT, clock=self.clock)
 
+    def seal(self) -> int:
+        """Seal the audit trail and write the refusal counts, as a verifier's sealer does."""
+        return self.verifier.seal()
+
     def reconcile(self, **options: Any) -> ReconcileReport:
         settings: dict[str, Any] = {"window": Window.day(DAY), "keys_dir": self.keys_dir,
                                     "now": self.clock(), "jobs": 1}
@@ -109,7 +115,8 @@ def small_ledger(engine: Engine, keys_dir: Path) -> Ledger:
     """A few calls of each kind: charges, a captured hold, a voided hold, a per-unit capture.
 
     ``calls``: charge (search, acme), charge2 (translate, globex), captured (search held then
-    captured), voided, metered (summarize held, captured for 1234 units).
+    captured), voided, metered (summarize held, captured for 1234 units). Two seals: seal 1
+    holds the funding, the tokens and the two charges; seal 2 the holds and their outcomes.
     """
     ledger = new_ledger(engine, keys_dir)
     verifier, clock = ledger.verifier, ledger.clock
@@ -119,6 +126,7 @@ def small_ledger(engine: Engine, keys_dir: Path) -> Ledger:
     clock.advance(60)
     ledger.calls["charge2"] = verifier.charge(globex, "translate").receipt_id
     clock.advance(60)
+    ledger.seal()
     with verifier.call(acme, "search") as billed:
         clock.advance(1)
     ledger.calls["captured"] = billed.hold.id
@@ -130,6 +138,7 @@ def small_ledger(engine: Engine, keys_dir: Path) -> Ledger:
         metered.report_units(1234)
     ledger.calls["metered"] = metered.hold.id
     clock.advance(60)
+    ledger.seal()
     return ledger
 
 
@@ -141,6 +150,7 @@ def busy_day(engine: Engine, keys_dir: Path) -> Ledger:
     _morning(ledger)
     _rotation_and_repricing(ledger)
     _afternoon(ledger)
+    ledger.seal()
     _retire_old_keys(ledger)
     return ledger
 
@@ -200,6 +210,7 @@ def _rotation_and_repricing(ledger: Ledger) -> None:
     ring.save()
     repriced = {**PRICING, "version": 2, "tools": {**PRICING["tools"],
                                                    "search": {"price": "0.02"}}}
+    ledger.seal()  # the old server's last turn: its refusal counts are written
     ledger.verifier = ledger.verifier_for(repriced)
     fresh = ledger.mint("fresh", tenant="globex", agent="agent-f").token
     old = ledger.tokens["acme"].token  # signed by the rotated-out key: still verifies

@@ -7,26 +7,33 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import typer
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from typer.testing import CliRunner, Result
 
 from mcpbill_cli.cli import root
 from mcpbill_cli.cli.reconcile import events_app, reconcile
+from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import load_settings
 from mcpbill_cli.events_export import SCHEMA_VERSION
+from mcpbill_cli.ledger import audit
+from mcpbill_cli.ledger.engine import reading, writing
+from mcpbill_cli.ledger.models import events
+from mcpbill_cli.reconcile import FINDINGS
 from mcpbill_cli.setup import initialize
 
 from .support import DAY, Ledger, small_ledger
 
 Invoke = Callable[..., Result]
-EVENT_FIELDS = ["schema_version", "seq", "at", "kind", "code", "tenant", "agent", "jti",
+EVENT_FIELDS = ["schema_version", "id", "at", "kind", "code", "tenant", "agent", "jti",
                 "token_hash", "tool", "amount_usd", "amount_micro", "ref", "detail", "demo",
-                "prev_hash", "hash"]
+                "seal", "hash"]
 
 
 def make_app() -> typer.Typer:
@@ -70,7 +77,7 @@ def test_a_clean_day_exits_0_with_tables_and_a_verdict(cli: Invoke) -> None:
     assert result.stderr.splitlines()[-1] == "clean: no findings"
 
 
-def test_json_of_a_clean_day(cli: Invoke) -> None:
+def test_json_of_a_clean_day(cli: Invoke, home_ledger: Ledger) -> None:
     result = cli("reconcile", "--date", DAY.isoformat(), "--json")
     assert result.exit_code == 0, result.output
     document = envelope(result)
@@ -82,7 +89,8 @@ def test_json_of_a_clean_day(cli: Invoke) -> None:
                               "end": "2031-03-15T00:00:00+00:00"}
     assert data["summary"]["charged_usd"] == "0.069872"
     assert data["totals"]["tenant"]["globex"]["charged_usd"] == "0.05"
-    assert set(data["audit_anchor"]) == {"seq", "hash"}
+    assert data["audit_anchor"] == {"seal": 2, "hash": home_ledger.reconcile().audit_anchor[1]}
+    assert data["skipped"] == ["receipt_signatures (--verify-receipts)", "onchain (--onchain)"]
 
 
 def test_findings_exit_20_and_the_envelope_says_why(cli: Invoke, home_ledger: Ledger) -> None:
@@ -129,20 +137,25 @@ def test_a_bad_date_is_invalid_input(cli: Invoke) -> None:
     assert envelope(result)["errors"][0]["code"] == "INVALID_INPUT"  # type: ignore[index]
 
 
-def test_events_export_writes_one_json_line_per_event(cli: Invoke) -> None:
+def test_events_export_writes_one_json_line_per_event(cli: Invoke,
+                                                       home_ledger: Ledger) -> None:
     result = cli("events", "export", "--since", DAY.isoformat())
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [list(line) for line in lines] == [EVENT_FIELDS] * len(lines)
-    assert [line["seq"] for line in lines] == list(range(1, len(lines) + 1))
+    assert [line["id"] for line in lines] == list(range(1, len(lines) + 1))
     charge = next(line for line in lines if line["kind"] == "charge")
-    assert charge["schema_version"] == SCHEMA_VERSION
+    assert (charge["schema_version"], SCHEMA_VERSION) == (2, 2)
     assert (charge["amount_usd"], charge["amount_micro"]) == ("0.005", 5000)
     assert charge["at"].endswith("Z") and charge["tenant"] == "acme"
-    assert lines[1]["prev_hash"] == lines[0]["hash"]
-    resumed = cli("events", "export", "--after-seq", str(lines[-2]["seq"]))
-    assert [json.loads(line)["seq"] for line in resumed.stdout.splitlines()] == [
-        lines[-1]["seq"]]
+    assert [line["seal"] for line in lines] == [1] * 6 + [2] * (len(lines) - 6)
+    with reading(home_ledger.engine) as conn:
+        stored = {row.id: dict(row._mapping) for row in conn.execute(select(events))}
+    assert [line["hash"] for line in lines] == [
+        audit.event_digest(stored[line["id"]]) for line in lines]
+    resumed = cli("events", "export", "--after", str(lines[-2]["id"]))
+    assert [json.loads(line)["id"] for line in resumed.stdout.splitlines()] == [
+        lines[-1]["id"]]
 
 
 def test_events_export_to_a_file_with_a_json_summary(cli: Invoke, tmp_path: Path) -> None:
@@ -150,7 +163,7 @@ def test_events_export_to_a_file_with_a_json_summary(cli: Invoke, tmp_path: Path
     result = cli("events", "export", "--until", "2031-03-14T09:00:01Z", "--out", str(target),
                  "--json")
     assert result.exit_code == 0, result.output
-    assert envelope(result)["data"] == {"events": 5, "first_seq": 1, "last_seq": 5,
+    assert envelope(result)["data"] == {"events": 5, "first_id": 1, "last_id": 5,
                                         "out": str(target)}
     assert [json.loads(line)["kind"] for line in target.read_text().splitlines()] == [
         "deposit", "deposit", "issue", "issue", "charge"]
@@ -167,3 +180,42 @@ def test_help_teaches_and_offers_json(command: tuple[str, ...]) -> None:
     result = CliRunner().invoke(make_app(), [*command, "--help"], catch_exceptions=False)
     assert result.exit_code == 0 and "--json" in result.stdout
     assert len(result.stdout.split("Usage:")[1].split("╭")[0].strip().splitlines()) >= 2
+
+
+def test_an_unsealed_event_exports_with_a_null_seal_and_hash(cli: Invoke,
+                                                              home_ledger: Ledger) -> None:
+    home_ledger.verifier.charge(home_ledger.tokens["acme"].token, "search", args={"late": 1})
+    last = json.loads(cli("events", "export").stdout.splitlines()[-1])
+    assert (last["kind"], last["seal"], last["hash"]) == ("charge", None, None)
+
+
+def test_the_readme_lists_every_finding_as_the_code_does() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    documented = re.findall(r"^\| `([a-z_]+)` \| (error|warning) \| (.+) \|$", readme,
+                            flags=re.MULTILINE)
+    assert documented == [(name, severity, meaning)
+                          for name, (severity, meaning) in FINDINGS.items()]
+
+
+def test_without_the_homes_key_ring_the_seal_signatures_are_skipped(
+        cli: Invoke, home_ledger: Ledger) -> None:
+    home_ledger.keys_dir.rename(home_ledger.keys_dir.with_name("keys-elsewhere"))
+    result = cli("reconcile", "--date", DAY.isoformat(), "--json")
+    assert result.exit_code == 0, result.output
+    data = envelope(result)["data"]
+    assert isinstance(data, dict) and data["findings"] == []
+    assert f"seal_signatures (no key ring in {home_ledger.keys_dir})" in data["skipped"]
+    assert "audit_chain (window)" in data["checks"]
+
+
+def test_unsealed_events_warn_and_say_how_to_seal(cli: Invoke, home_ledger: Ledger) -> None:
+    """The CLI counts as late what was written 5 s before the real clock, in any window."""
+    with writing(home_ledger.engine) as conn:
+        audit.record(conn, "wallet_link", at=utcnow() - timedelta(seconds=6), tenant="acme")
+    result = cli("reconcile", "--date", DAY.isoformat(), "--json")
+    assert result.exit_code == 0, result.output
+    [finding] = envelope(result)["data"]["findings"]  # type: ignore[index]
+    assert (finding["name"], finding["severity"], finding["count"]) == (
+        "audit_unsealed", "warning", 1)
+    assert "`mcpbill audit seal`" in finding["message"]
+    assert cli("reconcile", "--date", DAY.isoformat(), "--strict").exit_code == 20

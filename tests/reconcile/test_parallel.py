@@ -1,11 +1,11 @@
-"""With several jobs, spawned workers re-hash the chain and verify receipts in slices: the
-findings are exactly those of one process."""
+"""With several jobs, spawned workers (PostgreSQL: connections) hash the sealed batches and
+verify receipts in slices: the findings are exactly those of one process."""
 
 from __future__ import annotations
 
 import pytest
 
-from mcpbill_cli.reconcile import chain_check, receipt_check
+from mcpbill_cli.reconcile import receipt_check, seal_check
 
 from .support import Ledger, rows_of
 
@@ -14,15 +14,19 @@ from .support import Ledger, rows_of
 def test_workers_find_what_one_process_finds(ledger: Ledger,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     charge = ledger.calls["charge"]
-    ledger.sql("UPDATE events SET tool = 'other' WHERE seq = 7")
+    ledger.sql("UPDATE events SET tool = 'other' WHERE id = 3")
+    ledger.sql("UPDATE seals SET sealed_at = sealed_at + interval '1 second' WHERE number = 2"
+               if ledger.engine.dialect.name == "postgresql"
+               else "UPDATE seals SET sealed_at = '2031-03-14 09:30:00.000000' WHERE number = 2")
     forged = ledger.call_row(ledger.calls["charge2"]).receipt
     ledger.sql("UPDATE calls SET receipt = :r WHERE id = :c", r=forged, c=charge)
     alone = ledger.reconcile(verify_receipts=True, jobs=1)
-    monkeypatch.setattr(chain_check, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(seal_check, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(seal_check, "SLICE", 1)
     monkeypatch.setattr(receipt_check, "PARALLEL_FROM", 1)
 
     spread = ledger.reconcile(verify_receipts=True, jobs=2)
 
     assert rows_of(spread) == rows_of(alone) == [
-        ("audit_chain_broken", "error", ["events/7"]),
+        ("audit_chain_broken", "error", ["seals/2", "events/3", "seals/1"]),
         ("receipt_mismatch", "error", [f"calls/{charge}"])]

@@ -1,15 +1,27 @@
 """Each kind of discrepancy, made by editing rows directly in SQL, is reported by name and
-severity with exactly the rows it concerns: one test per attack, on SQLite and PostgreSQL."""
+severity with exactly the rows it concerns: one test per attack, on SQLite and PostgreSQL.
+
+The small ledger's trail is sealed in two seals (see ``support.small_ledger``); the attacks on
+it come last, each by someone who can write to the database but does not hold the signing key.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import hashlib
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from mcpbill_cli.clock import aware
+from mcpbill_cli.keys import KeyRing, init_keyring
+from mcpbill_cli.ledger import audit
 from mcpbill_cli.ledger.engine import reading
-from mcpbill_cli.ledger.models import audit_head, events, transfers
+from mcpbill_cli.ledger.models import events, transfers
+from mcpbill_cli.ledger.sealing import seal_all
+from mcpbill_cli.ledger.seals import read_seals, signer
 
 from .support import Ledger, rows_of
 
@@ -19,17 +31,12 @@ def jti_of(ledger: Ledger, name: str) -> str:
 
 
 def move_money(ledger: Ledger, account: str, amount: int) -> None:
-    """Keep the books balanced after a tampered transfer: the account paid ``amount`` more."""
+    """Keep the books balanced after a tampered transfer: the token's account paid ``amount``
+    more, its revenue account earned it."""
     ledger.sql("UPDATE accounts SET debits_posted = debits_posted + :n WHERE id = :a",
                n=amount, a=account)
-    ledger.sql("UPDATE accounts SET credits_posted = credits_posted + :n WHERE id = 'revenue'",
-               n=amount)
-
-
-def event_seq(ledger: Ledger, ref: str, kind: str) -> int:
-    with reading(ledger.engine) as conn:
-        return int(conn.execute(select(events.c.seq).where(
-            events.c.ref == ref, events.c.kind == kind)).scalar_one())
+    ledger.sql("UPDATE accounts SET credits_posted = credits_posted + :n WHERE id = :r",
+               n=amount, r=account.replace("token:", "revenue:", 1))
 
 
 def test_an_untouched_ledger_has_no_finding(ledger: Ledger) -> None:
@@ -61,41 +68,17 @@ def test_a_call_row_deleted_leaves_its_charge_without_a_call(ledger: Ledger) -> 
         ("charge_without_call", "error", [f"transfers/charge:{charge}"])]
 
 
-def test_an_audit_event_edited(ledger: Ledger) -> None:
-    seq = event_seq(ledger, ledger.calls["charge"], "charge")
-    ledger.sql("UPDATE events SET amount = 1 WHERE seq = :s", s=seq)
-    report = ledger.reconcile()
-    assert rows_of(report) == [("audit_chain_broken", "error", [f"events/{seq}"])]
-    assert report.findings[0].rows[0].detail == "the event was changed after it was written"
-
-
-def test_an_audit_event_deleted(ledger: Ledger) -> None:
-    seq = event_seq(ledger, ledger.calls["charge2"], "charge")
-    ledger.sql("DELETE FROM events WHERE seq = :s", s=seq)
-    report = ledger.reconcile()
-    assert rows_of(report) == [("audit_chain_broken", "error",
-                                [f"events/{seq}", f"events/{seq + 1}"])]
-    assert [r.detail for r in report.findings[0].rows] == [
-        f"events {seq}..{seq} are missing", "prev_hash does not match the event before"]
-
-
-def test_the_last_audit_event_deleted(ledger: Ledger) -> None:
-    with reading(ledger.engine) as conn:
-        last = conn.execute(select(audit_head.c.seq)).scalar_one()
-    ledger.sql("DELETE FROM events WHERE seq = :s", s=last)
-    assert rows_of(ledger.reconcile()) == [("audit_chain_broken", "error", [f"events/{last}"])]
-
-
 def test_a_second_outcome_inserted_for_a_captured_call(ledger: Ledger) -> None:
     captured = ledger.calls["captured"]
     with ledger.engine.begin() as conn:
         conn.execute(insert(transfers).values(
             id=f"void:{captured}", debit_account_id=f"token:{jti_of(ledger, 'acme')}",
-            credit_account_id="revenue", amount=5000, kind="void_pending",
+            credit_account_id=f"revenue:{jti_of(ledger, 'acme')}", amount=5000, kind="void_pending",
             pending_id=f"hold:{captured}", code="void", ref=captured, demo=False,
             created_at=ledger.clock()))
     assert rows_of(ledger.reconcile()) == [
-        ("idempotency_key_two_outcomes", "error", [f"calls/{captured}"])]
+        ("idempotency_key_two_outcomes", "error", [f"calls/{captured}"]),
+        ("event_transfer_mismatch", "error", [f"transfers/void:{captured}"])]
 
 
 def test_a_call_charged_twice(ledger: Ledger) -> None:
@@ -103,13 +86,15 @@ def test_a_call_charged_twice(ledger: Ledger) -> None:
     account = f"token:{jti_of(ledger, 'acme')}"
     with ledger.engine.begin() as conn:
         conn.execute(insert(transfers).values(
-            id=f"charge:{charge}:again", debit_account_id=account, credit_account_id="revenue",
+            id=f"charge:{charge}:again", debit_account_id=account,
+            credit_account_id=f"revenue:{jti_of(ledger, 'acme')}",
             amount=5000, kind="posted", code="charge", ref=charge, demo=False,
             created_at=ledger.clock()))
     move_money(ledger, account, 5000)
     assert rows_of(ledger.reconcile()) == [
         ("captured_call_incomplete", "error", [f"calls/{charge}"]),
-        ("idempotency_key_two_outcomes", "error", [f"calls/{charge}"])]
+        ("idempotency_key_two_outcomes", "error", [f"calls/{charge}"]),
+        ("event_transfer_mismatch", "error", [f"transfers/charge:{charge}:again"])]
 
 
 def test_a_captured_call_rewritten_as_voided(ledger: Ledger) -> None:
@@ -185,6 +170,7 @@ def test_pricing_versions_deleted(ledger: Ledger) -> None:
 
 def test_a_hold_left_past_its_timeout(ledger: Ledger) -> None:
     stale = ledger.verifier.hold(ledger.tokens["acme"].token, "search")
+    ledger.seal()
     ledger.clock.advance(301)
     report = ledger.reconcile()
     assert rows_of(report) == [("hold_past_timeout", "warning", [f"transfers/hold:{stale.id}"])]
@@ -228,22 +214,242 @@ def test_rows_listed_are_capped_but_all_counted(ledger: Ledger) -> None:
     assert (finding.name, finding.count, len(finding.rows)) == ("charge_after_revocation", 4, 2)
 
 
-def test_a_rewritten_chain_verifies_but_moves_the_anchor(ledger: Ledger) -> None:
-    """An attacker who re-hashes every later event hides an edit from the chain check alone:
-    the anchor a previous reconcile printed is what exposes it."""
-    from mcpbill_cli.ledger.audit import GENESIS, event_hash
+# --- the sealed audit trail -------------------------------------------------------------------
 
-    before = ledger.reconcile().audit_anchor
-    ledger.sql("UPDATE events SET amount = 1 WHERE seq = 3")
+
+def event_of(ledger: Ledger, ref: str, kind: str) -> dict[str, Any]:
+    with reading(ledger.engine) as conn:
+        return dict(conn.execute(select(events).where(
+            events.c.ref == ref, events.c.kind == kind)).mappings().one())
+
+
+def rewrite_event(ledger: Ledger, event_id: int, **values: Any) -> None:
     with ledger.engine.begin() as conn:
-        previous = GENESIS
-        for row in conn.execute(select(events).order_by(events.c.seq)).mappings().all():
-            digest = event_hash(previous, dict(row))
-            conn.execute(update(events).where(events.c.seq == row["seq"]).values(
-                prev_hash=previous, hash=digest))
-            previous = digest
-        conn.execute(update(audit_head).values(hash=previous))
-    after = ledger.reconcile()
-    assert rows_of(after) == []
-    assert before is not None and after.audit_anchor is not None
-    assert after.audit_anchor[0] == before[0] and after.audit_anchor[1] != before[1]
+        conn.execute(update(events).where(events.c.id == event_id).values(**values))
+
+
+def own_hash(event: dict[str, Any]) -> str:
+    """The hash a sealer writes for ``event``: what a forger who knows the form can compute."""
+    return audit.event_digest(event)
+
+
+def seal_hash(claims: dict[str, Any]) -> str:
+    """A seal's hash over its fields (``ledger.seals``' documented form)."""
+    fields = {name: value for name, value in claims.items()
+              if name not in ("hash", "kid", "jws")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+                          ).hexdigest()
+
+
+def other_signing_key(tmp_path: Path) -> tuple[str, Any]:
+    """(alg, key) of a key ring the operator never made."""
+    info, key = init_keyring(tmp_path / "forger", "EdDSA", now=datetime.now().astimezone(),
+                             force=False).signing_key()
+    return info.alg, key
+
+
+def real_kid(ledger: Ledger) -> str:
+    return KeyRing.load(ledger.keys_dir).active().kid
+
+
+def test_the_trail_is_sealed_in_two_signed_seals(ledger: Ledger) -> None:
+    with reading(ledger.engine) as conn:
+        written = list(read_seals(conn))
+        unsealed = conn.execute(select(events.c.id).where(events.c.seal.is_(None))).all()
+    assert [seal.number for seal in written] == [1, 2] and unsealed == []
+    assert written[1].prev_hash == written[0].hash
+    assert ledger.reconcile().audit_anchor == (2, written[1].hash)
+
+
+def test_an_audit_event_edited(ledger: Ledger) -> None:
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    rewrite_event(ledger, event["id"], amount=1)
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error",
+                                [f"events/{event['id']}", "seals/1"])]
+    assert [row.detail for row in report.findings[0].rows] == [
+        "changed after seal 1 took it",
+        "its events no longer hash to its batch hash (an event was reordered or rewritten with "
+        "its hash)"]
+
+
+def test_an_audit_event_edited_with_its_hash_recomputed(ledger: Ledger) -> None:
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    rewrite_event(ledger, event["id"], amount=1, hash=own_hash({**event, "amount": 1}))
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    assert report.findings[0].rows[0].detail.startswith(
+        "its events no longer hash to its batch hash")
+
+
+def test_an_event_inserted_into_a_seal(ledger: Ledger) -> None:
+    """A second charge event for a charged call, stamped with the seal of the first and
+    carrying a hash of its own: the seal counts one event more than it took."""
+    charge = ledger.calls["charge"]
+    event = event_of(ledger, charge, "charge")
+    forged = {**event, "id": 10_000}
+    with ledger.engine.begin() as conn:
+        conn.execute(insert(events).values(**{**forged, "hash": own_hash(forged)}))
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"]),
+                               ("event_transfer_mismatch", "error", [f"transfers/charge:{charge}"])]
+    assert report.findings[0].rows[0].detail.startswith("holds ")
+    assert report.findings[1].rows[0].detail == (
+        f"2 charge events for one call (events {event['id']}..10000)")
+
+
+def test_an_event_inserted_with_a_seal_number_no_seal_has(ledger: Ledger) -> None:
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    forged = {**event, "id": 10_000, "kind": "issue", "seal": 3}
+    with ledger.engine.begin() as conn:
+        conn.execute(insert(events).values(**{**forged, "hash": own_hash(forged)}))
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/3"])]
+    assert report.findings[0].rows[0].detail.startswith("events carry this seal number")
+
+
+def test_an_event_inserted_unsealed(ledger: Ledger) -> None:
+    """Left unsealed it is a warning; once a sealer took it (a sealer cannot tell a forged
+    insert from a late commit), its seal verifies, but a charge event needs its transfer."""
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    with ledger.engine.begin() as conn:
+        forged = conn.execute(insert(events).values(
+            **{**{name: value for name, value in event.items() if name != "id"},
+               "ref": "rcpt_forged", "seal": None, "hash": None}
+        ).returning(events.c.id)).scalar_one()
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_unsealed", "warning", [f"events/{forged}"]),
+                               ("event_transfer_mismatch", "error", [f"events/{forged}"])]
+    assert "`mcpbill audit seal`" in report.findings[0].message
+    assert report.findings[1].rows[0].detail == (
+        "charge event of call rcpt_forged has no transfer charge:rcpt_forged")
+    ledger.seal()
+    assert rows_of(ledger.reconcile()) == [
+        ("event_transfer_mismatch", "error", [f"events/{forged}"])]
+
+
+def test_events_left_unsealed_past_the_window(ledger: Ledger) -> None:
+    held = ledger.verifier.hold(ledger.tokens["acme"].token, "search")
+    ledger.verifier.void(held)
+    ledger.clock.advance(5)
+    assert rows_of(ledger.reconcile()) == []  # a sealer has 5 s
+    ledger.clock.advance(1)
+    report = ledger.reconcile()
+    hold = event_of(ledger, held.id, "hold")["id"]
+    assert rows_of(report) == [("audit_unsealed", "warning", [f"events/{hold}"])]
+    assert report.findings[0].count == 2
+    assert not report.failed() and report.failed(strict=True)
+    ledger.seal()
+    assert rows_of(ledger.reconcile()) == []
+
+
+def test_an_audit_event_deleted(ledger: Ledger) -> None:
+    charge2 = ledger.calls["charge2"]
+    event = event_of(ledger, charge2, "charge")
+    with ledger.engine.begin() as conn:
+        conn.execute(delete(events).where(events.c.id == event["id"]))
+    report = ledger.reconcile()
+    assert rows_of(report) == [
+        ("audit_chain_broken", "error", ["seals/1"]),
+        ("event_transfer_mismatch", "error", [f"transfers/charge:{charge2}"])]
+    assert "events were inserted or deleted" in report.findings[0].rows[0].detail
+
+
+def swap_ids(ledger: Ledger, first: int, second: int) -> None:
+    with ledger.engine.begin() as conn:
+        for old, new in ((first, -1), (second, first), (-1, second)):
+            conn.execute(update(events).where(events.c.id == old).values(id=new))
+
+
+def test_two_audit_events_swapped(ledger: Ledger) -> None:
+    charge = event_of(ledger, ledger.calls["charge"], "charge")["id"]
+    charge2 = event_of(ledger, ledger.calls["charge2"], "charge")["id"]
+    swap_ids(ledger, charge, charge2)
+    assert rows_of(ledger.reconcile()) == [
+        ("audit_chain_broken", "error", [f"events/{charge}", f"events/{charge2}", "seals/1"])]
+
+
+def test_two_audit_events_swapped_with_their_hashes_recomputed(ledger: Ledger) -> None:
+    charge = event_of(ledger, ledger.calls["charge"], "charge")["id"]
+    charge2 = event_of(ledger, ledger.calls["charge2"], "charge")["id"]
+    swap_ids(ledger, charge, charge2)
+    for ref in (ledger.calls["charge"], ledger.calls["charge2"]):
+        event = event_of(ledger, ref, "charge")
+        rewrite_event(ledger, event["id"], hash=own_hash(event))
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    assert "reordered" in report.findings[0].rows[0].detail
+
+
+def first_seal(ledger: Ledger) -> dict[str, Any]:
+    with reading(ledger.engine) as conn:
+        return list(read_seals(conn))[0].to_dict()
+
+
+def test_a_seal_edited(ledger: Ledger) -> None:
+    ledger.sql("UPDATE seals SET batch_hash = :h WHERE number = 1", h="0" * 64)
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    assert report.findings[0].rows[0].detail.startswith("its hash does not match its fields")
+
+
+def test_a_seal_edited_with_its_hash_recomputed(ledger: Ledger) -> None:
+    """Its signature no longer covers it, and the seal after no longer links to it."""
+    claims = {**first_seal(ledger), "batchHash": "0" * 64}
+    ledger.sql("UPDATE seals SET batch_hash = :b, hash = :h WHERE number = 1",
+               b="0" * 64, h=seal_hash(claims))
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1", "seals/2"])]
+    assert [row.detail for row in report.findings[0].rows] == [
+        "its signature covers other fields than the seal's",
+        "does not link to the seal before it (a seal was removed, added or rewritten)"]
+
+
+def test_a_seal_deleted(ledger: Ledger) -> None:
+    ledger.sql("DELETE FROM seals WHERE number = 1")
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1", "seals/2"])]
+    assert report.findings[0].rows[0].detail == "missing: later seals exist (deleted?)"
+
+
+def test_the_last_seal_deleted(ledger: Ledger) -> None:
+    ledger.sql("DELETE FROM seals WHERE number = 2")
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/2"])]
+    assert report.findings[0].rows[0].detail.startswith("events carry this seal number")
+
+
+def test_a_seal_forged_with_another_key(ledger: Ledger, tmp_path: Path) -> None:
+    """Re-signed under the operator's kid with a key the operator never had."""
+    alg, key = other_signing_key(tmp_path)
+    claims = {name: value for name, value in first_seal(ledger).items()
+              if name not in ("kid", "jws")}
+    _, jws = signer(alg, real_kid(ledger), key)(claims)
+    ledger.sql("UPDATE seals SET jws = :j WHERE number = 1", j=jws)
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    assert report.findings[0].rows[0].detail == "its signature does not verify"
+    assert rows_of(ledger.reconcile(keys_dir=None)) == []
+
+
+def test_a_history_rechained_and_resigned_with_another_key(ledger: Ledger,
+                                                           tmp_path: Path) -> None:
+    """Every seal rewritten over an edited event, linked and signed by a key ring the forger
+    made: every seal fails its signature. Without the key ring nothing shows but the anchor a
+    previous reconcile printed."""
+    before = ledger.reconcile().audit_anchor
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    rewrite_event(ledger, event["id"], amount=1)
+    ledger.sql("UPDATE events SET seal = NULL, hash = NULL")
+    ledger.sql("DELETE FROM seals")
+    forger = init_keyring(tmp_path / "forger", "EdDSA", now=datetime.now().astimezone(),
+                          force=False)
+    info, key = forger.signing_key()
+    seal_all(ledger.engine, signer(info.alg, info.kid, key), clock=ledger.clock)
+    report = ledger.reconcile()
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    assert report.findings[0].rows[0].detail == (
+        f"signed by key {info.kid!r}, which the key ring does not hold")
+    blind = ledger.reconcile(keys_dir=None)
+    assert rows_of(blind) == [] and "seal_signatures (keys_dir)" in blind.skipped
+    assert blind.audit_anchor is not None and blind.audit_anchor != before

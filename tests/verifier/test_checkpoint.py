@@ -25,6 +25,7 @@ from .billing_support import PRICE, USDC, FakeClock, fund, mint
 from .test_async import state
 
 SQLITE_DEFAULT_PAGES = 1000
+CHARGES = 90
 
 
 @pytest.fixture
@@ -72,11 +73,13 @@ def test_commits_leave_the_log_to_the_checkpoint_thread(
     assert _autocheckpoint(file_verifier.engine) == BACKSTOP_PAGES  # type: ignore[arg-type]
     checkpointer.close()  # from here on, only commits could checkpoint
 
-    for n in range(60):  # 120 commits, well over SQLite's default 1,000 pages of log
+    # A charge writes about 16 pages (no shared audit head or revenue row since schema 0005):
+    # 90 of them make well over SQLite's default 1,000 pages of log.
+    for n in range(CHARGES):
         file_verifier.charge(token.token, "search", idempotency_key=f"k-{n}")
     frames = _log_frames(checkpointer.path)
     assert SQLITE_DEFAULT_PAGES < frames < BACKSTOP_PAGES, frames
-    assert state(sqlite_funded, token, clock) == (60 * PRICE, 0, USDC - 60 * PRICE)
+    assert state(sqlite_funded, token, clock) == (CHARGES * PRICE, 0, USDC - CHARGES * PRICE)
 
 
 def test_the_thread_checkpoints_what_calls_wrote_and_stops_on_close(

@@ -158,7 +158,7 @@ def test_charges_racing_a_revoke_are_never_found_after_it(
 
 def revoked_last(conn: Connection, token: IssuedToken, began: datetime) -> int:
     """Assert the revoke came after every charge of ``token``, by the clock and in the audit
-    chain, and stamped its event and its release with one instant; return how many charges
+    trail, and stamped its event and its release with one instant; return how many charges
     took their time after the revoke began (and still committed before it)."""
     jti = token.claims.jti
     revoked_at = aware(conn.execute(select(tokens.c.revoked_at)
@@ -168,10 +168,12 @@ def revoked_last(conn: Connection, token: IssuedToken, began: datetime) -> int:
     assert charged, f"no charge reached {jti}: the test did not race its revoke"
     assert max(charged) <= revoked_at, (jti, max(charged), revoked_at)
 
-    chain = dict(conn.execute(select(events.c.kind, func.max(events.c.seq)).where(
+    # The revoke's event takes its id once it holds the token's account, after every charge
+    # that holds it first has committed: ids order them (the audit trail's order since 0005).
+    trail = dict(conn.execute(select(events.c.kind, func.max(events.c.id)).where(
         events.c.jti == jti, events.c.kind.in_(("charge", "revoke")))
         .group_by(events.c.kind)).all())
-    assert chain["charge"] < chain["revoke"], (jti, chain)
+    assert trail["charge"] < trail["revoke"], (jti, trail)
     revoke_at = conn.execute(select(events.c.at).where(
         events.c.jti == jti, events.c.kind == "revoke")).scalar_one()
     assert aware(revoke_at) == revoked_at
