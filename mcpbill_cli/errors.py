@@ -141,6 +141,12 @@ class SchemaOutdated(BillingError):
     code = "SCHEMA_OUTDATED"
 
 
+class AuditChainBroken(BillingError):
+    """A ledger's audit trail does not verify (an upgrade refuses to seal a forged history)."""
+
+    code = "AUDIT_CHAIN_BROKEN"
+
+
 class ConfigInvalid(BillingError):
     code = "CONFIG_INVALID"
 

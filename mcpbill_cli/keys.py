@@ -93,10 +93,18 @@ class KeyRing:
             if info.verifies_at(moment)
         }
 
-    def jwks(self, now: datetime | None = None) -> dict[str, Any]:
-        """The JWKS document of public keys that verify now (HS256 secrets are never exported)."""
-        return {"keys": [_to_jwk(vk) for vk in self.verification_keys(now).values()
-                         if vk.alg != "HS256"]}
+    def jwks(self, now: datetime | None = None, *, every: bool = False) -> dict[str, Any]:
+        """The JWKS document of public keys that verify tokens now; with ``every``, of every
+        key the ring ever held, retired ones too, to check old receipts and seals (never hand
+        that one to a verifier of tokens). HS256 secrets are never exported."""
+        keys = (self.signature_keys() if every else self.verification_keys(now)).values()
+        return {"keys": [_to_jwk(vk) for vk in keys if vk.alg != "HS256"]}
+
+    def signature_keys(self) -> dict[str, VerificationKey]:
+        """Every key the ring ever signed with, whatever its status: receipts and seals stay
+        verifiable after their key is rotated out or retired."""
+        return {info.kid: VerificationKey(info.kid, info.alg, _public(self.directory, info))
+                for info in self.keys.values()}
 
     def save(self) -> None:
         doc = {"keys": [asdict(k) for k in self.keys.values()]}

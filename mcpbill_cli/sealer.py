@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.ledger import refusals
@@ -81,3 +82,6 @@ class Sealer:
                 self.turn()
             except BillingError as exc:  # the ledger is down: try again next turn
                 logger.warning("could not seal the audit trail: %s", exc.message)
+            except DBAPIError as exc:  # the thread must outlive any one bad turn
+                logger.error("sealing failed (%s); trying again next turn",
+                             type(exc.orig).__name__)

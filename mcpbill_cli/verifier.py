@@ -57,7 +57,7 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.keeper import HoldKeeper
 from mcpbill_cli.keys import KeySource
-from mcpbill_cli.ledger import audit, calls, refusals, seals
+from mcpbill_cli.ledger import audit, calls, seals
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
@@ -450,8 +450,8 @@ class Verifier:
         return self.engine
 
     def _claims(self, token: str, tool: str) -> Claims:
+        claims = self._verified(token)  # first: a refusal then names a verified token or none
         _check_tool(tool)
-        claims = self._verified(token)
         if self._revoked is not None and claims.jti in self._revoked:
             raise TokenRevoked(f"token {claims.jti} has been revoked", jti=claims.jti)
         if not in_scope(claims.scope, tool):
@@ -792,10 +792,9 @@ class Verifier:
 
 
 def _unauthenticated(exc: BillingError) -> bool:
-    """A refusal of input no known key signed: counted, never an event of its own."""
-    if exc.code == "INVALID_CREDIT_TOKEN":
-        return str(exc.details.get("reason")) in refusals.UNAUTHENTICATED
-    return exc.code == "INVALID_INPUT"
+    """A refusal before any token was verified (garbage, a forgery, a token expired or for
+    another audience: anyone can send those as fast as they like): counted, never an event."""
+    return exc.code in ("INVALID_CREDIT_TOKEN", "INVALID_INPUT")
 
 
 def canonical_json(value: Any) -> str:

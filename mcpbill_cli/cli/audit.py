@@ -33,7 +33,7 @@ def seal(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
     st = state(ctx)
     info, key = st.keyring().signing_key()
-    sealed = seal_all(st.engine(), signer(info.alg, info.kid, key), clock=utcnow)
+    sealed = seal_all(st.engine(), signer(info.alg, info.kid, key), clock=utcnow, wait=True)
     data = {"seals": [s.to_dict() for s in sealed], "events": sum(s.count for s in sealed)}
     emit(data, as_json=as_json, human=lambda: say(
         f"sealed {data['events']} event(s) in {len(sealed)} seal(s)" if sealed

@@ -40,7 +40,7 @@ def _seal(st: State) -> int | None:
         return None
     info, key = st.keyring().signing_key()
     return sum(s.count for s in seal_all(st.engine(), signer(info.alg, info.kid, key),
-                                         clock=utcnow))
+                                         clock=utcnow, wait=True))
 
 
 @app.command("status")

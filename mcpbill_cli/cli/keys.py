@@ -66,13 +66,18 @@ def export_jwks(
     ctx: typer.Context,
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file instead of stdout.")] = None,
+    every: Annotated[bool, typer.Option(
+        "--all", help="Every key ever used, rotated-out and retired ones too: to check old "
+                      "receipts and seals offline. Never give it to a verifier of tokens.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Print the JWKS document of public keys that verify now, for stateless verifiers.
+    """Print the JWKS document of public keys that verify tokens now, for stateless verifiers;
+    with --all, of every key ever used, for receipts and seals.
 
     Without --json, stdout is the JWKS itself: mcpbill keys export-jwks > jwks.json
     """
-    document = state(ctx).keyring().jwks()
+    document = state(ctx).keyring().jwks(every=every)
     text = json.dumps(document, indent=2) + "\n"
     if out_file is not None:
         write_atomic(out_file, text.encode())

@@ -1,9 +1,9 @@
-"""Refusals of input that names no valid token, counted instead of written one by one.
+"""Refusals of input that names no verified token, counted instead of written one by one.
 
-A malformed or badly signed token is anybody's to send, as fast as they like: writing one
-audit event for each would let a flood of garbage take the ledger's write capacity from paid
-calls. The verifier counts them in memory (:class:`Counter`, per UTC minute, code, reason and
-source, with one sample token hash) and its background writer adds them to
+A malformed, forged, expired or misdirected token is anybody's to send, as fast as they like:
+writing one audit event for each would let a flood of garbage take the ledger's write capacity
+from paid calls. The verifier counts them in memory (:class:`Counter`, per UTC minute, code,
+reason and source, with one sample token hash) and its background writer adds them to
 ``refusal_counts`` every second. Refusals of valid tokens stay events of their own.
 """
 
@@ -21,9 +21,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from mcpbill_cli.ledger.models import refusal_counts
 
-# INVALID_CREDIT_TOKEN reasons that mean "nobody we know signed this": counted, not written.
-UNAUTHENTICATED = frozenset({"malformed", "bad_signature", "unknown_key",
-                             "algorithm_not_allowed", "missing"})
 MAX_SOURCE = 100
 
 Key = tuple[datetime, str, str, str]  # minute, code, reason, source

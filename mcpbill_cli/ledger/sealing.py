@@ -8,19 +8,27 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from mcpbill_cli.ledger.engine import writing
-from mcpbill_cli.ledger.seals import Seal, SealRace, Sign, seal_pending
+from mcpbill_cli.ledger.engine import reading, writing
+from mcpbill_cli.ledger.seals import Seal, SealRace, Sign, take_pending, write_seal
 
 
-def seal_all(engine: Engine, sign: Sign, *, clock: Callable[[], datetime]) -> list[Seal]:
-    """Seal every committed, unsealed event, one transaction per seal; the seals written.
-    Stops when nothing is left or another sealer has the turn (it seals the rest)."""
+def seal_all(engine: Engine, sign: Sign, *, clock: Callable[[], datetime],
+             wait: bool = False) -> list[Seal]:
+    """Seal every committed, unsealed event, one batch at a time: read and hash it, then seal
+    it in a short write transaction. Returns the seals written; stops when nothing is left, or
+    another sealer has the turn (it seals the rest) unless ``wait``."""
     made: list[Seal] = []
     while True:
+        with reading(engine) as conn:
+            pending = take_pending(conn)
+        if pending is None:
+            return made
         try:
             with writing(engine) as conn:
-                seal = seal_pending(conn, sign, now=clock())
+                seal = write_seal(conn, pending, sign, now=clock(), wait=wait)
         except SealRace:
+            if wait:
+                continue  # another sealer took some of them: read what is left
             return made
         if seal is None:
             return made

@@ -41,7 +41,7 @@ SEAL_TYPE = "mcpbill-seal+jwt"
 SEAL_INTERVAL = 1.0  # seconds between a verifier's sealer runs
 UNSEALED_WINDOW = 5  # seconds: an event older than this and still unsealed is a finding
 BATCH_LIMIT = 5000  # events per seal
-_ADVISORY_KEY = 0x6D6362696C6C  # "mcbill": one sealer at a time on a PostgreSQL ledger
+_ADVISORY_CLASS = 0x6D6362  # "mcb": with the schema's hash, the lock of a ledger's sealing turn
 
 e = events.c
 s = seals.c
@@ -85,35 +85,57 @@ def signer(alg: str, kid: str, key: Any) -> Sign:
     return sign
 
 
-def seal_pending(conn: Connection, sign: Sign, *, now: datetime,
-                 limit: int = BATCH_LIMIT) -> Seal | None:
-    """Seal up to ``limit`` committed, unsealed events, inside the caller's write transaction;
-    ``None`` when there is nothing to seal or another sealer holds the turn."""
-    if not _my_turn(conn):
-        return None
+@dataclass(frozen=True)
+class Pending:
+    """Committed, unsealed events read (in id order) and hashed, ready to be sealed."""
+
+    ids: list[int]
+    digests: list[str]
+
+
+def take_pending(conn: Connection, *, limit: int = BATCH_LIMIT) -> Pending | None:
+    """Up to ``limit`` unsealed events and their own hashes; any transaction will do (a
+    sealer hashes before it takes the write lock, so paid calls never wait for the hashing)."""
     rows = conn.execute(select(e.id, *(e[name] for name in EVENT_FIELDS))
                         .where(e.seal.is_(None)).order_by(e.id).limit(limit)).mappings().all()
     if not rows:
         return None
+    return Pending([int(row["id"]) for row in rows], [event_digest(dict(row)) for row in rows])
+
+
+def write_seal(conn: Connection, pending: Pending, sign: Sign, *, now: datetime,
+               wait: bool = False) -> Seal | None:
+    """Seal ``pending`` inside the caller's write transaction: ``None`` while another sealer
+    has the turn (``wait``: wait for it); SealRace if another sealer took some of them."""
+    if not _my_turn(conn, wait=wait):
+        return None
     last = conn.execute(select(s.number, s.hash).order_by(s.number.desc()).limit(1)).first()
-    digests = [event_digest(dict(row)) for row in rows]
     number = 1 if last is None else int(last.number) + 1
-    fields = _hashed_fields(number, rows[0]["id"], rows[-1]["id"], len(rows),
-                            batch_hash(digests), GENESIS if last is None else last.hash, now)
+    fields = _hashed_fields(number, pending.ids[0], pending.ids[-1], len(pending.ids),
+                            batch_hash(pending.digests), GENESIS if last is None else last.hash,
+                            now)
     digest = _seal_hash(fields)
     kid, jws = sign({**fields, "hash": digest})
-    seal = Seal(number, fields["firstId"], fields["lastId"], len(rows), fields["batchHash"],
+    seal = Seal(number, pending.ids[0], pending.ids[-1], len(pending.ids), fields["batchHash"],
                 fields["prevHash"], digest, now, kid, jws)
     conn.execute(insert(seals).values(
         number=number, first_id=seal.first_id, last_id=seal.last_id, count=seal.count,
         batch_hash=seal.batch_hash, prev_hash=seal.prev_hash, hash=digest, sealed_at=now,
         kid=kid, jws=jws))
-    conn.execute(_STAMP, [{"b_id": row["id"], "b_seal": number, "b_hash": h}
-                          for row, h in zip(rows, digests, strict=True)])
+    conn.execute(_STAMP, [{"b_id": i, "b_seal": number, "b_hash": h}
+                          for i, h in zip(pending.ids, pending.digests, strict=True)])
     stamped = conn.execute(select(func.count()).where(e.seal == number)).scalar_one()
-    if stamped != len(rows):  # another sealer got there: roll this one back
+    if stamped != len(pending.ids):  # another sealer got there: roll this one back
         raise SealRace(number)
     return seal
+
+
+def seal_pending(conn: Connection, sign: Sign, *, now: datetime,
+                 limit: int = BATCH_LIMIT, wait: bool = False) -> Seal | None:
+    """Seal up to ``limit`` committed, unsealed events, all inside the caller's write
+    transaction; ``None`` when there is nothing to seal or another sealer holds the turn."""
+    pending = take_pending(conn, limit=limit)
+    return None if pending is None else write_seal(conn, pending, sign, now=now, wait=wait)
 
 
 class SealRace(Exception):  # noqa: N818 - rolls a sealer's transaction back, never leaves it
@@ -136,15 +158,23 @@ class SealBreak:
     problem: str
 
 
-def read_seals(conn: Connection, *, first: int = 1, last: int | None = None) -> Iterator[Seal]:
-    """The seals numbered ``first``..``last``, in order."""
-    query = select(seals).where(s.number >= first).order_by(s.number)
-    if last is not None:
-        query = query.where(s.number <= last)
-    for row in conn.execute(query.execution_options(yield_per=1000)):
-        yield Seal(int(row.number), int(row.first_id), int(row.last_id), int(row._mapping["count"]),
-                   row.batch_hash, row.prev_hash, row.hash, aware(row.sealed_at), row.kid,
-                   row.jws)
+def read_seals(conn: Connection, *, first: int = 1, last: int | None = None,
+               page: int = 1000) -> Iterator[Seal]:
+    """The seals numbered ``first``..``last``, in order, read ``page`` at a time (no cursor
+    is left open by a caller that stops early)."""
+    after = first - 1
+    while True:
+        query = select(seals).where(s.number > after).order_by(s.number).limit(page)
+        if last is not None:
+            query = query.where(s.number <= last)
+        rows = conn.execute(query).all()
+        for row in rows:
+            yield Seal(int(row.number), int(row.first_id), int(row.last_id),
+                       int(row._mapping["count"]), row.batch_hash, row.prev_hash, row.hash,
+                       aware(row.sealed_at), row.kid, row.jws)
+        if len(rows) < page:
+            return
+        after = int(rows[-1].number)
 
 
 def verify_seal(seal: Seal, prev_hash: str, keys: Mapping[str, VerificationKey] | None
@@ -202,11 +232,14 @@ def stray_seal_numbers(conn: Connection) -> list[int]:
 # --- internals --------------------------------------------------------------------------------
 
 
-def _my_turn(conn: Connection) -> bool:
+def _my_turn(conn: Connection, *, wait: bool) -> bool:
+    """One sealer at a time per ledger (a PostgreSQL schema): a transaction-level lock."""
     if conn.dialect.name != "postgresql":
         return True  # SQLite: this write transaction already holds the database's lock
-    return bool(conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                             {"k": _ADVISORY_KEY}).scalar_one())
+    lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+    taken = conn.execute(text(f"SELECT {lock}(:k, hashtext(current_schema()))::text"),
+                         {"k": _ADVISORY_CLASS}).scalar_one()
+    return str(taken) != "false"  # the waiting form returns void: its turn came
 
 
 def _hashed_fields(number: int, first_id: int, last_id: int, count: int, batch: str,

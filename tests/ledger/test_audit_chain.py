@@ -15,6 +15,7 @@ from sqlalchemy import Boolean, DateTime, Engine, column, insert, select, table,
 from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli.clock import utcnow
+from mcpbill_cli.errors import AuditChainBroken
 from mcpbill_cli.keys import init_keyring
 from mcpbill_cli.ledger import audit
 from mcpbill_cli.ledger.engine import make_engine, reading, writing
@@ -113,6 +114,6 @@ def test_a_0004_chain_that_does_not_verify_is_not_upgraded(db_url: str) -> None:
     write_0004_chain(engine, 4)
     with engine.begin() as conn:
         conn.execute(text("UPDATE events SET amount = 99 WHERE seq = 2"))
-    with pytest.raises(RuntimeError, match=r"breaks at event 2.*--chain full"):
+    with pytest.raises(AuditChainBroken, match=r"breaks at event 2.*--chain full"):
         upgrade(engine)
     engine.dispose()

@@ -37,6 +37,7 @@ from typer.testing import CliRunner, Result
 
 from mcpbill_cli.cli import app
 from mcpbill_cli.clock import aware, utcnow
+from mcpbill_cli.errors import AuditChainBroken
 from mcpbill_cli.keys import KeyRing, KeySource, init_keyring, keys_from_jwks
 from mcpbill_cli.ledger import calls, invariants, ops
 from mcpbill_cli.ledger.audit import CHAIN_FIELDS, GENESIS, event_digest, event_hash
@@ -365,11 +366,11 @@ def test_a_0004_ledger_whose_chain_is_broken_is_not_migrated(
         tamper(conn)
     before = event_rows_0004(engine)
 
-    with pytest.raises(RuntimeError, match=message) as refused:
+    with pytest.raises(AuditChainBroken, match=message) as refused:
         upgrade(engine)
 
-    assert type(refused.value).__name__ == "BrokenChain"
-    assert "mcpbill reconcile" in str(refused.value)
+    assert refused.value.code == "AUDIT_CHAIN_BROKEN"
+    assert "mcpbill reconcile" in refused.value.message
     assert current_revision(engine) == "0004"
     assert "seq" in columns(engine, "events") and "audit_head" in table_names(engine)
     assert {"seals", "refusal_counts"}.isdisjoint(table_names(engine))
@@ -386,9 +387,6 @@ def event_rows_0004(engine: Engine) -> list[tuple[Any, ...]]:
                    EVENTS_0004.c.hash).order_by(EVENTS_0004.c.seq))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: BrokenChain is a RuntimeError, not a BillingError: `db upgrade --json` prints no "
-    "document and ends in a traceback"))
 def test_db_upgrade_of_a_broken_chain_says_what_to_do_as_one_json_document(
         old_ledger: OldLedger, monkeypatch: pytest.MonkeyPatch) -> None:
     with writing(old_ledger.engine) as conn:

@@ -246,8 +246,9 @@ def test_a_sealer_that_is_not_its_turn_seals_nothing(pg_engine: Engine, sign: Si
     write_events(pg_engine, 2)
     with pg_engine.connect() as other:
         other.begin()
-        assert other.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                             {"k": seals_module._ADVISORY_KEY}).scalar_one()
+        assert other.execute(text(
+            "SELECT pg_try_advisory_xact_lock(:k, hashtext(current_schema()))"),
+            {"k": seals_module._ADVISORY_CLASS}).scalar_one()
         with writing(pg_engine) as conn:
             assert seal_pending(conn, sign, now=AT) is None
         assert seal_all(pg_engine, sign, clock=lambda: AT) == []

@@ -187,7 +187,7 @@ def test_two_verifiers_add_their_counts_to_the_same_row(
 # --- refusals of valid tokens stay events ------------------------------------------------------
 
 
-def test_a_refusal_of_a_valid_token_is_still_one_event(
+def test_a_refusal_of_a_verified_token_is_still_one_event(
         verifier: Verifier, funded: Engine, new_token: Callable[..., IssuedToken],
         ring: KeyRing, clock: FakeClock) -> None:
     narrow = new_token(scope=["status"])
@@ -211,10 +211,14 @@ def test_a_refusal_of_a_valid_token_is_still_one_event(
     assert [tuple(row) for row in rows] == [
         ("refusal", "SCOPE_DENIED", narrow.claims.jti, None),
         ("refusal", "BUDGET_EXCEEDED", poor.claims.jti, None),
-        ("refusal", "TOKEN_REVOKED", revoked.claims.jti, None),
-        ("refusal", CODE, None, token_fingerprint(expired.token))]
+        ("refusal", "TOKEN_REVOKED", revoked.claims.jti, None)]
+    # An expired token names no token the verifier accepts (anyone can replay an old one as
+    # fast as they like): it is counted like garbage, its hash the sample.
     verifier.seal()
-    assert counts(funded) == {}
+    assert counts(funded) == {(minute_of(clock()), CODE, "expired", ""): 1}
+    with reading(funded) as conn:
+        assert conn.execute(select(refusal_counts.c.sample)).scalar_one() == (
+            token_fingerprint(expired.token))
 
 
 # --- minutes ------------------------------------------------------------------------------------

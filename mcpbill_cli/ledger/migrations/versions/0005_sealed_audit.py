@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from mcpbill_cli.errors import AuditChainBroken
 from mcpbill_cli.ledger.audit import CHAIN_FIELDS, GENESIS, event_hash
 
 revision = "0005"
@@ -63,10 +64,6 @@ def upgrade() -> None:
     _revenue_accounts()
 
 
-class BrokenChain(RuntimeError):
-    """The ledger's audit chain does not verify: migrating would seal a forged history."""
-
-
 def _verify_chain() -> None:
     conn = op.get_bind()
     typed: dict[str, Any] = {"at": sa.DateTime(timezone=True), "demo": sa.Boolean(),
@@ -75,16 +72,25 @@ def _verify_chain() -> None:
                       sa.column("prev_hash"), sa.column("hash"))
     head = sa.table("audit_head", sa.column("seq"), sa.column("hash"))
     expected_seq, expected_prev = 1, GENESIS
-    for row in conn.execute(sa.select(events).order_by(events.c.seq)).mappings():
-        if row["seq"] != expected_seq or row["prev_hash"] != expected_prev or (
-                event_hash(row["prev_hash"], dict(row)) != row["hash"]):
-            raise BrokenChain(f"the audit chain breaks at event {expected_seq}: reconcile this "
-                              "ledger (mcpbill reconcile --chain full) before upgrading it")
-        expected_seq, expected_prev = expected_seq + 1, row["hash"]
+    rows = conn.execute(sa.select(events).order_by(events.c.seq)
+                        .execution_options(stream_results=True, yield_per=5000))
+    try:
+        for row in rows.mappings():
+            if row["seq"] != expected_seq or row["prev_hash"] != expected_prev or (
+                    event_hash(row["prev_hash"], dict(row)) != row["hash"]):
+                raise AuditChainBroken(
+                    f"the audit chain breaks at event {expected_seq}, so this ledger is not "
+                    "upgraded (sealing would vouch for it): find what changed with `mcpbill "
+                    "reconcile --chain full` using the mcpbill that wrote it", seq=expected_seq)
+            expected_seq, expected_prev = expected_seq + 1, row["hash"]
+    finally:
+        rows.close()  # a server-side cursor on PostgreSQL, even when the chain breaks
     last = conn.execute(sa.select(head.c.seq, head.c.hash)).one()
     if (last.seq, last.hash) != (expected_seq - 1, expected_prev):
-        raise BrokenChain("the audit chain's end does not match audit_head (events deleted): "
-                          "reconcile this ledger (mcpbill reconcile --chain full) first")
+        raise AuditChainBroken(
+            "the audit chain's end does not match audit_head (events deleted), so this ledger "
+            "is not upgraded: find what changed with `mcpbill reconcile --chain full` using "
+            "the mcpbill that wrote it", seq=int(last.seq))
 
 
 def _revenue_accounts() -> None:
