@@ -72,9 +72,14 @@ class Sealer:
 
     def _flush(self) -> None:
         taken = self.counts.take()
-        if taken:
+        if not taken:
+            return
+        try:
             with writing(self.engine) as conn:
                 refusals.add(conn, taken)
+        except (BillingError, DBAPIError):
+            self.counts.give_back(taken)  # written at a later turn
+            raise
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -176,7 +176,8 @@ class Verifier:
         self._checkpointer: WalCheckpointer | None = None
         owned = engine is None and db_url is not None
         if engine is None and db_url is not None:
-            engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES, durable=not demo)
+            engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES, durable=not demo,
+                                 pre_ping=False)  # a round trip per call saved
             check_schema(engine)
             self._checkpointer = background_checkpointer(engine)  # no commit checkpoints
         self.engine = engine

@@ -28,7 +28,7 @@ _READONLY = "mcpbill_readonly"
 
 
 def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None = None,
-                durable: bool = True) -> Engine:
+                durable: bool = True, pre_ping: bool = True) -> Engine:
     """An engine for ``url``; SQLite files get WAL, a busy timeout and immediate write locks.
 
     ``durable`` (the default) syncs every commit to disk before it returns: SQLite runs
@@ -36,7 +36,9 @@ def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None
     default. ``durable=False`` (a demo verifier) runs ``NORMAL`` and ``off``: a power loss may
     take back the last commits. ``wal_autocheckpoint`` sets how many pages of log SQLite lets
     grow before a commit checkpoints it itself (SQLite's default: 1000); see
-    :mod:`mcpbill_cli.ledger.checkpoint`.
+    :mod:`mcpbill_cli.ledger.checkpoint`. ``pre_ping`` (PostgreSQL) tests a pooled connection
+    before each use: a round trip per transaction, which a verifier saves (a connection the
+    server dropped fails that one call with LEDGER_UNAVAILABLE, and the pool starts afresh).
     """
     try:
         parsed = make_url(url)
@@ -48,7 +50,8 @@ def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
         return create_engine(parsed, pool_size=pool_size, max_overflow=pool_size,
-                             pool_pre_ping=True, connect_args=_pg_connect_args(parsed, durable))
+                             pool_pre_ping=pre_ping,
+                             connect_args=_pg_connect_args(parsed, durable))
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
         raise LedgerUnavailable(
             f"no driver for {redact_url(url)}: {exc}; install mcpbill[postgres] for PostgreSQL",

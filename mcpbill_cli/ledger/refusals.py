@@ -55,6 +55,13 @@ class Counter:
         with self._lock:
             return any(key[0] < minute for key in self._counts)
 
+    def give_back(self, taken: Mapping[Key, Tally]) -> None:
+        """Counts taken but not written (the ledger was down): counted again."""
+        with self._lock:
+            for key, tally in taken.items():
+                mine = self._counts.setdefault(key, Tally(0, tally.sample))
+                mine.count += tally.count
+
     def take(self) -> dict[Key, Tally]:
         """Everything counted so far, and start again from nothing."""
         with self._lock:
@@ -63,9 +70,10 @@ class Counter:
 
 
 def add(conn: Connection, counts: Mapping[Key, Tally]) -> None:
-    """Add ``counts`` to the rows of their minute (one statement per key, upserts)."""
+    """Add ``counts`` to the rows of their minute (one upsert per key, in key order, so two
+    writers flushing at once take the rows' locks in one order and never deadlock)."""
     insert: Any = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    for (minute, code, reason, source), tally in counts.items():
+    for (minute, code, reason, source), tally in sorted(counts.items()):
         statement = insert(refusal_counts).values(
             minute=minute, code=code, reason=reason, source=source, count=tally.count,
             sample=tally.sample)

@@ -23,7 +23,7 @@ from mcpbill_cli.errors import BillingError
 from mcpbill_cli.keys import KeyRing, KeySource, init_keyring
 from mcpbill_cli.ledger.audit import token_fingerprint
 from mcpbill_cli.ledger.credit import IssuedToken, revoke
-from mcpbill_cli.ledger.engine import reading, writing
+from mcpbill_cli.ledger.engine import make_engine, reading, writing
 from mcpbill_cli.ledger.models import events, refusal_counts
 from mcpbill_cli.ledger.seals import read_seals
 from mcpbill_cli.mcp import TOKEN_META, Billing
@@ -355,3 +355,16 @@ def test_an_in_process_mcp_call_has_no_source(example: Any, verifier: Verifier,
     assert anyio.run(call).is_error
     verifier.seal()
     assert counts(funded) == {(minute_of(clock()), CODE, "malformed", ""): 1}
+
+
+def test_counts_a_failed_write_took_are_counted_again(
+        keys: KeySource, pricing: PricingTable, tmp_path: Path, clock: FakeClock) -> None:
+    """The ledger down at a flush: nothing counted is lost, the next turn writes it."""
+    down = Verifier(keys=keys, pricing=pricing, clock=clock,
+                    engine=make_engine(f"sqlite:///{tmp_path}"))  # a directory: no database
+    for n in range(3):
+        refuse(down, f"garbage-{n}", n)
+    with pytest.raises(BillingError):
+        down.seal()
+    taken = down._sealer.counts.take()  # type: ignore[union-attr]
+    assert [tally.count for tally in taken.values()] == [3]

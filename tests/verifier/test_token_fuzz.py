@@ -60,7 +60,6 @@ DIRECT_TOKENS = 5_000  # straight to decode_token: no ledger, no commit
 AUDIT_EVERY = 97  # compare the trail with the refusals made (a flush and queries: not always)
 # INVALID_CREDIT_TOKEN reasons that say no key we hold signed the token: such a refusal is
 # counted in refusal_counts, never an event (ledger/refusals.py); any other stays an event.
-UNSIGNED_REASONS = {"malformed", "bad_signature", "unknown_key", "algorithm_not_allowed"}
 ENTRIES = ("preflight", "begin", "charge")
 DECODE_REASONS = {"malformed", "bad_signature", "unknown_key", "algorithm_not_allowed",
                   "expired", "not_yet_valid", "wrong_audience", "wrong_issuer"}
@@ -374,9 +373,11 @@ def refusals_recorded(verifier: Verifier, engine: Engine) -> int:
 
 
 def is_counted(refused: BillingError) -> bool:
-    """Whether ``refused`` is one of the refusals counted rather than written as an event."""
+    """Whether ``refused`` is one of the refusals counted rather than written as an event:
+    every refusal before a token was verified (garbage, forged, expired, misdirected). A
+    token validly signed but unknown to the ledger was verified first: an event."""
     return refused.code == "INVALID_CREDIT_TOKEN" and (
-        refused.details.get("reason") in UNSIGNED_REASONS)
+        refused.details.get("reason") != "unknown_token")
 
 
 def assert_last_refusal_is(verifier: Verifier, engine: Engine, refused: BillingError,
