@@ -231,6 +231,8 @@ def main() -> None:
     print(f"floor: the same rows as raw SQL     {median['floor'] * 1000:8.3f} ms/call "
           f"= {floor_share:.2f} of an unbilled call,")
     print(f"       so billed / unbilled cannot go below {1 + floor_share:.2f}x on this ledger")
+    print(f"billed / (unbilled + floor)         {billed / (unbilled + median['floor']):8.2f}x  "
+          "(goal <= 1.25x)")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    server = build_server(Billing.from_settings())
-    if args.http:
-        server.run("streamable-http", host=args.host, port=args.port)
-    else:
-        server.run("stdio")
+    billing = Billing.from_settings()
+    server = build_server(billing)
+    try:
+        if args.http:
+            server.run("streamable-http", host=args.host, port=args.port)
+        else:
+            server.run("stdio")
+    finally:
+        billing.verifier.close()  # seals what is left and writes the refusal counts
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ of its last interval; its events are sealed by the next sealer anywhere.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from collections.abc import Callable
@@ -45,11 +46,18 @@ class Sealer:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
+        """Start the thread; a process that exits normally without ``close()`` still gets a
+        last turn (``atexit``), so a short-lived server leaves nothing unsealed."""
         with self._lock:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="mcpbill-sealer",
                                                 daemon=True)
                 self._thread.start()
+                atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if not self._stop.is_set():
+            self.close()
 
     def close(self) -> None:
         """Stop the thread, then a last turn (the ledger down: what is left stays for the
@@ -61,6 +69,9 @@ class Sealer:
             self.turn()
         except BillingError as exc:
             logger.warning("could not seal or write refusal counts on close: %s", exc.message)
+        except DBAPIError as exc:
+            logger.warning("could not seal or write refusal counts on close: %s",
+                           type(exc.orig).__name__)
 
     def turn(self) -> int:
         """One turn: flush the counts, then seal until nothing is left; returns the events

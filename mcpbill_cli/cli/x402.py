@@ -67,8 +67,11 @@ def fetch(
     budget = AgentBudget(verifier, token, tool=tool)
     policy = _policy(st, chains, max_amount)
     signer = None if dry_run else _operator_account(st)
-    result = fetch_url(url, budget=budget, policy=policy, signer=signer, dry_run=dry_run,
-                       request_id=request_id)
+    try:
+        result = fetch_url(url, budget=budget, policy=policy, signer=signer, dry_run=dry_run,
+                           request_id=request_id)
+    finally:
+        verifier.close()  # seals the payment's events and writes refusal counts
     emit(result.to_dict(), as_json=as_json, human=lambda: _render(result))
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
 from mcpbill_cli.demo import DEMO_LIMIT, run_demo
 from mcpbill_cli.keys import KeySource
+from mcpbill_cli.ledger.engine import make_engine, reading
+from mcpbill_cli.ledger.models import events
 from mcpbill_cli.money import parse_usd
 from mcpbill_cli.receipts import verify_receipt
 
@@ -34,6 +37,11 @@ def test_the_demo_spends_its_budget_over_mcp_and_reconciles(
     assert summary["reconcile"]["captured"] == len(receipts)
     assert "receipt_signatures" in summary["reconcile"]["checks"]
     assert (home / "ledger.db").is_file() and (home / "server.log").is_file()
+    engine = make_engine(f"sqlite:///{home / 'ledger.db'}")
+    with reading(engine) as conn:  # the server sealed what it wrote before it stopped
+        unsealed = conn.execute(select(func.count()).where(events.c.seal.is_(None)))
+        assert unsealed.scalar_one() == 0
+    engine.dispose()
 
 
 @pytest.mark.slow
