@@ -10,11 +10,17 @@ Prints:
   verifier (every commit synced: SQLite ``synchronous=FULL``, PostgreSQL
   ``synchronous_commit=on``) against the bare loop synced the same way, and for a demo-mode
   one (``NORMAL``, ``off``) against the bare loop unsynced;
+- ``charge`` throughput / its floor (goal >= 0.5), per backend and mode: the same rows a
+  charge writes, as raw SQL on the raw driver (sqlite3, psycopg 3) on the same ledger, one
+  transaction per charge synced as the verifier's, plus the receipt's Ed25519 signature (a
+  JWS of the same claims, built by hand and signed with the key ring's key): see
+  ``bench/floors.py``;
 - what durability costs: live / demo charge throughput, beside the same ratio for the bare
   loops (the part of it the disk takes whatever code runs), and live / demo hold + capture p99;
 - p50 and p99 latency of hold + capture, live and demo.
 
-Live and demo alternate in ``--rounds`` rounds, so a busy moment of the machine weighs on both.
+Live and demo alternate in ``--rounds`` rounds, so a busy moment of the machine weighs on both;
+each throughput is the median round's.
 
 Usage: python bench/verifier.py [--calls N] [--rounds R]
 """
@@ -30,11 +36,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import jwt
+from floors import ChargeFloor, PostgresChargeFloor, ReceiptSigner, SqliteChargeFloor
 
-from mcpbill_cli import Verifier
+from mcpbill_cli import Quote, Verifier
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import load_settings
 from mcpbill_cli.keys import KeyRing
@@ -145,44 +153,66 @@ MODES = (("live", True), ("demo", False))  # a verifier's mode, and whether its 
 
 @dataclass
 class Tally:
-    """One mode's measurements, summed over the rounds."""
+    """One mode's measurements: a throughput per round of each loop, every latency."""
 
-    calls: int = 0
-    bare_seconds: float = 0.0
-    charge_seconds: float = 0.0
+    bare: list[float] = field(default_factory=list)  # per second, one per round
+    floor: list[float] = field(default_factory=list)
+    charge: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # hold + capture, ms
 
 
-def bench_charge(label: str, settings: Any, bare: Callable[[bool, int], float], count: int,
-                 rounds: int) -> None:
-    """Charge and hold+capture with a live (synced) and a demo verifier, each beside its floor."""
+# A charge's floor on the bench's ledger: whether its commits sync, the charge's signer and
+# what it writes (floor_call) -> the floor.
+FloorFor = Callable[..., ChargeFloor]
+
+
+def bench_charge(label: str, settings: Any, bare: Callable[[bool, int], float],
+                 floor_for: FloorFor, count: int, rounds: int) -> None:
+    """Charge and hold+capture with a live (synced) and a demo verifier, each beside the bare
+    loop and the charge's floor synced the same way."""
     token = issue(settings, 10**12)
     verifiers = {mode: Verifier.from_settings(settings, demo=not synced) for mode, synced in MODES}
+    quote = verifiers["live"].preflight(token, "search")
+    floors = {mode: floor_for(synced, **floor_call(settings, quote, demo=not synced))
+              for mode, synced in MODES}
     tallies = {mode: Tally() for mode, _ in MODES}
     per_round = max(count // rounds, 1)
-    for verifier in verifiers.values():
-        charge(verifier, token)  # warm the pool and the statement cache
+    for mode, _ in MODES:  # warm the pools and the statement caches (psycopg: prepared)
+        for _ in range(10):
+            charge(verifiers[mode], token)
+            floors[mode].charge(uuid.uuid4().hex)
     for _ in range(rounds):
         for mode, synced in MODES:
-            measure(tallies[mode], verifiers[mode], token, per_round,
+            measure(tallies[mode], verifiers[mode], floors[mode], token, per_round,
                     lambda calls, synced=synced: bare(synced, calls))
-    for verifier in verifiers.values():
-        verifier.close()
+    for mode, _ in MODES:
+        verifiers[mode].close()
+        floors[mode].close()
     for mode, synced in MODES:
         report(label, mode, "synced" if synced else "unsynced", tallies[mode])
     live, demo = tallies["live"], tallies["demo"]
     print(f"{label}: {'durability costs':32} charge live/demo "
-          f"{demo.charge_seconds / live.charge_seconds:.2f} (bare synced/unsynced "
-          f"{demo.bare_seconds / live.bare_seconds:.2f}), hold+capture p99 live/demo "
+          f"{median(live.charge) / median(demo.charge):.2f} (bare synced/unsynced "
+          f"{median(live.bare) / median(demo.bare):.2f}), hold+capture p99 live/demo "
           f"{p99(live.latencies) / p99(demo.latencies):.2f}")
 
 
-def measure(tally: Tally, verifier: Verifier, token: str, calls: int,
+def floor_call(settings: Any, quote: Quote, *, demo: bool) -> dict[str, Any]:
+    """What a floor needs to write a charge's rows and sign its receipt: the key ring's
+    signing key, and the token, tenant, agent, tool and price that ``quote`` names."""
+    info, key = KeyRing.load(settings.keys_dir).signing_key()
+    return {"signer": ReceiptSigner(key, info.kid), "jti": quote.jti, "tenant": quote.tenant,
+            "agent": quote.agent, "tool": quote.tool, "price": quote.amount,
+            "rule": quote.price.rule, "version": quote.price.version, "demo": demo}
+
+
+def measure(tally: Tally, verifier: Verifier, floor: ChargeFloor, token: str, calls: int,
             bare: Callable[[int], float]) -> None:
-    """One round: the bare loop, ``calls`` charges, then half as many hold+capture."""
-    tally.calls += calls
-    tally.bare_seconds += calls / bare(calls)
-    tally.charge_seconds += calls / rate(lambda: charge(verifier, token), calls)
+    """One round: the bare loop, the floor, ``calls`` charges, then half as many
+    hold+capture."""
+    tally.bare.append(bare(calls))
+    tally.floor.append(rate(lambda: floor.charge(uuid.uuid4().hex), calls))
+    tally.charge.append(rate(lambda: charge(verifier, token), calls))
     for _ in range(max(calls // 2, 25)):
         start = time.perf_counter()
         with verifier.call(token, "search", idempotency_key=uuid.uuid4().hex):
@@ -196,12 +226,13 @@ def charge(verifier: Verifier, token: str) -> None:
 
 
 def report(label: str, mode: str, sync: str, tally: Tally) -> None:
-    floor = tally.calls / tally.bare_seconds
-    charges = tally.calls / tally.charge_seconds
-    print(f"{label}: {'bare UPDATE+INSERT, ' + sync:32} {floor:9.0f}/s")
-    print(f"{label}: {'charge, ' + mode:32} {charges:9.0f}/s  ratio {charges / floor:.2f}"
+    bare, floor, charges = median(tally.bare), median(tally.floor), median(tally.charge)
+    print(f"{label}: {'bare UPDATE+INSERT, ' + sync:32} {bare:9.0f}/s")
+    print(f"{label}: {'charge, ' + mode:32} {charges:9.0f}/s  ratio {charges / bare:.2f}"
           "  (target >= 0.5)")
-    print(f"{label}: {'hold+capture, ' + mode:32} p50 {statistics.median(tally.latencies):.2f} ms"
+    print(f"{label}: charge vs floor (same rows + signature)  {floor:.0f}/s  ratio "
+          f"{charges / floor:.2f} (goal >= 0.5)")
+    print(f"{label}: {'hold+capture, ' + mode:32} p50 {median(tally.latencies):.2f} ms"
           f"  p99 {p99(tally.latencies):.2f} ms")
 
 
@@ -239,13 +270,17 @@ def main() -> None:
         bench_preflight(settings, count)
         ledger = str(root / "sqlite" / "ledger.db")
         bench_charge("sqlite", settings,
-                     lambda synced, calls: bare_sqlite_loop(ledger, calls, synced), count, rounds)
+                     lambda synced, calls: bare_sqlite_loop(ledger, calls, synced),
+                     lambda synced, **call: SqliteChargeFloor(ledger, synced=synced, **call),
+                     count, rounds)
 
         def postgres(url: str) -> None:
             pg_settings = make_home(root / "pg", url.replace("postgresql://",
                                                              "postgresql+psycopg://"))
             bench_charge("postgres", pg_settings,
-                         lambda synced, calls: bare_pg_loop(url, calls, synced), count, rounds)
+                         lambda synced, calls: bare_pg_loop(url, calls, synced),
+                         lambda synced, **call: PostgresChargeFloor(url, synced=synced, **call),
+                         count, rounds)
 
         with_pg_database(postgres)
 
