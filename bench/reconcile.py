@@ -11,8 +11,8 @@ created_at in the day GROUP BY tool`` over the same rows (best of three):
 - ``window``: the day's own checks (``--window-only --chain off``): totals, prices, control
   totals, revocation and expiry, events against transfers, stale holds, deposits: SQL
   aggregates and anti-joins only;
-- ``sql``: plus ``ledger.invariants.check``, ledger-wide (its cost grows with the whole
-  ledger; here the ledger holds just this day);
+- ``sql``: plus the ledger-wide invariants (here from the first transfer: the ledger holds
+  just this day and no snapshot), and the snapshot of the sums it leaves at the day's end;
 - ``default``: ``mcpbill reconcile --date`` as it runs, which the target (<= 3x) is for: plus
   the seals holding the day's events checked (links, hashes, signatures) and every event of
   them re-hashed against its seal's batch hash (SQLite: in Python, ``--jobs`` processes;
@@ -21,6 +21,14 @@ created_at in the day GROUP BY tool`` over the same rows (best of three):
   reported also as calls verified per second;
 
 and the peak RSS of each run (``ru_maxrss`` of its subprocess): it must not grow with rows.
+Each run first deletes the snapshot a run before left at the day's end, so all do the same.
+
+Then the history measure (``--history-days``, default 10): a ledger of that many earlier days
+of ``--rows`` calls each (their own tokens, the tenants funded again each day) and the same
+day last, its earlier days reconciled in order first (the first from the full history, each
+leaving the snapshot the next starts from); that last day's ``default`` reconcile against the
+same day in the ledger above (no history), best of three each. Reconcile is incremental when
+the ratio stays near 1 (target <= 1.2) however many days came before.
 Last, a floor for ``default``: one SHA-256 per event of the day over its hashed fields joined
 as text by the database (in SQL on PostgreSQL; read into Python on SQLite, which has no
 SHA-256), against the same bare query. Verifying the seals re-hashes every event's content
@@ -32,6 +40,7 @@ report them). A run that reports any finding stops the bench: the generated day 
 
 Usage: python bench/reconcile.py [--rows N] [--backend sqlite|postgres|both] [--jobs J]
        [--no-receipts] [--modes window,sql,default] [--data DIR] [--only-rows] [--profile]
+       [--history-days N]
 
 ``--data DIR`` keeps the generated ledgers (a SQLite file in DIR, a PostgreSQL database named
 after the row count, and the key ring that signed their receipts) and reuses them on the next
@@ -60,16 +69,18 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, text
+from sqlalchemy import Engine, Table, delete, text
 from sqlalchemy.engine import make_url
 
 from mcpbill_cli.keys import KeyRing, init_keyring
 from mcpbill_cli.ledger.audit import GENESIS, event_digest
 from mcpbill_cli.ledger.engine import make_engine
 from mcpbill_cli.ledger.models import (
+    account_snapshots,
     accounts,
     calls,
     events,
+    ledger_snapshots,
     pricing_versions,
     refusal_counts,
     seals,
@@ -150,12 +161,13 @@ class Day:
     """
 
     rows: int
+    day: date = DAY
     start: datetime = field(init=False)
     tokens: list[Token] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.start = datetime(DAY.year, DAY.month, DAY.day, tzinfo=UTC)
-        rng = random.Random(SEED)
+        self.start = datetime(self.day.year, self.day.month, self.day.day, tzinfo=UTC)
+        rng = random.Random(self.seed)
         self.tokens = [
             Token(jti=f"tok_{uuid.UUID(int=rng.getrandbits(128)).hex[:22]}",
                   tenant=f"tenant-{t}", agent=f"agent-{t}-{rng.randrange(AGENTS_PER_TENANT)}")
@@ -167,11 +179,16 @@ class Day:
             token.limit = token.spent + 5 * 10**6
 
     @property
+    def seed(self) -> int:
+        """Each day its own tokens and calls; the same day the same in every ledger."""
+        return SEED + 1000 * (self.day - DAY).days
+
+    @property
     def setup_at(self) -> datetime:
         return self.start + timedelta(seconds=1)
 
     def calls(self) -> Iterator[Call]:
-        rng = random.Random(SEED + 1)
+        rng = random.Random(self.seed + 1)
         tools = [name for name, weight in TOOL_WEIGHTS for _ in range(weight)]
         outcomes = [name for name, weight in OUTCOME_WEIGHTS for _ in range(weight)]
         # Calls spread over the day after setup, ending an hold timeout before midnight.
@@ -389,29 +406,38 @@ class Writer:
                 "hash": digest, "sealed_at": sealed_at, "kid": kid, "jws": jws}
 
 
-def generate(engine: Engine, rows: int, keys_dir: Path, *, jobs: int) -> None:
-    """Write a clean day of ``rows`` calls into a migrated, empty ledger.
+def generate(engine: Engine, rows: int, keys_dir: Path, *, jobs: int,
+             days: Sequence[date] = (DAY,)) -> None:
+    """Write clean days of ``rows`` calls each (each day its own tokens, the tenants funded
+    again) into a migrated, empty ledger; the trail is sealed through them, each day's last
+    seal holding no event of the next.
 
     Receipts of one batch are signed in worker processes while the batch before is written.
     """
-    day = Day(rows)
     info, key = KeyRing.load(keys_dir).signing_key()
     writer = Writer(engine, signer(info.alg, info.kid, key))
-    _write_setup(writer, day, keys_dir)
-    remaining = {token.jti: token.limit for token in day.tokens}
-    rng = random.Random(SEED + 2)
     with ProcessPoolExecutor(jobs, initializer=_load_signer, initargs=(str(keys_dir),)) as pool:
-        pending: tuple[list[Call], list[Future[list[str]]]] | None = None
-        for batch in _batches(day.calls()):
-            signing = _submit_signing(pool, batch, remaining, jobs)
-            if pending is not None:
-                _write_batch(writer, *pending, rng)
-            pending = (batch, signing)
+        for n, when in enumerate(days):
+            _write_day(writer, Day(rows, when), keys_dir, pool, jobs, first=n == 0)
+            # A sealer seals every second: no seal spans a midnight by more than that.
+            writer.close_trail()
+    _write_accounts(writer)
+
+
+def _write_day(writer: Writer, day: Day, keys_dir: Path, pool: ProcessPoolExecutor, jobs: int,
+               *, first: bool) -> None:
+    _write_setup(writer, day, keys_dir, first=first)
+    remaining = {token.jti: token.limit for token in day.tokens}
+    rng = random.Random(day.seed + 2)
+    pending: tuple[list[Call], list[Future[list[str]]]] | None = None
+    for batch in _batches(day.calls()):
+        signing = _submit_signing(pool, batch, remaining, jobs)
         if pending is not None:
             _write_batch(writer, *pending, rng)
-    writer.close_trail()
+        pending = (batch, signing)
+    if pending is not None:
+        _write_batch(writer, *pending, rng)
     _write_garbage_counts(writer, day, rng)
-    _write_accounts(writer)
 
 
 def _batches(calls_: Iterator[Call]) -> Iterator[list[Call]]:
@@ -436,12 +462,12 @@ def _submit_signing(pool: ProcessPoolExecutor, batch: list[Call], remaining: dic
     return [pool.submit(_sign_all, claims[i:i + size]) for i in range(0, len(claims), size)]
 
 
-def _write_setup(writer: Writer, day: Day, keys_dir: Path) -> None:
-    table = PricingTable.from_document(PRICING_DOC)
-    document = table.to_document()
-    writer.rows(pricing_versions, [{"version": 1, "recorded_at": day.setup_at,
-                                    "document": json.dumps(document, sort_keys=True),
-                                    "digest": document_digest(document)}])
+def _write_setup(writer: Writer, day: Day, keys_dir: Path, *, first: bool) -> None:
+    if first:
+        document = PricingTable.from_document(PRICING_DOC).to_document()
+        writer.rows(pricing_versions, [{"version": 1, "recorded_at": day.setup_at,
+                                        "document": json.dumps(document, sort_keys=True),
+                                        "digest": document_digest(document)}])
     kid = KeyRing.load(keys_dir).active().kid
     writer.rows(tokens, [{
         "jti": t.jti, "tenant": t.tenant, "agent": t.agent, "kid": kid, "scope": '["*"]',
@@ -450,7 +476,7 @@ def _write_setup(writer: Writer, day: Day, keys_dir: Path) -> None:
         "revoked_at": None, "revoke_reason": None, "demo": False} for t in day.tokens])
     moves, trail = [], []
     for tenant, funded in _tenant_funding(day).items():
-        deposit = f"deposit:demo:{tenant}"
+        deposit = f"deposit:demo:{tenant}" + ("" if day.day == DAY else f":{day.day}")
         moves.append(_transfer(deposit, "chain:demo", f"tenant:{tenant}", funded, "posted",
                                "deposit", day.setup_at, ref="demo", demo=True))
         trail.append({"at": day.setup_at, "kind": "deposit", "code": None, "jti": None,
@@ -462,7 +488,7 @@ def _write_setup(writer: Writer, day: Day, keys_dir: Path) -> None:
         trail.append({"at": day.setup_at, "kind": "issue", "code": None, "jti": t.jti,
                       "token_hash": None, "tenant": t.tenant, "agent": t.agent, "tool": None,
                       "amount": t.limit, "ref": None, "detail": None, "demo": False})
-    _write_accounts_skeleton(writer, day)
+    _write_accounts_skeleton(writer, day, first=first)
     writer.rows(transfers, moves)
     writer.events(trail)
 
@@ -495,10 +521,12 @@ def _write_garbage_counts(writer: Writer, day: Day, rng: random.Random) -> None:
          "sample": "ab" * 32} for n in range(minutes - 1)])
 
 
-def _write_accounts_skeleton(writer: Writer, day: Day) -> None:
-    """Every account at zero first (transfers reference them); sums are set at the end."""
-    ids = [("chain:demo", "chain", False)]
-    ids += [(f"tenant:{t}", "tenant", True) for t in sorted({t.tenant for t in day.tokens})]
+def _write_accounts_skeleton(writer: Writer, day: Day, *, first: bool) -> None:
+    """Every account at zero first (transfers reference them); sums are set at the end. The
+    chain's and the tenants' accounts come with the first day, each day its tokens'."""
+    ids = [("chain:demo", "chain", False)] if first else []
+    ids += [(f"tenant:{t}", "tenant", True) for t in sorted({t.tenant for t in day.tokens})
+            if first]
     ids += [(f"token:{t.jti}", "token", True) for t in day.tokens]
     ids += [(f"revenue:{t.jti}", "revenue", False) for t in day.tokens]
     writer.rows(accounts, [{"id": i, "kind": kind, "guarded": guarded, "closed": False,
@@ -613,13 +641,15 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def child(db_url: str, keys_dir: str, mode: str, jobs: int, *, profile: bool = False) -> None:
-    """Run one reconcile; print {seconds, maxrss_kib, findings, calls, phases} as JSON."""
+def child(db_url: str, keys_dir: str, mode: str, jobs: int, *, day: date = DAY,
+          profile: bool = False) -> None:
+    """Run one reconcile of ``day``; print {seconds, maxrss_kib, findings, calls, ledger
+    (where its ledger check started), snapshot_at, phases} as JSON."""
     from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 
     phases = _time_phases() if profile else {}
     engine = make_engine(db_url)
-    window = Window.day(DAY)
+    window = Window.day(day)
     options = ReconcileOptions(window=window, keys_dir=Path(keys_dir), jobs=jobs,
                                now=window.end + timedelta(days=1), **MODES[mode])
     started = time.perf_counter()
@@ -629,30 +659,29 @@ def child(db_url: str, keys_dir: str, mode: str, jobs: int, *, profile: bool = F
                       "workers_maxrss_kib": resource.getrusage(
                           resource.RUSAGE_CHILDREN).ru_maxrss,
                       "findings": [(f.name, f.count) for f in report.findings],
-                      "calls": report.summary.calls, "phases": phases}))
+                      "calls": report.summary.calls, "phases": phases,
+                      "ledger": next((c for c in report.checks if c.startswith("ledger_")),
+                                     None),
+                      "snapshot_at": str(report.snapshot_at)}))
 
 
-# The phases --profile times: (module, function); a function's time includes what it calls.
+# The phases --profile times besides each check of the list (by name, its find and its note,
+# on this thread: a check started beside the others shows the time waited for it): (module,
+# function) where its callers look it up; a function's time includes what it calls.
 PHASES = [
-    ("mcpbill_cli.reconcile.run", "_snapshot"),
-    ("mcpbill_cli.reconcile.run", "_read_calls"),
+    ("mcpbill_cli.reconcile.tuning", "begin"),
     ("mcpbill_cli.reconcile.totals", "TotalsBuilder.add_refusals"),
-    ("mcpbill_cli.reconcile.run", "_read_transfers"),
     ("mcpbill_cli.reconcile.ledger_checks", "check_control_totals"),
-    ("mcpbill_cli.reconcile.run", "check_token_validity"),
-    ("mcpbill_cli.reconcile.run", "check_event_transfers"),
     ("mcpbill_cli.ledger.invariants", "_balances_sum_to_zero"),
     ("mcpbill_cli.ledger.invariants", "_no_overdraft"),
-    ("mcpbill_cli.ledger.invariants", "_sums_match_transfers"),
-    ("mcpbill_cli.ledger.invariants", "_spent_within_limit"),
+    ("mcpbill_cli.ledger.invariants", "_sums_and_spending"),
     ("mcpbill_cli.ledger.invariants", "_captured_calls_posted"),
-    ("mcpbill_cli.reconcile.ledger_checks", "check_stale_holds"),
-    ("mcpbill_cli.reconcile.deposit_check", "check_deposits"),
+    ("mcpbill_cli.ledger.invariants", "_captured_calls_posted_since"),
+    ("mcpbill_cli.reconcile.snapshots", "write"),
     ("mcpbill_cli.reconcile.seal_check", "seal_scope"),
     ("mcpbill_cli.reconcile.seal_check", "_check_seals"),
     ("mcpbill_cli.reconcile.seal_check", "_check_batches"),
     ("mcpbill_cli.reconcile.seal_check", "check_unsealed"),
-    ("mcpbill_cli.reconcile.run", "_receipts"),
 ]
 
 
@@ -673,6 +702,13 @@ def _time_phases() -> dict[str, float]:
                 spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
         return wrapper
 
+    import dataclasses
+
+    from mcpbill_cli.reconcile import run
+
+    run.CHECKS = tuple(dataclasses.replace(  # type: ignore[misc]
+        check, find=timed(f"check {check.name}", check.find),
+        note=timed(f"check {check.name}", check.note)) for check in run.CHECKS)
     for module_name, path in PHASES:
         owner: Any = importlib.import_module(module_name)
         *parents, attribute = path.split(".")
@@ -695,15 +731,32 @@ def peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_child(db_url: str, mode: str, jobs: int, profile: bool) -> dict[str, Any]:
+def run_child(db_url: str, mode: str, jobs: int, profile: bool, *, day: date = DAY,
+              keep_snapshot: bool = False) -> dict[str, Any]:
+    """One reconcile of ``day`` in a fresh process. The snapshot a run before left at the
+    day's end (or later) is deleted first, so that every run does the same work, writing it
+    included (``keep_snapshot``: left for the next day to start from)."""
+    if not keep_snapshot:
+        _drop_snapshots(db_url, after=day)
     done = subprocess.run(
-        [sys.executable, __file__, "--child", db_url, str(KEYS_DIR), mode, str(jobs)]
-        + (["--profile"] if profile else []),
+        [sys.executable, __file__, "--child", db_url, str(KEYS_DIR), mode, str(jobs),
+         day.isoformat()] + (["--profile"] if profile else []),
         check=True, capture_output=True, text=True)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if result["findings"]:
         raise SystemExit(f"the generated ledger is not clean ({mode}): {result['findings']}")
     return result
+
+
+def _drop_snapshots(db_url: str, *, after: date) -> None:
+    engine = make_engine(db_url)
+    moment = datetime(after.year, after.month, after.day, tzinfo=UTC)
+    try:
+        with engine.begin() as conn:
+            for table in (account_snapshots, ledger_snapshots):
+                conn.execute(delete(table).where(table.c.at > moment))
+    finally:
+        engine.dispose()
 
 
 @dataclass(frozen=True)
@@ -713,6 +766,7 @@ class Plan:
     jobs: int
     modes: list[str]
     profile: bool
+    history_days: int = 10
 
 
 def bench(backend: str, rows: int, plan: Plan) -> None:
@@ -740,10 +794,71 @@ def bench(backend: str, rows: int, plan: Plan) -> None:
         where = "in SQL" if backend == "postgres" else "in Python, one process"
         print(f"  floor: one SHA-256 per event ({where}) {floor:6.2f} s = {floor / bare:4.1f}x "
               "bare: re-hashing the sealed events costs at least this", flush=True)
+        if plan.history_days:
+            bench_history(backend, rows, plan, url)
     finally:
         engine.dispose()
         if not plan.keep:
             drop_database(url)
+
+
+def bench_history(backend: str, rows: int, plan: Plan, alone_url: str) -> None:
+    """The same day (DAY) reconciled after ``plan.history_days`` earlier days (each of
+    ``rows`` calls, reconciled in order first, so each leaves its snapshot) against the day
+    alone (the ledger ``bench`` timed: no history), both as ``mcpbill reconcile --date`` runs;
+    best of three each, interleaved. Incremental: the ratio stays near 1 (target <= 1.2)."""
+    days = [DAY - timedelta(days=n) for n in range(plan.history_days, -1, -1)]
+    label = f"h{plan.history_days}r{rows}"
+    done_marker = plan.workdir / f"{backend}-{label}.done"
+    reuse = plan.keep and done_marker.exists()
+    url = (done_marker.read_text().strip() if reuse
+           else fresh_database(backend, plan.workdir, label, keep=plan.keep))
+    try:
+        built = -1.0 if reuse else _build(url, rows, plan, days)
+        if plan.keep:
+            done_marker.write_text(url)
+        _drop_snapshots(url, after=days[0] - timedelta(days=1))
+        earlier = [run_child(url, "default", plan.jobs, False, day=day, keep_snapshot=True)
+                   for day in days[:-1]]
+        after, alone = [], []
+        for _ in range(3):
+            after.append(run_child(url, "default", plan.jobs, False))
+            alone.append(run_child(alone_url, "default", plan.jobs, False))
+        _print_history(backend, rows, built, days, earlier, after, alone)
+    finally:
+        if not plan.keep:
+            drop_database(url)
+
+
+def _build(url: str, rows: int, plan: Plan, days: list[date]) -> float:
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        started = time.perf_counter()
+        generate(engine, rows, KEYS_DIR, jobs=plan.jobs, days=days)
+        built = time.perf_counter() - started
+        _analyze(engine)
+        return built
+    finally:
+        engine.dispose()
+
+
+def _print_history(backend: str, rows: int, built: float, days: list[date],
+                   earlier: list[dict[str, Any]], after: list[dict[str, Any]],
+                   alone: list[dict[str, Any]]) -> None:
+    how = "reused" if built < 0 else f"built in {built:.0f} s"
+    first, rest = earlier[0]["seconds"], [r["seconds"] for r in earlier[1:]]
+    print(f"{backend} {len(days)} days of {rows:,} calls ({how}): days 1-{len(days) - 1} "
+          f"reconciled in order: day 1 {first:.2f} s ({earlier[0]['ledger']}), days 2-"
+          f"{len(days) - 1} {min(rest, default=0):.2f}-{max(rest, default=0):.2f} s", flush=True)
+    best_after = min(r["seconds"] for r in after)
+    best_alone = min(r["seconds"] for r in alone)
+    print(f"  day {len(days)} after {len(days) - 1} days {best_after:8.2f} s   "
+          f"{after[0]['ledger']}", flush=True)
+    print(f"  day {len(days)} alone        {best_alone:8.2f} s   {alone[0]['ledger']}",
+          flush=True)
+    print(f"  history: after / alone = {best_after / best_alone:4.2f}x (target <= 1.2)",
+          flush=True)
 
 
 def _analyze(engine: Engine) -> None:
@@ -786,6 +901,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-rows", action="store_true",
                         help="run --rows only, not also 100k")
     parser.add_argument("--profile", action="store_true", help="time each reconcile phase")
+    parser.add_argument("--history-days", type=int, default=10,
+                        help="also time the day after this many earlier days against the day "
+                             "alone (0: do not)")
     args = parser.parse_args(argv)
     sizes = [args.rows] if args.only_rows else sorted({min(100_000, args.rows), args.rows})
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
@@ -797,7 +915,8 @@ def main(argv: list[str] | None = None) -> None:
         KEYS_DIR = workdir / "keys"
         if not (KEYS_DIR / "keyring.json").exists():
             init_keyring(KEYS_DIR, "EdDSA", now=datetime.now(UTC), force=False).save()
-        plan = Plan(workdir, args.data is not None, args.jobs, modes, args.profile)
+        plan = Plan(workdir, args.data is not None, args.jobs, modes, args.profile,
+                    args.history_days)
         print(f"reconcile one day; {args.jobs} job(s); target: default <= 3x bare, flat peak RSS",
               flush=True)
         for backend in backends:
@@ -808,6 +927,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
-              profile="--profile" in sys.argv[6:])
+              day=date.fromisoformat(sys.argv[6]), profile="--profile" in sys.argv[7:])
     else:
         main()

@@ -91,7 +91,15 @@ def reconcile(
         help="JSON-RPC endpoint for --onchain.")] = None,
     window_only: Annotated[bool, typer.Option(
         "--window-only", help="Skip the ledger-wide invariants (balances, stored sums, token "
-                              "limits), which read every transfer ever made.")] = False,
+                              "limits, captured calls posted).")] = False,
+    full_history: Annotated[bool, typer.Option(
+        "--full-history", help="Check the stored sums against every transfer ever made, not "
+                               "from the last snapshot of the sums: slower, it finds a "
+                               "transfer edited before the snapshot.")] = False,
+    no_snapshot: Annotated[bool, typer.Option(
+        "--no-snapshot", help="Write nothing: leave no snapshot of the sums at the window's end "
+                              "for the next reconcile to start from (a read-only role, a "
+                              "replica).")] = False,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", min=1, help="Processes for hashing sealed events and verifying receipts.",
         show_default="the CPU count")] = None,
@@ -105,7 +113,9 @@ def reconcile(
     """Check the ledger over a day (or --from/--to): totals, and every discrepancy found.
 
     Exits 0 when clean and 20 when there are findings of severity error (with --strict,
-    warnings too), so CI can gate on it. Example: mcpbill reconcile --date 2026-11-27 --json
+    warnings too), so CI can gate on it. The ledger-wide checks start from the snapshot of the
+    sums the day before left, and leave one at the window's end. Example: mcpbill reconcile
+    --date 2026-11-27 --json
     """
     from mcpbill_cli.reconcile import Filters, ReconcileOptions, Window
     from mcpbill_cli.reconcile import reconcile as run_reconcile
@@ -116,7 +126,8 @@ def reconcile(
         window=window, filters=Filters(tenant, agent, tool), chain=chain.value,
         verify_receipts=verify_receipts, keys_dir=st.settings.keys_dir,
         onchain=_chain_reader(st, rpc_url) if onchain else None, leeway=st.settings.leeway,
-        jobs=jobs or os.cpu_count() or 1, max_rows=max_rows, ledger_wide=not window_only)
+        jobs=jobs or os.cpu_count() or 1, max_rows=max_rows, ledger_wide=not window_only,
+        full_history=full_history, snapshots=not no_snapshot)
     if not as_json and not as_csv:
         say(f"reconciling {window.start.isoformat()} .. {window.end.isoformat()}")
     report = run_reconcile(st.engine(), options)

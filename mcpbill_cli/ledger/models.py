@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 metadata = MetaData()
 
@@ -193,6 +193,34 @@ refusal_counts = Table(
     Column("count", BigInteger, nullable=False),
     Column("sample", String(64), nullable=True),  # a token_hash of one of them
     CheckConstraint("count > 0", name="ck_refusal_counts_positive"),
+)
+
+# The moments the ledger's sums were snapshotted at (each a reconciled window's end), where the
+# next reconcile starts instead of the first transfer (see mcpbill_cli.reconcile). ``base``: the
+# snapshot it was taken from (NULL: from every transfer); ``accounts``: the rows written at it.
+ledger_snapshots = Table(
+    "ledger_snapshots",
+    metadata,
+    Column("at", DateTime(timezone=True), primary_key=True),
+    Column("base", DateTime(timezone=True), nullable=True),
+    Column("accounts", Integer, nullable=False),
+    Column("written_at", DateTime(timezone=True), nullable=False),
+)
+
+# An account's posted sums and spending (what its charges and captures debited) as of a
+# snapshot's moment ``at``, summed from the transfers created before it; written when the
+# account moved since the snapshot before, they hold until its next row. At a snapshot's moment
+# every account's sums are its latest row at or before it (none: zero). Pending sums are not
+# kept: they are the holds still open, read through ix_transfers_pending_open, never history.
+account_snapshots = Table(
+    "account_snapshots",
+    metadata,
+    Column("at", DateTime(timezone=True), primary_key=True),
+    Column("account", String(200), primary_key=True),
+    Column("debits_posted", BigInteger, nullable=False),
+    Column("credits_posted", BigInteger, nullable=False),
+    Column("spent", BigInteger, nullable=False),
+    Index("ix_account_snapshots_account", "account", "at"),
 )
 
 # Deposits seen on chain, credited once per (chain, tx hash, log index).

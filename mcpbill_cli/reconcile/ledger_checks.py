@@ -1,6 +1,6 @@
-"""The ledger's own invariants (``ledger.invariants.check``, ledger-wide), holds left past their
-timeout, calls whose tool ran but whose capture was refused, and the window's control totals:
-each token's calls against its transfers.
+"""The ledger's own invariants (``ledger.invariants``, ledger-wide) under reconcile's finding
+names, holds left past their timeout, calls whose tool ran but whose capture was refused, and
+the window's control totals: each token's calls against its transfers.
 """
 
 from __future__ import annotations

@@ -154,8 +154,12 @@ class ReconcileOptions:
     grace the verifier allows. ``chain`` checks the seals holding the window's events
     (``window``), every seal (``full``), or none (``off``). ``jobs`` processes (PostgreSQL:
     connections) hash the sealed batches and verify receipts once there are enough rows.
-    ``ledger_wide`` runs ``ledger.invariants.check``, which reads every transfer ever made
-    (its cost grows with the ledger, not the window); turn it off for frequent small windows.
+    ``ledger_wide`` checks the whole ledger's invariants (balances, stored sums, token limits,
+    captured calls posted) from the latest snapshot at or before the window's start, reading
+    the transfers from there on (with no snapshot, or with ``full_history``, every transfer
+    ever made). ``snapshots``: after a check that found every account's sums right, write the
+    snapshot at the window's end for the next reconcile to start from (its only write; off
+    for a read-only role or a replica).
     """
 
     window: Window
@@ -169,6 +173,8 @@ class ReconcileOptions:
     jobs: int = 1
     max_rows: int = 100
     ledger_wide: bool = True
+    full_history: bool = False
+    snapshots: bool = True
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,9 @@ class ReconcileReport:
     ``checks`` names the checks that ran, ``skipped`` those that did not and why.
     ``audit_anchor`` is ``(number, hash)`` of the last seal checked: keep it, and a later
     rewrite of the seals up to there (even one re-signed with a stolen key) cannot go
-    unnoticed. ``None`` when no seal was checked.
+    unnoticed. ``None`` when no seal was checked. ``snapshot_at``: the window's end, when
+    the ledger's sums are kept as of it (this reconcile wrote the snapshot, or found it), for
+    the next reconcile to start from; ``None`` when not (see ``ReconcileOptions.snapshots``).
     """
 
     window: Window
@@ -230,6 +238,7 @@ class ReconcileReport:
     checks: tuple[str, ...]
     skipped: tuple[str, ...]
     audit_anchor: tuple[int, str] | None
+    snapshot_at: datetime | None = None
 
     @property
     def errors(self) -> int:

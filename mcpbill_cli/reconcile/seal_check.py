@@ -79,10 +79,14 @@ def seal_keys(keys_dir: Path | None) -> Keys | None:
 
 
 def seal_scope(conn: Connection, mode: ChainMode, window: Window) -> Scope | None:
-    """Every seal (``full``), or those holding the window's events; None: nothing sealed."""
+    """Every seal (``full``), or those holding the window's events; None: nothing sealed.
+    (``seal + 0``: PostgreSQL would find the min and max down ``ix_events_seal`` from either
+    end, reading every event sealed before the window, not the window's through ``ix_events_at``.)
+    """
     if mode == "full":
         return Scope(1, None)
-    low, high = conn.execute(select(func.min(e.seal), func.max(e.seal)).where(
+    number = e.seal + 0
+    low, high = conn.execute(select(func.min(number), func.max(number)).where(
         e.at >= window.start, e.at < window.end, e.seal.is_not(None))).one()
     return None if low is None else Scope(int(low), int(high))
 

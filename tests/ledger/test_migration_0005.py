@@ -42,7 +42,14 @@ from mcpbill_cli.keys import KeyRing, KeySource, init_keyring, keys_from_jwks
 from mcpbill_cli.ledger import calls, invariants, ops
 from mcpbill_cli.ledger.audit import CHAIN_FIELDS, GENESIS, event_digest, event_hash
 from mcpbill_cli.ledger.engine import current_revision, make_engine, reading, writing
-from mcpbill_cli.ledger.models import accounts, events, refusal_counts, seals, transfers
+from mcpbill_cli.ledger.models import (
+    SCHEMA_REVISION,
+    accounts,
+    events,
+    refusal_counts,
+    seals,
+    transfers,
+)
 from mcpbill_cli.ledger.models import calls as calls_table
 from mcpbill_cli.ledger.models import tokens as tokens_table
 from mcpbill_cli.ledger.schema import upgrade
@@ -219,7 +226,7 @@ def test_upgrade_drops_the_chain_and_keeps_every_event(old_ledger: OldLedger) ->
     assert "seq" in columns(engine, "events") and "audit_head" in table_names(engine)
     written = [(row["at"], *(row[f] for f in CHAIN_FIELDS[2:])) for row in old_ledger.events]
 
-    assert upgrade(engine) == ("0004", "0005")
+    assert upgrade(engine, "0005") == ("0004", "0005")
 
     assert current_revision(engine) == "0005"
     assert {"seq", "prev_hash"}.isdisjoint(columns(engine, "events"))
@@ -276,7 +283,7 @@ def test_an_empty_0004_ledger_upgrades(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         upgrade(engine, "0004")
-        assert upgrade(engine) == ("0004", "0005")
+        assert upgrade(engine, "0005") == ("0004", "0005")
     finally:
         engine.dispose()
 
@@ -295,7 +302,7 @@ def test_db_upgrade_seals_the_old_events_with_the_homes_key(
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)["data"]
     assert (data["from"], data["to"], data["changed"], data["sealed_events"]) == (
-        "0004", "0005", True, len(old_ledger.events))
+        "0004", SCHEMA_REVISION, True, len(old_ledger.events))
 
     jwks = mcpbill("keys", "export-jwks")
     assert jwks.exit_code == 0, jwks.output
@@ -319,7 +326,7 @@ def test_db_upgrade_without_keys_migrates_and_leaves_sealing_for_later(
     result = mcpbill("db", "upgrade", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)["data"]
-    assert (data["to"], data["sealed_events"]) == ("0005", None)
+    assert (data["to"], data["sealed_events"]) == (SCHEMA_REVISION, None)
     with reading(old_ledger.engine) as conn:
         assert conn.execute(select(func.count()).where(events.c.seal.is_(None))
                             ).scalar_one() == len(old_ledger.events)

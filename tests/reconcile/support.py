@@ -142,6 +142,48 @@ def small_ledger(engine: Engine, keys_dir: Path) -> Ledger:
     return ledger
 
 
+def three_days(engine: Engine, keys_dir: Path) -> Ledger:
+    """small_ledger's day, then two more: before each midnight a token of its own holds a call
+    captured after it; each day a token of its own charges, holds and voids. The trail is
+    sealed; the clock ends at 01:00 the day after the third, so every day has settled."""
+    ledger = small_ledger(engine, keys_dir)
+    for n in (1, 2):
+        _across_midnight(ledger, DAY + timedelta(days=n), f"late{n}")
+        _a_day(ledger, DAY + timedelta(days=n), f"day{n}")
+    ledger.clock.now = midnight(DAY + timedelta(days=3)) + timedelta(hours=1)
+    return ledger
+
+
+def midnight(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def _across_midnight(ledger: Ledger, day: date, name: str) -> None:
+    ledger.clock.now = midnight(day) - timedelta(seconds=1)
+    token = ledger.mint(name, tenant="globex", agent="agent-late").token
+    with ledger.verifier.call(token, "search") as billed:
+        ledger.clock.advance(2)
+    ledger.calls[name] = billed.hold.id
+    ledger.seal()
+
+
+def _a_day(ledger: Ledger, day: date, name: str) -> None:
+    verifier, clock = ledger.verifier, ledger.clock
+    clock.now = midnight(day) + timedelta(hours=9)
+    token = ledger.mint(name, agent=f"agent-{name}").token
+    for n in range(3):
+        ledger.calls[f"{name}-charge{n}"] = verifier.charge(token, "search",
+                                                            args={"n": n}).receipt_id
+        clock.advance(60)
+    held = verifier.hold(token, "translate")
+    verifier.void(held)
+    with verifier.call(token, "summarize") as metered:
+        metered.report_units(2_000)
+    ledger.calls[f"{name}-metered"] = metered.hold.id
+    clock.advance(60)
+    ledger.seal()
+
+
 def busy_day(engine: Engine, keys_dir: Path) -> Ledger:
     """A day of everything: charges, holds captured (in part), voided and expired, refusals,
     a revoked token, an expired token, a child token, a key rotation, a second pricing version,

@@ -7,7 +7,7 @@ from sqlalchemy import Connection, Engine, func, insert, select
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import events
 from mcpbill_cli.reconcile.alongside import alongside
-from mcpbill_cli.reconcile.run import _settings, _snapshot
+from mcpbill_cli.reconcile.tuning import Planning, begin, prepare
 
 from .support import Ledger
 
@@ -23,10 +23,10 @@ def commit_an_event(engine: Engine) -> None:
 
 def test_work_alongside_sees_the_snapshot(ledger: Ledger) -> None:
     with reading(ledger.engine) as conn:
-        _snapshot(conn, 2)
+        begin(conn, 2)
         before = count_events(conn)
         commit_an_event(ledger.engine)
-        assert alongside(ledger.engine, conn, count_events, _settings)() == before
+        assert alongside(ledger.engine, conn, count_events, prepare(Planning.STREAMED))() == before
         assert count_events(conn) == before
     with reading(ledger.engine) as conn:
         assert count_events(conn) == before + 1

@@ -25,8 +25,9 @@ def test_a_busy_day_yields_no_finding(engine: Engine, tmp_path: Path) -> None:
     assert report.findings == ()
     assert not report.failed(strict=True)
     assert report.checks == ("prices", "control_totals", "token_validity", "event_transfers",
-                             "ledger_invariants", "stale_holds", "refused_captures", "deposits",
-                             "audit_chain (window)", "seal_signatures", "receipt_signatures")
+                             "ledger_invariants (full history)", "stale_holds",
+                             "refused_captures", "deposits", "audit_chain (window)",
+                             "seal_signatures", "receipt_signatures")
     assert report.skipped == ("onchain (--onchain)",)
     with reading(engine) as conn:
         revenue = conn.execute(select(func.sum(accounts.c.credits_posted))

@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -25,10 +26,10 @@ from mcpbill_cli.events_export import SCHEMA_VERSION
 from mcpbill_cli.ledger import audit
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import events
-from mcpbill_cli.reconcile import FINDINGS
+from mcpbill_cli.reconcile import FINDINGS, snapshots
 from mcpbill_cli.setup import initialize
 
-from .support import DAY, Ledger, small_ledger
+from .support import DAY, Ledger, midnight, small_ledger
 
 Invoke = Callable[..., Result]
 EVENT_FIELDS = ["schema_version", "id", "at", "kind", "code", "tenant", "agent", "jti",
@@ -129,6 +130,30 @@ def test_csv_totals(cli: Invoke) -> None:
     tenants = {r["key"]: r for r in rows if r["dimension"] == "tenant"}
     assert tenants["globex"]["charged_usd"] == "0.05"
     assert tenants["acme"]["voided"] == "1"
+
+
+def test_a_settled_day_leaves_its_snapshot_unless_told_not_to(
+        cli: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock two days on, the day has settled: its reconcile leaves the snapshot of the
+    sums the next day starts from; --no-snapshot writes none; --full-history reads every
+    transfer whatever snapshot there is."""
+    monkeypatch.setattr(snapshots, "utcnow", lambda: midnight(DAY + timedelta(days=2)))
+    day, next_day = DAY.isoformat(), (DAY + timedelta(days=1)).isoformat()
+
+    def data(*args: str) -> dict[str, Any]:
+        result = cli("reconcile", *args, "--json")
+        assert result.exit_code == 0, result.output
+        document: dict[str, Any] = envelope(result)["data"]  # type: ignore[assignment]
+        return document
+
+    untouched = data("--date", day, "--no-snapshot")
+    assert untouched["snapshot_at"] is None
+    assert "ledger_invariants (full history)" in untouched["checks"]
+    assert data("--date", day)["snapshot_at"] == "2031-03-15T00:00:00+00:00"
+    assert "ledger_invariants (from snapshot 2031-03-15T00:00:00+00:00)" in data(
+        "--date", next_day)["checks"]
+    assert "ledger_invariants (full history)" in data("--date", next_day,
+                                                      "--full-history")["checks"]
 
 
 def test_a_bad_date_is_invalid_input(cli: Invoke) -> None:
