@@ -51,7 +51,7 @@ from mcpbill_cli.ledger.seals import (
 )
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
-from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, fund, mint
+from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, fund, mint, run_threads
 
 AT = datetime(2026, 12, 5, 12, 0, 0, 123456, tzinfo=UTC)
 e = events.c
@@ -545,25 +545,7 @@ def seal_until_stopped(db_url: str, keys_dir: str, ready: Any, stop: Any, made: 
 def run_all(work: list[Callable[[], Any]]) -> list[Any]:
     """Run each callable in a thread of its own, released together; results, or the first
     exception."""
-    barrier = threading.Barrier(len(work))
-    results: list[Any] = [None] * len(work)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait(30)
-            results[index] = work[index]()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    if errors:
-        raise errors[0]
-    return results
+    return run_threads(len(work), lambda index: work[index](), indexed=True, timeout=300)
 
 
 def charges_and_late_commits(engine: Engine, ring: KeyRing, keys_dir: Path,

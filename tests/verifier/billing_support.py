@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,3 +82,30 @@ def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(header, payload, signature segment) of a compact JWS, unverified."""
     head, body, signature = token.split(".")
     return json.loads(unb64url(head)), json.loads(unb64url(body)), signature
+
+
+def run_threads(count: int, work: Callable[[], Any] | Callable[[int], Any], *,
+                indexed: bool = False, timeout: float = 120) -> list[Any]:
+    """Run ``work`` in ``count`` threads released together; their results, or raise the first.
+
+    With ``indexed``, ``work`` gets the thread's index.
+    """
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            barrier.wait(30)
+            results[index] = work(index) if indexed else work()  # type: ignore[call-arg]
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    if errors:
+        raise errors[0]
+    return results

@@ -6,7 +6,6 @@ import itertools
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,36 +21,9 @@ from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls, transfers
 from mcpbill_cli.verifier import Hold, Verifier
 
-from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock
+from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock, run_threads
 from .billing_workers import charge_calls, charge_until_killed
 from .invariants import assert_ledger_invariants
-
-
-def run_threads(count: int, work: Callable[[], Any] | Callable[[int], Any], *,
-                indexed: bool = False) -> list[Any]:
-    """Run ``work`` in ``count`` threads released together; their results, or raise the first.
-
-    With ``indexed``, ``work`` gets the thread's index.
-    """
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait(30)
-            results[index] = work(index) if indexed else work()  # type: ignore[call-arg]
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def outcome_counter(attempts: int, call: Callable[[], Any]) -> Callable[[], Counter[str]]:
