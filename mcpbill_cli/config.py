@@ -111,7 +111,7 @@ def load_settings(
     ttl_cap = _seconds(pick(None, ENV_TTL_CAP, "ttl_cap", "24h"), "ttl_cap")
     return Settings(
         home=home_path,
-        db_url=str(pick(db_url, ENV_DB_URL, "db_url", f"sqlite:///{home_path / LEDGER_FILE}")),
+        db_url=str(pick(db_url, ENV_DB_URL, "db_url", default_db_url(home_path))),
         mode=resolved_mode,
         issuer=str(pick(None, ENV_ISSUER, "issuer", "mcpbill")),
         audience=str(pick(None, ENV_AUDIENCE, "audience", "mcpbill")),
@@ -122,6 +122,11 @@ def load_settings(
         result_cap=_bytes(file.get("replay_result_cap", DEFAULT_RESULT_CAP), "replay_result_cap"),
         file=file,
     )
+
+
+def default_db_url(home: Path) -> str:
+    """The ledger a home uses when nothing names another: a SQLite file inside it."""
+    return f"sqlite:///{home / LEDGER_FILE}"
 
 
 def _seconds(value: Any, key: str) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import tomli_w
 
 from mcpbill_cli.clock import utcnow
-from mcpbill_cli.config import MODES, Settings, redact_url
+from mcpbill_cli.config import MODES, Settings, default_db_url, redact_url
 from mcpbill_cli.errors import AlreadyExists, InvalidInput
 from mcpbill_cli.fsutil import write_atomic
 from mcpbill_cli.keys import ALGORITHMS, KeyRing, init_keyring
@@ -53,7 +53,8 @@ def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitR
             old.unlink()
     kid = ring.active().kid
     created.append(f"signing key {kid} ({alg}) in {settings.keys_dir}")
-    _write_if_missing(settings.config_path, _config_text(mode), created, kept, mode=0o600)
+    _write_if_missing(settings.config_path, _config_text(mode, _chosen_db_url(settings)),
+                      created, kept, mode=0o600)
     if settings.pricing_path.exists():
         kept.append(str(settings.pricing_path))
     else:
@@ -84,11 +85,20 @@ def _write_if_missing(path: Path, text: str, created: list[str], kept: list[str]
     created.append(str(path))
 
 
-def _config_text(mode: str) -> str:
+def _chosen_db_url(settings: Settings) -> str | None:
+    """The ledger URL given to init (flag or MCPBILL_DB_URL), kept so that later commands
+    find this ledger without it; ``None`` for the home's own SQLite file, which moves with it."""
+    return None if settings.db_url == default_db_url(settings.home) else settings.db_url
+
+
+def _config_text(mode: str, db_url: str | None) -> str:
     header = (
         "# mcpbill settings. Precedence: command-line flag > environment variable > this file.\n"
-        "# db_url = \"postgresql+psycopg://user@host/mcpbill\"  # or MCPBILL_DB_URL\n"
+        + ("" if db_url else
+           "# db_url = \"postgresql+psycopg://user@host/mcpbill\"  # or MCPBILL_DB_URL\n")
     )
     body = {"mode": mode, "issuer": "mcpbill", "audience": "mcpbill", "ttl_cap": "24h",
             "default_ttl": "24h", "leeway": "30s", "hold_timeout": "5m"}
+    if db_url:
+        body = {"db_url": db_url, **body}
     return header + tomli_w.dumps(body)

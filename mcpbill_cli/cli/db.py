@@ -19,7 +19,7 @@ def upgrade(ctx: typer.Context, as_json: JsonOption = False) -> None:
     from mcpbill_cli.ledger import schema
 
     st = state(ctx)
-    before, after = schema.upgrade(st.engine(check=False))
+    before, after = schema.upgrade(st.engine(check=False, create=True))
     sealed = _seal(st)
     data = {"db_url": redact_url(st.settings.db_url), "from": before, "to": after,
             "changed": before != after, "sealed_events": sealed}

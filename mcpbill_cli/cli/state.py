@@ -25,15 +25,36 @@ class State:
     def settings(self) -> Settings:
         return load_settings(home=self._home, db_url=self._db_url)
 
-    def engine(self, *, check: bool = True) -> Engine:
-        """The ledger engine; with ``check`` a missing or outdated schema is refused."""
+    def engine(self, *, check: bool = True, create: bool = False) -> Engine:
+        """The ledger engine; with ``check`` a missing or outdated schema is refused.
+
+        Only ``create`` (`db upgrade`) may start a SQLite ledger file: anything else on a
+        mistyped ``--home`` would leave a stray home and an empty ledger behind.
+        """
         from mcpbill_cli.ledger.engine import check_schema, make_engine
 
         if self._engine is None:
+            if not create:
+                self._refuse_missing_ledger()
             self._engine = make_engine(self.settings.db_url)
         if check:
             check_schema(self._engine)
         return self._engine
+
+    def _refuse_missing_ledger(self) -> None:
+        from mcpbill_cli.errors import NotInitialized
+        from mcpbill_cli.ledger.engine import sqlite_file
+
+        path = sqlite_file(self.settings.db_url)
+        if path is None or path.exists():
+            return
+        home = self.settings.home
+        if not home.is_dir():
+            raise NotInitialized(f"no mcpbill home at {home}: check --home or MCPBILL_HOME, "
+                                 "or run `mcpbill init` to create one", path=str(home))
+        raise NotInitialized(f"no ledger at {path}: set db_url in {self.settings.config_path} "
+                             "(or MCPBILL_DB_URL) to the ledger in use, or run `mcpbill init`",
+                             path=str(path))
 
     def keyring(self) -> KeyRing:
         from mcpbill_cli.keys import KeyRing

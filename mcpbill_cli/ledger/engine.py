@@ -59,6 +59,17 @@ def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None
         ) from None
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names; ``None`` for other databases and in-memory SQLite."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - make_engine reports a bad URL with its reason
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
+
+
 def _pg_connect_args(parsed: URL, durable: bool) -> dict[str, str]:
     """Startup ``options`` that set ``synchronous_commit``, after any the URL carries.
 

@@ -6,7 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from mcpbill_cli.errors import PricingInvalid
+from mcpbill_cli.errors import NotInitialized, PricingInvalid
 from mcpbill_cli.pricing.table import PricingTable, Problem, invalid, table_from_document
 
 _TOML_LINE = re.compile(r"at line (\d+)")
@@ -15,6 +15,9 @@ _TOML_LINE = re.compile(r"at line (\d+)")
 def load_pricing(path: Path) -> PricingTable:
     """Read and validate a pricing file; any problem is :class:`PricingInvalid`."""
     text = read_text(path)
+    if text is None and not path.parent.is_dir():
+        raise NotInitialized(f"no mcpbill home at {path.parent}: check --home or MCPBILL_HOME, "
+                             "or run `mcpbill init` to create one", path=str(path.parent))
     if text is None:
         raise PricingInvalid(
             f"no pricing table at {path}: run `mcpbill init` to write a sample, "

@@ -1,0 +1,69 @@
+"""`init` remembers the ledger it was given; reads never create a home or a ledger."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mcpbill_cli.config import redact_url
+from tests.cli.conftest import Invoke, error_json, ok_json
+
+READ_ONLY = [
+    ("token", "list"), ("token", "show", "tok_x"), ("wallet", "balance"), ("keys", "list"),
+    ("db", "status"), ("reconcile",), ("revocations", "export"), ("pricing", "show"),
+]
+
+
+def test_init_saves_the_database_url_it_was_given(
+        cli: Invoke, db_url: str, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCPBILL_DB_URL", db_url)
+    assert cli("init").exit_code == 0
+    monkeypatch.delenv("MCPBILL_DB_URL")
+    config = tomllib.loads((isolated_home / "config.toml").read_text())
+    assert config["db_url"] == db_url
+    assert (isolated_home / "config.toml").stat().st_mode & 0o077 == 0
+    funded = ok_json(cli("wallet", "fund", "--demo", "5", "--json"))
+    assert funded["available_usd"] == "5.00"
+    assert ok_json(cli("config", "show", "--json"))["db_url"] == redact_url(db_url)
+
+
+def test_init_saves_a_db_url_flag_too(cli: Invoke, tmp_path: Path, isolated_home: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert cli("--db-url", url, "init").exit_code == 0
+    assert tomllib.loads((isolated_home / "config.toml").read_text())["db_url"] == url
+    assert ok_json(cli("token", "list", "--json")) == []
+    assert not (isolated_home / "ledger.db").exists()
+
+
+def test_init_without_a_url_keeps_the_ledger_in_the_home(cli: Invoke, isolated_home: Path) -> None:
+    assert cli("init").exit_code == 0
+    assert "db_url" not in tomllib.loads((isolated_home / "config.toml").read_text())
+    assert (isolated_home / "ledger.db").exists()
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_mistyped_home_is_not_initialized_and_creates_nothing(
+        cli: Invoke, tmp_path: Path, command: tuple[str, ...]) -> None:
+    mistyped = tmp_path / "typo" / "home"
+    result = cli("--home", str(mistyped), *command, "--json")
+    assert result.exit_code == 9, result.output
+    assert str(mistyped) in error_json(result, "NOT_INITIALIZED")["message"]
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_home_without_its_ledger_names_the_ledger_file(cli: Invoke, isolated_home: Path) -> None:
+    assert cli("init").exit_code == 0
+    (isolated_home / "ledger.db").unlink()
+    result = cli("wallet", "balance", "--json")
+    assert result.exit_code == 9
+    message = error_json(result, "NOT_INITIALIZED")["message"]
+    assert str(isolated_home / "ledger.db") in message and "db_url" in message
+    assert not (isolated_home / "ledger.db").exists()
+
+
+def test_db_upgrade_still_creates_a_ledger(cli: Invoke, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new' / 'ledger.db'}"
+    assert ok_json(cli("--db-url", url, "db", "upgrade", "--json"))["changed"] is True
+    assert (tmp_path / "new" / "ledger.db").exists()
