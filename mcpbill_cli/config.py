@@ -18,6 +18,12 @@ ENV_MODE = "MCPBILL_MODE"
 ENV_TTL_CAP = "MCPBILL_TTL_CAP"
 ENV_ISSUER = "MCPBILL_ISSUER"
 ENV_AUDIENCE = "MCPBILL_AUDIENCE"
+ENV_DEFAULT_TTL = "MCPBILL_DEFAULT_TTL"
+ENV_LEEWAY = "MCPBILL_LEEWAY"
+ENV_HOLD_TIMEOUT = "MCPBILL_HOLD_TIMEOUT"
+ENV_REPLAY_RESULT_CAP = "MCPBILL_REPLAY_RESULT_CAP"
+# [wallet] keys of config.toml that a variable overrides (MCPBILL_RPC_URL is --rpc-url's envvar)
+ENV_WALLET = {"chain": "MCPBILL_CHAIN", "deposit_address": "MCPBILL_DEPOSIT_ADDRESS"}
 ENV_TOKEN = "AGENT_CREDIT_JWT"  # noqa: S105 - the variable's name, not a secret
 
 CONFIG_FILE = "config.toml"
@@ -96,7 +102,7 @@ def load_settings(
 ) -> Settings:
     """Resolve every setting once. Arguments are the command-line flags (``None`` = not given)."""
     home_path = Path(home or os.environ.get(ENV_HOME) or default_home()).expanduser()
-    file = read_config_file(home_path / CONFIG_FILE)
+    file = _with_wallet_env(read_config_file(home_path / CONFIG_FILE))
 
     def pick(flag: Any, env: str | None, key: str, default: Any) -> Any:
         if flag is not None:
@@ -116,12 +122,25 @@ def load_settings(
         issuer=str(pick(None, ENV_ISSUER, "issuer", "mcpbill")),
         audience=str(pick(None, ENV_AUDIENCE, "audience", "mcpbill")),
         ttl_cap=ttl_cap,
-        default_ttl=min(_seconds(file.get("default_ttl", "24h"), "default_ttl"), ttl_cap),
-        leeway=_seconds(file.get("leeway", "30s"), "leeway"),
-        hold_timeout=_seconds(file.get("hold_timeout", "5m"), "hold_timeout"),
-        result_cap=_bytes(file.get("replay_result_cap", DEFAULT_RESULT_CAP), "replay_result_cap"),
+        default_ttl=min(_seconds(pick(None, ENV_DEFAULT_TTL, "default_ttl", "24h"),
+                                 "default_ttl"), ttl_cap),
+        leeway=_seconds(pick(None, ENV_LEEWAY, "leeway", "30s"), "leeway"),
+        hold_timeout=_seconds(pick(None, ENV_HOLD_TIMEOUT, "hold_timeout", "5m"), "hold_timeout"),
+        result_cap=_bytes(pick(None, ENV_REPLAY_RESULT_CAP, "replay_result_cap",
+                               DEFAULT_RESULT_CAP), "replay_result_cap"),
         file=file,
     )
+
+
+def _with_wallet_env(file: dict[str, Any]) -> dict[str, Any]:
+    """config.toml's settings with ``[wallet]`` keys replaced by their variables, where set."""
+    overrides = {key: os.environ[env] for key, env in ENV_WALLET.items() if os.environ.get(env)}
+    if not overrides:
+        return file
+    wallet = file.get("wallet", {})
+    if not isinstance(wallet, dict):
+        raise ConfigInvalid("config [wallet] must be a table")
+    return {**file, "wallet": {**wallet, **overrides}}
 
 
 def default_db_url(home: Path) -> str:

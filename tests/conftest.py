@@ -30,7 +30,10 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("MCPBILL_HOME", str(home))
     for name in ("MCPBILL_DB_URL", "MCPBILL_MODE", "MCPBILL_TTL_CAP", "MCPBILL_ISSUER",
-                 "MCPBILL_AUDIENCE", "AGENT_CREDIT_JWT", "MCPBILL_KEYSTORE_PASSWORD"):
+                 "MCPBILL_AUDIENCE", "AGENT_CREDIT_JWT", "MCPBILL_KEYSTORE_PASSWORD",
+                 "MCPBILL_DEFAULT_TTL", "MCPBILL_LEEWAY", "MCPBILL_HOLD_TIMEOUT",
+                 "MCPBILL_REPLAY_RESULT_CAP", "MCPBILL_CHAIN", "MCPBILL_DEPOSIT_ADDRESS",
+                 "MCPBILL_RPC_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "80")

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 ChainOption = Annotated[str | None, typer.Option(
     "--chain", help="base, base-sepolia, ethereum, sepolia, a \\[chains.NAME] from "
                     "config.toml, or a CAIP-2 id.",
-    show_default="[wallet] chain in config.toml, else base")]
+    show_default="MCPBILL_CHAIN, else [wallet] chain in config.toml, else base")]
 RpcUrlOption = Annotated[str | None, typer.Option(
     "--rpc-url", envvar=ENV_RPC_URL, show_default="rpc_url of the chain in config.toml",
     help="JSON-RPC endpoint of the chain.")]

@@ -89,3 +89,62 @@ def test_a_bad_replay_result_cap_is_config_invalid(cli: Invoke, isolated_home: P
     (isolated_home / "config.toml").write_text(f"replay_result_cap = {written}\n")
     result = cli("config", "show", "--json")
     assert "replay_result_cap" in error_json(result, "CONFIG_INVALID")["message"]
+
+
+@pytest.mark.parametrize(("variable", "value", "setting", "shown"), [
+    ("MCPBILL_DEFAULT_TTL", "2h", "default_ttl", "2h"),
+    ("MCPBILL_LEEWAY", "5s", "leeway", "5s"),
+    ("MCPBILL_HOLD_TIMEOUT", "90s", "hold_timeout", "90s"),
+    ("MCPBILL_REPLAY_RESULT_CAP", "64KiB", "replay_result_cap", "65536"),
+])
+def test_every_duration_and_size_setting_has_a_variable_that_beats_the_file(
+        cli: Invoke, isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+        variable: str, value: str, setting: str, shown: str) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text(
+        'default_ttl = "3h"\nleeway = "1s"\nhold_timeout = "1m"\nreplay_result_cap = 1024\n')
+    before = ok_json(cli("config", "show", "--json"))[setting]
+    monkeypatch.setenv(variable, value)
+    after = ok_json(cli("config", "show", "--json"))[setting]
+    assert (before != after, after) == (True, shown)
+
+
+def test_a_bad_duration_in_a_variable_is_config_invalid(
+        cli: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCPBILL_LEEWAY", "soon")
+    assert "leeway" in error_json(cli("config", "show", "--json"), "CONFIG_INVALID")["message"]
+
+
+def test_the_default_ttl_variable_sets_an_issued_tokens_lifetime(
+        ledger_cli: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime
+
+    ok_json(ledger_cli("wallet", "fund", "--demo", "5", "--json"))
+    monkeypatch.setenv("MCPBILL_DEFAULT_TTL", "90m")
+    issued = ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))
+    shown = ok_json(ledger_cli("token", "show", issued["jti"], "--json"))
+    lifetime = (datetime.fromisoformat(shown["expires_at"])
+                - datetime.fromisoformat(shown["issued_at"]))
+    assert lifetime.total_seconds() == 90 * 60
+
+
+@pytest.mark.parametrize(("variable", "key"), [("MCPBILL_CHAIN", "chain"),
+                                               ("MCPBILL_DEPOSIT_ADDRESS", "deposit_address")])
+def test_wallet_settings_have_variables(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                        variable: str, key: str) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text(f'[wallet]\n{key} = "from-file"\n')
+    monkeypatch.setenv(variable, "from-env")
+    assert load_settings().file["wallet"][key] == "from-env"
+
+
+def test_the_readme_settings_table_names_every_variable() -> None:
+    import mcpbill_cli.config as config
+    from mcpbill_cli.wallet.chains import ENV_RPC_URL
+    from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    variables = [v for k, v in vars(config).items() if k.startswith("ENV_") and isinstance(v, str)]
+    variables += [*config.ENV_WALLET.values(), ENV_RPC_URL, ENV_KEYSTORE_PASSWORD]
+    assert [v for v in variables if f"`{v}`" not in table] == []
