@@ -11,6 +11,7 @@ from typing import Any
 
 from mcpbill_cli.durations import parse_duration
 from mcpbill_cli.errors import ConfigInvalid, InvalidInput
+from mcpbill_cli.redaction import redact
 
 ENV_HOME = "MCPBILL_HOME"
 ENV_DB_URL = "MCPBILL_DB_URL"
@@ -165,11 +166,5 @@ def _bytes(value: Any, key: str) -> int:
     return int(number) * unit
 
 
-def redact_url(url: str) -> str:
-    """A database URL with its password replaced by ``***``, safe to print."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user, colon, _ = creds.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+# Settings are shown through the one redaction function, under the name callers know.
+redact_url = redact

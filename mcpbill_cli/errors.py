@@ -8,16 +8,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mcpbill_cli.redaction import redact
+
 if TYPE_CHECKING:
     from mcpbill_cli.receipts import Receipt
 
 
 class BillingError(Exception):
-    """Root of every mcpbill error. ``code`` is stable; ``message`` says what to do next."""
+    """Root of every mcpbill error. ``code`` is stable; ``message`` says what to do next.
+
+    The message is redacted when the error is made: it often quotes input (a URL, a token),
+    and it goes to terminals, logs and agents alike.
+    """
 
     code: ClassVar[str] = "BILLING_ERROR"
 
     def __init__(self, message: str, **details: Any) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.details = details

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mcpbill_cli.__about__ import __version__
-from mcpbill_cli.cli.output import envelope, exit_code, print_json
+from mcpbill_cli.cli.output import envelope, exit_code, print_json, redacted
 from mcpbill_cli.cli.state import State
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME
 
@@ -124,6 +124,7 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     except ClickException as exc:
-        print_json(envelope(None, [{"code": "USAGE_ERROR", "message": exc.format_message()}]))
+        message = redacted(exc.format_message())
+        print_json(envelope(None, [{"code": "USAGE_ERROR", "message": message}]))
         sys.exit(exit_code("USAGE_ERROR"))
     sys.exit(result if isinstance(result, int) else 0)

@@ -141,11 +141,25 @@ def emit(data: Any, *, as_json: bool, human: Callable[[], None]) -> None:
 def fail(exc: BillingError, *, as_json: bool) -> NoReturn:
     code = exit_code(exc.code)
     if as_json:
-        print_json(envelope(None, [exc.to_dict()]))
+        print_json(envelope(None, [redacted(exc.to_dict())]))
     else:
         err.print(f"[bold red]error[/] [dim]{exc.code}[/]: ", end="")
         err.print(exc.message, markup=False)
     raise typer.Exit(code)
+
+
+def redacted(value: Any) -> Any:
+    """``value`` with every string in it passed through the one redaction function: an
+    error's details quote input as its message does."""
+    from mcpbill_cli.redaction import redact
+
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    return value
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:

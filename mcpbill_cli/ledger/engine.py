@@ -42,8 +42,11 @@ def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None
     """
     try:
         parsed = make_url(url)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises several types for a bad URL
-        raise InvalidInput(f"not a database URL: {redact_url(url)} ({exc})") from None
+    except Exception:  # noqa: BLE001 - SQLAlchemy raises several types for a bad URL
+        # Its message may quote a piece of the password, so it is not passed on.
+        raise InvalidInput(
+            f"not a database URL: {redact_url(url)}; expected dialect+driver://user:password@host"
+            "/database, with @ : / in a password written %40 %3A %2F") from None
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url, parsed.database, wal_autocheckpoint, durable)
     if parsed.drivername == "postgresql":  # a bare postgresql:// means psycopg 3 here

@@ -1,0 +1,54 @@
+"""Secrets never printed: credit tokens quoted back and database passwords are redacted in
+errors, in `config show` and under --json, whatever shape the URL has."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cli.conftest import Invoke, error_json, ok_json
+
+URLS = [  # (database URL, its secret)
+    ("postgresql+psycopg://ops:s3cret-pw@127.0.0.1:1/ledger", "s3cret-pw"),
+    ("postgresql+psycopg://ops:p%40ss%3Aw0rd@127.0.0.1:1/ledger", "w0rd"),
+    ("postgresql+psycopg://ops@127.0.0.1:1/ledger?password=hunter2&sslmode=disable", "hunter2"),
+]
+
+
+def test_token_show_never_echoes_a_bearer_token(ledger_cli: Invoke) -> None:
+    ok_json(ledger_cli("wallet", "fund", "--demo", "2", "--json"))
+    token = ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))["token"]
+    as_text = ledger_cli("token", "show", token)
+    as_json = ledger_cli("token", "show", token, "--json")
+    assert as_text.exit_code == as_json.exit_code == 4, as_text.output
+    assert token not in as_text.output and token not in as_json.output
+    assert token.split(".")[2] not in as_text.output + as_json.output
+    assert "eyJhbGciOi…(redacted)" in error_json(as_json, "NOT_FOUND")["message"]
+    assert "(redacted)" in as_text.stderr
+
+
+@pytest.mark.parametrize(("url", "secret"), URLS)
+def test_config_show_scrubs_every_shape_of_password(cli: Invoke, url: str, secret: str) -> None:
+    shown = ok_json(cli("--db-url", url, "config", "show", "--json"))["db_url"]
+    as_text = cli("--db-url", url, "config", "show")
+    assert secret not in shown and secret not in as_text.output
+    assert "***" in shown and shown.startswith("postgresql+psycopg://ops")
+
+
+@pytest.mark.parametrize(("url", "secret"), URLS)
+def test_an_unreachable_ledger_error_hides_every_shape_of_password(
+        cli: Invoke, url: str, secret: str) -> None:
+    as_json = cli("--db-url", url, "wallet", "balance", "--json")
+    as_text = cli("--db-url", url, "wallet", "balance")
+    assert as_json.exit_code == as_text.exit_code == 8, as_json.output
+    error = error_json(as_json, "LEDGER_UNAVAILABLE")
+    assert "127.0.0.1:1/ledger" in error["message"] and "***" in error["url"]
+    assert secret not in as_json.output and secret not in as_text.output
+
+
+def test_an_unparsable_url_with_a_raw_at_sign_keeps_the_password_out(cli: Invoke) -> None:
+    url = "postgresql+psycopg://ops:p@ss:w0rd@127.0.0.1:1/ledger"
+    result = cli("--db-url", url, "wallet", "balance", "--json")
+    assert result.exit_code == 3, result.output
+    message = error_json(result, "INVALID_INPUT")["message"]
+    assert "w0rd" not in result.output and "p@ss" not in result.output
+    assert "%40" in message
