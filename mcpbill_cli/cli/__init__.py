@@ -19,6 +19,7 @@ from mcpbill_cli.config import ENV_DB_URL, ENV_HOME
 # pricing or x402 modules; `--help`, completion and tests get the whole tree.
 COMMANDS: dict[str, tuple[str, str, bool]] = {
     "init": ("init", "init", False),
+    "status": ("status", "status", False),
     "config": ("config", "app", True),
     "db": ("db", "app", True),
     "keys": ("keys", "app", True),

@@ -65,6 +65,7 @@ def test_root_help_lists_every_group(cli: Invoke) -> None:
 # One successful invocation per command, run in order on one home, each with --json.
 SUCCESSFUL = [
     ("config", "show"),
+    ("status",),
     ("db", "status"),
     ("db", "upgrade"),
     ("keys", "list"),
