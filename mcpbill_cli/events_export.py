@@ -38,13 +38,13 @@ import json
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from sqlalchemy import Connection, select
 
-from mcpbill_cli.clock import aware
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.fsutil import atomic_writer
 from mcpbill_cli.ledger.models import events
 from mcpbill_cli.money import format_usd
@@ -86,7 +86,7 @@ def event_line(row: Mapping[Any, Any]) -> str:
     """One event in the export schema, as a JSON line (with its newline)."""
     amount = row["amount"]
     document = {
-        "schema_version": SCHEMA_VERSION, "id": row["id"], "at": _utc(row["at"]),
+        "schema_version": SCHEMA_VERSION, "id": row["id"], "at": rfc3339(row["at"]),
         "kind": row["kind"], "code": row["code"], "tenant": row["tenant"],
         "agent": row["agent"], "jti": row["jti"], "token_hash": row["token_hash"],
         "tool": row["tool"], "amount_usd": None if amount is None else format_usd(amount),
@@ -95,10 +95,6 @@ def event_line(row: Mapping[Any, Any]) -> str:
         "demo": bool(row["demo"]), "seal": row["seal"], "hash": row["hash"],
     }
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False) + "\n"
-
-
-def _utc(moment: datetime) -> str:
-    return aware(moment).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def atomic_text_file(path: Path) -> AbstractContextManager[IO[str]]:

@@ -224,7 +224,7 @@ class Verifier:
         document = jwks if isinstance(jwks, dict) else json.loads(Path(jwks).read_text())
         revoked_doc = (revocations if isinstance(revocations, dict) or revocations is None
                        else json.loads(Path(revocations).read_text()))
-        revoked = {r["jti"]: int(r["exp"]) for r in (revoked_doc or {}).get("revoked", [])}
+        revoked = {r["jti"]: _revoked_until(r) for r in (revoked_doc or {}).get("revoked", [])}
         return cls(keys=KeySource.from_jwks(document), pricing=pricing, revoked=revoked,
                    **options)
 
@@ -891,3 +891,11 @@ def _version_of(call: calls.NewCall | Hold) -> int:
 
 def _rule_of(call: calls.NewCall | Hold) -> str:
     return call.price_rule if isinstance(call, calls.NewCall) else call.price.rule
+
+
+def _revoked_until(entry: Mapping[str, Any]) -> int:
+    """When a listed revocation lapses (the token's expiry, epoch seconds): ``expires_at``
+    (RFC 3339, `revocations export` version 2) or ``exp`` (epoch seconds, version 1)."""
+    if "expires_at" in entry:
+        return int(datetime.fromisoformat(entry["expires_at"]).timestamp())
+    return int(entry["exp"])

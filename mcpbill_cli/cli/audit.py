@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say, wire_to_cli
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.clock import utcnow
+
+if TYPE_CHECKING:
+    from mcpbill_cli.ledger.seals import Seal
+
+# Version 2 of a `seals export` line: snake_case fields, `sealed_at` in RFC 3339 `Z` form.
+# Version 1 (no `schema_version` field) had the JWS payload's camelCase names.
+SEALS_EXPORT_VERSION = 2
 
 app = typer.Typer(
     help="The audit trail: events are sealed in signed batches (verifiers seal every second; "
@@ -18,6 +25,13 @@ app = typer.Typer(
     no_args_is_help=True)
 seals_app = typer.Typer(help="The seals of the audit trail.", no_args_is_help=True)
 app.add_typer(seals_app, name="seals")
+
+
+def seal_data(seal: Seal) -> dict[str, Any]:
+    """A seal in the CLI's contract; its JWS signs the same fields under their camelCase wire
+    names (``firstId``, ``sealedAt``, ...), and ``hash`` is computed over those."""
+    data: dict[str, Any] = wire_to_cli(seal.to_dict())
+    return data
 
 
 @app.command("seal")
@@ -34,7 +48,7 @@ def seal(ctx: typer.Context, as_json: JsonOption = False) -> None:
     st = state(ctx)
     info, key = st.keyring().signing_key()
     sealed = seal_all(st.engine(), signer(info.alg, info.kid, key), clock=utcnow, wait=True)
-    data = {"seals": [s.to_dict() for s in sealed], "events": sum(s.count for s in sealed)}
+    data = {"seals": [seal_data(s) for s in sealed], "events": sum(s.count for s in sealed)}
     emit(data, as_json=as_json, human=lambda: say(
         f"sealed {data['events']} event(s) in {len(sealed)} seal(s)" if sealed
         else "nothing to seal"))
@@ -67,7 +81,8 @@ def export(
         raise InvalidInput("with --json, stdout carries the summary: write the seals to a "
                            "file with --out FILE")
     with reading(state(ctx).engine()) as conn:
-        seals = [s.to_dict() for s in read_seals(conn, first=after + 1)]
+        seals = [{"schema_version": SEALS_EXPORT_VERSION, **seal_data(s)}
+                 for s in read_seals(conn, first=after + 1)]
     text = "".join(json.dumps(s, sort_keys=True) + "\n" for s in seals)
     if out_file is None:
         typer.echo(text, nl=False)

@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
+from mcpbill_cli.cli.output import (
+    JsonOption,
+    emit,
+    handles_errors,
+    out,
+    receipt_data,
+    say,
+    wire_to_cli,
+)
+
+if TYPE_CHECKING:
+    from mcpbill_cli.demo import DemoStep
 
 
 @handles_errors
@@ -35,8 +46,15 @@ def demo(
         steps.append(step)
         if not as_json:
             _show(step.kind, step.text, step.data)
-    emit({"home": str(where), "steps": steps}, as_json=as_json,
+    emit({"home": str(where), "steps": [_step_data(s) for s in steps]}, as_json=as_json,
          human=lambda: say(f"demo ledger and server log kept in {where}"))
+
+
+def _step_data(step: DemoStep) -> dict[str, Any]:
+    """A step as CLI data: its `_meta` payload (a receipt, a refusal) in snake_case."""
+    paid = step.kind in ("receipt", "replay")
+    return {"kind": step.kind, "text": step.text,
+            "data": receipt_data(step.data) if paid else wire_to_cli(step.data)}
 
 
 def _show(kind: str, text: str, data: dict[str, object]) -> None:

@@ -4,16 +4,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say
+from mcpbill_cli.cli.output import (
+    JsonOption,
+    emit,
+    handles_errors,
+    new_table,
+    out,
+    say,
+    timestamp,
+    to_jsonable,
+)
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.fsutil import write_atomic
 
+if TYPE_CHECKING:
+    from mcpbill_cli.keys import KeyInfo
+
 app = typer.Typer(help="Signing keys for credit tokens and receipts.", no_args_is_help=True)
+
+
+def key_data(info: KeyInfo) -> dict[str, Any]:
+    """A key as JSON, its times (kept as text in keyring.json) in the CLI's RFC 3339 form."""
+    data: dict[str, Any] = to_jsonable(info)
+    data["created_at"] = timestamp(info.created_at)
+    data["verify_until"] = timestamp(info.verify_until)
+    return data
 
 
 @app.command("list")
@@ -29,7 +49,7 @@ def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
                           "-" if k.status == "active" else (k.verify_until or "never")[:19])
         out.print(table)
 
-    emit(keys, as_json=as_json, human=human)
+    emit([key_data(k) for k in keys], as_json=as_json, human=human)
 
 
 @app.command("rotate")
@@ -57,7 +77,8 @@ def rotate(
         say(f"{old.kid} verifies until {previous.verify_until}")
         out.print(new.kid)
 
-    emit({"active": new, "previous": previous}, as_json=as_json, human=human)
+    emit({"active": key_data(new), "previous": key_data(previous)}, as_json=as_json,
+         human=human)
 
 
 @app.command("export-jwks")
@@ -112,4 +133,4 @@ def retire(
                            "verifying; pass --force to retire it anyway")
     info = keys.retire(ring, kid)
     ring.save()
-    emit(info, as_json=as_json, human=lambda: say(f"retired {kid}"))
+    emit(key_data(info), as_json=as_json, human=lambda: say(f"retired {kid}"))

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +19,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
+from mcpbill_cli.clock import rfc3339, rfc3339_text
 from mcpbill_cli.errors import BillingError
 
 SCHEMA_VERSION = 1
@@ -120,10 +122,50 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_jsonable(v) for v in value]
     if isinstance(value, datetime):
-        return value.isoformat()
+        return rfc3339(value)
     if isinstance(value, PurePath):
         return str(value)
     return value
+
+
+def timestamp(value: datetime | str | None) -> str | None:
+    """A time in the CLI's one form (RFC 3339, UTC, ``Z``, microseconds), from a datetime or
+    from ISO 8601 text kept elsewhere (the key ring, a signed claim)."""
+    if value is None:
+        return None
+    return rfc3339(value) if isinstance(value, datetime) else rfc3339_text(value)
+
+
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def snake_case(name: str) -> str:
+    """``pricingVersion`` -> ``pricing_version``."""
+    return _CAMEL_HUMP.sub("_", name).lower()
+
+
+def wire_to_cli(value: Any) -> Any:
+    """A wire object (signed receipt claims, ``_meta``, an x402 exchange: camelCase for agents)
+    in the CLI's contract: snake_case keys at every depth, times (``timestamp``, ``*_at``) in
+    RFC 3339 ``Z`` form. The signed originals stay verbatim in the ``jws`` strings."""
+    if isinstance(value, dict):
+        converted = {snake_case(str(k)): wire_to_cli(v) for k, v in value.items()}
+        for key, item in converted.items():
+            if (key == "timestamp" or key.endswith("_at")) and isinstance(item, str):
+                converted[key] = rfc3339_text(item)
+        return converted
+    if isinstance(value, list | tuple):
+        return [wire_to_cli(v) for v in value]
+    return to_jsonable(value)
+
+
+def receipt_data(claims: dict[str, Any]) -> dict[str, Any]:
+    """A receipt's signed claims as CLI data: :func:`wire_to_cli`, with the micro-USDC
+    ``amount`` string (x402's atomic units) as the integer ``amount_micro``."""
+    data: dict[str, Any] = wire_to_cli(claims)
+    if "amount" in data:
+        data["amount_micro"] = int(data.pop("amount"))
+    return data
 
 
 def print_json(document: dict[str, Any]) -> None:

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mcpbill_cli import pricing
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say
+from mcpbill_cli.cli.output import (
+    JsonOption,
+    emit,
+    handles_errors,
+    new_table,
+    out,
+    say,
+    wire_to_cli,
+)
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.errors import LedgerUnavailable, NotInitialized, SchemaOutdated
 from mcpbill_cli.money import format_usd, parse_usd
@@ -35,7 +43,7 @@ def _pricing_path(ctx: typer.Context) -> Path:
 def show(ctx: typer.Context, tenant: TenantOption = None, as_json: JsonOption = False) -> None:
     """Show the effective price of every listed tool, the default and the free tiers."""
     sheet = pricing.price_sheet(pricing.load_pricing(_pricing_path(ctx)), tenant)
-    emit(sheet.to_dict(), as_json=as_json, human=lambda: _render_sheet(sheet))
+    emit(wire_to_cli(sheet.to_dict()), as_json=as_json, human=lambda: _render_sheet(sheet))
 
 
 @app.command("set")
@@ -91,8 +99,8 @@ def validate(
     path = file or _pricing_path(ctx)
     table = pricing.load_pricing(path)
     recorded = _version_recorded(ctx, table, path)
-    data = {"path": str(path), "pricingVersion": table.version, "tools": len(table.tools),
-            "tenants": len(table.tenants), "versionRecorded": recorded}
+    data = {"path": str(path), "pricing_version": table.version, "tools": len(table.tools),
+            "tenants": len(table.tenants), "version_recorded": recorded}
     emit(data, as_json=as_json, human=lambda: out.print(
         f"{path}: valid, version {table.version}, {len(table.tools)} tool(s), "
         f"{len(table.tenants)} tenant(s)"))
@@ -142,8 +150,8 @@ def diff(
     path = _pricing_path(ctx)
     current, other = pricing.load_pricing(path), pricing.load_pricing(other_file)
     changes = pricing.diff_tables(current, other)
-    data = {"from": {"path": str(path), "pricingVersion": current.version},
-            "to": {"path": str(other_file), "pricingVersion": other.version},
+    data = {"from": {"path": str(path), "pricing_version": current.version},
+            "to": {"path": str(other_file), "pricing_version": other.version},
             "changes": [change.to_dict() for change in changes]}
     emit(data, as_json=as_json, human=lambda: _render_changes(changes))
 
@@ -162,7 +170,7 @@ def quote(
     """Print what one call costs (USDC) on stdout, and which rule decided on stderr."""
     table = pricing.load_pricing(_pricing_path(ctx))
     price = pricing.quote(table, tool, tenant=tenant, units=units)
-    data = {"tool": tool, "tenant": tenant, "units": units, **price.to_dict()}
+    data = {"tool": tool, "tenant": tenant, "units": units, **wire_to_cli(price.to_dict())}
     emit(data, as_json=as_json, human=lambda: _render_quote(price, units))
 
 
@@ -190,8 +198,8 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
 def _emit_edit(edit: pricing.PricingEdit, path: Path, *, as_json: bool) -> None:
     changes = edit.changes
     data: dict[str, Any] = {
-        "path": str(path), "previousVersion": edit.before.version,
-        "pricingVersion": edit.after.version, "changes": [c.to_dict() for c in changes],
+        "path": str(path), "previous_version": edit.before.version,
+        "pricing_version": edit.after.version, "changes": [c.to_dict() for c in changes],
     }
 
     def human() -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, receipt_data
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.errors import InvalidInput, NotFound
 
@@ -47,7 +47,8 @@ def show(ctx: typer.Context,
         state_note = f" (the call is {stored.status})" if stored else ""
         raise NotFound(f"no receipt for {key!r}{state_note}")
     receipt = read_receipt(stored.receipt)
-    emit(receipt.to_dict(), as_json=as_json, human=lambda: _render(receipt.to_dict()))
+    emit(receipt_data(receipt.to_dict()), as_json=as_json,
+         human=lambda: _render(receipt.to_dict()))
 
 
 def _by_key(conn: Connection, key: str, tenant: str | None) -> StoredCall | None:
@@ -77,5 +78,5 @@ def verify(
     keys = (keys_from_jwks(json.loads(jwks.read_text())) if jwks
             else state(ctx).keyring().verification_keys())
     checked = verify_receipt(text, keys)
-    emit({"valid": True, **checked.claims}, as_json=as_json,
+    emit({"valid": True, **receipt_data(checked.claims)}, as_json=as_json,
          human=lambda: _render({"valid": True, **checked.claims}))

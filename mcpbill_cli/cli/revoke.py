@@ -10,10 +10,13 @@ import typer
 
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
 from mcpbill_cli.cli.state import State, state
-from mcpbill_cli.clock import utcnow
+from mcpbill_cli.clock import rfc3339, utcnow
 from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.fsutil import write_atomic
 from mcpbill_cli.money import format_usd
+
+# Version 2 lists each token's `expires_at` (RFC 3339); version 1 had `exp` (epoch seconds).
+REVOCATIONS_VERSION = 2
 
 revocations_app = typer.Typer(help="Revocation lists for stateless verifiers.",
                               no_args_is_help=True)
@@ -95,7 +98,8 @@ def export(
     now = utcnow()
     with reading(state(ctx).engine()) as conn:
         revoked = revoked_list(conn, now=now)
-    document = {"version": 1, "generated_at": now.isoformat(), "revoked": revoked}
+    document = {"version": REVOCATIONS_VERSION, "generated_at": rfc3339(now),
+                "revoked": revoked}
     if out_file is not None:
         write_atomic(out_file, (json.dumps(document, indent=2) + "\n").encode())
         emit({"path": str(out_file), "count": len(revoked)}, as_json=as_json,

@@ -71,7 +71,7 @@ def issue(
     claims = issued.claims
     data = {"token": issued.token, "jti": claims.jti, "tenant": claims.tenant,
             "agent": claims.agent, "scope": list(claims.scope), "audience": claims.audience,
-            "limit_usd": format_usd(claims.limit), "exp": claims.expires_at.isoformat(),
+            "limit_usd": format_usd(claims.limit), "expires_at": claims.expires_at,
             "parent": claims.parent, "kid": claims.kid}
 
     def human() -> None:

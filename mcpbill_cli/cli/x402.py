@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, new_table, say
+from mcpbill_cli.cli.output import (
+    JsonOption,
+    emit,
+    err,
+    handles_errors,
+    new_table,
+    receipt_data,
+    say,
+    wire_to_cli,
+)
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.config import ENV_TOKEN
 
@@ -72,7 +81,15 @@ def fetch(
                            request_id=request_id)
     finally:
         verifier.close()  # seals the payment's events and writes refusal counts
-    emit(result.to_dict(), as_json=as_json, human=lambda: _render(result))
+    emit(_result_data(result), as_json=as_json, human=lambda: _render(result))
+
+
+def _result_data(result: FetchResult) -> dict[str, Any]:
+    """The fetch as CLI data: snake_case throughout, the receipt as `receipt show` prints it."""
+    data: dict[str, Any] = wire_to_cli(result.to_dict())
+    if result.outcome is not None:
+        data["receipt"] = receipt_data(result.outcome.receipt.to_dict())
+    return data
 
 
 def _policy(st: State, chains: list[str] | None, max_amount: str) -> PaymentPolicy:

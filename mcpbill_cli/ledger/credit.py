@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, select, update
 
-from mcpbill_cli.clock import Clock, aware, utcnow
+from mcpbill_cli.clock import Clock, aware, rfc3339, utcnow
 from mcpbill_cli.errors import InsufficientFunds, InvalidInput, NotFound
 from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
@@ -57,10 +57,10 @@ def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any
     if request.ttl > ttl_cap:
         raise InvalidInput(f"ttl is above the cap of {ttl_cap}s; ask for less or raise ttl_cap",
                            field="ttl")
-    now = now.replace(microsecond=0)
+    issued = now.replace(microsecond=0)  # JWT times are whole seconds; events keep `now`
     parent = _parent_row(conn, request, now) if request.parent else None
     scope = list(request.scope or (json.loads(parent.scope) if parent else ["*"]))
-    exp = expires(now, request.ttl)
+    exp = expires(issued, request.ttl)
     tenant = parent.tenant if parent else request.tenant
     if parent is not None:
         if not within(scope, json.loads(parent.scope)):
@@ -69,8 +69,8 @@ def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any
         exp = min(exp, aware(parent.expires_at))
     info, private_key = signer
     claims = Claims(jti=new_jti(), tenant=tenant, agent=request.agent, scope=tuple(scope),
-                    audience=request.audience, issuer=request.issuer, issued_at=now,
-                    not_before=now, expires_at=exp, limit=request.limit, kid=info.kid,
+                    audience=request.audience, issuer=request.issuer, issued_at=issued,
+                    not_before=issued, expires_at=exp, limit=request.limit, kid=info.kid,
                     parent=request.parent)
     _record_token(conn, claims, demo=request.demo)
     source = ops.token_account(parent.jti) if parent else ops.tenant_account(tenant)
@@ -388,10 +388,11 @@ def expire_holds(conn: Connection, *, now: datetime, account: str | None = None)
 
 
 def revoked_list(conn: Connection, *, now: datetime) -> list[dict[str, Any]]:
-    """Revoked tokens not yet expired, for stateless verifiers: ``[{jti, exp}]``."""
+    """Revoked tokens not yet expired, for stateless verifiers: ``[{jti, expires_at}]``, the
+    time in RFC 3339 form."""
     rows = conn.execute(select(tk.jti, tk.expires_at).where(
         and_(tk.revoked_at.is_not(None), tk.expires_at > now)).order_by(tk.jti))
-    return [{"jti": jti, "exp": int(aware(exp).timestamp())} for jti, exp in rows]
+    return [{"jti": jti, "expires_at": rfc3339(exp)} for jti, exp in rows]
 
 
 def last_expiry(conn: Connection, kid: str) -> datetime | None:

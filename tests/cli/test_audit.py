@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from mcpbill_cli.ledger.models import events
 from mcpbill_cli.ledger.seals import SEAL_TYPE
 from tests.cli.conftest import Invoke, error_json, ok_json
 
-SEAL_FIELDS = {"seal", "firstId", "lastId", "count", "batchHash", "prevHash", "sealedAt", "hash",
-               "kid", "jws"}
+SEAL_FIELDS = {"seal", "first_id", "last_id", "count", "batch_hash", "prev_hash", "sealed_at",
+               "hash", "kid", "jws"}
+# The JWS payload's wire names for the fields a seal prints in snake_case.
+SIGNED_NAMES = {"seal": "seal", "firstId": "first_id", "lastId": "last_id", "count": "count",
+                "batchHash": "batch_hash", "prevHash": "prev_hash", "hash": "hash"}
 
 
 @pytest.fixture
@@ -62,7 +66,10 @@ def assert_verifies(line: dict[str, Any], keys: dict[str, VerificationKey]) -> N
     assert line["kid"] in keys, f"seal {line['seal']}: key {line['kid']} is not in the JWKS"
     key = keys[line["kid"]]
     claims = jwt.decode(line["jws"], key.key, algorithms=[key.alg])
-    assert claims == {k: v for k, v in line.items() if k not in ("kid", "jws")}
+    assert set(claims) == {*SIGNED_NAMES, "sealedAt"}
+    assert {SIGNED_NAMES[k]: v for k, v in claims.items() if k != "sealedAt"} == {
+        k: v for k, v in line.items() if k not in ("kid", "jws", "sealed_at", "schema_version")}
+    assert datetime.fromisoformat(claims["sealedAt"]) == datetime.fromisoformat(line["sealed_at"])
     hashed = {k: v for k, v in claims.items() if k != "hash"}
     canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
     assert hashlib.sha256(canonical.encode()).hexdigest() == claims["hash"]
@@ -71,6 +78,11 @@ def assert_verifies(line: dict[str, Any], keys: dict[str, VerificationKey]) -> N
 def export_lines(result: Any) -> list[dict[str, Any]]:
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def exported(seals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seals as `audit seal --json` prints them, as `seals export` writes them (version 2)."""
+    return [{"schema_version": 2, **seal} for seal in seals]
 
 
 # --- audit seal -------------------------------------------------------------------------------
@@ -88,7 +100,7 @@ def test_audit_seal_seals_what_is_pending_as_one_document(ledger_cli: Invoke,
     assert data["events"] == pending and len(data["seals"]) == 1
     [seal] = data["seals"]
     assert set(seal) == SEAL_FIELDS
-    assert (seal["seal"], seal["count"], seal["prevHash"]) == (1, pending, GENESIS)
+    assert (seal["seal"], seal["count"], seal["prev_hash"]) == (1, pending, GENESIS)
     assert unsealed(ledger) == 0
     assert_verifies(seal, jwks_keys(cli))
     assert ok_json(cli("audit", "seal", "--json")) == {"seals": [], "events": 0}
@@ -132,8 +144,8 @@ def three_seals(ledger_cli: Invoke, ledger: Engine) -> list[dict[str, Any]]:
 def test_seals_export_writes_one_json_line_per_seal(ledger_cli: Invoke,
                                                     three_seals: list[dict[str, Any]]) -> None:
     lines = export_lines(ledger_cli("audit", "seals", "export"))
-    assert lines == three_seals
-    assert [line["prevHash"] for line in lines] == [GENESIS, lines[0]["hash"], lines[1]["hash"]]
+    assert lines == exported(three_seals)
+    assert [line["prev_hash"] for line in lines] == [GENESIS, lines[0]["hash"], lines[1]["hash"]]
     keys = jwks_keys(ledger_cli)
     for line in lines:
         assert_verifies(line, keys)
@@ -142,10 +154,11 @@ def test_seals_export_writes_one_json_line_per_seal(ledger_cli: Invoke,
 def test_seals_export_after_n_writes_only_later_seals(ledger_cli: Invoke,
                                                       three_seals: list[dict[str, Any]]
                                                       ) -> None:
-    assert export_lines(ledger_cli("audit", "seals", "export", "--after", "2")) == [
-        three_seals[2]]
+    assert export_lines(ledger_cli("audit", "seals", "export", "--after", "2")) == exported(
+        three_seals[2:])
     assert export_lines(ledger_cli("audit", "seals", "export", "--after", "3")) == []
-    assert export_lines(ledger_cli("audit", "seals", "export", "--after", "0")) == three_seals
+    assert export_lines(ledger_cli("audit", "seals", "export", "--after", "0")) == exported(
+        three_seals)
 
 
 def test_seals_export_out_writes_the_file(ledger_cli: Invoke, three_seals: list[dict[str, Any]],
@@ -156,7 +169,7 @@ def test_seals_export_out_writes_the_file(ledger_cli: Invoke, three_seals: list[
     assert result.stdout == ""
     assert " ".join(result.stderr.split()) == f"wrote 3 seal(s) to {out}"  # Rich wraps at 80
     assert out.read_text() == ledger_cli("audit", "seals", "export").stdout
-    assert [json.loads(line) for line in out.read_text().splitlines()] == three_seals
+    assert [json.loads(line) for line in out.read_text().splitlines()] == exported(three_seals)
 
 
 def test_seals_export_json_needs_out_and_prints_a_summary(
@@ -165,7 +178,8 @@ def test_seals_export_json_needs_out_and_prints_a_summary(
     data = ok_json(ledger_cli("audit", "seals", "export", "--after", "1", "--out", str(out),
                               "--json"))
     assert data == {"seals": 2, "first": 2, "last": 3, "out": str(out)}
-    assert [json.loads(line) for line in out.read_text().splitlines()] == three_seals[1:]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == exported(
+        three_seals[1:])
     none = ok_json(ledger_cli("audit", "seals", "export", "--after", "3", "--out", str(out),
                               "--json"))
     assert none == {"seals": 0, "first": None, "last": None, "out": str(out)}

@@ -53,7 +53,7 @@ def test_child_token_cannot_widen_scope_or_outlive_parent(ledger_cli: Invoke) ->
     assert wider.exit_code == 3, wider.output
     child = ok_json(cli("token", "issue", "--limit", "1", "--ttl", "24h", "--parent",
                         parent["jti"], "--scope", "db.read", "--json"))
-    assert child["exp"] == parent["exp"]
+    assert child["expires_at"] == parent["expires_at"]
     too_much = cli("token", "issue", "--limit", "1.01", "--parent", parent["jti"])
     assert too_much.exit_code == 5, too_much.output
 

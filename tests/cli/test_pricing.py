@@ -77,20 +77,20 @@ def test_show_json_is_one_envelope(runner: CliRunner, home: Path) -> None:
     data = document["data"]
     assert [row["tool"] for row in data["tools"]] == ["search", "status", "summarize"]
     assert data["tools"][2] == {
-        "tool": "summarize", "amountUsd": "0.50", "asset": "USDC", "rule": "tools.summarize",
-        "pricingVersion": 1, "free": False, "discountPercent": 0, "perUnitUsd": "0.00001",
-        "maxUsd": "0.50",
+        "tool": "summarize", "amount_usd": "0.50", "asset": "USDC", "rule": "tools.summarize",
+        "pricing_version": 1, "free": False, "discount_percent": 0, "per_unit_usd": "0.00001",
+        "max_usd": "0.50",
     }
-    assert data["default"]["amountUsd"] == "0.01"
-    assert (data["freeTiers"], data["dailyCapUsd"]) == (["read.*"], None)
-    assert (data["tenant"], data["tenantHasTerms"]) == (None, False)
+    assert data["default"]["amount_usd"] == "0.01"
+    assert (data["free_tiers"], data["daily_cap_usd"]) == (["read.*"], None)
+    assert (data["tenant"], data["tenant_has_terms"]) == (None, False)
 
 
 def test_show_for_a_tenant_without_terms_says_so(runner: CliRunner, home: Path) -> None:
     result = run(runner, "show", "--tenant", "acne")
     assert result.exit_code == 0
     assert "tenant 'acne' has no terms of its own" in flat(result.stderr)
-    assert run_json(runner, "show", "-t", "acme")[1]["data"]["tenantHasTerms"] is True
+    assert run_json(runner, "show", "-t", "acme")[1]["data"]["tenant_has_terms"] is True
 
 
 def test_show_prints_tool_names_with_brackets_verbatim(runner: CliRunner, home: Path) -> None:
@@ -127,7 +127,7 @@ def test_set_and_unset_a_tenant_price(runner: CliRunner, home: Path) -> None:
                               "--per-unit", "--max", "0.10")
     assert code == 0
     assert document["data"] == {
-        "path": str(home / "pricing.toml"), "previousVersion": 1, "pricingVersion": 2,
+        "path": str(home / "pricing.toml"), "previous_version": 1, "pricing_version": 2,
         "changes": [{"key": "tenants.globex.tools.summarize", "kind": "added", "before": None,
                      "after": "0.00002/unit, max 0.10", "tenant": "globex",
                      "tool": "summarize"}],
@@ -230,8 +230,8 @@ def test_validate_another_file(runner: CliRunner, home: Path, tmp_path: Path) ->
     other.write_text("version = 4\n")
     code, document = run_json(runner, "validate", str(other))
     assert (code, document["data"]) == (0, {
-        "path": str(other), "pricingVersion": 4, "tools": 0, "tenants": 0,
-        "versionRecorded": False})
+        "path": str(other), "pricing_version": 4, "tools": 0, "tenants": 0,
+        "version_recorded": False})
     code, document = run_json(runner, "validate", str(tmp_path / "absent.toml"))
     assert code == 10 and "no pricing table" in document["errors"][0]["message"]
 
@@ -264,8 +264,8 @@ def test_diff_lists_changes_per_tool_and_tenant(
         "changed  tools.search: 0.002 -> 0.003",
     ]
     code, document = run_json(runner, "diff", str(other))
-    assert document["data"]["from"]["pricingVersion"] == 1
-    assert document["data"]["to"] == {"path": str(other), "pricingVersion": 2}
+    assert document["data"]["from"]["pricing_version"] == 1
+    assert document["data"]["to"] == {"path": str(other), "pricing_version": 2}
     assert len(document["data"]["changes"]) == 2
 
 
@@ -281,9 +281,9 @@ def test_quote_prints_the_amount_and_the_rule(runner: CliRunner, home: Path) -> 
     assert "rule tools.summarize-discount:20%, pricing version 1" in flat(result.stderr)
     code, document = run_json(runner, "quote", "summarize", "-t", "acme", "--units", "100")
     assert document["data"] == {
-        "tool": "summarize", "tenant": "acme", "units": 100, "amountUsd": "0.0008",
-        "asset": "USDC", "rule": "tools.summarize-discount:20%", "pricingVersion": 1,
-        "free": False, "discountPercent": 20, "perUnitUsd": "0.00001", "maxUsd": "0.40",
+        "tool": "summarize", "tenant": "acme", "units": 100, "amount_usd": "0.0008",
+        "asset": "USDC", "rule": "tools.summarize-discount:20%", "pricing_version": 1,
+        "free": False, "discount_percent": 20, "per_unit_usd": "0.00001", "max_usd": "0.40",
     }
 
 
@@ -367,29 +367,29 @@ def test_validate_passes_the_recorded_table_and_a_new_version(
 ) -> None:
     record(ledger, SAMPLE)
     code, document = validate_json(cli)
-    assert (code, document["data"]["versionRecorded"]) == (0, True)
+    assert (code, document["data"]["version_recorded"]) == (0, True)
     other = tmp_path / "other.toml"
     other.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"')
                      .replace("version = 1", "version = 2"))
     code, document = validate_json(cli, str(other))
-    assert (code, document["data"]["versionRecorded"]) == (0, False)
+    assert (code, document["data"]["version_recorded"]) == (0, False)
     # Comments and layout are not prices: the normal form of the same table is recorded too.
     (home / "pricing.toml").write_text(render_pricing(SAMPLE))
-    assert validate_json(cli)[1]["data"]["versionRecorded"] is True
+    assert validate_json(cli)[1]["data"]["version_recorded"] is True
 
 
 def test_validate_without_a_ledger_passes_and_creates_none(cli: Invoke, home: Path) -> None:
     path = home / "pricing.toml"
     path.write_text(SAMPLE_PRICING.replace('price = "0.002"', 'price = "0.003"'))
     code, document = validate_json(cli)
-    assert (code, document["data"]["versionRecorded"]) == (0, False)
+    assert (code, document["data"]["version_recorded"]) == (0, False)
     assert sorted(p.name for p in home.iterdir()) == ["pricing.toml"]
 
 
 def test_validate_with_an_empty_ledger_file_passes(cli: Invoke, home: Path) -> None:
     (home / "ledger.db").touch()  # not initialized: nothing recorded, nothing to check
     code, document = validate_json(cli)
-    assert (code, document["data"]["versionRecorded"]) == (0, False)
+    assert (code, document["data"]["version_recorded"]) == (0, False)
 
 
 def test_validate_with_an_unreachable_ledger_says_it_did_not_check(
@@ -398,7 +398,7 @@ def test_validate_with_an_unreachable_ledger_says_it_did_not_check(
     monkeypatch.setenv("MCPBILL_DB_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     result = cli("pricing", "validate", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["data"]["versionRecorded"] is False
+    assert json.loads(result.stdout)["data"]["version_recorded"] is False
     assert "not checked against the ledger: cannot reach the ledger" in flat(result.stderr)
 
 
@@ -413,7 +413,7 @@ def test_a_hand_edit_after_a_verifier_charged_is_refused(
         verifier.charge(token, "search", idempotency_key="first")
     finally:
         verifier.close()
-    assert ok_json(cli("pricing", "validate", "--json"))["versionRecorded"] is True
+    assert ok_json(cli("pricing", "validate", "--json"))["version_recorded"] is True
     path = isolated_home / "pricing.toml"
     path.write_text(path.read_text().replace('price = "0.002"', 'price = "0.003"'))
     result = cli("pricing", "validate", "--json")

@@ -86,8 +86,8 @@ def test_json_of_a_clean_day(cli: Invoke, home_ledger: Ledger) -> None:
     data = document["data"]
     assert isinstance(data, dict)
     assert data["findings"] == [] and data["errors"] == 0
-    assert data["window"] == {"start": "2031-03-14T00:00:00+00:00",
-                              "end": "2031-03-15T00:00:00+00:00"}
+    assert data["window"] == {"start": "2031-03-14T00:00:00.000000Z",
+                              "end": "2031-03-15T00:00:00.000000Z"}
     assert data["summary"]["charged_usd"] == "0.069872"
     assert data["totals"]["tenant"]["globex"]["charged_usd"] == "0.05"
     assert data["audit_anchor"] == {"seal": 2, "hash": home_ledger.reconcile().audit_anchor[1]}
@@ -149,7 +149,7 @@ def test_a_settled_day_leaves_its_snapshot_unless_told_not_to(
     untouched = data("--date", day, "--no-snapshot")
     assert untouched["snapshot_at"] is None
     assert "ledger_invariants (full history)" in untouched["checks"]
-    assert data("--date", day)["snapshot_at"] == "2031-03-15T00:00:00+00:00"
+    assert data("--date", day)["snapshot_at"] == "2031-03-15T00:00:00.000000Z"
     assert "ledger_invariants (from snapshot 2031-03-15T00:00:00+00:00)" in data(
         "--date", next_day)["checks"]
     assert "ledger_invariants (full history)" in data("--date", next_day,

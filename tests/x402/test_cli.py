@@ -89,13 +89,13 @@ def test_fetch_pays_and_shows_requirements_decision_and_settlement(
     assert result.exit_code == 0, result.output
     data = envelope(result)["data"]
     assert data["paid"] is True and data["status"] == 200
-    assert data["challenge"]["x402Version"] == 2
+    assert data["challenge"]["x402_version"] == 2
     assert data["decision"]["chosen"] == 0
     assert data["decision"]["options"][0]["acceptable"] is True
     assert data["settlement"]["success"] is True
     assert data["receipt"]["transaction"] == data["settlement"]["transaction"].lower()
-    assert data["receipt"]["amountUsd"] == "0.01"
-    assert data["remainingUsd"] == "0.99"
+    assert data["receipt"]["amount_usd"] == "0.01"
+    assert data["remaining_usd"] == "0.99"
     assert json.loads(data["body"])["report"] == "paid content"
     operator, payee = peer.balances()
     assert (before[0] - operator, payee - before[1]) == (PRICE, PRICE)
@@ -122,10 +122,10 @@ def test_a_dry_run_judges_without_holding_or_signing(cli: Invoke, token: str,
 
     data = envelope(result)["data"]
     assert result.exit_code == 0, result.output
-    assert (data["dryRun"], data["paid"], data["status"]) == (True, False, 402)
-    assert data["challenge"]["x402Version"] == 1
+    assert (data["dry_run"], data["paid"], data["status"]) == (True, False, 402)
+    assert data["challenge"]["x402_version"] == 1
     assert data["decision"]["chosen"] == 0 and data["refusal"] is None
-    assert data["remainingUsd"] == "1.00"
+    assert data["remaining_usd"] == "1.00"
     assert peer.balances() == before
 
 
