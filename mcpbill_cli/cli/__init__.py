@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "x402": ("x402", "app", True),
     "completion": ("completion", "completion", False),
     "demo": ("demo", "demo", False),
+    "version": ("version", "version", False),
 }
 _ROOT_OPTIONS_WITH_VALUES = ("--home", "--db-url")
 
@@ -66,7 +67,8 @@ def root(
 def build_app(names: list[str] | None = None) -> typer.Typer:
     """The CLI with every command group, or only ``names`` (what one run needs)."""
     app = typer.Typer(name="mcpbill", no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_show_locals=False, rich_markup_mode="rich")
+                      pretty_exceptions_show_locals=False, rich_markup_mode="rich",
+                      context_settings={"help_option_names": ["-h", "--help"]})
     app.callback()(root)
     for name, (module, attribute, group) in COMMANDS.items():
         if names is not None and name not in names:

@@ -66,6 +66,7 @@ def test_root_help_lists_every_group(cli: Invoke) -> None:
 SUCCESSFUL = [
     ("config", "show"),
     ("status",),
+    ("version",),
     ("db", "status"),
     ("db", "upgrade"),
     ("keys", "list"),
