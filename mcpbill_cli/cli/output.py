@@ -228,8 +228,19 @@ def reflowed(doc: str | None) -> str | None:
 
 
 def say(message: str) -> None:
-    """Talk to the person at the terminal (stderr), never mixed into data on stdout."""
-    err.print(message)
+    """Talk to the person at the terminal (stderr), never mixed into data on stdout.
+
+    Off a terminal the line is written as plain text, markup removed and never wrapped, without
+    making a Rich console: importing rich.console is a sixth of what `token issue` may spend
+    beyond its import floor (bench/cli_startup.py)."""
+    if sys.stderr.isatty():
+        err.print(message)
+        return
+    if "[" in message:
+        from rich.markup import render
+
+        message = render(message, emoji=False).plain
+    sys.stderr.write(message + "\n")
 
 
 def with_usd(value: Any, *amount_fields: str) -> dict[str, Any]:
