@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import Annotated
 
 import typer
 
 from mcpbill_cli.__about__ import __version__
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import envelope, exit_code, print_json, redacted
 from mcpbill_cli.cli.state import State
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME
@@ -109,7 +109,10 @@ def _command_name(argv: list[str]) -> str | None:
 
 def _app_for(argv: list[str]) -> typer.Typer:
     name = _command_name(argv)
-    if name in COMMANDS and not os.environ.get("_MCPBILL_COMPLETE"):
+    if complete.completing():
+        complete.register_shells()
+        return build_app()
+    if name in COMMANDS:
         return build_app([name])
     return build_app()
 

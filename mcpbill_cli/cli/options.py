@@ -6,9 +6,11 @@ from typing import Annotated
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.config import DEFAULT_TENANT
 
 TenantOption = Annotated[
-    str, typer.Option("--tenant", "-t", help="The tenant (customer) whose wallet this is.")
+    str, typer.Option("--tenant", "-t", help="The tenant (customer) whose wallet this is.",
+                      autocompletion=complete.tenants)
 ]
 DEFAULT_TENANT_VALUE = DEFAULT_TENANT

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mcpbill_cli import pricing
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import (
     JsonOption,
     emit,
@@ -31,7 +32,8 @@ app = typer.Typer(
 )
 
 TenantOption = Annotated[str | None, typer.Option(
-    "--tenant", "-t", help="Price as this tenant sees it (its own prices and discount).")]
+    "--tenant", "-t", help="Price as this tenant sees it (its own prices and discount).",
+    autocompletion=complete.tenants)]
 
 
 def _pricing_path(ctx: typer.Context) -> Path:
@@ -50,11 +52,12 @@ def show(ctx: typer.Context, tenant: TenantOption = None, as_json: JsonOption = 
 @handles_errors
 def set_price(
     ctx: typer.Context,
-    tool: Annotated[str, typer.Argument(help="The exact tool name, e.g. search or db.write.")],
+    tool: Annotated[str, typer.Argument(
+        help="The exact tool name, e.g. search or db.write.", autocompletion=complete.tools)],
     price: Annotated[str, typer.Argument(help="USDC per call (or per unit), e.g. 0.002 or 0.")],
     tenant: Annotated[str | None, typer.Option(
-        "--tenant", "-t", help="Set this tenant's own price (its discount does not apply).")
-    ] = None,
+        "--tenant", "-t", help="Set this tenant's own price (its discount does not apply).",
+        autocompletion=complete.tenants)] = None,
     per_unit: Annotated[bool, typer.Option(
         "--per-unit", help="PRICE is per unit the tool reports (tokens, rows); needs --max.")
     ] = False,
@@ -75,9 +78,11 @@ def set_price(
 @handles_errors
 def unset_price(
     ctx: typer.Context,
-    tool: Annotated[str, typer.Argument(help="The tool whose own price to remove.")],
+    tool: Annotated[str, typer.Argument(
+        help="The tool whose own price to remove.", autocompletion=complete.tools)],
     tenant: Annotated[str | None, typer.Option(
-        "--tenant", "-t", help="Remove this tenant's own price instead.")] = None,
+        "--tenant", "-t", help="Remove this tenant's own price instead.",
+        autocompletion=complete.tenants)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Remove a tool's own price; it then falls to the free tiers or the default price."""
@@ -160,7 +165,8 @@ def diff(
 @handles_errors
 def quote(
     ctx: typer.Context,
-    tool: Annotated[str, typer.Argument(help="The tool to price.")],
+    tool: Annotated[str, typer.Argument(help="The tool to price.",
+                                                autocompletion=complete.tools)],
     tenant: TenantOption = None,
     units: Annotated[int | None, typer.Option(
         "--units", min=0, help="Units a per-unit tool reported; without it, the maximum.")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, receipt_data
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.errors import InvalidInput, NotFound
@@ -34,7 +35,8 @@ def show(ctx: typer.Context,
          key: Annotated[str, typer.Argument(help="A receipt id (rcpt_…) or an idempotency key.")],
          tenant: Annotated[str | None, typer.Option(
              "--tenant", "-t", help="The tenant whose idempotency key KEY is (keys belong to "
-                                    "a tenant); needed when several tenants used KEY.")] = None,
+                                    "a tenant); needed when several tenants used KEY.",
+             autocompletion=complete.tenants)] = None,
          as_json: JsonOption = False) -> None:
     """Show the receipt of a captured call, by receipt id or by a tenant's idempotency key."""
     from mcpbill_cli.ledger import calls

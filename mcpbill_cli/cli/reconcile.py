@@ -17,6 +17,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import (
     EXIT_CODES,
     JsonOption,
@@ -68,9 +69,12 @@ def reconcile(
     until: Annotated[str | None, typer.Option(
         "--to", help="End of the window (excluded).", show_default="now")] = None,
     tenant: Annotated[str | None, typer.Option(
-        "--tenant", "-t", help="Only this tenant's totals and charges.")] = None,
-    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's.")] = None,
-    tool: Annotated[str | None, typer.Option("--tool", help="Only this tool's.")] = None,
+        "--tenant", "-t", help="Only this tenant's totals and charges.",
+        autocompletion=complete.tenants)] = None,
+    agent: Annotated[str | None, typer.Option(
+        "--agent", help="Only this agent's.", autocompletion=complete.agents)] = None,
+    tool: Annotated[str | None, typer.Option(
+        "--tool", help="Only this tool's.", autocompletion=complete.tools)] = None,
     by: Annotated[list[Dimension] | None, typer.Option(
         "--by", help="Totals tables to print (repeat); --json and --csv have them all.",
         show_default="tenant and tool")] = None,

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.clock import rfc3339, utcnow
@@ -26,11 +27,14 @@ revocations_app = typer.Typer(help="Revocation lists for stateless verifiers.",
 def revoke(
     ctx: typer.Context,
     tokens: Annotated[list[str] | None, typer.Argument(
-        metavar="JTI|JWT...", help="Tokens to revoke, by jti or as the JWT itself.")] = None,
+        metavar="JTI|JWT...", help="Tokens to revoke, by jti or as the JWT itself.",
+        autocompletion=complete.active_tokens)] = None,
     tenant: Annotated[str | None, typer.Option(
-        "--tenant", "-t", help="Revoke every active token of this tenant.")] = None,
+        "--tenant", "-t", help="Revoke every active token of this tenant.",
+        autocompletion=complete.tenants)] = None,
     agent: Annotated[str | None, typer.Option(
-        "--agent", help="Revoke every active token of this agent.")] = None,
+        "--agent", help="Revoke every active token of this agent.",
+        autocompletion=complete.agents)] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Kept in the audit trail.")
                       ] = None,
     dry_run: Annotated[bool, typer.Option(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say, with_usd
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.clock import utcnow
@@ -30,17 +31,20 @@ def issue(
     ttl: Annotated[str | None, typer.Option(
         "--ttl", help="Lifetime: 90s, 15m, 24h, 2d (capped by ttl_cap, default 24h).")] = None,
     tenant: Annotated[str | None, typer.Option(
-        "--tenant", "-t", help="Tenant to allot from.", show_default=DEFAULT_TENANT)] = None,
-    agent: Annotated[str, typer.Option("--agent", help="The agent's id (the `sub`).")] = "agent",
+        "--tenant", "-t", help="Tenant to allot from.", show_default=DEFAULT_TENANT,
+        autocompletion=complete.tenants)] = None,
+    agent: Annotated[str, typer.Option("--agent", help="The agent's id (the `sub`).",
+                                       autocompletion=complete.agents)] = "agent",
     scope: Annotated[list[str] | None, typer.Option(
         "--scope", help="Tool pattern the token may call (search, db.*, *); repeat for more. "
-                        "Default: * (a child: its parent's scope).")] = None,
+                        "Default: * (a child: its parent's scope).",
+        autocompletion=complete.tools)] = None,
     aud: Annotated[str | None, typer.Option(
         "--aud", help="Audience: the server(s) that accept it.", show_default="config audience"
     )] = None,
     parent: Annotated[str | None, typer.Option(
-        "--parent", help="Parent jti: fund a sub-agent's child token from the parent's credit."
-    )] = None,
+        "--parent", help="Parent jti: fund a sub-agent's child token from the parent's credit.",
+        autocompletion=complete.active_tokens)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mint a credit token; prints only the JWT, so TOKEN=$(mcpbill token issue ...) works.
@@ -86,8 +90,10 @@ def issue(
 @handles_errors
 def list_tokens(
     ctx: typer.Context,
-    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.")] = None,
-    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.")] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant.",
+                                               autocompletion=complete.tenants)] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.",
+                                              autocompletion=complete.agents)] = None,
     status: Annotated[str | None, typer.Option(
         "--status", help="active, revoked or expired.")] = None,
     as_json: JsonOption = False,
@@ -117,7 +123,8 @@ def list_tokens(
 @app.command("show")
 @handles_errors
 def show(ctx: typer.Context,
-         jti: Annotated[str, typer.Argument(help="The token's jti (tok_...).")],
+         jti: Annotated[str, typer.Argument(help="The token's jti (tok_...).",
+                                            autocompletion=complete.tokens)],
          as_json: JsonOption = False) -> None:
     """Show one token: limit, spent, held, remaining, status and children."""
     from mcpbill_cli.ledger.credit import show as show_token

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, new_table, out, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.money import format_usd
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 ChainOption = Annotated[str | None, typer.Option(
     "--chain", help="base, base-sepolia, ethereum, sepolia, a \\[chains.NAME] from "
                     "config.toml, or a CAIP-2 id.",
-    show_default="MCPBILL_CHAIN, else [wallet] chain in config.toml, else base")]
+    show_default="MCPBILL_CHAIN, else [wallet] chain in config.toml, else base",
+    autocompletion=complete.chains)]
 RpcUrlOption = Annotated[str | None, typer.Option(
     "--rpc-url", envvar=ENV_RPC_URL, show_default="rpc_url of the chain in config.toml",
     help="JSON-RPC endpoint of the chain.")]
@@ -82,7 +84,9 @@ def create(
 @handles_errors
 def link(
     ctx: typer.Context,
-    tenant: Annotated[str, typer.Option("--tenant", "-t", help="The tenant the sender pays for.")],
+    tenant: Annotated[str, typer.Option(
+        "--tenant", "-t", help="The tenant the sender pays for.",
+        autocompletion=complete.tenants)],
     sender: Annotated[str, typer.Option("--address", help="The sending address (0x...).")],
     replace: Annotated[bool, typer.Option(
         "--replace", help="Move an address linked to another tenant.")] = False,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import (
     JsonOption,
     emit,
@@ -50,11 +51,11 @@ def fetch(
         "--max", metavar="AMOUNT", help="The most one payment may cost, in USDC.")] = DEFAULT_MAX,
     chains: Annotated[list[str] | None, typer.Option(
         "--chain", help="Allow this chain's USDC (repeatable): a name from the chain registry "
-                        "or a CAIP-2 id.", show_default="[wallet] chain in config.toml, else base")
-    ] = None,
+                        "or a CAIP-2 id.", show_default="[wallet] chain in config.toml, else base",
+        autocompletion=complete.chains)] = None,
     tool: Annotated[str, typer.Option(
-        "--tool", help="The tool the payment is billed under (the token's scope must cover it)."
-    )] = DEFAULT_TOOL,
+        "--tool", help="The tool the payment is billed under (the token's scope must cover it).",
+        autocompletion=complete.tools)] = DEFAULT_TOOL,
     request_id: Annotated[str | None, typer.Option(
         "--request-id", help="Pay this request at most once across runs (the idempotency key "
                              "derives from it).", show_default="a new payment every run")] = None,

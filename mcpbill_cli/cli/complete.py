@@ -1,0 +1,177 @@
+"""Values for shell completion: tenants, token ids, agents, tool names and chains.
+
+Each TAB runs ``mcpbill`` with ``_MCPBILL_COMPLETE`` set, and a provider here answers for the
+option or argument being completed. A TAB must be quick and quiet, so a provider only reads what
+already exists: the ledger opened read-only, ``pricing.toml`` and ``config.toml`` parsed without
+validation. It creates no home and no ledger, and when any of them is missing, unreachable or
+broken it offers nothing rather than an error. Nothing secret is offered: no token, no key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mcpbill_cli.config import Settings, load_settings
+from mcpbill_cli.errors import BillingError
+
+COMPLETE_VAR = "_MCPBILL_COMPLETE"
+# Seconds to wait for a PostgreSQL ledger before offering nothing.
+CONNECT_TIMEOUT = 2
+# What a provider may meet in a missing or broken home; each means "no suggestions".
+_QUIET = (BillingError, OSError, ValueError, ImportError)
+Candidates = list[tuple[str, str]]
+
+# Plain SQL, the same on SQLite and PostgreSQL; each offers at most 200 values, matching :prefix.
+_TENANTS = ("SELECT substr(id, 8), credits_posted - debits_posted - debits_pending FROM accounts "
+            "WHERE kind = 'tenant' AND substr(id, 8, length(:prefix)) = :prefix ORDER BY id "
+            "LIMIT 200")
+_TOKENS = ("SELECT jti, tenant, agent FROM tokens WHERE substr(jti, 1, length(:prefix)) = :prefix "
+           "ORDER BY issued_at DESC, jti LIMIT 200")
+_ACTIVE_TOKENS = ("SELECT jti, tenant, agent FROM tokens WHERE revoked_at IS NULL "
+                  "AND substr(jti, 1, length(:prefix)) = :prefix "
+                  "ORDER BY issued_at DESC, jti LIMIT 200")
+_AGENTS = ("SELECT DISTINCT agent FROM tokens WHERE substr(agent, 1, length(:prefix)) = :prefix "
+           "ORDER BY agent LIMIT 200")
+
+
+def completing() -> bool:
+    """Whether this run answers a TAB rather than runs a command."""
+    return bool(os.environ.get(COMPLETE_VAR))
+
+
+def register_shells() -> None:
+    """Make ``_MCPBILL_COMPLETE=complete_bash|complete_zsh|complete_fish`` answer.
+
+    Typer registers its shells only for apps built with ``add_completion``, which would also add
+    ``--install-completion`` (it edits the user's rc files); ``mcpbill completion`` replaces it.
+    """
+    from typer._completion_classes import completion_init
+
+    completion_init()
+
+
+def tenants(ctx: typer.Context, incomplete: str) -> Candidates:
+    """Tenants with a wallet in the ledger, with what they have available."""
+    from mcpbill_cli.money import format_usd
+
+    rows = _ledger_rows(ctx, _TENANTS, incomplete)
+    return [(str(name), f"{format_usd(int(available))} USDC") for name, available in rows]
+
+
+def tokens(ctx: typer.Context, incomplete: str) -> Candidates:
+    """Every token's jti, newest first, with its tenant and agent."""
+    return _tokens(ctx, incomplete, only_active=False)
+
+
+def active_tokens(ctx: typer.Context, incomplete: str) -> Candidates:
+    """The jti of tokens not revoked: what ``revoke`` and ``--parent`` can use."""
+    return _tokens(ctx, incomplete, only_active=True)
+
+
+def agents(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Agents (token subjects) the ledger has issued tokens to."""
+    return [str(agent) for (agent,) in _ledger_rows(ctx, _AGENTS, incomplete)]
+
+
+def tools(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Tool names priced in pricing.toml, for everyone or for a tenant."""
+    try:
+        document = _toml(_settings(ctx).pricing_path)
+        names = set(_table(document, "tools"))
+        for terms in _table(document, "tenants").values():
+            names.update(_table(terms, "tools"))
+    except _QUIET:
+        return []
+    return sorted(name for name in names if name.startswith(incomplete))
+
+
+def chains(ctx: typer.Context, incomplete: str) -> Candidates:
+    """The built-in chains and the ``[chains.NAME]`` of config.toml, with their CAIP-2 id."""
+    from mcpbill_cli.wallet.chains import BUILTIN_CHAINS, configured_chains
+
+    try:
+        known = configured_chains(_settings(ctx).file)
+    except _QUIET:
+        known = BUILTIN_CHAINS
+    return [(name, chain.caip2) for name, chain in sorted(known.items())
+            if name.startswith(incomplete)]
+
+
+def _tokens(ctx: typer.Context, incomplete: str, *, only_active: bool) -> Candidates:
+    sql = _ACTIVE_TOKENS if only_active else _TOKENS
+    return [(str(jti), f"{tenant}/{agent}") for jti, tenant, agent
+            in _ledger_rows(ctx, sql, incomplete)]
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    """The settings as this command line gives them: ``--home`` and ``--db-url`` are parsed
+    during completion, but the root callback that would build the CLI state does not run."""
+    root = ctx.find_root().params
+    return load_settings(home=root.get("home"), db_url=root.get("db_url"))
+
+
+def _ledger_rows(ctx: typer.Context, sql: str, prefix: str) -> list[tuple[Any, ...]]:
+    """The rows of a read-only query, or none when there is no ledger to read."""
+    try:
+        url = _settings(ctx).db_url
+        if url.startswith("sqlite"):
+            return _sqlite_rows(url, sql, prefix)
+        return _server_rows(url, sql, prefix)
+    except _QUIET:
+        return []
+
+
+def _sqlite_rows(url: str, sql: str, prefix: str) -> list[tuple[Any, ...]]:
+    """Read a SQLite ledger through the driver, read-only: a missing file stays missing."""
+    import sqlite3
+
+    database = url.partition(":///")[2].partition("?")[0]
+    if not database or database == ":memory:":
+        return []
+    uri = f"{Path(database).expanduser().resolve().as_uri()}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, timeout=1)
+    except sqlite3.Error:
+        return []
+    try:
+        return connection.execute(sql, {"prefix": prefix}).fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        connection.close()
+
+
+def _server_rows(url: str, sql: str, prefix: str) -> list[tuple[Any, ...]]:
+    """Read a PostgreSQL ledger on one short-lived connection, waiting briefly for it."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        parsed = make_url(url)
+        if parsed.drivername == "postgresql":  # a bare postgresql:// means psycopg 3 here
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        engine = create_engine(parsed, poolclass=NullPool,
+                               connect_args={"connect_timeout": CONNECT_TIMEOUT})
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), {"prefix": prefix})]
+    except SQLAlchemyError:
+        return []
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def _table(document: Any, key: str) -> dict[str, Any]:
+    """``document[key]`` when it is a table, else an empty one: files are not validated here."""
+    value = document.get(key) if isinstance(document, dict) else None
+    return value if isinstance(value, dict) else {}

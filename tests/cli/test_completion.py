@@ -1,0 +1,195 @@
+"""Shell completion as each shell runs it: bash, zsh and fish load `mcpbill completion SHELL` and
+complete a command line against a real home and ledger, through ``mcpbill`` on PATH."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Invoke, ok_json
+
+BIN = Path(sys.executable).parent
+TIMEOUT = 30
+
+Complete = Callable[[str], list[str]]
+
+
+def _shell(name: str) -> str:
+    """The shell's path; without it the test is skipped, but not in CI, which installs it."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed: .ci/run installs it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """This test's MCPBILL_* settings, this venv's mcpbill first on PATH, and a throwaway HOME."""
+    assert (BIN / "mcpbill").exists(), BIN
+    shell_home = tmp_path / "shell-home"
+    shell_home.mkdir(exist_ok=True)
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "HOME": str(shell_home), "XDG_CONFIG_HOME": str(shell_home / ".config"),
+            "XDG_DATA_HOME": str(shell_home / ".local" / "share")}
+
+
+# bash: what readline does on TAB, by hand: find the function `complete` registered for mcpbill,
+# set COMP_WORDS/COMP_CWORD/COMP_LINE/COMP_POINT and call it; COMPREPLY holds the completions.
+BASH = r"""
+eval "$(mcpbill completion bash)" || exit 9
+spec=$(complete -p mcpbill) || exit 8
+function=${spec##*-F }; function=${function%% *}
+COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 ))
+COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
+"$function" mcpbill "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"""
+
+
+def bash_complete(line: str, env: dict[str, str]) -> list[str]:
+    proc = subprocess.run([_shell("bash"), "--norc", "--noprofile", "-c", BASH, "bash",
+                           *line.split(" ")], capture_output=True, text=True, env=env,
+                          timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+    return [word for word in proc.stdout.splitlines() if word]
+
+
+# fish: its own `complete --do-complete`, which prints "value<TAB>description" per completion.
+FISH = "mcpbill completion fish | source; or exit 9; complete --do-complete -- $argv[1]"
+
+
+def fish_complete(line: str, env: dict[str, str]) -> list[str]:
+    proc = subprocess.run([_shell("fish"), "--no-config", "-c", FISH, line], capture_output=True,
+                          text=True, env=env, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+    return [entry.split("\t")[0] for entry in proc.stdout.splitlines() if entry]
+
+
+# zsh: an interactive `zsh -f` on a pseudo-terminal with compinit, the script sourced, and TAB
+# typed after the line. compadd is wrapped to append the matches it adds to a file, and a
+# post-completion hook marks the end.
+ZSH_SETUP = r"""
+PROMPT=''
+autoload -Uz compinit && compinit -u -D
+source <(mcpbill completion zsh)
+compadd() {
+  if [[ ${@[1,(i)(-|--)]} == *-(O|A|D)\ * ]]; then builtin compadd "$@"; return; fi
+  local -a hits
+  builtin compadd -A hits "$@"
+  (( $#hits )) && print -rl -- $hits >> "$CAPTURE"
+  builtin compadd "$@"
+}
+mark_done() { print -r -- '::done::' >> "$CAPTURE" }
+comppostfuncs=(mark_done)
+bindkey '^I' complete-word
+"""
+
+
+def zsh_complete(line: str, env: dict[str, str], capture: Path) -> list[str]:
+    capture.write_text("")
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen([_shell("zsh"), "-f", "-i"], stdin=secondary, stdout=secondary,
+                            stderr=secondary, env={**env, "CAPTURE": str(capture)},
+                            start_new_session=True)
+    os.close(secondary)
+    try:
+        os.write(primary, ZSH_SETUP.lstrip().encode() + line.encode() + b"\t")
+        deadline = time.monotonic() + TIMEOUT
+        while "::done::" not in capture.read_text():
+            assert time.monotonic() < deadline, "zsh did not complete"
+            if select.select([primary], [], [], 0.05)[0]:
+                os.read(primary, 65536)  # keep the terminal drained so zsh never blocks
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(primary)
+    return [word for word in capture.read_text().splitlines() if word and word != "::done::"]
+
+
+@pytest.fixture(params=["bash", "zsh", "fish"])
+def complete(request: pytest.FixtureRequest, tmp_path: Path) -> Complete:
+    """``complete("mcpbill tok")``: what the shell offers on TAB after that line."""
+    shell = request.param
+    env = _env(tmp_path)
+    if shell == "zsh":
+        return lambda line: zsh_complete(line, env, tmp_path / "zsh-capture")
+    runner = bash_complete if shell == "bash" else fish_complete
+    return lambda line: runner(line, env)
+
+
+def _issue(cli: Invoke, *args: str) -> dict[str, str]:
+    return dict(ok_json(cli("token", "issue", "--limit", "1", *args, "--json")))
+
+
+# Each shell on SQLite; the lookups themselves run on both ledgers in the next test.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_commands_options_and_ledger_values_complete(ledger_cli: Invoke,
+                                                     complete: Complete) -> None:
+    assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "10").exit_code == 0
+    kept = _issue(ledger_cli, "--tenant", "acme", "--agent", "crawler")
+    revoked = _issue(ledger_cli, "--tenant", "acme", "--agent", "crawler")
+    assert ledger_cli("revoke", revoked["jti"]).exit_code == 0
+
+    assert complete("mcpbill tok") == ["token"]
+    assert complete("mcpbill token issue --sc") == ["--scope"]
+    assert complete("mcpbill revoke ") == [kept["jti"]]
+    assert complete("mcpbill token issue --parent tok_") == [kept["jti"]]
+    assert sorted(complete("mcpbill token show ")) == sorted([kept["jti"], revoked["jti"]])
+    assert complete("mcpbill wallet fund --tenant ") == ["acme"]
+    assert complete("mcpbill reconcile -t a") == ["acme"]
+    assert complete("mcpbill token list --agent ") == ["crawler"]
+    # the sample pricing.toml `init` wrote: search, status, summarize (and acme's own search)
+    assert sorted(complete("mcpbill pricing set s")) == ["search", "status", "summarize"]
+    assert sorted(complete("mcpbill wallet sync --chain base")) == ["base", "base-sepolia"]
+
+
+def test_jti_lookup_works_on_both_ledgers(ledger_cli: Invoke, tmp_path: Path) -> None:
+    assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "3").exit_code == 0
+    issued = _issue(ledger_cli, "--tenant", "acme")
+    env = _env(tmp_path)
+    assert bash_complete(f"mcpbill revoke {issued['jti'][:8]}", env) == [issued["jti"]]
+    assert bash_complete("mcpbill token issue -t ac", env) == ["acme"]
+    assert bash_complete("mcpbill revoke tok_nothing", env) == []
+
+
+def test_completion_never_prints_a_token(ledger_cli: Invoke, tmp_path: Path) -> None:
+    assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "3").exit_code == 0
+    issued = _issue(ledger_cli, "--tenant", "acme")
+    env = {**_env(tmp_path), "_MCPBILL_COMPLETE": "complete_fish",
+           "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+           "_TYPER_COMPLETE_ARGS": "mcpbill revoke "}
+    proc = subprocess.run([BIN / "mcpbill"], capture_output=True, text=True, env=env,
+                          timeout=TIMEOUT, check=False)
+    assert proc.stdout.splitlines() == [f"{issued['jti']}\tacme/agent"]
+    assert issued["token"] not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("setting", ["missing home", "unreachable ledger", "corrupt ledger",
+                                     "corrupt config"])
+def test_no_ledger_means_no_values_and_nothing_created(setting: str, tmp_path: Path,
+                                                       isolated_home: Path) -> None:
+    env = _env(tmp_path)
+    if setting == "unreachable ledger":
+        env["MCPBILL_DB_URL"] = "postgresql+psycopg://nobody@127.0.0.1:1/ledger"
+    elif setting == "corrupt ledger":
+        isolated_home.mkdir()
+        (isolated_home / "ledger.db").write_bytes(b"not a database" * 100)
+    elif setting == "corrupt config":
+        isolated_home.mkdir()
+        (isolated_home / "config.toml").write_bytes(b"\x00\xff[[ not toml")
+    before = sorted(tmp_path.rglob("*"))
+    for line in ("mcpbill revoke ", "mcpbill wallet fund --tenant ", "mcpbill pricing set ",
+                 "mcpbill token list --agent "):
+        assert bash_complete(line, env) == [], line
+    # chains need no home: the built-in ones are offered even beside a broken config.toml
+    assert bash_complete("mcpbill wallet balance --chain sep", env) == ["sepolia"]
+    assert sorted(tmp_path.rglob("*")) == before
