@@ -65,6 +65,28 @@ def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitR
     return InitResult(settings.home, redact_url(settings.db_url), kid, schema, created, kept)
 
 
+def already_initialized(settings: Settings) -> InitResult:
+    """An initialized home as it is (`init --exist-ok`): nothing is created or migrated."""
+    kid = KeyRing.load(settings.keys_dir).active().kid
+    kept = [str(p) for p in (settings.config_path, settings.keys_dir, settings.pricing_path)
+            if p.exists()]
+    return InitResult(settings.home, redact_url(settings.db_url), kid,
+                      _current_schema(settings) or "", kept=kept)
+
+
+def _current_schema(settings: Settings) -> str | None:
+    from mcpbill_cli.ledger.engine import current_revision, make_engine, sqlite_file
+
+    path = sqlite_file(settings.db_url)
+    if path is not None and not path.exists():
+        return None
+    engine = make_engine(settings.db_url, pool_size=1)
+    try:
+        return current_revision(engine)
+    finally:
+        engine.dispose()
+
+
 def _migrate(settings: Settings) -> str:
     from mcpbill_cli.ledger.engine import make_engine
     from mcpbill_cli.ledger.schema import upgrade

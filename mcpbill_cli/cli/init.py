@@ -23,16 +23,28 @@ def init(
         "--alg", help="Signing algorithm: EdDSA (default), ES256 or HS256.")] = "EdDSA",
     mode: Annotated[str, typer.Option(
         "--mode", help="demo (no chain; `wallet fund --demo` works) or live.")] = "demo",
+    exist_ok: Annotated[bool, typer.Option(
+        "--exist-ok", help="An initialized home is fine: exit 0 and change nothing.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Create the mcpbill home: config.toml, keys/, a migrated ledger and a sample pricing.toml.
 
-    Running it again on an initialized home changes nothing and exits 7 (ALREADY_EXISTS);
-    --force replaces the signing keys only.
+    Running it again on an initialized home changes nothing and exits 7 (ALREADY_EXISTS), or
+    0 with --exist-ok (for scripts that set up a home once); --force replaces the signing keys
+    only.
     """
-    from mcpbill_cli.setup import initialize
+    from mcpbill_cli.errors import InvalidInput
+    from mcpbill_cli.keys import KeyRing
+    from mcpbill_cli.setup import already_initialized, initialize
 
-    result = initialize(state(ctx).settings, alg=alg, mode=mode, force=force)
+    if force and exist_ok:
+        raise InvalidInput("give --force (replace the keys) or --exist-ok (change nothing), "
+                           "not both")
+    settings = state(ctx).settings
+    if exist_ok and KeyRing.exists(settings.keys_dir):
+        result = already_initialized(settings)
+    else:
+        result = initialize(settings, alg=alg, mode=mode, force=force)
     emit(result, as_json=as_json, human=lambda: _render(result))
 
 

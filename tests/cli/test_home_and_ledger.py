@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mcpbill_cli.config import redact_url
-from tests.cli.conftest import Invoke, error_json, ok_json
+from mcpbill_cli.ledger.models import SCHEMA_REVISION
+from tests.cli.conftest import Invoke, error_json, ok_json, tree_snapshot
 
 READ_ONLY = [
     ("token", "list"), ("token", "show", "tok_x"), ("wallet", "balance"), ("keys", "list"),
@@ -67,3 +68,26 @@ def test_db_upgrade_still_creates_a_ledger(cli: Invoke, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'new' / 'ledger.db'}"
     assert ok_json(cli("--db-url", url, "db", "upgrade", "--json"))["changed"] is True
     assert (tmp_path / "new" / "ledger.db").exists()
+
+
+def test_init_exist_ok_creates_a_missing_home(cli: Invoke, isolated_home: Path) -> None:
+    data = ok_json(cli("init", "--exist-ok", "--json"))
+    assert data["created"] and (isolated_home / "keys" / "keyring.json").exists()
+
+
+def test_init_exist_ok_on_an_initialized_home_changes_nothing(
+        ledger_cli: Invoke, isolated_home: Path) -> None:
+    before = tree_snapshot(isolated_home)
+    kid = ok_json(ledger_cli("keys", "list", "--json"))[0]["kid"]
+    data = ok_json(ledger_cli("init", "--exist-ok", "--json"))
+    assert (data["created"], data["kid"], data["schema"]) == ([], kid, SCHEMA_REVISION)
+    assert tree_snapshot(isolated_home) == before
+    assert ledger_cli("init", "--json").exit_code == 7
+
+
+def test_init_refuses_force_with_exist_ok(ledger_cli: Invoke, isolated_home: Path) -> None:
+    before = tree_snapshot(isolated_home)
+    result = ledger_cli("init", "--force", "--exist-ok", "--json")
+    assert result.exit_code == 3
+    error_json(result, "INVALID_INPUT")
+    assert tree_snapshot(isolated_home) == before
