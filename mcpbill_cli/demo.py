@@ -2,9 +2,11 @@
 
 init -> fund $10 -> issue a $0.05 token -> start ``examples/paid_server.py`` as an MCP server
 over stdio, with the token in its ``AGENT_CREDIT_JWT`` as an agent host would pass it -> call
-its tools with the MCP client until the budget runs out -> the structured BUDGET_EXCEEDED an
-agent reads, and follows: it keeps to the fallback tools that still fit, until none does ->
-reconcile (totals, the ledger's invariants, the audit chain, every receipt's signature).
+its tools with the MCP client until the budget runs out, checking each receipt's signature
+against the home's keys as an agent checks it against the server's JWKS -> the structured
+BUDGET_EXCEEDED an agent reads, and follows: it keeps to the fallback tools that still fit,
+until none does -> reconcile (totals, the ledger's invariants, the audit chain, every
+receipt's signature).
 The core yields steps; the CLI decides how they look.
 """
 
@@ -35,6 +37,10 @@ if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
     from mcp.client import Client
     from mcp_types import CallToolResult
+
+    from mcpbill_cli.keys import VerificationKey
+
+    Keys = dict[str, VerificationKey]
 
 DEMO_FUNDS = 10_000_000
 DEMO_LIMIT = 50_000
@@ -100,6 +106,9 @@ def _fund_and_issue(settings: Settings) -> tuple[str, str]:
 
 def _agent_session(settings: Settings, token: str) -> Iterator[DemoStep]:
     """Run the example server over stdio and call it, as an agent would, until refused."""
+    from mcpbill_cli.keys import KeyRing
+
+    keys = KeyRing.load(settings.keys_dir).verification_keys()
     try:
         from anyio.from_thread import start_blocking_portal
         from mcp.client import Client
@@ -113,7 +122,7 @@ def _agent_session(settings: Settings, token: str) -> Iterator[DemoStep]:
             portal.wrap_async_context_manager(Client(
                 stdio_client(parameters, errlog=log), read_timeout_seconds=CALL_TIMEOUT)) as client:
         try:
-            yield from _calls(portal, client)
+            yield from _calls(portal, client, keys)
         except GeneratorExit:
             return  # the caller stopped early: leave the block normally so the session closes
 
@@ -134,7 +143,7 @@ def _example_server() -> Path:
                    "`mcpbill demo` runs it from a source checkout of mcpbill")
 
 
-def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
+def _calls(portal: BlockingPortal, client: Client, keys: Keys) -> Iterator[DemoStep]:
     from mcpbill_cli.mcp.wire import PRICE_META
 
     listed = portal.call(client.list_tools)
@@ -142,11 +151,12 @@ def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
     yield DemoStep("setup", "started paid_server.py over stdio; its tools: "
                    + ", ".join(f"{name} {price['amountUsd'] if price else '?'}"
                                for name, price in prices.items()), {"tools": prices})
-    yield from _replayed_retry(portal, client)
+    yield from _replayed_retry(portal, client, keys)
     plan = DEMO_CALLS
     for number in range(2, MAX_ROUNDS + 2):
         for tool, args in plan:
-            step = _step(tool, portal.call(client.call_tool, tool, _in_round(args, number)))
+            step = _step(tool, portal.call(client.call_tool, tool, _in_round(args, number)),
+                         keys)
             yield step
             if step.kind == "refusal":
                 plan = _fallback_plan(plan, step.data)
@@ -157,14 +167,15 @@ def _calls(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
                 break
 
 
-def _replayed_retry(portal: BlockingPortal, client: Client) -> Iterator[DemoStep]:
+def _replayed_retry(portal: BlockingPortal, client: Client, keys: Keys
+                    ) -> Iterator[DemoStep]:
     """Round one's first search, then the same call again, as an agent that lost the reply
     would send it: replayed, with the same receipt, billed once."""
     tool, args = DEMO_CALLS[0]
-    first = _step(tool, portal.call(client.call_tool, tool, _in_round(args, 1)))
+    first = _step(tool, portal.call(client.call_tool, tool, _in_round(args, 1)), keys)
     yield first
     again = portal.call(client.call_tool, tool, _in_round(args, 1))
-    step = _step(tool, again)
+    step = _step(tool, again, keys)
     if step.kind == "receipt" and (again.meta or {}).get("mcpbill/replayed"):
         step = DemoStep("replay", f"{tool} re-sent: the first result and receipt again, "
                                   "not billed twice", step.data)
@@ -184,19 +195,24 @@ def _fallback_plan(plan: list[tuple[str, dict[str, Any]]],
     return [(tool, args) for tool, args in plan if tool in fits]
 
 
-def _step(tool: str, result: CallToolResult) -> DemoStep:
-    """What the agent got back: a receipt, a free result, or a refusal read from the text."""
+def _step(tool: str, result: CallToolResult, keys: Keys) -> DemoStep:
+    """What the agent got back: a receipt, a free result, or a refusal read from the text.
+
+    A receipt's fields are read from its JWS once the signature verifies (INVALID_RECEIPT
+    otherwise), not from the unsigned copy beside it in ``_meta``."""
     from mcpbill_cli.mcp.wire import RECEIPT_META
+    from mcpbill_cli.receipts import verify_receipt
 
     if result.is_error:
         text = getattr(result.content[0], "text", "") if result.content else ""
         error = _json_object(text) or {"code": "TOOL_ERROR", "message": text}
         return DemoStep("refusal", str(error.get("message", text)), error)
-    receipt = (result.meta or {}).get(RECEIPT_META)
-    if receipt is None:
+    sent = (result.meta or {}).get(RECEIPT_META)
+    if sent is None:
         return DemoStep("free", f"{tool}: free, nothing charged", {"tool": tool})
+    receipt = verify_receipt(sent["jws"], keys).to_dict()
     return DemoStep("receipt", f"{tool}: charged {receipt['amountUsd']}, "
-                    f"{receipt['remainingUsd']} left", dict(receipt))
+                    f"{receipt['remainingUsd']} left; signature verified", receipt)
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
