@@ -1,4 +1,5 @@
-"""Values for shell completion: tenants, token ids, agents, tool names and chains.
+"""Shell completion: Typer's bash, zsh and fish, and the values they offer (tenants, token ids,
+agents, tool names and chains).
 
 Each TAB runs ``mcpbill`` with ``_MCPBILL_COMPLETE`` set, and a provider here answers for the
 option or argument being completed. A TAB must be quick and quiet, so a provider only reads what
@@ -10,10 +11,13 @@ broken it offers nothing rather than an error. Nothing secret is offered: no tok
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+from typer._click.shell_completion import CompletionItem, add_completion_class
+from typer._completion_classes import BashComplete, FishComplete, ZshComplete
 
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import BillingError
@@ -49,9 +53,40 @@ def register_shells() -> None:
     Typer registers its shells only for apps built with ``add_completion``, which would also add
     ``--install-completion`` (it edits the user's rc files); ``mcpbill completion`` replaces it.
     """
-    from typer._completion_classes import completion_init
+    for shell in (Bash, Zsh, Fish):
+        add_completion_class(shell, shell.name)
 
-    completion_init()
+
+class Bash(BashComplete):
+    def get_completion_args(self) -> tuple[list[str], str]:
+        """Bash splits ``--tenant=ac`` into ``--tenant``, ``=``, ``ac``: drop the ``=``."""
+        args, incomplete = super().get_completion_args()
+        if incomplete == "=":
+            incomplete = ""
+        if len(args) > 1 and args[-1] == "=" and args[-2].startswith("-"):
+            args = args[:-1]
+        return args, incomplete
+
+
+class Zsh(ZshComplete):
+    def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
+        return _joined(super().get_completions, args, incomplete)
+
+
+class Fish(FishComplete):
+    def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
+        return _joined(super().get_completions, args, incomplete)
+
+
+def _joined(get_completions: Callable[[list[str], str], list[CompletionItem]], args: list[str],
+            incomplete: str) -> list[CompletionItem]:
+    """Zsh and fish match what they are offered against the whole word: for ``--tenant=ac``
+    they need ``--tenant=acme``, where Typer offers ``acme``."""
+    option, equals, value = incomplete.partition("=")
+    if not (equals and option.startswith("--")):
+        return get_completions(args, incomplete)
+    return [CompletionItem(f"{option}={item.value}", help=item.help)
+            for item in get_completions([*args, option], value)]
 
 
 def tenants(ctx: typer.Context, incomplete: str) -> Candidates:

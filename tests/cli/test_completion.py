@@ -42,40 +42,47 @@ def _env(tmp_path: Path) -> dict[str, str]:
             "XDG_DATA_HOME": str(shell_home / ".local" / "share")}
 
 
-# bash: what readline does on TAB, by hand: find the function `complete` registered for mcpbill,
-# set COMP_WORDS/COMP_CWORD/COMP_LINE/COMP_POINT and call it; COMPREPLY holds the completions.
-BASH = r"""
-eval "$(mcpbill completion bash)" || exit 9
-spec=$(complete -p mcpbill) || exit 8
-function=${spec##*-F }; function=${function%% *}
-COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 ))
-COMP_LINE="$*"; COMP_POINT=${#COMP_LINE}
-"$function" mcpbill "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
-printf '%s\n' "${COMPREPLY[@]}"
+def _on_terminal(argv: list[str], setup: str, line: str, env: dict[str, str],
+                 capture: Path) -> list[str]:
+    """Start an interactive shell on a pseudo-terminal, run ``setup``, type ``line`` and TAB;
+    ``setup`` wraps the shell's completion so that what it offers is appended to ``capture``,
+    then ``::done::``."""
+    capture.write_text("")
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary,
+                            env={**env, "CAPTURE": str(capture)}, start_new_session=True)
+    os.close(secondary)
+    try:
+        os.write(primary, setup.lstrip().encode() + line.encode() + b"\t")
+        deadline = time.monotonic() + TIMEOUT
+        while "::done::" not in capture.read_text():
+            assert time.monotonic() < deadline, f"{argv[0]} did not complete {line!r}"
+            if select.select([primary], [], [], 0.05)[0]:
+                os.read(primary, 65536)  # keep the terminal drained so the shell never blocks
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(primary)
+    return [word for word in capture.read_text().splitlines() if word and word != "::done::"]
+
+
+# bash: readline splits the line into COMP_WORDS and calls the function registered for mcpbill;
+# a wrapper around it records COMPREPLY.
+BASH_SETUP = r"""
+PS1=''
+eval "$(mcpbill completion bash)"
+spec=$(complete -p mcpbill); registered=${spec##*-F }; registered=${registered%% *}
+record() { "$registered" "$@"; printf '%s\n' "${COMPREPLY[@]}" ::done:: >> "$CAPTURE"; }
+complete -o default -F record mcpbill
 """
 
 
-def bash_complete(line: str, env: dict[str, str]) -> list[str]:
-    proc = subprocess.run([_shell("bash"), "--norc", "--noprofile", "-c", BASH, "bash",
-                           *line.split(" ")], capture_output=True, text=True, env=env,
-                          timeout=TIMEOUT, check=False)
-    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
-    return [word for word in proc.stdout.splitlines() if word]
+def bash_complete(line: str, env: dict[str, str], capture: Path) -> list[str]:
+    argv = [_shell("bash"), "--norc", "--noprofile", "-i"]
+    return _on_terminal(argv, BASH_SETUP, line, env, capture)
 
 
-# fish: its own `complete --do-complete`, which prints "value<TAB>description" per completion.
-FISH = "mcpbill completion fish | source; or exit 9; complete --do-complete -- $argv[1]"
-
-
-def fish_complete(line: str, env: dict[str, str]) -> list[str]:
-    proc = subprocess.run([_shell("fish"), "--no-config", "-c", FISH, line], capture_output=True,
-                          text=True, env=env, timeout=TIMEOUT, check=False)
-    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
-    return [entry.split("\t")[0] for entry in proc.stdout.splitlines() if entry]
-
-
-# zsh: an interactive `zsh -f` on a pseudo-terminal with compinit, the script sourced, and TAB
-# typed after the line. compadd is wrapped to append the matches it adds to a file, and a
+# zsh: compinit and the script, and compadd wrapped to record the matches it adds; a
 # post-completion hook marks the end.
 ZSH_SETUP = r"""
 PROMPT=''
@@ -95,35 +102,28 @@ bindkey '^I' complete-word
 
 
 def zsh_complete(line: str, env: dict[str, str], capture: Path) -> list[str]:
-    capture.write_text("")
-    primary, secondary = os.openpty()
-    proc = subprocess.Popen([_shell("zsh"), "-f", "-i"], stdin=secondary, stdout=secondary,
-                            stderr=secondary, env={**env, "CAPTURE": str(capture)},
-                            start_new_session=True)
-    os.close(secondary)
-    try:
-        os.write(primary, ZSH_SETUP.lstrip().encode() + line.encode() + b"\t")
-        deadline = time.monotonic() + TIMEOUT
-        while "::done::" not in capture.read_text():
-            assert time.monotonic() < deadline, "zsh did not complete"
-            if select.select([primary], [], [], 0.05)[0]:
-                os.read(primary, 65536)  # keep the terminal drained so zsh never blocks
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(primary)
-    return [word for word in capture.read_text().splitlines() if word and word != "::done::"]
+    return _on_terminal([_shell("zsh"), "-f", "-i"], ZSH_SETUP, line, env, capture)
 
 
-@pytest.fixture(params=["bash", "zsh", "fish"])
+# fish: its own `complete --do-complete`, which prints "value<TAB>description" per completion.
+FISH = "mcpbill completion fish | source; or exit 9; complete --do-complete -- $argv[1]"
+
+
+def fish_complete(line: str, env: dict[str, str], capture: Path) -> list[str]:
+    proc = subprocess.run([_shell("fish"), "--no-config", "-c", FISH, line], capture_output=True,
+                          text=True, env=env, timeout=TIMEOUT, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+    return [entry.split("\t")[0] for entry in proc.stdout.splitlines() if entry]
+
+
+SHELLS = {"bash": bash_complete, "zsh": zsh_complete, "fish": fish_complete}
+
+
+@pytest.fixture(params=list(SHELLS))
 def complete(request: pytest.FixtureRequest, tmp_path: Path) -> Complete:
     """``complete("mcpbill tok")``: what the shell offers on TAB after that line."""
-    shell = request.param
-    env = _env(tmp_path)
-    if shell == "zsh":
-        return lambda line: zsh_complete(line, env, tmp_path / "zsh-capture")
-    runner = bash_complete if shell == "bash" else fish_complete
-    return lambda line: runner(line, env)
+    env, runner = _env(tmp_path), SHELLS[request.param]
+    return lambda line: runner(line, env, tmp_path / "capture")
 
 
 def _issue(cli: Invoke, *args: str) -> dict[str, str]:
@@ -152,13 +152,26 @@ def test_commands_options_and_ledger_values_complete(ledger_cli: Invoke,
     assert sorted(complete("mcpbill wallet sync --chain base")) == ["base", "base-sepolia"]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("shell", "offered"), [
+    ("bash", "acme"),  # bash completes the word after the `=`
+    ("zsh", "--tenant=acme"), ("fish", "--tenant=acme"),  # zsh and fish, the whole word
+])
+def test_option_equals_value_completes(ledger_cli: Invoke, tmp_path: Path, shell: str,
+                                       offered: str) -> None:
+    assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "1").exit_code == 0
+    env, capture = _env(tmp_path), tmp_path / "capture"
+    assert SHELLS[shell]("mcpbill wallet fund --tenant=a", env, capture) == [offered]
+    assert SHELLS[shell]("mcpbill wallet fund --tenant=", env, capture) == [offered]
+
+
 def test_jti_lookup_works_on_both_ledgers(ledger_cli: Invoke, tmp_path: Path) -> None:
     assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "3").exit_code == 0
     issued = _issue(ledger_cli, "--tenant", "acme")
-    env = _env(tmp_path)
-    assert bash_complete(f"mcpbill revoke {issued['jti'][:8]}", env) == [issued["jti"]]
-    assert bash_complete("mcpbill token issue -t ac", env) == ["acme"]
-    assert bash_complete("mcpbill revoke tok_nothing", env) == []
+    env, capture = _env(tmp_path), tmp_path / "capture"
+    assert bash_complete(f"mcpbill revoke {issued['jti'][:8]}", env, capture) == [issued["jti"]]
+    assert bash_complete("mcpbill token issue -t ac", env, capture) == ["acme"]
+    assert bash_complete("mcpbill revoke tok_nothing", env, capture) == []
 
 
 def test_completion_never_prints_a_token(ledger_cli: Invoke, tmp_path: Path) -> None:
@@ -186,10 +199,23 @@ def test_no_ledger_means_no_values_and_nothing_created(setting: str, tmp_path: P
     elif setting == "corrupt config":
         isolated_home.mkdir()
         (isolated_home / "config.toml").write_bytes(b"\x00\xff[[ not toml")
+    capture = tmp_path / "capture"
+    capture.touch()
     before = sorted(tmp_path.rglob("*"))
     for line in ("mcpbill revoke ", "mcpbill wallet fund --tenant ", "mcpbill pricing set ",
                  "mcpbill token list --agent "):
-        assert bash_complete(line, env) == [], line
+        assert bash_complete(line, env, capture) == [], line
     # chains need no home: the built-in ones are offered even beside a broken config.toml
-    assert bash_complete("mcpbill wallet balance --chain sep", env) == ["sepolia"]
+    assert bash_complete("mcpbill wallet balance --chain sep", env, capture) == ["sepolia"]
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_chains_from_config_complete(tmp_path: Path, isolated_home: Path) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text(
+        '[chains.local]\ncaip2 = "eip155:31337"\n'
+        'usdc = "0x5fbdb2315678afecb367f032d93f642f64180aa3"\n')
+    env, capture = _env(tmp_path), tmp_path / "capture"
+    assert bash_complete("mcpbill x402 fetch --chain lo", env, capture) == ["local"]
+    assert sorted(bash_complete("mcpbill wallet sync --chain ", env, capture)) == [
+        "base", "base-sepolia", "ethereum", "local", "sepolia"]
