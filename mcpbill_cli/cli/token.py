@@ -96,17 +96,31 @@ def list_tokens(
                                               autocompletion=complete.agents)] = None,
     status: Annotated[str | None, typer.Option(
         "--status", help="active, revoked or expired.")] = None,
+    expiring: Annotated[str | None, typer.Option(
+        "--expiring", metavar="DURATION",
+        help="Only active tokens that expire within DURATION (90s, 15m, 24h, 2d).")] = None,
+    sort: Annotated[str, typer.Option(
+        "--sort", metavar="FIELD", help="issued, expires, jti, tenant, agent, limit, spent or "
+                                        "remaining; a leading - sorts descending.")] = "issued",
+    count: Annotated[int | None, typer.Option(
+        "--limit", metavar="N", min=1, max=1_000_000, help="At most N tokens.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List tokens with their limit, spend and status."""
+    """List tokens with their limit, spend and status.
+
+    Example: mcpbill token list --expiring 1h --sort -remaining --limit 20
+    """
+    from mcpbill_cli.durations import parse_duration
     from mcpbill_cli.errors import InvalidInput
     from mcpbill_cli.ledger.credit import list_views
     from mcpbill_cli.ledger.engine import reading
 
     if status not in (None, "active", "revoked", "expired"):
         raise InvalidInput(f"--status {status!r} is not one of active, revoked, expired")
+    within = parse_duration(expiring, field="expiring") if expiring is not None else None
     with reading(state(ctx).engine()) as conn:
-        views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status)
+        views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status,
+                           expiring_within=within, sort=sort, limit=count)
 
     def human() -> None:
         table = new_table("jti", "tenant", "agent", "status", "limit", "spent", "remaining",

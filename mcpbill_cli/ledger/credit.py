@@ -234,9 +234,30 @@ def show(conn: Connection, jti: str, *, now: datetime) -> TokenView:
     return _view(row, now, children)
 
 
+_FAR_FUTURE = 1000 * 365 * 86400  # seconds: any longer window would overflow a datetime
+# `token list --sort`: a field of the listing -> the column it orders by
+TOKEN_SORTS = {"issued": "issued_at", "expires": "expires_at", "jti": "jti", "tenant": "tenant",
+               "agent": "agent", "limit": "limit_micro", "spent": "spent",
+               "remaining": "remaining"}
+
+
 def list_views(conn: Connection, *, now: datetime, tenant: str | None = None,
-               agent: str | None = None, status: str | None = None) -> list[TokenView]:
-    query = _views_query().order_by(tk.issued_at, tk.jti)
+               agent: str | None = None, status: str | None = None,
+               expiring_within: int | None = None, sort: str = "issued",
+               limit: int | None = None) -> list[TokenView]:
+    """Tokens, filtered; ``expiring_within`` (seconds) keeps active tokens that expire within
+    it; ``sort`` is a key of :data:`TOKEN_SORTS`, descending with a leading ``-``."""
+    query = _filtered(_views_query(), now=now, tenant=tenant, agent=agent, status=status)
+    if expiring_within is not None:
+        horizon = now + timedelta(seconds=min(expiring_within, _FAR_FUTURE))
+        query = query.where(tk.revoked_at.is_(None), tk.expires_at > now,
+                            tk.expires_at <= horizon)
+    query = _sorted(query, sort).limit(limit)
+    return [_view(row, now, []) for row in conn.execute(query)]
+
+
+def _filtered(query: Any, *, now: datetime, tenant: str | None, agent: str | None,
+              status: str | None) -> Any:
     if tenant:
         query = query.where(tk.tenant == tenant)
     if agent:
@@ -247,7 +268,16 @@ def list_views(conn: Connection, *, now: datetime, tenant: str | None = None,
         query = query.where(tk.revoked_at.is_(None), tk.expires_at <= now)
     elif status == "active":
         query = query.where(tk.revoked_at.is_(None), tk.expires_at > now)
-    return [_view(row, now, []) for row in conn.execute(query)]
+    return query
+
+
+def _sorted(query: Any, sort: str) -> Any:
+    name = sort.removeprefix("-")
+    if name not in TOKEN_SORTS:
+        raise InvalidInput(f"--sort {sort!r} is not one of {', '.join(TOKEN_SORTS)} "
+                           "(a leading - sorts descending)", field="sort")
+    column = query.selected_columns[TOKEN_SORTS[name]]
+    return query.order_by(column.desc() if sort.startswith("-") else column.asc(), tk.jti)
 
 
 # --- revocation and sweeping --------------------------------------------------------------------
