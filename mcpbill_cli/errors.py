@@ -132,6 +132,13 @@ class NotFound(BillingError):
     code = "NOT_FOUND"
 
 
+class ConfirmationRequired(BillingError):
+    """A destructive command was not confirmed: declined at the prompt, or run without a
+    terminal to ask on and without ``--yes``."""
+
+    code = "CONFIRMATION_REQUIRED"
+
+
 class InsufficientFunds(BillingError):
     code = "INSUFFICIENT_FUNDS"
 

@@ -142,15 +142,20 @@ def retire(ring: KeyRing, kid: str) -> KeyInfo:
 
 
 def init_keyring(directory: Path, alg: str, *, now: datetime, force: bool) -> KeyRing:
-    """A keyring with one active key. Existing keys are kept unless ``force``."""
-    if KeyRing.exists(directory) and not force:
+    """A keyring with one new active key. Existing keys are refused unless ``force``; with it
+    they are retired, not deleted: they verify no token any more, but the receipts and seals
+    they signed still check against them (``reconcile --verify-receipts``)."""
+    existing = KeyRing.exists(directory)
+    if existing and not force:
         raise AlreadyExists(
             f"signing keys already exist in {directory}; pass --force to replace them "
             "(every token they signed stops verifying)"
         )
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     directory.chmod(0o700)
-    ring = KeyRing(directory, {})
+    ring = KeyRing.load(directory) if existing else KeyRing(directory, {})
+    for kid, info in list(ring.keys.items()):
+        ring.keys[kid] = replace(info, status="retired", verify_until=None)
     create_key(ring, alg, now=now)
     return ring
 

@@ -45,14 +45,13 @@ def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitR
     kept: list[str] = []
     schema = _migrate(settings)
     created.append(f"ledger at schema {schema} ({redact_url(settings.db_url)})")
-    old_files = sorted(settings.keys_dir.glob("*")) if existing else []
     ring = init_keyring(settings.keys_dir, alg, now=utcnow(), force=force)
     ring.save()
-    for old in old_files:
-        if old.name != "keyring.json" and old.stem not in ring.keys:
-            old.unlink()
     kid = ring.active().kid
     created.append(f"signing key {kid} ({alg}) in {settings.keys_dir}")
+    if len(ring.keys) > 1:
+        kept.append(f"{len(ring.keys) - 1} earlier signing key(s), retired: they verify no "
+                    "token, only the receipts and seals they signed")
     _write_if_missing(settings.config_path, _config_text(mode, _chosen_db_url(settings)),
                       created, kept, mode=0o600)
     if settings.pricing_path.exists():

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
 from mcpbill_cli.cli.state import state
 
@@ -18,7 +19,10 @@ def init(
     ctx: typer.Context,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace existing signing keys (every token they signed stops "
-                        "verifying). Config, pricing and ledger data are kept.")] = False,
+                        "verifying; they are kept, retired, to check old receipts). Config, "
+                        "pricing and ledger data are kept. Asks first; --yes in scripts.")
+    ] = False,
+    yes: YesOption = False,
     alg: Annotated[str, typer.Option(
         "--alg", help="Signing algorithm: EdDSA (default), ES256 or HS256.")] = "EdDSA",
     mode: Annotated[str, typer.Option(
@@ -44,6 +48,9 @@ def init(
     if exist_ok and KeyRing.exists(settings.keys_dir):
         result = already_initialized(settings)
     else:
+        if force and KeyRing.exists(settings.keys_dir):
+            confirm(f"Replace the signing keys in {settings.keys_dir}: tokens they signed stop "
+                    "verifying (the keys stay, retired, for old receipts)", yes=yes)
         result = initialize(settings, alg=alg, mode=mode, force=force)
     emit(result, as_json=as_json, human=lambda: _render(result))
 

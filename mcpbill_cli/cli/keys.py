@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import (
     JsonOption,
     emit,
@@ -114,7 +115,8 @@ def retire(
     kid: Annotated[str, typer.Argument(help="The key to stop verifying with.")],
     force: Annotated[bool, typer.Option(
         "--force", help="Retire even though unexpired tokens signed by it would stop "
-                        "verifying.")] = False,
+                        "verifying. Asks first; --yes in scripts.")] = False,
+    yes: YesOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Stop verifying with a key now (for a compromised or unused key)."""
@@ -131,6 +133,8 @@ def retire(
     if live and not force:
         raise InvalidInput(f"{live} unexpired token(s) are signed by {kid} and would stop "
                            "verifying; pass --force to retire it anyway")
+    if live:
+        confirm(f"Retire {kid}: {live} unexpired token(s) signed by it stop verifying", yes=yes)
     info = keys.retire(ring, kid)
     ring.save()
     emit(key_data(info), as_json=as_json, human=lambda: say(f"retired {kid}"))

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from mcpbill_cli.cli import complete
+from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.clock import rfc3339, utcnow
@@ -39,24 +40,24 @@ def revoke(
                       ] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Show what would be revoked; change nothing.")] = False,
+    yes: YesOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Revoke tokens now; children follow, unspent credit returns to the tenant at once.
 
-    Revoking a revoked token is a successful no-op. Examples: mcpbill revoke tok_123;
-    mcpbill revoke --agent crawler --reason "key leaked"
+    Revoking a revoked token is a successful no-op. --tenant and --agent ask first (--yes in
+    scripts). Examples: mcpbill revoke tok_123; mcpbill revoke --agent crawler --reason "key
+    leaked" --yes
     """
     from mcpbill_cli.ledger.credit import revoke as revoke_tokens
-    from mcpbill_cli.ledger.credit import tokens_for
     from mcpbill_cli.ledger.engine import writing
 
     st = state(ctx)
     if bool(tokens) + bool(tenant) + bool(agent) != 1:
         raise InvalidInput("name tokens (JTI or JWT), or --tenant T, or --agent A: exactly one")
-    jtis = [_jti_of(st, value) for value in tokens or []]
+    jtis = ([_jti_of(st, value) for value in tokens] if tokens
+            else _confirmed_matches(st, tenant, agent, ask=not dry_run, yes=yes))
     with writing(st.engine()) as conn:
-        if not jtis:
-            jtis = tokens_for(conn, tenant=tenant, agent=agent, now=utcnow())
         outcomes = revoke_tokens(conn, jtis, reason=reason, clock=utcnow, dry_run=dry_run)
         if dry_run:
             conn.rollback()
@@ -75,6 +76,21 @@ def revoke(
             say("no active tokens matched")
 
     emit(data, as_json=as_json, human=human)
+
+
+def _confirmed_matches(st: State, tenant: str | None, agent: str | None, *, ask: bool,
+                       yes: bool) -> list[str]:
+    """The active tokens of a tenant or agent; a bulk revocation is confirmed first, and
+    revokes what was confirmed, not what was issued while the prompt waited."""
+    from mcpbill_cli.ledger.credit import tokens_for
+    from mcpbill_cli.ledger.engine import reading
+
+    with reading(st.engine()) as conn:
+        jtis = tokens_for(conn, tenant=tenant, agent=agent, now=utcnow())
+    if jtis and ask:
+        whose = f"tenant {tenant}" if tenant else f"agent {agent}"
+        confirm(f"Revoke {len(jtis)} active token(s) of {whose}", yes=yes)
+    return jtis
 
 
 def _jti_of(st: State, value: str) -> str:

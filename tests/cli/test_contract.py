@@ -97,9 +97,9 @@ SUCCESSFUL = [
     ("audit", "seals", "export", "--out", "{seals}"),
     ("token", "sweep"),
     ("keys", "rotate"),
-    ("keys", "retire", "{old_kid}", "--force"),
+    ("keys", "retire", "{old_kid}", "--force", "--yes"),
     ("completion", "bash"),
-    ("init", "--force"),
+    ("init", "--force", "--yes"),
     ("demo", "--home", "{demo}"),
 ]
 

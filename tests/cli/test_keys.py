@@ -57,7 +57,7 @@ def test_rotation_keeps_old_tokens_verifying_until_their_last_expiry(
     refused = cli("keys", "retire", old["kid"], "--json")
     assert refused.exit_code == 3 and "unexpired" in refused.stdout
     assert cli("keys", "retire", new["kid"]).exit_code == 3  # the active key: rotate first
-    ok_json(cli("keys", "retire", old["kid"], "--force", "--json"))
+    ok_json(cli("keys", "retire", old["kid"], "--force", "--yes", "--json"))
     assert cli("token", "inspect", old["token"]).exit_code == 6
     assert ok_json(cli("token", "inspect", new["token"], "--json"))["valid"] is True
 
@@ -83,8 +83,8 @@ def test_init_force_replaces_keys_and_keeps_everything_else(
     pricing_before = (isolated_home / "pricing.toml").read_bytes()
     old_kid = KeyRing.load(isolated_home / "keys").active().kid
     ok_json(ledger_cli("wallet", "fund", "--demo", "3", "--json"))
-    data = ok_json(ledger_cli("init", "--force", "--json"))
+    data = ok_json(ledger_cli("init", "--force", "--yes", "--json"))
     assert data["kid"] != old_kid
-    assert not (isolated_home / "keys" / f"{old_kid}.pem").exists()
+    assert KeyRing.load(isolated_home / "keys").keys[old_kid].status == "retired"
     assert (isolated_home / "pricing.toml").read_bytes() == pricing_before
     assert ok_json(ledger_cli("wallet", "balance", "--json"))["available_usd"] == "3.00"
