@@ -1,9 +1,6 @@
 _mcpbill_completion() {
-    local IFS=$'
-'
-    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
-                   COMP_CWORD=$COMP_CWORD \
-                   _MCPBILL_COMPLETE=complete_bash $1 ) )
+    mapfile -t COMPREPLY < <(env COMP_LINE="${COMP_LINE:0:COMP_POINT}" \
+        COMP_WORDBREAKS="$COMP_WORDBREAKS" _MCPBILL_COMPLETE=complete_bash "$1")
     return 0
 }
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from typer._click.shell_completion import CompletionItem, add_completion_class
+from typer._click.shell_completion import CompletionItem, add_completion_class, split_arg_string
 from typer._completion_classes import BashComplete, FishComplete, ZshComplete
 
 from mcpbill_cli.config import Settings, load_settings
@@ -57,15 +57,45 @@ def register_shells() -> None:
         add_completion_class(shell, shell.name)
 
 
+# Bash hands the line up to the cursor to mcpbill, which splits it as the shell would: Typer's
+# own script passes COMP_WORDS, which bash splits at COMP_WORDBREAKS, so a `:` or `=` inside a
+# word (`--db-url sqlite:///...`) cut it in pieces. mapfile keeps each line one value, unglobbed.
+BASH_SCRIPT = r"""%(complete_func)s() {
+    mapfile -t COMPREPLY < <(env COMP_LINE="${COMP_LINE:0:COMP_POINT}" \
+        COMP_WORDBREAKS="$COMP_WORDBREAKS" %(autocomplete_var)s=complete_bash "$1")
+    return 0
+}
+
+complete -o default -F %(complete_func)s %(prog_name)s"""
+
+
 class Bash(BashComplete):
+    source_template = BASH_SCRIPT
+
     def get_completion_args(self) -> tuple[list[str], str]:
-        """Bash splits ``--tenant=ac`` into ``--tenant``, ``=``, ``ac``: drop the ``=``."""
-        args, incomplete = super().get_completion_args()
-        if incomplete == "=":
-            incomplete = ""
-        if len(args) > 1 and args[-1] == "=" and args[-2].startswith("-"):
-            args = args[:-1]
-        return args, incomplete
+        line = os.environ.get("COMP_LINE", "")
+        words = split_arg_string(line)
+        incomplete = "" if len(words) < 2 or line[-1].isspace() else words.pop()
+        return words[1:], incomplete
+
+    def complete(self) -> str:
+        """Each value from where bash's word starts: after the last ``=`` or ``:`` (or other
+        COMP_WORDBREAKS) of the word being completed, as bash replaces only that part."""
+        args, incomplete = self.get_completion_args()
+        breaks = set(os.environ.get("COMP_WORDBREAKS", "=:")) - set(" \t\n\"'")
+        start = max((i + 1 for i, char in enumerate(incomplete) if char in breaks), default=0)
+        return "\n".join(item.value[start:]
+                         for item in _joined(self.get_completions, args, incomplete))
+
+
+def script(shell: str) -> str:
+    """The completion script for ``shell`` (bash, zsh or fish), as ``mcpbill completion`` prints."""
+    from typer._completion_shared import get_completion_script
+
+    if shell == "bash":
+        return BASH_SCRIPT % {"complete_func": "_mcpbill_completion", "prog_name": "mcpbill",
+                              "autocomplete_var": COMPLETE_VAR}
+    return get_completion_script(prog_name="mcpbill", complete_var=COMPLETE_VAR, shell=shell)
 
 
 class Zsh(ZshComplete):
@@ -80,8 +110,8 @@ class Fish(FishComplete):
 
 def _joined(get_completions: Callable[[list[str], str], list[CompletionItem]], args: list[str],
             incomplete: str) -> list[CompletionItem]:
-    """Zsh and fish match what they are offered against the whole word: for ``--tenant=ac``
-    they need ``--tenant=acme``, where Typer offers ``acme``."""
+    """The whole word: for ``--tenant=ac``, ``--tenant=acme`` where Typer offers ``acme``.
+    Zsh and fish match what they are offered against the whole word."""
     option, equals, value = incomplete.partition("=")
     if not (equals and option.startswith("--")):
         return get_completions(args, incomplete)

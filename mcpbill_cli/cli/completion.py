@@ -6,17 +6,11 @@ from typing import Annotated
 
 import typer
 
-from mcpbill_cli.cli.complete import COMPLETE_VAR
+from mcpbill_cli.cli.complete import script
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors
 from mcpbill_cli.errors import InvalidInput
 
 SHELLS = ("bash", "zsh", "fish")
-
-
-def script(shell: str) -> str:
-    from typer._completion_shared import get_completion_script
-
-    return get_completion_script(prog_name="mcpbill", complete_var=COMPLETE_VAR, shell=shell)
 
 
 @handles_errors

@@ -219,3 +219,18 @@ def test_chains_from_config_complete(tmp_path: Path, isolated_home: Path) -> Non
     assert bash_complete("mcpbill x402 fetch --chain lo", env, capture) == ["local"]
     assert sorted(bash_complete("mcpbill wallet sync --chain ", env, capture)) == [
         "base", "base-sepolia", "ethereum", "local", "sepolia"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_home_and_ledger_flags_select_the_values(ledger_cli: Invoke, db_url: str,
+                                                 isolated_home: Path, tmp_path: Path) -> None:
+    assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "1").exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    env = {**_env(tmp_path), "MCPBILL_HOME": str(elsewhere)}
+    del env["MCPBILL_DB_URL"]
+    capture = tmp_path / "capture"
+    assert bash_complete("mcpbill wallet fund --tenant ", env, capture) == []
+    flags = f"mcpbill --home {isolated_home} --db-url {db_url}"
+    assert bash_complete(f"{flags} wallet fund --tenant ", env, capture) == ["acme"]
+    assert bash_complete(f"{flags} pricing unset su", env, capture) == ["summarize"]
+    assert not elsewhere.exists()
