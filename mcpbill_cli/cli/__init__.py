@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "db": ("db", "app", True),
     "keys": ("keys", "app", True),
     "wallet": ("wallet", "app", True),
+    "tenant": ("tenant", "app", True),
     "token": ("token", "app", True),
     "revoke": ("revoke", "revoke", False),
     "revocations": ("revoke", "revocations_app", True),

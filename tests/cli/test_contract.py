@@ -77,6 +77,7 @@ SUCCESSFUL = [
     ("wallet", "link", "--tenant", "default", "--address", "0x" + "aa" * 20),
     ("wallet", "create"),
     ("wallet", "balance"),
+    ("tenant", "list"),
     ("token", "issue", "--limit", "1"),
     ("token", "list"),
     ("token", "show", "{jti}"),
