@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,20 @@ def test_the_json_document_says_the_home_is_gone(tmp_path: Path) -> None:
     assert not Path(document["data"]["home"]).exists() and list(tmp.iterdir()) == []
     receipts = [step["data"] for step in document["data"]["steps"] if step["kind"] == "receipt"]
     assert receipts and all(receipt["receipt_id"].startswith("rcpt_") for receipt in receipts)
+
+
+@pytest.mark.slow
+def test_an_interrupted_demo_keeps_its_home_and_says_where(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    with subprocess.Popen(DEMO, env=demo_env(tmp), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("receipt "):
+                proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of the calls
+                break
+        rest = proc.stderr.read()
+    assert proc.wait(timeout=60) != 0, rest
+    [home] = tmp.iterdir()
+    assert f"the demo stopped; its home is kept in {home} (server log: server.log)" in rest
+    assert (home / "ledger.db").is_file() and (home / "server.log").is_file()
