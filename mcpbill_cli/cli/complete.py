@@ -1,5 +1,5 @@
 """Shell completion: Typer's bash, zsh and fish, and the values they offer (tenants, token ids,
-agents, tool names and chains).
+agents, tool names, chains and key ids).
 
 Each TAB runs ``mcpbill`` with ``_MCPBILL_COMPLETE`` set, and a provider here answers for the
 option or argument being completed. A TAB must be quick and quiet, so a provider only reads what
@@ -88,16 +88,6 @@ class Bash(BashComplete):
                          for item in _joined(self.get_completions, args, incomplete))
 
 
-def script(shell: str) -> str:
-    """The completion script for ``shell`` (bash, zsh or fish), as ``mcpbill completion`` prints."""
-    from typer._completion_shared import get_completion_script
-
-    if shell == "bash":
-        return BASH_SCRIPT % {"complete_func": "_mcpbill_completion", "prog_name": "mcpbill",
-                              "autocomplete_var": COMPLETE_VAR}
-    return get_completion_script(prog_name="mcpbill", complete_var=COMPLETE_VAR, shell=shell)
-
-
 class Zsh(ZshComplete):
     def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
         return _joined(super().get_completions, args, incomplete)
@@ -117,6 +107,16 @@ def _joined(get_completions: Callable[[list[str], str], list[CompletionItem]], a
         return get_completions(args, incomplete)
     return [CompletionItem(f"{option}={item.value}", help=item.help)
             for item in get_completions([*args, option], value)]
+
+
+def script(shell: str) -> str:
+    """The completion script for ``shell`` (bash, zsh or fish), as ``mcpbill completion`` prints."""
+    from typer._completion_shared import get_completion_script
+
+    if shell == "bash":
+        return BASH_SCRIPT % {"complete_func": "_mcpbill_completion", "prog_name": "mcpbill",
+                              "autocomplete_var": COMPLETE_VAR}
+    return get_completion_script(prog_name="mcpbill", complete_var=COMPLETE_VAR, shell=shell)
 
 
 def tenants(ctx: typer.Context, incomplete: str) -> Candidates:
@@ -164,6 +164,27 @@ def chains(ctx: typer.Context, incomplete: str) -> Candidates:
         known = BUILTIN_CHAINS
     return [(name, chain.caip2) for name, chain in sorted(known.items())
             if name.startswith(incomplete)]
+
+
+def key_ids(ctx: typer.Context, incomplete: str) -> Candidates:
+    """Signing keys not retired, from keyring.json, with algorithm and status: ids, never keys."""
+    import json
+
+    from mcpbill_cli.keys import INDEX
+
+    try:
+        document = json.loads((_settings(ctx).keys_dir / INDEX).read_bytes())
+    except _QUIET:
+        return []
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        return []
+    return [(str(entry["kid"]), f"{entry.get('alg')} {entry.get('status')}") for entry in entries
+            if _live_key(entry) and str(entry["kid"]).startswith(incomplete)]
+
+
+def _live_key(entry: Any) -> bool:
+    return isinstance(entry, dict) and bool(entry.get("kid")) and entry.get("status") != "retired"
 
 
 def _tokens(ctx: typer.Context, incomplete: str, *, only_active: bool) -> Candidates:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import (
     JsonOption,
@@ -112,7 +113,8 @@ def export_jwks(
 @handles_errors
 def retire(
     ctx: typer.Context,
-    kid: Annotated[str, typer.Argument(help="The key to stop verifying with.")],
+    kid: Annotated[str, typer.Argument(help="The key to stop verifying with.",
+                                       autocompletion=complete.key_ids)],
     force: Annotated[bool, typer.Option(
         "--force", help="Retire even though unexpired tokens signed by it would stop "
                         "verifying. Asks first; --yes in scripts.")] = False,

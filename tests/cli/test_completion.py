@@ -150,6 +150,8 @@ def test_commands_options_and_ledger_values_complete(ledger_cli: Invoke,
     # the sample pricing.toml `init` wrote: search, status, summarize (and acme's own search)
     assert sorted(complete("mcpbill pricing set s")) == ["search", "status", "summarize"]
     assert sorted(complete("mcpbill wallet sync --chain base")) == ["base", "base-sepolia"]
+    kids = [key["kid"] for key in ok_json(ledger_cli("keys", "list", "--json"))]
+    assert complete("mcpbill keys retire ") == kids
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -187,7 +189,7 @@ def test_completion_never_prints_a_token(ledger_cli: Invoke, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("setting", ["missing home", "unreachable ledger", "corrupt ledger",
-                                     "corrupt config"])
+                                     "corrupt config", "corrupt keyring"])
 def test_no_ledger_means_no_values_and_nothing_created(setting: str, tmp_path: Path,
                                                        isolated_home: Path) -> None:
     env = _env(tmp_path)
@@ -196,6 +198,9 @@ def test_no_ledger_means_no_values_and_nothing_created(setting: str, tmp_path: P
     elif setting == "corrupt ledger":
         isolated_home.mkdir()
         (isolated_home / "ledger.db").write_bytes(b"not a database" * 100)
+    elif setting == "corrupt keyring":
+        (isolated_home / "keys").mkdir(parents=True)
+        (isolated_home / "keys" / "keyring.json").write_text('{"keys": [{"kid": ""}, 3, "x"]}')
     elif setting == "corrupt config":
         isolated_home.mkdir()
         (isolated_home / "config.toml").write_bytes(b"\x00\xff[[ not toml")
@@ -203,7 +208,7 @@ def test_no_ledger_means_no_values_and_nothing_created(setting: str, tmp_path: P
     capture.touch()
     before = sorted(tmp_path.rglob("*"))
     for line in ("mcpbill revoke ", "mcpbill wallet fund --tenant ", "mcpbill pricing set ",
-                 "mcpbill token list --agent "):
+                 "mcpbill token list --agent ", "mcpbill keys retire "):
         assert bash_complete(line, env, capture) == [], line
     # chains need no home: the built-in ones are offered even beside a broken config.toml
     assert bash_complete("mcpbill wallet balance --chain sep", env, capture) == ["sepolia"]
