@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Annotated
 
@@ -118,10 +119,53 @@ def _app_for(argv: list[str]) -> typer.Typer:
     return build_app()
 
 
+# The exit status of a run whose reader closed stdout (`mcpbill token list | head -1`): success,
+# as when the reader happens to leave after the last line, so `set -o pipefail` scripts see the
+# same status whichever came first.
+CLOSED_PIPE_EXIT = 0
+
+
 def main() -> None:
-    """Console entry point. With ``--json``, usage errors also come out as one JSON document."""
+    """Console entry point: a run whose reader closed stdout ends quietly, with status 0."""
+    try:
+        _main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _exit_on_closed_pipe()
+    except SystemExit:
+        if _click_saw_closed_pipe():
+            _exit_on_closed_pipe()
+        raise
+
+
+def _click_saw_closed_pipe() -> bool:
+    """Click answers a broken pipe by wrapping stdout to silence it, then exit 1."""
+    from typer._click.utils import PacifyFlushWrapper
+
+    return isinstance(sys.stdout, PacifyFlushWrapper)
+
+
+def _exit_on_closed_pipe() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush has nowhere to fail and
+    prints no "Exception ignored"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+    os.close(devnull)
+    sys.exit(CLOSED_PIPE_EXIT)
+
+
+def _json_requested(argv: list[str]) -> bool:
+    """``--json``, or ``--output json`` in any of its spellings."""
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    return "--json" in argv or any(
+        word in ("--output=json", "-ojson") or (word in ("--output", "-o") and after == "json")
+        for word, after in pairs)
+
+
+def _main() -> None:
+    """Run the command line. With ``--json``, usage errors also come out as one JSON document."""
     app = _app_for(sys.argv[1:])
-    if "--json" not in sys.argv[1:]:
+    if not _json_requested(sys.argv[1:]):
         app(prog_name="mcpbill")
         return
     from typer._click.exceptions import ClickException

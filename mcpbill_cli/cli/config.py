@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, print_fields
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.config import Settings, redact_url
 from mcpbill_cli.durations import format_duration
@@ -37,10 +37,4 @@ def show(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show the resolved settings (flag > environment > config.toml > default)."""
     data = scrubbed(state(ctx).settings)
 
-    def human() -> None:
-        table = new_table("setting", "value", box=None)
-        for key, value in data.items():
-            table.add_row(key, value)
-        out.print(table)
-
-    emit(data, as_json=as_json, human=human)
+    emit(data, as_json=as_json, human=lambda: print_fields(data))

@@ -11,11 +11,14 @@ import typer
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import (
+    Column,
     JsonOption,
+    OutputOption,
     emit,
+    emit_listing,
     handles_errors,
-    new_table,
     out,
+    output_format,
     say,
     timestamp,
     to_jsonable,
@@ -29,6 +32,13 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Signing keys for credit tokens and receipts.", no_args_is_help=True)
 
+LIST_COLUMNS = (
+    Column("kid", lambda k: k.kid, ident=True), Column("alg", lambda k: k.alg),
+    Column("status", lambda k: k.status), Column("created", lambda k: k.created_at[:19]),
+    Column("verifies until", lambda k: "-" if k.status == "active" else (
+        k.verify_until or "never")[:19]),
+)
+
 
 def key_data(info: KeyInfo) -> dict[str, Any]:
     """A key as JSON, its times (kept as text in keyring.json) in the CLI's RFC 3339 form."""
@@ -40,18 +50,12 @@ def key_data(info: KeyInfo) -> dict[str, Any]:
 
 @app.command("list")
 @handles_errors
-def list_keys(ctx: typer.Context, as_json: JsonOption = False) -> None:
+def list_keys(ctx: typer.Context, output: OutputOption = None,
+              as_json: JsonOption = False) -> None:
     """List keys: kid, algorithm, status (active, verifying, retired) and until when."""
+    chosen = output_format(output, as_json)
     keys = list(state(ctx).keyring().keys.values())
-
-    def human() -> None:
-        table = new_table("kid", "alg", "status", "created", "verifies until")
-        for k in keys:
-            table.add_row(k.kid, k.alg, k.status, k.created_at[:19],
-                          "-" if k.status == "active" else (k.verify_until or "never")[:19])
-        out.print(table)
-
-    emit([key_data(k) for k in keys], as_json=as_json, human=human)
+    emit_listing(keys, LIST_COLUMNS, output=chosen, records=[key_data(k) for k in keys])
 
 
 @app.command("rotate")

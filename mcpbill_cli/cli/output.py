@@ -6,16 +6,19 @@ The table is copied into the README ("Exit codes"); a test keeps the two in step
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import enum
 import functools
 import inspect
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import PurePath
-from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
+from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 
@@ -73,18 +76,26 @@ GENERIC_FAILURE = 1
 
 class _LazyConsole:
     """A Rich console made on first use: most runs print a line or nothing, and importing
-    rich.console costs start-up time on every command."""
+    rich.console costs start-up time on every command.
+
+    Off a terminal (a pipe, a file, a CI log) it never hard-wraps: a long line stays one line.
+    """
 
     def __init__(self, **options: Any) -> None:
         self._options = options
         self._console: Any = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Any:
+        """The Rich console itself, for Rich objects that take one (a Progress, a Live)."""
         if self._console is None:
             from rich.console import Console
 
             self._console = Console(**self._options)
-        return getattr(self._console, name)
+            self._console.soft_wrap = self._console.soft_wrap or not self._console.is_terminal
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
 
 
 out: Any = _LazyConsole(markup=False, highlight=False, soft_wrap=True)
@@ -96,6 +107,160 @@ def new_table(*columns: str, **options: Any) -> Any:
     from rich.table import Table
 
     return Table(*columns, **options)
+
+
+def is_terminal(stream: IO[str]) -> bool:
+    """Whether a person reads ``stream``: draw tables and progress bars only then."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+# --- listings -----------------------------------------------------------------------------------
+
+
+class Output(enum.StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+OutputOption = Annotated[Output | None, typer.Option(
+    "--output", "-o", show_default="table",
+    help="table (a table on a terminal; tab-separated lines with a header in a pipe), json (as "
+         "--json) or csv (a header row, then one record per line).")]
+
+
+def output_format(output: Output | None, as_json: bool) -> Output:
+    """The format asked for: ``--json`` is ``--output json``."""
+    if as_json and output not in (None, Output.json):
+        from mcpbill_cli.errors import InvalidInput
+
+        raise InvalidInput(f"--json means --output json, not --output {output}: give one")
+    return Output.json if as_json else output or Output.table
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A column of a listing: its header and what it shows of an item. An ``ident`` column
+    (a jti, receipt id, kid, address, tx hash) is never cut nor wrapped."""
+
+    header: str
+    value: Callable[[Any], Any]
+    ident: bool = False
+
+    def cell(self, item: Any) -> str:
+        value = self.value(item)
+        if value is None:
+            return "-"
+        if isinstance(value, list | tuple):
+            return ", ".join(str(v) for v in value)
+        return str(value)
+
+
+def usd_column(header: str, attribute: str) -> Column:
+    """A column of an item's micro-USDC ``attribute``, shown in USDC."""
+    from mcpbill_cli.money import format_usd
+
+    return Column(header, lambda item: format_usd(getattr(item, attribute)))
+
+
+def emit_listing(items: Sequence[Any], columns: Sequence[Column], *, output: Output,
+                 records: Sequence[Mapping[str, Any]], data: Any = None,
+                 title: str | None = None) -> None:
+    """Print ``items`` as a table (tab-separated lines off a terminal), their ``records`` (one
+    JSON object per item) as CSV, or the JSON envelope of ``data`` (the records unless given).
+    """
+    if output is Output.json:
+        print_json(envelope(records if data is None else data))
+    elif output is Output.csv:
+        write_csv(records)
+    elif is_terminal(sys.stdout):
+        print_table(items, columns, title=title)
+    else:
+        write_plain(items, columns)
+
+
+def print_table(items: Sequence[Any], columns: Sequence[Column], *,
+                title: str | None = None) -> None:
+    """A Rich table when it fits the terminal; else each item as "field value" lines, as
+    psql's expanded display does: a squeezed table would cut or fold the IDs."""
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    console = out.get()
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column.header, no_wrap=column.ident, overflow="ignore")
+    for item in items:
+        table.add_row(*(column.cell(item) for column in columns))
+    unbounded = console.options.update_width(sys.maxsize)
+    if Measurement.get(console, unbounded, table).maximum <= console.width:
+        console.print(table)
+        return
+    if title:
+        console.print(title)
+    for n, item in enumerate(items):
+        if n or title:
+            console.print()
+        print_fields({column.header: column.cell(item) for column in columns})
+
+
+def print_fields(fields: Mapping[str, str]) -> None:
+    """One field a line: aligned on a terminal, ``name<TAB>value`` elsewhere; never wrapped."""
+    if not is_terminal(sys.stdout):
+        sys.stdout.write("".join(f"{k}\t{_one_line(v)}\n" for k, v in fields.items()))
+        return
+    width = max((len(name) for name in fields), default=0)
+    for name, value in fields.items():
+        out.print(f"{name:<{width}}  {value}")
+
+
+def write_plain(items: Sequence[Any], columns: Sequence[Column]) -> None:
+    """A header line, then one item per line, fields separated by tabs: for grep, cut, awk."""
+    lines = [[column.header for column in columns]]
+    lines += [[column.cell(item) for column in columns] for item in items]
+    sys.stdout.write("".join("\t".join(_one_line(c) for c in line) + "\n" for line in lines))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if any(c in text for c in "\t\r\n") else text
+
+
+def write_csv(records: Sequence[Mapping[str, Any]]) -> None:
+    """RFC 4180 CSV of the records' JSON fields: a header row, CRLF line ends, nested values as
+    JSON, null as an empty field, booleans as true/false."""
+    fields = list(dict.fromkeys(name for record in records for name in record))
+    writer = csv.writer(sys.stdout, lineterminator="\r\n")
+    writer.writerow(fields)
+    for record in records:
+        writer.writerow([_csv_value(to_jsonable(record.get(name))) for name in fields])
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+@contextmanager
+def progress_bar(label: str, *, unit: str, shown: bool = True
+                 ) -> Iterator[Callable[[int, int | None], None]]:
+    """``update(done, total)`` drawing a transient Rich progress bar on stderr, only when
+    ``shown`` and stderr is a terminal: stdout stays data, and a log gets no bar."""
+    if not (shown and is_terminal(sys.stderr)):
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit))
+    # stdout stays the data's own: Rich would otherwise route it through the bar's console.
+    with Progress(*columns, console=err.get(), transient=True, redirect_stdout=False) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document {schema_version, status, data, "
@@ -213,7 +378,7 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except BillingError as exc:
-            fail(exc, as_json=bool(kwargs.get("as_json")))
+            fail(exc, as_json=bool(kwargs.get("as_json")) or kwargs.get("output") == Output.json)
 
     wrapper.__doc__ = reflowed(fn.__doc__)
     return wrapper

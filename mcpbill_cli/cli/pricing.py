@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,11 +11,17 @@ import typer
 from mcpbill_cli import pricing
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import (
+    Column,
     JsonOption,
+    Output,
+    OutputOption,
     emit,
+    emit_listing,
+    err,
     handles_errors,
-    new_table,
+    is_terminal,
     out,
+    output_format,
     say,
     wire_to_cli,
 )
@@ -34,6 +41,8 @@ app = typer.Typer(
 TenantOption = Annotated[str | None, typer.Option(
     "--tenant", "-t", help="Price as this tenant sees it (its own prices and discount).",
     autocompletion=complete.tenants)]
+SHEET_COLUMNS = (Column("tool", lambda t: t[0]), Column("price (USDC)", lambda t: t[1].describe()),
+                 Column("rule", lambda t: t[1].rule))
 
 
 def _pricing_path(ctx: typer.Context) -> Path:
@@ -42,10 +51,16 @@ def _pricing_path(ctx: typer.Context) -> Path:
 
 @app.command("show")
 @handles_errors
-def show(ctx: typer.Context, tenant: TenantOption = None, as_json: JsonOption = False) -> None:
+def show(ctx: typer.Context, tenant: TenantOption = None, output: OutputOption = None,
+         as_json: JsonOption = False) -> None:
     """Show the effective price of every listed tool, the default and the free tiers."""
+    chosen = output_format(output, as_json)
     sheet = pricing.price_sheet(pricing.load_pricing(_pricing_path(ctx)), tenant)
-    emit(wire_to_cli(sheet.to_dict()), as_json=as_json, human=lambda: _render_sheet(sheet))
+    data = wire_to_cli(sheet.to_dict())
+    if chosen is Output.table:
+        _render_sheet(sheet)
+    else:
+        emit_listing(sheet.tools, SHEET_COLUMNS, output=chosen, records=data["tools"], data=data)
 
 
 @app.command("set")
@@ -187,18 +202,20 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
     if sheet.tenant is not None and not sheet.tenant_has_terms:
         say(f"tenant {sheet.tenant!r} has no terms of its own: these are everyone's prices")
     who = f" for tenant {sheet.tenant}" if sheet.tenant else ""
-    table = new_table("tool", "price (USDC)", "rule", title=f"pricing version {sheet.version}{who}")
-    for name, price in sheet.tools:
-        table.add_row(name, price.describe(), price.rule)
-    out.print(table)
+    # Off a terminal stdout holds only the tools, one a line; the rest is told on stderr.
+    def note(text: str) -> None:
+        (out if is_terminal(sys.stdout) else err).print(text, markup=False)
+
+    note(f"pricing version {sheet.version}{who}")
+    emit_listing(sheet.tools, SHEET_COLUMNS, output=Output.table, records=[])
     if sheet.default is None:
-        out.print("other tools: refused (no default_price)")
+        note("other tools: refused (no default_price)")
     else:
-        out.print(f"other tools: {sheet.default.describe()} ({sheet.default.rule})")
+        note(f"other tools: {sheet.default.describe()} ({sheet.default.rule})")
     if sheet.free_tiers:
-        out.print(f"free tiers: {', '.join(sheet.free_tiers)}")
+        note(f"free tiers: {', '.join(sheet.free_tiers)}")
     if sheet.daily_cap is not None:
-        out.print(f"daily cap: {format_usd(sheet.daily_cap)} USDC per UTC day")
+        note(f"daily cap: {format_usd(sheet.daily_cap)} USDC per UTC day")
 
 
 def _emit_edit(edit: pricing.PricingEdit, path: Path, *, as_json: bool) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mcpbill_cli.cli import complete
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, receipt_data
+from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, print_fields, receipt_data
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.errors import InvalidInput, NotFound
 
@@ -23,10 +23,7 @@ app = typer.Typer(help="Signed receipts: recover and verify.", no_args_is_help=T
 
 
 def _render(claims: dict[str, object]) -> None:
-    table = new_table(box=None, show_header=False)
-    for key, value in claims.items():
-        table.add_row(key, str(value))
-    out.print(table)
+    print_fields({key: str(value) for key, value in claims.items()})
 
 
 @app.command("show")

@@ -10,22 +10,28 @@ import csv
 import enum
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich import box
-from rich.table import Table
 
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import (
     EXIT_CODES,
+    Column,
     JsonOption,
+    Output,
+    OutputOption,
     emit,
+    emit_listing,
     envelope,
+    err,
     handles_errors,
-    out,
+    is_terminal,
+    output_format,
     print_json,
+    progress_bar,
     say,
     to_jsonable,
 )
@@ -35,7 +41,7 @@ from mcpbill_cli.money import format_usd
 from mcpbill_cli.wallet.chains import ENV_RPC_URL
 
 if TYPE_CHECKING:
-    from mcpbill_cli.reconcile import ChainReader, ReconcileReport, Totals
+    from mcpbill_cli.reconcile import ChainReader, Finding, ReconcileReport, Totals
 
 # A reconcile that found discrepancies (errors; with --strict, warnings too) exits with this.
 FINDINGS_CODE = "RECONCILE_FINDINGS"
@@ -111,7 +117,8 @@ def reconcile(
         "--max-rows", min=1, help="Rows listed per finding (all are counted).")] = 100,
     as_csv: Annotated[bool, typer.Option(
         "--csv", help="Print the totals as CSV (findings go to stderr; the exit code "
-                      "says).")] = False,
+                      "says): --output csv.")] = False,
+    output: OutputOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Check the ledger over a day (or --from/--to): totals, and every discrepancy found.
@@ -124,6 +131,7 @@ def reconcile(
     from mcpbill_cli.reconcile import Filters, ReconcileOptions, Window
     from mcpbill_cli.reconcile import reconcile as run_reconcile
 
+    chosen = Output.csv if as_csv and output is None else output_format(output, as_json)
     st = state(ctx)
     window = Window.parse(day=day, since=since, until=until, now=utcnow())
     options = ReconcileOptions(
@@ -132,10 +140,11 @@ def reconcile(
         onchain=_chain_reader(st, rpc_url) if onchain else None, leeway=st.settings.leeway,
         jobs=jobs or os.cpu_count() or 1, max_rows=max_rows, ledger_wide=not window_only,
         full_history=full_history, snapshots=not no_snapshot)
-    if not as_json and not as_csv:
+    if chosen is Output.table:
         say(f"reconciling {window.start.isoformat()} .. {window.end.isoformat()}")
-    report = run_reconcile(st.engine(), options)
-    _render(report, strict=strict, as_json=as_json, as_csv=as_csv,
+    with progress_bar("reconciling", unit="", shown=chosen is Output.table):
+        report = run_reconcile(st.engine(), options)
+    _render(report, strict=strict, output=chosen,
             dimensions=[d.value for d in by] if by else ["tenant", "tool"])
     if report.failed(strict=strict):
         raise typer.Exit(FINDINGS_EXIT_CODE)
@@ -175,14 +184,14 @@ def _totals_json(totals: Totals) -> dict[str, Any]:
     return data
 
 
-def _render(report: ReconcileReport, *, strict: bool, as_json: bool, as_csv: bool,
+def _render(report: ReconcileReport, *, strict: bool, output: Output,
             dimensions: list[str]) -> None:
     failed = report.failed(strict=strict)
-    if as_json:
+    if output is Output.json:
         problems = [{"code": FINDINGS_CODE, "message": _verdict(report)}] if failed else None
         print_json(envelope(report_json(report), problems))
         return
-    if as_csv:
+    if output is Output.csv:
         _write_csv(report)
         _print_findings(report, to_stderr=True)
     else:
@@ -197,54 +206,74 @@ def _verdict(report: ReconcileReport) -> str:
     return f"{report.errors} error finding(s), {report.warnings} warning(s)"
 
 
-TOTAL_COLUMNS = ("calls", "captured", "charged USDC", "voided", "expired", "held", "refusals",
-                 "deposited USDC")
+TOTAL_COLUMNS = (
+    Column("calls", lambda t: t.calls), Column("captured", lambda t: t.captured),
+    Column("charged USDC", lambda t: format_usd(t.charged)), Column("voided", lambda t: t.voided),
+    Column("expired", lambda t: t.expired), Column("held", lambda t: t.held),
+    Column("refusals", lambda t: "\n".join(f"{code} {n}" for code, n in t.refusals.items())
+           or "0"),
+    Column("deposited USDC", lambda t: format_usd(t.deposited)),
+)
+FINDING_COLUMNS = (Column("table", lambda r: r.table), Column("key", lambda r: r.key, ident=True),
+                   Column("detail", lambda r: r.detail))
 
 
-def _totals_table(first: str, title: str) -> Table:
-    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for name in (first, *TOTAL_COLUMNS):
-        table.add_column(name, overflow="fold")
-    return table
+def _keyed(header: str, at: int = 0) -> tuple[Column, ...]:
+    """Columns of a tuple item: the key at ``at`` (a tenant, agent, tool or jti: never cut),
+    then the totals after it."""
+    return (Column(header, lambda item: item[at], ident=True),
+            *(_of_totals(column, at + 1) for column in TOTAL_COLUMNS))
 
 
-def _totals_cells(totals: Totals) -> list[str]:
-    refusals = "\n".join(f"{code} {n}" for code, n in totals.refusals.items()) or "0"
-    return [str(totals.calls), str(totals.captured), format_usd(totals.charged),
-            str(totals.voided), str(totals.expired), str(totals.held), refusals,
-            format_usd(totals.deposited)]
+def _of_totals(column: Column, at: int) -> Column:
+    return Column(column.header, lambda item: column.value(item[at]))
 
 
 def _print_totals(report: ReconcileReport, dimensions: list[str]) -> None:
+    """A table per dimension on a terminal; else one line per key, its dimension first."""
     window = report.window
-    summary = _totals_table("", f"{window.start:%Y-%m-%d %H:%M} .. {window.end:%Y-%m-%d %H:%M}"
-                                f" UTC")
-    summary.add_row("all", *_totals_cells(report.summary))
-    out.print(summary)
+    if not is_terminal(sys.stdout):
+        rows = [("all", "", report.summary)] + [
+            (dimension, key, totals) for dimension in dimensions
+            for key, totals in report.totals[dimension].items()]
+        columns = (Column("dimension", lambda row: row[0]), *_keyed("key", at=1))
+        emit_listing(rows, columns, output=Output.table, records=[])
+        return
+    emit_listing([("all", report.summary)], _keyed(""), output=Output.table, records=[],
+                 title=f"{window.start:%Y-%m-%d %H:%M} .. {window.end:%Y-%m-%d %H:%M} UTC")
     for dimension in dimensions:
-        table = _totals_table(dimension, f"by {dimension}")
-        for key, totals in report.totals[dimension].items():
-            table.add_row(key, *_totals_cells(totals))
-        out.print(table)
+        emit_listing(list(report.totals[dimension].items()), _keyed(dimension),
+                     output=Output.table, records=[], title=f"by {dimension}")
 
 
 def _print_findings(report: ReconcileReport, *, to_stderr: bool) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=to_stderr, markup=False, highlight=False, soft_wrap=True)
     for finding in report.findings:
-        table = Table(title=f"{finding.severity}: {finding.name} ({finding.count}) - "
-                            f"{finding.message}", title_justify="left", box=box.SIMPLE_HEAD,
-                      pad_edge=False)
-        for name in ("table", "key", "detail"):
-            table.add_column(name, overflow="fold")
-        for row in finding.rows:
-            table.add_row(row.table, row.key, row.detail)
-        if finding.count > len(finding.rows):
-            table.add_row("...", f"{finding.count - len(finding.rows)} more", "")
-        console.print(table)
+        if to_stderr or not is_terminal(sys.stdout):
+            _finding_lines(finding, to_stderr=to_stderr)
+        else:
+            emit_listing(finding.rows, FINDING_COLUMNS, output=Output.table, records=[],
+                         title=_finding_title(finding) + _more(finding))
     for skipped in report.skipped:
         say(f"[dim]not checked: {skipped}[/]")
+
+
+def _finding_title(finding: Finding) -> str:
+    return f"{finding.severity}: {finding.name} ({finding.count}) - {finding.message}"
+
+
+def _more(finding: Finding) -> str:
+    hidden = finding.count - len(finding.rows)
+    return f"; {hidden} more not listed (--max-rows)" if hidden > 0 else ""
+
+
+def _finding_lines(finding: Finding, *, to_stderr: bool) -> None:
+    """A finding off a terminal: its title on stderr, then one tab-separated line per row, the
+    finding's name first, so ``grep`` finds every row of one finding."""
+    err.print(_finding_title(finding) + _more(finding), markup=False, soft_wrap=True)
+    stream = sys.stderr if to_stderr else sys.stdout
+    for row in finding.rows:
+        stream.write("\t".join(" ".join(cell.split()) for cell in (
+            finding.name, row.table, row.key, row.detail)) + "\n")
 
 
 def _write_csv(report: ReconcileReport) -> None:
@@ -297,15 +326,31 @@ def export(
     bounds = {"since": parse_moment(since, "--since") if since else None,
               "until": parse_moment(until, "--until") if until else None,
               "after": after}
-    with reading(state(ctx).engine()) as conn:
+    with reading(state(ctx).engine()) as conn, progress_bar(
+            "exporting", unit="events", shown=not as_json) as progress:
         if out_file is None:
-            result = export_events(conn, sys.stdout, **bounds)  # type: ignore[arg-type]
+            sink: Any = _Counted(sys.stdout, progress)
+            result = export_events(conn, sink, **bounds)  # type: ignore[arg-type]
         else:
             with atomic_text_file(out_file) as fh:
-                result = export_events(conn, fh, **bounds)  # type: ignore[arg-type]
+                sink = _Counted(fh, progress)
+                result = export_events(conn, sink, **bounds)  # type: ignore[arg-type]
     data = {"events": result.events, "first_id": result.first_id,
             "last_id": result.last_id, "out": str(out_file) if out_file else None}
     emit(data, as_json=as_json, human=lambda: say(
         f"exported {result.events} event(s)"
         + (f", ids {result.first_id}..{result.last_id}" if result.events else "")
         + (f" to {out_file}" if out_file else "")))
+
+
+class _Counted:
+    """A text stream that reports how many events (one ``write`` each) went through it."""
+
+    def __init__(self, stream: IO[str], progress: Callable[[int, int | None], None]) -> None:
+        self._stream, self._progress, self._count = stream, progress, 0
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        self._count += 1
+        self._progress(self._count, None)
+        return written

@@ -8,7 +8,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mcpbill_cli.cli import complete
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say, with_usd
+from mcpbill_cli.cli.output import (
+    Column,
+    JsonOption,
+    OutputOption,
+    emit,
+    emit_listing,
+    handles_errors,
+    output_format,
+    print_fields,
+    say,
+    with_usd,
+)
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import DEFAULT_TENANT, ENV_TOKEN
@@ -20,6 +31,13 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Credit tokens: issue, list, show, inspect, sweep.", no_args_is_help=True)
 
 _VIEW_AMOUNTS = ("limit", "spent", "held", "remaining")
+LIST_COLUMNS = (
+    Column("jti", lambda v: v.jti, ident=True), Column("tenant", lambda v: v.tenant),
+    Column("agent", lambda v: v.agent), Column("status", lambda v: v.status),
+    Column("limit", lambda v: format_usd(v.limit)), Column("spent", lambda v: format_usd(v.spent)),
+    Column("remaining", lambda v: format_usd(v.remaining)),
+    Column("expires", lambda v: f"{v.expires_at:%Y-%m-%d %H:%M}"),
+)
 
 
 @app.command("issue")
@@ -104,6 +122,7 @@ def list_tokens(
                                         "remaining; a leading - sorts descending.")] = "issued",
     count: Annotated[int | None, typer.Option(
         "--limit", metavar="N", min=1, max=1_000_000, help="At most N tokens.")] = None,
+    output: OutputOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List tokens with their limit, spend and status.
@@ -115,23 +134,14 @@ def list_tokens(
     from mcpbill_cli.ledger.credit import list_views
     from mcpbill_cli.ledger.engine import reading
 
+    chosen = output_format(output, as_json)
     if status not in (None, "active", "revoked", "expired"):
         raise InvalidInput(f"--status {status!r} is not one of active, revoked, expired")
     within = parse_duration(expiring, field="expiring") if expiring is not None else None
     with reading(state(ctx).engine()) as conn:
         views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status,
                            expiring_within=within, sort=sort, limit=count)
-
-    def human() -> None:
-        table = new_table("jti", "tenant", "agent", "status", "limit", "spent", "remaining",
-                      "expires")
-        for v in views:
-            table.add_row(v.jti, v.tenant, v.agent, v.status, format_usd(v.limit),
-                          format_usd(v.spent), format_usd(v.remaining),
-                          f"{v.expires_at:%Y-%m-%d %H:%M}")
-        out.print(table)
-
-    emit([_view_data(v) for v in views], as_json=as_json, human=human)
+    emit_listing(views, LIST_COLUMNS, output=chosen, records=[_view_data(v) for v in views])
 
 
 @app.command("show")
@@ -154,11 +164,11 @@ def _view_data(view: TokenView) -> dict[str, Any]:
 
 
 def _render_view(view: TokenView) -> None:
-    table = new_table(box=None, show_header=False)
-    for key, value in _view_data(view).items():
-        shown = ", ".join(value) if isinstance(value, list) else ("-" if value is None else value)
-        table.add_row(key, str(shown))
-    out.print(table)
+    print_fields({key: _shown(value) for key, value in _view_data(view).items()})
+
+
+def _shown(value: Any) -> str:
+    return ", ".join(value) if isinstance(value, list) else ("-" if value is None else str(value))
 
 
 @app.command("inspect")
@@ -200,10 +210,7 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
 
 
 def _render_claims(data: dict[str, Any]) -> None:
-    table = new_table(box=None, show_header=False)
-    for key, value in data.items():
-        table.add_row(key, ", ".join(value) if isinstance(value, list) else str(value))
-    out.print(table)
+    print_fields({key: _shown(value) for key, value in data.items()})
 
 
 @app.command("sweep")

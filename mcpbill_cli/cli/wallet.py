@@ -8,13 +8,27 @@ import typer
 
 from mcpbill_cli.cli import wallet_chain
 from mcpbill_cli.cli.options import DEFAULT_TENANT_VALUE, TenantOption
-from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, new_table, out, say, with_usd
+from mcpbill_cli.cli.output import (
+    Column,
+    JsonOption,
+    OutputOption,
+    emit,
+    emit_listing,
+    handles_errors,
+    output_format,
+    say,
+    usd_column,
+    with_usd,
+)
 from mcpbill_cli.cli.state import state
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import DemoOnly, InvalidInput
 from mcpbill_cli.money import format_usd, parse_usd
 
 app = typer.Typer(help="Tenant wallets: funding and balances.", no_args_is_help=True)
+
+BALANCE_COLUMNS = (Column("tenant", lambda b: b.tenant), *(
+    usd_column(name, name) for name in ("funded", "allotted", "held", "spent", "available")))
 
 
 @app.command("fund")
@@ -63,24 +77,20 @@ def balance(ctx: typer.Context, tenant: TenantOption = DEFAULT_TENANT_VALUE,
                                   "ledger's deposits instead.")] = False,
             chain: wallet_chain.ChainOption = None,
             rpc_url: wallet_chain.RpcUrlOption = None,
+            output: OutputOption = None,
             as_json: JsonOption = False) -> None:
     """Show funded, allotted to tokens, held, spent and available, in USDC."""
+    chosen = output_format(output, as_json)
     if onchain:
-        return wallet_chain.balance_onchain(ctx, chain, rpc_url, as_json)
+        return wallet_chain.balance_onchain(ctx, chain, rpc_url, chosen)
     from mcpbill_cli.ledger.credit import tenant_balance
     from mcpbill_cli.ledger.engine import reading
 
     with reading(state(ctx).engine()) as conn:
         bal = tenant_balance(conn, tenant)
 
-    def human() -> None:
-        table = new_table("tenant", "funded", "allotted", "held", "spent", "available")
-        table.add_row(bal.tenant, *(format_usd(v) for v in (
-            bal.funded, bal.allotted, bal.held, bal.spent, bal.available)))
-        out.print(table)
-
-    emit(with_usd(bal, "funded", "allotted", "held", "spent", "available"),
-         as_json=as_json, human=human)
+    record = with_usd(bal, "funded", "allotted", "held", "spent", "available")
+    emit_listing([bal], BALANCE_COLUMNS, output=chosen, records=[record], data=record)
 
 
 app.command("address")(wallet_chain.address)

@@ -7,14 +7,25 @@ inside these command bodies, through ``mcpbill_cli.wallet``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mcpbill_cli.cli import complete
-from mcpbill_cli.cli.output import JsonOption, emit, err, handles_errors, new_table, out, say
+from mcpbill_cli.cli.output import (
+    Column,
+    JsonOption,
+    Output,
+    OutputOption,
+    emit,
+    emit_listing,
+    handles_errors,
+    out,
+    output_format,
+    progress_bar,
+    say,
+    usd_column,
+)
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.wallet.chains import ENV_RPC_URL
@@ -23,7 +34,6 @@ if TYPE_CHECKING:
     from mcpbill_cli.wallet.chains import Chain
     from mcpbill_cli.wallet.crediting import Credit, Deposit
     from mcpbill_cli.wallet.rpc import Rpc
-    from mcpbill_cli.wallet.scan import Progress
 
 ChainOption = Annotated[str | None, typer.Option(
     "--chain", help="base, base-sepolia, ethereum, sepolia, a \\[chains.NAME] from "
@@ -33,6 +43,16 @@ ChainOption = Annotated[str | None, typer.Option(
 RpcUrlOption = Annotated[str | None, typer.Option(
     "--rpc-url", envvar=ENV_RPC_URL, show_default="rpc_url of the chain in config.toml",
     help="JSON-RPC endpoint of the chain.")]
+
+BALANCE_COLUMNS = (
+    Column("chain", lambda b: b.chain), Column("address", lambda b: b.address, ident=True),
+    usd_column("on chain", "onchain"), usd_column("credited", "credited"),
+    usd_column("unlinked", "unlinked"), usd_column("unaccounted", "unaccounted"),
+)
+DEPOSIT_COLUMNS = (
+    Column("tx", lambda d: d.tx_hash, ident=True), Column("sender", lambda d: d.sender, ident=True),
+    Column("amount", lambda d: format_usd(d.amount)), Column("block", lambda d: d.block_number),
+)
 
 
 @handles_errors
@@ -116,6 +136,7 @@ def sync(
         "--from-block", min=0, help="Scan from this block (needed once per chain; a rescan is "
                                     "harmless).", show_default="the stored checkpoint")] = None,
     rpc_url: RpcUrlOption = None,
+    output: OutputOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Scan the chain for final USDC deposits: credit linked senders, keep and list the rest.
@@ -125,16 +146,21 @@ def sync(
     from mcpbill_cli.wallet.deposit_address import get_deposit_address
     from mcpbill_cli.wallet.scan import sync as scan
 
+    chosen = output_format(output, as_json)
     st = state(ctx)
     target, rpc = _connect(st, chain, rpc_url)
-    with _progress_bar(target.name) as progress:
+    with progress_bar(f"scanning {target.name}", unit="blocks",
+                      shown=chosen is Output.table) as progress:
         result = scan(st.engine(), rpc, target, get_deposit_address(st.settings.file),
                       from_block=from_block, progress=progress)
+    unlinked = [_deposit_json(d) for d in result.unlinked]
     data = {"chain": result.chain, "from_block": result.from_block, "to_block": result.to_block,
             "latest_block": result.latest_block,
-            "credited": [_credit_json(c) for c in result.credited],
-            "unlinked": [_deposit_json(d) for d in result.unlinked]}
-    emit(data, as_json=as_json, human=lambda: _render_sync(result))
+            "credited": [_credit_json(c) for c in result.credited], "unlinked": unlinked}
+    if chosen is Output.table:
+        _render_sync(result)
+    else:
+        emit_listing(result.unlinked, DEPOSIT_COLUMNS, output=chosen, data=data, records=unlinked)
 
 
 def fund_onchain(ctx: typer.Context, tenant: str, tx: str, chain: str | None,
@@ -158,7 +184,7 @@ def fund_onchain(ctx: typer.Context, tenant: str, tx: str, chain: str | None,
 
 
 def balance_onchain(ctx: typer.Context, chain: str | None, rpc_url: str | None,
-                    as_json: bool) -> None:
+                    output: Output) -> None:
     """`wallet balance --onchain`: the deposit address's USDC beside the ledger's totals."""
     from mcpbill_cli.wallet.balances import chain_balance
     from mcpbill_cli.wallet.deposit_address import get_deposit_address
@@ -169,14 +195,7 @@ def balance_onchain(ctx: typer.Context, chain: str | None, rpc_url: str | None,
     data = {"chain": bal.chain, "address": bal.address, "onchain_usd": format_usd(bal.onchain),
             "credited_usd": format_usd(bal.credited), "unlinked_usd": format_usd(bal.unlinked),
             "unaccounted_usd": format_usd(bal.unaccounted)}
-
-    def human() -> None:
-        table = new_table("chain", "address", "on chain", "credited", "unlinked", "unaccounted")
-        table.add_row(target.name, bal.address, *(format_usd(v) for v in (
-            bal.onchain, bal.credited, bal.unlinked, bal.unaccounted)))
-        out.print(table)
-
-    emit(data, as_json=as_json, human=human)
+    emit_listing([bal], BALANCE_COLUMNS, output=output, records=[data], data=data)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -200,19 +219,6 @@ def _keystore_password() -> str:
                             err=True))
 
 
-@contextmanager
-def _progress_bar(label: str) -> Iterator[Progress]:
-    """A Rich progress bar on stderr, drawn only for a terminal: stdout stays data."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
-    from rich.progress import Progress as RichProgress
-
-    columns = (TextColumn(f"scanning {label}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("blocks"))
-    with RichProgress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
 def _render_sync(result: Any) -> None:
     credited = sum(c.deposit.amount for c in result.credited)
     say(f"scanned blocks {result.from_block}..{result.to_block} of {result.chain} "
@@ -220,11 +226,7 @@ def _render_sync(result: Any) -> None:
         f"{format_usd(credited)} USDC")
     if not result.unlinked:
         return
-    table = new_table("tx", "sender", "amount", "block")
-    for deposit in result.unlinked:
-        table.add_row(deposit.tx_hash, deposit.sender, format_usd(deposit.amount),
-                      str(deposit.block_number))
-    out.print(table)
+    emit_listing(result.unlinked, DEPOSIT_COLUMNS, output=Output.table, records=[])
     say(f"{len(result.unlinked)} deposit(s) from unlinked senders are kept: `mcpbill wallet "
         "link --tenant T --address SENDER` or `mcpbill wallet fund --tenant T --tx HASH`")
 

@@ -60,13 +60,14 @@ def run_json(runner: CliRunner, *args: str) -> tuple[int, dict[str, Any]]:
 def test_show_lists_every_tool_with_its_rule(runner: CliRunner, home: Path) -> None:
     result = run(runner, "show", "--tenant", "acme")
     assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
-    assert lines[0].strip() == "pricing version 1 for tenant acme"
-    assert any("search" in line and "0.001" in line and "tenant.acme.tools.search" in line
-               for line in lines)
-    assert "other tools: 0.008 (default_price-discount:20%)" in lines
-    assert "free tiers: read.*" in lines
-    assert "daily cap: 25.00 USDC per UTC day" in lines
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert rows[0] == ["tool", "price (USDC)", "rule"]
+    assert ["search", "0.001", "tenant.acme.tools.search"] in rows
+    notes = result.stderr.splitlines()
+    assert notes[0] == "pricing version 1 for tenant acme"
+    assert "other tools: 0.008 (default_price-discount:20%)" in notes
+    assert "free tiers: read.*" in notes
+    assert "daily cap: 25.00 USDC per UTC day" in notes
 
 
 def test_show_json_is_one_envelope(runner: CliRunner, home: Path) -> None:

@@ -1,0 +1,166 @@
+"""Output as terminals and pipes meet it: `mcpbill` run as a process, through a pipe and in a
+pseudo-terminal of 80 and 120 columns."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli.conftest import Invoke
+
+MCPBILL = str(Path(sys.executable).with_name("mcpbill"))
+BOX = re.compile("[─━│┃┏┓┗┛┡┩╇┳┻╋┼]")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture
+def env(isolated_home: Path) -> dict[str, str]:
+    """A demo home with funds and three tokens; the environment a terminal would give."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    for args in (["init", "--mode", "demo"], ["wallet", "fund", "--demo", "100"],
+                 *[["token", "issue", "--limit", "1", "--agent", f"agent-{n}"] for n in range(3)]):
+        run(environ, *args)
+    return environ
+
+
+def run(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([MCPBILL, *args], capture_output=True, text=True, env=environ,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def data(environ: dict[str, str], *args: str) -> Any:
+    return json.loads(run(environ, *args, "--json").stdout)["data"]
+
+
+def in_pty(environ: dict[str, str], columns: int, *args: str) -> tuple[int, str]:
+    """Run mcpbill on a pseudo-terminal ``columns`` wide: its exit status and what it showed."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdout and stderr are the terminal
+        os.execve(MCPBILL, [MCPBILL, *args], environ)  # noqa: S606 - the program under test
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), ANSI.sub("", b"".join(chunks).decode())
+
+
+def test_a_listing_in_a_pipe_is_tab_separated_lines_with_whole_ids(env: dict[str, str]) -> None:
+    jtis = [t["jti"] for t in data(env, "token", "list")]
+    shown = run(env, "token", "list").stdout
+    assert not BOX.search(shown), shown
+    rows = [line.split("\t") for line in shown.splitlines()]
+    assert rows[0] == ["jti", "tenant", "agent", "status", "limit", "spent", "remaining",
+                       "expires"]
+    assert sorted(row[0] for row in rows[1:]) == sorted(jtis)
+    kid = data(env, "keys", "list")[0]["kid"]
+    assert [line.split("\t")[0] for line in run(env, "keys", "list").stdout.splitlines()] == [
+        "kid", kid]
+
+
+def csv_text(value: Any) -> str:
+    """A JSON value as `--output csv` writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+
+@pytest.mark.parametrize(("command", "records"), [
+    (("token", "list"), lambda d: d),
+    (("keys", "list"), lambda d: d),
+    (("wallet", "balance"), lambda d: [d]),
+    (("pricing", "show"), lambda d: d["tools"]),
+])
+def test_csv_has_a_header_and_the_json_fields(env: dict[str, str], command: tuple[str, ...],
+                                              records: Any) -> None:
+    expected = records(data(env, *command))
+    proc = subprocess.run([MCPBILL, *command, "--output", "csv"], capture_output=True, env=env,
+                          check=True)
+    text = proc.stdout.decode()
+    assert text.endswith("\r\n")  # RFC 4180 line ends
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    fields = list(dict.fromkeys(name for record in expected for name in record))
+    assert rows == [{k: csv_text(record.get(k)) for k in fields} for record in expected]
+
+
+def test_output_json_is_the_json_envelope(env: dict[str, str]) -> None:
+    by_option = json.loads(run(env, "token", "list", "-o", "json").stdout)
+    assert by_option == json.loads(run(env, "token", "list", "--json").stdout)
+    assert by_option["status"] == "ok" and len(by_option["data"]) == 3
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_a_terminal_shows_every_id_whole(env: dict[str, str], columns: int) -> None:
+    jtis = [t["jti"] for t in data(env, "token", "list")]
+    status, shown = in_pty(env, columns, "token", "list")
+    assert status == 0, shown
+    lines = shown.splitlines()
+    assert all(any(jti in line for line in lines) for jti in jtis), shown
+    assert max(len(line) for line in lines) <= columns, shown
+    assert bool(BOX.search(shown)) == (columns == 120), shown  # too narrow: field per line
+
+
+def test_head_1_ends_a_listing_quietly(env: dict[str, str], cli: Invoke) -> None:
+    for n in range(250):  # more lines than a pipe buffers: head leaves before the last
+        assert cli("token", "issue", "--limit", "0.01", "--agent", f"bulk-{n}").exit_code == 0
+    for command in (["events", "export"], ["token", "list"]):
+        with subprocess.Popen([MCPBILL, *command], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env) as producer:
+            assert producer.stdout is not None and producer.stderr is not None
+            head = subprocess.run(["head", "-1"], stdin=producer.stdout, capture_output=True,
+                                  check=True)
+            producer.stdout.close()  # only head reads it now
+            assert producer.wait() == 0
+            assert producer.stderr.read() == b""
+        assert len(head.stdout.splitlines()) == 1
+
+
+def test_a_closed_pipe_exits_0_without_a_word(env: dict[str, str]) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    proc = subprocess.run([MCPBILL, "events", "export"], stdout=write_end, capture_output=False,
+                          stderr=subprocess.PIPE, env=env, check=False)
+    os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, b"")
+
+
+def test_an_error_in_a_pipe_is_one_line(env: dict[str, str]) -> None:
+    jti = "tok_" + "x" * 150
+    proc = subprocess.run([MCPBILL, "token", "show", jti], capture_output=True, text=True,
+                          env={**env, "COLUMNS": "80"}, check=False)
+    assert proc.returncode == 4
+    assert len(proc.stderr.splitlines()) == 1 and jti in proc.stderr
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_wallet_sync_on_a_terminal_ends_in_a_coded_error(env: dict[str, str],
+                                                        as_json: bool) -> None:
+    run(env, "wallet", "address", "--set", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")
+    args = ["wallet", "sync", "--rpc-url", "http://127.0.0.1:9", "--from-block", "0"]
+    status, shown = in_pty(env, 100, *args, *(["--json"] if as_json else []))
+    assert status == 17, shown  # RPC_UNAVAILABLE: nothing listens on port 9
+    assert "RPC_UNAVAILABLE" in shown and "Traceback" not in shown
