@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
 from typing import Annotated
@@ -156,10 +157,9 @@ def _exit_on_closed_pipe() -> None:
 
 def _json_requested(argv: list[str]) -> bool:
     """``--json``, or ``--output json`` in any of its spellings."""
-    pairs = zip(argv, [*argv[1:], ""], strict=True)
     return "--json" in argv or any(
         word in ("--output=json", "-ojson") or (word in ("--output", "-o") and after == "json")
-        for word, after in pairs)
+        for word, after in itertools.pairwise([*argv, ""]))
 
 
 def _main() -> None:

@@ -164,3 +164,18 @@ def test_wallet_sync_on_a_terminal_ends_in_a_coded_error(env: dict[str, str],
     status, shown = in_pty(env, 100, *args, *(["--json"] if as_json else []))
     assert status == 17, shown  # RPC_UNAVAILABLE: nothing listens on port 9
     assert "RPC_UNAVAILABLE" in shown and "Traceback" not in shown
+
+
+@pytest.mark.parametrize("spelling", [["--output", "json"], ["-o", "json"], ["--output=json"]])
+def test_output_json_makes_a_usage_error_one_document(isolated_home: Path,
+                                                      spelling: list[str]) -> None:
+    proc = subprocess.run([MCPBILL, "token", "list", *spelling, "--bogus"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2
+    assert [e["code"] for e in json.loads(proc.stdout)["errors"]] == ["USAGE_ERROR"]
+
+
+def test_json_and_another_output_conflict(ledger_cli: Invoke) -> None:
+    result = ledger_cli("keys", "list", "--json", "--output", "csv")
+    assert result.exit_code == 3
+    assert [e["code"] for e in json.loads(result.stdout)["errors"]] == ["INVALID_INPUT"]
