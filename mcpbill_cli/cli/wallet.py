@@ -44,28 +44,37 @@ def fund(
                                      "address (once, when final).")] = None,
     chain: wallet_chain.ChainOption = None,
     rpc_url: wallet_chain.RpcUrlOption = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        "--idempotency-key", metavar="KEY", help="With --demo: fund once per KEY (the tenant's); "
+                                                 "a retry changes nothing.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Credit a tenant's wallet. Example: mcpbill wallet fund --demo 10"""
-    from mcpbill_cli.ledger.credit import fund_demo
-    from mcpbill_cli.ledger.engine import writing
-
     if tx is not None:
-        if demo is not None:
-            raise InvalidInput("give either --demo AMOUNT or --tx HASH, not both")
+        if demo is not None or idempotency_key is not None:
+            raise InvalidInput("--tx HASH is credited once by itself: give it without --demo "
+                               "and --idempotency-key")
         return wallet_chain.fund_onchain(ctx, tenant, tx, chain, rpc_url, as_json)
-    st = state(ctx)
     if demo is None:
         raise InvalidInput("say how to fund: --tx HASH (a USDC deposit on chain) or --demo AMOUNT "
                            "(demo mode)")
-    amount = parse_usd(demo)
+    _fund_demo(ctx, tenant, parse_usd(demo), idempotency_key, as_json)
+
+
+def _fund_demo(ctx: typer.Context, tenant: str, amount: int, key: str | None,
+               as_json: bool) -> None:
+    from mcpbill_cli.ledger.credit import fund_demo
+    from mcpbill_cli.ledger.engine import writing
+
+    st = state(ctx)
     if not st.settings.demo:
         raise DemoOnly("demo funding is off in live mode; fund with a USDC deposit instead, "
                        "or set mode = \"demo\" in config.toml")
     with writing(st.engine()) as conn:
-        result = fund_demo(conn, tenant, amount, now=utcnow())
+        result = fund_demo(conn, tenant, amount, now=utcnow(), idempotency_key=key)
+    done = "already funded" if result.replayed else "funded"
     emit(with_usd(result, "amount", "available"), as_json=as_json, human=lambda: say(
-        f"funded {tenant} with {format_usd(amount)} USDC (demo); "
+        f"{done} {tenant} with {format_usd(amount)} USDC (demo); "
         f"{format_usd(result.available)} available"))
 
 

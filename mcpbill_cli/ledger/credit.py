@@ -6,6 +6,7 @@ rollback leaves the ledger exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, func, insert, select, update
 
 from mcpbill_cli.clock import Clock, aware, rfc3339, utcnow
-from mcpbill_cli.errors import InsufficientFunds, InvalidInput, NotFound
+from mcpbill_cli.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
 from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, calls, tokens, transfers
@@ -130,19 +131,51 @@ class Funding:
     amount: int
     transfer_id: str
     available: int
+    replayed: bool = False  # an idempotency key's earlier funding, returned again
 
 
-def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime) -> Funding:
-    """Credit ``tenant`` from the demo source (demo mode only; no chain involved)."""
+MAX_FUNDING_KEY = 128
+
+
+def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
+              idempotency_key: str | None = None) -> Funding:
+    """Credit ``tenant`` from the demo source (demo mode only; no chain involved).
+
+    With ``idempotency_key`` (the tenant's own, like call keys) the funding happens once: the
+    same key and amount again changes nothing, another amount is IDEMPOTENCY_CONFLICT.
+    """
     ops.ensure_account(conn, ops.DEMO_SOURCE, kind="chain", guarded=False, at=now)
     account = ops.tenant_account(tenant)
     ops.ensure_account(conn, account, kind="tenant", guarded=True, at=now)
-    transfer_id = f"deposit:demo:{uuid.uuid4().hex}"
-    ops.transfer(conn, id=transfer_id, debit=ops.DEMO_SOURCE, credit=account, amount=amount,
-                 code="deposit", at=now, demo=True, ref="demo")
-    audit.record(conn, "deposit", at=now, tenant=tenant, amount=amount, ref=transfer_id,
-                 demo=True)
-    return Funding(tenant, amount, transfer_id, ops.balance(conn, account).available)
+    transfer_id = (_funding_id(tenant, idempotency_key) if idempotency_key is not None
+                   else f"deposit:demo:{uuid.uuid4().hex}")
+    try:
+        moved = ops.transfer(conn, id=transfer_id, debit=ops.DEMO_SOURCE, credit=account,
+                             amount=amount, code="deposit", at=now, demo=True, ref="demo")
+    except IdempotencyConflict:
+        raise _funding_conflict(conn, transfer_id, tenant, idempotency_key) from None
+    if moved:
+        audit.record(conn, "deposit", at=now, tenant=tenant, amount=amount, ref=transfer_id,
+                     demo=True)
+    return Funding(tenant, amount, transfer_id, ops.balance(conn, account).available,
+                   replayed=not moved)
+
+
+def _funding_id(tenant: str, key: str) -> str:
+    """A transfer id for a tenant's funding key: hashed, so any tenant and key fit the column."""
+    if not key or len(key) > MAX_FUNDING_KEY or not key.isprintable():
+        raise InvalidInput(f"an idempotency key is 1 to {MAX_FUNDING_KEY} printable characters",
+                           field="idempotency_key")
+    digest = hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+    return f"deposit:demo:key:{digest[:40]}"
+
+
+def _funding_conflict(conn: Connection, transfer_id: str, tenant: str,
+                      key: str | None) -> IdempotencyConflict:
+    earlier = conn.execute(select(t.amount).where(t.id == transfer_id)).scalar_one()
+    return IdempotencyConflict(
+        f"idempotency key {key!r} already funded {tenant} with {format_usd(earlier)} USDC; "
+        "use a new key for another funding", amount_usd=format_usd(earlier))
 
 
 @dataclass(frozen=True)
