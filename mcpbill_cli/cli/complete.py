@@ -11,6 +11,7 @@ broken it offers nothing rather than an error. Nothing secret is offered: no tok
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ BASH_SCRIPT = r"""%(complete_func)s() {
 complete -o default -F %(complete_func)s %(prog_name)s"""
 
 
+# Bash inserts a value as it is: escape what the shell would read otherwise (spaces, quotes, &).
+_BASH_SPECIAL = re.compile(r"([^\w@%+=:,./-])")
+
+
 class Bash(BashComplete):
     source_template = BASH_SCRIPT
 
@@ -84,13 +89,18 @@ class Bash(BashComplete):
         args, incomplete = self.get_completion_args()
         breaks = set(os.environ.get("COMP_WORDBREAKS", "=:")) - set(" \t\n\"'")
         start = max((i + 1 for i, char in enumerate(incomplete) if char in breaks), default=0)
-        return "\n".join(item.value[start:]
+        return "\n".join(_BASH_SPECIAL.sub(r"\\\1", item.value[start:])
                          for item in _joined(self.get_completions, args, incomplete))
 
 
 class Zsh(ZshComplete):
     def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
         return _joined(super().get_completions, args, incomplete)
+
+    def format_completion(self, item: CompletionItem) -> str:
+        """Typer doubles a ``'`` inside the single-quoted ``_arguments`` spec, which zsh reads
+        as nothing (``o'brien`` came out ``obrien``): close, escape and reopen the quote."""
+        return super().format_completion(item).replace("''", "'\\''")
 
 
 class Fish(FishComplete):

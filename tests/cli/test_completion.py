@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,14 @@ def _on_terminal(argv: list[str], setup: str, line: str, env: dict[str, str],
         proc.kill()
         proc.wait()
         os.close(primary)
-    return [word for word in capture.read_text().splitlines() if word and word != "::done::"]
+    return [_as_read(word) for word in capture.read_text().splitlines()
+            if word and word != "::done::"]
+
+
+def _as_read(word: str) -> str:
+    """A completion as the shell will read it once inserted: one word, quotes removed."""
+    (read,) = shlex.split(word)
+    return read
 
 
 # bash: readline splits the line into COMP_WORDS and calls the function registered for mcpbill;
@@ -135,6 +143,7 @@ def _issue(cli: Invoke, *args: str) -> dict[str, str]:
 def test_commands_options_and_ledger_values_complete(ledger_cli: Invoke,
                                                      complete: Complete) -> None:
     assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "10").exit_code == 0
+    assert ledger_cli("wallet", "fund", "--tenant", "o'brien & co", "--demo", "1").exit_code == 0
     kept = _issue(ledger_cli, "--tenant", "acme", "--agent", "crawler")
     revoked = _issue(ledger_cli, "--tenant", "acme", "--agent", "crawler")
     assert ledger_cli("revoke", revoked["jti"]).exit_code == 0
@@ -144,7 +153,8 @@ def test_commands_options_and_ledger_values_complete(ledger_cli: Invoke,
     assert complete("mcpbill revoke ") == [kept["jti"]]
     assert complete("mcpbill token issue --parent tok_") == [kept["jti"]]
     assert sorted(complete("mcpbill token show ")) == sorted([kept["jti"], revoked["jti"]])
-    assert complete("mcpbill wallet fund --tenant ") == ["acme"]
+    assert complete("mcpbill wallet fund --tenant ") == ["acme", "o'brien & co"]
+    assert complete("mcpbill wallet fund --tenant o") == ["o'brien & co"]
     assert complete("mcpbill reconcile -t a") == ["acme"]
     assert complete("mcpbill token list --agent ") == ["crawler"]
     # the sample pricing.toml `init` wrote: search, status, summarize (and acme's own search)
