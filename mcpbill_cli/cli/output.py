@@ -174,52 +174,64 @@ def emit_listing(items: Sequence[Any], columns: Sequence[Column], *, output: Out
         print_json(envelope(records if data is None else data))
     elif output is Output.csv:
         write_csv(records)
-    elif is_terminal(sys.stdout):
-        print_table(items, columns, title=title)
     else:
-        write_plain(items, columns)
+        show_listing(items, columns, title=title)
+
+
+def show_listing(items: Sequence[Any], columns: Sequence[Column], *, title: str | None = None,
+                 to_stderr: bool = False) -> None:
+    """A table for a person at a terminal; tab-separated lines for a pipe, a file or a log."""
+    if is_terminal(sys.stderr if to_stderr else sys.stdout):
+        print_table(items, columns, title=title, to_stderr=to_stderr)
+    else:
+        write_plain(items, columns, to_stderr=to_stderr)
 
 
 def print_table(items: Sequence[Any], columns: Sequence[Column], *,
-                title: str | None = None) -> None:
+                title: str | None = None, to_stderr: bool = False) -> None:
     """A Rich table when it fits the terminal; else each item as "field value" lines, as
     psql's expanded display does: a squeezed table would cut or fold the IDs."""
     from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
-    console = out.get()
+    console = (err if to_stderr else out).get()
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column.header, no_wrap=column.ident, overflow="ignore")
-    for item in items:
-        table.add_row(*(column.cell(item) for column in columns))
+    for item in items:  # Text: a cell's [brackets] are data, never markup
+        table.add_row(*(Text(column.cell(item)) for column in columns))
     unbounded = console.options.update_width(sys.maxsize)
     if Measurement.get(console, unbounded, table).maximum <= console.width:
         console.print(table)
         return
     if title:
-        console.print(title)
+        console.print(title, markup=False)
     for n, item in enumerate(items):
         if n or title:
             console.print()
-        print_fields({column.header: column.cell(item) for column in columns})
+        print_fields({column.header: column.cell(item) for column in columns},
+                     to_stderr=to_stderr)
 
 
-def print_fields(fields: Mapping[str, str]) -> None:
+def print_fields(fields: Mapping[str, str], *, to_stderr: bool = False) -> None:
     """One field a line: aligned on a terminal, ``name<TAB>value`` elsewhere; never wrapped."""
-    if not is_terminal(sys.stdout):
-        sys.stdout.write("".join(f"{k}\t{_one_line(v)}\n" for k, v in fields.items()))
+    stream = sys.stderr if to_stderr else sys.stdout
+    if not is_terminal(stream):
+        stream.write("".join(f"{k}\t{_one_line(v)}\n" for k, v in fields.items()))
         return
     width = max((len(name) for name in fields), default=0)
     for name, value in fields.items():
-        out.print(f"{name:<{width}}  {value}")
+        (err if to_stderr else out).print(f"{name:<{width}}  {value}", markup=False)
 
 
-def write_plain(items: Sequence[Any], columns: Sequence[Column]) -> None:
+def write_plain(items: Sequence[Any], columns: Sequence[Column], *,
+                to_stderr: bool = False) -> None:
     """A header line, then one item per line, fields separated by tabs: for grep, cut, awk."""
     lines = [[column.header for column in columns]]
     lines += [[column.cell(item) for column in columns] for item in items]
-    sys.stdout.write("".join("\t".join(_one_line(c) for c in line) + "\n" for line in lines))
+    text = "".join("\t".join(_one_line(c) for c in line) + "\n" for line in lines)
+    (sys.stderr if to_stderr else sys.stdout).write(text)
 
 
 def _one_line(text: str) -> str:

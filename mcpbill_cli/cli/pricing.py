@@ -23,6 +23,7 @@ from mcpbill_cli.cli.output import (
     out,
     output_format,
     say,
+    show_listing,
     wire_to_cli,
 )
 from mcpbill_cli.cli.state import state
@@ -207,7 +208,7 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
         (out if is_terminal(sys.stdout) else err).print(text, markup=False)
 
     note(f"pricing version {sheet.version}{who}")
-    emit_listing(sheet.tools, SHEET_COLUMNS, output=Output.table, records=[])
+    show_listing(sheet.tools, SHEET_COLUMNS)
     if sheet.default is None:
         note("other tools: refused (no default_price)")
     else:

@@ -24,7 +24,6 @@ from mcpbill_cli.cli.output import (
     Output,
     OutputOption,
     emit,
-    emit_listing,
     envelope,
     err,
     handles_errors,
@@ -33,6 +32,7 @@ from mcpbill_cli.cli.output import (
     print_json,
     progress_bar,
     say,
+    show_listing,
     to_jsonable,
 )
 from mcpbill_cli.cli.state import State, state
@@ -237,13 +237,13 @@ def _print_totals(report: ReconcileReport, dimensions: list[str]) -> None:
             (dimension, key, totals) for dimension in dimensions
             for key, totals in report.totals[dimension].items()]
         columns = (Column("dimension", lambda row: row[0]), *_keyed("key", at=1))
-        emit_listing(rows, columns, output=Output.table, records=[])
+        show_listing(rows, columns)
         return
-    emit_listing([("all", report.summary)], _keyed(""), output=Output.table, records=[],
+    show_listing([("all", report.summary)], _keyed(""),
                  title=f"{window.start:%Y-%m-%d %H:%M} .. {window.end:%Y-%m-%d %H:%M} UTC")
     for dimension in dimensions:
-        emit_listing(list(report.totals[dimension].items()), _keyed(dimension),
-                     output=Output.table, records=[], title=f"by {dimension}")
+        show_listing(list(report.totals[dimension].items()), _keyed(dimension),
+                     title=f"by {dimension}")
 
 
 def _print_findings(report: ReconcileReport, *, to_stderr: bool) -> None:
@@ -251,7 +251,7 @@ def _print_findings(report: ReconcileReport, *, to_stderr: bool) -> None:
         if to_stderr or not is_terminal(sys.stdout):
             _finding_lines(finding, to_stderr=to_stderr)
         else:
-            emit_listing(finding.rows, FINDING_COLUMNS, output=Output.table, records=[],
+            show_listing(finding.rows, FINDING_COLUMNS,
                          title=_finding_title(finding) + _more(finding))
     for skipped in report.skipped:
         say(f"[dim]not checked: {skipped}[/]")

@@ -14,8 +14,7 @@ from mcpbill_cli.cli.output import (
     err,
     exit_code,
     handles_errors,
-    new_table,
-    out,
+    print_fields,
     print_json,
 )
 from mcpbill_cli.cli.state import state
@@ -62,10 +61,7 @@ def _render(found: Status) -> None:
         "pricing version": _or_dash(found.pricing_version),
         "chain": _chain_line(chain.chain, chain.rpc_url, chain.reachable),
     }
-    table = new_table(box=None, show_header=False)
-    for key, value in rows.items():
-        table.add_row(key, value)
-    out.print(table)
+    print_fields(rows)
 
 
 def _chain_line(name: str | None, rpc_url: str | None, reachable: bool | None) -> str:

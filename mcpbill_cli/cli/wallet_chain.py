@@ -24,6 +24,7 @@ from mcpbill_cli.cli.output import (
     output_format,
     progress_bar,
     say,
+    show_listing,
     usd_column,
 )
 from mcpbill_cli.cli.state import State, state
@@ -226,7 +227,7 @@ def _render_sync(result: Any) -> None:
         f"{format_usd(credited)} USDC")
     if not result.unlinked:
         return
-    emit_listing(result.unlinked, DEPOSIT_COLUMNS, output=Output.table, records=[])
+    show_listing(result.unlinked, DEPOSIT_COLUMNS)
     say(f"{len(result.unlinked)} deposit(s) from unlinked senders are kept: `mcpbill wallet "
         "link --tenant T --address SENDER` or `mcpbill wallet fund --tenant T --tx HASH`")
 

@@ -13,13 +13,13 @@ import typer
 
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import (
+    Column,
     JsonOption,
     emit,
-    err,
     handles_errors,
-    new_table,
     receipt_data,
     say,
+    show_listing,
     wire_to_cli,
 )
 from mcpbill_cli.cli.state import State, state
@@ -116,7 +116,7 @@ def _render(result: FetchResult) -> None:
     """Talk on stderr (requirements, decision, settlement); the body is the data, on stdout."""
     say(f"HTTP {result.status} from {result.url}")
     if result.decision is not None:
-        err.print(_options_table(result))
+        show_listing(result.decision.verdicts, OPTION_COLUMNS, to_stderr=True)
     if result.dry_run and result.challenge is not None:
         say(_prediction(result))
     if result.outcome is not None:
@@ -127,16 +127,18 @@ def _render(result: FetchResult) -> None:
     typer.echo(result.body.decode("utf-8", errors="replace"), nl=False)
 
 
-def _options_table(result: FetchResult) -> Any:
+def _option_amount(verdict: Any) -> str:
     from mcpbill_cli.money import format_usd
 
-    table = new_table("#", "scheme", "network", "amount", "verdict")
-    for verdict in result.decision.verdicts if result.decision else ():
-        raw, requirement = verdict.offer.raw, verdict.offer.requirement
-        table.add_row(str(verdict.offer.index), str(raw.get("scheme")), str(raw.get("network")),
-                      format_usd(requirement.amount) if requirement else "?",
-                      "ok" if verdict.acceptable else verdict.explanation)
-    return table
+    requirement = verdict.offer.requirement
+    return format_usd(requirement.amount) if requirement else "?"
+
+
+OPTION_COLUMNS = (
+    Column("#", lambda v: v.offer.index), Column("scheme", lambda v: v.offer.raw.get("scheme")),
+    Column("network", lambda v: v.offer.raw.get("network")), Column("amount", _option_amount),
+    Column("verdict", lambda v: "ok" if v.acceptable else v.explanation),
+)
 
 
 def _prediction(result: FetchResult) -> str:

@@ -93,6 +93,7 @@ def csv_text(value: Any) -> str:
     (("token", "list"), lambda d: d),
     (("keys", "list"), lambda d: d),
     (("wallet", "balance"), lambda d: [d]),
+    (("tenant", "list"), lambda d: d),
     (("pricing", "show"), lambda d: d["tools"]),
 ])
 def test_csv_has_a_header_and_the_json_fields(env: dict[str, str], command: tuple[str, ...],
