@@ -112,23 +112,28 @@ class KeyRing:
                      mode=0o600)
 
 
-def create_key(ring: KeyRing, alg: str, *, now: datetime) -> KeyInfo:
-    """Write a new private key file (0600) and make it the active key of ``ring``."""
+def create_key(ring: KeyRing, alg: str, *, now: datetime, write: bool = True) -> KeyInfo:
+    """Write a new private key file (0600) and make it the active key of ``ring``; without
+    ``write`` (a dry run) only ``ring`` in memory changes."""
     if alg not in ALGORITHMS:
         raise InvalidInput(f"algorithm {alg!r} is not one of {', '.join(ALGORITHMS)}")
     kid = f"{now:%Y%m%d}-{secrets.token_hex(4)}"
-    write_new_secret(_key_path(ring.directory, kid, alg), _generate(alg))
+    if write:
+        write_new_secret(_key_path(ring.directory, kid, alg), _generate(alg))
     info = KeyInfo(kid=kid, alg=alg, created_at=now.isoformat(), status="active")
     ring.keys[kid] = info
     return info
 
 
-def rotate(ring: KeyRing, alg: str, *, now: datetime, last_expiry: datetime | None) -> KeyInfo:
-    """A new active key; the old one verifies until ``last_expiry`` (its last token's ``exp``)."""
+def rotate(ring: KeyRing, alg: str | None, *, now: datetime, last_expiry: datetime | None,
+           write: bool = True) -> KeyInfo:
+    """A new active key, of the active key's algorithm unless ``alg`` names another; the old
+    one verifies until ``last_expiry`` (its last token's ``exp``). Without ``write`` (a dry
+    run) no key file is made."""
     old = ring.active()
     until = max(last_expiry or now, now)
     ring.keys[old.kid] = replace(old, status="verifying", verify_until=until.isoformat())
-    return create_key(ring, alg, now=now)
+    return create_key(ring, alg or old.alg, now=now, write=write)
 
 
 def retire(ring: KeyRing, kid: str) -> KeyInfo:

@@ -10,6 +10,7 @@ import typer
 
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.confirm import YesOption, confirm
+from mcpbill_cli.cli.options import DryRunOption
 from mcpbill_cli.cli.output import (
     Column,
     JsonOption,
@@ -62,7 +63,9 @@ def list_keys(ctx: typer.Context, output: OutputOption = None,
 @handles_errors
 def rotate(
     ctx: typer.Context,
-    alg: Annotated[str, typer.Option("--alg", help="EdDSA, ES256 or HS256.")] = "EdDSA",
+    alg: Annotated[str | None, typer.Option(
+        "--alg", help="EdDSA, ES256 or HS256.", show_default="the active key's")] = None,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Make a new active key. The old one keeps verifying until its last token expires."""
@@ -75,15 +78,22 @@ def rotate(
     with reading(st.engine()) as conn:
         until = last_expiry(conn, ring.active().kid)
     old = ring.active()
-    new = keys.rotate(ring, alg, now=utcnow(), last_expiry=until)
-    ring.save()
+    new = keys.rotate(ring, alg, now=utcnow(), last_expiry=until, write=not dry_run)
+    if not dry_run:
+        ring.save()
     previous = ring.keys[old.kid]
+    # a dry run draws no kid: the new key's would be drawn when it is made
+    active = {**key_data(new), "kid": None} if dry_run else key_data(new)
 
     def human() -> None:
+        if dry_run:
+            say(f"would make a new {new.alg} key; {old.kid} would verify until "
+                f"{previous.verify_until}")
+            return
         say(f"{old.kid} verifies until {previous.verify_until}")
         out.print(new.kid)
 
-    emit({"active": key_data(new), "previous": key_data(previous)}, as_json=as_json,
+    emit({"dry_run": dry_run, "active": active, "previous": key_data(previous)}, as_json=as_json,
          human=human)
 
 

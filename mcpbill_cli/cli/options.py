@@ -14,3 +14,6 @@ TenantOption = Annotated[
                       autocompletion=complete.tenants)
 ]
 DEFAULT_TENANT_VALUE = DEFAULT_TENANT
+DryRunOption = Annotated[bool, typer.Option(
+    "--dry-run", help="Show what would change (with --json: data with dry_run true); change "
+                      "nothing.")]

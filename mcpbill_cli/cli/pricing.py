@@ -10,6 +10,7 @@ import typer
 
 from mcpbill_cli import pricing
 from mcpbill_cli.cli import complete
+from mcpbill_cli.cli.options import DryRunOption
 from mcpbill_cli.cli.output import (
     Column,
     JsonOption,
@@ -64,7 +65,8 @@ def show(ctx: typer.Context, tenant: TenantOption = None, output: OutputOption =
         emit_listing(sheet.tools, SHEET_COLUMNS, output=chosen, records=data["tools"], data=data)
 
 
-@app.command("set")
+# "-1" is a price to refuse with INVALID_INPUT, not an unknown option.
+@app.command("set", context_settings={"ignore_unknown_options": True})
 @handles_errors
 def set_price(
     ctx: typer.Context,
@@ -80,14 +82,16 @@ def set_price(
     max_price: Annotated[str | None, typer.Option(
         "--max", help="With --per-unit: the most one call may cost, what a call holds.")
     ] = None,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Set a tool's price (for everyone, or for one tenant). Bumps the table version."""
+    """Set a tool's price (for everyone, or for one tenant). Bumps the table version, unless
+    the price is already that (then nothing is written)."""
     amount = parse_usd(price, allow_zero=True, field="price")
     cap = None if max_price is None else parse_usd(max_price, allow_zero=True, field="max")
     edit = pricing.edit_pricing(_pricing_path(ctx), lambda table: pricing.set_price(
-        table, tool, amount, tenant=tenant, per_unit=per_unit, max_amount=cap))
-    _emit_edit(edit, _pricing_path(ctx), as_json=as_json)
+        table, tool, amount, tenant=tenant, per_unit=per_unit, max_amount=cap), dry_run=dry_run)
+    _emit_edit(edit, _pricing_path(ctx), dry_run=dry_run, as_json=as_json)
 
 
 @app.command("unset")
@@ -99,12 +103,14 @@ def unset_price(
     tenant: Annotated[str | None, typer.Option(
         "--tenant", "-t", help="Remove this tenant's own price instead.",
         autocompletion=complete.tenants)] = None,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Remove a tool's own price; it then falls to the free tiers or the default price."""
     edit = pricing.edit_pricing(
-        _pricing_path(ctx), lambda table: pricing.unset_price(table, tool, tenant=tenant))
-    _emit_edit(edit, _pricing_path(ctx), as_json=as_json)
+        _pricing_path(ctx), lambda table: pricing.unset_price(table, tool, tenant=tenant),
+        dry_run=dry_run)
+    _emit_edit(edit, _pricing_path(ctx), dry_run=dry_run, as_json=as_json)
 
 
 @app.command("validate")
@@ -219,16 +225,23 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
         note(f"daily cap: {format_usd(sheet.daily_cap)} USDC per UTC day")
 
 
-def _emit_edit(edit: pricing.PricingEdit, path: Path, *, as_json: bool) -> None:
+def _emit_edit(edit: pricing.PricingEdit, path: Path, *, dry_run: bool, as_json: bool) -> None:
     changes = edit.changes
     data: dict[str, Any] = {
         "path": str(path), "previous_version": edit.before.version,
         "pricing_version": edit.after.version, "changes": [c.to_dict() for c in changes],
+        "changed": edit.changed, "dry_run": dry_run,
     }
 
     def human() -> None:
+        if not edit.changed:
+            say(f"nothing to change: {path} stays at pricing version {edit.before.version}")
+            return
         _render_changes(changes)
-        say(f"wrote pricing version {edit.after.version} to {path}")
+        if dry_run:
+            say(f"would write pricing version {edit.after.version} to {path}")
+        else:
+            say(f"wrote pricing version {edit.after.version} to {path}")
 
     emit(data, as_json=as_json, human=human)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mcpbill_cli.cli import complete
+from mcpbill_cli.cli.options import DryRunOption
 from mcpbill_cli.cli.output import (
     Column,
     JsonOption,
@@ -215,13 +216,18 @@ def _render_claims(data: dict[str, Any]) -> None:
 
 @app.command("sweep")
 @handles_errors
-def sweep(ctx: typer.Context, as_json: JsonOption = False) -> None:
+def sweep(ctx: typer.Context, dry_run: DryRunOption = False,
+          as_json: JsonOption = False) -> None:
     """Return what expired (and revoked) tokens left unspent to their tenants."""
     from mcpbill_cli.ledger.credit import sweep as sweep_tokens
     from mcpbill_cli.ledger.engine import writing
 
     with writing(state(ctx).engine()) as conn:
         released = sweep_tokens(conn, now=utcnow())
-    data = [{"jti": jti, "released_usd": format_usd(amount)} for jti, amount in released]
+        if dry_run:  # the sweep itself, taken back: what it would release, exactly
+            conn.rollback()
+    data = {"dry_run": dry_run, "released": [
+        {"jti": jti, "released_usd": format_usd(amount)} for jti, amount in released]}
+    verb = "would release" if dry_run else "released"
     emit(data, as_json=as_json, human=lambda: say(
-        f"released {format_usd(sum(a for _, a in released))} USDC from {len(released)} token(s)"))
+        f"{verb} {format_usd(sum(a for _, a in released))} USDC from {len(released)} token(s)"))

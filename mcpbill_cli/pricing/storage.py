@@ -6,7 +6,7 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import tomli_w
@@ -66,6 +66,11 @@ class PricingEdit:
     def changes(self) -> list[Change]:
         return diff_tables(self.before, self.after)
 
+    @property
+    def changed(self) -> bool:
+        """False for an edit that changed no price: nothing was written, the version stays."""
+        return self.after != self.before
+
 
 def lock_path(path: Path) -> Path:
     """The sibling lock file that serialises edits of ``path``."""
@@ -85,15 +90,28 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         os.close(descriptor)  # closing the descriptor releases the lock
 
 
-def edit_pricing(path: Path, edit: Callable[[PricingTable], PricingTable]) -> PricingEdit:
+def edit_pricing(path: Path, edit: Callable[[PricingTable], PricingTable], *,
+                 dry_run: bool = False) -> PricingEdit:
     """Read, ``edit`` and write the file under an exclusive lock, so no concurrent edit is lost.
 
     A missing file starts as an empty table at version 0. ``edit`` returns the new table
-    (:func:`set_price` and :func:`unset_price` bump the version); it may raise to abort.
+    (:func:`set_price` and :func:`unset_price` bump the version); it may raise to abort. An
+    edit that leaves every price as it was writes nothing and keeps the version, so setting
+    a price twice is one version, not two. ``dry_run`` reads (without the lock, which would
+    leave a lock file behind) and writes nothing.
     """
+    if dry_run:
+        return _planned(path, edit)
     with _exclusive_lock(path):
-        text = read_text(path)
-        before = PricingTable(version=0) if text is None else parse_pricing(text, source=str(path))
-        after = edit(before)
-        save_pricing(path, after)
-    return PricingEdit(before, after)
+        planned = _planned(path, edit)
+        if planned.changed:
+            save_pricing(path, planned.after)
+    return planned
+
+
+def _planned(path: Path, edit: Callable[[PricingTable], PricingTable]) -> PricingEdit:
+    text = read_text(path)
+    before = PricingTable(version=0) if text is None else parse_pricing(text, source=str(path))
+    after = edit(before)
+    same = replace(after, version=before.version).to_document() == before.to_document()
+    return PricingEdit(before, before if same else after)

@@ -132,6 +132,7 @@ def test_set_and_unset_a_tenant_price(runner: CliRunner, home: Path) -> None:
         "changes": [{"key": "tenants.globex.tools.summarize", "kind": "added", "before": None,
                      "after": "0.00002/unit, max 0.10", "tenant": "globex",
                      "tool": "summarize"}],
+        "changed": True, "dry_run": False,
     }
     assert run(runner, "quote", "summarize", "-t", "globex", "--units", "1000").stdout == "0.02\n"
     assert run(runner, "unset", "summarize", "--tenant", "globex").exit_code == 0
