@@ -242,6 +242,8 @@ def write_csv(records: Sequence[Mapping[str, Any]]) -> None:
     """RFC 4180 CSV of the records' JSON fields: a header row, CRLF line ends, nested values as
     JSON, null as an empty field, booleans as true/false."""
     fields = list(dict.fromkeys(name for record in records for name in record))
+    if not fields:  # no records: no fields to name
+        return
     writer = csv.writer(sys.stdout, lineterminator="\r\n")
     writer.writerow(fields)
     for record in records:
@@ -262,17 +264,20 @@ def _csv_value(value: Any) -> str:
 def progress_bar(label: str, *, unit: str, shown: bool = True
                  ) -> Iterator[Callable[[int, int | None], None]]:
     """``update(done, total)`` drawing a transient Rich progress bar on stderr, only when
-    ``shown`` and stderr is a terminal: stdout stays data, and a log gets no bar."""
+    ``shown`` and stderr is a terminal: stdout stays data, and a log gets no bar. Without a
+    ``unit`` the bar counts nothing and shows the time taken."""
     if not (shown and is_terminal(sys.stderr)):
         yield lambda done, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit))
+    counted = (MofNCompleteColumn(), TextColumn(unit)) if unit else (TimeElapsedColumn(),)
+    columns = (TextColumn(label), BarColumn(), *counted)
     # stdout stays the data's own: Rich would otherwise route it through the bar's console.
     with Progress(*columns, console=err.get(), transient=True, redirect_stdout=False) as bar:
         task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print one JSON document {schema_version, status, data, "

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,8 @@ def in_pty(environ: dict[str, str], columns: int, *args: str) -> tuple[int, str]
     if pid == 0:  # the child: stdout and stderr are the terminal
         os.execve(MCPBILL, [MCPBILL, *args], environ)  # noqa: S606 - the program under test
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+    drain(fd, chunks)
     os.close(fd)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), ANSI.sub("", b"".join(chunks).decode())
@@ -180,3 +174,46 @@ def test_json_and_another_output_conflict(ledger_cli: Invoke) -> None:
     result = ledger_cli("keys", "list", "--json", "--output", "csv")
     assert result.exit_code == 3
     assert [e["code"] for e in json.loads(result.stdout)["errors"]] == ["INVALID_INPUT"]
+
+
+def stderr_on_a_terminal(environ: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """Run mcpbill with stdout to a pipe and stderr on a pseudo-terminal 100 columns wide."""
+    primary, secondary = os.openpty()
+    fcntl.ioctl(primary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    shown: list[bytes] = []
+    reader = threading.Thread(target=drain, args=(primary, shown))  # the terminal never fills
+    reader.start()
+    proc = subprocess.run([MCPBILL, *args], stdout=subprocess.PIPE, stderr=secondary,
+                          env=environ, check=False)
+    os.close(secondary)
+    reader.join()
+    os.close(primary)
+    return proc.returncode, proc.stdout.decode(), ANSI.sub("", b"".join(shown).decode())
+
+
+def drain(fd: int, into: list[bytes]) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            return
+        if not chunk:
+            return
+        into.append(chunk)
+
+
+@pytest.mark.parametrize("command", [["events", "export"], ["reconcile", "--output", "csv"],
+                                     ["reconcile", "--json"]])
+def test_a_progress_bar_on_the_terminal_leaves_stdout_data(env: dict[str, str],
+                                                           command: list[str]) -> None:
+    status, stdout, shown = stderr_on_a_terminal(env, *command)
+    assert status == 0, shown
+    assert "Traceback" not in shown
+    if command == ["events", "export"]:
+        events = [json.loads(line) for line in stdout.splitlines()]
+        assert [e["id"] for e in events] == sorted(e["id"] for e in events) and events
+    elif "--json" in command:
+        assert json.loads(stdout)["status"] == "ok"
+        assert "reconciling" not in shown  # no bar under --json
+    else:
+        assert next(csv.reader(io.StringIO(stdout)))[:2] == ["dimension", "key"]
