@@ -387,12 +387,33 @@ def redacted(value: Any) -> Any:
     return value
 
 
+# Parameters that name something. An empty or blank one is refused before the command runs,
+# whatever the command: `--tenant ''` must never credit a tenant named "".
+NAME_PARAMETERS = ("tenant", "agent", "tool", "jti", "kid", "key", "parent", "tokens", "scope",
+                   "request_id", "idempotency_key", "chains")
+
+
+def refuse_blank_names(arguments: Mapping[str, Any]) -> None:
+    """Raise INVALID_INPUT for the first name parameter given as empty or whitespace."""
+    from mcpbill_cli.errors import InvalidInput
+
+    for name in NAME_PARAMETERS:
+        value = arguments.get(name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not item.strip():
+                label = name.rstrip("s") if name in ("tokens", "chains") else name
+                raise InvalidInput(f"the {label.replace('_', ' ')} given is empty: name one "
+                                   "(blank is not a name)", field=name)
+
+
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Render any BillingError the command raises, as JSON when the command got ``--json``."""
+    """Render any BillingError the command raises, as JSON when the command got ``--json``.
+    Blank names are refused first (:func:`refuse_blank_names`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            refuse_blank_names(kwargs)
             return fn(*args, **kwargs)
         except BillingError as exc:
             fail(exc, as_json=bool(kwargs.get("as_json")) or kwargs.get("output") == Output.json)

@@ -134,6 +134,7 @@ def reconcile(
     chosen = Output.csv if as_csv and output is None else output_format(output, as_json)
     st = state(ctx)
     window = Window.parse(day=day, since=since, until=until, now=utcnow())
+    st.require_tenant(tenant)
     options = ReconcileOptions(
         window=window, filters=Filters(tenant, agent, tool), chain=chain.value,
         verify_receipts=verify_receipts, keys_dir=st.settings.keys_dir,

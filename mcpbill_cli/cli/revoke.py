@@ -85,6 +85,7 @@ def _confirmed_matches(st: State, tenant: str | None, agent: str | None, *, ask:
     from mcpbill_cli.ledger.credit import tokens_for
     from mcpbill_cli.ledger.engine import reading
 
+    st.require_tenant(tenant)
     with reading(st.engine()) as conn:
         jtis = tokens_for(conn, tenant=tenant, agent=agent, now=utcnow())
     if jtis and ask:

@@ -61,6 +61,17 @@ class State:
 
         return KeyRing.load(self.settings.keys_dir)
 
+    def require_tenant(self, tenant: str | None) -> None:
+        """NOT_FOUND (exit 4) for a tenant the ledger never funded, in every command that
+        addresses one tenant; ``None`` (no tenant named) passes."""
+        if tenant is None:
+            return
+        from mcpbill_cli.ledger.credit import require_tenant
+        from mcpbill_cli.ledger.engine import reading
+
+        with reading(self.engine()) as conn:
+            require_tenant(conn, tenant)
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()

@@ -71,7 +71,7 @@ def issue(
     Example: mcpbill token issue --limit 5 --ttl 24h --scope search --scope "db.*"
     """
     from mcpbill_cli.durations import parse_duration
-    from mcpbill_cli.ledger.credit import IssueRequest
+    from mcpbill_cli.ledger.credit import IssueRequest, require_tenant
     from mcpbill_cli.ledger.credit import issue as issue_token
     from mcpbill_cli.ledger.engine import writing
     from mcpbill_cli.money import parse_usd
@@ -86,6 +86,8 @@ def issue(
         issuer=settings.issuer, parent=parent, demo=settings.demo)
     signer = st.keyring().signing_key()
     with writing(st.engine()) as conn:
+        if parent is None:  # a child token's tenant is its parent's
+            require_tenant(conn, request.tenant)
         issued = issue_token(conn, request, signer=signer, ttl_cap=settings.ttl_cap,
                              now=utcnow())
     if tenant and tenant != issued.claims.tenant:
@@ -139,6 +141,7 @@ def list_tokens(
     if status not in (None, "active", "revoked", "expired"):
         raise InvalidInput(f"--status {status!r} is not one of active, revoked, expired")
     within = parse_duration(expiring, field="expiring") if expiring is not None else None
+    state(ctx).require_tenant(tenant)
     with reading(state(ctx).engine()) as conn:
         views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status,
                            expiring_within=within, sort=sort, limit=count)

@@ -190,6 +190,19 @@ class TenantBalance:
     available: int
 
 
+def require_tenant(conn: Connection, tenant: str) -> None:
+    """Refuse a tenant the ledger has no wallet for (never funded): NOT_FOUND, the same for
+    every command that addresses one tenant, so a typo is never an empty success."""
+    if conn.execute(select(a.id).where(a.id == ops.tenant_account(tenant))).first() is None:
+        raise _unknown_tenant(tenant)
+
+
+def _unknown_tenant(tenant: str) -> NotFound:
+    return NotFound(f"tenant {tenant!r} has never been funded; "
+                    f"`mcpbill wallet fund --tenant {tenant} --demo AMOUNT` funds it, "
+                    "`mcpbill tenant list` lists the tenants", tenant=tenant)
+
+
 def tenant_balance(conn: Connection, tenant: str) -> TenantBalance:
     account = ops.tenant_account(tenant)
     funded = conn.execute(select(func.coalesce(func.sum(t.amount), 0)).where(
@@ -204,8 +217,7 @@ def tenant_balance(conn: Connection, tenant: str) -> TenantBalance:
     available = conn.execute(select(a.credits_posted - a.debits_posted - a.debits_pending)
                              .where(a.id == account)).scalar_one_or_none()
     if available is None and not funded:
-        raise NotFound(f"tenant {tenant!r} has never been funded; "
-                       f"`mcpbill wallet fund --tenant {tenant} --demo AMOUNT` funds it")
+        raise _unknown_tenant(tenant)
     return TenantBalance(tenant, int(funded), int(allotted), int(held), int(spent),
                          int(available or 0))
 
