@@ -193,6 +193,21 @@ def key_ids(ctx: typer.Context, incomplete: str) -> Candidates:
             if _live_key(entry) and str(entry["kid"]).startswith(incomplete)]
 
 
+def algorithms(incomplete: str) -> list[str]:
+    """The signing algorithms ``init`` and ``keys rotate`` take."""
+    from mcpbill_cli.keys import ALGORITHMS
+
+    return [alg for alg in ALGORITHMS if alg.startswith(incomplete)]
+
+
+def token_sorts(incomplete: str) -> list[str]:
+    """The fields ``token list --sort`` takes, each also descending with a leading ``-``."""
+    from mcpbill_cli.ledger.credit import TOKEN_SORTS
+
+    fields = [*TOKEN_SORTS, *(f"-{field}" for field in TOKEN_SORTS)]
+    return [field for field in fields if field.startswith(incomplete)]
+
+
 def _live_key(entry: Any) -> bool:
     return isinstance(entry, dict) and bool(entry.get("kid")) and entry.get("status") != "retired"
 

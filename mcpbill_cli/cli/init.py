@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, out, say
 from mcpbill_cli.cli.state import state
@@ -24,7 +25,8 @@ def init(
     ] = False,
     yes: YesOption = False,
     alg: Annotated[str, typer.Option(
-        "--alg", help="Signing algorithm: EdDSA (default), ES256 or HS256.")] = "EdDSA",
+        "--alg", help="Signing algorithm: EdDSA (default), ES256 or HS256.",
+        autocompletion=complete.algorithms)] = "EdDSA",
     mode: Annotated[str, typer.Option(
         "--mode", help="demo (no chain; `wallet fund --demo` works) or live.")] = "demo",
     exist_ok: Annotated[bool, typer.Option(

@@ -64,7 +64,8 @@ def list_keys(ctx: typer.Context, output: OutputOption = None,
 def rotate(
     ctx: typer.Context,
     alg: Annotated[str | None, typer.Option(
-        "--alg", help="EdDSA, ES256 or HS256.", show_default="the active key's")] = None,
+        "--alg", help="EdDSA, ES256 or HS256.", show_default="the active key's",
+        autocompletion=complete.algorithms)] = None,
     dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:

@@ -122,7 +122,8 @@ def list_tokens(
         help="Only active tokens that expire within DURATION (90s, 15m, 24h, 2d).")] = None,
     sort: Annotated[str, typer.Option(
         "--sort", metavar="FIELD", help="issued, expires, jti, tenant, agent, limit, spent or "
-                                        "remaining; a leading - sorts descending.")] = "issued",
+                                        "remaining; a leading - sorts descending.",
+        autocompletion=complete.token_sorts)] = "issued",
     count: Annotated[int | None, typer.Option(
         "--limit", metavar="N", min=1, max=1_000_000, help="At most N tokens.")] = None,
     output: OutputOption = None,

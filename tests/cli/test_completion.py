@@ -249,3 +249,11 @@ def test_home_and_ledger_flags_select_the_values(ledger_cli: Invoke, db_url: str
     assert bash_complete(f"{flags} wallet fund --tenant ", env, capture) == ["acme"]
     assert bash_complete(f"{flags} pricing unset su", env, capture) == ["summarize"]
     assert not elsewhere.exists()
+
+
+def test_fixed_values_complete(tmp_path: Path) -> None:
+    env, capture = _env(tmp_path), tmp_path / "capture"
+    assert bash_complete("mcpbill keys rotate --alg E", env, capture) == ["EdDSA", "ES256"]
+    assert bash_complete("mcpbill init --alg H", env, capture) == ["HS256"]
+    assert bash_complete("mcpbill token list --sort rem", env, capture) == ["remaining"]
+    assert bash_complete("mcpbill token list --output j", env, capture) == ["json"]
