@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from mcpbill_cli.cli import complete
+from mcpbill_cli.cli import complete, token_changes
 from mcpbill_cli.cli.options import DryRunOption
 from mcpbill_cli.cli.output import (
     Column,
@@ -29,7 +29,8 @@ from mcpbill_cli.money import format_usd
 if TYPE_CHECKING:
     from mcpbill_cli.ledger.credit import TokenView
 
-app = typer.Typer(help="Credit tokens: issue, list, show, inspect, sweep.", no_args_is_help=True)
+app = typer.Typer(help="Credit tokens: issue, list, show, inspect, sweep, topup, extend.",
+                  no_args_is_help=True)
 
 _VIEW_AMOUNTS = ("limit", "spent", "held", "remaining")
 LIST_COLUMNS = (
@@ -235,3 +236,6 @@ def sweep(ctx: typer.Context, dry_run: DryRunOption = False,
     verb = "would release" if dry_run else "released"
     emit(data, as_json=as_json, human=lambda: say(
         f"{verb} {format_usd(sum(a for _, a in released))} USDC from {len(released)} token(s)"))
+
+
+app.command("topup")(token_changes.topup)
