@@ -82,6 +82,7 @@ SUCCESSFUL = [
     ("token", "list"),
     ("token", "show", "{jti}"),
     ("token", "inspect", "{token}"),
+    ("token", "topup", "{jti}", "--amount", "0.5"),
     ("receipt", "show", "{idempotency_key}"),
     ("receipt", "verify", "{receipt}"),
     ("pricing", "show"),
