@@ -128,15 +128,30 @@ CLOSED_PIPE_EXIT = 0
 
 def main() -> None:
     """Console entry point: a run whose reader closed stdout ends quietly, with status 0."""
+    stdout_at_start = _stdout_stat()
     try:
         _main()
         sys.stdout.flush()
     except BrokenPipeError:
         _exit_on_closed_pipe()
     except SystemExit:
-        if _click_saw_closed_pipe():
+        if _click_saw_closed_pipe() or _rich_saw_closed_pipe(stdout_at_start):
             _exit_on_closed_pipe()
         raise
+
+
+def _stdout_stat() -> os.stat_result | None:
+    try:
+        return os.fstat(1)
+    except OSError:
+        return None
+
+
+def _rich_saw_closed_pipe(at_start: os.stat_result | None) -> bool:
+    """Rich answers a broken pipe by pointing stdout at /dev/null, then exit 1."""
+    now, null = _stdout_stat(), os.stat(os.devnull)
+    return (at_start is not None and now is not None and os.path.samestat(now, null)
+            and not os.path.samestat(at_start, null))
 
 
 def _click_saw_closed_pipe() -> bool:
@@ -165,17 +180,23 @@ def _json_requested(argv: list[str]) -> bool:
 def _main() -> None:
     """Run the command line. With ``--json``, usage errors also come out as one JSON document."""
     app = _app_for(sys.argv[1:])
-    if not _json_requested(sys.argv[1:]):
+    as_json = _json_requested(sys.argv[1:])
+    if not as_json and sys.stderr.isatty():
         app(prog_name="mcpbill")
         return
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
     try:
         result = app(prog_name="mcpbill", standalone_mode=False)
     except typer.Abort:
         sys.exit(1)
+    except NoArgsIsHelpError:
+        sys.exit(exit_code("USAGE_ERROR"))  # Typer printed the help
     except ClickException as exc:
         message = redacted(exc.format_message())
+        if not as_json:  # a log: Click's plain lines, not a box wrapped at 80 columns
+            exc.show()
+            sys.exit(exc.exit_code)
         print_json(envelope(None, [{"code": "USAGE_ERROR", "message": message}]))
         sys.exit(exit_code("USAGE_ERROR"))
     sys.exit(result if isinstance(result, int) else 0)

@@ -196,7 +196,7 @@ def print_table(items: Sequence[Any], columns: Sequence[Column], *,
     from rich.text import Text
 
     console = (err if to_stderr else out).get()
-    table = Table(title=title, title_justify="left")
+    table = Table(title=None if title is None else Text(title), title_justify="left")
     for column in columns:
         table.add_column(column.header, no_wrap=column.ident, overflow="ignore")
     for item in items:  # Text: a cell's [brackets] are data, never markup

@@ -143,6 +143,24 @@ def test_a_closed_pipe_exits_0_without_a_word(env: dict[str, str]) -> None:
     assert (proc.returncode, proc.stderr) == (0, b"")
 
 
+def test_help_through_head_1_exits_quietly(isolated_home: Path) -> None:
+    """Rich, which prints the help, ends a run on a broken pipe with exit 1 of its own."""
+    with subprocess.Popen([MCPBILL, "--help"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as producer:
+        assert producer.stdout is not None and producer.stderr is not None
+        producer.stdout.close()  # the reader is gone before the first line
+        assert (producer.wait(), producer.stderr.read()) == (0, b"")
+
+
+def test_a_usage_error_in_a_pipe_is_plain_lines(isolated_home: Path) -> None:
+    option = "--no-such-option-" + "x" * 120
+    proc = subprocess.run([MCPBILL, "token", "list", option], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "80"}, check=False)
+    assert proc.returncode == 2
+    assert not BOX.search(proc.stderr), proc.stderr
+    assert f"Error: No such option: {option}" in proc.stderr.splitlines()
+
+
 def test_an_error_in_a_pipe_is_one_line(env: dict[str, str]) -> None:
     jti = "tok_" + "x" * 150
     proc = subprocess.run([MCPBILL, "token", "show", jti], capture_output=True, text=True,
