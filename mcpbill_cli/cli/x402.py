@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX = "1.00"
 DEFAULT_TOOL = "x402.fetch"
+_EXCERPT_BYTES = 300  # of an error page, in the error: enough to see what the server said
 
 app = typer.Typer(help="Pay downstream x402 (HTTP 402) challenges within an agent's budget.",
                   no_args_is_help=True)
@@ -82,7 +83,23 @@ def fetch(
                            request_id=request_id)
     finally:
         verifier.close()  # seals the payment's events and writes refusal counts
+    _refuse_http_error(result)
     emit(_result_data(result), as_json=as_json, human=lambda: _render(result))
+
+
+def _refuse_http_error(result: FetchResult) -> None:
+    """Fail on an HTTP error status as `curl --fail` does, so a script never takes an error
+    page for the data it asked for: nothing goes to stdout, the error names the status. A dry
+    run's 402 is the challenge it came to judge, not an error."""
+    from mcpbill_cli.x402.errors import X402HttpError
+
+    if result.status < 400 or (result.dry_run and result.status == 402):
+        return
+    receipt = result.outcome.receipt.receipt_id if result.outcome else None
+    paid = f"; the payment settled first (receipt {receipt})" if receipt else ""
+    raise X402HttpError(f"HTTP {result.status} from {result.url}{paid}", status=result.status,
+                        url=result.url, receipt_id=receipt,
+                        body_excerpt=result.body[:_EXCERPT_BYTES].decode("utf-8", "replace"))
 
 
 def _result_data(result: FetchResult) -> dict[str, Any]:

@@ -44,6 +44,14 @@ class X402SettlementFailed(X402Error):
     code = "X402_SETTLEMENT_FAILED"
 
 
+class X402HttpError(X402Error):
+    """The URL answered with an HTTP error (400 and up; in a dry run, other than the 402 it
+    came to judge), curl ``--fail`` style: its body is not data. Details: ``status``, ``url``,
+    ``body_excerpt`` and, when a payment settled before the error, ``receipt_id``."""
+
+    code = "X402_HTTP_ERROR"
+
+
 class X402AlreadyPaid(X402Error):
     """This request (its idempotency key) was paid already: it is never paid twice.
 
