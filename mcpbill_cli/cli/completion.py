@@ -13,9 +13,13 @@ from mcpbill_cli.errors import InvalidInput
 SHELLS = ("bash", "zsh", "fish")
 
 
+def _shells(incomplete: str) -> list[str]:
+    return [shell for shell in SHELLS if shell.startswith(incomplete)]
+
+
 @handles_errors
 def completion(
-    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")],
+    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", autocompletion=_shells)],
     as_json: JsonOption = False,
 ) -> None:
     """Print the completion script. Example: mcpbill completion bash > ~/.mcpbill-complete.bash"""
