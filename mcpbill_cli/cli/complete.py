@@ -60,10 +60,12 @@ def register_shells() -> None:
 
 # Bash hands the line up to the cursor to mcpbill, which splits it as the shell would: Typer's
 # own script passes COMP_WORDS, which bash splits at COMP_WORDBREAKS, so a `:` or `=` inside a
-# word (`--db-url sqlite:///...`) cut it in pieces. mapfile keeps each line one value, unglobbed.
+# word (`--db-url sqlite:///...`) cut it in pieces. mapfile keeps each line one value, unglobbed;
+# no value leaves COMPREPLY empty (not one empty value), so bash falls back to file names.
 BASH_SCRIPT = r"""%(complete_func)s() {
     mapfile -t COMPREPLY < <(env COMP_LINE="${COMP_LINE:0:COMP_POINT}" \
         COMP_WORDBREAKS="$COMP_WORDBREAKS" %(autocomplete_var)s=complete_bash "$1")
+    [[ -n "${COMPREPLY[*]}" ]] || COMPREPLY=()
     return 0
 }
 

@@ -46,8 +46,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
 def _on_terminal(argv: list[str], setup: str, line: str, env: dict[str, str],
                  capture: Path) -> list[str]:
     """Start an interactive shell on a pseudo-terminal, run ``setup``, type ``line`` and TAB;
-    ``setup`` wraps the shell's completion so that what it offers is appended to ``capture``,
-    then ``::done::``."""
+    ``setup`` wraps the shell's completion so that it appends each value it offers to
+    ``capture`` as ``>value``, then ``::done::``."""
     capture.write_text("")
     primary, secondary = os.openpty()
     proc = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary,
@@ -64,8 +64,8 @@ def _on_terminal(argv: list[str], setup: str, line: str, env: dict[str, str],
         proc.kill()
         proc.wait()
         os.close(primary)
-    return [_as_read(word) for word in capture.read_text().splitlines()
-            if word and word != "::done::"]
+    return [_as_read(line[1:]) for line in capture.read_text().splitlines()
+            if line.startswith(">")]
 
 
 def _as_read(word: str) -> str:
@@ -80,7 +80,11 @@ BASH_SETUP = r"""
 PS1=''
 eval "$(mcpbill completion bash)"
 spec=$(complete -p mcpbill); registered=${spec##*-F }; registered=${registered%% *}
-record() { "$registered" "$@"; printf '%s\n' "${COMPREPLY[@]}" ::done:: >> "$CAPTURE"; }
+record() {
+  "$registered" "$@"
+  for reply in "${COMPREPLY[@]}"; do printf '>%s\n' "$reply"; done >> "$CAPTURE"
+  echo ::done:: >> "$CAPTURE"
+}
 complete -o default -F record mcpbill
 """
 
@@ -100,7 +104,7 @@ compadd() {
   if [[ ${@[1,(i)(-|--)]} == *-(O|A|D)\ * ]]; then builtin compadd "$@"; return; fi
   local -a hits
   builtin compadd -A hits "$@"
-  (( $#hits )) && print -rl -- $hits >> "$CAPTURE"
+  (( $#hits )) && print -rl -- ">"$^hits >> "$CAPTURE"
   builtin compadd "$@"
 }
 mark_done() { print -r -- '::done::' >> "$CAPTURE" }
