@@ -239,3 +239,4 @@ def sweep(ctx: typer.Context, dry_run: DryRunOption = False,
 
 
 app.command("topup")(token_changes.topup)
+app.command("extend")(token_changes.extend)

@@ -9,7 +9,7 @@ import typer
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say, with_usd
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import utcnow
+from mcpbill_cli.clock import rfc3339, utcnow
 from mcpbill_cli.money import format_usd
 
 JtiArgument = Annotated[str, typer.Argument(help="The token's jti (tok_...).",
@@ -40,3 +40,40 @@ def topup(
     emit(with_usd(done, "amount", "limit", "remaining"), as_json=as_json, human=lambda: say(
         f"topped up {done.jti} with {format_usd(done.amount)} USDC from {done.source}; "
         f"limit {format_usd(done.limit)}, {format_usd(done.remaining)} remaining"))
+
+
+@handles_errors
+def extend(
+    ctx: typer.Context,
+    jti: JtiArgument,
+    ttl: Annotated[str, typer.Option(
+        "--ttl", help="New lifetime from now: 90s, 15m, 24h, 2d (at most ttl_cap from the "
+                      "token's issue).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Let an active token live longer; prints the token again with its new expiry, so
+    TOKEN=$(mcpbill token extend JTI --ttl 12h) works.
+
+    A JWT's exp is signed: the earlier JWT still expires when it said (give the agent the new
+    one); both spend the same credit. Only tokens signed by the active key can be extended.
+    """
+    from mcpbill_cli.durations import parse_duration
+    from mcpbill_cli.ledger.engine import writing
+    from mcpbill_cli.ledger.token_changes import extend as extend_token
+
+    st = state(ctx)
+    settings = st.settings
+    seconds = parse_duration(ttl, field="ttl")
+    signer = st.keyring().signing_key()
+    with writing(st.engine()) as conn:
+        done = extend_token(conn, jti, seconds, now=utcnow(), signer=signer,
+                            issuer=settings.issuer, ttl_cap=settings.ttl_cap)
+    data = {"token": done.token, "jti": done.jti, "expires_at": rfc3339(done.expires_at),
+            "previous_expires_at": rfc3339(done.previous_expires_at)}
+
+    def human() -> None:
+        say(f"extended {done.jti} to {data['expires_at']} (was {data['previous_expires_at']}); "
+            "the earlier JWT still expires then")
+        typer.echo(done.token)
+
+    emit(data, as_json=as_json, human=human)

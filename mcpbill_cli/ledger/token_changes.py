@@ -8,18 +8,27 @@ as it was when the caller rolls back.
 
 from __future__ import annotations
 
+import json
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from mcpbill_cli.clock import aware
-from mcpbill_cli.errors import InsufficientFunds, InvalidCreditToken, NotFound, TokenRevoked
+from mcpbill_cli.clock import aware, rfc3339
+from mcpbill_cli.errors import (
+    InsufficientFunds,
+    InvalidCreditToken,
+    InvalidInput,
+    NotFound,
+    TokenRevoked,
+)
+from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, tokens
 from mcpbill_cli.money import format_usd
+from mcpbill_cli.tokens import Claims, encode_token, expires
 
 tk = tokens.c
 
@@ -82,3 +91,59 @@ def _short(conn: Connection, source: str, amount: int) -> InsufficientFunds:
     return InsufficientFunds(
         f"{whose} has {format_usd(available)} USDC available, less than {format_usd(amount)}; "
         "nothing was moved", available=format_usd(available), requested=format_usd(amount))
+
+
+@dataclass(frozen=True)
+class Extension:
+    jti: str
+    token: str = field(repr=False)  # the same claims, signed again with the new exp
+    expires_at: datetime
+    previous_expires_at: datetime
+
+
+def extend(conn: Connection, jti: str, ttl: int, *, now: datetime, signer: tuple[KeyInfo, Any],
+           issuer: str, ttl_cap: int) -> Extension:
+    """Move an active token's expiry to ``now + ttl``, at most ``ttl_cap`` after it was issued
+    (and, for a child, not past its parent); returns the same claims signed with the new exp.
+
+    The ledger's expiry is what sweep and `token list` go by; a JWT's ``exp`` is signed, so the
+    earlier JWT still expires when it said, and the agent switches to the one returned here.
+    """
+    row = _active_row(conn, jti, now)
+    previous, new_exp = aware(row.expires_at), expires(now, ttl)
+    _check_new_expiry(conn, row, previous, new_exp, ttl_cap)
+    info, private_key = signer
+    if info.kid != row.kid:
+        raise InvalidInput(f"token {jti} was signed by key {row.kid}, which is no longer the "
+                           "active one; issue a new token instead", field="jti")
+    moved = conn.execute(update(tokens).where(tk.jti == jti, tk.revoked_at.is_(None),
+                                              tk.expires_at > now)
+                         .values(expires_at=new_exp)).rowcount
+    if moved != 1:  # the guard in the statement itself, whatever was read before
+        raise TokenRevoked(f"token {jti} changed meanwhile; nothing was extended", jti=jti)
+    audit.record(conn, "extend", at=now, jti=jti, tenant=row.tenant, agent=row.agent,
+                 demo=row.demo, detail={"expires_at": rfc3339(new_exp),
+                                        "previous_expires_at": rfc3339(previous)})
+    claims = Claims(jti=jti, tenant=row.tenant, agent=row.agent,
+                    scope=tuple(json.loads(row.scope)), audience=row.audience, issuer=issuer,
+                    issued_at=aware(row.issued_at), not_before=aware(row.issued_at),
+                    expires_at=new_exp, limit=row.limit_micro, kid=row.kid,
+                    parent=row.parent_jti)
+    return Extension(jti, encode_token(claims, info.alg, private_key), new_exp, previous)
+
+
+def _check_new_expiry(conn: Connection, row: Any, previous: datetime, new_exp: datetime,
+                      ttl_cap: int) -> None:
+    latest = aware(row.issued_at) + timedelta(seconds=ttl_cap)
+    if row.parent_jti:
+        parent_exp = conn.execute(select(tk.expires_at).where(tk.jti == row.parent_jti)
+                                  ).scalar_one()
+        latest = min(latest, aware(parent_exp))
+    if new_exp > latest:
+        raise InvalidInput(f"token {row.jti} can live until {rfc3339(latest)} at the latest "
+                           "(ttl_cap from its issue, or its parent's expiry); ask for less",
+                           field="ttl", latest=rfc3339(latest))
+    if new_exp <= previous:
+        raise InvalidInput(f"token {row.jti} already expires at {rfc3339(previous)}; extend "
+                           "only moves the expiry later (revoke ends a token early)",
+                           field="ttl")
