@@ -195,6 +195,7 @@ def _main() -> None:
     except ClickException as exc:
         message = redacted(exc.format_message())
         if not as_json:  # a log: Click's plain lines, not a box wrapped at 80 columns
+            exc.message = redacted(exc.message)  # it quotes the command line: maybe a token
             exc.show()
             sys.exit(exc.exit_code)
         print_json(envelope(None, [{"code": "USAGE_ERROR", "message": message}]))

@@ -52,3 +52,20 @@ def test_an_unparsable_url_with_a_raw_at_sign_keeps_the_password_out(cli: Invoke
     message = error_json(result, "INVALID_INPUT")["message"]
     assert "w0rd" not in result.output and "p@ss" not in result.output
     assert "%40" in message
+
+
+def test_a_usage_error_in_a_log_never_echoes_a_token(ledger_cli: Invoke) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ok_json(ledger_cli("wallet", "fund", "--demo", "2", "--json"))
+    token = ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))["token"]
+    mcpbill = str(Path(sys.executable).parent / "mcpbill")
+    for extra in ([], ["--json"]):
+        proc = subprocess.run([mcpbill, "token", "show", "tok_x", token, *extra],
+                              capture_output=True, text=True, check=False, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert token not in proc.stdout + proc.stderr
+        shown = proc.stdout + proc.stderr
+        assert "eyJhbGciOi" in shown and "(redacted)" in shown
