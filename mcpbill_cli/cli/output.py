@@ -25,7 +25,9 @@ import typer
 from mcpbill_cli.clock import rfc3339, rfc3339_text
 from mcpbill_cli.errors import BillingError
 
-SCHEMA_VERSION = 1
+# 2: one data contract (snake_case, `*_usd`, RFC 3339 `Z` times); 1 had camelCase fields in
+# pricing, receipt and x402 data, `exp` in `token issue` and times in several forms.
+SCHEMA_VERSION = 2
 
 EXIT_CODES: dict[str, int] = {
     "USAGE_ERROR": 2,

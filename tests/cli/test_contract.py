@@ -13,7 +13,9 @@ from typer.main import get_command
 from mcpbill_cli import Receipt, Verifier
 from mcpbill_cli.cli import app
 from mcpbill_cli.cli.completion import SHELLS, script
+from mcpbill_cli.clock import utcnow
 from tests.cli.conftest import Invoke, ok_json
+from tests.cli.data_contract import add_activity, assert_contract, assert_export_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +96,7 @@ SUCCESSFUL = [
     ("pricing", "diff", "{pricing}"),
     ("revoke", "{jti}"),
     ("revocations", "export"),
-    ("reconcile",),
+    ("reconcile", "--from", "{today}"),
     ("events", "export", "--out", "{events}"),
     ("audit", "seal"),
     ("audit", "seals", "export", "--out", "{seals}"),
@@ -129,9 +131,13 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_hom
     values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml"),
                               "demo": str(isolated_home.parent / "demo-home"),
                               "events": str(isolated_home.parent / "events.jsonl"),
-                              "seals": str(isolated_home.parent / "seals.jsonl")}
+                              "seals": str(isolated_home.parent / "seals.jsonl"),
+                              "today": f"{utcnow():%Y-%m-%d}"}
+    paths = command_paths()
+    add_activity(ledger_cli)
     for args in SUCCESSFUL:
         data = ok_json(ledger_cli(*(a.format(**values) for a in args), "--json"))
+        assert_contract(next(p for p in paths if args[:len(p)] == p), data)
         if args[:2] == ("token", "issue"):
             values.update(token=data["token"], jti=data["jti"])
             receipt = charge_once(data["token"])
@@ -142,6 +148,8 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_hom
             kinds = [step["kind"] for step in data["steps"]]
             assert kinds[-2:] == ["refusal", "summary"] and "receipt" in kinds
             assert data["steps"][-1]["data"]["violations"] == []
+    assert_export_lines("events-export-line", Path(values["events"]))
+    assert_export_lines("audit-seals-export-line", Path(values["seals"]))
 
 
 @pytest.mark.parametrize("args", [

@@ -73,7 +73,7 @@ def test_show_lists_every_tool_with_its_rule(runner: CliRunner, home: Path) -> N
 def test_show_json_is_one_envelope(runner: CliRunner, home: Path) -> None:
     code, document = run_json(runner, "show")
     assert code == 0
-    assert document["schema_version"] == 1 and document["status"] == "ok"
+    assert document["schema_version"] == 2 and document["status"] == "ok"
     assert document["errors"] == []
     data = document["data"]
     assert [row["tool"] for row in data["tools"]] == ["search", "status", "summarize"]

@@ -19,6 +19,7 @@ from typer.testing import CliRunner, Result
 from mcpbill_cli.cli import app
 from mcpbill_cli.cli.output import exit_code
 from mcpbill_cli.wallet.keystore import load_account
+from tests.cli.data_contract import assert_contract
 
 from .devnet import USDC, Devnet
 
@@ -143,6 +144,7 @@ def test_funding_syncing_and_balances_on_chain_through_the_cli(
     net.mine(1)
     funded = data(cli("wallet", "fund", "-t", "acme", "--tx", good, "--json"))
     assert funded["amount_usd"] == "25.00" and funded["already_credited"] == []
+    assert_contract(("wallet", "fund"), funded)
     again = cli("wallet", "fund", "-t", "acme", "--tx", good)
     assert again.exit_code == 0 and "already credited to acme" in said(again)
     refusal(cli("wallet", "fund", "-t", "acme", "--tx", lookalike, "--json"), "NOT_USDC")
@@ -153,12 +155,17 @@ def test_funding_syncing_and_balances_on_chain_through_the_cli(
     synced = data(cli("wallet", "sync", "--from-block", start, "--json"))
     assert [(c["tenant"], c["amount_usd"]) for c in synced["credited"]] == [("globex", "4.00")]
     assert [d["amount_usd"] for d in synced["unlinked"]] == ["6.00", "1.00"]
+    assert_contract(("wallet", "sync"), synced)
     listed = cli("wallet", "sync")
     assert listed.exit_code == 0 and "6.00" in listed.stdout and "wallet link" in said(listed)
 
     onchain = data(cli("wallet", "balance", "--onchain", "--json"))
     assert (onchain["onchain_usd"], onchain["credited_usd"], onchain["unlinked_usd"],
             onchain["unaccounted_usd"]) == ("36.00", "29.00", "7.00", "0.00")
+    assert_contract(("wallet", "balance"), onchain)
     wrong = refusal(cli("wallet", "sync", "--chain", "base", "--rpc-url", anvil_url, "--json"),
                     "WRONG_CHAIN")
     assert wrong["actual"] == 31337
+    kept = data(cli("wallet", "link", "-t", "initech", "--address", net.alice, "--json"))
+    assert [c["amount_usd"] for c in kept["credited"]] == ["6.00", "1.00"]
+    assert_contract(("wallet", "link"), kept)

@@ -19,6 +19,7 @@ from mcpbill_cli.cli import app as mcpbill
 from mcpbill_cli.cli import x402 as x402_cli
 from mcpbill_cli.cli.output import exit_code
 from mcpbill_cli.cli.state import State
+from tests.cli.data_contract import assert_contract
 
 from .conftest import PRICE, Peer
 
@@ -97,6 +98,7 @@ def test_fetch_pays_and_shows_requirements_decision_and_settlement(
     assert data["receipt"]["amount_usd"] == "0.01"
     assert data["remaining_usd"] == "0.99"
     assert json.loads(data["body"])["report"] == "paid content"
+    assert_contract(("x402", "fetch"), data)
     operator, payee = peer.balances()
     assert (before[0] - operator, payee - before[1]) == (PRICE, PRICE)
     assert PASSWORD not in result.output and peer.operator.key.hex() not in result.output
@@ -127,6 +129,7 @@ def test_a_dry_run_judges_without_holding_or_signing(cli: Invoke, token: str,
     assert data["challenge"]["x402_version"] == 1
     assert data["decision"]["chosen"] == 0 and data["refusal"] is None
     assert data["remaining_usd"] == "1.00"
+    assert_contract(("x402", "fetch"), data)
     assert peer.balances() == before
 
 
