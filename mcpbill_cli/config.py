@@ -90,7 +90,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # TOMLDecodeError, bad UTF-8, a 5,000-digit integer
         raise ConfigInvalid(f"cannot read {path}: {exc}", path=str(path)) from None
     unknown = sorted(set(data) - _KNOWN_KEYS)
     if unknown:

@@ -177,3 +177,29 @@ class PricingVersionReused(BillingError):
 
 class DemoOnly(BillingError):
     code = "DEMO_ONLY"
+
+
+class KeyringCorrupt(BillingError):
+    """``keyring.json`` or a key file it lists is missing, unreadable or not what it should be:
+    nothing can be signed or verified until it is restored (from a backup)."""
+
+    code = "KEYRING_CORRUPT"
+
+
+class FileUnavailable(BillingError):
+    """A file the command was pointed at cannot be read or written (missing, a directory, no
+    permission, disk full). The message names the path."""
+
+    code = "FILE_UNAVAILABLE"
+
+
+class NoTerminal(BillingError):
+    """The command would ask a question, but nobody is at a terminal to answer it."""
+
+    code = "NO_TERMINAL"
+
+
+class InternalError(BillingError):
+    """An exception nobody anticipated: a bug. ``MCPBILL_DEBUG=1`` shows its traceback."""
+
+    code = "INTERNAL_ERROR"

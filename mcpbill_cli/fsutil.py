@@ -9,11 +9,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from mcpbill_cli.errors import FileUnavailable
+
 
 @contextmanager
 def atomic_writer(path: Path, *, mode: int = 0o644, text: bool = False) -> Iterator[IO[Any]]:
     """Stream into a temp file beside ``path``; it replaces ``path`` in one rename only when
-    the block succeeds (fsynced first), and is removed if the block fails."""
+    the block succeeds (fsynced first), and is removed if the block fails.
+
+    Any OSError on the way (no such directory, no permission, a full disk, also while the
+    block writes) is FILE_UNAVAILABLE naming ``path``, not the temp file nobody asked for."""
+    try:
+        with _atomic_writer(path, mode=mode, text=text) as fh:
+            yield fh
+    except OSError as exc:
+        raise unwritable(path, exc) from None
+
+
+def unwritable(path: Path, exc: OSError) -> FileUnavailable:
+    return FileUnavailable(f"cannot write {path}: {exc.strerror or exc}", path=str(path))
+
+
+@contextmanager
+def _atomic_writer(path: Path, *, mode: int, text: bool) -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -36,14 +54,20 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 
 def write_new_secret(path: Path, data: bytes) -> None:
-    """Create ``path`` mode 0600 from the first byte on; refuse to overwrite an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsync_dir(path.parent)
+    """Create ``path`` mode 0600 from the first byte on; refuse to overwrite an existing file
+    (FileExistsError, for the caller to word); any other OSError is FILE_UNAVAILABLE."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(path.parent)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise unwritable(path, exc) from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -8,19 +8,28 @@ verify nothing. Private key material is never printed and never leaves this modu
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mcpbill_cli.errors import AlreadyExists, InvalidInput, NotFound, NotInitialized
+from mcpbill_cli.errors import (
+    AlreadyExists,
+    InvalidInput,
+    KeyringCorrupt,
+    NotFound,
+    NotInitialized,
+)
 from mcpbill_cli.fsutil import write_atomic, write_new_secret
 
 ALGORITHMS = ("EdDSA", "ES256", "HS256")
 DEFAULT_ALGORITHM = "EdDSA"
 INDEX = "keyring.json"
 MIN_HMAC_BYTES = 32
+STATUSES = ("active", "verifying", "retired")
+_KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,15 @@ class KeyRing:
 
     @classmethod
     def load(cls, directory: Path) -> KeyRing:
+        path = directory / INDEX
         try:
-            raw = json.loads((directory / INDEX).read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise NotInitialized(f"no signing keys in {directory}: run `mcpbill init`") from None
-        return cls(directory, {k["kid"]: KeyInfo(**k) for k in raw["keys"]})
+        except (OSError, ValueError, RecursionError) as exc:
+            raise _corrupt(path, str(exc) or type(exc).__name__) from None
+        infos = [_key_info(entry, path) for entry in _entries(raw, path)]
+        return cls(directory, {info.kid: info for info in infos})
 
     @classmethod
     def exists(cls, directory: Path) -> bool:
@@ -165,6 +178,33 @@ def init_keyring(directory: Path, alg: str, *, now: datetime, force: bool) -> Ke
     return ring
 
 
+def _corrupt(path: Path, problem: str) -> KeyringCorrupt:
+    return KeyringCorrupt(f"{path}: {problem}; restore the keys directory from a backup (tokens "
+                          "and receipts its keys signed verify only with those keys)",
+                          path=str(path))
+
+
+def _entries(raw: Any, path: Path) -> list[Any]:
+    entries = raw.get("keys") if isinstance(raw, dict) else None
+    if not isinstance(entries, list):
+        raise _corrupt(path, 'not a key ring (no "keys" list)')
+    return entries
+
+
+def _key_info(entry: Any, path: Path) -> KeyInfo:
+    """One entry of ``keyring.json``, checked: its kid names a file, so it must be a plain name."""
+    try:
+        info = KeyInfo(**entry)
+        if info.verify_until is not None and not datetime.fromisoformat(info.verify_until).tzinfo:
+            raise ValueError("verify_until without a UTC offset")
+    except (TypeError, ValueError):
+        raise _corrupt(path, f"not a key entry: {entry!r}"[:200]) from None
+    if (not isinstance(info.kid, str) or not _KID.fullmatch(info.kid)
+            or info.alg not in ALGORITHMS or info.status not in STATUSES):
+        raise _corrupt(path, f"not a key entry: {entry!r}"[:200])
+    return info
+
+
 # --- key material -------------------------------------------------------------------------------
 
 
@@ -185,14 +225,32 @@ def _generate(alg: str) -> bytes:
 
 
 def _load_private(directory: Path, info: KeyInfo) -> Any:
-    from cryptography.hazmat.primitives import serialization
-
-    data = _key_path(directory, info.kid, info.alg).read_bytes()
+    path = _key_path(directory, info.kid, info.alg)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _corrupt(path, f"cannot read key {info.kid}: {exc.strerror or exc}") from None
     if info.alg == "HS256":
         if len(data) < MIN_HMAC_BYTES:
             raise InvalidInput(f"HS256 key {info.kid} is shorter than {MIN_HMAC_BYTES} bytes")
         return data
-    return serialization.load_pem_private_key(data, password=None)
+    return _pem_private(data, info, path)
+
+
+def _pem_private(data: bytes, info: KeyInfo, path: Path) -> Any:
+    """The private key in a PEM file, of the kind its ring entry says (never echoing a byte)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    kind = ed25519.Ed25519PrivateKey if info.alg == "EdDSA" else ec.EllipticCurvePrivateKey
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        private = None
+    if not isinstance(private, kind):
+        raise _corrupt(path, f"not an unencrypted {info.alg} private key (key {info.kid})")
+    return private
 
 
 def _public(directory: Path, info: KeyInfo) -> Any:
@@ -211,12 +269,20 @@ def _to_jwk(vk: VerificationKey) -> dict[str, Any]:
 def keys_from_jwks(document: dict[str, Any]) -> dict[str, VerificationKey]:
     """Verification keys from a JWKS document (what a stateless verifier is given)."""
     from jwt import PyJWK
+    from jwt.exceptions import PyJWTError
 
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise InvalidInput('not a JWKS document: expected {"keys": [{...}, ...]}')
     found: dict[str, VerificationKey] = {}
-    for entry in document.get("keys", []):
+    for entry in entries:
         if entry.get("alg") not in ("EdDSA", "ES256") or not entry.get("kid"):
             continue
-        jwk = PyJWK(entry)
+        try:
+            jwk = PyJWK(entry)
+        except (PyJWTError, ValueError) as exc:
+            raise InvalidInput(f"JWKS key {str(entry['kid'])[:64]!r} is not a usable public "
+                               f"key: {exc}") from None
         found[entry["kid"]] = VerificationKey(entry["kid"], entry["alg"], jwk.key)
     return found
 

@@ -27,23 +27,32 @@ def parse_usd(text: str, *, allow_zero: bool = False, field: str = "amount") -> 
     match = _AMOUNT.fullmatch(raw)
     if match is None or not (match["whole"] or match["frac"]):
         raise InvalidInput(
-            f"{field} {text!r} is not an amount: use digits with at most {DECIMALS} decimals, "
-            "like 5, 5.00, $5 or 0.000001",
+            f"{field} {_shown(text)} is not an amount: use digits with at most {DECIMALS} "
+            "decimals, like 5, 5.00, $5 or 0.000001",
             field=field,
         )
     frac = match["frac"] or ""
     if len(frac) > DECIMALS:
         raise InvalidInput(
-            f"{field} {text!r} has more than {DECIMALS} decimals; USDC's smallest unit is 0.000001",
+            f"{field} {_shown(text)} has more than {DECIMALS} decimals; USDC's smallest unit is "
+            "0.000001",
             field=field,
         )
-    micro = int(match["whole"] or "0") * MICRO_PER_USDC + int(frac.ljust(DECIMALS, "0") or "0")
-    if micro > MAX_MICRO:
-        raise InvalidInput(f"{field} {text!r} is too large (at most {format_usd(MAX_MICRO)})",
+    whole = match["whole"].lstrip("0")
+    # int() of thousands of digits raises ValueError (and costs time): too large anyway
+    too_long = len(whole) > len(str(MAX_MICRO // MICRO_PER_USDC))
+    micro = 0 if too_long else int(whole or "0") * MICRO_PER_USDC + int(frac.ljust(DECIMALS, "0"))
+    if too_long or micro > MAX_MICRO:
+        raise InvalidInput(f"{field} {_shown(text)} is too large (at most {format_usd(MAX_MICRO)})",
                            field=field)
     if micro == 0 and not allow_zero:
         raise InvalidInput(f"{field} must be more than 0", field=field)
     return micro
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a message, cut short: an error should not echo 5,000 digits."""
+    return repr(text) if len(text) <= 40 else f"{text[:24]!r}... ({len(text)} characters)"
 
 
 def format_usd(micro: int) -> str:

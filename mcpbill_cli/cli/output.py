@@ -12,8 +12,10 @@ import enum
 import functools
 import inspect
 import json
+import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -21,13 +23,15 @@ from pathlib import PurePath
 from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
+from typer._click.exceptions import ClickException
 
 from mcpbill_cli.clock import rfc3339, rfc3339_text
-from mcpbill_cli.errors import BillingError
+from mcpbill_cli.errors import BillingError, FileUnavailable, InternalError, LedgerUnavailable
 
 # 2: one data contract (snake_case, `*_usd`, RFC 3339 `Z` times); 1 had camelCase fields in
 # pricing, receipt and x402 data, `exp` in `token issue` and times in several forms.
 SCHEMA_VERSION = 2
+ENV_DEBUG = "MCPBILL_DEBUG"
 
 EXIT_CODES: dict[str, int] = {
     "USAGE_ERROR": 2,
@@ -74,6 +78,11 @@ EXIT_CODES: dict[str, int] = {
     "X402_SETTLEMENT_FAILED": 24,
     "CONFIRMATION_REQUIRED": 25,
     "X402_HTTP_ERROR": 26,
+    "INTERNAL_ERROR": 1,
+    "KEYRING_CORRUPT": 10,
+    "FILE_UNAVAILABLE": 3,
+    "NO_TERMINAL": 3,
+    "X402_UNREACHABLE": 17,
 }
 GENERIC_FAILURE = 1
 
@@ -410,8 +419,9 @@ def refuse_blank_names(arguments: Mapping[str, Any]) -> None:
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Render any BillingError the command raises, as JSON when the command got ``--json``.
-    Blank names are refused first (:func:`refuse_blank_names`)."""
+    """Render any BillingError the command raises, as JSON when the command got ``--json``;
+    anything else that escapes is the last line of defence's (:func:`unexpected`). Blank names
+    are refused first (:func:`refuse_blank_names`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -419,10 +429,47 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             refuse_blank_names(kwargs)
             return fn(*args, **kwargs)
         except BillingError as exc:
-            fail(exc, as_json=bool(kwargs.get("as_json")) or kwargs.get("output") == Output.json)
+            fail(exc, as_json=_wants_json(kwargs))
+        except (typer.Exit, typer.Abort, BrokenPipeError, ClickException):
+            raise  # an exit status, a usage error or a closed pipe: not failures to recode
+        except Exception as exc:  # noqa: BLE001 - the last line of defence, see unexpected()
+            fail(unexpected(exc), as_json=_wants_json(kwargs))
 
     wrapper.__doc__ = reflowed(fn.__doc__)
     return wrapper
+
+
+def _wants_json(kwargs: Mapping[str, Any]) -> bool:
+    return bool(kwargs.get("as_json")) or kwargs.get("output") == Output.json
+
+
+def unexpected(exc: Exception) -> BillingError:
+    """A coded error for an exception nothing anticipated, so a script still gets an exit code
+    and one JSON document: a file the OS refused names its path (FILE_UNAVAILABLE), a ledger
+    the driver cannot read is LEDGER_UNAVAILABLE, the rest is INTERNAL_ERROR (a bug). The
+    traceback goes to stderr only with ``MCPBILL_DEBUG=1``: it can hold paths and arguments."""
+    if os.environ.get(ENV_DEBUG) == "1":
+        traceback.print_exception(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return FileUnavailable(f"cannot use {exc.filename}: {exc.strerror or exc}",
+                               path=str(exc.filename))
+    if _is_ledger_failure(exc):
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return LedgerUnavailable(f"the ledger cannot be read: {reason}; restore it from a "
+                                 "backup, or check MCPBILL_DB_URL or --db-url")
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return InternalError(f"unexpected {type(exc).__name__}: {first_line} (a bug: please report "
+                         f"it; {ENV_DEBUG}=1 shows the traceback)")
+
+
+def _is_ledger_failure(exc: Exception) -> bool:
+    """A database error SQLAlchemy raised as it is (a corrupt SQLite page, a lost server); not
+    an integrity or programming error, which would be a bug."""
+    if "sqlalchemy" not in sys.modules:
+        return False
+    from sqlalchemy.exc import DatabaseError, InterfaceError, OperationalError
+
+    return isinstance(exc, OperationalError | InterfaceError) or type(exc) is DatabaseError
 
 
 def reflowed(doc: str | None) -> str | None:

@@ -12,11 +12,12 @@ import typer
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, print_fields, receipt_data
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.errors import InvalidInput, NotFound
+from mcpbill_cli.errors import FileUnavailable, InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
 
+    from mcpbill_cli.keys import VerificationKey
     from mcpbill_cli.ledger.calls import StoredCall
 
 app = typer.Typer(help="Signed receipts: recover and verify.", no_args_is_help=True)
@@ -70,12 +71,28 @@ def verify(
     as_json: JsonOption = False,
 ) -> None:
     """Check a receipt's signature offline; exits 6 (INVALID_RECEIPT) if it does not verify."""
-    from mcpbill_cli.keys import keys_from_jwks
     from mcpbill_cli.receipts import verify_receipt
 
     text = (sys.stdin.read() if receipt == "-" else receipt).strip()
-    keys = (keys_from_jwks(json.loads(jwks.read_text())) if jwks
-            else state(ctx).keyring().verification_keys())
+    keys = _jwks_keys(jwks) if jwks else state(ctx).keyring().verification_keys()
     checked = verify_receipt(text, keys)
     emit({"valid": True, **receipt_data(checked.claims)}, as_json=as_json,
          human=lambda: _render({"valid": True, **checked.claims}))
+
+
+def _jwks_keys(path: Path) -> dict[str, VerificationKey]:
+    """The keys of a JWKS file: a file that cannot be read names its path (FILE_UNAVAILABLE),
+    one that is not a JWKS document is INVALID_INPUT."""
+    from mcpbill_cli.keys import keys_from_jwks
+
+    try:
+        document = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise FileUnavailable(f"cannot read --jwks {path}: {exc.strerror or exc}",
+                              path=str(path)) from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"--jwks {path} is not JSON: {exc}", path=str(path)) from None
+    try:
+        return keys_from_jwks(document)
+    except InvalidInput as exc:
+        raise InvalidInput(f"--jwks {path}: {exc.message}", path=str(path)) from None

@@ -82,7 +82,7 @@ def issue(
     settings = st.settings
     request = IssueRequest(
         tenant=tenant or DEFAULT_TENANT, agent=agent, limit=parse_usd(limit, field="limit"),
-        ttl=parse_duration(ttl, field="ttl") if ttl else settings.default_ttl,
+        ttl=parse_duration(ttl, field="ttl") if ttl is not None else settings.default_ttl,
         scope=validate_scope(scope) if scope else None, audience=aud or settings.audience,
         issuer=settings.issuer, parent=parent, demo=settings.demo)
     signer = st.keyring().signing_key()
@@ -193,9 +193,18 @@ def inspect(
     if raw is None and token is None:
         raw = os.environ.get(ENV_TOKEN)
     if raw is None:
-        raw = sys.stdin.read()
+        raw = _token_from_stdin(explicit=token is not None)
     data = _inspect(state(ctx), raw.strip())
     emit(data, as_json=as_json, human=lambda: _render_claims(data))
+
+
+def _token_from_stdin(*, explicit: bool) -> str:
+    """A token piped in; a terminal on stdin would only wait for a paste nobody was asked for,
+    so without ``-`` that is a usage error."""
+    if sys.stdin.isatty() and not explicit:
+        raise typer.BadParameter(f"missing: give it as an argument, in {ENV_TOKEN}, or piped "
+                                 "in with -", param_hint="TOKEN")
+    return sys.stdin.read()
 
 
 def _inspect(st: State, raw: str) -> dict[str, Any]:

@@ -6,7 +6,6 @@ inside these command bodies, through ``mcpbill_cli.wallet``.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -211,13 +210,10 @@ def _connect(st: State, chain: str | None, rpc_url: str | None) -> tuple[Chain, 
 
 
 def _keystore_password() -> str:
+    from mcpbill_cli.cli.prompts import secret
     from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD
 
-    password = os.environ.get(ENV_KEYSTORE_PASSWORD)
-    if password:
-        return password
-    return str(typer.prompt("keystore password", hide_input=True, confirmation_prompt=True,
-                            err=True))
+    return secret(ENV_KEYSTORE_PASSWORD, "keystore password", confirm=True)
 
 
 def _render_sync(result: Any) -> None:

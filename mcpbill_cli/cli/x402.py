@@ -6,7 +6,6 @@ only, so `mcpbill --help` and `mcpbill token issue` never import it.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -121,12 +120,19 @@ def _policy(st: State, chains: list[str] | None, max_amount: str) -> PaymentPoli
 
 
 def _operator_account(st: State) -> TypedDataSigner:
-    """The operator's keystore wallet; the password from the environment or a prompt."""
-    from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD, keystore_path, load_account
+    """The operator's keystore wallet; the password from the environment or a prompt, asked
+    only once the keystore is known to be there."""
+    from mcpbill_cli.cli.prompts import secret
+    from mcpbill_cli.wallet.keystore import (
+        ENV_KEYSTORE_PASSWORD,
+        keystore_address,
+        keystore_path,
+        load_account,
+    )
 
-    password = os.environ.get(ENV_KEYSTORE_PASSWORD) or str(typer.prompt(
-        "keystore password", hide_input=True, err=True))
-    return load_account(keystore_path(st.settings.keys_dir), password)
+    path = keystore_path(st.settings.keys_dir)
+    keystore_address(path)  # NOT_FOUND (run `wallet create`) before any question
+    return load_account(path, secret(ENV_KEYSTORE_PASSWORD, "keystore password"))
 
 
 def _render(result: FetchResult) -> None:

@@ -29,7 +29,7 @@ def parse_pricing(text: str, *, source: str = "<memory>") -> PricingTable:
     """Parse and validate TOML text; errors name the key path and, where known, the line."""
     try:
         doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4,300 digits
         line = _TOML_LINE.search(str(exc))
         raise invalid(f"{source}: not valid TOML: {exc}", source,
                       line=int(line[1]) if line else None) from None

@@ -15,6 +15,7 @@ from mcpbill_cli.ledger.seals import UNSEALED_WINDOW
 Severity = Literal["error", "warning"]
 ChainMode = Literal["window", "full", "off"]
 DIMENSIONS = ("tenant", "agent", "tool", "token")
+FIRST_YEAR, LAST_YEAR = 1970, 9000
 
 # Every finding reconcile can report, with its severity and what it means. The README's
 # "Reconcile" section is this table.
@@ -110,20 +111,33 @@ class Window:
 
 def _parse_day(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError:
         raise InvalidInput(f"--date {text!r} is not a day: use YYYY-MM-DD, like 2026-11-27",
                            field="date") from None
+    _check_year(day.year, "--date", text)
+    return day
 
 
 def parse_moment(text: str, option: str) -> datetime:
     """A date (its midnight) or an ISO 8601 time, in UTC unless it says otherwise."""
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        year = moment.astimezone(UTC).year
+    except (ValueError, OverflowError):
         raise InvalidInput(f"{option} {text!r} is not a time: use YYYY-MM-DD or an ISO 8601 "
                            "time like 2026-11-27T06:00:00Z", field=option) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    _check_year(year, option, text)
+    return moment
+
+
+def _check_year(year: int, option: str, text: str) -> None:
+    """Refuse years no ledger has: a window is widened by days and snapshots, and the years
+    0001 and 9999 leave no room for that in a datetime."""
+    if not FIRST_YEAR <= year <= LAST_YEAR:
+        raise InvalidInput(f"{option} {text!r} is out of range: years {FIRST_YEAR} to "
+                           f"{LAST_YEAR}", field=option.lstrip("-"))
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,10 @@ class X402AlreadyPaid(X402Error):
     """
 
     code = "X402_ALREADY_PAID"
+
+
+class X402Unreachable(X402Error):
+    """The URL could not be fetched at all: the connection was refused, the name does not
+    resolve, or the server did not answer in time."""
+
+    code = "X402_UNREACHABLE"

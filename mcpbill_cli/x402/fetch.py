@@ -16,6 +16,7 @@ from mcpbill_cli.errors import BillingError, BudgetExceeded
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.x402.billing import AgentBudget
 from mcpbill_cli.x402.client import PaymentOutcome, X402Payer, X402Transport, payment_of
+from mcpbill_cli.x402.errors import X402Unreachable
 from mcpbill_cli.x402.policy import Decision, PaymentPolicy, choose, decide
 from mcpbill_cli.x402.signing import TypedDataSigner
 from mcpbill_cli.x402.wire import Challenge, parse_challenge
@@ -70,7 +71,7 @@ def fetch(url: str, *, budget: AgentBudget, policy: PaymentPolicy,
         return _dry_run(url, budget, policy, timeout, transport)
     payer = X402Payer(budget, signer, policy, request_id=request_id)
     with httpx.Client(transport=X402Transport(payer, transport), timeout=timeout) as http:
-        response = http.get(url)
+        response = _get(http, url)
     outcome = payment_of(response)
     challenge = outcome.challenge if outcome else None
     return FetchResult(url, response.status_code, False, challenge,
@@ -79,10 +80,19 @@ def fetch(url: str, *, budget: AgentBudget, policy: PaymentPolicy,
                        response.headers.get("content-type"), response.content)
 
 
+def _get(http: httpx.Client, url: str) -> httpx.Response:
+    """GET ``url``; a URL that cannot be reached is X402_UNREACHABLE, not a transport error."""
+    try:
+        return http.get(url)
+    except (httpx.TransportError, httpx.InvalidURL) as exc:
+        raise X402Unreachable(f"cannot reach {url}: {exc or type(exc).__name__}; check the URL "
+                              "and that the server is up", url=url) from None
+
+
 def _dry_run(url: str, budget: AgentBudget, policy: PaymentPolicy, timeout: float,
              transport: httpx.BaseTransport | None) -> FetchResult:
     with httpx.Client(transport=transport, timeout=timeout) as http:
-        response = http.get(url)
+        response = _get(http, url)
     remaining = budget.remaining()
     challenge = decision = refusal = None
     if response.status_code == 402:

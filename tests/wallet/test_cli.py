@@ -20,6 +20,7 @@ from mcpbill_cli.cli import app
 from mcpbill_cli.cli.output import exit_code
 from mcpbill_cli.wallet.keystore import load_account
 from tests.cli.data_contract import assert_contract
+from tests.cli.terminal import in_terminal
 
 from .devnet import USDC, Devnet
 
@@ -116,12 +117,14 @@ def test_keystore_password_comes_from_the_environment_or_a_prompt(
     refusal(cli("wallet", "create", "--json"), "ALREADY_EXISTS")
 
     monkeypatch.delenv("MCPBILL_KEYSTORE_PASSWORD")
-    prompted = cli("wallet", "create", "--force", input="typed-secret-pw\ntyped-secret-pw\n")
-    assert prompted.exit_code == 0, prompted.output
-    assert load_account(path, "typed-secret-pw").address == prompted.stdout.strip() != address
-    for result in (made, prompted):
+    prompted = in_terminal("wallet", "create", "--force",
+                           answers=("typed-secret-pw", "typed-secret-pw"))
+    assert prompted.returncode == 0, prompted.stderr
+    prompted_address = load_account(path, "typed-secret-pw").address
+    assert prompted_address in prompted.stderr and prompted_address != address
+    for output in (made.output, prompted.stderr):
         for secret in ("env-secret-pw", "typed-secret-pw", key.hex(), key.to_0x_hex()):
-            assert secret not in result.output
+            assert secret not in output
     assert cli("wallet", "create", "--password", "x").exit_code == 2  # never on argv
 
 
