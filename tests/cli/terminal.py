@@ -3,13 +3,11 @@ stdin from /dev/null. What reads stdin (prompts, `token inspect`) behaves differ
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pty
 import select
 import subprocess
 import sys
-import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +36,10 @@ def in_terminal(*args: str, answers: tuple[str, ...] = (), env: dict[str, str] |
     prompt ending in ``": "`` (Click writes the question, the reader the space after it, once
     echo is off for a hidden one)."""
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen([MCPBILL, *args], stdin=secondary, stdout=secondary,
-                            stderr=secondary, env=env, close_fds=True,
-                            preexec_fn=_take_terminal)
+    # setsid -c: a session of its own, with the pseudo-terminal as its controlling terminal
+    # (no preexec_fn: Python code between fork and exec is unsafe in a process with threads)
+    proc = subprocess.Popen(["setsid", "-w", "-c", MCPBILL, *args], stdin=secondary,
+                            stdout=secondary, stderr=secondary, env=env, close_fds=True)
     os.close(secondary)
     screen, pending, deadline = b"", list(answers), time.monotonic() + timeout
     try:
@@ -61,12 +60,6 @@ def in_terminal(*args: str, answers: tuple[str, ...] = (), env: dict[str, str] |
             proc.kill()
             proc.wait()
         os.close(primary)
-
-
-def _take_terminal() -> None:
-    """In the child: a session of its own, with stdin's terminal as its controlling one."""
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _read(fd: int) -> bytes:
