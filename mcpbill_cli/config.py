@@ -41,6 +41,7 @@ _KNOWN_KEYS = {
     "hold_timeout", "replay_result_cap", "chains", "wallet",
 }
 DEFAULT_RESULT_CAP = 256 * 1024
+MAX_SETTING_SECONDS = 3650 * 86400
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024 * 1024}
 
 
@@ -150,10 +151,16 @@ def default_db_url(home: Path) -> str:
 
 
 def _seconds(value: Any, key: str) -> int:
+    """A duration setting, at most ten years: tokens, holds and leeway are added to the time
+    now, and ``"999999999d"`` would put them past the last date a datetime holds."""
     try:
-        return parse_duration(str(value), field=key)
+        seconds = parse_duration(str(value), field=key)
     except InvalidInput as exc:
         raise ConfigInvalid(f"config {key}: {exc}") from None
+    if seconds > MAX_SETTING_SECONDS:
+        raise ConfigInvalid(f"config {key}: {value!r} is too long: at most "
+                            f"{MAX_SETTING_SECONDS // 86400}d")
+    return seconds
 
 
 def _bytes(value: Any, key: str) -> int:

@@ -8,13 +8,10 @@ from mcpbill_cli.errors import InvalidInput
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(?P<n>[0-9]{1,9})(?P<unit>[smhd])")
-# Ten years: longer than any TTL, hold or window means, and ``now + duration`` stays a date.
-MAX_SECONDS = 3650 * 86400
 
 
 def parse_duration(text: str, *, field: str = "duration") -> int:
-    """Seconds in ``text`` (``90s``, ``15m``, ``24h``, ``2d``); refuses 0, negatives, words and
-    more than ten years."""
+    """Seconds in ``text`` (``90s``, ``15m``, ``24h``, ``2d``); refuses 0, negatives and words."""
     match = _DURATION.fullmatch(text.strip().lower())
     if match is None:
         raise InvalidInput(
@@ -25,9 +22,6 @@ def parse_duration(text: str, *, field: str = "duration") -> int:
     seconds = int(match["n"]) * _UNITS[match["unit"]]
     if seconds == 0:
         raise InvalidInput(f"{field} must be more than 0", field=field)
-    if seconds > MAX_SECONDS:
-        raise InvalidInput(f"{field} {text!r} is too long: at most {MAX_SECONDS // 86400}d",
-                           field=field)
     return seconds
 
 
