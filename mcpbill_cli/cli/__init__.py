@@ -178,26 +178,34 @@ def _json_requested(argv: list[str]) -> bool:
 
 
 def _main() -> None:
-    """Run the command line. With ``--json``, usage errors also come out as one JSON document."""
+    """Run the command line. With ``--json``, usage errors also come out as one JSON document;
+    on a terminal they are Typer's box, off one Click's plain lines. Either way the message is
+    redacted: it quotes the command line, which may hold a token."""
     app = _app_for(sys.argv[1:])
     as_json = _json_requested(sys.argv[1:])
-    if not as_json and sys.stderr.isatty():
-        app(prog_name="mcpbill")
-        return
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
     try:
         result = app(prog_name="mcpbill", standalone_mode=False)
     except typer.Abort:
+        if sys.stderr.isatty() and not as_json:
+            from typer import rich_utils
+
+            rich_utils.rich_abort_error()
         sys.exit(1)
     except NoArgsIsHelpError:
         sys.exit(exit_code("USAGE_ERROR"))  # Typer printed the help
     except ClickException as exc:
-        message = redacted(exc.format_message())
-        if not as_json:  # a log: Click's plain lines, not a box wrapped at 80 columns
-            exc.message = redacted(exc.message)  # it quotes the command line: maybe a token
+        exc.message = redacted(exc.message)
+        if as_json:
+            print_json(envelope(None, [{"code": "USAGE_ERROR",
+                                        "message": redacted(exc.format_message())}]))
+            sys.exit(exit_code("USAGE_ERROR"))
+        if sys.stderr.isatty():
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(exc)
+        else:  # a log: Click's plain lines, not a box wrapped at 80 columns
             exc.show()
-            sys.exit(exc.exit_code)
-        print_json(envelope(None, [{"code": "USAGE_ERROR", "message": message}]))
-        sys.exit(exit_code("USAGE_ERROR"))
+        sys.exit(exc.exit_code)
     sys.exit(result if isinstance(result, int) else 0)

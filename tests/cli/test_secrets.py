@@ -3,6 +3,8 @@ errors, in `config show` and under --json, whatever shape the URL has."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.cli.conftest import Invoke, error_json, ok_json
@@ -69,3 +71,18 @@ def test_a_usage_error_in_a_log_never_echoes_a_token(ledger_cli: Invoke) -> None
         assert token not in proc.stdout + proc.stderr
         shown = proc.stdout + proc.stderr
         assert "eyJhbGciOi" in shown and "(redacted)" in shown
+
+
+def test_a_usage_error_on_a_terminal_never_echoes_a_token(ledger_cli: Invoke,
+                                                           db_url: str) -> None:
+    from tests.cli.terminal import in_terminal
+
+    ok_json(ledger_cli("wallet", "fund", "--demo", "2", "--json"))
+    token = ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))["token"]
+    run = in_terminal("token", "show", "tok_x", token,
+                      env={**os.environ, "MCPBILL_DB_URL": db_url, "COLUMNS": "400"})
+
+    assert run.returncode == 2, run.stderr
+    screen = "".join(run.stderr.split())  # the box may wrap the message; join its pieces
+    assert token not in screen and token[:60] not in screen
+    assert "eyJhbGciOi" in screen and "(redacted)" in screen
