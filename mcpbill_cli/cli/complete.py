@@ -202,6 +202,13 @@ def algorithms(incomplete: str) -> list[str]:
     return [alg for alg in ALGORITHMS if alg.startswith(incomplete)]
 
 
+def token_statuses(incomplete: str) -> list[str]:
+    """The states ``token list --status`` takes."""
+    from mcpbill_cli.ledger.credit import TOKEN_STATUSES
+
+    return [status for status in TOKEN_STATUSES if status.startswith(incomplete)]
+
+
 def token_sorts(incomplete: str) -> list[str]:
     """The fields ``token list --sort`` takes, each also descending with a leading ``-``."""
     from mcpbill_cli.ledger.credit import TOKEN_SORTS

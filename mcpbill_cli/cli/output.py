@@ -114,13 +114,6 @@ out: Any = _LazyConsole(markup=False, highlight=False, soft_wrap=True)
 err: Any = _LazyConsole(stderr=True, highlight=False)
 
 
-def new_table(*columns: str, **options: Any) -> Any:
-    """A Rich table (rich.table is imported only by commands that draw one)."""
-    from rich.table import Table
-
-    return Table(*columns, **options)
-
-
 def is_terminal(stream: IO[str]) -> bool:
     """Whether a person reads ``stream``: draw tables and progress bars only then."""
     isatty = getattr(stream, "isatty", None)

@@ -117,7 +117,8 @@ def list_tokens(
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent.",
                                               autocompletion=complete.agents)] = None,
     status: Annotated[str | None, typer.Option(
-        "--status", help="active, revoked or expired.")] = None,
+        "--status", help="active, revoked or expired.",
+        autocompletion=complete.token_statuses)] = None,
     expiring: Annotated[str | None, typer.Option(
         "--expiring", metavar="DURATION",
         help="Only active tokens that expire within DURATION (90s, 15m, 24h, 2d).")] = None,
@@ -136,12 +137,12 @@ def list_tokens(
     """
     from mcpbill_cli.durations import parse_duration
     from mcpbill_cli.errors import InvalidInput
-    from mcpbill_cli.ledger.credit import list_views
+    from mcpbill_cli.ledger.credit import TOKEN_STATUSES, list_views
     from mcpbill_cli.ledger.engine import reading
 
     chosen = output_format(output, as_json)
-    if status not in (None, "active", "revoked", "expired"):
-        raise InvalidInput(f"--status {status!r} is not one of active, revoked, expired")
+    if status is not None and status not in TOKEN_STATUSES:
+        raise InvalidInput(f"--status {status!r} is not one of {', '.join(TOKEN_STATUSES)}")
     within = parse_duration(expiring, field="expiring") if expiring is not None else None
     state(ctx).require_tenant(tenant)
     with reading(state(ctx).engine()) as conn:

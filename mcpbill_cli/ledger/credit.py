@@ -280,6 +280,8 @@ def show(conn: Connection, jti: str, *, now: datetime) -> TokenView:
 
 
 _FAR_FUTURE = 1000 * 365 * 86400  # seconds: any longer window would overflow a datetime
+# `token list --status`: what a token can be
+TOKEN_STATUSES = ("active", "revoked", "expired")
 # `token list --sort`: a field of the listing -> the column it orders by
 TOKEN_SORTS = {"issued": "issued_at", "expires": "expires_at", "jti": "jti", "tenant": "tenant",
                "agent": "agent", "limit": "limit_micro", "spent": "spent",

@@ -260,5 +260,7 @@ def test_fixed_values_complete(tmp_path: Path) -> None:
     assert bash_complete("mcpbill keys rotate --alg E", env, capture) == ["EdDSA", "ES256"]
     assert bash_complete("mcpbill init --alg H", env, capture) == ["HS256"]
     assert bash_complete("mcpbill token list --sort rem", env, capture) == ["remaining"]
+    assert bash_complete("mcpbill token list --status ", env, capture) == [
+        "active", "revoked", "expired"]
     assert bash_complete("mcpbill token list --output j", env, capture) == ["json"]
     assert bash_complete("mcpbill completion ", env, capture) == ["bash", "zsh", "fish"]
