@@ -74,7 +74,8 @@ def verify(
     from mcpbill_cli.receipts import verify_receipt
 
     text = (sys.stdin.read() if receipt == "-" else receipt).strip()
-    keys = _jwks_keys(jwks) if jwks else state(ctx).keyring().verification_keys()
+    # Every key the home ever signed with: a receipt stays genuine after its key is retired.
+    keys = _jwks_keys(jwks) if jwks else state(ctx).keyring().signature_keys()
     checked = verify_receipt(text, keys)
     emit({"valid": True, **receipt_data(checked.claims)}, as_json=as_json,
          human=lambda: _render({"valid": True, **checked.claims}))

@@ -137,4 +137,6 @@ def test_old_receipts_verify_after_init_force(issued: Invoke, isolated_home: Pat
     assert report.exit_code == 0, report.output
     assert ok_json(report)["errors"] == 0
     assert issued("receipt", "show", receipt.receipt_id, "--json").exit_code == 0
+    checked = ok_json(issued("receipt", "verify", receipt.jws, "--json"))
+    assert checked["valid"] is True and checked["receipt_id"] == receipt.receipt_id
     assert issued("token", "inspect", token["token"]).exit_code == 6  # its key is retired
