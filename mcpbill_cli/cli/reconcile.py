@@ -36,7 +36,7 @@ from mcpbill_cli.cli.output import (
     to_jsonable,
 )
 from mcpbill_cli.cli.state import State, state
-from mcpbill_cli.clock import utcnow
+from mcpbill_cli.clock import rfc3339, utcnow
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.wallet.chains import ENV_RPC_URL
 
@@ -142,7 +142,7 @@ def reconcile(
         jobs=jobs or os.cpu_count() or 1, max_rows=max_rows, ledger_wide=not window_only,
         full_history=full_history, snapshots=not no_snapshot)
     if chosen is Output.table:
-        say(f"reconciling {window.start.isoformat()} .. {window.end.isoformat()}")
+        say(f"reconciling {rfc3339(window.start)} .. {rfc3339(window.end)}")
     with progress_bar("reconciling", unit="", shown=chosen is Output.table):
         report = run_reconcile(st.engine(), options)
     _render(report, strict=strict, output=chosen,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, func, select
 
-from mcpbill_cli.clock import aware
+from mcpbill_cli.clock import aware, rfc3339
 from mcpbill_cli.errors import PricingVersionReused
 from mcpbill_cli.ledger.models import pricing_versions as pv
 
@@ -50,4 +50,4 @@ def check_version(conn: Connection, table: PricingTable, *, source: str) -> bool
         f"{table.version} the ledger charged with (recorded "
         f"{recorded_at:%Y-%m-%d %H:%M:%S} UTC); bump `version` to {bump}",
         path=source, pricingVersion=table.version, nextVersion=bump,
-        recordedAt=recorded_at.isoformat())
+        recordedAt=rfc3339(recorded_at))

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, select
 
-from mcpbill_cli.clock import aware
+from mcpbill_cli.clock import aware, rfc3339
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.ledger.models import calls, pricing_versions, tokens
 from mcpbill_cli.money import format_usd
@@ -58,8 +58,8 @@ def _list_charges_after(conn: Connection, window: Window, jti: str, moment: date
         c.created_at >= window.start, c.created_at < window.end), filters
     ).order_by(c.created_at, c.id)
     for row in conn.execute(query):
-        found.add(name, Row("calls", row.id, f"charged at {aware(row.created_at).isoformat()}, "
-                                             f"token {jti} {what} at {moment.isoformat()}"))
+        found.add(name, Row("calls", row.id, f"charged at {rfc3339(row.created_at)}, "
+                                             f"token {jti} {what} at {rfc3339(moment)}"))
 
 
 def _filtered(query: Any, filters: Filters) -> Any:

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.ledger.seals import UNSEALED_WINDOW
 
@@ -80,8 +81,8 @@ class Window:
         if self.start.tzinfo is None or self.end.tzinfo is None:
             raise InvalidInput("a reconcile window needs timezone-aware times")
         if self.end <= self.start:
-            raise InvalidInput(f"the window ends ({self.end.isoformat()}) before it starts "
-                               f"({self.start.isoformat()}): --to must be after --from")
+            raise InvalidInput(f"the window ends ({rfc3339(self.end)}) before it starts "
+                               f"({rfc3339(self.start)}): --to must be after --from")
 
     @classmethod
     def day(cls, day: date) -> Window:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, select, text
 
-from mcpbill_cli.clock import aware, utcnow
+from mcpbill_cli.clock import aware, rfc3339, utcnow
 from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.ledger.invariants import AccountSums
 from mcpbill_cli.ledger.models import account_snapshots, ledger_snapshots
@@ -56,7 +56,7 @@ class SnapshotPlan:
     @property
     def label(self) -> str:
         """The check's name in the report, with where it started."""
-        start = "full history" if self.base is None else f"from snapshot {self.base.isoformat()}"
+        start = "full history" if self.base is None else f"from snapshot {rfc3339(self.base)}"
         return f"ledger_invariants ({start})"
 
 

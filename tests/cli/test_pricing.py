@@ -343,7 +343,7 @@ def test_validate_refuses_prices_changed_without_a_version_bump(
         "message": f"{path}: version 1 has other prices than the version 1 the ledger charged "
                    "with (recorded 2026-03-04 05:06:07 UTC); bump `version` to 2",
         "path": str(path), "pricingVersion": 1, "nextVersion": 2,
-        "recordedAt": "2026-03-04T05:06:07+00:00",
+        "recordedAt": "2026-03-04T05:06:07.000000Z",
     }]
     result = cli("pricing", "validate")
     assert result.exit_code == 10

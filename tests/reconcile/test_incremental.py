@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, case, event, func, select, update
 
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import account_snapshots, accounts, calls, tokens, transfers
 from mcpbill_cli.reconcile import ReconcileReport, Window, snapshots
@@ -35,7 +36,7 @@ def ledger_check(report: ReconcileReport) -> str:
 
 
 def from_snapshot(moment: datetime) -> str:
-    return f"ledger_invariants (from snapshot {moment.isoformat()})"
+    return f"ledger_invariants (from snapshot {rfc3339(moment)})"
 
 
 def found(report: ReconcileReport) -> dict[str, list[str]]:
