@@ -22,13 +22,17 @@ def topup(
     jti: JtiArgument,
     amount: Annotated[str, typer.Option(
         "--amount", help="USDC to move from the tenant (a child token: its parent), e.g. 2.50.")],
+    idempotency_key: Annotated[str | None, typer.Option(
+        "--idempotency-key", metavar="KEY",
+        help="Top up once per KEY (the token's): a retry changes nothing, another amount is "
+             "IDEMPOTENCY_CONFLICT.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Give an active token more credit: its limit and remaining grow by AMOUNT, taken from
     its tenant's available balance in one transaction (refused if the tenant has less).
 
-    The token itself does not change: agents keep using it. Example: mcpbill token topup
-    tok_... --amount 5
+    The token itself does not change: agents keep using it. In scripts that may retry, pass
+    --idempotency-key. Example: mcpbill token topup tok_... --amount 5 --idempotency-key run-42
     """
     from mcpbill_cli.ledger.engine import writing
     from mcpbill_cli.ledger.token_changes import topup as topup_token
@@ -36,9 +40,10 @@ def topup(
 
     credit = parse_usd(amount, field="amount")
     with writing(state(ctx).engine()) as conn:
-        done = topup_token(conn, jti, credit, now=utcnow())
+        done = topup_token(conn, jti, credit, now=utcnow(), idempotency_key=idempotency_key)
+    what = "already topped up (this key)" if done.replayed else "topped up"
     emit(with_usd(done, "amount", "limit", "remaining"), as_json=as_json, human=lambda: say(
-        f"topped up {done.jti} with {format_usd(done.amount)} USDC from {done.source}; "
+        f"{what} {done.jti} with {format_usd(done.amount)} USDC from {done.source}; "
         f"limit {format_usd(done.limit)}, {format_usd(done.remaining)} remaining"))
 
 

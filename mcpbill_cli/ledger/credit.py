@@ -6,7 +6,6 @@ rollback leaves the ledger exactly as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Iterable
@@ -134,9 +133,6 @@ class Funding:
     replayed: bool = False  # an idempotency key's earlier funding, returned again
 
 
-MAX_FUNDING_KEY = 128
-
-
 def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
               idempotency_key: str | None = None) -> Funding:
     """Credit ``tenant`` from the demo source (demo mode only; no chain involved).
@@ -147,7 +143,8 @@ def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
     ops.ensure_account(conn, ops.DEMO_SOURCE, kind="chain", guarded=False, at=now)
     account = ops.tenant_account(tenant)
     ops.ensure_account(conn, account, kind="tenant", guarded=True, at=now)
-    transfer_id = (_funding_id(tenant, idempotency_key) if idempotency_key is not None
+    transfer_id = (ops.keyed_id("deposit:demo", tenant, idempotency_key)
+                   if idempotency_key is not None
                    else f"deposit:demo:{uuid.uuid4().hex}")
     try:
         moved = ops.transfer(conn, id=transfer_id, debit=ops.DEMO_SOURCE, credit=account,
@@ -161,18 +158,9 @@ def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
                    replayed=not moved)
 
 
-def _funding_id(tenant: str, key: str) -> str:
-    """A transfer id for a tenant's funding key: hashed, so any tenant and key fit the column."""
-    if not key or len(key) > MAX_FUNDING_KEY or not key.isprintable():
-        raise InvalidInput(f"an idempotency key is 1 to {MAX_FUNDING_KEY} printable characters",
-                           field="idempotency_key")
-    digest = hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
-    return f"deposit:demo:key:{digest[:40]}"
-
-
 def _funding_conflict(conn: Connection, transfer_id: str, tenant: str,
                       key: str | None) -> IdempotencyConflict:
-    earlier = conn.execute(select(t.amount).where(t.id == transfer_id)).scalar_one()
+    earlier = ops.transfer_amount(conn, transfer_id)
     return IdempotencyConflict(
         f"idempotency key {key!r} already funded {tenant} with {format_usd(earlier)} USDC; "
         "use a new key for another funding", amount_usd=format_usd(earlier))

@@ -8,6 +8,7 @@ A transfer id is chosen by the caller; the same id with the same parameters is a
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -140,6 +141,25 @@ def balance(conn: Connection, account: str, *, lock: bool = False) -> Balance:
     if row is None:
         raise NotFound(f"no account {account}")
     return Balance(*row)
+
+
+MAX_KEY = 128
+
+
+def keyed_id(prefix: str, owner: str, key: str) -> str:
+    """A transfer id for an operator's idempotency key (``wallet fund``, ``token topup``),
+    scoped to its owner (a tenant, a token) and hashed, so any owner and key fit the column:
+    the transfer's primary key is what makes the move happen once."""
+    if not key or len(key) > MAX_KEY or not key.isprintable():
+        raise InvalidInput(f"an idempotency key is 1 to {MAX_KEY} printable characters",
+                           field="idempotency_key")
+    digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
+    return f"{prefix}:key:{digest[:40]}"
+
+
+def transfer_amount(conn: Connection, transfer_id: str) -> int:
+    """What a posted transfer moved (the earlier move an idempotency key names)."""
+    return int(conn.execute(select(t.amount).where(t.id == transfer_id)).scalar_one())
 
 
 def transfer(

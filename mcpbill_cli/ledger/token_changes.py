@@ -18,6 +18,7 @@ from sqlalchemy import Connection, select, update
 
 from mcpbill_cli.clock import aware, rfc3339
 from mcpbill_cli.errors import (
+    IdempotencyConflict,
     InsufficientFunds,
     InvalidCreditToken,
     InvalidInput,
@@ -42,32 +43,56 @@ class TopUp:
     remaining: int
     source: str  # the account the credit came from: tenant:<name> or token:<parent>
     transfer_id: str
+    replayed: bool = False  # an idempotency key's earlier topup, returned again
 
 
-def topup(conn: Connection, jti: str, amount: int, *, now: datetime) -> TopUp:
+def topup(conn: Connection, jti: str, amount: int, *, now: datetime,
+          idempotency_key: str | None = None) -> TopUp:
     """Move ``amount`` more credit to an active token from its tenant (a child: its parent).
 
     The token's limit grows by the same amount, so spent never exceeds it. The tenant's debit
-    is a conditional UPDATE: two topups racing for the last funds cannot both take them.
+    is a conditional UPDATE: two topups racing for the last funds cannot both take them. With
+    ``idempotency_key`` (the token's own) the topup happens once: the transfer's id comes from
+    the key, so the same key and amount again moves nothing and raises no limit, and another
+    amount is IDEMPOTENCY_CONFLICT.
     """
     row = _active_row(conn, jti, now)
+    source = (ops.token_account(row.parent_jti) if row.parent_jti
+              else ops.tenant_account(row.tenant))
+    transfer_id = (ops.keyed_id("topup", jti, idempotency_key) if idempotency_key is not None
+                   else f"topup:{jti}:{uuid.uuid4().hex[:12]}")
+    try:
+        moved = ops.transfer(conn, id=transfer_id, debit=source,
+                             credit=ops.token_account(jti), amount=amount, code="topup",
+                             at=now, demo=row.demo, ref=jti)
+    except InsufficientFunds:
+        raise _short(conn, source, amount) from None
+    except IdempotencyConflict:
+        raise _topup_conflict(conn, transfer_id, jti, idempotency_key) from None
+    if moved:
+        _raise_limit(conn, jti, amount, now)
+        audit.record(conn, "topup", at=now, jti=jti, tenant=row.tenant, agent=row.agent,
+                     amount=amount, ref=transfer_id, demo=row.demo)
+    limit = conn.execute(select(tk.limit_micro).where(tk.jti == jti)).scalar_one()
+    return TopUp(jti, row.tenant, amount, limit,
+                 ops.balance(conn, ops.token_account(jti)).available, source, transfer_id,
+                 replayed=not moved)
+
+
+def _raise_limit(conn: Connection, jti: str, amount: int, now: datetime) -> None:
     raised = conn.execute(update(tokens).where(tk.jti == jti, tk.revoked_at.is_(None),
                                                tk.expires_at > now)
                           .values(limit_micro=tk.limit_micro + amount)).rowcount
     if raised != 1:  # the guard in the statement itself, whatever was read before
         raise TokenRevoked(f"token {jti} was revoked meanwhile; nothing was moved", jti=jti)
-    source = (ops.token_account(row.parent_jti) if row.parent_jti
-              else ops.tenant_account(row.tenant))
-    transfer_id = f"topup:{jti}:{uuid.uuid4().hex[:12]}"
-    try:
-        ops.transfer(conn, id=transfer_id, debit=source, credit=ops.token_account(jti),
-                     amount=amount, code="topup", at=now, demo=row.demo, ref=jti)
-    except InsufficientFunds:
-        raise _short(conn, source, amount) from None
-    audit.record(conn, "topup", at=now, jti=jti, tenant=row.tenant, agent=row.agent,
-                 amount=amount, ref=transfer_id, demo=row.demo)
-    return TopUp(jti, row.tenant, amount, row.limit_micro + amount,
-                 ops.balance(conn, ops.token_account(jti)).available, source, transfer_id)
+
+
+def _topup_conflict(conn: Connection, transfer_id: str, jti: str,
+                    key: str | None) -> IdempotencyConflict:
+    earlier = ops.transfer_amount(conn, transfer_id)
+    return IdempotencyConflict(
+        f"idempotency key {key!r} already topped up {jti} with {format_usd(earlier)} USDC; "
+        "use a new key for another topup", amount_usd=format_usd(earlier))
 
 
 def _active_row(conn: Connection, jti: str, now: datetime) -> Any:

@@ -160,3 +160,48 @@ def test_topups_racing_charges_never_overspend_the_tenant(pg_engine: Engine,
         view = credit.show(conn, token.claims.jti, now=utcnow())
     assert balance.available == 0 and balance.funded == 6 * USDC
     assert view.limit == 6 * USDC and view.spent == outcomes["charge"] * PRICE <= view.limit
+
+
+def test_a_retried_topup_with_its_key_moves_credit_once(ledger_cli: Invoke,
+                                                        db_url: str) -> None:
+    ok_json(ledger_cli("wallet", "fund", "--demo", "5", "--json"))
+    jti = ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))["jti"]
+    topup_once = ("token", "topup", jti, "--amount", "2", "--idempotency-key", "run-42", "--json")
+
+    first, again = ok_json(ledger_cli(*topup_once)), ok_json(ledger_cli(*topup_once))
+
+    assert (first["replayed"], again["replayed"]) == (False, True)
+    assert first["transfer_id"] == again["transfer_id"]
+    assert again["limit_usd"] == again["remaining_usd"] == "3.00"
+    assert ok_json(ledger_cli("wallet", "balance", "--json"))["available_usd"] == "2.00"
+    conflict = ledger_cli("token", "topup", jti, "--amount", "1", "--idempotency-key", "run-42",
+                          "--json")
+    assert conflict.exit_code == 7
+    assert error_json(conflict, "IDEMPOTENCY_CONFLICT")["amount_usd"] == "2.00"
+    # The key is the token's: another token's topup with the same key is its own.
+    other = ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))["jti"]
+    assert not ok_json(ledger_cli("token", "topup", other, "--amount", "1",
+                                  "--idempotency-key", "run-42", "--json"))["replayed"]
+    assert ok_json(ledger_cli("token", "show", jti, "--json"))["limit_usd"] == "3.00"
+    assert check_ledger(db_url) == 2
+
+
+def test_topups_racing_with_one_key_move_credit_once(pg_engine: Engine, tmp_path: Path) -> None:
+    """PostgreSQL: 8 threads retry one keyed topup at once: one moves, the others replay it."""
+    now = utcnow()
+    init_keyring(tmp_path / "keys", "EdDSA", now=now, force=False).save()
+    fund(pg_engine, "acme", 6 * USDC, now=now)
+    token = mint(pg_engine, KeyRing.load(tmp_path / "keys"), now=now, limit=USDC)
+
+    def work() -> bool:
+        with writing(pg_engine) as conn:
+            return topup(conn, token.claims.jti, USDC, now=utcnow(),
+                         idempotency_key="retry").replayed
+
+    replayed = run_threads(8, work)
+
+    assert sorted(replayed) == [False] + [True] * 7
+    with reading(pg_engine) as conn:
+        assert_ledger_invariants(conn)
+        assert credit.show(conn, token.claims.jti, now=utcnow()).limit == 2 * USDC
+        assert credit.tenant_balance(conn, "acme").available == 4 * USDC
