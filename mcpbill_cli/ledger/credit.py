@@ -150,20 +150,13 @@ def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
         moved = ops.transfer(conn, id=transfer_id, debit=ops.DEMO_SOURCE, credit=account,
                              amount=amount, code="deposit", at=now, demo=True, ref="demo")
     except IdempotencyConflict:
-        raise _funding_conflict(conn, transfer_id, tenant, idempotency_key) from None
+        raise ops.key_conflict(conn, transfer_id, idempotency_key, did=f"funded {tenant}",
+                               another="funding") from None
     if moved:
         audit.record(conn, "deposit", at=now, tenant=tenant, amount=amount, ref=transfer_id,
                      demo=True)
     return Funding(tenant, amount, transfer_id, ops.balance(conn, account).available,
                    replayed=not moved)
-
-
-def _funding_conflict(conn: Connection, transfer_id: str, tenant: str,
-                      key: str | None) -> IdempotencyConflict:
-    earlier = ops.transfer_amount(conn, transfer_id)
-    return IdempotencyConflict(
-        f"idempotency key {key!r} already funded {tenant} with {format_usd(earlier)} USDC; "
-        "use a new key for another funding", amount_usd=format_usd(earlier))
 
 
 @dataclass(frozen=True)

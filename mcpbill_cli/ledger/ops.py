@@ -24,6 +24,7 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import accounts, transfers
+from mcpbill_cli.money import format_usd
 
 REVENUE = "revenue"  # what calls earned before each token had a revenue account of its own
 DEMO_SOURCE = "chain:demo"
@@ -160,6 +161,16 @@ def keyed_id(prefix: str, owner: str, key: str) -> str:
 def transfer_amount(conn: Connection, transfer_id: str) -> int:
     """What a posted transfer moved (the earlier move an idempotency key names)."""
     return int(conn.execute(select(t.amount).where(t.id == transfer_id)).scalar_one())
+
+
+def key_conflict(conn: Connection, transfer_id: str, key: str | None, *, did: str,
+                 another: str) -> IdempotencyConflict:
+    """The refusal of an idempotency key reused for another amount: what the key ``did``
+    already (e.g. ``funded acme``), with the amount it moved."""
+    earlier = format_usd(transfer_amount(conn, transfer_id))
+    return IdempotencyConflict(
+        f"idempotency key {key!r} already {did} with {earlier} USDC; use a new key for "
+        f"another {another}", amount_usd=earlier)
 
 
 def transfer(

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, case, func, select
 
-from mcpbill_cli.ledger.credit import tenant_balance
+from mcpbill_cli.ledger.credit import TenantBalance, tenant_balance
 from mcpbill_cli.ledger.models import accounts, tokens
 
 _PREFIX = "tenant:"
 
 
 @dataclass(frozen=True)
-class TenantSummary:
-    """A tenant's balance (what it has not allotted yet) beside what it allotted and spent."""
+class TenantSummary(TenantBalance):
+    """A tenant's balance (what it has not allotted yet) beside its token counts."""
 
-    tenant: str
-    funded: int
-    allotted: int
-    held: int
-    spent: int
-    available: int
     tokens: int
     active_tokens: int
 
@@ -36,8 +30,7 @@ def tenant_summaries(conn: Connection, *, now: datetime) -> list[TenantSummary]:
     for name in (account.removeprefix(_PREFIX) for account in names):
         bal = tenant_balance(conn, name)
         total, active = counts.get(name, (0, 0))
-        summaries.append(TenantSummary(name, bal.funded, bal.allotted, bal.held, bal.spent,
-                                       bal.available, total, active))
+        summaries.append(TenantSummary(**asdict(bal), tokens=total, active_tokens=active))
     return summaries
 
 

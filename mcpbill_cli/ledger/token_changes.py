@@ -68,7 +68,8 @@ def topup(conn: Connection, jti: str, amount: int, *, now: datetime,
     except InsufficientFunds:
         raise _short(conn, source, amount) from None
     except IdempotencyConflict:
-        raise _topup_conflict(conn, transfer_id, jti, idempotency_key) from None
+        raise ops.key_conflict(conn, transfer_id, idempotency_key, did=f"topped up {jti}",
+                               another="topup") from None
     if moved:
         _raise_limit(conn, jti, amount, now)
         audit.record(conn, "topup", at=now, jti=jti, tenant=row.tenant, agent=row.agent,
@@ -85,14 +86,6 @@ def _raise_limit(conn: Connection, jti: str, amount: int, now: datetime) -> None
                           .values(limit_micro=tk.limit_micro + amount)).rowcount
     if raised != 1:  # the guard in the statement itself, whatever was read before
         raise TokenRevoked(f"token {jti} was revoked meanwhile; nothing was moved", jti=jti)
-
-
-def _topup_conflict(conn: Connection, transfer_id: str, jti: str,
-                    key: str | None) -> IdempotencyConflict:
-    earlier = ops.transfer_amount(conn, transfer_id)
-    return IdempotencyConflict(
-        f"idempotency key {key!r} already topped up {jti} with {format_usd(earlier)} USDC; "
-        "use a new key for another topup", amount_usd=format_usd(earlier))
 
 
 def _active_row(conn: Connection, jti: str, now: datetime) -> Any:
