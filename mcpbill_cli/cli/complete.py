@@ -80,10 +80,7 @@ class Bash(BashComplete):
     source_template = BASH_SCRIPT
 
     def get_completion_args(self) -> tuple[list[str], str]:
-        line = os.environ.get("COMP_LINE", "")
-        words = split_arg_string(line)
-        incomplete = "" if len(words) < 2 or line[-1].isspace() else words.pop()
-        return words[1:], incomplete
+        return split_line(os.environ.get("COMP_LINE", ""))
 
     def complete(self) -> str:
         """Each value from where bash's word starts: after the last ``=`` or ``:`` (or other
@@ -96,6 +93,9 @@ class Bash(BashComplete):
 
 
 class Zsh(ZshComplete):
+    def get_completion_args(self) -> tuple[list[str], str]:
+        return split_line(os.environ.get("_TYPER_COMPLETE_ARGS", ""))
+
     def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
         return _joined(super().get_completions, args, incomplete)
 
@@ -106,8 +106,27 @@ class Zsh(ZshComplete):
 
 
 class Fish(FishComplete):
+    def get_completion_args(self) -> tuple[list[str], str]:
+        return split_line(os.environ.get("_TYPER_COMPLETE_ARGS", ""))
+
     def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
         return _joined(super().get_completions, args, incomplete)
+
+
+def split_line(line: str) -> tuple[list[str], str]:
+    """The words before the cursor and the word being typed, read as the shell reads them.
+
+    A word may hold an escaped space or an open quote (``--tenant o\\'brien\\ `` or
+    ``--tenant "o'brien ``): the line ending in a space does not mean a new word has begun.
+    A marker typed at the cursor shows where the last word starts.
+    """
+    *words, last = split_arg_string(line + _MARK) or [_MARK]
+    if not words:  # still on the program's name
+        return [], ""
+    return words[1:], last.removesuffix(_MARK)
+
+
+_MARK = "\x00"
 
 
 def _joined(get_completions: Callable[[list[str], str], list[CompletionItem]], args: list[str],

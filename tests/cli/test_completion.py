@@ -181,6 +181,22 @@ def test_option_equals_value_completes(ledger_cli: Invoke, tmp_path: Path, shell
     assert SHELLS[shell]("mcpbill wallet fund --tenant=", env, capture) == [offered]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("shell", "typed"), [
+    # a word typed with an escaped space is one word, not a finished word and a new empty one
+    ("bash", "o\\'brien\\ "), ("zsh", "o\\'brien\\ "), ("fish", "o\\'brien\\ "),
+    # an open quote (zsh hands its completion system the word without the quote's meaning)
+    ("bash", "\"o'brien "), ("fish", "\"o'brien "),
+])
+def test_a_value_typed_with_a_space_completes(ledger_cli: Invoke, tmp_path: Path, shell: str,
+                                              typed: str) -> None:
+    assert ledger_cli("wallet", "fund", "--tenant", "o'brien & co", "--demo", "1").exit_code == 0
+    assert ledger_cli("wallet", "fund", "--tenant", "o'brien", "--demo", "1").exit_code == 0
+    env, capture = _env(tmp_path), tmp_path / "capture"
+    assert SHELLS[shell](f"mcpbill wallet fund --tenant {typed}", env, capture) == [
+        "o'brien & co"]
+
+
 def test_jti_lookup_works_on_both_ledgers(ledger_cli: Invoke, tmp_path: Path) -> None:
     assert ledger_cli("wallet", "fund", "--tenant", "acme", "--demo", "3").exit_code == 0
     issued = _issue(ledger_cli, "--tenant", "acme")
