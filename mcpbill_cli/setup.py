@@ -52,8 +52,12 @@ def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitR
     if len(ring.keys) > 1:
         kept.append(f"{len(ring.keys) - 1} earlier signing key(s), retired: they verify no "
                     "token, only the receipts and seals they signed")
-    _write_if_missing(settings.config_path, _config_text(mode, _chosen_db_url(settings)),
-                      created, kept, mode=0o600)
+    db_url = _chosen_db_url(settings)
+    if settings.config_path.exists() and db_url is not None:
+        _keep_db_url(settings, db_url, created, kept)
+    else:
+        _write_if_missing(settings.config_path, _config_text(mode, db_url), created, kept,
+                          mode=0o600)
     if settings.pricing_path.exists():
         kept.append(str(settings.pricing_path))
     else:
@@ -104,6 +108,24 @@ def _write_if_missing(path: Path, text: str, created: list[str], kept: list[str]
         return
     write_atomic(path, text.encode(), mode=mode)
     created.append(str(path))
+
+
+def _keep_db_url(settings: Settings, db_url: str, created: list[str], kept: list[str]) -> None:
+    """Save the ledger URL init was given into a config.toml that exists without one, so that
+    later commands find this ledger; a config.toml naming a ledger of its own is left alone."""
+    import tomllib
+
+    path = settings.config_path
+    text = path.read_text(encoding="utf-8")
+    document = tomllib.loads(text)
+    if "db_url" in document:
+        kept.append(f"{path} (its db_url is kept; this run used {redact_url(db_url)})"
+                    if document["db_url"] != db_url else str(path))
+        return
+    # A key before the first line is top-level whatever tables the file has.
+    edited = tomli_w.dumps({"db_url": db_url}) + text
+    write_atomic(path, edited.encode(), mode=path.stat().st_mode & 0o777)
+    created.append(f"db_url in {path} ({redact_url(db_url)})")
 
 
 def _chosen_db_url(settings: Settings) -> str | None:

@@ -38,6 +38,35 @@ def test_init_saves_a_db_url_flag_too(cli: Invoke, tmp_path: Path, isolated_home
     assert not (isolated_home / "ledger.db").exists()
 
 
+def test_init_saves_the_url_into_a_config_written_before_it(
+        cli: Invoke, tmp_path: Path, isolated_home: Path) -> None:
+    """An operator who wrote config.toml first: init adds db_url to it and keeps the rest."""
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    written = '# my settings\nmode = "demo"\n\n[wallet]\nchain = "base-sepolia"\n'
+    (isolated_home / "config.toml").write_text(written)
+    (isolated_home / "config.toml").chmod(0o600)
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    assert cli("--db-url", url, "init").exit_code == 0
+    text = (isolated_home / "config.toml").read_text()
+    assert text.endswith(written)
+    assert tomllib.loads(text) == {"db_url": url, "mode": "demo",
+                                   "wallet": {"chain": "base-sepolia"}}
+    assert (isolated_home / "config.toml").stat().st_mode & 0o777 == 0o600
+    assert ok_json(cli("token", "list", "--json")) == []  # finds the ledger without the flag
+    assert not (isolated_home / "ledger.db").exists()
+
+
+def test_init_keeps_a_db_url_the_config_already_names(
+        cli: Invoke, tmp_path: Path, isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    (isolated_home / "config.toml").write_text(f'db_url = "{mine}"\n')
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    result = ok_json(cli("--db-url", other, "init", "--json"))
+    assert tomllib.loads((isolated_home / "config.toml").read_text()) == {"db_url": mine}
+    assert any("its db_url is kept" in line for line in result["kept"])
+
+
 def test_init_without_a_url_keeps_the_ledger_in_the_home(cli: Invoke, isolated_home: Path) -> None:
     assert cli("init").exit_code == 0
     assert "db_url" not in tomllib.loads((isolated_home / "config.toml").read_text())
