@@ -171,12 +171,14 @@ def _replayed_retry(portal: BlockingPortal, client: Client, keys: Keys
                     ) -> Iterator[DemoStep]:
     """Round one's first search, then the same call again, as an agent that lost the reply
     would send it: replayed, with the same receipt, billed once."""
+    from mcpbill_cli.mcp.wire import REPLAYED_META
+
     tool, args = DEMO_CALLS[0]
     first = _step(tool, portal.call(client.call_tool, tool, _in_round(args, 1)), keys)
     yield first
     again = portal.call(client.call_tool, tool, _in_round(args, 1))
     step = _step(tool, again, keys)
-    if step.kind == "receipt" and (again.meta or {}).get("mcpbill/replayed"):
+    if step.kind == "receipt" and (again.meta or {}).get(REPLAYED_META):
         step = DemoStep("replay", f"{tool} re-sent: the first result and receipt again, "
                                   "not billed twice", step.data)
     yield step

@@ -42,7 +42,7 @@ class Receipt:
         return parse_usd(self.claims["remainingUsd"], allow_zero=True)
 
     def to_dict(self) -> dict[str, Any]:
-        """The signed fields plus the JWS itself (``_meta["mcpbill/receipt"]``)."""
+        """The signed fields plus the JWS itself (``_meta["dev.mcpbill/receipt"]``)."""
         return {**self.claims, "jws": self.jws}
 
 

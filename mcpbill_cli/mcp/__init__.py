@@ -22,6 +22,7 @@ from mcpbill_cli.mcp.wire import (
     IDEMPOTENCY_KEY_META,
     PRICE_META,
     RECEIPT_META,
+    REPLAYED_META,
     TOKEN_META,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "IDEMPOTENCY_KEY_META",
     "PRICE_META",
     "RECEIPT_META",
+    "REPLAYED_META",
     "TOKEN_META",
     "BilledTool",
     "Billing",

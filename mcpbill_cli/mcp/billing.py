@@ -42,6 +42,7 @@ from mcpbill_cli.mcp.wire import (
     IDEMPOTENCY_KEY_META,
     PRICE_META,
     RECEIPT_META,
+    REPLAYED_META,
     TOKEN_META,
     client_address,
     credit_token,
@@ -119,12 +120,12 @@ class Billing(Extension):
     Every call of a billed tool needs a credit token. A refusal (no token, bad token, out of
     scope, revoked, over budget...) is returned as an ``isError`` result carrying the
     :class:`~mcpbill_cli.errors.BillingError` object; a successful paid call carries its signed
-    receipt in ``_meta["mcpbill/receipt"]``; a call whose tool raised or returned an error is
+    receipt in ``_meta["dev.mcpbill/receipt"]``; a call whose tool raised or returned an error is
     voided and costs nothing. Free tools (price 0) still check the token, without a receipt.
     Tools registered with plain ``server.tool()`` are not billed and need no token.
 
     ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own OAuth
-    uses that header); agents then send the token in ``_meta["mcpbill/token"]``.
+    uses that header); agents then send the token in ``_meta["dev.mcpbill/token"]``.
     """
 
     identifier = EXTENSION_ID
@@ -145,10 +146,12 @@ class Billing(Extension):
         return dict(self._billed)
 
     def settings(self) -> dict[str, Any]:
-        """Advertised under ``capabilities.extensions["mcpbill/billing"]`` (2026-07-28 clients)."""
+        """Advertised under ``capabilities.extensions["dev.mcpbill/billing"]`` (2026-07-28
+        clients read it from ``server/discover``, earlier ones from ``initialize``): what an
+        agent needs to pay, and where each piece goes."""
         return {"asset": "USDC", "network": self.verifier.network, "tokenMeta": TOKEN_META,
                 "tokenEnv": ENV_TOKEN, "receiptMeta": RECEIPT_META, "priceMeta": PRICE_META,
-                "idempotencyKeyMeta": IDEMPOTENCY_KEY_META}
+                "idempotencyKeyMeta": IDEMPOTENCY_KEY_META, "replayedMeta": REPLAYED_META}
 
     def price(self, tool: str, max_units: int | None = None) -> Price:
         """The table's base price of one call (per-unit: the most one call can cost)."""

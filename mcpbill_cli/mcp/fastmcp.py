@@ -15,9 +15,9 @@ A tool registered some other way (a mounted or proxied server's) is billed by na
 ``billing.bill("child_search")`` once ``billing`` is in the server's middleware.
 
 The wire is the same as :class:`~mcpbill_cli.mcp.billing.Billing`'s: the token from
-``_meta["mcpbill/token"]``, ``Authorization: Bearer`` or ``AGENT_CREDIT_JWT``; the receipt in
-the result's ``_meta["mcpbill/receipt"]``; refusals as ``isError`` results; prices in each
-billed tool's ``_meta["mcpbill/price"]`` in ``tools/list``. fastmcp hands a middleware the
+``_meta["dev.mcpbill/token"]``, ``Authorization: Bearer`` or ``AGENT_CREDIT_JWT``; the receipt in
+the result's ``_meta["dev.mcpbill/receipt"]``; refusals as ``isError`` results; prices in each
+billed tool's ``_meta["dev.mcpbill/price"]`` in ``tools/list``. fastmcp hands a middleware the
 request's raw ``_meta``, its id and its HTTP request through ``fastmcp_context.request_context``;
 a tool that raises reaches ``on_call_tool`` as a ``ToolError`` and the call is voided.
 Add billing innermost (after any caching middleware): a cached answer is never billed.
@@ -68,7 +68,7 @@ class BillingMiddleware(Middleware):
     the :class:`~mcpbill_cli.errors.BillingError` object; a paid call carries its signed receipt;
     a call whose tool raised or returned an error is voided. Free tools (price 0) still check the
     token. ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own auth
-    uses that header); agents then send the token in ``_meta["mcpbill/token"]``.
+    uses that header); agents then send the token in ``_meta["dev.mcpbill/token"]``.
     """
 
     def __init__(self, verifier: Verifier, *, bearer: bool = True) -> None:
@@ -121,7 +121,7 @@ class BillingMiddleware(Middleware):
     async def on_list_tools(self, context: MiddlewareContext[mt.ListToolsRequest],
                             call_next: CallNext[mt.ListToolsRequest, Sequence[Tool]],
                             ) -> Sequence[Tool]:
-        """Advertise each billed tool's price in its ``_meta["mcpbill/price"]``."""
+        """Advertise each billed tool's price in its ``_meta["dev.mcpbill/price"]``."""
         return [self._advertised(tool) for tool in await call_next(context)]
 
     async def on_call_tool(self, context: CallContext, call_next: CallToolNext) -> ToolResult:

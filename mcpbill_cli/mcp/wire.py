@@ -1,16 +1,18 @@
 """The MCP wire shapes of billing (DESIGN.md "MCP wire shapes", after x402's v2 MCP transport).
 
-- the credit token comes from ``_meta["mcpbill/token"]`` on the call, else the HTTP
+- the credit token comes from ``_meta["dev.mcpbill/token"]`` on the call, else the HTTP
   ``Authorization: Bearer`` header, else (stdio and in-process only) ``AGENT_CREDIT_JWT``;
-- an explicit idempotency key may come in ``_meta["mcpbill/idempotencyKey"]``; without one,
+- an explicit idempotency key may come in ``_meta["dev.mcpbill/idempotencyKey"]``; without one,
   the verifier derives the key from the call (token, tool, arguments) within the tool's dedupe
   window, never from the JSON-RPC request id or a session (MCP 2026-07-28 has no sessions,
   and a client re-sends a call with a new request id);
-- the receipt goes back in the result's ``_meta["mcpbill/receipt"]``; a replay returns the
-  first run's result, marked ``_meta["mcpbill/replayed"]``;
+- the receipt goes back in the result's ``_meta["dev.mcpbill/receipt"]``; a replay returns the
+  first run's result, marked ``_meta["dev.mcpbill/replayed"]``;
 - a refusal is a tool result with ``isError: true``, the error object in ``structuredContent``
   and the same JSON in ``content[0].text``;
-- each tool's price is advertised in its ``_meta["mcpbill/price"]`` in ``tools/list``.
+- each tool's price is advertised in its ``_meta["dev.mcpbill/price"]`` in ``tools/list``;
+- the keys an agent sends are also read under their names before 0.2 (``mcpbill/token``,
+  ``mcpbill/idempotencyKey``), which are never written; they go away in 0.2.0.
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, 
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import MAX_KEY_LENGTH
 
-EXTENSION_ID = "mcpbill/billing"
-TOKEN_META = "mcpbill/token"  # noqa: S105 - a _meta key, not a secret
-RECEIPT_META = "mcpbill/receipt"
-PRICE_META = "mcpbill/price"
-IDEMPOTENCY_KEY_META = "mcpbill/idempotencyKey"
-REPLAYED_META = "mcpbill/replayed"
+# MCP 2026-07-28 names `_meta` keys (and extension identifiers) with a reverse-DNS prefix, and
+# reserves every prefix whose second label is `mcp` or `modelcontextprotocol`. Ours is mcpbill.dev
+# reversed: its second label is `mcpbill`, a name of our own, so nothing the protocol adds later
+# can collide with it. The extension identifier and every key share it.
+PREFIX = "dev.mcpbill/"
+EXTENSION_ID = PREFIX + "billing"
+TOKEN_META = PREFIX + "token"
+RECEIPT_META = PREFIX + "receipt"
+PRICE_META = PREFIX + "price"
+IDEMPOTENCY_KEY_META = PREFIX + "idempotencyKey"
+REPLAYED_META = PREFIX + "replayed"
+# The keys an agent sent before the prefix: read after the new ones, never written; gone in 0.2.0.
+LEGACY_META = {TOKEN_META: "mcpbill/token", IDEMPOTENCY_KEY_META: "mcpbill/idempotencyKey"}
 
 
 def credit_token(meta: Mapping[str, Any] | None, request: Any, *, bearer: bool = True) -> str:
@@ -49,7 +58,7 @@ def credit_token(meta: Mapping[str, Any] | None, request: Any, *, bearer: bool =
         token = os.environ.get(ENV_TOKEN) or None
     if token is None:
         raise InvalidCreditToken(
-            "no credit token: send one in _meta['mcpbill/token'], as Authorization: Bearer "
+            f"no credit token: send one in _meta[{TOKEN_META!r}], as Authorization: Bearer "
             f"(HTTP), or in {ENV_TOKEN} (stdio); ask the operator for one with "
             "`mcpbill token issue`", reason="missing")
     return token
@@ -111,7 +120,11 @@ def succeeded(result: object) -> bool:
 
 
 def _meta_text(meta: Mapping[str, Any] | None, key: str) -> str | None:
+    """``meta[key]``, else the same value under its name before 0.2 (``None``: neither)."""
     value = (meta or {}).get(key)
+    if (value is None or value == "") and key in LEGACY_META:
+        key = LEGACY_META[key]
+        value = (meta or {}).get(key)
     if value is None or value == "":
         return None
     if not isinstance(value, str):

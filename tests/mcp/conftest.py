@@ -1,7 +1,7 @@
 """Fixtures for the MCP tests: the example server, billed by a real verifier on a real ledger,
 reached by the real MCP client over each transport.
 
-- ``memory``: ``Client(server)`` in process; the token travels in ``_meta["mcpbill/token"]``;
+- ``memory``: ``Client(server)`` in process; the token travels in ``_meta["dev.mcpbill/token"]``;
 - ``http``: the server's streamable HTTP app under uvicorn in a thread, on 127.0.0.1 and an
   ephemeral port; the token travels as ``Authorization: Bearer``;
 - ``stdio``: ``python examples/paid_server.py`` as a subprocess on the same home and ledger;

@@ -124,7 +124,7 @@ def test_tool_that_raises_is_voided_and_costs_nothing(
 
     for failed in anyio.run(scenario):
         assert failed.is_error and "Error executing tool" in failed.content[0].text  # type: ignore[union-attr]
-        assert "mcpbill/receipt" not in (failed.meta or {})
+        assert "dev.mcpbill/receipt" not in (failed.meta or {})
     view = token_view(engine, token)
     assert (view.spent, view.held, view.remaining) == (0, 0, usd("0.05"))
     assert_ledger_sound(engine)

@@ -31,7 +31,7 @@ async def call(server: MCPServer, tool: str, args: dict[str, Any] | None = None,
 def test_a_call_without_a_token_is_refused_with_where_to_put_one(server: MCPServer) -> None:
     error = refusal_of(anyio.run(call, server, "search", {"q": "x"}))
     assert (error["code"], error["reason"]) == ("INVALID_CREDIT_TOKEN", "missing")
-    assert "mcpbill/token" in error["message"] and ENV_TOKEN in error["message"]
+    assert "dev.mcpbill/token" in error["message"] and ENV_TOKEN in error["message"]
 
 
 def test_an_in_process_server_reads_the_token_from_its_environment(
@@ -61,7 +61,7 @@ def test_unbilled_tools_need_no_token(verifier: Verifier) -> None:
         return "ok"
 
     result = anyio.run(call, server, "health")
-    assert not result.is_error and "mcpbill/receipt" not in (result.meta or {})
+    assert not result.is_error and "dev.mcpbill/receipt" not in (result.meta or {})
 
 
 def test_a_billed_tool_on_a_server_without_billing_refuses_to_run(verifier: Verifier) -> None:

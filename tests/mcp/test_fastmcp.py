@@ -194,7 +194,7 @@ def test_the_same_call_sent_twice_without_a_key_is_one_call_replayed(
     [other] = calls(server, token.token, ("search", {"q": "b"}))
     for retry in (second, third):
         assert receipt_of(retry) == receipt_of(first)
-        assert retry.content == first.content and retry.meta["mcpbill/replayed"] is True
+        assert retry.content == first.content and retry.meta["dev.mcpbill/replayed"] is True
     assert receipt_of(other)["receiptId"] != receipt_of(first)["receiptId"]
     assert token_view(engine, token).spent == 2 * SEARCH
 

@@ -69,8 +69,8 @@ def test_a_request_resent_in_the_same_session_is_billed_once(
         search = {"id": 7, "method": "tools/call",
                   "params": {"name": "search", "arguments": {"q": "lost reply"}}}
         first, resent = reply(rpc(web, http_url, search)), reply(rpc(web, http_url, search))
-    receipt = first["result"]["_meta"]["mcpbill/receipt"]
-    assert resent["result"]["_meta"]["mcpbill/receipt"] == receipt
+    receipt = first["result"]["_meta"]["dev.mcpbill/receipt"]
+    assert resent["result"]["_meta"]["dev.mcpbill/receipt"] == receipt
     assert token_view(engine, token).spent == usd("0.002")
 
 

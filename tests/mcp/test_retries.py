@@ -27,7 +27,7 @@ from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import Settings
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls
-from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, RECEIPT_META, Billing
+from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, RECEIPT_META, TOKEN_META, Billing
 from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 from mcpbill_cli.verifier import Verifier
 
@@ -44,7 +44,7 @@ from .conftest import (
 )
 
 PRICE = usd("0.01")  # the sample table's default_price: these tools are not listed
-REPLAYED_META = "mcpbill/replayed"
+REPLAYED_META = "dev.mcpbill/replayed"  # the wire name, pinned
 
 
 class Runs:
@@ -245,7 +245,7 @@ def test_a_tool_that_outlives_the_hold_timeout_is_billed(
 
     async def scenario() -> CallToolResult:
         async with Client(build(verifier, runs, slow=4.5)) as client:
-            return await Agent(client, {"mcpbill/token": token.token}).call("crunch", {"q": "a"})
+            return await Agent(client, {TOKEN_META: token.token}).call("crunch", {"q": "a"})
 
     try:
         result = anyio.run(scenario)
@@ -268,7 +268,7 @@ def test_a_capture_refused_anyway_is_a_structured_refusal_that_reconcile_reports
 
     async def scenario() -> CallToolResult:
         async with Client(build(verifier, runs, slow=1.5)) as client:
-            return await Agent(client, {"mcpbill/token": token.token}).call("crunch", {"q": "a"})
+            return await Agent(client, {TOKEN_META: token.token}).call("crunch", {"q": "a"})
 
     try:
         result = anyio.run(scenario)
@@ -292,7 +292,7 @@ def test_a_result_too_large_to_keep_replays_as_duplicate_call_with_its_receipt(
 
     async def scenario() -> list[CallToolResult]:
         async with Client(build(verifier, runs)) as client:
-            agent = Agent(client, {"mcpbill/token": token.token})
+            agent = Agent(client, {TOKEN_META: token.token})
             return [await agent.call("dump", {"size": 5000}) for _ in range(2)] + [
                 await agent.call("dump", {"size": 100}) for _ in range(2)]
 

@@ -66,9 +66,9 @@ def test_an_agent_session_over_stdio(home: Settings, mint: Mint, verifier: Verif
     prices = {tool.name: (tool.meta or {})[PRICE_META]["amountUsd"] for tool in seen["tools"].tools}
     assert prices == {"status": "0.00", "search": "0.002", "summarize": "0.02"}
     assert verifier.verify_receipt(receipt_of(seen["paid"])["jws"]).amount == usd("0.002")
-    assert not seen["free"].is_error and "mcpbill/receipt" not in (seen["free"].meta or {})
+    assert not seen["free"].is_error and "dev.mcpbill/receipt" not in (seen["free"].meta or {})
     assert receipt_of(seen["words"])["amountUsd"] == "0.00003"
-    assert seen["raised"].is_error and "mcpbill/receipt" not in (seen["raised"].meta or {})
+    assert seen["raised"].is_error and "dev.mcpbill/receipt" not in (seen["raised"].meta or {})
     assert receipt_of(seen["retried"]) == receipt_of(seen["first"])
     assert refusal_of(seen["revoked"])["code"] == "TOKEN_REVOKED"
     view = token_view(engine, token)
@@ -175,9 +175,9 @@ def test_a_request_resent_with_the_same_or_a_new_jsonrpc_id_is_billed_once(
             "name": "search", "arguments": {"q": "another query"}}})
     finally:
         server.close()
-    receipt = first["result"]["_meta"]["mcpbill/receipt"]
-    assert resent["result"]["_meta"]["mcpbill/receipt"] == receipt
-    assert again["result"]["_meta"]["mcpbill/receipt"] == receipt
+    receipt = first["result"]["_meta"]["dev.mcpbill/receipt"]
+    assert resent["result"]["_meta"]["dev.mcpbill/receipt"] == receipt
+    assert again["result"]["_meta"]["dev.mcpbill/receipt"] == receipt
     assert again["result"]["content"] == first["result"]["content"]
-    assert other["result"]["_meta"]["mcpbill/receipt"]["receiptId"] != receipt["receiptId"]
+    assert other["result"]["_meta"]["dev.mcpbill/receipt"]["receiptId"] != receipt["receiptId"]
     assert token_view(engine, token).spent == 2 * usd("0.002")
