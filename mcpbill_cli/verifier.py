@@ -365,6 +365,36 @@ class Verifier:
                 return opened.replayed or self._lost(opened.id)
             return opened
 
+    def charge_paid(self, conn: Connection, claims: Claims, tool: str, price: Price, *,
+                    args: Any,
+                    idempotency_key: str, settlement: Mapping[str, Any], at: datetime,
+                    result: str | None = None) -> Receipt:
+        """Charge a call paid for on chain (an accepted x402 payment), inside the caller's
+        write transaction ``conn``, on the token ``claims`` names (which holds exactly
+        ``price``): the call's row, the charge, the signed receipt with ``settlement`` in it,
+        and the kept ``result``. No daily cap applies: the money has moved already.
+
+        ``price`` comes from :meth:`pricing_table` read before the transaction (reading it
+        may write the pricing version in a transaction of its own). A refusal raises and the
+        caller's rollback leaves the ledger as it was.
+        """
+        call = calls.NewCall(
+            id=calls.new_call_id(), idempotency_key=_checked_key(idempotency_key),
+            request_hash=_request_hash(claims.jti, tool, args, None, price.amount),
+            jti=claims.jti, tenant=claims.tenant, agent=claims.agent, tool=tool, units=None,
+            amount=price.amount, pricing_version=price.version, price_rule=price.rule,
+            demo=self.demo, daily_cap=None)
+        debited = calls.debit_charge(conn, call, at=at)
+        if isinstance(debited, calls.Refused):
+            raise self._refusal(claims, tool, price, debited)
+        receipt = self._sign(call, call.amount, debited.remaining, at, f"charge:{call.id}",
+                             settlement)
+        kept = result if result is not None and len(result.encode()) <= self.result_cap else None
+        if calls.record_charge(conn, call, at=at, receipt=receipt.jws, result=kept) is not None:
+            raise IdempotencyConflict(f"idempotency key {idempotency_key!r} was used already",
+                                      idempotencyKey=idempotency_key)
+        return receipt
+
     @contextmanager
     def call(self, token: str, tool: str, *, args: Any = None,
              idempotency_key: str | None = None, max_units: int | None = None

@@ -259,11 +259,13 @@ def debit_charge(conn: Connection, call: NewCall, *, at: datetime) -> Opened | R
     return _count_daily(conn, call, at) or Opened(debited)
 
 
-def record_charge(conn: Connection, call: NewCall, *, at: datetime, receipt: str
-                  ) -> None | KeyTaken:
-    """The charged call's row, its signed receipt and its event; KeyTaken if the key is."""
+def record_charge(conn: Connection, call: NewCall, *, at: datetime, receipt: str,
+                  result: str | None = None) -> None | KeyTaken:
+    """The charged call's row, its signed receipt, its kept ``result`` (JSON, for replays) and
+    its event; KeyTaken if the key is."""
     if not _insert_call(conn, call, status="captured", amount=call.amount,
-                        transfer_id=f"charge:{call.id}", receipt=receipt, timeout_at=None, at=at):
+                        transfer_id=f"charge:{call.id}", receipt=receipt, timeout_at=None, at=at,
+                        result=result):
         return KeyTaken(call.idempotency_key)
     audit.record(conn, "charge", at=at, jti=call.jti, tenant=call.tenant, agent=call.agent,
                  tool=call.tool, amount=call.amount, ref=call.id, demo=call.demo)
@@ -410,7 +412,7 @@ def _transfer(conn: Connection, id: str, call: NewCall, kind: str, code: str, at
 
 def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | None,
                  transfer_id: str | None, receipt: str | None, timeout_at: datetime | None,
-                 at: datetime) -> bool:
+                 at: datetime, result: str | None = None) -> bool:
     return ops.insert_ignore(conn, calls, {
         "id": call.id, "idempotency_key": call.idempotency_key,
         "request_hash": call.request_hash, "jti": call.jti, "tenant": call.tenant,
@@ -419,7 +421,7 @@ def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | 
         "transfer_id": transfer_id, "timeout_at": timeout_at,
         "pricing_version": call.pricing_version, "price_rule": call.price_rule,
         "receipt": receipt, "demo": call.demo, "created_at": at, "key_retired": False,
-        "resolved_at": at if status == "captured" else None})
+        "resolved_at": at if status == "captured" else None, "result": result})
 
 
 def _day(at: datetime) -> str:

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 
 metadata = MetaData()
 
@@ -298,3 +298,32 @@ def with_partial_indexes() -> MetaData:
         Index("uq_calls_live_key", calls.c.tenant, calls.c.idempotency_key, unique=True,
               sqlite_where=text("NOT key_retired"), postgresql_where=text("NOT key_retired"))
     return metadata
+
+# x402 payments accepted for tool calls: one row per EIP-3009 authorization, reserved before the
+# tool runs. The primary key is the authorization itself, so one nonce is settled at most once
+# across every replica on this ledger.
+x402_payments = Table(
+    "x402_payments",
+    metadata,
+    Column("id", String(200), primary_key=True),  # <caip2>:<asset>:<payer>:<nonce>
+    Column("status", String(10), nullable=False),  # reserved | settled | failed | released
+    Column("network", String(64), nullable=False),
+    Column("asset", String(42), nullable=False),
+    Column("payer", String(42), nullable=False),
+    Column("nonce", String(66), nullable=False),
+    Column("tenant", String(100), nullable=False),
+    Column("agent", String(200), nullable=False),
+    Column("tool", String(200), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("valid_before", BigInteger, nullable=False),  # epoch seconds, the authorization's
+    Column("request_hash", String(64), nullable=False),
+    Column("call_id", String(64), nullable=True),  # the ledger call, once recorded
+    Column("tx_hash", String(66), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("reserved_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("amount > 0", name="ck_x402_payments_amount_positive"),
+    CheckConstraint("status IN ('reserved', 'settled', 'failed', 'released')",
+                    name="ck_x402_payments_status"),
+    Index("ix_x402_payments_status", "status", "reserved_at"),
+)

@@ -49,6 +49,7 @@ from mcpbill_cli.pricing.engine import (
     price_list,
     price_sheet,
     quote,
+    x402_offered,
 )
 from mcpbill_cli.pricing.parsing import load_pricing, parse_pricing
 from mcpbill_cli.pricing.sample import SAMPLE_PRICING
@@ -66,6 +67,7 @@ from mcpbill_cli.pricing.table import (
     PricingTable,
     TenantPricing,
     ToolPrice,
+    X402Terms,
     document_digest,
     key_path,
 )
@@ -84,6 +86,7 @@ __all__ = [
     "PricingTable",
     "TenantPricing",
     "ToolPrice",
+    "X402Terms",
     "apply_discount",
     "daily_cap",
     "dedupe_window",
@@ -106,4 +109,5 @@ __all__ = [
     "save_pricing_text",
     "set_price",
     "unset_price",
+    "x402_offered",
 ]

@@ -15,14 +15,16 @@ def set_price(
     """A new table (version + 1) where ``tool`` costs ``price`` (per unit, capped, if asked).
 
     With ``tenant``, the price is that tenant's own, which its discount does not touch. A tool
-    listed already keeps its dedupe window.
+    listed already keeps its dedupe window and its ``x402`` choice (a per-unit price drops an
+    x402 opt-in: ``exact`` cannot pay a price known only after the call).
     """
     entry = _new_entry(price, per_unit=per_unit, max_amount=max_amount)
     _require_name(tool, "tool")
     if tenant is None:
         listed = table.tools.get(tool)
         if listed is not None:  # a new price, not new terms: the tool keeps its dedupe window
-            entry = replace(entry, dedupe_window=listed.dedupe_window)
+            x402 = listed.x402 if entry.price is not None or not listed.x402 else None
+            entry = replace(entry, dedupe_window=listed.dedupe_window, x402=x402)
         return replace(table, version=table.version + 1, tools={**table.tools, tool: entry})
     _require_name(tenant, "tenant")
     terms = table.tenants.get(tenant, TenantPricing())

@@ -69,6 +69,20 @@ class Price:
         return doc
 
 
+def x402_offered(table: PricingTable, tool: str) -> bool:
+    """Whether ``tool`` may be paid with x402 (``exact``): a fixed-price tool whose own ``x402``
+    says so or, without one, ``[x402] enabled``. Per-unit tools never are. (A free call needs
+    no payment: the caller checks the price.)"""
+    entry = table.tools.get(tool)
+    if entry is not None and entry.price is None:
+        return False
+    if entry is not None and entry.x402 is not None:
+        return entry.x402
+    if entry is None and table.default_price is None:
+        return False
+    return table.x402 is not None and table.x402.enabled
+
+
 def quote(
     table: PricingTable, tool: str, *, tenant: str | None = None, units: int | None = None
 ) -> Price:

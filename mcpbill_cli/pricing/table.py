@@ -36,6 +36,7 @@ class ToolPrice:
     per_unit: int | None = None
     max_price: int | None = None
     dedupe_window: int | None = None
+    x402: bool | None = None  # offer x402 for this tool (None: as [x402] enabled says)
 
     def __post_init__(self) -> None:
         fixed = self.price is not None and self.per_unit is None and self.max_price is None
@@ -54,10 +55,12 @@ class ToolPrice:
             return format_usd(self.price)
         return f"{format_usd(known(self.per_unit))}/unit, max {format_usd(known(self.max_price))}"
 
-    def to_document(self) -> dict[str, str]:
-        doc = _price_document(self)
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(_price_document(self))
         if self.dedupe_window is not None:
             doc["dedupe_window"] = render_window(self.dedupe_window)
+        if self.x402 is not None:
+            doc["x402"] = self.x402
         return doc
 
 
@@ -93,6 +96,33 @@ class TenantPricing:
         return doc
 
 
+DEFAULT_X402_TIMEOUT = 60  # seconds: maxTimeoutSeconds of an x402 challenge
+DEFAULT_X402_TENANT = "x402"
+
+
+@dataclass(frozen=True)
+class X402Terms:
+    """``[x402]``: whether paid, fixed-price tools accept x402 payments, and on what terms.
+
+    ``chain`` names a chain of config.toml (``None``: ``[wallet] chain``); ``max_timeout`` is the
+    challenge's ``maxTimeoutSeconds``; ``tenant`` is the ledger tenant of payers who send no
+    credit token.
+    """
+
+    enabled: bool = False
+    chain: str | None = None
+    max_timeout: int = DEFAULT_X402_TIMEOUT
+    tenant: str = DEFAULT_X402_TENANT
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"enabled": self.enabled}
+        if self.chain is not None:
+            doc["chain"] = self.chain
+        doc["max_timeout"] = render_window(self.max_timeout)
+        doc["tenant"] = self.tenant
+        return doc
+
+
 @dataclass(frozen=True)
 class PricingTable:
     """A validated pricing table. Treat it as immutable: edits return a new table.
@@ -108,6 +138,7 @@ class PricingTable:
     tenants: Mapping[str, TenantPricing] = field(default_factory=dict)
     currency: str = CURRENCY
     dedupe_window: int | None = None
+    x402: X402Terms | None = None
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any], *, source: str = "<memory>") -> PricingTable:
@@ -128,6 +159,8 @@ class PricingTable:
             doc["tools"] = _tools_document(self.tools)
         if self.free_tiers:
             doc["free_tiers"] = {"patterns": list(self.free_tiers)}
+        if self.x402 is not None:
+            doc["x402"] = self.x402.to_document()
         tenants = {name: self.tenants[name] for name in sorted(self.tenants)
                    if not self.tenants[name].empty}
         if tenants:
@@ -156,7 +189,7 @@ def render_window(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def _tools_document(tools: Mapping[str, ToolPrice]) -> dict[str, dict[str, str]]:
+def _tools_document(tools: Mapping[str, ToolPrice]) -> dict[str, dict[str, Any]]:
     return {name: tools[name].to_document() for name in sorted(tools)}
 
 
@@ -183,9 +216,11 @@ def name_problem(name: str, what: str) -> str | None:
 # --- validating a document -------------------------------------------------------------------
 
 _TOP_KEYS = ("version", "currency", "default_price", "dedupe_window", "tools", "free_tiers",
-             "tenants")
+             "tenants", "x402")
 _TENANT_TOOL_KEYS = ("price", "price_per_unit", "max_price")
-_TOOL_KEYS = (*_TENANT_TOOL_KEYS, "dedupe_window")
+_TOOL_KEYS = (*_TENANT_TOOL_KEYS, "dedupe_window", "x402")
+_X402_KEYS = ("enabled", "chain", "max_timeout", "tenant")
+_X402_TENANT = re.compile(r"[^\s/]{1,100}")
 _TENANT_KEYS = ("discount_percent", "daily_cap", "tools")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ZERO_DURATION = re.compile(r"0+[smhd]?")
@@ -235,6 +270,7 @@ def table_from_document(doc: Mapping[str, Any]) -> PricingTable:
         free_tiers=_free_tiers(doc.get("free_tiers", {}), ("free_tiers",)),
         tenants=_tenants(doc.get("tenants", {}), ("tenants",)),
         dedupe_window=_optional_window(doc, ("dedupe_window",)),
+        x402=_x402_terms(doc["x402"], ("x402",)) if "x402" in doc else None,
     )
 
 
@@ -313,7 +349,39 @@ def _tool_price(node: Any, path: tuple[str, ...], *, tenant: bool = False) -> To
                       f"[{key_path(('tools', path[-1]))}] instead")
     _only(entry, path, _TENANT_TOOL_KEYS if tenant else _TOOL_KEYS)
     window = _optional_window(entry, path + ("dedupe_window",))
-    return replace(_price(entry, path), dedupe_window=window)
+    price = replace(_price(entry, path), dedupe_window=window)
+    if "x402" not in entry:
+        return price
+    offered = _flag(entry["x402"], path + ("x402",))
+    if offered and price.price is None:
+        raise Problem(path + ("x402",), "a per-unit tool cannot be paid with x402's exact "
+                                        "scheme (its price is known only after it ran)")
+    return replace(price, x402=offered)
+
+
+def _flag(value: Any, path: tuple[str, ...]) -> bool:
+    if not isinstance(value, bool):
+        raise Problem(path, f"must be true or false, not {_toml_type(value)}")
+    return value
+
+
+def _x402_terms(node: Any, path: tuple[str, ...]) -> X402Terms:
+    terms = _toml_table(node, path)
+    _only(terms, path, _X402_KEYS)
+    chain = terms.get("chain")
+    if chain is not None and (not isinstance(chain, str) or not chain.strip()):
+        raise Problem(path + ("chain",), "must name a chain of config.toml, like \"base\"")
+    tenant = terms.get("tenant", DEFAULT_X402_TENANT)
+    if not isinstance(tenant, str) or not _X402_TENANT.fullmatch(tenant):
+        raise Problem(path + ("tenant",), "must be a tenant name: 1 to 100 characters without "
+                                          "spaces or slashes")
+    timeout = DEFAULT_X402_TIMEOUT
+    if "max_timeout" in terms:
+        timeout = _window(terms["max_timeout"], path + ("max_timeout",))
+        if timeout < 1:
+            raise Problem(path + ("max_timeout",), "must be at least 1s")
+    return X402Terms(enabled=_flag(terms.get("enabled", False), path + ("enabled",)),
+                     chain=chain, max_timeout=timeout, tenant=tenant)
 
 
 def _price(entry: Mapping[str, Any], path: tuple[str, ...]) -> ToolPrice:

@@ -143,6 +143,22 @@ class Rpc:
         data = _BALANCE_OF_CALL + address_topic(owner)[2:]
         return int.from_bytes(self._eth_call(token, data), "big")
 
+    def eth_call(self, to: str, data: str) -> bytes:
+        """The raw result of a read-only contract call (``data``: 0x hex calldata)."""
+        return self._eth_call(to, data)
+
+    def call_once(self, method: str, act: Callable[[], T]) -> T:
+        """Run ``act`` once, never retried (sending a transaction): a failure is
+        RPC_UNAVAILABLE naming the URL."""
+        try:
+            return act()
+        except _rpc_errors() as exc:
+            reason = _transient_reason(exc)
+            if reason is None:
+                raise self._permanent(method, exc) from None
+            raise RpcUnavailable(f"{method} at {self.url} failed ({reason})", url=self.url,
+                                 method=method, attempts=1, reason=reason) from None
+
     def check_chain(self, chain: Chain) -> None:
         """Refuse an RPC on another chain, or a USDC without six decimals (once per chain)."""
         if chain.caip2 in self._checked:

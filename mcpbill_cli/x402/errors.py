@@ -66,3 +66,39 @@ class X402Unreachable(X402Error):
     resolve, or the server did not answer in time."""
 
     code = "X402_UNREACHABLE"
+
+
+# --- accepting payments (a paid tool paid with x402) ---------------------------------------------
+
+
+class X402PaymentInvalid(X402Error):
+    """A payment sent for a paid call does not pay this call. ``reason`` is one of: malformed,
+    scheme, version, network, asset, amount, recipient, not_yet_valid, expired, signature,
+    not_offered. Carries a fresh ``paymentRequired`` where paying again can help."""
+
+    code = "X402_PAYMENT_INVALID"
+
+    def __init__(self, message: str, *, reason: str, **details: object) -> None:
+        super().__init__(message, reason=reason, **details)
+        self.reason = reason
+
+
+class X402NonceUsed(X402Error):
+    """This authorization (payer and nonce) was used already: on chain, or by another call on
+    this ledger. A payment is settled once; sign a new authorization for a new call."""
+
+    code = "X402_NONCE_USED"
+
+
+class X402InsufficientFunds(X402Error):
+    """The payer holds less USDC on chain than the authorization moves (``balance``,
+    ``amount``, in the token's units)."""
+
+    code = "X402_INSUFFICIENT_FUNDS"
+
+
+class X402FacilitatorUnavailable(X402Error):
+    """The facilitator could not be reached or did not answer; nothing was settled or charged,
+    and the tool's output was withheld."""
+
+    code = "X402_FACILITATOR_UNAVAILABLE"

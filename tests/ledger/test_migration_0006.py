@@ -46,7 +46,7 @@ def test_upgrade_adds_an_empty_snapshots_table_the_first_reconcile_fills(
         assert {"ledger_snapshots", "account_snapshots"}.isdisjoint(
             inspect(engine).get_table_names())
 
-        assert upgrade(engine) == ("0005", "0006") and SCHEMA_REVISION == "0006"
+        assert upgrade(engine) == ("0005", SCHEMA_REVISION)
 
         assert current_revision(engine) == SCHEMA_REVISION
         columns = {c["name"] for c in inspect(engine).get_columns("account_snapshots")}
@@ -78,6 +78,6 @@ def test_downgrade_drops_the_snapshots_and_upgrade_adds_them_again(db_url: str,
         assert current_revision(engine) == "0005"
         assert {"ledger_snapshots", "account_snapshots"}.isdisjoint(
             inspect(engine).get_table_names())
-        assert upgrade(engine) == ("0005", "0006")
+        assert upgrade(engine) == ("0005", SCHEMA_REVISION)
     finally:
         engine.dispose()

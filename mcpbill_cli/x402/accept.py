@@ -1,0 +1,523 @@
+"""Accepting x402 payments for paid tools: the core an MCP server or an HTTP middleware calls.
+
+    acceptor = Acceptor.from_settings(verifier)       # None when x402 is not configured
+    challenge = acceptor.payment_required("search")   # v2 PaymentRequired, None if not offered
+    legacy = acceptor.payment_required("search", version=1, resource="https://api.example/s")
+
+    verified = acceptor.verify(payment, "search", args=args)   # X402_* refusals raise
+    opened = acceptor.reserve(verified)          # Reserved, or Replayed (settled before)
+    if isinstance(opened, Replayed):
+        return opened.result, opened.receipt     # the tool does not run again
+    try:
+        result = run_the_tool()
+    except Exception:
+        acceptor.release(opened)                 # nothing moved; the authorization is free
+        raise
+    settlement = acceptor.settle(opened)         # on chain, or X402_SETTLEMENT_FAILED (withhold)
+    receipt = acceptor.record(opened, settlement, result=result_json)
+
+``payment`` is a v2 ``PaymentPayload`` (or a v1 one) as a mapping, or the base64 JSON of a
+``PAYMENT-SIGNATURE`` / ``X-PAYMENT`` header. ``tenant``/``agent``/``jti`` name the credit token
+that came with the payment, if any; without one the payer pays as ``[x402] tenant`` and is the
+agent. Every step is thread-safe and blocking (web3 and the ledger): call it off the event loop.
+
+What each step guarantees:
+
+- :meth:`Acceptor.verify`: the payload pays exactly this call's price, in USDC on the configured
+  chain, to the deposit address, within its validity window (and far enough from its end to
+  settle), signed by its ``from``, with a nonce unused on chain and funds to cover it.
+- :meth:`Acceptor.reserve`: one INSERT keyed by the authorization (``network:asset:payer:nonce``):
+  of all replicas on one ledger, one gets it; a retry of the same call gets CALL_IN_PROGRESS
+  while it runs, its replay once it settled; any other use is X402_NONCE_USED.
+- :meth:`Acceptor.settle`: the transfer is on chain (facilitator or self); on failure the
+  payment is marked failed and nothing is charged.
+- :meth:`Acceptor.record`, in one transaction: the deposit from the payer (the same deposit id
+  ``wallet sync`` would give its ``Transfer`` log, so sync never credits it again), a credit token
+  of exactly the price for the tenant (internal, never handed out), the call charged on it with
+  a signed receipt carrying the settlement, and the payment marked settled.
+- :meth:`Acceptor.recover`: payments left ``reserved`` by a server that died (after settling,
+  before recording) are recorded from the chain, or released once they can no longer settle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from mcpbill_cli.clock import Clock, utcnow
+from mcpbill_cli.config import Settings, load_settings
+from mcpbill_cli.errors import BillingError, CallInProgress, ConfigInvalid
+from mcpbill_cli.ledger import calls, credit
+from mcpbill_cli.ledger import x402_payments as payments
+from mcpbill_cli.ledger.engine import reading, writing
+from mcpbill_cli.pricing import Price, PricingTable, x402_offered
+from mcpbill_cli.pricing import quote as price_quote
+from mcpbill_cli.receipts import Receipt, read_receipt
+from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.wallet import eip3009
+from mcpbill_cli.wallet.chains import Chain
+from mcpbill_cli.wallet.crediting import Deposit, credit_deposit
+from mcpbill_cli.wallet.rpc import Rpc
+from mcpbill_cli.x402.errors import (
+    X402FacilitatorUnavailable,
+    X402InsufficientFunds,
+    X402NonceUsed,
+    X402PaymentInvalid,
+    X402SettlementFailed,
+)
+from mcpbill_cli.x402.offers import (
+    Signed,
+    Terms,
+    check_terms,
+    check_window,
+    payment_required,
+    read_payment,
+    requirement,
+    tool_resource,
+)
+from mcpbill_cli.x402.settlers import (
+    FacilitatorSettler,
+    SelfSettler,
+    Settler,
+    authorization_of,
+    domain_of,
+)
+
+__all__ = ["Acceptor", "Replayed", "Reserved", "SettleResponse", "Unavailable", "Verified"]
+
+logger = logging.getLogger("mcpbill")
+
+SETTLE_MARGIN = 10  # seconds an authorization must stay valid after verification
+PAID_TOKEN_TTL = 300  # seconds: the internal token a paid call is charged on
+RECEIPT_WAIT = 15.0  # seconds to wait for a facilitator's transaction to be readable
+STALE_AFTER = 120  # seconds: a reserved payment older than this is a server that died
+RETRY_AFTER_MS = 1000
+
+
+@dataclass(frozen=True)
+class SettleResponse:
+    """x402's ``SettleResponse``: what ``_meta["x402/payment-response"]`` and the
+    ``PAYMENT-RESPONSE`` header carry."""
+
+    success: bool
+    transaction: str
+    network: str
+    payer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"success": self.success, "transaction": self.transaction,
+                "network": self.network, "payer": self.payer}
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A payment that pays this call, checked; what :meth:`Acceptor.reserve` takes."""
+
+    tool: str
+    tenant: str
+    agent: str
+    price: Price
+    terms: Terms
+    signed: Signed
+    requirement: Mapping[str, Any]  # the option it pays, in the payload's protocol version
+    payment_id: str
+    request_hash: str
+    args: Any = None
+    known: payments.Payment | None = field(default=None, repr=False)
+
+    @property
+    def amount(self) -> int:
+        return self.price.amount
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """A payment this server holds: run the tool, then settle and record, or release."""
+
+    verified: Verified
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """A payment settled and recorded already for this very call: its receipt, the result kept
+    from that run (JSON text, ``None`` when none was kept) and its settlement."""
+
+    receipt: Receipt
+    result: str | None
+    settlement: SettleResponse
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Why x402 is not offered here (demo mode, no chain or deposit address, not enabled)."""
+
+    reason: str
+
+
+class Acceptor:
+    """Accept x402 payments for the tools the pricing table offers them on (``[x402]``).
+
+    ``terms_for`` builds the payment terms from the current pricing table; ``settler`` puts
+    payments on chain; ``rpc`` reads the chain (nonce state, balances, settlement logs).
+    """
+
+    def __init__(self, verifier: Verifier, *, chain: Chain, pay_to: str, rpc: Rpc,
+                 settler: Settler, clock: Clock = utcnow, settle_margin: int = SETTLE_MARGIN
+                 ) -> None:
+        self.verifier = verifier
+        self.chain = chain
+        self.pay_to = pay_to.lower()
+        self.rpc = rpc
+        self.settler = settler
+        self._clock = clock
+        self.settle_margin = settle_margin
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, verifier: Verifier, settings: Settings | None = None
+                      ) -> Acceptor | Unavailable:
+        """The acceptor the home configures, or :class:`Unavailable` saying why there is none:
+        ``[x402]`` in pricing.toml, the chain (its ``rpc_url``), ``[wallet] deposit_address``,
+        and ``[x402] facilitator_url`` in config.toml (without it: self-settlement with the
+        keystore, password from ``MCPBILL_KEYSTORE_PASSWORD``)."""
+        s = settings or load_settings()
+        table = verifier.pricing_table()
+        if s.demo or verifier.demo:
+            return Unavailable("demo mode: no chain to be paid on")
+        if table.x402 is None:
+            return Unavailable("pricing.toml has no [x402] section")
+        try:
+            return cls._configured(verifier, s, table)
+        except BillingError as error:
+            return Unavailable(error.message)
+
+    @classmethod
+    def _configured(cls, verifier: Verifier, s: Settings, table: PricingTable) -> Acceptor:
+        from mcpbill_cli.wallet.chains import resolve_chain, rpc_url
+        from mcpbill_cli.wallet.deposit_address import get_deposit_address
+        from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD, keystore_path, load_account
+        from mcpbill_cli.wallet.rpc import connect
+
+        assert table.x402 is not None  # noqa: S101 - the caller checked
+        chain = resolve_chain(table.x402.chain, s.file)
+        pay_to = get_deposit_address(s.file)
+        rpc = Rpc(connect(rpc_url(chain)))
+        url = _facilitator_url(s.file)
+        terms = _terms(chain, pay_to, table)
+        settler: Settler
+        if url is not None:
+            settler = FacilitatorSettler(url)
+        else:
+            path = keystore_path(s.keys_dir)
+            loaded: list[Any] = []
+
+            def account() -> Any:
+                if not loaded:
+                    loaded.append(load_account(path, os.environ.get(ENV_KEYSTORE_PASSWORD, "")))
+                return loaded[0]
+
+            settler = SelfSettler(rpc, terms, account)
+        return cls(verifier, chain=chain, pay_to=pay_to, rpc=rpc, settler=settler)
+
+    # --- the challenge --------------------------------------------------------------------------
+
+    def terms(self) -> Terms:
+        """The payment terms under the pricing table in force."""
+        return _terms(self.chain, self.pay_to, self.verifier.pricing_table())
+
+    def price(self, tool: str, tenant: str | None = None) -> Price | None:
+        """What an x402 payment for one call of ``tool`` must be (the tenant's price; without
+        one, the ``[x402] tenant``'s), ``None`` when x402 is not offered for it or it is free."""
+        table = self.verifier.pricing_table()
+        if table.x402 is None or not x402_offered(table, tool):
+            return None
+        try:
+            price = price_quote(table, tool, tenant=tenant or table.x402.tenant)
+        except BillingError:
+            return None
+        return None if price.free or price.per_unit is not None else price
+
+    def payment_required(self, tool: str, tenant: str | None = None, *, version: int = 2,
+                         resource: str | None = None, error: str | None = None
+                         ) -> dict[str, Any] | None:
+        """The ``PaymentRequired`` for one call of ``tool`` (v2, or v1 with ``version=1``);
+        ``resource`` defaults to ``mcp://tool/<tool>``. ``None`` when x402 is not offered."""
+        price = self.price(tool, tenant)
+        if price is None:
+            return None
+        return payment_required(self.terms(), price.amount, resource or tool_resource(tool),
+                                version=version, error=error, description=f"{tool} (one call)")
+
+    # --- one payment ----------------------------------------------------------------------------
+
+    def verify(self, payment: Mapping[str, Any] | str, tool: str, *, args: Any = None,
+               tenant: str | None = None, agent: str | None = None,
+               resource: str | None = None) -> Verified:
+        """Check ``payment`` for one call of ``tool`` (see the module docstring); every
+        refusal is an X402_* :class:`~mcpbill_cli.errors.BillingError`."""
+        signed = read_payment(payment)
+        price = self.price(tool, tenant)
+        if price is None:
+            raise X402PaymentInvalid(f"x402 payments are not accepted for {tool!r}",
+                                     reason="not_offered")
+        terms = self.terms()
+        check_terms(signed, terms, price.amount)
+        check_window(signed, int(self._clock().timestamp()), self.settle_margin)
+        if eip3009.signer_of(authorization_of(signed), domain_of(terms)) != signed.payer:
+            raise X402PaymentInvalid("x402 payment refused (signature): the authorization is "
+                                     f"not signed by {signed.payer}", reason="signature")
+        table = self.verifier.pricing_table()
+        assert table.x402 is not None  # noqa: S101 - price() found it
+        payment_id = payments.payment_id(terms.network, terms.asset, signed.payer, signed.nonce)
+        verified = Verified(
+            tool=tool, tenant=tenant or table.x402.tenant, agent=agent or signed.payer,
+            price=price, terms=terms, signed=signed,
+            requirement=requirement(terms, price.amount, version=signed.version,
+                                    resource=resource or tool_resource(tool),
+                                    description=f"{tool} (one call)"),
+            payment_id=payment_id, request_hash=_request_hash(payment_id, tool, args),
+            args=args)
+        with reading(self._engine()) as conn:
+            known = payments.find(conn, payment_id)
+        if known is not None and known.status != "released":
+            return _with_known(verified, known)  # reserve() says what it means: no chain read
+        self._check_chain(signed, terms)
+        self.settler.verify(signed, verified.requirement)
+        return verified
+
+    def reserve(self, verified: Verified) -> Reserved | Replayed:
+        """Take the payment for this call (one INSERT): :class:`Reserved`, or the
+        :class:`Replayed` call it paid already; CALL_IN_PROGRESS while that call runs;
+        X402_NONCE_USED for any other call."""
+        row = payments.Payment(
+            id=verified.payment_id, status="reserved", network=verified.terms.network,
+            asset=verified.terms.asset, payer=verified.signed.payer, nonce=verified.signed.nonce,
+            tenant=verified.tenant, agent=verified.agent, tool=verified.tool,
+            amount=verified.amount, valid_before=verified.signed.valid_before,
+            request_hash=verified.request_hash)
+        with writing(self._engine()) as conn:
+            taken = payments.reserve(conn, row, at=self._clock())
+        if taken is None:
+            return Reserved(verified)
+        return self._taken(verified, taken)
+
+    def release(self, opened: Reserved) -> None:
+        """The tool failed: give the payment back (nothing moved; the agent may pay again)."""
+        with writing(self._engine()) as conn:
+            payments.released(conn, opened.verified.payment_id, at=self._clock())
+
+    def settle(self, opened: Reserved) -> SettleResponse:
+        """Put the payment on chain. X402_SETTLEMENT_FAILED or X402_FACILITATOR_UNAVAILABLE
+        when it did not settle: the payment is marked failed, nothing is charged, and the
+        tool's output must be withheld."""
+        verified = opened.verified
+        try:
+            tx_hash = self.settler.settle(verified.signed, verified.requirement)
+        except X402FacilitatorUnavailable as error:
+            self._failed(verified, error)
+            raise
+        except X402SettlementFailed as error:
+            found = (self._settled_on_chain(verified.signed, verified.terms)
+                     if error.details.get("outcome") == "unknown" else None)
+            if found is None:
+                self._failed(verified, error)
+                raise
+            tx_hash = found
+        return _response(verified, tx_hash)
+
+    def record(self, opened: Reserved, settlement: SettleResponse, *,
+               result: str | None = None) -> Receipt:
+        """Record the settled call (see the module docstring) and return its signed receipt;
+        ``result`` is the tool's result as JSON text, kept for replays."""
+        verified = opened.verified
+        transfer = self._transfer(settlement.transaction, verified.terms)
+        return self._record(_Paid.of(verified), transfer, settlement, result)
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def recover(self, *, older_than: int = STALE_AFTER) -> list[payments.Payment]:
+        """Resolve the payments still ``reserved`` after ``older_than`` seconds (their server
+        died): recorded from the chain when they settled, released when they no longer can,
+        left alone otherwise. Returns the payments resolved, as they were found."""
+        now = self._clock()
+        with reading(self._engine()) as conn:
+            stale = payments.stale(conn, before=now - timedelta(seconds=older_than))
+        return [row for row in stale if self._recover_one(row, now)]
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _engine(self) -> Any:
+        if self.verifier.engine is None:
+            raise ConfigInvalid("accepting x402 payments needs a ledger-backed verifier")
+        return self.verifier.engine
+
+    def _check_chain(self, signed: Signed, terms: Terms) -> None:
+        if eip3009.authorization_used(self.rpc, terms.asset, signed.payer, signed.nonce):
+            raise X402NonceUsed(f"authorization {signed.nonce} of {signed.payer} was used "
+                                "already; sign a new one", nonce=signed.nonce)
+        balance = self.rpc.token_balance(terms.asset, signed.payer)
+        if balance < signed.value:
+            raise X402InsufficientFunds(
+                f"{signed.payer} holds {balance} units of {terms.asset}, less than the "
+                f"{signed.value} it authorized", balance=str(balance), amount=str(signed.value))
+
+    def _taken(self, verified: Verified, taken: payments.Payment) -> Replayed:
+        same = taken.request_hash == verified.request_hash
+        if same and taken.status == "reserved":
+            raise CallInProgress("this payment's call is still running; retry in "
+                                 f"{RETRY_AFTER_MS} ms for its outcome",
+                                 retryAfterMs=RETRY_AFTER_MS)
+        if same and taken.status == "settled" and taken.call_id is not None:
+            replay = self._replay(taken)
+            if replay is not None:
+                return replay
+        raise X402NonceUsed(f"authorization {taken.nonce} of {taken.payer} was used already "
+                            f"({taken.status}); sign a new one for a new call",
+                            nonce=taken.nonce, status=taken.status)
+
+    def _replay(self, taken: payments.Payment) -> Replayed | None:
+        with reading(self._engine()) as conn:
+            stored = calls.stored(conn, call_id=taken.call_id)
+        if stored is None or stored.receipt is None or taken.tx_hash is None:
+            return None
+        receipt = read_receipt(stored.receipt)
+        settlement = receipt.claims.get("settlement") or {}
+        return Replayed(receipt, stored.result, SettleResponse(
+            True, taken.tx_hash, str(settlement.get("network", taken.network)), taken.payer))
+
+    def _failed(self, verified: Verified, error: BillingError) -> None:
+        with writing(self._engine()) as conn:
+            payments.failed(conn, verified.payment_id, error=f"{error.code}: {error.message}",
+                            at=self._clock())
+
+    def _settled_on_chain(self, signed: Signed, terms: Terms) -> str | None:
+        """The transaction that used this authorization, when the chain says it was used."""
+        if not eip3009.authorization_used(self.rpc, terms.asset, signed.payer, signed.nonce):
+            return None
+        return eip3009.authorization_tx(self.rpc, terms.asset, signed.payer, signed.nonce)
+
+    def _transfer(self, tx_hash: str, terms: Terms) -> eip3009.SettledTransfer:
+        deadline = time.monotonic() + RECEIPT_WAIT
+        while True:
+            found = eip3009.settled_transfer(self.rpc, tx_hash, terms.asset, terms.pay_to)
+            if found is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if found is None:
+            raise X402SettlementFailed(f"settlement {tx_hash} moved no USDC to {terms.pay_to}",
+                                       transaction=tx_hash, outcome="unknown")
+        return found
+
+    def _record(self, paid: _Paid, transfer: eip3009.SettledTransfer,
+                settlement: SettleResponse, result: str | None) -> Receipt:
+        verifier = self.verifier
+        signer = verifier.keys.signer()
+        if signer is None:
+            raise ConfigInvalid("accepting x402 payments needs the operator's key ring")
+        deposit = Deposit(chain=paid.network, tx_hash=transfer.tx_hash,
+                          log_index=transfer.log_index, block_number=transfer.block_number,
+                          sender=transfer.sender, recipient=transfer.recipient,
+                          token=paid.asset, amount=transfer.amount)
+        request = credit.IssueRequest(
+            tenant=paid.tenant, agent=paid.agent, limit=paid.price.amount, ttl=PAID_TOKEN_TTL,
+            scope=[paid.tool], audience=verifier.audience or "mcpbill",
+            issuer=verifier.issuer or "mcpbill", demo=verifier.demo)
+        now = self._clock()
+        with writing(self._engine()) as conn:
+            credit_deposit(conn, deposit, paid.tenant, now)
+            issued = credit.issue(conn, request, signer=signer, ttl_cap=PAID_TOKEN_TTL, now=now)
+            receipt = verifier.charge_paid(
+                conn, issued.claims, paid.tool, paid.price, args=paid.args,
+                idempotency_key=f"x402_{paid.request_hash[:48]}",
+                settlement=settlement.to_dict(), at=now, result=result)
+            if not payments.settled(conn, paid.payment_id, call_id=receipt.receipt_id,
+                                    tx_hash=transfer.tx_hash, at=now):
+                raise X402NonceUsed(f"payment {paid.payment_id} was resolved by another "
+                                    "server meanwhile", status="resolved")
+        return receipt
+
+    def _recover_one(self, row: payments.Payment, now: datetime) -> bool:
+        terms = self.terms()
+        if row.network != terms.network or row.asset != terms.asset:
+            return False  # another chain's payment: a server configured for it recovers it
+        if eip3009.authorization_used(self.rpc, row.asset, row.payer, row.nonce):
+            tx_hash = eip3009.authorization_tx(self.rpc, row.asset, row.payer, row.nonce)
+            if tx_hash is None:
+                return False
+            table = self.verifier.pricing_table()
+            paid = _Paid(row.id, row.tenant, row.agent, row.tool, row.network, row.asset,
+                         Price(row.amount, "x402.recovered", table.version), row.request_hash,
+                         None)
+            settlement = SettleResponse(True, tx_hash, row.network, row.payer)
+            self._record(paid, self._transfer(tx_hash, terms), settlement, None)
+            logger.warning("x402 payment %s was settled in %s but not recorded: recorded now",
+                           row.id, tx_hash)
+            return True
+        if row.valid_before > int(now.timestamp()):
+            return False  # it may still be settled: leave it to a later sweep
+        with writing(self._engine()) as conn:
+            return payments.released(conn, row.id, at=now)
+
+
+@dataclass(frozen=True)
+class _Paid:
+    """What recording a settled payment needs (from a :class:`Verified`, or a stored row)."""
+
+    payment_id: str
+    tenant: str
+    agent: str
+    tool: str
+    network: str
+    asset: str
+    price: Price
+    request_hash: str
+    args: Any
+
+    @classmethod
+    def of(cls, verified: Verified) -> _Paid:
+        return cls(verified.payment_id, verified.tenant, verified.agent, verified.tool,
+                   verified.terms.network, verified.terms.asset, verified.price,
+                   verified.request_hash, verified.args)
+
+
+def _terms(chain: Chain, pay_to: str, table: PricingTable) -> Terms:
+    timeout = table.x402.max_timeout if table.x402 is not None else 60
+    return Terms(network=chain.caip2, asset=chain.usdc, pay_to=pay_to.lower(),
+                 name=chain.eip712_name, version=chain.eip712_version, max_timeout=timeout)
+
+
+def _response(verified: Verified, tx_hash: str) -> SettleResponse:
+    network = verified.terms.network
+    if verified.signed.version == 1:
+        network = verified.terms.v1_network or network
+    return SettleResponse(True, tx_hash, network, verified.signed.payer)
+
+
+def _with_known(verified: Verified, known: payments.Payment) -> Verified:
+    return replace(verified, known=known)
+
+
+def _request_hash(payment_id: str, tool: str, args: Any) -> str:
+    canonical = json.dumps([payment_id, tool, args], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _facilitator_url(file: Mapping[str, Any]) -> str | None:
+    section = file.get("x402", {})
+    if not isinstance(section, Mapping):
+        raise ConfigInvalid("config [x402] must be a table")
+    url = section.get("facilitator_url")
+    if url is None:
+        return None
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigInvalid("config [x402] facilitator_url must be a URL like https://...")
+    return url

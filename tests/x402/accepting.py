@@ -1,0 +1,151 @@
+"""The accepting side's test parts: a shop (a verifier with x402 on, an acceptor paid to a fresh
+deposit address on the session's anvil), payers with test USDC, and the official x402 client
+as the agent that signs payments from the shop's challenges."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import Engine, func, select
+from web3 import Web3
+from x402 import x402ClientSync
+from x402.mechanisms.evm.exact import ExactEvmClientScheme
+from x402.mechanisms.evm.exact.v1 import ExactEvmSchemeV1Client
+from x402.schemas.helpers import parse_payment_required
+
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.ledger import invariants
+from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.models import calls, deposits, x402_payments
+from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
+from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.wallet.eip3009 import AUTHORIZATION_TYPES
+from mcpbill_cli.x402.accept import Acceptor
+from mcpbill_cli.x402.offers import Terms
+from tests.wallet.devnet import Devnet
+
+from .peer import CHAIN_ID, NETWORK, V1_NETWORK
+
+SEARCH_PRICE = 10_000  # 0.01 USDC
+PAYER_FUNDS = 1_000_000  # 1 USDC
+ACCEPT_PRICING: dict[str, Any] = {
+    "version": 1,
+    "x402": {"enabled": True, "max_timeout": "60s", "tenant": "x402"},
+    "tools": {
+        "search": {"price": "0.01"},
+        "premium": {"price": "0.05", "x402": False},
+        "summarize": {"price_per_unit": "0.00001", "max_price": "0.10"},
+        "status": {"price": "0"},
+        "boom": {"price": "0.01"},
+    },
+    "tenants": {"acme": {"discount_percent": 50}},
+}
+
+
+@dataclass
+class Shop:
+    """The accepting server's side: its acceptor, ledger, chain and deposit address."""
+
+    acceptor: Acceptor
+    verifier: Verifier
+    engine: Engine
+    devnet: Devnet
+    pay_to: str
+    keys_dir: Path
+
+    @property
+    def terms(self) -> Terms:
+        return self.acceptor.terms()
+
+    def received(self) -> int:
+        """Micro-USDC held by the deposit address on chain."""
+        return balance(self.devnet, self.pay_to)
+
+    def payment_rows(self) -> list[Any]:
+        with reading(self.engine) as conn:
+            return list(conn.execute(select(x402_payments).order_by(x402_payments.c.reserved_at)))
+
+    def captured_calls(self, tool: str | None = None) -> list[Any]:
+        query = select(calls).where(calls.c.status == "captured")
+        if tool is not None:
+            query = query.where(calls.c.tool == tool)
+        with reading(self.engine) as conn:
+            return list(conn.execute(query))
+
+    def deposit_count(self) -> int:
+        with reading(self.engine) as conn:
+            return int(conn.execute(select(func.count()).select_from(deposits)).scalar_one())
+
+    def assert_books_clean(self) -> None:
+        """The ledger's invariants hold and reconcile (receipts verified) finds nothing."""
+        with reading(self.engine) as conn:
+            assert invariants.check(conn) == []
+        self.verifier.seal()
+        now = utcnow()
+        window = Window(now - timedelta(hours=1), now + timedelta(minutes=1))
+        report = reconcile(self.engine, ReconcileOptions(
+            window=window, keys_dir=self.keys_dir, verify_receipts=True,
+            now=now + timedelta(minutes=2)))
+        assert report.findings == (), report.findings
+
+
+def balance(devnet: Devnet, address: str) -> int:
+    return int(devnet.usdc.functions.balanceOf(Web3.to_checksum_address(address)).call())
+
+
+def new_payer(devnet: Devnet, amount: int = PAYER_FUNDS) -> LocalAccount:
+    """A fresh account holding ``amount`` test USDC (and no ETH: it only signs)."""
+    account: LocalAccount = Account.create()
+    if amount:
+        tx = devnet.usdc.functions.mint(account.address, amount).transact(
+            {"from": devnet.deployer, "gas": 100_000})
+        assert devnet.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    return account
+
+
+def official_client(payer: LocalAccount, asset: str) -> x402ClientSync:
+    """The official x402 client, paying with ``payer``, allowed to pay the test USDC."""
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmClientScheme(payer))
+    client.register_v1(V1_NETWORK, ExactEvmSchemeV1Client(payer))
+    client.set_spend_controls({"allowed_assets": [
+        {"network": network, "asset": asset, "max_amount_per_payment": "1000000"}
+        for network in (NETWORK, V1_NETWORK)]})
+    return client
+
+
+def official_payment(client: x402ClientSync, challenge: dict[str, Any]) -> dict[str, Any]:
+    """What the official client sends for ``challenge``, as a JSON-ready mapping."""
+    payload = client.create_payment_payload(parse_payment_required(challenge))
+    return payload.model_dump(by_alias=True, exclude_none=True)
+
+
+def signed_payment(payer: LocalAccount, terms: Terms, *, amount: int, to: str | None = None,
+                   valid_after: int = 0, valid_before: int | None = None,
+                   nonce: str | None = None, network: str = NETWORK) -> dict[str, Any]:
+    """A v2 payment signed by ``payer`` exactly as asked (also for what the shop must refuse)."""
+    nonce = nonce or "0x" + secrets.token_hex(32)
+    to = to or terms.pay_to
+    before = valid_before if valid_before is not None else int(time.time()) + 60
+    message = {"from": payer.address, "to": Web3.to_checksum_address(to), "value": amount,
+               "validAfter": valid_after, "validBefore": before, "nonce": bytes.fromhex(nonce[2:])}
+    domain = {"name": terms.name, "version": terms.version, "chainId": CHAIN_ID,
+              "verifyingContract": Web3.to_checksum_address(terms.asset)}
+    signed = payer.sign_typed_data(domain_data=domain, message_types=AUTHORIZATION_TYPES,
+                                   message_data=message)
+    accepted = {"scheme": "exact", "network": network, "amount": str(amount),
+                "asset": terms.asset, "payTo": to, "maxTimeoutSeconds": terms.max_timeout,
+                "extra": {"name": terms.name, "version": terms.version}}
+    authorization = {"from": payer.address, "to": Web3.to_checksum_address(to),
+                     "value": str(amount), "validAfter": str(valid_after),
+                     "validBefore": str(before), "nonce": nonce}
+    return {"x402Version": 2, "accepted": accepted,
+            "payload": {"signature": "0x" + bytes(signed.signature).hex(),
+                        "authorization": authorization}}

@@ -1,0 +1,349 @@
+"""Accepting x402 payments, the core without MCP: the official x402 client signs payments from
+the shop's challenges; the shop verifies, reserves, settles on the session's anvil (itself,
+paying gas from its own account) and records the call in the ledger."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import Engine
+
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.errors import BillingError, CallInProgress
+from mcpbill_cli.keys import KeySource
+from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.wallet.rpc import Rpc, connect
+from mcpbill_cli.wallet.scan import sync
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable
+from mcpbill_cli.x402.offers import Terms
+from mcpbill_cli.x402.settlers import SelfSettler
+
+from .accepting import (
+    ACCEPT_PRICING,
+    SEARCH_PRICE,
+    Shop,
+    balance,
+    new_payer,
+    official_client,
+    official_payment,
+    signed_payment,
+)
+from .conftest import Peer
+from .peer import NETWORK, V1_NETWORK
+
+
+@pytest.fixture(scope="session")
+def gas_account(peer: Peer) -> LocalAccount:
+    """The operator's own account on anvil: it pays the gas of self-settlement."""
+    account: LocalAccount = Account.create()
+    w3 = peer.devnet.w3
+    tx = w3.eth.send_transaction({"from": peer.devnet.deployer, "to": account.address,
+                                  "value": 10**19})
+    assert w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    return account
+
+
+@pytest.fixture
+def shop(engine: Engine, keys_dir: Path, peer: Peer, fuji_anvil: str,
+         gas_account: LocalAccount) -> Iterator[Shop]:
+    """A verifier with x402 on, paid to a fresh deposit address, settling by itself."""
+    verifier = Verifier(keys=KeySource(directory=keys_dir),
+                        pricing=PricingTable.from_document(ACCEPT_PRICING), engine=engine)
+    chain = peer.devnet.chain
+    pay_to = Account.create().address.lower()
+    rpc = Rpc(connect(fuji_anvil))
+    terms = Terms(NETWORK, chain.usdc, pay_to, chain.eip712_name, chain.eip712_version, 60)
+    acceptor = Acceptor(verifier, chain=chain, pay_to=pay_to, rpc=rpc,
+                        settler=SelfSettler(rpc, terms, lambda: gas_account))
+    yield Shop(acceptor, verifier, engine, peer.devnet, pay_to, keys_dir)
+    verifier.close()
+
+
+def pay_and_run(shop: Shop, payment: dict[str, Any] | str, tool: str = "search",
+                args: Any = None, result: str = '{"ok": true}') -> Any:
+    """One paid call the way a server makes it: verify, reserve, run, settle, record."""
+    verified = shop.acceptor.verify(payment, tool, args=args)
+    opened = shop.acceptor.reserve(verified)
+    if isinstance(opened, Replayed):
+        return opened
+    settlement = shop.acceptor.settle(opened)
+    return settlement, shop.acceptor.record(opened, settlement, result=result)
+
+
+def refusal(call: Any) -> BillingError:
+    with pytest.raises(BillingError) as caught:
+        call()
+    return caught.value
+
+
+# --- the challenge -------------------------------------------------------------------------
+
+
+def test_the_challenge_asks_exactly_the_price_in_usdc_to_the_deposit_address(shop: Shop) -> None:
+    challenge = shop.acceptor.payment_required("search")
+
+    assert challenge == {
+        "x402Version": 2,
+        "resource": {"url": "mcp://tool/search", "mimeType": "application/json",
+                     "description": "search (one call)"},
+        "accepts": [{"scheme": "exact", "network": NETWORK, "amount": str(SEARCH_PRICE),
+                     "asset": shop.devnet.chain.usdc, "payTo": shop.pay_to,
+                     "maxTimeoutSeconds": 60, "extra": {"name": "USD Coin", "version": "2"}}],
+    }
+
+
+def test_a_tenant_pays_its_own_price_and_v1_names_the_network_and_resource(shop: Shop) -> None:
+    tenant = shop.acceptor.payment_required("search", "acme")
+    legacy = shop.acceptor.payment_required("search", version=1,
+                                            resource="https://api.example/search")
+
+    assert tenant is not None and tenant["accepts"][0]["amount"] == str(SEARCH_PRICE // 2)
+    assert legacy is not None and legacy["x402Version"] == 1 and "resource" not in legacy
+    option = legacy["accepts"][0]
+    assert option["network"] == V1_NETWORK and option["maxAmountRequired"] == str(SEARCH_PRICE)
+    assert option["resource"] == "https://api.example/search"
+
+
+def test_no_challenge_for_free_per_unit_opted_out_or_unknown_tools(shop: Shop) -> None:
+    for tool in ("status", "summarize", "premium", "nosuchtool"):
+        assert shop.acceptor.payment_required(tool) is None, tool
+
+
+def test_demo_mode_and_a_table_without_x402_offer_nothing(engine: Engine,
+                                                          keys_dir: Path) -> None:
+    from mcpbill_cli.config import Settings
+
+    plain = {key: value for key, value in ACCEPT_PRICING.items() if key != "x402"}
+    for document, demo in ((ACCEPT_PRICING, True), (plain, False)):
+        verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine, demo=demo,
+                            pricing=PricingTable.from_document(document))
+        settings = Settings(home=keys_dir.parent, db_url="", mode="demo" if demo else "live")
+        assert isinstance(Acceptor.from_settings(verifier, settings), Unavailable)
+
+
+# --- paying --------------------------------------------------------------------------------
+
+
+def test_the_official_client_pays_once_and_the_books_agree(shop: Shop) -> None:
+    payer = new_payer(shop.devnet)
+    challenge = shop.acceptor.payment_required("search")
+    assert challenge is not None
+    payment = official_payment(official_client(payer, shop.devnet.chain.usdc), challenge)
+
+    settlement, receipt = pay_and_run(shop, payment, args={"q": "usdc"})
+
+    assert settlement.success and settlement.network == NETWORK
+    assert settlement.payer == payer.address.lower()
+    assert shop.received() == SEARCH_PRICE
+    assert balance(shop.devnet, payer.address) == 1_000_000 - SEARCH_PRICE
+    verified = shop.verifier.verify_receipt(receipt.jws)
+    assert verified.amount == SEARCH_PRICE and verified.claims["tool"] == "search"
+    assert verified.claims["transaction"] == settlement.transaction
+    assert verified.claims["tenant"] == "x402"
+    assert verified.claims["payer"] == payer.address.lower()
+    assert verified.claims["settlement"] == settlement.to_dict()
+    [row] = shop.payment_rows()
+    assert (row.status, row.call_id, row.tx_hash) == ("settled", receipt.receipt_id,
+                                                      settlement.transaction)
+    assert len(shop.captured_calls("search")) == 1 and shop.deposit_count() == 1
+    shop.assert_books_clean()
+
+
+def test_a_retry_of_a_settled_payment_replays_and_moves_nothing(shop: Shop) -> None:
+    payer = new_payer(shop.devnet)
+    payment = official_payment(official_client(payer, shop.devnet.chain.usdc),
+                               shop.acceptor.payment_required("search") or {})
+    _, receipt = pay_and_run(shop, payment, args={"q": "a"}, result='{"first": 1}')
+
+    replay = pay_and_run(shop, payment, args={"q": "a"}, result='{"second": 2}')
+
+    assert isinstance(replay, Replayed)
+    assert replay.receipt.receipt_id == receipt.receipt_id and replay.result == '{"first": 1}'
+    assert shop.received() == SEARCH_PRICE and len(shop.captured_calls()) == 1
+    used = refusal(lambda: pay_and_run(shop, payment, args={"q": "other call"}))
+    assert used.code == "X402_NONCE_USED"
+    shop.assert_books_clean()
+
+
+def test_a_v1_payment_is_accepted_and_answered_in_v1_names(shop: Shop) -> None:
+    payer = new_payer(shop.devnet)
+    challenge = shop.acceptor.payment_required("search", version=1,
+                                               resource="mcp://tool/search")
+    payment = official_payment(official_client(payer, shop.devnet.chain.usdc), challenge or {})
+    assert payment["x402Version"] == 1
+
+    settlement, receipt = pay_and_run(shop, payment)
+
+    assert settlement.network == V1_NETWORK and shop.received() == SEARCH_PRICE
+    assert shop.verifier.verify_receipt(receipt.jws).amount == SEARCH_PRICE
+
+
+def test_a_payment_header_is_read_as_base64_json(shop: Shop) -> None:
+    import base64
+
+    payer = new_payer(shop.devnet)
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE)
+    header = base64.b64encode(json.dumps(payment).encode()).decode()
+
+    settlement, _ = pay_and_run(shop, header)
+
+    assert settlement.success and shop.received() == SEARCH_PRICE
+
+
+# --- refusals before the tool runs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"amount": SEARCH_PRICE - 1}, "amount"),
+    ({"amount": SEARCH_PRICE + 1}, "amount"),
+    ({"to": "0x" + "11" * 20}, "recipient"),
+    ({"network": "eip155:8453"}, "network"),
+    ({"valid_before": 1_000}, "expired"),
+    ({"valid_before": "soon"}, "expired"),
+    ({"valid_after": 4_000_000_000, "valid_before": 4_000_000_100}, "not_yet_valid"),
+])
+def test_a_payment_that_does_not_pay_this_call_is_refused_before_anything_moves(
+        shop: Shop, change: dict[str, Any], reason: str) -> None:
+    payer = new_payer(shop.devnet)
+    if change.get("valid_before") == "soon":  # valid, but not long enough to settle
+        change = {"valid_before": int(time.time()) + 3}
+    options = {"amount": SEARCH_PRICE, **change}
+    payment = signed_payment(payer, shop.terms, **options)
+
+    error = refusal(lambda: shop.acceptor.verify(payment, "search"))
+
+    assert (error.code, error.details["reason"]) == ("X402_PAYMENT_INVALID", reason)
+    assert shop.payment_rows() == [] and shop.received() == 0
+
+
+def test_a_signature_by_someone_else_is_refused(shop: Shop) -> None:
+    payer, thief = new_payer(shop.devnet), Account.create()
+    payment = signed_payment(thief, shop.terms, amount=SEARCH_PRICE)
+    payment["payload"]["authorization"]["from"] = payer.address  # spend the payer's USDC
+
+    error = refusal(lambda: shop.acceptor.verify(payment, "search"))
+
+    assert (error.code, error.details["reason"]) == ("X402_PAYMENT_INVALID", "signature")
+
+
+@pytest.mark.parametrize("payment", [
+    {}, {"x402Version": 3}, {"x402Version": 2, "accepted": {"scheme": "upto"}},
+    {"x402Version": 2, "accepted": {"scheme": "exact", "network": "eip155:43113"},
+     "payload": {"signature": "0x00", "authorization": {}}},
+    "not base64 at all!", [],
+])
+def test_malformed_payments_are_refused_with_a_reason(shop: Shop, payment: Any) -> None:
+    error = refusal(lambda: shop.acceptor.verify(payment, "search"))
+
+    assert error.code == "X402_PAYMENT_INVALID"
+    assert error.details["reason"] in ("malformed", "version", "scheme")
+
+
+def test_a_tool_without_x402_refuses_payments(shop: Shop) -> None:
+    payment = signed_payment(new_payer(shop.devnet), shop.terms, amount=50_000)
+
+    error = refusal(lambda: shop.acceptor.verify(payment, "premium"))
+
+    assert error.details["reason"] == "not_offered"
+
+
+def test_a_payer_without_funds_is_refused(shop: Shop) -> None:
+    payer = new_payer(shop.devnet, amount=SEARCH_PRICE - 1)
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE)
+
+    error = refusal(lambda: shop.acceptor.verify(payment, "search"))
+
+    assert error.code == "X402_INSUFFICIENT_FUNDS"
+    assert error.details == {"balance": str(SEARCH_PRICE - 1), "amount": str(SEARCH_PRICE)}
+
+
+def test_a_nonce_used_on_chain_elsewhere_is_refused(shop: Shop, gas_account: LocalAccount
+                                                    ) -> None:
+    payer = new_payer(shop.devnet)
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE)
+    pay_and_run(shop, payment)
+    with shop.engine.begin() as conn:  # forget it here: only the chain remembers
+        from mcpbill_cli.ledger.models import x402_payments
+
+        conn.execute(x402_payments.delete())
+
+    error = refusal(lambda: shop.acceptor.verify(payment, "search"))
+
+    assert error.code == "X402_NONCE_USED"
+
+
+def test_a_payment_for_a_call_still_running_is_in_progress_and_a_failed_tool_releases_it(
+        shop: Shop) -> None:
+    payment = signed_payment(new_payer(shop.devnet), shop.terms, amount=SEARCH_PRICE)
+    opened = shop.acceptor.reserve(shop.acceptor.verify(payment, "boom"))
+    assert isinstance(opened, Reserved)
+
+    again = refusal(lambda: shop.acceptor.reserve(shop.acceptor.verify(payment, "boom")))
+    assert isinstance(again, CallInProgress)
+
+    shop.acceptor.release(opened)  # the tool failed: nothing settles
+    assert [row.status for row in shop.payment_rows()] == ["released"]
+    settlement, _ = pay_and_run(shop, payment, tool="boom")  # the agent may pay again
+    assert settlement.success and shop.received() == SEARCH_PRICE
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
+
+
+# --- after settlement ----------------------------------------------------------------------
+
+
+def test_wallet_sync_after_a_payment_credits_nothing_again(shop: Shop) -> None:
+    start = shop.devnet.w3.eth.block_number
+    payer = new_payer(shop.devnet)
+    pay_and_run(shop, signed_payment(payer, shop.terms, amount=SEARCH_PRICE))
+    shop.devnet.mine(2)
+
+    result = sync(shop.engine, Rpc(shop.devnet.w3), shop.devnet.chain, shop.pay_to,
+                  from_block=start)
+
+    assert result.to_block >= start + 2 and result.credited == [] and result.new_unlinked == []
+    assert shop.deposit_count() == 1
+    shop.assert_books_clean()
+
+
+def test_a_crash_between_settlement_and_record_is_recovered_from_the_chain(shop: Shop) -> None:
+    payer = new_payer(shop.devnet)
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE)
+    opened = shop.acceptor.reserve(shop.acceptor.verify(payment, "search"))
+    assert isinstance(opened, Reserved)
+    settlement = shop.acceptor.settle(opened)  # ... and the server dies here
+
+    assert shop.acceptor.recover(older_than=3600) == []  # not stale yet: left alone
+    [recovered] = shop.acceptor.recover(older_than=0)
+
+    assert recovered.id == opened.verified.payment_id
+    [row] = shop.payment_rows()
+    assert row.status == "settled" and row.tx_hash == settlement.transaction
+    assert shop.received() == SEARCH_PRICE and len(shop.captured_calls("search")) == 1
+    assert shop.acceptor.recover(older_than=0) == []
+    shop.assert_books_clean()
+
+
+def test_a_reserved_payment_that_can_no_longer_settle_is_released(shop: Shop) -> None:
+    payer = new_payer(shop.devnet)
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE,
+                             valid_before=int(time.time()) + 12)
+    opened = shop.acceptor.reserve(shop.acceptor.verify(payment, "search"))
+    assert isinstance(opened, Reserved)  # ... and the server dies before it settles
+    a = shop.acceptor
+    a_minute_later = Acceptor(a.verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc,
+                              settler=a.settler, clock=lambda: utcnow() + timedelta(minutes=1))
+
+    [released] = a_minute_later.recover(older_than=0)
+
+    assert released.id == opened.verified.payment_id
+    assert [row.status for row in shop.payment_rows()] == ["released"]
+    assert shop.received() == 0 and shop.captured_calls() == []
