@@ -115,6 +115,19 @@ class CallFailed(BillingError):
     code = "CALL_FAILED"
 
 
+class RequestTooLarge(BillingError):
+    """A billed HTTP request's body is larger than the middleware reads (``limitBytes``)."""
+
+    code = "REQUEST_TOO_LARGE"
+
+
+class ResponseTooLarge(BillingError):
+    """A billed HTTP endpoint answered with more than the middleware buffers (``limitBytes``):
+    the call was voided and its response withheld."""
+
+    code = "RESPONSE_TOO_LARGE"
+
+
 class StatelessVerifier(BillingError):
     """A verifier built without a ledger can only run preflight."""
 

@@ -1,0 +1,162 @@
+"""ASGI plumbing of a billed request: its body read up front, its response held back.
+
+A billed endpoint's response is buffered whole, so that nothing reaches the client before the
+call is captured (or voided): a status line that left could not be taken back when a capture
+or a settlement fails. Both buffers have a size limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcpbill_cli.errors import RequestTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: nobody to answer."""
+
+
+@dataclass(frozen=True)
+class BufferedRequest:
+    """A billed request, its body read whole."""
+
+    method: str
+    path: str
+    query: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    client: str
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), ``None`` when absent or empty."""
+        wanted = name.lower().encode("latin-1")
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value.decode("latin-1").strip() or None
+        return None
+
+    def arguments(self) -> dict[str, str]:
+        """What identifies this request for the verifier's dedupe window: the same method,
+        path, query and body again is the same call."""
+        return {"method": self.method, "path": self.path, "query": self.query,
+                "body": hashlib.sha256(self.body).hexdigest()}
+
+
+async def read_request(scope: Scope, receive: Receive, limit: int) -> BufferedRequest:
+    """Read the request body whole; REQUEST_TOO_LARGE past ``limit`` bytes, ClientGone when the
+    client left first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"the request body is larger than {limit} bytes, the most "
+                                  "this billed route reads", limitBytes=limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    client = scope.get("client")
+    return BufferedRequest(
+        method=scope["method"], path=scope["path"],
+        query=scope.get("query_string", b"").decode("latin-1"),
+        headers=tuple((bytes(k), bytes(v)) for k, v in scope.get("headers", [])),
+        body=b"".join(chunks), client=str(client[0]) if client else "")
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app the body read already, then waits for the client."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def buffered_scope(scope: Scope) -> Scope:
+    """``scope`` without the response extensions a buffer cannot honour (pathsend, zero copy,
+    early hints): the endpoint answers with plain body messages."""
+    extensions = {name: value for name, value in (scope.get("extensions") or {}).items()
+                  if not name.startswith("http.response.")}
+    return {**scope, "extensions": extensions}
+
+
+@dataclass
+class BufferedResponse:
+    """An endpoint's response, held back. ``status`` 0: the endpoint sent none."""
+
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    too_large: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        """A 2xx response: the only kind that is billed."""
+        return 200 <= self.status < 300 and not self.too_large
+
+    def to_json(self) -> str:
+        """The response as JSON text, kept by the verifier for replays."""
+        return json.dumps({
+            "status": self.status,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in self.headers],
+            "body": base64.b64encode(bytes(self.body)).decode()}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> BufferedResponse | None:
+        """A response kept by :meth:`to_json`; ``None`` when ``text`` is not one."""
+        try:
+            kept = json.loads(text)
+            return cls(int(kept["status"]),
+                       [(k.encode("latin-1"), v.encode("latin-1")) for k, v in kept["headers"]],
+                       bytearray(base64.b64decode(kept["body"], validate=True)))
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            return None
+
+    async def send_to(self, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+        if self.status == 0:  # the endpoint answered nothing: the server says so (500)
+            return
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": [*self.headers, *extra]})
+        await send({"type": "http.response.body", "body": bytes(self.body),
+                    "more_body": False})
+
+
+async def run_buffered(app: ASGIApp, scope: Scope, receive: Receive,
+                       limit: int) -> BufferedResponse:
+    """Run ``app`` and keep what it answers; a body past ``limit`` bytes is dropped and the
+    response marked :attr:`~BufferedResponse.too_large`."""
+    response = BufferedResponse()
+
+    async def keep(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            response.status = int(message["status"])
+            response.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body" and not response.too_large:
+            response.body += message.get("body", b"")
+            if len(response.body) > limit:
+                response.too_large = True
+                response.body = bytearray()
+
+    await app(buffered_scope(scope), receive, keep)
+    return response

@@ -1,0 +1,195 @@
+"""The ASGI middleware that bills plain HTTP endpoints: check and hold, run, capture or void.
+
+    app.add_middleware(PaymentMiddleware, verifier=verifier,
+                       routes={"GET /report": "report", "POST /search": "search"})
+
+A billed request, top to bottom: its body is read (the verifier's dedupe key covers it); the
+verifier opens the call (a refusal answers it; a free call runs unbilled; a replay answers with
+the kept response); the endpoint runs with its response held back; a 2xx is captured and sent
+with its receipt, anything else (an error status, an exception, a response over the buffer) is
+voided. Nothing of a billed response leaves before its capture has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+
+from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, ResponseTooLarge
+from mcpbill_cli.http.asgi import (
+    ASGIApp,
+    BufferedRequest,
+    BufferedResponse,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    read_request,
+    replaying,
+    run_buffered,
+)
+from mcpbill_cli.http.routes import PaidRoute, RouteTable
+from mcpbill_cli.http.units import metering
+from mcpbill_cli.http.wire import (
+    IDEMPOTENCY_KEY_HEADER,
+    RECEIPT_HEADER,
+    REPLAYED_HEADER,
+    TOKEN_HEADER,
+    refusal,
+)
+from mcpbill_cli.pricing import quote
+from mcpbill_cli.receipts import Receipt
+from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
+
+__all__ = ["PaymentMiddleware"]
+
+logger = logging.getLogger("mcpbill")
+
+MAX_REQUEST_BYTES = 1024 * 1024  # a billed request's body is read whole before the call opens
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # a billed response is held whole until its capture
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class PaymentMiddleware:
+    """Bill the requests of ``routes`` with ``verifier``; pass every other request through.
+
+    ``routes`` maps ``"METHOD /path"`` to a tool name of the pricing table (or is a list of
+    :class:`~mcpbill_cli.http.PaidRoute`). A route whose tool the table cannot price is refused
+    here (PRICE_UNKNOWN), not per request. A free tool needs no credit token; a token sent to
+    it is still checked. ``token_header`` names the request header the credit token comes in.
+    """
+
+    def __init__(self, app: ASGIApp, *, verifier: Verifier,
+                 routes: Mapping[str, str] | Iterable[PaidRoute],
+                 token_header: str = TOKEN_HEADER, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.routes = RouteTable.of(routes)
+        self.token_header = token_header
+        self.max_request_bytes = max_request_bytes
+        self.max_response_bytes = max_response_bytes
+        table = verifier.pricing_table()
+        for route in self.routes.routes:
+            quote(table, route.tool, units=route.max_units)  # PRICE_UNKNOWN now, not per call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = (self.routes.match(scope["method"], scope["path"])
+                 if scope["type"] == "http" else None)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        source = CALL_SOURCE.set(str(client[0]) if client else "")
+        try:
+            await self._billed(route, scope, receive, send)
+        except ClientGone:
+            return  # nothing was opened: the client left before its request arrived
+        finally:
+            CALL_SOURCE.reset(source)
+
+    # --- one billed request ---------------------------------------------------------------------
+
+    async def _billed(self, route: PaidRoute, scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        try:
+            request = await read_request(scope, receive, self.max_request_bytes)
+        except BillingError as error:
+            await refusal(error).send_to(send, [])
+            return
+        app_receive = replaying(request.body, receive)
+        opened = await self._open(route, request)
+        if isinstance(opened, BufferedResponse):  # refused
+            await opened.send_to(send, [])
+        elif not isinstance(opened, Hold):  # free: nothing to hold, nothing to hold back
+            await self.app(scope, app_receive, send)
+        elif opened.replayed is not None:
+            await _replay(opened, opened.replayed).send_to(send, _replay_headers(opened.replayed))
+        else:
+            response, units = await self._run(opened, scope, app_receive)
+            answer, extra = await self._settle(opened, response, units)
+            await answer.send_to(send, extra)
+
+    async def _open(self, route: PaidRoute, request: BufferedRequest
+                    ) -> Hold | Quote | BufferedResponse | None:
+        """The verifier's begin for this request; ``None`` for a free tool called without a
+        token; a refusal as its response."""
+        token = request.header(self.token_header)
+        try:
+            if token is None:
+                return None if await self._free(route) else refusal(self._missing_token())
+            return await self.verifier.abegin(
+                token, route.tool, args=request.arguments(),
+                idempotency_key=request.header(IDEMPOTENCY_KEY_HEADER),
+                max_units=route.max_units)
+        except BillingError as error:
+            return refusal(error)
+
+    async def _run(self, hold: Hold, scope: Scope, receive: Receive
+                   ) -> tuple[BufferedResponse, int | None]:
+        """Run the endpoint, its response held back; an exception voids the hold."""
+        with metering() as meter:
+            try:
+                response = await run_buffered(self.app, scope, receive, self.max_response_bytes)
+            except BaseException:
+                await self._void(hold)
+                raise
+        return response, meter.units
+
+    async def _settle(self, hold: Hold, response: BufferedResponse, units: int | None
+                      ) -> tuple[BufferedResponse, Headers]:
+        """Capture a 2xx and attach its receipt; void anything else and pass it on."""
+        if not response.succeeded:
+            await self._void(hold)
+            if response.too_large:
+                return refusal(ResponseTooLarge(
+                    f"the endpoint answered with more than {self.max_response_bytes} bytes, "
+                    "the most a billed response is held back; the call was not billed",
+                    limitBytes=self.max_response_bytes, tool=hold.tool)), []
+            return response, []
+        try:
+            receipt = await self.verifier.acapture(hold, units=units, result=response.to_json())
+        except BillingError as error:  # e.g. the hold lapsed: not billed, output withheld
+            return refusal(error), []
+        return response, [_receipt_header(receipt)]
+
+    async def _void(self, hold: Hold) -> None:
+        """Release ``hold``; shielded, so a request cancelled by its client still releases it.
+        A void the ledger refuses leaves the hold to lapse by itself (it is no longer kept
+        alive): the endpoint's answer still stands."""
+        try:
+            await asyncio.shield(self.verifier.avoid(hold))
+        except BillingError as failure:
+            logger.warning("could not void hold %s: %s", hold.id, failure.message)
+
+    async def _free(self, route: PaidRoute) -> bool:
+        """Whether an anonymous call of ``route`` costs nothing (its base price is 0)."""
+        table = await asyncio.to_thread(self.verifier.pricing_table)
+        return quote(table, route.tool, units=route.max_units).free
+
+    def _missing_token(self) -> InvalidCreditToken:
+        return InvalidCreditToken(
+            f"no credit token: send one in the {self.token_header} header (Authorization is "
+            "not read for it); ask the operator for one with `mcpbill token issue`",
+            reason="missing")
+
+
+def _replay(hold: Hold, receipt: Receipt) -> BufferedResponse:
+    """A replay's answer: the first run's kept response, else DUPLICATE_CALL with its receipt
+    (the response was over the verifier's ``result_cap``)."""
+    kept = BufferedResponse.from_json(hold.result) if hold.result is not None else None
+    if kept is not None:
+        return kept
+    return refusal(DuplicateCall(
+        f"this request was made already (receipt {receipt.receipt_id}) and its response was "
+        "too large to keep; it is not run or billed again", receipt=receipt))
+
+
+def _replay_headers(receipt: Receipt) -> Headers:
+    return [_receipt_header(receipt), (REPLAYED_HEADER.lower().encode(), b"true")]
+
+
+def _receipt_header(receipt: Receipt) -> tuple[bytes, bytes]:
+    return RECEIPT_HEADER.lower().encode(), receipt.jws.encode("ascii")
