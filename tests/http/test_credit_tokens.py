@@ -238,3 +238,19 @@ def test_an_empty_idempotency_key_is_no_key(client: httpx.Client, engine: Engine
     token = new_token()
     response = client.get("/report", headers=paid(token, **{IDEMPOTENCY_KEY_HEADER: ""}))
     assert response.status_code == 200 and view(engine, token).spent == PRICE
+
+
+def test_readme_http_status_table_matches_the_middleware() -> None:
+    import re
+    from pathlib import Path
+
+    from mcpbill_cli.http import STATUS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented: dict[str, int] = {}
+    for line in readme.splitlines():
+        row = re.match(r"\| (\d{3}) [A-Z][A-Za-z ]+ \| ([^|]*) \|", line)
+        if row:
+            for code in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.group(2)):
+                documented[code] = int(row.group(1))
+    assert documented == STATUS
