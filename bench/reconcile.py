@@ -67,6 +67,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine, Table, delete, text
@@ -88,6 +89,7 @@ from mcpbill_cli.ledger.models import (
     transfers,
 )
 from mcpbill_cli.ledger.schema import upgrade
+from mcpbill_cli.ledger.seal_money import named_transfer, sum_money
 from mcpbill_cli.ledger.seals import BATCH_LIMIT, Seal, Sign, batch_hash, signer
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing import PricingTable, document_digest
@@ -346,8 +348,12 @@ class Writer:
         self.batch: list[tuple[int, str, datetime]] = []  # (id, own hash, at) not yet sealed
         self.seal_number = 0
         self.prev_hash = GENESIS
+        self.moved: dict[str, dict[str, Any]] = {}  # transfers written, until an event names one
+        self.named: list[Any] = []  # the transfers the batch's events name
 
     def rows(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        if table is transfers:  # what the events about to be written name, for their seals
+            self.moved.update((row["id"], row) for row in rows)
         if not rows:
             return
         names = list(rows[0])
@@ -375,6 +381,9 @@ class Writer:
             self.last_id += 1
             digest = event_digest({**event, "id": self.last_id})
             self.batch.append((self.last_id, digest, event["at"]))
+            named = named_transfer(event["kind"], event.get("ref"), event.get("jti"))
+            if named is not None and named in self.moved:
+                self.named.append(SimpleNamespace(**self.moved.pop(named)))
             sealed.append({**event, "id": self.last_id, "seal": self.seal_number + 1,
                            "hash": digest})
             if len(self.batch) == BATCH_LIMIT:
@@ -394,13 +403,15 @@ class Writer:
         sealed_at = max(at for _, _, at in self.batch) + timedelta(seconds=1)
         unhashed = Seal(self.seal_number, ids[0], ids[-1], len(ids),
                         batch_hash([digest for _, digest, _ in self.batch]), self.prev_hash, "",
-                        sealed_at, "", "")
+                        sealed_at, "", "", sum_money(self.named))
         fields = {k: v for k, v in unhashed.claims().items() if k != "hash"}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":"))
                                 .encode()).hexdigest()
         kid, jws = self.sign({**fields, "hash": digest})
-        self.batch, self.prev_hash = [], digest
-        return {"number": unhashed.number, "first_id": unhashed.first_id,
+        self.batch, self.prev_hash, self.named = [], digest, []
+        assert unhashed.money is not None  # noqa: S101 - set above
+        return {"money": unhashed.money.to_json(), "number": unhashed.number,
+                "first_id": unhashed.first_id,
                 "last_id": unhashed.last_id, "count": unhashed.count,
                 "batch_hash": unhashed.batch_hash, "prev_hash": unhashed.prev_hash,
                 "hash": digest, "sealed_at": sealed_at, "kid": kid, "jws": jws}

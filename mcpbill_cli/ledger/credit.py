@@ -404,9 +404,14 @@ def _release(conn: Connection, row: Any, now: datetime) -> int:
         parent = conn.execute(select(tokens).where(tk.jti == row.parent_jti)).one()
         if status_of(parent, now) == "active":
             target = ops.token_account(parent.jti)
-    return ops.release_available(
-        conn, id=f"release:{row.jti}:{uuid.uuid4().hex[:12]}", debit=ops.token_account(row.jti),
-        credit=target, code="release", at=now, demo=row.demo, ref=row.jti)
+    transfer_id = f"release:{row.jti}:{uuid.uuid4().hex[:12]}"
+    released = ops.release_available(
+        conn, id=transfer_id, debit=ops.token_account(row.jti), credit=target, code="release",
+        at=now, demo=row.demo, ref=row.jti)
+    if released:  # the event names the transfer, so the seal that takes it covers the money
+        audit.record(conn, "release", at=now, jti=row.jti, tenant=row.tenant, agent=row.agent,
+                     amount=released, ref=transfer_id, demo=row.demo)
+    return released
 
 
 def sweep(conn: Connection, *, now: datetime) -> list[tuple[str, int]]:

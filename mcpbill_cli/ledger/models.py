@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 
 metadata = MetaData()
 
@@ -176,6 +176,9 @@ seals = Table(
     Column("sealed_at", DateTime(timezone=True), nullable=False),
     Column("kid", String(64), nullable=False),
     Column("jws", Text, nullable=False),
+    # What the transfers its events name add up to, as the JWS signs it (ledger.seal_money);
+    # NULL for seals written before schema 0008.
+    Column("money", Text, nullable=True),
     CheckConstraint("count > 0 AND first_id <= last_id", name="ck_seals_span"),
 )
 

@@ -7,6 +7,8 @@ unsealed events in id order (a late commit simply lands in the next batch) and w
     number, first_id, last_id, count      which events (every event stamped with ``number``)
     batch_hash = sha256("\\n".join(the events' own hashes, in id order))
     prev_hash  = the previous seal's hash (GENESIS for the first)
+    money      = the transfers its events name, summed per class of account (``seal_money``):
+                 each set of nets sums to zero
     hash       = sha256(the canonical JSON of the above and ``sealed_at``)
     jws        = those claims signed with the operator's key (``keys export-jwks`` verifies)
 
@@ -36,6 +38,7 @@ from mcpbill_cli.clock import aware
 from mcpbill_cli.keys import VerificationKey
 from mcpbill_cli.ledger.audit import EVENT_FIELDS, GENESIS, event_digest, utc_text
 from mcpbill_cli.ledger.models import events, seals
+from mcpbill_cli.ledger.seal_money import Money, money_of, named_transfer
 
 SEAL_TYPE = "mcpbill-seal+jwt"
 SEAL_INTERVAL = 1.0  # seconds between a verifier's sealer runs
@@ -64,11 +67,12 @@ class Seal:
     sealed_at: datetime
     kid: str
     jws: str
+    money: Money | None = None  # None: sealed before seals carried their money (0008)
 
     def claims(self) -> dict[str, Any]:
         """What the seal's JWS signs (and ``seals export`` writes), ``hash`` included."""
         return {**_hashed_fields(self.number, self.first_id, self.last_id, self.count,
-                                 self.batch_hash, self.prev_hash, self.sealed_at),
+                                 self.batch_hash, self.prev_hash, self.sealed_at, self.money),
                 "hash": self.hash}
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +95,7 @@ class Pending:
 
     ids: list[int]
     digests: list[str]
+    money: Money
 
 
 def take_pending(conn: Connection, *, limit: int = BATCH_LIMIT) -> Pending | None:
@@ -100,7 +105,10 @@ def take_pending(conn: Connection, *, limit: int = BATCH_LIMIT) -> Pending | Non
                         .where(e.seal.is_(None)).order_by(e.id).limit(limit)).mappings().all()
     if not rows:
         return None
-    return Pending([int(row["id"]) for row in rows], [event_digest(dict(row)) for row in rows])
+    named = [name for row in rows
+             if (name := named_transfer(row["kind"], row["ref"], row["jti"])) is not None]
+    return Pending([int(row["id"]) for row in rows], [event_digest(dict(row)) for row in rows],
+                   money_of(conn, named))
 
 
 def write_seal(conn: Connection, pending: Pending, sign: Sign, *, now: datetime,
@@ -113,15 +121,15 @@ def write_seal(conn: Connection, pending: Pending, sign: Sign, *, now: datetime,
     number = 1 if last is None else int(last.number) + 1
     fields = _hashed_fields(number, pending.ids[0], pending.ids[-1], len(pending.ids),
                             batch_hash(pending.digests), GENESIS if last is None else last.hash,
-                            now)
+                            now, pending.money)
     digest = _seal_hash(fields)
     kid, jws = sign({**fields, "hash": digest})
     seal = Seal(number, pending.ids[0], pending.ids[-1], len(pending.ids), fields["batchHash"],
-                fields["prevHash"], digest, now, kid, jws)
+                fields["prevHash"], digest, now, kid, jws, pending.money)
     conn.execute(insert(seals).values(
         number=number, first_id=seal.first_id, last_id=seal.last_id, count=seal.count,
         batch_hash=seal.batch_hash, prev_hash=seal.prev_hash, hash=digest, sealed_at=now,
-        kid=kid, jws=jws))
+        kid=kid, jws=jws, money=pending.money.to_json()))
     conn.execute(_STAMP, [{"b_id": i, "b_seal": number, "b_hash": h}
                           for i, h in zip(pending.ids, pending.digests, strict=True)])
     stamped = conn.execute(select(func.count()).where(e.seal == number)).scalar_one()
@@ -171,7 +179,7 @@ def read_seals(conn: Connection, *, first: int = 1, last: int | None = None,
         for row in rows:
             yield Seal(int(row.number), int(row.first_id), int(row.last_id),
                        int(row._mapping["count"]), row.batch_hash, row.prev_hash, row.hash,
-                       aware(row.sealed_at), row.kid, row.jws)
+                       aware(row.sealed_at), row.kid, row.jws, Money.from_json(row.money))
         if len(rows) < page:
             return
         after = int(rows[-1].number)
@@ -184,7 +192,7 @@ def verify_seal(seal: Seal, prev_hash: str, keys: Mapping[str, VerificationKey] 
     if seal.prev_hash != prev_hash:
         yield "does not link to the seal before it (a seal was removed, added or rewritten)"
     fields = _hashed_fields(seal.number, seal.first_id, seal.last_id, seal.count,
-                            seal.batch_hash, seal.prev_hash, seal.sealed_at)
+                            seal.batch_hash, seal.prev_hash, seal.sealed_at, seal.money)
     if _seal_hash(fields) != seal.hash:
         yield "its hash does not match its fields (the seal was edited)"
     if keys is not None:
@@ -243,9 +251,11 @@ def _my_turn(conn: Connection, *, wait: bool) -> bool:
 
 
 def _hashed_fields(number: int, first_id: int, last_id: int, count: int, batch: str,
-                   prev_hash: str, sealed_at: datetime) -> dict[str, Any]:
-    return {"seal": number, "firstId": int(first_id), "lastId": int(last_id), "count": count,
-            "batchHash": batch, "prevHash": prev_hash, "sealedAt": utc_text(sealed_at)}
+                   prev_hash: str, sealed_at: datetime, money: Money | None) -> dict[str, Any]:
+    fields = {"seal": number, "firstId": int(first_id), "lastId": int(last_id),
+              "count": count, "batchHash": batch, "prevHash": prev_hash,
+              "sealedAt": utc_text(sealed_at)}
+    return fields if money is None else {**fields, "money": money.claim()}
 
 
 def _seal_hash(fields: Mapping[str, Any]) -> str:

@@ -58,6 +58,10 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
     "audit_chain_broken": ("error", "the sealed audit trail does not verify: an event edited, "
                                     "inserted, deleted or reordered, or a seal edited, "
                                     "deleted, unlinked or not signed by a key of the key ring"),
+    "seal_money_mismatch": ("error", "a seal's money does not sum to zero, or the transfers "
+                                     "its events name no longer add up to what it sealed (a "
+                                     "transfer edited, deleted, re-pointed or re-dated after "
+                                     "sealing)"),
     "audit_unsealed": ("warning", f"audit events written more than {UNSEALED_WINDOW} s ago are "
                                   "still unsealed (run a verifier on the ledger, or `mcpbill "
                                   "audit seal`)"),

@@ -13,6 +13,10 @@ reconcile printed, vouches for the past). ``chain="full"`` checks every seal fro
   the seal's batch hash (``seals.verify_batch``), one seal's events in memory at a time. On
   PostgreSQL the server hashes them (``seal_sql``) and Python re-checks only the seals it
   could not vouch for; on SQLite, worker processes share a big window's seals.
+- **Money**: per seal, the transfers its events name summed again per class of account
+  (``ledger.seal_money``, one grouped join per slice) against the money the seal signed,
+  which must sum to zero: the ledger sums to zero at every seal, and no transfer changed after
+  it was sealed. Seals written before schema 0008 carry no money and are not checked for it.
 - **Strays**: seal numbers that events carry and no seal row has (a seal deleted, an event
   stamped by hand).
 - **Unsealed**: events older than ``UNSEALED_WINDOW`` that no sealer has taken.
@@ -32,8 +36,10 @@ from mcpbill_cli.keys import KeyRing, VerificationKey
 from mcpbill_cli.ledger.audit import GENESIS
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import events, seals
+from mcpbill_cli.ledger.seal_money import Money, money_by_seal
 from mcpbill_cli.ledger.seals import (
     UNSEALED_WINDOW,
+    Seal,
     read_seals,
     unsealed_before,
     verify_batch,
@@ -49,6 +55,7 @@ e = events.c
 s = seals.c
 NAME = "audit_chain_broken"
 UNSEALED = "audit_unsealed"
+MONEY = "seal_money_mismatch"
 SLICE = 64  # seals a slice checks: ~320k events when they are full
 PARALLEL_FROM = 50_000  # events: fewer are faster hashed here than by spawned workers
 
@@ -216,7 +223,31 @@ def _check_batches(conn: Connection, part: BatchSlice) -> SliceResult:
         for problem in verify_batch(conn, seal):
             result.add(NAME, Row(problem.table, problem.key, problem.problem), part.max_rows)
         result.checked += seal.count
+    _check_money(conn, sealed, result, part.max_rows)
     return result
+
+
+def _check_money(conn: Connection, sealed: list[Seal], result: SliceResult,
+                 max_rows: int) -> None:
+    """Each seal's money sums to zero, and the transfers its events name add up to it."""
+    carrying = [(seal.number, seal.money) for seal in sealed if seal.money is not None]
+    if not carrying:
+        return
+    now = money_by_seal(conn, carrying[0][0], carrying[-1][0])
+    for number, money in carrying:
+        problem = _money_problem(money, now.get(number, Money()))
+        if problem:
+            result.add(MONEY, Row("seals", str(number), problem), max_rows)
+
+
+def _money_problem(sealed: Money, now: Money) -> str | None:
+    if not sealed.balanced:
+        return f"the money it sealed does not sum to zero: {sealed.to_json()}"
+    if not now.same_as(sealed):
+        return (f"the transfers its events name add up to {now.to_json()}, not the "
+                f"{sealed.to_json()} it sealed (a transfer edited, deleted, re-pointed or "
+                "re-dated after sealing)")
+    return None
 
 
 def _merge(result: SliceResult, found: Findings) -> None:

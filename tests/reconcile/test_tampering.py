@@ -109,9 +109,11 @@ def test_a_transfer_amount_changed_with_balanced_books(ledger: Ledger) -> None:
     ledger.sql("UPDATE transfers SET amount = amount + 5 WHERE id = :t", t=f"charge:{charge}")
     move_money(ledger, f"token:{jti_of(ledger, 'acme')}", 5)
     report = ledger.reconcile()
-    assert rows_of(report) == [("charge_amount_mismatch", "error", [f"calls/{charge}"])]
+    assert rows_of(report) == [("charge_amount_mismatch", "error", [f"calls/{charge}"]),
+                               ("seal_money_mismatch", "error", ["seals/1"])]
     assert report.findings[0].rows[0].detail == (
         f"call charged 0.005 but charge:{charge} moved 0.005005")
+    assert report.findings[1].rows[0].detail.startswith("the transfers its events name add up")
 
 
 def test_a_charge_posted_after_the_token_was_revoked(ledger: Ledger) -> None:
@@ -140,7 +142,8 @@ def test_a_charge_that_differs_from_its_pricing_version(ledger: Ledger) -> None:
     ledger.sql("UPDATE transfers SET amount = 60000 WHERE id = :t", t=f"charge:{charge2}")
     move_money(ledger, f"token:{jti_of(ledger, 'globex')}", 10_000)
     report = ledger.reconcile()
-    assert rows_of(report) == [("charge_price_mismatch", "error", [f"calls/{charge2}"])]
+    assert rows_of(report) == [("charge_price_mismatch", "error", [f"calls/{charge2}"]),
+                               ("seal_money_mismatch", "error", ["seals/1"])]
     assert report.findings[0].rows[0].detail == (
         "charged 0.06, version 1 prices it 0.05 (tools.translate)")
     signed = ledger.reconcile(verify_receipts=True)
@@ -154,7 +157,8 @@ def test_a_metered_capture_above_what_its_units_cost(ledger: Ledger) -> None:
     ledger.sql("UPDATE transfers SET amount = amount + 1 WHERE id = :t", t=f"capture:{metered}")
     move_money(ledger, f"token:{jti_of(ledger, 'acme')}", 1)
     assert rows_of(ledger.reconcile()) == [
-        ("charge_price_mismatch", "error", [f"calls/{metered}"])]
+        ("charge_price_mismatch", "error", [f"calls/{metered}"]),
+        ("seal_money_mismatch", "error", ["seals/2"])]
 
 
 def test_pricing_versions_deleted(ledger: Ledger) -> None:
@@ -292,9 +296,10 @@ def test_an_event_inserted_into_a_seal(ledger: Ledger) -> None:
         conn.execute(insert(events).values(**{**forged, "hash": own_hash(forged)}))
     report = ledger.reconcile()
     assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"]),
+                               ("seal_money_mismatch", "error", ["seals/1"]),
                                ("event_transfer_mismatch", "error", [f"transfers/charge:{charge}"])]
     assert report.findings[0].rows[0].detail.startswith("holds ")
-    assert report.findings[1].rows[0].detail == (
+    assert report.findings[2].rows[0].detail == (
         f"2 charge events for one call (events {event['id']}..10000)")
 
 
@@ -351,6 +356,7 @@ def test_an_audit_event_deleted(ledger: Ledger) -> None:
     report = ledger.reconcile()
     assert rows_of(report) == [
         ("audit_chain_broken", "error", ["seals/1"]),
+        ("seal_money_mismatch", "error", ["seals/1"]),
         ("event_transfer_mismatch", "error", [f"transfers/charge:{charge2}"])]
     assert "events were inserted or deleted" in report.findings[0].rows[0].detail
 
