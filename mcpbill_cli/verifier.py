@@ -509,6 +509,11 @@ class Verifier:
             raise InvalidCreditToken("token has expired", reason="expired")
         return claims
 
+    def claims_of(self, token: str) -> Claims:
+        """The claims of a credit token that verifies (signature, audience, expiry) with this
+        verifier's keys; INVALID_CREDIT_TOKEN otherwise. Revocation and budget are not read."""
+        return self._verified(token)
+
     def pricing_table(self) -> PricingTable:
         """The pricing table in force, under the version receipts name: the file's own,
         unless the file was edited without a version bump and the ledger already charged

@@ -53,8 +53,10 @@ from mcpbill_cli.mcp.wire import (
     succeeded,
     with_receipt,
 )
+from mcpbill_cli.mcp.x402 import PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
+from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
 __all__ = ["BilledTool", "Billing"]
 
@@ -111,7 +113,14 @@ class _Run:
             raise ToolError(f"a replay of call {self.opened.id}: the tool does not run again")
 
 
-_current_run: ContextVar[_Run | None] = ContextVar("mcpbill_run", default=None)
+class _Prepaid:
+    """The run of a call paid with x402: the payment is reserved already, nothing to open."""
+
+    def open(self) -> None:
+        return None
+
+
+_current_run: ContextVar[_Run | _Prepaid | None] = ContextVar("mcpbill_run", default=None)
 
 
 class Billing(Extension):
@@ -126,19 +135,30 @@ class Billing(Extension):
 
     ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own OAuth
     uses that header); agents then send the token in ``_meta["dev.mcpbill/token"]``.
+
+    With an ``acceptor`` (:class:`~mcpbill_cli.x402.accept.Acceptor`), the tools the pricing
+    table offers x402 on also take x402 payments in ``_meta["x402/payment"]`` and their
+    refusals carry a ``PaymentRequired`` (see :mod:`mcpbill_cli.mcp.x402`).
     """
 
     identifier = EXTENSION_ID
 
-    def __init__(self, verifier: Verifier, *, bearer: bool = True) -> None:
+    def __init__(self, verifier: Verifier, *, bearer: bool = True,
+                 acceptor: Acceptor | None = None) -> None:
         self.verifier = verifier
         self.bearer = bearer
+        self.acceptor = acceptor
         self._billed: dict[str, BilledTool] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *, bearer: bool = True) -> Billing:
-        """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table."""
-        return cls(Verifier.from_settings(settings), bearer=bearer)
+        """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table,
+        and x402 payments where pricing.toml's ``[x402]`` and the chain settings allow them
+        (see :meth:`~mcpbill_cli.x402.accept.Acceptor.from_settings`)."""
+        verifier = Verifier.from_settings(settings)
+        acceptor = Acceptor.from_settings(verifier, settings)
+        return cls(verifier, bearer=bearer,
+                   acceptor=None if isinstance(acceptor, Unavailable) else acceptor)
 
     @property
     def billed_tools(self) -> dict[str, BilledTool]:
@@ -186,9 +206,13 @@ class Billing(Extension):
         source = CALL_SOURCE.set(client_address(ctx.request))
         try:
             try:
+                payment = payment_of(params.meta) if self.acceptor is not None else None
+                if payment is not None:
+                    return await self._paid_call(self._paid(tool, params, ctx, payment), ctx,
+                                                 call_next)
                 run = _Run(self.verifier, self._call_request(tool, params, ctx))
             except BillingError as error:
-                return refusal(error)
+                return challenged(error, self.acceptor, tool.name)
             return await self._billed_call(run, ctx, call_next)
         finally:
             CALL_SOURCE.reset(source)
@@ -216,7 +240,7 @@ class Billing(Extension):
         finally:
             _current_run.reset(token)
         if run.refused is not None:
-            return refusal(run.refused)
+            return self._refusal(run)
         hold = run.opened
         if not isinstance(hold, Hold):  # free, or the SDK refused the arguments: nothing held
             return result
@@ -232,6 +256,53 @@ class Billing(Extension):
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
             return refusal(error)
         return with_receipt(done, receipt)
+
+    def _refusal(self, run: _Run) -> CallToolResult:
+        """A refusal; BUDGET_EXCEEDED also offers x402 at the token's tenant's price."""
+        error = run.refused
+        assert error is not None  # noqa: S101 - the caller checked
+        if error.code != "BUDGET_EXCEEDED" or self.acceptor is None:
+            return refusal(error)
+        tenant = self.verifier.claims_of(run.call.token).tenant
+        return challenged(error, self.acceptor, run.call.tool.name, tenant)
+
+    # --- a call paid with x402 ------------------------------------------------------------------
+
+    def _paid(self, tool: BilledTool, params: CallToolRequestParams,
+              ctx: ServerRequestContext[Any, Any], payment: Any) -> PaidCall:
+        """The paid call; a credit token sent along (valid, or refused) names its tenant."""
+        assert self.acceptor is not None  # noqa: S101 - payment_of() is read only with one
+        tenant = agent = None
+        if self._sends_token(params, ctx):
+            claims = self.verifier.claims_of(credit_token(params.meta, ctx.request,
+                                                          bearer=self.bearer))
+            tenant, agent = claims.tenant, claims.agent
+        return PaidCall(self.acceptor, tool.name, payment, dict(params.arguments or {}),
+                        tenant=tenant, agent=agent)
+
+    def _sends_token(self, params: CallToolRequestParams,
+                     ctx: ServerRequestContext[Any, Any]) -> bool:
+        try:
+            credit_token(params.meta, ctx.request, bearer=self.bearer)
+        except BillingError:
+            return False
+        return True
+
+    async def _paid_call(self, paid: PaidCall, ctx: ServerRequestContext[Any, Any],
+                         call_next: CallNext) -> HandlerResult:
+        """Reserve the payment, run the tool once, then settle and record (or release)."""
+        answer = await paid.open()
+        if answer is not None:
+            return answer
+        token = _current_run.set(_Prepaid())
+        try:
+            result = await call_next(ctx)
+        except BaseException:
+            await paid.release()
+            raise
+        finally:
+            _current_run.reset(token)
+        return await paid.close(result)
 
     async def _void(self, hold: Hold) -> None:
         # Shielded: a call cancelled by its client must still release what it held.
@@ -263,7 +334,7 @@ def _guarded(fn: ToolFn, tool: str) -> ToolFn:
     return cast(ToolFn, billed)
 
 
-def _billed_run(tool: str) -> _Run:
+def _billed_run(tool: str) -> _Run | _Prepaid:
     run = _current_run.get()
     if run is None:
         raise ToolError(f"tool {tool!r} is billed but this server was built without mcpbill "

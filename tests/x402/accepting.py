@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import Engine, func, select
@@ -21,16 +23,21 @@ from x402.mechanisms.evm.exact.v1 import ExactEvmSchemeV1Client
 from x402.schemas.helpers import parse_payment_required
 
 from mcpbill_cli.clock import utcnow
+from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger import invariants
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls, deposits, x402_payments
+from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.eip3009 import AUTHORIZATION_TYPES
+from mcpbill_cli.wallet.rpc import Rpc, connect
 from mcpbill_cli.x402.accept import Acceptor
 from mcpbill_cli.x402.offers import Terms
+from mcpbill_cli.x402.settlers import SelfSettler
 from tests.wallet.devnet import Devnet
 
+from .conftest import Peer
 from .peer import CHAIN_ID, NETWORK, V1_NETWORK
 
 SEARCH_PRICE = 10_000  # 0.01 USDC
@@ -94,6 +101,33 @@ class Shop:
             window=window, keys_dir=self.keys_dir, verify_receipts=True,
             now=now + timedelta(minutes=2)))
         assert report.findings == (), report.findings
+
+
+@pytest.fixture(scope="session")
+def gas_account(peer: Peer) -> LocalAccount:
+    """The operator's own account on anvil: it pays the gas of self-settlement."""
+    account: LocalAccount = Account.create()
+    w3 = peer.devnet.w3
+    tx = w3.eth.send_transaction({"from": peer.devnet.deployer, "to": account.address,
+                                  "value": 10**19})
+    assert w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    return account
+
+
+@pytest.fixture
+def shop(engine: Engine, keys_dir: Path, peer: Peer, fuji_anvil: str,
+         gas_account: LocalAccount) -> Iterator[Shop]:
+    """A verifier with x402 on, paid to a fresh deposit address, settling by itself."""
+    verifier = Verifier(keys=KeySource(directory=keys_dir),
+                        pricing=PricingTable.from_document(ACCEPT_PRICING), engine=engine)
+    chain = peer.devnet.chain
+    pay_to = Account.create().address.lower()
+    rpc = Rpc(connect(fuji_anvil))
+    terms = Terms(NETWORK, chain.usdc, pay_to, chain.eip712_name, chain.eip712_version, 60)
+    acceptor = Acceptor(verifier, chain=chain, pay_to=pay_to, rpc=rpc,
+                        settler=SelfSettler(rpc, terms, lambda: gas_account))
+    yield Shop(acceptor, verifier, engine, peer.devnet, pay_to, keys_dir)
+    verifier.close()
 
 
 def balance(devnet: Devnet, address: str) -> int:

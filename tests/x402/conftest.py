@@ -205,3 +205,8 @@ def payer_for(verifier: Verifier, signer: SpySigner,
         return X402Payer(budget, signer, allow or policy, request_id=request_id)
 
     return make
+
+
+# --- the accepting side (tests/x402/accepting.py) -------------------------------------------
+
+from .accepting import gas_account, shop  # noqa: E402, F401 - fixtures for test_accept*.py

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,9 @@ from mcpbill_cli.errors import BillingError, CallInProgress
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
-from mcpbill_cli.wallet.rpc import Rpc, connect
+from mcpbill_cli.wallet.rpc import Rpc
 from mcpbill_cli.wallet.scan import sync
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable
-from mcpbill_cli.x402.offers import Terms
-from mcpbill_cli.x402.settlers import SelfSettler
 
 from .accepting import (
     ACCEPT_PRICING,
@@ -37,35 +34,7 @@ from .accepting import (
     official_payment,
     signed_payment,
 )
-from .conftest import Peer
 from .peer import NETWORK, V1_NETWORK
-
-
-@pytest.fixture(scope="session")
-def gas_account(peer: Peer) -> LocalAccount:
-    """The operator's own account on anvil: it pays the gas of self-settlement."""
-    account: LocalAccount = Account.create()
-    w3 = peer.devnet.w3
-    tx = w3.eth.send_transaction({"from": peer.devnet.deployer, "to": account.address,
-                                  "value": 10**19})
-    assert w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
-    return account
-
-
-@pytest.fixture
-def shop(engine: Engine, keys_dir: Path, peer: Peer, fuji_anvil: str,
-         gas_account: LocalAccount) -> Iterator[Shop]:
-    """A verifier with x402 on, paid to a fresh deposit address, settling by itself."""
-    verifier = Verifier(keys=KeySource(directory=keys_dir),
-                        pricing=PricingTable.from_document(ACCEPT_PRICING), engine=engine)
-    chain = peer.devnet.chain
-    pay_to = Account.create().address.lower()
-    rpc = Rpc(connect(fuji_anvil))
-    terms = Terms(NETWORK, chain.usdc, pay_to, chain.eip712_name, chain.eip712_version, 60)
-    acceptor = Acceptor(verifier, chain=chain, pay_to=pay_to, rpc=rpc,
-                        settler=SelfSettler(rpc, terms, lambda: gas_account))
-    yield Shop(acceptor, verifier, engine, peer.devnet, pay_to, keys_dir)
-    verifier.close()
 
 
 def pay_and_run(shop: Shop, payment: dict[str, Any] | str, tool: str = "search",

@@ -1,0 +1,135 @@
+"""x402 payments for billed MCP tools (x402's MCP transport, tool-result binding).
+
+- A paid tool called without a credit token and without a payment, or refused with
+  BUDGET_EXCEEDED, answers ``isError: true`` with the ``PaymentRequired`` (``x402Version``,
+  ``error``, ``resource``, ``accepts``) beside mcpbill's own refusal fields (``code``,
+  ``message``, fallback hints) in ``structuredContent``, and the same JSON in
+  ``content[0].text``: an x402 client and an mcpbill agent both read what they need.
+- A call carrying ``_meta["x402/payment"]`` is verified and the payment reserved before the
+  tool runs; it is settled after the tool succeeded and before the result is returned, and the
+  result carries ``_meta["x402/payment-response"]`` (the ``SettleResponse``) next to the
+  receipt. A tool that failed releases the payment (nothing is settled); a settlement that
+  fails withholds the tool's output (X402_SETTLEMENT_FAILED, with a fresh challenge).
+- A retry of a settled payment for the same call replays its result; the tool runs at most
+  once per payment.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import anyio
+from mcp.server.context import HandlerResult
+from mcp_types import CallToolResult, TextContent
+
+from mcpbill_cli.errors import BillingError, InvalidInput
+from mcpbill_cli.mcp.wire import RECEIPT_META, REPLAYED_META, kept_result, refusal, succeeded
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
+from mcpbill_cli.x402.errors import X402PaymentInvalid
+
+PAYMENT_META = "x402/payment"
+PAYMENT_RESPONSE_META = "x402/payment-response"
+
+
+def payment_of(meta: Mapping[str, Any] | None) -> Mapping[str, Any] | str | None:
+    """The x402 payment a call carries in ``_meta["x402/payment"]``, if any."""
+    value = (meta or {}).get(PAYMENT_META)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping | str):
+        raise InvalidInput(f"_meta[{PAYMENT_META!r}] must be a PaymentPayload object",
+                           field=PAYMENT_META)
+    return value
+
+
+def challenged(error: BillingError, acceptor: Acceptor | None, tool: str,
+               tenant: str | None = None) -> CallToolResult:
+    """The refusal of ``error``, with the ``PaymentRequired`` for ``tool`` beside it when x402
+    is offered for it (and paying can help: not for a tool that takes no x402 payment)."""
+    answer = refusal(error)
+    if acceptor is None or _not_offered(error):
+        return answer
+    challenge = acceptor.payment_required(tool, tenant, error=error.message)
+    if challenge is None:
+        return answer
+    text = json.dumps({**challenge, **error.to_dict()}, default=str)
+    return answer.model_copy(update={"content": [TextContent(type="text", text=text)],
+                                     "structured_content": json.loads(text)})
+
+
+@dataclass
+class PaidCall:
+    """One tool call paid with x402: :meth:`open` before the tool runs, :meth:`close` after."""
+
+    acceptor: Acceptor
+    tool: str
+    payment: Mapping[str, Any] | str
+    args: dict[str, Any]
+    tenant: str | None = None
+    agent: str | None = None
+    opened: Reserved | None = None
+
+    async def open(self) -> CallToolResult | None:
+        """Verify and reserve the payment: ``None`` when the tool may run, else the answer
+        (a refusal with a fresh challenge, or the replay of the call it paid already)."""
+        try:
+            taken = await anyio.to_thread.run_sync(self._take)
+        except BillingError as error:
+            return challenged(error, self.acceptor, self.tool, self.tenant)
+        if isinstance(taken, Replayed):
+            return _replayed(taken)
+        self.opened = taken
+        return None
+
+    async def close(self, result: HandlerResult) -> HandlerResult:
+        """Settle and record a successful result (withheld if settlement fails); release the
+        payment of a failed one."""
+        if self.opened is None:
+            return result
+        if not succeeded(result):
+            await self.release()
+            return result
+        done = cast(CallToolResult, result)
+        try:
+            settlement, receipt = await anyio.to_thread.run_sync(
+                lambda: self._settle(kept_result(done)))
+        except BillingError as error:  # settlement failed: the output is withheld
+            return challenged(error, self.acceptor, self.tool, self.tenant)
+        meta = {**(done.meta or {}), RECEIPT_META: receipt.to_dict(),
+                PAYMENT_RESPONSE_META: settlement.to_dict()}
+        return done.model_copy(update={"meta": meta})
+
+    async def release(self) -> None:
+        opened = self.opened
+        if opened is None:
+            return
+        with anyio.CancelScope(shield=True):  # a cancelled call still frees its payment
+            await anyio.to_thread.run_sync(lambda: self.acceptor.release(opened))
+
+    def _take(self) -> Reserved | Replayed:
+        verified = self.acceptor.verify(self.payment, self.tool, args=self.args,
+                                        tenant=self.tenant, agent=self.agent)
+        return self.acceptor.reserve(verified)
+
+    def _settle(self, kept: str) -> tuple[SettleResponse, Any]:
+        assert self.opened is not None  # noqa: S101 - close() checked
+        settlement = self.acceptor.settle(self.opened)
+        return settlement, self.acceptor.record(self.opened, settlement, result=kept)
+
+
+def _replayed(replay: Replayed) -> CallToolResult:
+    if replay.result is None:
+        first = CallToolResult(content=[TextContent(type="text", text=json.dumps(
+            {"receiptId": replay.receipt.receipt_id, "replayed": True}))])
+    else:
+        first = CallToolResult.model_validate_json(replay.result)
+    meta = {**(first.meta or {}), REPLAYED_META: True, RECEIPT_META: replay.receipt.to_dict(),
+            PAYMENT_RESPONSE_META: replay.settlement.to_dict()}
+    return first.model_copy(update={"meta": meta})
+
+
+def _not_offered(error: BillingError) -> bool:
+    return isinstance(error, X402PaymentInvalid) and error.reason == "not_offered"

@@ -1,0 +1,224 @@
+"""x402 payments for billed MCP tools, end to end: the official ``mcp`` client calls a real
+``MCPServer`` with the billing extension; the official ``x402`` client reads the challenge from
+the tool result (its own MCP helpers) and signs the payment; the server settles on anvil."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pytest
+from mcp.client import Client
+from mcp.server.mcpserver import MCPServer
+from mcp_types import CallToolResult
+from x402.mcp.types import MCPToolResult
+from x402.mcp.utils import extract_payment_required_from_result
+
+from mcpbill_cli.clock import utcnow
+from mcpbill_cli.keys import KeyRing
+from mcpbill_cli.ledger import credit
+from mcpbill_cli.ledger.engine import writing
+from mcpbill_cli.mcp import RECEIPT_META, TOKEN_META, Billing
+from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
+from tests.verifier.billing_support import fund, mint
+
+from .accepting import (
+    SEARCH_PRICE,
+    Shop,
+    balance,
+    new_payer,
+    official_client,
+    official_payment,
+    signed_payment,
+)
+from .peer import NETWORK
+
+
+@dataclass
+class Tools:
+    """What the paid tools did: every run, by tool."""
+
+    runs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def count(self, tool: str) -> int:
+        return sum(1 for name, _ in self.runs if name == tool)
+
+
+@pytest.fixture
+def tools() -> Tools:
+    return Tools()
+
+
+@pytest.fixture
+def server(shop: Shop, tools: Tools) -> MCPServer:
+    billing = Billing(shop.verifier, acceptor=shop.acceptor)
+    server: MCPServer = MCPServer("paid", extensions=[billing])
+
+    @billing.tool(server)
+    def search(q: str) -> list[str]:
+        tools.runs.append(("search", {"q": q}))
+        return [f"{q}: result {n}" for n in (1, 2)]
+
+    @billing.tool(server)
+    async def boom(q: str) -> str:
+        tools.runs.append(("boom", {"q": q}))
+        raise ValueError("the tool failed")
+
+    @billing.tool(server)
+    def premium(q: str) -> str:
+        tools.runs.append(("premium", {"q": q}))
+        return "premium"
+
+    return server
+
+
+def call(server: MCPServer, tool: str, args: dict[str, Any],
+         meta: dict[str, Any] | None = None) -> CallToolResult:
+    async def run() -> CallToolResult:
+        async with Client(server) as client:
+            return await client.call_tool(tool, args, meta=meta)  # type: ignore[arg-type]
+
+    return anyio.run(run)
+
+
+def as_x402(result: CallToolResult) -> MCPToolResult:
+    """The tool result as the x402 package's MCP helpers read it."""
+    return MCPToolResult(content=[item.model_dump(by_alias=True) for item in result.content],
+                         is_error=bool(result.is_error), meta=dict(result.meta or {}),
+                         structured_content=result.structured_content)
+
+
+def body(result: CallToolResult) -> dict[str, Any]:
+    """The refusal an agent reads from ``content[0].text``, checked against the rest."""
+    assert result.is_error, result
+    document: dict[str, Any] = json.loads(result.content[0].text)  # type: ignore[union-attr]
+    assert result.structured_content == document
+    assert RECEIPT_META not in (result.meta or {}) and PAYMENT_RESPONSE_META not in (
+        result.meta or {})
+    return document
+
+
+def pay(server: MCPServer, shop: Shop, payer: Any, tool: str = "search",
+        args: dict[str, Any] | None = None) -> tuple[CallToolResult, dict[str, Any]]:
+    """An x402 agent's two calls: unpaid, then paid for the challenge it got."""
+    args = args or {"q": "usdc"}
+    challenge = extract_payment_required_from_result(as_x402(call(server, tool, args)))
+    assert challenge is not None
+    payment = official_payment(official_client(payer, shop.devnet.chain.usdc),
+                               challenge.model_dump(by_alias=True, exclude_none=True))
+    return call(server, tool, args, {PAYMENT_META: payment}), payment
+
+
+def test_an_unpaid_call_answers_an_x402_challenge_beside_the_mcpbill_refusal(
+        server: MCPServer, shop: Shop, tools: Tools) -> None:
+    refused = body(call(server, "search", {"q": "x"}))
+
+    assert (refused["code"], refused["reason"]) == ("INVALID_CREDIT_TOKEN", "missing")
+    assert refused["x402Version"] == 2 and refused["error"] == refused["message"]
+    assert refused["resource"]["url"] == "mcp://tool/search"
+    assert refused["accepts"] == [{
+        "scheme": "exact", "network": NETWORK, "amount": str(SEARCH_PRICE),
+        "asset": shop.devnet.chain.usdc, "payTo": shop.pay_to, "maxTimeoutSeconds": 60,
+        "extra": {"name": "USD Coin", "version": "2"}}]
+    assert tools.runs == []
+
+
+def test_an_x402_agent_pays_once_and_the_tool_runs_once(server: MCPServer, shop: Shop,
+                                                        tools: Tools) -> None:
+    payer = new_payer(shop.devnet)
+
+    result, _ = pay(server, shop, payer)
+
+    assert not result.is_error, result
+    assert result.structured_content == {"result": ["usdc: result 1", "usdc: result 2"]}
+    assert tools.count("search") == 1
+    settlement = (result.meta or {})[PAYMENT_RESPONSE_META]
+    assert settlement["success"] is True and settlement["network"] == NETWORK
+    assert settlement["payer"] == payer.address.lower()
+    receipt = shop.verifier.verify_receipt((result.meta or {})[RECEIPT_META]["jws"])
+    assert receipt.amount == SEARCH_PRICE
+    assert receipt.claims["transaction"] == settlement["transaction"]
+    assert shop.received() == SEARCH_PRICE
+    assert balance(shop.devnet, payer.address) == 1_000_000 - SEARCH_PRICE
+    shop.assert_books_clean()
+
+
+def test_a_retried_paid_call_replays_without_running_or_paying_again(
+        server: MCPServer, shop: Shop, tools: Tools) -> None:
+    payer = new_payer(shop.devnet)
+    first, payment = pay(server, shop, payer)
+
+    again = call(server, "search", {"q": "usdc"}, {PAYMENT_META: payment})
+
+    assert not again.is_error and again.structured_content == first.structured_content
+    assert (again.meta or {})[PAYMENT_RESPONSE_META] == (first.meta or {})[
+        PAYMENT_RESPONSE_META]
+    assert tools.count("search") == 1 and shop.received() == SEARCH_PRICE
+    other = body(call(server, "search", {"q": "another call"}, {PAYMENT_META: payment}))
+    assert other["code"] == "X402_NONCE_USED" and "accepts" in other
+    assert tools.count("search") == 1
+
+
+def test_a_wrong_payment_is_refused_with_a_fresh_challenge_and_the_tool_never_runs(
+        server: MCPServer, shop: Shop, tools: Tools) -> None:
+    payer = new_payer(shop.devnet)
+    cheap = signed_payment(payer, shop.terms, amount=SEARCH_PRICE - 1)
+
+    refused = body(call(server, "search", {"q": "x"}, {PAYMENT_META: cheap}))
+
+    assert (refused["code"], refused["reason"]) == ("X402_PAYMENT_INVALID", "amount")
+    assert refused["accepts"][0]["amount"] == str(SEARCH_PRICE)
+    assert tools.runs == [] and shop.received() == 0 and shop.payment_rows() == []
+
+
+def test_a_tool_that_fails_releases_the_payment_and_nothing_moves(
+        server: MCPServer, shop: Shop, tools: Tools) -> None:
+    payer = new_payer(shop.devnet)
+
+    result, _ = pay(server, shop, payer, tool="boom")
+
+    assert result.is_error and PAYMENT_RESPONSE_META not in (result.meta or {})
+    assert tools.count("boom") == 1
+    assert [row.status for row in shop.payment_rows()] == ["released"]
+    assert shop.received() == 0 and shop.captured_calls() == []
+
+
+def test_a_tool_without_x402_takes_no_payment_and_offers_none(
+        server: MCPServer, shop: Shop, tools: Tools) -> None:
+    payment = signed_payment(new_payer(shop.devnet), shop.terms, amount=50_000)
+
+    refused = body(call(server, "premium", {"q": "x"}, {PAYMENT_META: payment}))
+
+    assert (refused["code"], refused["reason"]) == ("X402_PAYMENT_INVALID", "not_offered")
+    assert "accepts" not in refused and tools.runs == []
+    unpaid = body(call(server, "premium", {"q": "x"}))
+    assert unpaid["code"] == "INVALID_CREDIT_TOKEN" and "accepts" not in unpaid
+
+
+def test_over_budget_the_token_s_tenant_is_offered_its_own_price(
+        server: MCPServer, shop: Shop, tools: Tools) -> None:
+    now = utcnow()
+    fund(shop.engine, "acme", 1_000_000, now=now)
+    token = mint(shop.engine, KeyRing.load(shop.keys_dir), now=now, tenant="acme", limit=1)
+
+    refused = body(call(server, "search", {"q": "x"}, {TOKEN_META: token.token}))
+
+    assert refused["code"] == "BUDGET_EXCEEDED" and "fallback" in refused
+    assert refused["accepts"][0]["amount"] == str(SEARCH_PRICE // 2)  # acme: 50% off
+    payer = new_payer(shop.devnet)
+    challenge = extract_payment_required_from_result(as_x402(call(
+        server, "search", {"q": "x"}, {TOKEN_META: token.token})))
+    assert challenge is not None
+    payment = official_payment(official_client(payer, shop.devnet.chain.usdc),
+                               challenge.model_dump(by_alias=True, exclude_none=True))
+    paid = call(server, "search", {"q": "x"}, {TOKEN_META: token.token, PAYMENT_META: payment})
+
+    receipt = shop.verifier.verify_receipt((paid.meta or {})[RECEIPT_META]["jws"])
+    assert (receipt.claims["tenant"], receipt.amount) == ("acme", SEARCH_PRICE // 2)
+    assert receipt.claims["payer"] == token.claims.agent
+    assert shop.received() == SEARCH_PRICE // 2 and tools.count("search") == 1
+    shop.assert_books_clean()
+    with writing(shop.engine) as conn:  # the agent's own token was not touched
+        assert credit.show(conn, token.claims.jti, now=utcnow()).spent == 0
