@@ -7,7 +7,8 @@
 Prices, keys and the ledger come from the mcpbill home (``MCPBILL_HOME``, see ``mcpbill init``);
 the sample pricing table prices status at 0, search at 0.002 and summarize at 0.00001 a word.
 A client sends its credit token in the ``Mcpbill-Token`` header and gets its signed receipt in
-``Mcpbill-Receipt``::
+``Mcpbill-Receipt``; where pricing.toml has ``[x402]`` (live mode, a chain and a deposit
+address), an x402 client pays ``POST /search`` with ``PAYMENT-SIGNATURE`` instead::
 
     curl -s -X POST localhost:8000/search -H "Mcpbill-Token: $TOKEN" \\
          -H 'content-type: application/json' -d '{"q": "usdc"}' -D -
@@ -27,6 +28,7 @@ from starlette.routing import Route
 
 from mcpbill_cli import Verifier
 from mcpbill_cli.http import PaidRoute, PaymentMiddleware, report_units
+from mcpbill_cli.x402.accept import Acceptor
 
 MAX_WORDS = 2000  # summarize holds 2000 words' worth while it runs, and captures what it used
 
@@ -67,12 +69,14 @@ async def _json(request: Request) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def build_app(verifier: Verifier) -> Starlette:
-    """The example API, billed by ``verifier``."""
+def build_app(verifier: Verifier, acceptor: Any = None) -> Starlette:
+    """The example API, billed by ``verifier``; x402 payments through ``acceptor``
+    (:meth:`Acceptor.from_settings`: none in demo mode or without ``[x402]``)."""
     return Starlette(
         routes=[Route("/status", status), Route("/search", search, methods=["POST"]),
                 Route("/summarize", summarize, methods=["POST"])],
-        middleware=[Middleware(PaymentMiddleware, verifier=verifier, routes=ROUTES)])
+        middleware=[Middleware(PaymentMiddleware, verifier=verifier, routes=ROUTES,
+                               acceptor=acceptor)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     verifier = Verifier.from_settings()
     try:
-        uvicorn.run(build_app(verifier), host=args.host, port=args.port)
+        app = build_app(verifier, Acceptor.from_settings(verifier))
+        uvicorn.run(app, host=args.host, port=args.port)
     finally:
         verifier.close()
 

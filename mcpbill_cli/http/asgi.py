@@ -38,6 +38,13 @@ class BufferedRequest:
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     client: str
+    scheme: str = "http"
+
+    @property
+    def url(self) -> str:
+        """The URL the client asked for (the resource an x402 payment pays for)."""
+        host = self.header("host") or "localhost"
+        return f"{self.scheme}://{host}{self.path}" + (f"?{self.query}" if self.query else "")
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), ``None`` when absent or empty."""
@@ -76,7 +83,8 @@ async def read_request(scope: Scope, receive: Receive, limit: int) -> BufferedRe
         method=scope["method"], path=scope["path"],
         query=scope.get("query_string", b"").decode("latin-1"),
         headers=tuple((bytes(k), bytes(v)) for k, v in scope.get("headers", [])),
-        body=b"".join(chunks), client=str(client[0]) if client else "")
+        body=b"".join(chunks), client=str(client[0]) if client else "",
+        scheme=str(scope.get("scheme", "http")))
 
 
 def replaying(body: bytes, receive: Receive) -> Receive:

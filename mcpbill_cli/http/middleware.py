@@ -3,11 +3,13 @@
     app.add_middleware(PaymentMiddleware, verifier=verifier,
                        routes={"GET /report": "report", "POST /search": "search"})
 
-A billed request, top to bottom: its body is read (the verifier's dedupe key covers it); the
-verifier opens the call (a refusal answers it; a free call runs unbilled; a replay answers with
-the kept response); the endpoint runs with its response held back; a 2xx is captured and sent
-with its receipt, anything else (an error status, an exception, a response over the buffer) is
-voided. Nothing of a billed response leaves before its capture has committed.
+A billed request, top to bottom: its body is read (the verifier's dedupe key covers it); an
+x402 payment, when one came and the middleware takes them, pays the call (see
+:mod:`mcpbill_cli.http.payments`); otherwise the verifier opens the call on the credit token (a
+refusal answers it; a free call runs unbilled; a replay answers with the kept response); the
+endpoint runs with its response held back; a 2xx is captured and sent with its receipt,
+anything else (an error status, an exception, a response over the buffer) is voided. Nothing
+of a billed response leaves before its capture has committed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, ResponseTooLarge
 from mcpbill_cli.http.asgi import (
@@ -33,14 +36,18 @@ from mcpbill_cli.http.routes import PaidRoute, RouteTable
 from mcpbill_cli.http.units import metering
 from mcpbill_cli.http.wire import (
     IDEMPOTENCY_KEY_HEADER,
-    RECEIPT_HEADER,
-    REPLAYED_HEADER,
     TOKEN_HEADER,
+    receipt_header,
     refusal,
+    replayed_header,
 )
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
+
+if TYPE_CHECKING:
+    from mcpbill_cli.http.payments import X402Gate
+    from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
 __all__ = ["PaymentMiddleware"]
 
@@ -59,10 +66,16 @@ class PaymentMiddleware:
     :class:`~mcpbill_cli.http.PaidRoute`). A route whose tool the table cannot price is refused
     here (PRICE_UNKNOWN), not per request. A free tool needs no credit token; a token sent to
     it is still checked. ``token_header`` names the request header the credit token comes in.
+
+    ``acceptor`` (:meth:`Acceptor.from_settings <mcpbill_cli.x402.accept.Acceptor.from_settings>`)
+    takes x402 payments for the tools the pricing table offers them on, and answers a missing
+    token or BUDGET_EXCEEDED there with a 402 challenge; an :class:`Unavailable` one is logged
+    and ignored, as is ``None``.
     """
 
     def __init__(self, app: ASGIApp, *, verifier: Verifier,
                  routes: Mapping[str, str] | Iterable[PaidRoute],
+                 acceptor: Acceptor | Unavailable | None = None,
                  token_header: str = TOKEN_HEADER, max_request_bytes: int = MAX_REQUEST_BYTES,
                  max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
         self.app = app
@@ -71,6 +84,7 @@ class PaymentMiddleware:
         self.token_header = token_header
         self.max_request_bytes = max_request_bytes
         self.max_response_bytes = max_response_bytes
+        self.gate = _gate(acceptor)
         table = verifier.pricing_table()
         for route in self.routes.routes:
             quote(table, route.tool, units=route.max_units)  # PRICE_UNKNOWN now, not per call
@@ -100,13 +114,20 @@ class PaymentMiddleware:
             await refusal(error).send_to(send, [])
             return
         app_receive = replaying(request.body, receive)
+        payment = self.gate.payment_of(request) if self.gate is not None else None
+        if self.gate is not None and payment is not None and not await self._free(route):
+            answer, extra = await self.gate.pay(payment, route.tool, request, lambda: run_buffered(
+                self.app, scope, app_receive, self.max_response_bytes))
+            await answer.send_to(send, extra)
+            return
         opened = await self._open(route, request)
         if isinstance(opened, BufferedResponse):  # refused
             await opened.send_to(send, [])
         elif not isinstance(opened, Hold):  # free: nothing to hold, nothing to hold back
             await self.app(scope, app_receive, send)
         elif opened.replayed is not None:
-            await _replay(opened, opened.replayed).send_to(send, _replay_headers(opened.replayed))
+            await _replay(opened, opened.replayed).send_to(
+                send, [receipt_header(opened.replayed), replayed_header()])
         else:
             response, units = await self._run(opened, scope, app_receive)
             answer, extra = await self._settle(opened, response, units)
@@ -119,13 +140,23 @@ class PaymentMiddleware:
         token = request.header(self.token_header)
         try:
             if token is None:
-                return None if await self._free(route) else refusal(self._missing_token())
+                return None if await self._free(route) else await self._refused(
+                    self._missing_token(), route, request)
             return await self.verifier.abegin(
                 token, route.tool, args=request.arguments(),
                 idempotency_key=request.header(IDEMPOTENCY_KEY_HEADER),
                 max_units=route.max_units)
         except BillingError as error:
+            return await self._refused(error, route, request)
+
+    async def _refused(self, error: BillingError, route: PaidRoute,
+                       request: BufferedRequest) -> BufferedResponse:
+        """The refusal's response; with x402 on, a missing token or BUDGET_EXCEEDED is also
+        a challenge (402) that a payment can answer."""
+        payable = error.code == "BUDGET_EXCEEDED" or error.details.get("reason") == "missing"
+        if self.gate is None or not payable:
             return refusal(error)
+        return await self.gate.challenge(error, route.tool, request.url)
 
     async def _run(self, hold: Hold, scope: Scope, receive: Receive
                    ) -> tuple[BufferedResponse, int | None]:
@@ -153,7 +184,7 @@ class PaymentMiddleware:
             receipt = await self.verifier.acapture(hold, units=units, result=response.to_json())
         except BillingError as error:  # e.g. the hold lapsed: not billed, output withheld
             return refusal(error), []
-        return response, [_receipt_header(receipt)]
+        return response, [receipt_header(receipt)]
 
     async def _void(self, hold: Hold) -> None:
         """Release ``hold``; shielded, so a request cancelled by its client still releases it.
@@ -170,10 +201,24 @@ class PaymentMiddleware:
         return quote(table, route.tool, units=route.max_units).free
 
     def _missing_token(self) -> InvalidCreditToken:
+        how = " or pay with x402 (PAYMENT-SIGNATURE)" if self.gate is not None else ""
         return InvalidCreditToken(
             f"no credit token: send one in the {self.token_header} header (Authorization is "
-            "not read for it); ask the operator for one with `mcpbill token issue`",
+            f"not read for it){how}; ask the operator for one with `mcpbill token issue`",
             reason="missing")
+
+
+def _gate(acceptor: Acceptor | Unavailable | None) -> X402Gate | None:
+    """The x402 side for ``acceptor``; imported only when there is one (it loads the chain)."""
+    if acceptor is None:
+        return None
+    from mcpbill_cli.http.payments import X402Gate
+    from mcpbill_cli.x402.accept import Unavailable
+
+    if isinstance(acceptor, Unavailable):
+        logger.warning("x402 payments are not taken on HTTP: %s", acceptor.reason)
+        return None
+    return X402Gate(acceptor)
 
 
 def _replay(hold: Hold, receipt: Receipt) -> BufferedResponse:
@@ -185,11 +230,3 @@ def _replay(hold: Hold, receipt: Receipt) -> BufferedResponse:
     return refusal(DuplicateCall(
         f"this request was made already (receipt {receipt.receipt_id}) and its response was "
         "too large to keep; it is not run or billed again", receipt=receipt))
-
-
-def _replay_headers(receipt: Receipt) -> Headers:
-    return [_receipt_header(receipt), (REPLAYED_HEADER.lower().encode(), b"true")]
-
-
-def _receipt_header(receipt: Receipt) -> tuple[bytes, bytes]:
-    return RECEIPT_HEADER.lower().encode(), receipt.jws.encode("ascii")

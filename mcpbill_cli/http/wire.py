@@ -19,6 +19,7 @@ from typing import Any
 
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.http.asgi import BufferedResponse
+from mcpbill_cli.receipts import Receipt
 
 TOKEN_HEADER = "Mcpbill-Token"  # noqa: S105 - a header name, not a secret
 RECEIPT_HEADER = "Mcpbill-Receipt"
@@ -40,6 +41,11 @@ STATUS: dict[str, int] = {
     "RESPONSE_TOO_LARGE": 500,
     "HOLD_NOT_ACTIVE": 503,
     "LEDGER_UNAVAILABLE": 503,
+    "X402_PAYMENT_INVALID": 402,
+    "X402_NONCE_USED": 402,
+    "X402_INSUFFICIENT_FUNDS": 402,
+    "X402_SETTLEMENT_FAILED": 402,
+    "X402_FACILITATOR_UNAVAILABLE": 503,
 }
 RETRY_AFTER_SECONDS = 1  # what a 503 suggests: the ledger is usually back within a second
 
@@ -70,3 +76,12 @@ def _retry_after(error: BillingError, status: int) -> int | None:
     if isinstance(millis, int) and not isinstance(millis, bool) and millis > 0:
         return math.ceil(millis / 1000)
     return RETRY_AFTER_SECONDS if status == 503 else None
+
+
+def receipt_header(receipt: Receipt) -> tuple[bytes, bytes]:
+    """``Mcpbill-Receipt``: the receipt's compact JWS."""
+    return RECEIPT_HEADER.lower().encode(), receipt.jws.encode("ascii")
+
+
+def replayed_header() -> tuple[bytes, bytes]:
+    return REPLAYED_HEADER.lower().encode(), b"true"

@@ -114,8 +114,9 @@ def authorization_used(rpc: Rpc, token: str, payer: str, nonce: str) -> bool:
 def transfer_with_authorization(rpc: Rpc, account: LocalAccount, domain: Domain,
                                 authorization: Authorization) -> str:
     """Send ``transferWithAuthorization`` from ``account`` (which pays the gas) and wait for
-    it to be mined; the transaction hash (0x hex). Raises :class:`SettlementReverted` when it
-    reverted, ``RPC_UNAVAILABLE`` when the node cannot be reached."""
+    it to be mined; the transaction hash (0x hex). Raises :class:`SettlementRefused` when the
+    node refused it unsent, :class:`SettlementReverted` when it reverted, ``RPC_UNAVAILABLE``
+    when the node cannot be reached."""
     signature = bytes.fromhex(authorization.signature[2:])
     r, s, v = signature[:32], signature[32:64], signature[64]
     w3 = rpc.w3
@@ -125,8 +126,13 @@ def transfer_with_authorization(rpc: Rpc, account: LocalAccount, domain: Domain,
         checksum_address(authorization.payer), checksum_address(authorization.to),
         authorization.value, authorization.valid_after, authorization.valid_before,
         bytes.fromhex(authorization.nonce[2:]), v if v >= 27 else v + 27, r, s)
+    from web3.exceptions import ContractLogicError
+
     with _SEND_LOCK:
-        tx = rpc.call_once("eth_sendRawTransaction", lambda: _send(w3, account, call))
+        try:
+            tx = rpc.call_once("eth_sendRawTransaction", lambda: _send(w3, account, call))
+        except ContractLogicError as refused:  # the gas estimate reverted: nothing was sent
+            raise SettlementRefused(str(refused.message or "execution reverted")) from None
     receipt = rpc.call_once("eth_getTransactionReceipt",
                             lambda: w3.eth.wait_for_transaction_receipt(
                                 tx, timeout=RECEIPT_TIMEOUT))
@@ -134,6 +140,15 @@ def transfer_with_authorization(rpc: Rpc, account: LocalAccount, domain: Domain,
     if receipt["status"] != 1:
         raise SettlementReverted(tx_hash)
     return tx_hash
+
+
+class SettlementRefused(Exception):
+    """The node refused the settlement before it was sent (its gas estimate reverted: the payer
+    no longer holds the funds, the nonce was used meanwhile...): nothing moved."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the settlement would revert: {reason}")
+        self.reason = reason
 
 
 class SettlementReverted(Exception):

@@ -127,6 +127,10 @@ class SelfSettler:
         try:
             return eip3009.transfer_with_authorization(self.rpc, self.account(), domain,
                                                        authorization)
+        except eip3009.SettlementRefused as refused:
+            raise X402SettlementFailed(f"the settlement was refused before it was sent "
+                                       f"({refused.reason}); nothing moved",
+                                       outcome="refused") from None
         except eip3009.SettlementReverted as reverted:
             raise X402SettlementFailed(f"the settlement transaction {reverted.tx_hash} reverted;"
                                        " nothing moved", transaction=reverted.tx_hash,

@@ -30,6 +30,8 @@ from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 from tests.verifier.billing_support import PRICING_DOC, USDC, fund, mint
+from tests.wallet.conftest import token_build  # noqa: F401 - the session's compiled test USDC
+from tests.x402.conftest import fuji_anvil, peer  # noqa: F401 - the chain x402 payments use
 from tests.x402.peer import ServedApp
 
 ROUTES = [

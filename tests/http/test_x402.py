@@ -1,0 +1,366 @@
+"""x402 payments on billed HTTP routes: the official x402 HTTP client (its httpx integration)
+pays our 402 itself; the shop settles on the session's anvil and records the call.
+
+Each test gets a fresh deposit address and fresh payers, so on-chain balances are its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Engine
+from web3 import Web3
+from x402 import x402Client
+from x402.http.clients import x402HttpxClient
+from x402.mechanisms.evm.exact import ExactEvmClientScheme
+from x402.mechanisms.evm.exact.v1 import ExactEvmSchemeV1Client
+from x402.schemas.v1 import PaymentRequiredV1
+
+from mcpbill_cli.http import (
+    RECEIPT_HEADER,
+    REPLAYED_HEADER,
+    TOKEN_HEADER,
+    PaidRoute,
+    PaymentMiddleware,
+)
+from mcpbill_cli.keys import KeySource
+from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.wallet.rpc import Rpc, connect
+from mcpbill_cli.x402.accept import Acceptor
+from mcpbill_cli.x402.offers import Terms
+from mcpbill_cli.x402.settlers import FacilitatorSettler, SelfSettler, Settler
+from tests.x402.accepting import (
+    ACCEPT_PRICING,
+    SEARCH_PRICE,
+    Shop,
+    balance,
+    new_payer,
+    official_client,
+    official_payment,
+)
+from tests.x402.conftest import Peer
+from tests.x402.peer import NETWORK, V1_NETWORK
+
+from .conftest import Switch
+
+ROUTES = [PaidRoute("GET", "/report", "search"), PaidRoute("GET", "/premium", "premium"),
+          PaidRoute("GET", "/boom", "boom"), PaidRoute("GET", "/status", "status"),
+          PaidRoute("GET", "/drain", "search")]
+SECRET = "the paid content"
+
+
+def shop_app(shop: Shop, runs: Counter[str], drain: LocalAccount | None = None) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(PaymentMiddleware, verifier=shop.verifier, routes=ROUTES,
+                       acceptor=shop.acceptor)
+
+    @app.get("/report")
+    async def report() -> dict[str, Any]:
+        runs["report"] += 1
+        return {"report": SECRET, "run": runs["report"]}
+
+    @app.get("/premium")
+    async def premium() -> dict[str, Any]:
+        runs["premium"] += 1
+        return {"premium": True}
+
+    @app.get("/boom")
+    async def boom() -> Response:
+        runs["boom"] += 1
+        return JSONResponse({"error": "upstream down"}, status_code=502)
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/drain")
+    def drained() -> dict[str, Any]:
+        """Runs, then the payer moves its USDC away before the payment settles."""
+        runs["drain"] += 1
+        assert drain is not None
+        _move_all(shop, drain)
+        return {"report": SECRET}
+
+    return app
+
+
+def _move_all(shop: Shop, payer: LocalAccount) -> None:
+    devnet = shop.devnet
+    devnet.rpc("anvil_impersonateAccount", payer.address)
+    devnet.rpc("anvil_setBalance", payer.address, hex(10**18))
+    held = balance(devnet, payer.address)
+    tx = devnet.usdc.functions.transfer(Web3.to_checksum_address(devnet.stranger), held
+                                        ).transact({"from": payer.address, "gas": 100_000})
+    assert devnet.w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+
+
+@pytest.fixture(scope="session")
+def gas_account(peer: Peer) -> LocalAccount:
+    """The operator's own account on anvil: it pays the gas of self-settlement."""
+    account: LocalAccount = Account.create()
+    w3 = peer.devnet.w3
+    tx = w3.eth.send_transaction({"from": peer.devnet.deployer, "to": account.address,
+                                  "value": 10**19})
+    assert w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    return account
+
+
+def make_shop(engine: Engine, keys_dir: Path, peer: Peer, rpc_url: str,
+              settler: Settler | None = None, gas: LocalAccount | None = None) -> Shop:
+    verifier = Verifier(keys=KeySource(directory=keys_dir),
+                        pricing=PricingTable.from_document(ACCEPT_PRICING), engine=engine)
+    chain = peer.devnet.chain
+    pay_to = Account.create().address.lower()
+    rpc = Rpc(connect(rpc_url))
+    terms = Terms(NETWORK, chain.usdc, pay_to, chain.eip712_name, chain.eip712_version, 60)
+    acceptor = Acceptor(verifier, chain=chain, pay_to=pay_to, rpc=rpc,
+                        settler=settler or SelfSettler(rpc, terms, lambda: gas))
+    return Shop(acceptor, verifier, engine, peer.devnet, pay_to, keys_dir)
+
+
+@pytest.fixture
+def shop(engine: Engine, keys_dir: Path, peer: Peer, fuji_anvil: str,
+         gas_account: LocalAccount) -> Iterator[Shop]:
+    shop = make_shop(engine, keys_dir, peer, fuji_anvil, gas=gas_account)
+    yield shop
+    shop.verifier.close()
+
+
+@pytest.fixture
+def runs() -> Counter[str]:
+    return Counter()
+
+
+@pytest.fixture
+def payer(peer: Peer) -> LocalAccount:
+    return new_payer(peer.devnet)
+
+
+@pytest.fixture
+def url(served: tuple[Switch, str], shop: Shop, runs: Counter[str],
+        payer: LocalAccount) -> Iterator[str]:
+    switch, base = served
+    switch.app = shop_app(shop, runs, drain=payer)
+    yield base
+    switch.app = None
+
+
+def official_async_client(payer: LocalAccount, asset: str) -> x402Client:
+    """The official async x402 client, paying with ``payer``, allowed the test USDC."""
+    client = x402Client()
+    client.register(NETWORK, ExactEvmClientScheme(payer))
+    client.register_v1(V1_NETWORK, ExactEvmSchemeV1Client(payer))
+    client.set_spend_controls({"allowed_assets": [
+        {"network": network, "asset": asset, "max_amount_per_payment": "1000000"}
+        for network in (NETWORK, V1_NETWORK)]})
+    return client
+
+
+def pay_with_official_client(url: str, path: str, payer: LocalAccount, asset: str
+                             ) -> httpx.Response:
+    async def scenario() -> httpx.Response:
+        async with x402HttpxClient(official_async_client(payer, asset), base_url=url,
+                                   timeout=60) as http:
+            return await http.get(path)
+
+    return asyncio.run(scenario())
+
+
+def decoded(value: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(base64.b64decode(value))
+    return document
+
+
+def test_the_official_x402_http_client_pays_once_and_the_books_agree(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    before = balance(shop.devnet, payer.address)
+    response = pay_with_official_client(url, "/report", payer, shop.terms.asset)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"report": SECRET, "run": 1}
+    settlement = decoded(response.headers["PAYMENT-RESPONSE"])
+    assert settlement["success"] is True and settlement["network"] == NETWORK
+    assert settlement["payer"].lower() == payer.address.lower()
+    receipt = shop.verifier.verify_receipt(response.headers[RECEIPT_HEADER])
+    assert receipt.amount == SEARCH_PRICE and receipt.claims["tool"] == "search"
+    assert receipt.claims["transaction"] == settlement["transaction"]
+    assert shop.received() == SEARCH_PRICE
+    assert balance(shop.devnet, payer.address) == before - SEARCH_PRICE
+    assert runs["report"] == 1 and len(shop.captured_calls("search")) == 1
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
+    shop.assert_books_clean()
+
+
+def test_a_request_without_token_or_payment_gets_both_challenges(
+        url: str, shop: Shop, runs: Counter[str]) -> None:
+    response = httpx.get(f"{url}/report?q=1")
+    assert response.status_code == 402
+    v2 = decoded(response.headers["PAYMENT-REQUIRED"])
+    assert v2["x402Version"] == 2 and v2["resource"]["url"] == f"{url}/report?q=1"
+    (option,) = v2["accepts"]
+    assert (option["scheme"], option["network"], option["amount"]) == (
+        "exact", NETWORK, str(SEARCH_PRICE))
+    assert option["payTo"].lower() == shop.pay_to
+    body = response.json()
+    assert body["x402Version"] == 1 and body["code"] == "INVALID_CREDIT_TOKEN"
+    assert body["reason"] == "missing" and body["error"] == body["message"]
+    (legacy,) = body["accepts"]
+    assert (legacy["network"], legacy["maxAmountRequired"]) == (V1_NETWORK, str(SEARCH_PRICE))
+    assert legacy["resource"] == f"{url}/report?q=1"
+    assert runs["report"] == 0 and shop.received() == 0
+
+
+def test_a_token_over_budget_gets_the_challenge_beside_budget_exceeded(
+        url: str, shop: Shop) -> None:
+    from mcpbill_cli.clock import utcnow
+    from mcpbill_cli.keys import KeyRing
+    from tests.verifier.billing_support import fund, mint
+
+    fund(shop.engine, "acme", 1_000_000, now=utcnow())
+    token = mint(shop.engine, KeyRing.load(shop.keys_dir), now=utcnow(), limit=1)
+    response = httpx.get(f"{url}/report", headers={TOKEN_HEADER: token.token})
+    assert response.status_code == 402
+    assert response.json()["code"] == "BUDGET_EXCEEDED" and "fallback" in response.json()
+    assert decoded(response.headers["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(
+        SEARCH_PRICE)
+
+
+def test_a_v1_client_pays_with_x_payment(url: str, shop: Shop, payer: LocalAccount,
+                                         runs: Counter[str]) -> None:
+    challenge = httpx.get(f"{url}/report")
+    required = PaymentRequiredV1.model_validate(challenge.json())
+    client = official_client(payer, shop.terms.asset)
+    payload = client.create_payment_payload(required)
+    assert payload.x402_version == 1
+    header = base64.b64encode(json.dumps(payload.model_dump(
+        by_alias=True, exclude_none=True)).encode()).decode()
+    response = httpx.get(f"{url}/report", headers={"X-PAYMENT": header})
+    assert response.status_code == 200, response.text
+    settlement = decoded(response.headers["X-PAYMENT-RESPONSE"])
+    assert settlement["success"] is True and settlement["network"] == V1_NETWORK
+    assert "PAYMENT-RESPONSE" not in response.headers
+    shop.verifier.verify_receipt(response.headers[RECEIPT_HEADER])
+    assert shop.received() == SEARCH_PRICE and runs["report"] == 1
+    shop.assert_books_clean()
+
+
+def test_a_reused_payment_header_replays_or_is_refused_and_settles_once(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    challenge = httpx.get(f"{url}/report")
+    v2 = decoded(challenge.headers["PAYMENT-REQUIRED"])
+    payment = official_payment(official_client(payer, shop.terms.asset), v2)
+    header = base64.b64encode(json.dumps(payment).encode()).decode()
+    first = httpx.get(f"{url}/report", headers={"PAYMENT-SIGNATURE": header})
+    again = httpx.get(f"{url}/report", headers={"PAYMENT-SIGNATURE": header})
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and again.headers[REPLAYED_HEADER] == "true"
+    assert again.headers[RECEIPT_HEADER] == first.headers[RECEIPT_HEADER]
+    assert again.headers["PAYMENT-RESPONSE"] == first.headers["PAYMENT-RESPONSE"]
+    other = httpx.get(f"{url}/report?page=2", headers={"PAYMENT-SIGNATURE": header})
+    assert other.status_code == 402 and other.json()["code"] == "X402_NONCE_USED"
+    assert "PAYMENT-REQUIRED" in other.headers
+    assert runs["report"] == 1 and shop.received() == SEARCH_PRICE
+    assert len(shop.captured_calls("search")) == 1
+    shop.assert_books_clean()
+
+
+def test_an_error_status_releases_the_payment_and_moves_nothing(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    response = pay_with_official_client(url, "/boom", payer, shop.terms.asset)
+    assert response.status_code == 502 and response.json() == {"error": "upstream down"}
+    assert "PAYMENT-RESPONSE" not in response.headers
+    assert RECEIPT_HEADER not in response.headers
+    assert runs["boom"] == 1 and shop.received() == 0
+    assert [row.status for row in shop.payment_rows()] == ["released"]
+    shop.assert_books_clean()
+
+
+def test_a_failed_settlement_withholds_the_response(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    response = pay_with_official_client(url, "/drain", payer, shop.terms.asset)
+    assert runs["drain"] == 1  # it ran; then its payer moved the funds away
+    assert response.status_code == 402
+    assert SECRET not in response.text
+    assert response.json()["code"] == "X402_SETTLEMENT_FAILED"
+    failure = decoded(response.headers["PAYMENT-RESPONSE"])
+    assert failure["success"] is False and failure["errorReason"] == "X402_SETTLEMENT_FAILED"
+    assert RECEIPT_HEADER not in response.headers
+    assert shop.received() == 0 and shop.captured_calls() == []
+    assert [row.status for row in shop.payment_rows()] == ["failed"]
+    shop.assert_books_clean()
+
+
+def test_a_payer_without_funds_is_refused_before_the_endpoint_runs(
+        url: str, shop: Shop, peer: Peer, runs: Counter[str]) -> None:
+    broke = new_payer(peer.devnet, amount=SEARCH_PRICE - 1)
+    response = pay_with_official_client(url, "/report", broke, shop.terms.asset)
+    assert response.status_code == 402
+    assert response.json()["code"] == "X402_INSUFFICIENT_FUNDS"
+    assert runs["report"] == 0 and shop.received() == 0
+
+
+def test_a_tool_without_x402_has_no_challenge_and_refuses_payments(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    plain = httpx.get(f"{url}/premium")
+    assert plain.status_code == 401 and "PAYMENT-REQUIRED" not in plain.headers
+    v2 = decoded(httpx.get(f"{url}/report").headers["PAYMENT-REQUIRED"])
+    payment = official_payment(official_client(payer, shop.terms.asset), v2)
+    header = base64.b64encode(json.dumps(payment).encode()).decode()
+    refused = httpx.get(f"{url}/premium", headers={"PAYMENT-SIGNATURE": header})
+    assert refused.status_code == 402 and refused.json()["reason"] == "not_offered"
+    assert "PAYMENT-REQUIRED" not in refused.headers
+    assert httpx.get(f"{url}/status").json() == {"status": "ok"}  # free: no payment asked
+    assert runs["premium"] == 0 and shop.received() == 0
+
+
+def test_facilitator_down_the_endpoint_does_not_run(
+        engine: Engine, keys_dir: Path, peer: Peer, fuji_anvil: str, payer: LocalAccount,
+        served: tuple[Switch, str]) -> None:
+    shop = make_shop(engine, keys_dir, peer, fuji_anvil,
+                     settler=FacilitatorSettler("http://127.0.0.1:9", timeout=2))
+    runs: Counter[str] = Counter()
+    switch, url = served
+    switch.app = shop_app(shop, runs)
+    try:
+        response = pay_with_official_client(url, "/report", payer, shop.terms.asset)
+    finally:
+        switch.app = None
+        shop.verifier.close()
+    assert response.status_code == 402
+    assert response.json()["code"] == "X402_FACILITATOR_UNAVAILABLE"
+    assert runs["report"] == 0 and shop.received() == 0
+
+
+def test_the_example_takes_x402_payments_on_a_post(
+        shop: Shop, payer: LocalAccount, served: tuple[Switch, str]) -> None:
+    from .test_example import load_example
+
+    switch, url = served
+    switch.app = load_example().build_app(shop.verifier, shop.acceptor)
+
+    async def scenario() -> httpx.Response:
+        async with x402HttpxClient(official_async_client(payer, shop.terms.asset),
+                                   base_url=url, timeout=60) as http:
+            return await http.post("/search", json={"q": "usdc"})
+
+    try:
+        response = asyncio.run(scenario())
+    finally:
+        switch.app = None
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0] == "usdc: result 1"
+    assert shop.verifier.verify_receipt(response.headers[RECEIPT_HEADER]).amount == SEARCH_PRICE
+    assert shop.received() == SEARCH_PRICE
+    shop.assert_books_clean()
