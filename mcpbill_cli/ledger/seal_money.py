@@ -34,9 +34,10 @@ CALL_KINDS = ("hold", "capture", "charge", "void", "expire")
 CLASSES = ("chain", "tenant", "token", "revenue")  # any other account counts as "other"
 POSTED_KINDS = ("posted", "post_pending")
 IN_CHUNKS = 500
-# An event and its transfer share one ``at``: the transfers are looked up within the span of
-# the seals' events, widened by this much (a transfer re-dated further is missing: a finding).
-SLACK = timedelta(seconds=1)
+# An event and its transfer are written in one transaction, with one ``at``: the transfers are
+# looked up within the span of the seals' events, widened by this much (a transfer re-dated
+# beyond it is missing: a finding).
+SLACK = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)

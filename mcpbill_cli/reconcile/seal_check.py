@@ -10,9 +10,10 @@ reconcile printed, vouches for the past). ``chain="full"`` checks every seal fro
   its hash over its fields, its JWS by a key of the key ring (any status: a seal is a record
   of the past). Few rows: a seal holds up to 5,000 events.
 - **Batches**: the events stamped with each seal, their count, id span and own hashes against
-  the seal's batch hash (``seals.verify_batch``), one seal's events in memory at a time. On
-  PostgreSQL the server hashes them (``seal_sql``) and Python re-checks only the seals it
-  could not vouch for; on SQLite, worker processes share a big window's seals.
+  the seal's batch hash. On PostgreSQL the server hashes them (``seal_sql``), on SQLite one
+  pass per slice on the raw driver (``seal_py``); ``seals.verify_batch`` re-checks only the
+  seals they could not vouch for, one seal's events in memory at a time, and names the
+  events. On SQLite, worker processes share a big window's slices.
 - **Money**: per seal, the transfers its events name summed again per class of account
   (``ledger.seal_money``, one grouped join per slice) against the money the seal signed,
   which must sum to zero: the ledger sums to zero at every seal, and no transfer changed after
@@ -45,7 +46,7 @@ from mcpbill_cli.ledger.seals import (
     verify_batch,
     verify_seal,
 )
-from mcpbill_cli.reconcile import seal_sql
+from mcpbill_cli.reconcile import seal_py, seal_sql
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.model import ChainMode, Row, Window
 from mcpbill_cli.reconcile.parallel import SliceResult, engine_url, start_slices, worker_engine
@@ -218,26 +219,27 @@ def _check_batches(conn: Connection, part: BatchSlice) -> SliceResult:
     PostgreSQL vouches for the clean ones first."""
     result = SliceResult()
     sealed = list(read_seals(conn, first=part.first, last=part.last))
-    suspects = seal_sql.unvouched(conn, sealed) if conn.dialect.name == "postgresql" else sealed
+    if conn.dialect.name == "postgresql":
+        suspects = list(seal_sql.unvouched(conn, sealed))
+        money = money_by_seal(conn, part.first, part.last) if sealed else {}
+    else:
+        suspects, money = seal_py.unvouched(conn, sealed)
     for seal in suspects:
         for problem in verify_batch(conn, seal):
             result.add(NAME, Row(problem.table, problem.key, problem.problem), part.max_rows)
         result.checked += seal.count
-    _check_money(conn, sealed, result, part.max_rows)
+    _check_money(sealed, money, result, part.max_rows)
     return result
 
 
-def _check_money(conn: Connection, sealed: list[Seal], result: SliceResult,
+def _check_money(sealed: list[Seal], now: Mapping[int, Money], result: SliceResult,
                  max_rows: int) -> None:
     """Each seal's money sums to zero, and the transfers its events name add up to it."""
-    carrying = [(seal.number, seal.money) for seal in sealed if seal.money is not None]
-    if not carrying:
-        return
-    now = money_by_seal(conn, carrying[0][0], carrying[-1][0])
-    for number, money in carrying:
-        problem = _money_problem(money, now.get(number, Money()))
-        if problem:
-            result.add(MONEY, Row("seals", str(number), problem), max_rows)
+    for seal in sealed:
+        if seal.money is not None:
+            problem = _money_problem(seal.money, now.get(seal.number, Money()))
+            if problem:
+                result.add(MONEY, Row("seals", str(seal.number), problem), max_rows)
 
 
 def _money_problem(sealed: Money, now: Money) -> str | None:
