@@ -85,7 +85,7 @@ class PaymentMiddleware:
         self.max_request_bytes = max_request_bytes
         self.max_response_bytes = max_response_bytes
         self.gate = _gate(acceptor)
-        table = verifier.pricing_table()
+        table = verifier.pricing.current()  # the file's table: no ledger needed to start
         for route in self.routes.routes:
             quote(table, route.tool, units=route.max_units)  # PRICE_UNKNOWN now, not per call
 
@@ -197,7 +197,7 @@ class PaymentMiddleware:
 
     async def _free(self, route: PaidRoute) -> bool:
         """Whether an anonymous call of ``route`` costs nothing (its base price is 0)."""
-        table = await asyncio.to_thread(self.verifier.pricing_table)
+        table = await asyncio.to_thread(self.verifier.pricing.current)  # a file read at most
         return quote(table, route.tool, units=route.max_units).free
 
     def _missing_token(self) -> InvalidCreditToken:

@@ -44,9 +44,11 @@ ROUTES = [
     PaidRoute("GET", "/big", "search"),
     PaidRoute("GET", "/slow", "search"),
     PaidRoute("POST", "/summarize", "summarize", max_units=2000),
+    PaidRoute("GET", "/hang", "search"),  # hangs in tests/http/crash_server.py only
 ]
 MAX_RESPONSE = 64 * 1024
 MAX_REQUEST = 16 * 1024
+Mint = Callable[..., IssuedToken]
 
 
 @dataclass
@@ -69,6 +71,11 @@ def build_app(verifier: Verifier, endpoints: Endpoints) -> FastAPI:
 
 
 def _paid_endpoints(app: FastAPI, runs: Counter[str]) -> None:
+    @app.get("/hang")
+    async def hang() -> dict[str, Any]:
+        runs["hang"] += 1
+        return {"finished": True}
+
 
     @app.get("/report")
     async def report(request: Request) -> dict[str, Any]:

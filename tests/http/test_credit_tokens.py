@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import Engine
 
 from mcpbill_cli.http import IDEMPOTENCY_KEY_HEADER, RECEIPT_HEADER, REPLAYED_HEADER, TOKEN_HEADER
+from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger.credit import IssuedToken
+from mcpbill_cli.ledger.engine import make_engine
+from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
-from tests.verifier.billing_support import PRICE
+from tests.verifier.billing_support import PRICE, PRICING_DOC
 
-from .conftest import Endpoints, assert_ledger_sound, revoke, view
+from .conftest import Endpoints, Switch, assert_ledger_sound, build_app, revoke, view
 
 Mint = Callable[..., IssuedToken]
 
@@ -254,3 +259,27 @@ def test_readme_http_status_table_matches_the_middleware() -> None:
             for code in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.group(2)):
                 documented[code] = int(row.group(1))
     assert documented == STATUS
+
+
+@pytest.mark.parametrize("down", ["postgresql+psycopg://postgres@127.0.0.1:1/nowhere",
+                                  "sqlite:///{tmp}"])
+def test_a_ledger_that_cannot_be_reached_is_503_with_retry_after(
+        served: tuple[Switch, str], keys_dir: Path, new_token: Mint, tmp_path: Path,
+        down: str) -> None:
+    token = new_token()
+    broken = Verifier(keys=KeySource(directory=keys_dir),
+                      pricing=PricingTable.from_document(PRICING_DOC),
+                      engine=make_engine(down.format(tmp=tmp_path)))
+    endpoints = Endpoints()
+    switch, url = served
+    switch.app = build_app(broken, endpoints)  # the app starts: prices come from the file
+    try:
+        response = httpx.get(f"{url}/report", headers=paid(token))
+        anonymous_free = httpx.get(f"{url}/status")
+    finally:
+        switch.app = None
+        broken.close()
+    assert response.status_code == 503 and response.json()["code"] == "LEDGER_UNAVAILABLE"
+    assert response.headers["retry-after"] == "1"
+    assert endpoints.runs["report"] == 0
+    assert anonymous_free.status_code == 200  # a free tool without a token needs no ledger
