@@ -324,13 +324,15 @@ class Acceptor:
         except X402FacilitatorUnavailable as error:
             self._failed(verified, error)
             raise
-        except X402SettlementFailed as error:
-            found = (self._settled_on_chain(verified.signed, verified.terms)
-                     if error.details.get("outcome") == "unknown" else None)
+        except X402SettlementFailed as error:  # the chain knows better: was it used anyway?
+            try:
+                found = self._settled_on_chain(verified.signed, verified.terms)
+            except BillingError:  # cannot tell: left reserved, for recover() to resolve
+                raise error from None
             if found is None:
                 self._failed(verified, error)
                 raise
-            tx_hash = found
+            tx_hash = found  # someone (a facilitator's retry, a relayer) put it on chain
         return _response(verified, tx_hash)
 
     def record(self, opened: Reserved, settlement: SettleResponse, *,
@@ -399,10 +401,15 @@ class Acceptor:
                             at=self._clock())
 
     def _settled_on_chain(self, signed: Signed, terms: Terms) -> str | None:
-        """The transaction that used this authorization, when the chain says it was used."""
+        """The transaction that used this authorization, when the chain says it was used and
+        it paid this payment; RPC_UNAVAILABLE when the chain cannot be read."""
         if not eip3009.authorization_used(self.rpc, terms.asset, signed.payer, signed.nonce):
             return None
-        return eip3009.authorization_tx(self.rpc, terms.asset, signed.payer, signed.nonce)
+        tx_hash = eip3009.authorization_tx(self.rpc, terms.asset, signed.payer, signed.nonce)
+        if tx_hash is None or eip3009.settled_transfer(self.rpc, tx_hash, terms.asset,
+                                                       terms.pay_to) is None:
+            return None
+        return tx_hash
 
     def _transfer(self, tx_hash: str, terms: Terms) -> eip3009.SettledTransfer:
         deadline = time.monotonic() + RECEIPT_WAIT

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mcpbill_cli.wallet.addresses import checksum_address
 from mcpbill_cli.x402.errors import X402BadChallenge, X402PaymentInvalid
 from mcpbill_cli.x402.wire import V1_NETWORKS, caip2_network, decode_json_header
 
@@ -79,17 +80,19 @@ class Signed:
 
 def requirement(terms: Terms, amount: int, *, version: int = 2,
                 resource: str | None = None, description: str = "") -> dict[str, Any]:
-    """One ``exact`` option for ``amount`` (micro-USDC), v2 or v1 (v1 names its resource)."""
+    """One ``exact`` option for ``amount`` (micro-USDC), v2 or v1 (v1 names its resource).
+    Addresses go out in their EIP-55 form, which facilitators require."""
     extra = {"name": terms.name, "version": terms.version}
+    asset, pay_to = checksum_address(terms.asset), checksum_address(terms.pay_to)
     if version >= 2:
         return {"scheme": SCHEME, "network": terms.network, "amount": str(amount),
-                "asset": terms.asset, "payTo": terms.pay_to,
+                "asset": asset, "payTo": pay_to,
                 "maxTimeoutSeconds": terms.max_timeout, "extra": extra}
     return {"scheme": SCHEME, "network": terms.v1_network or terms.network,
             "maxAmountRequired": str(amount), "resource": resource or "",
             "description": description, "mimeType": "application/json",
-            "payTo": terms.pay_to, "maxTimeoutSeconds": terms.max_timeout,
-            "asset": terms.asset, "extra": extra}
+            "payTo": pay_to, "maxTimeoutSeconds": terms.max_timeout,
+            "asset": asset, "extra": extra}
 
 
 def payment_required(terms: Terms, amount: int, resource: str, *, version: int = 2,

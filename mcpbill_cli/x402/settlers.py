@@ -132,8 +132,8 @@ class SelfSettler:
                                        f"({refused.reason}); nothing moved",
                                        outcome="refused") from None
         except eip3009.SettlementReverted as reverted:
-            raise X402SettlementFailed(f"the settlement transaction {reverted.tx_hash} reverted;"
-                                       " nothing moved", transaction=reverted.tx_hash,
+            raise X402SettlementFailed(f"the settlement did not go through ({reverted}); "
+                                       "nothing moved", transaction=reverted.tx_hash,
                                        outcome="refused") from None
         except BillingError as error:  # RPC_UNAVAILABLE: sent or not, the chain will say
             raise X402SettlementFailed(f"the settlement could not be confirmed: "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,18 @@ from mcpbill_cli.wallet.eip3009 import AUTHORIZATION_TYPES
 from mcpbill_cli.wallet.rpc import Rpc, connect
 from mcpbill_cli.x402.accept import Acceptor
 from mcpbill_cli.x402.offers import Terms
-from mcpbill_cli.x402.settlers import SelfSettler
+from mcpbill_cli.x402.settlers import SelfSettler, Settler
 from tests.wallet.devnet import Devnet
 
 from .conftest import Peer
-from .peer import CHAIN_ID, NETWORK, V1_NETWORK
+from .peer import (
+    CHAIN_ID,
+    NETWORK,
+    V1_NETWORK,
+    ServedApp,
+    facilitator_app,
+    official_facilitator,
+)
 
 SEARCH_PRICE = 10_000  # 0.01 USDC
 PAYER_FUNDS = 1_000_000  # 1 USDC
@@ -128,6 +135,32 @@ def shop(engine: Engine, keys_dir: Path, peer: Peer, fuji_anvil: str,
                         settler=SelfSettler(rpc, terms, lambda: gas_account))
     yield Shop(acceptor, verifier, engine, peer.devnet, pay_to, keys_dir)
     verifier.close()
+
+
+@pytest.fixture(scope="session")
+def facilitator_url(peer: Peer, fuji_anvil: str) -> Iterator[str]:
+    """The official x402 facilitator (its own gas account) served over HTTP for the session."""
+    yield from serve_facilitator(peer, fuji_anvil)
+
+
+def serve_facilitator(peer: Peer, rpc_url: str) -> Iterator[str]:
+    account: LocalAccount = Account.create()
+    w3 = peer.devnet.w3
+    tx = w3.eth.send_transaction({"from": peer.devnet.deployer, "to": account.address,
+                                  "value": 10**19})
+    assert w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    served = ServedApp(facilitator_app(official_facilitator(account.key.to_0x_hex(), rpc_url)))
+    try:
+        yield served.start()
+    finally:
+        served.stop()
+
+
+def with_settler(shop: Shop, settler: Settler) -> Shop:
+    """The same shop (ledger, chain, deposit address) settling through ``settler``."""
+    a = shop.acceptor
+    acceptor = Acceptor(a.verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=settler)
+    return replace(shop, acceptor=acceptor)
 
 
 def balance(devnet: Devnet, address: str) -> int:

@@ -209,4 +209,4 @@ def payer_for(verifier: Verifier, signer: SpySigner,
 
 # --- the accepting side (tests/x402/accepting.py) -------------------------------------------
 
-from .accepting import gas_account, shop  # noqa: E402, F401 - fixtures for test_accept*.py
+from .accepting import facilitator_url, gas_account, shop  # noqa: E402, F401 - fixtures for test_accept*.py

@@ -155,3 +155,32 @@ class ServedApp:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def facilitator_app(facilitator: x402Facilitator) -> FastAPI:
+    """The official facilitator over HTTP, as the x402 facilitator API names it: ``POST /verify``
+    and ``POST /settle`` with ``{x402Version, paymentPayload, paymentRequirements}``. (The
+    package ships the facilitator object and an HTTP client for it, not a server.)"""
+    from x402.schemas.helpers import parse_payment_payload, parse_payment_requirements
+
+    app = FastAPI()
+
+    async def parsed(request: Request) -> tuple[Any, Any]:
+        body = await request.json()
+        version = body["x402Version"]
+        return (parse_payment_payload(body["paymentPayload"]),
+                parse_payment_requirements(version, body["paymentRequirements"]))
+
+    @app.post("/verify")
+    async def verify(request: Request) -> dict[str, Any]:
+        payload, requirements = await parsed(request)
+        answer = await facilitator.verify(payload, requirements)
+        return answer.model_dump(by_alias=True, exclude_none=True)
+
+    @app.post("/settle")
+    async def settle(request: Request) -> dict[str, Any]:
+        payload, requirements = await parsed(request)
+        answer = await facilitator.settle(payload, requirements)
+        return answer.model_dump(by_alias=True, exclude_none=True)
+
+    return app

@@ -20,6 +20,7 @@ from mcpbill_cli.errors import BillingError, CallInProgress
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.wallet.addresses import checksum_address
 from mcpbill_cli.wallet.rpc import Rpc
 from mcpbill_cli.wallet.scan import sync
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable
@@ -65,7 +66,8 @@ def test_the_challenge_asks_exactly_the_price_in_usdc_to_the_deposit_address(sho
         "resource": {"url": "mcp://tool/search", "mimeType": "application/json",
                      "description": "search (one call)"},
         "accepts": [{"scheme": "exact", "network": NETWORK, "amount": str(SEARCH_PRICE),
-                     "asset": shop.devnet.chain.usdc, "payTo": shop.pay_to,
+                     "asset": checksum_address(shop.devnet.chain.usdc),
+                     "payTo": checksum_address(shop.pay_to),
                      "maxTimeoutSeconds": 60, "extra": {"name": "USD Coin", "version": "2"}}],
     }
 

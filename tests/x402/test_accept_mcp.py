@@ -22,6 +22,7 @@ from mcpbill_cli.ledger import credit
 from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.mcp import RECEIPT_META, TOKEN_META, Billing
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
+from mcpbill_cli.wallet.addresses import checksum_address
 from tests.verifier.billing_support import fund, mint
 
 from .accepting import (
@@ -120,7 +121,8 @@ def test_an_unpaid_call_answers_an_x402_challenge_beside_the_mcpbill_refusal(
     assert refused["resource"]["url"] == "mcp://tool/search"
     assert refused["accepts"] == [{
         "scheme": "exact", "network": NETWORK, "amount": str(SEARCH_PRICE),
-        "asset": shop.devnet.chain.usdc, "payTo": shop.pay_to, "maxTimeoutSeconds": 60,
+        "asset": checksum_address(shop.devnet.chain.usdc),
+                     "payTo": checksum_address(shop.pay_to), "maxTimeoutSeconds": 60,
         "extra": {"name": "USD Coin", "version": "2"}}]
     assert tools.runs == []
 
