@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +60,20 @@ from .conftest import Switch
 
 ROUTES = [PaidRoute("GET", "/report", "search"), PaidRoute("GET", "/premium", "premium"),
           PaidRoute("GET", "/boom", "boom"), PaidRoute("GET", "/status", "status"),
-          PaidRoute("GET", "/drain", "search")]
+          PaidRoute("GET", "/drain", "search"), PaidRoute("GET", "/held", "search")]
 SECRET = "the paid content"
 
 
-def shop_app(shop: Shop, runs: Counter[str], drain: LocalAccount | None = None) -> FastAPI:
+@dataclass
+class Held:
+    """``/held`` says it has ``entered``, then waits for ``release``."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+def shop_app(shop: Shop, runs: Counter[str], drain: LocalAccount | None = None,
+             held: Held | None = None) -> FastAPI:
     app = FastAPI()
     app.add_middleware(PaymentMiddleware, verifier=shop.verifier, routes=ROUTES,
                        acceptor=shop.acceptor)
@@ -93,6 +104,14 @@ def shop_app(shop: Shop, runs: Counter[str], drain: LocalAccount | None = None) 
         assert drain is not None
         _move_all(shop, drain)
         return {"report": SECRET}
+
+    @app.get("/held")
+    def holding() -> dict[str, Any]:
+        runs["held"] += 1
+        assert held is not None
+        held.entered.set()
+        held.release.wait(30)
+        return {"held": True}
 
     return app
 
@@ -363,4 +382,66 @@ def test_the_example_takes_x402_payments_on_a_post(
     assert response.json()["results"][0] == "usdc: result 1"
     assert shop.verifier.verify_receipt(response.headers[RECEIPT_HEADER]).amount == SEARCH_PRICE
     assert shop.received() == SEARCH_PRICE
+    shop.assert_books_clean()
+
+
+def test_a_payment_for_the_wrong_amount_is_refused_with_a_fresh_challenge(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    from tests.x402.accepting import signed_payment
+
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE - 1)
+    header = base64.b64encode(json.dumps(payment).encode()).decode()
+    response = httpx.get(f"{url}/report", headers={"PAYMENT-SIGNATURE": header})
+    assert response.status_code == 402
+    assert (response.json()["code"], response.json()["reason"]) == (
+        "X402_PAYMENT_INVALID", "amount")
+    assert decoded(response.headers["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(
+        SEARCH_PRICE)
+    assert runs["report"] == 0 and shop.received() == 0 and shop.payment_rows() == []
+
+
+def replica_of(shop: Shop) -> Shop:
+    """Another server on the same ledger, chain and deposit address: its own verifier and
+    acceptor."""
+    verifier = Verifier(keys=KeySource(directory=shop.keys_dir),
+                        pricing=PricingTable.from_document(ACCEPT_PRICING), engine=shop.engine)
+    acceptor = Acceptor(verifier, chain=shop.acceptor.chain, pay_to=shop.pay_to,
+                        rpc=shop.acceptor.rpc, settler=shop.acceptor.settler)
+    return Shop(acceptor, verifier, shop.engine, shop.devnet, shop.pay_to, shop.keys_dir)
+
+
+def test_one_payment_sent_to_two_replicas_at_once_settles_once(
+        shop: Shop, payer: LocalAccount, served: tuple[Switch, str]) -> None:
+    """Two servers on one ledger, the same payment header at both while the first runs."""
+    from tests.x402.peer import ServedApp
+
+    second = replica_of(shop)
+    held = Held()
+    runs: Counter[str] = Counter()
+    switch, url_one = served
+    switch.app = shop_app(shop, runs, held=held)
+    other = ServedApp(shop_app(second, runs, held=held))
+    url_two = other.start()
+    try:
+        v2 = decoded(httpx.get(f"{url_one}/report").headers["PAYMENT-REQUIRED"])
+        payment = official_payment(official_client(payer, shop.terms.asset), v2)
+        header = {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payment).encode()).decode()}
+        answers: list[httpx.Response] = []
+        running = threading.Thread(target=lambda: answers.append(
+            httpx.get(f"{url_one}/held", headers=header, timeout=60)))
+        running.start()
+        assert held.entered.wait(30)
+        at_the_same_time = httpx.get(f"{url_two}/held", headers=header, timeout=60)
+        held.release.set()
+        running.join(60)
+    finally:
+        held.release.set()
+        switch.app = None
+        other.stop()
+        second.verifier.close()
+    assert at_the_same_time.status_code == 409
+    assert at_the_same_time.json()["code"] == "CALL_IN_PROGRESS"
+    assert at_the_same_time.headers["retry-after"] == "1"
+    assert answers[0].status_code == 200 and runs["held"] == 1
+    assert shop.received() == SEARCH_PRICE and len(shop.captured_calls("search")) == 1
     shop.assert_books_clean()
