@@ -134,6 +134,32 @@ class StatelessVerifier(BillingError):
     code = "STATELESS_VERIFIER"
 
 
+class UpstreamUnavailable(BillingError):
+    """The MCP server behind ``mcpbill proxy`` could not be reached, or failed during the call
+    (it exited, dropped the connection); the call's hold was voided. Retryable: the proxy
+    restarts a stdio upstream and reconnects to an HTTP one."""
+
+    code = "UPSTREAM_UNAVAILABLE"
+
+
+class UpstreamTimeout(BillingError):
+    """The upstream did not answer within the proxy's ``--call-timeout``; the hold was voided."""
+
+    code = "UPSTREAM_TIMEOUT"
+
+
+class ProxyBusy(BillingError):
+    """The proxy is at its limit of calls in flight. Retryable: carries ``retryAfterMs``."""
+
+    code = "PROXY_BUSY"
+
+
+class RequestTooLarge(BillingError):
+    """A request body over the proxy's size limit; nothing was forwarded or held."""
+
+    code = "REQUEST_TOO_LARGE"
+
+
 # --- operator errors ---------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "x402": ("x402", "app", True),
     "completion": ("completion", "completion", False),
     "demo": ("demo", "demo", False),
+    "proxy": ("proxy", "proxy", False),
     "version": ("version", "version", False),
 }
 _ROOT_OPTIONS_WITH_VALUES = ("--home", "--db-url")

@@ -1,0 +1,65 @@
+"""`mcpbill proxy`: bill the tools of any MCP server by standing in front of it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mcpbill_cli.cli.output import handles_errors, say
+from mcpbill_cli.cli.state import state
+
+
+@handles_errors
+def proxy(
+    ctx: typer.Context,
+    upstream: Annotated[str | None, typer.Option(
+        "--upstream", metavar="URL",
+        help="The MCP server to bill, over streamable HTTP, e.g. http://127.0.0.1:3001/mcp.")
+    ] = None,
+    upstream_cmd: Annotated[str | None, typer.Option(
+        "--upstream-cmd", metavar="\"CMD ARGS\"",
+        help="The MCP server to bill, over stdio: started and restarted by the proxy.")
+    ] = None,
+    listen: Annotated[str, typer.Option(
+        "--listen", metavar="HOST:PORT", help="Where agents reach the proxy (path /mcp).")
+    ] = "127.0.0.1:8080",
+    call_timeout: Annotated[float, typer.Option(
+        "--call-timeout", min=0.1, help="Seconds an upstream call may take; a call past it "
+                                        "is voided (UPSTREAM_TIMEOUT).")] = 60.0,
+    max_concurrent: Annotated[int, typer.Option(
+        "--max-concurrent", min=1, help="Tool calls in flight at once; more are refused "
+                                        "(PROXY_BUSY).")] = 64,
+    max_request_bytes: Annotated[int, typer.Option(
+        "--max-request-bytes", min=1024, help="The largest request body; larger ones are "
+                                              "refused (REQUEST_TOO_LARGE).")] = 1024 * 1024,
+) -> None:
+    """Serve an MCP endpoint that forwards to an upstream MCP server and bills its tool calls.
+
+    Each tools/call is priced by the pricing table: a paid call needs a credit token
+    (_meta "mcpbill/token" or Authorization: Bearer), is held before it is forwarded, captured
+    with a signed receipt when the upstream succeeds, and voided when it errs, times out or
+    fails. Free tools and every other request pass through. Ctrl-C voids calls in flight.
+
+    Example: mcpbill proxy --upstream-cmd "npx @modelcontextprotocol/server-everything"
+    --listen 127.0.0.1:8080
+
+    Needs the MCP SDK: pip install 'mcpbill\\[mcp]'.
+    """
+    from mcpbill_cli.proxy.run import ProxyOptions, serve
+
+    host, port = _host_port(listen)
+    options = ProxyOptions(upstream=upstream, upstream_cmd=upstream_cmd, host=host, port=port,
+                           call_timeout=call_timeout, max_concurrent=max_concurrent,
+                           max_request_bytes=max_request_bytes)
+    serve(state(ctx).settings, options, announce=say)
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    from mcpbill_cli.errors import InvalidInput
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"--listen must be HOST:PORT, e.g. 127.0.0.1:8080, not {listen!r}",
+                           field="listen")
+    return host.strip("[]"), int(port)

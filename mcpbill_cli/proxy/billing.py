@@ -1,0 +1,211 @@
+"""Billing one ``tools/call`` through the proxy: the same verifier, wire and rules as the embedded
+:class:`~mcpbill_cli.mcp.billing.Billing` extension.
+
+    price (the pricing table)  -> free: forwarded untouched, no token needed
+    token checked and held     -> a refusal answers the call; a replay returns the first result
+    forwarded to the upstream  -> progress relayed as it comes
+    a success is captured      -> its signed receipt in the result's _meta
+    anything else is voided    -> isError, a timeout, an upstream that failed or a cut-off call
+
+Idempotency is the verifier's: the agent's key in ``_meta``, or the key derived from token, tool
+and arguments within the tool's dedupe window; never the JSON-RPC request id. The credit token
+and the idempotency key are not forwarded: the upstream never sees the agent's credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from mcp.client import Client
+from mcp.server.context import ServerRequestContext
+from mcp.shared.dispatcher import ProgressFnT
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult
+
+from mcpbill_cli.errors import BillingError, ProxyBusy, UpstreamTimeout, UpstreamUnavailable
+from mcpbill_cli.mcp.wire import (
+    IDEMPOTENCY_KEY_META,
+    TOKEN_META,
+    client_address,
+    credit_token,
+    idempotency_key,
+    kept_result,
+    refusal,
+    replayed,
+    succeeded,
+    with_receipt,
+)
+from mcpbill_cli.pricing import quote
+from mcpbill_cli.proxy.upstream import Upstream
+from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
+
+__all__ = ["Limits", "ProxyBilling"]
+
+log = logging.getLogger("mcpbill.proxy")
+
+# The progress token's _meta key: progress_token once the SDK parsed it, progressToken on the wire.
+PROGRESS_TOKENS = ("progress_token", "progressToken")
+RESERVED_PREFIX = "io.modelcontextprotocol/"  # the protocol's own _meta keys, per connection
+BUSY_RETRY_MS = 250
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The proxy's limits: seconds an upstream call may take, calls in flight, request bytes."""
+
+    call_timeout: float = 60.0
+    max_concurrent: int = 64
+    max_request_bytes: int = 1024 * 1024
+
+
+class ProxyBilling:
+    """Forwards ``tools/call`` to the upstream and bills it (see the module docstring)."""
+
+    def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
+                 bearer: bool = True) -> None:
+        self.verifier = verifier
+        self.upstream = upstream
+        self.limits = limits
+        self.bearer = bearer
+        self.in_flight = 0
+        self._open: dict[str, Hold] = {}
+
+    async def call_tool(self, ctx: ServerRequestContext[Any, Any],
+                        params: CallToolRequestParams) -> CallToolResult:
+        """One call: refused (PROXY_BUSY) at the concurrency limit, else billed and forwarded."""
+        if self.in_flight >= self.limits.max_concurrent:
+            return refusal(ProxyBusy(
+                f"the proxy has {self.in_flight} calls in flight, its limit; retry shortly",
+                retryAfterMs=BUSY_RETRY_MS, limit=self.limits.max_concurrent))
+        self.in_flight += 1
+        try:
+            return await self._call(ctx, params)
+        finally:
+            self.in_flight -= 1
+
+    async def void_open(self) -> int:
+        """Void the holds of calls still open (a shutdown cut them off); returns how many."""
+        holds = list(self._open.values())
+        self._open.clear()
+        for hold in holds:
+            await self._void(hold)
+        return len(holds)
+
+    # --- one call -------------------------------------------------------------------------------
+
+    async def _call(self, ctx: ServerRequestContext[Any, Any],
+                    params: CallToolRequestParams) -> CallToolResult:
+        try:
+            price = quote(self.verifier.pricing_table(), params.name)
+        except BillingError as error:  # PRICE_UNKNOWN: a table without a default_price
+            return refusal(error)
+        if price.free:
+            return _answer(await self.forward(ctx, params))
+        source = CALL_SOURCE.set(client_address(ctx.request))
+        try:
+            meta = params.meta
+            opened = await self.verifier.abegin(
+                credit_token(meta, ctx.request, bearer=self.bearer), params.name,
+                args=dict(params.arguments or {}), idempotency_key=idempotency_key(meta))
+        except BillingError as error:
+            return refusal(error)
+        finally:
+            CALL_SOURCE.reset(source)
+        if not isinstance(opened, Hold):  # free on this tenant's terms: checked, nothing held
+            return _answer(await self.forward(ctx, params))
+        if opened.replayed is not None:  # made already: the upstream is not called again
+            return replayed(opened.replayed, opened.result)
+        return await self._settle(opened, ctx, params)
+
+    async def _settle(self, hold: Hold, ctx: ServerRequestContext[Any, Any],
+                      params: CallToolRequestParams) -> CallToolResult:
+        """Forward on a hold: capture a success, void anything else (charge only on success)."""
+        self._open[hold.id] = hold
+        try:
+            outcome = await self.forward(ctx, params)
+        except BaseException:  # cancelled (client gone, shutdown) or the upstream's own error
+            await self._void(hold)
+            raise
+        if isinstance(outcome, BillingError) or not succeeded(outcome):
+            await self._void(hold)
+            return _answer(outcome)
+        try:
+            receipt = await self.verifier.acapture(hold, result=kept_result(outcome))
+        except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
+            return refusal(error)
+        finally:
+            self._open.pop(hold.id, None)
+        return with_receipt(outcome, receipt)
+
+    async def forward(self, ctx: ServerRequestContext[Any, Any],
+                      params: CallToolRequestParams) -> CallToolResult | BillingError:
+        """The upstream's result, or why there is none (UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE).
+
+        A JSON-RPC error the upstream answered with is raised as is (the agent gets it).
+        """
+        try:
+            client = await self.upstream.client()
+        except UpstreamUnavailable as error:
+            return error
+        meta = params.meta
+        wants_progress = any((meta or {}).get(key) is not None for key in PROGRESS_TOKENS)
+        progress = _relay(ctx) if wants_progress else None
+        timeout = self.limits.call_timeout
+        try:
+            with anyio.fail_after(timeout):
+                return await client.call_tool(params.name, dict(params.arguments or {}),
+                                              progress_callback=progress,
+                                              meta=forwarded_meta(meta))  # type: ignore[arg-type]
+        except TimeoutError:
+            return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
+                                   f"{timeout:g} s; the call was not billed",
+                                   tool=params.name, timeoutSeconds=timeout)
+        except MCPError as error:
+            if error.code != CONNECTION_CLOSED:
+                raise
+            return self._lost(client, params.name, error)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as error:
+            return self._lost(client, params.name, error)
+
+    def _lost(self, client: Client, tool: str, error: BaseException) -> UpstreamUnavailable:
+        self.upstream.broken(client)
+        log.warning("upstream connection lost during %r: %s", tool, error)
+        return UpstreamUnavailable(f"the upstream failed during {tool!r} ({error}); the call was "
+                                   "not billed and the proxy is reconnecting: retry",
+                                   tool=tool, upstream=self.upstream.target.describe())
+
+    async def _void(self, hold: Hold) -> None:
+        # Shielded: a call cancelled by its client must still release what it held.
+        self._open.pop(hold.id, None)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.verifier.avoid(hold)
+            except BillingError as error:  # already resolved (e.g. lapsed): nothing to release
+                log.warning("void of hold %s: %s", hold.id, error.code)
+
+
+def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The call's ``_meta`` as the upstream gets it: without the agent's credit token and
+    idempotency key, the progress token (the proxy's client sets its own) and the protocol's
+    per-connection keys."""
+    kept = {key: value for key, value in (meta or {}).items()
+            if key not in (TOKEN_META, IDEMPOTENCY_KEY_META, *PROGRESS_TOKENS)
+            and not key.startswith(RESERVED_PREFIX)}
+    return kept or None
+
+
+def _relay(ctx: ServerRequestContext[Any, Any]) -> ProgressFnT:
+    """Relay the upstream's progress to the agent's request as each notification comes."""
+
+    async def relay(progress: float, total: float | None, message: str | None) -> None:
+        await ctx.session.report_progress(progress, total, message)
+
+    return relay
+
+
+def _answer(outcome: CallToolResult | BillingError) -> CallToolResult:
+    return refusal(outcome) if isinstance(outcome, BillingError) else outcome

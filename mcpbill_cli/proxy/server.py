@@ -1,0 +1,209 @@
+"""The proxy's MCP server: the SDK's low-level ``Server`` whose handlers forward to the upstream.
+
+``tools/call`` is billed (:mod:`mcpbill_cli.proxy.billing`); ``tools/list`` gets each tool's
+price in its ``_meta``; resources, prompts and completion pass through untouched. The SDK
+serves both protocol eras downstream (2026-07-28 and the initialize handshake) and its client
+negotiates with the upstream, so each side speaks its own version.
+
+:func:`build_app` wraps it in a Starlette app: the streamable HTTP endpoint at ``/mcp``, a
+request size limit refused with REQUEST_TOO_LARGE, and a lifespan that supervises the upstream
+and, on shutdown, voids the holds of calls cut off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+import mcp_types as types
+from mcp.client import Client
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, REQUEST_TIMEOUT
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, UpstreamUnavailable
+from mcpbill_cli.mcp.wire import PRICE_META
+from mcpbill_cli.pricing import quote
+from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta
+from mcpbill_cli.proxy.upstream import Upstream
+from mcpbill_cli.verifier import Verifier
+
+__all__ = ["Proxy", "build_app"]
+
+log = logging.getLogger("mcpbill.proxy")
+
+_T = TypeVar("_T")
+Context = ServerRequestContext[Any, Any]
+
+
+class Proxy:
+    """The billing proxy in front of ``upstream``: an MCP server (:attr:`server`) and its
+    billing (:attr:`billing`)."""
+
+    def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
+                 *, bearer: bool = True, name: str = "mcpbill-proxy") -> None:
+        self.verifier = verifier
+        self.upstream = upstream
+        self.limits = limits or Limits()
+        self.billing = ProxyBilling(verifier, upstream, self.limits, bearer=bearer)
+        self._schemas: dict[str, dict[str, Any]] = {}
+        self.server: Server[Any] = Server(
+            name, get_tool_input_schema=self._schemas.get,
+            on_list_tools=self._list_tools, on_call_tool=self.billing.call_tool,
+            on_list_resources=self._list_resources,
+            on_list_resource_templates=self._list_resource_templates,
+            on_read_resource=self._read_resource, on_list_prompts=self._list_prompts,
+            on_get_prompt=self._get_prompt, on_completion=self._complete)
+
+    # --- handlers ---------------------------------------------------------------------------------
+
+    async def _list_tools(self, ctx: Context,
+                          params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        """The upstream's tools, each with its price in ``_meta`` (none for a tool the table
+        cannot price: its calls are refused PRICE_UNKNOWN)."""
+        cursor, meta = _page(params)
+        listed = await self._relay(lambda c: c.list_tools(cursor=cursor, meta=meta))
+        table = self.verifier.pricing_table()
+        tools = []
+        for tool in listed.tools:
+            self._schemas[tool.name] = dict(tool.input_schema)
+            try:
+                price = quote(table, tool.name).to_dict()
+            except BillingError:
+                tools.append(tool)
+                continue
+            tools.append(tool.model_copy(update={"meta": {**(tool.meta or {}), PRICE_META: price}}))
+        return listed.model_copy(update={"tools": tools})
+
+    async def _list_resources(self, ctx: Context, params: types.PaginatedRequestParams | None
+                              ) -> types.ListResourcesResult:
+        cursor, meta = _page(params)
+        return await self._relay(lambda c: c.list_resources(cursor=cursor, meta=meta))
+
+    async def _list_resource_templates(self, ctx: Context,
+                                       params: types.PaginatedRequestParams | None
+                                       ) -> types.ListResourceTemplatesResult:
+        cursor, meta = _page(params)
+        return await self._relay(lambda c: c.list_resource_templates(cursor=cursor, meta=meta))
+
+    async def _read_resource(self, ctx: Context, params: types.ReadResourceRequestParams
+                             ) -> types.ReadResourceResult:
+        meta = forwarded_meta(params.meta)
+        return await self._relay(lambda c: c.read_resource(str(params.uri),
+                                                           meta=meta))  # type: ignore[arg-type]
+
+    async def _list_prompts(self, ctx: Context, params: types.PaginatedRequestParams | None
+                            ) -> types.ListPromptsResult:
+        cursor, meta = _page(params)
+        return await self._relay(lambda c: c.list_prompts(cursor=cursor, meta=meta))
+
+    async def _get_prompt(self, ctx: Context, params: types.GetPromptRequestParams
+                          ) -> types.GetPromptResult:
+        meta = forwarded_meta(params.meta)
+        return await self._relay(lambda c: c.get_prompt(
+            params.name, params.arguments, meta=meta))  # type: ignore[arg-type]
+
+    async def _complete(self, ctx: Context, params: types.CompleteRequestParams
+                        ) -> types.CompleteResult:
+        context = params.context.arguments if params.context is not None else None
+        return await self._relay(lambda c: c.complete(
+            params.ref, {params.argument.name: params.argument.value}, context))
+
+    async def _relay(self, request: Callable[[Client], Awaitable[_T]]) -> _T:
+        """A request other than ``tools/call``, forwarded as is; the upstream's JSON-RPC error
+        is the agent's, and a proxy failure is one too, with the mcpbill error in its data."""
+        try:
+            client = await self.upstream.client()
+        except UpstreamUnavailable as error:
+            raise _rpc_error(INTERNAL_ERROR, error) from None
+        timeout = self.limits.call_timeout
+        try:
+            with anyio.fail_after(timeout):
+                return await request(client)
+        except TimeoutError:
+            raise _rpc_error(REQUEST_TIMEOUT, UpstreamTimeout(
+                f"the upstream did not answer within {timeout:g} s",
+                timeoutSeconds=timeout)) from None
+        except MCPError as error:
+            if error.code != CONNECTION_CLOSED:
+                raise
+            self.upstream.broken(client)
+            raise _rpc_error(INTERNAL_ERROR, UpstreamUnavailable(
+                f"the upstream connection closed ({error}); the proxy is reconnecting: retry",
+                upstream=self.upstream.target.describe())) from None
+
+
+def _page(params: types.PaginatedRequestParams | None) -> tuple[str | None, Any]:
+    if params is None:
+        return None, None
+    return params.cursor, forwarded_meta(params.meta)
+
+
+def _rpc_error(code: int, error: BillingError) -> MCPError:
+    return MCPError(code, f"{error.code}: {error.message}", data=error.to_dict())
+
+
+# --- the HTTP app ---------------------------------------------------------------------------------
+
+
+def build_app(proxy: Proxy, *, host: str = "127.0.0.1", path: str = "/mcp") -> Starlette:
+    """The proxy as an ASGI app: ``path`` serves streamable HTTP; ``host`` is where it listens
+    (a loopback host turns on the SDK's DNS rebinding protection)."""
+    limit = proxy.limits.max_request_bytes
+    inner = proxy.server.streamable_http_app(streamable_http_path=path, host=host,
+                                             max_request_body_size=limit)
+    manager = proxy.server.session_manager
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(proxy.upstream.run)
+            try:
+                async with manager.run():
+                    yield
+            finally:
+                voided = await proxy.billing.void_open()
+                if voided:
+                    log.warning("shutdown: voided %d holds of calls cut off", voided)
+                tasks.cancel_scope.cancel()
+
+    app = Starlette(routes=list(inner.routes), lifespan=lifespan)
+    app.add_middleware(_SizeLimit, limit=limit)
+    return app
+
+
+class _SizeLimit:
+    """Refuse a request whose declared body is over ``limit`` bytes with 413 and the coded
+    REQUEST_TOO_LARGE as a JSON-RPC error (the SDK's own limit still cuts off a streamed body
+    that grows past it)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.limit:
+                await self._refuse(int(declared), send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, size: int, send: Send) -> None:
+        error = RequestTooLarge(f"the request body is {size} bytes, over this proxy's limit of "
+                                f"{self.limit} bytes; nothing was forwarded or held",
+                                limitBytes=self.limit, sizeBytes=size)
+        body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {
+            "code": types.INVALID_REQUEST, "message": f"{error.code}: {error.message}",
+            "data": error.to_dict()}}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
