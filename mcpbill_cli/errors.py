@@ -116,7 +116,8 @@ class CallFailed(BillingError):
 
 
 class RequestTooLarge(BillingError):
-    """A billed HTTP request's body is larger than the middleware reads (``limitBytes``)."""
+    """A request body larger than is read (``limitBytes``): a billed HTTP request's (the
+    middleware), or one sent to ``mcpbill proxy``; nothing was forwarded or held."""
 
     code = "REQUEST_TOO_LARGE"
 
@@ -152,12 +153,6 @@ class ProxyBusy(BillingError):
     """The proxy is at its limit of calls in flight. Retryable: carries ``retryAfterMs``."""
 
     code = "PROXY_BUSY"
-
-
-class RequestTooLarge(BillingError):
-    """A request body over the proxy's size limit; nothing was forwarded or held."""
-
-    code = "REQUEST_TOO_LARGE"
 
 
 # --- operator errors ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import anyio
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
 
-from mcpbill_cli.mcp.wire import PRICE_META, REPLAYED_META
+from mcpbill_cli.mcp.wire import PRICE_META, RECEIPT_META, REPLAYED_META
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import (
     Mint,
@@ -84,7 +84,7 @@ def test_free_calls_and_other_methods_pass_through(running: Running, mint: Mint,
 
     summed, tools, resources, prompts, prompt = anyio.run(go)
     assert not summed.is_error and text_of(summed) == "The sum of 2 and 3 is 5."
-    assert RECEIPT_META_KEY not in (summed.meta or {})
+    assert RECEIPT_META not in (summed.meta or {})
     prices = {tool.name: (tool.meta or {}).get(PRICE_META) for tool in tools.tools}
     assert prices["echo"]["amountUsd"] == "0.002" and prices["echo"]["free"] is False
     assert prices["trigger-long-running-operation"]["amountUsd"] == "0.005"
@@ -95,8 +95,6 @@ def test_free_calls_and_other_methods_pass_through(running: Running, mint: Mint,
     assert prompt.messages
     assert_ledger_sound(engine)
 
-
-RECEIPT_META_KEY = "mcpbill/receipt"
 
 
 def test_refusals_forward_nothing(running: Running, mint: Mint, engine: Engine) -> None:
@@ -129,7 +127,7 @@ def test_an_upstream_error_is_voided(running: Running, mint: Mint, engine: Engin
 
     result = anyio.run(go)
     assert result.is_error and "Input validation error" in text_of(result)
-    assert RECEIPT_META_KEY not in (result.meta or {})
+    assert RECEIPT_META not in (result.meta or {})
     assert_nothing_billed(engine, token)
 
 

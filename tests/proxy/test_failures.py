@@ -1,0 +1,128 @@
+"""Failures between the proxy and the upstream, and the proxy's own limits: whatever goes wrong,
+a held call is voided and nothing is billed."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+from mcp_types import CallToolResult
+from sqlalchemy import Engine
+
+from mcpbill_cli.proxy import Limits
+from tests.mcp.conftest import MCP_HEADERS, Mint, receipt_of, refusal_of, token_view, usd
+
+from .conftest import Running
+from .test_billing import assert_nothing_billed
+
+LONG = "trigger-long-running-operation"
+
+
+@pytest.fixture
+def limits() -> Limits:
+    """A short call timeout, one call in flight, 4 KiB requests."""
+    return Limits(call_timeout=1.5, max_concurrent=1, max_request_bytes=4096)
+
+
+def test_an_upstream_that_hangs_past_the_timeout_is_voided(
+        running: Running, mint: Mint, engine: Engine) -> None:
+    token = mint()
+
+    async def go() -> CallToolResult:
+        async with running.connect(token.token) as agent:
+            return await agent.call(LONG, {"duration": 4, "steps": 1})
+
+    error = refusal_of(anyio.run(go))
+    assert error["code"] == "UPSTREAM_TIMEOUT" and error["tool"] == LONG
+    assert_nothing_billed(engine, token)
+
+
+def test_calls_over_the_concurrency_limit_are_refused_with_a_code(
+        running: Running, mint: Mint, engine: Engine) -> None:
+    token = mint()
+    results: dict[str, CallToolResult] = {}
+
+    async def go() -> None:
+        started = anyio.Event()
+
+        async def progress(done: float, total: float | None, message: str | None) -> None:
+            started.set()
+
+        async def first() -> None:
+            async with running.connect(token.token) as agent:
+                results["first"] = await agent.call(LONG, {"duration": 1, "steps": 4},
+                                                    progress_callback=progress)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(first)
+            await started.wait()  # the first call is in flight upstream
+            async with running.connect(token.token) as agent:
+                results["second"] = await agent.call("echo", {"message": "one too many"})
+
+    anyio.run(go)
+    error = refusal_of(results["second"])
+    assert error["code"] == "PROXY_BUSY" and error["retryAfterMs"] > 0
+    assert receipt_of(results["first"])["amountUsd"] == "0.005"
+    assert token_view(engine, token).spent == usd("0.005")
+
+
+@pytest.mark.parametrize("upstream_kind", ["http"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # no ledger work happens
+def test_an_oversized_request_is_refused_before_anything_is_held(
+        running: Running, mint: Mint, engine: Engine) -> None:
+    token = mint()
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"message": "x" * 5000},
+        "_meta": {"mcpbill/token": token.token}}}
+    with httpx2.Client(headers=MCP_HEADERS, timeout=30) as web:
+        refused = web.post(running.url, json=call)
+    assert refused.status_code == 413
+    error = refused.json()["error"]
+    assert error["data"]["code"] == "REQUEST_TOO_LARGE" and error["data"]["limitBytes"] == 4096
+
+    async def official() -> None:  # the official client is refused too, and says so
+        async with running.connect(token.token) as agent:
+            await agent.call("echo", {"message": "y" * 5000})
+
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the client makes of a 413
+        anyio.run(official)
+    assert_nothing_billed(engine, token)
+
+
+@pytest.mark.parametrize("upstream_kind", ["stdio"], indirect=True)
+@pytest.mark.parametrize("limits", [Limits(call_timeout=30)], indirect=False)
+def test_an_upstream_killed_mid_call_is_voided_and_restarted(
+        running: Running, mint: Mint, engine: Engine) -> None:
+    token = mint()
+    assert running.pidfile is not None
+
+    async def go() -> tuple[CallToolResult, CallToolResult]:
+        killed = anyio.Event()
+
+        async def progress(done: float, total: float | None, message: str | None) -> None:
+            if not killed.is_set():  # the call is running upstream: kill the upstream
+                os.kill(upstream_pid(running.pidfile), signal.SIGKILL)  # type: ignore[arg-type]
+                killed.set()
+
+        async with running.connect(token.token) as agent:
+            cut = await agent.call(LONG, {"duration": 10, "steps": 20},
+                                   progress_callback=progress)
+            after = await agent.call("echo", {"message": "after the restart"})
+        return cut, after
+
+    first_pid = upstream_pid(running.pidfile)
+    cut, after = anyio.run(go)
+    assert refusal_of(cut)["code"] == "UPSTREAM_UNAVAILABLE"
+    assert receipt_of(after)["amountUsd"] == "0.002"
+    assert upstream_pid(running.pidfile) != first_pid and running.proxy.upstream.connects == 2
+    assert token_view(engine, token).spent == usd("0.002")  # the cut call cost nothing
+    assert token_view(engine, token).held == 0
+
+
+def upstream_pid(pidfile: Path) -> int:
+    return int(pidfile.read_text().strip())
+
