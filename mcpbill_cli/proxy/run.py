@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from mcpbill_cli.config import Settings
@@ -12,6 +14,8 @@ from mcpbill_cli.proxy.upstream import Upstream, UpstreamTarget
 from mcpbill_cli.verifier import Verifier
 
 __all__ = ["ProxyOptions", "serve"]
+
+GRACE_SECONDS = 5  # on SIGTERM, calls in flight get this long to finish; the rest are voided
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,22 @@ def serve(settings: Settings, options: ProxyOptions,
         app = build_app(proxy, host=options.host)
         announce(f"mcpbill proxy: http://{options.host}:{options.port}/mcp -> "
                  f"{target.describe()}")
-        uvicorn.run(app, host=options.host, port=options.port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        with _stopped_cleanly():
+            uvicorn.run(app, host=options.host, port=options.port, log_level="warning",
+                        timeout_graceful_shutdown=GRACE_SECONDS)
     finally:
-        verifier.close()
+        verifier.close()  # seals the last calls' events
+
+
+@contextmanager
+def _stopped_cleanly() -> Iterator[None]:
+    """uvicorn re-raises the SIGINT or SIGTERM it stopped on once it has shut down, which would
+    kill the process before the verifier is closed: the proxy's own handlers take that signal
+    (the shutdown is done), and the command exits 0 after its cleanup."""
+    handled = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -91,8 +91,7 @@ class Upstream:
                 failures += 1
                 log.warning("upstream %s failed: %s", self.target.describe(), error)
             finally:
-                self._connected = anyio.Event()  # before _client is cleared: waiters wait anew
-                self._client = None
+                self._drop()
 
     async def client(self) -> Client:
         """The live client, waiting for a (re)connect; UPSTREAM_UNAVAILABLE after
@@ -109,7 +108,13 @@ class Upstream:
         """A call found ``client``'s connection broken: drop it and reconnect (once, however
         many calls report it)."""
         if client is self._client:
+            self._drop()  # calls from now on wait for the new connection
             self._broken.set()
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._connected = anyio.Event()  # before _client is cleared: waiters wait anew
+            self._client = None
 
     def _open(self) -> Client:
         options: dict[str, Any] = {"cache": None}  # a proxy relays listings, never caches them

@@ -1,0 +1,78 @@
+"""`mcpbill proxy` as an operator runs it: a process in front of the reference server, stopped
+with SIGTERM while a paid call is in flight (the call's hold is voided)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from sqlalchemy import Engine
+from typer.testing import CliRunner
+
+from mcpbill_cli.cli import app
+from mcpbill_cli.config import ENV_DB_URL, ENV_HOME, ENV_MODE, Settings
+from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, token_view, usd
+from tests.mcp.test_http import free_port, wait_for_port
+
+from .conftest import EVERYTHING, NODE, agent
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    ([], "upstream"),
+    (["--upstream", "http://127.0.0.1:1/mcp", "--upstream-cmd", "node x.js"], "upstream"),
+    (["--upstream", "ftp://example.com/mcp"], "upstream"),
+    (["--upstream-cmd", "node x.js", "--listen", "8080"], "listen"),
+])
+def test_a_bad_command_line_is_refused_with_a_code(args: list[str], field: str) -> None:
+    result = CliRunner().invoke(app, ["proxy", *args])
+    assert result.exit_code == 3, result.output
+    assert "INVALID_INPUT" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_the_proxy_bills_and_a_sigterm_voids_the_call_in_flight(
+        priced: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
+    paid, cut = mint(), mint(agent="agent-2")
+    port = free_port()
+    env = {ENV_HOME: str(priced.home), ENV_DB_URL: priced.db_url, ENV_MODE: "demo",
+           "PATH": "/usr/bin:/bin"}
+    with (tmp_path / "proxy.log").open("w") as log:
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "mcpbill_cli", "proxy", "--listen", f"127.0.0.1:{port}",
+             "--upstream-cmd", f"{NODE} {EVERYTHING} stdio"],
+            env=env, stdout=log, stderr=log)
+        try:
+            wait_for_port(port, proxy)
+            url = f"http://127.0.0.1:{port}/mcp"
+            anyio.run(call_then_stop, url, paid.token, cut.token, proxy)
+            assert proxy.wait(30) == 0
+        finally:
+            proxy.kill()
+            proxy.wait(30)
+    assert token_view(engine, paid).spent == usd("0.002")
+    assert (token_view(engine, cut).spent, token_view(engine, cut).held) == (0, 0)
+    assert_ledger_sound(engine)
+    assert "mcpbill proxy: http://127.0.0.1" in (tmp_path / "proxy.log").read_text()
+
+
+async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[bytes]) -> None:
+    async with agent(url, paid) as client:
+        assert receipt_of(await client.call("echo", {"message": "via the CLI"}))["amountUsd"] \
+            == "0.002"
+    stopped = anyio.Event()
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        if not stopped.is_set():  # the paid call is running upstream: stop the proxy
+            proxy.send_signal(signal.SIGTERM)
+            stopped.set()
+
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the proxy went away mid-call
+        async with agent(url, cut) as client:
+            await client.call("trigger-long-running-operation", {"duration": 30, "steps": 30},
+                              progress_callback=progress)
+    assert stopped.is_set()
