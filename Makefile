@@ -45,4 +45,5 @@ bench: install
 	$(BIN)/python bench/cli_startup.py
 	$(BIN)/python bench/verifier.py
 	$(BIN)/python bench/mcp_overhead.py
+	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/scaleout.py

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from mcpbill_cli.cli.output import handles_errors, say
+from mcpbill_cli.cli.output import JsonOption, envelope, handles_errors, print_json, say
 from mcpbill_cli.cli.state import state
 
 
@@ -33,6 +34,11 @@ def proxy(
     max_request_bytes: Annotated[int, typer.Option(
         "--max-request-bytes", min=1024, help="The largest request body; larger ones are "
                                               "refused (REQUEST_TOO_LARGE).")] = 1024 * 1024,
+    metrics: Annotated[str | None, typer.Option(
+        "--metrics", metavar="HOST:PORT",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics: calls and refusals by tool "
+             "and code, amount charged, holds open, hold-to-capture latency.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Serve an MCP endpoint that forwards to an upstream MCP server and bills its tool calls.
 
@@ -44,22 +50,32 @@ def proxy(
     Example: mcpbill proxy --upstream-cmd "npx @modelcontextprotocol/server-everything"
     --listen 127.0.0.1:8080
 
-    Needs the MCP SDK: pip install 'mcpbill\\[mcp]'.
+    Needs the MCP SDK: pip install 'mcpbill\\[proxy]'.
     """
     from mcpbill_cli.proxy.run import ProxyOptions, serve
 
-    host, port = _host_port(listen)
+    host, port = _host_port(listen, "listen")
     options = ProxyOptions(upstream=upstream, upstream_cmd=upstream_cmd, host=host, port=port,
                            call_timeout=call_timeout, max_concurrent=max_concurrent,
-                           max_request_bytes=max_request_bytes)
-    serve(state(ctx).settings, options, announce=say)
+                           max_request_bytes=max_request_bytes,
+                           metrics=_host_port(metrics, "metrics") if metrics else None)
+
+    def announce(where: dict[str, str | None]) -> None:
+        if as_json:  # the one document, printed once the proxy is set up
+            print_json(envelope(where))
+            sys.stdout.flush()
+            return
+        metrics_at = f"; metrics at {where['metrics_url']}" if where["metrics_url"] else ""
+        say(f"mcpbill proxy: {where['url']} -> {where['upstream']}{metrics_at}")
+
+    serve(state(ctx).settings, options, announce=announce)
 
 
-def _host_port(listen: str) -> tuple[str, int]:
+def _host_port(value: str, option: str) -> tuple[str, int]:
     from mcpbill_cli.errors import InvalidInput
 
-    host, _, port = listen.rpartition(":")
+    host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(f"--listen must be HOST:PORT, e.g. 127.0.0.1:8080, not {listen!r}",
-                           field="listen")
+        raise InvalidInput(f"--{option} must be HOST:PORT, e.g. 127.0.0.1:8080, not {value!r}",
+                           field=option)
     return host.strip("[]"), int(port)

@@ -7,7 +7,8 @@
 The proxy is a streamable HTTP MCP endpoint that forwards every request to the upstream (a
 stdio server it starts and supervises, or a streamable HTTP URL) and bills ``tools/call`` with
 the same verifier, pricing table, ledger and wire as the embedded
-:class:`~mcpbill_cli.mcp.Billing` extension. It imports the MCP SDK (extra ``mcpbill[mcp]``).
+:class:`~mcpbill_cli.mcp.Billing` extension. It imports the MCP SDK (extra ``mcpbill[proxy]``,
+which also brings prometheus-client for ``--metrics``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ and the idempotency key are not forwarded: the upstream never sees the agent's c
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from mcpbill_cli.mcp.wire import (
     with_receipt,
 )
 from mcpbill_cli.pricing import quote
+from mcpbill_cli.proxy.metrics import CallMetrics
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
 
@@ -66,11 +68,12 @@ class ProxyBilling:
     """Forwards ``tools/call`` to the upstream and bills it (see the module docstring)."""
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
-                 bearer: bool = True) -> None:
+                 bearer: bool = True, metrics: CallMetrics | None = None) -> None:
         self.verifier = verifier
         self.upstream = upstream
         self.limits = limits
         self.bearer = bearer
+        self.metrics = metrics or CallMetrics()
         self.in_flight = 0
         self._open: dict[str, Hold] = {}
 
@@ -78,7 +81,7 @@ class ProxyBilling:
                         params: CallToolRequestParams) -> CallToolResult:
         """One call: refused (PROXY_BUSY) at the concurrency limit, else billed and forwarded."""
         if self.in_flight >= self.limits.max_concurrent:
-            return refusal(ProxyBusy(
+            return self._refuse(params.name, ProxyBusy(
                 f"the proxy has {self.in_flight} calls in flight, its limit; retry shortly",
                 retryAfterMs=BUSY_RETRY_MS, limit=self.limits.max_concurrent))
         self.in_flight += 1
@@ -90,7 +93,6 @@ class ProxyBilling:
     async def void_open(self) -> int:
         """Void the holds of calls still open (a shutdown cut them off); returns how many."""
         holds = list(self._open.values())
-        self._open.clear()
         for hold in holds:
             await self._void(hold)
         return len(holds)
@@ -102,9 +104,9 @@ class ProxyBilling:
         try:
             price = quote(self.verifier.pricing_table(), params.name)
         except BillingError as error:  # PRICE_UNKNOWN: a table without a default_price
-            return refusal(error)
+            return self._refuse(params.name, error)
         if price.free:
-            return _answer(await self.forward(ctx, params))
+            return self._free(params.name, await self.forward(ctx, params))
         source = CALL_SOURCE.set(client_address(ctx.request))
         try:
             meta = params.meta
@@ -112,12 +114,13 @@ class ProxyBilling:
                 credit_token(meta, ctx.request, bearer=self.bearer), params.name,
                 args=dict(params.arguments or {}), idempotency_key=idempotency_key(meta))
         except BillingError as error:
-            return refusal(error)
+            return self._refuse(params.name, error)
         finally:
             CALL_SOURCE.reset(source)
         if not isinstance(opened, Hold):  # free on this tenant's terms: checked, nothing held
-            return _answer(await self.forward(ctx, params))
+            return self._free(params.name, await self.forward(ctx, params))
         if opened.replayed is not None:  # made already: the upstream is not called again
+            self.metrics.finished(params.name, "replayed")
             return replayed(opened.replayed, opened.result)
         return await self._settle(opened, ctx, params)
 
@@ -125,6 +128,8 @@ class ProxyBilling:
                       params: CallToolRequestParams) -> CallToolResult:
         """Forward on a hold: capture a success, void anything else (charge only on success)."""
         self._open[hold.id] = hold
+        self.metrics.held()
+        started = time.monotonic()
         try:
             outcome = await self.forward(ctx, params)
         except BaseException:  # cancelled (client gone, shutdown) or the upstream's own error
@@ -132,13 +137,16 @@ class ProxyBilling:
             raise
         if isinstance(outcome, BillingError) or not succeeded(outcome):
             await self._void(hold)
+            if isinstance(outcome, BillingError):
+                self.metrics.refusal(hold.tool, outcome.code)
             return _answer(outcome)
+        self._open.pop(hold.id, None)
+        self.metrics.released()
         try:
             receipt = await self.verifier.acapture(hold, result=kept_result(outcome))
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
-            return refusal(error)
-        finally:
-            self._open.pop(hold.id, None)
+            return self._refuse(hold.tool, error)
+        self.metrics.captured(hold.tool, receipt.amount, time.monotonic() - started)
         return with_receipt(outcome, receipt)
 
     async def forward(self, ctx: ServerRequestContext[Any, Any],
@@ -180,12 +188,26 @@ class ProxyBilling:
 
     async def _void(self, hold: Hold) -> None:
         # Shielded: a call cancelled by its client must still release what it held.
-        self._open.pop(hold.id, None)
+        if self._open.pop(hold.id, None) is None:
+            return  # voided already (a shutdown's void_open)
+        self.metrics.released()
+        self.metrics.finished(hold.tool, "voided")
         with anyio.CancelScope(shield=True):
             try:
                 await self.verifier.avoid(hold)
             except BillingError as error:  # already resolved (e.g. lapsed): nothing to release
                 log.warning("void of hold %s: %s", hold.id, error.code)
+
+    def _refuse(self, tool: str, error: BillingError) -> CallToolResult:
+        self.metrics.refusal(tool, error.code)
+        self.metrics.finished(tool, "refused")
+        return refusal(error)
+
+    def _free(self, tool: str, outcome: CallToolResult | BillingError) -> CallToolResult:
+        if isinstance(outcome, BillingError):
+            return self._refuse(tool, outcome)
+        self.metrics.finished(tool, "free")
+        return outcome
 
 
 def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:

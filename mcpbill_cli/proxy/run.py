@@ -6,9 +6,11 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from mcpbill_cli.config import Settings
 from mcpbill_cli.proxy.billing import Limits
+from mcpbill_cli.proxy.metrics import CallMetrics, PrometheusMetrics, serve_metrics, stop_metrics
 from mcpbill_cli.proxy.server import Proxy, build_app
 from mcpbill_cli.proxy.upstream import Upstream, UpstreamTarget
 from mcpbill_cli.verifier import Verifier
@@ -29,27 +31,44 @@ class ProxyOptions:
     call_timeout: float = 60.0
     max_concurrent: int = 64
     max_request_bytes: int = 1024 * 1024
+    metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics
 
 
 def serve(settings: Settings, options: ProxyOptions,
-          announce: Callable[[str], None] = print) -> None:
-    """Serve until SIGINT or SIGTERM; on the way out, void the holds of calls cut off."""
+          announce: Callable[[dict[str, str | None]], None] = print) -> None:
+    """Serve until SIGINT or SIGTERM; on the way out, void the holds of calls cut off.
+
+    ``announce`` is told where the proxy serves (``url``, ``upstream``, ``metrics_url``)."""
     import uvicorn
 
     target = UpstreamTarget.parse(command=options.upstream_cmd, url=options.upstream)
     limits = Limits(call_timeout=options.call_timeout, max_concurrent=options.max_concurrent,
                     max_request_bytes=options.max_request_bytes)
     verifier = Verifier.from_settings(settings)
+    scraper: Any = None
     try:
-        proxy = Proxy(verifier, Upstream(target), limits)
+        metrics: CallMetrics | None = None
+        metrics_url = None
+        if options.metrics is not None:
+            metrics = PrometheusMetrics()
+            host, port = options.metrics
+            scraper = serve_metrics(metrics, host, port)
+            metrics_url = f"http://{_url_host(host)}:{port}/metrics"
+        proxy = Proxy(verifier, Upstream(target), limits, metrics=metrics)
         app = build_app(proxy, host=options.host)
-        announce(f"mcpbill proxy: http://{options.host}:{options.port}/mcp -> "
-                 f"{target.describe()}")
+        announce({"url": f"http://{_url_host(options.host)}:{options.port}/mcp",
+                  "upstream": target.describe(), "metrics_url": metrics_url})
         with _stopped_cleanly():
             uvicorn.run(app, host=options.host, port=options.port, log_level="warning",
                         timeout_graceful_shutdown=GRACE_SECONDS)
     finally:
+        if scraper is not None:
+            stop_metrics(scraper)
         verifier.close()  # seals the last calls' events
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, U
 from mcpbill_cli.mcp.wire import PRICE_META
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta
+from mcpbill_cli.proxy.metrics import CallMetrics
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
 
@@ -48,11 +49,13 @@ class Proxy:
     billing (:attr:`billing`)."""
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
-                 *, bearer: bool = True, name: str = "mcpbill-proxy") -> None:
+                 *, bearer: bool = True, metrics: CallMetrics | None = None,
+                 name: str = "mcpbill-proxy") -> None:
         self.verifier = verifier
         self.upstream = upstream
         self.limits = limits or Limits()
-        self.billing = ProxyBilling(verifier, upstream, self.limits, bearer=bearer)
+        self.billing = ProxyBilling(verifier, upstream, self.limits, bearer=bearer,
+                                    metrics=metrics)
         self._schemas: dict[str, dict[str, Any]] = {}
         self.server: Server[Any] = Server(
             name, get_tool_input_schema=self._schemas.get,

@@ -120,12 +120,14 @@ def charge_once(token: str) -> Receipt:
 # Commands that need a live chain or a paid HTTP peer succeed in tests/wallet and tests/x402
 # (over anvil), not here.
 NEEDS_A_CHAIN = {("wallet", "sync"), ("x402", "fetch")}
+# A server that runs until stopped: tests/proxy/test_cli.py checks its one --json document.
+RUNS_UNTIL_STOPPED = {("proxy",)}
 
 
 def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_home: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MCPBILL_KEYSTORE_PASSWORD", "correct horse battery staple")
-    missing = [p for p in command_paths() if p not in NEEDS_A_CHAIN
+    missing = [p for p in command_paths() if p not in NEEDS_A_CHAIN | RUNS_UNTIL_STOPPED
                and not any(args[:len(p)] == p for args in SUCCESSFUL)]
     assert not missing, f"add a --json invocation for {missing}"
     values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml"),

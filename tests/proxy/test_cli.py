@@ -3,6 +3,7 @@ with SIGTERM while a paid call is in flight (the call's hold is voided)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -15,10 +16,14 @@ from typer.testing import CliRunner
 
 from mcpbill_cli.cli import app
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME, ENV_MODE, Settings
+from tests.cli.data_contract import assert_contract
 from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, token_view, usd
 from tests.mcp.test_http import free_port, wait_for_port
 
-from .conftest import EVERYTHING, NODE, agent
+from .conftest import EVERYTHING, NODE, ROOT, Running, agent
+from .test_metrics import scrape
+
+EXAMPLE = ROOT / "examples" / "proxy_agent.py"
 
 
 @pytest.mark.parametrize(("args", "field"), [
@@ -26,11 +31,14 @@ from .conftest import EVERYTHING, NODE, agent
     (["--upstream", "http://127.0.0.1:1/mcp", "--upstream-cmd", "node x.js"], "upstream"),
     (["--upstream", "ftp://example.com/mcp"], "upstream"),
     (["--upstream-cmd", "node x.js", "--listen", "8080"], "listen"),
+    (["--upstream-cmd", "node x.js", "--metrics", "9090"], "metrics"),
 ])
 def test_a_bad_command_line_is_refused_with_a_code(args: list[str], field: str) -> None:
-    result = CliRunner().invoke(app, ["proxy", *args])
+    result = CliRunner().invoke(app, ["proxy", "--json", *args])
     assert result.exit_code == 3, result.output
-    assert "INVALID_INPUT" in result.output
+    document = json.loads(result.stdout)
+    assert document["errors"][0]["code"] == "INVALID_INPUT"
+    assert document["errors"][0]["field"] == field
 
 
 @pytest.mark.slow
@@ -38,18 +46,23 @@ def test_a_bad_command_line_is_refused_with_a_code(args: list[str], field: str) 
 def test_the_proxy_bills_and_a_sigterm_voids_the_call_in_flight(
         priced: Settings, mint: Mint, engine: Engine, tmp_path: Path) -> None:
     paid, cut = mint(), mint(agent="agent-2")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {ENV_HOME: str(priced.home), ENV_DB_URL: priced.db_url, ENV_MODE: "demo",
            "PATH": "/usr/bin:/bin"}
-    with (tmp_path / "proxy.log").open("w") as log:
+    with (tmp_path / "proxy.log").open("w") as log, (tmp_path / "proxy.json").open("w") as out:
         proxy = subprocess.Popen(
             [sys.executable, "-m", "mcpbill_cli", "proxy", "--listen", f"127.0.0.1:{port}",
-             "--upstream-cmd", f"{NODE} {EVERYTHING} stdio"],
-            env=env, stdout=log, stderr=log)
+             "--upstream-cmd", f"{NODE} {EVERYTHING} stdio", "--json",
+             "--metrics", f"127.0.0.1:{metrics_port}"],
+            env=env, stdout=out, stderr=log)
         try:
             wait_for_port(port, proxy)
-            url = f"http://127.0.0.1:{port}/mcp"
-            anyio.run(call_then_stop, url, paid.token, cut.token, proxy)
+            where = json.loads((tmp_path / "proxy.json").read_text())["data"]  # set up first
+            assert_contract(("proxy",), where)
+            assert where["url"] == f"http://127.0.0.1:{port}/mcp"
+            assert where["metrics_url"] == f"http://127.0.0.1:{metrics_port}/metrics"
+            anyio.run(call_then_stop, where["url"], paid.token, cut.token, proxy,
+                      where["metrics_url"])
             assert proxy.wait(30) == 0
         finally:
             proxy.kill()
@@ -57,13 +70,15 @@ def test_the_proxy_bills_and_a_sigterm_voids_the_call_in_flight(
     assert token_view(engine, paid).spent == usd("0.002")
     assert (token_view(engine, cut).spent, token_view(engine, cut).held) == (0, 0)
     assert_ledger_sound(engine)
-    assert "mcpbill proxy: http://127.0.0.1" in (tmp_path / "proxy.log").read_text()
 
 
-async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[bytes]) -> None:
+async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[bytes],
+                         metrics_url: str) -> None:
     async with agent(url, paid) as client:
         assert receipt_of(await client.call("echo", {"message": "via the CLI"}))["amountUsd"] \
             == "0.002"
+    charged = ("mcpbill_proxy_charged_micro_usdc_total", (("tool", "echo"),))
+    assert scrape(metrics_url)[charged] == usd("0.002")
     stopped = anyio.Event()
 
     async def progress(done: float, total: float | None, message: str | None) -> None:
@@ -76,3 +91,21 @@ async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[
             await client.call("trigger-long-running-operation", {"duration": 30, "steps": 30},
                               progress_callback=progress)
     assert stopped.is_set()
+
+
+@pytest.mark.parametrize("upstream_kind", ["stdio"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the example is what is new
+def test_the_example_agent_reads_prices_and_its_receipt(running: Running, mint: Mint,
+                                                        engine: Engine) -> None:
+    token = mint()
+    ran = subprocess.run([sys.executable, str(EXAMPLE), running.url], capture_output=True,
+                         text=True, timeout=120, check=False,
+                         env={"PATH": "/usr/bin:/bin", "AGENT_CREDIT_JWT": token.token})
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert any(line.split() == ["echo", "0.002", "USDC"] for line in lines), ran.stdout
+    assert any(line.split()[:2] == ["get-env", "no"] for line in lines), ran.stdout
+    assert "echo: Echo: hello through the proxy" in lines
+    assert any(line.startswith("receipt: ") and " 0.002 USDC, remaining 0.048" in line
+               for line in lines), ran.stdout
+    assert token_view(engine, token).spent == usd("0.002")

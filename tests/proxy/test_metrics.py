@@ -1,0 +1,80 @@
+"""The proxy's Prometheus metrics, scraped over HTTP after a run and checked against the ledger."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine
+
+from mcpbill_cli.config import Settings
+from mcpbill_cli.proxy import Limits, Proxy, Upstream, build_app
+from mcpbill_cli.proxy.metrics import PrometheusMetrics, serve_metrics, stop_metrics
+from mcpbill_cli.verifier import Verifier
+from tests.mcp.conftest import Mint, receipt_of, refusal_of, serve, token_view
+from tests.mcp.test_http import free_port
+
+from .conftest import agent, stdio_target
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def metered(priced: Settings, verifier: Verifier, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A proxy with metrics: (its MCP URL, its metrics URL)."""
+    metrics = PrometheusMetrics()
+    port = free_port()
+    scraper = serve_metrics(metrics, "127.0.0.1", port)
+    with (tmp_path / "upstream.log").open("w") as errlog:
+        upstream = Upstream(stdio_target(tmp_path / "upstream.pid"), errlog=errlog)
+        proxy = Proxy(verifier, upstream, Limits(call_timeout=30), metrics=metrics)
+        try:
+            with serve(build_app(proxy)) as url:
+                yield url, f"http://127.0.0.1:{port}/metrics"
+        finally:
+            stop_metrics(scraper)
+
+
+def scrape(url: str) -> Samples:
+    text = httpx2.get(url, timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_the_metrics_match_the_ledger_after_a_run(metered: tuple[str, str], mint: Mint,
+                                                  engine: Engine) -> None:
+    url, metrics_url = metered
+    tokens = [mint(), mint(agent="agent-2")]
+
+    async def run() -> None:
+        for token in tokens:
+            async with agent(url, token.token) as client:
+                assert receipt_of(await client.call("echo", {"message": token.claims.jti}))
+                assert receipt_of(await client.call("echo", {"message": token.claims.jti}))
+                assert (await client.call("echo", {"message": 7})).is_error  # voided
+        async with agent(url, None) as client:
+            assert refusal_of(await client.call("echo", {"message": "no token"}))
+            assert not (await client.call("get-sum", {"a": 1, "b": 1})).is_error
+
+    anyio.run(run)
+    got = scrape(metrics_url)
+
+    def calls(outcome: str, tool: str = "echo") -> float:
+        return got.get(("mcpbill_proxy_calls_total", (("outcome", outcome), ("tool", tool))), 0)
+
+    spent = sum(token_view(engine, token).spent for token in tokens)
+    assert spent == 4000
+    assert got[("mcpbill_proxy_charged_micro_usdc_total", (("tool", "echo"),))] == spent
+    assert (calls("captured"), calls("replayed"), calls("voided"), calls("refused")) == (
+        2, 2, 2, 1)
+    assert calls("free", "get-sum") == 1
+    refusals = ("mcpbill_proxy_refusals_total",
+                (("code", "INVALID_CREDIT_TOKEN"), ("tool", "echo")))
+    assert got[refusals] == 1
+    assert got[("mcpbill_proxy_holds_open", ())] == 0
+    assert got[("mcpbill_proxy_hold_to_capture_seconds_count", (("tool", "echo"),))] == 2
+    assert sum(token_view(engine, token).held for token in tokens) == 0
