@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
 __all__ = ["BilledTool", "Billing"]
+
+logger = logging.getLogger("mcpbill")
 
 ToolFn = TypeVar("ToolFn", bound=Callable[..., Any])
 
@@ -157,8 +160,11 @@ class Billing(Extension):
         (see :meth:`~mcpbill_cli.x402.accept.Acceptor.from_settings`)."""
         verifier = Verifier.from_settings(settings)
         acceptor = Acceptor.from_settings(verifier, settings)
-        return cls(verifier, bearer=bearer,
-                   acceptor=None if isinstance(acceptor, Unavailable) else acceptor)
+        if isinstance(acceptor, Unavailable):
+            if verifier.pricing_table().x402 is not None:
+                logger.warning("x402 payments are not offered: %s", acceptor.reason)
+            return cls(verifier, bearer=bearer)
+        return cls(verifier, bearer=bearer, acceptor=acceptor)
 
     @property
     def billed_tools(self) -> dict[str, BilledTool]:
