@@ -1,16 +1,19 @@
 """The audit trail as JSON lines, for time-series stores and SIEMs: ``mcpbill events export``.
 
-One event per line, in ``id`` order, streamed (the trail is never loaded whole). Schema
+One event per line, streamed (the trail is never loaded whole): the sealed events in seal
+order (ids ascending within a seal), then those not sealed yet, in id order. Resume with
+``--after`` the ``cursor`` of the last export: the last sealed event written. Ids are taken
+before commit (PostgreSQL), so an event may commit after higher ids were shipped; a sealer
+takes it in a later seal, which a resumed export reads, so nothing is skipped. An unsealed
+event is written again once sealed: ship only the sealed lines, or drop ids already shipped.
+Schema
 version 2 (version 1, before schema 0005 sealed the trail, had ``seq`` and ``prev_hash`` where
 it now has ``id``, ``seal`` and ``hash``); fields may be added in a later version, none is
 renamed or removed within one:
 
 =================  ===========================================================================
 ``schema_version`` ``2``
-``id``             integer, the event's id; resume an export with ``--after`` the last one
-                   shipped. On PostgreSQL an id is taken before its transaction commits, so an
-                   event may commit after higher ids were exported: resume a few seconds
-                   behind and drop the ids already shipped
+``id``             integer, the event's id
 ``at``             string, UTC, ``2026-11-27T12:00:00.123456Z`` (microseconds, always ``Z``)
 ``kind``           string: ``charge``, ``hold``, ``capture``, ``void``, ``expire``, ``refusal``,
                    ``deposit``, ``issue``, ``revoke``, ...
@@ -42,9 +45,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, and_, or_, select
 
 from mcpbill_cli.clock import rfc3339
+from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.fsutil import atomic_writer
 from mcpbill_cli.ledger.models import events
 from mcpbill_cli.money import format_usd
@@ -56,30 +60,47 @@ e = events.c
 
 @dataclass(frozen=True)
 class ExportResult:
-    """How many events were written, and the first and last ``id`` among them."""
+    """How many events were written, the first and last ``id`` among them, and the cursor:
+    the last sealed event written (else the one resumed after), for the next ``--after``."""
 
     events: int
     first_id: int | None
     last_id: int | None
+    cursor: int | None
 
 
 def export_events(conn: Connection, out: IO[str], *, since: datetime | None = None,
                   until: datetime | None = None, after: int | None = None) -> ExportResult:
-    """Write the events with ``since <= at < until`` and ``id > after`` to ``out``."""
-    query = select(events).order_by(e.id).execution_options(yield_per=BATCH)
-    if since is not None:
-        query = query.where(e.at >= since)
-    if until is not None:
-        query = query.where(e.at < until)
+    """Write the events with ``since <= at < until`` to ``out``: the sealed ones in seal
+    order, then the unsealed ones; with ``after`` (a sealed event's id), only those after it
+    in that order. Refuses an ``after`` that names no sealed event."""
+    sealed = select(events).where(e.seal.is_not(None)).order_by(e.seal, e.id)
+    unsealed = select(events).where(e.seal.is_(None)).order_by(e.id)
     if after is not None:
-        query = query.where(e.id > after)
-    count, first, last = 0, None, None
-    for row in conn.execute(query).mappings():
-        out.write(event_line(row))
-        count += 1
-        first = row["id"] if first is None else first
-        last = row["id"]
-    return ExportResult(count, first, last)
+        sealed = sealed.where(_after(conn, after))
+    count, first, last, cursor = 0, None, None, after
+    for query in (sealed, unsealed):
+        if since is not None:
+            query = query.where(e.at >= since)
+        if until is not None:
+            query = query.where(e.at < until)
+        for row in conn.execute(query.execution_options(yield_per=BATCH)).mappings():
+            out.write(event_line(row))
+            count += 1
+            first = row["id"] if first is None else first
+            last = row["id"]
+            cursor = row["id"] if row["seal"] is not None else cursor
+    return ExportResult(count, first, last, cursor)
+
+
+def _after(conn: Connection, after: int) -> Any:
+    """Where the events after the sealed event ``after`` start: later seals, and later ids
+    of its own."""
+    seal = conn.execute(select(e.seal).where(e.id == after)).scalar_one_or_none()
+    if seal is None:
+        raise InvalidInput(f"event {after} is not sealed (or does not exist): resume after the "
+                           "export's cursor, the last sealed event it wrote", field="after")
+    return or_(e.seal > seal, and_(e.seal == seal, e.id > after))
 
 
 def event_line(row: Mapping[Any, Any]) -> str:

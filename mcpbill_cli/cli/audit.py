@@ -31,6 +31,10 @@ def seal_data(seal: Seal) -> dict[str, Any]:
     """A seal in the CLI's contract; its JWS signs the same fields under their camelCase wire
     names (``firstId``, ``sealedAt``, ...), and ``hash`` is computed over those."""
     data: dict[str, Any] = wire_to_cli(seal.to_dict())
+    if seal.money is not None:  # micro-USDC integers, named so (nets may be negative)
+        claim = seal.money.claim()
+        data["money"] = {"transfers": claim["transfers"], "amount_micro": claim["amount"],
+                         "posted_micro": claim["posted"], "pending_micro": claim["pending"]}
     return data
 
 

@@ -304,16 +304,18 @@ def export(
     until: Annotated[str | None, typer.Option(
         "--until", help="Events before this date or time.")] = None,
     after: Annotated[int | None, typer.Option(
-        "--after", min=0, metavar="ID", help="Events after this event id: resume where the "
-                                             "last export ended.")] = None,
+        "--after", min=0, metavar="ID", help="Events after this sealed event: resume with the "
+                                             "cursor the last export gave.")] = None,
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file (atomically) instead of stdout.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write the audit trail as JSON lines (schema_version 2) for time-series stores and SIEMs.
 
-    One event per line in id order, streamed, with its seal and hash. With --json, --out is
-    required and stdout carries the summary document. Resume with --after the last id shipped.
+    One event per line, streamed, with its seal and hash: the sealed events in seal order,
+    then the unsealed ones. With --json, --out is required and stdout carries the summary
+    document. Resume with --after the cursor it gives (the last sealed event written): an
+    event committed late is in a later seal, so none is skipped.
     Example: mcpbill events export --since 2026-11-27 --out e.jsonl
     """
     from mcpbill_cli.errors import InvalidInput
@@ -337,11 +339,13 @@ def export(
                 sink = _Counted(fh, progress)
                 result = export_events(conn, sink, **bounds)  # type: ignore[arg-type]
     data = {"events": result.events, "first_id": result.first_id,
-            "last_id": result.last_id, "out": str(out_file) if out_file else None}
+            "last_id": result.last_id, "cursor": result.cursor,
+            "out": str(out_file) if out_file else None}
     emit(data, as_json=as_json, human=lambda: say(
         f"exported {result.events} event(s)"
         + (f", ids {result.first_id}..{result.last_id}" if result.events else "")
-        + (f" to {out_file}" if out_file else "")))
+        + (f" to {out_file}" if out_file else "")
+        + (f"; resume with --after {result.cursor}" if result.cursor is not None else "")))
 
 
 class _Counted:

@@ -60,10 +60,13 @@ def run_slices(work: Callable[[S], SliceResult], slices: Sequence[S],
 
 
 def start_slices(work: Callable[[S], SliceResult], slices: Sequence[S], jobs: int, *,
-                 threads: bool = False) -> Callable[[], Iterator[SliceResult]]:
+                 threads: bool = False, beside: bool = False
+                 ) -> Callable[[], Iterator[SliceResult]]:
     """Like :func:`run_slices`, but the workers start now, while the caller goes on; call
-    the result for their results, in slice order. (One job: the work waits for the call.)"""
-    if jobs <= 1 or len(slices) <= 1:
+    the result for their results, in slice order. (One job: the work waits for the call,
+    unless ``beside``: then one worker does it all while the caller goes on.)"""
+    if jobs < 1 or not slices or (jobs == 1 and not beside) or (len(slices) == 1
+                                                               and not beside):
         return lambda: map(work, slices)
     workers = min(jobs, len(slices))
     pool: Executor = (ThreadPoolExecutor(workers) if threads else ProcessPoolExecutor(

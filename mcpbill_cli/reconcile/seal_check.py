@@ -108,12 +108,17 @@ def start_seal_check(engine: Engine, conn: Connection, scope: Scope | None, keys
     of the last seal."""
     if scope is None:
         return lambda: None
-    spans, jobs = _slices(conn, scope, jobs)
     in_server = conn.dialect.name == "postgresql"
+    spans, jobs = _slices(conn, scope, jobs)
     parts = [BatchSlice(engine_url(engine), first, last, found.max_rows) for first, last in spans]
-    work = (partial(_check_batches, conn) if jobs <= 1 or len(parts) <= 1
-            else partial(_check_in_thread, engine, prepare) if in_server else _check_in_worker)
-    results = start_slices(work, parts, jobs, threads=in_server)
+    if in_server:
+        work = (partial(_check_batches, conn) if jobs <= 1 or len(parts) <= 1
+                else partial(_check_in_thread, engine, prepare))
+        results = start_slices(work, parts, jobs, threads=True)
+    elif jobs > 1:  # this process runs the SQL checks meanwhile: jobs - 1 workers hash
+        results = start_slices(_check_in_worker, parts, jobs - 1, beside=True)
+    else:
+        results = start_slices(partial(_check_batches, conn), parts, 1)
 
     def finish() -> tuple[int, str] | None:
         anchor = _check_seals(conn, scope, keys, found)
@@ -191,7 +196,7 @@ def _strays(conn: Connection, scope: Scope) -> Iterator[int]:
 def _slices(conn: Connection, scope: Scope, jobs: int) -> tuple[list[tuple[int, int]], int]:
     """(first, last) seal numbers of consecutive runs of ``scope``'s seals, and the jobs to
     hash them: one below PARALLEL_FROM events, else at least one run per job, at most SLICE
-    seals each."""
+    seals each. (On SQLite one job is this process, busy with the SQL checks meanwhile.)"""
     query = select(s.number, s.count).where(s.number >= scope.first).order_by(s.number)
     if scope.last is not None:
         query = query.where(s.number <= scope.last)

@@ -24,7 +24,7 @@ from mcpbill_cli.ledger.seals import SEAL_TYPE
 from tests.cli.conftest import Invoke, error_json, ok_json
 
 SEAL_FIELDS = {"seal", "first_id", "last_id", "count", "batch_hash", "prev_hash", "sealed_at",
-               "hash", "kid", "jws"}
+               "hash", "kid", "jws", "money"}
 # The JWS payload's wire names for the fields a seal prints in snake_case.
 SIGNED_NAMES = {"seal": "seal", "firstId": "first_id", "lastId": "last_id", "count": "count",
                 "batchHash": "batch_hash", "prevHash": "prev_hash", "hash": "hash"}
@@ -66,9 +66,14 @@ def assert_verifies(line: dict[str, Any], keys: dict[str, VerificationKey]) -> N
     assert line["kid"] in keys, f"seal {line['seal']}: key {line['kid']} is not in the JWKS"
     key = keys[line["kid"]]
     claims = jwt.decode(line["jws"], key.key, algorithms=[key.alg])
-    assert set(claims) == {*SIGNED_NAMES, "sealedAt"}
-    assert {SIGNED_NAMES[k]: v for k, v in claims.items() if k != "sealedAt"} == {
-        k: v for k, v in line.items() if k not in ("kid", "jws", "sealed_at", "schema_version")}
+    assert set(claims) == {*SIGNED_NAMES, "sealedAt", "money"}
+    assert {SIGNED_NAMES[k]: v for k, v in claims.items() if k not in ("sealedAt", "money")} == {
+        k: v for k, v in line.items()
+        if k not in ("kid", "jws", "sealed_at", "schema_version", "money")}
+    money = line["money"]  # in micro-USDC, named so; signed under the wire names
+    assert claims["money"] == {"transfers": money["transfers"], "amount": money["amount_micro"],
+                               "posted": money["posted_micro"], "pending": money["pending_micro"]}
+    assert sum(money["posted_micro"].values()) == sum(money["pending_micro"].values()) == 0
     assert datetime.fromisoformat(claims["sealedAt"]) == datetime.fromisoformat(line["sealed_at"])
     hashed = {k: v for k, v in claims.items() if k != "hash"}
     canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))

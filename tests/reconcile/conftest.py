@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from tests.wallet.conftest import devnet, tester_devnet, token_build  # noqa: F401 - fixtures
 
 from .support import Ledger, small_ledger
+from .test_cli import cli, home_ledger  # noqa: F401 - fixtures (test_events_export uses them)
 
 
 @pytest.fixture

@@ -191,7 +191,7 @@ def test_events_export_to_a_file_with_a_json_summary(cli: Invoke, tmp_path: Path
                  "--json")
     assert result.exit_code == 0, result.output
     assert envelope(result)["data"] == {"events": 5, "first_id": 1, "last_id": 5,
-                                        "out": str(target)}
+                                        "cursor": 5, "out": str(target)}
     assert [json.loads(line)["kind"] for line in target.read_text().splitlines()] == [
         "deposit", "deposit", "issue", "issue", "charge"]
 
