@@ -62,7 +62,14 @@ class RouteTable:
         return [*self._exact.values(), *(route for _, _, route in self._patterns)]
 
     def match(self, method: str, path: str) -> PaidRoute | None:
-        """The route billing ``method path``, or ``None``: not billed."""
+        """The route billing ``method path``, or ``None``: not billed. A ``HEAD`` is billed as
+        the ``GET`` of its path (frameworks answer it by running the ``GET`` endpoint)."""
+        found = self._match(method, path)
+        if found is None and method == "HEAD":
+            return self._match("GET", path)
+        return found
+
+    def _match(self, method: str, path: str) -> PaidRoute | None:
         found = self._exact.get((method, path))
         if found is not None:
             return found

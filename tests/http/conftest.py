@@ -77,7 +77,7 @@ def _paid_endpoints(app: FastAPI, runs: Counter[str]) -> None:
         return {"finished": True}
 
 
-    @app.get("/report")
+    @app.api_route("/report", methods=["GET", "HEAD"])  # HEAD runs it too, as Starlette's do
     async def report(request: Request) -> dict[str, Any]:
         runs["report"] += 1
         # The application's own auth header reaches the endpoint untouched.

@@ -283,3 +283,12 @@ def test_a_ledger_that_cannot_be_reached_is_503_with_retry_after(
     assert response.headers["retry-after"] == "1"
     assert endpoints.runs["report"] == 0
     assert anonymous_free.status_code == 200  # a free tool without a token needs no ledger
+
+
+def test_a_head_request_is_billed_like_the_get_it_runs(
+        client: httpx.Client, engine: Engine, endpoints: Endpoints, new_token: Mint) -> None:
+    assert client.head("/report").status_code == 401  # not a free way to run the endpoint
+    token = new_token()
+    response = client.head("/report", headers=paid(token))
+    assert response.status_code == 200 and RECEIPT_HEADER in response.headers
+    assert endpoints.runs["report"] == 1 and view(engine, token).spent == PRICE
