@@ -27,7 +27,8 @@ SEAL_FIELDS = {"seal", "first_id", "last_id", "count", "batch_hash", "prev_hash"
                "hash", "kid", "jws", "money"}
 # The JWS payload's wire names for the fields a seal prints in snake_case.
 SIGNED_NAMES = {"seal": "seal", "firstId": "first_id", "lastId": "last_id", "count": "count",
-                "batchHash": "batch_hash", "prevHash": "prev_hash", "hash": "hash"}
+                "batchHash": "batch_hash", "prevHash": "prev_hash", "hash": "hash",
+                "money": "money"}
 
 
 @pytest.fixture
