@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -13,10 +14,21 @@ import pytest
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
 
-from mcpbill_cli.proxy import Limits
-from tests.mcp.conftest import MCP_HEADERS, Mint, receipt_of, refusal_of, token_view, usd
+from mcpbill_cli.config import Settings
+from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
+from mcpbill_cli.verifier import Verifier
+from tests.mcp.conftest import (
+    MCP_HEADERS,
+    Mint,
+    receipt_of,
+    refusal_of,
+    serve,
+    token_view,
+    usd,
+)
+from tests.mcp.test_http import free_port, wait_for_port
 
-from .conftest import Running
+from .conftest import EVERYTHING, NODE, Running, agent
 from .test_billing import assert_nothing_billed
 
 LONG = "trigger-long-running-operation"
@@ -126,3 +138,54 @@ def test_an_upstream_killed_mid_call_is_voided_and_restarted(
 def upstream_pid(pidfile: Path) -> int:
     return int(pidfile.read_text().strip())
 
+
+
+@pytest.mark.parametrize("limits", [Limits(call_timeout=30)], indirect=False)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the ledger side is as above
+def test_an_http_upstream_that_dies_mid_call_is_voided_and_reconnected(
+        priced: Settings, verifier: Verifier, limits: Limits, mint: Mint, engine: Engine,
+        tmp_path: Path) -> None:
+    token = mint()
+    port = free_port()
+    first = start_everything_http(port)
+    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
+                        connect_timeout=30)
+    proxy = Proxy(verifier, upstream, limits)
+    restarted: list[subprocess.Popen[bytes]] = []
+    try:
+        with serve(build_app(proxy)) as url:
+
+            async def go() -> tuple[CallToolResult, CallToolResult]:
+                killed = anyio.Event()
+
+                async def progress(done: float, total: float | None,
+                                   message: str | None) -> None:
+                    if not killed.is_set():
+                        first.kill()
+                        first.wait(10)
+                        killed.set()
+
+                async with agent(url, token.token) as client:
+                    cut = await client.call(LONG, {"duration": 10, "steps": 20},
+                                            progress_callback=progress)
+                    restarted.append(start_everything_http(port))
+                    after = await client.call("echo", {"message": "after the reconnect"})
+                return cut, after
+
+            cut, after = anyio.run(go)
+    finally:
+        for server in (first, *restarted):
+            server.kill()
+            server.wait(10)
+    assert refusal_of(cut)["code"] == "UPSTREAM_UNAVAILABLE"
+    assert receipt_of(after)["amountUsd"] == "0.002"
+    assert token_view(engine, token).spent == usd("0.002")
+    assert token_view(engine, token).held == 0
+
+
+def start_everything_http(port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([str(NODE), str(EVERYTHING), "streamableHttp"],
+                              env={"PATH": "/usr/bin:/bin", "PORT": str(port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, server)  # type: ignore[arg-type]
+    return server
