@@ -12,16 +12,18 @@ from mcpbill_cli.__about__ import __version__
 from mcpbill_cli.errors import BillingError
 
 if TYPE_CHECKING:
-    from mcpbill_cli.receipts import Receipt
+    from mcpbill_cli.receipts import Receipt, RefundReceipt
     from mcpbill_cli.verifier import Hold, Quote, Verifier
 
-__all__ = ["BillingError", "Hold", "Quote", "Receipt", "Verifier", "__version__"]
+__all__ = ["BillingError", "Hold", "Quote", "Receipt", "RefundReceipt", "Verifier",
+           "__version__"]
 
 _LAZY = {
     "Verifier": "mcpbill_cli.verifier",
     "Quote": "mcpbill_cli.verifier",
     "Hold": "mcpbill_cli.verifier",
     "Receipt": "mcpbill_cli.receipts",
+    "RefundReceipt": "mcpbill_cli.receipts",
 }
 
 

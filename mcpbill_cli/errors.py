@@ -166,6 +166,20 @@ class NotFound(BillingError):
     code = "NOT_FOUND"
 
 
+class RefundExceedsCharge(BillingError):
+    """A refund asked for more than is left to refund of the call's charge (``refundableUsd``);
+    nothing was refunded."""
+
+    code = "REFUND_EXCEEDS_CHARGE"
+
+
+class CallNotCaptured(BillingError):
+    """A refund of a call that charged nothing: held, voided or expired (``status``), or
+    captured for 0."""
+
+    code = "CALL_NOT_CAPTURED"
+
+
 class ConfirmationRequired(BillingError):
     """A destructive command was not confirmed: declined at the prompt, or run without a
     terminal to ask on and without ``--yes``."""

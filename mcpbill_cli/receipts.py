@@ -12,9 +12,13 @@ from mcpbill_cli.keys import VerificationKey
 from mcpbill_cli.money import parse_usd
 
 RECEIPT_TYPE = "mcpbill-receipt+jwt"
+REFUND_TYPE = "mcpbill-refund+jwt"
 RECEIPT_FIELDS = ("success", "transaction", "network", "payer", "amount", "receiptId", "tool",
                   "amountUsd", "asset", "jti", "idempotencyKey", "remainingUsd",
                   "pricingVersion", "timestamp")
+REFUND_FIELDS = ("success", "kind", "refundId", "receiptId", "transaction", "network", "payer",
+                 "amount", "amountUsd", "asset", "chargedUsd", "refundedUsd", "refundableUsd",
+                 "creditedTo", "reason", "jti", "tenant", "tool", "idempotencyKey", "timestamp")
 
 
 class InvalidReceipt(BillingError):
@@ -46,9 +50,61 @@ class Receipt:
         return {**self.claims, "jws": self.jws}
 
 
+@dataclass(frozen=True)
+class RefundReceipt:
+    """A signed refund receipt: ``jws`` to hand out, ``claims`` its signed fields.
+    ``replayed``: an idempotency key's earlier refund, returned again (nothing moved)."""
+
+    jws: str = field(repr=False)
+    claims: dict[str, Any]
+    replayed: bool = False
+
+    @property
+    def refund_id(self) -> str:
+        return str(self.claims["refundId"])
+
+    @property
+    def receipt_id(self) -> str:
+        """The refunded call's receipt id."""
+        return str(self.claims["receiptId"])
+
+    @property
+    def amount(self) -> int:
+        """Micro-USDC refunded by this refund."""
+        return int(self.claims["amount"])
+
+    @property
+    def refundable(self) -> int:
+        """Micro-USDC of the charge still refundable after this refund."""
+        return parse_usd(self.claims["refundableUsd"], allow_zero=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.claims, "jws": self.jws}
+
+
 def sign_receipt(claims: dict[str, Any], *, kid: str, alg: str, key: Any) -> Receipt:
     jws = jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": RECEIPT_TYPE})
     return Receipt(jws, claims)
+
+
+def sign_refund_receipt(claims: dict[str, Any], *, kid: str, alg: str, key: Any
+                        ) -> RefundReceipt:
+    jws = jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": REFUND_TYPE})
+    return RefundReceipt(jws, claims)
+
+
+def read_refund_receipt(jws: str, *, replayed: bool = False) -> RefundReceipt:
+    """A refund receipt from this ledger's own store, read without checking it again."""
+    return RefundReceipt(jws, jwt.decode(jws, options={"verify_signature": False}), replayed)
+
+
+def receipt_type(jws: str) -> str | None:
+    """The ``typ`` of a receipt's header (a call's or a refund's), None if it has none."""
+    try:
+        typ = jwt.get_unverified_header(jws).get("typ")
+    except jwt.PyJWTError:
+        raise InvalidReceipt("not a receipt: the JWS cannot be parsed") from None
+    return typ if isinstance(typ, str) else None
 
 
 def read_receipt(jws: str) -> Receipt:
@@ -57,7 +113,22 @@ def read_receipt(jws: str) -> Receipt:
 
 
 def verify_receipt(jws: str, keys: dict[str, VerificationKey]) -> Receipt:
-    """Check a receipt's signature against ``keys`` (e.g. from a JWKS); the receipt or an error."""
+    """Check a call's receipt against ``keys`` (e.g. from a JWKS); the receipt or an error.
+    A refund receipt is not a call's receipt (:func:`verify_refund_receipt`)."""
+    if receipt_type(jws) == REFUND_TYPE:
+        raise InvalidReceipt("this is a refund receipt, not a call's receipt")
+    return Receipt(jws, _verified_claims(jws, keys, RECEIPT_FIELDS))
+
+
+def verify_refund_receipt(jws: str, keys: dict[str, VerificationKey]) -> RefundReceipt:
+    """Check a refund receipt against ``keys``; the refund receipt or an error."""
+    if receipt_type(jws) != REFUND_TYPE:
+        raise InvalidReceipt(f"not a refund receipt (its typ is not {REFUND_TYPE})")
+    return RefundReceipt(jws, _verified_claims(jws, keys, REFUND_FIELDS))
+
+
+def _verified_claims(jws: str, keys: dict[str, VerificationKey],
+                     fields: tuple[str, ...]) -> dict[str, Any]:
     try:
         header = jwt.get_unverified_header(jws)
     except jwt.PyJWTError:
@@ -70,7 +141,7 @@ def verify_receipt(jws: str, keys: dict[str, VerificationKey]) -> Receipt:
                             options={"verify_aud": False, "verify_exp": False})
     except jwt.PyJWTError:
         raise InvalidReceipt("receipt signature does not verify") from None
-    missing = [f for f in RECEIPT_FIELDS if f not in claims]
+    missing = [f for f in fields if f not in claims]
     if missing:
         raise InvalidReceipt(f"receipt lacks {', '.join(missing)}")
-    return Receipt(jws, claims)
+    return dict(claims)

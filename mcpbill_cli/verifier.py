@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from mcpbill_cli import refunding
 from mcpbill_cli.clock import Clock, aware, utcnow
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import (
@@ -73,7 +74,13 @@ from mcpbill_cli.pricing import (
 )
 from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
-from mcpbill_cli.receipts import Receipt, read_receipt, sign_receipt, verify_receipt
+from mcpbill_cli.receipts import (
+    Receipt,
+    RefundReceipt,
+    read_receipt,
+    sign_receipt,
+    verify_receipt,
+)
 from mcpbill_cli.scope import in_scope
 from mcpbill_cli.sealer import Sealer
 from mcpbill_cli.tokens import Claims, decode_token
@@ -432,10 +439,20 @@ class Verifier:
         """Check a receipt's signature with this verifier's keys (offline, no ledger)."""
         return verify_receipt(jws, self.keys.verification_keys())
 
-    def sweep_expired(self) -> int:
-        """Void every hold past its timeout; returns how many. Holds also expire lazily."""
-        with writing(self._ledger()) as conn:
-            return expire_holds(conn, now=self._clock())
+    # --- refunds --------------------------------------------------------------------------------
+
+    def refund(self, receipt_id: str, amount: int | None = None, reason: str | None = None,
+               idempotency_key: str | None = None) -> RefundReceipt:
+        """Give back ``amount`` micro-USDC (default: all still refundable) of the captured
+        call ``receipt_id``: to its token while the token is active, else to its tenant.
+        Returns the signed refund receipt. See :func:`mcpbill_cli.refunding.refund`."""
+        signer = self.keys.signer()
+        if signer is None:
+            raise StatelessVerifier("no signing key: refund receipts need the operator's key "
+                                    "ring")
+        return refunding.refund(self._ledger(), signer, receipt_id, amount=amount,
+                                reason=reason, idempotency_key=idempotency_key,
+                                network=self.network, clock=self._clock)
 
     # --- async twins ----------------------------------------------------------------------------
 

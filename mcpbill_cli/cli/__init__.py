@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "revocations": ("revoke", "revocations_app", True),
     "pricing": ("pricing", "app", True),
     "receipt": ("receipt", "app", True),
+    "refund": ("refund", "refund", False),
     "reconcile": ("reconcile", "reconcile", False),
     "events": ("reconcile", "events_app", True),
     "audit": ("audit", "app", True),

@@ -70,13 +70,20 @@ def verify(
         "--jwks", help="Verify against this JWKS file instead of the home's keys.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Check a receipt's signature offline; exits 6 (INVALID_RECEIPT) if it does not verify."""
-    from mcpbill_cli.receipts import verify_receipt
+    """Check a receipt's signature offline (a call's receipt or a refund receipt); exits 6
+    (INVALID_RECEIPT) if it does not verify."""
+    from mcpbill_cli.receipts import (
+        REFUND_TYPE,
+        receipt_type,
+        verify_receipt,
+        verify_refund_receipt,
+    )
 
     text = (sys.stdin.read() if receipt == "-" else receipt).strip()
     # Every key the home ever signed with: a receipt stays genuine after its key is retired.
     keys = _jwks_keys(jwks) if jwks else state(ctx).keyring().signature_keys()
-    checked = verify_receipt(text, keys)
+    verify = verify_refund_receipt if receipt_type(text) == REFUND_TYPE else verify_receipt
+    checked = verify(text, keys)
     emit({"valid": True, **receipt_data(checked.claims)}, as_json=as_json,
          human=lambda: _render({"valid": True, **checked.claims}))
 

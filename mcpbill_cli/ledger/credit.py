@@ -19,7 +19,7 @@ from mcpbill_cli.clock import Clock, aware, rfc3339, utcnow
 from mcpbill_cli.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
 from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
-from mcpbill_cli.ledger.models import accounts, calls, tokens, transfers
+from mcpbill_cli.ledger.models import accounts, calls, refunds, tokens, transfers
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.scope import within
 from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti
@@ -161,7 +161,7 @@ def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
 
 @dataclass(frozen=True)
 class TenantBalance:
-    """funded = available + allotted + held + spent, always."""
+    """funded = available + allotted + held + spent, always (spent net of refunds)."""
 
     tenant: str
     funded: int
@@ -195,6 +195,9 @@ def tenant_balance(conn: Connection, tenant: str) -> TenantBalance:
         .where(a.id.in_(token_accounts))).one()
     spent = conn.execute(select(func.coalesce(func.sum(t.amount), 0)).where(
         t.debit_account_id.in_(token_accounts), t.code.in_(SPEND_CODES))).scalar_one()
+    # Refunds gave some back, to the tokens (allotted again) or to the tenant (available).
+    spent -= conn.execute(select(func.coalesce(func.sum(refunds.c.amount), 0)).where(
+        refunds.c.tenant == tenant)).scalar_one()
     available = conn.execute(select(a.credits_posted - a.debits_posted - a.debits_pending)
                              .where(a.id == account)).scalar_one_or_none()
     if available is None and not funded:

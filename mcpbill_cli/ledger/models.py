@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 
 metadata = MetaData()
 
@@ -129,6 +129,9 @@ calls = Table(
     # A key derived from the call (not given by the caller) is retired once its dedupe window
     # has passed, so that the same call made again later is a new call under the same key.
     Column("key_retired", Boolean, nullable=False, default=False),
+    # What refunds gave back of ``amount``: raised by one conditional UPDATE per refund
+    # (``refunded + x <= amount``), so no interleaving of refunds passes the charge.
+    Column("refunded", BigInteger, nullable=False, server_default=text("0")),
     # Keys belong to a tenant (another tenant's "K" is another key); one live call per key:
     # the partial unique index uq_calls_live_key, see with_partial_indexes().
     Index("ix_calls_jti", "jti"),
@@ -329,4 +332,30 @@ x402_payments = Table(
     CheckConstraint("status IN ('reserved', 'settled', 'failed', 'released')",
                     name="ck_x402_payments_status"),
     Index("ix_x402_payments_status", "status", "reserved_at"),
+)
+
+# Refunds of captured calls: one row per refund, with its signed refund receipt. The call's
+# ``refunded`` is the guard; this is the record. An operator's idempotency key belongs to the
+# call's tenant (NULLs, refunds without a key, never collide).
+refunds = Table(
+    "refunds",
+    metadata,
+    Column("id", String(64), primary_key=True),  # rfnd_...
+    Column("call_id", String(64), ForeignKey("calls.id"), nullable=False),
+    Column("jti", String(64), nullable=False),
+    Column("tenant", String(100), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("requested", BigInteger, nullable=True),  # as asked: NULL for "what is left"
+    Column("refunded_after", BigInteger, nullable=False),  # the call's refunded with this one
+    Column("credited_to", String(200), nullable=False),  # token:<jti> or tenant:<name>
+    Column("transfer_id", String(200), nullable=False),  # refund:<id>
+    Column("reason", Text, nullable=True),
+    Column("idempotency_key", String(200), nullable=True),
+    Column("receipt", Text, nullable=False),
+    Column("demo", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("amount > 0", name="ck_refunds_amount_positive"),
+    UniqueConstraint("tenant", "idempotency_key", name="uq_refunds_key"),
+    Index("ix_refunds_call", "call_id"),
+    Index("ix_refunds_created", "created_at"),
 )

@@ -1,7 +1,8 @@
 """The money a seal covers: the transfers its events name, summed per class of account.
 
 Every event that moves money names its transfer (:func:`named_transfer`): a call's ``hold``,
-``capture``, ``charge``, ``void`` or ``expire`` is ``<kind>:<call id>``, an ``issue`` the
+``capture``, ``charge``, ``void`` or ``expire`` is ``<kind>:<call id>``, a ``refund``
+``refund:<refund id>``, an ``issue`` the
 allotment ``allot:<jti>`` (a child token's: ``child:<jti>``), a ``deposit`` its ``deposit:...``
 transfer, a ``topup`` or ``release`` the transfer id it keeps as ``ref``. An event and its
 transfer commit in one transaction, so a sealer that reads committed events reads their
@@ -31,6 +32,7 @@ from mcpbill_cli.ledger.models import events, transfers
 e = events.c
 t = transfers.c
 CALL_KINDS = ("hold", "capture", "charge", "void", "expire")
+KIND_REF_KINDS = (*CALL_KINDS, "refund")  # events naming the transfer ``<kind>:<ref>``
 CLASSES = ("chain", "tenant", "token", "revenue")  # any other account counts as "other"
 POSTED_KINDS = ("posted", "post_pending")
 IN_CHUNKS = 500
@@ -84,7 +86,7 @@ def account_class(account: str) -> str:
 
 def named_transfer(kind: str, ref: str | None, jti: str | None) -> str | None:
     """The id of the transfer an event names (``None``: it moved no money)."""
-    if kind in CALL_KINDS:
+    if kind in KIND_REF_KINDS:
         return f"{kind}:{ref or ''}"
     if kind == "issue":
         return f"{'child' if ref else 'allot'}:{jti or ''}"
@@ -99,7 +101,7 @@ def named_transfer_sql() -> Any:
     """:func:`named_transfer` over ``events`` columns, in SQL."""
     ref = func.coalesce(e.ref, "")
     return case(
-        (e.kind.in_(CALL_KINDS), e.kind + ":" + ref),
+        (e.kind.in_(KIND_REF_KINDS), e.kind + ":" + ref),
         (e.kind == "issue", case((e.ref.is_(None), "allot:"), else_="child:")
          + func.coalesce(e.jti, "")),
         (and_(e.kind == "deposit", e.ref.like("deposit:%")), e.ref),

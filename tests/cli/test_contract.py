@@ -88,6 +88,8 @@ SUCCESSFUL = [
     ("token", "extend", "{jti}", "--ttl", "13h"),
     ("receipt", "show", "{idempotency_key}"),
     ("receipt", "verify", "{receipt}"),
+    ("refund", "{receipt_id}", "--amount", "0.001", "--reason", "contract"),
+    ("receipt", "verify", "{refund}"),
     ("pricing", "show"),
     ("pricing", "quote", "search"),
     ("pricing", "set", "search", "0.003"),
@@ -143,7 +145,10 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_hom
         if args[:2] == ("token", "issue"):
             values.update(token=data["token"], jti=data["jti"])
             receipt = charge_once(data["token"])
-            values.update(idempotency_key=receipt.claims["idempotencyKey"], receipt=receipt.jws)
+            values.update(idempotency_key=receipt.claims["idempotencyKey"], receipt=receipt.jws,
+                          receipt_id=receipt.receipt_id)
+        if args[0] == "refund":
+            values["refund"] = data["jws"]
         if args[:2] == ("keys", "rotate"):
             values["old_kid"] = data["previous"]["kid"]
         if args[0] == "demo":

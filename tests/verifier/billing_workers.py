@@ -54,3 +54,25 @@ def charge_until_killed(db_url: str, keys_dir: str, pricing_doc: dict[str, Any],
         done += 1
         if done % 5 == 0:
             progress.put(done)
+
+
+def refund_calls(db_url: str, keys_dir: str, pricing_doc: dict[str, Any], receipt_id: str,
+                 amount: int, refunds: int, ready: Any, go: Any, results: Any) -> None:
+    """Ask ``refunds`` refunds of ``amount`` of one call once ``go`` is set; put (outcomes,
+    refund receipts)."""
+    verifier = _verifier(db_url, keys_dir, pricing_doc)
+    try:
+        verifier.receipt_for(receipt_id)  # open a connection first
+        ready.put("ready")
+        go.wait(120)
+        outcomes: Counter[str] = Counter()
+        receipts: list[str] = []
+        for _ in range(refunds):
+            try:
+                receipts.append(verifier.refund(receipt_id, amount).jws)
+                outcomes["ok"] += 1
+            except BillingError as exc:
+                outcomes[exc.code] += 1
+        results.put((dict(outcomes), receipts))
+    finally:
+        verifier.close()
