@@ -173,6 +173,15 @@ def test_units_must_be_a_whole_number_zero_or_more(units: int) -> None:
         quote(SAMPLE, "summarize").for_units(units)
 
 
+@pytest.mark.parametrize("tool", ["search", "summarize"])
+def test_units_the_ledger_cannot_keep_are_refused(tool: str) -> None:
+    """Units are kept in a 64-bit column: one more than it holds is refused before any write,
+    for a fixed-price tool too (it keeps the units it was given)."""
+    assert quote(SAMPLE, tool, units=2**63 - 1).amount >= 0
+    with pytest.raises(InvalidInput, match="units"):
+        quote(SAMPLE, tool, units=2**63)
+
+
 def test_price_to_dict_is_json_with_decimal_strings() -> None:
     assert quote(SAMPLE, "summarize", tenant="acme").to_dict() == {
         "amountUsd": "0.40", "asset": "USDC", "rule": "tools.summarize-discount:20%",

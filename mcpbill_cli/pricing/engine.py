@@ -122,9 +122,13 @@ def _priced(entry: ToolPrice, rule: str, version: int, discount: int, units: int
     return price if units is None else replace(price, amount=price.for_units(units))
 
 
+# The ledger keeps units in a 64-bit signed column.
+MAX_UNITS = 2**63 - 1
+
+
 def _check_units(units: int) -> None:
-    if isinstance(units, bool) or not isinstance(units, int) or units < 0:
-        raise InvalidInput(f"units must be a whole number, 0 or more, not {units!r}",
+    if isinstance(units, bool) or not isinstance(units, int) or not 0 <= units <= MAX_UNITS:
+        raise InvalidInput(f"units must be a whole number from 0 to {MAX_UNITS}, not {units!r}",
                            field="units")
 
 

@@ -21,6 +21,7 @@ from mcpbill_cli.ledger.engine import make_engine, writing
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.x402.errors import X402PaymentInvalid  # also registers the x402 codes
 
 from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock
 
@@ -107,7 +108,8 @@ def test_to_dict_works_for_every_code() -> None:
     codes = set()
     for cls in classes:
         extra: dict[str, Any] = (
-            {"reason": "malformed"} if issubclass(cls, errors.InvalidCreditToken)
+            {"reason": "malformed"}
+            if issubclass(cls, errors.InvalidCreditToken | X402PaymentInvalid)
             else {"receipt": Receipt("a.b.c", {"receiptId": "rcpt_1"})}
             if issubclass(cls, errors.DuplicateCall) else {})
         error = cls("what happened and what to do next", detail="x", **extra)
