@@ -161,6 +161,7 @@ def _event_transfers(ctx: Context, conn: Connection) -> None:
 
 def _stale_holds(ctx: Context, conn: Connection) -> None:
     ledger_checks.check_stale_holds(conn, ctx.now, ctx.found)
+    ledger_checks.check_stale_x402(conn, ctx.now, ctx.found)
 
 
 def _refused_captures(ctx: Context, conn: Connection) -> None:
@@ -250,7 +251,7 @@ CHECKS: tuple[Check, ...] = (
           start=Start.BESIDE, planning=Planning.SERIAL,
           skip=lambda ctx: None if ctx.options.ledger_wide
           else "ledger_invariants (--window-only)", label=_ledger_label),
-    Check("stale_holds", "the open holds", _stale_holds),
+    Check("stale_holds", "the open holds and the x402 payments still reserved", _stale_holds),
     Check("refused_captures", "the window's refusals of lapsed holds", _refused_captures),
     Check("deposits", "the window's deposits and their transfers", _deposits),
     Check("audit_chain", "the seals holding the window's events (or every seal) and their "

@@ -6,12 +6,13 @@ the window's control totals: each token's calls against its transfers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, func, select
 
+from mcpbill_cli.clock import aware, rfc3339
 from mcpbill_cli.ledger import invariants
-from mcpbill_cli.ledger.models import events, transfers
+from mcpbill_cli.ledger.models import events, transfers, x402_payments
 from mcpbill_cli.reconcile.calls_pass import TokenTally
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.drilldown import drill_token
@@ -20,6 +21,8 @@ from mcpbill_cli.reconcile.transfers_pass import TransferTally
 
 t = transfers.c
 e = events.c
+p = x402_payments.c
+X402_STALE_AFTER = timedelta(minutes=2)  # what Acceptor.recover() waits before it looks
 
 # invariants.check's names -> (finding, the table its rows are keys of)
 INVARIANT_FINDINGS: dict[str, tuple[str, str]] = {
@@ -53,6 +56,17 @@ def check_stale_holds(conn: Connection, now: datetime, found: Findings) -> None:
     for row in rows:
         found.show("hold_past_timeout", Row("transfers", row.id,
                                             f"timed out at {row.timeout_at}"))
+
+
+def check_stale_x402(conn: Connection, now: datetime, found: Findings) -> None:
+    """x402 payments reserved longer than a call takes: a server died between settling and
+    recording (the payer may have paid for nothing booked), or before settling."""
+    stale = (p.status == "reserved", p.reserved_at <= now - X402_STALE_AFTER)
+    for row in conn.execute(select(p.id, p.reserved_at, p.tool, p.amount).where(*stale)
+                            .order_by(p.reserved_at).limit(found.max_rows)):
+        found.add("x402_payment_stale", Row("x402_payments", row.id,
+                                            f"{row.tool} for {row.amount} units, reserved at "
+                                            f"{rfc3339(aware(row.reserved_at))}"))
 
 
 def check_refused_captures(conn: Connection, window: Window, found: Findings) -> None:

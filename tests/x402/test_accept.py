@@ -19,6 +19,7 @@ from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import BillingError, CallInProgress
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.addresses import checksum_address
 from mcpbill_cli.wallet.rpc import Rpc
@@ -291,6 +292,11 @@ def test_a_crash_between_settlement_and_record_is_recovered_from_the_chain(shop:
     opened = shop.acceptor.reserve(shop.acceptor.verify(payment, "search"))
     assert isinstance(opened, Reserved)
     settlement = shop.acceptor.settle(opened)  # ... and the server dies here
+    later = utcnow() + timedelta(minutes=5)
+    report = reconcile(shop.engine, ReconcileOptions(
+        window=Window(later - timedelta(hours=1), later), chain="off", now=later))
+    assert [(f.name, [r.key for r in f.rows]) for f in report.findings] == [
+        ("x402_payment_stale", [opened.verified.payment_id])]
 
     assert shop.acceptor.recover(older_than=3600) == []  # not stale yet: left alone
     [recovered] = shop.acceptor.recover(older_than=0)
