@@ -439,6 +439,11 @@ class Verifier:
         """Check a receipt's signature with this verifier's keys (offline, no ledger)."""
         return verify_receipt(jws, self.keys.verification_keys())
 
+    def sweep_expired(self) -> int:
+        """Void every hold past its timeout; returns how many. Holds also expire lazily."""
+        with writing(self._ledger()) as conn:
+            return expire_holds(conn, now=self._clock())
+
     # --- refunds --------------------------------------------------------------------------------
 
     def refund(self, receipt_id: str, amount: int | None = None, reason: str | None = None,
