@@ -24,7 +24,8 @@ What is checked, and how it scales:
 - **The sealed audit trail**: the seals holding the window's events (``chain="window"``, the
   first linked to the seal before it), every seal (``"full"``), or none (``"off"``): their
   numbers, links, hashes and signatures (with ``keys_dir``), and each seal's batch re-hashed;
-  events left unsealed too long.
+  each seal's money (``ledger.seal_money``: the transfers its events name, per class of
+  account) sums to zero and matches those transfers now; events left unsealed too long.
 - **Receipt signatures** (``verify_receipts``): every captured call's receipt verified with
   every key of the key ring and its signed fields compared with the call.
 
