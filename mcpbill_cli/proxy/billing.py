@@ -30,6 +30,8 @@ from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult
 from mcpbill_cli.errors import BillingError, ProxyBusy, UpstreamTimeout, UpstreamUnavailable
 from mcpbill_cli.mcp.wire import (
     IDEMPOTENCY_KEY_META,
+    LEGACY_META,
+    PREFIX,
     TOKEN_META,
     client_address,
     credit_token,
@@ -53,6 +55,8 @@ log = logging.getLogger("mcpbill.proxy")
 PROGRESS_TOKENS = ("progress_token", "progressToken")
 RESERVED_PREFIX = "io.modelcontextprotocol/"  # the protocol's own _meta keys, per connection
 BUSY_RETRY_MS = 250
+# The agent's own keys: never forwarded (the credit token is a credential).
+PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, *LEGACY_META.values()})
 
 
 @dataclass(frozen=True)
@@ -211,12 +215,12 @@ class ProxyBilling:
 
 
 def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The call's ``_meta`` as the upstream gets it: without the agent's credit token and
-    idempotency key, the progress token (the proxy's client sets its own) and the protocol's
-    per-connection keys."""
+    """The call's ``_meta`` as the upstream gets it: without mcpbill's keys (the agent's credit
+    token, under its current or its legacy name, and idempotency key), the progress token (the
+    proxy's client sets its own) and the protocol's per-connection keys."""
     kept = {key: value for key, value in (meta or {}).items()
-            if key not in (TOKEN_META, IDEMPOTENCY_KEY_META, *PROGRESS_TOKENS)
-            and not key.startswith(RESERVED_PREFIX)}
+            if key not in PRIVATE_META and key not in PROGRESS_TOKENS
+            and not key.startswith((RESERVED_PREFIX, PREFIX))}
     return kept or None
 
 
