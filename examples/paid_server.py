@@ -5,9 +5,11 @@
 
 Prices, keys and the ledger come from the mcpbill home (``MCPBILL_HOME``, see ``mcpbill init``);
 the sample pricing table prices status at 0, search at 0.002 and summarize at 0.00001 a word.
-Agents send their credit token in ``_meta["dev.mcpbill/token"]``, as ``Authorization: Bearer`` over
-HTTP, or in ``AGENT_CREDIT_JWT`` when they launch this server over stdio. Each paid result
-carries its signed receipt in ``_meta["dev.mcpbill/receipt"]``.
+Agents send their credit token in ``_meta["dev.mcpbill/token"]``, or in ``AGENT_CREDIT_JWT``
+when they launch this server over stdio; over HTTP also as ``Authorization: Bearer`` where the
+home's config.toml makes mcpbill the server's authorization (``[mcp]``, see the README), for
+tokens issued to its canonical URI. Each paid result carries its signed receipt in
+``_meta["dev.mcpbill/receipt"]``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mcpbill_cli.durations import parse_duration
 from mcpbill_cli.errors import ConfigInvalid, InvalidInput
@@ -26,6 +27,8 @@ ENV_REPLAY_RESULT_CAP = "MCPBILL_REPLAY_RESULT_CAP"
 # [wallet] keys of config.toml that a variable overrides (MCPBILL_RPC_URL is --rpc-url's envvar)
 ENV_WALLET = {"chain": "MCPBILL_CHAIN", "deposit_address": "MCPBILL_DEPOSIT_ADDRESS"}
 ENV_TOKEN = "AGENT_CREDIT_JWT"  # noqa: S105 - the variable's name, not a secret
+# [mcp] keys of config.toml that a variable overrides
+ENV_MCP = {"authorization": "MCPBILL_MCP_AUTHORIZATION", "resource": "MCPBILL_MCP_RESOURCE"}
 
 CONFIG_FILE = "config.toml"
 PRICING_FILE = "pricing.toml"
@@ -33,13 +36,18 @@ LEDGER_FILE = "ledger.db"
 KEYS_DIR = "keys"
 
 MODES = ("demo", "live")
+# How an MCP server takes a credit token from the HTTP Authorization header: never ("none"), or
+# as the server's own authorization ("bearer"), for tokens issued to its canonical URI only.
+MCP_AUTHORIZATIONS = ("none", "bearer")
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 DEFAULT_TENANT = "default"
 
 # Keys a config.toml may hold; anything else is a typo we would rather report than ignore.
 _KNOWN_KEYS = {
     "mode", "db_url", "issuer", "audience", "ttl_cap", "default_ttl", "leeway",
-    "hold_timeout", "replay_result_cap", "chains", "wallet",
+    "hold_timeout", "replay_result_cap", "chains", "wallet", "mcp",
 }
+_MCP_KEYS = {"authorization", "resource"}
 DEFAULT_RESULT_CAP = 256 * 1024
 MAX_SETTING_SECONDS = 3650 * 86400
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024 * 1024}
@@ -65,6 +73,8 @@ class Settings:
     leeway: int = 30
     hold_timeout: int = 300
     result_cap: int = DEFAULT_RESULT_CAP  # bytes of a tool result kept for replays
+    mcp_authorization: str = "none"  # [mcp] authorization: see MCP_AUTHORIZATIONS
+    mcp_resource: str | None = None  # [mcp] resource: the MCP server's canonical URI
     file: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -104,7 +114,9 @@ def load_settings(
 ) -> Settings:
     """Resolve every setting once. Arguments are the command-line flags (``None`` = not given)."""
     home_path = Path(home or os.environ.get(ENV_HOME) or default_home()).expanduser()
-    file = _with_wallet_env(read_config_file(home_path / CONFIG_FILE))
+    file = _with_table_env(_with_table_env(read_config_file(home_path / CONFIG_FILE),
+                                           "wallet", ENV_WALLET), "mcp", ENV_MCP)
+    authorization, resource = _mcp_authorization(file.get("mcp", {}))
 
     def pick(flag: Any, env: str | None, key: str, default: Any) -> Any:
         if flag is not None:
@@ -130,19 +142,58 @@ def load_settings(
         hold_timeout=_seconds(pick(None, ENV_HOLD_TIMEOUT, "hold_timeout", "5m"), "hold_timeout"),
         result_cap=_bytes(pick(None, ENV_REPLAY_RESULT_CAP, "replay_result_cap",
                                DEFAULT_RESULT_CAP), "replay_result_cap"),
+        mcp_authorization=authorization,
+        mcp_resource=resource,
         file=file,
     )
 
 
-def _with_wallet_env(file: dict[str, Any]) -> dict[str, Any]:
-    """config.toml's settings with ``[wallet]`` keys replaced by their variables, where set."""
-    overrides = {key: os.environ[env] for key, env in ENV_WALLET.items() if os.environ.get(env)}
+def _with_table_env(file: dict[str, Any], table: str, envs: dict[str, str]) -> dict[str, Any]:
+    """config.toml's settings with ``[table]`` keys replaced by their variables, where set."""
+    overrides = {key: os.environ[env] for key, env in envs.items() if os.environ.get(env)}
     if not overrides:
         return file
-    wallet = file.get("wallet", {})
-    if not isinstance(wallet, dict):
-        raise ConfigInvalid("config [wallet] must be a table")
-    return {**file, "wallet": {**wallet, **overrides}}
+    current = file.get(table, {})
+    if not isinstance(current, dict):
+        raise ConfigInvalid(f"config [{table}] must be a table")
+    return {**file, table: {**current, **overrides}}
+
+
+def _mcp_authorization(table: Any) -> tuple[str, str | None]:
+    """``[mcp] authorization`` and ``resource``: "bearer" needs the server's canonical URI."""
+    if not isinstance(table, dict):
+        raise ConfigInvalid("config [mcp] must be a table")
+    unknown = sorted(set(table) - _MCP_KEYS)
+    if unknown:
+        raise ConfigInvalid(f"config [mcp]: unknown key(s) {', '.join(unknown)}")
+    authorization = str(table.get("authorization", "none"))
+    if authorization not in MCP_AUTHORIZATIONS:
+        raise ConfigInvalid(f"config [mcp] authorization {authorization!r} is not one of "
+                            f"{', '.join(MCP_AUTHORIZATIONS)}")
+    resource = table.get("resource")
+    if resource is not None:
+        resource = canonical_resource(str(resource))
+    if authorization == "bearer" and resource is None:
+        raise ConfigInvalid('config [mcp] authorization = "bearer" needs resource, the MCP '
+                            'server\'s canonical URI (e.g. "https://mcp.example.com/mcp")')
+    return authorization, resource
+
+
+def canonical_resource(uri: str) -> str:
+    """An MCP server's canonical URI (RFC 8707 resource): absolute, https (http only on a
+    loopback host), no fragment; scheme and host lower-cased, no trailing slash. Tokens for the
+    server carry it as their audience, so it is compared as text, once in this form."""
+    parts = urlsplit(uri.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    secure = scheme == "https" or (scheme == "http" and (
+        host in _LOOPBACK_HOSTS or f"[{host}]" in _LOOPBACK_HOSTS))
+    if not secure or not parts.netloc or parts.fragment or "@" in parts.netloc:
+        raise ConfigInvalid(f"config [mcp] resource {redact(uri)!r} is not a canonical server "
+                            "URI: https://host[:port][/path], no fragment (http only for "
+                            "localhost)")
+    netloc = parts.netloc.lower()
+    path = parts.path.rstrip("/")
+    return urlunsplit((scheme, netloc, path, parts.query, ""))
 
 
 def default_db_url(home: Path) -> str:

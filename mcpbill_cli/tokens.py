@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,6 +24,8 @@ from mcpbill_cli.scope import pattern_problem
 MAX_TOKEN_BYTES = 8192
 # A header is one flat object; a few nested ones (a jwk, a crit list) is already unusual.
 MAX_HEADER_NESTING = 8
+# The audience a verifier accepts: one name, any of several, or None (not checked).
+Audience = str | Sequence[str] | None
 REQUIRED_CLAIMS = ["iss", "aud", "sub", "jti", "iat", "nbf", "exp", "tenant", "scope",
                    "spendLimitUsd"]
 
@@ -91,12 +94,26 @@ def peek_header(token: str) -> dict[str, Any]:
     return header
 
 
+def peek_audience(token: str) -> Any:
+    """The token's ``aud`` claim, read without verifying anything (``None``: not a JWT, or no
+    claim). For a check that must come before verification; the verifier checks the rest."""
+    parts = token.split(".") if isinstance(token, str) and len(token) <= MAX_TOKEN_BYTES else []
+    if len(parts) != 3 or not token.isascii():
+        return None
+    body = parts[1]
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except (ValueError, RecursionError):
+        return None
+    return payload.get("aud") if isinstance(payload, dict) else None
+
+
 def _not_a_jwt() -> InvalidCreditToken:
     return InvalidCreditToken("token is not a JWT", reason="malformed")
 
 
 def decode_token(
-    token: str, keys: dict[str, VerificationKey], *, audience: str | None, issuer: str | None,
+    token: str, keys: dict[str, VerificationKey], *, audience: Audience, issuer: str | None,
     leeway: int = 30, verify_exp: bool = True, now: datetime | None = None,
 ) -> Claims:
     """Verify signature, algorithm, kid, time and audience; the claims or InvalidCreditToken.
@@ -134,7 +151,7 @@ _REASONS: list[tuple[type[Exception], str, str]] = [
 ]
 
 
-def _verified_payload(token: str, key: VerificationKey, *, audience: str | None,
+def _verified_payload(token: str, key: VerificationKey, *, audience: Audience,
                       issuer: str | None, leeway: int, verify_exp: bool,
                       now: datetime | None) -> dict[str, Any]:
     options: Any = {"require": REQUIRED_CLAIMS, "verify_exp": verify_exp,
@@ -156,7 +173,7 @@ def _verified_payload(token: str, key: VerificationKey, *, audience: str | None,
         raise InvalidCreditToken("token is not a valid JWT", reason="malformed") from None
 
 
-def _decode_at(token: str, key: VerificationKey, audience: str | None, issuer: str | None,
+def _decode_at(token: str, key: VerificationKey, audience: Audience, issuer: str | None,
                leeway: int, options: Any, now: datetime) -> dict[str, Any]:
     """Decode as of ``now`` (tests and reconcile): verify the signature, then check time here."""
     untimed: Any = {**options, "verify_exp": False, "verify_nbf": False, "verify_iat": False}

@@ -83,7 +83,7 @@ from mcpbill_cli.receipts import (
 )
 from mcpbill_cli.scope import in_scope
 from mcpbill_cli.sealer import Sealer
-from mcpbill_cli.tokens import Claims, decode_token
+from mcpbill_cli.tokens import Audience, Claims, decode_token
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
 
@@ -176,7 +176,7 @@ class Verifier:
     def __init__(
         self, *, keys: KeySource, pricing: PricingSource | PricingTable | Path | str,
         engine: Engine | None = None, db_url: str | None = None,
-        audience: str | None = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
+        audience: Audience = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
         clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
     ) -> None:
@@ -217,7 +217,7 @@ class Verifier:
         s = settings or load_settings()
         options: dict[str, Any] = {
             "db_url": s.db_url, "keys": KeySource(directory=s.keys_dir),
-            "pricing": s.pricing_path, "audience": s.audience, "issuer": s.issuer,
+            "pricing": s.pricing_path, "audience": _audience(s), "issuer": s.issuer,
             "leeway": s.leeway, "hold_timeout": s.hold_timeout, "demo": s.demo,
             "result_cap": s.result_cap}
         return cls(**{**options, **overrides})
@@ -536,6 +536,21 @@ class Verifier:
         verifier's keys; INVALID_CREDIT_TOKEN otherwise. Revocation and budget are not read."""
         return self._verified(token)
 
+    @property
+    def own_audience(self) -> str | None:
+        """The audience of tokens this verifier's side mints itself: the first it accepts."""
+        accepted = self.audience
+        if accepted is None or isinstance(accepted, str):
+            return accepted
+        return next(iter(accepted), None)
+
+    def accepts_audience(self, audience: str) -> bool:
+        """Whether tokens issued to ``audience`` pass this verifier's audience check."""
+        accepted = self.audience
+        if accepted is None or isinstance(accepted, str):
+            return accepted in (None, audience)
+        return audience in accepted
+
     def pricing_table(self) -> PricingTable:
         """The pricing table in force, under the version receipts name: the file's own,
         unless the file was edited without a version bump and the ledger already charged
@@ -847,6 +862,14 @@ class Verifier:
         except DBAPIError as failure:  # the ledger took none of it: the refusal still stands
             logger.warning("could not record refusal %s: %s", exc.code,
                            type(failure.orig).__name__)
+
+
+def _audience(settings: Settings) -> Audience:
+    """The audience a server accepts: the configured one, and its canonical URI where set
+    (``[mcp] resource``: what tokens sent as its HTTP authorization are issued to)."""
+    if settings.mcp_resource is None or settings.mcp_resource == settings.audience:
+        return settings.audience
+    return (settings.audience, settings.mcp_resource)
 
 
 def _unauthenticated(exc: BillingError) -> bool:

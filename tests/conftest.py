@@ -33,7 +33,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                  "MCPBILL_AUDIENCE", "AGENT_CREDIT_JWT", "MCPBILL_KEYSTORE_PASSWORD",
                  "MCPBILL_DEFAULT_TTL", "MCPBILL_LEEWAY", "MCPBILL_HOLD_TIMEOUT",
                  "MCPBILL_REPLAY_RESULT_CAP", "MCPBILL_CHAIN", "MCPBILL_DEPOSIT_ADDRESS",
-                 "MCPBILL_RPC_URL"):
+                 "MCPBILL_RPC_URL", "MCPBILL_MCP_AUTHORIZATION", "MCPBILL_MCP_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("COLUMNS", "80")

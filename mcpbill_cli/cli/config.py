@@ -25,6 +25,8 @@ def scrubbed(settings: Settings) -> dict[str, str]:
         "leeway": format_duration(settings.leeway),
         "hold_timeout": format_duration(settings.hold_timeout),
         "replay_result_cap": str(settings.result_cap),
+        "mcp_authorization": settings.mcp_authorization,
+        "mcp_resource": settings.mcp_resource or "",
         "config_file": str(settings.config_path),
         "pricing_file": str(settings.pricing_path),
         "keys_dir": str(settings.keys_dir),

@@ -35,7 +35,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolRequestParams, CallToolResult
 
-from mcpbill_cli.config import ENV_TOKEN, Settings
+from mcpbill_cli.config import ENV_TOKEN, Settings, load_settings
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.mcp.units import metering
 from mcpbill_cli.mcp.wire import (
@@ -45,6 +45,9 @@ from mcpbill_cli.mcp.wire import (
     RECEIPT_META,
     REPLAYED_META,
     TOKEN_META,
+    authorization_resource,
+    authorization_settings,
+    bearer_resource,
     client_address,
     credit_token,
     idempotency_key,
@@ -136,8 +139,10 @@ class Billing(Extension):
     voided and costs nothing. Free tools (price 0) still check the token, without a receipt.
     Tools registered with plain ``server.tool()`` are not billed and need no token.
 
-    ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own OAuth
-    uses that header); agents then send the token in ``_meta["dev.mcpbill/token"]``.
+    ``Authorization: Bearer`` is not read unless ``resource`` names this server's canonical URI
+    (mcpbill is then the server's authorization, and a token there must be issued to that
+    URI); :meth:`from_settings` takes it from ``[mcp]`` in config.toml. ``bearer=`` is
+    deprecated: ``bearer=True`` reads the header for tokens of the verifier's own audience.
 
     With an ``acceptor`` (:class:`~mcpbill_cli.x402.accept.Acceptor`), the tools the pricing
     table offers x402 on also take x402 payments in ``_meta["x402/payment"]`` and their
@@ -146,25 +151,28 @@ class Billing(Extension):
 
     identifier = EXTENSION_ID
 
-    def __init__(self, verifier: Verifier, *, bearer: bool = True,
-                 acceptor: Acceptor | None = None) -> None:
+    def __init__(self, verifier: Verifier, *, resource: str | None = None,
+                 acceptor: Acceptor | None = None, bearer: bool | None = None) -> None:
         self.verifier = verifier
-        self.bearer = bearer
+        self.resource = bearer_resource(verifier, resource, bearer)
         self.acceptor = acceptor
         self._billed: dict[str, BilledTool] = {}
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, *, bearer: bool = True) -> Billing:
+    def from_settings(cls, settings: Settings | None = None, *,
+                      bearer: bool | None = None) -> Billing:
         """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table,
-        and x402 payments where pricing.toml's ``[x402]`` and the chain settings allow them
-        (see :meth:`~mcpbill_cli.x402.accept.Acceptor.from_settings`)."""
-        verifier = Verifier.from_settings(settings)
-        acceptor = Acceptor.from_settings(verifier, settings)
+        its ``[mcp]`` authorization, and x402 payments where pricing.toml's ``[x402]`` and the
+        chain settings allow them (see :meth:`~mcpbill_cli.x402.accept.Acceptor.from_settings`)."""
+        s = settings or load_settings()
+        verifier = Verifier.from_settings(s)
+        acceptor = Acceptor.from_settings(verifier, s)
+        resource = authorization_resource(s)
         if isinstance(acceptor, Unavailable):
             if verifier.pricing_table().x402 is not None:
                 logger.warning("x402 payments are not offered: %s", acceptor.reason)
-            return cls(verifier, bearer=bearer)
-        return cls(verifier, bearer=bearer, acceptor=acceptor)
+            return cls(verifier, resource=resource, bearer=bearer)
+        return cls(verifier, resource=resource, bearer=bearer, acceptor=acceptor)
 
     @property
     def billed_tools(self) -> dict[str, BilledTool]:
@@ -177,7 +185,8 @@ class Billing(Extension):
         agent needs to pay, and where each piece goes."""
         return {"asset": "USDC", "network": self.verifier.network, "tokenMeta": TOKEN_META,
                 "tokenEnv": ENV_TOKEN, "receiptMeta": RECEIPT_META, "priceMeta": PRICE_META,
-                "idempotencyKeyMeta": IDEMPOTENCY_KEY_META, "replayedMeta": REPLAYED_META}
+                "idempotencyKeyMeta": IDEMPOTENCY_KEY_META, "replayedMeta": REPLAYED_META,
+                "authorization": authorization_settings(self.resource)}
 
     def price(self, tool: str, max_units: int | None = None) -> Price:
         """The table's base price of one call (per-unit: the most one call can cost)."""
@@ -228,7 +237,7 @@ class Billing(Extension):
     def _call_request(self, tool: BilledTool, params: CallToolRequestParams,
                       ctx: ServerRequestContext[Any, Any]) -> _CallRequest:
         meta = params.meta
-        return _CallRequest(tool, credit_token(meta, ctx.request, bearer=self.bearer),
+        return _CallRequest(tool, credit_token(meta, ctx.request, resource=self.resource),
                             dict(params.arguments or {}), idempotency_key(meta))
 
     async def _billed_call(self, run: _Run, ctx: ServerRequestContext[Any, Any],
@@ -281,7 +290,7 @@ class Billing(Extension):
         tenant = agent = None
         if self._sends_token(params, ctx):
             claims = self.verifier.claims_of(credit_token(params.meta, ctx.request,
-                                                          bearer=self.bearer))
+                                                          resource=self.resource))
             tenant, agent = claims.tenant, claims.agent
         return PaidCall(self.acceptor, tool.name, payment, dict(params.arguments or {}),
                         tenant=tenant, agent=agent)
@@ -289,7 +298,7 @@ class Billing(Extension):
     def _sends_token(self, params: CallToolRequestParams,
                      ctx: ServerRequestContext[Any, Any]) -> bool:
         try:
-            credit_token(params.meta, ctx.request, bearer=self.bearer)
+            credit_token(params.meta, ctx.request, resource=self.resource)
         except BillingError:
             return False
         return True

@@ -15,11 +15,12 @@ A tool registered some other way (a mounted or proxied server's) is billed by na
 ``billing.bill("child_search")`` once ``billing`` is in the server's middleware.
 
 The wire is the same as :class:`~mcpbill_cli.mcp.billing.Billing`'s: the token from
-``_meta["dev.mcpbill/token"]``, ``Authorization: Bearer`` or ``AGENT_CREDIT_JWT``; the receipt in
-the result's ``_meta["dev.mcpbill/receipt"]``; refusals as ``isError`` results; prices in each
-billed tool's ``_meta["dev.mcpbill/price"]`` in ``tools/list``. fastmcp hands a middleware the
-request's raw ``_meta``, its id and its HTTP request through ``fastmcp_context.request_context``;
-a tool that raises reaches ``on_call_tool`` as a ``ToolError`` and the call is voided.
+``_meta["dev.mcpbill/token"]``, ``Authorization: Bearer`` (where configured) or
+``AGENT_CREDIT_JWT``; the receipt in the result's ``_meta["dev.mcpbill/receipt"]``; refusals
+as ``isError`` results; prices in each billed tool's ``_meta["dev.mcpbill/price"]`` in
+``tools/list``. fastmcp hands a middleware the request's raw ``_meta``, its id and its HTTP
+request through ``fastmcp_context.request_context``; a tool that raises reaches
+``on_call_tool`` as a ``ToolError`` and the call is voided.
 Add billing innermost (after any caching middleware): a cached answer is never billed.
 """
 
@@ -35,13 +36,15 @@ from fastmcp.server.dependencies import FastMCPRequestContext
 from fastmcp.server.middleware import CallNext, Middleware, MiddlewareContext
 from fastmcp.tools.base import InputRequiredToolResult, Tool, ToolResult
 
-from mcpbill_cli.config import Settings
+from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.mcp.billing import BilledTool
 from mcpbill_cli.mcp.units import metering
 from mcpbill_cli.mcp.wire import (
     PRICE_META,
     RECEIPT_META,
+    authorization_resource,
+    bearer_resource,
     client_address,
     credit_token,
     idempotency_key,
@@ -67,21 +70,25 @@ class BillingMiddleware(Middleware):
     Every call of a billed tool needs a credit token. A refusal is an ``isError`` result carrying
     the :class:`~mcpbill_cli.errors.BillingError` object; a paid call carries its signed receipt;
     a call whose tool raised or returned an error is voided. Free tools (price 0) still check the
-    token. ``bearer=False`` stops reading ``Authorization: Bearer`` (for servers whose own auth
-    uses that header); agents then send the token in ``_meta["dev.mcpbill/token"]``.
+    token. ``Authorization: Bearer`` is read only when ``resource`` names this server's
+    canonical URI, for tokens issued to it (see :class:`~mcpbill_cli.mcp.billing.Billing`);
+    ``bearer=`` is deprecated.
     """
 
-    def __init__(self, verifier: Verifier, *, bearer: bool = True) -> None:
+    def __init__(self, verifier: Verifier, *, resource: str | None = None,
+                 bearer: bool | None = None) -> None:
         self.verifier = verifier
-        self.bearer = bearer
+        self.resource = bearer_resource(verifier, resource, bearer)
         self._billed: dict[str, BilledTool] = {}
         self._prices: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
-                      bearer: bool = True) -> BillingMiddleware:
-        """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table."""
-        return cls(Verifier.from_settings(settings), bearer=bearer)
+                      bearer: bool | None = None) -> BillingMiddleware:
+        """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table,
+        and its ``[mcp]`` authorization."""
+        s = settings or load_settings()
+        return cls(Verifier.from_settings(s), resource=authorization_resource(s), bearer=bearer)
 
     @property
     def billed_tools(self) -> dict[str, BilledTool]:
@@ -152,7 +159,7 @@ class BillingMiddleware(Middleware):
         meta = request.meta if request is not None else None
         http = request.request if request is not None else None
         opened = await self.verifier.abegin(
-            credit_token(meta, http, bearer=self.bearer), tool.name,
+            credit_token(meta, http, resource=self.resource), tool.name,
             args=dict(context.message.arguments or {}), idempotency_key=idempotency_key(meta),
             max_units=tool.max_units)
         if isinstance(opened, Quote):  # a free tool: the token was checked, nothing is held

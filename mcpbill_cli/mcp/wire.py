@@ -1,7 +1,8 @@
 """The MCP wire shapes of billing (DESIGN.md "MCP wire shapes", after x402's v2 MCP transport).
 
-- the credit token comes from ``_meta["dev.mcpbill/token"]`` on the call, else the HTTP
-  ``Authorization: Bearer`` header, else (stdio and in-process only) ``AGENT_CREDIT_JWT``;
+- the credit token comes from ``_meta["dev.mcpbill/token"]`` on the call, else (only where
+  mcpbill is the server's authorization) the HTTP ``Authorization: Bearer`` header, else
+  (stdio and in-process only) ``AGENT_CREDIT_JWT``;
 - an explicit idempotency key may come in ``_meta["dev.mcpbill/idempotencyKey"]``; without one,
   the verifier derives the key from the call (token, tool, arguments) within the tool's dedupe
   window, never from the JSON-RPC request id or a session (MCP 2026-07-28 has no sessions,
@@ -19,15 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from mcp_types import CallToolResult, TextContent
 
-from mcpbill_cli.config import ENV_TOKEN
+from mcpbill_cli.config import ENV_TOKEN, Settings, canonical_resource
 from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, InvalidInput
 from mcpbill_cli.receipts import Receipt
-from mcpbill_cli.verifier import MAX_KEY_LENGTH
+from mcpbill_cli.tokens import peek_audience
+from mcpbill_cli.verifier import MAX_KEY_LENGTH, Verifier
 
 # MCP 2026-07-28 names `_meta` keys (and extension identifiers) with a reverse-DNS prefix, and
 # reserves every prefix whose second label is `mcp` or `modelcontextprotocol`. Ours is mcpbill.dev
@@ -44,24 +47,78 @@ REPLAYED_META = PREFIX + "replayed"
 LEGACY_META = {TOKEN_META: "mcpbill/token", IDEMPOTENCY_KEY_META: "mcpbill/idempotencyKey"}
 
 
-def credit_token(meta: Mapping[str, Any] | None, request: Any, *, bearer: bool = True) -> str:
+def credit_token(meta: Mapping[str, Any] | None, request: Any, *,
+                 resource: str | None = None) -> str:
     """The call's credit token, or INVALID_CREDIT_TOKEN (reason ``missing``) when there is none.
 
     ``request`` is the HTTP request of an HTTP transport (``None`` on stdio and in process).
-    An HTTP server never falls back to its own environment: that would bill every anonymous
-    caller to whatever token the server process happens to hold.
+    ``Authorization: Bearer`` is read only where mcpbill is the server's authorization, whose
+    canonical URI is ``resource``: as MCP's authorization spec requires, a token there must
+    have been issued to that URI (RFC 8707), and one issued to anyone else is refused
+    (``wrong_audience``), never passed on. Otherwise the header belongs to someone else (the
+    server's own OAuth, a proxy) and is not looked at. An HTTP server never falls back to its
+    own environment: that would bill every anonymous caller to the server process's token.
     """
     token = _meta_text(meta, TOKEN_META)
-    if token is None and request is not None and bearer:
+    if token is None and request is not None and resource is not None:
         token = _bearer(request)
+        if token is not None:
+            _require_audience(token, resource)
     if token is None and request is None:
         token = os.environ.get(ENV_TOKEN) or None
     if token is None:
+        header = " or as Authorization: Bearer (HTTP)" if resource is not None else ""
         raise InvalidCreditToken(
-            f"no credit token: send one in _meta[{TOKEN_META!r}], as Authorization: Bearer "
-            f"(HTTP), or in {ENV_TOKEN} (stdio); ask the operator for one with "
-            "`mcpbill token issue`", reason="missing")
+            f"no credit token: send one in _meta[{TOKEN_META!r}]{header}, or in {ENV_TOKEN} "
+            "(stdio); ask the operator for one with `mcpbill token issue`", reason="missing")
     return token
+
+
+def bearer_resource(verifier: Verifier, resource: str | None, bearer: bool | None,
+                    ) -> str | None:
+    """The canonical URI that ``Authorization: Bearer`` tokens must be issued to, or ``None``:
+    the header is not read. ``bearer`` is the argument before 0.2 (deprecated): ``True`` read
+    the header for tokens of the verifier's own audience, which stays so until it goes."""
+    if bearer is not None:
+        warnings.warn(
+            "bearer= is deprecated and goes away in 0.2.0: Authorization is read only where "
+            "mcpbill is the server's authorization; pass resource= (the server's canonical "
+            'URI), or set [mcp] authorization = "bearer" and resource in config.toml',
+            DeprecationWarning, stacklevel=3)
+        if bearer and resource is None:
+            if not isinstance(verifier.audience, str):
+                raise ValueError("bearer=True needs one audience to check: pass resource=")
+            return verifier.audience
+    if resource is None:
+        return None
+    resource = canonical_resource(resource)
+    if not verifier.accepts_audience(resource):
+        raise ValueError(f"the verifier does not accept tokens issued to {resource!r}: build "
+                         "it with that audience (Verifier.from_settings() adds [mcp] resource)")
+    return resource
+
+
+def authorization_resource(settings: Settings) -> str | None:
+    """The canonical URI of ``[mcp] authorization = "bearer"`` (``None``: not configured)."""
+    return settings.mcp_resource if settings.mcp_authorization == "bearer" else None
+
+
+def authorization_settings(resource: str | None) -> dict[str, Any]:
+    """How the extension takes a token over HTTP, as advertised in its settings."""
+    if resource is None:
+        return {"bearer": False}
+    return {"bearer": True, "resource": resource}
+
+
+def _require_audience(token: str, resource: str) -> None:
+    """A Bearer token must be issued to this server's canonical URI. Read before the verifier
+    checks the signature, which covers the claim: a forged ``aud`` fails there."""
+    audience = peek_audience(token)
+    if audience != resource:
+        raise InvalidCreditToken(
+            f"the Authorization token is not issued to this server: its audience must be "
+            f"{resource!r} (mcpbill token issue --audience {resource})",
+            reason="wrong_audience")
 
 
 def idempotency_key(meta: Mapping[str, Any] | None) -> str | None:

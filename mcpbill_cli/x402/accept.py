@@ -435,7 +435,7 @@ class Acceptor:
                           token=paid.asset, amount=transfer.amount)
         request = credit.IssueRequest(
             tenant=paid.tenant, agent=paid.agent, limit=paid.price.amount, ttl=PAID_TOKEN_TTL,
-            scope=[paid.tool], audience=verifier.audience or "mcpbill",
+            scope=[paid.tool], audience=verifier.own_audience or "mcpbill",
             issuer=verifier.issuer or "mcpbill", demo=verifier.demo)
         now = self._clock()
         with writing(self._engine()) as conn:

@@ -148,3 +148,49 @@ def test_the_readme_settings_table_names_every_variable() -> None:
     variables = [v for k, v in vars(config).items() if k.startswith("ENV_") and isinstance(v, str)]
     variables += [*config.ENV_WALLET.values(), ENV_RPC_URL, ENV_KEYSTORE_PASSWORD]
     assert [v for v in variables if f"`{v}`" not in table] == []
+
+
+# --- [mcp]: mcpbill as an MCP server's authorization ------------------------------------------
+
+
+def test_mcp_authorization_is_off_unless_configured(cli: Invoke) -> None:
+    shown = ok_json(cli("config", "show", "--json"))
+    assert (shown["mcp_authorization"], shown["mcp_resource"]) == ("none", "")
+
+
+def test_bearer_authorization_takes_the_servers_canonical_uri(
+        cli: Invoke, isolated_home: Path) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text(
+        '[mcp]\nauthorization = "bearer"\nresource = "HTTPS://MCP.Example.com/mcp/"\n')
+    shown = ok_json(cli("config", "show", "--json"))
+    assert (shown["mcp_authorization"], shown["mcp_resource"]) == (
+        "bearer", "https://mcp.example.com/mcp")
+
+
+@pytest.mark.parametrize(("table", "complaint"), [
+    ('[mcp]\nauthorization = "bearer"\n', "needs resource"),
+    ('[mcp]\nauthorization = "oauth"\n', "not one of none, bearer"),
+    ('[mcp]\nauthorization = "bearer"\nresource = "http://mcp.example.com/mcp"\n', "https"),
+    ('[mcp]\nresource = "https://mcp.example.com/mcp#frag"\n', "no fragment"),
+    ('[mcp]\nresource = "mcp.example.com"\n', "canonical server URI"),
+    ('[mcp]\naudience = "x"\n', "unknown key(s) audience"),
+    ('mcp = "bearer"\n', "must be a table"),
+])
+def test_a_bad_mcp_table_is_config_invalid(cli: Invoke, isolated_home: Path, table: str,
+                                           complaint: str) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text(table)
+    message = error_json(cli("config", "show", "--json"), "CONFIG_INVALID")["message"]
+    assert complaint in message
+
+
+def test_the_mcp_variables_beat_the_file(cli: Invoke, isolated_home: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    isolated_home.mkdir()
+    (isolated_home / "config.toml").write_text('[mcp]\nauthorization = "none"\n')
+    monkeypatch.setenv("MCPBILL_MCP_AUTHORIZATION", "bearer")
+    monkeypatch.setenv("MCPBILL_MCP_RESOURCE", "http://127.0.0.1:8000/mcp")
+    shown = ok_json(cli("config", "show", "--json"))
+    assert (shown["mcp_authorization"], shown["mcp_resource"]) == (
+        "bearer", "http://127.0.0.1:8000/mcp")

@@ -3,7 +3,8 @@ reached by the real MCP client over each transport.
 
 - ``memory``: ``Client(server)`` in process; the token travels in ``_meta["dev.mcpbill/token"]``;
 - ``http``: the server's streamable HTTP app under uvicorn in a thread, on 127.0.0.1 and an
-  ephemeral port; the token travels as ``Authorization: Bearer``;
+  ephemeral port; the token travels in ``_meta`` too (``Authorization: Bearer`` is read only
+  where mcpbill is configured as the server's authorization: ``test_authorization.py``);
 - ``stdio``: ``python examples/paid_server.py`` as a subprocess on the same home and ledger;
   the token travels in ``AGENT_CREDIT_JWT``, as an agent host would launch it. A server process
   takes seconds to start (it imports the MCP SDK), so stdio has its own, fewer tests.
@@ -215,12 +216,17 @@ def reply(response: httpx2.Response) -> dict[str, Any]:
     return dict(json.loads(data[-1]))
 
 
+def tool_call(number: int, tool: str, args: dict[str, Any], token: str) -> dict[str, Any]:
+    """A ``tools/call`` request, as a raw JSON-RPC message, carrying ``token`` in ``_meta``."""
+    return {"id": number, "method": "tools/call",
+            "params": {"name": tool, "arguments": args, "_meta": {TOKEN_META: token}}}
+
+
 @contextmanager
-def raw_session(url: str, token: str) -> Iterator[httpx2.Client]:
+def raw_session(url: str, headers: dict[str, str] | None = None) -> Iterator[httpx2.Client]:
     """A streamable HTTP session opened by hand (so a test can resend a JSON-RPC id), with
-    ``token`` as ``Authorization: Bearer``; closed when the block ends."""
-    with httpx2.Client(headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"},
-                       timeout=30) as web:
+    ``headers`` on every request; closed when the block ends."""
+    with httpx2.Client(headers={**MCP_HEADERS, **(headers or {})}, timeout=30) as web:
         opened = rpc(web, url, {"id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-11-25", "capabilities": {},
             "clientInfo": {"name": "raw", "version": "1"}}})
@@ -261,8 +267,8 @@ def connect(request: pytest.FixtureRequest) -> Connect:
     @asynccontextmanager
     async def http(token: str) -> AsyncIterator[Agent]:
         url = request.getfixturevalue("http_url")
-        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as web:
+        async with httpx2.AsyncClient() as web:
             async with Client(streamable_http_client(url, http_client=web)) as client:
-                yield Agent(client)
+                yield Agent(client, {TOKEN_META: token})
 
     return {"memory": memory, "http": http}[transport]

@@ -2,7 +2,7 @@
 
 The server mirrors ``examples/paid_server.py`` (a free ``status``, a paid ``search``, a per-word
 ``summarize``) plus a paid tool that raises and one that returns an error result. The in-memory
-client carries the token in ``_meta``; the HTTP tests send it as ``Authorization: Bearer``.
+client carries the token in ``_meta``, and so do the raw HTTP requests.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .conftest import (
     rpc,
     serve,
     token_view,
+    tool_call,
     usd,
 )
 
@@ -263,7 +264,7 @@ def test_a_tool_the_table_cannot_price_is_refused_at_registration(verifier: Veri
     assert billing.billed_tools == {} and billing not in server.middleware
 
 
-# --- streamable HTTP: the Bearer header and the request id --------------------------------------
+# --- streamable HTTP: the request id --------------------------------------------------------------
 
 
 @pytest.fixture
@@ -273,17 +274,16 @@ def http_url(server: FastMCP[Any]) -> Iterator[str]:
         yield url
 
 
-def test_over_http_a_resent_request_with_a_bearer_token_is_billed_once(
+def test_over_http_a_resent_request_is_billed_once(
         http_url: str, mint: Mint, engine: Engine) -> None:
     token = mint()
-    with raw_session(http_url, token.token) as web:
-        search = {"id": 7, "method": "tools/call",
-                  "params": {"name": "search", "arguments": {"q": "lost reply"}}}
+    with raw_session(http_url) as web:
+        search = tool_call(7, "search", {"q": "lost reply"}, token.token)
         first, resent = reply(rpc(web, http_url, search)), reply(rpc(web, http_url, search))
         search["id"] = 8  # a client that lost its stream re-sends under a new id
         again = reply(rpc(web, http_url, search))
     receipt = first["result"]["_meta"][RECEIPT_META]
-    assert receipt["jti"] == token.claims.jti  # the token came from the Bearer header
+    assert receipt["jti"] == token.claims.jti
     assert resent["result"]["_meta"][RECEIPT_META] == receipt
     assert again["result"]["_meta"][RECEIPT_META] == receipt
     assert token_view(engine, token).spent == SEARCH

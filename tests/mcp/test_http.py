@@ -30,6 +30,7 @@ from .conftest import (
     rpc,
     stdio_parameters,
     token_view,
+    tool_call,
     usd,
 )
 
@@ -51,23 +52,11 @@ def test_an_http_server_never_bills_its_own_environment_token(
     assert token_view(engine, token).spent == 0
 
 
-def test_a_token_in_meta_wins_over_the_bearer_header(
-        http_url: str, mint: Mint, engine: Engine) -> None:
-    scoped = mint(scope=["status"])
-    full = mint(agent="agent-2")
-    result = anyio.run(call, http_url, {"Authorization": f"Bearer {scoped.token}"}, "search",
-                       {"q": "x"}, {TOKEN_META: full.token})
-    assert receipt_of(result)["jti"] == full.claims.jti
-    assert (token_view(engine, full).spent, token_view(engine, scoped).spent) == (
-        usd("0.002"), 0)
-
-
 def test_a_request_resent_in_the_same_session_is_billed_once(
         http_url: str, mint: Mint, engine: Engine) -> None:
     token = mint()
-    with raw_session(http_url, token.token) as web:
-        search = {"id": 7, "method": "tools/call",
-                  "params": {"name": "search", "arguments": {"q": "lost reply"}}}
+    with raw_session(http_url) as web:
+        search = tool_call(7, "search", {"q": "lost reply"}, token.token)
         first, resent = reply(rpc(web, http_url, search)), reply(rpc(web, http_url, search))
     receipt = first["result"]["_meta"]["dev.mcpbill/receipt"]
     assert resent["result"]["_meta"]["dev.mcpbill/receipt"] == receipt
@@ -94,8 +83,8 @@ def test_the_example_serves_streamable_http_from_the_command_line(
         try:
             url = f"http://127.0.0.1:{port}/mcp"
             wait_for_port(port, server)
-            result = anyio.run(call, url, {"Authorization": f"Bearer {token.token}"},
-                               "search", {"q": "over http"})
+            result = anyio.run(call, url, {}, "search", {"q": "over http"},
+                               {TOKEN_META: token.token})
         finally:
             server.terminate()
             server.wait(30)

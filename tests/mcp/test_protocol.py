@@ -132,4 +132,5 @@ def test_the_extension_is_in_the_capabilities_the_client_sees(bare: Open) -> Non
     assert advertised[EXTENSION_ID] == {
         "asset": "USDC", "network": "mcpbill:demo", "tokenMeta": TOKEN_META,
         "tokenEnv": "AGENT_CREDIT_JWT", "receiptMeta": RECEIPT_META, "priceMeta": PRICE_META,
-        "idempotencyKeyMeta": IDEMPOTENCY_KEY_META, "replayedMeta": REPLAYED_META}
+        "idempotencyKeyMeta": IDEMPOTENCY_KEY_META, "replayedMeta": REPLAYED_META,
+        "authorization": {"bearer": False}}

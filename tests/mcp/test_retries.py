@@ -93,10 +93,10 @@ def build(verifier: Verifier, runs: Runs, *, slow: float = 0.0) -> MCPServer:
 
 @asynccontextmanager
 async def http_agent(url: str, token: str) -> AsyncIterator[Agent]:
-    """The real MCP client over streamable HTTP, the token as ``Authorization: Bearer``."""
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as web:
+    """The real MCP client over streamable HTTP, the token in ``_meta``."""
+    async with httpx2.AsyncClient() as web:
         async with Client(streamable_http_client(url, http_client=web)) as client:
-            yield Agent(client)
+            yield Agent(client, {TOKEN_META: token})
 
 
 @pytest.fixture
@@ -152,7 +152,8 @@ def test_a_call_resent_after_its_stream_was_lost_is_billed_once(
     async def scenario() -> list[CallToolResult]:
         async with http_agent(url, token.token) as agent:
             with pytest.raises(Exception, match="[Tt]imed out|[Tt]imeout"):
-                await agent.client.call_tool("crunch", {"q": "big"}, read_timeout_seconds=0.3)
+                await agent.client.call_tool("crunch", {"q": "big"}, read_timeout_seconds=0.3,
+                                             meta=agent.meta)  # type: ignore[arg-type]
             answers = [await agent.call("crunch", {"q": "big"})]  # the tool is still running
             runs.gate.set()  # type: ignore[union-attr]
             while answers[-1].is_error:

@@ -30,7 +30,7 @@ from mcpbill_cli.mcp import TOKEN_META, Billing
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.tokens import Claims, encode_token, new_jti
 from mcpbill_cli.verifier import Verifier
-from tests.mcp.conftest import load_example, raw_session, reply, rpc, serve
+from tests.mcp.conftest import load_example, raw_session, reply, rpc, serve, tool_call
 
 from .billing_support import USDC, FakeClock, b64url_json, jwt_parts, mint
 
@@ -332,9 +332,9 @@ def example(verifier: Verifier) -> Any:
 def test_the_mcp_extension_counts_an_http_clients_address_as_the_source(
         example: Any, verifier: Verifier, funded: Engine, clock: FakeClock) -> None:
     with serve(example.streamable_http_app()) as url, \
-            raw_session(url, "garbage-bearer-token") as web:
-        answer = reply(rpc(web, url, {"id": 2, "method": "tools/call", "params": {
-            "name": "search", "arguments": {"q": "free?"}}}))
+            raw_session(url) as web:
+        answer = reply(rpc(web, url, tool_call(2, "search", {"q": "free?"},
+                                               "garbage-bearer-token")))
     result = answer["result"]
     assert result["isError"] is True
     assert result["structuredContent"]["code"] == CODE
