@@ -34,6 +34,7 @@ from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolRequestParams, CallToolResult
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, load_settings
 from mcpbill_cli.errors import BillingError
@@ -67,6 +68,9 @@ __all__ = ["BilledTool", "Billing"]
 logger = logging.getLogger("mcpbill")
 
 ToolFn = TypeVar("ToolFn", bound=Callable[..., Any])
+# How long a client may keep a tools/list (prices included) before it asks again: prices change
+# only when the operator edits the table, and a call is charged at the price in force anyway.
+LIST_TTL_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -152,10 +156,15 @@ class Billing(Extension):
     identifier = EXTENSION_ID
 
     def __init__(self, verifier: Verifier, *, resource: str | None = None,
-                 acceptor: Acceptor | None = None, bearer: bool | None = None) -> None:
+                 acceptor: Acceptor | None = None, list_ttl_ms: int = LIST_TTL_MS,
+                 bearer: bool | None = None) -> None:
+        if isinstance(list_ttl_ms, bool) or not isinstance(list_ttl_ms, int) or list_ttl_ms < 0:
+            raise ValueError(f"list_ttl_ms must be a whole number of milliseconds, 0 or more, "
+                             f"not {list_ttl_ms!r}")
         self.verifier = verifier
         self.resource = bearer_resource(verifier, resource, bearer)
         self.acceptor = acceptor
+        self.list_ttl_ms = list_ttl_ms
         self._billed: dict[str, BilledTool] = {}
 
     @classmethod
@@ -192,6 +201,16 @@ class Billing(Extension):
         """The table's base price of one call (per-unit: the most one call can cost)."""
         return quote(self.verifier.pricing_table(), tool, units=max_units)
 
+    def list_hints(self) -> dict[str, Any]:
+        """The ``ttlMs`` and ``cacheScope`` of this server's ``tools/list`` (MCP 2026-07-28):
+        ``"private"`` while the pricing table gives some tenant prices of its own (a price
+        list is then no longer the same for every caller), ``"public"`` otherwise."""
+        table = self.verifier.pricing_table()
+        tenant_priced = any(terms.tools or terms.discount_percent
+                            for terms in table.tenants.values())
+        return {"ttlMs": self.list_ttl_ms,
+                "cacheScope": "private" if tenant_priced else "public"}
+
     def tool(self, server: MCPServer[Any], name: str | None = None, *,
              max_units: int | None = None, meta: dict[str, Any] | None = None,
              **options: Any) -> Callable[[ToolFn], ToolFn]:
@@ -207,9 +226,24 @@ class Billing(Extension):
             advertised = {**(meta or {}), PRICE_META: self.price(tool.name, max_units).to_dict()}
             server.add_tool(_guarded(fn, tool.name), name=tool.name, meta=advertised, **options)
             self._billed[tool.name] = tool
+            if self._list_middleware not in server.middleware:
+                server.middleware.append(self._list_middleware)
             return fn
 
         return register
+
+    async def _list_middleware(self, ctx: ServerRequestContext[Any, Any],
+                               call_next: CallNext) -> HandlerResult:
+        """A server middleware: ``tools/list`` results (the wire form) get :meth:`list_hints`.
+
+        The SDK has no extension hook for ``tools/list``, and its own ``cache_hints`` are
+        fixed when the server is built, while the pricing table can change under it."""
+        result = await call_next(ctx)
+        if (ctx.method != "tools/list" or not isinstance(result, dict)
+                or ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS):
+            return result  # earlier protocol versions have no cache hints
+        hints = await anyio.to_thread.run_sync(self.list_hints)  # it may read the table file
+        return {**result, **hints}
 
     async def intercept_tool_call(self, params: CallToolRequestParams,
                                   ctx: ServerRequestContext[Any, Any],
