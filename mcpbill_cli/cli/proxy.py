@@ -43,7 +43,8 @@ def proxy(
     """Serve an MCP endpoint that forwards to an upstream MCP server and bills its tool calls.
 
     Each tools/call is priced by the pricing table: a paid call needs a credit token
-    (_meta "mcpbill/token" or Authorization: Bearer), is held before it is forwarded, captured
+    (_meta "dev.mcpbill/token"; Authorization: Bearer only with [mcp] authorization = "bearer"
+    in config.toml, for tokens issued to its resource), is held before it is forwarded, captured
     with a signed receipt when the upstream succeeds, and voided when it errs, times out or
     fails. Free tools and every other request pass through. Ctrl-C voids calls in flight.
 

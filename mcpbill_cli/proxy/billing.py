@@ -33,6 +33,7 @@ from mcpbill_cli.mcp.wire import (
     LEGACY_META,
     PREFIX,
     TOKEN_META,
+    bearer_resource,
     client_address,
     credit_token,
     idempotency_key,
@@ -72,11 +73,12 @@ class ProxyBilling:
     """Forwards ``tools/call`` to the upstream and bills it (see the module docstring)."""
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
-                 bearer: bool = True, metrics: CallMetrics | None = None) -> None:
+                 resource: str | None = None, bearer: bool | None = None,
+                 metrics: CallMetrics | None = None) -> None:
         self.verifier = verifier
         self.upstream = upstream
         self.limits = limits
-        self.bearer = bearer
+        self.resource = bearer_resource(verifier, resource, bearer)
         self.metrics = metrics or CallMetrics()
         self.in_flight = 0
         self._open: dict[str, Hold] = {}
@@ -115,7 +117,7 @@ class ProxyBilling:
         try:
             meta = params.meta
             opened = await self.verifier.abegin(
-                credit_token(meta, ctx.request, bearer=self.bearer), params.name,
+                credit_token(meta, ctx.request, resource=self.resource), params.name,
                 args=dict(params.arguments or {}), idempotency_key=idempotency_key(meta))
         except BillingError as error:
             return self._refuse(params.name, error)

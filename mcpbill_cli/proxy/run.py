@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcpbill_cli.config import Settings
+from mcpbill_cli.mcp.wire import authorization_resource
 from mcpbill_cli.proxy.billing import Limits
 from mcpbill_cli.proxy.metrics import CallMetrics, PrometheusMetrics, serve_metrics, stop_metrics
 from mcpbill_cli.proxy.server import Proxy, build_app
@@ -54,7 +55,8 @@ def serve(settings: Settings, options: ProxyOptions,
             host, port = options.metrics
             scraper = serve_metrics(metrics, host, port)
             metrics_url = f"http://{_url_host(host)}:{port}/metrics"
-        proxy = Proxy(verifier, Upstream(target), limits, metrics=metrics)
+        proxy = Proxy(verifier, Upstream(target), limits, metrics=metrics,
+                      resource=authorization_resource(settings))
         app = build_app(proxy, host=options.host)
         announce({"url": f"http://{_url_host(options.host)}:{options.port}/mcp",
                   "upstream": target.describe(), "metrics_url": metrics_url})

@@ -49,13 +49,13 @@ class Proxy:
     billing (:attr:`billing`)."""
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
-                 *, bearer: bool = True, metrics: CallMetrics | None = None,
-                 name: str = "mcpbill-proxy") -> None:
+                 *, resource: str | None = None, bearer: bool | None = None,
+                 metrics: CallMetrics | None = None, name: str = "mcpbill-proxy") -> None:
         self.verifier = verifier
         self.upstream = upstream
         self.limits = limits or Limits()
-        self.billing = ProxyBilling(verifier, upstream, self.limits, bearer=bearer,
-                                    metrics=metrics)
+        self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
+                                    bearer=bearer, metrics=metrics)
         self._schemas: dict[str, dict[str, Any]] = {}
         self.server: Server[Any] = Server(
             name, get_tool_input_schema=self._schemas.get,

@@ -5,6 +5,7 @@ result, ``tools/list`` cache hints, and refusals of tools that declare an ``outp
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -13,6 +14,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import mcp_types
 import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -346,19 +348,45 @@ RECEIVED = {("mcpbill_cli/wallet/rpc.py", -32005)}
 
 
 def reserved_codes_in(path: Path) -> list[int]:
-    """Integer literals of ``path`` inside JSON-RPC's reserved block and outside what an
-    implementation may send."""
+    """Error codes of ``path`` inside JSON-RPC's reserved block and outside what an
+    implementation may send: integer literals, and the SDK's named codes it uses."""
+    tree = ast.parse(path.read_text(), str(path))
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        value = node.value if isinstance(node, ast.Constant) else None
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(
-                node.operand, ast.Constant):
-            value = -node.operand.value if isinstance(node.operand.value, int) else None
-        if (isinstance(value, int) and -32768 <= value <= -32000 and value not in STANDARD
+    for value in [*_literals(tree), *_sdk_codes(tree)]:
+        if (-32768 <= value <= -32000 and value not in STANDARD
                 and value not in IMPLEMENTATION_DEFINED
                 and (str(path.relative_to(ROOT)), value) not in RECEIVED):
             found.append(value)
     return found
+
+
+def _literals(tree: ast.AST) -> list[int]:
+    values = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            values.append(node.value)
+        elif (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+              and isinstance(node.operand, ast.Constant) and type(node.operand.value) is int):
+            values.append(-node.operand.value)
+    return values
+
+
+def _sdk_codes(tree: ast.AST) -> list[int]:
+    """The integer constants a module takes from ``mcp_types`` (by name, or as attributes)."""
+    aliases, values = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mcp_types"):
+            module = importlib.import_module(node.module or "")
+            values += [getattr(module, a.name) for a in node.names
+                       if type(getattr(module, a.name, None)) is int]
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "mcp_types"}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and type(getattr(mcp_types, node.attr, None)) is int):
+            values.append(getattr(mcp_types, node.attr))
+    return values
 
 
 def test_no_code_in_the_package_or_the_examples_is_in_a_reserved_range() -> None:

@@ -25,6 +25,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from mcpbill_cli.config import Settings
+from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
@@ -91,11 +92,10 @@ class Running:
 
 @asynccontextmanager
 async def agent(url: str, token: str | None) -> AsyncIterator[Agent]:
-    """The official client on the proxy, ``token`` as ``Authorization: Bearer``."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx2.AsyncClient(headers=headers, timeout=60) as web, \
+    """The official client on the proxy, ``token`` in each call's ``_meta``."""
+    async with httpx2.AsyncClient(timeout=60) as web, \
             Client(streamable_http_client(url, http_client=web), cache=None) as client:
-        yield Agent(client)
+        yield Agent(client, {TOKEN_META: token} if token else {})
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ def test_an_oversized_request_is_refused_before_anything_is_held(
     token = mint()
     call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
         "name": "echo", "arguments": {"message": "x" * 5000},
-        "_meta": {"mcpbill/token": token.token}}}
+        "_meta": {"dev.mcpbill/token": token.token}}}
     with httpx2.Client(headers=MCP_HEADERS, timeout=30) as web:
         refused = web.post(running.url, json=call)
     assert refused.status_code == 413
