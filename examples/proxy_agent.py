@@ -8,7 +8,9 @@ call with its signed receipt, a free call, and a refusal it can read.
     export AGENT_CREDIT_JWT=$(mcpbill token issue --limit 0.05)
     python examples/proxy_agent.py http://127.0.0.1:8080/mcp
 
-The token travels as ``Authorization: Bearer``; the receipt comes back in the result's ``_meta``.
+The token travels in each call's ``_meta["dev.mcpbill/token"]`` (``Authorization: Bearer`` is
+read only where the operator made mcpbill the server's authorization); the receipt comes back
+in the result's ``_meta``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import httpx2
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
+TOKEN_META = "dev.mcpbill/token"  # noqa: S105 - a _meta key, not a secret
+
 
 def receipt_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
     """The receipt in a result's ``_meta``, whatever prefix the server's version uses."""
@@ -33,7 +37,7 @@ def receipt_of(meta: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 async def run(url: str, token: str) -> None:
-    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as web, \
+    async with httpx2.AsyncClient() as web, \
             Client(streamable_http_client(url, http_client=web)) as client:
         listed = await client.list_tools()
         for tool in listed.tools:
@@ -41,7 +45,8 @@ async def run(url: str, token: str) -> None:
                           if key.endswith("/price")), None)
             shown = "no price (refused)" if price is None else f"{price['amountUsd']} USDC"
             print(f"{tool.name:34} {shown}")
-        paid = await client.call_tool("echo", {"message": "hello through the proxy"})
+        paid = await client.call_tool("echo", {"message": "hello through the proxy"},
+                                      meta={TOKEN_META: token})  # type: ignore[arg-type]
         print("echo:", paid.content[0].text)  # type: ignore[union-attr]
         receipt = receipt_of(paid.meta)
         if receipt is not None:
