@@ -11,6 +11,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
 
+from mcpbill_cli.mcp import TOKEN_META
 from tests.mcp.conftest import Mint, receipt_of, token_view, usd
 
 from .conftest import Running
@@ -23,11 +24,11 @@ def test_either_protocol_era_is_billed_alike(running: Running, mint: Mint, engin
     token = mint()
 
     async def go() -> tuple[str, CallToolResult]:
-        headers = {"Authorization": f"Bearer {token.token}"}
-        async with httpx2.AsyncClient(headers=headers, timeout=60) as web, \
+        async with httpx2.AsyncClient(timeout=60) as web, \
                 Client(streamable_http_client(running.url, http_client=web), mode=mode,
                        cache=None) as client:
-            result = await client.call_tool("echo", {"message": f"era {mode}"})
+            result = await client.call_tool("echo", {"message": f"era {mode}"},
+                                            meta={TOKEN_META: token.token})  # type: ignore[arg-type]
             return str(client.session.protocol_version), result
 
     version, result = anyio.run(go)
