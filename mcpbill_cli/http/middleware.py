@@ -46,7 +46,7 @@ from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 
 if TYPE_CHECKING:
-    from mcpbill_cli.http.payments import X402Gate
+    from mcpbill_cli.http.payments import Payment, Run, X402Gate
     from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
 __all__ = ["PaymentMiddleware"]
@@ -115,8 +115,8 @@ class PaymentMiddleware:
             return
         app_receive = replaying(request.body, receive)
         payment = self.gate.payment_of(request) if self.gate is not None else None
-        if self.gate is not None and payment is not None and not await self._free(route):
-            answer, extra = await self.gate.pay(payment, route.tool, request, lambda: run_buffered(
+        if payment is not None and not await self._free(route):
+            answer, extra = await self._pay(payment, route, request, lambda: run_buffered(
                 self.app, scope, app_receive, self.max_response_bytes))
             await answer.send_to(send, extra)
             return
@@ -132,6 +132,21 @@ class PaymentMiddleware:
             response, units = await self._run(opened, scope, app_receive)
             answer, extra = await self._settle(opened, response, units)
             await answer.send_to(send, extra)
+
+    async def _pay(self, payment: Payment, route: PaidRoute, request: BufferedRequest,
+                   run: Run) -> tuple[BufferedResponse, Headers]:
+        """A request paid with x402; a credit token sent along (it must verify) books it to
+        its tenant and agent, at its tenant's price."""
+        assert self.gate is not None  # noqa: S101 - a payment is read only with a gate
+        token = request.header(self.token_header)
+        try:
+            claims = (None if token is None
+                      else await asyncio.to_thread(self.verifier.claims_of, token))
+        except BillingError as error:
+            return refusal(error), []
+        return await self.gate.pay(payment, route.tool, request, run,
+                                   tenant=claims.tenant if claims else None,
+                                   agent=claims.agent if claims else None)
 
     async def _open(self, route: PaidRoute, request: BufferedRequest
                     ) -> Hold | Quote | BufferedResponse | None:
@@ -152,11 +167,17 @@ class PaymentMiddleware:
     async def _refused(self, error: BillingError, route: PaidRoute,
                        request: BufferedRequest) -> BufferedResponse:
         """The refusal's response; with x402 on, a missing token or BUDGET_EXCEEDED is also
-        a challenge (402) that a payment can answer."""
-        payable = error.code == "BUDGET_EXCEEDED" or error.details.get("reason") == "missing"
-        if self.gate is None or not payable:
+        a challenge (402) that a payment can answer (over budget: at the token's tenant's
+        price)."""
+        if self.gate is None:
             return refusal(error)
-        return await self.gate.challenge(error, route.tool, request.url)
+        if error.code == "BUDGET_EXCEEDED":  # the token verified: its tenant's price
+            token = request.header(self.token_header) or ""
+            tenant = (await asyncio.to_thread(self.verifier.claims_of, token)).tenant
+            return await self.gate.challenge(error, route.tool, request.url, tenant=tenant)
+        if error.details.get("reason") == "missing":
+            return await self.gate.challenge(error, route.tool, request.url)
+        return refusal(error)
 
     async def _run(self, hold: Hold, scope: Scope, receive: Receive
                    ) -> tuple[BufferedResponse, int | None]:

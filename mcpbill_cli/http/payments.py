@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mcpbill_cli.errors import BillingError, DuplicateCall, ResponseTooLarge
 from mcpbill_cli.http.asgi import BufferedRequest, BufferedResponse
@@ -59,6 +59,15 @@ class Payment:
         return (PAYMENT_RESPONSE if self.version >= 2 else X_PAYMENT_RESPONSE).encode()
 
 
+class _Paid(NamedTuple):
+    """One paid request: its payment, the tool, the URL it pays for, the tenant it books."""
+
+    payment: Payment
+    tool: str
+    url: str
+    tenant: str | None
+
+
 class X402Gate:
     """The x402 side of the middleware for one :class:`~mcpbill_cli.x402.accept.Acceptor`."""
 
@@ -70,15 +79,13 @@ class X402Gate:
         """The request's payment header, if it sent one (v2 first)."""
         return Payment.of(request)
 
-    async def offered(self, tool: str) -> bool:
-        """Whether x402 payments are taken for ``tool`` (configured, priced, not per unit)."""
-        return await asyncio.to_thread(self.acceptor.price, tool) is not None
-
     async def challenge(self, error: BillingError, tool: str, url: str,
-                        extra: Headers | None = None) -> BufferedResponse:
-        """``error`` as a 402 that also asks for an x402 payment of ``tool`` (both versions);
-        the plain refusal when x402 is not offered for it."""
-        v2, v1 = await asyncio.to_thread(self._documents, tool, url, error.message)
+                        extra: Headers | None = None, *,
+                        tenant: str | None = None) -> BufferedResponse:
+        """``error`` as a 402 that also asks for an x402 payment of ``tool`` (both versions) at
+        ``tenant``'s price (the anonymous one without); the plain refusal when x402 is not
+        offered for it."""
+        v2, v1 = await asyncio.to_thread(self._documents, tool, url, error.message, tenant)
         if v2 is None or v1 is None:
             response = refusal(error)
         else:
@@ -87,37 +94,43 @@ class X402Gate:
         response.headers.extend(extra or [])
         return response
 
-    async def pay(self, payment: Payment, tool: str, request: BufferedRequest,
-                  run: Run) -> tuple[BufferedResponse, Headers]:
-        """One paid request: verify and reserve, run, settle, record (module docstring)."""
-        url = request.url
+    async def pay(self, payment: Payment, tool: str, request: BufferedRequest, run: Run, *,
+                  tenant: str | None = None, agent: str | None = None
+                  ) -> tuple[BufferedResponse, Headers]:
+        """One paid request: verify and reserve, run, settle, record (module docstring);
+        booked to ``tenant`` and ``agent`` (a credit token's) when given, else to the
+        ``[x402] tenant`` and the payer."""
+        paid = _Paid(payment, tool, request.url, tenant)
         try:
-            opened = await asyncio.to_thread(self._open, payment, tool, request, url)
+            opened = await asyncio.to_thread(self._open, paid, request, agent)
         except BillingError as error:  # a payment refused asks for a new one; the rest is not
             if error.code.startswith("X402_"):
-                return await self.challenge(error, tool, url), []
+                return await self.challenge(error, tool, paid.url, tenant=tenant), []
             return refusal(error), []
         if isinstance(opened, Replayed):  # settled before for this request: do not run again
             return _replayed(opened, payment)
-        return await self._run(opened, payment, tool, url, run)
+        return await self._run(opened, paid, run)
 
     # --- steps ----------------------------------------------------------------------------------
 
-    def _documents(self, tool: str, url: str, message: str
+    def _documents(self, tool: str, url: str, message: str, tenant: str | None
                    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         acceptor = self.acceptor
-        return (acceptor.payment_required(tool, resource=url, error=message),
-                acceptor.payment_required(tool, version=1, resource=url, error=message))
+        return (acceptor.payment_required(tool, tenant, resource=url, error=message),
+                acceptor.payment_required(tool, tenant, version=1, resource=url,
+                                          error=message))
 
-    def _open(self, payment: Payment, tool: str, request: BufferedRequest,
-              url: str) -> Reserved | Replayed:
-        verified = self.acceptor.verify(payment.header, tool, args=request.arguments(),
-                                        resource=url)
+    def _open(self, paid: _Paid, request: BufferedRequest, agent: str | None
+              ) -> Reserved | Replayed:
+        verified = self.acceptor.verify(paid.payment.header, paid.tool,
+                                        args=request.arguments(), tenant=paid.tenant,
+                                        agent=agent, resource=paid.url)
         return self.acceptor.reserve(verified)
 
-    async def _run(self, opened: Reserved, payment: Payment, tool: str, url: str,
-                   run: Run) -> tuple[BufferedResponse, Headers]:
+    async def _run(self, opened: Reserved, paid: _Paid, run: Run
+                   ) -> tuple[BufferedResponse, Headers]:
         """Run the endpoint on a reserved payment: settle and record a 2xx, release the rest."""
+        payment, tool, url, tenant = paid
         try:
             response = await run()
         except BaseException:
@@ -134,10 +147,10 @@ class X402Gate:
             settlement = await asyncio.to_thread(self.acceptor.settle, opened)
         except BillingError as error:  # not settled: the endpoint's output is withheld
             failure = {"success": False, "errorReason": error.code, "transaction": "",
-                       "network": opened.verified.terms.network,
+                       "network": opened.verified.requirement["network"],
                        "payer": opened.verified.signed.payer}
             return await self.challenge(error, tool, url, [
-                (payment.response_header, _b64_json(failure).encode())]), []
+                (payment.response_header, _b64_json(failure).encode())], tenant=tenant), []
         headers = [(payment.response_header, _b64_json(settlement.to_dict()).encode())]
         try:
             receipt = await asyncio.to_thread(self.acceptor.record, opened, settlement,

@@ -241,19 +241,38 @@ def test_a_request_without_token_or_payment_gets_both_challenges(
     assert runs["report"] == 0 and shop.received() == 0
 
 
-def test_a_token_over_budget_gets_the_challenge_beside_budget_exceeded(
-        url: str, shop: Shop) -> None:
+def test_a_token_over_budget_pays_with_x402_at_its_tenants_price(
+        url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
     from mcpbill_cli.clock import utcnow
     from mcpbill_cli.keys import KeyRing
     from tests.verifier.billing_support import fund, mint
 
+    acme_price = SEARCH_PRICE // 2  # acme has 50% off
     fund(shop.engine, "acme", 1_000_000, now=utcnow())
-    token = mint(shop.engine, KeyRing.load(shop.keys_dir), now=utcnow(), limit=1)
-    response = httpx.get(f"{url}/report", headers={TOKEN_HEADER: token.token})
-    assert response.status_code == 402
-    assert response.json()["code"] == "BUDGET_EXCEEDED" and "fallback" in response.json()
-    assert decoded(response.headers["PAYMENT-REQUIRED"])["accepts"][0]["amount"] == str(
-        SEARCH_PRICE)
+    token = mint(shop.engine, KeyRing.load(shop.keys_dir), now=utcnow(), limit=1,
+                 agent="acme-agent")
+    refused = httpx.get(f"{url}/report", headers={TOKEN_HEADER: token.token})
+    assert refused.status_code == 402
+    assert refused.json()["code"] == "BUDGET_EXCEEDED" and "fallback" in refused.json()
+    challenge = decoded(refused.headers["PAYMENT-REQUIRED"])
+    assert challenge["accepts"][0]["amount"] == str(acme_price)
+
+    async def scenario() -> httpx.Response:
+        async with x402HttpxClient(official_async_client(payer, shop.terms.asset),
+                                   base_url=url, timeout=60,
+                                   headers={TOKEN_HEADER: token.token}) as http:
+            return await http.get("/report")
+
+    paid = asyncio.run(scenario())
+    assert paid.status_code == 200, paid.text
+    receipt = shop.verifier.verify_receipt(paid.headers[RECEIPT_HEADER])
+    assert (receipt.amount, receipt.claims["tenant"], receipt.claims["payer"]) == (
+        acme_price, "acme", "acme-agent")
+    assert shop.received() == acme_price and runs["report"] == 1
+    forged = httpx.get(f"{url}/report", headers={
+        TOKEN_HEADER: "not.a.jwt", "PAYMENT-SIGNATURE": "e30="})
+    assert forged.status_code == 401 and forged.json()["code"] == "INVALID_CREDIT_TOKEN"
+    shop.assert_books_clean()
 
 
 def test_a_v1_client_pays_with_x_payment(url: str, shop: Shop, payer: LocalAccount,
