@@ -29,6 +29,7 @@ from mcpbill_cli.reconcile.calls_pass import TokenTally, call_groups
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.event_transfers import check_event_transfers
 from mcpbill_cli.reconcile.model import ReconcileOptions
+from mcpbill_cli.reconcile.refund_check import check_refunds
 from mcpbill_cli.reconcile.totals import TotalsBuilder
 from mcpbill_cli.reconcile.transfers_pass import (
     TransferGroup,
@@ -159,6 +160,10 @@ def _event_transfers(ctx: Context, conn: Connection) -> None:
     check_event_transfers(conn, ctx.options.window, ctx.found)
 
 
+def _refunds(ctx: Context, conn: Connection) -> None:
+    check_refunds(conn, ctx.options.window, ctx.found)
+
+
 def _stale_holds(ctx: Context, conn: Connection) -> None:
     ledger_checks.check_stale_holds(conn, ctx.now, ctx.found)
     ledger_checks.check_stale_x402(conn, ctx.now, ctx.found)
@@ -251,6 +256,8 @@ CHECKS: tuple[Check, ...] = (
           start=Start.BESIDE, planning=Planning.SERIAL,
           skip=lambda ctx: None if ctx.options.ledger_wide
           else "ledger_invariants (--window-only)", label=_ledger_label),
+    Check("refunds", "the window's refunds (rows, transfers and events) and the calls they "
+          "name or the window's calls with something refunded", _refunds),
     Check("stale_holds", "the open holds and the x402 payments still reserved", _stale_holds),
     Check("refused_captures", "the window's refusals of lapsed holds", _refused_captures),
     Check("deposits", "the window's deposits and their transfers", _deposits),

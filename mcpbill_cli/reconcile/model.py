@@ -71,6 +71,10 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
     "event_transfer_mismatch": ("error", "a hold, capture, charge, void or expire event without "
                                          "its transfer, a transfer without its event, or one "
                                          "call's event twice"),
+    "refund_exceeds_charge": ("error", "a call is refunded past what it charged"),
+    "refund_mismatch": ("error", "a refund's row, its refund transfer and its refund event "
+                                 "disagree or one is missing, or a call's refunded differs "
+                                 "from the sum of its refunds"),
     "receipt_invalid": ("error", "--verify-receipts: a receipt's signature does not verify"),
     "receipt_mismatch": ("error", "--verify-receipts: a receipt's signed fields differ from its "
                                   "call"),

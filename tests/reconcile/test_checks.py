@@ -22,7 +22,7 @@ def test_every_check_of_the_list_runs_or_says_why_not(ledger: Ledger) -> None:
     assert named(everything.checks) == [n for n in names if n != "onchain"]
     assert named(everything.skipped) == ["onchain"]
     assert named(nothing_optional.checks) == [
-        "prices", "control_totals", "token_validity", "event_transfers", "stale_holds",
-        "refused_captures", "deposits"]
+        "prices", "control_totals", "token_validity", "event_transfers", "refunds",
+        "stale_holds", "refused_captures", "deposits"]
     assert named(nothing_optional.skipped) == [
         "ledger_invariants", "audit_chain", "receipt_signatures", "onchain"]

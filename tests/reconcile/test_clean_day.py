@@ -25,7 +25,7 @@ def test_a_busy_day_yields_no_finding(engine: Engine, tmp_path: Path) -> None:
     assert report.findings == ()
     assert not report.failed(strict=True)
     assert report.checks == ("prices", "control_totals", "token_validity", "event_transfers",
-                             "ledger_invariants (full history)", "stale_holds",
+                             "ledger_invariants (full history)", "refunds", "stale_holds",
                              "refused_captures", "deposits", "audit_chain (window)",
                              "seal_signatures", "receipt_signatures")
     assert report.skipped == ("onchain (--onchain)",)
