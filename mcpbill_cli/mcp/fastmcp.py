@@ -22,12 +22,15 @@ as ``isError`` results; prices in each billed tool's ``_meta["dev.mcpbill/price"
 request through ``fastmcp_context.request_context``; a tool that raises reaches
 ``on_call_tool`` as a ``ToolError`` and the call is voided.
 Add billing innermost (after any caching middleware): a cached answer is never billed.
+With an ``acceptor``, billed tools also take x402 payments in ``_meta["x402/payment"]``, as
+described in :mod:`mcpbill_cli.mcp.x402`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import mcp_types as mt
@@ -49,14 +52,17 @@ from mcpbill_cli.mcp.wire import (
     credit_token,
     idempotency_key,
     kept_result,
-    refusal,
     replayed,
 )
+from mcpbill_cli.mcp.x402 import PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
+from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
 __all__ = ["BillingMiddleware"]
+
+logger = logging.getLogger("mcpbill")
 
 ToolFn = TypeVar("ToolFn", bound=Callable[..., Any])
 CallContext = MiddlewareContext[mt.CallToolRequestParams]
@@ -76,9 +82,10 @@ class BillingMiddleware(Middleware):
     """
 
     def __init__(self, verifier: Verifier, *, resource: str | None = None,
-                 bearer: bool | None = None) -> None:
+                 bearer: bool | None = None, acceptor: Acceptor | None = None) -> None:
         self.verifier = verifier
         self.resource = bearer_resource(verifier, resource, bearer)
+        self.acceptor = acceptor
         self._billed: dict[str, BilledTool] = {}
         self._prices: dict[str, dict[str, Any]] = {}
 
@@ -86,9 +93,15 @@ class BillingMiddleware(Middleware):
     def from_settings(cls, settings: Settings | None = None, *,
                       bearer: bool | None = None) -> BillingMiddleware:
         """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table,
-        and its ``[mcp]`` authorization."""
+        its ``[mcp]`` authorization, and x402 payments where the home configures them (as
+        :class:`~mcpbill_cli.mcp.billing.Billing` does)."""
         s = settings or load_settings()
-        return cls(Verifier.from_settings(s), resource=authorization_resource(s), bearer=bearer)
+        verifier = Verifier.from_settings(s)
+        offered = Acceptor.from_settings(verifier, s)
+        if isinstance(offered, Unavailable) and verifier.pricing_table().x402 is not None:
+            logger.warning("x402 payments are not offered: %s", offered.reason)
+        return cls(verifier, resource=authorization_resource(s), bearer=bearer,
+                   acceptor=None if isinstance(offered, Unavailable) else offered)
 
     @property
     def billed_tools(self) -> dict[str, BilledTool]:
@@ -139,9 +152,13 @@ class BillingMiddleware(Middleware):
         request = _request_of(context)
         source = CALL_SOURCE.set(client_address(request.request if request else None))
         try:
+            payment = payment_of(request.meta if request else None) if self.acceptor else None
+            if payment is not None:
+                return await self._paid_call(self._paid(tool, context, payment), context,
+                                             call_next)
             return await self._billed_call(tool, context, call_next)
         except BillingError as error:
-            return ToolResult.from_mcp_result(refusal(error))
+            return ToolResult.from_mcp_result(self._refusal(error, tool, context))
         finally:
             CALL_SOURCE.reset(source)
 
@@ -184,6 +201,54 @@ class BillingMiddleware(Middleware):
         receipt = await self.verifier.acapture(hold, units=meter.units,
                                                result=kept_result(_as_mcp(result)))
         return _with_receipt(result, receipt)
+
+    def _refusal(self, error: BillingError, tool: BilledTool,
+                 context: CallContext) -> mt.CallToolResult:
+        """A refusal, with x402's challenge where it is offered (BUDGET_EXCEEDED: at the
+        token's tenant's price)."""
+        tenant = None
+        if error.code == "BUDGET_EXCEEDED" and self.acceptor is not None:
+            request = _request_of(context)
+            tenant = self.verifier.claims_of(credit_token(
+                request.meta if request else None, request.request if request else None,
+                resource=self.resource)).tenant
+        return challenged(error, self.acceptor, tool.name, tenant)
+
+    # --- a call paid with x402 ------------------------------------------------------------------
+
+    def _paid(self, tool: BilledTool, context: CallContext, payment: Any) -> PaidCall:
+        """The paid call; a valid credit token sent along names its tenant and agent."""
+        assert self.acceptor is not None  # noqa: S101 - payment_of() is read only with one
+        request = _request_of(context)
+        meta = request.meta if request is not None else None
+        http = request.request if request is not None else None
+        tenant = agent = None
+        try:
+            token = credit_token(meta, http, resource=self.resource)
+        except BillingError:
+            token = None
+        if token is not None:
+            claims = self.verifier.claims_of(token)
+            tenant, agent = claims.tenant, claims.agent
+        return PaidCall(self.acceptor, tool.name, payment,
+                        dict(context.message.arguments or {}), tenant=tenant, agent=agent)
+
+    async def _paid_call(self, paid: PaidCall, context: CallContext,
+                         call_next: CallToolNext) -> ToolResult:
+        """Reserve the payment, run the tool once, then settle and record (or release)."""
+        answer = await paid.open()
+        if answer is not None:
+            return ToolResult.from_mcp_result(answer)
+        try:
+            result = await call_next(context)
+        except BaseException:
+            await paid.release()
+            raise
+        if result.is_error or isinstance(result, InputRequiredToolResult):
+            await paid.release()
+            return result
+        closed = await paid.close(_as_mcp(result))
+        return ToolResult.from_mcp_result(cast(mt.CallToolResult, closed))
 
     async def _void(self, hold: Hold) -> None:
         # Shielded: a call cancelled by its client must still release what it held.
