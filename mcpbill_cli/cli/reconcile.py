@@ -182,6 +182,7 @@ def _totals_json(totals: Totals) -> dict[str, Any]:
     data: dict[str, Any] = to_jsonable(totals)
     data["charged_usd"] = format_usd(data.pop("charged"))
     data["deposited_usd"] = format_usd(data.pop("deposited"))
+    data["refunded_usd"] = format_usd(data.pop("refunded"))
     return data
 
 
@@ -214,6 +215,8 @@ TOTAL_COLUMNS = (
     Column("refusals", lambda t: "\n".join(f"{code} {n}" for code, n in t.refusals.items())
            or "0"),
     Column("deposited USDC", lambda t: format_usd(t.deposited)),
+    Column("refunded USDC", lambda t: format_usd(t.refunded)),
+    Column("net USDC", lambda t: format_usd(t.net)),
 )
 FINDING_COLUMNS = (Column("table", lambda r: r.table), Column("key", lambda r: r.key, ident=True),
                    Column("detail", lambda r: r.detail))
@@ -280,7 +283,8 @@ def _finding_lines(finding: Finding, *, to_stderr: bool) -> None:
 def _write_csv(report: ReconcileReport) -> None:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(["dimension", "key", "calls", "captured", "charged_usd", "voided",
-                     "expired", "held", "refusals", "deposits", "deposited_usd"])
+                     "expired", "held", "refusals", "deposits", "deposited_usd", "refunds",
+                     "refunded_usd"])
     rows = [("all", "", report.summary)] + [
         (dimension, key, totals) for dimension, keyed in report.totals.items()
         for key, totals in keyed.items()]
@@ -288,7 +292,8 @@ def _write_csv(report: ReconcileReport) -> None:
         refusals = ";".join(f"{code}={n}" for code, n in totals.refusals.items())
         writer.writerow([dimension, key, totals.calls, totals.captured,
                          format_usd(totals.charged), totals.voided, totals.expired, totals.held,
-                         refusals, totals.deposits, format_usd(totals.deposited)])
+                         refusals, totals.deposits, format_usd(totals.deposited),
+                         totals.refunds, format_usd(totals.refunded)])
 
 
 # --- events export ------------------------------------------------------------------------------

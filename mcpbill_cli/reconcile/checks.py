@@ -161,6 +161,7 @@ def _event_transfers(ctx: Context, conn: Connection) -> None:
 
 
 def _refunds(ctx: Context, conn: Connection) -> None:
+    ctx.totals.add_refunds(conn, ctx.options.window, ctx.options.filters)
     check_refunds(conn, ctx.options.window, ctx.found)
 
 

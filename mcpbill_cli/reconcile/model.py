@@ -230,6 +230,8 @@ class Totals:
     ``charged`` is what the window's calls were captured for; ``voided`` and ``expired`` count
     holds released; ``held`` those still pending; ``refusals`` count refused calls by code.
     ``deposits`` counts deposits credited in the window, ``deposited`` their amount.
+    ``refunds`` counts refunds made in the window (of calls of any time), ``refunded`` their
+    amount; ``net`` is what the window earned: ``charged`` less ``refunded``.
     """
 
     calls: int = 0
@@ -241,6 +243,12 @@ class Totals:
     refusals: Mapping[str, int] = field(default_factory=dict)
     deposits: int = 0
     deposited: int = 0
+    refunds: int = 0
+    refunded: int = 0
+
+    @property
+    def net(self) -> int:
+        return self.charged - self.refunded
 
 
 @dataclass(frozen=True)

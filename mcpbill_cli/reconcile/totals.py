@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, func, select
 
 from mcpbill_cli.ledger import refusals
-from mcpbill_cli.ledger.models import events
+from mcpbill_cli.ledger.models import calls, events, refunds
 from mcpbill_cli.reconcile.calls_pass import CallGroup
 from mcpbill_cli.reconcile.model import DIMENSIONS, Filters, Totals, Window
 
@@ -30,11 +30,13 @@ class _Counter:
     refusals: dict[str, int] = field(default_factory=dict)
     deposits: int = 0
     deposited: int = 0
+    refunds: int = 0
+    refunded: int = 0
 
     def frozen(self) -> Totals:
         return Totals(self.calls, self.captured, self.charged, self.voided, self.expired,
                       self.held, dict(sorted(self.refusals.items())), self.deposits,
-                      self.deposited)
+                      self.deposited, self.refunds, self.refunded)
 
 
 class TotalsBuilder:
@@ -72,6 +74,21 @@ class TotalsBuilder:
         if filters == Filters():
             for code, count in refusals.counted(conn, window.start, window.end):
                 self.summary.refusals[code] = self.summary.refusals.get(code, 0) + count
+
+    def add_refunds(self, conn: Connection, window: Window, filters: Filters) -> None:
+        """The window's refunds (by when they were made), by the tenant, agent, tool and
+        token of the call refunded."""
+        r, c = refunds.c, calls.c
+        query = (select(r.tenant, c.agent, c.tool, r.jti, func.count(), func.sum(r.amount))
+                 .join(calls, c.id == r.call_id)
+                 .where(r.created_at >= window.start, r.created_at < window.end)
+                 .group_by(r.tenant, c.agent, c.tool, r.jti))
+        for tenant, agent, tool, jti, count, amount in conn.execute(query):
+            if not filters.admits(tenant, agent, tool):
+                continue
+            for counter in self._counters(tenant, agent, tool, jti):
+                counter.refunds += int(count)
+                counter.refunded += int(amount or 0)
 
     def add_deposit(self, tenant: str, count: int, amount: int) -> None:
         for counter in self._counters(tenant, None, None, None):

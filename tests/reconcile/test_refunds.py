@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mcpbill_cli.ledger.credit import revoke
 from mcpbill_cli.ledger.engine import writing
+from mcpbill_cli.reconcile.model import Filters
 
 from .support import Ledger, rows_of
 
@@ -33,6 +34,16 @@ def test_refunds_made_by_the_verifier_reconcile_clean(ledger: Ledger) -> None:
     report = ledger.reconcile(verify_receipts=True)
     assert rows_of(report) == []
     assert "refunds" in report.checks
+    acme = ledger.call_row(ledger.calls["charge"]).amount
+    globex = ledger.call_row(ledger.calls["charge2"]).amount
+    assert (report.summary.refunds, report.summary.refunded) == (3, acme + globex)
+    by_tenant = report.totals["tenant"]
+    assert (by_tenant["acme"].refunds, by_tenant["acme"].refunded) == (2, acme)
+    assert (by_tenant["globex"].refunds, by_tenant["globex"].refunded) == (1, globex)
+    assert by_tenant["globex"].net == by_tenant["globex"].charged - globex
+    assert report.totals["tool"]["translate"].refunded == globex
+    only_globex = ledger.reconcile(filters=Filters(tenant="globex"))
+    assert (only_globex.summary.refunds, only_globex.summary.refunded) == (1, globex)
 
 
 def test_a_refund_row_edited_past_the_charge(ledger: Ledger) -> None:
