@@ -12,7 +12,7 @@ from mcpbill_cli.keys import KeyRing
 from mcpbill_cli.ledger.audit import GENESIS
 from mcpbill_cli.ledger.credit import fund_demo
 from mcpbill_cli.ledger.engine import current_revision, reading, writing
-from mcpbill_cli.ledger.models import events, seals
+from mcpbill_cli.ledger.models import SCHEMA_REVISION, events, seals
 from mcpbill_cli.ledger.schema import upgrade
 from mcpbill_cli.ledger.sealing import seal_all
 from mcpbill_cli.ledger.seals import _hashed_fields, _seal_hash, batch_hash, signer, take_pending
@@ -50,9 +50,9 @@ def test_seals_of_0007_keep_verifying_and_new_seals_carry_their_money(
         assert "money" not in old_columns
         seal_as_0007(engine, keys_dir)
 
-        assert upgrade(engine, "0008") == ("0007", "0008")
+        assert upgrade(engine) == ("0007", SCHEMA_REVISION)
 
-        assert current_revision(engine) == "0008"
+        assert current_revision(engine) == SCHEMA_REVISION
         with reading(engine) as conn:
             assert conn.execute(select(seals.c.number, seals.c.money)).all() == [(1, None)]
         with writing(engine) as conn:
