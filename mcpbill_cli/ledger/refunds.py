@@ -118,7 +118,13 @@ Opening = Opened | Earlier | Refused
 def open_refund(conn: Connection, request: RefundRequest, *, at: datetime) -> Opening:
     """Raise the call's ``refunded`` (the guard) and move the money back; nothing is written
     when it is refused (the caller rolls back what an ``exceeds`` or a ``raced`` left)."""
-    call = conn.execute(_CALL.where(c.id == request.call_id)).first()
+    query = _CALL.where(c.id == request.call_id)
+    if request.amount is None:
+        # "All that is left" is read, then taken: the row lock (PostgreSQL; SQLite's writers
+        # are serial already) makes concurrent refunds of the call take turns, so what was
+        # read is still what is left. A given amount needs no lock: its UPDATE is guarded.
+        query = query.with_for_update()
+    call = conn.execute(query).first()
     if call is None:
         return Refused("unknown")
     if request.idempotency_key is not None:
