@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import anyio
@@ -135,7 +136,12 @@ def test_an_upstream_killed_mid_call_is_voided_and_restarted(
     assert token_view(engine, token).held == 0
 
 
-def upstream_pid(pidfile: Path) -> int:
+def upstream_pid(pidfile: Path, timeout: float = 30) -> int:
+    """The stdio upstream's pid, once its shell has written it (it starts beside the proxy)."""
+    deadline = time.monotonic() + timeout
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline, f"the upstream never wrote {pidfile}"
+        time.sleep(0.05)
     return int(pidfile.read_text().strip())
 
 
