@@ -12,18 +12,8 @@ import secrets
 from typing import Any, Protocol
 
 from mcpbill_cli.wallet.addresses import checksum_address
+from mcpbill_cli.wallet.eip3009 import AUTHORIZATION_TYPES  # one definition, both sides
 from mcpbill_cli.x402.policy import Choice
-
-AUTHORIZATION_TYPES: dict[str, list[dict[str, str]]] = {
-    "TransferWithAuthorization": [
-        {"name": "from", "type": "address"},
-        {"name": "to", "type": "address"},
-        {"name": "value", "type": "uint256"},
-        {"name": "validAfter", "type": "uint256"},
-        {"name": "validBefore", "type": "uint256"},
-        {"name": "nonce", "type": "bytes32"},
-    ],
-}
 
 
 class TypedDataSigner(Protocol):
