@@ -34,7 +34,6 @@ from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolRequestParams, CallToolResult
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, load_settings
 from mcpbill_cli.errors import BillingError
@@ -42,6 +41,7 @@ from mcpbill_cli.mcp.units import metering
 from mcpbill_cli.mcp.wire import (
     EXTENSION_ID,
     IDEMPOTENCY_KEY_META,
+    LIST_TTL_MS,
     PRICE_META,
     RECEIPT_META,
     REPLAYED_META,
@@ -49,10 +49,13 @@ from mcpbill_cli.mcp.wire import (
     authorization_resource,
     authorization_settings,
     bearer_resource,
+    check_list_ttl,
     client_address,
     credit_token,
     idempotency_key,
     kept_result,
+    list_hints,
+    list_hints_middleware,
     refusal,
     replayed,
     succeeded,
@@ -68,10 +71,6 @@ __all__ = ["BilledTool", "Billing"]
 logger = logging.getLogger("mcpbill")
 
 ToolFn = TypeVar("ToolFn", bound=Callable[..., Any])
-# How long a client may keep a tools/list (prices included) before it asks again: prices change
-# only when the operator edits the table, and a call is charged at the price in force anyway.
-LIST_TTL_MS = 60_000
-
 
 @dataclass(frozen=True)
 class BilledTool:
@@ -158,14 +157,12 @@ class Billing(Extension):
     def __init__(self, verifier: Verifier, *, resource: str | None = None,
                  acceptor: Acceptor | None = None, list_ttl_ms: int = LIST_TTL_MS,
                  bearer: bool | None = None) -> None:
-        if isinstance(list_ttl_ms, bool) or not isinstance(list_ttl_ms, int) or list_ttl_ms < 0:
-            raise ValueError(f"list_ttl_ms must be a whole number of milliseconds, 0 or more, "
-                             f"not {list_ttl_ms!r}")
         self.verifier = verifier
         self.resource = bearer_resource(verifier, resource, bearer)
         self.acceptor = acceptor
-        self.list_ttl_ms = list_ttl_ms
+        self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self._billed: dict[str, BilledTool] = {}
+        self._list_middleware = list_hints_middleware(self.list_hints)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
@@ -202,14 +199,9 @@ class Billing(Extension):
         return quote(self.verifier.pricing_table(), tool, units=max_units)
 
     def list_hints(self) -> dict[str, Any]:
-        """The ``ttlMs`` and ``cacheScope`` of this server's ``tools/list`` (MCP 2026-07-28):
-        ``"private"`` while the pricing table gives some tenant prices of its own (a price
-        list is then no longer the same for every caller), ``"public"`` otherwise."""
-        table = self.verifier.pricing_table()
-        tenant_priced = any(terms.tools or terms.discount_percent
-                            for terms in table.tenants.values())
-        return {"ttlMs": self.list_ttl_ms,
-                "cacheScope": "private" if tenant_priced else "public"}
+        """The ``ttlMs`` and ``cacheScope`` of this server's ``tools/list`` (see
+        :func:`~mcpbill_cli.mcp.wire.list_hints`)."""
+        return list_hints(self.verifier.pricing_table(), self.list_ttl_ms)
 
     def tool(self, server: MCPServer[Any], name: str | None = None, *,
              max_units: int | None = None, meta: dict[str, Any] | None = None,
@@ -231,19 +223,6 @@ class Billing(Extension):
             return fn
 
         return register
-
-    async def _list_middleware(self, ctx: ServerRequestContext[Any, Any],
-                               call_next: CallNext) -> HandlerResult:
-        """A server middleware: ``tools/list`` results (the wire form) get :meth:`list_hints`.
-
-        The SDK has no extension hook for ``tools/list``, and its own ``cache_hints`` are
-        fixed when the server is built, while the pricing table can change under it."""
-        result = await call_next(ctx)
-        if (ctx.method != "tools/list" or not isinstance(result, dict)
-                or ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS):
-            return result  # earlier protocol versions have no cache hints
-        hints = await anyio.to_thread.run_sync(self.list_hints)  # it may read the table file
-        return {**result, **hints}
 
     async def intercept_tool_call(self, params: CallToolRequestParams,
                                   ctx: ServerRequestContext[Any, Any],

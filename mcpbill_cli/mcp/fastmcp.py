@@ -12,7 +12,8 @@
         ...
 
 A tool registered some other way (a mounted or proxied server's) is billed by name with
-``billing.bill("child_search")`` once ``billing`` is in the server's middleware.
+``billing.bill("child_search")`` once ``billing`` is in the server's middleware
+(``billing.install(server)``).
 
 The wire is the same as :class:`~mcpbill_cli.mcp.billing.Billing`'s: the token from
 ``_meta["dev.mcpbill/token"]``, ``Authorization: Bearer`` (where configured) or
@@ -44,14 +45,18 @@ from mcpbill_cli.errors import BillingError
 from mcpbill_cli.mcp.billing import BilledTool
 from mcpbill_cli.mcp.units import metering
 from mcpbill_cli.mcp.wire import (
+    LIST_TTL_MS,
     PRICE_META,
     RECEIPT_META,
     authorization_resource,
     bearer_resource,
+    check_list_ttl,
     client_address,
     credit_token,
     idempotency_key,
     kept_result,
+    list_hints,
+    list_hints_middleware,
     replayed,
 )
 from mcpbill_cli.mcp.x402 import PaidCall, challenged, payment_of
@@ -79,15 +84,22 @@ class BillingMiddleware(Middleware):
     token. ``Authorization: Bearer`` is read only when ``resource`` names this server's
     canonical URI, for tokens issued to it (see :class:`~mcpbill_cli.mcp.billing.Billing`);
     ``bearer=`` is deprecated.
+
+    ``tools/list`` carries ``ttlMs`` (``list_ttl_ms``) and ``cacheScope`` (``"private"`` while
+    some tenant has prices of its own) on servers it was added to with :meth:`tool` or
+    :meth:`install`.
     """
 
     def __init__(self, verifier: Verifier, *, resource: str | None = None,
-                 bearer: bool | None = None, acceptor: Acceptor | None = None) -> None:
+                 bearer: bool | None = None, acceptor: Acceptor | None = None,
+                 list_ttl_ms: int = LIST_TTL_MS) -> None:
         self.verifier = verifier
         self.resource = bearer_resource(verifier, resource, bearer)
         self.acceptor = acceptor
+        self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self._billed: dict[str, BilledTool] = {}
         self._prices: dict[str, dict[str, Any]] = {}
+        self._hinted: list[Any] = []  # the SDK servers whose tools/list got the hints
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
@@ -112,6 +124,25 @@ class BillingMiddleware(Middleware):
         """The table's base price of one call (per-unit: the most one call can cost)."""
         return quote(self.verifier.pricing_table(), tool, units=max_units)
 
+    def list_hints(self) -> dict[str, Any]:
+        """The ``ttlMs`` and ``cacheScope`` of ``tools/list`` (see
+        :func:`~mcpbill_cli.mcp.wire.list_hints`)."""
+        return list_hints(self.verifier.pricing_table(), self.list_ttl_ms)
+
+    def install(self, server: FastMCP[Any]) -> None:
+        """Add this middleware to ``server`` (once), and the cache hints to its ``tools/list``.
+
+        fastmcp's ``on_list_tools`` sees tools, not the result that carries ``ttlMs``: the
+        hints go in through the MCP SDK server underneath, as a middleware of its own."""
+        if self not in server.middleware:
+            server.add_middleware(self)
+        lowlevel = server._mcp_server  # noqa: SLF001 - fastmcp has no public handle on it
+        if any(lowlevel is hinted for hinted in self._hinted):
+            return
+        own = lowlevel.cache_hints.get("tools/list")  # FastMCP(cache_ttl=...): kept as a bound
+        lowlevel.middleware.append(list_hints_middleware(self.list_hints, own))
+        self._hinted.append(lowlevel)
+
     def bill(self, name: str, *, max_units: int | None = None) -> None:
         """Bill every call of the tool listed as ``name``; ``max_units`` bounds a per-unit hold.
 
@@ -123,7 +154,7 @@ class BillingMiddleware(Middleware):
 
     def tool(self, server: FastMCP[Any], name: str | None = None, *,
              max_units: int | None = None, **options: Any) -> Callable[[ToolFn], ToolFn]:
-        """Register a billed tool with ``server.tool`` and add this middleware to ``server``.
+        """Register a billed tool with ``server.tool`` and :meth:`install` this middleware.
 
         ``options`` go to ``server.tool`` (``title``, ``description``, ``meta``, ``tags``...).
         The function is returned as is, so it stays callable (unbilled) in unit tests.
@@ -132,8 +163,7 @@ class BillingMiddleware(Middleware):
         def register(fn: ToolFn) -> ToolFn:
             self.bill(name or fn.__name__, max_units=max_units)
             server.tool(fn, name=name or fn.__name__, **options)
-            if self not in server.middleware:
-                server.add_middleware(self)
+            self.install(server)
             return fn
 
         return register

@@ -21,13 +21,18 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
+from mcp.server.caching import CacheHint
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp_types import CallToolResult, TextContent
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, canonical_resource
 from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, InvalidInput
+from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.tokens import peek_audience
 from mcpbill_cli.verifier import MAX_KEY_LENGTH, Verifier
@@ -45,6 +50,9 @@ IDEMPOTENCY_KEY_META = PREFIX + "idempotencyKey"
 REPLAYED_META = PREFIX + "replayed"
 # The keys an agent sent before the prefix: read after the new ones, never written; gone in 0.2.0.
 LEGACY_META = {TOKEN_META: "mcpbill/token", IDEMPOTENCY_KEY_META: "mcpbill/idempotencyKey"}
+# How long a client may keep a tools/list (prices included) before it asks again: prices change
+# only when the operator edits the table, and a call is charged at the price in force anyway.
+LIST_TTL_MS = 60_000
 
 
 def credit_token(meta: Mapping[str, Any] | None, request: Any, *,
@@ -119,6 +127,56 @@ def _require_audience(token: str, resource: str) -> None:
             f"the Authorization token is not issued to this server: its audience must be "
             f"{resource!r} (mcpbill token issue --audience {resource})",
             reason="wrong_audience")
+
+
+def check_list_ttl(ttl_ms: int) -> int:
+    """``ttl_ms`` when it is a whole number of milliseconds, 0 or more (ValueError if not)."""
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 0:
+        raise ValueError(f"list_ttl_ms must be a whole number of milliseconds, 0 or more, "
+                         f"not {ttl_ms!r}")
+    return ttl_ms
+
+
+def list_hints(table: PricingTable, ttl_ms: int) -> dict[str, Any]:
+    """The ``ttlMs`` and ``cacheScope`` of a billed server's ``tools/list`` (MCP 2026-07-28):
+    ``"private"`` while the pricing table gives some tenant prices of its own (a price list is
+    then no longer the same for every caller, and a shared cache must not serve one tenant's
+    view to another), ``"public"`` otherwise."""
+    tenant_priced = any(terms.tools or terms.discount_percent
+                        for terms in table.tenants.values())
+    return {"ttlMs": ttl_ms, "cacheScope": "private" if tenant_priced else "public"}
+
+
+def list_hints_middleware(hints: Callable[[], dict[str, Any]],
+                          server_hint: CacheHint | None = None) -> ServerMiddleware[Any]:
+    """A low-level server middleware that puts ``hints()`` on ``tools/list`` results.
+
+    The SDK has no hook for ``tools/list`` results but its middleware, which sees them in wire
+    form; its own ``cache_hints`` are fixed when the server is built, while the pricing table
+    can change under it. ``server_hint``, the server's own hint for ``tools/list``, narrows
+    ours, never widens it (see :func:`narrowed`). Earlier protocol versions have no cache hints
+    and get none.
+    """
+
+    async def list_hints_on_tools_list(ctx: ServerRequestContext[Any, Any],
+                                       call_next: CallNext) -> HandlerResult:
+        result = await call_next(ctx)
+        if (ctx.method != "tools/list" or not isinstance(result, dict)
+                or ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS):
+            return result
+        ours = await anyio.to_thread.run_sync(hints)  # it may read the pricing table file
+        if server_hint is not None:
+            ours = narrowed(ours, server_hint.ttl_ms, server_hint.scope)
+        return {**result, **ours}
+
+    return list_hints_on_tools_list
+
+
+def narrowed(ours: Mapping[str, Any], ttl_ms: int, scope: str) -> dict[str, Any]:
+    """``ours`` cache hints, no longer-lived than ``ttl_ms`` and private if ``scope`` is: a
+    server's (or an upstream's) own hints are a promise billing must not break."""
+    return {"ttlMs": min(ours["ttlMs"], ttl_ms),
+            "cacheScope": "private" if scope == "private" else ours["cacheScope"]}
 
 
 def idempotency_key(meta: Mapping[str, Any] | None) -> str | None:

@@ -1,7 +1,9 @@
 """The proxy's MCP server: the SDK's low-level ``Server`` whose handlers forward to the upstream.
 
 ``tools/call`` is billed (:mod:`mcpbill_cli.proxy.billing`); ``tools/list`` gets each tool's
-price in its ``_meta``; resources, prompts and completion pass through untouched. The SDK
+price in its ``_meta``, and ``ttlMs`` / ``cacheScope`` (``"private"`` while some tenant has
+prices of its own; never longer or more shared than the upstream's own hints); resources,
+prompts and completion pass through untouched. The SDK
 serves both protocol eras downstream (2026-07-28 and the initialize handshake) and its client
 negotiates with the upstream, so each side speaks its own version.
 
@@ -29,7 +31,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, UpstreamUnavailable
-from mcpbill_cli.mcp.wire import PRICE_META
+from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta
 from mcpbill_cli.proxy.metrics import CallMetrics
@@ -50,8 +52,10 @@ class Proxy:
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
                  *, resource: str | None = None, bearer: bool | None = None,
-                 metrics: CallMetrics | None = None, name: str = "mcpbill-proxy") -> None:
+                 metrics: CallMetrics | None = None, name: str = "mcpbill-proxy",
+                 list_ttl_ms: int = LIST_TTL_MS) -> None:
         self.verifier = verifier
+        self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self.upstream = upstream
         self.limits = limits or Limits()
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
@@ -64,6 +68,11 @@ class Proxy:
             on_list_resource_templates=self._list_resource_templates,
             on_read_resource=self._read_resource, on_list_prompts=self._list_prompts,
             on_get_prompt=self._get_prompt, on_completion=self._complete)
+
+    def list_hints(self) -> dict[str, Any]:
+        """The ``ttlMs`` and ``cacheScope`` of the proxy's ``tools/list`` (see
+        :func:`~mcpbill_cli.mcp.wire.list_hints`)."""
+        return list_hints(self.verifier.pricing_table(), self.list_ttl_ms)
 
     # --- handlers ---------------------------------------------------------------------------------
 
@@ -83,7 +92,14 @@ class Proxy:
                 tools.append(tool)
                 continue
             tools.append(tool.model_copy(update={"meta": {**(tool.meta or {}), PRICE_META: price}}))
-        return listed.model_copy(update={"tools": tools})
+        return listed.model_copy(update={"tools": tools, **self._hints_over(listed)})
+
+    def _hints_over(self, listed: types.ListToolsResult) -> dict[str, Any]:
+        """Our cache hints as result fields, bounded by the upstream's when it sent any."""
+        hints = self.list_hints()
+        if {"ttl_ms", "cache_scope"} & listed.model_fields_set:
+            hints = narrowed(hints, listed.ttl_ms, listed.cache_scope)
+        return {"ttl_ms": hints["ttlMs"], "cache_scope": hints["cacheScope"]}
 
     async def _list_resources(self, ctx: Context, params: types.PaginatedRequestParams | None
                               ) -> types.ListResourcesResult:

@@ -11,17 +11,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as mt
 import pytest
 from fastmcp import Client, FastMCP
 from fastmcp.exceptions import ToolError
 from fastmcp.tools.base import ToolResult
+from mcp.client import Client as McpClient
+from mcp.client.streamable_http import streamable_http_client
 from sqlalchemy import Engine
 
 from mcpbill_cli.errors import PriceUnknown
 from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, PRICE_META, RECEIPT_META, TOKEN_META
 from mcpbill_cli.mcp.fastmcp import BillingMiddleware
 from mcpbill_cli.mcp.units import report_units
+from mcpbill_cli.mcp.wire import LIST_TTL_MS
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 
@@ -287,3 +291,65 @@ def test_over_http_a_resent_request_is_billed_once(
     assert resent["result"]["_meta"][RECEIPT_META] == receipt
     assert again["result"]["_meta"][RECEIPT_META] == receipt
     assert token_view(engine, token).spent == SEARCH
+
+
+# --- tools/list: ttlMs and cacheScope, read by the official MCP client ----------------------------
+
+FLAT = {"version": 5, "default_price": "0.01", "tools": {"status": {"price": "0"}}}
+
+
+def official_listing(app: Any) -> mt.ListToolsResult:
+    """``tools/list`` of ``app`` as the official ``mcp`` client reads it over streamable HTTP."""
+
+    async def listed() -> mt.ListToolsResult:
+        async with httpx2.AsyncClient(timeout=30) as web, \
+                McpClient(streamable_http_client(url, http_client=web), cache=None) as client:
+            return await client.list_tools()
+
+    with serve(app) as url:
+        return anyio.run(listed)
+
+
+def test_tools_list_is_private_while_a_tenant_has_prices_of_its_own(
+        server: FastMCP[Any]) -> None:
+    listed = official_listing(server.http_app())  # the sample table: acme's own search price
+    assert (listed.ttl_ms, listed.cache_scope) == (LIST_TTL_MS, "private")
+    assert PRICE_META in (listed.tools[0].meta or {})
+
+
+def test_tools_list_is_public_when_every_tenant_pays_the_same(verifier: Verifier) -> None:
+    flat = Verifier(keys=verifier.keys, engine=verifier.engine, demo=True,
+                    pricing=PricingTable.from_document(FLAT))
+    listed = official_listing(build_server(BillingMiddleware(flat, list_ttl_ms=0)).http_app())
+    assert (listed.ttl_ms, listed.cache_scope) == (0, "public")
+
+
+def test_a_servers_own_cache_hints_are_narrowed_never_widened(verifier: Verifier) -> None:
+    flat = Verifier(keys=verifier.keys, engine=verifier.engine, demo=True,
+                    pricing=PricingTable.from_document(FLAT))
+    billing = BillingMiddleware(flat)
+    server: FastMCP[Any] = FastMCP("cached", cache_ttl=5, cache_scope="private")
+    billing.tool(server, name="status")(lambda: "ok")
+    listed = official_listing(server.http_app())
+    assert (listed.ttl_ms, listed.cache_scope) == (5000, "private")
+
+
+def test_install_adds_the_hints_to_a_server_billing_tools_by_name(verifier: Verifier) -> None:
+    billing = BillingMiddleware(verifier, list_ttl_ms=1234)
+    server: FastMCP[Any] = FastMCP("by-name")
+
+    @server.tool
+    def search(q: str) -> str:
+        return q
+
+    billing.bill("search")
+    billing.install(server)
+    billing.install(server)  # twice: still one of each
+    assert server.middleware.count(billing) == 1
+    listed = official_listing(server.http_app())
+    assert (listed.ttl_ms, listed.cache_scope) == (1234, "private")
+
+
+def test_a_negative_list_ttl_is_refused(verifier: Verifier) -> None:
+    with pytest.raises(ValueError, match="list_ttl_ms"):
+        BillingMiddleware(verifier, list_ttl_ms=-1)

@@ -39,7 +39,7 @@ from mcpbill_cli.mcp import (
     TOKEN_META,
     Billing,
 )
-from mcpbill_cli.mcp.billing import LIST_TTL_MS
+from mcpbill_cli.mcp.wire import LIST_TTL_MS
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 
