@@ -45,7 +45,7 @@ DEFAULT_TENANT = "default"
 # Keys a config.toml may hold; anything else is a typo we would rather report than ignore.
 _KNOWN_KEYS = {
     "mode", "db_url", "issuer", "audience", "ttl_cap", "default_ttl", "leeway",
-    "hold_timeout", "replay_result_cap", "chains", "wallet", "mcp",
+    "hold_timeout", "replay_result_cap", "chains", "wallet", "mcp", "x402",
 }
 _MCP_KEYS = {"authorization", "resource"}
 DEFAULT_RESULT_CAP = 256 * 1024

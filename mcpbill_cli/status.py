@@ -45,6 +45,22 @@ class ChainStatus:
 
 
 @dataclass(frozen=True)
+class X402Status:
+    """Whether the pricing table asks for x402 payments and this home can take them; when
+    it cannot, ``reasons`` say why (see :mod:`mcpbill_cli.x402.readiness`)."""
+
+    requested: bool = False
+    accepting: bool = False
+    chain: str | None = None
+    network: str | None = None
+    pay_to: str | None = None
+    settlement: str | None = None
+    facilitator_url: str | None = None
+    tools: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Status:
     home: str
     initialized: bool
@@ -53,6 +69,7 @@ class Status:
     keys: KeysStatus
     pricing_version: int | None
     chain: ChainStatus
+    x402: X402Status = X402Status()
 
 
 def status(settings: Settings, *,
@@ -68,13 +85,14 @@ def status(settings: Settings, *,
 
     unreached = LedgerStatus(redact_url(settings.db_url), required=SCHEMA_REVISION)
     ledger = _collect(problems, lambda: _ledger(settings), unreached)
-    keys, pricing_version = KeysStatus(), None
+    keys, pricing_version, x402 = KeysStatus(), None, X402Status()
     if initialized:
         keys = _collect(problems, lambda: (_keys(settings), None), keys)
         pricing_version = _collect(problems, lambda: (_pricing_version(settings), None), None)
+        x402 = _collect(problems, lambda: (_x402(settings), None), x402)
     chain = _collect(problems, lambda: _chain(settings, rpc_url), ChainStatus(configured=False))
     return Status(str(settings.home), initialized, settings.mode, ledger, keys, pricing_version,
-                  chain), problems
+                  chain, x402), problems
 
 
 def _collect(problems: list[BillingError],
@@ -144,6 +162,19 @@ def _pricing_version(settings: Settings) -> int:
     from mcpbill_cli.pricing import load_pricing
 
     return load_pricing(settings.pricing_path).version
+
+
+def _x402(settings: Settings) -> X402Status:
+    """x402 acceptance as the pricing file asks for it and the home allows it (a pricing
+    file that does not load is reported by the pricing check already)."""
+    from mcpbill_cli.pricing import load_pricing
+    from mcpbill_cli.x402.readiness import readiness
+
+    try:
+        table = load_pricing(settings.pricing_path)
+    except BillingError:  # the pricing check reports it
+        return X402Status()
+    return X402Status(**vars(readiness(settings, table)))
 
 
 def _chain(settings: Settings, override: str | None) -> tuple[ChainStatus, BillingError | None]:

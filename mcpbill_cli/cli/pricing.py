@@ -122,15 +122,31 @@ def validate(
     as_json: JsonOption = False,
 ) -> None:
     """Check a pricing file without changing anything; exit 10 with the key path if it is bad,
-    or if the home's ledger charged with other prices under its version."""
+    or if the home's ledger charged with other prices under its version.
+
+    When the file turns x402 on (``[x402]``), it also says whether this home can accept x402
+    payments under it and, if not, every reason why (a warning: the file is still valid).
+
+    Example: mcpbill pricing validate new-pricing.toml --json | jq '.data.x402.reasons'
+    """
+    from dataclasses import asdict
+
+    from mcpbill_cli.x402.readiness import readiness
+
     path = file or _pricing_path(ctx)
     table = pricing.load_pricing(path)
     recorded = _version_recorded(ctx, table, path)
+    x402 = readiness(state(ctx).settings, table)
     data = {"path": str(path), "pricing_version": table.version, "tools": len(table.tools),
-            "tenants": len(table.tenants), "version_recorded": recorded}
+            "tenants": len(table.tenants), "version_recorded": recorded, "x402": asdict(x402)}
     emit(data, as_json=as_json, human=lambda: out.print(
         f"{path}: valid, version {table.version}, {len(table.tools)} tool(s), "
         f"{len(table.tenants)} tenant(s)"))
+    if x402.requested and not x402.accepting and not as_json:
+        err.print("[bold yellow]warning[/]: this file turns x402 on, but this home cannot "
+                  "accept x402 payments:")
+        for reason in x402.reasons:
+            err.print(f"  - {reason}", markup=False)
 
 
 def _version_recorded(ctx: typer.Context, table: pricing.PricingTable, path: Path) -> bool:

@@ -27,11 +27,16 @@ if TYPE_CHECKING:
 def status(ctx: typer.Context, rpc_url: wallet_chain.RpcUrlOption = None,
            as_json: JsonOption = False) -> None:
     """Show whether this home is ready to bill: home, ledger and its schema, signing keys,
-    pricing version, chain RPC (only when one is configured) and pending holds.
+    pricing version, chain RPC (only when one is configured), pending holds, and x402: whether
+    pricing.toml turns x402 payments on and, if this home cannot take them, every reason why
+    (demo mode, no RPC URL, no deposit address, nothing to settle with...).
 
     Exits 0 when all is well, else with the exit code of the first problem: 9 not initialized
     or schema outdated, 8 ledger unreachable, 10 bad pricing or chain config, 17 RPC
-    unreachable, 18 RPC on another chain.
+    unreachable, 18 RPC on another chain. x402 being off is a warning, not a failure: credit
+    tokens still pay.
+
+    Example: mcpbill status --json | jq '.data.x402.reasons'
     """
     from mcpbill_cli.status import status as gather
 
@@ -41,6 +46,11 @@ def status(ctx: typer.Context, rpc_url: wallet_chain.RpcUrlOption = None,
         print_json(envelope(found, errors))
     else:
         _render(found)
+        if found.x402.requested and not found.x402.accepting:
+            err.print("[bold yellow]warning[/]: pricing.toml turns x402 on, but this home "
+                      "cannot accept x402 payments:")
+            for reason in found.x402.reasons:
+                err.print(f"  - {reason}", markup=False)
         for problem in problems:
             err.print(f"[bold red]error[/] [dim]{problem.code}[/]: ", end="")
             err.print(problem.message, markup=False)
@@ -60,6 +70,7 @@ def _render(found: Status) -> None:
         if keys.active_kid else "-",
         "pricing version": _or_dash(found.pricing_version),
         "chain": _chain_line(chain.chain, chain.rpc_url, chain.reachable),
+        "x402": _x402_line(found),
     }
     print_fields(rows)
 
@@ -68,6 +79,16 @@ def _chain_line(name: str | None, rpc_url: str | None, reachable: bool | None) -
     if rpc_url is None:
         return f"{name or '-'}: no RPC configured"
     return f"{name}: {rpc_url} ({'reachable' if reachable else 'not reachable'})"
+
+
+def _x402_line(found: Status) -> str:
+    x402 = found.x402
+    if not x402.requested:
+        return "off (pricing.toml has no [x402])"
+    if not x402.accepting:
+        return f"off: {len(x402.reasons)} thing(s) missing (see below)"
+    return (f"accepting on {x402.chain} ({x402.network}) to {x402.pay_to}, settled by "
+            f"{x402.settlement}, {len(x402.tools)} tool(s)")
 
 
 def _or_dash(value: object) -> str:

@@ -82,6 +82,7 @@ from mcpbill_cli.x402.offers import (
     requirement,
     tool_resource,
 )
+from mcpbill_cli.x402.readiness import facilitator_url, readiness
 from mcpbill_cli.x402.settlers import (
     FacilitatorSettler,
     SelfSettler,
@@ -187,13 +188,15 @@ class Acceptor:
         """The acceptor the home configures, or :class:`Unavailable` saying why there is none:
         ``[x402]`` in pricing.toml, the chain (its ``rpc_url``), ``[wallet] deposit_address``,
         and ``[x402] facilitator_url`` in config.toml (without it: self-settlement with the
-        keystore, password from ``MCPBILL_KEYSTORE_PASSWORD``)."""
+        keystore, password from ``MCPBILL_KEYSTORE_PASSWORD``). The checks are
+        :func:`~mcpbill_cli.x402.readiness.readiness`'s, as ``mcpbill status`` reports them."""
         s = settings or load_settings()
         table = verifier.pricing_table()
-        if s.demo or verifier.demo:
+        if verifier.demo:
             return Unavailable("demo mode: no chain to be paid on")
-        if table.x402 is None:
-            return Unavailable("pricing.toml has no [x402] section")
+        found = readiness(s, table)
+        if not found.accepting:
+            return Unavailable("; ".join(found.reasons) or "pricing.toml has no [x402] section")
         try:
             return cls._configured(verifier, s, table)
         except BillingError as error:
@@ -210,7 +213,7 @@ class Acceptor:
         chain = resolve_chain(table.x402.chain, s.file)
         pay_to = get_deposit_address(s.file)
         rpc = Rpc(connect(rpc_url(chain)))
-        url = _facilitator_url(s.file)
+        url = facilitator_url(s.file)
         terms = _terms(chain, pay_to, table)
         settler: Settler
         if url is not None:
@@ -516,15 +519,3 @@ def _request_hash(payment_id: str, tool: str, args: Any) -> str:
     canonical = json.dumps([payment_id, tool, args], sort_keys=True, separators=(",", ":"),
                            ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _facilitator_url(file: Mapping[str, Any]) -> str | None:
-    section = file.get("x402", {})
-    if not isinstance(section, Mapping):
-        raise ConfigInvalid("config [x402] must be a table")
-    url = section.get("facilitator_url")
-    if url is None:
-        return None
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigInvalid("config [x402] facilitator_url must be a URL like https://...")
-    return url

@@ -233,7 +233,10 @@ def test_validate_another_file(runner: CliRunner, home: Path, tmp_path: Path) ->
     code, document = run_json(runner, "validate", str(other))
     assert (code, document["data"]) == (0, {
         "path": str(other), "pricing_version": 4, "tools": 0, "tenants": 0,
-        "version_recorded": False})
+        "version_recorded": False, "x402": {
+            "requested": False, "accepting": False, "chain": None, "network": None,
+            "pay_to": None, "settlement": None, "facilitator_url": None, "tools": [],
+            "reasons": []}})
     code, document = run_json(runner, "validate", str(tmp_path / "absent.toml"))
     assert code == 10 and "no pricing table" in document["errors"][0]["message"]
 
