@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0013"
 
 metadata = MetaData()
 
@@ -228,14 +228,17 @@ account_snapshots = Table(
     Index("ix_account_snapshots_account", "account", "at"),
 )
 
-# Deposits seen on chain, credited once per (chain, tx hash, log index).
+# Deposits seen on chain, credited once per (chain, tx hash, position of the log in the tx):
+# the position survives a reorg that re-mines the transaction elsewhere; the block-wide log
+# index does not. Rows from before schema 0013 have no position until a sync meets them again.
 deposits = Table(
     "deposits",
     metadata,
-    Column("id", String(200), primary_key=True),  # <caip2>:<tx hash>:<log index>
+    Column("id", String(200), primary_key=True),  # <caip2>:<tx hash>:p<position> (0013 on)
     Column("chain", String(64), nullable=False),
     Column("tx_hash", String(66), nullable=False),
-    Column("log_index", Integer, nullable=False),
+    Column("log_index", Integer, nullable=False),  # block-wide, where it was last seen
+    Column("tx_log_position", Integer, nullable=True),  # index in the receipt's logs
     Column("block_number", BigInteger, nullable=False),
     Column("sender", String(42), nullable=False),
     Column("recipient", String(42), nullable=False),
@@ -246,7 +249,7 @@ deposits = Table(
     Column("transfer_id", String(200), ForeignKey("transfers.id"), nullable=True),
     Column("seen_at", DateTime(timezone=True), nullable=False),
     Column("credited_at", DateTime(timezone=True), nullable=True),
-    UniqueConstraint("chain", "tx_hash", "log_index", name="uq_deposits_log"),
+    UniqueConstraint("chain", "tx_hash", "tx_log_position", name="uq_deposits_tx_log"),
     CheckConstraint("amount > 0", name="ck_deposits_amount_positive"),
 )
 

@@ -108,11 +108,11 @@ def _window_deposits(window: Window, filters: Filters) -> Any:
 
 def _check_transaction(row: Any, chain: Any, rpc: Any, found: Findings) -> None:
     from mcpbill_cli.wallet.deposits import verify_deposit
-    from mcpbill_cli.wallet.errors import TxPending
+    from mcpbill_cli.wallet.errors import ChainInconsistent, TxPending
 
     try:
         onchain = verify_deposit(rpc, chain, row.tx_hash, row.recipient)
-    except TxPending as exc:
+    except (TxPending, ChainInconsistent) as exc:
         found.add("deposit_unconfirmed", Row("deposits", row.id, exc.message))
         return
     except BillingError as exc:
@@ -120,10 +120,41 @@ def _check_transaction(row: Any, chain: Any, rpc: Any, found: Findings) -> None:
             raise
         found.add("deposit_not_on_chain", Row("deposits", row.id, exc.message))
         return
-    seen = {(dep.log_index, dep.sender, dep.amount) for dep in onchain}
-    if (row.log_index, row.sender, row.amount) not in seen:
+    _compare(row, onchain, found)
+
+
+def _compare(row: Any, onchain: list[Any], found: Findings) -> None:
+    """The chain's transfer at the row's place in the transaction, against the row: gone,
+    changed (amount or sender), or moved (another block or log index, as a reorg re-mines)."""
+    now = _same_place(row, onchain)
+    if now is None:
         found.add("deposit_not_on_chain", Row("deposits", row.id, (
-            f"the ledger has {format_usd(row.amount)} from {row.sender} at log "
-            f"{row.log_index}; the transaction moved "
-            + ", ".join(f"{format_usd(dep.amount)} from {dep.sender} at log {dep.log_index}"
-                        for dep in onchain))))
+            f"the ledger has {format_usd(row.amount)} from {row.sender} at "
+            f"{_place(row.log_index, row.tx_log_position)}; the "
+            "transaction moved " + ", ".join(f"{format_usd(dep.amount)} from {dep.sender} at "
+                                             f"{_place(dep.log_index, dep.position)}"
+                                             for dep in onchain))))
+    elif (now.amount, now.sender) != (row.amount, row.sender):
+        found.add("deposit_changed", Row("deposits", row.id, (
+            f"the ledger has {format_usd(row.amount)} from {row.sender}; on chain that "
+            f"transfer is {format_usd(now.amount)} from {now.sender}")))
+    elif (now.block_number, now.log_index) != (row.block_number, row.log_index):
+        found.add("deposit_moved", Row("deposits", row.id, (
+            f"credited from block {row.block_number} log {row.log_index}; the transaction is "
+            f"now in block {now.block_number} log {now.log_index} (re-mined by a reorg): "
+            "still one deposit")))
+
+
+def _same_place(row: Any, onchain: list[Any]) -> Any:
+    """The on-chain transfer at the row's position in the transaction. A row from before
+    schema 0013 has no position: the transfer at its log index, else one of the same sender
+    and amount (as ``wallet/crediting.py`` adopts such rows)."""
+    if row.tx_log_position is not None:
+        return next((dep for dep in onchain if dep.position == row.tx_log_position), None)
+    same = [dep for dep in onchain if (dep.sender, dep.amount) == (row.sender, row.amount)]
+    at_index = [dep for dep in onchain if dep.log_index == row.log_index]
+    return next(iter(at_index or same), None)
+
+
+def _place(log_index: int, position: int | None) -> str:
+    return f"log {log_index}" + ("" if position is None else f" (#{position} in the tx)")

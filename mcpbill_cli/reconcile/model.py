@@ -54,7 +54,11 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
     "deposit_not_on_chain": ("error", "--onchain: the deposit's transaction does not show that "
                                       "transfer on chain"),
     "deposit_unconfirmed": ("warning", "--onchain: the deposit's transaction is no longer final "
-                                       "(a reorg?)"),
+                                       "(a reorg?), or the RPC contradicted itself about it"),
+    "deposit_changed": ("error", "--onchain: the transfer at the deposit's place in its "
+                                 "transaction has another amount or sender than was credited"),
+    "deposit_moved": ("warning", "--onchain: the deposit's transaction was re-mined in another "
+                                 "block or log position (a reorg); it is still one deposit"),
     "deposit_address_balance_differs": ("warning", "--onchain: the deposit address holds other "
                                                    "than what was recorded (withdrawn, or not "
                                                    "synced yet)"),

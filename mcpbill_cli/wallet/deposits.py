@@ -2,7 +2,14 @@
 
 A transaction is a deposit when it succeeded, has enough confirmations to be final, and holds a
 ``Transfer`` log emitted by the chain's USDC contract to the deposit address. Each such log is
-credited once. A lookalike token (same event, another contract) is never credited.
+credited once, keyed by its position among the receipt's logs. A lookalike token (same event,
+another contract) is never credited.
+
+Final means final as seen consistently: after the head says the receipt has its confirmations,
+:func:`require_consistent` re-reads the chain at the confirmed height (that block exists, the
+receipt reads the same, its block is still the canonical one at its height). An RPC whose
+answers disagree (a head that went back, a block that vanished, a receipt that changed) is
+refused with CHAIN_INCONSISTENT and nothing is credited from it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,14 @@ from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.wallet.addresses import normalize_address, normalize_tx_hash
 from mcpbill_cli.wallet.chains import Chain
 from mcpbill_cli.wallet.crediting import Deposit, check_tenant, credit_deposit
-from mcpbill_cli.wallet.errors import NotUsdc, TxNotFound, TxPending, TxReverted, WrongRecipient
+from mcpbill_cli.wallet.errors import (
+    ChainInconsistent,
+    NotUsdc,
+    TxNotFound,
+    TxPending,
+    TxReverted,
+    WrongRecipient,
+)
 from mcpbill_cli.wallet.rpc import TRANSFER_TOPIC, Rpc
 
 if TYPE_CHECKING:
@@ -66,6 +80,7 @@ def verify_deposit(w3: Web3 | Rpc, chain: Chain, tx_hash: str,
                          tx=tx_hash, chain=chain.caip2)
     found = _usdc_deposits(chain, tx_hash, receipt["logs"], recipient)
     _require_final(rpc, chain, tx_hash, int(receipt["blockNumber"]))
+    require_consistent(rpc, chain, tx_hash, receipt)
     return found
 
 
@@ -87,17 +102,19 @@ def fund_from_tx(engine: Engine, w3: Web3 | Rpc, chain: Chain, tenant: str, tx_h
                       credited=credited, already=already)
 
 
-def decode_transfer(chain: Chain, log: Any) -> Deposit | None:
-    """An ERC-20 ``Transfer`` log as a :class:`Deposit` (of any token), else ``None``.
+def decode_transfer(chain: Chain, log: Any, position: int) -> Deposit | None:
+    """An ERC-20 ``Transfer`` log as a :class:`Deposit` (of any token), else ``None``;
+    ``position`` is the log's index among its transaction's receipt logs.
 
     ERC-721 transfers share the event signature but index a fourth topic: they are skipped.
     """
-    topics = [_hex(topic) for topic in log["topics"]]
+    topics = [hex_str(topic) for topic in log["topics"]]
     data = bytes(log["data"])
     if len(topics) != 3 or topics[0] != TRANSFER_TOPIC or len(data) != 32:
         return None
-    return Deposit(chain=chain.caip2, tx_hash=_hex(log["transactionHash"]),
-                   log_index=int(log["logIndex"]), block_number=int(log["blockNumber"]),
+    return Deposit(chain=chain.caip2, tx_hash=hex_str(log["transactionHash"]),
+                   log_index=int(log["logIndex"]), position=position,
+                   block_number=int(log["blockNumber"]),
                    sender="0x" + topics[1][-40:], recipient="0x" + topics[2][-40:],
                    token=str(log["address"]).lower(), amount=int.from_bytes(data, "big"))
 
@@ -120,7 +137,8 @@ def _mined_receipt(rpc: Rpc, chain: Chain, tx_hash: str) -> Any:
 
 def _usdc_deposits(chain: Chain, tx_hash: str, logs: Iterable[Any],
                    recipient: str) -> list[Deposit]:
-    transfers = [t for t in (decode_transfer(chain, log) for log in logs) if t is not None]
+    transfers = [t for t in (decode_transfer(chain, log, position)
+                             for position, log in enumerate(logs)) if t is not None]
     usdc = [t for t in transfers if t.token == chain.usdc and 0 < t.amount <= _INT64_MAX]
     found = [t for t in usdc if t.recipient == recipient]
     if found:
@@ -153,7 +171,67 @@ def _require_final(rpc: Rpc, chain: Chain, tx_hash: str, block: int) -> None:
         )
 
 
-def _hex(value: Any) -> str:
+def require_consistent(rpc: Rpc, chain: Chain, tx_hash: str, receipt: Any) -> None:
+    """Re-read the chain at the receipt's confirmed height before anything is credited.
+
+    The head must still cover the confirmations, the block at the confirmed height must exist,
+    a second read of the receipt must equal the first, and the receipt's block must still be the
+    node's block at that height. Otherwise CHAIN_INCONSISTENT: the RPC contradicts itself.
+    """
+    block = int(receipt["blockNumber"])
+    confirmed_at = block + chain.confirmations - 1
+    head = rpc.block_number()
+    if head < confirmed_at or rpc.block_hash(confirmed_at) is None:
+        raise _inconsistent(rpc, chain, tx_hash, f"its head went back to {head}, below block "
+                            f"{confirmed_at} where {tx_hash} has {chain.confirmations} "
+                            "confirmations")
+    again = rpc.receipt(tx_hash)
+    if again is None or receipt_fingerprint(again) != receipt_fingerprint(receipt):
+        raise _inconsistent(rpc, chain, tx_hash, f"the receipt of {tx_hash} changed between "
+                            "two reads")
+    if rpc.block_hash(block) != hex_str(receipt["blockHash"]):
+        raise _inconsistent(rpc, chain, tx_hash, f"block {block} of {tx_hash} is no longer "
+                            "the chain's block at that height")
+
+
+def receipt_fingerprint(receipt: Any) -> tuple[Any, ...]:
+    """What of a receipt must not change between two reads: its place and its logs."""
+    return (hex_str(receipt["blockHash"]), int(receipt["blockNumber"]), int(receipt["status"]),
+            tuple(_log_fingerprint(log) for log in receipt["logs"]))
+
+
+def _log_fingerprint(log: Any) -> tuple[Any, ...]:
+    return (str(log["address"]).lower(), tuple(hex_str(t) for t in log["topics"]),
+            bytes(log["data"]).hex(), int(log["logIndex"]))
+
+
+def deposit_in_receipt(rpc: Rpc, chain: Chain, receipt: Any, log: Any) -> Deposit | None:
+    """The :class:`Deposit` of ``log`` (from ``eth_getLogs``) at its place in ``receipt``.
+
+    The receipt must hold the same log in the same block; if not, the node contradicts itself
+    (CHAIN_INCONSISTENT). ``None`` for a log that is not an ERC-20 transfer.
+    """
+    tx_hash = hex_str(log["transactionHash"])
+    if (receipt is None or int(receipt["status"]) != 1
+            or hex_str(receipt["blockHash"]) != hex_str(log["blockHash"])):
+        raise _inconsistent(rpc, chain, tx_hash, f"the log of {tx_hash} in block "
+                            f"{int(log['blockNumber'])} has no receipt in that block")
+    wanted = _log_fingerprint(log)
+    for position, candidate in enumerate(receipt["logs"]):
+        if _log_fingerprint(candidate) == wanted:
+            return decode_transfer(chain, candidate, position)
+    raise _inconsistent(rpc, chain, tx_hash, f"the receipt of {tx_hash} does not hold the log "
+                        f"{int(log['logIndex'])} that eth_getLogs returned")
+
+
+def _inconsistent(rpc: Rpc, chain: Chain, tx_hash: str, what: str) -> ChainInconsistent:
+    return ChainInconsistent(
+        f"the RPC at {rpc.url} contradicts itself on {chain.name}: {what}; nothing was "
+        "credited: retry later (a reorganisation may be under way)", url=rpc.url,
+        chain=chain.caip2, tx=tx_hash)
+
+
+def hex_str(value: Any) -> str:
     """A topic or hash as lowercase ``0x`` hex, whether HexBytes, bytes or str."""
     if isinstance(value, str):
         return value.lower() if value.startswith("0x") else "0x" + value.lower()

@@ -73,6 +73,7 @@ class SettledTransfer:
 
     tx_hash: str
     log_index: int
+    position: int  # among the receipt's logs: the deposit's key, stable across re-mining
     block_number: int
     sender: str
     recipient: str
@@ -165,12 +166,12 @@ def settled_transfer(rpc: Rpc, tx_hash: str, token: str, recipient: str) -> Sett
     if receipt is None or receipt["status"] != 1:
         return None
     wanted = address_topic(recipient)
-    for log in receipt["logs"]:
+    for position, log in enumerate(receipt["logs"]):
         topics = ["0x" + bytes(topic).hex() for topic in log["topics"]]
         if (str(log["address"]).lower() == token.lower() and len(topics) == 3
                 and topics[0] == TRANSFER_TOPIC and topics[2] == wanted):
             return SettledTransfer(
-                tx_hash=tx_hash.lower(), log_index=int(log["logIndex"]),
+                tx_hash=tx_hash.lower(), log_index=int(log["logIndex"]), position=position,
                 block_number=int(log["blockNumber"]), sender="0x" + topics[1][-40:],
                 recipient=recipient.lower(), amount=int.from_bytes(bytes(log["data"]), "big"))
     return None

@@ -70,6 +70,14 @@ class RpcUnavailable(BillingError):
     code = "RPC_UNAVAILABLE"
 
 
+class ChainInconsistent(BillingError):
+    """The RPC's answers disagree with each other: a head that went back, a block that vanished,
+    a receipt that changed between two reads (a reorganisation under way, or a load-balanced
+    endpoint whose nodes lag). Nothing was credited from what it said; retry later."""
+
+    code = "CHAIN_INCONSISTENT"
+
+
 class WrongChain(BillingError):
     """The RPC serves another chain than the one configured: nothing is read from it."""
 

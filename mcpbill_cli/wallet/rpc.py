@@ -105,6 +105,20 @@ class Rpc:
 
         return self._call("eth_getTransactionReceipt", read)
 
+    def block_hash(self, number: int) -> str | None:
+        """The hash (lowercase 0x) of the node's block at height ``number``; ``None`` if it has
+        none (past its head, or the block vanished)."""
+        from web3.exceptions import BlockNotFound
+
+        def read() -> str | None:
+            try:
+                block = self.w3.eth.get_block(number)
+            except BlockNotFound:
+                return None
+            return "0x" + bytes(block["hash"]).hex()
+
+        return self._call("eth_getBlockByNumber", read)
+
     def is_pending(self, tx_hash: str) -> bool:
         """True if the node knows the transaction but has not mined it (it is in the mempool)."""
         from web3.exceptions import TransactionNotFound

@@ -3,8 +3,14 @@
 The scan reads USDC ``Transfer`` logs to the deposit address, from the stored checkpoint, in
 bounded block ranges, and only up to the last *final* block (``latest - confirmations + 1``):
 a block that a reorganisation could still replace is never read, so a vanished transfer is never
-credited and none is credited twice. Each range's credits and the checkpoint move in one
-transaction, so an interrupted scan resumes exactly where it stopped.
+credited and none is credited twice. Each log found is checked against its transaction's receipt
+(the same log, in the same block; its position in the receipt is the deposit's key), and the
+receipt is re-read at its confirmed height before anything is credited; the block at the last
+final height of a range must exist before the checkpoint moves past it. An RPC that contradicts
+itself (a head that went back, a block that vanished, a receipt that changed) stops the sync with
+CHAIN_INCONSISTENT; nothing of that range is credited and its checkpoint does not move. Each
+range's credits and the checkpoint move in one transaction, so an interrupted scan resumes
+exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ from mcpbill_cli.wallet.crediting import (
     Deposit,
     claim_unlinked,
     credit_deposit,
-    credited_tenant,
+    find_recorded,
     linked_tenants,
     record_unlinked,
     unlinked_deposits,
 )
-from mcpbill_cli.wallet.deposits import as_rpc, decode_transfer
-from mcpbill_cli.wallet.errors import NoCheckpoint, RpcUnavailable
+from mcpbill_cli.wallet.deposits import as_rpc, deposit_in_receipt, hex_str, require_consistent
+from mcpbill_cli.wallet.errors import ChainInconsistent, NoCheckpoint, RpcUnavailable
 from mcpbill_cli.wallet.rpc import LogQueryRefused, Rpc
 
 if TYPE_CHECKING:
@@ -121,18 +127,45 @@ class _Scan:
         self.queries = 0
 
     def range(self, first: int, last: int) -> None:
-        found = [deposit for deposit in (decode_transfer(self.chain, log)
-                                         for log in self._logs(first, last))
-                 if deposit is not None and deposit.amount > 0]
+        found = self._final_deposits(self._logs(first, last))
+        self._require_final_block(first, last)
         with writing(self.engine) as conn:
             tenants = linked_tenants(conn, (deposit.sender for deposit in found))
             for deposit in found:
                 self._record(conn, deposit, tenants.get(deposit.sender))
             advance_checkpoint(conn, self.chain.caip2, last, self.at)
 
+    def _final_deposits(self, logs: list[Any]) -> list[Deposit]:
+        """The logs as deposits keyed by their place in their receipts, each receipt re-read
+        at its confirmed height (CHAIN_INCONSISTENT when the node contradicts itself)."""
+        receipts: dict[str, Any] = {}
+        found = []
+        for log in logs:
+            tx_hash = hex_str(log["transactionHash"])
+            if tx_hash not in receipts:
+                receipts[tx_hash] = self.rpc.receipt(tx_hash)
+            deposit = deposit_in_receipt(self.rpc, self.chain, receipts[tx_hash], log)
+            if deposit is not None and deposit.amount > 0:
+                found.append(deposit)
+        for tx_hash, receipt in receipts.items():
+            require_consistent(self.rpc, self.chain, tx_hash, receipt)
+        return found
+
+    def _require_final_block(self, first: int, last: int) -> None:
+        """The head that made ``last`` final must still be there: a node whose head went back
+        (or lied ahead) would move the checkpoint past blocks that are not final yet."""
+        confirmed_at = last + self.chain.confirmations - 1
+        if self.rpc.block_hash(confirmed_at) is None:
+            raise ChainInconsistent(
+                f"the RPC at {self.rpc.url} contradicts itself on {self.chain.name}: it has no "
+                f"block {confirmed_at}, which its head made final; nothing in blocks "
+                f"{first}..{last} was credited: retry later", url=self.rpc.url,
+                chain=self.chain.caip2, block=confirmed_at)
+
     def _record(self, conn: Connection, deposit: Deposit, tenant: str | None) -> None:
-        if credited_tenant(conn, deposit.id) is not None:
-            return  # credited before, maybe by `wallet fund --tx` to a tenant of its choice
+        recorded = find_recorded(conn, deposit)
+        if recorded is not None and (recorded.status == "credited" or tenant is None):
+            return  # credited before (maybe by `wallet fund --tx`), or already kept unlinked
         if tenant is None:
             if record_unlinked(conn, deposit, self.at):
                 self.unlinked.append(deposit)

@@ -433,7 +433,8 @@ class Acceptor:
         if signer is None:
             raise ConfigInvalid("accepting x402 payments needs the operator's key ring")
         deposit = Deposit(chain=paid.network, tx_hash=transfer.tx_hash,
-                          log_index=transfer.log_index, block_number=transfer.block_number,
+                          log_index=transfer.log_index, position=transfer.position,
+                          block_number=transfer.block_number,
                           sender=transfer.sender, recipient=transfer.recipient,
                           token=paid.asset, amount=transfer.amount)
         request = credit.IssueRequest(

@@ -36,7 +36,7 @@ def test_deposits_that_match_the_chain_are_clean(engine: Engine, tmp_path: Path,
     assert report.totals["tenant"]["acme"].deposited == 112 * USDC
 
 
-def test_a_deposit_inflated_in_the_ledger_is_not_on_chain(engine: Engine, tmp_path: Path,
+def test_a_deposit_inflated_in_the_ledger_is_reported_changed(engine: Engine, tmp_path: Path,
                                                           devnet: Devnet) -> None:
     ledger = small_ledger(engine, tmp_path / "keys")
     credited = deposit(engine, devnet, ledger, 12 * USDC)
@@ -51,7 +51,7 @@ def test_a_deposit_inflated_in_the_ledger_is_not_on_chain(engine: Engine, tmp_pa
     assert rows_of(ledger.reconcile()) == []  # the books balance: only the chain can tell
     report = ledger.reconcile(onchain=reader(devnet))
     assert rows_of(report) == [
-        ("deposit_not_on_chain", "error", [f"deposits/{credited}"]),
+        ("deposit_changed", "error", [f"deposits/{credited}"]),
         ("deposit_address_balance_differs", "warning",
          [f"deposits/{devnet.chain.caip2}:{devnet.deposit_address}"])]
     assert report.findings[1].rows[0].detail == "12.00 USDC on chain, 13.00 recorded"

@@ -43,7 +43,7 @@ def test_good_deposit_is_credited_exactly_once_with_the_exact_amount(
     assert posted(engine, chain_account(devnet.chain.caip2)) == -12_345_678
     deposit = first.credited[0]
     assert deposit.sender == devnet.alice.lower()
-    assert deposit.id == f"{devnet.chain.caip2}:{tx}:{deposit.log_index}"
+    assert deposit.id == f"{devnet.chain.caip2}:{tx}:p0" and deposit.position == 0
     assert deposit_rows(engine) == [{
         "id": deposit.id, "status": "credited", "tenant": "acme", "amount": 12_345_678,
         "sender": devnet.alice.lower(), "transfer_id": f"deposit:{deposit.id}"}]
