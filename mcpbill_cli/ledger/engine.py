@@ -130,9 +130,15 @@ def reading(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def writing(engine: Engine) -> Iterator[Connection]:
-    """A write transaction: committed on success, rolled back on any exception."""
-    with _unavailable_as_error(engine), engine.begin() as conn:
-        yield conn
+    """A write transaction: committed on success, rolled back on any exception.
+
+    ``engine.begin()`` written out, in one generator: every paid call runs two of these, and
+    each nested context manager layer costs a few microseconds of the call."""
+    try:
+        with engine.connect() as conn, conn.begin():
+            yield conn
+    except OperationalError as exc:
+        raise unavailable(engine, exc) from None
 
 
 @contextmanager
