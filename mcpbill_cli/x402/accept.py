@@ -36,7 +36,9 @@ What each step guarantees:
   of exactly the price for the tenant (internal, never handed out), the call charged on it with
   a signed receipt carrying the settlement, and the payment marked settled.
 - :meth:`Acceptor.recover`: payments left ``reserved`` by a server that died (after settling,
-  before recording) are recorded from the chain, or released once they can no longer settle.
+  before recording) are recorded from the chain, or released once they can no longer settle;
+  an acceptor built by :meth:`Acceptor.from_settings` runs it by itself, at start-up and then
+  periodically (:mod:`mcpbill_cli.x402.recovery`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from mcpbill_cli.x402.offers import (
     tool_resource,
 )
 from mcpbill_cli.x402.readiness import facilitator_url, readiness
+from mcpbill_cli.x402.recovery import RECOVER_AFTER, RECOVER_INTERVAL, Recovery, recovery_times
 from mcpbill_cli.x402.settlers import (
     FacilitatorSettler,
     SelfSettler,
@@ -98,7 +101,7 @@ logger = logging.getLogger("mcpbill")
 SETTLE_MARGIN = 10  # seconds an authorization must stay valid after verification
 PAID_TOKEN_TTL = 300  # seconds: the internal token a paid call is charged on
 RECEIPT_WAIT = 15.0  # seconds to wait for a facilitator's transaction to be readable
-STALE_AFTER = 120  # seconds: a reserved payment older than this is a server that died
+STALE_AFTER = RECOVER_AFTER  # seconds: a reserved payment older than this is a server that died
 RETRY_AFTER_MS = 1000
 
 
@@ -179,17 +182,22 @@ class Acceptor:
         self.settler = settler
         self._clock = clock
         self.settle_margin = settle_margin
+        self.recovery: Recovery | None = None
 
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_settings(cls, verifier: Verifier, settings: Settings | None = None
-                      ) -> Acceptor | Unavailable:
+    def from_settings(cls, verifier: Verifier, settings: Settings | None = None, *,
+                      recover: bool = True) -> Acceptor | Unavailable:
         """The acceptor the home configures, or :class:`Unavailable` saying why there is none:
         ``[x402]`` in pricing.toml, the chain (its ``rpc_url``), ``[wallet] deposit_address``,
         and ``[x402] facilitator_url`` in config.toml (without it: self-settlement with the
         keystore, password from ``MCPBILL_KEYSTORE_PASSWORD``). The checks are
-        :func:`~mcpbill_cli.x402.readiness.readiness`'s, as ``mcpbill status`` reports them."""
+        :func:`~mcpbill_cli.x402.readiness.readiness`'s, as ``mcpbill status`` reports them.
+
+        With ``recover`` (the default) the acceptor also starts its :class:`Recovery`
+        (``[x402] recover_after`` / ``recover_interval`` of config.toml): payments a crashed
+        server left reserved are resolved at start-up and then periodically."""
         s = settings or load_settings()
         table = verifier.pricing_table()
         if verifier.demo:
@@ -198,9 +206,13 @@ class Acceptor:
         if not found.accepting:
             return Unavailable("; ".join(found.reasons) or "pricing.toml has no [x402] section")
         try:
-            return cls._configured(verifier, s, table)
+            acceptor = cls._configured(verifier, s, table)
+            older_than, interval = recovery_times(s.file)
         except BillingError as error:
             return Unavailable(error.message)
+        if recover:
+            acceptor.start_recovery(older_than=older_than, interval=interval)
+        return acceptor
 
     @classmethod
     def _configured(cls, verifier: Verifier, s: Settings, table: PricingTable) -> Acceptor:
@@ -355,7 +367,29 @@ class Acceptor:
         now = self._clock()
         with reading(self._engine()) as conn:
             stale = payments.stale(conn, before=now - timedelta(seconds=older_than))
-        return [row for row in stale if self._recover_one(row, now)]
+        return [row for row in stale if self._recovered(row, now)]
+
+    def _recovered(self, row: payments.Payment, now: datetime) -> bool:
+        """:meth:`_recover_one`; False when another server (a replica's recovery) resolved
+        the payment first: its transaction, and all it booked, rolled back."""
+        try:
+            return self._recover_one(row, now)
+        except X402NonceUsed:
+            return False
+
+    def start_recovery(self, *, older_than: int = RECOVER_AFTER,
+                       interval: float = RECOVER_INTERVAL) -> Recovery:
+        """Run :meth:`recover` now and every ``interval`` seconds from a daemon thread (see
+        :mod:`mcpbill_cli.x402.recovery`); once per acceptor."""
+        if self.recovery is None:
+            self.recovery = Recovery(self, older_than=older_than, interval=interval)
+            self.recovery.start()
+        return self.recovery
+
+    def close(self) -> None:
+        """Stop the recovery thread, if any."""
+        if self.recovery is not None:
+            self.recovery.close()
 
     # --- internals ------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ def readiness(settings: Settings, table: PricingTable) -> X402Readiness:
         _checked(reasons, lambda: _rpc_url(chain))  # x402 reads the chain to verify, settle
     pay_to = _checked(reasons, lambda: _deposit_address(settings.file))
     url = _checked(reasons, lambda: facilitator_url(settings.file))
+    _checked(reasons, lambda: _recovery_times(settings.file))
     settlement = "facilitator" if url is not None else "self"
     if url is None:
         reasons.extend(_self_settlement_problems(settings))
@@ -102,6 +103,12 @@ def _rpc_url(chain: Any) -> str:
     from mcpbill_cli.wallet.chains import rpc_url
 
     return rpc_url(chain)
+
+
+def _recovery_times(file: Mapping[str, Any]) -> tuple[int, float]:
+    from mcpbill_cli.x402.recovery import recovery_times
+
+    return recovery_times(file)
 
 
 def _deposit_address(file: Mapping[str, Any]) -> str:
