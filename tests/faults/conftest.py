@@ -1,0 +1,38 @@
+"""Fixtures for the fault tests: a PostgreSQL cluster of the test's own, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .scratch_postgres import ScratchPostgres, scratch_postgres, server_binaries
+
+MCPBILL = str(Path(sys.executable).with_name("mcpbill"))
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cluster() -> Iterator[ScratchPostgres]:
+    """A throwaway PostgreSQL cluster (never the shared server), destroyed afterwards."""
+    if server_binaries() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL server binaries are required under CI=true")
+        pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+    with scratch_postgres() as started:
+        yield started
+
+
+@pytest.fixture
+def mcpbill() -> Run:
+    """Run the installed ``mcpbill`` command (its real entry point) with this test's home."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MCPBILL, *args], capture_output=True, text=True,  # noqa: S603
+                              timeout=120, env={**os.environ, **(env or {})}, check=False)
+
+    return run
