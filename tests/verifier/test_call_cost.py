@@ -18,10 +18,11 @@ from typing import IO, Any
 
 import jwt
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, event, text
 
 from mcpbill_cli.keys import ALGORITHMS, KeyRing, init_keyring
 from mcpbill_cli.ledger.credit import IssuedToken
+from mcpbill_cli.ledger.engine import make_engine, reading, writing
 from mcpbill_cli.receipts import sign_receipt, sign_refund_receipt, verify_receipt
 from mcpbill_cli.verifier import Hold, Verifier
 
@@ -127,6 +128,25 @@ def test_a_replay_writes_nothing_new(
     again = verifier.charge(token, "search", idempotency_key="same")
     assert again.jws == first.jws
     assert statements.take() == REPLAY
+
+
+def test_sqlite_writes_take_the_write_lock_up_front_and_reads_do_not(tmp_path: Path) -> None:
+    """Every write transaction on SQLite begins IMMEDIATE (a conditional UPDATE never meets
+    "database is locked" half way), reads a deferred BEGIN, also after an error."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    log = StatementLog(engine)
+    with writing(engine) as conn:
+        conn.execute(text("SELECT 1"))
+    with reading(engine) as conn:
+        conn.execute(text("SELECT 2"))
+    with pytest.raises(ZeroDivisionError), reading(engine) as conn:
+        conn.execute(text("SELECT 3"))
+        raise ZeroDivisionError
+    with writing(engine) as conn:
+        conn.execute(text("SELECT 4"))
+    assert log.sql == ["BEGIN IMMEDIATE", "SELECT 1", "COMMIT", "BEGIN", "SELECT 2", "COMMIT",
+                       "BEGIN", "SELECT 3", "ROLLBACK", "BEGIN IMMEDIATE", "SELECT 4", "COMMIT"]
+    engine.dispose()
 
 
 CLAIMS = {"success": True, "transaction": "charge:rcpt_1", "network": "mcpbill:demo",
