@@ -149,6 +149,15 @@ class UpstreamTimeout(BillingError):
     code = "UPSTREAM_TIMEOUT"
 
 
+class RateLimited(BillingError):
+    """Retryable: a rate limit of the token or of its agent is reached (loop protection). The
+    call held nothing. Carries ``retryAfterMs`` (when the window ends), ``limit`` (as written:
+    ``"10/s"``, ``"1.50/m"`` USDC), ``kind`` (calls or spend), ``window`` (second or minute)
+    and ``scope`` (token or agent)."""
+
+    code = "RATE_LIMITED"
+
+
 class ProxyBusy(BillingError):
     """The proxy is at its limit of calls in flight. Retryable: carries ``retryAfterMs``."""
 

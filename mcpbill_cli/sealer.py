@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli.errors import BillingError
-from mcpbill_cli.ledger import refusals
+from mcpbill_cli.ledger import rates, refusals
 from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.ledger.sealing import seal_all
 from mcpbill_cli.ledger.seals import SEAL_INTERVAL, Sign
@@ -40,6 +40,7 @@ class Sealer:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _swept_at: datetime | None = None  # when this sealer last swept old rate limit windows
 
     @property
     def running(self) -> bool:
@@ -77,6 +78,7 @@ class Sealer:
         """One turn: flush the counts, then seal until nothing is left; returns the events
         sealed."""
         self._flush()
+        self._sweep_rates()
         if self.sign is None:
             return 0
         return sum(seal.count for seal in seal_all(self.engine, self.sign, clock=self.clock))
@@ -91,6 +93,15 @@ class Sealer:
         except (BillingError, DBAPIError):
             self.counts.give_back(taken)  # written at a later turn
             raise
+
+    def _sweep_rates(self) -> None:
+        """Delete rate limit windows that are over, once a minute at most."""
+        now = self.clock()
+        if self._swept_at is not None and (now - self._swept_at).total_seconds() < 60:
+            return
+        with writing(self.engine) as conn:
+            rates.sweep(conn, now=now)
+        self._swept_at = now
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

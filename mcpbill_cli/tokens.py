@@ -18,6 +18,8 @@ import jwt
 from mcpbill_cli.errors import InvalidCreditToken, InvalidInput
 from mcpbill_cli.keys import VerificationKey
 from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.ratelimits import CLAIM as RATES_CLAIM
+from mcpbill_cli.ratelimits import Rate, rates_claim, rates_from_claim
 from mcpbill_cli.scope import pattern_problem
 
 # A credit token is a few hundred bytes; anything this large is refused before parsing.
@@ -44,6 +46,7 @@ class Claims:
     limit: int
     kid: str
     parent: str | None = None
+    rates: tuple[Rate, ...] = ()  # the token's own rate limits (``rateLimits``)
 
     def to_jwt_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -55,6 +58,8 @@ class Claims:
         }
         if self.parent:
             payload["parent"] = self.parent
+        if self.rates:
+            payload[RATES_CLAIM] = rates_claim(self.rates)
         return payload
 
 
@@ -211,6 +216,7 @@ def _claims(payload: dict[str, Any], *, kid: str) -> Claims:
             expires_at=datetime.fromtimestamp(_seconds(payload, "exp"), UTC),
             limit=parse_usd(_text(payload, "spendLimitUsd")), kid=kid,
             parent=None if payload.get("parent") is None else _text(payload, "parent"),
+            rates=rates_from_claim(payload[RATES_CLAIM]) if RATES_CLAIM in payload else (),
         )
     except (KeyError, TypeError, ValueError, InvalidInput):
         raise InvalidCreditToken("token claims are malformed", reason="malformed") from None

@@ -52,6 +52,7 @@ from mcpbill_cli.errors import (
     IdempotencyConflict,
     InvalidCreditToken,
     InvalidInput,
+    RateLimited,
     ScopeDenied,
     StatelessVerifier,
     TokenRevoked,
@@ -71,9 +72,11 @@ from mcpbill_cli.pricing import (
     dedupe_window,
     fallback_tools,
     free_tools,
+    rate_limits,
 )
 from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
+from mcpbill_cli.ratelimits import WINDOW_NAMES, Counter, counters
 from mcpbill_cli.receipts import (
     Receipt,
     RefundReceipt,
@@ -639,7 +642,8 @@ class Verifier:
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
-            daily_cap=table_daily_cap(table, claims.tenant), dedupe_window=window)
+            daily_cap=table_daily_cap(table, claims.tenant), dedupe_window=window,
+            rates=_rate_counters(claims, table))
 
     def _opened(self, claims: Claims, price: Price, call: calls.NewCall,
                 write: Callable[[Connection], _Opened | calls.KeyTaken | calls.Refused]
@@ -652,7 +656,8 @@ class Verifier:
         for _ in range(OPEN_ATTEMPTS):
             outcome = self._write(write)
             if isinstance(outcome, calls.Refused):
-                if outcome.reason in ("funds", "daily_cap") and self._key_known(call):
+                if (outcome.reason in ("funds", "daily_cap", "rate")
+                        and self._key_known(call)):
                     outcome = calls.KeyTaken(call.idempotency_key)  # a replay needs no budget
                 elif outcome.reason == "funds" and not swept:
                     swept = True
@@ -687,6 +692,9 @@ class Verifier:
                                       reason="unknown_token")
         if refused.reason == "daily_cap":
             return self._daily_cap_exceeded(claims, tool, price, refused)
+        if refused.limited is not None:
+            return _rate_limited(claims, tool, refused.limited.counter, refused.limited.kind,
+                                 refused.limited.retry_after_ms)
         return self._budget_exceeded(claims, tool, price, refused.available)
 
     def _key_known(self, call: calls.NewCall) -> bool:
@@ -844,7 +852,8 @@ class Verifier:
             return
         claims = self._token_cache.get(token) if isinstance(token, str) else None
         fingerprint = audit.token_fingerprint(token) if token and claims is None else None
-        if claims is None and jti is None and _unauthenticated(exc):
+        if (claims is None and jti is None and _unauthenticated(exc)) or exc.code == (
+                RateLimited.code):  # a loop's refusals: counted, never an event each
             self._count_refusal(exc, fingerprint)
             return
         try:
@@ -870,6 +879,28 @@ def _audience(settings: Settings) -> Audience:
     if settings.mcp_resource is None or settings.mcp_resource == settings.audience:
         return settings.audience
     return (settings.audience, settings.mcp_resource)
+
+
+def _rate_counters(claims: Claims, table: PricingTable) -> tuple[Counter, ...]:
+    """The rate limit counters of a call: none (and nothing read or written) unless the token
+    or the pricing table sets a rate."""
+    limits = rate_limits(table, claims.tenant)
+    if limits is None and not claims.rates:
+        return ()
+    return counters(jti=claims.jti, tenant=claims.tenant, agent=claims.agent,
+                    own=claims.rates, table=limits)
+
+
+def _rate_limited(claims: Claims, tool: str, counter: Counter, kind: str,
+                  retry_after_ms: int) -> RateLimited:
+    limit = counter.limit_of("spend" if kind == "spend" else "calls")
+    what = f"{format_usd(counter.spend)} USDC" if kind == "spend" else f"{counter.calls} calls"
+    whose = f"token {claims.jti}" if counter.scope == "token" else f"agent {claims.agent}"
+    return RateLimited(
+        f"{whose} reached its rate limit of {what} per {WINDOW_NAMES[counter.window]}; "
+        f"retry in {retry_after_ms} ms (a loop calling {tool} again and again?)",
+        retryAfterMs=retry_after_ms, limit=limit, kind=kind,
+        window=WINDOW_NAMES[counter.window], scope=counter.scope, jti=claims.jti, tool=tool)
 
 
 def _unauthenticated(exc: BillingError) -> bool:

@@ -28,6 +28,7 @@ from mcpbill_cli.money import format_usd
 
 if TYPE_CHECKING:
     from mcpbill_cli.ledger.credit import TokenView
+    from mcpbill_cli.tokens import Claims
 
 app = typer.Typer(help="Credit tokens: issue, list, show, inspect, sweep, topup, extend.",
                   no_args_is_help=True)
@@ -66,17 +67,29 @@ def issue(
     parent: Annotated[str | None, typer.Option(
         "--parent", help="Parent jti: fund a sub-agent's child token from the parent's credit.",
         autocompletion=complete.active_tokens)] = None,
+    rate: Annotated[list[str] | None, typer.Option(
+        "--rate", metavar="CALLS/WINDOW",
+        help="Loop protection: at most CALLS per second (/s) or minute (/m), e.g. 10/s; "
+             "repeat for both windows. Over it: RATE_LIMITED with retryAfterMs.")] = None,
+    spend_rate: Annotated[list[str] | None, typer.Option(
+        "--spend-rate", metavar="USDC/WINDOW",
+        help="Loop protection: at most USDC held by calls per second or minute, e.g. 1/m.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mint a credit token; prints only the JWT, so TOKEN=$(mcpbill token issue ...) works.
 
     Example: mcpbill token issue --limit 5 --ttl 24h --scope search --scope "db.*"
+
+    Example (loop protection): mcpbill token issue --limit 5 --rate 10/s --rate 100/m
+    --spend-rate 1/m
     """
     from mcpbill_cli.durations import parse_duration
     from mcpbill_cli.ledger.credit import IssueRequest, require_tenant
     from mcpbill_cli.ledger.credit import issue as issue_token
     from mcpbill_cli.ledger.engine import writing
     from mcpbill_cli.money import parse_usd
+    from mcpbill_cli.ratelimits import parse_rates
     from mcpbill_cli.tokens import validate_scope
 
     st = state(ctx)
@@ -85,7 +98,9 @@ def issue(
         tenant=tenant or DEFAULT_TENANT, agent=agent, limit=parse_usd(limit, field="limit"),
         ttl=parse_duration(ttl, field="ttl") if ttl is not None else settings.default_ttl,
         scope=validate_scope(scope) if scope else None, audience=aud or settings.audience,
-        issuer=settings.issuer, parent=parent, demo=settings.demo)
+        issuer=settings.issuer, parent=parent, demo=settings.demo,
+        rates=(*parse_rates(rate or [], spend=False, field="rate"),
+               *parse_rates(spend_rate or [], spend=True, field="spend_rate")))
     signer = st.keyring().signing_key()
     with writing(st.engine()) as conn:
         if parent is None:  # a child token's tenant is its parent's
@@ -99,11 +114,17 @@ def issue(
     data = {"token": issued.token, "jti": claims.jti, "tenant": claims.tenant,
             "agent": claims.agent, "scope": list(claims.scope), "audience": claims.audience,
             "limit_usd": format_usd(claims.limit), "expires_at": claims.expires_at,
-            "parent": claims.parent, "kid": claims.kid}
+            "parent": claims.parent, "kid": claims.kid, "rate_limits": _rates_data(claims)}
 
     def human() -> None:
         say(f"issued {claims.jti}: {format_usd(claims.limit)} USDC for {claims.agent} "
             f"({claims.tenant}), expires {claims.expires_at:%Y-%m-%d %H:%M:%SZ}")
+        if claims.rates:
+            say(f"rate limits: {', '.join(r.render() for r in claims.rates if not r.spend)}"
+                f"{' calls' if any(not r.spend for r in claims.rates) else ''}"
+                f"{'; ' if any(r.spend for r in claims.rates) else ''}"
+                f"{', '.join(r.render() for r in claims.rates if r.spend)}"
+                f"{' USDC' if any(r.spend for r in claims.rates) else ''}")
         typer.echo(issued.token)
 
     emit(data, as_json=as_json, human=human)
@@ -176,6 +197,9 @@ def _render_view(view: TokenView) -> None:
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, dict):  # rate limits: calls 10/s, 100/m; spend 1.00/m
+        return "; ".join(f"{key} {', '.join(rates)}" for key, rates in value.items()
+                         if rates) or "-"
     return ", ".join(value) if isinstance(value, list) else ("-" if value is None else str(value))
 
 
@@ -222,8 +246,15 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
     if view.status == "revoked":
         raise TokenRevoked(f"token {claims.jti} was revoked at {view.revoked_at}",
                            jti=claims.jti)
-    return {"valid": True, "kid": claims.kid, **with_usd(claims, "limit"),
+    fields = {**with_usd(claims, "limit"), "rates": _rates_data(claims)}
+    return {"valid": True, "kid": claims.kid, **fields,
             "remaining_usd": format_usd(view.remaining), "status": view.status}
+
+
+def _rates_data(claims: Claims) -> dict[str, list[str]]:
+    """A token's own rate limits: ``{"calls": ["10/s"], "spend": ["1.00/m"]}`` (USDC)."""
+    return {"calls": [r.render() for r in claims.rates if not r.spend],
+            "spend": [r.render() for r in claims.rates if r.spend]}
 
 
 def _render_claims(data: dict[str, Any]) -> None:

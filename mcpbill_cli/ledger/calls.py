@@ -23,7 +23,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import LedgerUnavailable
-from mcpbill_cli.ledger import audit, ops
+from mcpbill_cli.ledger import audit, ops, rates
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import (
     accounts,
@@ -33,6 +33,7 @@ from mcpbill_cli.ledger.models import (
     transfers,
 )
 from mcpbill_cli.pricing import document_digest
+from mcpbill_cli.ratelimits import Counter
 
 a = accounts.c
 c = calls.c
@@ -136,13 +137,15 @@ class KeyTaken:
 @dataclass(frozen=True)
 class Refused:
     """The debit was refused: ``closed`` (a revoked token), ``unknown`` (no such token),
-    ``funds`` (``available`` is short) or ``daily_cap`` (the tenant spent ``spent`` of ``cap``).
+    ``funds`` (``available`` is short), ``daily_cap`` (the tenant spent ``spent`` of ``cap``)
+    or ``rate`` (a rate limit is reached: ``limited`` says which).
     """
 
-    reason: Literal["closed", "unknown", "funds", "daily_cap"]
+    reason: Literal["closed", "unknown", "funds", "daily_cap", "rate"]
     available: int = 0
     cap: int = 0
     spent: int = 0
+    limited: rates.Limited | None = None
 
 
 Opening = Opened | KeyTaken | Refused
@@ -184,6 +187,8 @@ class NewCall:
     # None: the caller gave the key. Else the key was derived from the call itself, and a
     # repeat within this many seconds of the call's end is the same call.
     dedupe_window: int | None = None
+    # The rate limit counters the call counts in (none: no rate applies, nothing is read).
+    rates: tuple[Counter, ...] = ()
 
     @property
     def account(self) -> str:
@@ -251,6 +256,9 @@ def extend(conn: Connection, call_ids: list[str], *, until: datetime, now: datet
 
 def debit_charge(conn: Connection, call: NewCall, *, at: datetime) -> Opened | Refused:
     """Post the call's price at once (its row comes with the receipt: :func:`record_charge`)."""
+    limited = _count_rates(conn, call, at)
+    if limited is not None:
+        return limited
     debited = _debit(conn, _DEBIT_POSTED, call)
     if isinstance(debited, Refused):
         return debited
@@ -274,6 +282,9 @@ def record_charge(conn: Connection, call: NewCall, *, at: datetime, receipt: str
 
 def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime) -> Opening:
     """Reserve the call's amount as a pending transfer and write its row."""
+    limited = _count_rates(conn, call, at)
+    if limited is not None:
+        return limited
     debited = _debit(conn, _DEBIT_PENDING, call)
     if isinstance(debited, Refused):
         return debited
@@ -426,6 +437,15 @@ def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | 
 
 def _day(at: datetime) -> str:
     return at.strftime("%Y-%m-%d")
+
+
+def _count_rates(conn: Connection, call: NewCall, at: datetime) -> Refused | None:
+    """Count the call in its rate limit counters first (a refusal then costs no debit), in
+    one statement; none when no rate applies."""
+    if not call.rates:
+        return None
+    limited = rates.count(conn, call.rates, call.amount, at)
+    return None if limited is None else Refused("rate", limited=limited)
 
 
 def _count_daily(conn: Connection, call: NewCall, at: datetime) -> Refused | None:

@@ -21,6 +21,7 @@ from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, calls, refunds, tokens, transfers
 from mcpbill_cli.money import format_usd
+from mcpbill_cli.ratelimits import Rate
 from mcpbill_cli.scope import within
 from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti
 
@@ -43,6 +44,7 @@ class IssueRequest:
     issuer: str
     parent: str | None = None
     demo: bool = False
+    rates: tuple[Rate, ...] = ()  # the token's own rate limits, signed into it
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any
     claims = Claims(jti=new_jti(), tenant=tenant, agent=request.agent, scope=tuple(scope),
                     audience=request.audience, issuer=request.issuer, issued_at=issued,
                     not_before=issued, expires_at=exp, limit=request.limit, kid=info.kid,
-                    parent=request.parent)
+                    parent=request.parent, rates=request.rates)
     _record_token(conn, claims, demo=request.demo)
     source = ops.token_account(parent.jti) if parent else ops.tenant_account(tenant)
     _allot(conn, claims, source, code="child" if parent else "allot", at=now, demo=request.demo)

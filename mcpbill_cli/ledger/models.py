@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0013"
+SCHEMA_REVISION = "0011"
 
 metadata = MetaData()
 
@@ -361,4 +361,23 @@ refunds = Table(
     UniqueConstraint("tenant", "idempotency_key", name="uq_refunds_key"),
     Index("ix_refunds_call", "call_id"),
     Index("ix_refunds_created", "created_at"),
+)
+
+
+# Rate limit counters (loop protection, mcpbill_cli.ratelimits): the calls and spend of one
+# scope's key (a token's jti, an agent's tenant/sub) in one fixed window (its length and its
+# first second, epoch seconds), with the limits they were counted against. Rows exist only for
+# tokens and agents that have a rate; old windows are swept.
+rate_counters = Table(
+    "rate_counters",
+    metadata,
+    Column("scope", String(8), primary_key=True),  # token | agent
+    Column("key", String(320), primary_key=True),
+    Column("window_seconds", Integer, primary_key=True),
+    Column("window_start", BigInteger, primary_key=True),
+    Column("calls", BigInteger, nullable=False),
+    Column("spend", BigInteger, nullable=False),
+    Column("call_limit", BigInteger, nullable=False),
+    Column("spend_limit", BigInteger, nullable=False),
+    Index("ix_rate_counters_start", "window_start"),
 )

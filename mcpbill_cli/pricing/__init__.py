@@ -49,6 +49,7 @@ from mcpbill_cli.pricing.engine import (
     price_list,
     price_sheet,
     quote,
+    rate_limits,
     x402_offered,
 )
 from mcpbill_cli.pricing.parsing import load_pricing, parse_pricing
@@ -104,6 +105,7 @@ __all__ = [
     "price_list",
     "price_sheet",
     "quote",
+    "rate_limits",
     "render_pricing",
     "save_pricing",
     "save_pricing_text",

@@ -8,6 +8,7 @@ from typing import Any
 from mcpbill_cli.errors import InvalidInput, PriceUnknown
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing.table import CURRENCY, PricingTable, ToolPrice, known
+from mcpbill_cli.ratelimits import LimitSet
 from mcpbill_cli.scope import in_scope, overlap
 
 DEFAULT_DEDUPE_WINDOW = 10  # seconds, for a tool whose table sets no dedupe window
@@ -136,6 +137,17 @@ def daily_cap(table: PricingTable, tenant: str | None) -> int | None:
     """The tenant's daily spend cap in micro-USDC per UTC day, ``None`` when uncapped."""
     terms = table.tenants.get(tenant) if tenant is not None else None
     return terms.daily_cap if terms is not None else None
+
+
+def rate_limits(table: PricingTable, tenant: str) -> LimitSet | None:
+    """The rate limits of the tenant's tokens and agents: ``[limits]``, each key the tenant's
+    ``[tenants.T.limits]`` sets replaced; ``None`` when neither says anything (the common case
+    costs one dict lookup)."""
+    terms = table.tenants.get(tenant)
+    own = terms.limits if terms is not None else None
+    if table.limits is None:
+        return own
+    return table.limits.under(own)
 
 
 def price_list(table: PricingTable, tenant: str | None = None) -> list[tuple[str, Price]]:

@@ -17,6 +17,7 @@ from typing import Any
 from mcpbill_cli.durations import parse_duration
 from mcpbill_cli.errors import InvalidInput, PricingInvalid
 from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.ratelimits import LIMIT_KEYS, LimitSet, limit_set
 from mcpbill_cli.scope import MAX_NAME_LENGTH, matches, pattern_problem
 
 CURRENCY = "USDC"
@@ -75,15 +76,18 @@ def _price_document(entry: ToolPrice) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TenantPricing:
-    """What one tenant pays differently: its own tool prices, a discount, a daily cap."""
+    """What one tenant pays differently: its own tool prices, a discount, a daily cap, and
+    rate limits that replace keys of the table's ``[limits]``."""
 
     discount_percent: int = 0
     daily_cap: int | None = None
     tools: Mapping[str, ToolPrice] = field(default_factory=dict)
+    limits: LimitSet | None = None
 
     @property
     def empty(self) -> bool:
-        return self.discount_percent == 0 and self.daily_cap is None and not self.tools
+        return (self.discount_percent == 0 and self.daily_cap is None and not self.tools
+                and self.limits is None)
 
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
@@ -93,6 +97,8 @@ class TenantPricing:
             doc["daily_cap"] = format_usd(self.daily_cap)
         if self.tools:
             doc["tools"] = _tools_document(self.tools)
+        if self.limits is not None:
+            doc["limits"] = self.limits.to_document()
         return doc
 
 
@@ -139,6 +145,7 @@ class PricingTable:
     currency: str = CURRENCY
     dedupe_window: int | None = None
     x402: X402Terms | None = None
+    limits: LimitSet | None = None  # [limits]: rate limits of every token and agent
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any], *, source: str = "<memory>") -> PricingTable:
@@ -161,6 +168,8 @@ class PricingTable:
             doc["free_tiers"] = {"patterns": list(self.free_tiers)}
         if self.x402 is not None:
             doc["x402"] = self.x402.to_document()
+        if self.limits is not None:
+            doc["limits"] = self.limits.to_document()
         tenants = {name: self.tenants[name] for name in sorted(self.tenants)
                    if not self.tenants[name].empty}
         if tenants:
@@ -216,12 +225,12 @@ def name_problem(name: str, what: str) -> str | None:
 # --- validating a document -------------------------------------------------------------------
 
 _TOP_KEYS = ("version", "currency", "default_price", "dedupe_window", "tools", "free_tiers",
-             "tenants", "x402")
+             "tenants", "x402", "limits")
 _TENANT_TOOL_KEYS = ("price", "price_per_unit", "max_price")
 _TOOL_KEYS = (*_TENANT_TOOL_KEYS, "dedupe_window", "x402")
 _X402_KEYS = ("enabled", "chain", "max_timeout", "tenant")
 _X402_TENANT = re.compile(r"[^\s/]{1,100}")
-_TENANT_KEYS = ("discount_percent", "daily_cap", "tools")
+_TENANT_KEYS = ("discount_percent", "daily_cap", "tools", "limits")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ZERO_DURATION = re.compile(r"0+[smhd]?")
 
@@ -271,6 +280,7 @@ def table_from_document(doc: Mapping[str, Any]) -> PricingTable:
         tenants=_tenants(doc.get("tenants", {}), ("tenants",)),
         dedupe_window=_optional_window(doc, ("dedupe_window",)),
         x402=_x402_terms(doc["x402"], ("x402",)) if "x402" in doc else None,
+        limits=_limits(doc["limits"], ("limits",)) if "limits" in doc else None,
     )
 
 
@@ -451,6 +461,7 @@ def _tenant(node: Any, path: tuple[str, ...]) -> TenantPricing:
         discount_percent=_discount(terms.get("discount_percent", 0), path + ("discount_percent",)),
         daily_cap=_optional_amount(terms, path + ("daily_cap",)),
         tools=_tools(terms.get("tools", {}), path + ("tools",), tenant=True),
+        limits=_limits(terms["limits"], path + ("limits",)) if "limits" in terms else None,
     )
 
 
@@ -458,3 +469,19 @@ def _discount(value: Any, path: tuple[str, ...]) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
         raise Problem(path, f"must be a whole number of percent from 0 to 100, not {value!r}")
     return value
+
+
+def _limits(node: Any, path: tuple[str, ...]) -> LimitSet | None:
+    """``[limits]``: rates like ``["10/s", "100/m"]`` (``None`` when the table is empty)."""
+    terms = _toml_table(node, path)
+    _only(terms, path, LIMIT_KEYS)
+    for key, value in terms.items():
+        if not isinstance(value, str | list):
+            raise Problem(path + (key,), f'must be a rate like "10/s" or a list of rates, '
+                                         f"not {_toml_type(value)}")
+    try:
+        limits = limit_set(dict(terms), path=key_path(path))
+    except InvalidInput as exc:
+        key = str(exc.details.get("field", "")).rpartition(".")[2]
+        raise Problem(path + (key,), exc.message) from None
+    return None if limits.empty else limits
