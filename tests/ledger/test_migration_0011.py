@@ -1,5 +1,6 @@
-"""Schema 0011 on a ledger with calls made at 0013 (its parent): the rate_counters table is added, a token
-with a rate counts in it and is refused past it; the downgrade drops it and old calls stay."""
+"""Schema 0011 on a ledger with a call made at 0013, its parent: the rate_counters table is
+added, a token with a rate counts in it and is refused past it; the downgrade drops it and the
+old calls stay."""
 
 from __future__ import annotations
 
