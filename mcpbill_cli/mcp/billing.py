@@ -61,7 +61,13 @@ from mcpbill_cli.mcp.wire import (
     succeeded,
     with_receipt,
 )
-from mcpbill_cli.mcp.x402 import PaidCall, challenged, payment_of
+from mcpbill_cli.mcp.x402 import (
+    PaidCall,
+    advertising_middleware,
+    answered,
+    payment_of,
+    uses_extension,
+)
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 from mcpbill_cli.x402.accept import Acceptor, Unavailable
@@ -163,6 +169,7 @@ class Billing(Extension):
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self._billed: dict[str, BilledTool] = {}
         self._list_middleware = list_hints_middleware(self.list_hints)
+        self._x402_middleware = advertising_middleware()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
@@ -220,6 +227,8 @@ class Billing(Extension):
             self._billed[tool.name] = tool
             if self._list_middleware not in server.middleware:
                 server.middleware.append(self._list_middleware)
+            if self.acceptor is not None and self._x402_middleware not in server.middleware:
+                server.middleware.append(self._x402_middleware)
             return fn
 
         return register
@@ -240,7 +249,8 @@ class Billing(Extension):
                                                  call_next)
                 run = _Run(self.verifier, self._call_request(tool, params, ctx))
             except BillingError as error:
-                return challenged(error, self.acceptor, tool.name)
+                return answered(error, self.acceptor, tool.name,
+                                extension=self._extension(ctx))
             return await self._billed_call(run, ctx, call_next)
         finally:
             CALL_SOURCE.reset(source)
@@ -268,7 +278,7 @@ class Billing(Extension):
         finally:
             _current_run.reset(token)
         if run.refused is not None:
-            return self._refusal(run)
+            return self._refusal(run, ctx)
         hold = run.opened
         if not isinstance(hold, Hold):  # free, or the SDK refused the arguments: nothing held
             return result
@@ -285,14 +295,21 @@ class Billing(Extension):
             return refusal(error)
         return with_receipt(done, receipt)
 
-    def _refusal(self, run: _Run) -> CallToolResult:
+    def _refusal(self, run: _Run, ctx: ServerRequestContext[Any, Any]
+                 ) -> CallToolResult | dict[str, Any]:
         """A refusal; BUDGET_EXCEEDED also offers x402 at the token's tenant's price."""
         error = run.refused
         assert error is not None  # noqa: S101 - the caller checked
         if error.code != "BUDGET_EXCEEDED" or self.acceptor is None:
             return refusal(error)
         tenant = self.verifier.claims_of(run.call.token).tenant
-        return challenged(error, self.acceptor, run.call.tool.name, tenant)
+        return answered(error, self.acceptor, run.call.tool.name, tenant,
+                        extension=self._extension(ctx))
+
+    def _extension(self, ctx: ServerRequestContext[Any, Any]) -> bool:
+        """Whether this call is answered with x402's extension binding (see
+        :mod:`mcpbill_cli.mcp.x402`)."""
+        return self.acceptor is not None and uses_extension(ctx)
 
     # --- a call paid with x402 ------------------------------------------------------------------
 
@@ -306,7 +323,7 @@ class Billing(Extension):
                                                           resource=self.resource))
             tenant, agent = claims.tenant, claims.agent
         return PaidCall(self.acceptor, tool.name, payment, dict(params.arguments or {}),
-                        tenant=tenant, agent=agent)
+                        tenant=tenant, agent=agent, extension=self._extension(ctx))
 
     def _sends_token(self, params: CallToolRequestParams,
                      ctx: ServerRequestContext[Any, Any]) -> bool:

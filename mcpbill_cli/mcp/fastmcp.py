@@ -266,9 +266,9 @@ class BillingMiddleware(Middleware):
     async def _paid_call(self, paid: PaidCall, context: CallContext,
                          call_next: CallToolNext) -> ToolResult:
         """Reserve the payment, run the tool once, then settle and record (or release)."""
-        answer = await paid.open()
+        answer = await paid.open()  # the tool-result binding: never a payment_required dict
         if answer is not None:
-            return ToolResult.from_mcp_result(answer)
+            return ToolResult.from_mcp_result(cast(mt.CallToolResult, answer))
         try:
             result = await call_next(context)
         except BaseException:

@@ -12,6 +12,14 @@
   fails withholds the tool's output (X402_SETTLEMENT_FAILED, with a fresh challenge).
 - A retry of a settled payment for the same call replays its result; the tool runs at most
   once per payment.
+
+The extension binding of the same transport (MCP 2026-07-28): a server with x402 on
+advertises ``capabilities.extensions["org.x402/payment"]`` (``{}``) in ``server/discover``; a
+request whose per-request client capabilities advertise ``org.x402/payment`` gets, wherever
+the tool-result binding would answer a ``PaymentRequired``, a ``resultType:
+"payment_required"`` result with the ``PaymentRequired`` in ``paymentRequired`` (mcpbill's own
+refusal in ``_meta["dev.mcpbill/refusal"]``). Payments and settlement responses use the same
+``_meta`` keys in both bindings. Any other request keeps the tool-result binding.
 """
 
 from __future__ import annotations
@@ -22,16 +30,27 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
-from mcp.server.context import HandlerResult
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp_types import CallToolResult, TextContent
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.errors import BillingError, InvalidInput
-from mcpbill_cli.mcp.wire import RECEIPT_META, REPLAYED_META, kept_result, refusal, succeeded
+from mcpbill_cli.mcp.wire import (
+    PREFIX,
+    RECEIPT_META,
+    REPLAYED_META,
+    kept_result,
+    refusal,
+    succeeded,
+)
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
 from mcpbill_cli.x402.errors import X402PaymentInvalid
 
 PAYMENT_META = "x402/payment"
 PAYMENT_RESPONSE_META = "x402/payment-response"
+X402_EXTENSION_ID = "org.x402/payment"  # the x402 MCP transport's extension binding
+PAYMENT_REQUIRED = "payment_required"  # its result type
+REFUSAL_META = PREFIX + "refusal"  # mcpbill's refusal beside a payment_required result
 
 
 def payment_of(meta: Mapping[str, Any] | None) -> Mapping[str, Any] | str | None:
@@ -60,6 +79,46 @@ def challenged(error: BillingError, acceptor: Acceptor | None, tool: str,
                                      "structured_content": json.loads(text)})
 
 
+def uses_extension(ctx: ServerRequestContext[Any, Any]) -> bool:
+    """Whether this request advertises ``org.x402/payment`` (on MCP 2026-07-28 or later):
+    then a payment-required answer must be the extension's ``payment_required`` result."""
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+        return False
+    capabilities = ctx.session.client_capabilities
+    extensions = capabilities.extensions if capabilities is not None else None
+    return extensions is not None and X402_EXTENSION_ID in extensions
+
+
+def answered(error: BillingError, acceptor: Acceptor | None, tool: str,
+             tenant: str | None = None, *, extension: bool = False
+             ) -> CallToolResult | dict[str, Any]:
+    """The answer to a refused call: with ``extension`` (see :func:`uses_extension`) and x402
+    offered for ``tool``, the ``payment_required`` result; else :func:`challenged`."""
+    if extension and acceptor is not None and not _not_offered(error):
+        challenge = acceptor.payment_required(tool, tenant, error=error.message)
+        if challenge is not None:
+            return {"resultType": PAYMENT_REQUIRED, "paymentRequired": challenge,
+                    "_meta": {REFUSAL_META: error.to_dict()}}
+    return challenged(error, acceptor, tool, tenant)
+
+
+def advertising_middleware() -> ServerMiddleware[Any]:
+    """A server middleware adding ``org.x402/payment`` to the ``capabilities.extensions`` of
+    ``server/discover`` (the extension binding needs 2026-07-28, which discovers this way)."""
+
+    async def advertise_x402(ctx: ServerRequestContext[Any, Any],
+                             call_next: CallNext) -> HandlerResult:
+        result = await call_next(ctx)
+        if ctx.method != "server/discover" or not isinstance(result, dict):
+            return result
+        capabilities = dict(result.get("capabilities") or {})
+        extensions = dict(capabilities.get("extensions") or {})
+        extensions.setdefault(X402_EXTENSION_ID, {})
+        return {**result, "capabilities": {**capabilities, "extensions": extensions}}
+
+    return advertise_x402
+
+
 @dataclass
 class PaidCall:
     """One tool call paid with x402: :meth:`open` before the tool runs, :meth:`close` after."""
@@ -71,14 +130,15 @@ class PaidCall:
     tenant: str | None = None
     agent: str | None = None
     opened: Reserved | None = None
+    extension: bool = False  # answer with the extension binding (see uses_extension)
 
-    async def open(self) -> CallToolResult | None:
+    async def open(self) -> CallToolResult | dict[str, Any] | None:
         """Verify and reserve the payment: ``None`` when the tool may run, else the answer
         (a refusal with a fresh challenge, or the replay of the call it paid already)."""
         try:
             taken = await anyio.to_thread.run_sync(self._take)
         except BillingError as error:
-            return challenged(error, self.acceptor, self.tool, self.tenant)
+            return self._refused(error)
         if isinstance(taken, Replayed):
             return _replayed(taken)
         self.opened = taken
@@ -97,7 +157,7 @@ class PaidCall:
             settlement, receipt = await anyio.to_thread.run_sync(
                 lambda: self._settle(kept_result(done)))
         except BillingError as error:  # settlement failed: the output is withheld
-            return challenged(error, self.acceptor, self.tool, self.tenant)
+            return self._refused(error)
         meta = {**(done.meta or {}), RECEIPT_META: receipt.to_dict(),
                 PAYMENT_RESPONSE_META: settlement.to_dict()}
         return done.model_copy(update={"meta": meta})
@@ -108,6 +168,9 @@ class PaidCall:
             return
         with anyio.CancelScope(shield=True):  # a cancelled call still frees its payment
             await anyio.to_thread.run_sync(lambda: self.acceptor.release(opened))
+
+    def _refused(self, error: BillingError) -> CallToolResult | dict[str, Any]:
+        return answered(error, self.acceptor, self.tool, self.tenant, extension=self.extension)
 
     def _take(self) -> Reserved | Replayed:
         verified = self.acceptor.verify(self.payment, self.tool, args=self.args,
