@@ -230,7 +230,8 @@ def _render_sync(result: Any) -> None:
 
 def _deposit_json(deposit: Deposit) -> dict[str, Any]:
     return {"id": deposit.id, "chain": deposit.chain, "tx": deposit.tx_hash,
-            "log_index": deposit.log_index, "block": deposit.block_number,
+            "log_index": deposit.log_index, "position": deposit.position,
+            "block": deposit.block_number,
             "sender": deposit.sender, "amount_usd": format_usd(deposit.amount)}
 
 

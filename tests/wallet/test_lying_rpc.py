@@ -150,7 +150,7 @@ def test_a_transfer_re_mined_elsewhere_after_a_deep_reorg_is_credited_once(
     raw = net.rpc("eth_getRawTransactionByHash", tx)
     net.mine(2)
     synced = data(cli("wallet", "sync", "--from-block", start, "--json"))
-    assert [c["amount_usd"] for c in synced["credited"]] == ["7.00"]
+    assert [(c["amount_usd"], c["position"]) for c in synced["credited"]] == [("7.00", 0)]
     [before] = deposit_rows(db_url)
 
     assert net.rpc("evm_revert", snapshot) is True  # a reorg three blocks deep (> 2)
