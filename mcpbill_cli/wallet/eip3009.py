@@ -9,7 +9,10 @@ externally owned accounts are read. web3 and eth-account load inside the functio
 
 from __future__ import annotations
 
+import logging
+import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +43,15 @@ _TRANSFER_WITH_AUTHORIZATION_ABI: list[dict[str, Any]] = [{
         ("v", "uint8"), ("r", "bytes32"), ("s", "bytes32"))],
     "outputs": [],
 }]
+
+logger = logging.getLogger("mcpbill")
 _SEND_LOCK = threading.Lock()  # one account, one transaction nonce at a time in this process
 RECEIPT_TIMEOUT = 120.0  # seconds to wait for the settlement to be mined
+NONCE_ATTEMPTS = 5  # sends of one settlement whose nonce another sender took first
+NONCE_PAUSE = 0.05  # seconds, grown with each attempt, before reading the nonce again
+# How nodes (geth, anvil, reth, erigon) refuse a transaction whose nonce is no longer free.
+NONCE_TAKEN = ("nonce too low", "replacement transaction underpriced",
+               "nonce has already been used")
 
 
 @dataclass(frozen=True)
@@ -195,9 +205,35 @@ def authorization_tx(rpc: Rpc, token: str, payer: str, nonce: str, *,
 
 
 def _send(w3: Any, account: LocalAccount, call: Any) -> Any:
-    transaction = call.build_transaction({
-        "from": account.address,
-        "nonce": w3.eth.get_transaction_count(account.address, "pending"),
-    })
-    signed = account.sign_transaction(transaction)
-    return w3.eth.send_raw_transaction(signed.raw_transaction)
+    """Sign and send ``call`` from ``account`` at its next transaction nonce.
+
+    Replicas sharing one keystore send from one account: two of them can read the same
+    pending nonce and send at once. The node refuses the second transaction ("nonce too low",
+    or "replacement transaction underpriced" while the first is still pending), so nothing of
+    it was sent: read the nonce again and resend, a few times, with a short random pause so
+    colliding senders drift apart. ``_SEND_LOCK`` keeps one process's threads from colliding
+    at all.
+    """
+    from web3.exceptions import Web3RPCError
+
+    for attempt in range(1, NONCE_ATTEMPTS + 1):
+        transaction = call.build_transaction({
+            "from": account.address,
+            "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+        })
+        signed = account.sign_transaction(transaction)
+        try:
+            return w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Web3RPCError as error:
+            if attempt == NONCE_ATTEMPTS or not _nonce_taken(error):
+                raise
+            logger.info("settlement nonce %s was taken by another sender; retrying",
+                        transaction["nonce"])
+            time.sleep(NONCE_PAUSE * attempt * (1 + secrets.randbelow(100) / 100))
+    raise AssertionError("unreachable")  # the last attempt returned or raised
+
+
+def _nonce_taken(error: Exception) -> bool:
+    """Whether the node refused a transaction because its nonce was used by another one."""
+    message = str(error).lower()
+    return any(sign in message for sign in NONCE_TAKEN)

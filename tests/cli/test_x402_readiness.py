@@ -111,7 +111,10 @@ def test_a_complete_home_accepts_and_the_servers_acceptor_agrees(
     settings = load_settings(home=home, db_url=db_url)
     verifier = Verifier.from_settings(settings)
     try:
-        assert isinstance(Acceptor.from_settings(verifier, settings), Acceptor)
+        acceptor = Acceptor.from_settings(verifier, settings)
+        assert isinstance(acceptor, Acceptor) and acceptor.recovery is not None
+        acceptor.close()
+        assert not acceptor.recovery.running
         configure(home, mode="live", chain=FUJI, deposit_address=None,
                   facilitator="http://127.0.0.1:9/facilitator")
         unavailable = Acceptor.from_settings(verifier, load_settings(home=home, db_url=db_url))

@@ -85,6 +85,8 @@ def test_a_configured_home_takes_x402_payments_settled_from_its_keystore(
         assert RECEIPT_META in (result.meta or {})
         assert balance(peer.devnet, pay_to) == SEARCH_PRICE
     finally:
+        if billing.acceptor is not None:
+            billing.acceptor.close()  # its recovery thread
         billing.verifier.close()
 
 
