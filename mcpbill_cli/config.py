@@ -29,6 +29,8 @@ ENV_WALLET = {"chain": "MCPBILL_CHAIN", "deposit_address": "MCPBILL_DEPOSIT_ADDR
 ENV_TOKEN = "AGENT_CREDIT_JWT"  # noqa: S105 - the variable's name, not a secret
 # [mcp] keys of config.toml that a variable overrides
 ENV_MCP = {"authorization": "MCPBILL_MCP_AUTHORIZATION", "resource": "MCPBILL_MCP_RESOURCE"}
+# [limits] storage: where rate limits count (a Redis URL; unset: the ledger)
+ENV_LIMITS_STORAGE = "MCPBILL_LIMITS_STORAGE"
 
 CONFIG_FILE = "config.toml"
 PRICING_FILE = "pricing.toml"
@@ -45,7 +47,7 @@ DEFAULT_TENANT = "default"
 # Keys a config.toml may hold; anything else is a typo we would rather report than ignore.
 _KNOWN_KEYS = {
     "mode", "db_url", "issuer", "audience", "ttl_cap", "default_ttl", "leeway",
-    "hold_timeout", "replay_result_cap", "chains", "wallet", "mcp", "x402",
+    "hold_timeout", "replay_result_cap", "chains", "wallet", "mcp", "x402", "limits",
 }
 _MCP_KEYS = {"authorization", "resource"}
 DEFAULT_RESULT_CAP = 256 * 1024
@@ -75,6 +77,7 @@ class Settings:
     result_cap: int = DEFAULT_RESULT_CAP  # bytes of a tool result kept for replays
     mcp_authorization: str = "none"  # [mcp] authorization: see MCP_AUTHORIZATIONS
     mcp_resource: str | None = None  # [mcp] resource: the MCP server's canonical URI
+    limits_storage: str | None = None  # [limits] storage: a Redis URL, or None (the ledger)
     file: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -144,8 +147,27 @@ def load_settings(
                                DEFAULT_RESULT_CAP), "replay_result_cap"),
         mcp_authorization=authorization,
         mcp_resource=resource,
+        limits_storage=_limits_storage(_with_table_env(file, "limits", {
+            "storage": ENV_LIMITS_STORAGE}).get("limits", {})),
         file=file,
     )
+
+
+def _limits_storage(table: Any) -> str | None:
+    """``[limits] storage``: a Redis URL (rate limits count there), or None (in the ledger)."""
+    if not isinstance(table, dict):
+        raise ConfigInvalid("config [limits] must be a table")
+    unknown = sorted(set(table) - {"storage"})
+    if unknown:
+        raise ConfigInvalid(f"config [limits]: unknown key(s) {', '.join(unknown)}")
+    uri = table.get("storage")
+    if uri is None:
+        return None
+    if not isinstance(uri, str) or uri.partition("://")[0] not in ("redis", "rediss",
+                                                                    "redis+unix"):
+        raise ConfigInvalid("config [limits] storage must be a Redis URL (redis://HOST:PORT/DB)"
+                            ", or unset to count rate limits in the ledger")
+    return uri
 
 
 def _with_table_env(file: dict[str, Any], table: str, envs: dict[str, str]) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.keeper import HoldKeeper
 from mcpbill_cli.keys import KeySource
-from mcpbill_cli.ledger import audit, calls, seals
+from mcpbill_cli.ledger import audit, calls, rates, seals
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
@@ -77,6 +77,7 @@ from mcpbill_cli.pricing import (
 from mcpbill_cli.pricing import daily_cap as table_daily_cap
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.ratelimits import WINDOW_NAMES, Counter, counters
+from mcpbill_cli.ratestore import RedisCounters
 from mcpbill_cli.receipts import (
     Receipt,
     RefundReceipt,
@@ -182,6 +183,7 @@ class Verifier:
         audience: Audience = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
         clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
+        limits_storage: str | None = None,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
         owned = engine is None and db_url is not None
@@ -202,6 +204,8 @@ class Verifier:
         self._revoked = revoked
         self._clock = clock
         self.result_cap = result_cap
+        # Where rate limits count: Redis when a URL is given, else the ledger (in the hold).
+        self._rate_store = RedisCounters(limits_storage) if limits_storage else None
         self._token_cache: dict[str, Claims] = {}
         self._cache_generation = keys.generation
         self._tables: tuple[PricingTable, PricingTable] | None = None  # (the source's, ours)
@@ -222,7 +226,7 @@ class Verifier:
             "db_url": s.db_url, "keys": KeySource(directory=s.keys_dir),
             "pricing": s.pricing_path, "audience": _audience(s), "issuer": s.issuer,
             "leeway": s.leeway, "hold_timeout": s.hold_timeout, "demo": s.demo,
-            "result_cap": s.result_cap}
+            "result_cap": s.result_cap, "limits_storage": s.limits_storage}
         return cls(**{**options, **overrides})
 
     @classmethod
@@ -643,11 +647,35 @@ class Verifier:
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
             daily_cap=table_daily_cap(table, claims.tenant), dedupe_window=window,
-            rates=_rate_counters(claims, table))
+            rates=() if self._rate_store is not None else _rate_counters(claims, table))
 
     def _opened(self, claims: Claims, price: Price, call: calls.NewCall,
                 write: Callable[[Connection], _Opened | calls.KeyTaken | calls.Refused]
                 ) -> _Opened | Hold:
+        """With rate limits in Redis: take the call's hits first, and give them back when
+        the ledger refuses the call or finds it a replay. Else see :meth:`_opened_in_ledger`."""
+        store = self._rate_store
+        counters = () if store is None else _rate_counters(claims, self._table())
+        if store is None or not counters:
+            return self._opened_in_ledger(claims, price, call, write)
+        hits = store.take(counters, call.amount)
+        if isinstance(hits, rates.Limited):
+            if not self._key_known(call):
+                raise _rate_limited(claims, call.tool, hits.counter, hits.kind,
+                                    hits.retry_after_ms)
+            hits = []  # a repeat of a call made already: its outcome, uncounted
+        try:
+            opened = self._opened_in_ledger(claims, price, call, write)
+        except BaseException:
+            store.give_back(hits)
+            raise
+        if isinstance(opened, Hold):  # a replay
+            store.give_back(hits)
+        return opened
+
+    def _opened_in_ledger(self, claims: Claims, price: Price, call: calls.NewCall,
+                          write: Callable[[Connection], _Opened | calls.KeyTaken | calls.Refused]
+                          ) -> _Opened | Hold:
         """Run ``write`` (the steps that open ``call``: a hold, or a charge and its receipt) in
         one transaction: what it opened, or the :attr:`Hold.replayed` hold of the call its key
         belongs to. A refusal raises; a key freed meanwhile, or stale holds expired to make
