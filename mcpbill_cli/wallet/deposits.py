@@ -181,9 +181,13 @@ def require_consistent(rpc: Rpc, chain: Chain, tx_hash: str, receipt: Any) -> No
     block = int(receipt["blockNumber"])
     confirmed_at = block + chain.confirmations - 1
     head = rpc.block_number()
-    if head < confirmed_at or rpc.block_hash(confirmed_at) is None:
+    if head < confirmed_at:
         raise _inconsistent(rpc, chain, tx_hash, f"its head went back to {head}, below block "
                             f"{confirmed_at} where {tx_hash} has {chain.confirmations} "
+                            "confirmations")
+    if rpc.block_hash(confirmed_at) is None:
+        raise _inconsistent(rpc, chain, tx_hash, f"its head is {head} but it has no block "
+                            f"{confirmed_at}, where {tx_hash} has {chain.confirmations} "
                             "confirmations")
     again = rpc.receipt(tx_hash)
     if again is None or receipt_fingerprint(again) != receipt_fingerprint(receipt):
