@@ -59,7 +59,12 @@ from mcpbill_cli.mcp.wire import (
     list_hints_middleware,
     replayed,
 )
-from mcpbill_cli.mcp.x402 import PaidCall, challenged, payment_of
+from mcpbill_cli.mcp.x402 import (
+    PaidCall,
+    challenged,
+    extension_binding_middleware,
+    payment_of,
+)
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
@@ -141,6 +146,8 @@ class BillingMiddleware(Middleware):
             return
         own = lowlevel.cache_hints.get("tools/list")  # FastMCP(cache_ttl=...): kept as a bound
         lowlevel.middleware.append(list_hints_middleware(self.list_hints, own))
+        if self.acceptor is not None:  # x402's extension binding, beside the tool-result one
+            lowlevel.middleware.append(extension_binding_middleware())
         self._hinted.append(lowlevel)
 
     def bill(self, name: str, *, max_units: int | None = None) -> None:

@@ -119,6 +119,39 @@ def advertising_middleware() -> ServerMiddleware[Any]:
     return advertise_x402
 
 
+# The keys of an x402 PaymentRequired; a challenge's other keys are mcpbill's refusal.
+_PAYMENT_REQUIRED_KEYS = ("x402Version", "error", "resource", "accepts", "extensions")
+
+
+def extension_binding_middleware() -> ServerMiddleware[Any]:
+    """The extension binding for a server whose tools answer with the tool-result binding
+    (fastmcp's): ``org.x402/payment`` advertised in ``server/discover``, and a ``tools/call``
+    challenge (``isError`` with a ``PaymentRequired`` in ``structuredContent``) sent to a
+    request that advertises the extension turned into its ``payment_required`` result."""
+    advertise = advertising_middleware()
+
+    async def bind_x402(ctx: ServerRequestContext[Any, Any], call_next: CallNext
+                        ) -> HandlerResult:
+        result = await advertise(ctx, call_next)
+        if ctx.method != "tools/call" or not isinstance(result, dict) or not uses_extension(ctx):
+            return result
+        return _as_payment_required(result) or result
+
+    return bind_x402
+
+
+def _as_payment_required(result: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A tool-result challenge (wire form) as the ``payment_required`` result, else ``None``."""
+    challenge = result.get("structuredContent")
+    if (result.get("isError") is not True or not isinstance(challenge, Mapping)
+            or "x402Version" not in challenge or "accepts" not in challenge):
+        return None
+    required = {k: v for k, v in challenge.items() if k in _PAYMENT_REQUIRED_KEYS}
+    refused = {k: v for k, v in challenge.items() if k not in _PAYMENT_REQUIRED_KEYS}
+    meta = {**(result.get("_meta") or {}), REFUSAL_META: refused}
+    return {"resultType": PAYMENT_REQUIRED, "paymentRequired": required, "_meta": meta}
+
+
 @dataclass
 class PaidCall:
     """One tool call paid with x402: :meth:`open` before the tool runs, :meth:`close` after."""

@@ -7,7 +7,8 @@ client:
   the ``PaymentRequired`` in ``paymentRequired`` wherever payment is missing or invalid, and the
   tool does not run; the payment goes in ``_meta["x402/payment"]`` and the settlement comes
   back in ``_meta["x402/payment-response"]``, as in the tool-result binding;
-- a client that does not advertise it keeps the tool-result binding.
+- a client that does not advertise it keeps the tool-result binding;
+- a fastmcp server billed by ``BillingMiddleware`` does the same.
 
 The agent here is a real client extension: it claims ``payment_required``, signs with the
 official ``x402`` client and calls again, so ``client.call_tool`` just returns the paid result.
@@ -191,3 +192,44 @@ def test_a_server_without_x402_does_not_advertise_it(shop: Shop) -> None:
             return client.server_capabilities
 
     assert X402_EXTENSION_ID not in (anyio.run(capabilities).extensions or {})
+
+
+# --- a fastmcp server: the same binding, from BillingMiddleware --------------------------------
+
+
+def test_a_fastmcp_server_speaks_the_extension_binding_too(shop: Shop) -> None:
+    from fastmcp import FastMCP
+
+    from mcpbill_cli.mcp.fastmcp import BillingMiddleware
+
+    billing = BillingMiddleware(shop.verifier, acceptor=shop.acceptor)
+    fast: FastMCP[Any] = FastMCP("fastmcp-paid")
+    runs: list[str] = []
+
+    @billing.tool(fast)
+    def search(q: str) -> list[str]:
+        runs.append(q)
+        return [f"{q}: result"]
+
+    payer = new_payer(shop.devnet)
+    extension = payer_extension(shop, payer, {"q": "fast"})
+
+    async def scenario(url: str) -> tuple[Any, Any, CallToolResult]:
+        async with agent(url, payer_extension(shop, payer, {"q": "x"})) as client:
+            unpaid = await client.session.call_tool("search", {"q": "x"}, allow_claimed=True)
+        async with agent(url, extension) as client:
+            return client.server_capabilities, unpaid, await client.call_tool(
+                "search", {"q": "fast"})
+
+    with serve(fast.http_app()) as url:
+        capabilities, unpaid, paid = anyio.run(scenario, url)
+
+    assert (capabilities.extensions or {})[X402_EXTENSION_ID] == {}
+    assert isinstance(unpaid, PaymentRequiredResult)
+    assert set(unpaid.payment_required) <= {"x402Version", "error", "resource", "accepts",
+                                            "extensions"}
+    assert (unpaid.meta or {})[REFUSAL_META]["code"] == "INVALID_CREDIT_TOKEN"
+    assert not paid.is_error, paid
+    assert (paid.meta or {})[PAYMENT_RESPONSE_META]["success"] is True
+    assert runs == ["fast"] and shop.received() == SEARCH_PRICE
+    shop.assert_books_clean()
