@@ -256,6 +256,13 @@ class NoTerminal(BillingError):
     code = "NO_TERMINAL"
 
 
+class WebhookFailed(BillingError):
+    """`mcpbill webhooks test`: the endpoint did not answer 2xx (or could not be reached); the
+    event stays pending and is retried."""
+
+    code = "WEBHOOK_FAILED"
+
+
 class InternalError(BillingError):
     """An exception nobody anticipated: a bug. ``MCPBILL_DEBUG=1`` shows its traceback."""
 

@@ -59,12 +59,12 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.keeper import HoldKeeper
 from mcpbill_cli.keys import KeySource
-from mcpbill_cli.ledger import audit, calls, rates, seals
+from mcpbill_cli.ledger import alerts, audit, calls, rates, seals
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
 from mcpbill_cli.ledger.ops import token_account
-from mcpbill_cli.money import format_usd
+from mcpbill_cli.money import format_usd, parse_usd
 from mcpbill_cli.pricing import (
     Price,
     PricingSource,
@@ -894,11 +894,22 @@ class Verifier:
                              token_hash=fingerprint, demo=self.demo,
                              detail={"reason": exc.details.get("reason")}
                              if "reason" in exc.details else None)
+                if claims is not None and exc.details.get("reason") == "daily_cap":
+                    _alert_daily_cap(conn, exc, claims.tenant, self._clock())
         except BillingError as failure:  # the ledger is down: the refusal still stands
             logger.warning("could not record refusal %s: %s", exc.code, failure.message)
         except DBAPIError as failure:  # the ledger took none of it: the refusal still stands
             logger.warning("could not record refusal %s: %s", exc.code,
                            type(failure.orig).__name__)
+
+
+def _alert_daily_cap(conn: Connection, exc: BillingError, tenant: str, at: datetime) -> None:
+    """The ``cap.reached`` alert of a daily cap refusal: once per tenant and UTC day, in the
+    transaction that records the refusal (the refused call's own was rolled back)."""
+    cap = parse_usd(str(exc.details["dailyCapUsd"]))
+    left = parse_usd(str(exc.details["remainingUsd"]), allow_zero=True)
+    alerts.cap_reached(conn, tenant=tenant, window="day", period=at.strftime("%Y-%m-%d"),
+                       cap=cap, spent=cap - left, at=at)
 
 
 def _audience(settings: Settings) -> Audience:

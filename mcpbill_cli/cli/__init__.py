@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "reconcile": ("reconcile", "reconcile", False),
     "events": ("reconcile", "events_app", True),
     "audit": ("audit", "app", True),
+    "webhooks": ("webhooks", "app", True),
     "x402": ("x402", "app", True),
     "completion": ("completion", "completion", False),
     "demo": ("demo", "demo", False),

@@ -95,6 +95,7 @@ EXIT_CODES: dict[str, int] = {
     "PROXY_BUSY": 29,
     "REQUEST_TOO_LARGE": 29,
     "RATE_LIMITED": 30,
+    "WEBHOOK_FAILED": 31,
 }
 GENERIC_FAILURE = 1
 

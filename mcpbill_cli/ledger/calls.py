@@ -23,7 +23,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import LedgerUnavailable
-from mcpbill_cli.ledger import audit, ops, rates
+from mcpbill_cli.ledger import alerts, audit, ops, rates
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import (
     accounts,
@@ -46,13 +46,13 @@ _DEBIT_POSTED = Prepared(
     update(accounts)
     .where(a.id == bindparam("account"), a.closed.is_(False), _AVAILABLE >= bindparam("amount"))
     .values(debits_posted=a.debits_posted + bindparam("amount"))
-    .returning(_AVAILABLE)
+    .returning(_AVAILABLE, a.credits_posted)
 )
 _DEBIT_PENDING = Prepared(
     update(accounts)
     .where(a.id == bindparam("account"), a.closed.is_(False), _AVAILABLE >= bindparam("amount"))
     .values(debits_pending=a.debits_pending + bindparam("amount"))
-    .returning(_AVAILABLE)
+    .returning(_AVAILABLE, a.credits_posted)
 )
 _CREDIT_POSTED = Prepared(update(accounts).where(a.id == bindparam("account"))
                           .values(credits_posted=a.credits_posted + bindparam("amount")))
@@ -259,7 +259,7 @@ def debit_charge(conn: Connection, call: NewCall, *, at: datetime) -> Opened | R
     limited = _count_rates(conn, call, at)
     if limited is not None:
         return limited
-    debited = _debit(conn, _DEBIT_POSTED, call)
+    debited = _debit(conn, _DEBIT_POSTED, call, at)
     if isinstance(debited, Refused):
         return debited
     _credit(conn, _CREDIT_POSTED, call)
@@ -285,7 +285,7 @@ def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime)
     limited = _count_rates(conn, call, at)
     if limited is not None:
         return limited
-    debited = _debit(conn, _DEBIT_PENDING, call)
+    debited = _debit(conn, _DEBIT_PENDING, call, at)
     if isinstance(debited, Refused):
         return debited
     _credit(conn, _CREDIT_PENDING, call)
@@ -389,11 +389,18 @@ def daily_spent(conn: Connection, tenant: str, day: str) -> int:
 # --- internals ---------------------------------------------------------------------------------
 
 
-def _debit(conn: Connection, statement: Prepared, call: NewCall) -> int | Refused:
-    """The token's guarded debit: what remains, or why it was refused."""
+def _debit(conn: Connection, statement: Prepared, call: NewCall, at: datetime
+           ) -> int | Refused:
+    """The token's guarded debit: what remains, or why it was refused. A debit that takes the
+    token's use over 80% or 100% of what it was credited emits ``token.threshold``."""
     row = statement.first(conn, {"account": call.account, "amount": call.amount})
     if row is not None:
-        return int(row[0])
+        available, credited = int(row[0]), int(row[1])
+        if alerts.crossed(credited - available - call.amount, credited - available, credited):
+            alerts.token_debited(conn, jti=call.jti, tenant=call.tenant, agent=call.agent,
+                                 amount=call.amount, available=available, credited=credited,
+                                 at=at)
+        return available
     balance = ops.find_balance(conn, call.account)
     if balance is None:
         return Refused("unknown")

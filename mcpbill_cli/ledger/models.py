@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0011"
+SCHEMA_REVISION = "0012"
 
 metadata = MetaData()
 
@@ -380,4 +380,63 @@ rate_counters = Table(
     Column("call_limit", BigInteger, nullable=False),
     Column("spend_limit", BigInteger, nullable=False),
     Index("ix_rate_counters_start", "window_start"),
+)
+
+# Webhook endpoints: where alert events go, and the Standard Webhooks secret (``whsec_...``)
+# deliveries are signed with. The secret is shown once, by `webhooks add`; nothing reads it back
+# out but the deliverer.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),  # whep_...
+    Column("url", Text, nullable=False),
+    Column("event_types", Text, nullable=False),  # JSON list of event types, or ["*"]
+    Column("secret", Text, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# The outbox: one row per alert event, written in the transaction of what caused it (a rolled
+# back charge leaves none). ``id`` is the event's stable id (the webhook-id header), the same on
+# every retry, so a receiver dedupes on it.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", String(40), primary_key=True),  # evt_...
+    Column("type", String(40), nullable=False),
+    Column("payload", Text, nullable=False),  # the JSON body, as signed and sent
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_webhook_events_created", "created_at"),
+)
+
+# One row per event and endpoint: the delivery's state, so it survives a restart. A deliverer
+# claims a row with a guarded UPDATE (``claimed_until`` past, ``claim`` its own), so two
+# deliverers never send one event to one endpoint at the same time.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("event_id", String(40), ForeignKey("webhook_events.id"), primary_key=True),
+    Column("endpoint_id", String(40), primary_key=True),
+    Column("status", String(10), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("claim", String(32), nullable=True),
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
+    Column("last_status", Integer, nullable=True),  # the receiver's HTTP status
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("status IN ('pending', 'delivered', 'failed')",
+                    name="ck_webhook_deliveries_status"),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    Index("ix_webhook_deliveries_endpoint", "endpoint_id"),
+)
+
+# A tenant's low-balance alert: a ``tenant.balance_low`` event when its available balance
+# falls under ``below`` (micro-USDC), once per crossing.
+tenant_alerts = Table(
+    "tenant_alerts",
+    metadata,
+    Column("tenant", String(100), primary_key=True),
+    Column("below", BigInteger, nullable=False),
+    CheckConstraint("below > 0", name="ck_tenant_alerts_below_positive"),
 )

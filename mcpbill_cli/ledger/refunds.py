@@ -24,8 +24,9 @@ from typing import Any, Literal
 from sqlalchemy import Connection, select, update
 
 from mcpbill_cli.clock import aware
-from mcpbill_cli.ledger import audit, ops
+from mcpbill_cli.ledger import audit, ops, outbox
 from mcpbill_cli.ledger.models import accounts, calls, refunds, tokens, transfers
+from mcpbill_cli.money import format_usd
 
 c = calls.c
 r = refunds.c
@@ -157,7 +158,8 @@ def open_refund(conn: Connection, request: RefundRequest, *, at: datetime) -> Op
 
 def record(conn: Connection, opened: Opened, request: RefundRequest, *, at: datetime,
            receipt: str) -> bool:
-    """The refund's row with its signed receipt, and its ``refund`` event; False when the
+    """The refund's row with its signed receipt, its ``refund`` event and its
+    ``refund.created`` alert (:mod:`outbox`); False when the
     tenant's idempotency key was taken meanwhile (the caller rolls back and asks again)."""
     if not ops.insert_ignore(conn, refunds, {
             "id": opened.id, "call_id": opened.call_id, "jti": opened.jti,
@@ -170,6 +172,11 @@ def record(conn: Connection, opened: Opened, request: RefundRequest, *, at: date
     audit.record(conn, "refund", at=at, jti=opened.jti, tenant=opened.tenant,
                  agent=opened.agent, tool=opened.tool, amount=opened.amount, ref=opened.id,
                  demo=opened.demo, detail=_detail(opened, request))
+    outbox.emit(conn, "refund.created", {
+        "refund_id": opened.id, "receipt_id": opened.call_id, "jti": opened.jti,
+        "tenant": opened.tenant, "agent": opened.agent, "tool": opened.tool,
+        "amount_usd": format_usd(opened.amount), "refundable_usd": format_usd(opened.refundable),
+        "credited_to": opened.credited_to, "reason": request.reason}, at=at)
     return True
 
 

@@ -19,8 +19,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
+from mcpbill_cli.clock import rfc3339, utcnow
 from mcpbill_cli.errors import InvalidInput
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger import outbox
+from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.reconcile import snapshots, tuning
 from mcpbill_cli.reconcile.alongside import alongside
 from mcpbill_cli.reconcile.checks import CHECKS, Check, Context, LedgerCheck, Start
@@ -37,10 +39,25 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
         tuning.begin(conn, options.jobs)
         checks, skipped = run_checks(conn, ctx, CHECKS)
     summary, totals = ctx.totals.frozen()
-    return ReconcileReport(window=options.window, filters=options.filters, summary=summary,
-                           totals=totals, findings=ctx.found.findings(), checks=checks,
-                           skipped=skipped, audit_anchor=ctx.anchor,
-                           snapshot_at=leave_snapshot(engine, ctx.ledger))
+    report = ReconcileReport(window=options.window, filters=options.filters, summary=summary,
+                             totals=totals, findings=ctx.found.findings(), checks=checks,
+                             skipped=skipped, audit_anchor=ctx.anchor,
+                             snapshot_at=leave_snapshot(engine, ctx.ledger))
+    if report.findings:
+        alert_findings(engine, report)
+    return report
+
+
+def alert_findings(engine: Engine, report: ReconcileReport) -> None:
+    """A ``reconcile.findings`` webhook event naming each finding (its name, severity and
+    count); the rows stay in the report, for whoever runs it."""
+    with writing(engine) as conn:
+        outbox.emit(conn, "reconcile.findings", {
+            "window_start_at": rfc3339(report.window.start),
+            "window_end_at": rfc3339(report.window.end),
+            "errors": report.errors, "warnings": report.warnings,
+            "findings": [{"name": f.name, "severity": f.severity, "count": f.count,
+                          "message": f.message} for f in report.findings]}, at=utcnow())
 
 
 def run_checks(conn: Connection, ctx: Context, checks: tuple[Check, ...]

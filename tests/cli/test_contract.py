@@ -90,6 +90,13 @@ SUCCESSFUL = [
     ("receipt", "verify", "{receipt}"),
     ("refund", "{receipt_id}", "--amount", "0.001", "--reason", "contract"),
     ("receipt", "verify", "{refund}"),
+    ("webhooks", "add", "http://127.0.0.1:9/hooks", "--events", "refund.created"),
+    ("webhooks", "list"),
+    ("webhooks", "balance-alert", "default", "--below", "1"),
+    ("refund", "{receipt_id}", "--amount", "0.001", "--reason", "webhook"),
+    ("webhooks", "deliver", "--once"),
+    ("webhooks", "deliveries"),
+    ("webhooks", "remove", "{endpoint_id}"),
     ("pricing", "show"),
     ("pricing", "quote", "search"),
     ("pricing", "set", "search", "0.003"),
@@ -124,12 +131,15 @@ def charge_once(token: str) -> Receipt:
 NEEDS_A_CHAIN = {("wallet", "sync"), ("x402", "fetch")}
 # A server that runs until stopped: tests/proxy/test_cli.py checks its one --json document.
 RUNS_UNTIL_STOPPED = {("proxy",)}
+# A test delivery needs a receiver: tests/webhooks/test_cli.py runs one.
+NEEDS_A_RECEIVER = {("webhooks", "test")}
 
 
 def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_home: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MCPBILL_KEYSTORE_PASSWORD", "correct horse battery staple")
-    missing = [p for p in command_paths() if p not in NEEDS_A_CHAIN | RUNS_UNTIL_STOPPED
+    elsewhere = NEEDS_A_CHAIN | RUNS_UNTIL_STOPPED | NEEDS_A_RECEIVER
+    missing = [p for p in command_paths() if p not in elsewhere
                and not any(args[:len(p)] == p for args in SUCCESSFUL)]
     assert not missing, f"add a --json invocation for {missing}"
     values: dict[str, str] = {"pricing": str(isolated_home / "pricing.toml"),
@@ -149,6 +159,8 @@ def test_every_command_prints_one_json_document(ledger_cli: Invoke, isolated_hom
                           receipt_id=receipt.receipt_id)
         if args[0] == "refund":
             values["refund"] = data["jws"]
+        if args[:2] == ("webhooks", "add"):
+            values["endpoint_id"] = data["id"]
         if args[:2] == ("keys", "rotate"):
             values["old_kid"] = data["previous"]["kid"]
         if args[0] == "demo":

@@ -1,0 +1,116 @@
+"""`mcpbill webhooks ...` through the CLI: the secret is shown by `add` only, never by list,
+deliveries or the deliverer's log; `test` reaches a real receiver that verifies the
+signature; refusals have their codes and change nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cli.conftest import Invoke, error_json, ok_json
+from tests.cli.data_contract import assert_contract
+from tests.webhooks.conftest import Receiver
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver.running() as server:
+        yield server
+
+
+def add(cli: Invoke, url: str, *events: str) -> dict[str, str]:
+    args = ["--events", ",".join(events)] if events else []
+    data = ok_json(cli("webhooks", "add", url, *args, "--json"))
+    assert_contract(("webhooks", "add"), data)
+    return dict(data)
+
+
+def test_add_shows_the_secret_once_and_never_again(ledger_cli: Invoke, receiver: Receiver,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mcpbill")
+    endpoint = add(ledger_cli, receiver.url, "refund.created", "webhook.test")
+    secret = endpoint["secret"]
+    assert secret.startswith("whsec_") and endpoint["event_types"] == ["refund.created",
+                                                                       "webhook.test"]
+    receiver.secret = secret
+    listed = ledger_cli("webhooks", "list", "--json")
+    assert_contract(("webhooks", "list"), ok_json(listed))
+    assert ok_json(listed)[0]["id"] == endpoint["id"]
+    tested = ledger_cli("webhooks", "test", endpoint["id"], "--json")
+    assert_contract(("webhooks", "test"), ok_json(tested))
+    assert ok_json(tested)["http_status"] == 200
+    [got] = receiver.received  # verified with the secret by the standardwebhooks verifier
+    assert got["type"] == "webhook.test" and got["data"] == {"endpoint_id": endpoint["id"]}
+    deliveries = ok_json(ledger_cli("webhooks", "deliveries", endpoint["id"], "--json"))
+    assert_contract(("webhooks", "deliveries"), deliveries)
+    assert [(d["event_id"], d["status"], d["attempts"]) for d in deliveries] == [
+        (got["id"], "delivered", 1)]
+    for result in (listed, tested, ledger_cli("webhooks", "list"),
+                   ledger_cli("webhooks", "deliveries"), ledger_cli("webhooks", "test",
+                                                                    endpoint["id"])):
+        assert secret not in result.stdout + result.stderr
+    assert secret not in caplog.text
+
+
+def test_add_in_a_terminal_prints_only_the_secret_on_stdout(ledger_cli: Invoke) -> None:
+    result = ledger_cli("webhooks", "add", "https://ops.example.com/hooks")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().startswith("whsec_") and len(result.stdout.split()) == 1
+    assert "shown this once" in result.stderr
+
+
+def test_a_failed_test_delivery_exits_31_and_stays_pending(ledger_cli: Invoke) -> None:
+    down = Receiver()  # never started
+    endpoint = add(ledger_cli, down.url)
+    result = ledger_cli("webhooks", "test", endpoint["id"], "--json")
+    assert result.exit_code == 31, result.output
+    error = error_json(result, "WEBHOOK_FAILED")
+    [delivery] = ok_json(ledger_cli("webhooks", "deliveries", "--json"))
+    assert (delivery["event_id"], delivery["status"]) == (error["event_id"], "pending")
+    assert delivery["last_status"] is None and delivery["last_error"]
+
+
+@pytest.mark.parametrize(("args", "code", "status"), [
+    (("webhooks", "add", "ftp://example.com/x"), "INVALID_INPUT", 3),
+    (("webhooks", "add", "https://example.com/x", "--events", "refund.made"), "INVALID_INPUT", 3),
+    (("webhooks", "remove", "whep_nope"), "NOT_FOUND", 4),
+    (("webhooks", "test", "whep_nope"), "NOT_FOUND", 4),
+    (("webhooks", "deliveries", "whep_nope"), "NOT_FOUND", 4),
+    (("webhooks", "balance-alert", "nobody", "--below", "1"), "NOT_FOUND", 4),
+    (("webhooks", "balance-alert", "default"), "INVALID_INPUT", 3),
+])
+def test_refusals_have_codes_and_change_nothing(ledger_cli: Invoke, args: tuple[str, ...],
+                                                code: str, status: int) -> None:
+    ok_json(ledger_cli("wallet", "fund", "--demo", "1", "--json"))
+    result = ledger_cli(*args, "--json")
+    assert result.exit_code == status, result.output
+    error_json(result, code)
+    assert ok_json(ledger_cli("webhooks", "list", "--json")) == []
+    assert ok_json(ledger_cli("webhooks", "deliveries", "--json")) == []
+
+
+def test_remove_drops_pending_deliveries(ledger_cli: Invoke) -> None:
+    endpoint = add(ledger_cli, "http://127.0.0.1:9/hooks")
+    ledger_cli("webhooks", "test", endpoint["id"])
+    data = ok_json(ledger_cli("webhooks", "remove", endpoint["id"], "--json"))
+    assert data == {"id": endpoint["id"], "removed": True, "pending_dropped": 1}
+    assert ok_json(ledger_cli("webhooks", "deliveries", "--json")) == []
+    assert json.loads(ledger_cli("webhooks", "list", "--json").stdout)["data"] == []
+
+
+def test_a_token_issue_under_the_balance_alert_is_delivered(ledger_cli: Invoke,
+                                                            receiver: Receiver) -> None:
+    receiver.secret = add(ledger_cli, receiver.url, "tenant.balance_low")["secret"]
+    ok_json(ledger_cli("wallet", "fund", "--demo", "10", "--json"))
+    data = ok_json(ledger_cli("webhooks", "balance-alert", "default", "--below", "5", "--json"))
+    assert_contract(("webhooks", "balance-alert"), data)
+    assert data == {"tenant": "default", "below_usd": "5.00"}
+    ok_json(ledger_cli("token", "issue", "--limit", "6", "--json"))
+    done = ok_json(ledger_cli("webhooks", "deliver", "--once", "--json"))
+    assert_contract(("webhooks", "deliver"), done)
+    assert done["delivered"] == 1
+    [got] = receiver.received
+    assert got["data"] == {"tenant": "default", "available_usd": "4.00", "below_usd": "5.00"}
