@@ -107,6 +107,12 @@ def issue(
             require_tenant(conn, request.tenant)
         issued = issue_token(conn, request, signer=signer, ttl_cap=settings.ttl_cap,
                              now=utcnow())
+        if parent is None:
+            from mcpbill_cli.ledger.alerts import tenant_debited
+            from mcpbill_cli.ledger.ops import tenant_account
+
+            tenant_debited(conn, account=tenant_account(issued.claims.tenant),
+                           amount=issued.claims.limit, at=issued.claims.issued_at)
     if tenant and tenant != issued.claims.tenant:
         say(f"[yellow]note[/]: a child token belongs to its parent's tenant "
             f"{issued.claims.tenant}")

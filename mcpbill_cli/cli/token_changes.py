@@ -41,6 +41,10 @@ def topup(
     credit = parse_usd(amount, field="amount")
     with writing(state(ctx).engine()) as conn:
         done = topup_token(conn, jti, credit, now=utcnow(), idempotency_key=idempotency_key)
+        if not done.replayed and done.source.startswith("tenant:"):
+            from mcpbill_cli.ledger.alerts import tenant_debited
+
+            tenant_debited(conn, account=done.source, amount=done.amount, at=utcnow())
     what = "already topped up (this key)" if done.replayed else "topped up"
     emit(with_usd(done, "amount", "limit", "remaining"), as_json=as_json, human=lambda: say(
         f"{what} {done.jti} with {format_usd(done.amount)} USDC from {done.source}; "

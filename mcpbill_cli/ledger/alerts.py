@@ -39,9 +39,10 @@ def token_debited(conn: Connection, *, jti: str, tenant: str, agent: str, amount
 
 
 def tenant_debited(conn: Connection, *, account: str, amount: int, at: datetime) -> None:
-    """After a debit of ``amount`` from a tenant's ``account`` (a token issue, a topup): under
-    its alert amount, from at or over it, is a ``tenant.balance_low`` event. The debit's
-    UPDATE holds the account's row, so the balance read here is the one it left."""
+    """After a debit of ``amount`` from a tenant's ``account`` (a token issue, a topup), in
+    its transaction: under its alert amount, from at or over it, is a ``tenant.balance_low``
+    event. The debit's UPDATE holds the account's row, so the balance read here is the one it
+    left. Whoever debits a tenant calls it (`token issue`, `token topup`)."""
     tenant = account.removeprefix("tenant:")
     below = conn.execute(select(tenant_alerts.c.below)
                          .where(tenant_alerts.c.tenant == tenant)).scalar()

@@ -189,10 +189,6 @@ def transfer(
         return False
     _move(conn, debit, a.debits_posted, amount, allow_closed=allow_closed)
     _move(conn, credit, a.credits_posted, amount)
-    if debit.startswith("tenant:"):
-        from mcpbill_cli.ledger import alerts  # alerts emits through outbox, which uses ops
-
-        alerts.tenant_debited(conn, account=debit, amount=amount, at=at)
     return True
 
 

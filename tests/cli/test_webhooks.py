@@ -101,16 +101,22 @@ def test_remove_drops_pending_deliveries(ledger_cli: Invoke) -> None:
     assert json.loads(ledger_cli("webhooks", "list", "--json").stdout)["data"] == []
 
 
-def test_a_token_issue_under_the_balance_alert_is_delivered(ledger_cli: Invoke,
+def test_a_tenant_under_its_balance_alert_is_told_once_per_crossing(ledger_cli: Invoke,
                                                             receiver: Receiver) -> None:
     receiver.secret = add(ledger_cli, receiver.url, "tenant.balance_low")["secret"]
     ok_json(ledger_cli("wallet", "fund", "--demo", "10", "--json"))
     data = ok_json(ledger_cli("webhooks", "balance-alert", "default", "--below", "5", "--json"))
     assert_contract(("webhooks", "balance-alert"), data)
     assert data == {"tenant": "default", "below_usd": "5.00"}
-    ok_json(ledger_cli("token", "issue", "--limit", "6", "--json"))
+    jti = ok_json(ledger_cli("token", "issue", "--limit", "4", "--json"))["jti"]  # 10 -> 6
+    ok_json(ledger_cli("token", "topup", jti, "--amount", "2", "--json"))  # 6 -> 4: under 5
+    ok_json(ledger_cli("token", "issue", "--limit", "1", "--json"))  # 4 -> 3: no new crossing
     done = ok_json(ledger_cli("webhooks", "deliver", "--once", "--json"))
     assert_contract(("webhooks", "deliver"), done)
     assert done["delivered"] == 1
     [got] = receiver.received
     assert got["data"] == {"tenant": "default", "available_usd": "4.00", "below_usd": "5.00"}
+    ok_json(ledger_cli("wallet", "fund", "--demo", "10", "--json"))  # 3 -> 13
+    ok_json(ledger_cli("token", "issue", "--limit", "9", "--json"))  # 13 -> 4: crosses again
+    assert ok_json(ledger_cli("webhooks", "deliver", "--once", "--json"))["delivered"] == 1
+    assert [r["data"]["available_usd"] for r in receiver.received] == ["4.00", "4.00"]

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine
 
 from mcpbill_cli.errors import BudgetExceeded
-from mcpbill_cli.ledger import alerts, outbox
+from mcpbill_cli.ledger import outbox
 from mcpbill_cli.ledger.credit import IssuedToken
 from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
@@ -118,18 +118,6 @@ def test_a_daily_cap_reached_is_one_event_per_tenant_and_day(
         except BudgetExceeded:
             pass
     assert len(emitted(engine, "cap.reached")) == 2
-
-
-def test_a_tenant_under_its_alert_amount_alerts_once_per_crossing(
-        engine: Engine, new_token: Callable[..., IssuedToken]) -> None:
-    with writing(engine) as conn:
-        alerts.set_tenant_alert(conn, "acme", 50 * USDC)
-    new_token(limit=30 * USDC)  # 100 -> 70
-    assert emitted(engine, "tenant.balance_low") == []
-    new_token(limit=30 * USDC)  # 70 -> 40: under 50
-    new_token(limit=5 * USDC)  # 40 -> 35: still under, no new crossing
-    [event] = emitted(engine, "tenant.balance_low")
-    assert event["data"] == {"tenant": "acme", "available_usd": "40.00", "below_usd": "50.00"}
 
 
 def test_a_reconcile_with_findings_emits_them(engine: Engine, verifier: Verifier,
