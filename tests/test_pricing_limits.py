@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mcpbill_cli.errors import PricingInvalid
-from mcpbill_cli.pricing import parse_pricing, rate_limits
+from mcpbill_cli.pricing import SAMPLE_PRICING, parse_pricing, rate_limits
 from mcpbill_cli.ratelimits import NO_LIMIT, Counter, Rate, counters
 
 TABLE = """
@@ -56,3 +56,11 @@ def test_a_bad_rate_is_pricing_invalid_naming_its_key(limits: str, key: str) -> 
     with pytest.raises(PricingInvalid) as bad:
         parse_pricing(f'version = 1\n[limits]\n{limits}\n')
     assert bad.value.details["key"] == f"limits.{key}", bad.value.to_dict()
+
+
+def test_the_sample_table_shows_limits_commented_out_and_they_parse() -> None:
+    assert parse_pricing(SAMPLE_PRICING).limits is None
+    uncommented = SAMPLE_PRICING.replace("# [limits]", "[limits]").replace(
+        "# token_calls", "token_calls").replace("# token_spend", "token_spend")
+    limits = parse_pricing(uncommented).limits
+    assert limits is not None and limits.token_calls == (Rate(10, 1), Rate(300, 60))

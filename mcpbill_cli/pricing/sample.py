@@ -37,4 +37,10 @@ daily_cap = "25.00"          # the most acme's agents may spend per UTC day
 
 [tenants.acme.tools.search]
 price = "0.001"              # acme's own price for search
+
+# Loop protection: at most this many calls, and this much USDC held, per token (and per agent,
+# with agent_calls and agent_spend) per second (/s) or minute (/m); past it, RATE_LIMITED.
+# [limits]
+# token_calls = ["10/s", "300/m"]
+# token_spend = "1.00/m"
 '''
