@@ -100,7 +100,19 @@ class PriceUnknown(BillingError):
 
 
 class LedgerUnavailable(BillingError):
+    """Retryable: the ledger cannot be reached or did not finish the transaction (a database
+    restarting, a dropped connection); nothing of the call was written. The same call again,
+    under the same idempotency key, is safe."""
+
     code = "LEDGER_UNAVAILABLE"
+
+
+class LedgerFull(LedgerUnavailable):
+    """The ledger's disk (or its configured size limit) is full: the transaction was rolled
+    back whole. Calls resume by themselves once there is room again; a server that catches
+    LEDGER_UNAVAILABLE catches this too."""
+
+    code = "LEDGER_FULL"
 
 
 class HoldNotActive(BillingError):

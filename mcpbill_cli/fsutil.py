@@ -55,18 +55,23 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
 
 def write_new_secret(path: Path, data: bytes) -> None:
     """Create ``path`` mode 0600 from the first byte on; refuse to overwrite an existing file
-    (FileExistsError, for the caller to word); any other OSError is FILE_UNAVAILABLE."""
+    (FileExistsError, for the caller to word); any other OSError is FILE_UNAVAILABLE, and a
+    file made but not filled (a full disk) is removed: never an empty or partial secret."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise unwritable(path, exc) from None
+    try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         fsync_dir(path.parent)
-    except FileExistsError:
-        raise
     except OSError as exc:
+        path.unlink(missing_ok=True)
         raise unwritable(path, exc) from None
 
 

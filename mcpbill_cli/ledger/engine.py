@@ -21,7 +21,13 @@ from sqlalchemy.exc import DBAPIError, NoSuchModuleError, OperationalError, Prog
 from sqlalchemy.pool import PoolProxiedConnection
 
 from mcpbill_cli.config import redact_url
-from mcpbill_cli.errors import InvalidInput, LedgerUnavailable, NotInitialized, SchemaOutdated
+from mcpbill_cli.errors import (
+    InvalidInput,
+    LedgerFull,
+    LedgerUnavailable,
+    NotInitialized,
+    SchemaOutdated,
+)
 from mcpbill_cli.ledger.models import SCHEMA_REVISION
 
 _READONLY = "mcpbill_readonly"
@@ -160,10 +166,23 @@ def _unavailable_as_error(engine: Engine) -> Iterator[None]:
 def unavailable(engine: Engine, exc: DBAPIError) -> LedgerUnavailable:
     url = redact_url(engine.url.render_as_string(hide_password=False))
     reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    if _disk_full(exc.orig):
+        return LedgerFull(
+            f"the ledger at {url} is full ({reason}): nothing of this transaction was "
+            "written; free disk space (or raise the database's size limit) and retry",
+            url=url)
     return LedgerUnavailable(
         f"cannot reach the ledger at {url}: {reason}; check MCPBILL_DB_URL or --db-url",
         url=url,
     )
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """SQLite's SQLITE_FULL (a full disk, or ``max_page_count`` reached) or PostgreSQL's
+    ``disk_full`` (SQLSTATE 53100)."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return getattr(error, "sqlstate", None) == "53100"
 
 
 def current_revision(engine: Engine) -> str | None:

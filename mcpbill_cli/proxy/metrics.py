@@ -70,7 +70,7 @@ class PrometheusMetrics(CallMetrics):
 
     def refusal(self, tool: str, code: str) -> None:
         self._refusals.labels(tool, code).inc()
-        if code == "LEDGER_UNAVAILABLE":
+        if code in ("LEDGER_UNAVAILABLE", "LEDGER_FULL"):
             self._ledger_errors.inc()
 
     def held(self) -> None:
