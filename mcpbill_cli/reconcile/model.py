@@ -46,7 +46,8 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
                                      "token sweep`)"),
     "x402_payment_stale": ("warning", "an x402 payment is still reserved minutes after it was "
                                       "taken: its server died between settling and recording "
-                                      "(run Acceptor.recover())"),
+                                      "(a server started on this home resolves it; or run "
+                                      "Acceptor.recover())"),
     "deposit_mismatch": ("error", "a credited deposit and its ledger transfer disagree, or a "
                                   "chain deposit transfer has no deposit row"),
     "deposit_unlinked": ("warning", "USDC arrived from a sender linked to no tenant and is not "
