@@ -88,6 +88,7 @@ from mcpbill_cli.receipts import (
 from mcpbill_cli.scope import in_scope
 from mcpbill_cli.sealer import Sealer
 from mcpbill_cli.tokens import Audience, Claims, decode_token
+from mcpbill_cli.webhooks import Deliverer
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
 
@@ -175,6 +176,8 @@ class Verifier:
     A verifier built from a ``db_url`` runs a background writer (:mod:`mcpbill_cli.sealer`)
     that seals the audit trail and writes refusal counts every second; one given an ``engine``
     leaves that to its owner: call :meth:`seal` (or :meth:`start_sealer`), and :meth:`close`.
+    With ``deliver_webhooks`` it also delivers the ledger's alert webhooks from a thread
+    (:mod:`mcpbill_cli.webhooks`); a call never waits for a delivery either way.
     """
 
     def __init__(
@@ -183,7 +186,7 @@ class Verifier:
         audience: Audience = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
         clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
-        limits_storage: str | None = None,
+        limits_storage: str | None = None, deliver_webhooks: bool = False,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
         owned = engine is None and db_url is not None
@@ -215,6 +218,11 @@ class Verifier:
                         else Sealer(engine, self._sign_seal if signs else None, clock))
         if owned:
             self.start_sealer()
+        # Alert webhooks from a thread of this process (any other deliverer may run beside it).
+        self._deliverer = (Deliverer(engine, clock) if deliver_webhooks and engine is not None
+                           else None)
+        if self._deliverer is not None:
+            self._deliverer.start()
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -253,6 +261,8 @@ class Verifier:
             self._sealer.start()
 
     def close(self) -> None:
+        if self._deliverer is not None:
+            self._deliverer.stop()
         if self._sealer is not None:
             self._sealer.close()
         self._keeper.close()
