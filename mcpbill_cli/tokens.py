@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 
+from mcpbill_cli.budgets import TokenTerms
 from mcpbill_cli.errors import InvalidCreditToken, InvalidInput
 from mcpbill_cli.keys import VerificationKey
 from mcpbill_cli.money import format_usd, parse_usd
@@ -47,6 +48,7 @@ class Claims:
     kid: str
     parent: str | None = None
     rates: tuple[Rate, ...] = ()  # the token's own rate limits (``rateLimits``)
+    terms: TokenTerms = TokenTerms()  # its own caps and auto top-up (claim ``budget``)
 
     def to_jwt_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -60,6 +62,9 @@ class Claims:
             payload["parent"] = self.parent
         if self.rates:
             payload[RATES_CLAIM] = rates_claim(self.rates)
+        budget = self.terms.to_claim()
+        if budget is not None:
+            payload["budget"] = budget
         return payload
 
 
@@ -217,6 +222,7 @@ def _claims(payload: dict[str, Any], *, kid: str) -> Claims:
             limit=parse_usd(_text(payload, "spendLimitUsd")), kid=kid,
             parent=None if payload.get("parent") is None else _text(payload, "parent"),
             rates=rates_from_claim(payload[RATES_CLAIM]) if RATES_CLAIM in payload else (),
+            terms=TokenTerms.from_claim(payload.get("budget")),
         )
     except (KeyError, TypeError, ValueError, InvalidInput):
         raise InvalidCreditToken("token claims are malformed", reason="malformed") from None

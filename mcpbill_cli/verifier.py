@@ -40,7 +40,8 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli import refunding
-from mcpbill_cli.clock import Clock, aware, utcnow
+from mcpbill_cli.budgets import TokenTerms, window_key
+from mcpbill_cli.clock import Clock, aware, rfc3339, utcnow
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import (
     BillingError,
@@ -59,7 +60,8 @@ from mcpbill_cli.errors import (
 )
 from mcpbill_cli.keeper import HoldKeeper
 from mcpbill_cli.keys import KeySource
-from mcpbill_cli.ledger import alerts, audit, calls, rates, seals
+from mcpbill_cli.ledger import alerts, audit, calls, rates, seals, topups
+from mcpbill_cli.ledger import budgets as ledger_budgets
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
@@ -74,7 +76,7 @@ from mcpbill_cli.pricing import (
     free_tools,
     rate_limits,
 )
-from mcpbill_cli.pricing import daily_cap as table_daily_cap
+from mcpbill_cli.pricing import budgets as table_budgets
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.ratelimits import WINDOW_NAMES, Counter, counters
 from mcpbill_cli.ratestore import RedisCounters
@@ -150,6 +152,7 @@ class Hold:
     price: Price
     replayed: Receipt | None = None
     result: str | None = None
+    terms: TokenTerms = TokenTerms()  # the token's caps and auto top-up, from its claims
 
 
 @dataclass
@@ -345,8 +348,10 @@ class Verifier:
                                          f"capture:{hold.id}", settlement)
                     calls.record_capture(conn, hold.id, settled, units=units, at=now,
                                          receipt=receipt.jws, result=kept)
-                    return receipt
-            return self._not_captured(hold, settled)
+            if not isinstance(settled, calls.Settled):
+                return self._not_captured(hold, settled)
+        self._top_up(hold.terms, hold.jti, hold.tenant, settled.remaining)
+        return receipt
 
     def void(self, hold: Hold) -> None:
         """Release a hold: the tool failed, nothing is billed.
@@ -387,7 +392,8 @@ class Verifier:
             opened = self._opened(claims, price, call, charged)
             if isinstance(opened, Hold):  # a replay
                 return opened.replayed or self._lost(opened.id)
-            return opened
+        self._top_up(claims.terms, claims.jti, claims.tenant, opened.remaining)
+        return opened
 
     def charge_paid(self, conn: Connection, claims: Claims, tool: str, price: Price, *,
                     args: Any,
@@ -407,7 +413,7 @@ class Verifier:
             request_hash=_request_hash(claims.jti, tool, args, None, price.amount),
             jti=claims.jti, tenant=claims.tenant, agent=claims.agent, tool=tool, units=None,
             amount=price.amount, pricing_version=price.version, price_rule=price.rule,
-            demo=self.demo, daily_cap=None)
+            demo=self.demo)
         debited = calls.debit_charge(conn, call, at=at)
         if isinstance(debited, calls.Refused):
             raise self._refusal(claims, tool, price, debited)
@@ -624,7 +630,7 @@ class Verifier:
         if isinstance(opened, Hold):  # a replay
             return opened
         return Hold(call.id, claims.jti, claims.tenant, claims.agent, call.tool, call.amount,
-                    call.idempotency_key, timeout_at, price)
+                    call.idempotency_key, timeout_at, price, terms=claims.terms)
 
     def _new_call(self, token: str, tool: str, args: Any, key: str | None, units: int | None,
                   *, amount: int | None = None, rule: str = "x402"
@@ -656,7 +662,8 @@ class Verifier:
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
-            daily_cap=table_daily_cap(table, claims.tenant), dedupe_window=window,
+            budgets=(*table_budgets(table, claims.tenant), *claims.terms.budgets),
+            dedupe_window=window,
             rates=() if self._rate_store is not None else _rate_counters(claims, table))
 
     def _opened(self, claims: Claims, price: Price, call: calls.NewCall,
@@ -694,7 +701,7 @@ class Verifier:
         for _ in range(OPEN_ATTEMPTS):
             outcome = self._write(write)
             if isinstance(outcome, calls.Refused):
-                if (outcome.reason in ("funds", "daily_cap", "rate")
+                if (outcome.reason in ("funds", "budget", "rate")
                         and self._key_known(call)):
                     outcome = calls.KeyTaken(call.idempotency_key)  # a replay needs no budget
                 elif outcome.reason == "funds" and not swept:
@@ -728,12 +735,26 @@ class Verifier:
         if refused.reason == "unknown":
             return InvalidCreditToken(f"token {claims.jti} is not in this ledger",
                                       reason="unknown_token")
-        if refused.reason == "daily_cap":
-            return self._daily_cap_exceeded(claims, tool, price, refused)
+        if refused.cap is not None:
+            return self._cap_reached(claims, tool, price, refused.cap)
         if refused.limited is not None:
             return _rate_limited(claims, tool, refused.limited.counter, refused.limited.kind,
                                  refused.limited.retry_after_ms)
         return self._budget_exceeded(claims, tool, price, refused.available)
+
+    def _top_up(self, wanted: TokenTerms, jti: str, tenant: str, remaining: int) -> None:
+        """After a capture that left the token under its auto top-up threshold: top it up,
+        in a transaction of its own (the capture is committed; its receipt names what was left
+        before the top-up). A failure is logged and the receipt stands: the next capture under
+        the threshold tries again."""
+        if not wanted.wants_topup(remaining):
+            return
+        caps = tuple(b for b in table_budgets(self._table(), tenant) if b.scope == "tenant")
+        try:
+            with writing(self._ledger()) as conn:
+                topups.auto_topup(conn, jti, wanted, tenant_caps=caps, now=self._clock())
+        except (BillingError, DBAPIError) as failure:
+            logger.warning("auto top-up of token %s failed: %s", jti, failure)
 
     def _key_known(self, call: calls.NewCall) -> bool:
         with reading(self._ledger()) as conn:
@@ -853,15 +874,24 @@ class Verifier:
             shortfallUsd=format_usd(price.amount - remaining),
             fallback=self._fallback(claims, remaining))
 
-    def _daily_cap_exceeded(self, claims: Claims, tool: str, price: Price,
-                            cap: calls.Refused) -> BudgetExceeded:
-        left = max(cap.cap - cap.spent, 0)
+    def _cap_reached(self, claims: Claims, tool: str, price: Price,
+                     reached: ledger_budgets.CapReached) -> BudgetExceeded:
+        """A full budget window: which cap (``scope``, ``window``, ``capUsd``), what is left
+        in it (``remainingUsd``) and when it starts again (``resetsAt``)."""
+        budget, left = reached.budget, reached.left
+        period = "daily" if budget.period == "day" else "monthly"
+        whose = {"tenant": f"tenant {claims.tenant}", "token": f"token {claims.jti}",
+                 "agent": f"agent {claims.agent} of tenant {claims.tenant}"}[budget.scope]
+        cap = format_usd(budget.cap)
         return BudgetExceeded(
-            f"tenant {claims.tenant} has reached its daily cap of {format_usd(cap.cap)} USDC "
-            f"({format_usd(left)} left today, {tool} costs {format_usd(price.amount)})",
-            reason="daily_cap", tool=tool, jti=claims.jti, priceUsd=format_usd(price.amount),
+            f"{whose} has reached its {period} cap of {cap} USDC ({format_usd(left)} left "
+            f"this {budget.period}, {tool} costs {format_usd(price.amount)}); it resets at "
+            f"{rfc3339(reached.resets_at)}",
+            reason=f"{period}_cap", scope=budget.scope, window=budget.period, tool=tool,
+            jti=claims.jti, priceUsd=format_usd(price.amount), capUsd=cap,
             remainingUsd=format_usd(left), shortfallUsd=format_usd(price.amount - left),
-            dailyCapUsd=format_usd(cap.cap), fallback=self._fallback(claims, left))
+            resetsAt=rfc3339(reached.resets_at), **{f"{period}CapUsd": cap},
+            fallback=self._fallback(claims, left))
 
     def _fallback(self, claims: Claims, remaining: int) -> dict[str, Any]:
         table = self._table()
@@ -904,8 +934,8 @@ class Verifier:
                              token_hash=fingerprint, demo=self.demo,
                              detail={"reason": exc.details.get("reason")}
                              if "reason" in exc.details else None)
-                if claims is not None and exc.details.get("reason") == "daily_cap":
-                    _alert_daily_cap(conn, exc, claims.tenant, self._clock())
+                if claims is not None and exc.details.get("scope") in ("tenant", "agent"):
+                    _alert_cap_reached(conn, exc, claims, self._clock())
         except BillingError as failure:  # the ledger is down: the refusal still stands
             logger.warning("could not record refusal %s: %s", exc.code, failure.message)
         except DBAPIError as failure:  # the ledger took none of it: the refusal still stands
@@ -913,13 +943,18 @@ class Verifier:
                            type(failure.orig).__name__)
 
 
-def _alert_daily_cap(conn: Connection, exc: BillingError, tenant: str, at: datetime) -> None:
-    """The ``cap.reached`` alert of a daily cap refusal: once per tenant and UTC day, in the
-    transaction that records the refusal (the refused call's own was rolled back)."""
-    cap = parse_usd(str(exc.details["dailyCapUsd"]))
+def _alert_cap_reached(conn: Connection, exc: BillingError, claims: Claims, at: datetime
+                       ) -> None:
+    """The ``cap.reached`` alert of a tenant's or an agent's cap refusal: once per tenant (and
+    agent) and window (its start names the period), in the transaction that records the
+    refusal (the refused call's own was rolled back)."""
+    window = exc.details["window"]
+    cap = parse_usd(str(exc.details["capUsd"]))
     left = parse_usd(str(exc.details["remainingUsd"]), allow_zero=True)
-    alerts.cap_reached(conn, tenant=tenant, window="day", period=at.strftime("%Y-%m-%d"),
-                       cap=cap, spent=cap - left, at=at)
+    agent = claims.agent if exc.details["scope"] == "agent" else None
+    alerts.cap_reached(conn, tenant=claims.tenant, window=window,
+                       period=window_key(window, at), cap=cap, spent=cap - left, at=at,
+                       agent=agent)
 
 
 def _audience(settings: Settings) -> Audience:

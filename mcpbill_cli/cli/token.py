@@ -27,6 +27,7 @@ from mcpbill_cli.config import DEFAULT_TENANT, ENV_TOKEN
 from mcpbill_cli.money import format_usd
 
 if TYPE_CHECKING:
+    from mcpbill_cli.budgets import TokenTerms
     from mcpbill_cli.ledger.credit import TokenView
     from mcpbill_cli.tokens import Claims
 
@@ -75,6 +76,16 @@ def issue(
         "--spend-rate", metavar="USDC/WINDOW",
         help="Loop protection: at most USDC held by calls per second or minute, e.g. 1/m.")
     ] = None,
+    daily: Annotated[str | None, typer.Option(
+        "--daily", help="The most this token may spend per UTC day, in USDC.")] = None,
+    monthly: Annotated[str | None, typer.Option(
+        "--monthly", help="The most this token may spend per calendar month (UTC), in USDC; "
+                          "not below --daily.")] = None,
+    topup_below: Annotated[str | None, typer.Option(
+        "--topup-below", help="Auto top-up: when a capture leaves less than this available, "
+        "move credit from the tenant (a child: its parent) up to --topup-to.")] = None,
+    topup_to: Annotated[str | None, typer.Option(
+        "--topup-to", help="Auto top-up: what the token is topped up to, in USDC.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Mint a credit token; prints only the JWT, so TOKEN=$(mcpbill token issue ...) works.
@@ -83,7 +94,10 @@ def issue(
 
     Example (loop protection): mcpbill token issue --limit 5 --rate 10/s --rate 100/m
     --spend-rate 1/m
+
+    Budgets: mcpbill token issue --limit 5 --daily 2 --monthly 20 --topup-below 0.50 --topup-to 2
     """
+    from mcpbill_cli.budgets import TokenTerms
     from mcpbill_cli.durations import parse_duration
     from mcpbill_cli.ledger.credit import IssueRequest, require_tenant
     from mcpbill_cli.ledger.credit import issue as issue_token
@@ -100,7 +114,10 @@ def issue(
         scope=validate_scope(scope) if scope else None, audience=aud or settings.audience,
         issuer=settings.issuer, parent=parent, demo=settings.demo,
         rates=(*parse_rates(rate or [], spend=False, field="rate"),
-               *parse_rates(spend_rate or [], spend=True, field="spend_rate")))
+               *parse_rates(spend_rate or [], spend=True, field="spend_rate")),
+        terms=TokenTerms(*(None if text is None else parse_usd(text, field=name) for name, text
+                           in (("daily", daily), ("monthly", monthly),
+                               ("topup_below", topup_below), ("topup_to", topup_to)))))
     signer = st.keyring().signing_key()
     with writing(st.engine()) as conn:
         if parent is None:  # a child token's tenant is its parent's
@@ -120,7 +137,8 @@ def issue(
     data = {"token": issued.token, "jti": claims.jti, "tenant": claims.tenant,
             "agent": claims.agent, "scope": list(claims.scope), "audience": claims.audience,
             "limit_usd": format_usd(claims.limit), "expires_at": claims.expires_at,
-            "parent": claims.parent, "kid": claims.kid, "rate_limits": _rates_data(claims)}
+            "parent": claims.parent, "kid": claims.kid, "rate_limits": _rates_data(claims),
+            **_terms_data(request.terms)}
 
     def human() -> None:
         say(f"issued {claims.jti}: {format_usd(claims.limit)} USDC for {claims.agent} "
@@ -195,7 +213,16 @@ def show(ctx: typer.Context,
 
 
 def _view_data(view: TokenView) -> dict[str, Any]:
-    return with_usd(view, *_VIEW_AMOUNTS)
+    data = with_usd(view, *_VIEW_AMOUNTS)
+    del data["terms"]
+    return {**data, **_terms_data(view.terms)}
+
+
+def _terms_data(terms: TokenTerms) -> dict[str, str | None]:
+    """A token's caps and auto top-up as ``*_usd`` fields (null: not set)."""
+    return {f"{name}_usd": None if amount is None else format_usd(amount) for name, amount in (
+        ("daily_cap", terms.daily_cap), ("monthly_cap", terms.monthly_cap),
+        ("topup_below", terms.topup_below), ("topup_to", terms.topup_to))}
 
 
 def _render_view(view: TokenView) -> None:
@@ -252,7 +279,9 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
     if view.status == "revoked":
         raise TokenRevoked(f"token {claims.jti} was revoked at {view.revoked_at}",
                            jti=claims.jti)
-    fields = {**with_usd(claims, "limit"), "rates": _rates_data(claims)}
+    data = with_usd(claims, "limit")
+    del data["terms"]
+    fields = {**data, "rates": _rates_data(claims), **_terms_data(claims.terms)}
     return {"valid": True, "kid": claims.kid, **fields,
             "remaining_usd": format_usd(view.remaining), "status": view.status}
 

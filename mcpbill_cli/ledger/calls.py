@@ -21,15 +21,15 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, func, select, update
 
-from mcpbill_cli.clock import utcnow
+from mcpbill_cli.budgets import Budget
+from mcpbill_cli.clock import aware, utcnow
 from mcpbill_cli.errors import LedgerUnavailable
-from mcpbill_cli.ledger import alerts, audit, ops, rates
+from mcpbill_cli.ledger import alerts, audit, budgets, ops, rates
 from mcpbill_cli.ledger.fastsql import Prepared
 from mcpbill_cli.ledger.models import (
     accounts,
     calls,
     pricing_versions,
-    tenant_daily_spend,
     transfers,
 )
 from mcpbill_cli.pricing import document_digest
@@ -38,7 +38,6 @@ from mcpbill_cli.ratelimits import Counter
 a = accounts.c
 c = calls.c
 t = transfers.c
-d = tenant_daily_spend.c
 _AVAILABLE = a.credits_posted - a.debits_posted - a.debits_pending
 
 # Compiled once per dialect and run on the driver connection (see fastsql).
@@ -59,12 +58,6 @@ _CREDIT_POSTED = Prepared(update(accounts).where(a.id == bindparam("account"))
 _CREDIT_PENDING = Prepared(update(accounts).where(a.id == bindparam("account"))
                            .values(credits_pending=a.credits_pending + bindparam("amount")))
 _INSERT_TRANSFER = Prepared(transfers.insert(), columns=ops.TRANSFER_COLUMNS)
-_ADD_DAILY = Prepared(
-    update(tenant_daily_spend)
-    .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"),
-           d.amount + bindparam("b_amount") <= bindparam("b_cap"))
-    .values(amount=d.amount + bindparam("b_amount"))
-)
 _STORED = select(c.id, c.idempotency_key, c.request_hash, c.jti, c.tenant, c.tool, c.status,
                  c.amount_held, c.amount, c.receipt, c.timeout_at, c.resolved_at, c.result)
 _STORED_BY_KEY = Prepared(_STORED.where(c.tenant == bindparam("b_tenant"),
@@ -84,7 +77,8 @@ _EXTEND_HOLDS = (update(transfers).where(
     t.timeout_at > bindparam("b_now")).values(timeout_at=bindparam("b_until")))
 _RESOLVE = (update(calls).where(c.id == bindparam("b_id"), c.status == "held")
             .values(status=bindparam("b_status"), resolved_at=bindparam("b_at"))
-            .returning(c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo, c.created_at))
+            .returning(c.jti, c.tenant, c.agent, c.tool, c.amount_held, c.demo, c.created_at,
+                       c.budgets))
 _RESOLVE_CALL = Prepared(_RESOLVE)
 _RESOLVE_CALL_BEFORE_TIMEOUT = Prepared(_RESOLVE.where(c.timeout_at > bindparam("b_at")))
 _RECORD_CAPTURE = Prepared(update(calls).where(c.id == bindparam("b_id")).values(
@@ -104,9 +98,6 @@ _PRICING_VERSION_TAKEN = Prepared(select(pricing_versions.c.version)
 _NEXT_PRICING_VERSION = Prepared(select(func.coalesce(func.max(pricing_versions.c.version), 0)
                                         + 1))
 _RECORD_ATTEMPTS = 5
-_SUB_DAILY = Prepared(update(tenant_daily_spend)
-                      .where(d.tenant == bindparam("b_tenant"), d.day == bindparam("b_day"))
-                      .values(amount=d.amount - bindparam("b_amount")))
 
 
 def new_call_id() -> str:
@@ -137,14 +128,13 @@ class KeyTaken:
 @dataclass(frozen=True)
 class Refused:
     """The debit was refused: ``closed`` (a revoked token), ``unknown`` (no such token),
-    ``funds`` (``available`` is short), ``daily_cap`` (the tenant spent ``spent`` of ``cap``)
-    or ``rate`` (a rate limit is reached: ``limited`` says which).
+    ``funds`` (``available`` is short), ``budget`` (a cap's window is full: ``cap``) or
+    ``rate`` (a rate limit is reached: ``limited`` says which).
     """
 
-    reason: Literal["closed", "unknown", "funds", "daily_cap", "rate"]
+    reason: Literal["closed", "unknown", "funds", "budget", "rate"]
     available: int = 0
-    cap: int = 0
-    spent: int = 0
+    cap: budgets.CapReached | None = None
     limited: rates.Limited | None = None
 
 
@@ -183,7 +173,8 @@ class NewCall:
     pricing_version: int
     price_rule: str
     demo: bool
-    daily_cap: int | None
+    # The caps this call counts against (tenant, agent, token; day, month), in that order.
+    budgets: tuple[Budget, ...] = ()
     # None: the caller gave the key. Else the key was derived from the call itself, and a
     # repeat within this many seconds of the call's end is the same call.
     dedupe_window: int | None = None
@@ -264,7 +255,7 @@ def debit_charge(conn: Connection, call: NewCall, *, at: datetime) -> Opened | R
         return debited
     _credit(conn, _CREDIT_POSTED, call)
     _transfer(conn, f"charge:{call.id}", call, "posted", "charge", at)
-    return _count_daily(conn, call, at) or Opened(debited)
+    return _count_budgets(conn, call, at) or Opened(debited)
 
 
 def record_charge(conn: Connection, call: NewCall, *, at: datetime, receipt: str,
@@ -290,7 +281,7 @@ def hold(conn: Connection, call: NewCall, *, at: datetime, timeout_at: datetime)
         return debited
     _credit(conn, _CREDIT_PENDING, call)
     _transfer(conn, f"hold:{call.id}", call, "pending", "hold", at, timeout_at=timeout_at)
-    capped = _count_daily(conn, call, at)
+    capped = _count_budgets(conn, call, at)
     if capped is not None:
         return capped
     if not _insert_call(conn, call, status="held", amount=None, transfer_id=None, receipt=None,
@@ -310,7 +301,7 @@ def settle(conn: Connection, call_id: str, *, amount: int | None, at: datetime
         return row
     settled = ops.post_pending(conn, id=f"capture:{call_id}", pending_id=f"hold:{call_id}",
                                amount=amount, at=at)
-    _uncount_daily(conn, row, row.amount_held - settled.amount)
+    _give_back(conn, row, row.amount_held - settled.amount)
     return Settled(settled.amount, settled.available, row)
 
 
@@ -334,7 +325,7 @@ def void(conn: Connection, call_id: str, *, at: datetime, expired: bool = False
         return row
     released = ops.void_pending(conn, id=f"{'expire' if expired else 'void'}:{call_id}",
                                 pending_id=f"hold:{call_id}", at=at, expired=expired)
-    _uncount_daily(conn, row, released)
+    _give_back(conn, row, released)
     audit.record(conn, "expire" if expired else "void", at=at, jti=row.jti, tenant=row.tenant,
                  agent=row.agent, tool=row.tool, amount=released, ref=call_id, demo=row.demo)
     return released
@@ -379,11 +370,6 @@ def record_pricing_version(conn: Connection, document: dict[str, Any], *, at: da
             return version
     raise LedgerUnavailable("could not record the pricing table: other writers kept taking "
                             "its version number; retry")
-
-
-def daily_spent(conn: Connection, tenant: str, day: str) -> int:
-    value = conn.execute(select(d.amount).where(d.tenant == tenant, d.day == day)).scalar()
-    return int(value or 0)
 
 
 # --- internals ---------------------------------------------------------------------------------
@@ -439,11 +425,15 @@ def _insert_call(conn: Connection, call: NewCall, *, status: str, amount: int | 
         "transfer_id": transfer_id, "timeout_at": timeout_at,
         "pricing_version": call.pricing_version, "price_rule": call.price_rule,
         "receipt": receipt, "demo": call.demo, "created_at": at, "key_retired": False,
-        "resolved_at": at if status == "captured" else None, "result": result})
+        "resolved_at": at if status == "captured" else None, "result": result,
+        **_counted_in(call)})
 
 
-def _day(at: datetime) -> str:
-    return at.strftime("%Y-%m-%d")
+def _counted_in(call: NewCall) -> dict[str, str]:
+    """The ``budgets`` column of a call counted in windows; none named for a call without
+    caps (the common case: the INSERT every schema since 0004 takes)."""
+    names = budgets.names(call.budgets)
+    return {"budgets": names} if names is not None else {}
 
 
 def _count_rates(conn: Connection, call: NewCall, at: datetime) -> Refused | None:
@@ -455,28 +445,22 @@ def _count_rates(conn: Connection, call: NewCall, at: datetime) -> Refused | Non
     return None if limited is None else Refused("rate", limited=limited)
 
 
-def _count_daily(conn: Connection, call: NewCall, at: datetime) -> Refused | None:
-    """Count the amount against the tenant's daily cap, atomically; Refused past the cap."""
-    if call.daily_cap is None:
+def _count_budgets(conn: Connection, call: NewCall, at: datetime) -> Refused | None:
+    """Count the amount into the window of each of the call's caps; Refused past one."""
+    if not call.budgets:
         return None
-    day = _day(at)
-    params = {"b_tenant": call.tenant, "b_day": day, "b_amount": call.amount,
-              "b_cap": call.daily_cap}
-    if _ADD_DAILY.rowcount(conn, params) == 1:
-        return None
-    if call.amount <= call.daily_cap and ops.insert_ignore(conn, tenant_daily_spend, {
-            "tenant": call.tenant, "day": day, "amount": call.amount}):
-        return None
-    if _ADD_DAILY.rowcount(conn, params) == 1:  # another call created today's row
-        return None
-    return Refused("daily_cap", cap=call.daily_cap,
-                   spent=daily_spent(conn, call.tenant, day))
+    reached = budgets.count(conn, call.budgets, _spender(call), call.amount, at=at)
+    return Refused("budget", cap=reached) if reached is not None else None
 
 
-def _uncount_daily(conn: Connection, row: Any, amount: int) -> None:
-    if amount > 0:
-        _SUB_DAILY.rowcount(conn, {"b_tenant": row.tenant, "b_day": _day(row.created_at),
-                                   "b_amount": amount})
+def _give_back(conn: Connection, row: Any, amount: int) -> None:
+    """Return what a hold did not spend to the windows it was counted in, at its creation."""
+    budgets.give_back(conn, row.budgets, _spender(row), amount,
+                      counted_at=aware(row.created_at))
+
+
+def _spender(call: Any) -> budgets.Spender:
+    return budgets.Spender(call.tenant, call.agent, call.jti)
 
 
 def _resolve_call(conn: Connection, call_id: str, status: str, at: datetime, *,

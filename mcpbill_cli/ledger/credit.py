@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, select, update
 
+from mcpbill_cli.budgets import TokenTerms, check_caps
 from mcpbill_cli.clock import Clock, aware, rfc3339, utcnow
 from mcpbill_cli.errors import IdempotencyConflict, InsufficientFunds, InvalidInput, NotFound
 from mcpbill_cli.keys import KeyInfo
@@ -45,6 +46,7 @@ class IssueRequest:
     parent: str | None = None
     demo: bool = False
     rates: tuple[Rate, ...] = ()  # the token's own rate limits, signed into it
+    terms: TokenTerms = TokenTerms()  # the token's own caps and auto top-up
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any
     if request.ttl > ttl_cap:
         raise InvalidInput(f"ttl is above the cap of {ttl_cap}s; ask for less or raise ttl_cap",
                            field="ttl")
+    _check_terms(request.terms)
     issued = now.replace(microsecond=0)  # JWT times are whole seconds; events keep `now`
     parent = _parent_row(conn, request, now) if request.parent else None
     scope = list(request.scope or (json.loads(parent.scope) if parent else ["*"]))
@@ -73,7 +76,7 @@ def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any
     claims = Claims(jti=new_jti(), tenant=tenant, agent=request.agent, scope=tuple(scope),
                     audience=request.audience, issuer=request.issuer, issued_at=issued,
                     not_before=issued, expires_at=exp, limit=request.limit, kid=info.kid,
-                    parent=request.parent, rates=request.rates)
+                    parent=request.parent, rates=request.rates, terms=request.terms)
     _record_token(conn, claims, demo=request.demo)
     source = ops.token_account(parent.jti) if parent else ops.tenant_account(tenant)
     _allot(conn, claims, source, code="child" if parent else "allot", at=now, demo=request.demo)
@@ -90,16 +93,40 @@ def _parent_row(conn: Connection, request: IssueRequest, now: datetime) -> Any:
     return row
 
 
+def _check_terms(terms: TokenTerms) -> None:
+    """Caps above zero with a month not below a day; a top-up threshold above zero and a
+    target above it, both given or neither."""
+    problem = check_caps(terms.daily_cap, terms.monthly_cap)
+    if problem is not None:
+        raise InvalidInput(f"{problem}: --daily and --monthly take USDC, e.g. --daily 2 "
+                           "--monthly 20", field="daily" if "daily" in problem else "monthly")
+    below, to = terms.topup_below, terms.topup_to
+    if (below is None) != (to is None):
+        raise InvalidInput("auto top-up needs both --topup-below and --topup-to, e.g. "
+                           "--topup-below 0.50 --topup-to 2", field="topup")
+    if below is not None and to is not None and not 0 < below < to:
+        raise InvalidInput("--topup-below must be above zero and below --topup-to, e.g. "
+                           "--topup-below 0.50 --topup-to 2", field="topup")
+
+
 def _record_token(conn: Connection, claims: Claims, *, demo: bool) -> None:
     conn.execute(insert(tokens).values(
         jti=claims.jti, tenant=claims.tenant, agent=claims.agent, kid=claims.kid,
         scope=json.dumps(list(claims.scope)), audience=claims.audience,
         parent_jti=claims.parent, limit_micro=claims.limit, issued_at=claims.issued_at,
-        expires_at=claims.expires_at, demo=demo))
+        expires_at=claims.expires_at, demo=demo, **_terms_columns(claims.terms)))
     ops.ensure_account(conn, ops.token_account(claims.jti), kind="token", guarded=True,
                        at=claims.issued_at)
     ops.ensure_account(conn, ops.revenue_account(claims.jti), kind="revenue", guarded=False,
                        at=claims.issued_at)
+
+
+def _terms_columns(terms: TokenTerms) -> dict[str, int]:
+    """The token row's caps and top-up columns that are set (none: a plain token's INSERT
+    names only the columns every schema since 0001 has)."""
+    columns = {"daily_cap_micro": terms.daily_cap, "monthly_cap_micro": terms.monthly_cap,
+               "topup_below_micro": terms.topup_below, "topup_to_micro": terms.topup_to}
+    return {name: value for name, value in columns.items() if value is not None}
 
 
 def _allot(conn: Connection, claims: Claims, source: str, *, code: str, at: datetime,
@@ -228,6 +255,7 @@ class TokenView:
     revoked_at: datetime | None
     revoke_reason: str | None
     children: list[str]
+    terms: TokenTerms = TokenTerms()
 
 
 def status_of(row: Any, now: datetime) -> str:
@@ -253,7 +281,9 @@ def _view(row: Any, now: datetime, children: list[str]) -> TokenView:
         held=int(row.held), remaining=int(row.remaining), issued_at=aware(row.issued_at),
         expires_at=aware(row.expires_at), parent=row.parent_jti,
         revoked_at=aware(row.revoked_at) if row.revoked_at else None,
-        revoke_reason=row.revoke_reason, children=children)
+        revoke_reason=row.revoke_reason, children=children,
+        terms=TokenTerms(row.daily_cap_micro, row.monthly_cap_micro, row.topup_below_micro,
+                         row.topup_to_micro))
 
 
 def show(conn: Connection, jti: str, *, now: datetime) -> TokenView:

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0010"
 
 metadata = MetaData()
 
@@ -95,6 +95,13 @@ tokens = Table(
     Column("revoked_at", DateTime(timezone=True), nullable=True),
     Column("revoke_reason", Text, nullable=True),
     Column("demo", Boolean, nullable=False, default=False),
+    # The token's own spend caps per UTC day and calendar month (NULL: none), and its auto
+    # top-up: under ``topup_below_micro`` available after a capture, credit from its tenant
+    # (a child: its parent) up to ``topup_to_micro``. Set at issue, never changed.
+    Column("daily_cap_micro", BigInteger, nullable=True),
+    Column("monthly_cap_micro", BigInteger, nullable=True),
+    Column("topup_below_micro", BigInteger, nullable=True),
+    Column("topup_to_micro", BigInteger, nullable=True),
     CheckConstraint("limit_micro > 0", name="ck_tokens_limit_positive"),
     Index("ix_tokens_tenant", "tenant"),
     Index("ix_tokens_parent", "parent_jti"),
@@ -132,6 +139,9 @@ calls = Table(
     # What refunds gave back of ``amount``: raised by one conditional UPDATE per refund
     # (``refunded + x <= amount``), so no interleaving of refunds passes the charge.
     Column("refunded", BigInteger, nullable=False, server_default=text("0")),
+    # The budget windows the call's hold was counted in ("tenant.day agent.month ..."; NULL:
+    # none), so a void or a partial capture gives back to exactly those windows.
+    Column("budgets", String(100), nullable=True),
     # Keys belong to a tenant (another tenant's "K" is another key); one live call per key:
     # the partial unique index uq_calls_live_key, see with_partial_indexes().
     Index("ix_calls_jti", "jti"),
@@ -271,14 +281,20 @@ scan_checkpoints = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-# A tenant's spend per UTC day, for the pricing table's daily cap (conditional UPDATE).
-tenant_daily_spend = Table(
-    "tenant_daily_spend",
+# Spend per budget window: what the calls of one scope (a tenant, an agent of a tenant, a token)
+# were counted for in one UTC day or calendar month, against a cap (pricing.toml or the token's
+# row). Raised by a conditional UPDATE (``amount + x <= cap``) in the transaction of the debit,
+# so no interleaving of calls passes a cap; a row exists only where a cap is set.
+budget_spend = Table(
+    "budget_spend",
     metadata,
+    Column("scope", String(8), primary_key=True),  # tenant | agent | token
     Column("tenant", String(100), primary_key=True),
-    Column("day", String(10), primary_key=True),  # YYYY-MM-DD, UTC
+    Column("subject", String(200), primary_key=True),  # "" (tenant), the agent, or the jti
+    Column("period", String(8), primary_key=True),  # day | month
+    Column("period_start", String(10), primary_key=True),  # YYYY-MM-DD, UTC
     Column("amount", BigInteger, nullable=False),
-    CheckConstraint("amount >= 0", name="ck_daily_spend_nonnegative"),
+    CheckConstraint("amount >= 0", name="ck_budget_spend_nonnegative"),
 )
 
 # Every pricing table version a verifier charged with, so reconcile can re-price old calls.

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from mcpbill_cli.budgets import TokenTerms
 from mcpbill_cli.clock import aware, rfc3339
 from mcpbill_cli.errors import (
     IdempotencyConflict,
@@ -47,7 +48,7 @@ class TopUp:
 
 
 def topup(conn: Connection, jti: str, amount: int, *, now: datetime,
-          idempotency_key: str | None = None) -> TopUp:
+          idempotency_key: str | None = None, detail: dict[str, Any] | None = None) -> TopUp:
     """Move ``amount`` more credit to an active token from its tenant (a child: its parent).
 
     The token's limit grows by the same amount, so spent never exceeds it. The tenant's debit
@@ -73,7 +74,7 @@ def topup(conn: Connection, jti: str, amount: int, *, now: datetime,
     if moved:
         _raise_limit(conn, jti, amount, now)
         audit.record(conn, "topup", at=now, jti=jti, tenant=row.tenant, agent=row.agent,
-                     amount=amount, ref=transfer_id, demo=row.demo)
+                     amount=amount, ref=transfer_id, demo=row.demo, detail=detail)
     limit = conn.execute(select(tk.limit_micro).where(tk.jti == jti)).scalar_one()
     return TopUp(jti, row.tenant, amount, limit,
                  ops.balance(conn, ops.token_account(jti)).available, source, transfer_id,
@@ -146,7 +147,9 @@ def extend(conn: Connection, jti: str, ttl: int, *, now: datetime, signer: tuple
                     scope=tuple(json.loads(row.scope)), audience=row.audience, issuer=issuer,
                     issued_at=aware(row.issued_at), not_before=aware(row.issued_at),
                     expires_at=new_exp, limit=row.limit_micro, kid=row.kid,
-                    parent=row.parent_jti)
+                    parent=row.parent_jti, terms=TokenTerms(
+                        row.daily_cap_micro, row.monthly_cap_micro, row.topup_below_micro,
+                        row.topup_to_micro))
     return Extension(jti, encode_token(claims, info.alg, private_key), new_exp, previous)
 
 

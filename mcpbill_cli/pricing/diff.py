@@ -72,9 +72,9 @@ def _tenant_facts(tenant: str, terms: TenantPricing) -> dict[str, _Fact]:
     if terms.discount_percent:
         facts[key_path(("tenants", tenant, "discount_percent"))] = _Fact(
             f"{terms.discount_percent}%", tenant=tenant)
-    if terms.daily_cap is not None:
-        facts[key_path(("tenants", tenant, "daily_cap"))] = _Fact(
-            format_usd(terms.daily_cap), tenant=tenant)
+    for key, cap in terms.caps.items():
+        if cap is not None:
+            facts[key_path(("tenants", tenant, key))] = _Fact(format_usd(cap), tenant=tenant)
     for name, entry in terms.tools.items():
         facts[key_path(("tenants", tenant, "tools", name))] = _Fact(
             entry.describe(), tenant=tenant, tool=name)

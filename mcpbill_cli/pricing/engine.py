@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mcpbill_cli.budgets import Budget, Period, Scope
 from mcpbill_cli.errors import InvalidInput, PriceUnknown
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing.table import CURRENCY, PricingTable, ToolPrice, known
@@ -148,6 +149,18 @@ def rate_limits(table: PricingTable, tenant: str) -> LimitSet | None:
     if table.limits is None:
         return own
     return table.limits.under(own)
+
+
+def budgets(table: PricingTable, tenant: str) -> tuple[Budget, ...]:
+    """The tenant's caps a call of one of its agents counts against: the tenant's day and
+    month, then the agent's (``agent_daily_cap``, ``agent_monthly_cap``: each agent alone)."""
+    terms = table.tenants.get(tenant)
+    if terms is None:
+        return ()
+    caps: tuple[tuple[Scope, Period, int | None], ...] = (
+        ("tenant", "day", terms.daily_cap), ("tenant", "month", terms.monthly_cap),
+        ("agent", "day", terms.agent_daily_cap), ("agent", "month", terms.agent_monthly_cap))
+    return tuple(Budget(scope, period, cap) for scope, period, cap in caps if cap is not None)
 
 
 def price_list(table: PricingTable, tenant: str | None = None) -> list[tuple[str, Price]]:

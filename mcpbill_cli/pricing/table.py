@@ -76,25 +76,37 @@ def _price_document(entry: ToolPrice) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TenantPricing:
-    """What one tenant pays differently: its own tool prices, a discount, a daily cap, and
-    rate limits that replace keys of the table's ``[limits]``."""
+    """What one tenant pays differently: its own tool prices, a discount, its spend caps
+    per UTC day and calendar month (the tenant's own, and each of its agents' alone), and rate
+    limits that replace keys of the table's ``[limits]``."""
 
     discount_percent: int = 0
     daily_cap: int | None = None
     tools: Mapping[str, ToolPrice] = field(default_factory=dict)
     limits: LimitSet | None = None
+    monthly_cap: int | None = None
+    agent_daily_cap: int | None = None
+    agent_monthly_cap: int | None = None
+
+    @property
+    def caps(self) -> dict[str, int | None]:
+        """The caps by their pricing.toml key."""
+        return {"daily_cap": self.daily_cap, "monthly_cap": self.monthly_cap,
+                "agent_daily_cap": self.agent_daily_cap,
+                "agent_monthly_cap": self.agent_monthly_cap}
 
     @property
     def empty(self) -> bool:
-        return (self.discount_percent == 0 and self.daily_cap is None and not self.tools
-                and self.limits is None)
+        return (self.discount_percent == 0 and not self.tools and self.limits is None
+                and all(cap is None for cap in self.caps.values()))
 
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
         if self.discount_percent:
             doc["discount_percent"] = self.discount_percent
-        if self.daily_cap is not None:
-            doc["daily_cap"] = format_usd(self.daily_cap)
+        for key, cap in self.caps.items():
+            if cap is not None:
+                doc[key] = format_usd(cap)
         if self.tools:
             doc["tools"] = _tools_document(self.tools)
         if self.limits is not None:
@@ -230,7 +242,8 @@ _TENANT_TOOL_KEYS = ("price", "price_per_unit", "max_price")
 _TOOL_KEYS = (*_TENANT_TOOL_KEYS, "dedupe_window", "x402")
 _X402_KEYS = ("enabled", "chain", "max_timeout", "tenant")
 _X402_TENANT = re.compile(r"[^\s/]{1,100}")
-_TENANT_KEYS = ("discount_percent", "daily_cap", "tools", "limits")
+_TENANT_KEYS = ("discount_percent", "daily_cap", "monthly_cap", "agent_daily_cap",
+                "agent_monthly_cap", "tools", "limits")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ZERO_DURATION = re.compile(r"0+[smhd]?")
 
@@ -457,11 +470,17 @@ def _tenants(node: Any, path: tuple[str, ...]) -> dict[str, TenantPricing]:
 def _tenant(node: Any, path: tuple[str, ...]) -> TenantPricing:
     terms = _toml_table(node, path)
     _only(terms, path, _TENANT_KEYS)
+    caps = {key: _optional_amount(terms, path + (key,)) for key in _TENANT_KEYS[1:5]}
+    for prefix in ("", "agent_"):
+        daily, monthly = caps[f"{prefix}daily_cap"], caps[f"{prefix}monthly_cap"]
+        if daily is not None and monthly is not None and monthly < daily:
+            raise Problem(path + (f"{prefix}monthly_cap",),
+                          f"is below {prefix}daily_cap; a month holds every day of it")
     return TenantPricing(
         discount_percent=_discount(terms.get("discount_percent", 0), path + ("discount_percent",)),
-        daily_cap=_optional_amount(terms, path + ("daily_cap",)),
         tools=_tools(terms.get("tools", {}), path + ("tools",), tenant=True),
         limits=_limits(terms["limits"], path + ("limits",)) if "limits" in terms else None,
+        **caps,
     )
 
 

@@ -692,7 +692,7 @@ def a_call(token: IssuedToken, n: int) -> calls.NewCall:
     return calls.NewCall(
         id=calls.new_call_id(), idempotency_key=f"lock-{n}", request_hash=f"{n:064x}",
         jti=claims.jti, tenant=claims.tenant, agent=claims.agent, tool="search", units=None,
-        amount=PRICE, pricing_version=1, price_rule="tools.search", demo=False, daily_cap=None)
+        amount=PRICE, pricing_version=1, price_rule="tools.search", demo=False)
 
 
 def open_call(conn: Connection, step: str, call: calls.NewCall) -> None:
