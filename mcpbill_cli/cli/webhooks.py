@@ -64,8 +64,10 @@ def add(
 
     types = _event_types(events)
     _check_url(url)
-    with writing(state(ctx).engine()) as conn:
+    st = state(ctx)
+    with writing(st.engine()) as conn:
         endpoint, secret = outbox.add_endpoint(conn, url, types, at=utcnow())
+    _owner_only(st.settings.db_url)
     data = {**_endpoint_json(endpoint), "secret": secret}
     emit(data, as_json=as_json, human=lambda: _print_secret(endpoint.id, secret))
 
@@ -74,6 +76,21 @@ def _print_secret(endpoint_id: str, secret: str) -> None:
     say(f"added webhook endpoint {endpoint_id}; its signing secret follows, shown this once: "
         "give it to the receiver")
     typer.echo(secret)
+
+
+def _owner_only(db_url: str) -> None:
+    """A SQLite ledger now holds a webhook secret: mode 0600, as for the keys (its -wal and
+    -shm files too). A PostgreSQL ledger's access is the server's roles'."""
+    import os
+
+    from mcpbill_cli.ledger.engine import sqlite_file
+
+    path = sqlite_file(db_url)
+    if path is None:
+        return
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists():
+            os.chmod(file, 0o600)
 
 
 def _event_types(events: str) -> list[str]:

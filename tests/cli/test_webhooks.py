@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from mcpbill_cli.ledger.engine import sqlite_file
 from tests.cli.conftest import Invoke, error_json, ok_json
 from tests.cli.data_contract import assert_contract
 from tests.webhooks.conftest import Receiver
@@ -55,9 +56,13 @@ def test_add_shows_the_secret_once_and_never_again(ledger_cli: Invoke, receiver:
     assert secret not in caplog.text
 
 
-def test_add_in_a_terminal_prints_only_the_secret_on_stdout(ledger_cli: Invoke) -> None:
+def test_add_in_a_terminal_prints_only_the_secret_on_stdout(ledger_cli: Invoke,
+                                                            db_url: str) -> None:
     result = ledger_cli("webhooks", "add", "https://ops.example.com/hooks")
     assert result.exit_code == 0, result.output
+    ledger = sqlite_file(db_url)
+    if ledger is not None:  # the SQLite ledger holds the secret now: owner only
+        assert ledger.stat().st_mode & 0o777 == 0o600
     assert result.stdout.strip().startswith("whsec_") and len(result.stdout.split()) == 1
     assert "shown this once" in result.stderr
 
