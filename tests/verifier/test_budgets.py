@@ -263,3 +263,20 @@ def test_caps_from_pricing_need_only_the_rows_of_caps_that_are_set(
     charge(a_verifier(funded, keys, clock), a_token(funded, ring, clock), 3)
     assert spend_rows(funded) == {}
 
+
+
+def test_a_tenant_or_agent_cap_reached_alerts_once_per_window_a_tokens_does_not(
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock) -> None:
+    from tests.webhooks.conftest import emitted
+
+    verifier = a_verifier(funded, keys, clock, agent_monthly_cap="0.02")
+    token = a_token(funded, ring, clock)
+    charge(verifier, token, 2)
+    for n in range(2, 4):
+        refusal(verifier, token, n)
+    own = a_token(funded, ring, clock, agent="agent-2", terms=TokenTerms(daily_cap=PRICE))
+    charge(verifier, own, 1, start=4)
+    assert refusal(verifier, own, 5)["scope"] == "token"
+    [event] = emitted(funded, "cap.reached")
+    assert event["data"] == {"tenant": "acme", "agent": "agent-1", "window": "month",
+                             "period": "2031-01-01", "cap_usd": "0.02", "spent_usd": "0.02"}
