@@ -12,8 +12,8 @@ is read once, from that clock, and the ledger's conditional statements keep the 
   capture, extension and the expiry sweep each compare that stamp with their own clock in one
   conditional UPDATE of a ``held`` call, so a hold is captured or expired, never both, and a
   hold some sweeper found lapsed is never billed (HOLD_NOT_ACTIVE).
-- daily caps: a call counts against the UTC day of its replica's clock when it was held or
-  charged, and a void or partial capture gives it back to that same day.
+- budget caps: a call counts against the UTC day (and month) of its replica's clock when it
+  was held or charged, and a void or partial capture gives it back to those same windows.
 
 Replicas should keep their clocks within the leeway of each other (NTP); a skew beyond it only
 moves when tokens stop working and holds lapse, by that skew. It never spends money twice.

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, select
 from mcpbill_cli.errors import HoldNotActive, InvalidCreditToken
 from mcpbill_cli.keys import KeyRing, KeySource, init_keyring
 from mcpbill_cli.ledger.engine import reading
-from mcpbill_cli.ledger.models import calls, tenant_daily_spend, tokens
+from mcpbill_cli.ledger.models import budget_spend, calls, tokens
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, FakeClock, fund, mint
@@ -137,8 +137,9 @@ def test_calls_across_midnight_count_in_the_day_their_replica_stamped(
     assert len(charged) == 6  # three on each day
     assert {getattr(e, "code", None) for e in refused} == {"BUDGET_EXCEEDED"}
     with reading(engine) as conn:
-        per_day = dict(conn.execute(select(tenant_daily_spend.c.day,
-                                           tenant_daily_spend.c.amount)).all())
+        days = budget_spend.c
+        per_day = dict(conn.execute(select(days.period_start, days.amount).where(
+            days.scope == "tenant", days.period == "day")).all())
         stamped = conn.execute(select(calls.c.created_at, calls.c.amount)
                                .where(calls.c.status == "captured")).all()
         assert_ledger_invariants(conn)
