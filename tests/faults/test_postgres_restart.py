@@ -32,9 +32,9 @@ from .fault_workers import paid_calls_until_stopped
 from .scratch_postgres import ScratchPostgres
 
 WORKERS = 8
-RUN_BETWEEN = 2.0  # seconds of calls before, between and after the outages
+RUN_BETWEEN = 1.5  # seconds of calls before, between and after the outages
 DOWN_FOR = 1.0  # seconds the killed cluster stays down
-RECONNECT_WITHIN = 5.0  # seconds after the database is back by which every worker has a receipt
+RECONNECT_WITHIN = 8.0  # seconds after the database is back by which every worker has a receipt
 # What a caller may meet besides a receipt: the outage itself, and (for a hold whose capture
 # the outage refused) the in-progress, failed or lapsed state of that same call's key.
 ALLOWED = {"ok", "LEDGER_UNAVAILABLE", "CALL_IN_PROGRESS", "CALL_FAILED", "HOLD_NOT_ACTIVE",
