@@ -95,6 +95,7 @@ EXIT_CODES: dict[str, int] = {
     "UPSTREAM_TIMEOUT": 28,
     "PROXY_BUSY": 29,
     "REQUEST_TOO_LARGE": 29,
+    "RESPONSE_TOO_LARGE": 29,
     "RATE_LIMITED": 30,
     "WEBHOOK_FAILED": 31,
 }

@@ -34,6 +34,10 @@ def proxy(
     max_request_bytes: Annotated[int, typer.Option(
         "--max-request-bytes", min=1024, help="The largest request body; larger ones are "
                                               "refused (REQUEST_TOO_LARGE).")] = 1024 * 1024,
+    max_response_bytes: Annotated[int, typer.Option(
+        "--max-response-bytes", min=1024,
+        help="The largest upstream result relayed (its JSON); a larger one is not relayed, and "
+             "a paid call is voided and refused (RESPONSE_TOO_LARGE).")] = 4 * 1024 * 1024,
     metrics: Annotated[str | None, typer.Option(
         "--metrics", metavar="HOST:PORT",
         help="Serve Prometheus metrics at http://HOST:PORT/metrics: calls and refusals by tool "
@@ -59,6 +63,7 @@ def proxy(
     options = ProxyOptions(upstream=upstream, upstream_cmd=upstream_cmd, host=host, port=port,
                            call_timeout=call_timeout, max_concurrent=max_concurrent,
                            max_request_bytes=max_request_bytes,
+                           max_response_bytes=max_response_bytes,
                            metrics=_host_port(metrics, "metrics") if metrics else None)
 
     def announce(where: dict[str, str | None]) -> None:

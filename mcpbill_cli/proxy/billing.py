@@ -27,7 +27,13 @@ from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult
 
-from mcpbill_cli.errors import BillingError, ProxyBusy, UpstreamTimeout, UpstreamUnavailable
+from mcpbill_cli.errors import (
+    BillingError,
+    ProxyBusy,
+    ResponseTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from mcpbill_cli.mcp.wire import (
     IDEMPOTENCY_KEY_META,
     LEGACY_META,
@@ -62,11 +68,13 @@ PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, *LEGACY_META.values(
 
 @dataclass(frozen=True)
 class Limits:
-    """The proxy's limits: seconds an upstream call may take, calls in flight, request bytes."""
+    """The proxy's limits: seconds an upstream call may take, calls in flight, request bytes,
+    and the bytes of an upstream result the proxy relays (its JSON)."""
 
     call_timeout: float = 60.0
     max_concurrent: int = 64
     max_request_bytes: int = 1024 * 1024
+    max_response_bytes: int = 4 * 1024 * 1024
 
 
 class ProxyBilling:
@@ -157,7 +165,8 @@ class ProxyBilling:
 
     async def forward(self, ctx: ServerRequestContext[Any, Any],
                       params: CallToolRequestParams) -> CallToolResult | BillingError:
-        """The upstream's result, or why there is none (UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE).
+        """The upstream's result, or why there is none (UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE,
+        RESPONSE_TOO_LARGE: a result over the limit is not relayed, so a paid one is voided).
 
         A JSON-RPC error the upstream answered with is raised as is (the agent gets it).
         """
@@ -171,9 +180,9 @@ class ProxyBilling:
         timeout = self.limits.call_timeout
         try:
             with anyio.fail_after(timeout):
-                return await client.call_tool(params.name, dict(params.arguments or {}),
-                                              progress_callback=progress,
-                                              meta=forwarded_meta(meta))  # type: ignore[arg-type]
+                result = await client.call_tool(params.name, dict(params.arguments or {}),
+                                                progress_callback=progress,
+                                                meta=forwarded_meta(meta))  # type: ignore[arg-type]
         except TimeoutError:
             return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
                                    f"{timeout:g} s; the call was not billed",
@@ -184,6 +193,7 @@ class ProxyBilling:
             return self._lost(client, params.name, error)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as error:
             return self._lost(client, params.name, error)
+        return too_large(result, self.limits.max_response_bytes, params.name) or result
 
     def _lost(self, client: Client, tool: str, error: BaseException) -> UpstreamUnavailable:
         self.upstream.broken(client)
@@ -224,6 +234,27 @@ def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
             if key not in PRIVATE_META and key not in PROGRESS_TOKENS
             and not key.startswith((RESERVED_PREFIX, PREFIX))}
     return kept or None
+
+
+def response_bytes(result: Any) -> int:
+    """The size of a result as the agent would get it: its JSON, in bytes."""
+    return len(result.model_dump_json(by_alias=True, exclude_none=True).encode())
+
+
+def too_large(result: Any, limit: int, tool: str | None = None) -> ResponseTooLarge | None:
+    """RESPONSE_TOO_LARGE when ``result`` is over ``limit`` bytes, else None.
+
+    The SDK's client has read the whole result by then: the limit keeps an oversized answer
+    from the agent (and from the bill), not from the proxy's memory."""
+    size = response_bytes(result)
+    if size <= limit:
+        return None
+    details: dict[str, Any] = {"limitBytes": limit, "sizeBytes": size}
+    if tool is not None:
+        details["tool"] = tool
+    return ResponseTooLarge(f"the upstream answered with {size} bytes, over this proxy's limit "
+                            f"of {limit} bytes; nothing was relayed and the call was not billed",
+                            **details)
 
 
 def _relay(ctx: ServerRequestContext[Any, Any]) -> ProgressFnT:

@@ -32,6 +32,7 @@ class ProxyOptions:
     call_timeout: float = 60.0
     max_concurrent: int = 64
     max_request_bytes: int = 1024 * 1024
+    max_response_bytes: int = 4 * 1024 * 1024
     metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics
 
 
@@ -44,7 +45,8 @@ def serve(settings: Settings, options: ProxyOptions,
 
     target = UpstreamTarget.parse(command=options.upstream_cmd, url=options.upstream)
     limits = Limits(call_timeout=options.call_timeout, max_concurrent=options.max_concurrent,
-                    max_request_bytes=options.max_request_bytes)
+                    max_request_bytes=options.max_request_bytes,
+                    max_response_bytes=options.max_response_bytes)
     verifier = Verifier.from_settings(settings)
     scraper: Any = None
     try:

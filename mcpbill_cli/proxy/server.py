@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, UpstreamUnavailable
 from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
 from mcpbill_cli.pricing import quote
-from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta
+from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
 from mcpbill_cli.proxy.metrics import CallMetrics
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
@@ -137,7 +137,8 @@ class Proxy:
 
     async def _relay(self, request: Callable[[Client], Awaitable[_T]]) -> _T:
         """A request other than ``tools/call``, forwarded as is; the upstream's JSON-RPC error
-        is the agent's, and a proxy failure is one too, with the mcpbill error in its data."""
+        is the agent's, and a proxy failure is one too, with the mcpbill error in its data (a result
+        over ``--max-response-bytes`` is RESPONSE_TOO_LARGE)."""
         try:
             client = await self.upstream.client()
         except UpstreamUnavailable as error:
@@ -145,7 +146,7 @@ class Proxy:
         timeout = self.limits.call_timeout
         try:
             with anyio.fail_after(timeout):
-                return await request(client)
+                result = await request(client)
         except TimeoutError:
             raise _rpc_error(REQUEST_TIMEOUT, UpstreamTimeout(
                 f"the upstream did not answer within {timeout:g} s",
@@ -157,6 +158,10 @@ class Proxy:
             raise _rpc_error(INTERNAL_ERROR, UpstreamUnavailable(
                 f"the upstream connection closed ({error}); the proxy is reconnecting: retry",
                 upstream=self.upstream.target.describe())) from None
+        oversized = too_large(result, self.limits.max_response_bytes)
+        if oversized is not None:
+            raise _rpc_error(INTERNAL_ERROR, oversized)
+        return result
 
 
 def _page(params: types.PaginatedRequestParams | None) -> tuple[str | None, Any]:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mcpbill_cli.cli import app
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME, ENV_MODE, Settings
 from tests.cli.data_contract import assert_contract
-from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, token_view, usd
+from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, refusal_of, token_view, usd
 from tests.mcp.test_http import free_port, wait_for_port
 
 from .conftest import EVERYTHING, NODE, ROOT, Running, agent
@@ -53,7 +53,7 @@ def test_the_proxy_bills_and_a_sigterm_voids_the_call_in_flight(
         proxy = subprocess.Popen(
             [sys.executable, "-m", "mcpbill_cli", "proxy", "--listen", f"127.0.0.1:{port}",
              "--upstream-cmd", f"{NODE} {EVERYTHING} stdio", "--json",
-             "--metrics", f"127.0.0.1:{metrics_port}"],
+             "--metrics", f"127.0.0.1:{metrics_port}", "--max-response-bytes", "16384"],
             env=env, stdout=out, stderr=log)
         try:
             wait_for_port(port, proxy)
@@ -77,6 +77,8 @@ async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[
     async with agent(url, paid) as client:
         assert receipt_of(await client.call("echo", {"message": "via the CLI"}))["amountUsd"] \
             == "0.002"
+        too_large = refusal_of(await client.call("echo", {"message": "x" * 20000}))
+        assert (too_large["code"], too_large["limitBytes"]) == ("RESPONSE_TOO_LARGE", 16384)
     charged = ("mcpbill_proxy_charged_micro_usdc_total", (("tool", "echo"),))
     assert scrape(metrics_url)[charged] == usd("0.002")
     stopped = anyio.Event()
