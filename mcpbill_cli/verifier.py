@@ -34,7 +34,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -91,6 +91,9 @@ from mcpbill_cli.scope import in_scope
 from mcpbill_cli.sealer import Sealer
 from mcpbill_cli.tokens import Audience, Claims, decode_token
 from mcpbill_cli.webhooks import Deliverer
+
+if TYPE_CHECKING:
+    from mcpbill_cli.metrics import PrometheusMetrics
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
 
@@ -181,6 +184,9 @@ class Verifier:
     leaves that to its owner: call :meth:`seal` (or :meth:`start_sealer`), and :meth:`close`.
     With ``deliver_webhooks`` it also delivers the ledger's alert webhooks from a thread
     (:mod:`mcpbill_cli.webhooks`); a call never waits for a delivery either way.
+    With ``metrics`` (``True``, or a :class:`~mcpbill_cli.metrics.PrometheusMetrics` to share)
+    the call path records Prometheus metrics in :attr:`metrics` (see :mod:`mcpbill_cli.metrics`);
+    without, it neither imports prometheus-client nor calls anything for them.
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class Verifier:
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
         clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
         limits_storage: str | None = None, deliver_webhooks: bool = False,
+        metrics: PrometheusMetrics | bool | None = None,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
         owned = engine is None and db_url is not None
@@ -226,6 +233,9 @@ class Verifier:
                            else None)
         if self._deliverer is not None:
             self._deliverer.start()
+        self.metrics: PrometheusMetrics | None = None
+        if metrics:
+            self.enable_metrics(None if metrics is True else metrics)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -253,6 +263,18 @@ class Verifier:
         return cls(keys=KeySource.from_jwks(document), pricing=pricing, revoked=revoked,
                    **options)
 
+    def enable_metrics(self, metrics: PrometheusMetrics | None = None) -> PrometheusMetrics:
+        """Record this verifier's calls in ``metrics`` (a new registry when ``None``), with
+        the seal lag of its ledger; returns them. Call it before serving calls."""
+        if metrics is None:
+            from mcpbill_cli.metrics import PrometheusMetrics
+
+            metrics = PrometheusMetrics()
+        if self.engine is not None:
+            metrics.watch_seal_lag(self.engine, self._clock)
+        self.metrics = metrics
+        return metrics
+
     def seal(self) -> int:
         """Seal the audit trail and write the refusal counts now; returns the events sealed
         (0 without a signing key, or while another sealer has its turn)."""
@@ -279,7 +301,7 @@ class Verifier:
     def preflight(self, token: str, tool: str, *, args: Any = None,
                   units: int | None = None) -> Quote:
         """Check everything a call needs, moving no money: token, scope, price, balance."""
-        with self._refusals_recorded(token, tool):
+        with self._refusals_recorded(token, tool, metered=False):
             claims = self._claims(token, tool)
             return self._quote(claims, tool, self._price(claims, tool, units))
 
@@ -297,7 +319,7 @@ class Verifier:
         with self._refusals_recorded(token, tool):
             claims, price, call = self._new_call(token, tool, args, idempotency_key, max_units,
                                                  amount=amount, rule=rule)
-            return self._hold(claims, price, call)
+            return self._metered_hold(self._hold(claims, price, call))
 
     def begin(self, token: str, tool: str, *, args: Any = None,
               idempotency_key: str | None = None, max_units: int | None = None) -> Hold | Quote:
@@ -311,9 +333,12 @@ class Verifier:
         with self._refusals_recorded(token, tool):
             claims, table, price = self._priced(token, tool, max_units)
             if price.free:
-                return self._quote(claims, tool, price)
-            hold = self._hold(claims, price, self._call(
-                claims, tool, table, price, args, idempotency_key, max_units))
+                quoted = self._quote(claims, tool, price)
+                if self.metrics is not None:
+                    self.metrics.finished(tool, "free")
+                return quoted
+            hold = self._metered_hold(self._hold(claims, price, self._call(
+                claims, tool, table, price, args, idempotency_key, max_units)))
             self.keep_alive(hold)
             return hold
 
@@ -340,7 +365,8 @@ class Verifier:
         amount = None if units is None else min(hold.price.for_units(units), hold.amount)
         kept = result if result is not None and len(result.encode()) <= self.result_cap else None
         now = self._clock()
-        with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id):
+        with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id,
+                                     hold_id=hold.id):
             with writing(self._ledger()) as conn:
                 settled = calls.settle(conn, hold.id, amount=amount, at=now)
                 if isinstance(settled, calls.Settled):
@@ -351,6 +377,8 @@ class Verifier:
             if not isinstance(settled, calls.Settled):
                 return self._not_captured(hold, settled)
         self._top_up(hold.terms, hold.jti, hold.tenant, settled.remaining)
+        if self.metrics is not None:
+            self.metrics.captured(hold.tool, receipt.amount, hold.id)
         return receipt
 
     def void(self, hold: Hold) -> None:
@@ -361,6 +389,12 @@ class Verifier:
         """
         if hold.replayed is not None:
             return
+        if self.metrics is not None:
+            self.metrics.voided(hold.tool, hold.id)
+        self._release(hold)
+
+    def _release(self, hold: Hold) -> None:
+        """:meth:`void`'s ledger part."""
         self._keeper.forget(hold.id)
         now = self._clock()
         with writing(self._ledger()) as conn:
@@ -391,8 +425,11 @@ class Verifier:
 
             opened = self._opened(claims, price, call, charged)
             if isinstance(opened, Hold):  # a replay
+                self._metered_hold(opened)
                 return opened.replayed or self._lost(opened.id)
         self._top_up(claims.terms, claims.jti, claims.tenant, opened.remaining)
+        if self.metrics is not None:
+            self.metrics.captured(tool, opened.amount)
         return opened
 
     def charge_paid(self, conn: Connection, claims: Claims, tool: str, price: Price, *,
@@ -766,7 +803,7 @@ class Verifier:
         if outcome.state == "captured":
             return self.receipt_for(hold.id) or self._lost(hold.id)
         if outcome.state == "timed out":  # release it now, not at the next sweep
-            self.void(hold)
+            self._release(hold)
         raise _not_active(hold, outcome)
 
     def _expire_stale_holds(self, jti: str) -> int:
@@ -904,14 +941,29 @@ class Verifier:
                           "(mcpbill token issue --limit AMOUNT)",
         }
 
+    def _metered_hold(self, hold: Hold) -> Hold:
+        """``hold``, counted in the metrics: opened, or a call replayed."""
+        if self.metrics is not None:
+            if hold.replayed is not None:
+                self.metrics.finished(hold.tool, "replayed")
+            else:
+                self.metrics.held(hold.id)
+        return hold
+
     @contextmanager
     def _refusals_recorded(self, token: Any, tool: Any, jti: str | None = None,
-                           ref: str | None = None) -> Iterator[None]:
-        """Record every refusal in the audit trail, then let it propagate unchanged."""
+                           ref: str | None = None, *, hold_id: str | None = None,
+                           metered: bool = True) -> Iterator[None]:
+        """Record every refusal in the audit trail (and, for a call, in the metrics, where
+        it ends the call of ``hold_id``), then let it propagate unchanged."""
         try:
             yield
         except BillingError as exc:
             self._record_refusal(exc, token, tool, jti, ref)
+            if metered and self.metrics is not None:
+                if hold_id is not None:
+                    self.metrics.released(hold_id)
+                self.metrics.refused(_storable(tool, MAX_TOOL_LENGTH) or "", exc.code)
             raise
 
     def _record_refusal(self, exc: BillingError, token: Any, tool: Any, jti: str | None,

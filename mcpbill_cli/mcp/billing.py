@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -71,6 +71,9 @@ from mcpbill_cli.mcp.x402 import (
 from mcpbill_cli.pricing import Price, quote
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 from mcpbill_cli.x402.accept import Acceptor, Unavailable
+
+if TYPE_CHECKING:
+    from mcpbill_cli.metrics import PrometheusMetrics
 
 __all__ = ["BilledTool", "Billing"]
 
@@ -156,14 +159,21 @@ class Billing(Extension):
     With an ``acceptor`` (:class:`~mcpbill_cli.x402.accept.Acceptor`), the tools the pricing
     table offers x402 on also take x402 payments in ``_meta["x402/payment"]`` and their
     refusals carry a ``PaymentRequired`` (see :mod:`mcpbill_cli.mcp.x402`).
+
+    ``metrics=True`` (or a :class:`~mcpbill_cli.metrics.PrometheusMetrics`) turns on the
+    verifier's Prometheus metrics (:attr:`metrics`; serve them with
+    :func:`mcpbill_cli.metrics.serve` or mount ``metrics.asgi_app()``).
     """
 
     identifier = EXTENSION_ID
 
     def __init__(self, verifier: Verifier, *, resource: str | None = None,
                  acceptor: Acceptor | None = None, list_ttl_ms: int = LIST_TTL_MS,
-                 bearer: bool | None = None) -> None:
+                 bearer: bool | None = None,
+                 metrics: PrometheusMetrics | bool = False) -> None:
         self.verifier = verifier
+        if metrics:
+            verifier.enable_metrics(None if metrics is True else metrics)
         self.resource = bearer_resource(verifier, resource, bearer)
         self.acceptor = acceptor
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
@@ -173,7 +183,8 @@ class Billing(Extension):
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
-                      bearer: bool | None = None) -> Billing:
+                      bearer: bool | None = None,
+                      metrics: PrometheusMetrics | bool = False) -> Billing:
         """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table,
         its ``[mcp]`` authorization, and x402 payments where pricing.toml's ``[x402]`` and the
         chain settings allow them (see :meth:`~mcpbill_cli.x402.accept.Acceptor.from_settings`)."""
@@ -184,8 +195,14 @@ class Billing(Extension):
         if isinstance(acceptor, Unavailable):
             if verifier.pricing_table().x402 is not None:
                 logger.warning("x402 payments are not offered: %s", acceptor.reason)
-            return cls(verifier, resource=resource, bearer=bearer)
-        return cls(verifier, resource=resource, bearer=bearer, acceptor=acceptor)
+            return cls(verifier, resource=resource, bearer=bearer, metrics=metrics)
+        return cls(verifier, resource=resource, bearer=bearer, acceptor=acceptor,
+                   metrics=metrics)
+
+    @property
+    def metrics(self) -> PrometheusMetrics | None:
+        """The verifier's Prometheus metrics, ``None`` when off."""
+        return self.verifier.metrics
 
     @property
     def billed_tools(self) -> dict[str, BilledTool]:
@@ -248,7 +265,9 @@ class Billing(Extension):
                     return await self._paid_call(self._paid(tool, params, ctx, payment), ctx,
                                                  call_next)
                 run = _Run(self.verifier, self._call_request(tool, params, ctx))
-            except BillingError as error:
+            except BillingError as error:  # before the verifier's call path: counted here
+                if self.verifier.metrics is not None:
+                    self.verifier.metrics.refused(tool.name, error.code)
                 return answered(error, self.acceptor, tool.name,
                                 extension=self._extension(ctx))
             return await self._billed_call(run, ctx, call_next)

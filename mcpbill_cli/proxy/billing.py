@@ -7,6 +7,10 @@
     a success is captured      -> its signed receipt in the result's _meta
     anything else is voided    -> isError, a timeout, an upstream that failed or a cut-off call
 
+Metrics are the verifier's (``verifier.metrics``, see :mod:`mcpbill_cli.metrics`): it counts
+holds, captures, voids, replays and its own refusals; the proxy adds only what the verifier never
+sees: free calls, and refusals of its own (``PROXY_BUSY``, ``PRICE_UNKNOWN``, ``UPSTREAM_*``).
+
 Idempotency is the verifier's: the agent's key in ``_meta``, or the key derived from token, tool
 and arguments within the tool's dedupe window; never the JSON-RPC request id. The credit token
 and the idempotency key are not forwarded: the upstream never sees the agent's credentials.
@@ -15,7 +19,6 @@ and the idempotency key are not forwarded: the upstream never sees the agent's c
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +53,6 @@ from mcpbill_cli.mcp.wire import (
     with_receipt,
 )
 from mcpbill_cli.pricing import quote
-from mcpbill_cli.proxy.metrics import CallMetrics
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
 
@@ -81,13 +83,11 @@ class ProxyBilling:
     """Forwards ``tools/call`` to the upstream and bills it (see the module docstring)."""
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
-                 resource: str | None = None, bearer: bool | None = None,
-                 metrics: CallMetrics | None = None) -> None:
+                 resource: str | None = None, bearer: bool | None = None) -> None:
         self.verifier = verifier
         self.upstream = upstream
         self.limits = limits
         self.resource = bearer_resource(verifier, resource, bearer)
-        self.metrics = metrics or CallMetrics()
         self.in_flight = 0
         self._open: dict[str, Hold] = {}
 
@@ -121,20 +121,23 @@ class ProxyBilling:
             return self._refuse(params.name, error)
         if price.free:
             return self._free(params.name, await self.forward(ctx, params))
+        meta = params.meta
+        try:
+            token = credit_token(meta, ctx.request, resource=self.resource)
+        except BillingError as error:  # INVALID_CREDIT_TOKEN: none sent, or not for us
+            return self._refuse(params.name, error)
         source = CALL_SOURCE.set(client_address(ctx.request))
         try:
-            meta = params.meta
             opened = await self.verifier.abegin(
-                credit_token(meta, ctx.request, resource=self.resource), params.name,
-                args=dict(params.arguments or {}), idempotency_key=idempotency_key(meta))
-        except BillingError as error:
-            return self._refuse(params.name, error)
+                token, params.name, args=dict(params.arguments or {}),
+                idempotency_key=idempotency_key(meta))
+        except BillingError as error:  # the verifier counted it
+            return refusal(error)
         finally:
             CALL_SOURCE.reset(source)
         if not isinstance(opened, Hold):  # free on this tenant's terms: checked, nothing held
             return self._free(params.name, await self.forward(ctx, params))
         if opened.replayed is not None:  # made already: the upstream is not called again
-            self.metrics.finished(params.name, "replayed")
             return replayed(opened.replayed, opened.result)
         return await self._settle(opened, ctx, params)
 
@@ -142,8 +145,6 @@ class ProxyBilling:
                       params: CallToolRequestParams) -> CallToolResult:
         """Forward on a hold: capture a success, void anything else (charge only on success)."""
         self._open[hold.id] = hold
-        self.metrics.held()
-        started = time.monotonic()
         try:
             outcome = await self.forward(ctx, params)
         except BaseException:  # cancelled (client gone, shutdown) or the upstream's own error
@@ -151,16 +152,14 @@ class ProxyBilling:
             raise
         if isinstance(outcome, BillingError) or not succeeded(outcome):
             await self._void(hold)
-            if isinstance(outcome, BillingError):
-                self.metrics.refusal(hold.tool, outcome.code)
+            if isinstance(outcome, BillingError) and self.verifier.metrics is not None:
+                self.verifier.metrics.refusal(hold.tool, outcome.code)  # the call: voided
             return _answer(outcome)
         self._open.pop(hold.id, None)
-        self.metrics.released()
         try:
             receipt = await self.verifier.acapture(hold, result=kept_result(outcome))
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
-            return self._refuse(hold.tool, error)
-        self.metrics.captured(hold.tool, receipt.amount, time.monotonic() - started)
+            return refusal(error)  # the verifier counted it
         return with_receipt(outcome, receipt)
 
     async def forward(self, ctx: ServerRequestContext[Any, Any],
@@ -206,8 +205,6 @@ class ProxyBilling:
         # Shielded: a call cancelled by its client must still release what it held.
         if self._open.pop(hold.id, None) is None:
             return  # voided already (a shutdown's void_open)
-        self.metrics.released()
-        self.metrics.finished(hold.tool, "voided")
         with anyio.CancelScope(shield=True):
             try:
                 await self.verifier.avoid(hold)
@@ -215,14 +212,16 @@ class ProxyBilling:
                 log.warning("void of hold %s: %s", hold.id, error.code)
 
     def _refuse(self, tool: str, error: BillingError) -> CallToolResult:
-        self.metrics.refusal(tool, error.code)
-        self.metrics.finished(tool, "refused")
+        """A refusal of the proxy's own (the verifier never saw the call)."""
+        if self.verifier.metrics is not None:
+            self.verifier.metrics.refused(tool, error.code)
         return refusal(error)
 
     def _free(self, tool: str, outcome: CallToolResult | BillingError) -> CallToolResult:
         if isinstance(outcome, BillingError):
             return self._refuse(tool, outcome)
-        self.metrics.finished(tool, "free")
+        if self.verifier.metrics is not None:
+            self.verifier.metrics.finished(tool, "free")
         return outcome
 
 

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mcpbill_cli import metrics as prometheus
 from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp.wire import authorization_resource
 from mcpbill_cli.proxy.billing import Limits
-from mcpbill_cli.proxy.metrics import CallMetrics, PrometheusMetrics, serve_metrics, stop_metrics
 from mcpbill_cli.proxy.server import Proxy, build_app
 from mcpbill_cli.proxy.upstream import Upstream, UpstreamTarget
 from mcpbill_cli.verifier import Verifier
@@ -50,14 +50,12 @@ def serve(settings: Settings, options: ProxyOptions,
     verifier = Verifier.from_settings(settings)
     scraper: Any = None
     try:
-        metrics: CallMetrics | None = None
         metrics_url = None
         if options.metrics is not None:
-            metrics = PrometheusMetrics()
             host, port = options.metrics
-            scraper = serve_metrics(metrics, host, port)
+            scraper = prometheus.serve(verifier.enable_metrics(), host, port)
             metrics_url = f"http://{_url_host(host)}:{port}/metrics"
-        proxy = Proxy(verifier, Upstream(target), limits, metrics=metrics,
+        proxy = Proxy(verifier, Upstream(target), limits,
                       resource=authorization_resource(settings))
         app = build_app(proxy, host=options.host)
         announce({"url": f"http://{_url_host(options.host)}:{options.port}/mcp",
@@ -67,7 +65,7 @@ def serve(settings: Settings, options: ProxyOptions,
                         timeout_graceful_shutdown=GRACE_SECONDS)
     finally:
         if scraper is not None:
-            stop_metrics(scraper)
+            prometheus.stop(scraper)
         verifier.close()  # seals the last calls' events
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import mcp_types as types
@@ -34,9 +34,11 @@ from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, U
 from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
-from mcpbill_cli.proxy.metrics import CallMetrics
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
+
+if TYPE_CHECKING:
+    from mcpbill_cli.metrics import PrometheusMetrics
 
 __all__ = ["Proxy", "build_app"]
 
@@ -52,14 +54,16 @@ class Proxy:
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
                  *, resource: str | None = None, bearer: bool | None = None,
-                 metrics: CallMetrics | None = None, name: str = "mcpbill-proxy",
+                 metrics: PrometheusMetrics | None = None, name: str = "mcpbill-proxy",
                  list_ttl_ms: int = LIST_TTL_MS) -> None:
         self.verifier = verifier
+        if metrics is not None:  # recorded by the verifier's call path and by the billing
+            verifier.enable_metrics(metrics)
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self.upstream = upstream
         self.limits = limits or Limits()
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
-                                    bearer=bearer, metrics=metrics)
+                                    bearer=bearer)
         self._schemas: dict[str, dict[str, Any]] = {}
         self.server: Server[Any] = Server(
             name, get_tool_input_schema=self._schemas.get,

@@ -63,7 +63,7 @@ def _declared(extra: str) -> set[str]:
 
 @pytest.mark.parametrize(("extra", "modules"), [
     ("mcp", ["mcpbill_cli.mcp", "mcpbill_cli.demo"]),
-    ("proxy", ["mcpbill_cli.proxy.server", "mcpbill_cli.proxy.metrics"]),
+    ("proxy", ["mcpbill_cli.proxy.server", "mcpbill_cli.metrics"]),
 ])
 def test_an_extra_declares_every_package_its_code_imports(extra: str, modules: list[str]) -> None:
     probe = subprocess.run([sys.executable, "-c", PROBE.format(modules=modules)],

@@ -79,7 +79,7 @@ async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[
             == "0.002"
         too_large = refusal_of(await client.call("echo", {"message": "x" * 20000}))
         assert (too_large["code"], too_large["limitBytes"]) == ("RESPONSE_TOO_LARGE", 16384)
-    charged = ("mcpbill_proxy_charged_micro_usdc_total", (("tool", "echo"),))
+    charged = ("mcpbill_charged_micro_usdc_total", (("tool", "echo"),))
     assert scrape(metrics_url)[charged] == usd("0.002")
     stopped = anyio.Event()
 

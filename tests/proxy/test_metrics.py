@@ -12,8 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
 from mcpbill_cli.config import Settings
+from mcpbill_cli.metrics import PrometheusMetrics
+from mcpbill_cli.metrics import serve as serve_metrics
+from mcpbill_cli.metrics import stop as stop_metrics
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, build_app
-from mcpbill_cli.proxy.metrics import PrometheusMetrics, serve_metrics, stop_metrics
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import Mint, receipt_of, refusal_of, serve, token_view
 from tests.mcp.test_http import free_port
@@ -64,17 +66,17 @@ def test_the_metrics_match_the_ledger_after_a_run(metered: tuple[str, str], mint
     got = scrape(metrics_url)
 
     def calls(outcome: str, tool: str = "echo") -> float:
-        return got.get(("mcpbill_proxy_calls_total", (("outcome", outcome), ("tool", tool))), 0)
+        return got.get(("mcpbill_calls_total", (("outcome", outcome), ("tool", tool))), 0)
 
     spent = sum(token_view(engine, token).spent for token in tokens)
     assert spent == 4000
-    assert got[("mcpbill_proxy_charged_micro_usdc_total", (("tool", "echo"),))] == spent
+    assert got[("mcpbill_charged_micro_usdc_total", (("tool", "echo"),))] == spent
     assert (calls("captured"), calls("replayed"), calls("voided"), calls("refused")) == (
         2, 2, 2, 1)
     assert calls("free", "get-sum") == 1
-    refusals = ("mcpbill_proxy_refusals_total",
+    refusals = ("mcpbill_refusals_total",
                 (("code", "INVALID_CREDIT_TOKEN"), ("tool", "echo")))
     assert got[refusals] == 1
-    assert got[("mcpbill_proxy_holds_open", ())] == 0
-    assert got[("mcpbill_proxy_hold_to_capture_seconds_count", (("tool", "echo"),))] == 2
+    assert got[("mcpbill_holds_open", ())] == 0
+    assert got[("mcpbill_hold_to_capture_seconds_count", (("tool", "echo"),))] == 2
     assert sum(token_view(engine, token).held for token in tokens) == 0

@@ -13,8 +13,8 @@ from mcp_types import CallToolResult
 from sqlalchemy import Engine
 
 from mcpbill_cli.config import Settings
+from mcpbill_cli.metrics import PrometheusMetrics
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
-from mcpbill_cli.proxy.metrics import PrometheusMetrics
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import (
     Mint,
@@ -73,11 +73,11 @@ def test_a_paid_result_over_the_limit_is_voided_and_refused(
     assert (view.spent, view.held) == (usd("0.002"), 0)
     assert_ledger_sound(engine)
     registry = metrics.registry
-    assert registry.get_sample_value("mcpbill_proxy_refusals_total", {
+    assert registry.get_sample_value("mcpbill_refusals_total", {
         "tool": "echo", "code": "RESPONSE_TOO_LARGE"}) == 1
-    assert registry.get_sample_value("mcpbill_proxy_calls_total", {
+    assert registry.get_sample_value("mcpbill_calls_total", {
         "tool": "echo", "outcome": "voided"}) == 1
-    assert registry.get_sample_value("mcpbill_proxy_holds_open") == 0
+    assert registry.get_sample_value("mcpbill_holds_open") == 0
 
 
 @pytest.mark.parametrize("upstream_kind", ["stdio"])

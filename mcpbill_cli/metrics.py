@@ -1,0 +1,180 @@
+"""What billing tells an operator about its calls: Prometheus metrics, for an embedded verifier
+(``Verifier(metrics=True)``) and for ``mcpbill proxy --metrics`` alike.
+
+A verifier built without metrics neither imports this module's prometheus-client nor calls
+anything here: its call path checks ``self.metrics is None`` and moves on. With metrics, the
+verifier records what it decides (holds, captures, voids, replays, refusals) and its caller
+records only what the verifier never sees (free calls it forwards untouched, refusals of its own
+such as ``PROXY_BUSY`` or ``UPSTREAM_TIMEOUT``). :class:`PrometheusMetrics` keeps, in a registry
+of its own (several verifiers in one process never share counters):
+
+- ``mcpbill_calls_total{tool, outcome}``: captured, voided, refused, replayed or free (one per
+  call);
+- ``mcpbill_refusals_total{tool, code}``: every coded refusal;
+- ``mcpbill_charged_micro_usdc_total{tool}``: what captured calls charged (micro-USDC);
+- ``mcpbill_holds_open``: holds this process opened and has not yet captured or voided;
+- ``mcpbill_hold_to_capture_seconds{tool}``: from the hold to the receipt;
+- ``mcpbill_ledger_errors_total``: calls refused because the ledger was unreachable or full;
+- ``mcpbill_seal_lag_seconds``: the age of the oldest audit event not yet sealed (0 when all
+  are), read from the ledger at each scrape.
+
+Serve them with :func:`serve` (a thread of their own) or mount :meth:`PrometheusMetrics.asgi_app`
+into an ASGI application.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+__all__ = ["LEDGER_ERRORS", "PrometheusMetrics", "serve", "stop"]
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LEDGER_ERRORS = frozenset({"LEDGER_UNAVAILABLE", "LEDGER_FULL"})
+
+
+class PrometheusMetrics:
+    """The billing metrics of one verifier (or proxy), in a prometheus-client registry of their
+    own (see the module docstring). Thread-safe: a verifier serves calls from many threads."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self._calls = Counter("mcpbill_calls", "Billed tool calls, by tool and outcome.",
+                              ["tool", "outcome"], registry=self.registry)
+        self._refusals = Counter("mcpbill_refusals", "Coded refusals, by tool and code.",
+                                 ["tool", "code"], registry=self.registry)
+        self._charged = Counter("mcpbill_charged_micro_usdc",
+                                "What captured calls charged, in micro-USDC.", ["tool"],
+                                registry=self.registry)
+        self._open = Gauge("mcpbill_holds_open", "Holds not yet captured or voided.",
+                           registry=self.registry)
+        self._latency = Histogram("mcpbill_hold_to_capture_seconds",
+                                  "Seconds from a call's hold to its capture.", ["tool"],
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._ledger_errors = Counter("mcpbill_ledger_errors",
+                                      "Calls refused because the ledger was unreachable or full.",
+                                      registry=self.registry)
+        self._held: dict[str, float] = {}  # hold id -> monotonic time of the hold
+        self._lock = threading.Lock()
+
+    # --- what billing reports -------------------------------------------------------------------
+
+    def finished(self, tool: str, outcome: str) -> None:
+        """A call ended without a capture: ``voided``, ``refused``, ``replayed`` or ``free``."""
+        self._calls.labels(tool, outcome).inc()
+
+    def refused(self, tool: str, code: str) -> None:
+        """A call was answered with the coded refusal ``code`` (and ended there)."""
+        self.refusal(tool, code)
+        self.finished(tool, "refused")
+
+    def refusal(self, tool: str, code: str) -> None:
+        """A coded refusal that does not end the call's count by itself (a voided call's
+        ``UPSTREAM_TIMEOUT``, a capture refused after its hold was counted)."""
+        self._refusals.labels(tool, code).inc()
+        if code in LEDGER_ERRORS:
+            self._ledger_errors.inc()
+
+    def held(self, hold_id: str) -> None:
+        """The hold ``hold_id`` was opened."""
+        with self._lock:
+            self._held[hold_id] = time.monotonic()
+        self._open.inc()
+
+    def captured(self, tool: str, amount: int, hold_id: str | None = None) -> None:
+        """A call was charged ``amount`` micro-USDC: the capture of ``hold_id``, or a charge in
+        one step (no hold, no latency)."""
+        started = self._release(hold_id) if hold_id is not None else None
+        self._calls.labels(tool, "captured").inc()
+        self._charged.labels(tool).inc(amount)
+        if started is not None:
+            self._latency.labels(tool).observe(time.monotonic() - started)
+
+    def voided(self, tool: str, hold_id: str) -> None:
+        """The hold ``hold_id`` was voided: the call ends unbilled (counted once, however often
+        it is voided)."""
+        if self._release(hold_id) is not None:
+            self.finished(tool, "voided")
+
+    def released(self, hold_id: str) -> None:
+        """The hold ``hold_id`` ended without a capture or void of this process (it lapsed)."""
+        self._release(hold_id)
+
+    def _release(self, hold_id: str) -> float | None:
+        with self._lock:
+            started = self._held.pop(hold_id, None)
+        if started is not None:
+            self._open.dec()
+        return started
+
+    # --- the ledger's part ----------------------------------------------------------------------
+
+    def watch_seal_lag(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+        """Add ``mcpbill_seal_lag_seconds``, read from ``engine`` at each scrape."""
+        self.registry.register(_SealLag(engine, clock))
+
+    # --- serving --------------------------------------------------------------------------------
+
+    def asgi_app(self) -> Any:
+        """An ASGI application answering with these metrics (mount it at ``/metrics``)."""
+        from prometheus_client import make_asgi_app
+
+        return make_asgi_app(registry=self.registry)
+
+    def text(self) -> str:
+        """The metrics in Prometheus text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+
+class _SealLag:
+    """A collector: the age of the oldest unsealed audit event, computed when scraped."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily("mcpbill_seal_lag_seconds",
+                                "Age of the oldest audit event not yet sealed (0: none).",
+                                value=self._lag())
+
+    def _lag(self) -> float:
+        from sqlalchemy import func, select
+
+        from mcpbill_cli.clock import aware
+        from mcpbill_cli.ledger.engine import reading
+        from mcpbill_cli.ledger.models import events
+
+        with reading(self.engine) as conn:
+            oldest = conn.execute(select(func.min(events.c.at))
+                                  .where(events.c.seal.is_(None))).scalar()
+        if oldest is None:
+            return 0.0
+        return max((self.clock() - aware(oldest)).total_seconds(), 0.0)
+
+
+def serve(metrics: PrometheusMetrics, host: str, port: int) -> Any:
+    """Serve ``metrics`` at ``http://host:port/metrics`` from a thread; returns the server
+    (see :func:`stop`)."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server
+
+
+def stop(server: Any) -> None:
+    """Stop a server :func:`serve` started, and close its socket."""
+    server.shutdown()
+    server.server_close()
