@@ -3,7 +3,7 @@
 
     price (the pricing table)  -> free: forwarded untouched, no token needed
     token checked and held     -> a refusal answers the call; a replay returns the first result
-    forwarded to the upstream  -> progress relayed as it comes
+    forwarded to the upstream  -> progress, logs and the upstream's requests relayed as they come
     a success is captured      -> its signed receipt in the result's _meta
     anything else is voided    -> isError, a timeout, an upstream that failed or a cut-off call
 
@@ -53,6 +53,7 @@ from mcpbill_cli.mcp.wire import (
     with_receipt,
 )
 from mcpbill_cli.pricing import quote
+from mcpbill_cli.proxy.relay import Relay
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
 
@@ -83,8 +84,10 @@ class ProxyBilling:
     """Forwards ``tools/call`` to the upstream and bills it (see the module docstring)."""
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
-                 resource: str | None = None, bearer: bool | None = None) -> None:
+                 resource: str | None = None, bearer: bool | None = None,
+                 relay: Relay | None = None) -> None:
         self.verifier = verifier
+        self.relay = relay or Relay()
         self.upstream = upstream
         self.limits = limits
         self.resource = bearer_resource(verifier, resource, bearer)
@@ -178,7 +181,7 @@ class ProxyBilling:
         progress = _relay(ctx) if wants_progress else None
         timeout = self.limits.call_timeout
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(timeout), self.relay.during(ctx):
                 result = await client.call_tool(params.name, dict(params.arguments or {}),
                                                 progress_callback=progress,
                                                 meta=forwarded_meta(meta))  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, U
 from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
+from mcpbill_cli.proxy.relay import Relay
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
 
@@ -62,15 +63,18 @@ class Proxy:
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self.upstream = upstream
         self.limits = limits or Limits()
+        self.relay = Relay()
+        upstream.client_options = self.relay.client_options()
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
-                                    bearer=bearer)
+                                    bearer=bearer, relay=self.relay)
         self._schemas: dict[str, dict[str, Any]] = {}
         self.server: Server[Any] = Server(
             name, get_tool_input_schema=self._schemas.get,
             on_list_tools=self._list_tools, on_call_tool=self.billing.call_tool,
             on_list_resources=self._list_resources,
             on_list_resource_templates=self._list_resource_templates,
-            on_read_resource=self._read_resource, on_list_prompts=self._list_prompts,
+            on_read_resource=self._read_resource, on_subscribe_resource=self._subscribe,
+            on_unsubscribe_resource=self._unsubscribe, on_list_prompts=self._list_prompts,
             on_get_prompt=self._get_prompt, on_completion=self._complete)
 
     def list_hints(self) -> dict[str, Any]:
@@ -85,7 +89,7 @@ class Proxy:
         """The upstream's tools, each with its price in ``_meta`` (none for a tool the table
         cannot price: its calls are refused PRICE_UNKNOWN)."""
         cursor, meta = _page(params)
-        listed = await self._relay(lambda c: c.list_tools(cursor=cursor, meta=meta))
+        listed = await self._relay(ctx, lambda c: c.list_tools(cursor=cursor, meta=meta))
         table = self.verifier.pricing_table()
         tools = []
         for tool in listed.tools:
@@ -108,38 +112,61 @@ class Proxy:
     async def _list_resources(self, ctx: Context, params: types.PaginatedRequestParams | None
                               ) -> types.ListResourcesResult:
         cursor, meta = _page(params)
-        return await self._relay(lambda c: c.list_resources(cursor=cursor, meta=meta))
+        return await self._relay(ctx, lambda c: c.list_resources(cursor=cursor, meta=meta))
 
     async def _list_resource_templates(self, ctx: Context,
                                        params: types.PaginatedRequestParams | None
                                        ) -> types.ListResourceTemplatesResult:
         cursor, meta = _page(params)
-        return await self._relay(lambda c: c.list_resource_templates(cursor=cursor, meta=meta))
+        return await self._relay(ctx, lambda c: c.list_resource_templates(cursor=cursor, meta=meta))
 
     async def _read_resource(self, ctx: Context, params: types.ReadResourceRequestParams
                              ) -> types.ReadResourceResult:
         meta = forwarded_meta(params.meta)
-        return await self._relay(lambda c: c.read_resource(str(params.uri),
+        return await self._relay(ctx, lambda c: c.read_resource(str(params.uri),
                                                            meta=meta))  # type: ignore[arg-type]
 
     async def _list_prompts(self, ctx: Context, params: types.PaginatedRequestParams | None
                             ) -> types.ListPromptsResult:
         cursor, meta = _page(params)
-        return await self._relay(lambda c: c.list_prompts(cursor=cursor, meta=meta))
+        return await self._relay(ctx, lambda c: c.list_prompts(cursor=cursor, meta=meta))
 
     async def _get_prompt(self, ctx: Context, params: types.GetPromptRequestParams
                           ) -> types.GetPromptResult:
         meta = forwarded_meta(params.meta)
-        return await self._relay(lambda c: c.get_prompt(
+        return await self._relay(ctx, lambda c: c.get_prompt(
             params.name, params.arguments, meta=meta))  # type: ignore[arg-type]
 
     async def _complete(self, ctx: Context, params: types.CompleteRequestParams
                         ) -> types.CompleteResult:
         context = params.context.arguments if params.context is not None else None
-        return await self._relay(lambda c: c.complete(
+        return await self._relay(ctx, lambda c: c.complete(
             params.ref, {params.argument.name: params.argument.value}, context))
 
-    async def _relay(self, request: Callable[[Client], Awaitable[_T]]) -> _T:
+    async def _subscribe(self, ctx: Context, params: types.SubscribeRequestParams
+                         ) -> types.EmptyResult:
+        """The agent is told of the resource's updates; the upstream is subscribed once (sent
+        as a plain request: the SDK's helper warns that 2026-07-28 removed the method, and the
+        proxy relays it for the agents of the era that has it)."""
+        uri = str(params.uri)
+        if self.relay.subscribe(ctx, uri):
+            try:
+                await self._relay(ctx, lambda c: c.session.send_request(types.SubscribeRequest(
+                    params=types.SubscribeRequestParams(uri=uri)), types.EmptyResult))
+            except BaseException:
+                self.relay.unsubscribe(ctx, uri)
+                raise
+        return types.EmptyResult()
+
+    async def _unsubscribe(self, ctx: Context, params: types.UnsubscribeRequestParams
+                           ) -> types.EmptyResult:
+        uri = str(params.uri)
+        if self.relay.unsubscribe(ctx, uri):  # the last agent left: so does the upstream
+            await self._relay(ctx, lambda c: c.session.send_request(types.UnsubscribeRequest(
+                params=types.UnsubscribeRequestParams(uri=uri)), types.EmptyResult))
+        return types.EmptyResult()
+
+    async def _relay(self, ctx: Context, request: Callable[[Client], Awaitable[_T]]) -> _T:
         """A request other than ``tools/call``, forwarded as is; the upstream's JSON-RPC error
         is the agent's, and a proxy failure is one too, with the mcpbill error in its data (a result
         over ``--max-response-bytes`` is RESPONSE_TOO_LARGE)."""
@@ -149,7 +176,7 @@ class Proxy:
             raise _rpc_error(INTERNAL_ERROR, error) from None
         timeout = self.limits.call_timeout
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(timeout), self.relay.during(ctx):
                 result = await request(client)
         except TimeoutError:
             raise _rpc_error(REQUEST_TIMEOUT, UpstreamTimeout(

@@ -68,6 +68,7 @@ class Upstream:
         self.connect_timeout = connect_timeout
         self.connects = 0  # connections opened so far (a restart is the second and later)
         self._errlog = errlog
+        self.client_options: dict[str, Any] = {}  # the client's callbacks (the proxy's relay)
         self._client: Client | None = None
         self._connected = anyio.Event()
         self._broken = anyio.Event()
@@ -117,7 +118,8 @@ class Upstream:
             self._client = None
 
     def _open(self) -> Client:
-        options: dict[str, Any] = {"cache": None}  # a proxy relays listings, never caches them
+        # A proxy relays listings, never caches them.
+        options: dict[str, Any] = {"cache": None, **self.client_options}
         if self.target.url is not None:
             return Client(self.target.url, **options)
         parameters = StdioServerParameters(command=self.target.command[0],

@@ -51,6 +51,18 @@ price = "0.005"
 
 [tools."get-sum"]
 price = "0"
+
+[tools."trigger-sampling-request"]
+price = "0.003"
+
+[tools."trigger-elicitation-request"]
+price = "0"
+
+[tools."get-roots-list"]
+price = "0"
+
+[tools."toggle-subscriber-updates"]
+price = "0"
 '''
 
 # The MCP tests' fixtures: an initialized demo home on this test's ledger, tokens, a verifier.
