@@ -12,8 +12,14 @@ holds, captures, voids, replays and its own refusals; the proxy adds only what t
 sees: free calls, and refusals of its own (``PROXY_BUSY``, ``PRICE_UNKNOWN``, ``UPSTREAM_*``).
 
 Idempotency is the verifier's: the agent's key in ``_meta``, or the key derived from token, tool
-and arguments within the tool's dedupe window; never the JSON-RPC request id. The credit token
-and the idempotency key are not forwarded: the upstream never sees the agent's credentials.
+and arguments within the tool's dedupe window; never the JSON-RPC request id. The credit token,
+the idempotency key and an x402 payment are not forwarded: the upstream never sees the agent's
+credentials.
+
+With an acceptor (x402 configured, see :mod:`mcpbill_cli.mcp.x402`), a paid tool also takes an
+x402 payment in ``_meta["x402/payment"]``, as the embedded extension does: verified and
+reserved before forwarding, settled and recorded after the upstream succeeded (the result
+carries the settlement and the receipt), released otherwise; refusals carry the challenge.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from mcp.client import Client
@@ -52,10 +58,12 @@ from mcpbill_cli.mcp.wire import (
     succeeded,
     with_receipt,
 )
+from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.relay import Relay
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
+from mcpbill_cli.x402.accept import Acceptor
 
 __all__ = ["Limits", "ProxyBilling"]
 
@@ -65,8 +73,9 @@ log = logging.getLogger("mcpbill.proxy")
 PROGRESS_TOKENS = ("progress_token", "progressToken")
 RESERVED_PREFIX = "io.modelcontextprotocol/"  # the protocol's own _meta keys, per connection
 BUSY_RETRY_MS = 250
-# The agent's own keys: never forwarded (the credit token is a credential).
-PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, *LEGACY_META.values()})
+# The agent's own keys: never forwarded (the credit token and an x402 payment are credentials).
+PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, PAYMENT_META,
+                          *LEGACY_META.values()})
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,9 @@ class ProxyBilling:
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
                  resource: str | None = None, bearer: bool | None = None,
-                 relay: Relay | None = None) -> None:
+                 relay: Relay | None = None, acceptor: Acceptor | None = None) -> None:
         self.verifier = verifier
+        self.acceptor = acceptor
         self.relay = relay or Relay()
         self.upstream = upstream
         self.limits = limits
@@ -126,16 +136,20 @@ class ProxyBilling:
             return self._free(params.name, await self.forward(ctx, params))
         meta = params.meta
         try:
+            payment = payment_of(meta) if self.acceptor is not None else None
+            if payment is not None:
+                return await self._paid_with_x402(self._x402_call(ctx, params, payment), ctx,
+                                                  params)
             token = credit_token(meta, ctx.request, resource=self.resource)
         except BillingError as error:  # INVALID_CREDIT_TOKEN: none sent, or not for us
-            return self._refuse(params.name, error)
+            return self._challenge(params.name, error)
         source = CALL_SOURCE.set(client_address(ctx.request))
         try:
             opened = await self.verifier.abegin(
                 token, params.name, args=dict(params.arguments or {}),
                 idempotency_key=idempotency_key(meta))
         except BillingError as error:  # the verifier counted it
-            return refusal(error)
+            return self._offer(error, params.name, token)
         finally:
             CALL_SOURCE.reset(source)
         if not isinstance(opened, Hold):  # free on this tenant's terms: checked, nothing held
@@ -164,6 +178,58 @@ class ProxyBilling:
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
             return refusal(error)  # the verifier counted it
         return with_receipt(outcome, receipt)
+
+    # --- a call paid with x402 ------------------------------------------------------------------
+
+    def _x402_call(self, ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams,
+                   payment: Any) -> PaidCall:
+        """The paid call, as the embedded extension makes it: a credit token sent along names
+        its tenant (and agent)."""
+        assert self.acceptor is not None  # noqa: S101 - payment_of() is read only with one
+        tenant = agent = None
+        try:
+            token = credit_token(params.meta, ctx.request, resource=self.resource)
+        except BillingError:
+            token = None
+        if token is not None:
+            claims = self.verifier.claims_of(token)
+            tenant, agent = claims.tenant, claims.agent
+        return PaidCall(self.acceptor, params.name, payment, dict(params.arguments or {}),
+                        tenant=tenant, agent=agent)
+
+    async def _paid_with_x402(self, paid: PaidCall, ctx: ServerRequestContext[Any, Any],
+                              params: CallToolRequestParams) -> CallToolResult:
+        """Reserve the payment, forward once, then settle and record a success (or release the
+        payment of anything else: an upstream error, timeout, failure or oversized result)."""
+        answer = await paid.open()
+        if answer is not None:
+            return cast(CallToolResult, answer)  # the tool-result binding: always a result
+        try:
+            outcome = await self.forward(ctx, params)
+        except BaseException:
+            await paid.release()
+            raise
+        if isinstance(outcome, BillingError):
+            await paid.release()
+            return self._challenge(params.name, outcome)
+        return cast(CallToolResult, await paid.close(outcome))
+
+    def _challenge(self, tool: str, error: BillingError, tenant: str | None = None
+                   ) -> CallToolResult:
+        """A refusal of the proxy's own, with the x402 ``PaymentRequired`` beside it when the
+        tool takes x402 payments (as the embedded extension answers)."""
+        if self.acceptor is None:
+            return self._refuse(tool, error)
+        if self.verifier.metrics is not None:
+            self.verifier.metrics.refused(tool, error.code)
+        return challenged(error, self.acceptor, tool, tenant)
+
+    def _offer(self, error: BillingError, tool: str, token: str) -> CallToolResult:
+        """The verifier's refusal; BUDGET_EXCEEDED also offers x402 at the token's tenant's
+        price (the verifier counted the refusal)."""
+        if error.code != "BUDGET_EXCEEDED" or self.acceptor is None:
+            return refusal(error)
+        return challenged(error, self.acceptor, tool, self.verifier.claims_of(token).tenant)
 
     async def forward(self, ctx: ServerRequestContext[Any, Any],
                       params: CallToolRequestParams) -> CallToolResult | BillingError:

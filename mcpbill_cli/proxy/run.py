@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,8 +16,11 @@ from mcpbill_cli.proxy.billing import Limits
 from mcpbill_cli.proxy.server import Proxy, build_app
 from mcpbill_cli.proxy.upstream import Upstream, UpstreamTarget
 from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
 __all__ = ["ProxyOptions", "serve"]
+
+log = logging.getLogger("mcpbill.proxy")
 
 GRACE_SECONDS = 5  # on SIGTERM, calls in flight get this long to finish; the rest are voided
 
@@ -56,7 +60,8 @@ def serve(settings: Settings, options: ProxyOptions,
             scraper = prometheus.serve(verifier.enable_metrics(), host, port)
             metrics_url = f"http://{_url_host(host)}:{port}/metrics"
         proxy = Proxy(verifier, Upstream(target), limits,
-                      resource=authorization_resource(settings))
+                      resource=authorization_resource(settings),
+                      acceptor=_acceptor(verifier, settings))
         app = build_app(proxy, host=options.host)
         announce({"url": f"http://{_url_host(options.host)}:{options.port}/mcp",
                   "upstream": target.describe(), "metrics_url": metrics_url})
@@ -67,6 +72,17 @@ def serve(settings: Settings, options: ProxyOptions,
         if scraper is not None:
             prometheus.stop(scraper)
         verifier.close()  # seals the last calls' events
+
+
+def _acceptor(verifier: Verifier, settings: Settings) -> Acceptor | None:
+    """x402 payments where pricing.toml's ``[x402]`` and the chain settings allow them, as
+    ``Billing.from_settings()`` takes them."""
+    acceptor = Acceptor.from_settings(verifier, settings)
+    if isinstance(acceptor, Unavailable):
+        if verifier.pricing_table().x402 is not None:
+            log.warning("x402 payments are not offered: %s", acceptor.reason)
+        return None
+    return acceptor
 
 
 def _url_host(host: str) -> str:

@@ -32,11 +32,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, UpstreamUnavailable
 from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
+from mcpbill_cli.mcp.x402 import extension_binding_middleware
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
 from mcpbill_cli.proxy.relay import Relay
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.x402.accept import Acceptor
 
 if TYPE_CHECKING:
     from mcpbill_cli.metrics import PrometheusMetrics
@@ -56,7 +58,7 @@ class Proxy:
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
                  *, resource: str | None = None, bearer: bool | None = None,
                  metrics: PrometheusMetrics | None = None, name: str = "mcpbill-proxy",
-                 list_ttl_ms: int = LIST_TTL_MS) -> None:
+                 list_ttl_ms: int = LIST_TTL_MS, acceptor: Acceptor | None = None) -> None:
         self.verifier = verifier
         if metrics is not None:  # recorded by the verifier's call path and by the billing
             verifier.enable_metrics(metrics)
@@ -66,7 +68,7 @@ class Proxy:
         self.relay = Relay()
         upstream.client_options = self.relay.client_options()
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
-                                    bearer=bearer, relay=self.relay)
+                                    bearer=bearer, relay=self.relay, acceptor=acceptor)
         self._schemas: dict[str, dict[str, Any]] = {}
         self.server: Server[Any] = Server(
             name, get_tool_input_schema=self._schemas.get,
@@ -76,6 +78,8 @@ class Proxy:
             on_read_resource=self._read_resource, on_subscribe_resource=self._subscribe,
             on_unsubscribe_resource=self._unsubscribe, on_list_prompts=self._list_prompts,
             on_get_prompt=self._get_prompt, on_completion=self._complete)
+        if acceptor is not None:  # x402's extension binding for the agents that advertise it
+            self.server.middleware.append(extension_binding_middleware())
 
     def list_hints(self) -> dict[str, Any]:
         """The ``ttlMs`` and ``cacheScope`` of the proxy's ``tools/list`` (see

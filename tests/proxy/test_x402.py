@@ -1,0 +1,143 @@
+"""x402 through `mcpbill proxy`, as the embedded extension takes it: the reference server as the
+upstream over stdio, the official ``mcp`` client as the agent, the official ``x402`` client
+signing the payment from the proxy's challenge, mcpbill settling it on anvil. Billed once, the
+upstream called once; the payment reused for another call is X402_NONCE_USED; a call the
+upstream fails releases the payment; the upstream never sees it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp_types import CallToolResult
+from x402.mcp.utils import extract_payment_required_from_result
+
+from mcpbill_cli.keys import KeySource
+from mcpbill_cli.mcp import RECEIPT_META
+from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
+from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.proxy import Limits, Proxy, Upstream, build_app
+from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.x402.accept import Acceptor
+from tests.mcp.conftest import serve
+from tests.wallet.conftest import token_build  # noqa: F401 - the session's compiled test USDC
+from tests.x402 import conftest as x402_fixtures  # first: accepting.py imports it
+from tests.x402.accepting import (  # noqa: F401 - the shop and its chain, as fixtures
+    ACCEPT_PRICING,
+    Shop,
+    balance,
+    gas_account,
+    new_payer,
+    official_client,
+    official_payment,
+    shop,
+)
+from tests.x402.peer import NETWORK
+from tests.x402.test_accept_mcp import as_x402
+
+from .conftest import agent, stdio_target
+
+# The x402 tests' session chain and keys, as fixtures here.
+fuji_anvil = x402_fixtures.fuji_anvil
+peer = x402_fixtures.peer
+keys_dir = x402_fixtures.keys_dir
+
+ECHO_PRICE = 10_000  # 0.01 USDC
+PROXY_PRICING: dict[str, Any] = {**ACCEPT_PRICING, "tools": {
+    "echo": {"price": "0.01"}, "get-sum": {"price": "0"},
+    "get-env": {"price": "0.01", "x402": False}}}
+
+
+@pytest.fixture
+def proxied(shop: Shop, tmp_path: Path) -> Iterator[tuple[str, Shop]]:  # noqa: F811
+    """The proxy taking x402 for the reference server's tools: (its URL, its shop)."""
+    a = shop.acceptor
+    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
+                        pricing=PricingTable.from_document(PROXY_PRICING))
+    acceptor = Acceptor(verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler)
+    with (tmp_path / "upstream.log").open("w") as errlog:
+        upstream = Upstream(stdio_target(tmp_path / "upstream.pid"), errlog=errlog)
+        proxy = Proxy(verifier, upstream, Limits(call_timeout=30), acceptor=acceptor)
+        try:
+            with serve(build_app(proxy)) as url:
+                yield url, replace(shop, acceptor=acceptor, verifier=verifier)
+        finally:
+            verifier.close()
+
+
+def call(url: str, tool: str, args: dict[str, Any],
+         meta: dict[str, Any] | None = None) -> CallToolResult:
+    async def run() -> CallToolResult:
+        async with agent(url, None) as client:
+            return await client.call(tool, args, meta=meta or {})
+
+    return anyio.run(run)
+
+
+def challenge_of(result: CallToolResult) -> dict[str, Any]:
+    offer = extract_payment_required_from_result(as_x402(result))
+    assert offer is not None, result
+    return offer.model_dump(by_alias=True, exclude_none=True)
+
+
+def code_of(result: CallToolResult) -> str:
+    assert result.is_error, result
+    return str(json.loads(result.content[0].text)["code"])  # type: ignore[union-attr]
+
+
+def test_an_x402_agent_pays_through_the_proxy_once(proxied: tuple[str, Shop]) -> None:
+    url, books = proxied
+    payer = new_payer(books.devnet)
+    challenged = call(url, "echo", {"message": "paid by x402"})
+    assert code_of(challenged) == "INVALID_CREDIT_TOKEN"  # and the challenge beside it
+    payment = official_payment(official_client(payer, books.devnet.chain.usdc),
+                               challenge_of(challenged))
+
+    paid = call(url, "echo", {"message": "paid by x402"}, {PAYMENT_META: payment})
+    again = call(url, "echo", {"message": "paid by x402"}, {PAYMENT_META: payment})  # resent
+    reused = call(url, "echo", {"message": "another call"}, {PAYMENT_META: payment})
+
+    assert not paid.is_error and paid.content[0].text == "Echo: paid by x402"  # type: ignore[union-attr]
+    settlement = (paid.meta or {})[PAYMENT_RESPONSE_META]
+    assert settlement["success"] is True and settlement["network"] == NETWORK
+    assert settlement["payer"] == payer.address.lower()
+    receipt = books.verifier.verify_receipt((paid.meta or {})[RECEIPT_META]["jws"])
+    assert receipt.amount == ECHO_PRICE and receipt.claims["tool"] == "echo"
+    assert receipt.claims["transaction"] == settlement["transaction"]
+    assert not again.is_error and (again.meta or {})[PAYMENT_RESPONSE_META] == settlement
+    assert code_of(reused) == "X402_NONCE_USED"
+    challenge_of(reused)  # with a fresh challenge
+
+    assert books.received() == ECHO_PRICE
+    assert balance(books.devnet, payer.address) == 1_000_000 - ECHO_PRICE
+    assert [row.status for row in books.payment_rows()] == ["settled"]
+    assert len(books.captured_calls("echo")) == 1
+    books.assert_books_clean()
+
+
+def test_an_upstream_error_releases_the_payment(proxied: tuple[str, Shop]) -> None:
+    url, books = proxied
+    payer = new_payer(books.devnet)
+    payment = official_payment(official_client(payer, books.devnet.chain.usdc),
+                               challenge_of(call(url, "echo", {"message": 5})))
+
+    failed = call(url, "echo", {"message": 5}, {PAYMENT_META: payment})  # the upstream refuses
+
+    assert failed.is_error and "Input validation error" in str(failed.content)
+    assert PAYMENT_RESPONSE_META not in (failed.meta or {})
+    assert books.received() == 0 and balance(books.devnet, payer.address) == 1_000_000
+    assert books.captured_calls() == []
+    assert [row.status for row in books.payment_rows()] in ([], ["released"])
+    books.assert_books_clean()
+
+
+def test_a_tool_without_x402_offers_no_challenge(proxied: tuple[str, Shop]) -> None:
+    url, _ = proxied
+    refused = call(url, "get-env", {})
+    assert code_of(refused) == "INVALID_CREDIT_TOKEN"
+    assert extract_payment_required_from_result(as_x402(refused)) is None
