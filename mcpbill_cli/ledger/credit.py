@@ -22,7 +22,7 @@ from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, calls, refunds, tokens, transfers
 from mcpbill_cli.money import format_usd
-from mcpbill_cli.ratelimits import Rate
+from mcpbill_cli.ratelimits import Rate, rates_claim
 from mcpbill_cli.scope import within
 from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti
 
@@ -114,18 +114,21 @@ def _record_token(conn: Connection, claims: Claims, *, demo: bool) -> None:
         jti=claims.jti, tenant=claims.tenant, agent=claims.agent, kid=claims.kid,
         scope=json.dumps(list(claims.scope)), audience=claims.audience,
         parent_jti=claims.parent, limit_micro=claims.limit, issued_at=claims.issued_at,
-        expires_at=claims.expires_at, demo=demo, **_terms_columns(claims.terms)))
+        expires_at=claims.expires_at, demo=demo, **_terms_columns(claims)))
     ops.ensure_account(conn, ops.token_account(claims.jti), kind="token", guarded=True,
                        at=claims.issued_at)
     ops.ensure_account(conn, ops.revenue_account(claims.jti), kind="revenue", guarded=False,
                        at=claims.issued_at)
 
 
-def _terms_columns(terms: TokenTerms) -> dict[str, int]:
-    """The token row's caps and top-up columns that are set (none: a plain token's INSERT
-    names only the columns every schema since 0001 has)."""
-    columns = {"daily_cap_micro": terms.daily_cap, "monthly_cap_micro": terms.monthly_cap,
-               "topup_below_micro": terms.topup_below, "topup_to_micro": terms.topup_to}
+def _terms_columns(claims: Claims) -> dict[str, int | str]:
+    """The token row's caps, top-up and rate limit columns that are set (none: a plain
+    token's INSERT names only the columns every schema since 0001 has)."""
+    terms = claims.terms
+    columns: dict[str, int | str | None] = {
+        "daily_cap_micro": terms.daily_cap, "monthly_cap_micro": terms.monthly_cap,
+        "topup_below_micro": terms.topup_below, "topup_to_micro": terms.topup_to,
+        "rate_limits": json.dumps(rates_claim(claims.rates)) if claims.rates else None}
     return {name: value for name, value in columns.items() if value is not None}
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0013"
 
 metadata = MetaData()
 
@@ -102,6 +102,9 @@ tokens = Table(
     Column("monthly_cap_micro", BigInteger, nullable=True),
     Column("topup_below_micro", BigInteger, nullable=True),
     Column("topup_to_micro", BigInteger, nullable=True),
+    # Its own rate limits: the ``rateLimits`` claim as JSON (NULL: none), so that a token
+    # signed again (``token extend``) keeps them.
+    Column("rate_limits", Text, nullable=True),
     CheckConstraint("limit_micro > 0", name="ck_tokens_limit_positive"),
     Index("ix_tokens_tenant", "tenant"),
     Index("ix_tokens_parent", "parent_jti"),
@@ -240,11 +243,11 @@ account_snapshots = Table(
 
 # Deposits seen on chain, credited once per (chain, tx hash, position of the log in the tx):
 # the position survives a reorg that re-mines the transaction elsewhere; the block-wide log
-# index does not. Rows from before schema 0013 have no position until a sync meets them again.
+# index does not. Rows from before schema 0010 have no position until a sync meets them again.
 deposits = Table(
     "deposits",
     metadata,
-    Column("id", String(200), primary_key=True),  # <caip2>:<tx hash>:p<position> (0013 on)
+    Column("id", String(200), primary_key=True),  # <caip2>:<tx hash>:p<position> (0010 on)
     Column("chain", String(64), nullable=False),
     Column("tx_hash", String(66), nullable=False),
     Column("log_index", Integer, nullable=False),  # block-wide, where it was last seen

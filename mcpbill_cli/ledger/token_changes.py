@@ -30,6 +30,7 @@ from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, tokens
 from mcpbill_cli.money import format_usd
+from mcpbill_cli.ratelimits import rates_from_claim
 from mcpbill_cli.tokens import Claims, encode_token, expires
 
 tk = tokens.c
@@ -149,7 +150,9 @@ def extend(conn: Connection, jti: str, ttl: int, *, now: datetime, signer: tuple
                     expires_at=new_exp, limit=row.limit_micro, kid=row.kid,
                     parent=row.parent_jti, terms=TokenTerms(
                         row.daily_cap_micro, row.monthly_cap_micro, row.topup_below_micro,
-                        row.topup_to_micro))
+                        row.topup_to_micro),
+                    rates=rates_from_claim(json.loads(row.rate_limits)) if row.rate_limits
+                    else ())
     return Extension(jti, encode_token(claims, info.alg, private_key), new_exp, previous)
 
 

@@ -147,7 +147,7 @@ def _compare(row: Any, onchain: list[Any], found: Findings) -> None:
 
 def _same_place(row: Any, onchain: list[Any]) -> Any:
     """The on-chain transfer at the row's position in the transaction. A row from before
-    schema 0013 has no position: the transfer at its log index, else one of the same sender
+    schema 0010 has no position: the transfer at its log index, else one of the same sender
     and amount (as ``wallet/crediting.py`` adopts such rows)."""
     if row.tx_log_position is not None:
         return next((dep for dep in onchain if dep.position == row.tx_log_position), None)

@@ -7,7 +7,7 @@ transaction, so nothing is ever half-credited. The position, unlike the block-wi
 stays the same when a reorganisation re-mines the transaction elsewhere: one transfer is one
 deposit however it is mined.
 
-Rows recorded before schema 0013 have no position (the ledger cannot compute it, see the
+Rows recorded before schema 0010 have no position (the ledger cannot compute it, see the
 migration): :func:`find_recorded` adopts such a row when it meets the same transfer again.
 """
 
@@ -37,7 +37,7 @@ class Deposit:
     chain: str  # CAIP-2
     tx_hash: str  # lowercase 0x
     log_index: int  # block-wide: changes when a reorg re-mines the transaction elsewhere
-    position: int | None  # index among the transaction's receipt logs; None on pre-0013 rows
+    position: int | None  # index among the transaction's receipt logs; None on pre-0010 rows
     block_number: int
     sender: str  # lowercase 0x
     recipient: str
@@ -46,7 +46,7 @@ class Deposit:
 
     @property
     def id(self) -> str:
-        """``<caip2>:<tx hash>:p<position>``; a pre-0013 row keeps its ``...:<log index>`` id."""
+        """``<caip2>:<tx hash>:p<position>``; a pre-0010 row keeps its ``...:<log index>`` id."""
         if self.position is None:
             return f"{self.chain}:{self.tx_hash}:{self.log_index}"
         return f"{self.chain}:{self.tx_hash}:p{self.position}"
@@ -81,7 +81,7 @@ def credited_tenant(conn: Connection, deposit_id: str) -> str | None:
 def find_recorded(conn: Connection, deposit: Deposit) -> Row[Any] | None:
     """The ``deposits`` row of this transfer, or ``None`` if the ledger never saw it.
 
-    Looked up by (chain, tx hash, position); failing that, a row from before schema 0013 (no
+    Looked up by (chain, tx hash, position); failing that, a row from before schema 0010 (no
     position) with the same sender, recipient, token and amount is the same transfer: it is
     adopted (its position stamped, preferring the one at the same log index) so that it is never
     credited again under the new key.

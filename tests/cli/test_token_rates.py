@@ -50,3 +50,24 @@ def test_bad_rates_are_invalid_input_and_issue_nothing(ledger_cli: Invoke,
     assert result.exit_code == 3, result.output
     error_json(result, "INVALID_INPUT")
     assert ok_json(ledger_cli("token", "list", "--json")) == []
+
+
+def test_an_extended_token_keeps_its_rates(ledger_cli: Invoke) -> None:
+    """`token extend` signs the token again from its ledger row: its own rate limits come
+    with it (a token that lost them on extend would let a loop run unchecked)."""
+    cli = ledger_cli
+    ok_json(cli("wallet", "fund", "--demo", "10", "--json"))
+    issued = ok_json(cli("token", "issue", "--limit", "1", "--ttl", "1h", "--rate", "2/s",
+                         "--spend-rate", "0.5/m", "--json"))
+    extended = ok_json(cli("token", "extend", issued["jti"], "--ttl", "2h", "--json"))
+    inspected = ok_json(cli("token", "inspect", extended["token"], "--json"))
+    assert inspected["rates"] == issued["rate_limits"]
+
+    verifier = Verifier.from_settings()
+    try:
+        verifier.charge(extended["token"], "search", args={"n": 1})
+        verifier.charge(extended["token"], "search", args={"n": 2})
+        with pytest.raises(RateLimited):
+            verifier.charge(extended["token"], "search", args={"n": 3})
+    finally:
+        verifier.close()

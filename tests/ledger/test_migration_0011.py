@@ -1,4 +1,4 @@
-"""Schema 0011 on a ledger with a call made at 0013, its parent: the rate_counters table is
+"""Schema 0011 on a ledger with a call made at 0010, its parent: the rate_counters table is
 added, a token with a rate counts in it and is refused past it; the downgrade drops it and the
 old calls stay."""
 
@@ -24,9 +24,9 @@ DAY = datetime(2031, 3, 14, 9, tzinfo=UTC)
 PRICING = {"version": 1, "tools": {"search": {"price": "0.01"}}}
 
 
-def a_0013_ledger_with_a_call(db_url: str, keys_dir: Path) -> Engine:
+def a_0010_ledger_with_a_call(db_url: str, keys_dir: Path) -> Engine:
     engine = make_engine(db_url)
-    assert upgrade(engine, "0013") == (None, "0013")
+    assert upgrade(engine, "0010") == (None, "0010")
     init_keyring(keys_dir, "EdDSA", now=DAY, force=False).save()
     with writing(engine) as conn:
         fund_demo(conn, "acme", 5_000_000, now=DAY)
@@ -49,10 +49,10 @@ def a_verifier(engine: Engine, keys_dir: Path) -> Verifier:
 
 
 def test_upgrade_adds_rate_counters_and_a_rate_holds(db_url: str, tmp_path: Path) -> None:
-    engine = a_0013_ledger_with_a_call(db_url, tmp_path / "keys")
+    engine = a_0010_ledger_with_a_call(db_url, tmp_path / "keys")
     try:
         assert "rate_counters" not in inspect(engine).get_table_names()
-        assert upgrade(engine) == ("0013", SCHEMA_REVISION)
+        assert upgrade(engine) == ("0010", SCHEMA_REVISION)
         verifier = a_verifier(engine, tmp_path / "keys")
         token = a_token(engine, tmp_path / "keys", ("1/s",))
         verifier.charge(token, "search", args={"n": 1})
@@ -68,15 +68,15 @@ def test_upgrade_adds_rate_counters_and_a_rate_holds(db_url: str, tmp_path: Path
 def test_downgrade_drops_rate_counters(db_url: str, tmp_path: Path) -> None:
     from alembic import command
 
-    engine = a_0013_ledger_with_a_call(db_url, tmp_path / "keys")
+    engine = a_0010_ledger_with_a_call(db_url, tmp_path / "keys")
     try:
         upgrade(engine)
         with writing(engine) as conn:
-            command.downgrade(_alembic_config(conn), "0013")
-        assert current_revision(engine) == "0013"
+            command.downgrade(_alembic_config(conn), "0010")
+        assert current_revision(engine) == "0010"
         assert "rate_counters" not in inspect(engine).get_table_names()
         with reading(engine) as conn:
             assert conn.execute(select(func.count()).select_from(calls)).scalar() == 1
-        assert upgrade(engine) == ("0013", SCHEMA_REVISION)
+        assert upgrade(engine) == ("0010", SCHEMA_REVISION)
     finally:
         engine.dispose()

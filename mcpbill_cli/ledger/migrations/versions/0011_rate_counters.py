@@ -2,14 +2,14 @@
 window, counted with one INSERT ... ON CONFLICT DO UPDATE ... WHERE under the limit.
 
 Revision ID: 0011
-Revises: 0013
+Revises: 0010
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0013"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

@@ -1,9 +1,9 @@
 """Budgets over time: ``budget_spend`` (spend per tenant, agent or token per UTC day or calendar
 month) replaces ``tenant_daily_spend``, whose rows move over as tenant/day windows; a token's
-own caps and auto top-up (``tokens``); the windows each call's hold was counted in
+own caps, auto top-up and rate limits (``tokens``); the windows each call's hold was counted in
 (``calls.budgets``: held calls counted in their tenant's day at upgrade get ``tenant.day``).
 
-Revision ID: 0010
+Revision ID: 0013
 Revises: 0012
 """
 
@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0010"
+revision = "0013"
 down_revision = "0012"
 branch_labels = None
 depends_on = None
@@ -39,6 +39,7 @@ def upgrade() -> None:
     op.drop_table("tenant_daily_spend")
     for name in _TOKEN_COLUMNS:
         op.add_column("tokens", sa.Column(name, sa.BigInteger(), nullable=True))
+    op.add_column("tokens", sa.Column("rate_limits", sa.Text(), nullable=True))
 
 
 def _mark_held_calls_counted() -> None:
@@ -65,6 +66,7 @@ def _utc_day(created_at: datetime | str) -> str:
 
 def downgrade() -> None:
     with op.batch_alter_table("tokens") as batch:
+        batch.drop_column("rate_limits")
         for name in reversed(_TOKEN_COLUMNS):
             batch.drop_column(name)
     op.create_table(

@@ -16,14 +16,14 @@ again (``wallet/crediting.py`` ``find_recorded``): same chain and transaction, s
 recipient, token and amount, preferring the same log index; it stamps the position then. So an
 old row is never credited a second time, and a rescan fills the column in.
 
-Revision ID: 0013
+Revision ID: 0010
 Revises: 0009
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0013"
+revision = "0010"
 down_revision = "0009"
 branch_labels = None
 depends_on = None
