@@ -94,6 +94,7 @@ from mcpbill_cli.webhooks import Deliverer
 
 if TYPE_CHECKING:
     from mcpbill_cli.metrics import PrometheusMetrics
+    from mcpbill_cli.tracing import Tracing
 
 __all__ = ["BilledCall", "Hold", "Quote", "Verifier"]
 
@@ -186,7 +187,9 @@ class Verifier:
     (:mod:`mcpbill_cli.webhooks`); a call never waits for a delivery either way.
     With ``metrics`` (``True``, or a :class:`~mcpbill_cli.metrics.PrometheusMetrics` to share)
     the call path records Prometheus metrics in :attr:`metrics` (see :mod:`mcpbill_cli.metrics`);
-    without, it neither imports prometheus-client nor calls anything for them.
+    without, it neither imports prometheus-client nor calls anything for them. With ``tracing``
+    (``True``, or a :class:`~mcpbill_cli.tracing.Tracing`) the MCP integrations make an
+    OpenTelemetry span per billed call (:mod:`mcpbill_cli.tracing`).
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class Verifier:
         clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
         limits_storage: str | None = None, deliver_webhooks: bool = False,
         metrics: PrometheusMetrics | bool | None = None,
+        tracing: Tracing | bool | None = None,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
         owned = engine is None and db_url is not None
@@ -236,6 +240,9 @@ class Verifier:
         self.metrics: PrometheusMetrics | None = None
         if metrics:
             self.enable_metrics(None if metrics is True else metrics)
+        self.tracing: Tracing | None = None
+        if tracing:
+            self.enable_tracing(None if tracing is True else tracing)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -274,6 +281,16 @@ class Verifier:
             metrics.watch_seal_lag(self.engine, self._clock)
         self.metrics = metrics
         return metrics
+
+    def enable_tracing(self, tracing: Tracing | None = None) -> Tracing:
+        """Trace this verifier's MCP calls with ``tracing`` (the global tracer provider's
+        when ``None``); returns it."""
+        if tracing is None:
+            from mcpbill_cli.tracing import Tracing
+
+            tracing = Tracing()
+        self.tracing = tracing
+        return tracing
 
     def seal(self) -> int:
         """Seal the audit trail and write the refusal counts now; returns the events sealed

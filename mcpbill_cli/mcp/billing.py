@@ -69,6 +69,7 @@ from mcpbill_cli.mcp.x402 import (
     uses_extension,
 )
 from mcpbill_cli.pricing import Price, quote
+from mcpbill_cli.tracing import ended, step
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
@@ -120,9 +121,10 @@ class _Run:
             return
         call = self.call
         try:
-            self.opened = self.verifier.begin(
-                call.token, call.tool.name, args=call.args,
-                idempotency_key=call.idempotency_key, max_units=call.tool.max_units)
+            with step(self.verifier.tracing, "hold"):
+                self.opened = self.verifier.begin(
+                    call.token, call.tool.name, args=call.args,
+                    idempotency_key=call.idempotency_key, max_units=call.tool.max_units)
         except BillingError as error:
             self.refused = error
             # A deliberate refusal, not a crash: the SDK logs a ToolError at INFO, no traceback.
@@ -162,7 +164,9 @@ class Billing(Extension):
 
     ``metrics=True`` (or a :class:`~mcpbill_cli.metrics.PrometheusMetrics`) turns on the
     verifier's Prometheus metrics (:attr:`metrics`; serve them with
-    :func:`mcpbill_cli.metrics.serve` or mount ``metrics.asgi_app()``).
+    :func:`mcpbill_cli.metrics.serve` or mount ``metrics.asgi_app()``). ``tracing=True`` makes
+    an OpenTelemetry span per billed call, joined to the agent's trace
+    (:mod:`mcpbill_cli.tracing`).
     """
 
     identifier = EXTENSION_ID
@@ -170,10 +174,12 @@ class Billing(Extension):
     def __init__(self, verifier: Verifier, *, resource: str | None = None,
                  acceptor: Acceptor | None = None, list_ttl_ms: int = LIST_TTL_MS,
                  bearer: bool | None = None,
-                 metrics: PrometheusMetrics | bool = False) -> None:
+                 metrics: PrometheusMetrics | bool = False, tracing: bool = False) -> None:
         self.verifier = verifier
         if metrics:
             verifier.enable_metrics(None if metrics is True else metrics)
+        if tracing:
+            verifier.enable_tracing()
         self.resource = bearer_resource(verifier, resource, bearer)
         self.acceptor = acceptor
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
@@ -184,7 +190,8 @@ class Billing(Extension):
     @classmethod
     def from_settings(cls, settings: Settings | None = None, *,
                       bearer: bool | None = None,
-                      metrics: PrometheusMetrics | bool = False) -> Billing:
+                      metrics: PrometheusMetrics | bool = False,
+                      tracing: bool = False) -> Billing:
         """Billing on the mcpbill home (``MCPBILL_HOME``): its ledger, keys and pricing table,
         its ``[mcp]`` authorization, and x402 payments where pricing.toml's ``[x402]`` and the
         chain settings allow them (see :meth:`~mcpbill_cli.x402.accept.Acceptor.from_settings`)."""
@@ -195,9 +202,10 @@ class Billing(Extension):
         if isinstance(acceptor, Unavailable):
             if verifier.pricing_table().x402 is not None:
                 logger.warning("x402 payments are not offered: %s", acceptor.reason)
-            return cls(verifier, resource=resource, bearer=bearer, metrics=metrics)
+            return cls(verifier, resource=resource, bearer=bearer, metrics=metrics,
+                       tracing=tracing)
         return cls(verifier, resource=resource, bearer=bearer, acceptor=acceptor,
-                   metrics=metrics)
+                   metrics=metrics, tracing=tracing)
 
     @property
     def metrics(self) -> PrometheusMetrics | None:
@@ -253,10 +261,20 @@ class Billing(Extension):
     async def intercept_tool_call(self, params: CallToolRequestParams,
                                   ctx: ServerRequestContext[Any, Any],
                                   call_next: CallNext) -> HandlerResult:
-        """Bill a call of a billed tool; pass any other call through untouched."""
+        """Bill a call of a billed tool (in an ``mcpbill.call`` span when the verifier traces
+        calls); pass any other call through untouched."""
         tool = self._billed.get(params.name)
         if tool is None:
             return await call_next(ctx)
+        tracing = self.verifier.tracing
+        if tracing is None:
+            return await self._intercepted(tool, params, ctx, call_next)
+        with tracing.call(tool.name, params.meta):
+            return await self._intercepted(tool, params, ctx, call_next)
+
+    async def _intercepted(self, tool: BilledTool, params: CallToolRequestParams,
+                           ctx: ServerRequestContext[Any, Any],
+                           call_next: CallNext) -> HandlerResult:
         source = CALL_SOURCE.set(client_address(ctx.request))
         try:
             try:
@@ -268,6 +286,7 @@ class Billing(Extension):
             except BillingError as error:  # before the verifier's call path: counted here
                 if self.verifier.metrics is not None:
                     self.verifier.metrics.refused(tool.name, error.code)
+                ended("refused", code=error.code)
                 return answered(error, self.acceptor, tool.name,
                                 extension=self._extension(ctx))
             return await self._billed_call(run, ctx, call_next)
@@ -297,21 +316,28 @@ class Billing(Extension):
         finally:
             _current_run.reset(token)
         if run.refused is not None:
+            ended("refused", code=run.refused.code)
             return self._refusal(run, ctx)
         hold = run.opened
         if not isinstance(hold, Hold):  # free, or the SDK refused the arguments: nothing held
+            ended("free")
             return result
         if hold.replayed is not None:
+            ended("replayed", amount=hold.replayed.amount)
             return replayed(hold.replayed, hold.result)
         if not succeeded(result):
             await self._void(hold)
+            ended("voided")
             return result
         done = cast(CallToolResult, result)
         try:
-            receipt = await self.verifier.acapture(hold, units=meter.units,
-                                                   result=kept_result(done))
+            with step(self.verifier.tracing, "capture"):
+                receipt = await self.verifier.acapture(hold, units=meter.units,
+                                                       result=kept_result(done))
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
+            ended("refused", code=error.code)
             return refusal(error)
+        ended("captured", amount=receipt.amount)
         return with_receipt(done, receipt)
 
     def _refusal(self, run: _Run, ctx: ServerRequestContext[Any, Any]
@@ -370,7 +396,7 @@ class Billing(Extension):
 
     async def _void(self, hold: Hold) -> None:
         # Shielded: a call cancelled by its client must still release what it held.
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
             await self.verifier.avoid(hold)
 
 

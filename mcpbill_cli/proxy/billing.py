@@ -62,6 +62,7 @@ from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.relay import Relay
 from mcpbill_cli.proxy.upstream import Upstream
+from mcpbill_cli.tracing import ended, step
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
 from mcpbill_cli.x402.accept import Acceptor
 
@@ -106,6 +107,15 @@ class ProxyBilling:
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any],
                         params: CallToolRequestParams) -> CallToolResult:
+        """One call, in an ``mcpbill.call`` span when the verifier traces calls."""
+        tracing = self.verifier.tracing
+        if tracing is None:
+            return await self._call_limited(ctx, params)
+        with tracing.call(params.name, params.meta):
+            return await self._call_limited(ctx, params)
+
+    async def _call_limited(self, ctx: ServerRequestContext[Any, Any],
+                            params: CallToolRequestParams) -> CallToolResult:
         """One call: refused (PROXY_BUSY) at the concurrency limit, else billed and forwarded."""
         if self.in_flight >= self.limits.max_concurrent:
             return self._refuse(params.name, ProxyBusy(
@@ -145,16 +155,19 @@ class ProxyBilling:
             return self._challenge(params.name, error)
         source = CALL_SOURCE.set(client_address(ctx.request))
         try:
-            opened = await self.verifier.abegin(
-                token, params.name, args=dict(params.arguments or {}),
-                idempotency_key=idempotency_key(meta))
+            with step(self.verifier.tracing, "hold"):
+                opened = await self.verifier.abegin(
+                    token, params.name, args=dict(params.arguments or {}),
+                    idempotency_key=idempotency_key(meta))
         except BillingError as error:  # the verifier counted it
+            ended("refused", code=error.code)
             return self._offer(error, params.name, token)
         finally:
             CALL_SOURCE.reset(source)
         if not isinstance(opened, Hold):  # free on this tenant's terms: checked, nothing held
             return self._free(params.name, await self.forward(ctx, params))
         if opened.replayed is not None:  # made already: the upstream is not called again
+            ended("replayed", amount=opened.replayed.amount)
             return replayed(opened.replayed, opened.result)
         return await self._settle(opened, ctx, params)
 
@@ -169,14 +182,19 @@ class ProxyBilling:
             raise
         if isinstance(outcome, BillingError) or not succeeded(outcome):
             await self._void(hold)
-            if isinstance(outcome, BillingError) and self.verifier.metrics is not None:
-                self.verifier.metrics.refusal(hold.tool, outcome.code)  # the call: voided
+            code = outcome.code if isinstance(outcome, BillingError) else None
+            if code is not None and self.verifier.metrics is not None:
+                self.verifier.metrics.refusal(hold.tool, code)  # the call: voided
+            ended("voided", code=code)
             return _answer(outcome)
         self._open.pop(hold.id, None)
         try:
-            receipt = await self.verifier.acapture(hold, result=kept_result(outcome))
+            with step(self.verifier.tracing, "capture"):
+                receipt = await self.verifier.acapture(hold, result=kept_result(outcome))
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
+            ended("refused", code=error.code)
             return refusal(error)  # the verifier counted it
+        ended("captured", amount=receipt.amount)
         return with_receipt(outcome, receipt)
 
     # --- a call paid with x402 ------------------------------------------------------------------
@@ -222,6 +240,7 @@ class ProxyBilling:
             return self._refuse(tool, error)
         if self.verifier.metrics is not None:
             self.verifier.metrics.refused(tool, error.code)
+        ended("refused", code=error.code)
         return challenged(error, self.acceptor, tool, tenant)
 
     def _offer(self, error: BillingError, tool: str, token: str) -> CallToolResult:
@@ -274,7 +293,7 @@ class ProxyBilling:
         # Shielded: a call cancelled by its client must still release what it held.
         if self._open.pop(hold.id, None) is None:
             return  # voided already (a shutdown's void_open)
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
             try:
                 await self.verifier.avoid(hold)
             except BillingError as error:  # already resolved (e.g. lapsed): nothing to release
@@ -284,6 +303,7 @@ class ProxyBilling:
         """A refusal of the proxy's own (the verifier never saw the call)."""
         if self.verifier.metrics is not None:
             self.verifier.metrics.refused(tool, error.code)
+        ended("refused", code=error.code)
         return refusal(error)
 
     def _free(self, tool: str, outcome: CallToolResult | BillingError) -> CallToolResult:
@@ -291,6 +311,7 @@ class ProxyBilling:
             return self._refuse(tool, outcome)
         if self.verifier.metrics is not None:
             self.verifier.metrics.finished(tool, "free")
+        ended("free")
         return outcome
 
 

@@ -57,11 +57,14 @@ class Proxy:
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits | None = None,
                  *, resource: str | None = None, bearer: bool | None = None,
-                 metrics: PrometheusMetrics | None = None, name: str = "mcpbill-proxy",
-                 list_ttl_ms: int = LIST_TTL_MS, acceptor: Acceptor | None = None) -> None:
+                 metrics: PrometheusMetrics | None = None, tracing: bool = False,
+                 name: str = "mcpbill-proxy", list_ttl_ms: int = LIST_TTL_MS,
+                 acceptor: Acceptor | None = None) -> None:
         self.verifier = verifier
         if metrics is not None:  # recorded by the verifier's call path and by the billing
             verifier.enable_metrics(metrics)
+        if tracing:  # an mcpbill.call span per tools/call (mcpbill_cli.tracing)
+            verifier.enable_tracing()
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self.upstream = upstream
         self.limits = limits or Limits()
