@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
+from pathlib import Path
 
 import pytest
 
@@ -17,13 +18,31 @@ import pytest
 # (_distutils_hack, in every interpreter of this venv) and uvicorn's reloader (watchfiles).
 IMPORTED_WHEN_PRESENT = {"setuptools", "watchfiles"}
 
-# Imports what each face of the extra imports, then prints the top-level modules loaded.
+# Imports what each face of the extra imports, then prints the modules loaded and their files.
 PROBE = """
 import json, sys
 for module in {modules!r}:
     __import__(module)
-print(json.dumps(sorted({{name.partition(".")[0] for name in sys.modules}})))
+print(json.dumps({{name: getattr(module, "__file__", None)
+                  for name, module in list(sys.modules.items())}}))
 """
+
+
+def _used_distributions(loaded: dict[str, str | None]) -> set[str]:
+    """The distributions whose files ``loaded`` came from. A namespace package that several
+    distributions share (``opentelemetry``: api, sdk...) counts only the parts actually loaded."""
+    owners = packages_distributions()
+    used: set[str] = set()
+    for top in {name.partition(".")[0] for name in loaded}:
+        dists = owners.get(top, [])
+        if len(dists) <= 1:
+            used.update(dists)
+            continue
+        files = {str(Path(p).resolve()) for p in loaded.values() if p is not None}
+        used.update(dist for dist in dists if any(
+            str(Path(f.locate()).resolve()) in files
+            for f in distribution(dist).files or [] if f.suffix == ".py"))
+    return {dist.lower().replace("_", "-") for dist in used}
 
 
 def _closure(requirements: list[str]) -> set[str]:
@@ -69,8 +88,6 @@ def test_an_extra_declares_every_package_its_code_imports(extra: str, modules: l
     probe = subprocess.run([sys.executable, "-c", PROBE.format(modules=modules)],
                            capture_output=True, text=True, check=True, timeout=120)
     loaded = json.loads(probe.stdout)
-    owners = packages_distributions()
     declared = _declared(extra) | {"mcpbill"} | IMPORTED_WHEN_PRESENT
-    missing = sorted({dist.lower().replace("_", "-") for module in loaded
-                      for dist in owners.get(module, [])} - declared)
+    missing = sorted(_used_distributions(loaded) - declared)
     assert missing == [], f"[{extra}] does not install {missing}, which its code imports"
