@@ -14,6 +14,9 @@ which agent a message is for; the relay decides:
 - ``notifications/resources/updated`` goes to every agent that subscribed to the resource
   (``resources/subscribe``); the upstream is subscribed while one agent or more is, and
   unsubscribed when the last one leaves.
+- ``notifications/tools/list_changed`` (and of resources and prompts) goes to every agent
+  session the proxy has served (the latest ``MAX_SESSIONS``), on its standalone stream: the
+  upstream's lists are the same for all agents.
 
 All of this needs the 2025-11-25 era (the initialize handshake): a 2026-07-28 agent has no
 session and no channel on which a server asks it anything during a call, so it is answered as
@@ -43,6 +46,9 @@ log = logging.getLogger("mcpbill.proxy")
 Context = ServerRequestContext[Any, Any]
 SESSION_HEADER = "mcp-session-id"
 _R = TypeVar("_R", bound=types.Result)
+MAX_SESSIONS = 1024  # agent sessions told of list changes; the oldest are forgotten
+LIST_CHANGED = (types.ToolListChangedNotification, types.ResourceListChangedNotification,
+                types.PromptListChangedNotification)
 
 
 class Relay:
@@ -51,16 +57,28 @@ class Relay:
     def __init__(self) -> None:
         self._in_flight: dict[int, Context] = {}
         self._subscribers: dict[str, dict[str, ServerSession]] = {}  # uri -> session id -> agent
+        self._sessions: dict[str, ServerSession] = {}  # session id -> agent, oldest first
 
     @contextmanager
     def during(self, ctx: Context) -> Iterator[None]:
         """While an agent's request is at the upstream: what the upstream asks is for it."""
         key = id(ctx)
         self._in_flight[key] = ctx
+        self._remember(ctx)
         try:
             yield
         finally:
             self._in_flight.pop(key, None)
+
+    def _remember(self, ctx: Context) -> None:
+        """Keep the agent's session (2025-11-25 era) to tell it of list changes."""
+        session_id = _session_id_of(ctx)
+        if session_id is None:
+            return
+        self._sessions.pop(session_id, None)
+        self._sessions[session_id] = ctx.session
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.pop(next(iter(self._sessions)))
 
     def client_options(self) -> dict[str, Any]:
         """The upstream client's callbacks: it declares sampling, elicitation and roots, so the
@@ -113,6 +131,8 @@ class Relay:
             await self._log(message)
         elif isinstance(message, types.ResourceUpdatedNotification):
             await self._updated(message)
+        elif isinstance(message, LIST_CHANGED):
+            await self._list_changed(message)
 
     async def _log(self, message: types.LoggingMessageNotification) -> None:
         ctx = self._caller()
@@ -125,6 +145,11 @@ class Relay:
         for session_id, session in list(self._subscribers.get(uri, {}).items()):
             if not await _quietly(session.send_notification(message)):
                 self._subscribers.get(uri, {}).pop(session_id, None)  # that agent is gone
+
+    async def _list_changed(self, message: Any) -> None:
+        for session_id, session in list(self._sessions.items()):
+            if not await _quietly(session.send_notification(message)):
+                self._sessions.pop(session_id, None)  # that agent is gone
 
     # --- subscriptions ------------------------------------------------------------------------
 
@@ -147,12 +172,18 @@ class Relay:
         return True
 
 
+def _session_id_of(ctx: Context) -> str | None:
+    """The agent's session (2025-11-25 era); a 2026-07-28 agent has none."""
+    if ctx.request is None or _modern(ctx):
+        return None
+    session_id = ctx.request.headers.get(SESSION_HEADER)
+    return str(session_id) if session_id else None
+
+
 def _session_id(ctx: Context) -> str:
-    """The agent's session (2025-11-25 era); a 2026-07-28 agent has none to subscribe with."""
-    session_id = None
-    if ctx.request is not None and not _modern(ctx):
-        session_id = ctx.request.headers.get(SESSION_HEADER)
-    if not session_id:
+    """The agent's session, to subscribe with."""
+    session_id = _session_id_of(ctx)
+    if session_id is None:
         raise MCPError(types.INVALID_REQUEST, "resources/subscribe needs a session: connect "
                                               "with the 2025-11-25 protocol (initialize)")
     return str(session_id)

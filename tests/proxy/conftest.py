@@ -63,6 +63,9 @@ price = "0"
 
 [tools."toggle-subscriber-updates"]
 price = "0"
+
+[tools."gzip-file-as-resource"]
+price = "0"
 '''
 
 # The MCP tests' fixtures: an initialized demo home on this test's ledger, tokens, a verifier.

@@ -1,6 +1,7 @@
 """What the upstream sends back through the proxy, with the reference server as the upstream and
 the official client as the agent: sampling, elicitation and roots asked of the agent during its
-call (its answer returned to the upstream), the upstream's log and resource updates relayed.
+call (its answer returned to the upstream), the upstream's log, resource updates and list
+changes relayed.
 These need the 2025-11-25 era (the initialize handshake); a 2026-07-28 agent has no channel for
 them, and a paid call that needed one is voided."""
 
@@ -37,6 +38,8 @@ class Asked:
         self.logs: list[types.LoggingMessageNotificationParams] = []
         self.updated: list[str] = []
         self.update = anyio.Event()
+        self.lists_changed: list[str] = []
+        self.list_change = anyio.Event()
 
     async def sampling(self, context: ClientRequestContext,
                        params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -61,6 +64,10 @@ class Asked:
         if isinstance(message, types.ResourceUpdatedNotification):
             self.updated.append(str(message.params.uri))
             self.update.set()
+        elif isinstance(message, types.ResourceListChangedNotification
+                        | types.ToolListChangedNotification):
+            self.lists_changed.append(message.method)
+            self.list_change.set()
 
 
 @asynccontextmanager
@@ -132,6 +139,28 @@ def test_resource_updates_and_the_upstreams_log_reach_the_subscriber(running: Ru
     assert asked.updated[0] == uri
     assert any(f"Received Subscribe Resource request for URI: {uri}" in str(log.data)
                for log in asked.logs)
+
+
+def test_a_list_change_reaches_the_agents_sessions(running: Running) -> None:
+    asked, watcher = Asked(), Asked()
+
+    async def go() -> list[str]:
+        async with asked_agent(running.url, watcher) as other, \
+                asked_agent(running.url, asked) as client:
+            await other.list_tools()  # the proxy now knows this agent's session
+            made = await client.call_tool("gzip-file-as-resource", {  # registers a resource
+                "name": "hello.txt.gz", "data": "data:text/plain;base64,aGVsbG8=",
+                "outputType": "resourceLink"})
+            assert not made.is_error, made
+            with anyio.fail_after(10):
+                await watcher.list_change.wait()
+                await asked.list_change.wait()
+            return [str(r.name) for r in (await other.list_resources()).resources]
+
+    names = anyio.run(go)
+    assert "notifications/resources/list_changed" in watcher.lists_changed
+    assert "notifications/resources/list_changed" in asked.lists_changed
+    assert "hello.txt.gz" in names
 
 
 def test_a_2026_agent_has_no_channel_so_a_paid_sampling_call_is_voided(
