@@ -43,6 +43,7 @@ from mcpbill_cli.mcp.wire import (
     refusal,
     succeeded,
 )
+from mcpbill_cli.tracing import ended
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
 from mcpbill_cli.x402.errors import X402PaymentInvalid
 
@@ -171,8 +172,10 @@ class PaidCall:
         try:
             taken = await anyio.to_thread.run_sync(self._take)
         except BillingError as error:
+            self._ended("refused", code=error.code)
             return self._refused(error)
         if isinstance(taken, Replayed):
+            self._ended("replayed", amount=taken.receipt.amount)
             return _replayed(taken)
         self.opened = taken
         return None
@@ -184,13 +187,16 @@ class PaidCall:
             return result
         if not succeeded(result):
             await self.release()
+            self._ended("voided")
             return result
         done = cast(CallToolResult, result)
         try:
             settlement, receipt = await anyio.to_thread.run_sync(
                 lambda: self._settle(kept_result(done)))
         except BillingError as error:  # settlement failed: the output is withheld
+            self._ended("refused", code=error.code)
             return self._refused(error)
+        self._ended("captured", amount=receipt.amount)
         meta = {**(done.meta or {}), RECEIPT_META: receipt.to_dict(),
                 PAYMENT_RESPONSE_META: settlement.to_dict()}
         return done.model_copy(update={"meta": meta})
@@ -201,6 +207,19 @@ class PaidCall:
             return
         with anyio.CancelScope(shield=True):  # a cancelled call still frees its payment
             await anyio.to_thread.run_sync(lambda: self.acceptor.release(opened))
+
+    def _ended(self, outcome: str, *, amount: int | None = None,
+               code: str | None = None) -> None:
+        """Count the call in the verifier's metrics and its span, where they are on."""
+        metrics = self.acceptor.verifier.metrics
+        if metrics is not None:
+            if outcome == "captured" and amount is not None:
+                metrics.captured(self.tool, amount)
+            elif code is not None:
+                metrics.refused(self.tool, code)
+            else:
+                metrics.finished(self.tool, outcome)
+        ended(outcome, amount=amount, code=code)
 
     def _refused(self, error: BillingError) -> CallToolResult | dict[str, Any]:
         return answered(error, self.acceptor, self.tool, self.tenant, extension=self.extension)

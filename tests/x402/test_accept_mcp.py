@@ -224,3 +224,19 @@ def test_over_budget_the_token_s_tenant_is_offered_its_own_price(
     shop.assert_books_clean()
     with writing(shop.engine) as conn:  # the agent's own token was not touched
         assert credit.show(conn, token.claims.jti, now=utcnow()).spent == 0
+
+
+def test_an_x402_paid_call_is_counted_in_the_verifier_s_metrics(
+        server: MCPServer, shop: Shop) -> None:
+    metrics = shop.verifier.enable_metrics()
+    payer = new_payer(shop.devnet)
+
+    result, _ = pay(server, shop, payer)  # refused unpaid, then paid
+    assert not result.is_error, result
+
+    sample = metrics.registry.get_sample_value
+    assert sample("mcpbill_charged_micro_usdc_total", {"tool": "search"}) == shop.received()
+    assert sample("mcpbill_calls_total", {"tool": "search", "outcome": "captured"}) == 1
+    assert sample("mcpbill_refusals_total",
+                  {"tool": "search", "code": "INVALID_CREDIT_TOKEN"}) == 1
+    assert sample("mcpbill_calls_total", {"tool": "search", "outcome": "refused"}) == 1
