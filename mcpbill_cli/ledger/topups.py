@@ -4,7 +4,8 @@ A token issued with ``--topup-below B --topup-to T`` is topped up, after a captu
 under ``B`` available, with ``T - available`` from its tenant (a child: its parent), bounded by
 what the source has available and by what the tenant's caps still allow this day and month.
 It is a normal ``token topup`` (a ``topup`` transfer, the token's limit raised by as much, a
-``topup`` event marked ``auto``), so reconcile sees nothing new.
+``topup`` event marked ``auto``), so reconcile sees nothing new; like ``token topup``, one
+that takes its tenant under the tenant's alert amount emits ``tenant.balance_low``.
 
 Once per crossing: the top-up runs in its own short transaction after the capture committed,
 and takes the token's account row first (FOR UPDATE on PostgreSQL, the write lock on SQLite),
@@ -22,7 +23,7 @@ from sqlalchemy import Connection, select
 
 from mcpbill_cli.budgets import Budget, TokenTerms
 from mcpbill_cli.clock import aware
-from mcpbill_cli.ledger import budgets, ops, token_changes
+from mcpbill_cli.ledger import alerts, budgets, ops, token_changes
 from mcpbill_cli.ledger.models import accounts, tokens
 
 tk = tokens.c
@@ -47,7 +48,10 @@ def auto_topup(conn: Connection, jti: str, wanted: TokenTerms, *, tenant_caps: t
                  _cap_room(conn, tenant_caps, row, now))
     if amount <= 0:
         return None
-    return token_changes.topup(conn, jti, amount, now=now, detail={"auto": True})
+    done = token_changes.topup(conn, jti, amount, now=now, detail={"auto": True})
+    if not row.parent_jti:
+        alerts.tenant_debited(conn, account=source, amount=amount, at=now)
+    return done
 
 
 def _lock_active(conn: Connection, jti: str, now: datetime) -> Any:

@@ -15,9 +15,10 @@ from sqlalchemy import Engine, func, select
 
 from mcpbill_cli.errors import BudgetExceeded
 from mcpbill_cli.keys import KeyRing, KeySource
+from mcpbill_cli.ledger import alerts
 from mcpbill_cli.ledger.credit import IssuedToken, IssueRequest, issue, show
 from mcpbill_cli.ledger.engine import reading, writing
-from mcpbill_cli.ledger.models import budget_spend, events, transfers
+from mcpbill_cli.ledger.models import budget_spend, events, transfers, webhook_events
 from mcpbill_cli.ledger.topups import TokenTerms
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
@@ -208,6 +209,29 @@ def test_auto_topup_happens_once_per_crossing(
     charge(verifier, token, 6, start=6)
     assert topups_of(funded, token.claims.jti) == [60_000, 60_000]
     assert_reconciles(funded, clock, verifier)
+
+
+def test_an_auto_topup_that_takes_the_tenant_under_its_alert_amount_alerts(
+        engine: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock) -> None:
+    """The tenant's balance falls through a top-up made for a capture, not only through
+    `token issue` and `token topup`: its ``tenant.balance_low`` alert fires all the same."""
+    fund(engine, "acme", 200_000, now=clock())
+    with writing(engine) as conn:
+        alerts.set_tenant_alert(conn, "acme", 80_000)
+    verifier = a_verifier(engine, keys, clock)
+    token = a_token(engine, ring, clock, limit=100_000,
+                    terms=TokenTerms(topup_below=50_000, topup_to=100_000))
+    charge(verifier, token, 6)  # the tenant: 0.10 left after issue, 0.04 after the top-up
+    assert topups_of(engine, token.claims.jti) == [60_000]
+    low = [json.loads(payload) for payload in _outbox_payloads(engine, "tenant.balance_low")]
+    assert [(e["data"]["tenant"], e["data"]["available_usd"]) for e in low] == [
+        ("acme", "0.04")]
+
+
+def _outbox_payloads(engine: Engine, kind: str) -> list[str]:
+    with reading(engine) as conn:
+        return list(conn.execute(select(webhook_events.c.payload)
+                                 .where(webhook_events.c.type == kind)).scalars())
 
 
 def test_auto_topup_is_bounded_by_what_the_tenant_has_and_its_caps(
