@@ -16,7 +16,7 @@ of its own (several verifiers in one process never share counters):
 - ``mcpbill_hold_to_capture_seconds{tool}``: from the hold to the receipt;
 - ``mcpbill_ledger_errors_total``: calls refused because the ledger was unreachable or full;
 - ``mcpbill_seal_lag_seconds``: the age of the oldest audit event not yet sealed (0 when all
-  are), read from the ledger at each scrape.
+  are, NaN while the ledger cannot be read), read from the ledger at each scrape.
 
 Serve them with :func:`serve` (a thread of their own) or mount :meth:`PrometheusMetrics.asgi_app`
 into an ASGI application.
@@ -24,6 +24,7 @@ into an ASGI application.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -151,15 +152,22 @@ class _SealLag:
                                 value=self._lag())
 
     def _lag(self) -> float:
+        """NaN while the ledger cannot be read: the scrape still serves every other metric
+        (``mcpbill_ledger_errors_total`` above all)."""
         from sqlalchemy import func, select
+        from sqlalchemy.exc import DBAPIError
 
         from mcpbill_cli.clock import aware
+        from mcpbill_cli.errors import BillingError
         from mcpbill_cli.ledger.engine import reading
         from mcpbill_cli.ledger.models import events
 
-        with reading(self.engine) as conn:
-            oldest = conn.execute(select(func.min(events.c.at))
-                                  .where(events.c.seal.is_(None))).scalar()
+        try:
+            with reading(self.engine) as conn:
+                oldest = conn.execute(select(func.min(events.c.at))
+                                      .where(events.c.seal.is_(None))).scalar()
+        except (BillingError, DBAPIError):
+            return math.nan
         if oldest is None:
             return 0.0
         return max((self.clock() - aware(oldest)).total_seconds(), 0.0)

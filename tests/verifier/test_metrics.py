@@ -3,9 +3,11 @@ after paid, replayed, voided, free and refused calls, and checked against the le
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -13,10 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, func, select
 
 from mcpbill_cli import metrics
+from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import BillingError
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger.credit import IssuedToken
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.engine import make_engine, reading
 from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
@@ -153,3 +156,16 @@ def test_a_verifier_without_metrics_never_imports_prometheus() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=60).stdout
     assert out.strip() == "[]"
+
+
+def test_an_unreadable_ledger_leaves_the_scrape_whole(tmp_path: Path) -> None:
+    gone = make_engine(f"sqlite:///{tmp_path / 'missing' / 'ledger.db'}")
+    watched = metrics.PrometheusMetrics()
+    watched.watch_seal_lag(gone, utcnow)
+    watched.refused("search", "LEDGER_UNAVAILABLE")
+    got = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+           for family in text_string_to_metric_families(watched.text())
+           for sample in family.samples}
+    assert math.isnan(got[("mcpbill_seal_lag_seconds", ())])
+    assert got[("mcpbill_ledger_errors_total", ())] == 1
+    gone.dispose()
