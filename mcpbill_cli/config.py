@@ -48,6 +48,7 @@ DEFAULT_TENANT = "default"
 _KNOWN_KEYS = {
     "mode", "db_url", "issuer", "audience", "ttl_cap", "default_ttl", "leeway",
     "hold_timeout", "replay_result_cap", "chains", "wallet", "mcp", "x402", "limits",
+    "webhooks",
 }
 _MCP_KEYS = {"authorization", "resource"}
 DEFAULT_RESULT_CAP = 256 * 1024
@@ -78,6 +79,7 @@ class Settings:
     mcp_authorization: str = "none"  # [mcp] authorization: see MCP_AUTHORIZATIONS
     mcp_resource: str | None = None  # [mcp] resource: the MCP server's canonical URI
     limits_storage: str | None = None  # [limits] storage: a Redis URL, or None (the ledger)
+    deliver_webhooks: bool = False  # [webhooks] deliver: servers deliver alert webhooks
     file: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -149,6 +151,7 @@ def load_settings(
         mcp_resource=resource,
         limits_storage=_limits_storage(_with_table_env(file, "limits", {
             "storage": ENV_LIMITS_STORAGE}).get("limits", {})),
+        deliver_webhooks=_deliver_webhooks(file.get("webhooks", {})),
         file=file,
     )
 
@@ -168,6 +171,21 @@ def _limits_storage(table: Any) -> str | None:
         raise ConfigInvalid("config [limits] storage must be a Redis URL (redis://HOST:PORT/DB)"
                             ", or unset to count rate limits in the ledger")
     return uri
+
+
+def _deliver_webhooks(table: Any) -> bool:
+    """``[webhooks] deliver``: whether a verifier built from the settings (every server made
+    with ``from_settings``) delivers alert webhooks from a thread of its own process. Off by
+    default: ``mcpbill webhooks deliver`` may run on its own instead, or beside servers."""
+    if not isinstance(table, dict):
+        raise ConfigInvalid("config [webhooks] must be a table")
+    unknown = sorted(set(table) - {"deliver"})
+    if unknown:
+        raise ConfigInvalid(f"config [webhooks]: unknown key(s) {', '.join(unknown)}")
+    deliver = table.get("deliver", False)
+    if not isinstance(deliver, bool):
+        raise ConfigInvalid("config [webhooks] deliver must be true or false")
+    return deliver
 
 
 def _with_table_env(file: dict[str, Any], table: str, envs: dict[str, str]) -> dict[str, Any]:

@@ -254,7 +254,8 @@ class Verifier:
             "db_url": s.db_url, "keys": KeySource(directory=s.keys_dir),
             "pricing": s.pricing_path, "audience": _audience(s), "issuer": s.issuer,
             "leeway": s.leeway, "hold_timeout": s.hold_timeout, "demo": s.demo,
-            "result_cap": s.result_cap, "limits_storage": s.limits_storage}
+            "result_cap": s.result_cap, "limits_storage": s.limits_storage,
+            "deliver_webhooks": s.deliver_webhooks}
         return cls(**{**options, **overrides})
 
     @classmethod

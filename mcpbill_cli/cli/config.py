@@ -28,6 +28,7 @@ def scrubbed(settings: Settings) -> dict[str, str]:
         "mcp_authorization": settings.mcp_authorization,
         "mcp_resource": settings.mcp_resource or "",
         "limits_storage": redact_url(settings.limits_storage) if settings.limits_storage else "",
+        "deliver_webhooks": "true" if settings.deliver_webhooks else "false",
         "config_file": str(settings.config_path),
         "pricing_file": str(settings.pricing_path),
         "keys_dir": str(settings.keys_dir),
