@@ -43,6 +43,7 @@ from mcpbill_cli.config import ENV_HOME, ENV_MODE, load_settings
 from mcpbill_cli.keys import KeyRing
 from mcpbill_cli.ledger import credit
 from mcpbill_cli.ledger.engine import make_engine, writing
+from mcpbill_cli.mcp.wire import TOKEN_META
 from mcpbill_cli.setup import initialize
 from mcpbill_cli.verifier import Hold, Verifier
 
@@ -102,14 +103,20 @@ def start_proxy(settings: Any, node: str, port: int, log: Any) -> subprocess.Pop
     raise SystemExit("mcpbill proxy did not listen")
 
 
-async def per_call(client: Client, calls: int, *, paid: bool, free: bool = False) -> float:
+async def per_call(client: Client, calls: int, *, token: str | None = None,
+                   free: bool = False) -> float:
+    """Seconds per call of ``echo`` (paid when a ``token`` rides in ``_meta``, as an agent
+    sends it) or of the free ``get-sum``."""
+    meta = {TOKEN_META: token} if token else None
     start = time.perf_counter()
     for _ in range(calls):
         number = next(_NUMBERS)
         result = await (client.call_tool("get-sum", {"a": number, "b": 1}) if free
-                        else client.call_tool("echo", {"message": f"hello {number}"}))
+                        else client.call_tool("echo", {"message": f"hello {number}"},
+                                              meta=meta))  # type: ignore[arg-type]
         assert not result.is_error, result
-        assert paid == bool(result.meta and any("receipt" in key for key in result.meta))
+        paid = bool(result.meta and any("receipt" in key for key in result.meta))
+        assert paid == (token is not None), result
     return (time.perf_counter() - start) / calls
 
 
@@ -127,15 +134,15 @@ async def measure(node: str, url: str, token: str, verifier: Verifier, calls: in
     times: dict[str, list[float]] = {"direct": [], "proxied": [], "floor": [], "free": []}
     upstream = StdioServerParameters(command=node, args=[str(EVERYTHING), "stdio"])
     with open(os.devnull, "w") as quiet:
-        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as web, \
+        async with httpx2.AsyncClient() as web, \
                 Client(stdio_client(upstream, errlog=quiet), cache=None) as direct, \
                 Client(streamable_http_client(url, http_client=web), cache=None) as proxied:
-            await per_call(direct, 20, paid=False)  # warm up both paths
-            await per_call(proxied, 20, paid=True)
+            await per_call(direct, 20)  # warm up both paths
+            await per_call(proxied, 20, token=token)
             for _ in range(rounds):
-                times["direct"].append(await per_call(direct, calls, paid=False))
-                times["proxied"].append(await per_call(proxied, calls, paid=True))
-                times["free"].append(await per_call(proxied, calls, paid=False, free=True))
+                times["direct"].append(await per_call(direct, calls))
+                times["proxied"].append(await per_call(proxied, calls, token=token))
+                times["free"].append(await per_call(proxied, calls, free=True))
                 times["floor"].append(verifier_floor(verifier, token, calls))
     return {name: statistics.median(values) for name, values in times.items()}
 
