@@ -221,6 +221,32 @@ def test_seal_all_seals_everything_waiting_one_seal_per_batch_limit(
     assert len(assert_sealed_exactly_once(engine, jwks_keys)) == 3
 
 
+def test_a_turn_seals_what_was_waiting_not_what_commits_meanwhile(
+        pg_engine: Engine, sign: Sign, jwks_keys: dict[str, VerificationKey]) -> None:
+    """Paid calls commit events while a sealer seals: the turn ends with its one batch, and
+    the events committed meanwhile wait for the next turn. A sealer that went on would seal
+    them a few at a time, a whole seal each, for as long as calls keep coming (its clock here
+    commits an event each time the sealer reads it, five times: before, seal_all sealed each
+    of them in a seal of its own)."""
+    write_events(pg_engine, 3)
+    committed_meanwhile = 0
+
+    def clock_while_calls_commit() -> datetime:
+        nonlocal committed_meanwhile
+        if committed_meanwhile < 5:
+            committed_meanwhile += 1
+            write_events(pg_engine, 1, start=100 + committed_meanwhile)
+        return AT
+
+    made = seal_all(pg_engine, sign, clock=clock_while_calls_commit)
+    assert [(m.number, m.count) for m in made] == [(1, 3)]
+    assert committed_meanwhile == 1
+    with reading(pg_engine) as conn:
+        assert unsealed_before(conn, AT + timedelta(days=1))[0] == 1
+    assert [(m.number, m.count) for m in seal_all(pg_engine, sign, clock=lambda: AT)] == [(2, 1)]
+    assert_sealed_exactly_once(pg_engine, jwks_keys)
+
+
 def test_an_event_that_commits_late_lands_in_the_next_seal(pg_engine: Engine, sign: Sign,
                                                           jwks_keys: dict[str, Any]) -> None:
     """PostgreSQL takes an id before commit order is known: a sealer seals what is committed,
