@@ -10,6 +10,7 @@ verifier trades that for speed.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from mcpbill_cli.errors import (
 from mcpbill_cli.ledger.models import SCHEMA_REVISION
 
 _READONLY = "mcpbill_readonly"
+# Less room than this left beside a SQLite file, and its "disk I/O error" is a full disk.
+_NO_ROOM = 1 << 20
 
 
 def make_engine(url: str, *, pool_size: int = 10, wal_autocheckpoint: int | None = None,
@@ -167,7 +170,7 @@ def _unavailable_as_error(engine: Engine) -> Iterator[None]:
 def unavailable(engine: Engine, exc: DBAPIError) -> LedgerUnavailable:
     url = redact_url(engine.url.render_as_string(hide_password=False))
     reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
-    if _disk_full(exc.orig):
+    if _disk_full(exc.orig, engine.url.database):
         return LedgerFull(
             f"the ledger at {url} is full ({reason}): nothing of this transaction was "
             "written; free disk space (or raise the database's size limit) and retry",
@@ -178,12 +181,31 @@ def unavailable(engine: Engine, exc: DBAPIError) -> LedgerUnavailable:
     )
 
 
-def _disk_full(error: BaseException | None) -> bool:
-    """SQLite's SQLITE_FULL (a full disk, or ``max_page_count`` reached) or PostgreSQL's
-    ``disk_full`` (SQLSTATE 53100)."""
+def _disk_full(error: BaseException | None, database: str | None) -> bool:
+    """SQLite's SQLITE_FULL (a full disk, or ``max_page_count`` reached), PostgreSQL's
+    ``disk_full`` (SQLSTATE 53100), or SQLite's disk I/O error on a filesystem with no room.
+
+    On a full filesystem SQLite often fails first at growing its shared-memory (``-shm``)
+    file, and reports only SQLITE_IOERR: the ENOSPC under it is not passed on by the
+    driver, so the room left beside the ``database`` file decides.
+    """
     if isinstance(error, sqlite3.Error):
-        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        code = getattr(error, "sqlite_errorcode", 0)
+        if code == sqlite3.SQLITE_FULL:
+            return True
+        return code & 0xFF == sqlite3.SQLITE_IOERR and _no_room_beside(database)
     return getattr(error, "sqlstate", None) == "53100"
+
+
+def _no_room_beside(database: str | None) -> bool:
+    """Whether the filesystem holding the SQLite file ``database`` is (all but) full."""
+    if not database or database == ":memory:":
+        return False
+    try:
+        disk = os.statvfs(Path(database).expanduser().parent)
+    except OSError:
+        return False
+    return disk.f_bavail * disk.f_frsize < _NO_ROOM
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -17,12 +17,17 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture
-def cluster() -> Iterator[ScratchPostgres]:
-    """A throwaway PostgreSQL cluster (never the shared server), destroyed afterwards."""
+def pg_server() -> None:
+    """PostgreSQL's server binaries are installed: else skipped, but failed under CI=true."""
     if server_binaries() is None:
         if os.environ.get("CI") == "true":
             pytest.fail("PostgreSQL server binaries are required under CI=true")
         pytest.skip("no PostgreSQL server binaries under /usr/lib/postgresql")
+
+
+@pytest.fixture
+def cluster(pg_server: None) -> Iterator[ScratchPostgres]:
+    """A throwaway PostgreSQL cluster (never the shared server), destroyed afterwards."""
     with scratch_postgres() as started:
         yield started
 

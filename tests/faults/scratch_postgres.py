@@ -56,9 +56,10 @@ class ScratchPostgres:
     def url(self) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
-    def init(self) -> None:
+    def init(self, *options: str) -> None:
+        """``initdb`` with ``options`` besides this cluster's (``--waldir DIR``, say)."""
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres",
-                  "--no-sync", "-E", "UTF8")
+                  "--no-sync", "-E", "UTF8", *options)
 
     def start(self) -> None:
         self._pg_ctl("start", "-o", self._options(), "-l", str(self._log))
@@ -97,17 +98,30 @@ class ScratchPostgres:
                        cwd=self.root)
 
 
-@contextmanager
-def scratch_postgres() -> Iterator[ScratchPostgres]:
-    """A started cluster, destroyed on the way out whatever happened."""
+def os_user_ids() -> tuple[int, int] | None:
+    """The (uid, gid) the cluster's files belong to when the tests run as root, else None."""
+    if os.geteuid() != 0:
+        return None
+    account = pwd.getpwnam(OS_USER)
+    return account.pw_uid, account.pw_gid
+
+
+def unstarted_cluster() -> ScratchPostgres:
+    """A cluster in a new temporary directory the cluster's OS user owns: not yet initdb'd."""
     binaries = server_binaries()
     if binaries is None:
         raise FileNotFoundError(f"no PostgreSQL server binaries under {BIN_GLOB}")
     root = Path(tempfile.mkdtemp(prefix="mcpbill-pg-"))
-    if os.geteuid() == 0:
-        account = pwd.getpwnam(OS_USER)
-        os.chown(root, account.pw_uid, account.pw_gid)
-    cluster = ScratchPostgres(binaries, root)
+    owner = os_user_ids()
+    if owner is not None:
+        os.chown(root, *owner)
+    return ScratchPostgres(binaries, root)
+
+
+@contextmanager
+def scratch_postgres() -> Iterator[ScratchPostgres]:
+    """A started cluster, destroyed on the way out whatever happened."""
+    cluster = unstarted_cluster()
     try:
         cluster.init()
         cluster.start()

@@ -1,10 +1,10 @@
 """A full disk: the ledger refuses calls whole with LEDGER_FULL and takes them again once there
 is room; the CLI's file writes leave the old file whole.
 
-The ledger's disk is a SQLite ``max_page_count`` set on every connection the pool hands out
-(a real full filesystem makes SQLite fail its shared-memory file first, a disk I/O error, which
-is LEDGER_UNAVAILABLE). The CLI's files are written to a small tmpfs filled to the last byte;
-where this machine cannot mount one, that test is skipped.
+The ledger's disk here is a SQLite ``max_page_count`` set on every connection the pool hands
+out (test_full_filesystem.py fills real filesystems under SQLite and PostgreSQL). The CLI's
+files are written to a small tmpfs filled to the last byte; where this machine cannot mount
+one, that test is skipped, but never under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from mcpbill_cli.ledger.schema import upgrade
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 from tests.faults.conftest import Run
+from tests.faults.small_disk import SmallDisk, small_disk_in_temp
 from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, fund, mint
 from tests.verifier.invariants import assert_ledger_invariants
 
@@ -159,47 +158,10 @@ def _available(result: Any) -> str:
     return str(json.loads(result.stdout)["data"]["available_usd"])
 
 
-class SmallDisk:
-    """A 1 MiB tmpfs: ``fill()`` takes its last byte, ``free()`` gives the room back."""
-
-    def __init__(self, mount: Path) -> None:
-        self.mount = mount
-        self._filler = mount / "filler"
-
-    def fill(self) -> None:
-        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc  # noqa: PT017 - the disk is full now
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        self._filler.unlink()
-
-    def files(self) -> dict[str, bytes]:
-        """Every file under the mount but the filler, with its bytes (but an edit's empty
-        ``.lock`` file, which stays beside the pricing file once made: it holds no data)."""
-        return {str(p.relative_to(self.mount)): p.read_bytes()
-                for p in sorted(self.mount.rglob("*"))
-                if p.is_file() and p != self._filler and p.suffix != ".lock"}
-
-
 @pytest.fixture
 def small_disk() -> Iterator[SmallDisk]:
-    mount = Path(tempfile.mkdtemp(prefix="mcpbill-full-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",  # noqa: S607
-                              str(mount)], capture_output=True, check=False)
-    if mounted.returncode != 0:
-        mount.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield SmallDisk(mount)
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)  # noqa: S607
-        mount.rmdir()
+    with small_disk_in_temp("1m") as disk:
+        yield disk
 
 
 def test_cli_writes_on_a_full_disk_leave_the_old_files_whole(
