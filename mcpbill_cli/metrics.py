@@ -18,6 +18,10 @@ of its own (several verifiers in one process never share counters):
 - ``mcpbill_seal_lag_seconds``: the age of the oldest audit event not yet sealed (0 when all
   are, NaN while the ledger cannot be read), read from the ledger at each scrape.
 
+The ``tool`` label of a refused or free call is the caller's word, sent before any token is
+checked: it is kept only for the tools the pricing table names (and the tools a proxy's upstream
+lists), else it reads ``unknown``, so that a caller cannot grow the series without bound.
+
 Serve them with :func:`serve` (a thread of their own) or mount :meth:`PrometheusMetrics.asgi_app`
 into an ASGI application.
 """
@@ -27,17 +31,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["LEDGER_ERRORS", "PrometheusMetrics", "serve", "stop"]
+__all__ = ["LEDGER_ERRORS", "UNKNOWN_TOOL", "PrometheusMetrics", "serve", "stop"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LEDGER_ERRORS = frozenset({"LEDGER_UNAVAILABLE", "LEDGER_FULL"})
+UNKNOWN_TOOL = "unknown"  # the tool label of a refused or free call of a tool nobody names
 
 
 class PrometheusMetrics:
@@ -65,11 +70,31 @@ class PrometheusMetrics:
                                       registry=self.registry)
         self._held: dict[str, float] = {}  # hold id -> monotonic time of the hold
         self._lock = threading.Lock()
+        self._named: Callable[[str], bool] | None = None  # None: every tool label is kept
+        self._listed: frozenset[str] = frozenset()
+
+    # --- which tool labels are kept ---------------------------------------------------------------
+
+    def name_tools(self, named: Callable[[str], bool]) -> None:
+        """Keep the ``tool`` label of refused and free calls only where ``named(tool)`` (the
+        verifier's pricing table names it) or the tool was :meth:`listed`."""
+        self._named = named
+
+    def listed(self, tools: Iterable[str]) -> None:
+        """``tools`` are real (a proxy's upstream listed them): their labels are kept."""
+        self._listed = frozenset(tools)
+
+    def _label(self, tool: str) -> str:
+        if self._named is None or tool in self._listed or self._named(tool):
+            return tool
+        return UNKNOWN_TOOL
 
     # --- what billing reports -------------------------------------------------------------------
 
     def finished(self, tool: str, outcome: str) -> None:
         """A call ended without a capture: ``voided``, ``refused``, ``replayed`` or ``free``."""
+        if outcome in ("refused", "free"):  # perhaps before any token was checked
+            tool = self._label(tool)
         self._calls.labels(tool, outcome).inc()
 
     def refused(self, tool: str, code: str) -> None:
@@ -80,7 +105,7 @@ class PrometheusMetrics:
     def refusal(self, tool: str, code: str) -> None:
         """A coded refusal that does not end the call's count by itself (a voided call's
         ``UPSTREAM_TIMEOUT``, a capture refused after its hold was counted)."""
-        self._refusals.labels(tool, code).inc()
+        self._refusals.labels(self._label(tool), code).inc()
         if code in LEDGER_ERRORS:
             self._ledger_errors.inc()
 

@@ -273,11 +273,14 @@ class Verifier:
 
     def enable_metrics(self, metrics: PrometheusMetrics | None = None) -> PrometheusMetrics:
         """Record this verifier's calls in ``metrics`` (a new registry when ``None``), with
-        the seal lag of its ledger; returns them. Call it before serving calls."""
+        the seal lag of its ledger; returns them. Call it before serving calls.
+
+        Refusals keep the ``tool`` label only of the tools the pricing table names."""
         if metrics is None:
             from mcpbill_cli.metrics import PrometheusMetrics
 
             metrics = PrometheusMetrics()
+        metrics.name_tools(lambda tool: self.pricing.current().names(tool))
         if self.engine is not None:
             metrics.watch_seal_lag(self.engine, self._clock)
         self.metrics = metrics

@@ -42,6 +42,10 @@ def proxy(
         "--metrics", metavar="HOST:PORT",
         help="Serve Prometheus metrics at http://HOST:PORT/metrics: calls and refusals by tool "
              "and code, amount charged, holds open, hold-to-capture latency.")] = None,
+    trace: Annotated[bool, typer.Option(
+        "--trace", help="OpenTelemetry spans of each tool call, joined to the agent's trace "
+                        "(_meta traceparent), exported as the OTEL_* variables say (default "
+                        "OTLP over HTTP to localhost:4318). Needs mcpbill[otel].")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Serve an MCP endpoint that forwards to an upstream MCP server and bills its tool calls.
@@ -64,7 +68,8 @@ def proxy(
                            call_timeout=call_timeout, max_concurrent=max_concurrent,
                            max_request_bytes=max_request_bytes,
                            max_response_bytes=max_response_bytes,
-                           metrics=_host_port(metrics, "metrics") if metrics else None)
+                           metrics=_host_port(metrics, "metrics") if metrics else None,
+                           trace=trace)
 
     def announce(where: dict[str, str | None]) -> None:
         if as_json:  # the one document, printed once the proxy is set up

@@ -193,6 +193,11 @@ class PricingTable:
         """What this table says, as a hash: see :func:`document_digest`."""
         return document_digest(self.to_document())
 
+    def names(self, tool: str) -> bool:
+        """Whether the table prices ``tool`` by name (for some tenant or all), not only by its
+        default price or a free-tier pattern."""
+        return tool in self.tools or any(tool in terms.tools for terms in self.tenants.values())
+
     def free_tier_for(self, tool: str) -> str | None:
         """The first free-tier pattern that covers ``tool``, if any."""
         return next((pattern for pattern in self.free_tiers if matches(pattern, tool)), None)

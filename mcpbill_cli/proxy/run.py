@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mcpbill_cli import metrics as prometheus
+from mcpbill_cli import tracing
 from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp.wire import authorization_resource
 from mcpbill_cli.proxy.billing import Limits
@@ -38,6 +39,7 @@ class ProxyOptions:
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 4 * 1024 * 1024
     metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics
+    trace: bool = False  # OpenTelemetry spans, exported as the OTEL_* variables say
 
 
 def serve(settings: Settings, options: ProxyOptions,
@@ -51,6 +53,7 @@ def serve(settings: Settings, options: ProxyOptions,
     limits = Limits(call_timeout=options.call_timeout, max_concurrent=options.max_concurrent,
                     max_request_bytes=options.max_request_bytes,
                     max_response_bytes=options.max_response_bytes)
+    spans = tracing.export("mcpbill-proxy") if options.trace else None
     verifier = Verifier.from_settings(settings)
     scraper: Any = None
     try:
@@ -60,7 +63,7 @@ def serve(settings: Settings, options: ProxyOptions,
             scraper = prometheus.serve(verifier.enable_metrics(), host, port)
             metrics_url = f"http://{_url_host(host)}:{port}/metrics"
         proxy = Proxy(verifier, Upstream(target), limits,
-                      resource=authorization_resource(settings),
+                      resource=authorization_resource(settings), tracing=options.trace,
                       acceptor=_acceptor(verifier, settings))
         app = build_app(proxy, host=options.host)
         announce({"url": f"http://{_url_host(options.host)}:{options.port}/mcp",
@@ -72,6 +75,8 @@ def serve(settings: Settings, options: ProxyOptions,
         if scraper is not None:
             prometheus.stop(scraper)
         verifier.close()  # seals the last calls' events
+        if spans is not None:
+            spans.shutdown()  # sends the spans still queued
 
 
 def _acceptor(verifier: Verifier, settings: Settings) -> Acceptor | None:

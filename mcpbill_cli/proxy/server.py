@@ -107,6 +107,8 @@ class Proxy:
                 tools.append(tool)
                 continue
             tools.append(tool.model_copy(update={"meta": {**(tool.meta or {}), PRICE_META: price}}))
+        if self.verifier.metrics is not None:  # real tools: their refusals keep their label
+            self.verifier.metrics.listed(self._schemas)
         return listed.model_copy(update={"tools": tools, **self._hints_over(listed)})
 
     def _hints_over(self, listed: types.ListToolsResult) -> dict[str, Any]:

@@ -80,3 +80,22 @@ def test_the_metrics_match_the_ledger_after_a_run(metered: tuple[str, str], mint
     assert got[("mcpbill_holds_open", ())] == 0
     assert got[("mcpbill_hold_to_capture_seconds_count", (("tool", "echo"),))] == 2
     assert sum(token_view(engine, token).held for token in tokens) == 0
+
+
+def test_refusals_of_tools_nobody_names_share_one_label(metered: tuple[str, str]) -> None:
+    """A caller without a token picks the tool name: only the pricing table's tools and the
+    upstream's listed ones keep theirs, so made-up names cannot grow the series."""
+    url, metrics_url = metered
+
+    async def run() -> None:
+        async with agent(url, None) as client:
+            for made_up in ("no-such-tool-1", "no-such-tool-2", "x" * 200):
+                assert refusal_of(await client.call(made_up))["code"] == "PRICE_UNKNOWN"
+            assert refusal_of(await client.call("echo", {"message": "no token"}))
+            await client.client.list_tools()  # get-env: listed by the upstream, not priced
+            assert refusal_of(await client.call("get-env"))["code"] == "PRICE_UNKNOWN"
+
+    anyio.run(run)
+    refusals = {dict(labels)["tool"]: value for (name, labels), value in scrape(metrics_url).items()
+                if name == "mcpbill_refusals_total"}
+    assert refusals == {"unknown": 3, "echo": 1, "get-env": 1}
