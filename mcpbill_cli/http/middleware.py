@@ -10,6 +10,13 @@ refusal answers it; a free call runs unbilled; a replay answers with the kept re
 endpoint runs with its response held back; a 2xx is captured and sent with its receipt,
 anything else (an error status, an exception, a response over the buffer) is voided. Nothing
 of a billed response leaves before its capture has committed.
+
+Metrics and spans are the verifier's, as for MCP calls (``verifier.enable_metrics()``,
+``verifier.enable_tracing()``): the verifier counts holds, captures, voids, replays and its own
+refusals; the middleware adds what the verifier never sees (free calls made without a token, a
+missing token, a request or response over its buffer). A traced request gets an
+``mcpbill.call`` span joined to the W3C ``traceparent`` header the client sent (or to the span
+an ASGI instrumentation opened for the request).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from mcpbill_cli.http.wire import (
 )
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.receipts import Receipt
+from mcpbill_cli.tracing import ended, step
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 
 if TYPE_CHECKING:
@@ -98,11 +106,23 @@ class PaymentMiddleware:
         client = scope.get("client")
         source = CALL_SOURCE.set(str(client[0]) if client else "")
         try:
-            await self._billed(route, scope, receive, send)
+            await self._traced(route, scope, receive, send)
         except ClientGone:
             return  # nothing was opened: the client left before its request arrived
         finally:
             CALL_SOURCE.reset(source)
+
+    async def _traced(self, route: PaidRoute, scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        """One billed request, in an ``mcpbill.call`` span when the verifier traces calls."""
+        tracing = self.verifier.tracing
+        if tracing is None:
+            await self._billed(route, scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1")
+                   for key, value in scope.get("headers") or ()}
+        with tracing.call(route.tool, headers):  # joins the request's traceparent header
+            await self._billed(route, scope, receive, send)
 
     # --- one billed request ---------------------------------------------------------------------
 
@@ -110,7 +130,8 @@ class PaymentMiddleware:
                       send: Send) -> None:
         try:
             request = await read_request(scope, receive, self.max_request_bytes)
-        except BillingError as error:
+        except BillingError as error:  # REQUEST_TOO_LARGE
+            self._refused_here(error, route.tool)
             await refusal(error).send_to(send, [])
             return
         app_receive = replaying(request.body, receive)
@@ -124,8 +145,10 @@ class PaymentMiddleware:
         if isinstance(opened, BufferedResponse):  # refused
             await opened.send_to(send, [])
         elif not isinstance(opened, Hold):  # free: nothing to hold, nothing to hold back
+            self._free_call(route.tool, counted=opened is not None)
             await self.app(scope, app_receive, send)
         elif opened.replayed is not None:
+            ended("replayed", amount=opened.replayed.amount)
             await _replay(opened, opened.replayed).send_to(
                 send, [receipt_header(opened.replayed), replayed_header()])
         else:
@@ -153,15 +176,20 @@ class PaymentMiddleware:
         """The verifier's begin for this request; ``None`` for a free tool called without a
         token; a refusal as its response."""
         token = request.header(self.token_header)
+        if token is None:
+            if await self._free(route):
+                return None
+            missing = self._missing_token()
+            self._refused_here(missing, route.tool)
+            return await self._refused(missing, route, request)
         try:
-            if token is None:
-                return None if await self._free(route) else await self._refused(
-                    self._missing_token(), route, request)
-            return await self.verifier.abegin(
-                token, route.tool, args=request.arguments(),
-                idempotency_key=request.header(IDEMPOTENCY_KEY_HEADER),
-                max_units=route.max_units)
-        except BillingError as error:
+            with step(self.verifier.tracing, "hold"):
+                return await self.verifier.abegin(
+                    token, route.tool, args=request.arguments(),
+                    idempotency_key=request.header(IDEMPOTENCY_KEY_HEADER),
+                    max_units=route.max_units)
+        except BillingError as error:  # the verifier counted it
+            ended("refused", code=error.code)
             return await self._refused(error, route, request)
 
     async def _refused(self, error: BillingError, route: PaidRoute,
@@ -187,6 +215,7 @@ class PaymentMiddleware:
                 response = await run_buffered(self.app, scope, receive, self.max_response_bytes)
             except BaseException:
                 await self._void(hold)
+                ended("voided")
                 raise
         return response, meter.units
 
@@ -196,15 +225,24 @@ class PaymentMiddleware:
         if not response.succeeded:
             await self._void(hold)
             if response.too_large:
-                return refusal(ResponseTooLarge(
+                too_large = ResponseTooLarge(
                     f"the endpoint answered with more than {self.max_response_bytes} bytes, "
                     "the most a billed response is held back; the call was not billed",
-                    limitBytes=self.max_response_bytes, tool=hold.tool)), []
+                    limitBytes=self.max_response_bytes, tool=hold.tool)
+                if self.verifier.metrics is not None:
+                    self.verifier.metrics.refusal(hold.tool, too_large.code)  # the call: voided
+                ended("voided", code=too_large.code)
+                return refusal(too_large), []
+            ended("voided")
             return response, []
         try:
-            receipt = await self.verifier.acapture(hold, units=units, result=response.to_json())
+            with step(self.verifier.tracing, "capture"):
+                receipt = await self.verifier.acapture(hold, units=units,
+                                                       result=response.to_json())
         except BillingError as error:  # e.g. the hold lapsed: not billed, output withheld
+            ended("refused", code=error.code)  # the verifier counted it
             return refusal(error), []
+        ended("captured", amount=receipt.amount)
         return response, [receipt_header(receipt)]
 
     async def _void(self, hold: Hold) -> None:
@@ -212,9 +250,22 @@ class PaymentMiddleware:
         A void the ledger refuses leaves the hold to lapse by itself (it is no longer kept
         alive): the endpoint's answer still stands."""
         try:
-            await asyncio.shield(self.verifier.avoid(hold))
+            with step(self.verifier.tracing, "void"):
+                await asyncio.shield(self.verifier.avoid(hold))
         except BillingError as failure:
             logger.warning("could not void hold %s: %s", hold.id, failure.message)
+
+    def _refused_here(self, error: BillingError, tool: str) -> None:
+        """Count a refusal of the middleware's own (the verifier never saw the call)."""
+        if self.verifier.metrics is not None:
+            self.verifier.metrics.refused(tool, error.code)
+        ended("refused", code=error.code)
+
+    def _free_call(self, tool: str, *, counted: bool) -> None:
+        """A free call runs unbilled; the verifier counted it when a token came along."""
+        if not counted and self.verifier.metrics is not None:
+            self.verifier.metrics.finished(tool, "free")
+        ended("free")
 
     async def _free(self, route: PaidRoute) -> bool:
         """Whether an anonymous call of ``route`` costs nothing (its base price is 0)."""

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from mcpbill_cli.errors import BillingError, DuplicateCall, ResponseTooLarge
 from mcpbill_cli.http.asgi import BufferedRequest, BufferedResponse
 from mcpbill_cli.http.wire import receipt_header, refusal, replayed_header
+from mcpbill_cli.metrics import call_ended
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved
 
 logger = logging.getLogger("mcpbill")
@@ -104,10 +105,12 @@ class X402Gate:
         try:
             opened = await asyncio.to_thread(self._open, paid, request, agent)
         except BillingError as error:  # a payment refused asks for a new one; the rest is not
+            self._ended(tool, "refused", code=error.code)
             if error.code.startswith("X402_"):
                 return await self.challenge(error, tool, paid.url, tenant=tenant), []
             return refusal(error), []
         if isinstance(opened, Replayed):  # settled before for this request: do not run again
+            self._ended(tool, "replayed", amount=opened.receipt.amount)
             return _replayed(opened, payment)
         return await self._run(opened, paid, run)
 
@@ -138,6 +141,7 @@ class X402Gate:
             raise
         if not response.succeeded:
             await self._release(opened)
+            self._ended(tool, "voided")
             if response.too_large:
                 return refusal(ResponseTooLarge(
                     "the endpoint answered with more than the middleware holds back; the "
@@ -146,6 +150,7 @@ class X402Gate:
         try:
             settlement = await asyncio.to_thread(self.acceptor.settle, opened)
         except BillingError as error:  # not settled: the endpoint's output is withheld
+            self._ended(tool, "refused", code=error.code)
             failure = {"success": False, "errorReason": error.code, "transaction": "",
                        "network": opened.verified.requirement["network"],
                        "payer": opened.verified.signed.payer}
@@ -160,7 +165,13 @@ class X402Gate:
                            "Acceptor.recover() records it", opened.verified.payment_id,
                            settlement.transaction, error.code)
             return response, headers
+        self._ended(tool, "captured", amount=receipt.amount)
         return response, [*headers, receipt_header(receipt)]
+
+    def _ended(self, tool: str, outcome: str, *, amount: int | None = None,
+               code: str | None = None) -> None:
+        """Count the request in the verifier's metrics and its span, where they are on."""
+        call_ended(self.acceptor.verifier.metrics, tool, outcome, amount=amount, code=code)
 
     async def _release(self, opened: Reserved) -> None:
         try:

@@ -22,6 +22,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 from web3 import Web3
 from x402 import x402Client
@@ -296,6 +297,7 @@ def test_a_v1_client_pays_with_x_payment(url: str, shop: Shop, payer: LocalAccou
 
 def test_a_reused_payment_header_replays_or_is_refused_and_settles_once(
         url: str, shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    metrics = shop.verifier.enable_metrics()
     challenge = httpx.get(f"{url}/report")
     v2 = decoded(challenge.headers["PAYMENT-REQUIRED"])
     payment = official_payment(official_client(payer, shop.terms.asset), v2)
@@ -312,6 +314,18 @@ def test_a_reused_payment_header_replays_or_is_refused_and_settles_once(
     assert runs["report"] == 1 and shop.received() == SEARCH_PRICE
     assert len(shop.captured_calls("search")) == 1
     shop.assert_books_clean()
+    counted = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(metrics.text())
+               for sample in family.samples if sample.labels.get("tool") == "search"
+               and sample.name.endswith("_total") and sample.value}
+    assert counted == {
+        ("mcpbill_calls_total", (("outcome", "captured"), ("tool", "search"))): 1,
+        ("mcpbill_calls_total", (("outcome", "replayed"), ("tool", "search"))): 1,
+        ("mcpbill_calls_total", (("outcome", "refused"), ("tool", "search"))): 2,
+        ("mcpbill_refusals_total", (("code", "INVALID_CREDIT_TOKEN"), ("tool", "search"))): 1,
+        ("mcpbill_refusals_total", (("code", "X402_NONCE_USED"), ("tool", "search"))): 1,
+        ("mcpbill_charged_micro_usdc_total", (("tool", "search"),)): SEARCH_PRICE,
+    }
 
 
 def test_an_error_status_releases_the_payment_and_moves_nothing(
