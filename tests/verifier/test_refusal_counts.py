@@ -7,6 +7,7 @@ minute, never an event each. A refusal of a token we signed stays one event of i
 from __future__ import annotations
 
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +20,8 @@ import pytest
 from mcp.client import Client
 from sqlalchemy import Engine, func, select
 
-from mcpbill_cli.errors import BillingError
-from mcpbill_cli.keys import KeyRing, KeySource, init_keyring
+from mcpbill_cli.errors import BillingError, InvalidCreditToken
+from mcpbill_cli.keys import KeyRing, KeySource, init_keyring, rotate
 from mcpbill_cli.ledger.audit import token_fingerprint
 from mcpbill_cli.ledger.credit import IssuedToken, revoke
 from mcpbill_cli.ledger.engine import make_engine, reading, writing
@@ -182,6 +183,55 @@ def test_two_verifiers_add_their_counts_to_the_same_row(
         refuse(verifier, f"three-{n}", n)
     verifier.seal()
     assert counts(funded) == {(minute_of(clock()), CODE, "malformed", ""): 10}
+
+
+def test_the_same_garbage_again_is_refused_again_and_counted_each_time(
+        verifier: Verifier, funded: Engine, new_token: Callable[..., IssuedToken],
+        stranger: KeyRing, clock: FakeClock) -> None:
+    """A refusal that stays true (a bad signature, an unknown key, garbage) is remembered
+    per token, so a flood of the same token costs little: it is still refused for the same
+    reason, and still counted, every time."""
+    genuine, other = new_token(), new_token(agent="agent-2")
+    flood = garbage(genuine, other, stranger, clock, 5)
+    for _ in range(3):
+        for reason, tokens in flood.items():
+            for n, token in enumerate(tokens):
+                refused = refuse(verifier, token, n)
+                assert (refused.code, refused.details["reason"]) == (CODE, reason), token
+    verifier.seal()
+    assert counts(funded) == {(minute_of(clock()), CODE, reason, ""): 15 for reason in flood}
+
+
+def test_a_token_of_a_key_this_replica_lacked_verifies_once_its_ring_has_the_key(
+        funded: Engine, keys_dir: Path, pricing: PricingTable, clock: FakeClock,
+        tmp_path: Path) -> None:
+    """A rotation made elsewhere: tokens of the new key are refused (unknown_key) until the
+    replica's key ring has it, then accepted; a remembered refusal does not outlive the keys."""
+    verifier = Verifier(keys=KeySource(directory=keys_dir, check_interval=0), pricing=pricing,
+                        engine=funded, clock=clock)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(keys_dir, elsewhere)
+    ring = KeyRing.load(elsewhere)
+    rotate(ring, "EdDSA", now=clock(), last_expiry=clock() + timedelta(hours=1))
+    ring.save()
+    token = mint_offline(KeyRing.load(elsewhere), clock, 0)
+    for _ in range(2):
+        with pytest.raises(InvalidCreditToken) as refused:
+            verifier.claims_of(token)
+        assert refused.value.reason == "unknown_key"
+    shutil.copytree(elsewhere, keys_dir, dirs_exist_ok=True)
+    assert verifier.claims_of(token).kid == ring.active().kid
+
+
+def test_a_token_not_valid_yet_is_accepted_once_its_time_comes(
+        verifier: Verifier, ring: KeyRing, clock: FakeClock) -> None:
+    """Refusals that depend on the time are never remembered."""
+    token = mint_offline(ring, FakeClock(clock() + timedelta(minutes=10)), 0)
+    with pytest.raises(InvalidCreditToken) as refused:
+        verifier.claims_of(token)
+    assert refused.value.reason == "not_yet_valid"
+    clock.advance(600)
+    assert verifier.claims_of(token).agent == "stranger-0"
 
 
 # --- refusals of valid tokens stay events ------------------------------------------------------
