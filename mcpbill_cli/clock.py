@@ -1,22 +1,25 @@
 """Time, in one place, so tests and the verifier can move it.
 
-Which clock decides: the clock of the process serving the call (a verifier's ``clock``, the
-CLI's for its commands), never the database's. SQLite has no server clock, and asking
-PostgreSQL for its time would cost a round trip per call; instead every time a call depends on
-is read once, from that clock, and the ledger's conditional statements keep the answer whole:
+Which clock decides: the ledger's. Every time a call depends on is read once, from one clock,
+and the ledger's conditional statements keep the answer whole:
 
-- token times (``exp``, ``nbf``, ``iat``): the serving replica's clock, with ``leeway``. A
-  replica whose clock is ahead refuses a token early; one behind accepts it until its own
-  ``exp + leeway``: every charge is stamped (``calls.created_at``) before that, by its replica.
-- hold timeouts: stamped by the replica that took the hold (its clock + ``hold_timeout``);
-  capture, extension and the expiry sweep each compare that stamp with their own clock in one
-  conditional UPDATE of a ``held`` call, so a hold is captured or expired, never both, and a
-  hold some sweeper found lapsed is never billed (HOLD_NOT_ACTIVE).
-- budget caps: a call counts against the UTC day (and month) of its replica's clock when it
-  was held or charged, and a void or partial capture gives it back to those same windows.
+- token times (``exp``, ``nbf``, ``iat``), with ``leeway``: a token is expired, on every
+  replica, once the ledger's clock is past ``exp + leeway``, and no charge is stamped after it.
+- hold timeouts: stamped ``hold_timeout`` after the hold by that clock; capture, extension and
+  the expiry sweep each compare the stamp with it in one conditional UPDATE of a ``held`` call,
+  so a hold is captured or expired, never both, and a lapsed hold is never billed.
+- budget caps: a call counts against the UTC day (and month) that clock says when it was held
+  or charged, and a void or partial capture gives it back to those same windows.
 
-Replicas should keep their clocks within the leeway of each other (NTP); a skew beyond it only
-moves when tokens stop working and holds lapse, by that skew. It never spends money twice.
+On PostgreSQL the ledger's clock is the database server's: a verifier (and the CLI's commands
+that write times) follows it with :class:`~mcpbill_cli.ledger.clock.DatabaseClock`, which reads
+it every 30 seconds and counts the time in between on the process's monotonic clock, so the
+replicas' own wall clocks play no part; an answer is within half a sample's round trip plus
+the monotonic clock's drift since (at most 1 ms a second) of the server's. On SQLite the
+database is a file on this host and the host's clock, :func:`utcnow`, is its clock. A clock
+given explicitly (``Verifier(clock=...)``) wins over both; replicas given their own must keep
+them within the leeway of each other: a larger skew moves when tokens stop working and holds
+lapse, by that skew, and never spends money twice.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli import refunding
 from mcpbill_cli.budgets import TokenTerms, window_key
-from mcpbill_cli.clock import Clock, aware, rfc3339, utcnow
+from mcpbill_cli.clock import Clock, aware, rfc3339
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import (
     BillingError,
@@ -63,6 +63,7 @@ from mcpbill_cli.keys import KeySource, VerificationKey
 from mcpbill_cli.ledger import alerts, audit, calls, rates, seals, topups
 from mcpbill_cli.ledger import budgets as ledger_budgets
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
+from mcpbill_cli.ledger.clock import DatabaseClock, ledger_clock
 from mcpbill_cli.ledger.credit import expire_holds
 from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
 from mcpbill_cli.ledger.ops import token_account
@@ -196,6 +197,10 @@ class Verifier:
     without, it neither imports prometheus-client nor calls anything for them. With ``tracing``
     (``True``, or a :class:`~mcpbill_cli.tracing.Tracing`) the MCP integrations make an
     OpenTelemetry span per billed call (:mod:`mcpbill_cli.tracing`).
+
+    Every time a call depends on comes from ``clock``; without one, from the ledger's clock
+    (:func:`~mcpbill_cli.ledger.clock.ledger_clock`): PostgreSQL's server clock, so that
+    replicas whose own clocks disagree give one answer, or this host's for SQLite.
     """
 
     def __init__(
@@ -203,7 +208,7 @@ class Verifier:
         engine: Engine | None = None, db_url: str | None = None,
         audience: Audience = "mcpbill", issuer: str | None = "mcpbill", leeway: int = 30,
         hold_timeout: int = 300, demo: bool = False, revoked: dict[str, int] | None = None,
-        clock: Clock = utcnow, result_cap: int = DEFAULT_RESULT_CAP,
+        clock: Clock | None = None, result_cap: int = DEFAULT_RESULT_CAP,
         limits_storage: str | None = None, deliver_webhooks: bool = False,
         metrics: PrometheusMetrics | bool | None = None,
         tracing: Tracing | bool | None = None,
@@ -225,7 +230,7 @@ class Verifier:
         self.demo = demo
         self.network = "mcpbill:demo" if demo else "mcpbill:ledger"
         self._revoked = revoked
-        self._clock = clock
+        self._clock = clock or ledger_clock(engine)
         self.result_cap = result_cap
         # Where rate limits count: Redis when a URL is given, else the ledger (in the hold).
         self._rate_store = RedisCounters(limits_storage) if limits_storage else None
@@ -233,15 +238,15 @@ class Verifier:
         self._refused_tokens: dict[str, tuple[str, str]] = {}  # token -> (message, reason)
         self._cache_generation = keys.generation
         self._tables: tuple[PricingTable, PricingTable] | None = None  # (the source's, ours)
-        self._keeper = HoldKeeper(self._extend, hold_timeout=hold_timeout, clock=clock)
+        self._keeper = HoldKeeper(self._extend, hold_timeout=hold_timeout, clock=self._clock)
         signs = keys.signer() is not None  # a key ring, not a JWKS: it can sign seals
         self._sealer = (None if engine is None
-                        else Sealer(engine, self._sign_seal if signs else None, clock))
+                        else Sealer(engine, self._sign_seal if signs else None, self._clock))
         if owned:
             self.start_sealer()
         # Alert webhooks from a thread of this process (any other deliverer may run beside it).
-        self._deliverer = (Deliverer(engine, clock) if deliver_webhooks and engine is not None
-                           else None)
+        self._deliverer = (Deliverer(engine, self._clock)
+                           if deliver_webhooks and engine is not None else None)
         if self._deliverer is not None:
             self._deliverer.start()
         self.metrics: PrometheusMetrics | None = None
@@ -307,6 +312,13 @@ class Verifier:
         """Seal the audit trail and write the refusal counts now; returns the events sealed
         (0 without a signing key, or while another sealer has its turn)."""
         return 0 if self._sealer is None else self._sealer.turn()
+
+    def clock_error_bound(self) -> float | None:
+        """How far, in seconds, this verifier's time may now be from its ledger's server
+        clock (see :class:`~mcpbill_cli.ledger.clock.DatabaseClock`); ``None`` when its clock
+        is not the server's (SQLite, a ``clock`` given, no ledger) or has not read it yet."""
+        clock = self._clock
+        return clock.error_bound() if isinstance(clock, DatabaseClock) else None
 
     def start_sealer(self) -> None:
         """Run :meth:`seal` every second from a thread of this verifier's (until close)."""

@@ -1,9 +1,10 @@
-"""Verifier replicas whose clocks disagree, on one ledger (SQLite and PostgreSQL).
+"""Verifier replicas given clocks that disagree, on one ledger (SQLite and PostgreSQL).
 
-The clock that decides is the clock of the replica serving the call, with the configured
-leeway for token times (see README "Faults and recovery"): each call gets one answer from it,
-and the ledger's conditional statements keep that answer whole whatever the other replicas
-think the time is. Two verifiers, A and B, share the ledger; B's clock runs ahead of A's.
+A clock given to a verifier replaces the ledger's (tests/faults/test_database_clock.py shows
+replicas on their default clock agreeing): each call is decided by the clock of the replica
+serving it, with the configured leeway for token times (see README "Faults and recovery"), and
+the ledger's conditional statements keep that answer whole whatever the other replicas think
+the time is. Two verifiers, A and B, share the ledger; B's clock runs ahead of A's.
 """
 
 from __future__ import annotations

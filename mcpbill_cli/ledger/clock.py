@@ -1,0 +1,129 @@
+"""The ledger's time: PostgreSQL's clock, read without a round trip per call.
+
+Replicas of a verifier share one PostgreSQL ledger, and their own wall clocks disagree (NTP
+keeps them close, not equal). Every time the ledger's statements compare (a token's expiry,
+a hold's timeout, the UTC day a budget counts in) is therefore taken from the one clock they
+share, the database server's. Asking it on every call would cost a round trip, so
+:class:`DatabaseClock` asks it now and then and counts the time in between on this process's
+monotonic clock, which NTP may slew but never steps, and which no one sets by hand.
+
+SQLite has no server: the database is a file on this host, and the host's clock is its clock,
+so :func:`ledger_clock` gives SQLite ledgers the process clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from mcpbill_cli.clock import Clock, utcnow
+from mcpbill_cli.errors import LedgerUnavailable
+from mcpbill_cli.ledger.engine import unavailable
+
+logger = logging.getLogger("mcpbill")
+
+RESAMPLE_SECONDS = 30.0  # how long one sample of the server's clock is trusted
+RETRY_SECONDS = 1.0  # after a failed sample: how soon to ask again, keeping the last one
+# How fast a monotonic clock may run apart from the server's: NTP slews a clock by at most
+# 500 parts per million, and the server's own clock is slewed as well.
+DRIFT = 2 * 500e-6
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """One reading of the server's clock: its time ``at`` this process's monotonic
+    ``mono``, give or take ``uncertainty`` seconds (half the round trip that read it), and
+    the ``floor`` no answer goes below (the last answer of the anchor before)."""
+
+    at: datetime
+    mono: float
+    uncertainty: float
+    floor: datetime
+
+
+class DatabaseClock:
+    """A :data:`~mcpbill_cli.clock.Clock` that follows ``engine``'s server (PostgreSQL).
+
+    Each call answers the last sample's server time plus the monotonic time elapsed since.
+    The call that finds the sample older than ``resample`` seconds samples again first (one
+    ``SELECT clock_timestamp()`` per process every ``resample`` seconds, and none on the
+    other calls); while one call samples, others answer from the sample they have. A sample
+    that fails keeps the one before (the call goes on to meet the ledger's own error) and is
+    retried a second later; only a clock that has never reached its server raises
+    :class:`~mcpbill_cli.errors.LedgerUnavailable`. Answers never go backwards: a new sample
+    behind the last answer holds the time there until it catches up.
+
+    ``monotonic`` is the local time source (tests drive it); the wall clock plays no part.
+    """
+
+    def __init__(self, engine: Engine, *, resample: float = RESAMPLE_SECONDS,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._resample = resample
+        self._monotonic = monotonic
+        self._anchor: Anchor | None = None
+        self._due = 0.0  # the monotonic time of the next sample
+        self._sampling = threading.Lock()
+
+    def __call__(self) -> datetime:
+        if self._anchor is None or self._monotonic() >= self._due:
+            self._sample()
+        return self._last_answer()
+
+    def error_bound(self) -> float | None:
+        """How far, in seconds, an answer now may be from the server's clock: half the
+        round trip of the last sample plus the drift since; ``None`` before any sample."""
+        anchor = self._anchor
+        if anchor is None:
+            return None
+        return anchor.uncertainty + DRIFT * (self._monotonic() - anchor.mono)
+
+    def _sample(self) -> None:
+        if not self._sampling.acquire(blocking=self._anchor is None):
+            return  # another call is sampling; the anchor in hand still holds
+        try:
+            self._anchor = self._read()
+            self._due = self._anchor.mono + self._resample
+        except LedgerUnavailable:
+            if self._anchor is None:
+                raise
+            logger.warning("could not read the ledger's clock; keeping the last reading")
+            self._due = self._monotonic() + RETRY_SECONDS
+        finally:
+            self._sampling.release()
+
+    def _read(self) -> Anchor:
+        """The server's clock, read in autocommit (no BEGIN inside the timed round trip)."""
+        try:
+            with self._engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                before = self._monotonic()
+                server = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+                after = self._monotonic()
+        except DBAPIError as exc:
+            raise unavailable(self._engine, exc) from None
+        at = server.astimezone(UTC)
+        return Anchor(at=at, mono=(before + after) / 2, uncertainty=(after - before) / 2,
+                      floor=at if self._anchor is None else self._last_answer())
+
+    def _last_answer(self) -> datetime:
+        """What the anchor in use answers now: no answer of the next may go below it."""
+        anchor = self._anchor
+        assert anchor is not None  # noqa: S101 - only called with an anchor
+        return max(anchor.at + timedelta(seconds=self._monotonic() - anchor.mono),
+                   anchor.floor)
+
+
+def ledger_clock(engine: Engine | None) -> Clock:
+    """The clock that decides for ``engine``'s ledger: the server's for PostgreSQL, this
+    host's (the database file's host) for SQLite and for no ledger at all."""
+    if engine is not None and engine.dialect.name == "postgresql":
+        return DatabaseClock(engine)
+    return utcnow
