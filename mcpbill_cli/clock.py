@@ -11,10 +11,11 @@ and the ledger's conditional statements keep the answer whole:
 - budget caps: a call counts against the UTC day (and month) that clock says when it was held
   or charged, and a void or partial capture gives it back to those same windows.
 
-On PostgreSQL the ledger's clock is the database server's: a verifier (and the CLI's commands
-that write times) follows it with :class:`~mcpbill_cli.ledger.clock.DatabaseClock`, which reads
-it every 30 seconds and counts the time in between on the process's monotonic clock, so the
-replicas' own wall clocks play no part; an answer is within half a sample's round trip plus
+On PostgreSQL the ledger's clock is the database server's. A verifier, and the CLI's commands
+that write or judge token times, follow it with
+:class:`~mcpbill_cli.ledger.clock.DatabaseClock`: it reads the server's clock every 30 seconds
+and counts the time in between on the process's monotonic clock, so the replicas' own wall
+clocks play no part; an answer is within half a sample's round trip plus
 the monotonic clock's drift since (at most 1 ms a second) of the server's. On SQLite the
 database is a file on this host and the host's clock, :func:`utcnow`, is its clock. A clock
 given explicitly (``Verifier(clock=...)``) wins over both; replicas given their own must keep

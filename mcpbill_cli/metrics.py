@@ -16,7 +16,10 @@ of its own (several verifiers in one process never share counters):
 - ``mcpbill_hold_to_capture_seconds{tool}``: from the hold to the receipt;
 - ``mcpbill_ledger_errors_total``: calls refused because the ledger was unreachable or full;
 - ``mcpbill_seal_lag_seconds``: the age of the oldest audit event not yet sealed (0 when all
-  are, NaN while the ledger cannot be read), read from the ledger at each scrape.
+  are, NaN while the ledger cannot be read), read from the ledger at each scrape;
+- ``mcpbill_clock_error_bound_seconds``: on a PostgreSQL ledger, how far the verifier's time
+  may be from the database server's (NaN before its first reading); see
+  :class:`~mcpbill_cli.ledger.clock.DatabaseClock`.
 
 The ``tool`` label of a refused or free call is the caller's word, sent before any token is
 checked: it is kept only for the tools the pricing table names (and the tools a proxy's upstream
@@ -149,6 +152,11 @@ class PrometheusMetrics:
         """Add ``mcpbill_seal_lag_seconds``, read from ``engine`` at each scrape."""
         self.registry.register(_SealLag(engine, clock))
 
+    def watch_clock(self, error_bound: Callable[[], float | None]) -> None:
+        """Add ``mcpbill_clock_error_bound_seconds``, asked of ``error_bound`` at each
+        scrape (``None``: NaN)."""
+        self.registry.register(_ClockErrorBound(error_bound))
+
     # --- serving --------------------------------------------------------------------------------
 
     def asgi_app(self) -> Any:
@@ -198,6 +206,21 @@ class _SealLag:
         if oldest is None:
             return 0.0
         return max((self.clock() - aware(oldest)).total_seconds(), 0.0)
+
+
+class _ClockErrorBound:
+    """A collector: how far the verifier's clock may be from its ledger's, when scraped."""
+
+    def __init__(self, error_bound: Callable[[], float | None]) -> None:
+        self.error_bound = error_bound
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        bound = self.error_bound()
+        yield GaugeMetricFamily("mcpbill_clock_error_bound_seconds",
+                                "How far this verifier's time may be from the database's.",
+                                value=math.nan if bound is None else bound)
 
 
 def call_ended(metrics: PrometheusMetrics | None, tool: str, outcome: str, *,

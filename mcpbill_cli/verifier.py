@@ -295,6 +295,8 @@ class Verifier:
         metrics.name_tools(lambda tool: self.pricing.current().names(tool))
         if self.engine is not None:
             metrics.watch_seal_lag(self.engine, self._clock)
+        if isinstance(self._clock, DatabaseClock):
+            metrics.watch_clock(self._clock.error_bound)
         self.metrics = metrics
         return metrics
 

@@ -33,7 +33,6 @@ def refund(
     scripts that may retry, pass --idempotency-key. Example: mcpbill refund rcpt_… --amount
     0.02 --reason "timed out" --idempotency-key ticket-812
     """
-    from mcpbill_cli.clock import utcnow
     from mcpbill_cli.money import format_usd, parse_usd
     from mcpbill_cli.refunding import refund as refund_call
 
@@ -42,7 +41,7 @@ def refund(
     network = "mcpbill:demo" if st.settings.demo else "mcpbill:ledger"
     done = refund_call(st.engine(), st.keyring().signing_key(), receipt_id, amount=micro,
                        reason=reason, idempotency_key=idempotency_key, network=network,
-                       clock=utcnow)
+                       clock=st.clock())
     data = {**receipt_data(done.claims), "replayed": done.replayed, "jws": done.jws}
     what = "already refunded (this key)" if done.replayed else "refunded"
     emit(data, as_json=as_json, human=lambda: say(

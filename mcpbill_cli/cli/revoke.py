@@ -12,7 +12,7 @@ from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
 from mcpbill_cli.cli.state import State, state
-from mcpbill_cli.clock import rfc3339, utcnow
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.fsutil import write_atomic
 from mcpbill_cli.money import format_usd
@@ -58,7 +58,7 @@ def revoke(
     jtis = ([_jti_of(st, value) for value in tokens] if tokens
             else _confirmed_matches(st, tenant, agent, ask=not dry_run, yes=yes))
     with writing(st.engine()) as conn:
-        outcomes = revoke_tokens(conn, jtis, reason=reason, clock=utcnow, dry_run=dry_run)
+        outcomes = revoke_tokens(conn, jtis, reason=reason, clock=st.clock(), dry_run=dry_run)
         if dry_run:
             conn.rollback()
     data = {"dry_run": dry_run, "revoked": [
@@ -87,7 +87,7 @@ def _confirmed_matches(st: State, tenant: str | None, agent: str | None, *, ask:
 
     st.require_tenant(tenant)
     with reading(st.engine()) as conn:
-        jtis = tokens_for(conn, tenant=tenant, agent=agent, now=utcnow())
+        jtis = tokens_for(conn, tenant=tenant, agent=agent, now=st.clock()())
     if jtis and ask:
         whose = f"tenant {tenant}" if tenant else f"agent {agent}"
         confirm(f"Revoke {len(jtis)} active token(s) of {whose}", yes=yes)
@@ -116,8 +116,9 @@ def export(
     from mcpbill_cli.ledger.credit import revoked_list
     from mcpbill_cli.ledger.engine import reading
 
-    now = utcnow()
-    with reading(state(ctx).engine()) as conn:
+    st = state(ctx)
+    now = st.clock()()
+    with reading(st.engine()) as conn:
         revoked = revoked_list(conn, now=now)
     document = {"version": REVOCATIONS_VERSION, "generated_at": rfc3339(now),
                 "revoked": revoked}

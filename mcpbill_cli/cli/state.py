@@ -12,6 +12,7 @@ from mcpbill_cli.config import Settings, load_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from mcpbill_cli.clock import Clock
     from mcpbill_cli.keys import KeyRing
 
 
@@ -20,6 +21,7 @@ class State:
         self._home = home
         self._db_url = db_url
         self._engine: Engine | None = None
+        self._clock: Clock | None = None
 
     @cached_property
     def settings(self) -> Settings:
@@ -40,6 +42,15 @@ class State:
         if check:
             check_schema(self._engine)
         return self._engine
+
+    def clock(self) -> Clock:
+        """The ledger's clock (its server's on PostgreSQL, read once per command): the times
+        a command writes to the ledger agree with the verifiers' whatever this host's clock."""
+        if self._clock is None:
+            from mcpbill_cli.ledger.clock import ledger_clock
+
+            self._clock = ledger_clock(self.engine(check=False))
+        return self._clock
 
     def _refuse_missing_ledger(self) -> None:
         from mcpbill_cli.errors import NotInitialized

@@ -22,7 +22,6 @@ from mcpbill_cli.cli.output import (
     with_usd,
 )
 from mcpbill_cli.cli.state import State, state
-from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import DEFAULT_TENANT, ENV_TOKEN
 from mcpbill_cli.money import format_usd
 
@@ -123,7 +122,7 @@ def issue(
         if parent is None:  # a child token's tenant is its parent's
             require_tenant(conn, request.tenant)
         issued = issue_token(conn, request, signer=signer, ttl_cap=settings.ttl_cap,
-                             now=utcnow())
+                             now=st.clock()())
         if parent is None:
             from mcpbill_cli.ledger.alerts import tenant_debited
             from mcpbill_cli.ledger.ops import tenant_account
@@ -190,9 +189,10 @@ def list_tokens(
     if status is not None and status not in TOKEN_STATUSES:
         raise InvalidInput(f"--status {status!r} is not one of {', '.join(TOKEN_STATUSES)}")
     within = parse_duration(expiring, field="expiring") if expiring is not None else None
-    state(ctx).require_tenant(tenant)
-    with reading(state(ctx).engine()) as conn:
-        views = list_views(conn, now=utcnow(), tenant=tenant, agent=agent, status=status,
+    st = state(ctx)
+    st.require_tenant(tenant)
+    with reading(st.engine()) as conn:
+        views = list_views(conn, now=st.clock()(), tenant=tenant, agent=agent, status=status,
                            expiring_within=within, sort=sort, limit=count)
     emit_listing(views, LIST_COLUMNS, output=chosen, records=[_view_data(v) for v in views])
 
@@ -207,8 +207,9 @@ def show(ctx: typer.Context,
     from mcpbill_cli.ledger.credit import show as show_token
     from mcpbill_cli.ledger.engine import reading
 
-    with reading(state(ctx).engine()) as conn:
-        view = show_token(conn, jti, now=utcnow())
+    st = state(ctx)
+    with reading(st.engine()) as conn:
+        view = show_token(conn, jti, now=st.clock()())
     emit(_view_data(view), as_json=as_json, human=lambda: _render_view(view))
 
 
@@ -275,7 +276,7 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
     claims = decode_token(raw, st.keyring().verification_keys(), audience=None,
                           issuer=st.settings.issuer, leeway=st.settings.leeway)
     with reading(st.engine()) as conn:
-        view = show_token(conn, claims.jti, now=utcnow())
+        view = show_token(conn, claims.jti, now=st.clock()())
     if view.status == "revoked":
         raise TokenRevoked(f"token {claims.jti} was revoked at {view.revoked_at}",
                            jti=claims.jti)
@@ -304,8 +305,9 @@ def sweep(ctx: typer.Context, dry_run: DryRunOption = False,
     from mcpbill_cli.ledger.credit import sweep as sweep_tokens
     from mcpbill_cli.ledger.engine import writing
 
-    with writing(state(ctx).engine()) as conn:
-        released = sweep_tokens(conn, now=utcnow())
+    st = state(ctx)
+    with writing(st.engine()) as conn:
+        released = sweep_tokens(conn, now=st.clock()())
         if dry_run:  # the sweep itself, taken back: what it would release, exactly
             conn.rollback()
     data = {"dry_run": dry_run, "released": [

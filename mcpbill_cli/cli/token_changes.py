@@ -9,7 +9,7 @@ import typer
 from mcpbill_cli.cli import complete
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say, with_usd
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import rfc3339, utcnow
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.money import format_usd
 
 JtiArgument = Annotated[str, typer.Argument(help="The token's jti (tok_...).",
@@ -39,12 +39,14 @@ def topup(
     from mcpbill_cli.money import parse_usd
 
     credit = parse_usd(amount, field="amount")
-    with writing(state(ctx).engine()) as conn:
-        done = topup_token(conn, jti, credit, now=utcnow(), idempotency_key=idempotency_key)
+    st = state(ctx)
+    with writing(st.engine()) as conn:
+        now = st.clock()()
+        done = topup_token(conn, jti, credit, now=now, idempotency_key=idempotency_key)
         if not done.replayed and done.source.startswith("tenant:"):
             from mcpbill_cli.ledger.alerts import tenant_debited
 
-            tenant_debited(conn, account=done.source, amount=done.amount, at=utcnow())
+            tenant_debited(conn, account=done.source, amount=done.amount, at=now)
     what = "already topped up (this key)" if done.replayed else "topped up"
     emit(with_usd(done, "amount", "limit", "remaining"), as_json=as_json, human=lambda: say(
         f"{what} {done.jti} with {format_usd(done.amount)} USDC from {done.source}; "
@@ -75,7 +77,7 @@ def extend(
     seconds = parse_duration(ttl, field="ttl")
     signer = st.keyring().signing_key()
     with writing(st.engine()) as conn:
-        done = extend_token(conn, jti, seconds, now=utcnow(), signer=signer,
+        done = extend_token(conn, jti, seconds, now=st.clock()(), signer=signer,
                             issuer=settings.issuer, ttl_cap=settings.ttl_cap)
     data = {"token": done.token, "jti": done.jti, "expires_at": rfc3339(done.expires_at),
             "previous_expires_at": rfc3339(done.previous_expires_at)}

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
 
 from mcpbill_cli.clock import Clock
@@ -169,19 +170,25 @@ def test_a_daily_cap_counts_calls_in_the_databases_utc_day_on_every_replica(
 
 def test_a_verifier_follows_the_database_clock_by_default_on_postgresql_only(
         engine: Engine, keys_dir: Path) -> None:
-    """Without a ``clock``, a verifier on PostgreSQL reads the server's clock (and can say
-    how far off it may be); on SQLite it keeps the host's, which is the database's."""
+    """Without a ``clock``, a verifier on PostgreSQL reads the server's clock and says how
+    far off it may be (also as a metric); on SQLite it keeps the host's, the database's."""
     now = datetime.now(UTC)
     fund(engine, "acme", 10 * USDC, now=now - timedelta(hours=1))
     credit = token(engine, keys_dir, issued=now - timedelta(seconds=10), ttl=3600)
-    verifier = Verifier(keys=KeySource(directory=keys_dir),
+    verifier = Verifier(keys=KeySource(directory=keys_dir), metrics=True,
                         pricing=PricingTable.from_document(PRICING_DOC), engine=engine)
     assert verifier.charge(credit, "search").amount == PRICE
     bound = verifier.clock_error_bound()
+    assert verifier.metrics is not None
+    scraped = {sample.name: sample.value for family
+               in text_string_to_metric_families(verifier.metrics.text())
+               for sample in family.samples}
     if engine.dialect.name == "postgresql":
         assert bound is not None and bound >= 0
+        assert scraped["mcpbill_clock_error_bound_seconds"] >= bound
     else:
         assert bound is None
+        assert "mcpbill_clock_error_bound_seconds" not in scraped
 
 
 def test_the_clock_never_goes_backwards_when_a_new_reading_is_behind(
