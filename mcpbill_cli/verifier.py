@@ -315,6 +315,10 @@ class Verifier:
         (0 without a signing key, or while another sealer has its turn)."""
         return 0 if self._sealer is None else self._sealer.turn()
 
+    def now(self) -> datetime:
+        """The time this verifier decides by: its ``clock``, or its ledger's."""
+        return self._clock()
+
     def clock_error_bound(self) -> float | None:
         """How far, in seconds, this verifier's time may now be from its ledger's server
         clock (see :class:`~mcpbill_cli.ledger.clock.DatabaseClock`); ``None`` when its clock

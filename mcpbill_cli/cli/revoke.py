@@ -87,7 +87,7 @@ def _confirmed_matches(st: State, tenant: str | None, agent: str | None, *, ask:
 
     st.require_tenant(tenant)
     with reading(st.engine()) as conn:
-        jtis = tokens_for(conn, tenant=tenant, agent=agent, now=st.clock()())
+        jtis = tokens_for(conn, tenant=tenant, agent=agent, now=st.now())
     if jtis and ask:
         whose = f"tenant {tenant}" if tenant else f"agent {agent}"
         confirm(f"Revoke {len(jtis)} active token(s) of {whose}", yes=yes)
@@ -117,7 +117,7 @@ def export(
     from mcpbill_cli.ledger.engine import reading
 
     st = state(ctx)
-    now = st.clock()()
+    now = st.now()
     with reading(st.engine()) as conn:
         revoked = revoked_list(conn, now=now)
     document = {"version": REVOCATIONS_VERSION, "generated_at": rfc3339(now),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,10 @@ class State:
 
             self._clock = ledger_clock(self.engine(check=False))
         return self._clock
+
+    def now(self) -> datetime:
+        """The time by :meth:`clock`."""
+        return self.clock()()
 
     def _refuse_missing_ledger(self) -> None:
         from mcpbill_cli.errors import NotInitialized

@@ -122,7 +122,7 @@ def issue(
         if parent is None:  # a child token's tenant is its parent's
             require_tenant(conn, request.tenant)
         issued = issue_token(conn, request, signer=signer, ttl_cap=settings.ttl_cap,
-                             now=st.clock()())
+                             now=st.now())
         if parent is None:
             from mcpbill_cli.ledger.alerts import tenant_debited
             from mcpbill_cli.ledger.ops import tenant_account
@@ -192,7 +192,7 @@ def list_tokens(
     st = state(ctx)
     st.require_tenant(tenant)
     with reading(st.engine()) as conn:
-        views = list_views(conn, now=st.clock()(), tenant=tenant, agent=agent, status=status,
+        views = list_views(conn, now=st.now(), tenant=tenant, agent=agent, status=status,
                            expiring_within=within, sort=sort, limit=count)
     emit_listing(views, LIST_COLUMNS, output=chosen, records=[_view_data(v) for v in views])
 
@@ -209,7 +209,7 @@ def show(ctx: typer.Context,
 
     st = state(ctx)
     with reading(st.engine()) as conn:
-        view = show_token(conn, jti, now=st.clock()())
+        view = show_token(conn, jti, now=st.now())
     emit(_view_data(view), as_json=as_json, human=lambda: _render_view(view))
 
 
@@ -276,7 +276,7 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
     claims = decode_token(raw, st.keyring().verification_keys(), audience=None,
                           issuer=st.settings.issuer, leeway=st.settings.leeway)
     with reading(st.engine()) as conn:
-        view = show_token(conn, claims.jti, now=st.clock()())
+        view = show_token(conn, claims.jti, now=st.now())
     if view.status == "revoked":
         raise TokenRevoked(f"token {claims.jti} was revoked at {view.revoked_at}",
                            jti=claims.jti)
@@ -307,7 +307,7 @@ def sweep(ctx: typer.Context, dry_run: DryRunOption = False,
 
     st = state(ctx)
     with writing(st.engine()) as conn:
-        released = sweep_tokens(conn, now=st.clock()())
+        released = sweep_tokens(conn, now=st.now())
         if dry_run:  # the sweep itself, taken back: what it would release, exactly
             conn.rollback()
     data = {"dry_run": dry_run, "released": [

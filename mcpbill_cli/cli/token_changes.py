@@ -41,7 +41,7 @@ def topup(
     credit = parse_usd(amount, field="amount")
     st = state(ctx)
     with writing(st.engine()) as conn:
-        now = st.clock()()
+        now = st.now()
         done = topup_token(conn, jti, credit, now=now, idempotency_key=idempotency_key)
         if not done.replayed and done.source.startswith("tenant:"):
             from mcpbill_cli.ledger.alerts import tenant_debited
@@ -77,7 +77,7 @@ def extend(
     seconds = parse_duration(ttl, field="ttl")
     signer = st.keyring().signing_key()
     with writing(st.engine()) as conn:
-        done = extend_token(conn, jti, seconds, now=st.clock()(), signer=signer,
+        done = extend_token(conn, jti, seconds, now=st.now(), signer=signer,
                             issuer=settings.issuer, ttl_cap=settings.ttl_cap)
     data = {"token": done.token, "jti": done.jti, "expires_at": rfc3339(done.expires_at),
             "previous_expires_at": rfc3339(done.previous_expires_at)}

@@ -89,6 +89,8 @@ class DatabaseClock:
         if not self._sampling.acquire(blocking=self._anchor is None):
             return  # another call is sampling; the anchor in hand still holds
         try:
+            if self._anchor is not None and self._monotonic() < self._due:
+                return  # the call this one waited for has just sampled
             self._anchor = self._read()
             self._due = self._anchor.mono + self._resample
         except LedgerUnavailable:

@@ -21,7 +21,6 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import (
     InvalidCreditToken,
     ScopeDenied,
@@ -56,7 +55,7 @@ class AgentBudget:
         if self._claims is None:
             v = self.verifier
             claims = decode_token(self.token, v.keys.verification_keys(), audience=v.audience,
-                                  issuer=v.issuer, leeway=v.leeway, now=utcnow())
+                                  issuer=v.issuer, leeway=v.leeway, now=v.now())
             if not in_scope(claims.scope, self.tool):
                 raise ScopeDenied(f"tool {self.tool!r} is outside this token's scope "
                                   f"{list(claims.scope)}", tool=self.tool,
@@ -67,7 +66,7 @@ class AgentBudget:
     def remaining(self) -> int:
         """Micro-USDC the token has left (limit less spent and held), read without moving any."""
         with reading(self._ledger()) as conn:
-            found = calls.available(conn, self.claims.jti, now=utcnow())
+            found = calls.available(conn, self.claims.jti, now=self.verifier.now())
         if found is None:
             raise InvalidCreditToken(f"token {self.claims.jti} is not in this ledger",
                                      reason="unknown_token")
