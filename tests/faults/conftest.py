@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,18 @@ from .scratch_postgres import ScratchPostgres, scratch_postgres, server_binaries
 
 MCPBILL = str(Path(sys.executable).with_name("mcpbill"))
 Run = Callable[..., subprocess.CompletedProcess[str]]
+MAX_DEPOSITS = 300  # a full ledger refuses long before this many
+
+
+def deposits_until_refused(invoke: Callable[..., Any]) -> tuple[int, Any]:
+    """``wallet fund --demo 1 --json`` for tenant ``acme``, each under its own key, through
+    ``invoke`` (a CliRunner's) until one fails: how many went in, and the failed result."""
+    for n in range(MAX_DEPOSITS):
+        result = invoke("wallet", "fund", "--demo", "1", "--tenant", "acme", "--json",
+                        "--idempotency-key", f"fill-{n}")
+        if result.exit_code != 0:
+            return n, result
+    raise AssertionError(f"{MAX_DEPOSITS} deposits fitted in a full ledger")
 
 
 @pytest.fixture

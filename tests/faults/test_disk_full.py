@@ -28,14 +28,13 @@ from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.ledger.schema import upgrade
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
-from tests.faults.conftest import Run
+from tests.faults.conftest import Run, deposits_until_refused
 from tests.faults.small_disk import SmallDisk, small_disk_in_temp
 from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, fund, mint
 from tests.verifier.invariants import assert_ledger_invariants
 
 NO_LIMIT = 1_073_741_823  # SQLite's largest max_page_count
 MAX_CALLS = 2000  # a full ledger refuses long before this many calls
-MAX_FUNDS = 300
 
 
 @pytest.fixture
@@ -130,14 +129,8 @@ def test_the_cli_on_a_full_ledger_exits_8_with_ledger_full_and_changes_nothing(
         dbapi_conn.execute(f"PRAGMA max_page_count={pages}")
 
     event.listen(Pool, "checkout", full)
-    try:
-        funded = 0
-        for n in range(MAX_FUNDS):  # until the pages the ledger has are used up
-            refused = mcpbill("wallet", "fund", "--demo", "1", "--tenant", "acme", "--json",
-                              "--idempotency-key", f"fill-{n}")
-            if refused.exit_code != 0:
-                break
-            funded += 1
+    try:  # until the pages the ledger has are used up
+        funded, refused = deposits_until_refused(mcpbill)
     finally:
         event.remove(Pool, "checkout", full)
     assert refused.exit_code == 8, refused.output
@@ -148,7 +141,7 @@ def test_the_cli_on_a_full_ledger_exits_8_with_ledger_full_and_changes_nothing(
     assert _available(mcpbill("wallet", "balance", "--tenant", "acme", "--json")) == (
         f"{5 + funded}.00")  # the refused deposit moved nothing
     again = mcpbill("wallet", "fund", "--demo", "1", "--tenant", "acme", "--json",
-                    "--idempotency-key", f"fill-{n}")  # room again: the refused one goes in
+                    "--idempotency-key", f"fill-{funded}")  # room again: the refused one goes in
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["data"]["available_usd"] == f"{6 + funded}.00"
 

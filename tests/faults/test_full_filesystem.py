@@ -24,6 +24,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -39,7 +40,7 @@ from mcpbill_cli.verifier import Hold, Verifier
 from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, fund, mint
 from tests.verifier.invariants import assert_ledger_invariants
 
-from .conftest import Run
+from .conftest import Run, deposits_until_refused
 from .scratch_postgres import ScratchPostgres, os_user_ids, unstarted_cluster
 from .small_disk import SmallDisk, small_disk, small_disk_in_temp
 
@@ -187,7 +188,7 @@ def cluster_on_small_disk(pg_server: None) -> Iterator[tuple[ScratchPostgres, Sm
 
 def test_a_postgresql_ledger_on_a_full_filesystem_refuses_whole_and_resumes(
         cluster_on_small_disk: tuple[ScratchPostgres, SmallDisk], tmp_path: Path,
-        mcpbill: Run) -> None:
+        mcpbill: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     cluster, disk = cluster_on_small_disk
     ledger = Ledger(cluster.url, tmp_path / "keys")
     started = utcnow()
@@ -196,8 +197,35 @@ def test_a_postgresql_ledger_on_a_full_filesystem_refuses_whole_and_resumes(
     finally:
         ledger.close()
     assert "No space left on device" in refused.message
+    monkeypatch.setenv("MCPBILL_DB_URL", cluster.url)
+    a_deposit_on_the_full_disk_exits_8_and_goes_in_with_room(disk)
 
     checked = mcpbill("reconcile", "--from", started.isoformat(), "--json",
                       env={"MCPBILL_DB_URL": cluster.url})
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert json.loads(checked.stdout)["status"] == "ok"
+
+
+def a_deposit_on_the_full_disk_exits_8_and_goes_in_with_room(disk: SmallDisk) -> None:
+    """``wallet fund`` (in this process) until the full disk refuses one: exit 8, one JSON
+    document with LEDGER_FULL; with room again the refused deposit goes in under its key."""
+    from typer.testing import CliRunner
+
+    from mcpbill_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    disk.fill()
+    try:
+        funded, refused = deposits_until_refused(invoke)
+    finally:
+        disk.free()
+    assert refused.exit_code == 8, refused.output
+    assert json.loads(refused.stdout)["errors"][0]["code"] == "LEDGER_FULL", refused.output
+    again = invoke("wallet", "fund", "--demo", "1", "--tenant", "acme", "--json",
+                   "--idempotency-key", f"fill-{funded}")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["data"]["replayed"] is False
