@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import anyio
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
@@ -37,7 +37,7 @@ from mcp_types import CallToolRequestParams, CallToolResult
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, load_settings
 from mcpbill_cli.errors import BillingError
-from mcpbill_cli.mcp.units import metering
+from mcpbill_cli.mcp.units import current_meter, metering
 from mcpbill_cli.mcp.wire import (
     EXTENSION_ID,
     IDEMPOTENCY_KEY_META,
@@ -69,6 +69,7 @@ from mcpbill_cli.mcp.x402 import (
     uses_extension,
 )
 from mcpbill_cli.pricing import Price, quote
+from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.tracing import ended, step
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Quote, Verifier
 from mcpbill_cli.x402.accept import Acceptor, Unavailable
@@ -102,23 +103,30 @@ class _CallRequest:
 class _Run:
     """One billed call, shared by the interceptor and the tool's wrapper.
 
-    The wrapper opens it (the verifier's ``begin``: check, then hold) right before the tool
-    runs: a sync tool in the worker thread the SDK runs it in anyway, so billing adds no thread
-    hop of its own there. A refusal or a replay stops the tool before it runs. The interceptor
-    settles the call once the SDK has built the result, and answers a refusal or a replay
+    The wrapper does the ledger work next to the tool, in the worker thread the SDK runs a
+    sync tool in anyway: it opens the call (the verifier's ``begin``: check, then hold), runs
+    the tool, turns its return value into the result the agent gets (the SDK's own
+    conversion, which passes a finished result through) and captures a success, the receipt
+    in its ``_meta``. Hold, tool and capture run back to back on one thread, with no thread
+    hop of billing's own (an async tool: one before it runs, one after). A refusal or a replay
+    stops the tool before it runs. The interceptor voids what is still held once the SDK is
+    done (an error result, a crash, a cancelled call), and answers a refusal or a replay
     itself, whatever the SDK made of the stopped tool.
     Sync tools run with a copy of the context: this object is shared by both copies.
     """
 
     verifier: Verifier
     call: _CallRequest
+    convert: Callable[[Any], Any]
     opened: Hold | Quote | None = None
     refused: BillingError | None = None
+    receipt: Receipt | None = None
 
-    def open(self) -> None:
-        """Begin the call, once (a billed tool calling another as a function opens nothing)."""
+    def open(self) -> bool:
+        """Begin the call, once; ``False`` when it was open already (a billed tool calling
+        another as a function opens nothing, and closes nothing)."""
         if self.opened is not None:
-            return
+            return False
         call = self.call
         try:
             with step(self.verifier.tracing, "hold"):
@@ -126,18 +134,47 @@ class _Run:
                     call.token, call.tool.name, args=call.args,
                     idempotency_key=call.idempotency_key, max_units=call.tool.max_units)
         except BillingError as error:
-            self.refused = error
-            # A deliberate refusal, not a crash: the SDK logs a ToolError at INFO, no traceback.
-            raise ToolError(f"{error.code}: {error.message}") from None
+            self.refuse(error)
         if isinstance(self.opened, Hold) and self.opened.replayed is not None:
             raise ToolError(f"a replay of call {self.opened.id}: the tool does not run again")
+        return True
+
+    def close(self, value: Any) -> Any:
+        """The tool's ``value`` as the agent gets it: a success on a hold is captured and
+        carries its receipt (per-unit tools: for the units reported); anything else is left
+        for the interceptor to void."""
+        hold = self.opened
+        if not isinstance(hold, Hold):
+            return value
+        result = self.convert(value)
+        if not succeeded(result):
+            return result
+        meter = current_meter()
+        done = cast(CallToolResult, result)
+        try:
+            with step(self.verifier.tracing, "capture"):
+                self.receipt = self.verifier.capture(
+                    hold, units=meter.units if meter is not None else None,
+                    result=kept_result(done))
+        except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
+            self.refuse(error)
+        return with_receipt(done, self.receipt)
+
+    def refuse(self, error: BillingError) -> NoReturn:
+        self.refused = error
+        # A deliberate refusal, not a crash: the SDK logs a ToolError at INFO, no traceback.
+        raise ToolError(f"{error.code}: {error.message}") from None
 
 
 class _Prepaid:
-    """The run of a call paid with x402: the payment is reserved already, nothing to open."""
+    """The run of a call paid with x402: the payment is reserved already, nothing to open;
+    the interceptor settles it."""
 
-    def open(self) -> None:
-        return None
+    def open(self) -> bool:
+        return False
+
+    def close(self, value: Any) -> Any:
+        return value
 
 
 _current_run: ContextVar[_Run | _Prepaid | None] = ContextVar("mcpbill_run", default=None)
@@ -184,6 +221,7 @@ class Billing(Extension):
         self.acceptor = acceptor
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self._billed: dict[str, BilledTool] = {}
+        self._results: dict[str, Callable[[Any], Any]] = {}  # each tool's result conversion
         self._list_middleware = list_hints_middleware(self.list_hints)
         self._x402_middleware = advertising_middleware()
 
@@ -250,6 +288,7 @@ class Billing(Extension):
             advertised = {**(meta or {}), PRICE_META: self.price(tool.name, max_units).to_dict()}
             server.add_tool(_guarded(fn, tool.name), name=tool.name, meta=advertised, **options)
             self._billed[tool.name] = tool
+            self._results[tool.name] = _result_of(server, tool.name)
             if self._list_middleware not in server.middleware:
                 server.middleware.append(self._list_middleware)
             if self.acceptor is not None and self._x402_middleware not in server.middleware:
@@ -282,7 +321,8 @@ class Billing(Extension):
                 if payment is not None:
                     return await self._paid_call(self._paid(tool, params, ctx, payment), ctx,
                                                  call_next)
-                run = _Run(self.verifier, self._call_request(tool, params, ctx))
+                run = _Run(self.verifier, self._call_request(tool, params, ctx),
+                           self._results[tool.name])
             except BillingError as error:  # before the verifier's call path: counted here
                 if self.verifier.metrics is not None:
                     self.verifier.metrics.refused(tool.name, error.code)
@@ -303,14 +343,15 @@ class Billing(Extension):
 
     async def _billed_call(self, run: _Run, ctx: ServerRequestContext[Any, Any],
                            call_next: CallNext) -> HandlerResult:
-        """Run the tool, which opens the call first; capture a success, void a failure (charge
-        only on success). A refusal answers the call; a free tool is only checked."""
+        """Run the tool, whose wrapper opens the call and captures a success; void anything
+        else (charge only on success). A refusal answers the call; a free tool is only
+        checked."""
         token = _current_run.set(run)
         try:
-            with metering(run.call.tool.name) as meter:
+            with metering(run.call.tool.name):
                 result = await call_next(ctx)
         except BaseException:
-            if isinstance(run.opened, Hold):
+            if isinstance(run.opened, Hold) and run.receipt is None:
                 await self._void(run.opened)
             raise
         finally:
@@ -325,20 +366,12 @@ class Billing(Extension):
         if hold.replayed is not None:
             ended("replayed", amount=hold.replayed.amount)
             return replayed(hold.replayed, hold.result)
-        if not succeeded(result):
+        if run.receipt is None:  # an error result, an interim round, or the tool crashed
             await self._void(hold)
             ended("voided")
             return result
-        done = cast(CallToolResult, result)
-        try:
-            with step(self.verifier.tracing, "capture"):
-                receipt = await self.verifier.acapture(hold, units=meter.units,
-                                                       result=kept_result(done))
-        except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
-            ended("refused", code=error.code)
-            return refusal(error)
-        ended("captured", amount=receipt.amount)
-        return with_receipt(done, receipt)
+        ended("captured", amount=run.receipt.amount)
+        return result
 
     def _refusal(self, run: _Run, ctx: ServerRequestContext[Any, Any]
                  ) -> CallToolResult | dict[str, Any]:
@@ -411,17 +444,30 @@ def _guarded(fn: ToolFn, tool: str) -> ToolFn:
 
         @functools.wraps(fn)
         async def billed_async(*args: Any, **kwargs: Any) -> Any:
-            await anyio.to_thread.run_sync(_billed_run(tool).open)  # ledger work off the loop
-            return await fn(*args, **kwargs)
+            run = _billed_run(tool)
+            opened = await anyio.to_thread.run_sync(run.open)  # ledger work off the loop
+            value = await fn(*args, **kwargs)
+            return await anyio.to_thread.run_sync(run.close, value) if opened else value
 
         return cast(ToolFn, billed_async)
 
     @functools.wraps(fn)
     def billed(*args: Any, **kwargs: Any) -> Any:
-        _billed_run(tool).open()  # in the SDK's worker thread, before the tool
-        return fn(*args, **kwargs)
+        run = _billed_run(tool)
+        opened = run.open()  # in the SDK's worker thread, before and after the tool
+        value = fn(*args, **kwargs)
+        return run.close(value) if opened else value
 
     return cast(ToolFn, billed)
+
+
+def _result_of(server: MCPServer[Any], name: str) -> Callable[[Any], Any]:
+    """How ``server`` turns tool ``name``'s return value into its ``CallToolResult`` (output
+    schema checked): the SDK's own conversion, so the result billing captures and keeps for
+    replays is the one the agent gets."""
+    registered = server._tool_manager.get_tool(name)  # noqa: SLF001 - no public handle on it
+    assert registered is not None  # noqa: S101 - add_tool has just registered it
+    return registered.fn_metadata.convert_result
 
 
 def _billed_run(tool: str) -> _Run | _Prepaid:
