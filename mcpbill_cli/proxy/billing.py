@@ -90,6 +90,15 @@ class Limits:
     max_response_bytes: int = 4 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class Relayed:
+    """An upstream result and its JSON as the agent gets it, dumped once: to check its size
+    against the limit and, for a paid call, to keep it for replays."""
+
+    result: CallToolResult
+    json: str
+
+
 class ProxyBilling:
     """Forwards ``tools/call`` to the upstream and bills it (see the module docstring)."""
 
@@ -180,7 +189,7 @@ class ProxyBilling:
         except BaseException:  # cancelled (client gone, shutdown) or the upstream's own error
             await self._void(hold)
             raise
-        if isinstance(outcome, BillingError) or not succeeded(outcome):
+        if isinstance(outcome, BillingError) or not succeeded(outcome.result):
             await self._void(hold)
             code = outcome.code if isinstance(outcome, BillingError) else None
             if code is not None and self.verifier.metrics is not None:
@@ -190,12 +199,12 @@ class ProxyBilling:
         self._open.pop(hold.id, None)
         try:
             with step(self.verifier.tracing, "capture"):
-                receipt = await self.verifier.acapture(hold, result=kept_result(outcome))
+                receipt = await self.verifier.acapture(hold, result=outcome.json)
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
             ended("refused", code=error.code)
             return refusal(error)  # the verifier counted it
         ended("captured", amount=receipt.amount)
-        return with_receipt(outcome, receipt)
+        return with_receipt(outcome.result, receipt)
 
     # --- a call paid with x402 ------------------------------------------------------------------
 
@@ -230,7 +239,7 @@ class ProxyBilling:
         if isinstance(outcome, BillingError):
             await paid.release()
             return self._challenge(params.name, outcome)
-        return cast(CallToolResult, await paid.close(outcome))
+        return cast(CallToolResult, await paid.close(outcome.result))
 
     def _challenge(self, tool: str, error: BillingError, tenant: str | None = None
                    ) -> CallToolResult:
@@ -251,9 +260,10 @@ class ProxyBilling:
         return challenged(error, self.acceptor, tool, self.verifier.claims_of(token).tenant)
 
     async def forward(self, ctx: ServerRequestContext[Any, Any],
-                      params: CallToolRequestParams) -> CallToolResult | BillingError:
-        """The upstream's result, or why there is none (UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE,
-        RESPONSE_TOO_LARGE: a result over the limit is not relayed, so a paid one is voided).
+                      params: CallToolRequestParams) -> Relayed | BillingError:
+        """The upstream's result with its JSON, or why there is none (UPSTREAM_TIMEOUT,
+        UPSTREAM_UNAVAILABLE, RESPONSE_TOO_LARGE: a result over the limit is not relayed, so a
+        paid one is voided).
 
         A JSON-RPC error the upstream answered with is raised as is (the agent gets it).
         """
@@ -280,7 +290,9 @@ class ProxyBilling:
             return self._lost(client, params.name, error)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as error:
             return self._lost(client, params.name, error)
-        return too_large(result, self.limits.max_response_bytes, params.name) or result
+        relayed = Relayed(result, kept_result(result))
+        return (oversized(len(relayed.json.encode()), self.limits.max_response_bytes, params.name)
+                or relayed)
 
     def _lost(self, client: Client, tool: str, error: BaseException) -> UpstreamUnavailable:
         self.upstream.broken(client)
@@ -306,13 +318,13 @@ class ProxyBilling:
         ended("refused", code=error.code)
         return refusal(error)
 
-    def _free(self, tool: str, outcome: CallToolResult | BillingError) -> CallToolResult:
+    def _free(self, tool: str, outcome: Relayed | BillingError) -> CallToolResult:
         if isinstance(outcome, BillingError):
             return self._refuse(tool, outcome)
         if self.verifier.metrics is not None:
             self.verifier.metrics.finished(tool, "free")
         ended("free")
-        return outcome
+        return outcome.result
 
 
 def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -335,7 +347,11 @@ def too_large(result: Any, limit: int, tool: str | None = None) -> ResponseTooLa
 
     The SDK's client has read the whole result by then: the limit keeps an oversized answer
     from the agent (and from the bill), not from the proxy's memory."""
-    size = response_bytes(result)
+    return oversized(response_bytes(result), limit, tool)
+
+
+def oversized(size: int, limit: int, tool: str | None = None) -> ResponseTooLarge | None:
+    """RESPONSE_TOO_LARGE when a result of ``size`` bytes is over ``limit``, else None."""
     if size <= limit:
         return None
     details: dict[str, Any] = {"limitBytes": limit, "sizeBytes": size}
@@ -355,5 +371,5 @@ def _relay(ctx: ServerRequestContext[Any, Any]) -> ProgressFnT:
     return relay
 
 
-def _answer(outcome: CallToolResult | BillingError) -> CallToolResult:
-    return refusal(outcome) if isinstance(outcome, BillingError) else outcome
+def _answer(outcome: Relayed | BillingError) -> CallToolResult:
+    return refusal(outcome) if isinstance(outcome, BillingError) else outcome.result
