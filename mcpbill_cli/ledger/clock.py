@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
@@ -38,14 +38,15 @@ DRIFT = 2 * 500e-6
 
 @dataclass(frozen=True)
 class Anchor:
-    """One reading of the server's clock: its time ``at`` this process's monotonic
-    ``mono``, give or take ``uncertainty`` seconds (half the round trip that read it), and
-    the ``floor`` no answer goes below (the last answer of the anchor before)."""
+    """One reading of the server's clock, as seconds since the epoch: the server's time is
+    ``offset`` plus this process's monotonic time, give or take ``uncertainty`` seconds (half
+    the round trip that read it, at monotonic ``mono``), and no answer goes below ``floor``
+    (the last answer of the reading before)."""
 
-    at: datetime
+    offset: float
     mono: float
     uncertainty: float
-    floor: datetime
+    floor: float
 
 
 class DatabaseClock:
@@ -58,9 +59,13 @@ class DatabaseClock:
     that fails keeps the one before (the call goes on to meet the ledger's own error) and is
     retried a second later; only a clock that has never reached its server raises
     :class:`~mcpbill_cli.errors.LedgerUnavailable`. Answers never go backwards: a new sample
-    behind the last answer holds the time there until it catches up.
+    behind the last answer holds the time there until it catches up. (Without a lock on the
+    way, a call that read the old sample just as a new one replaced it may answer later than
+    the calls after it, by at most the moment its thread was paused between two lines.)
 
     ``monotonic`` is the local time source (tests drive it); the wall clock plays no part.
+    Times are kept as float seconds since the epoch (a resolution of 0.25 us today), which
+    makes a reading about as cheap as :func:`~mcpbill_cli.clock.utcnow`.
     """
 
     def __init__(self, engine: Engine, *, resample: float = RESAMPLE_SECONDS,
@@ -73,9 +78,12 @@ class DatabaseClock:
         self._sampling = threading.Lock()
 
     def __call__(self) -> datetime:
-        if self._anchor is None or self._monotonic() >= self._due:
-            self._sample()
-        return self._last_answer()
+        mono = self._monotonic()
+        anchor = self._anchor
+        if anchor is None or mono >= self._due:
+            anchor = self._sample()
+            mono = self._monotonic()
+        return datetime.fromtimestamp(max(anchor.offset + mono, anchor.floor), UTC)
 
     def error_bound(self) -> float | None:
         """How far, in seconds, an answer now may be from the server's clock: half the
@@ -85,14 +93,15 @@ class DatabaseClock:
             return None
         return anchor.uncertainty + DRIFT * (self._monotonic() - anchor.mono)
 
-    def _sample(self) -> None:
+    def _sample(self) -> Anchor:
+        """The anchor to answer from: a new reading, or the one in hand while another call
+        reads or the server cannot be reached."""
         if not self._sampling.acquire(blocking=self._anchor is None):
-            return  # another call is sampling; the anchor in hand still holds
+            return self._held()  # another call is sampling
         try:
-            if self._anchor is not None and self._monotonic() < self._due:
-                return  # the call this one waited for has just sampled
-            self._anchor = self._read()
-            self._due = self._anchor.mono + self._resample
+            if self._anchor is None or self._monotonic() >= self._due:
+                self._anchor = self._read(self._anchor)
+                self._due = self._anchor.mono + self._resample
         except LedgerUnavailable:
             if self._anchor is None:
                 raise
@@ -100,8 +109,14 @@ class DatabaseClock:
             self._due = self._monotonic() + RETRY_SECONDS
         finally:
             self._sampling.release()
+        return self._held()
 
-    def _read(self) -> Anchor:
+    def _held(self) -> Anchor:
+        anchor = self._anchor
+        assert anchor is not None  # noqa: S101 - set before any call answers
+        return anchor
+
+    def _read(self, previous: Anchor | None) -> Anchor:
         """The server's clock, read in autocommit (no BEGIN inside the timed round trip)."""
         try:
             with self._engine.connect() as conn:
@@ -111,16 +126,12 @@ class DatabaseClock:
                 after = self._monotonic()
         except DBAPIError as exc:
             raise unavailable(self._engine, exc) from None
-        at = server.astimezone(UTC)
-        return Anchor(at=at, mono=(before + after) / 2, uncertainty=(after - before) / 2,
-                      floor=at if self._anchor is None else self._last_answer())
-
-    def _last_answer(self) -> datetime:
-        """What the anchor in use answers now: no answer of the next may go below it."""
-        anchor = self._anchor
-        assert anchor is not None  # noqa: S101 - only called with an anchor
-        return max(anchor.at + timedelta(seconds=self._monotonic() - anchor.mono),
-                   anchor.floor)
+        mono = (before + after) / 2
+        offset = server.timestamp() - mono
+        # what the reading before answers now: no answer of this one may go below it
+        floor = (0.0 if previous is None
+                 else max(previous.offset + self._monotonic(), previous.floor))
+        return Anchor(offset=offset, mono=mono, uncertainty=(after - before) / 2, floor=floor)
 
 
 def ledger_clock(engine: Engine | None) -> Clock:
