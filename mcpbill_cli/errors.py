@@ -176,6 +176,13 @@ class ProxyBusy(BillingError):
     code = "PROXY_BUSY"
 
 
+class ProxySessionsFull(BillingError):
+    """The proxy has as many upstream sessions open as it may (one per agent session), so a
+    new agent session gets none. Retryable once a session ends: carries ``retryAfterMs``."""
+
+    code = "PROXY_SESSIONS_FULL"
+
+
 # --- operator errors ---------------------------------------------------------------------------
 
 

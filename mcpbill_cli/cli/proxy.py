@@ -38,6 +38,14 @@ def proxy(
         "--max-response-bytes", min=1024,
         help="The largest upstream result relayed (its JSON); a larger one is not relayed, and "
              "a paid call is voided and refused (RESPONSE_TOO_LARGE).")] = 4 * 1024 * 1024,
+    max_sessions: Annotated[int, typer.Option(
+        "--max-sessions", min=1,
+        help="Agent sessions served at once, each with an upstream session of its own (a child "
+             "process with --upstream-cmd); the next is refused (PROXY_SESSIONS_FULL).")] = 64,
+    session_idle_timeout: Annotated[float, typer.Option(
+        "--session-idle-timeout", min=1.0,
+        help="Seconds an agent session may sit idle before it ends, and its upstream session "
+             "with it.")] = 30 * 60.0,
     metrics: Annotated[str | None, typer.Option(
         "--metrics", metavar="HOST:PORT",
         help="Serve Prometheus metrics at http://HOST:PORT/metrics: calls and refusals by tool "
@@ -54,7 +62,8 @@ def proxy(
     (_meta "dev.mcpbill/token"; Authorization: Bearer only with [mcp] authorization = "bearer"
     in config.toml, for tokens issued to its resource), is held before it is forwarded, captured
     with a signed receipt when the upstream succeeds, and voided when it errs, times out or
-    fails. Free tools and every other request pass through. Ctrl-C voids calls in flight.
+    fails. Free tools and every other request pass through, each agent session to an upstream
+    session of its own. Ctrl-C voids calls in flight.
 
     Example: mcpbill proxy --upstream-cmd "npx @modelcontextprotocol/server-everything"
     --listen 127.0.0.1:8080
@@ -67,7 +76,8 @@ def proxy(
     options = ProxyOptions(upstream=upstream, upstream_cmd=upstream_cmd, host=host, port=port,
                            call_timeout=call_timeout, max_concurrent=max_concurrent,
                            max_request_bytes=max_request_bytes,
-                           max_response_bytes=max_response_bytes,
+                           max_response_bytes=max_response_bytes, max_sessions=max_sessions,
+                           session_idle_timeout=session_idle_timeout,
                            metrics=_host_port(metrics, "metrics") if metrics else None,
                            trace=trace)
 

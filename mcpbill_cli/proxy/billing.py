@@ -39,6 +39,7 @@ from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult
 from mcpbill_cli.errors import (
     BillingError,
     ProxyBusy,
+    ProxySessionsFull,
     ResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -60,7 +61,7 @@ from mcpbill_cli.mcp.wire import (
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
-from mcpbill_cli.proxy.relay import Relay
+from mcpbill_cli.proxy.sessions import AgentSession, agent_session
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.tracing import ended, step
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
@@ -82,12 +83,14 @@ PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, PAYMENT_META,
 @dataclass(frozen=True)
 class Limits:
     """The proxy's limits: seconds an upstream call may take, calls in flight, request bytes,
-    and the bytes of an upstream result the proxy relays (its JSON)."""
+    the bytes of an upstream result the proxy relays (its JSON), and the seconds an agent
+    session may sit idle before it ends (and its upstream session with it)."""
 
     call_timeout: float = 60.0
     max_concurrent: int = 64
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 4 * 1024 * 1024
+    session_idle_timeout: float = 30 * 60.0
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,9 @@ class ProxyBilling:
 
     def __init__(self, verifier: Verifier, upstream: Upstream, limits: Limits, *,
                  resource: str | None = None, bearer: bool | None = None,
-                 relay: Relay | None = None, acceptor: Acceptor | None = None) -> None:
+                 acceptor: Acceptor | None = None) -> None:
         self.verifier = verifier
         self.acceptor = acceptor
-        self.relay = relay or Relay()
         self.upstream = upstream
         self.limits = limits
         self.resource = bearer_resource(verifier, resource, bearer)
@@ -125,11 +127,17 @@ class ProxyBilling:
 
     async def _call_limited(self, ctx: ServerRequestContext[Any, Any],
                             params: CallToolRequestParams) -> CallToolResult:
-        """One call: refused (PROXY_BUSY) at the concurrency limit, else billed and forwarded."""
+        """One call: refused (PROXY_BUSY) at the concurrency limit, or (PROXY_SESSIONS_FULL)
+        when the agent has no upstream session and none can be opened; else billed and
+        forwarded."""
         if self.in_flight >= self.limits.max_concurrent:
             return self._refuse(params.name, ProxyBusy(
                 f"the proxy has {self.in_flight} calls in flight, its limit; retry shortly",
                 retryAfterMs=BUSY_RETRY_MS, limit=self.limits.max_concurrent))
+        try:
+            agent_session(self.upstream, ctx)  # opened before anything is held
+        except (ProxySessionsFull, UpstreamUnavailable) as error:
+            return self._refuse(params.name, error)
         self.in_flight += 1
         try:
             return await self._call(ctx, params)
@@ -262,21 +270,22 @@ class ProxyBilling:
     async def forward(self, ctx: ServerRequestContext[Any, Any],
                       params: CallToolRequestParams) -> Relayed | BillingError:
         """The upstream's result with its JSON, or why there is none (UPSTREAM_TIMEOUT,
-        UPSTREAM_UNAVAILABLE, RESPONSE_TOO_LARGE: a result over the limit is not relayed, so a
-        paid one is voided).
+        UPSTREAM_UNAVAILABLE, PROXY_SESSIONS_FULL, RESPONSE_TOO_LARGE: a result over the limit
+        is not relayed, so a paid one is voided).
 
         A JSON-RPC error the upstream answered with is raised as is (the agent gets it).
         """
         try:
-            client = await self.upstream.client()
-        except UpstreamUnavailable as error:
+            session = agent_session(self.upstream, ctx)
+            client = await session.link.client()
+        except (ProxySessionsFull, UpstreamUnavailable) as error:
             return error
         meta = params.meta
         wants_progress = any((meta or {}).get(key) is not None for key in PROGRESS_TOKENS)
         progress = _relay(ctx) if wants_progress else None
         timeout = self.limits.call_timeout
         try:
-            with anyio.fail_after(timeout), self.relay.during(ctx):
+            with anyio.fail_after(timeout), session.during(ctx):
                 result = await client.call_tool(params.name, dict(params.arguments or {}),
                                                 progress_callback=progress,
                                                 meta=forwarded_meta(meta))  # type: ignore[arg-type]
@@ -287,15 +296,16 @@ class ProxyBilling:
         except MCPError as error:
             if error.code != CONNECTION_CLOSED:
                 raise
-            return self._lost(client, params.name, error)
+            return self._lost(session, client, params.name, error)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as error:
-            return self._lost(client, params.name, error)
+            return self._lost(session, client, params.name, error)
         relayed = Relayed(result, kept_result(result))
         return (oversized(len(relayed.json.encode()), self.limits.max_response_bytes, params.name)
                 or relayed)
 
-    def _lost(self, client: Client, tool: str, error: BaseException) -> UpstreamUnavailable:
-        self.upstream.broken(client)
+    def _lost(self, session: AgentSession, client: Client, tool: str,
+              error: BaseException) -> UpstreamUnavailable:
+        session.link.broken(client)
         log.warning("upstream connection lost during %r: %s", tool, error)
         return UpstreamUnavailable(f"the upstream failed during {tool!r} ({error}); the call was "
                                    "not billed and the proxy is reconnecting: retry",

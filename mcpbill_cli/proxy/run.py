@@ -15,7 +15,7 @@ from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp.wire import authorization_resource
 from mcpbill_cli.proxy.billing import Limits
 from mcpbill_cli.proxy.server import Proxy, build_app
-from mcpbill_cli.proxy.upstream import Upstream, UpstreamTarget
+from mcpbill_cli.proxy.upstream import MAX_SESSIONS, Upstream, UpstreamTarget
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402.accept import Acceptor, Unavailable
 
@@ -38,6 +38,8 @@ class ProxyOptions:
     max_concurrent: int = 64
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 4 * 1024 * 1024
+    max_sessions: int = MAX_SESSIONS
+    session_idle_timeout: float = 30 * 60.0
     metrics: tuple[str, int] | None = None  # where to serve Prometheus metrics
     trace: bool = False  # OpenTelemetry spans, exported as the OTEL_* variables say
 
@@ -52,7 +54,8 @@ def serve(settings: Settings, options: ProxyOptions,
     target = UpstreamTarget.parse(command=options.upstream_cmd, url=options.upstream)
     limits = Limits(call_timeout=options.call_timeout, max_concurrent=options.max_concurrent,
                     max_request_bytes=options.max_request_bytes,
-                    max_response_bytes=options.max_response_bytes)
+                    max_response_bytes=options.max_response_bytes,
+                    session_idle_timeout=options.session_idle_timeout)
     spans = tracing.export("mcpbill-proxy") if options.trace else None
     verifier = Verifier.from_settings(settings)
     scraper: Any = None
@@ -62,7 +65,7 @@ def serve(settings: Settings, options: ProxyOptions,
             host, port = options.metrics
             scraper = prometheus.serve(verifier.enable_metrics(), host, port)
             metrics_url = f"http://{_url_host(host)}:{port}/metrics"
-        proxy = Proxy(verifier, Upstream(target), limits,
+        proxy = Proxy(verifier, Upstream(target, max_sessions=options.max_sessions), limits,
                       resource=authorization_resource(settings), tracing=options.trace,
                       acceptor=_acceptor(verifier, settings))
         app = build_app(proxy, host=options.host)

@@ -3,19 +3,21 @@
 ``tools/call`` is billed (:mod:`mcpbill_cli.proxy.billing`); ``tools/list`` gets each tool's
 price in its ``_meta``, and ``ttlMs`` / ``cacheScope`` (``"private"`` while some tenant has
 prices of its own; never longer or more shared than the upstream's own hints); resources,
-prompts and completion pass through untouched. The SDK
+prompts, completion and the log level pass through untouched, each to the agent's own upstream
+session (:mod:`mcpbill_cli.proxy.sessions`). The SDK
 serves both protocol eras downstream (2026-07-28 and the initialize handshake) and its client
 negotiates with the upstream, so each side speaks its own version.
 
 :func:`build_app` wraps it in a Starlette app: the streamable HTTP endpoint at ``/mcp``, a
 request size limit refused with REQUEST_TOO_LARGE, and a lifespan that supervises the upstream
-and, on shutdown, voids the holds of calls cut off.
+sessions and, on shutdown, closes them and voids the holds of calls cut off.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,17 +27,23 @@ import mcp_types as types
 from mcp.client import Client
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, REQUEST_TIMEOUT
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mcpbill_cli.errors import BillingError, RequestTooLarge, UpstreamTimeout, UpstreamUnavailable
+from mcpbill_cli.errors import (
+    BillingError,
+    ProxySessionsFull,
+    RequestTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
 from mcpbill_cli.mcp.x402 import extension_binding_middleware
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
-from mcpbill_cli.proxy.relay import Relay
+from mcpbill_cli.proxy.sessions import agent_session, has_session, opened_session
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402.accept import Acceptor
@@ -68,19 +76,21 @@ class Proxy:
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self.upstream = upstream
         self.limits = limits or Limits()
-        self.relay = Relay()
-        upstream.client_options = self.relay.client_options()
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
-                                    bearer=bearer, relay=self.relay, acceptor=acceptor)
+                                    bearer=bearer, acceptor=acceptor)
         self._schemas: dict[str, dict[str, Any]] = {}
-        self.server: Server[Any] = Server(
-            name, get_tool_input_schema=self._schemas.get,
-            on_list_tools=self._list_tools, on_call_tool=self.billing.call_tool,
-            on_list_resources=self._list_resources,
-            on_list_resource_templates=self._list_resource_templates,
-            on_read_resource=self._read_resource, on_subscribe_resource=self._subscribe,
-            on_unsubscribe_resource=self._unsubscribe, on_list_prompts=self._list_prompts,
-            on_get_prompt=self._get_prompt, on_completion=self._complete)
+        with warnings.catch_warnings():  # logging/setLevel: deprecated by 2026-07-28, relayed
+            warnings.simplefilter("ignore", MCPDeprecationWarning)  # for the era that has it
+            self.server: Server[Any] = Server(
+                name, get_tool_input_schema=self._schemas.get,
+                on_list_tools=self._list_tools, on_call_tool=self.billing.call_tool,
+                on_list_resources=self._list_resources,
+                on_list_resource_templates=self._list_resource_templates,
+                on_read_resource=self._read_resource, on_subscribe_resource=self._subscribe,
+                on_unsubscribe_resource=self._unsubscribe, on_list_prompts=self._list_prompts,
+                on_get_prompt=self._get_prompt, on_completion=self._complete,
+                on_set_logging_level=self._set_logging_level,
+                on_roots_list_changed=self._roots_list_changed)
         if acceptor is not None:  # x402's extension binding for the agents that advertise it
             self.server.middleware.append(extension_binding_middleware())
 
@@ -154,38 +164,52 @@ class Proxy:
 
     async def _subscribe(self, ctx: Context, params: types.SubscribeRequestParams
                          ) -> types.EmptyResult:
-        """The agent is told of the resource's updates; the upstream is subscribed once (sent
-        as a plain request: the SDK's helper warns that 2026-07-28 removed the method, and the
-        proxy relays it for the agents of the era that has it)."""
-        uri = str(params.uri)
-        if self.relay.subscribe(ctx, uri):
-            try:
-                await self._relay(ctx, lambda c: c.session.send_request(types.SubscribeRequest(
-                    params=types.SubscribeRequestParams(uri=uri)), types.EmptyResult))
-            except BaseException:
-                self.relay.unsubscribe(ctx, uri)
-                raise
-        return types.EmptyResult()
+        """The agent's upstream session subscribes, so its updates reach this agent alone."""
+        return await self._to_session(ctx, types.SubscribeRequest(
+            params=types.SubscribeRequestParams(uri=params.uri)))
 
     async def _unsubscribe(self, ctx: Context, params: types.UnsubscribeRequestParams
                            ) -> types.EmptyResult:
-        uri = str(params.uri)
-        if self.relay.unsubscribe(ctx, uri):  # the last agent left: so does the upstream
-            await self._relay(ctx, lambda c: c.session.send_request(types.UnsubscribeRequest(
-                params=types.UnsubscribeRequestParams(uri=uri)), types.EmptyResult))
-        return types.EmptyResult()
+        return await self._to_session(ctx, types.UnsubscribeRequest(
+            params=types.UnsubscribeRequestParams(uri=params.uri)))
+
+    async def _set_logging_level(self, ctx: Context, params: types.SetLevelRequestParams
+                                 ) -> types.EmptyResult:
+        """The level of the upstream's log sent to this agent (its upstream session's)."""
+        return await self._to_session(ctx, types.SetLevelRequest(
+            params=types.SetLevelRequestParams(level=params.level)))
+
+    async def _to_session(self, ctx: Context, request: Any) -> types.EmptyResult:
+        """A request that changes the agent's upstream session, which a 2026-07-28 agent does
+        not have. Sent as a plain request: the SDK's helpers warn that 2026-07-28 removed these
+        methods, and the proxy relays them for the agents of the era that has them."""
+        if not has_session(ctx):
+            raise MCPError(types.INVALID_REQUEST, f"{ctx.method} needs a session: connect with "
+                                                  "the 2025-11-25 protocol (initialize)")
+        return await self._relay(ctx, lambda client: client.session.send_request(
+            request, types.EmptyResult))
+
+    async def _roots_list_changed(self, ctx: Context,
+                                  params: types.NotificationParams | None) -> None:
+        """Tell the agent's upstream session, if it has one (else it has not asked yet)."""
+        opened = opened_session(ctx)
+        client = opened.link.current if opened is not None else None
+        if client is not None:
+            await client.session.send_notification(types.RootsListChangedNotification())
 
     async def _relay(self, ctx: Context, request: Callable[[Client], Awaitable[_T]]) -> _T:
-        """A request other than ``tools/call``, forwarded as is; the upstream's JSON-RPC error
-        is the agent's, and a proxy failure is one too, with the mcpbill error in its data (a result
-        over ``--max-response-bytes`` is RESPONSE_TOO_LARGE)."""
+        """A request other than ``tools/call``, forwarded as is to the agent's upstream session;
+        the upstream's JSON-RPC error is the agent's, and a proxy failure is one too, with the
+        mcpbill error in its data (a result over ``--max-response-bytes`` is RESPONSE_TOO_LARGE,
+        an agent session over the cap PROXY_SESSIONS_FULL)."""
         try:
-            client = await self.upstream.client()
-        except UpstreamUnavailable as error:
+            session = agent_session(self.upstream, ctx)
+            client = await session.link.client()
+        except (ProxySessionsFull, UpstreamUnavailable) as error:
             raise _rpc_error(INTERNAL_ERROR, error) from None
         timeout = self.limits.call_timeout
         try:
-            with anyio.fail_after(timeout), self.relay.during(ctx):
+            with anyio.fail_after(timeout), session.during(ctx):
                 result = await request(client)
         except TimeoutError:
             raise _rpc_error(REQUEST_TIMEOUT, UpstreamTimeout(
@@ -194,7 +218,7 @@ class Proxy:
         except MCPError as error:
             if error.code != CONNECTION_CLOSED:
                 raise
-            self.upstream.broken(client)
+            session.link.broken(client)
             raise _rpc_error(INTERNAL_ERROR, UpstreamUnavailable(
                 f"the upstream connection closed ({error}); the proxy is reconnecting: retry",
                 upstream=self.upstream.target.describe())) from None
@@ -221,14 +245,15 @@ def build_app(proxy: Proxy, *, host: str = "127.0.0.1", path: str = "/mcp") -> S
     """The proxy as an ASGI app: ``path`` serves streamable HTTP; ``host`` is where it listens
     (a loopback host turns on the SDK's DNS rebinding protection)."""
     limit = proxy.limits.max_request_bytes
-    inner = proxy.server.streamable_http_app(streamable_http_path=path, host=host,
-                                             max_request_body_size=limit)
+    inner = proxy.server.streamable_http_app(
+        streamable_http_path=path, host=host, max_request_body_size=limit,
+        session_idle_timeout=proxy.limits.session_idle_timeout)
     manager = proxy.server.session_manager
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(proxy.upstream.run)
+            await tasks.start(proxy.upstream.run)
             try:
                 async with manager.run():
                     yield

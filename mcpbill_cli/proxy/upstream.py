@@ -1,11 +1,20 @@
-"""The MCP server behind the proxy: one client connection, kept open and reopened when it breaks.
+"""The MCP server behind the proxy: one upstream session per agent session, each a client
+connection kept open and reopened when it breaks.
 
-A stdio upstream is a child process the proxy starts (``--upstream-cmd``); an HTTP upstream is a
-streamable HTTP URL (``--upstream``). :meth:`Upstream.run` owns the connection in one task (the
-SDK's client must be entered and left in the same task) and reconnects, restarting a stdio
-child, whenever a call reports the connection broken or the client itself fails. Handlers get
-the live client from :meth:`Upstream.client`, waiting for a reconnect at most ``connect_timeout``
-seconds.
+A stdio upstream is a child process the proxy starts (``--upstream-cmd``): each agent session
+gets a child of its own. An HTTP upstream is a streamable HTTP URL (``--upstream``): each agent
+session gets a client session of its own. Upstream state that lives per connection (a
+subscription, a log level, cached roots, the capabilities the client declared) is then the
+agent's alone, and whatever the upstream asks or tells on a connection is for that one agent.
+
+:class:`Upstream` keeps these connections (:class:`Link`), at most ``max_sessions`` at once
+(the next agent session is refused PROXY_SESSIONS_FULL until one ends), plus one shared link
+for requests that come without a session (the 2026-07-28 era), which does not count. Each link
+runs in its own task of :meth:`Upstream.run` (the SDK's client must be entered and left in the
+same task), reconnects, restarting a stdio child, whenever a call reports the connection broken
+or the client itself fails, and is closed (the child exits, the HTTP session is deleted) by
+:meth:`Upstream.close` when its agent session ends. Handlers get the live client from
+:meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -13,20 +22,24 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import anyio
+from anyio.abc import TaskGroup, TaskStatus
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from mcpbill_cli.errors import InvalidInput, UpstreamUnavailable
+from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 
-__all__ = ["Upstream", "UpstreamTarget"]
+__all__ = ["Link", "Upstream", "UpstreamTarget"]
 
 log = logging.getLogger("mcpbill.proxy")
 
 RECONNECT_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconnect, then the last
+MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by default
+SESSIONS_RETRY_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -60,31 +73,123 @@ class UpstreamTarget:
 
 
 class Upstream:
-    """One connection to the upstream, supervised: see the module docstring."""
+    """The upstream's sessions, one per agent session: see the module docstring."""
 
     def __init__(self, target: UpstreamTarget, *, connect_timeout: float = 30.0,
-                 errlog: TextIO | None = None) -> None:
+                 max_sessions: int = MAX_SESSIONS, errlog: TextIO | None = None) -> None:
         self.target = target
         self.connect_timeout = connect_timeout
-        self.connects = 0  # connections opened so far (a restart is the second and later)
+        self.max_sessions = max_sessions
+        self.connects = 0  # connections opened so far, all links (a restart counts again)
         self._errlog = errlog
-        self.client_options: dict[str, Any] = {}  # the client's callbacks (the proxy's relay)
+        self._links: set[Link] = set()  # the agent sessions' links
+        self._shared: Link | None = None
+        self._tasks: TaskGroup | None = None
+
+    @property
+    def sessions(self) -> int:
+        """Agent sessions with an upstream session open."""
+        return len(self._links)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the links until cancelled (the proxy's lifespan); they all close with it."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tasks = None
+
+    def open(self, client_options: dict[str, Any]) -> Link:
+        """A new upstream session for an agent session, with the client's callbacks for that
+        agent; PROXY_SESSIONS_FULL when ``max_sessions`` are open."""
+        if len(self._links) >= self.max_sessions:
+            raise ProxySessionsFull(
+                f"the proxy has {len(self._links)} upstream sessions open, its limit; retry "
+                "once an agent session ends (or reuse an open one)",
+                limit=self.max_sessions, retryAfterMs=SESSIONS_RETRY_MS)
+        link = self._start(client_options)
+        self._links.add(link)
+        return link
+
+    def shared(self) -> Link:
+        """The one upstream session for requests without an agent session (no callbacks: the
+        upstream is told of no sampling, elicitation or roots)."""
+        if self._shared is None:
+            self._shared = self._start({})
+        return self._shared
+
+    async def close(self, link: Link) -> None:
+        """End an agent session's upstream session (a stdio child exits) and free its place."""
+        self._links.discard(link)
+        await link.close()
+
+    def _start(self, client_options: dict[str, Any]) -> Link:
+        if self._tasks is None:
+            raise UpstreamUnavailable("the proxy is not running (or is shutting down)",
+                                      upstream=self.target.describe())
+        link = Link(self.target, self._client(client_options), self.connect_timeout,
+                    on_connect=self._connected)
+        self._tasks.start_soon(link.run)
+        return link
+
+    def _connected(self) -> None:
+        self.connects += 1
+
+    def _client(self, client_options: dict[str, Any]) -> Callable[[], Client]:
+        # A proxy relays listings, never caches them.
+        options: dict[str, Any] = {"cache": None, **client_options}
+        if self.target.url is not None:
+            url = self.target.url
+            return lambda: Client(url, **options)
+        parameters = StdioServerParameters(command=self.target.command[0],
+                                           args=list(self.target.command[1:]),
+                                           env=self.target.env)
+        errlog = self._errlog or sys.stderr
+        return lambda: Client(stdio_client(parameters, errlog=errlog), **options)
+
+
+class Link:
+    """One upstream session, supervised: opened by :meth:`run`, reopened when it breaks, ended
+    by :meth:`close`."""
+
+    def __init__(self, target: UpstreamTarget, connect: Callable[[], Client],
+                 connect_timeout: float, *, on_connect: Callable[[], None]) -> None:
+        self.target = target
+        self.connect_timeout = connect_timeout
+        self._connect = connect
+        self._on_connect = on_connect
         self._client: Client | None = None
         self._connected = anyio.Event()
         self._broken = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._closed = anyio.Event()
 
     async def run(self) -> None:
-        """Keep a connection open until cancelled; reconnect (with a growing delay) when it
-        breaks or cannot be opened."""
+        """Keep a connection open until closed; reconnect (with a growing delay) when it breaks
+        or cannot be opened."""
+        try:
+            with self._scope:
+                await self._keep_open()
+        finally:
+            self._closed.set()
+
+    async def close(self) -> None:
+        """Close the connection and wait until it is closed (a stdio child has exited)."""
+        self._scope.cancel()
+        await self._closed.wait()
+
+    async def _keep_open(self) -> None:
         failures = 0
         while True:
             delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
             await anyio.sleep(delay)
             try:
-                async with self._open() as client:
+                async with self._connect() as client:
                     self._broken = anyio.Event()
                     self._client = client
-                    self.connects += 1
+                    self._on_connect()
                     failures = 0
                     self._connected.set()
                     await self._broken.wait()
@@ -93,6 +198,11 @@ class Upstream:
                 log.warning("upstream %s failed: %s", self.target.describe(), error)
             finally:
                 self._drop()
+
+    @property
+    def current(self) -> Client | None:
+        """The live client, or None while (re)connecting."""
+        return self._client
 
     async def client(self) -> Client:
         """The live client, waiting for a (re)connect; UPSTREAM_UNAVAILABLE after
@@ -116,13 +226,3 @@ class Upstream:
         if self._client is not None:
             self._connected = anyio.Event()  # before _client is cleared: waiters wait anew
             self._client = None
-
-    def _open(self) -> Client:
-        # A proxy relays listings, never caches them.
-        options: dict[str, Any] = {"cache": None, **self.client_options}
-        if self.target.url is not None:
-            return Client(self.target.url, **options)
-        parameters = StdioServerParameters(command=self.target.command[0],
-                                           args=list(self.target.command[1:]),
-                                           env=self.target.env)
-        return Client(stdio_client(parameters, errlog=self._errlog or sys.stderr), **options)

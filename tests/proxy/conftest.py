@@ -3,8 +3,8 @@ server (``@modelcontextprotocol/server-everything`` from npm), driven by the off
 ``mcp`` client over streamable HTTP, billing on a real ledger (SQLite and PostgreSQL).
 
 - the proxy runs in process under uvicorn in a thread (its verifier is this test's);
-- ``stdio``: the proxy starts the reference server itself (``--upstream-cmd``), through ``sh``
-  so a test can read the child's pid and kill it mid-call;
+- ``stdio``: the proxy starts the reference server itself (``--upstream-cmd``), one child per
+  agent session, through ``sh`` so a test can read the latest child's pid and kill it mid-call;
 - ``http``: the reference server over streamable HTTP, started once per test session.
 """
 
@@ -28,6 +28,7 @@ from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
+from mcpbill_cli.proxy.upstream import MAX_SESSIONS
 from mcpbill_cli.verifier import Verifier
 from tests.mcp import conftest as mcp_fixtures
 from tests.mcp.conftest import serve
@@ -151,14 +152,22 @@ def limits() -> Limits:
 
 
 @pytest.fixture
+def max_sessions() -> int:
+    """Upstream sessions open at once (parametrize to change)."""
+    return MAX_SESSIONS
+
+
+@pytest.fixture
 def running(priced: Settings, verifier: Verifier, limits: Limits, upstream_kind: str,
-            request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Running]:
+            max_sessions: int, request: pytest.FixtureRequest,
+            tmp_path: Path) -> Iterator[Running]:
     """The proxy on this test's ledger, in front of the reference server."""
     pidfile = tmp_path / "upstream.pid" if upstream_kind == "stdio" else None
     target = (stdio_target(pidfile) if pidfile is not None
               else UpstreamTarget.parse(command=None,
                                         url=request.getfixturevalue("everything_http")))
     with (tmp_path / "upstream.log").open("w") as errlog:
-        proxy = Proxy(verifier, Upstream(target, connect_timeout=30, errlog=errlog), limits)
+        upstream = Upstream(target, connect_timeout=30, max_sessions=max_sessions, errlog=errlog)
+        proxy = Proxy(verifier, upstream, limits)
         with serve(build_app(proxy)) as url:
             yield Running(proxy, url, pidfile)

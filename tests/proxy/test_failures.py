@@ -113,13 +113,13 @@ def test_an_upstream_killed_mid_call_is_voided_and_restarted(
     token = mint()
     assert running.pidfile is not None
 
-    async def go() -> tuple[CallToolResult, CallToolResult]:
-        killed = anyio.Event()
+    killed: list[int] = []
 
+    async def go() -> tuple[CallToolResult, CallToolResult]:
         async def progress(done: float, total: float | None, message: str | None) -> None:
-            if not killed.is_set():  # the call is running upstream: kill the upstream
-                os.kill(upstream_pid(running.pidfile), signal.SIGKILL)  # type: ignore[arg-type]
-                killed.set()
+            if not killed:  # the call is running upstream: kill the upstream
+                killed.append(upstream_pid(running.pidfile))  # type: ignore[arg-type]
+                os.kill(killed[0], signal.SIGKILL)
 
         async with running.connect(token.token) as agent:
             cut = await agent.call(LONG, {"duration": 10, "steps": 20},
@@ -127,17 +127,17 @@ def test_an_upstream_killed_mid_call_is_voided_and_restarted(
             after = await agent.call("echo", {"message": "after the restart"})
         return cut, after
 
-    first_pid = upstream_pid(running.pidfile)
     cut, after = anyio.run(go)
     assert refusal_of(cut)["code"] == "UPSTREAM_UNAVAILABLE"
     assert receipt_of(after)["amountUsd"] == "0.002"
-    assert upstream_pid(running.pidfile) != first_pid and running.proxy.upstream.connects == 2
+    assert upstream_pid(running.pidfile) != killed[0] and running.proxy.upstream.connects == 2
     assert token_view(engine, token).spent == usd("0.002")  # the cut call cost nothing
     assert token_view(engine, token).held == 0
 
 
 def upstream_pid(pidfile: Path, timeout: float = 30) -> int:
-    """The stdio upstream's pid, once its shell has written it (it starts beside the proxy)."""
+    """The latest stdio upstream's pid, once its shell has written it (it starts on the first
+    request that needs it)."""
     deadline = time.monotonic() + timeout
     while not (pidfile.exists() and pidfile.read_text().strip()):
         assert time.monotonic() < deadline, f"the upstream never wrote {pidfile}"

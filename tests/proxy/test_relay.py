@@ -1,7 +1,8 @@
 """What the upstream sends back through the proxy, with the reference server as the upstream and
 the official client as the agent: sampling, elicitation and roots asked of the agent during its
 call (its answer returned to the upstream), the upstream's log, resource updates and list
-changes relayed.
+changes relayed, each agent through an upstream session of its own (tests/proxy/test_sessions.py
+runs several agents at once).
 These need the 2025-11-25 era (the initialize handshake); a 2026-07-28 agent has no channel for
 them, and a paid call that needed one is voided."""
 
@@ -26,6 +27,7 @@ from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, token_view
 from .conftest import Running
 
 ROOT_URI = "file:///agent/project"
+RESOURCES_CHANGED = "notifications/resources/list_changed"
 
 
 class Asked:
@@ -141,26 +143,27 @@ def test_resource_updates_and_the_upstreams_log_reach_the_subscriber(running: Ru
                for log in asked.logs)
 
 
-def test_a_list_change_reaches_the_agents_sessions(running: Running) -> None:
-    asked, watcher = Asked(), Asked()
+def test_a_list_change_reaches_the_agent_whose_upstream_session_changed(running: Running) -> None:
+    asked, other_asked = Asked(), Asked()
 
-    async def go() -> list[str]:
-        async with asked_agent(running.url, watcher) as other, \
+    async def go() -> tuple[list[str], list[str]]:
+        async with asked_agent(running.url, other_asked) as other, \
                 asked_agent(running.url, asked) as client:
-            await other.list_tools()  # the proxy now knows this agent's session
+            await other.list_tools()  # the other agent has its own upstream session
             made = await client.call_tool("gzip-file-as-resource", {  # registers a resource
                 "name": "hello.txt.gz", "data": "data:text/plain;base64,aGVsbG8=",
                 "outputType": "resourceLink"})
             assert not made.is_error, made
             with anyio.fail_after(10):
-                await watcher.list_change.wait()
-                await asked.list_change.wait()
-            return [str(r.name) for r in (await other.list_resources()).resources]
+                while RESOURCES_CHANGED not in asked.lists_changed:
+                    await anyio.sleep(0.05)
+            mine = [str(r.name) for r in (await client.list_resources()).resources]
+            theirs = [str(r.name) for r in (await other.list_resources()).resources]
+            return mine, theirs
 
-    names = anyio.run(go)
-    assert "notifications/resources/list_changed" in watcher.lists_changed
-    assert "notifications/resources/list_changed" in asked.lists_changed
-    assert "hello.txt.gz" in names
+    mine, theirs = anyio.run(go)
+    assert "hello.txt.gz" in mine and "hello.txt.gz" not in theirs
+    assert RESOURCES_CHANGED not in other_asked.lists_changed
 
 
 def test_a_2026_agent_has_no_channel_so_a_paid_sampling_call_is_voided(

@@ -1,0 +1,248 @@
+"""One upstream session per agent session: several agents on the proxy at once, the reference
+server behind it (stdio: a child per agent session; HTTP: a client session per agent session),
+each agent the official client in the 2025-11-25 era (the one with sessions).
+
+What the upstream asks during an agent's call is asked of that agent alone, even with both
+agents' calls in flight; an agent's log level and subscriptions are its own; the cap on upstream
+sessions refuses the next agent with PROXY_SESSIONS_FULL; an agent that ends its session ends
+its upstream session (a stdio child exits)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import mcp_types as types
+import pytest
+from mcp.client import Client
+from mcp.client.session import ClientRequestContext
+from mcp.shared.exceptions import MCPError
+from sqlalchemy import Engine
+
+from mcpbill_cli.mcp import TOKEN_META
+from tests.mcp.conftest import (
+    Mint,
+    assert_ledger_sound,
+    receipt_of,
+    refusal_of,
+    token_view,
+    usd,
+)
+
+from .conftest import Running
+from .test_failures import upstream_pid
+from .test_relay import Asked, asked_agent, text_of
+
+QUIET_LEVELS = {"error", "critical", "alert", "emergency"}
+
+
+class Both:
+    """Holds each agent's answer until both agents were asked: proof that both agents' calls
+    were at the upstream at once."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.together = anyio.Event()
+
+    async def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived == 2:
+            self.together.set()
+        with anyio.move_on_after(20):
+            await self.together.wait()
+
+
+class Named(Asked):
+    """An agent that answers the upstream in its own name, with roots of its own."""
+
+    def __init__(self, name: str, both: Both) -> None:
+        super().__init__()
+        self.name = name
+        self.both = both
+        self.root = f"file:///agents/{name}"
+
+    async def sampling(self, context: ClientRequestContext,
+                       params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        self.sampled.append(params)
+        await self.both.arrive()
+        return types.CreateMessageResult(
+            role="assistant", model=f"model-of-{self.name}",
+            content=types.TextContent(type="text", text=f"sampled by {self.name}"))
+
+    async def elicitation(self, context: ClientRequestContext,
+                          params: types.ElicitRequestParams) -> types.ElicitResult:
+        self.elicited.append(params)
+        await self.both.arrive()
+        return types.ElicitResult(action="accept", content={"name": self.name})
+
+    async def roots(self, context: ClientRequestContext) -> types.ListRootsResult:
+        self.roots_asked += 1
+        return types.ListRootsResult(roots=[types.Root(uri=self.root, name=self.name)])
+
+
+def pair() -> tuple[Named, Named, Both]:
+    both = Both()
+    return Named("ada", both), Named("grace", both), both
+
+
+def test_two_agents_in_flight_are_each_asked_their_own_sampling_and_billed(
+        running: Running, mint: Mint, engine: Engine) -> None:
+    ada, grace, both = pair()
+    tokens = {ada.name: mint(), grace.name: mint()}
+    results: dict[str, types.CallToolResult] = {}
+
+    async def call(agent: Named) -> None:
+        async with asked_agent(running.url, agent) as client:
+            prompt = {"prompt": f"a haiku for {agent.name}", "maxTokens": 20}
+            results[agent.name] = await client.call_tool(
+                "trigger-sampling-request", prompt,
+                meta={TOKEN_META: tokens[agent.name].token})  # type: ignore[arg-type]
+
+    async def go() -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(call, ada)
+            tasks.start_soon(call, grace)
+
+    anyio.run(go)
+    assert both.together.is_set()
+    for agent, other in ((ada, grace), (grace, ada)):
+        assert len(agent.sampled) == 1
+        assert f"a haiku for {agent.name}" in str(agent.sampled[0].messages[0].content)
+        assert f"sampled by {agent.name}" in text_of(results[agent.name])
+        assert f"sampled by {other.name}" not in text_of(results[agent.name])
+        assert receipt_of(results[agent.name])["amountUsd"] == "0.003"
+        assert token_view(engine, tokens[agent.name]).spent == usd("0.003")
+    assert_ledger_sound(engine)
+
+
+def test_two_agents_in_flight_are_each_asked_their_own_elicitation_and_roots(
+        running: Running) -> None:
+    ada, grace, both = pair()
+    results: dict[str, tuple[types.CallToolResult, types.CallToolResult]] = {}
+
+    async def call(agent: Named, client: Client) -> None:
+        elicited = await client.call_tool("trigger-elicitation-request", {})
+        results[agent.name] = elicited, await client.call_tool("get-roots-list", {})
+
+    async def go() -> None:
+        async with asked_agent(running.url, ada) as first, \
+                asked_agent(running.url, grace) as second, anyio.create_task_group() as tasks:
+            tasks.start_soon(call, ada, first)
+            tasks.start_soon(call, grace, second)
+
+    anyio.run(go)
+    assert both.together.is_set()
+    for agent, other in ((ada, grace), (grace, ada)):
+        elicited, roots = results[agent.name]
+        assert len(agent.elicited) == 1 and agent.roots_asked >= 1
+        assert not elicited.is_error and agent.name in str(elicited.content)
+        assert other.name not in str(elicited.content)
+        assert agent.root in text_of(roots) and other.root not in text_of(roots)
+
+
+@pytest.mark.filterwarnings("ignore:The roots capability is deprecated")
+def test_an_agents_roots_change_reaches_its_upstream_session(running: Running) -> None:
+    ada, _, _ = pair()
+
+    async def go() -> tuple[str, str]:
+        async with asked_agent(running.url, ada) as client:
+            before = text_of(await client.call_tool("get-roots-list", {}))
+            asked, ada.root = ada.roots_asked, "file:///agents/ada/elsewhere"
+            await client.send_roots_list_changed()  # the upstream asks for the roots again
+            with anyio.fail_after(10):
+                while ada.roots_asked == asked:
+                    await anyio.sleep(0.05)
+            return before, text_of(await client.call_tool("get-roots-list", {}))
+
+    before, after = anyio.run(go)
+    assert "file:///agents/ada" in before and "elsewhere" not in before
+    assert "file:///agents/ada/elsewhere" in after
+
+
+@pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed",
+                            "ignore:The logging capability is deprecated")
+def test_one_agents_log_level_and_subscriptions_leave_the_other_alone(running: Running) -> None:
+    quiet, chatty = Asked(), Asked()
+
+    async def go() -> str:
+        async with asked_agent(running.url, quiet) as q, asked_agent(running.url, chatty) as c:
+            uri = str((await q.list_resources()).resources[0].uri)
+            await q.set_logging_level("error")  # the upstream logs each (un)subscribe at info
+            await q.subscribe_resource(uri)
+            await c.subscribe_resource(uri)
+            await c.unsubscribe_resource(uri)  # ends chatty's subscription, not quiet's
+            await c.call_tool("toggle-subscriber-updates", {})  # updates of subscribed resources
+            await q.call_tool("toggle-subscriber-updates", {})
+            with anyio.fail_after(10):
+                await quiet.update.wait()
+                while not any("Unsubscribe" in str(log.data) for log in chatty.logs):
+                    await anyio.sleep(0.05)
+            for client in (q, c):  # and no more updates
+                await client.call_tool("toggle-subscriber-updates", {})
+            return uri
+
+    uri = anyio.run(go)
+    assert quiet.updated and set(quiet.updated) == {uri}
+    assert chatty.updated == []
+    assert any(f"Received Subscribe Resource request for URI: {uri}" in str(log.data)
+               for log in chatty.logs)
+    assert all(log.level in QUIET_LEVELS for log in quiet.logs)
+
+
+@pytest.mark.parametrize("max_sessions", [1])
+def test_an_agent_session_over_the_cap_is_refused_until_one_ends(
+        running: Running, mint: Mint, engine: Engine) -> None:
+    token = mint()
+
+    async def go() -> tuple[MCPError, types.CallToolResult, types.CallToolResult]:
+        async with asked_agent(running.url, Asked()) as second:
+            async with asked_agent(running.url, Asked()) as first:
+                await first.list_tools()  # the one upstream session is first's
+                with pytest.raises(MCPError) as listed:
+                    await second.list_tools()
+                refused = await second.call_tool("echo", {"message": "no room"},
+                                                 meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+                async with running.connect(token.token) as sessionless:  # 2026-07-28: not counted
+                    assert receipt_of(await sessionless.call("echo", {"message": "shared"}))
+            with anyio.fail_after(10):  # first's session ended: so did its upstream session
+                while running.proxy.upstream.sessions:
+                    await anyio.sleep(0.05)
+            served = await second.call_tool("echo", {"message": "room now"},
+                                            meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+            return listed.value, refused, served
+
+    listed, refused, served = anyio.run(go)
+    assert listed.error.data["code"] == "PROXY_SESSIONS_FULL"  # type: ignore[index]
+    assert refusal_of(refused)["code"] == "PROXY_SESSIONS_FULL"
+    assert refusal_of(refused)["limit"] == 1
+    assert receipt_of(served)["amountUsd"] == "0.002"
+    view = token_view(engine, token)
+    assert (view.spent, view.held) == (usd("0.004"), 0)  # the shared call and the served one
+    assert_ledger_sound(engine)
+
+
+@pytest.mark.parametrize("upstream_kind", ["stdio"], indirect=True)
+def test_an_agent_ending_its_session_stops_its_upstream_child(running: Running) -> None:
+    assert running.pidfile is not None
+
+    async def go() -> int:
+        async with asked_agent(running.url, Asked()) as client:
+            await client.list_tools()
+            pid = upstream_pid(running.pidfile)  # type: ignore[arg-type]
+            assert alive(pid) and running.proxy.upstream.sessions == 1
+        return pid
+
+    pid = anyio.run(go)
+    deadline = time.monotonic() + 10
+    while alive(pid) or running.proxy.upstream.sessions:
+        assert time.monotonic() < deadline, f"the upstream child {pid} outlived its session"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
