@@ -223,6 +223,11 @@ def verify_batch(conn: Connection, seal: Seal) -> Iterator[SealBreak]:
                                                    "with its hash)")
 
 
+def last_seal_number(conn: Connection) -> int:
+    """The newest seal's number (0 before the first seal)."""
+    return int(conn.execute(select(func.coalesce(func.max(s.number), 0))).scalar_one())
+
+
 def unsealed_before(conn: Connection, moment: datetime) -> tuple[int, int | None]:
     """How many events written before ``moment`` are still unsealed, and the oldest one's id."""
     count, oldest = conn.execute(select(func.count(), func.min(e.id)).where(

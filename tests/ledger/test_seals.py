@@ -51,6 +51,7 @@ from mcpbill_cli.ledger.seals import (
     verify_seal,
 )
 from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.sealer import Sealer
 from mcpbill_cli.verifier import Verifier
 from tests.verifier.billing_support import PRICE, PRICING_DOC, USDC, fund, mint, run_threads
 
@@ -245,6 +246,29 @@ def test_a_turn_seals_what_was_waiting_not_what_commits_meanwhile(
         assert unsealed_before(conn, AT + timedelta(days=1))[0] == 1
     assert [(m.number, m.count) for m in seal_all(pg_engine, sign, clock=lambda: AT)] == [(2, 1)]
     assert_sealed_exactly_once(pg_engine, jwks_keys)
+
+
+def test_replicas_threads_leave_sealing_to_the_one_that_seals_until_it_stops(
+        engine: Engine, sign: Sign, jwks_keys: dict[str, VerificationKey]) -> None:
+    """A background turn (``yield_to_others``) seals nothing when another sealer sealed since
+    this one's last turn: one replica seals each second, not every replica. When that one
+    stops, the next turn of another seals what is waiting."""
+    first, second = (Sealer(engine, sign, utcnow) for _ in range(2))
+    write_events(engine, 2)
+    assert first.turn(yield_to_others=True) == 2
+    assert second.turn(yield_to_others=True) == 0  # its first look: nothing waiting
+    write_events(engine, 1, start=10)
+    assert first.turn(yield_to_others=True) == 1
+    for n in range(3):
+        write_events(engine, 1, start=20 + n)
+        assert second.turn(yield_to_others=True) == 0  # first sealed since second's last turn
+        assert first.turn(yield_to_others=True) == 1
+    write_events(engine, 2, start=30)
+    assert second.turn(yield_to_others=True) == 0
+    assert second.turn(yield_to_others=True) == 2  # first stopped: second takes over
+    write_events(engine, 1, start=40)
+    assert first.turn() == 1  # an explicit turn (seal(), close()) always seals
+    assert len(assert_sealed_exactly_once(engine, jwks_keys)) == 7
 
 
 def test_an_event_that_commits_late_lands_in_the_next_seal(pg_engine: Engine, sign: Sign,
