@@ -2,9 +2,10 @@
 
 Both are the writes a paid call must not wait for. Every ``SEAL_INTERVAL`` the thread seals
 whatever is committed and unsealed (``ledger.seals.seal_pending``; replicas take turns, so any
-number of them may run one, and while one seals the others' threads skip theirs) and adds the refusals counted in memory since its last turn to
-``refusal_counts``. ``close()`` does a last turn. A process that dies loses at most the counts
-of its last interval; its events are sealed by the next sealer anywhere.
+number of them may run one, and while one seals the others' threads skip theirs) and adds
+the refusals counted in memory since its last turn to ``refusal_counts``. ``close()`` does a
+last turn. A process that dies loses at most the counts of its last interval; its events are
+sealed by the next sealer anywhere.
 """
 
 from __future__ import annotations
