@@ -122,11 +122,12 @@ class _Run:
     refused: BillingError | None = None
     receipt: Receipt | None = None
 
-    def open(self) -> bool:
-        """Begin the call, once; ``False`` when it was open already (a billed tool calling
-        another as a function opens nothing, and closes nothing)."""
+    def open(self) -> _Run | None:
+        """Begin the call, once: this run when it holds money for :meth:`close` to capture;
+        ``None`` for a free call, or one open already (a billed tool calling another as a
+        function opens nothing, and closes nothing)."""
         if self.opened is not None:
-            return False
+            return None
         call = self.call
         try:
             with step(self.verifier.tracing, "hold"):
@@ -137,15 +138,13 @@ class _Run:
             self.refuse(error)
         if isinstance(self.opened, Hold) and self.opened.replayed is not None:
             raise ToolError(f"a replay of call {self.opened.id}: the tool does not run again")
-        return True
+        return self if isinstance(self.opened, Hold) else None
 
     def close(self, value: Any) -> Any:
-        """The tool's ``value`` as the agent gets it: a success on a hold is captured and
-        carries its receipt (per-unit tools: for the units reported); anything else is left
-        for the interceptor to void."""
-        hold = self.opened
-        if not isinstance(hold, Hold):
-            return value
+        """The tool's ``value`` as the agent gets it: a success is captured and carries its
+        receipt (per-unit tools: for the units reported); anything else is left for the
+        interceptor to void."""
+        hold = cast(Hold, self.opened)
         result = self.convert(value)
         if not succeeded(result):
             return result
@@ -170,11 +169,8 @@ class _Prepaid:
     """The run of a call paid with x402: the payment is reserved already, nothing to open;
     the interceptor settles it."""
 
-    def open(self) -> bool:
-        return False
-
-    def close(self, value: Any) -> Any:
-        return value
+    def open(self) -> None:
+        return None
 
 
 _current_run: ContextVar[_Run | _Prepaid | None] = ContextVar("mcpbill_run", default=None)
@@ -434,8 +430,8 @@ class Billing(Extension):
 
 
 def _guarded(fn: ToolFn, tool: str) -> ToolFn:
-    """``fn`` that opens its billed call before it runs (or refuses to run outside one: a server
-    built without the extension).
+    """``fn`` that opens its billed call before it runs and captures it after (or refuses to
+    run outside one: a server built without the extension).
 
     ``functools.wraps`` keeps ``__wrapped__``, so the SDK reads the original signature: the
     same input schema, output schema and ``Context`` parameter.
@@ -445,18 +441,19 @@ def _guarded(fn: ToolFn, tool: str) -> ToolFn:
         @functools.wraps(fn)
         async def billed_async(*args: Any, **kwargs: Any) -> Any:
             run = _billed_run(tool)
-            opened = await anyio.to_thread.run_sync(run.open)  # ledger work off the loop
+            holding = await anyio.to_thread.run_sync(run.open)  # ledger work off the loop
             value = await fn(*args, **kwargs)
-            return await anyio.to_thread.run_sync(run.close, value) if opened else value
+            return value if holding is None else await anyio.to_thread.run_sync(holding.close,
+                                                                                value)
 
         return cast(ToolFn, billed_async)
 
     @functools.wraps(fn)
     def billed(*args: Any, **kwargs: Any) -> Any:
         run = _billed_run(tool)
-        opened = run.open()  # in the SDK's worker thread, before and after the tool
+        holding = run.open()  # in the SDK's worker thread, before and after the tool
         value = fn(*args, **kwargs)
-        return run.close(value) if opened else value
+        return value if holding is None else holding.close(value)
 
     return cast(ToolFn, billed)
 

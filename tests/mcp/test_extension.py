@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from mcpbill_cli.config import ENV_TOKEN
 from mcpbill_cli.errors import PriceUnknown
-from mcpbill_cli.mcp import EXTENSION_ID, TOKEN_META, Billing, report_units
+from mcpbill_cli.mcp import EXTENSION_ID, RECEIPT_META, TOKEN_META, Billing, report_units
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 
@@ -169,6 +169,47 @@ def test_a_refused_call_never_runs_the_tool_and_a_failed_one_costs_nothing(
     assert (token_view(engine, token).spent, token_view(engine, token).held) == (0, 0)
     receipt_of(anyio.run(call, server, "search", {"q": "fine"}, {TOKEN_META: token.token}))
     assert token_view(engine, token).spent == usd("0.002")
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_tool_is_captured_for_the_units_it_reported_and_a_free_one_is_not_held(
+        verifier: Verifier, mint: Mint, engine: Engine, is_async: bool) -> None:
+    """The wrapper captures after the tool, in the tool's worker thread (sync) or one hop
+    after it (async): the units the tool reported reach the capture, and a free tool, held
+    nothing, returns its own result without a receipt."""
+    billing = Billing(verifier)
+    server: MCPServer = MCPServer("units", extensions=[billing])
+
+    def words(text: str) -> int:
+        report_units(len(text.split()))
+        return len(text.split())
+
+    if is_async:
+        @billing.tool(server, name="summarize", max_units=2000)
+        async def summarize_async(text: str) -> int:
+            return words(text)
+
+        @billing.tool(server, name="status")
+        async def status_async() -> str:
+            return "ok"
+    else:
+        @billing.tool(server, name="summarize", max_units=2000)
+        def summarize(text: str) -> int:
+            return words(text)
+
+        @billing.tool(server, name="status")
+        def status() -> str:
+            return "ok"
+
+    token = mint()
+    meta = {TOKEN_META: token.token}
+    paid = anyio.run(call, server, "summarize", {"text": "one two three"}, meta)
+    assert paid.structured_content == {"result": 3}
+    assert receipt_of(paid)["amountUsd"] == "0.00003"  # 3 words at 0.00001, not its hold
+    free = anyio.run(call, server, "status", {}, meta)
+    assert free.structured_content == {"result": "ok"} and RECEIPT_META not in (free.meta or {})
+    view = token_view(engine, token)
+    assert (view.spent, view.held) == (usd("0.00003"), 0)
 
 
 def test_report_units_outside_a_billed_call_does_nothing() -> None:
