@@ -45,8 +45,12 @@ def canonical_sql() -> str:
     return "'{' || " + " || ',' || ".join(members) + " || '}'"
 
 
-# What PostgreSQL can vouch for: printable ASCII throughout, a four-digit year.
-_DECIDABLE = ("canonical ~ '^[ -~]*$' AND at >= '1000-01-01 00:00:00+00' "
+# What PostgreSQL can vouch for: printable ASCII throughout, a four-digit year. Only the text
+# fields can hold anything else (the keys, numbers, quotes and escapes around them are printable
+# ASCII), so the pattern is matched against them alone: matching it against the whole canonical
+# form cost as much as building that form (0.47 s against 0.18 s over 107k events).
+_TEXTS = f"concat({', '.join(TEXT_FIELDS)})"
+_DECIDABLE = ("texts ~ '^[ -~]*$' AND at >= '1000-01-01 00:00:00+00' "
               "AND at < '10000-01-01 00:00:00+00'")
 _BATCHES = f"""
 SELECT seal, count(*), min(id), max(id),
@@ -54,7 +58,8 @@ SELECT seal, count(*), min(id), max(id),
        bool_and(decidable), count(*) FILTER (WHERE hash IS DISTINCT FROM digest)
 FROM (SELECT seal, id, hash, encode(sha256(convert_to(canonical, 'UTF8')), 'hex') AS digest,
              {_DECIDABLE} AS decidable
-      FROM (SELECT seal, id, hash, at, {canonical_sql()} AS canonical FROM events
+      FROM (SELECT seal, id, hash, at, {canonical_sql()} AS canonical, {_TEXTS} AS texts
+            FROM events
             WHERE seal >= %(first)s AND seal <= %(last)s OFFSET 0) AS written
       OFFSET 0) AS hashed
 GROUP BY seal
