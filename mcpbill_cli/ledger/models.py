@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 
 # The Alembic revision this code reads and writes; `mcpbill db upgrade` brings a ledger to it.
-SCHEMA_REVISION = "0013"
+SCHEMA_REVISION = "0014"
 
 metadata = MetaData()
 
@@ -264,6 +264,9 @@ deposits = Table(
     Column("credited_at", DateTime(timezone=True), nullable=True),
     UniqueConstraint("chain", "tx_hash", "tx_log_position", name="uq_deposits_tx_log"),
     CheckConstraint("amount > 0", name="ck_deposits_amount_positive"),
+    # A day's reconcile reads the deposits credited, or seen unlinked, that day (0014).
+    Index("ix_deposits_credited", "credited_at"),
+    Index("ix_deposits_seen", "seen_at"),
 )
 
 # Which tenant a sending address belongs to.

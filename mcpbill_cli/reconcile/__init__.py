@@ -53,7 +53,10 @@ That reads every account and its latest snapshot row (their number grows with to
 with calls), the transfers from the snapshot on (by ``ix_transfers_created``) and the calls
 from there on. With no snapshot at or before the start (a ledger just upgraded to schema
 0006, a window older than the snapshots kept, or ``full_history``) it reads every transfer
-once (``ledger_invariants (full history)``).
+once (``ledger_invariants (full history)``). The window's own checks read the window's rows
+through an index of their time (the deposits too: ``ix_deposits_credited``, ``ix_deposits_seen``,
+schema 0014); ``tests/reconcile/test_incremental.py`` checks that no plan scans a table that
+grows with the days.
 
 A check that finds every account's stored sums right takes the snapshot at the window's end
 for the next one (``snapshots``; ``ReconcileReport.snapshot_at``): a row for each account that
