@@ -4,15 +4,17 @@ each agent the official client in the 2025-11-25 era (the one with sessions).
 
 What the upstream asks during an agent's call is asked of that agent alone, even with both
 agents' calls in flight; an agent's log level and subscriptions are its own; the cap on upstream
-sessions refuses the next agent with PROXY_SESSIONS_FULL; an agent that ends its session ends
-its upstream session (a stdio child exits)."""
+sessions refuses the next agent with PROXY_SESSIONS_FULL; an agent that ends its session, or
+lets it idle out, ends its upstream session (a stdio child exits)."""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 import pytest
 from mcp.client import Client
@@ -21,6 +23,7 @@ from mcp.shared.exceptions import MCPError
 from sqlalchemy import Engine
 
 from mcpbill_cli.mcp import TOKEN_META
+from mcpbill_cli.proxy import Limits
 from tests.mcp.conftest import (
     Mint,
     assert_ledger_sound,
@@ -223,6 +226,32 @@ def test_an_agent_session_over_the_cap_is_refused_until_one_ends(
 
 
 @pytest.mark.parametrize("upstream_kind", ["stdio"], indirect=True)
+@pytest.mark.parametrize("limits", [Limits(session_idle_timeout=1.0)], indirect=False)
+def test_an_idle_agent_session_ends_and_stops_its_upstream_child(running: Running) -> None:
+    with httpx2.Client(timeout=30) as web:  # a bare agent: no standalone stream held open
+        session = {"mcp-session-id": post(web, running.url, {}, "initialize", {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "idle-agent", "version": "1"}}).headers["mcp-session-id"],
+            "mcp-protocol-version": "2025-11-25"}
+        post(web, running.url, session, "notifications/initialized")
+        assert "echo" in post(web, running.url, session, "tools/list").text
+        pid = upstream_pid(running.pidfile)  # type: ignore[arg-type]
+        assert running.proxy.upstream.sessions == 1
+        wait_until_stopped(running, pid)
+        assert post(web, running.url, session, "tools/list").status_code == 404  # ended
+
+
+def post(web: httpx2.Client, url: str, session: dict[str, str], method: str,
+         params: dict[str, Any] | None = None) -> httpx2.Response:
+    """One JSON-RPC message (a request when it has params or is not a notification)."""
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if not method.startswith("notifications/"):
+        message.update(id=1, params=params or {})
+    return web.post(url, json=message, headers={
+        **session, "accept": "application/json, text/event-stream"})
+
+
+@pytest.mark.parametrize("upstream_kind", ["stdio"], indirect=True)
 def test_an_agent_ending_its_session_stops_its_upstream_child(running: Running) -> None:
     assert running.pidfile is not None
 
@@ -233,8 +262,11 @@ def test_an_agent_ending_its_session_stops_its_upstream_child(running: Running) 
             assert alive(pid) and running.proxy.upstream.sessions == 1
         return pid
 
-    pid = anyio.run(go)
-    deadline = time.monotonic() + 10
+    wait_until_stopped(running, anyio.run(go))
+
+
+def wait_until_stopped(running: Running, pid: int) -> None:
+    deadline = time.monotonic() + 15
     while alive(pid) or running.proxy.upstream.sessions:
         assert time.monotonic() < deadline, f"the upstream child {pid} outlived its session"
         time.sleep(0.05)
