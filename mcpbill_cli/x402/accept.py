@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from mcpbill_cli.clock import Clock, utcnow
+from mcpbill_cli.clock import Clock
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import BillingError, CallInProgress, ConfigInvalid
 from mcpbill_cli.ledger import calls, credit
@@ -170,17 +170,19 @@ class Acceptor:
 
     ``terms_for`` builds the payment terms from the current pricing table; ``settler`` puts
     payments on chain; ``rpc`` reads the chain (nonce state, balances, settlement logs).
+    Times (reservations, their recovery, the calls recorded) are the verifier's unless a
+    ``clock`` is given: on PostgreSQL, the database's, so replicas agree on a stale reservation.
     """
 
     def __init__(self, verifier: Verifier, *, chain: Chain, pay_to: str, rpc: Rpc,
-                 settler: Settler, clock: Clock = utcnow, settle_margin: int = SETTLE_MARGIN
-                 ) -> None:
+                 settler: Settler, clock: Clock | None = None,
+                 settle_margin: int = SETTLE_MARGIN) -> None:
         self.verifier = verifier
         self.chain = chain
         self.pay_to = pay_to.lower()
         self.rpc = rpc
         self.settler = settler
-        self._clock = clock
+        self._clock = clock or verifier.now  # the ledger's time, as the verifier's calls
         self.settle_margin = settle_margin
         self.recovery: Recovery | None = None
 
