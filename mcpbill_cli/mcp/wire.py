@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 from mcp.server.caching import CacheHint
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, Result, TextContent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, canonical_resource
@@ -208,7 +208,7 @@ def with_receipt(result: CallToolResult, receipt: Receipt) -> CallToolResult:
     return result.model_copy(update={"meta": meta})
 
 
-def kept_result(result: CallToolResult) -> str:
+def kept_result(result: Result) -> str:
     """The result as the agent gets it (before the receipt is added), kept for replays."""
     return result.model_dump_json(by_alias=True, exclude_none=True)
 

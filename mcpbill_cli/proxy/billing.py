@@ -24,6 +24,8 @@ carries the settlement and the receipt), released otherwise; refusals carry the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from mcp.client import Client
 from mcp.server.context import ServerRequestContext
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult
+from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult, InputRequiredResult
 
 from mcpbill_cli.errors import (
     BillingError,
@@ -61,20 +63,24 @@ from mcpbill_cli.mcp.wire import (
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
-from mcpbill_cli.proxy.sessions import AgentSession, agent_session
+from mcpbill_cli.proxy.sessions import AgentSession, agent_session, has_session
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.tracing import ended, step
-from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
+from mcpbill_cli.verifier import CALL_SOURCE, MAX_KEY_LENGTH, Hold, Verifier
 from mcpbill_cli.x402.accept import Acceptor
 
 __all__ = ["Limits", "ProxyBilling"]
 
 log = logging.getLogger("mcpbill.proxy")
 
+# What a tools/call answers: its result, or (2026-07-28) the upstream's request for more input.
+Answer = CallToolResult | InputRequiredResult
+
 # The progress token's _meta key: progress_token once the SDK parsed it, progressToken on the wire.
 PROGRESS_TOKENS = ("progress_token", "progressToken")
 RESERVED_PREFIX = "io.modelcontextprotocol/"  # the protocol's own _meta keys, per connection
 BUSY_RETRY_MS = 250
+ROUND_DIGEST = 16  # hex characters of a multi-round call's answers in its round's key
 # The agent's own keys: never forwarded (the credit token and an x402 payment are credentials).
 PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, PAYMENT_META,
                           *LEGACY_META.values()})
@@ -98,7 +104,7 @@ class Relayed:
     """An upstream result and its JSON as the agent gets it, dumped once: to check its size
     against the limit and, for a paid call, to keep it for replays."""
 
-    result: CallToolResult
+    result: Answer
     json: str
 
 
@@ -117,7 +123,7 @@ class ProxyBilling:
         self._open: dict[str, Hold] = {}
 
     async def call_tool(self, ctx: ServerRequestContext[Any, Any],
-                        params: CallToolRequestParams) -> CallToolResult:
+                        params: CallToolRequestParams) -> Answer:
         """One call, in an ``mcpbill.call`` span when the verifier traces calls."""
         tracing = self.verifier.tracing
         if tracing is None:
@@ -126,7 +132,7 @@ class ProxyBilling:
             return await self._call_limited(ctx, params)
 
     async def _call_limited(self, ctx: ServerRequestContext[Any, Any],
-                            params: CallToolRequestParams) -> CallToolResult:
+                            params: CallToolRequestParams) -> Answer:
         """One call: refused (PROXY_BUSY) at the concurrency limit, or (PROXY_SESSIONS_FULL)
         when the agent has no upstream session and none can be opened; else billed and
         forwarded."""
@@ -154,7 +160,7 @@ class ProxyBilling:
     # --- one call -------------------------------------------------------------------------------
 
     async def _call(self, ctx: ServerRequestContext[Any, Any],
-                    params: CallToolRequestParams) -> CallToolResult:
+                    params: CallToolRequestParams) -> Answer:
         try:
             price = quote(self.verifier.pricing_table(), params.name)
         except BillingError as error:  # PRICE_UNKNOWN: a table without a default_price
@@ -175,7 +181,7 @@ class ProxyBilling:
             with step(self.verifier.tracing, "hold"):
                 opened = await self.verifier.abegin(
                     token, params.name, args=dict(params.arguments or {}),
-                    idempotency_key=idempotency_key(meta))
+                    idempotency_key=round_key(idempotency_key(meta), params))
         except BillingError as error:  # the verifier counted it
             ended("refused", code=error.code)
             return self._offer(error, params.name, token)
@@ -189,15 +195,20 @@ class ProxyBilling:
         return await self._settle(opened, ctx, params)
 
     async def _settle(self, hold: Hold, ctx: ServerRequestContext[Any, Any],
-                      params: CallToolRequestParams) -> CallToolResult:
-        """Forward on a hold: capture a success, void anything else (charge only on success)."""
+                      params: CallToolRequestParams) -> Answer:
+        """Forward on a hold: capture a success, void anything else (charge only on success).
+
+        An upstream that needs more input (2026-07-28 ``input_required``) voids the hold too:
+        the agent answers and retries the call, and the round that completes is the one
+        billed, once; a call abandoned there was never charged."""
         self._open[hold.id] = hold
         try:
             outcome = await self.forward(ctx, params)
         except BaseException:  # cancelled (client gone, shutdown) or the upstream's own error
             await self._void(hold)
             raise
-        if isinstance(outcome, BillingError) or not succeeded(outcome.result):
+        if isinstance(outcome, BillingError) or not isinstance(outcome.result, CallToolResult) \
+                or not succeeded(outcome.result):
             await self._void(hold)
             code = outcome.code if isinstance(outcome, BillingError) else None
             if code is not None and self.verifier.metrics is not None:
@@ -233,7 +244,7 @@ class ProxyBilling:
                         tenant=tenant, agent=agent)
 
     async def _paid_with_x402(self, paid: PaidCall, ctx: ServerRequestContext[Any, Any],
-                              params: CallToolRequestParams) -> CallToolResult:
+                              params: CallToolRequestParams) -> Answer:
         """Reserve the payment, forward once, then settle and record a success (or release the
         payment of anything else: an upstream error, timeout, failure or oversized result)."""
         answer = await paid.open()
@@ -247,7 +258,7 @@ class ProxyBilling:
         if isinstance(outcome, BillingError):
             await paid.release()
             return self._challenge(params.name, outcome)
-        return cast(CallToolResult, await paid.close(outcome.result))
+        return cast(Answer, await paid.close(outcome.result))
 
     def _challenge(self, tool: str, error: BillingError, tenant: str | None = None
                    ) -> CallToolResult:
@@ -286,9 +297,7 @@ class ProxyBilling:
         timeout = self.limits.call_timeout
         try:
             with anyio.fail_after(timeout), session.during(ctx):
-                result = await client.call_tool(params.name, dict(params.arguments or {}),
-                                                progress_callback=progress,
-                                                meta=forwarded_meta(meta))  # type: ignore[arg-type]
+                result = await _call_upstream(client, ctx, params, progress)
         except TimeoutError:
             return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
                                    f"{timeout:g} s; the call was not billed",
@@ -328,13 +337,43 @@ class ProxyBilling:
         ended("refused", code=error.code)
         return refusal(error)
 
-    def _free(self, tool: str, outcome: Relayed | BillingError) -> CallToolResult:
+    def _free(self, tool: str, outcome: Relayed | BillingError) -> Answer:
         if isinstance(outcome, BillingError):
             return self._refuse(tool, outcome)
         if self.verifier.metrics is not None:
             self.verifier.metrics.finished(tool, "free")
         ended("free")
         return outcome.result
+
+
+async def _call_upstream(client: Client, ctx: ServerRequestContext[Any, Any],
+                         params: CallToolRequestParams, progress: ProgressFnT | None) -> Answer:
+    """``tools/call`` on the upstream. For a 2026-07-28 agent (no session) the upstream's
+    ``input_required`` result is the agent's to answer: it retries the call with
+    ``inputResponses`` and ``requestState``, passed on as they come. An agent of the handshake
+    era is asked on its session instead, by its upstream session's client
+    (:mod:`mcpbill_cli.proxy.relay`), which retries the upstream itself."""
+    args, meta = dict(params.arguments or {}), forwarded_meta(params.meta)
+    if has_session(ctx):
+        return await client.call_tool(params.name, args, progress_callback=progress,
+                                      meta=meta)  # type: ignore[arg-type]
+    return await client.session.call_tool(
+        params.name, args, progress_callback=progress, meta=meta,  # type: ignore[arg-type]
+        input_responses=params.input_responses, request_state=params.request_state,
+        allow_input_required=True)
+
+
+def round_key(key: str | None, params: CallToolRequestParams) -> str | None:
+    """The idempotency key of this round of a multi-round (``input_required``) call: the
+    agent's own key, made distinct for a retry that answers the upstream (the first round's
+    hold was voided, and a voided key stays failed), the same again for the same answers."""
+    if key is None or (params.input_responses is None and params.request_state is None):
+        return key
+    answered = json.dumps([params.request_state, {
+        name: response.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for name, response in (params.input_responses or {}).items()}], sort_keys=True)
+    digest = hashlib.sha256(answered.encode()).hexdigest()[:ROUND_DIGEST]
+    return f"{key[:MAX_KEY_LENGTH - ROUND_DIGEST - 1]}#{digest}"
 
 
 def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -381,5 +420,5 @@ def _relay(ctx: ServerRequestContext[Any, Any]) -> ProgressFnT:
     return relay
 
 
-def _answer(outcome: Relayed | BillingError) -> CallToolResult:
+def _answer(outcome: Relayed | BillingError) -> Answer:
     return refusal(outcome) if isinstance(outcome, BillingError) else outcome.result
