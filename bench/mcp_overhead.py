@@ -7,9 +7,11 @@ and the hold), run, capture, a signed receipt in ``_meta``. Prints the median ti
 each and their ratio (target <= 1.5x), and, in the same rounds:
 
 - the same begin (hold) + capture called on the verifier directly, in a tight loop (no MCP, no
-  threads). The rest of the billed call is the MCP glue and its thread hop, and the verifier's
-  own code running after an MCP call has left the CPU caches cold: measured by thread CPU
-  time, begin and capture cost about twice as much inside a call as in the tight loop;
+  threads). The rest of the billed call is the MCP glue (billing holds and captures in the
+  worker thread the SDK runs the tool in, so no thread hop of its own; the receipt in
+  ``_meta`` is serialized by the SDK and parsed by the client), and the verifier's own code
+  running after an MCP call has left the CPU caches cold: measured by thread CPU time, begin
+  and capture cost about twice as much inside a call as in the tight loop;
 - a floor under any billing code on this ledger: the rows a billed call writes (two
   transactions: account updates, transfers, the call, one audit event each, appended with no
   chain: a sealer hashes it later) as hand-written SQL on the raw driver, plus the receipt's
@@ -227,7 +229,7 @@ def main() -> None:
     print(f"of which the verifier, called alone {ledger * 1000:8.3f} ms/call "
           "(begin: hold, then capture)")
     rest = billed - unbilled - ledger
-    print(f"and the rest (glue, hop, cold caches) {rest * 1000:6.3f} ms/call")
+    print(f"and the rest (glue, cold caches)      {rest * 1000:6.3f} ms/call")
     print(f"floor: the same rows as raw SQL     {median['floor'] * 1000:8.3f} ms/call "
           f"= {floor_share:.2f} of an unbilled call,")
     print(f"       so billed / unbilled cannot go below {1 + floor_share:.2f}x on this ledger")

@@ -12,7 +12,8 @@ its ``echo`` tool. In one run, rounds alternate between:
   loop, on the same ledger: what billing a call costs with no MCP, HTTP or upstream around it.
 
 Prints the median per call of each and proxied / (direct + floor) (goal <= 1.3x). The proxy adds
-a whole HTTP hop the direct call does not make, so this ratio also holds the hop's cost.
+a whole HTTP hop the direct call does not make, so this ratio also holds the hop's cost; paid
+minus free, beside the verifier's floor, is what billing itself adds to a proxied call.
 
 Usage: python bench/proxy.py [--calls N] [--rounds R]
 """
@@ -175,6 +176,9 @@ def main() -> None:
     print(f"paid call via mcpbill proxy             {proxied * 1000:8.3f} ms/call")
     print(f"free call via the proxy (the hop alone) {median['free'] * 1000:8.3f} ms/call")
     print(f"verifier floor (begin + capture alone)  {floor * 1000:8.3f} ms/call")
+    billing = proxied - median["free"]
+    print(f"billing's share (paid - free)           {billing * 1000:8.3f} ms/call "
+          f"= {billing / floor:.2f}x the verifier floor")
     print(f"proxied / direct                        {proxied / direct:8.2f}x")
     print(f"proxied / (direct + floor)              {proxied / (direct + floor):8.2f}x  "
           "(goal <= 1.30x)")
