@@ -8,22 +8,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 import mcpbill_cli.ledger.ops
 import mcpbill_cli.receipts  # noqa: F401 - registers InvalidReceipt under BillingError
 from mcpbill_cli import errors
 from mcpbill_cli.errors import BillingError, LedgerUnavailable
-from mcpbill_cli.keys import KeySource
+from mcpbill_cli.keys import KeyRing, KeySource
 from mcpbill_cli.ledger.credit import IssuedToken, revoke
 from mcpbill_cli.ledger.engine import make_engine, writing
+from mcpbill_cli.ledger.schema import upgrade
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402.errors import X402PaymentInvalid  # also registers the x402 codes
 
-from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock
+from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock, fund, mint
 
 DESIGN_CODES = {"INVALID_CREDIT_TOKEN", "TOKEN_REVOKED", "SCOPE_DENIED", "BUDGET_EXCEEDED",
                 "IDEMPOTENCY_CONFLICT", "CALL_IN_PROGRESS", "PRICE_UNKNOWN",
@@ -175,3 +178,30 @@ def test_ledger_unavailable(tmp_path: Path, keys: KeySource, pricing: PricingTab
                 "LEDGER_UNAVAILABLE"), (url, step.__name__)
         broken.close()
     assert issubclass(LedgerUnavailable, BillingError)
+
+
+def test_a_connection_the_server_dropped_fails_one_call_and_the_next_goes_through(
+        pg_database: str, keys: KeySource, ring: KeyRing, pricing: PricingTable,
+        clock: FakeClock) -> None:
+    """A verifier keeps no round trip per call to test its pooled connections (and a cursor
+    with each): the call that meets a connection the server dropped is LEDGER_UNAVAILABLE,
+    billing nothing, and the same call again goes through on a new connection."""
+    url = make_url(pg_database).update_query_dict({"application_name": "dropped-test"})
+    engine = make_engine(url.render_as_string(hide_password=False), pre_ping=False)
+    upgrade(engine)
+    fund(engine, "acme", USDC, now=clock())
+    token = mint(engine, ring, now=clock()).token
+    verifier = Verifier(keys=keys, pricing=pricing, engine=engine, clock=clock)
+    verifier.charge(token, "search", idempotency_key="before")
+    with psycopg.connect(make_url(pg_database).set(drivername="postgresql")
+                         .render_as_string(hide_password=False), autocommit=True) as admin:
+        dropped = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'dropped-test'").fetchone()
+    assert dropped is not None and dropped[0] >= 1
+    assert refused(lambda: verifier.charge(token, "search", idempotency_key="after"))[
+        "code"] == "LEDGER_UNAVAILABLE"
+    receipt = verifier.charge(token, "search", idempotency_key="after")
+    assert verifier.verify_receipt(receipt.jws).amount == PRICE
+    assert verifier.preflight(token, "search").remaining == USDC - 2 * PRICE
+    verifier.close()
