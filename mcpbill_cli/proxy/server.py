@@ -43,6 +43,7 @@ from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_h
 from mcpbill_cli.mcp.x402 import extension_binding_middleware
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
+from mcpbill_cli.proxy.listen import Listening
 from mcpbill_cli.proxy.sessions import agent_session, has_session, opened_session
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
@@ -79,6 +80,8 @@ class Proxy:
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
                                     bearer=bearer, acceptor=acceptor)
         self._schemas: dict[str, dict[str, Any]] = {}
+        self.listening = Listening(self._send_shared)
+        upstream.shared_options = self.listening.client_options()
         with warnings.catch_warnings():  # logging/setLevel: deprecated by 2026-07-28, relayed
             warnings.simplefilter("ignore", MCPDeprecationWarning)  # for the era that has it
             self.server: Server[Any] = Server(
@@ -90,7 +93,8 @@ class Proxy:
                 on_unsubscribe_resource=self._unsubscribe, on_list_prompts=self._list_prompts,
                 on_get_prompt=self._get_prompt, on_completion=self._complete,
                 on_set_logging_level=self._set_logging_level,
-                on_roots_list_changed=self._roots_list_changed)
+                on_roots_list_changed=self._roots_list_changed,
+                on_subscriptions_listen=self.listening.listen)
         if acceptor is not None:  # x402's extension binding for the agents that advertise it
             self.server.middleware.append(extension_binding_middleware())
 
@@ -186,6 +190,11 @@ class Proxy:
         if not has_session(ctx):
             raise MCPError(types.INVALID_REQUEST, f"{ctx.method} needs a session: connect with "
                                                   "the 2025-11-25 protocol (initialize)")
+        return await self._relay(ctx, lambda client: client.session.send_request(
+            request, types.EmptyResult))
+
+    async def _send_shared(self, ctx: Context, request: Any) -> types.EmptyResult:
+        """A request of the listen streams to the shared upstream session (2026-07-28 agents')."""
         return await self._relay(ctx, lambda client: client.session.send_request(
             request, types.EmptyResult))
 

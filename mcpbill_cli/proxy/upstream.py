@@ -84,6 +84,7 @@ class Upstream:
         self._errlog = errlog
         self._links: set[Link] = set()  # the agent sessions' links
         self._shared: Link | None = None
+        self.shared_options: dict[str, Any] = {}  # the shared session's client options
         self._tasks: TaskGroup | None = None
 
     @property
@@ -117,7 +118,7 @@ class Upstream:
         """The one upstream session for requests without an agent session (no callbacks: the
         upstream is told of no sampling, elicitation or roots)."""
         if self._shared is None:
-            self._shared = self._start({})
+            self._shared = self._start(self.shared_options)
         return self._shared
 
     async def close(self, link: Link) -> None:
