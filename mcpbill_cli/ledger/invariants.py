@@ -43,6 +43,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    true,
     union_all,
 )
 
@@ -128,7 +129,8 @@ def _sums_and_spending(conn: Connection, base: datetime | None, at: datetime | N
     (one scan of them per side) and its open holds, and, from the same debit sums, each
     token's spending against its limit; with ``at``, the sums then of those that moved."""
     mismatched, overspending, sums = [], [], []
-    for row in conn.execute(_sums_query(base, at).execution_options(yield_per=BATCH)):
+    query = _sums_query(base, at, lateral=conn.dialect.name == "postgresql")
+    for row in conn.execute(query.execution_options(yield_per=BATCH)):
         if row.differs:
             mismatched.append(row.id)
         if row.overspent:
@@ -147,7 +149,7 @@ def _sums_and_spending(conn: Connection, base: datetime | None, at: datetime | N
     return found, (sums if at is not None else None)
 
 
-def _sums_query(base: datetime | None, at: datetime | None) -> Any:
+def _sums_query(base: datetime | None, at: datetime | None, *, lateral: bool) -> Any:
     """Per account: ``differs``, ``overspent`` (with the token's ``jti``) and, with ``at``,
     ``moved`` (since ``base``, before ``at``) and ``*_at``, its sums then. Only the accounts
     with a problem, or that moved."""
@@ -159,7 +161,7 @@ def _sums_query(base: datetime | None, at: datetime | None) -> Any:
                               where=open_hold)
     held_credits = _by_account(t.credit_account_id, func.sum(t.amount).label("held"),
                                where=open_hold)
-    start = _snapshot(base)
+    start, on_start = _snapshot(base, lateral=lateral)
 
     def total(name: str, side: Any, column: str) -> Any:  # the snapshot's, plus what moved
         moved = func.coalesce(side.c[column], 0)
@@ -186,7 +188,7 @@ def _sums_query(base: datetime | None, at: datetime | None) -> Any:
              .outerjoin(held_credits, held_credits.c.account == a.id)
              .outerjoin(tokens, token_of))
     if start is not None:
-        query = query.outerjoin(start, start.c.account == a.id)
+        query = query.outerjoin(start, on_start)
     return query.where(differs | overspent if moved is None else differs | overspent | moved)
 
 
@@ -207,16 +209,24 @@ def _posted_sums(at: datetime | None, *, spending: bool = False) -> list[Any]:
             if value is not None]
 
 
-def _snapshot(base: datetime | None) -> Any:
-    """Every account's sums at the snapshot ``base`` (its latest row then), as a subquery
-    with an ``account`` column, or ``None``."""
+def _snapshot(base: datetime | None, *, lateral: bool) -> tuple[Any, Any]:
+    """Each account's latest snapshot row at or before ``base`` (none: ``None, None``), and
+    how to join it to the account: one probe of ``ix_account_snapshots_account`` per account.
+    Grouping every row up to ``base`` instead read all the days the snapshots kept (their rows
+    grow with each day reconciled). PostgreSQL probes in a lateral subquery (it would hash the
+    rows and filter them on the correlated ``max``); SQLite, which has no LATERAL, seeks the
+    ``max`` in the index, then the row."""
     if base is None:
-        return None
-    latest = (select(snap.account, func.max(snap.at).label("at")).where(snap.at <= base)
-              .group_by(snap.account).subquery())
-    return (select(snap.account, snap.debits_posted, snap.credits_posted, snap.spent)
-            .join(latest, and_(latest.c.account == snap.account, latest.c.at == snap.at))
-            .subquery())
+        return None, None
+    if lateral:
+        latest = (select(snap.debits_posted, snap.credits_posted, snap.spent)
+                  .where(snap.account == a.id, snap.at <= base)
+                  .order_by(snap.at.desc()).limit(1).lateral("start"))
+        return latest, true()
+    latest_at = (select(func.max(snap.at)).where(snap.account == a.id, snap.at <= base)
+                 .scalar_subquery())
+    start = account_snapshots.alias("start")
+    return start, and_(start.c.account == a.id, start.c.at == latest_at)
 
 
 def _overspent_without_account(conn: Connection, base: datetime | None) -> list[str]:

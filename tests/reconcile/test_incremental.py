@@ -148,10 +148,10 @@ def test_a_day_after_a_snapshot_reads_no_transfer_before_it(days: Ledger) -> Non
 
 
 def test_no_statement_scans_a_table_of_the_day(days: Ledger) -> None:
-    """Every read of the tables that grow with the days (the transfers, calls, events, refunds
-    and deposits) goes through an index (by time from the snapshot or the day on, by status
-    for the open holds, by seal, account or id): no plan scans one of them, as a check reading
-    the whole history does. (PostgreSQL is asked with sequential scans off: it scans tables
+    """Every read of the tables that grow with the days (the transfers, calls, events, refunds,
+    deposits and the snapshots' rows) goes through an index (by time from the snapshot or the
+    day on, by status for the open holds, by seal, account or id): no plan scans one of them,
+    as a check reading the whole history does. (PostgreSQL is asked with sequential scans off: it scans tables
     this small anyway when it may.)"""
     reconcile_days(days, FIRST, SECOND)
     incremental = statements_of(days.engine, lambda: days.reconcile(window=THIRD))
@@ -162,7 +162,7 @@ def test_no_statement_scans_a_table_of_the_day(days: Ledger) -> None:
     assert [scan for scan in full_scans(days.engine, full) if scan.startswith("transfers")]
 
 
-DAY_TABLES = ("transfers", "calls", "events", "refunds", "deposits")
+DAY_TABLES = ("transfers", "calls", "events", "refunds", "deposits", "account_snapshots")
 
 
 def statements_of(engine: Engine, work: Any) -> list[tuple[str, Any]]:
