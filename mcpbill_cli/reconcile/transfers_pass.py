@@ -1,8 +1,11 @@
 """One pass over the window's transfers, grouped in SQL: control totals per token account and
 deposits per tenant.
 
-A resolution (capture, void, expire) is joined to its hold by primary key, so a resolution
-that contradicts its hold (a void of a captured hold: a second outcome) shows as a group.
+A resolution (capture, void, expire) looks its hold up by primary key, so a resolution that
+contradicts its hold (a void of a captured hold: a second outcome) shows as a group. The
+lookup is a subquery asked for resolutions only: as an outer join, PostgreSQL hashed every
+hold of the ledger's history to meet the window's few resolutions (0.23 s of a day's 0.34 s
+after ten earlier days of 100k calls; 0.08 s as probes).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, and_, case, func, literal, literal_column, select
+from sqlalchemy import Connection, case, func, literal, literal_column, select
 
 from mcpbill_cli.ledger.models import transfers
 from mcpbill_cli.reconcile.model import Window
@@ -40,14 +43,13 @@ class TransferGroup:
 def transfer_groups(conn: Connection, window: Window) -> Iterator[TransferGroup]:
     """The window's transfers (by ``created_at``) of the codes reconcile checks, grouped."""
     credit = case((t.code == "deposit", t.credit_account_id)).label("credit")
+    status_of_hold = select(h.status).where(h.id == t.pending_id,
+                                            h.kind == "pending").scalar_subquery()
     hold_status = case((t.pending_id.is_(None), literal(None)),
-                       else_=func.coalesce(h.status, literal("missing")))
+                       else_=func.coalesce(status_of_hold, literal("missing")))
     keys = (t.code, t.debit_account_id, credit, t.status)
-    # Only holds can be resolved: joining just them keeps PostgreSQL's hash small.
     query = (select(*keys, hold_status.label("hold_status"), func.count().label("n"),
                     func.sum(t.amount).label("amount"))
-             .select_from(transfers.outerjoin(held, and_(h.id == t.pending_id,
-                                                         h.kind == "pending")))
              .where(t.created_at >= window.start, t.created_at < window.end,
                     t.code.in_(CODES))
              .group_by(*keys, literal_column("hold_status"))

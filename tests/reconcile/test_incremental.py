@@ -151,8 +151,8 @@ def test_no_statement_scans_a_table_of_the_day(days: Ledger) -> None:
     """Every read of the tables that grow with the days (the transfers, calls, events, refunds,
     deposits and the snapshots' rows) goes through an index (by time from the snapshot or the
     day on, by status for the open holds, by seal, account or id): no plan scans one of them,
-    as a check reading the whole history does. (PostgreSQL is asked with sequential scans off: it scans tables
-    this small anyway when it may.)"""
+    as a check reading the whole history does. (PostgreSQL is asked with sequential scans
+    off: it scans tables this small anyway when it may.)"""
     reconcile_days(days, FIRST, SECOND)
     incremental = statements_of(days.engine, lambda: days.reconcile(window=THIRD))
     full = statements_of(days.engine, lambda: days.reconcile(window=THIRD, full_history=True))
