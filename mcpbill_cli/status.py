@@ -26,6 +26,9 @@ class LedgerStatus:
     required: str | None = None
     up_to_date: bool = False
     pending_holds: int | None = None
+    clock: str | None = None  # whose clock decides: "database" (PostgreSQL) or "host"
+    clock_offset_seconds: float | None = None  # this host's clock less the database's
+    clock_error_bound_seconds: float | None = None  # how far off that offset may be
 
 
 @dataclass(frozen=True)
@@ -122,10 +125,25 @@ def _ledger(settings: Settings) -> tuple[LedgerStatus, BillingError | None]:
         revision = current_revision(engine)
         up_to_date = revision == SCHEMA_REVISION
         holds = _pending_holds(engine) if up_to_date else None
+        clock = _clock(engine)
     finally:
         engine.dispose()
-    found = LedgerStatus(url, True, revision, SCHEMA_REVISION, up_to_date, holds)
+    found = LedgerStatus(url, True, revision, SCHEMA_REVISION, up_to_date, holds, *clock)
     return found, None if up_to_date else _schema_problem(revision, SCHEMA_REVISION)
+
+
+def _clock(engine: Any) -> tuple[str, float | None, float | None]:
+    """Whose clock decides (see :mod:`mcpbill_cli.clock`) and, for the database's, how far
+    this host's is from it: a host far off makes no wrong charge, but its logs mislead."""
+    from mcpbill_cli.clock import utcnow
+    from mcpbill_cli.ledger.clock import DatabaseClock
+
+    if engine.dialect.name != "postgresql":
+        return "host", None, None
+    database = DatabaseClock(engine)
+    server = database()
+    offset = (utcnow() - server).total_seconds()
+    return "database", round(offset, 6), database.error_bound()
 
 
 def _schema_problem(revision: str | None, required: str) -> BillingError:

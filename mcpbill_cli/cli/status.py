@@ -66,6 +66,8 @@ def _render(found: Status) -> None:
         "ledger": ledger.url + ("" if ledger.reachable else " (not reached)"),
         "schema": f"{ledger.schema or '-'} (needs {ledger.required or '-'})",
         "pending holds": _or_dash(ledger.pending_holds),
+        "clock": _clock_line(ledger.clock, ledger.clock_offset_seconds,
+                             ledger.clock_error_bound_seconds),
         "signing key": f"{keys.active_kid} ({keys.alg}), {keys.count} in the ring"
         if keys.active_kid else "-",
         "pricing version": _or_dash(found.pricing_version),
@@ -73,6 +75,12 @@ def _render(found: Status) -> None:
         "x402": _x402_line(found),
     }
     print_fields(rows)
+
+
+def _clock_line(clock: str | None, offset: float | None, bound: float | None) -> str:
+    if clock != "database" or offset is None or bound is None:
+        return "this host's (the ledger's host)" if clock == "host" else "-"
+    return f"the database's; this host's is {offset:+.3f} s off it (± {bound:.3f} s)"
 
 
 def _chain_line(name: str | None, rpc_url: str | None, reachable: bool | None) -> str:

@@ -35,6 +35,13 @@ def test_an_initialized_home_is_all_good(ledger_cli: Invoke, db_url: str) -> Non
     assert data["ledger"]["schema"] == data["ledger"]["required"] == SCHEMA_REVISION
     assert data["ledger"]["pending_holds"] == 0
     assert (data["keys"]["alg"], data["keys"]["count"]) == ("EdDSA", 1)
+    if db_url.startswith("postgresql"):  # the server's clock decides; here it is this host's
+        assert data["ledger"]["clock"] == "database"
+        assert abs(data["ledger"]["clock_offset_seconds"]) < 60
+        assert data["ledger"]["clock_error_bound_seconds"] >= 0
+    else:
+        assert data["ledger"]["clock"] == "host"
+        assert data["ledger"]["clock_offset_seconds"] is None
     assert data["pricing_version"] == 1
     assert data["chain"] == {"configured": False, "chain": "base", "rpc_url": None,
                              "reachable": None, "chain_id": None}
@@ -143,8 +150,8 @@ def test_an_unreachable_rpc_exits_17(ledger_cli: Invoke, monkeypatch: pytest.Mon
 def test_the_human_report_names_each_part(ledger_cli: Invoke) -> None:
     result = ledger_cli("status")
     assert result.exit_code == 0, result.output
-    for part in ("home", "ledger", "schema", "pending holds", "signing key", "pricing version",
-                 "chain"):
+    for part in ("home", "ledger", "schema", "pending holds", "clock", "signing key",
+                 "pricing version", "chain"):
         assert part in result.stdout
 
 
