@@ -38,12 +38,10 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from mcpbill_cli.tracing import ended
-
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["LEDGER_ERRORS", "UNKNOWN_TOOL", "PrometheusMetrics", "call_ended", "serve", "stop"]
+__all__ = ["LEDGER_ERRORS", "UNKNOWN_TOOL", "PrometheusMetrics", "serve", "stop"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LEDGER_ERRORS = frozenset({"LEDGER_UNAVAILABLE", "LEDGER_FULL"})
@@ -221,21 +219,6 @@ class _ClockErrorBound:
         yield GaugeMetricFamily("mcpbill_clock_error_bound_seconds",
                                 "How far this verifier's time may be from the database's.",
                                 value=math.nan if bound is None else bound)
-
-
-def call_ended(metrics: PrometheusMetrics | None, tool: str, outcome: str, *,
-               amount: int | None = None, code: str | None = None) -> None:
-    """A call that held nothing in the verifier (paid with x402) ended: ``captured`` for
-    ``amount``, refused with ``code``, or another outcome; counted in ``metrics`` when they are
-    on, and set on the call's span when it is traced."""
-    if metrics is not None:
-        if outcome == "captured" and amount is not None:
-            metrics.captured(tool, amount)
-        elif code is not None:
-            metrics.refused(tool, code)
-        else:
-            metrics.finished(tool, outcome)
-    ended(outcome, amount=amount, code=code)
 
 
 def serve(metrics: PrometheusMetrics, host: str, port: int) -> Any:

@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 from mcpbill_cli.errors import BillingError, DuplicateCall, ResponseTooLarge
 from mcpbill_cli.http.asgi import BufferedRequest, BufferedResponse
 from mcpbill_cli.http.wire import receipt_header, refusal, replayed_header
-from mcpbill_cli.metrics import call_ended
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved
 
 logger = logging.getLogger("mcpbill")
@@ -171,7 +170,7 @@ class X402Gate:
     def _ended(self, tool: str, outcome: str, *, amount: int | None = None,
                code: str | None = None) -> None:
         """Count the request in the verifier's metrics and its span, where they are on."""
-        call_ended(self.acceptor.verifier.metrics, tool, outcome, amount=amount, code=code)
+        self.acceptor.call_ended(tool, outcome, amount=amount, code=code)
 
     async def _release(self, opened: Reserved) -> None:
         try:

@@ -43,7 +43,6 @@ from mcpbill_cli.mcp.wire import (
     refusal,
     succeeded,
 )
-from mcpbill_cli.metrics import call_ended
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
 from mcpbill_cli.x402.errors import X402PaymentInvalid
 
@@ -211,7 +210,7 @@ class PaidCall:
     def _ended(self, outcome: str, *, amount: int | None = None,
                code: str | None = None) -> None:
         """Count the call in the verifier's metrics and its span, where they are on."""
-        call_ended(self.acceptor.verifier.metrics, self.tool, outcome, amount=amount, code=code)
+        self.acceptor.call_ended(self.tool, outcome, amount=amount, code=code)
 
     def _refused(self, error: BillingError) -> CallToolResult | dict[str, Any]:
         return answered(error, self.acceptor, self.tool, self.tenant, extension=self.extension)

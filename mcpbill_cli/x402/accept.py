@@ -62,6 +62,7 @@ from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.pricing import Price, PricingTable, x402_offered
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.receipts import Receipt, read_receipt
+from mcpbill_cli.tracing import ended
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet import eip3009
 from mcpbill_cli.wallet.chains import Chain
@@ -378,6 +379,21 @@ class Acceptor:
             return self._recover_one(row, now)
         except X402NonceUsed:
             return False
+
+    def call_ended(self, tool: str, outcome: str, *, amount: int | None = None,
+                   code: str | None = None) -> None:
+        """A call paid with x402 ended (it held nothing in the verifier): ``captured`` for
+        ``amount``, refused with ``code``, or another outcome; counted in the verifier's
+        metrics when they are on, and set on the call's span when it is traced."""
+        metrics = self.verifier.metrics
+        if metrics is not None:
+            if outcome == "captured" and amount is not None:
+                metrics.captured(tool, amount)
+            elif code is not None:
+                metrics.refused(tool, code)
+            else:
+                metrics.finished(tool, outcome)
+        ended(outcome, amount=amount, code=code)
 
     def start_recovery(self, *, older_than: int = RECOVER_AFTER,
                        interval: float = RECOVER_INTERVAL) -> Recovery:
