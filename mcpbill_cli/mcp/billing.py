@@ -58,6 +58,7 @@ from mcpbill_cli.mcp.wire import (
     list_hints_middleware,
     refusal,
     replayed,
+    round_key,
     succeeded,
     with_receipt,
 )
@@ -334,8 +335,9 @@ class Billing(Extension):
     def _call_request(self, tool: BilledTool, params: CallToolRequestParams,
                       ctx: ServerRequestContext[Any, Any]) -> _CallRequest:
         meta = params.meta
-        return _CallRequest(tool, credit_token(meta, ctx.request, resource=self.resource),
-                            dict(params.arguments or {}), idempotency_key(meta))
+        token = credit_token(meta, ctx.request, resource=self.resource)
+        return _CallRequest(tool, token, dict(params.arguments or {}),
+                            round_key(idempotency_key(meta), params))
 
     async def _billed_call(self, run: _Run, ctx: ServerRequestContext[Any, Any],
                            call_next: CallNext) -> HandlerResult:

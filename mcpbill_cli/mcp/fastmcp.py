@@ -58,6 +58,7 @@ from mcpbill_cli.mcp.wire import (
     list_hints,
     list_hints_middleware,
     replayed,
+    round_key,
 )
 from mcpbill_cli.mcp.x402 import (
     PaidCall,
@@ -214,7 +215,8 @@ class BillingMiddleware(Middleware):
         http = request.request if request is not None else None
         opened = await self.verifier.abegin(
             credit_token(meta, http, resource=self.resource), tool.name,
-            args=dict(context.message.arguments or {}), idempotency_key=idempotency_key(meta),
+            args=dict(context.message.arguments or {}),
+            idempotency_key=round_key(idempotency_key(meta), context.message),
             max_units=tool.max_units)
         if isinstance(opened, Quote):  # a free tool: the token was checked, nothing is held
             with metering(tool.name):

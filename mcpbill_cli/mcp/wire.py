@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -27,7 +28,7 @@ from typing import Any
 import anyio
 from mcp.server.caching import CacheHint
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
-from mcp_types import CallToolResult, Result, TextContent
+from mcp_types import CallToolRequestParams, CallToolResult, Result, TextContent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, canonical_resource
@@ -50,6 +51,7 @@ IDEMPOTENCY_KEY_META = PREFIX + "idempotencyKey"
 REPLAYED_META = PREFIX + "replayed"
 # The keys an agent sent before the prefix: read after the new ones, never written; gone in 0.2.0.
 LEGACY_META = {TOKEN_META: "mcpbill/token", IDEMPOTENCY_KEY_META: "mcpbill/idempotencyKey"}
+ROUND_DIGEST = 16  # hex characters of a multi-round call's answers in its round's key
 # How long a client may keep a tools/list (prices included) before it asks again: prices change
 # only when the operator edits the table, and a call is charged at the price in force anyway.
 LIST_TTL_MS = 60_000
@@ -186,6 +188,23 @@ def idempotency_key(meta: Mapping[str, Any] | None) -> str | None:
         raise InvalidInput(f"_meta[{IDEMPOTENCY_KEY_META!r}] is longer than {MAX_KEY_LENGTH} "
                            "characters", field=IDEMPOTENCY_KEY_META)
     return key
+
+
+def round_key(key: str | None, params: CallToolRequestParams) -> str | None:
+    """The idempotency key of this round of a call: the agent's own ``key``, made distinct for a
+    2026-07-28 retry that answers ``input_required`` (``inputResponses``, ``requestState``).
+
+    The round that asked was voided, and a voided key stays failed: the answering round needs
+    a key of its own, the same again for the same answers (a replay returns its result) and
+    another for different answers (another round, billed if it completes). ``None`` without
+    an agent's key: the verifier derives one from the call, answers aside."""
+    if key is None or (params.input_responses is None and params.request_state is None):
+        return key
+    answered = json.dumps([params.request_state, {
+        name: response.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for name, response in (params.input_responses or {}).items()}], sort_keys=True)
+    digest = hashlib.sha256(answered.encode()).hexdigest()[:ROUND_DIGEST]
+    return f"{key[:MAX_KEY_LENGTH - ROUND_DIGEST - 1]}#{digest}"
 
 
 def client_address(request: Any) -> str:

@@ -24,8 +24,6 @@ carries the settlement and the receipt), released otherwise; refusals carry the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ from mcpbill_cli.mcp.wire import (
     kept_result,
     refusal,
     replayed,
+    round_key,
     succeeded,
     with_receipt,
 )
@@ -66,7 +65,7 @@ from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.sessions import AgentSession, agent_session, has_session
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.tracing import ended, step
-from mcpbill_cli.verifier import CALL_SOURCE, MAX_KEY_LENGTH, Hold, Verifier
+from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
 from mcpbill_cli.x402.accept import Acceptor
 
 __all__ = ["Limits", "ProxyBilling"]
@@ -80,7 +79,6 @@ Answer = CallToolResult | InputRequiredResult
 PROGRESS_TOKENS = ("progress_token", "progressToken")
 RESERVED_PREFIX = "io.modelcontextprotocol/"  # the protocol's own _meta keys, per connection
 BUSY_RETRY_MS = 250
-ROUND_DIGEST = 16  # hex characters of a multi-round call's answers in its round's key
 # The agent's own keys: never forwarded (the credit token and an x402 payment are credentials).
 PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, PAYMENT_META,
                           *LEGACY_META.values()})
@@ -361,19 +359,6 @@ async def _call_upstream(client: Client, ctx: ServerRequestContext[Any, Any],
         params.name, args, progress_callback=progress, meta=meta,  # type: ignore[arg-type]
         input_responses=params.input_responses, request_state=params.request_state,
         allow_input_required=True)
-
-
-def round_key(key: str | None, params: CallToolRequestParams) -> str | None:
-    """The idempotency key of this round of a multi-round (``input_required``) call: the
-    agent's own key, made distinct for a retry that answers the upstream (the first round's
-    hold was voided, and a voided key stays failed), the same again for the same answers."""
-    if key is None or (params.input_responses is None and params.request_state is None):
-        return key
-    answered = json.dumps([params.request_state, {
-        name: response.model_dump(mode="json", by_alias=True, exclude_none=True)
-        for name, response in (params.input_responses or {}).items()}], sort_keys=True)
-    digest = hashlib.sha256(answered.encode()).hexdigest()[:ROUND_DIGEST]
-    return f"{key[:MAX_KEY_LENGTH - ROUND_DIGEST - 1]}#{digest}"
 
 
 def forwarded_meta(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
