@@ -11,8 +11,14 @@ from typing import Any
 import anyio
 import pytest
 from mcp.client import Client
-from mcp.server.mcpserver import MCPServer
-from mcp_types import CallToolResult
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import (
+    CallToolResult,
+    ElicitRequest,
+    ElicitRequestFormParams,
+    ElicitResult,
+    InputRequiredResult,
+)
 from x402.mcp.types import MCPToolResult
 from x402.mcp.utils import extract_payment_required_from_result
 
@@ -35,6 +41,10 @@ from .accepting import (
     signed_payment,
 )
 from .peer import NETWORK
+
+SURE = ElicitRequest(params=ElicitRequestFormParams(
+    message="Search now?", requested_schema={"type": "object", "properties": {}}))
+YES = ElicitResult(action="accept", content={})
 
 
 @dataclass
@@ -240,3 +250,47 @@ def test_an_x402_paid_call_is_counted_in_the_verifier_s_metrics(
     assert sample("mcpbill_refusals_total",
                   {"tool": "search", "code": "INVALID_CREDIT_TOKEN"}) == 1
     assert sample("mcpbill_calls_total", {"tool": "search", "outcome": "refused"}) == 1
+
+
+def test_a_payment_released_at_input_required_pays_the_round_that_completes(
+        shop: Shop, tools: Tools) -> None:
+    billing = Billing(shop.verifier, acceptor=shop.acceptor)
+    server: MCPServer = MCPServer("asking", extensions=[billing])
+
+    @billing.tool(server, name="search")
+    def search_once_sure(q: str, ctx: Context) -> list[str] | InputRequiredResult:
+        tools.runs.append(("search", {"q": q}))
+        if not ctx.input_responses:
+            return InputRequiredResult(input_requests={"sure": SURE}, request_state="asked")
+        return [f"{q}: result 1"]
+
+    payer = new_payer(shop.devnet)
+
+    async def run() -> tuple[Any, list[str], Any]:
+        async with Client(server, mode="2026-07-28", cache=None) as client:
+            unpaid = await client.session.call_tool("search", {"q": "usdc"})
+            challenge = extract_payment_required_from_result(as_x402(unpaid))
+            assert challenge is not None
+            meta: Any = {PAYMENT_META: official_payment(
+                official_client(payer, shop.devnet.chain.usdc),
+                challenge.model_dump(by_alias=True, exclude_none=True))}
+            asked = await client.session.call_tool("search", {"q": "usdc"}, meta=meta,
+                                                   allow_input_required=True)
+            assert isinstance(asked, InputRequiredResult)
+            statuses = [row.status for row in shop.payment_rows()]
+            done = await client.session.call_tool(
+                "search", {"q": "usdc"}, meta=meta, input_responses={"sure": YES},
+                request_state=asked.request_state, allow_input_required=True)
+            return asked, statuses, done
+
+    asked, statuses, done = anyio.run(run)
+
+    assert asked.input_requests == {"sure": SURE} and statuses == ["released"]
+    assert not done.is_error and done.structured_content == {"result": ["usdc: result 1"]}
+    settlement = (done.meta or {})[PAYMENT_RESPONSE_META]
+    receipt = shop.verifier.verify_receipt((done.meta or {})[RECEIPT_META]["jws"])
+    assert receipt.amount == SEARCH_PRICE and receipt.claims["transaction"] == settlement[
+        "transaction"]
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
+    assert tools.count("search") == 2 and shop.received() == SEARCH_PRICE
+    shop.assert_books_clean()
