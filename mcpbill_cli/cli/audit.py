@@ -10,7 +10,6 @@ import typer
 
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say, wire_to_cli
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import utcnow
 
 if TYPE_CHECKING:
     from mcpbill_cli.ledger.seals import Seal
@@ -51,7 +50,7 @@ def seal(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
     st = state(ctx)
     info, key = st.keyring().signing_key()
-    sealed = seal_all(st.engine(), signer(info.alg, info.kid, key), clock=utcnow, wait=True)
+    sealed = seal_all(st.engine(), signer(info.alg, info.kid, key), clock=st.clock(), wait=True)
     data = {"seals": [seal_data(s) for s in sealed], "events": sum(s.count for s in sealed)}
     emit(data, as_json=as_json, human=lambda: say(
         f"sealed {data['events']} event(s) in {len(sealed)} seal(s)" if sealed

@@ -31,7 +31,6 @@ def upgrade(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 def _seal(st: State) -> int | None:
     """Events sealed with the home's key; ``None`` without a key ring (`audit seal` later)."""
-    from mcpbill_cli.clock import utcnow
     from mcpbill_cli.keys import KeyRing
     from mcpbill_cli.ledger.sealing import seal_all
     from mcpbill_cli.ledger.seals import signer
@@ -40,7 +39,7 @@ def _seal(st: State) -> int | None:
         return None
     info, key = st.keyring().signing_key()
     return sum(s.count for s in seal_all(st.engine(), signer(info.alg, info.kid, key),
-                                         clock=utcnow, wait=True))
+                                         clock=st.clock(), wait=True))
 
 
 @app.command("status")

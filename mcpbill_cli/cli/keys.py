@@ -25,7 +25,6 @@ from mcpbill_cli.cli.output import (
     to_jsonable,
 )
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import utcnow
 from mcpbill_cli.fsutil import write_atomic
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ def rotate(
     with reading(st.engine()) as conn:
         until = last_expiry(conn, ring.active().kid)
     old = ring.active()
-    new = keys.rotate(ring, alg, now=utcnow(), last_expiry=until, write=not dry_run)
+    new = keys.rotate(ring, alg, now=st.now(), last_expiry=until, write=not dry_run)
     if not dry_run:
         ring.save()
     previous = ring.keys[old.kid]
@@ -145,8 +144,9 @@ def retire(
     st = state(ctx)
     ring = st.keyring()
     ring.get(kid)
+    now = st.now()
     with reading(st.engine()) as conn:
-        live = live_tokens_signed_by(conn, kid, now=utcnow())
+        live = live_tokens_signed_by(conn, kid, now=now)
     if live and not force:
         raise InvalidInput(f"{live} unexpired token(s) are signed by {kid} and would stop "
                            "verifying; pass --force to retire it anyway")

@@ -36,7 +36,7 @@ from mcpbill_cli.cli.output import (
     to_jsonable,
 )
 from mcpbill_cli.cli.state import State, state
-from mcpbill_cli.clock import rfc3339, utcnow
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.wallet.chains import ENV_RPC_URL
 
@@ -133,14 +133,15 @@ def reconcile(
 
     chosen = Output.csv if as_csv and output is None else output_format(output, as_json)
     st = state(ctx)
-    window = Window.parse(day=day, since=since, until=until, now=utcnow())
+    now = st.now()
+    window = Window.parse(day=day, since=since, until=until, now=now)
     st.require_tenant(tenant)
     options = ReconcileOptions(
         window=window, filters=Filters(tenant, agent, tool), chain=chain.value,
         verify_receipts=verify_receipts, keys_dir=st.settings.keys_dir,
         onchain=_chain_reader(st, rpc_url) if onchain else None, leeway=st.settings.leeway,
         jobs=jobs or os.cpu_count() or 1, max_rows=max_rows, ledger_wide=not window_only,
-        full_history=full_history, snapshots=not no_snapshot)
+        full_history=full_history, snapshots=not no_snapshot, now=now)
     if chosen is Output.table:
         say(f"reconciling {rfc3339(window.start)} .. {rfc3339(window.end)}")
     with progress_bar("reconciling", unit="", shown=chosen is Output.table):

@@ -15,7 +15,6 @@ from mcpbill_cli.cli.output import (
     with_usd,
 )
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import utcnow
 
 app = typer.Typer(help="Tenants: the customers whose wallets fund tokens.", no_args_is_help=True)
 
@@ -38,7 +37,9 @@ def list_tenants(ctx: typer.Context, output: OutputOption = None,
     from mcpbill_cli.ledger.tenants import tenant_summaries
 
     chosen = output_format(output, as_json)
-    with reading(state(ctx).engine()) as conn:
-        summaries = tenant_summaries(conn, now=utcnow())
+    st = state(ctx)
+    now = st.now()
+    with reading(st.engine()) as conn:
+        summaries = tenant_summaries(conn, now=now)
     emit_listing(summaries, LIST_COLUMNS, output=chosen,
                  records=[with_usd(s, *_AMOUNTS) for s in summaries])

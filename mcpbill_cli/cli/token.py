@@ -273,10 +273,11 @@ def _inspect(st: State, raw: str) -> dict[str, Any]:
     from mcpbill_cli.ledger.engine import reading
     from mcpbill_cli.tokens import decode_token
 
+    now = st.now()
     claims = decode_token(raw, st.keyring().verification_keys(), audience=None,
-                          issuer=st.settings.issuer, leeway=st.settings.leeway)
+                          issuer=st.settings.issuer, leeway=st.settings.leeway, now=now)
     with reading(st.engine()) as conn:
-        view = show_token(conn, claims.jti, now=st.now())
+        view = show_token(conn, claims.jti, now=now)
     if view.status == "revoked":
         raise TokenRevoked(f"token {claims.jti} was revoked at {view.revoked_at}",
                            jti=claims.jti)

@@ -21,7 +21,6 @@ from mcpbill_cli.cli.output import (
     with_usd,
 )
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import DemoOnly, InvalidInput
 from mcpbill_cli.money import format_usd, parse_usd
 
@@ -70,8 +69,9 @@ def _fund_demo(ctx: typer.Context, tenant: str, amount: int, key: str | None,
     if not st.settings.demo:
         raise DemoOnly("demo funding is off in live mode; fund with a USDC deposit instead, "
                        "or set mode = \"demo\" in config.toml")
+    now = st.now()
     with writing(st.engine()) as conn:
-        result = fund_demo(conn, tenant, amount, now=utcnow(), idempotency_key=key)
+        result = fund_demo(conn, tenant, amount, now=now, idempotency_key=key)
     done = "already funded" if result.replayed else "funded"
     emit(with_usd(result, "amount", "available"), as_json=as_json, human=lambda: say(
         f"{done} {tenant} with {format_usd(amount)} USDC (demo); "

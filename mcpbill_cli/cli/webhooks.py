@@ -19,7 +19,6 @@ from mcpbill_cli.cli.output import (
     to_jsonable,
 )
 from mcpbill_cli.cli.state import state
-from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import InvalidInput, NotFound
 
 app = typer.Typer(help="Signed webhooks (Standard Webhooks) for alerts: token thresholds, low "
@@ -65,8 +64,9 @@ def add(
     types = _event_types(events)
     _check_url(url)
     st = state(ctx)
+    at = st.now()
     with writing(st.engine()) as conn:
-        endpoint, secret = outbox.add_endpoint(conn, url, types, at=utcnow())
+        endpoint, secret = outbox.add_endpoint(conn, url, types, at=at)
     _owner_only(st.settings.db_url)
     data = {**_endpoint_json(endpoint), "secret": secret}
     emit(data, as_json=as_json, human=lambda: _print_secret(endpoint.id, secret))
@@ -166,7 +166,8 @@ def test(ctx: typer.Context, endpoint_id: EndpointArgument,
     from mcpbill_cli.errors import WebhookFailed
     from mcpbill_cli.webhooks import describe, send_test
 
-    event_id, attempt = send_test(state(ctx).engine(), endpoint_id, clock=utcnow)
+    st = state(ctx)
+    event_id, attempt = send_test(st.engine(), endpoint_id, clock=st.clock())
     if attempt is None or attempt.outcome != "delivered":
         raise WebhookFailed(f"{endpoint_id} did not take the test event {event_id}: "
                             f"{attempt.error if attempt else 'another deliverer has it'}",
@@ -226,7 +227,8 @@ def deliver(
     """
     from mcpbill_cli.webhooks import Deliverer, describe
 
-    deliverer = Deliverer(state(ctx).engine(), utcnow, timeout=timeout, backoff=backoff,
+    st = state(ctx)
+    deliverer = Deliverer(st.engine(), st.clock(), timeout=timeout, backoff=backoff,
                           interval=interval)
     if not once:
         say("delivering webhooks; Ctrl-C stops")

@@ -21,7 +21,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from mcpbill_cli.clock import utcnow
 from mcpbill_cli.ledger import invariants
 from mcpbill_cli.reconcile import deposit_check, ledger_checks, receipt_check, seal_check, snapshots
 from mcpbill_cli.reconcile.call_checks import PriceCheck, check_token_validity
@@ -69,6 +68,7 @@ class Context:
     engine: Engine
     options: ReconcileOptions
     found: Findings
+    now: datetime  # when holds count as stale and events as left unsealed
     totals: TotalsBuilder = field(default_factory=TotalsBuilder)
     by_calls: dict[str, TokenTally] = field(default_factory=dict)
     by_transfers: dict[str, TransferTally] = field(default_factory=dict)
@@ -76,10 +76,6 @@ class Context:
     anchor: tuple[int, str] | None = None
     ledger: LedgerCheck | None = None
     _keys: list[seal_check.Keys | None] = field(default_factory=list)
-
-    @property
-    def now(self) -> datetime:
-        return self.options.now or utcnow()
 
     def seal_keys(self) -> seal_check.Keys | None:
         """The key ring's keys, by kid (loaded once); None without a key ring."""
@@ -197,7 +193,7 @@ def _onchain(ctx: Context, conn: Connection) -> None:
 
 
 def _ledger_wide(ctx: Context, conn: Connection) -> LedgerCheck:
-    plan = snapshots.plan(conn, ctx.options)
+    plan = snapshots.plan(conn, ctx.options, ctx.now)
     return LedgerCheck(plan, invariants.check_from(conn, plan.base, sums_at=plan.take))
 
 

@@ -181,7 +181,8 @@ class ReconcileOptions:
 
     ``keys_dir`` holds keyring.json: it verifies the seals' signatures (without it they go
     unchecked, and ``skipped`` says so) and, with ``verify_receipts``, the receipts. ``now`` is
-    when holds count as stale and events as left unsealed. ``leeway`` (seconds) is the expiry
+    when holds count as stale and events as left unsealed (default: the ledger's clock, read
+    once). ``leeway`` (seconds) is the expiry
     grace the verifier allows. ``chain`` checks the seals holding the window's events
     (``window``), every seal (``full``), or none (``off``). ``jobs`` processes (PostgreSQL:
     connections) hash the sealed batches and verify receipts once there are enough rows.

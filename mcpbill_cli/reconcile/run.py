@@ -19,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from mcpbill_cli.clock import rfc3339, utcnow
+from mcpbill_cli.clock import rfc3339
 from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.ledger import outbox
+from mcpbill_cli.ledger.clock import ledger_clock
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.reconcile import snapshots, tuning
 from mcpbill_cli.reconcile.alongside import alongside
@@ -34,7 +35,8 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
     """Reconcile the ledger over ``options.window``; see :mod:`mcpbill_cli.reconcile`."""
     if options.verify_receipts and options.keys_dir is None:
         raise InvalidInput("verifying receipts needs the key ring: pass keys_dir")
-    ctx = Context(engine, options, Findings(options.max_rows))
+    now = options.now or ledger_clock(engine)()
+    ctx = Context(engine, options, Findings(options.max_rows), now)
     with reading(engine) as conn:
         tuning.begin(conn, options.jobs)
         checks, skipped = run_checks(conn, ctx, CHECKS)
@@ -44,11 +46,11 @@ def reconcile(engine: Engine, options: ReconcileOptions) -> ReconcileReport:
                              skipped=skipped, audit_anchor=ctx.anchor,
                              snapshot_at=leave_snapshot(engine, ctx.ledger))
     if report.findings:
-        alert_findings(engine, report)
+        alert_findings(engine, report, now)
     return report
 
 
-def alert_findings(engine: Engine, report: ReconcileReport) -> None:
+def alert_findings(engine: Engine, report: ReconcileReport, at: datetime) -> None:
     """A ``reconcile.findings`` webhook event naming each finding (its name, severity and
     count); the rows stay in the report, for whoever runs it."""
     with writing(engine) as conn:
@@ -57,7 +59,7 @@ def alert_findings(engine: Engine, report: ReconcileReport) -> None:
             "window_end_at": rfc3339(report.window.end),
             "errors": report.errors, "warnings": report.warnings,
             "findings": [{"name": f.name, "severity": f.severity, "count": f.count,
-                          "message": f.message} for f in report.findings]}, at=utcnow())
+                          "message": f.message} for f in report.findings]}, at=at)
 
 
 def run_checks(conn: Connection, ctx: Context, checks: tuple[Check, ...]

@@ -60,13 +60,14 @@ class SnapshotPlan:
         return f"ledger_invariants ({start})"
 
 
-def plan(conn: Connection, options: ReconcileOptions) -> SnapshotPlan:
-    """Where the check starts, and whether it computes a snapshot at the window's end."""
+def plan(conn: Connection, options: ReconcileOptions, now: datetime) -> SnapshotPlan:
+    """Where the check starts, and whether it computes a snapshot at the window's end (one
+    that has settled by ``now``)."""
     start, end = utc(options.window.start), utc(options.window.end)
     base = None if options.full_history else latest(conn, start)
     if taken(conn, end):
         return SnapshotPlan(base, None, end)
-    settled = end + SETTLED <= (options.now or utcnow())
+    settled = end + SETTLED <= now
     return SnapshotPlan(base, end if options.snapshots and settled else None, None)
 
 

@@ -24,9 +24,10 @@ from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import load_settings
 from mcpbill_cli.events_export import SCHEMA_VERSION
 from mcpbill_cli.ledger import audit
+from mcpbill_cli.ledger import clock as ledger_clock
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import events
-from mcpbill_cli.reconcile import FINDINGS, snapshots
+from mcpbill_cli.reconcile import FINDINGS
 from mcpbill_cli.setup import initialize
 
 from .support import DAY, Ledger, midnight, small_ledger
@@ -139,7 +140,8 @@ def test_a_settled_day_leaves_its_snapshot_unless_told_not_to(
     """On a clock two days on, the day has settled: its reconcile leaves the snapshot of the
     sums the next day starts from; --no-snapshot writes none; --full-history reads every
     transfer whatever snapshot there is."""
-    monkeypatch.setattr(snapshots, "utcnow", lambda: midnight(DAY + timedelta(days=2)))
+    monkeypatch.setattr(ledger_clock, "ledger_clock",
+                        lambda engine: lambda: midnight(DAY + timedelta(days=2)))
     day, next_day = DAY.isoformat(), (DAY + timedelta(days=1)).isoformat()
 
     def data(*args: str) -> dict[str, Any]:
