@@ -113,3 +113,14 @@ def test_reconcile_follows_the_database_days_and_stale_holds(ledger_cli: Invoke,
         assert data["window"]["start"].startswith(yesterday.isoformat()), data["window"]
         stale = [f for f in data["findings"] if f["name"] == "hold_past_timeout"]
         assert [f["count"] for f in stale] == [1], data["findings"]
+
+
+def test_a_key_signing_a_token_live_by_the_database_is_not_retired(ledger_cli: Invoke) -> None:
+    """With the host a day on, the old key's hour-long token is still live by the database's
+    clock, so retiring the key is refused as it would be on time."""
+    ok_json(ledger_cli("wallet", "fund", "--demo", "10", "--json"))
+    old = ok_json(ledger_cli("token", "issue", "--limit", "1", "--ttl", "1h", "--json"))
+    ok_json(ledger_cli("keys", "rotate", "--json"))
+    refused = skewed("+1d", "keys", "retire", old["kid"])
+    assert [e["code"] for e in refused["errors"]] == ["INVALID_INPUT"], refused
+    assert "1 unexpired token(s)" in refused["errors"][0]["message"]
