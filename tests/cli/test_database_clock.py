@@ -3,8 +3,8 @@
 The database's clock cannot be skewed from here, but the CLI's can: each command runs as a
 subprocess under libfaketime (``LD_PRELOAD``), which moves every wall-clock reading the process
 makes a day forward or back while PostgreSQL's ``clock_timestamp()`` stays where it is. A CLI
-that read the host's clock would then call a live token expired, miss a stale hold and
-reconcile the wrong day.
+that read the host's clock would then call a live token expired, retire a key still in use,
+miss a stale hold, reconcile the wrong day and hold back webhooks that are due.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from sqlalchemy import text
 
 from mcpbill_cli.ledger.engine import make_engine
 from mcpbill_cli.verifier import Verifier
-
-from .conftest import Invoke, ok_json
+from tests.cli.conftest import Invoke, ok_json
+from tests.webhooks.conftest import Receiver
 
 pytestmark = pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 
@@ -124,3 +124,19 @@ def test_a_key_signing_a_token_live_by_the_database_is_not_retired(ledger_cli: I
     refused = skewed("+1d", "keys", "retire", old["kid"])
     assert [e["code"] for e in refused["errors"]] == ["INVALID_INPUT"], refused
     assert "1 unexpired token(s)" in refused["errors"][0]["message"]
+
+
+def test_webhooks_due_by_the_database_are_delivered(ledger_cli: Invoke) -> None:
+    """An event stamped by the database's clock is due to a deliverer whose host is a day
+    behind: it goes out on the first pass, not a day later."""
+    with Receiver.running() as receiver:
+        added = ok_json(ledger_cli("webhooks", "add", receiver.url, "--events",
+                                   "tenant.balance_low", "--json"))
+        receiver.secret = added["secret"]
+        ok_json(ledger_cli("wallet", "fund", "--demo", "10", "--json"))
+        ok_json(ledger_cli("webhooks", "balance-alert", "default", "--below", "5", "--json"))
+        ok_json(ledger_cli("token", "issue", "--limit", "6", "--json"))  # 10 -> 4: under 5
+        done = skewed("-1d", "webhooks", "deliver", "--once")
+        assert done["data"]["delivered"] == 1, done
+        [got] = receiver.received
+    assert got["type"] == "tenant.balance_low"
