@@ -8,8 +8,9 @@ records only what the verifier never sees (free calls it forwards untouched, ref
 such as ``PROXY_BUSY`` or ``UPSTREAM_TIMEOUT``). :class:`PrometheusMetrics` keeps, in a registry
 of its own (several verifiers in one process never share counters):
 
-- ``mcpbill_calls_total{tool, outcome}``: captured, voided, refused, replayed or free (one per
-  call);
+- ``mcpbill_calls_total{tool, outcome}``: captured, voided, input_required, refused, replayed or
+  free (one per call; ``input_required`` is a round of an MCP 2026-07-28 multi-round call that
+  asked the agent for more: voided, and the round that completes counts on its own);
 - ``mcpbill_refusals_total{tool, code}``: every coded refusal;
 - ``mcpbill_charged_micro_usdc_total{tool}``: what captured calls charged (micro-USDC);
 - ``mcpbill_holds_open``: holds this process opened and has not yet captured or voided;
@@ -95,7 +96,8 @@ class PrometheusMetrics:
     # --- what billing reports -------------------------------------------------------------------
 
     def finished(self, tool: str, outcome: str) -> None:
-        """A call ended without a capture: ``voided``, ``refused``, ``replayed`` or ``free``."""
+        """A call ended without a capture: ``voided``, ``input_required``, ``refused``,
+        ``replayed`` or ``free``."""
         if outcome in ("refused", "free"):  # perhaps before any token was checked
             tool = self._label(tool)
         self._calls.labels(tool, outcome).inc()
@@ -127,11 +129,12 @@ class PrometheusMetrics:
         if started is not None:
             self._latency.labels(tool).observe(time.monotonic() - started)
 
-    def voided(self, tool: str, hold_id: str) -> None:
-        """The hold ``hold_id`` was voided: the call ends unbilled (counted once, however often
-        it is voided)."""
+    def voided(self, tool: str, hold_id: str, outcome: str = "voided") -> None:
+        """The hold ``hold_id`` was voided: the call ends unbilled, as ``outcome`` (``voided``,
+        or ``input_required`` for a round that asked the agent for more), counted once however
+        often it is voided."""
         if self._release(hold_id) is not None:
-            self.finished(tool, "voided")
+            self.finished(tool, outcome)
 
     def released(self, hold_id: str) -> None:
         """The hold ``hold_id`` ended without a capture or void of this process (it lapsed)."""

@@ -427,16 +427,18 @@ class Verifier:
             self.metrics.captured(hold.tool, receipt.amount, hold.id)
         return receipt
 
-    def void(self, hold: Hold) -> None:
+    def void(self, hold: Hold, *, outcome: str = "voided") -> None:
         """Release a hold: the tool failed, nothing is billed.
 
-        Voiding twice, or a hold that already timed out, is a no-op; a captured hold is
-        HOLD_NOT_ACTIVE.
+        ``outcome`` is how the metrics count the call: ``voided``, or ``input_required`` for a
+        round of a multi-round call that asked the agent for more (the round that completes is
+        billed on a hold of its own). Voiding twice, or a hold that already timed out, is a
+        no-op; a captured hold is HOLD_NOT_ACTIVE.
         """
         if hold.replayed is not None:
             return
         if self.metrics is not None:
-            self.metrics.voided(hold.tool, hold.id)
+            self.metrics.voided(hold.tool, hold.id, outcome)
         self._release(hold)
 
     def _release(self, hold: Hold) -> None:
@@ -580,8 +582,8 @@ class Verifier:
                        result: str | None = None) -> Receipt:
         return await asyncio.to_thread(lambda: self.capture(hold, units=units, result=result))
 
-    async def avoid(self, hold: Hold) -> None:
-        await asyncio.to_thread(self.void, hold)
+    async def avoid(self, hold: Hold, *, outcome: str = "voided") -> None:
+        await asyncio.to_thread(lambda: self.void(hold, outcome=outcome))
 
     async def acharge(self, token: str, tool: str, **kw: Any) -> Receipt:
         return await asyncio.to_thread(lambda: self.charge(token, tool, **kw))

@@ -60,6 +60,7 @@ from mcpbill_cli.mcp.wire import (
     replayed,
     round_key,
     succeeded,
+    unbilled,
     with_receipt,
 )
 from mcpbill_cli.mcp.x402 import (
@@ -365,8 +366,9 @@ class Billing(Extension):
             ended("replayed", amount=hold.replayed.amount)
             return replayed(hold.replayed, hold.result)
         if run.receipt is None:  # an error result, an interim round, or the tool crashed
-            await self._void(hold)
-            ended("voided")
+            how = unbilled(result)
+            await self._void(hold, how)
+            ended(how)
             return result
         ended("captured", amount=run.receipt.amount)
         return result
@@ -425,10 +427,10 @@ class Billing(Extension):
             _current_run.reset(token)
         return await paid.close(result)
 
-    async def _void(self, hold: Hold) -> None:
+    async def _void(self, hold: Hold, outcome: str = "voided") -> None:
         # Shielded: a call cancelled by its client must still release what it held.
         with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
-            await self.verifier.avoid(hold)
+            await self.verifier.avoid(hold, outcome=outcome)
 
 
 def _guarded(fn: ToolFn, tool: str) -> ToolFn:

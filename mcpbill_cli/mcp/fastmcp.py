@@ -59,6 +59,7 @@ from mcpbill_cli.mcp.wire import (
     list_hints_middleware,
     replayed,
     round_key,
+    unbilled,
 )
 from mcpbill_cli.mcp.x402 import (
     PaidCall,
@@ -235,7 +236,7 @@ class BillingMiddleware(Middleware):
             await self._void(hold)
             raise
         if result.is_error or isinstance(result, InputRequiredToolResult):
-            await self._void(hold)  # an error, or an interim round of a multi-round call
+            await self._void(hold, _unbilled(result))  # an error, or an interim round
             return result
         receipt = await self.verifier.acapture(hold, units=meter.units,
                                                result=kept_result(_as_mcp(result)))
@@ -284,21 +285,27 @@ class BillingMiddleware(Middleware):
             await paid.release()
             raise
         if result.is_error or isinstance(result, InputRequiredToolResult):
-            await paid.release()
+            await paid.unpaid(_unbilled(result))
             return result
         closed = await paid.close(_as_mcp(result))
         return ToolResult.from_mcp_result(cast(mt.CallToolResult, closed))
 
-    async def _void(self, hold: Hold) -> None:
+    async def _void(self, hold: Hold, outcome: str = "voided") -> None:
         # Shielded: a call cancelled by its client must still release what it held.
         with anyio.CancelScope(shield=True):
-            await self.verifier.avoid(hold)
+            await self.verifier.avoid(hold, outcome=outcome)
 
 
 def _request_of(context: CallContext) -> FastMCPRequestContext | None:
     """The MCP request behind this call (``None`` when the server is called in process)."""
     fastmcp_context = context.fastmcp_context
     return None if fastmcp_context is None else fastmcp_context.request_context
+
+
+def _unbilled(result: ToolResult) -> str:
+    """:func:`~mcpbill_cli.mcp.wire.unbilled` for fastmcp's result of a round."""
+    return unbilled(result.input_required if isinstance(result, InputRequiredToolResult)
+                    else result)
 
 
 def _as_mcp(result: ToolResult) -> mt.CallToolResult:

@@ -28,7 +28,13 @@ from typing import Any
 import anyio
 from mcp.server.caching import CacheHint
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
-from mcp_types import CallToolRequestParams, CallToolResult, Result, TextContent
+from mcp_types import (
+    CallToolRequestParams,
+    CallToolResult,
+    InputRequiredResult,
+    Result,
+    TextContent,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from mcpbill_cli.config import ENV_TOKEN, Settings, canonical_resource
@@ -251,6 +257,13 @@ def succeeded(result: object) -> bool:
     of a multi-round call is billed when it completes.
     """
     return isinstance(result, CallToolResult) and not result.is_error
+
+
+def unbilled(result: object) -> str:
+    """How a call whose ``result`` is not billed ends, in its metrics and its span:
+    ``input_required`` for an interim round of a multi-round call (it asked the agent for more;
+    the round that completes is billed), else ``voided``."""
+    return "input_required" if isinstance(result, InputRequiredResult) else "voided"
 
 
 def _meta_text(meta: Mapping[str, Any] | None, key: str) -> str | None:

@@ -42,6 +42,7 @@ from mcpbill_cli.mcp.wire import (
     kept_result,
     refusal,
     succeeded,
+    unbilled,
 )
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
 from mcpbill_cli.x402.errors import X402PaymentInvalid
@@ -185,8 +186,7 @@ class PaidCall:
         if self.opened is None:
             return result
         if not succeeded(result):
-            await self.release()
-            self._ended("voided")
+            await self.unpaid(unbilled(result))
             return result
         done = cast(CallToolResult, result)
         try:
@@ -206,6 +206,12 @@ class PaidCall:
             return
         with anyio.CancelScope(shield=True):  # a cancelled call still frees its payment
             await anyio.to_thread.run_sync(lambda: self.acceptor.release(opened))
+
+    async def unpaid(self, outcome: str) -> None:
+        """Release the payment of a call that ended unbilled, as ``outcome`` (``voided``, or
+        ``input_required``: the agent may pay the round that completes with it)."""
+        await self.release()
+        self._ended(outcome)
 
     def _ended(self, outcome: str, *, amount: int | None = None,
                code: str | None = None) -> None:

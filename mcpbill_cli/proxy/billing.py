@@ -58,6 +58,7 @@ from mcpbill_cli.mcp.wire import (
     replayed,
     round_key,
     succeeded,
+    unbilled,
     with_receipt,
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
@@ -207,11 +208,12 @@ class ProxyBilling:
             raise
         if isinstance(outcome, BillingError) or not isinstance(outcome.result, CallToolResult) \
                 or not succeeded(outcome.result):
-            await self._void(hold)
+            how = unbilled(None if isinstance(outcome, BillingError) else outcome.result)
+            await self._void(hold, how)
             code = outcome.code if isinstance(outcome, BillingError) else None
             if code is not None and self.verifier.metrics is not None:
                 self.verifier.metrics.refusal(hold.tool, code)  # the call: voided
-            ended("voided", code=code)
+            ended(how, code=code)
             return _answer(outcome)
         self._open.pop(hold.id, None)
         try:
@@ -318,13 +320,13 @@ class ProxyBilling:
                                    "not billed and the proxy is reconnecting: retry",
                                    tool=tool, upstream=self.upstream.target.describe())
 
-    async def _void(self, hold: Hold) -> None:
+    async def _void(self, hold: Hold, outcome: str = "voided") -> None:
         # Shielded: a call cancelled by its client must still release what it held.
         if self._open.pop(hold.id, None) is None:
             return  # voided already (a shutdown's void_open)
         with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
             try:
-                await self.verifier.avoid(hold)
+                await self.verifier.avoid(hold, outcome=outcome)
             except BillingError as error:  # already resolved (e.g. lapsed): nothing to release
                 log.warning("void of hold %s: %s", hold.id, error.code)
 

@@ -18,12 +18,20 @@ from fastmcp import FastMCP
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
-from sqlalchemy import Engine
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import Engine, func, select
 
+from mcpbill_cli import metrics
 from mcpbill_cli.config import Settings
+from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, REPLAYED_META, TOKEN_META, Billing
 from mcpbill_cli.mcp.fastmcp import BillingMiddleware
+from mcpbill_cli.tracing import Tracing
 from mcpbill_cli.verifier import Verifier
+from tests.verifier.test_metrics import scrape
 
 from .conftest import Mint, assert_ledger_sound, receipt_of, serve, token_view, usd
 
@@ -172,3 +180,57 @@ def test_other_answers_under_the_same_key_are_another_round_with_its_own_receipt
     view = token_view(engine, token)
     assert (view.spent, view.held) == (usd("0.008"), 0)
     assert_ledger_sound(engine)
+
+
+def test_a_round_that_asked_counts_as_input_required_in_the_metrics(
+        connect: Connect, verifier: Verifier, mint: Mint, engine: Engine) -> None:
+    """Each round that asked is voided in the ledger and counted ``input_required``, not
+    ``voided``; the round that completes is the one captured, for what the ledger charged."""
+    token = mint()
+    scraper = metrics.serve(verifier.enable_metrics(), "127.0.0.1", 0)
+
+    async def script(call: Call) -> None:
+        asked = await call("order-D-1")
+        await call("order-D-1", YES, asked.request_state)
+        await call("order-D-1", YES, asked.request_state)  # a replay of the completed round
+        await call("order-D-2")  # abandoned at input_required
+
+    try:
+        rounds(connect, token.token, script)
+        got = scrape(f"http://127.0.0.1:{scraper.server_port}/metrics")
+    finally:
+        metrics.stop(scraper)
+    with reading(engine) as conn:
+        ledger = {status: (int(count), int(amount or 0)) for status, count, amount in conn.execute(
+            select(calls.c.status, func.count(), func.sum(calls.c.amount))
+            .where(calls.c.tool == "confirm").group_by(calls.c.status))}
+    assert ledger == {"voided": (2, 0), "captured": (1, usd("0.004"))}
+
+    def counted(outcome: str) -> float:
+        return got.get(("mcpbill_calls_total", (("outcome", outcome), ("tool", "confirm"))), 0)
+
+    assert counted("input_required") == ledger["voided"][0]
+    assert counted("captured") == ledger["captured"][0]
+    assert (counted("voided"), counted("replayed")) == (0, 1)
+    assert got[("mcpbill_charged_micro_usdc_total", (("tool", "confirm"),))] == usd("0.004")
+    assert got[("mcpbill_holds_open", ())] == 0
+
+
+def test_a_round_that_asked_ends_its_span_as_input_required(
+        priced: Settings, verifier: Verifier, mint: Mint) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    verifier.enable_tracing(Tracing(tracer_provider=provider))
+    token = mint()
+
+    async def script(call: Call) -> None:
+        asked = await call("order-E-1")
+        await call("order-E-1", YES, asked.request_state)
+
+    rounds(lambda: Client(sdk_server(verifier), mode="2026-07-28", cache=None), token.token,
+           script)
+    provider.shutdown()
+    outcomes = [(span.attributes or {}).get("mcpbill.outcome")
+                for span in exporter.get_finished_spans() if span.name == "mcpbill.call"]
+    assert outcomes == ["input_required", "captured"]

@@ -5,7 +5,7 @@ The round that completes is billed, once; a call abandoned at ``input_required``
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -15,16 +15,22 @@ import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from mcpbill_cli.config import Settings
+from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.mcp import IDEMPOTENCY_KEY_META, TOKEN_META
+from mcpbill_cli.metrics import PrometheusMetrics
+from mcpbill_cli.metrics import serve as serve_metrics
+from mcpbill_cli.metrics import stop as stop_metrics
 from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, serve, token_view, usd
 
 from .conftest import PRICING
+from .test_metrics import scrape
 
 CONFIRM = types.Tool(name="confirm", description="Ships an order once the user confirms it.",
                      input_schema={"type": "object", "properties": {"order": {"type": "string"}}})
@@ -60,13 +66,20 @@ def orders_priced(home: Settings) -> Settings:
     return home
 
 
-@pytest.fixture
-def proxied(orders_priced: Settings, verifier: Verifier) -> Iterator[str]:
+@contextmanager
+def proxy_of(verifier: Verifier, metrics: PrometheusMetrics | None = None) -> Iterator[str]:
     """The proxy in front of the 2026-07-28 upstream: its MCP URL."""
     with serve(upstream_server().streamable_http_app()) as upstream_url:
         upstream = Upstream(UpstreamTarget.parse(command=None, url=upstream_url))
-        with serve(build_app(Proxy(verifier, upstream, Limits(call_timeout=30)))) as url:
+        proxy = Proxy(verifier, upstream, Limits(call_timeout=30), metrics=metrics)
+        with serve(build_app(proxy)) as url:
             yield url
+
+
+@pytest.fixture
+def proxied(orders_priced: Settings, verifier: Verifier) -> Iterator[str]:
+    with proxy_of(verifier) as url:
+        yield url
 
 
 @asynccontextmanager
@@ -118,3 +131,45 @@ def test_a_call_abandoned_at_input_required_is_not_billed(
     view = token_view(engine, token)
     assert (view.spent, view.held) == (0, 0)
     assert_ledger_sound(engine)
+
+
+def test_a_round_that_asked_counts_as_input_required_in_the_metrics(
+        orders_priced: Settings, verifier: Verifier, mint: Mint, engine: Engine) -> None:
+    """Scraped after a run: each round that ended in ``input_required`` is voided in the ledger
+    and counted ``input_required``, not ``voided``; the completing round is the captured one."""
+    tokens = [mint(), mint(agent="agent-2")]
+    metrics = PrometheusMetrics()
+    scraper = serve_metrics(metrics, "127.0.0.1", 0)
+
+    async def run(url: str) -> None:
+        async with modern_agent(url) as client:  # the client answers each question itself
+            for token in tokens:
+                meta: Any = {TOKEN_META: token.token}
+                done = await client.call_tool("confirm", {"order": "D-1"}, meta=meta)
+                assert receipt_of(done)["amountUsd"] == "0.004"
+            abandoned = await client.session.call_tool(
+                "confirm", {"order": "D-2"}, meta=meta, allow_input_required=True)
+            assert isinstance(abandoned, types.InputRequiredResult)
+
+    try:
+        with proxy_of(verifier, metrics) as url:
+            anyio.run(run, url)
+        got = scrape(f"http://127.0.0.1:{scraper.server_port}/metrics")
+    finally:
+        stop_metrics(scraper)
+    with reading(engine) as conn:
+        ledger = {status: count for status, count in conn.execute(
+            select(calls.c.status, func.count()).where(calls.c.tool == "confirm")
+            .group_by(calls.c.status))}
+    assert ledger == {"voided": 3, "captured": 2}
+
+    def counted(outcome: str) -> float:
+        return got.get(("mcpbill_calls_total", (("outcome", outcome), ("tool", "confirm"))), 0)
+
+    assert (counted("input_required"), counted("captured")) == (ledger["voided"],
+                                                                 ledger["captured"])
+    assert counted("voided") == 0
+    spent = sum(token_view(engine, token).spent for token in tokens)
+    assert got[("mcpbill_charged_micro_usdc_total", (("tool", "confirm"),))] == spent == usd(
+        "0.008")
+    assert got[("mcpbill_holds_open", ())] == 0
