@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +32,12 @@ def event_digest(event: Mapping[str, Any]) -> str:
     """An event's own hash, as a sealer writes it: :func:`event_hash` with the event's id as
     its ``seq`` and no previous hash. Seals chain these; this form never changes."""
     return event_hash("", {**event, "seq": event["id"]})
+
+
+def row_digest(row: Sequence[Any]) -> str:
+    """:func:`event_digest` of an event read as a row of its ``id`` then its EVENT_FIELDS, in
+    that order: no mapping built per event (a sealer hashes every event it seals)."""
+    return chain_hash("", row[0], utc_text(row[1]), *row[2:])
 
 
 def event_hash(prev_hash: str, event: Mapping[str, Any]) -> str:

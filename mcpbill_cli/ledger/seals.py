@@ -32,11 +32,11 @@ from datetime import datetime
 from typing import Any
 
 import jwt
-from sqlalchemy import Connection, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, func, insert, select, text
 
 from mcpbill_cli.clock import aware
 from mcpbill_cli.keys import VerificationKey
-from mcpbill_cli.ledger.audit import EVENT_FIELDS, GENESIS, event_digest, utc_text
+from mcpbill_cli.ledger.audit import EVENT_FIELDS, GENESIS, event_digest, row_digest, utc_text
 from mcpbill_cli.ledger.models import events, seals
 from mcpbill_cli.ledger.seal_money import Money, money_of, named_transfer
 
@@ -48,8 +48,21 @@ _ADVISORY_CLASS = 0x6D6362  # "mcb": with the schema's hash, the lock of a ledge
 
 e = events.c
 s = seals.c
-_STAMP = (update(events).where(e.id == bindparam("b_id"), e.seal.is_(None))
-          .values(seal=bindparam("b_seal"), hash=bindparam("b_hash")))
+# A batch's events stamped in one statement, each with its own hash, by dialect: a statement
+# per event cost a sealer about 6 us of CPU per event on SQLite and 12-25 us on PostgreSQL
+# (psycopg's executemany), besides the server's own per-statement work, all of it on the
+# cores paid calls run on. A row some other sealer stamped first is not counted. On SQLite the
+# ``+`` keeps the planner off ``ix_events_seal``: driven by that index it scanned the whole
+# batch once per event (360 us an event); driven by the batch it finds each event by its id.
+_STAMP = {
+    "sqlite": text(
+        "UPDATE events SET seal = :seal, hash = stamp.value FROM json_each(:hashes) AS stamp "
+        "WHERE events.id = CAST(stamp.key AS INTEGER) AND +events.seal IS NULL"),
+    "postgresql": text(
+        "UPDATE events SET seal = :seal, hash = stamp.hash "
+        "FROM unnest(CAST(:ids AS BIGINT[]), CAST(:hashes AS VARCHAR[])) AS stamp(id, hash) "
+        "WHERE events.id = stamp.id AND events.seal IS NULL"),
+}
 
 # claims -> (kid, jws): the operator's signature over a seal
 Sign = Callable[[dict[str, Any]], tuple[str, str]]
@@ -102,12 +115,12 @@ def take_pending(conn: Connection, *, limit: int = BATCH_LIMIT) -> Pending | Non
     """Up to ``limit`` unsealed events and their own hashes; any transaction will do (a
     sealer hashes before it takes the write lock, so paid calls never wait for the hashing)."""
     rows = conn.execute(select(e.id, *(e[name] for name in EVENT_FIELDS))
-                        .where(e.seal.is_(None)).order_by(e.id).limit(limit)).mappings().all()
+                        .where(e.seal.is_(None)).order_by(e.id).limit(limit)).all()
     if not rows:
         return None
     named = [name for row in rows
-             if (name := named_transfer(row["kind"], row["ref"], row["jti"])) is not None]
-    return Pending([int(row["id"]) for row in rows], [event_digest(dict(row)) for row in rows],
+             if (name := named_transfer(row.kind, row.ref, row.jti)) is not None]
+    return Pending([int(row.id) for row in rows], [row_digest(row) for row in rows],
                    money_of(conn, named))
 
 
@@ -130,10 +143,8 @@ def write_seal(conn: Connection, pending: Pending, sign: Sign, *, now: datetime,
         number=number, first_id=seal.first_id, last_id=seal.last_id, count=seal.count,
         batch_hash=seal.batch_hash, prev_hash=seal.prev_hash, hash=digest, sealed_at=now,
         kid=kid, jws=jws, money=pending.money.to_json()))
-    conn.execute(_STAMP, [{"b_id": i, "b_seal": number, "b_hash": h}
-                          for i, h in zip(pending.ids, pending.digests, strict=True)])
-    stamped = conn.execute(select(func.count()).where(e.seal == number)).scalar_one()
-    if stamped != len(pending.ids):  # another sealer got there: roll this one back
+    if _stamp(conn, number, pending) != len(pending.ids):  # another sealer got there: roll
+        # this one back
         raise SealRace(number)
     return seal
 
@@ -243,6 +254,17 @@ def stray_seal_numbers(conn: Connection) -> list[int]:
 
 
 # --- internals --------------------------------------------------------------------------------
+
+
+def _stamp(conn: Connection, number: int, pending: Pending) -> int:
+    """Stamp ``pending``'s events still unsealed with seal ``number`` and their own hashes;
+    how many it stamped."""
+    if conn.dialect.name == "postgresql":
+        params: dict[str, Any] = {"ids": pending.ids, "hashes": pending.digests}
+    else:
+        params = {"hashes": json.dumps(dict(zip(map(str, pending.ids), pending.digests,
+                                                strict=True)))}
+    return int(conn.execute(_STAMP[conn.dialect.name], {"seal": number, **params}).rowcount)
 
 
 def _my_turn(conn: Connection, *, wait: bool) -> bool:
