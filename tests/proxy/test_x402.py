@@ -2,7 +2,8 @@
 upstream over stdio, the official ``mcp`` client as the agent, the official ``x402`` client
 signing the payment from the proxy's challenge, mcpbill settling it on anvil. Billed once, the
 upstream called once; the payment reused for another call is X402_NONCE_USED; a call the
-upstream fails releases the payment; the upstream never sees it."""
+upstream fails releases the payment; the upstream never sees it. A payment sent on a 2026-07-28
+round that ends in ``input_required`` is released and pays the round that completes."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
-from mcp_types import CallToolResult
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult, ElicitResult, InputRequiredResult
 from x402.mcp.utils import extract_payment_required_from_result
 
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.mcp import RECEIPT_META
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
 from mcpbill_cli.pricing import PricingTable
-from mcpbill_cli.proxy import Limits, Proxy, Upstream, build_app
+from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402.accept import Acceptor
 from tests.mcp.conftest import serve
@@ -41,6 +45,7 @@ from tests.x402.peer import NETWORK
 from tests.x402.test_accept_mcp import as_x402
 
 from .conftest import agent, stdio_target
+from .test_input_required import QUESTION, upstream_server
 
 # The x402 tests' session chain and keys, as fixtures here.
 fuji_anvil = x402_fixtures.fuji_anvil
@@ -68,6 +73,25 @@ def proxied(shop: Shop, tmp_path: Path) -> Iterator[tuple[str, Shop]]:  # noqa: 
                 yield url, replace(shop, acceptor=acceptor, verifier=verifier)
         finally:
             verifier.close()
+
+
+@pytest.fixture
+def proxied_orders(shop: Shop) -> Iterator[tuple[str, Shop]]:  # noqa: F811
+    """The proxy taking x402 (with metrics) in front of a 2026-07-28 upstream whose ``confirm``
+    asks the agent first: (its URL, its shop)."""
+    a = shop.acceptor
+    pricing = {**PROXY_PRICING, "tools": {"confirm": {"price": "0.01"}}}
+    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
+                        pricing=PricingTable.from_document(pricing), metrics=True)
+    acceptor = Acceptor(verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler)
+    try:
+        with serve(upstream_server().streamable_http_app()) as upstream_url:
+            upstream = Upstream(UpstreamTarget.parse(command=None, url=upstream_url))
+            proxy = Proxy(verifier, upstream, Limits(call_timeout=30), acceptor=acceptor)
+            with serve(build_app(proxy)) as url:
+                yield url, replace(shop, acceptor=acceptor, verifier=verifier)
+    finally:
+        verifier.close()
 
 
 def call(url: str, tool: str, args: dict[str, Any],
@@ -141,3 +165,47 @@ def test_a_tool_without_x402_offers_no_challenge(proxied: tuple[str, Shop]) -> N
     refused = call(url, "get-env", {})
     assert code_of(refused) == "INVALID_CREDIT_TOKEN"
     assert extract_payment_required_from_result(as_x402(refused)) is None
+
+
+def test_a_payment_released_at_input_required_pays_the_round_that_completes(
+        proxied_orders: tuple[str, Shop]) -> None:
+    url, books = proxied_orders
+    payer = new_payer(books.devnet)
+    order = {"order": "X-1"}
+
+    async def run() -> tuple[InputRequiredResult, list[str], Any]:
+        async with httpx2.AsyncClient(timeout=60) as web, \
+                Client(streamable_http_client(url, http_client=web), mode="2026-07-28",
+                       cache=None) as client:
+            unpaid = await client.session.call_tool("confirm", order)
+            meta: Any = {PAYMENT_META: official_payment(
+                official_client(payer, books.devnet.chain.usdc), challenge_of(unpaid))}
+            asked = await client.session.call_tool("confirm", order, meta=meta,
+                                                   allow_input_required=True)
+            assert isinstance(asked, InputRequiredResult), asked
+            statuses = [row.status for row in books.payment_rows()]
+            done = await client.session.call_tool(
+                "confirm", order, meta=meta, allow_input_required=True,
+                input_responses={"ship": ElicitResult(action="accept", content={"ship": True})},
+                request_state=asked.request_state)
+            return asked, statuses, done
+
+    asked, statuses, done = anyio.run(run)
+
+    assert asked.input_requests == {"ship": QUESTION} and statuses == ["released"]
+    assert not done.is_error and done.content[0].text == "X-1: shipped"  # type: ignore[union-attr]
+    settlement = (done.meta or {})[PAYMENT_RESPONSE_META]
+    assert settlement["success"] is True and settlement["payer"] == payer.address.lower()
+    receipt = books.verifier.verify_receipt((done.meta or {})[RECEIPT_META]["jws"])
+    assert receipt.amount == ECHO_PRICE and receipt.claims["tool"] == "confirm"
+    assert receipt.claims["transaction"] == settlement["transaction"]
+    assert [row.status for row in books.payment_rows()] == ["settled"]
+    assert books.received() == ECHO_PRICE  # settled once, on chain
+    assert balance(books.devnet, payer.address) == 1_000_000 - ECHO_PRICE
+    assert len(books.captured_calls("confirm")) == 1
+    books.assert_books_clean()
+    assert books.verifier.metrics is not None
+    sample = books.verifier.metrics.registry.get_sample_value
+    assert [sample("mcpbill_calls_total", {"tool": "confirm", "outcome": outcome})
+            for outcome in ("input_required", "captured", "voided")] == [1, 1, None]
+    assert sample("mcpbill_charged_micro_usdc_total", {"tool": "confirm"}) == ECHO_PRICE

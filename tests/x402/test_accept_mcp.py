@@ -254,6 +254,7 @@ def test_an_x402_paid_call_is_counted_in_the_verifier_s_metrics(
 
 def test_a_payment_released_at_input_required_pays_the_round_that_completes(
         shop: Shop, tools: Tools) -> None:
+    metrics = shop.verifier.enable_metrics()
     billing = Billing(shop.verifier, acceptor=shop.acceptor)
     server: MCPServer = MCPServer("asking", extensions=[billing])
 
@@ -294,3 +295,6 @@ def test_a_payment_released_at_input_required_pays_the_round_that_completes(
     assert [row.status for row in shop.payment_rows()] == ["settled"]
     assert tools.count("search") == 2 and shop.received() == SEARCH_PRICE
     shop.assert_books_clean()
+    sample = metrics.registry.get_sample_value
+    assert [sample("mcpbill_calls_total", {"tool": "search", "outcome": outcome})
+            for outcome in ("input_required", "captured", "voided")] == [1, 1, None]
