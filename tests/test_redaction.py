@@ -22,6 +22,11 @@ JWT = ("eyJhbGciOiJFZERTQSIsImtpZCI6IjIwMjYxMjA1LWFiIiwidHlwIjoiSldUIn0"
     ("host=db user=ops password='a b c' dbname=x", "host=db user=ops password=*** dbname=x",
      "a b c"),
     ("Authorization: Bearer abc.def-123", "Authorization: Bearer …(redacted)", "abc.def"),
+    ("AUTHORIZATION: BEARER abc.def-123", "AUTHORIZATION: BEARER …(redacted)", "abc.def"),
+    ("réponse refusée : bearer abc.def-123", "réponse refusée : bearer …(redacted)",
+     "abc.def"),
+    ("https://ops:s3cret@rpc.example/v1 then password=hunter2",
+     "https://ops:***@rpc.example/v1 then password=***", "hunter2"),
     (f"no token {JWT}; try again", "no token eyJhbGciOi…(redacted); try again", "c2ln"),
 ])
 def test_secrets_are_masked(text: str, shown: str, secret: str) -> None:
