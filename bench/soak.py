@@ -6,16 +6,24 @@ thread sealing the audit trail as a replica's does) charging its own token at ``
 per second, every call with new arguments and a new idempotency key. Beside them the real CLI
 runs as an operator's cron would: every ``SWEEP_EVERY`` s a short-lived token is issued
 (`mcpbill token issue --ttl 5s`) and `mcpbill token sweep` releases the expired ones; every
-``RECONCILE_EVERY`` s `mcpbill reconcile` checks the day so far.
+``RECONCILE_EVERY`` s `mcpbill reconcile --from <the last one's end> --to <now>` checks what
+came since the last one, as an operator's job that runs through the day does: each starts from
+the snapshot of the sums the one before left, so each does the same work, and a reconcile that
+grew with the ledger (re-reading history) shows as reconciles that take longer and longer.
+``--reconcile-day`` reconciles the whole day so far each time instead: work that grows with
+the run by design, and on a small machine takes the CPU the paid calls' p99 needs.
 
 Each minute it prints the calls made, p50/p99 call latency, the largest worker RSS and the
-ledger connections open (PostgreSQL: the bench database's rows in ``pg_stat_activity``;
-SQLite: the workers' file descriptors on the ledger file). At the end it compares the last
+ledger connections the workers hold (PostgreSQL: the bench database's rows in
+``pg_stat_activity`` under the workers' ``application_name``; SQLite: the workers' file
+descriptors on the ledger file). The CLI's connections come and go with each command (more of
+them are caught open the longer a reconcile runs): they are printed beside, as ``cli``, and
+judged by nothing but the commands' own exit. At the end it compares the last
 minute with the first settled one (the second, when there are at least three) and says whether
 memory, connections or p99 grew; it exits 1 if one did, or if a call or a reconcile failed.
 
 Usage: python bench/soak.py [--minutes 10] [--db sqlite|postgres|both] [--workers 4]
-                            [--rate 40] [--pg-url URL]
+                            [--rate 40] [--pg-url URL] [--reconcile-day]
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from typing import Any
 
 import psycopg
 from scaleout import PG_ADMIN, driver_url, throwaway_database
+from sqlalchemy.engine import make_url
 
 from mcpbill_cli import Verifier
 from mcpbill_cli.clock import utcnow
@@ -78,7 +87,8 @@ class Minute:
     latencies_ms: list[float] = field(default_factory=list)
     failed: int = 0
     rss_mb: dict[int, float] = field(default_factory=dict)  # worker -> largest RSS seen
-    connections: int = 0  # the most seen at once
+    connections: int = 0  # the most the workers held at once
+    cli_connections: int = 0  # the most the CLI's commands held at once
     sweeps: int = 0
     reconciles: list[float] = field(default_factory=list)  # seconds each took
     reconcile_failures: list[str] = field(default_factory=list)  # exit codes, error findings
@@ -118,7 +128,7 @@ def paid_worker(home: Path, db_url: str, token: str, worker: int, rate: float, s
                 samples: Any) -> None:
     """Charge ``token`` at ``rate`` per second for ``seconds``, reporting every SAMPLE_EVERY."""
     verifier = Verifier(keys=KeySource(directory=home / "keys"), pricing=home / "pricing.toml",
-                        db_url=db_url)
+                        db_url=worker_url(db_url))
     tag = f"{worker}-{secrets.token_hex(4)}"
     start = last_report = time.perf_counter()
     sent = failed = 0
@@ -142,27 +152,43 @@ def paid_worker(home: Path, db_url: str, token: str, worker: int, rate: float, s
     verifier.close()
 
 
+WORKER_APP = "mcpbill-soak-worker"
+
+
+def worker_url(db_url: str) -> str:
+    """``db_url`` with the workers' ``application_name`` (PostgreSQL), to count their
+    connections apart from the CLI's."""
+    url = make_url(db_url)
+    if url.get_backend_name() != "postgresql":
+        return db_url
+    return url.update_query_dict({"application_name": WORKER_APP}).render_as_string(
+        hide_password=False)
+
+
 # --- the operator's chores, through the real CLI ------------------------------------------------
 
 
 class Chores(threading.Thread):
     """Issue short-lived tokens and sweep them; reconcile the day; counted into ``minutes``."""
 
-    def __init__(self, env: dict[str, str], until: float, record: Any) -> None:
+    def __init__(self, env: dict[str, str], until: float, record: Any, *,
+                 whole_day: bool) -> None:
         super().__init__(daemon=True)
-        self.env, self.until, self.record = env, until, record
+        self.env, self.until, self.record, self.whole_day = env, until, record, whole_day
 
     def run(self) -> None:
         next_sweep = next_reconcile = time.time()
+        since = utcnow().date().isoformat()
         while time.time() < self.until:
             if time.time() >= next_sweep:
                 self.cli("token", "issue", "-t", "soak", "--limit", "0.01", "--ttl", "5s")
                 self.record("sweep", self.cli("token", "sweep", "--json")[0] == 0)
                 next_sweep += SWEEP_EVERY
             if time.time() >= next_reconcile:
-                began = time.perf_counter()
-                code, out = self.cli("reconcile", "--from", utcnow().date().isoformat(),
-                                     "--json")
+                began, until = time.perf_counter(), utcnow().isoformat()
+                code, out = self.cli("reconcile", "--from", since, "--to", until, "--json")
+                if not self.whole_day:
+                    since = until
                 self.record("reconcile", (code, time.perf_counter() - began, _findings(out)))
                 next_reconcile += RECONCILE_EVERY
             time.sleep(0.5)
@@ -221,14 +247,18 @@ class ConnectionCount:
         self.admin = (psycopg.connect(driver_url(pg_url), autocommit=True)
                       if kind == "postgres" else None)
 
-    def now(self, pids: list[int]) -> int:
+    def now(self, pids: list[int]) -> tuple[int, int]:
+        """(the workers' connections, the CLI's)."""
         if self.admin is not None:
             name = self.db_url.rsplit("/", 1)[-1]
-            row = self.admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                     (name,)).fetchone()
-            return int(row[0]) if row else 0
+            row = self.admin.execute(
+                "SELECT count(*) FILTER (WHERE application_name = %s), "
+                "count(*) FILTER (WHERE application_name <> %s) "
+                "FROM pg_stat_activity WHERE datname = %s", (WORKER_APP, WORKER_APP, name)
+            ).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
         path = os.path.realpath(self.db_url.removeprefix("sqlite:///"))
-        return sum(_fds_on(pid, path) for pid in pids)
+        return sum(_fds_on(pid, path) for pid in pids), 0
 
     def close(self) -> None:
         if self.admin is not None:
@@ -251,7 +281,8 @@ def _fds_on(pid: int, path: str) -> int:
 # --- one soak -----------------------------------------------------------------------------------
 
 
-def soak(kind: str, minutes: float, workers: int, rate: float, pg_url: str) -> bool:
+def soak(kind: str, minutes: float, workers: int, rate: float, pg_url: str, *,
+         whole_day: bool) -> bool:
     """Run one soak on ``kind``; True when nothing grew and nothing failed."""
     with tempfile.TemporaryDirectory(prefix="mcpbill-soak-") as tmp, \
             ledger_url(kind, Path(tmp), pg_url) as db_url:
@@ -259,8 +290,8 @@ def soak(kind: str, minutes: float, workers: int, rate: float, pg_url: str) -> b
         env, tokens = prepare(home, db_url, workers)
         print(f"\n{kind}: {workers} workers x {rate:g} calls/s for {minutes:g} min, sealing, "
               f"a sweep every {SWEEP_EVERY:g} s, a reconcile every {RECONCILE_EVERY:g} s")
-        board = run(kind, home, db_url, pg_url, env, tokens, minutes, rate)
-        return verdict(board)
+        board = run(kind, home, db_url, pg_url, env, tokens, minutes, rate, whole_day)
+        return verdict(board, whole_day=whole_day)
 
 
 class Board:
@@ -300,7 +331,7 @@ class Board:
 
 
 def run(kind: str, home: Path, db_url: str, pg_url: str, env: dict[str, str],
-        tokens: list[str], minutes: float, rate: float) -> list[Minute]:
+        tokens: list[str], minutes: float, rate: float, whole_day: bool) -> list[Minute]:
     seconds = minutes * 60
     context = multiprocessing.get_context("spawn")
     samples = context.Queue()
@@ -310,7 +341,7 @@ def run(kind: str, home: Path, db_url: str, pg_url: str, env: dict[str, str],
     board = Board(seconds)
     for process in processes:
         process.start()
-    chores = Chores(env, board.start + seconds, board.record)
+    chores = Chores(env, board.start + seconds, board.record, whole_day=whole_day)
     chores.start()
     counter = ConnectionCount(kind, db_url, pg_url)
     try:
@@ -318,8 +349,9 @@ def run(kind: str, home: Path, db_url: str, pg_url: str, env: dict[str, str],
             with suppress(queue.Empty):
                 board.add(samples.get(timeout=SAMPLE_EVERY))
             current = board.minute(time.time())
-            current.connections = max(current.connections,
-                                      counter.now([p.pid for p in processes if p.pid]))
+            workers, cli = counter.now([p.pid for p in processes if p.pid])
+            current.connections = max(current.connections, workers)
+            current.cli_connections = max(current.cli_connections, cli)
             board.show_finished()
     finally:
         counter.close()
@@ -340,11 +372,12 @@ def show(number: int, minute: Minute) -> None:
     print(f"minute {number:>2}: {len(minute.latencies_ms):>6} calls"
           f"{f' ({minute.failed} FAILED)' if minute.failed else ''}  "
           f"p50 {minute.p50:6.2f} ms  p99 {minute.p99:7.2f} ms  "
-          f"worker RSS max {minute.rss:6.1f} MB  db connections {minute.connections:>3}  "
+          f"worker RSS max {minute.rss:6.1f} MB  db connections {minute.connections:>3} "
+          f"(cli {minute.cli_connections})  "
           f"{minute.sweeps} sweep(s)  {reconciles}", flush=True)
 
 
-def verdict(board: list[Minute]) -> bool:
+def verdict(board: list[Minute], *, whole_day: bool) -> bool:
     """Compare the last minute with the first settled one; print and return whether all held."""
     first = board[1] if len(board) >= 3 else board[0]
     last = board[-1]
@@ -353,11 +386,15 @@ def verdict(board: list[Minute]) -> bool:
         "db connections": last.connections > first.connections + 2,
         "p99 latency": last.p99 > first.p99 * 2 and last.p99 - first.p99 > 5,
     }
+    if not whole_day:  # each reconcile covers the same span: its time must not grow either
+        took = max(first.reconciles, default=0.0), max(last.reconciles, default=0.0)
+        grew["reconcile time"] = took[1] > took[0] * 2 and took[1] - took[0] > 1
     failures = sum(m.failed for m in board)
     bad_reconciles = sum(len(m.reconcile_failures) for m in board)
     print(f"first settled minute vs last: worker RSS {first.rss:.1f} -> {last.rss:.1f} MB, "
           f"db connections {first.connections} -> {last.connections}, "
-          f"p99 {first.p99:.2f} -> {last.p99:.2f} ms")
+          f"p99 {first.p99:.2f} -> {last.p99:.2f} ms, longest reconcile "
+          f"{max(first.reconciles, default=0):.1f} -> {max(last.reconciles, default=0):.1f} s")
     for what, did in grew.items():
         print(f"  {what}: {'GREW' if did else 'bounded'}")
     print(f"  failed calls: {failures}, failed or unclean reconciles: {bad_reconciles}")
@@ -371,9 +408,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=40.0, help="calls per second per worker")
     parser.add_argument("--pg-url", default=PG_ADMIN)
+    parser.add_argument("--reconcile-day", action="store_true",
+                        help="reconcile the whole day so far each time, not what came since "
+                             "the last reconcile")
     options = parser.parse_args()
     kinds = ["sqlite", "postgres"] if options.db == "both" else [options.db]
-    held = [soak(kind, options.minutes, options.workers, options.rate, options.pg_url)
+    held = [soak(kind, options.minutes, options.workers, options.rate, options.pg_url,
+                 whole_day=options.reconcile_day)
             for kind in kinds]
     print("\nsoak:", "nothing grew without bound" if all(held) else "SOMETHING GREW OR FAILED")
     sys.exit(0 if all(held) else 1)

@@ -113,7 +113,11 @@ class Pending:
 
 def take_pending(conn: Connection, *, limit: int = BATCH_LIMIT) -> Pending | None:
     """Up to ``limit`` unsealed events and their own hashes; any transaction will do (a
-    sealer hashes before it takes the write lock, so paid calls never wait for the hashing)."""
+    sealer hashes before it takes the write lock, so paid calls never wait for the hashing).
+
+    On PostgreSQL both reads go by index whatever the planner's statistics say
+    (:func:`_by_index`)."""
+    _by_index(conn)
     rows = conn.execute(select(e.id, *(e[name] for name in EVENT_FIELDS))
                         .where(e.seal.is_(None)).order_by(e.id).limit(limit)).all()
     if not rows:
@@ -122,6 +126,25 @@ def take_pending(conn: Connection, *, limit: int = BATCH_LIMIT) -> Pending | Non
              if (name := named_transfer(row.kind, row.ref, row.jti)) is not None]
     return Pending([int(row.id) for row in rows], [row_digest(row) for row in rows],
                    money_of(conn, named))
+
+
+def _by_index(conn: Connection) -> None:
+    """PostgreSQL: plain index scans for the rest of this transaction.
+
+    A sealer looks up at most a batch of rows by key: the unsealed events through
+    ``ix_events_seal`` and the transfers they name by primary key. Where the statistics lag the
+    table (a young ledger, a server with autovacuum off: the planner guessed 2,655 rows of a
+    33,000-row ``transfers``), PostgreSQL read the whole table for the 300 keys of a turn:
+    38 ms at 33,000 rows and growing with every call, once a second per deployment. Plain index
+    scans (not bitmap scans) also mark the index entries of events already stamped as dead, so
+    later turns skip them even where no vacuum runs.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(_INDEX_ONLY)
+
+
+_INDEX_ONLY = text("SELECT set_config('enable_seqscan', 'off', true), "
+                   "set_config('enable_bitmapscan', 'off', true)")
 
 
 def write_seal(conn: Connection, pending: Pending, sign: Sign, *, now: datetime,

@@ -308,6 +308,55 @@ def test_a_sealer_that_is_not_its_turn_seals_nothing(pg_engine: Engine, sign: Si
     assert [m.count for m in seal_all(pg_engine, sign, clock=lambda: AT)] == [2]
 
 
+def table_scans(engine: Engine, table: str) -> tuple[int, int]:
+    """(sequential scans, index scans) PostgreSQL counted on ``table`` in the engine's schema,
+    once the backends that ran them have closed (a closing backend reports its counts)."""
+    engine.dispose()
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables "
+            "WHERE schemaname = current_schema() AND relname = :table"), {"table": table}).one()
+    return int(row[0]), int(row[1])
+
+
+def wait_for_scans(engine: Engine, table: str, before: tuple[int, int]) -> tuple[int, int]:
+    """The counts of ``table`` once they show a scan since ``before`` (stats come in late)."""
+    deadline = time.monotonic() + 10
+    while (now := table_scans(engine, table)) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
+def test_a_turn_reads_by_index_when_the_planner_has_no_statistics(
+        pg_engine: Engine, sign: Sign) -> None:
+    """A young ledger, or a server with autovacuum off, has no statistics: the planner took
+    30,000 transfers for about 3,000 and read them all for the 300 a turn names, a scan that
+    grew with every paid call. A turn reads events and transfers by index whatever it
+    guesses."""
+    with writing(pg_engine) as conn:
+        for account in ("tenant:filler", "revenue:filler"):
+            ops.ensure_account(conn, account, kind="tenant", guarded=False, at=AT)
+        conn.execute(text(
+            "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, "
+            "code, demo, created_at) SELECT 'charge:filler_' || n, 'tenant:filler', "
+            "'revenue:filler', n, 'posted', 'charge', false, :at "
+            "FROM generate_series(1, 30000) AS n"), {"at": AT})
+        for n in range(1, 301):
+            audit.record(conn, "charge", at=AT, jti=f"tok_{n}", tenant="acme",
+                         agent="agent-1", tool="search", amount=n, ref=f"filler_{n}",
+                         detail={}, demo=False)
+    transfers_before = wait_for_scans(pg_engine, "transfers", (-1, -1))
+    events_before = table_scans(pg_engine, "events")
+
+    made = seal_all(pg_engine, sign, clock=lambda: AT)
+
+    assert [(m.count, m.money.transfers if m.money else None) for m in made] == [(300, 300)]
+    transfers_after = wait_for_scans(pg_engine, "transfers", transfers_before)
+    events_after = table_scans(pg_engine, "events")
+    assert transfers_after[1] > transfers_before[1]  # the turn's lookup was counted
+    assert (transfers_after[0], events_after[0]) == (transfers_before[0], events_before[0])
+
+
 def test_unsealed_before_counts_old_unsealed_events_and_names_the_oldest(
         engine: Engine, sign: Sign) -> None:
     write_events(engine, 3)  # at AT+0s, +1s, +2s
