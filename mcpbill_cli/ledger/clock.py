@@ -14,13 +14,16 @@ so :func:`ledger_clock` gives SQLite ledgers the process clock.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli.clock import Clock, utcnow
@@ -63,6 +66,12 @@ class DatabaseClock:
     way, a call that read the old sample just as a new one replaced it may answer later than
     the calls after it, by at most the moment its thread was paused between two lines.)
 
+    A pooled connection found broken (a call's error the driver calls a disconnect, or a
+    failed pre-ping) makes the next call read the server again, however recent the last
+    reading: after a failover the new primary's clock decides from the first call that
+    reaches it, not up to ``resample`` seconds later (the two servers' clocks may disagree as
+    much as any two hosts').
+
     ``monotonic`` is the local time source (tests drive it); the wall clock plays no part.
     Times are kept as float seconds since the epoch (a resolution of 0.25 us today), which
     makes a reading about as cheap as :func:`~mcpbill_cli.clock.utcnow`.
@@ -74,8 +83,9 @@ class DatabaseClock:
         self._resample = resample
         self._monotonic = monotonic
         self._anchor: Anchor | None = None
-        self._due = 0.0  # the monotonic time of the next sample
+        self._due = -math.inf  # the monotonic time of the next sample
         self._sampling = threading.Lock()
+        _resample_on_reconnect(self, engine)
 
     def __call__(self) -> datetime:
         mono = self._monotonic()
@@ -132,6 +142,20 @@ class DatabaseClock:
         floor = (0.0 if previous is None
                  else max(previous.offset + self._monotonic(), previous.floor))
         return Anchor(offset=offset, mono=mono, uncertainty=(after - before) / 2, floor=floor)
+
+
+def _resample_on_reconnect(clock: DatabaseClock, engine: Engine) -> None:
+    """Make ``clock`` read the server at its next call whenever ``engine``'s pool throws a
+    connection away as broken (a weak reference: the engine's listeners do not keep the clock
+    alive). Not on every connection opened: a pool that grows under load would read the clock
+    again for nothing."""
+    ref = weakref.ref(clock)
+
+    def resample(*_: Any) -> None:
+        if (alive := ref()) is not None:
+            alive._due = -math.inf
+
+    event.listen(engine, "invalidate", resample)
 
 
 def ledger_clock(engine: Engine | None) -> Clock:

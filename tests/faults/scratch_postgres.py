@@ -64,9 +64,11 @@ class ScratchPostgres:
     def start(self) -> None:
         self._pg_ctl("start", "-o", self._options(), "-l", str(self._log))
 
-    def restart(self) -> None:
-        """A clean restart: sessions are told to end, and the server comes back at once."""
-        self._pg_ctl("restart", "-m", "fast", "-o", self._options(), "-l", str(self._log))
+    def restart(self, *, env: dict[str, str] | None = None) -> None:
+        """A clean restart: sessions are told to end, and the server comes back at once (with
+        ``env`` added to its environment: libfaketime's, say)."""
+        self._pg_ctl("restart", "-m", "fast", "-o", self._options(), "-l", str(self._log),
+                     env=env)
 
     def kill(self) -> None:
         """Stop as a crash would (no shutdown checkpoint; recovery runs at the next start)."""
@@ -86,16 +88,19 @@ class ScratchPostgres:
         return (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
                 "-c max_connections=100 -c shared_buffers=16MB")
 
-    def _pg_ctl(self, *args: str, check: bool = True) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", *args, check=check)
+    def _pg_ctl(self, *args: str, check: bool = True, env: dict[str, str] | None = None
+                ) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", *args, check=check,
+                  env=env)
 
-    def _run(self, program: str, *args: str, check: bool = True) -> None:
+    def _run(self, program: str, *args: str, check: bool = True,
+             env: dict[str, str] | None = None) -> None:
         command = [str(self.binaries / program), *args]
         if os.geteuid() == 0:
             command = ["runuser", "-u", OS_USER, "--", *command]
         subprocess.run(command, check=check, stdin=subprocess.DEVNULL,  # noqa: S603
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
-                       cwd=self.root)
+                       cwd=self.root, env={**os.environ, **(env or {})})
 
 
 def os_user_ids() -> tuple[int, int] | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import libfaketime
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, select, text
@@ -236,3 +237,43 @@ def test_an_unreachable_database_keeps_the_last_reading_and_calls_refuse(
     assert verifier.charge(credit, "search", args={"n": 3}).amount == PRICE
     assert clock.error_bound() < 600 * DRIFT  # type: ignore[operator]  # a new reading
     engine.dispose()
+
+
+def test_a_failover_to_a_primary_whose_clock_is_ahead_decides_from_the_next_call(
+        cluster: ScratchPostgres, keys_dir: Path) -> None:
+    """The primary is replaced by one with the same data at the same address whose clock is an
+    hour ahead (the same cluster started again under libfaketime). The call that finds its
+    connection broken took its time before it knew; from the next one on, the new primary's
+    clock decides: a token with half an hour left by the old one has expired by the new one,
+    and is refused, not charged for the 30 s a reading is otherwise trusted."""
+    engine = make_engine(cluster.url)
+    upgrade(engine)
+    before = server_now(engine)
+    fund(engine, "acme", 10 * USDC, now=before - timedelta(hours=1))
+    credit = token(engine, keys_dir, issued=before - timedelta(seconds=10), ttl=1800)
+    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine,
+                        pricing=PricingTable.from_document(PRICING_DOC))
+    assert verifier.charge(credit, "search", args={"n": 0}).amount == PRICE
+
+    cluster.restart(env=skewed_environment("+1h"))
+    assert server_now(probe := make_engine(cluster.url)) >= before + timedelta(minutes=59)
+    probe.dispose()
+    outcomes: list[object] = []
+    for n in range(1, 6):
+        try:
+            outcomes.append(verifier.charge(credit, "search", args={"n": n}).amount)
+        except (LedgerUnavailable, InvalidCreditToken) as refused:
+            outcomes.append(refused.code)
+            if isinstance(refused, InvalidCreditToken):
+                break
+    assert outcomes[-1] == "INVALID_CREDIT_TOKEN", outcomes
+    assert len(outcomes) <= 2, outcomes  # the call that met the broken connection, then this
+    assert verifier.now() >= before + timedelta(minutes=59)
+    verifier.close()
+    engine.dispose()
+
+
+def skewed_environment(shift: str) -> dict[str, str]:
+    """What a process needs in its environment for its wall clock to be ``shift`` off."""
+    _, preload = libfaketime.get_reload_information()
+    return {**preload, "FAKETIME": shift}
