@@ -331,8 +331,8 @@ def test_a_turn_reads_by_index_when_the_planner_has_no_statistics(
         pg_engine: Engine, sign: Sign) -> None:
     """A young ledger, or a server with autovacuum off, has no statistics: the planner took
     30,000 transfers for about 3,000 and read them all for the 300 a turn names, a scan that
-    grew with every paid call. A turn reads events and transfers by index whatever it
-    guesses."""
+    grew with every paid call. A turn reads, and stamps, events and transfers by index
+    whatever it guesses."""
     with writing(pg_engine) as conn:
         for account in ("tenant:filler", "revenue:filler"):
             ops.ensure_account(conn, account, kind="tenant", guarded=False, at=AT)
@@ -340,6 +340,10 @@ def test_a_turn_reads_by_index_when_the_planner_has_no_statistics(
             "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, kind, "
             "code, demo, created_at) SELECT 'charge:filler_' || n, 'tenant:filler', "
             "'revenue:filler', n, 'posted', 'charge', false, :at "
+            "FROM generate_series(1, 30000) AS n"), {"at": AT})
+        conn.execute(text(  # and as many events sealed before (by a seal 0 that is not kept)
+            "INSERT INTO events (at, kind, tenant, amount, ref, demo, seal, hash) "
+            "SELECT :at, 'charge', 'filler', n, 'filler_' || n, false, 0, 'x' "
             "FROM generate_series(1, 30000) AS n"), {"at": AT})
         for n in range(1, 301):
             audit.record(conn, "charge", at=AT, jti=f"tok_{n}", tenant="acme",
