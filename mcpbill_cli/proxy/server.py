@@ -44,7 +44,7 @@ from mcpbill_cli.mcp.x402 import extension_binding_middleware
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
 from mcpbill_cli.proxy.listen import Listening
-from mcpbill_cli.proxy.sessions import agent_session, has_session, opened_session
+from mcpbill_cli.proxy.sessions import Kept, agent_session, has_session, opened_session
 from mcpbill_cli.proxy.upstream import Upstream
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402.accept import Acceptor
@@ -170,28 +170,38 @@ class Proxy:
                          ) -> types.EmptyResult:
         """The agent's upstream session subscribes, so its updates reach this agent alone."""
         return await self._to_session(ctx, types.SubscribeRequest(
-            params=types.SubscribeRequestParams(uri=params.uri)))
+            params=types.SubscribeRequestParams(uri=params.uri)),
+            lambda kept: kept.subscribed(str(params.uri)))
 
     async def _unsubscribe(self, ctx: Context, params: types.UnsubscribeRequestParams
                            ) -> types.EmptyResult:
         return await self._to_session(ctx, types.UnsubscribeRequest(
-            params=types.UnsubscribeRequestParams(uri=params.uri)))
+            params=types.UnsubscribeRequestParams(uri=params.uri)),
+            lambda kept: kept.unsubscribed(str(params.uri)))
 
     async def _set_logging_level(self, ctx: Context, params: types.SetLevelRequestParams
                                  ) -> types.EmptyResult:
         """The level of the upstream's log sent to this agent (its upstream session's)."""
         return await self._to_session(ctx, types.SetLevelRequest(
-            params=types.SetLevelRequestParams(level=params.level)))
+            params=types.SetLevelRequestParams(level=params.level)),
+            lambda kept: kept.leveled(params.level))
 
-    async def _to_session(self, ctx: Context, request: Any) -> types.EmptyResult:
+    async def _to_session(self, ctx: Context, request: Any,
+                          keep: Callable[[Kept], None]) -> types.EmptyResult:
         """A request that changes the agent's upstream session, which a 2026-07-28 agent does
-        not have. Sent as a plain request: the SDK's helpers warn that 2026-07-28 removed these
-        methods, and the proxy relays them for the agents of the era that has them."""
+        not have; once the upstream accepted it, ``keep`` notes it for a new connection of the
+        session (:class:`~mcpbill_cli.proxy.sessions.Kept`). Sent as a plain request: the SDK's
+        helpers warn that 2026-07-28 removed these methods, and the proxy relays them for the
+        agents of the era that has them."""
         if not has_session(ctx):
             raise MCPError(types.INVALID_REQUEST, f"{ctx.method} needs a session: connect with "
                                                   "the 2025-11-25 protocol (initialize)")
-        return await self._relay(ctx, lambda client: client.session.send_request(
+        done = await self._relay(ctx, lambda client: client.session.send_request(
             request, types.EmptyResult))
+        opened = opened_session(ctx)
+        if opened is not None:  # it is: the request went to it
+            keep(opened.kept)
+        return done
 
     async def _send_shared(self, ctx: Context, request: Any) -> types.EmptyResult:
         """A request of the listen streams to the shared upstream session (2026-07-28 agents')."""

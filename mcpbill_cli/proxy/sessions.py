@@ -8,6 +8,12 @@ the agent's capabilities and relays what the upstream asks and tells to that age
 upstream session closes with the agent's session: a DELETE, the idle timeout, or the proxy's
 shutdown (the SDK unwinds the connection's exit stack then).
 
+What the agent set on its upstream session, its log level (``logging/setLevel``) and its
+resource subscriptions (``resources/subscribe``, less what it unsubscribed), is kept
+(:class:`Kept`) once the upstream accepted it, and set again on each new connection of that
+session (a stdio child restarted, an HTTP session reopened) before the agent's next request
+reaches it: the agent keeps getting the updates and the log it asked for.
+
 A 2026-07-28 agent has no session: each of its requests stands alone, and no server-to-client
 request, log or list change can reach it outside its own request. Its requests all share one
 upstream session that declares no sampling, elicitation or roots (the upstream offers none of
@@ -17,30 +23,74 @@ that asked for it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import mcp_types as types
+from mcp.client import Client
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.proxy.relay import Relay
 from mcpbill_cli.proxy.upstream import Link, Upstream
 
-__all__ = ["AgentSession", "agent_session", "has_session", "opened_session"]
+__all__ = ["AgentSession", "Kept", "agent_session", "has_session", "opened_session"]
+
+log = logging.getLogger("mcpbill.proxy")
 
 Context = ServerRequestContext[Any, Any]
 STATE_KEY = "mcpbill.proxy.upstream"  # the agent's AgentSession, in its connection's state
 
 
+@dataclass
+class Kept:
+    """What an agent set on its upstream session that a new connection would not know: its
+    log level and the resources it is subscribed to (in the order it subscribed)."""
+
+    level: types.LoggingLevel | None = None
+    subscriptions: dict[str, None] = field(default_factory=dict)
+
+    def subscribed(self, uri: str) -> None:
+        self.subscriptions[uri] = None
+
+    def unsubscribed(self, uri: str) -> None:
+        self.subscriptions.pop(uri, None)
+
+    def leveled(self, level: types.LoggingLevel) -> None:
+        self.level = level
+
+    async def replay(self, client: Client) -> None:
+        """Set it all again on ``client``'s new connection, the level first (so the upstream's
+        log of the subscriptions is at the agent's level). A request the upstream refuses now
+        is logged and skipped; a connection that closes raises, and is reopened."""
+        requests: list[Any] = []
+        if self.level is not None:
+            requests.append(types.SetLevelRequest(
+                params=types.SetLevelRequestParams(level=self.level)))
+        requests.extend(types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri))
+                        for uri in list(self.subscriptions))
+        for request in requests:
+            try:  # a plain request, as the agent's own was (see Proxy._to_session)
+                await client.session.send_request(request, types.EmptyResult)
+            except MCPError as error:
+                if error.code == CONNECTION_CLOSED:
+                    raise
+                log.warning("the upstream refused to restore %s: %s", request.method, error)
+
+
 @dataclass(frozen=True)
 class AgentSession:
-    """The upstream session serving an agent, and the relay back to it (None: the shared
-    session of the agents without one)."""
+    """The upstream session serving an agent, the relay back to it (None: the shared session
+    of the agents without one) and what the agent set on it."""
 
     link: Link
     relay: Relay | None
+    kept: Kept = field(default_factory=Kept)
 
     @contextmanager
     def during(self, ctx: Context) -> Iterator[None]:
@@ -61,9 +111,9 @@ def agent_session(upstream: Upstream, ctx: Context) -> AgentSession:
     opened = opened_session(ctx)
     if opened is not None:
         return opened
-    relay = Relay(ctx.session, connection.client_capabilities)
-    link = upstream.open(relay.client_options())
-    opened = connection.state[STATE_KEY] = AgentSession(link, relay)
+    relay, kept = Relay(ctx.session, connection.client_capabilities), Kept()
+    link = upstream.open(relay.client_options(), kept.replay)
+    opened = connection.state[STATE_KEY] = AgentSession(link, relay, kept)
     connection.exit_stack.push_async_callback(upstream.close, link)
     return opened
 

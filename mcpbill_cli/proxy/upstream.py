@@ -11,8 +11,9 @@ agent's alone, and whatever the upstream asks or tells on a connection is for th
 (the next agent session is refused PROXY_SESSIONS_FULL until one ends), plus one shared link
 for requests that come without a session (the 2026-07-28 era), which does not count. Each link
 runs in its own task of :meth:`Upstream.run` (the SDK's client must be entered and left in the
-same task), reconnects, restarting a stdio child, whenever a call reports the connection broken
-or the client itself fails, and is closed (the child exits, the HTTP session is deleted) by
+same task), reconnects, restarting a stdio child, whenever the child exits, a call reports the
+connection broken or the client itself fails, restores on the new connection what its agent set
+on the old one (:class:`Link`), and is closed (the child exits, the HTTP session is deleted) by
 :meth:`Upstream.close` when its agent session ends. Handlers get the live client from
 :meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds.
 """
@@ -22,24 +23,30 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TextIO
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import ObjectReceiveStream, TaskGroup, TaskStatus
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 
-__all__ = ["Link", "Upstream", "UpstreamTarget"]
+__all__ = ["Link", "Replay", "Upstream", "UpstreamTarget"]
 
 log = logging.getLogger("mcpbill.proxy")
 
 RECONNECT_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconnect, then the last
 MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by default
 SESSIONS_RETRY_MS = 1000
+# Restores on a new connection what its agent set on the one before (see Link).
+Replay = Callable[[Client], Awaitable[None]]
+# A new client; the connection calls its argument when it ends on its own (a stdio child exits).
+Connect = Callable[[Callable[[], None]], Client]
 
 
 @dataclass(frozen=True)
@@ -102,15 +109,16 @@ class Upstream:
             finally:
                 self._tasks = None
 
-    def open(self, client_options: dict[str, Any]) -> Link:
+    def open(self, client_options: dict[str, Any], replay: Replay | None = None) -> Link:
         """A new upstream session for an agent session, with the client's callbacks for that
-        agent; PROXY_SESSIONS_FULL when ``max_sessions`` are open."""
+        agent and what to ``replay`` on each of its connections; PROXY_SESSIONS_FULL when
+        ``max_sessions`` are open."""
         if len(self._links) >= self.max_sessions:
             raise ProxySessionsFull(
                 f"the proxy has {len(self._links)} upstream sessions open, its limit; retry "
                 "once an agent session ends (or reuse an open one)",
                 limit=self.max_sessions, retryAfterMs=SESSIONS_RETRY_MS)
-        link = self._start(client_options)
+        link = self._start(client_options, replay)
         self._links.add(link)
         return link
 
@@ -126,41 +134,76 @@ class Upstream:
         self._links.discard(link)
         await link.close()
 
-    def _start(self, client_options: dict[str, Any]) -> Link:
+    def _start(self, client_options: dict[str, Any], replay: Replay | None = None) -> Link:
         if self._tasks is None:
             raise UpstreamUnavailable("the proxy is not running (or is shutting down)",
                                       upstream=self.target.describe())
         link = Link(self.target, self._client(client_options), self.connect_timeout,
-                    on_connect=self._connected)
+                    on_connect=self._connected, replay=replay)
         self._tasks.start_soon(link.run)
         return link
 
     def _connected(self) -> None:
         self.connects += 1
 
-    def _client(self, client_options: dict[str, Any]) -> Callable[[], Client]:
+    def _client(self, client_options: dict[str, Any]) -> Connect:
         # A proxy relays listings, never caches them.
         options: dict[str, Any] = {"cache": None, **client_options}
         if self.target.url is not None:
             url = self.target.url
-            return lambda: Client(url, **options)
+            return lambda ended: Client(url, **options)
         parameters = StdioServerParameters(command=self.target.command[0],
                                            args=list(self.target.command[1:]),
                                            env=self.target.env)
         errlog = self._errlog or sys.stderr
-        return lambda: Client(stdio_client(parameters, errlog=errlog), **options)
+        return lambda ended: Client(_watching(stdio_client(parameters, errlog=errlog), ended),
+                                    **options)
+
+
+@asynccontextmanager
+async def _watching(transport: AbstractAsyncContextManager[tuple[Any, Any]],
+                    ended: Callable[[], None]) -> AsyncIterator[tuple[Any, Any]]:
+    """A stdio transport whose end (the child exited, or closed its stdout) calls ``ended``: the
+    link restarts the child then, before the agent's next request finds it gone."""
+    async with transport as (read, write):
+        yield _Watched(read, ended), write
+
+
+class _Watched(ObjectReceiveStream[Any]):
+    """A read stream that calls ``ended`` at its end of stream (not when closed on our side)."""
+
+    def __init__(self, stream: ObjectReceiveStream[Any], ended: Callable[[], None]) -> None:
+        self._stream = stream
+        self._ended = ended
+
+    async def receive(self) -> Any:
+        try:
+            return await self._stream.receive()
+        except anyio.EndOfStream:
+            self._ended()
+            raise
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class Link:
     """One upstream session, supervised: opened by :meth:`run`, reopened when it breaks, ended
-    by :meth:`close`."""
+    by :meth:`close`.
 
-    def __init__(self, target: UpstreamTarget, connect: Callable[[], Client],
-                 connect_timeout: float, *, on_connect: Callable[[], None]) -> None:
+    A new connection starts without the state its agent set on the one before (a restarted
+    child knows nothing of it): ``replay`` restores that state on each connection before any
+    caller gets it, so the agent's next request finds its upstream session as it left it. A
+    connection that breaks during the replay is reopened like any other."""
+
+    def __init__(self, target: UpstreamTarget, connect: Connect,
+                 connect_timeout: float, *, on_connect: Callable[[], None],
+                 replay: Replay | None = None) -> None:
         self.target = target
         self.connect_timeout = connect_timeout
         self._connect = connect
         self._on_connect = on_connect
+        self._replay = replay
         self._client: Client | None = None
         self._connected = anyio.Event()
         self._broken = anyio.Event()
@@ -187,13 +230,16 @@ class Link:
             delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
             await anyio.sleep(delay)
             try:
-                async with self._connect() as client:
-                    self._broken = anyio.Event()
+                broken = self._broken = anyio.Event()
+                async with self._connect(partial(self._ended, broken)) as client:
+                    if self._replay is not None:
+                        with anyio.fail_after(self.connect_timeout):
+                            await self._replay(client)
                     self._client = client
                     self._on_connect()
                     failures = 0
                     self._connected.set()
-                    await self._broken.wait()
+                    await broken.wait()
             except Exception as error:  # noqa: BLE001 - any failure of the link means reconnect
                 failures += 1
                 log.warning("upstream %s failed: %s", self.target.describe(), error)
@@ -222,6 +268,14 @@ class Link:
         if client is self._client:
             self._drop()  # calls from now on wait for the new connection
             self._broken.set()
+
+    def _ended(self, broken: anyio.Event) -> None:
+        """The connection ``broken`` stands for ended on its own: reconnect now, so that the
+        next call waits for the new connection instead of failing on this one."""
+        if broken is self._broken and not broken.is_set():
+            log.warning("upstream %s exited; restarting it", self.target.describe())
+            self._drop()
+            broken.set()
 
     def _drop(self) -> None:
         if self._client is not None:

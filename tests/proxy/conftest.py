@@ -65,6 +65,9 @@ price = "0"
 [tools."toggle-subscriber-updates"]
 price = "0"
 
+[tools."toggle-simulated-logging"]
+price = "0"
+
 [tools."gzip-file-as-resource"]
 price = "0"
 '''

@@ -3,13 +3,15 @@ server behind it (stdio: a child per agent session; HTTP: a client session per a
 each agent the official client in the 2025-11-25 era (the one with sessions).
 
 What the upstream asks during an agent's call is asked of that agent alone, even with both
-agents' calls in flight; an agent's log level and subscriptions are its own; the cap on upstream
-sessions refuses the next agent with PROXY_SESSIONS_FULL; an agent that ends its session, or
-lets it idle out, ends its upstream session (a stdio child exits)."""
+agents' calls in flight; an agent's log level and subscriptions are its own, and a restarted
+child gets them back; the cap on upstream sessions refuses the next agent with
+PROXY_SESSIONS_FULL; an agent that ends its session, or lets it idle out, ends its upstream
+session (a stdio child exits)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -38,6 +40,7 @@ from .test_failures import upstream_pid
 from .test_relay import Asked, asked_agent, text_of
 
 QUIET_LEVELS = {"error", "critical", "alert", "emergency"}
+NOTICE_AND_UP = {"notice", "warning", *QUIET_LEVELS}
 
 
 class Both:
@@ -191,6 +194,49 @@ def test_one_agents_log_level_and_subscriptions_leave_the_other_alone(running: R
     assert any(f"Received Subscribe Resource request for URI: {uri}" in str(log.data)
                for log in chatty.logs)
     assert all(log.level in QUIET_LEVELS for log in quiet.logs)
+
+
+@pytest.mark.parametrize("upstream_kind", ["stdio"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # nothing is billed
+@pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed",
+                            "ignore:The logging capability is deprecated")
+def test_a_restarted_upstream_child_gets_back_the_agents_subscriptions_and_log_level(
+        running: Running) -> None:
+    asked = Asked()
+    assert running.pidfile is not None
+
+    async def go() -> tuple[list[str], int, int]:
+        async with asked_agent(running.url, asked) as client:
+            kept, dropped, other = [str(resource.uri)
+                                    for resource in (await client.list_resources()).resources[:3]]
+            await client.set_logging_level("notice")  # the upstream logs each (un)subscribe at info
+            await client.subscribe_resource(dropped)  # first: a child subscribed to both would
+            await client.subscribe_resource(kept)  # send dropped's update before kept's
+            await client.unsubscribe_resource(dropped)
+            killed = upstream_pid(running.pidfile)  # type: ignore[arg-type]
+            os.kill(killed, signal.SIGKILL)
+            while alive(killed):
+                await anyio.sleep(0.05)
+            told = len(asked.logs)
+            await client.list_resources()  # the agent's next request, on a new child
+            await client.subscribe_resource(other)  # logged at info: below the agent's level
+            await client.unsubscribe_resource(other)
+            for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):  # a log
+                assert not (await client.call_tool(tool, {})).is_error  # at a random level
+            with anyio.fail_after(30):  # every 5 s
+                await asked.update.wait()
+                while len(asked.logs) == told:
+                    await anyio.sleep(0.05)
+            for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
+                await client.call_tool(tool, {})
+            return [kept, dropped, other], told, killed
+
+    (kept, dropped, other), told, killed = anyio.run(go)
+    assert upstream_pid(running.pidfile) != killed and running.proxy.upstream.connects == 2
+    assert asked.updated and set(asked.updated) == {kept}
+    after = asked.logs[told:]
+    assert after and all(log.level in NOTICE_AND_UP for log in after)
+    assert not any(other in str(log.data) for log in asked.logs)
 
 
 @pytest.mark.parametrize("max_sessions", [1])
