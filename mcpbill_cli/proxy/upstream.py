@@ -254,6 +254,8 @@ class Link:
     async def client(self) -> Client:
         """The live client, waiting for a (re)connect; UPSTREAM_UNAVAILABLE after
         ``connect_timeout`` seconds without one."""
+        if (client := self._client) is not None:  # connected: no timeout scope to set up
+            return client
         with anyio.move_on_after(self.connect_timeout):
             while (client := self._client) is None:
                 await self._connected.wait()
