@@ -11,7 +11,9 @@ came since the last one, as an operator's job that runs through the day does: ea
 the snapshot of the sums the one before left, so each does the same work, and a reconcile that
 grew with the ledger (re-reading history) shows as reconciles that take longer and longer.
 ``--reconcile-day`` reconciles the whole day so far each time instead: work that grows with
-the run by design, and on a small machine takes the CPU the paid calls' p99 needs.
+the run by design, and on a small machine takes the CPU the paid calls' p99 needs. On a
+PostgreSQL server with autovacuum off, ``VACUUM (ANALYZE)`` runs every ``VACUUM_EVERY`` s in its
+place (:func:`autovacuum_stand_in`).
 
 Each minute it prints the calls made, p50/p99 call latency, the largest worker RSS and the
 ledger connections the workers hold (PostgreSQL: the bench database's rows in
@@ -39,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ TOKEN_LIMIT = 10**10  # micro-USDC per worker token: far more than a soak spends
 SAMPLE_EVERY = 5.0  # seconds between a worker's reports and the connection counts
 SWEEP_EVERY = 15.0
 RECONCILE_EVERY = 30.0
+VACUUM_EVERY = 60.0
 MCPBILL = str(Path(sys.executable).with_name("mcpbill"))
 
 
@@ -172,14 +175,18 @@ class Chores(threading.Thread):
     """Issue short-lived tokens and sweep them; reconcile the day; counted into ``minutes``."""
 
     def __init__(self, env: dict[str, str], until: float, record: Any, *,
-                 whole_day: bool) -> None:
+                 whole_day: bool, vacuum: Callable[[], None] | None) -> None:
         super().__init__(daemon=True)
         self.env, self.until, self.record, self.whole_day = env, until, record, whole_day
+        self.vacuum = vacuum
 
     def run(self) -> None:
-        next_sweep = next_reconcile = time.time()
+        next_sweep = next_reconcile = next_vacuum = time.time()
         since = utcnow().date().isoformat()
         while time.time() < self.until:
+            if self.vacuum is not None and time.time() >= next_vacuum:
+                next_vacuum += VACUUM_EVERY
+                self.vacuum()
             if time.time() >= next_sweep:
                 self.cli("token", "issue", "-t", "soak", "--limit", "0.01", "--ttl", "5s")
                 self.record("sweep", self.cli("token", "sweep", "--json")[0] == 0)
@@ -238,6 +245,29 @@ def ledger_url(kind: str, root: Path, pg_url: str) -> Iterator[str]:
         yield url
 
 
+def autovacuum_stand_in(db_url: str, pg_url: str) -> Callable[[], None] | None:
+    """Where the server runs without autovacuum (a setting of the whole server, which a bench
+    does not change): what autovacuum would do, ``VACUUM (ANALYZE)`` of the bench's database.
+
+    The README asks for autovacuum on. Without it, the rows every paid call updates (its
+    token's account) and every seal stamps (its events) are never reclaimed, and the planner
+    keeps the statistics of an empty ledger: reconcile's incremental reads (the transfers and
+    calls since the last snapshot) become scans of whole tables, longer each minute. That is
+    the server's configuration, not the soak's subject; a soak on such a server stands in for
+    autovacuum, and says so. ``None`` where autovacuum is on.
+    """
+    with psycopg.connect(driver_url(pg_url), autocommit=True) as admin:
+        row = admin.execute("SHOW autovacuum").fetchone()
+    if row is not None and row[0] == "on":
+        return None
+
+    def vacuum() -> None:
+        with psycopg.connect(driver_url(db_url), autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE)")
+
+    return vacuum
+
+
 class ConnectionCount:
     """Open ledger connections: PostgreSQL's own count, or the workers' descriptors on the
     SQLite file."""
@@ -288,9 +318,12 @@ def soak(kind: str, minutes: float, workers: int, rate: float, pg_url: str, *,
             ledger_url(kind, Path(tmp), pg_url) as db_url:
         home = Path(tmp) / "home"
         env, tokens = prepare(home, db_url, workers)
+        vacuum = autovacuum_stand_in(db_url, pg_url) if kind == "postgres" else None
         print(f"\n{kind}: {workers} workers x {rate:g} calls/s for {minutes:g} min, sealing, "
-              f"a sweep every {SWEEP_EVERY:g} s, a reconcile every {RECONCILE_EVERY:g} s")
-        board = run(kind, home, db_url, pg_url, env, tokens, minutes, rate, whole_day)
+              f"a sweep every {SWEEP_EVERY:g} s, a reconcile every {RECONCILE_EVERY:g} s"
+              + (f"; autovacuum is off on this server: VACUUM (ANALYZE) every "
+                 f"{VACUUM_EVERY:g} s in its place" if vacuum else ""))
+        board = run(kind, home, db_url, pg_url, env, tokens, minutes, rate, whole_day, vacuum)
         return verdict(board, whole_day=whole_day)
 
 
@@ -331,7 +364,8 @@ class Board:
 
 
 def run(kind: str, home: Path, db_url: str, pg_url: str, env: dict[str, str],
-        tokens: list[str], minutes: float, rate: float, whole_day: bool) -> list[Minute]:
+        tokens: list[str], minutes: float, rate: float, whole_day: bool,
+        vacuum: Callable[[], None] | None) -> list[Minute]:
     seconds = minutes * 60
     context = multiprocessing.get_context("spawn")
     samples = context.Queue()
@@ -341,7 +375,8 @@ def run(kind: str, home: Path, db_url: str, pg_url: str, env: dict[str, str],
     board = Board(seconds)
     for process in processes:
         process.start()
-    chores = Chores(env, board.start + seconds, board.record, whole_day=whole_day)
+    chores = Chores(env, board.start + seconds, board.record, whole_day=whole_day,
+                    vacuum=vacuum)
     chores.start()
     counter = ConnectionCount(kind, db_url, pg_url)
     try:
