@@ -8,7 +8,8 @@ the SDK's :class:`~mcp.server.subscriptions.ListenHandler` streams to each liste
 events it asked for. The shared upstream session is subscribed to a resource while one listen
 stream or more names it, and unsubscribed when the last one ends, whatever era the upstream
 speaks (``resources/subscribe`` is sent as a plain request, as for agents of the handshake
-era).
+era). A new connection of the shared session (its child restarted, its HTTP session reopened)
+is subscribed again to the resources the open streams name before any request reaches it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import anyio
 import mcp_types as types
+from mcp.client import Client
 from mcp.client.session import IncomingMessage
 from mcp.server.context import ServerRequestContext
 from mcp.server.subscriptions import (
@@ -31,6 +33,8 @@ from mcp.server.subscriptions import (
     ServerEvent,
     ToolsListChanged,
 )
+
+from mcpbill_cli.proxy.upstream import resend
 
 __all__ = ["Listening"]
 
@@ -58,6 +62,11 @@ class Listening:
     def client_options(self) -> dict[str, Any]:
         """The shared upstream session's client options: its notifications come here."""
         return {"message_handler": self.notified}
+
+    async def replay(self, client: Client) -> None:
+        """Subscribe the shared session's new connection to the resources streams name."""
+        await resend(client, [types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri))
+                              for uri in list(self._streams)])
 
     async def notified(self, message: IncomingMessage) -> None:
         """A notification of the shared upstream session, published for the listen streams."""

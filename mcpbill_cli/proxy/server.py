@@ -82,6 +82,7 @@ class Proxy:
         self._schemas: dict[str, dict[str, Any]] = {}
         self.listening = Listening(self._send_shared)
         upstream.shared_options = self.listening.client_options()
+        upstream.shared_replay = self.listening.replay
         with warnings.catch_warnings():  # logging/setLevel: deprecated by 2026-07-28, relayed
             warnings.simplefilter("ignore", MCPDeprecationWarning)  # for the era that has it
             self.server: Server[Any] = Server(

@@ -23,7 +23,6 @@ that asked for it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,15 +32,11 @@ import mcp_types as types
 from mcp.client import Client
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
-from mcp.shared.exceptions import MCPError
-from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.proxy.relay import Relay
-from mcpbill_cli.proxy.upstream import Link, Upstream
+from mcpbill_cli.proxy.upstream import Link, Upstream, resend
 
 __all__ = ["AgentSession", "Kept", "agent_session", "has_session", "opened_session"]
-
-log = logging.getLogger("mcpbill.proxy")
 
 Context = ServerRequestContext[Any, Any]
 STATE_KEY = "mcpbill.proxy.upstream"  # the agent's AgentSession, in its connection's state
@@ -65,22 +60,16 @@ class Kept:
         self.level = level
 
     async def replay(self, client: Client) -> None:
-        """Set it all again on ``client``'s new connection, the level first (so the upstream's
-        log of the subscriptions is at the agent's level). A request the upstream refuses now
-        is logged and skipped; a connection that closes raises, and is reopened."""
+        """Set it all again on ``client``'s new connection (see
+        :func:`~mcpbill_cli.proxy.upstream.resend`), the level first: the upstream's log of the
+        subscriptions is then at the agent's level."""
         requests: list[Any] = []
         if self.level is not None:
             requests.append(types.SetLevelRequest(
                 params=types.SetLevelRequestParams(level=self.level)))
         requests.extend(types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri))
                         for uri in list(self.subscriptions))
-        for request in requests:
-            try:  # a plain request, as the agent's own was (see Proxy._to_session)
-                await client.session.send_request(request, types.EmptyResult)
-            except MCPError as error:
-                if error.code == CONNECTION_CLOSED:
-                    raise
-                log.warning("the upstream refused to restore %s: %s", request.method, error)
+        await resend(client, requests)
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,16 @@ from functools import partial
 from typing import Any, TextIO
 
 import anyio
+import mcp_types as types
 from anyio.abc import ObjectReceiveStream, TaskGroup, TaskStatus
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.exceptions import MCPError
+from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 
-__all__ = ["Link", "Replay", "Upstream", "UpstreamTarget"]
+__all__ = ["Link", "Replay", "Upstream", "UpstreamTarget", "resend"]
 
 log = logging.getLogger("mcpbill.proxy")
 
@@ -92,6 +95,7 @@ class Upstream:
         self._links: set[Link] = set()  # the agent sessions' links
         self._shared: Link | None = None
         self.shared_options: dict[str, Any] = {}  # the shared session's client options
+        self.shared_replay: Replay | None = None  # and what it sets on each new connection
         self._tasks: TaskGroup | None = None
 
     @property
@@ -126,7 +130,7 @@ class Upstream:
         """The one upstream session for requests without an agent session (no callbacks: the
         upstream is told of no sampling, elicitation or roots)."""
         if self._shared is None:
-            self._shared = self._start(self.shared_options)
+            self._shared = self._start(self.shared_options, self.shared_replay)
         return self._shared
 
     async def close(self, link: Link) -> None:
@@ -158,6 +162,20 @@ class Upstream:
         errlog = self._errlog or sys.stderr
         return lambda ended: Client(_watching(stdio_client(parameters, errlog=errlog), ended),
                                     **options)
+
+
+async def resend(client: Client, requests: list[Any]) -> None:
+    """Send ``requests`` (each answered with an empty result) on a new connection, to set what
+    was set on the one before: one the upstream refuses now is logged and skipped; a connection
+    that closes raises, and is reopened. Plain requests, as the agent's own were (the SDK's
+    helpers warn that 2026-07-28 removed these methods)."""
+    for request in requests:
+        try:
+            await client.session.send_request(request, types.EmptyResult)
+        except MCPError as error:
+            if error.code == CONNECTION_CLOSED:
+                raise
+            log.warning("the upstream refused to restore %s: %s", request.method, error)
 
 
 @asynccontextmanager
