@@ -29,7 +29,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -65,7 +65,7 @@ from mcpbill_cli.ledger import budgets as ledger_budgets
 from mcpbill_cli.ledger.checkpoint import BACKSTOP_PAGES, WalCheckpointer, background_checkpointer
 from mcpbill_cli.ledger.clock import DatabaseClock, ledger_clock
 from mcpbill_cli.ledger.credit import expire_holds
-from mcpbill_cli.ledger.engine import check_schema, make_engine, reading, writing
+from mcpbill_cli.ledger.engine import Shelf, check_schema, make_engine, reading, writing
 from mcpbill_cli.ledger.ops import token_account
 from mcpbill_cli.money import format_usd, parse_usd
 from mcpbill_cli.pricing import (
@@ -221,6 +221,9 @@ class Verifier:
             check_schema(engine)
             self._checkpointer = background_checkpointer(engine)  # no commit checkpoints
         self.engine = engine
+        # The paid call path's transactions, on connections kept open between them; an engine
+        # given by its owner is the owner's to hand out (its pool, its connections).
+        self._shelf = Shelf(engine) if owned and engine is not None else None
         self.keys = keys
         self.pricing = pricing if isinstance(pricing, PricingSource) else PricingSource(pricing)
         self.audience = audience
@@ -339,6 +342,8 @@ class Verifier:
         self._keeper.close()
         if self._checkpointer is not None:
             self._checkpointer.close()
+        if self._shelf is not None:
+            self._shelf.close()
         if self.engine is not None:
             self.engine.dispose()
 
@@ -413,7 +418,7 @@ class Verifier:
         now = self._clock()
         with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id,
                                      hold_id=hold.id):
-            with writing(self._ledger()) as conn:
+            with self._writing() as conn:
                 settled = calls.settle(conn, hold.id, amount=amount, at=now)
                 if isinstance(settled, calls.Settled):
                     receipt = self._sign(hold, settled.posted, settled.remaining, now,
@@ -602,6 +607,13 @@ class Verifier:
         billed.receipt = await self.acapture(billed.hold, units=billed.units)
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _writing(self) -> AbstractContextManager[Connection]:
+        """A write transaction of the paid call path: on a shelved connection when this
+        verifier opened its ledger itself."""
+        if self._shelf is not None:
+            return self._shelf.writing()
+        return writing(self._ledger())
 
     def _ledger(self) -> Engine:
         if self.engine is None:
@@ -822,7 +834,7 @@ class Verifier:
 
     def _write(self, write: Callable[[Connection], _T]) -> _T:
         """``write`` in one transaction; rolled back when it says the call did not open."""
-        with writing(self._ledger()) as conn:
+        with self._writing() as conn:
             outcome = write(conn)
             if isinstance(outcome, calls.KeyTaken | calls.Refused):
                 conn.rollback()
