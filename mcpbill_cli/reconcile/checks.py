@@ -43,9 +43,9 @@ from mcpbill_cli.reconcile.tuning import Planning, prepare
 class Start(enum.Enum):
     """When a check runs. ``IN_TURN``: on the main connection, at its place in the list.
     ``BESIDE``: started before any check, on a connection of its own in the same snapshot
-    (PostgreSQL; SQLite: at its place), its result taken at its place. ``FIRST``: started on
-    the main connection before any check (it hands its work to workers), finished at its
-    place."""
+    (SQLite: at its place when no write lock can be had), its result taken at its place.
+    ``FIRST``: started on the main connection before any check (it hands its work to
+    workers), finished at its place."""
 
     IN_TURN = "in turn"
     BESIDE = "beside"

@@ -3,11 +3,11 @@ report; and, after it, the snapshot of the ledger's sums for the next reconcile.
 never exits.
 
 How the checks run is decided here, not in them. Those that may start ``BESIDE`` the others
-run on connections of their own that share the main one's snapshot (``alongside``: PostgreSQL
-works them in parallel; SQLite runs each at its place), each set up for its ``planning``
-(``tuning``); those that start ``FIRST`` hand their work to workers before any check runs;
-the rest run in turn on the main connection, planned as they ask. Findings and totals are
-recorded on this thread only, in the list's order.
+run on connections of their own that share the main one's snapshot, started before anything
+reads on it (``alongside``: the database works them in parallel), each set up for its
+``planning`` (``tuning``); those that start ``FIRST`` hand their work to workers before any
+check runs; the rest run in turn on the main connection, planned as they ask. Findings and
+totals are recorded on this thread only, in the list's order.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mcpbill_cli.ledger import outbox
 from mcpbill_cli.ledger.clock import ledger_clock
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.reconcile import snapshots, tuning
-from mcpbill_cli.reconcile.alongside import alongside
+from mcpbill_cli.reconcile.alongside import start_beside
 from mcpbill_cli.reconcile.checks import CHECKS, Check, Context, LedgerCheck, Start
 from mcpbill_cli.reconcile.collect import Findings
 from mcpbill_cli.reconcile.model import ReconcileOptions, ReconcileReport
@@ -66,8 +66,13 @@ def run_checks(conn: Connection, ctx: Context, checks: tuple[Check, ...]
                ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Run ``checks``; the names of those that ran (their labels) and why the others did not."""
     why = {check.name: check.skip(ctx) for check in checks}
-    started = {check.name: _start(conn, ctx, check) for check in checks
-               if why[check.name] is None and check.start is not Start.IN_TURN}
+    beside = [check for check in checks
+              if why[check.name] is None and check.start is Start.BESIDE]
+    started = dict(zip([check.name for check in beside], start_beside(
+        ctx.engine, conn, [(partial(check.find, ctx), tuning.prepare(check.planning))
+                           for check in beside]), strict=True))
+    started |= {check.name: _start_first(conn, ctx, check) for check in checks
+                if why[check.name] is None and check.start is Start.FIRST}
     ran, skipped = [], []
     for check in checks:
         reason = why[check.name]
@@ -84,11 +89,8 @@ def run_checks(conn: Connection, ctx: Context, checks: tuple[Check, ...]
     return tuple(ran), tuple(skipped)
 
 
-def _start(conn: Connection, ctx: Context, check: Check) -> Callable[[], Any]:
+def _start_first(conn: Connection, ctx: Context, check: Check) -> Callable[[], Any]:
     """Start ``check`` now; call the result at its place for what its ``find`` returned."""
-    if check.start is Start.BESIDE:
-        return alongside(ctx.engine, conn, partial(check.find, ctx),
-                         tuning.prepare(check.planning))
     with tuning.planned(conn, check.planning):
         started = check.find(ctx, conn)
     return lambda: started
