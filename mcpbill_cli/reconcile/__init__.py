@@ -77,8 +77,9 @@ Memory stays flat whatever the row count: SQL aggregates, results stream (``yiel
 findings keep at most ``max_rows`` rows each (with the full count); a seal's batch, at most
 5,000 events, is the most the audit check holds. Hashing events and verifying signatures are
 per-row Python work; they run in ``jobs`` worker processes. On PostgreSQL the server hashes the
-sealed batches (``seal_sql``), and the big queries run side by side on connections that share
-the reconcile's snapshot (``alongside``).
+sealed batches (``seal_sql``). The big queries run side by side on connections that share the
+reconcile's snapshot (``alongside``; on SQLite all take it together, under a write lock held
+for as long as that takes).
 """
 
 from __future__ import annotations

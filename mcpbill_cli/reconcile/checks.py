@@ -26,7 +26,11 @@ from mcpbill_cli.reconcile import deposit_check, ledger_checks, receipt_check, s
 from mcpbill_cli.reconcile.call_checks import PriceCheck, check_token_validity
 from mcpbill_cli.reconcile.calls_pass import TokenTally, call_groups
 from mcpbill_cli.reconcile.collect import Findings
-from mcpbill_cli.reconcile.event_transfers import check_event_transfers
+from mcpbill_cli.reconcile.event_transfers import (
+    Mismatches,
+    event_transfer_mismatches,
+    note_mismatches,
+)
 from mcpbill_cli.reconcile.model import ReconcileOptions
 from mcpbill_cli.reconcile.refund_check import check_refunds
 from mcpbill_cli.reconcile.totals import TotalsBuilder
@@ -152,8 +156,12 @@ def _token_validity(ctx: Context, conn: Connection) -> None:
                          ctx.found)
 
 
-def _event_transfers(ctx: Context, conn: Connection) -> None:
-    check_event_transfers(conn, ctx.options.window, ctx.found)
+def _event_transfers(ctx: Context, conn: Connection) -> Mismatches:
+    return event_transfer_mismatches(conn, ctx.options.window, ctx.found.max_rows)
+
+
+def _event_transfers_noted(ctx: Context, _conn: Connection, mismatches: Mismatches) -> None:
+    note_mismatches(mismatches, ctx.found)
 
 
 def _refunds(ctx: Context, conn: Connection) -> None:
@@ -246,7 +254,7 @@ CHECKS: tuple[Check, ...] = (
           start=Start.BESIDE, planning=Planning.HASHED),
     Check("token_validity", "the tokens the window charged, by primary key", _token_validity),
     Check("event_transfers", "the window's events and transfers, grouped together",
-          _event_transfers),
+          _event_transfers, _event_transfers_noted, start=Start.BESIDE),
     Check("ledger_invariants", "every account and token; the transfers since the latest "
           "snapshot at or before the window's start (with none, every transfer); the open "
           "holds; the calls created or captured since", _ledger_wide, _ledger_noted,

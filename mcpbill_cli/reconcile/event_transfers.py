@@ -24,15 +24,26 @@ e = events.c
 t = transfers.c
 NAME = "event_transfer_mismatch"
 KINDS = ("hold", "capture", "charge", "void", "expire")  # an event's kind is its transfer's code
+Mismatches = tuple[list[Row], int]  # up to max_rows of them, and how many more
 
 
-def check_event_transfers(conn: Connection, window: Window, found: Findings) -> None:
+def event_transfer_mismatches(conn: Connection, window: Window, max_rows: int) -> Mismatches:
+    """The window's mismatches (found on a connection of its own: recorded by
+    :func:`note_mismatches`)."""
+    listed: list[Row] = []
     extra = 0
     for row in conn.execute(_mismatches(window)):
-        if found.full(NAME):
-            extra += 1  # counted, not listed: a broken day may have a million
+        if len(listed) < max_rows:
+            listed.append(_row(row))
         else:
-            found.add(NAME, _row(row))
+            extra += 1  # counted, not listed: a broken day may have a million
+    return listed, extra
+
+
+def note_mismatches(mismatches: Mismatches, found: Findings) -> None:
+    listed, extra = mismatches
+    for row in listed:
+        found.add(NAME, row)
     if extra:
         found.note(NAME, extra)
 

@@ -303,6 +303,20 @@ def test_an_event_inserted_into_a_seal(ledger: Ledger) -> None:
         f"2 charge events for one call (events {event['id']}..10000)")
 
 
+def test_events_without_transfers_listed_are_capped_but_all_counted(ledger: Ledger) -> None:
+    """Found on a connection of its own, the mismatches beyond ``max_rows`` still count."""
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    with ledger.engine.begin() as conn:
+        forged = [conn.execute(insert(events).values(
+            **{**{name: value for name, value in event.items() if name != "id"},
+               "ref": f"rcpt_forged{n}", "seal": None, "hash": None}
+        ).returning(events.c.id)).scalar_one() for n in range(3)]
+    ledger.seal()
+    [finding] = ledger.reconcile(max_rows=2).findings
+    assert (finding.name, finding.count) == ("event_transfer_mismatch", 3)
+    assert [row.key for row in finding.rows] == [str(event_id) for event_id in forged[:2]]
+
+
 def test_an_event_inserted_with_a_seal_number_no_seal_has(ledger: Ledger) -> None:
     event = event_of(ledger, ledger.calls["charge"], "charge")
     forged = {**event, "id": 10_000, "kind": "issue", "seal": 3}
