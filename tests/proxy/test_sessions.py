@@ -4,9 +4,9 @@ each agent the official client in the 2025-11-25 era (the one with sessions).
 
 What the upstream asks during an agent's call is asked of that agent alone, even with both
 agents' calls in flight; an agent's log level and subscriptions are its own, and a restarted
-child gets them back; the cap on upstream sessions refuses the next agent with
-PROXY_SESSIONS_FULL; an agent that ends its session, or lets it idle out, ends its upstream
-session (a stdio child exits)."""
+child or a reconnected HTTP session gets them back; the cap on upstream sessions refuses the
+next agent with PROXY_SESSIONS_FULL; an agent that ends its session, or lets it idle out, ends
+its upstream session (a stdio child exits)."""
 
 from __future__ import annotations
 
@@ -24,19 +24,23 @@ from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 from sqlalchemy import Engine
 
+from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp import TOKEN_META
-from mcpbill_cli.proxy import Limits
+from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
+from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import (
     Mint,
     assert_ledger_sound,
     receipt_of,
     refusal_of,
+    serve,
     token_view,
     usd,
 )
+from tests.mcp.test_http import free_port
 
 from .conftest import Running
-from .test_failures import upstream_pid
+from .test_failures import start_everything_http, upstream_pid
 from .test_relay import Asked, asked_agent, text_of
 
 QUIET_LEVELS = {"error", "critical", "alert", "emergency"}
@@ -324,3 +328,60 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # as in test_failures
+@pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed",
+                            "ignore:The logging capability is deprecated")
+def test_a_reconnected_http_upstream_gets_back_the_agents_subscriptions_and_log_level(
+        priced: Settings, verifier: Verifier, mint: Mint, engine: Engine) -> None:
+    token, asked = mint(), Asked()
+    port = free_port()
+    servers = [start_everything_http(port)]
+    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
+                        connect_timeout=30)
+    try:
+        with serve(build_app(Proxy(verifier, upstream))) as url:
+
+            async def go() -> tuple[list[str], types.CallToolResult, int]:
+                async def progress(done: float, total: float | None,
+                                   message: str | None) -> None:
+                    if len(servers) == 1:  # the call is at the upstream: it dies, another
+                        servers[0].kill()  # one takes its port, knowing no session of ours
+                        servers[0].wait(10)
+                        servers.append(start_everything_http(port))
+
+                async with asked_agent(url, asked) as client:
+                    kept, other = [str(resource.uri) for resource
+                                   in (await client.list_resources()).resources[:2]]
+                    await client.set_logging_level("notice")
+                    await client.subscribe_resource(kept)
+                    cut = await client.call_tool(
+                        "trigger-long-running-operation", {"duration": 10, "steps": 20},
+                        progress_callback=progress,
+                        meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+                    told = len(asked.logs)
+                    await client.list_resources()  # the agent's next request: reconnected
+                    await client.subscribe_resource(other)  # logged at info: below the level
+                    await client.unsubscribe_resource(other)
+                    for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
+                        assert not (await client.call_tool(tool, {})).is_error
+                    with anyio.fail_after(30):
+                        await asked.update.wait()
+                        while len(asked.logs) == told:
+                            await anyio.sleep(0.05)
+                    for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
+                        await client.call_tool(tool, {})
+                    return [kept, other], cut, told
+
+            (kept, other), cut, told = anyio.run(go)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(10)
+    assert refusal_of(cut)["code"] == "UPSTREAM_UNAVAILABLE" and upstream.connects == 2
+    assert asked.updated and set(asked.updated) == {kept}
+    after = asked.logs[told:]
+    assert after and all(log.level in NOTICE_AND_UP for log in after)
+    assert not any(other in str(log.data) for log in asked.logs)
+    assert token_view(engine, token).spent == 0
