@@ -14,7 +14,8 @@ committed state.
   busy timeout covers it). This only holds when the main connection has read nothing yet:
   :func:`start_beside` is called first. Its driver runs a query with the GIL released, so the
   helpers' threads work on other cores. A ledger that cannot take the write lock (opened
-  read-only) runs the work on the main connection, when its result is asked.
+  read-only), or held in memory (each connection has a database of its own), runs the work on
+  the main connection, when its result is asked.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.engine import reading, sqlite_file
 
 T = TypeVar("T")
 SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
@@ -43,9 +44,9 @@ def start_beside(engine: Engine, conn: Connection, works: Sequence[Work[T]]
     what its work returns. On SQLite, call this before anything reads on ``conn``."""
     if conn.dialect.name == "postgresql":
         return [alongside(engine, conn, work, prepare) for work, prepare in works]
-    if not works:
-        return []
-    return _together(engine, conn, [work for work, _ in works])
+    if sqlite_file(engine.url.render_as_string()) is None:  # in memory: a database per connection
+        return [partial(work, conn) for work, _ in works]
+    return _together(engine, conn, [work for work, _ in works]) if works else []
 
 
 def alongside(engine: Engine, conn: Connection, work: Callable[[Connection], T],

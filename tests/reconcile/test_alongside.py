@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Connection, Engine, func, insert, select
 
 from mcpbill_cli.ledger.engine import make_engine, reading
-from mcpbill_cli.ledger.models import events
+from mcpbill_cli.ledger.models import events, metadata
 from mcpbill_cli.reconcile.alongside import alongside, start_beside
 from mcpbill_cli.reconcile.tuning import Planning, begin, prepare
 
@@ -77,5 +77,18 @@ def test_a_read_only_sqlite_ledger_works_beside_at_its_place(ledger: Ledger) -> 
             commit_an_event(ledger.engine)
             assert started() == before
             assert ran_in == [threading.get_ident()]
+    finally:
+        engine.dispose()
+
+
+def test_an_in_memory_sqlite_ledger_works_beside_at_its_place() -> None:
+    """Each connection to ``sqlite://`` has a database of its own: the main one's is used."""
+    engine = make_engine("sqlite://")
+    try:
+        metadata.create_all(engine)
+        commit_an_event(engine)
+        with reading(engine) as conn:
+            [started] = start_beside(engine, conn, [(count_events, prepare(Planning.STREAMED))])
+            assert started() == 1
     finally:
         engine.dispose()
