@@ -30,11 +30,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 from mcp.client import Client
 from mcp.server.context import ServerRequestContext
+from mcp.server.streamable_http import REQUEST_CANCELLED
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED, CallToolRequestParams, CallToolResult, InputRequiredResult
+from starlette.requests import Request
 
 from mcpbill_cli.errors import (
     BillingError,
@@ -80,6 +83,7 @@ Answer = CallToolResult | InputRequiredResult
 PROGRESS_TOKENS = ("progress_token", "progressToken")
 RESERVED_PREFIX = "io.modelcontextprotocol/"  # the protocol's own _meta keys, per connection
 BUSY_RETRY_MS = 250
+GONE_POLL_SECONDS = 0.25  # how often a call in flight checks that its agent is still there
 # The agent's own keys: never forwarded (the credit token and an x402 payment are credentials).
 PRIVATE_META = frozenset({TOKEN_META, IDEMPOTENCY_KEY_META, PAYMENT_META,
                           *LEGACY_META.values()})
@@ -145,9 +149,28 @@ class ProxyBilling:
             return self._refuse(params.name, error)
         self.in_flight += 1
         try:
-            return await self._call(ctx, params)
+            return await self._unless_cut_off(ctx, params)
         finally:
             self.in_flight -= 1
+
+    async def _unless_cut_off(self, ctx: ServerRequestContext[Any, Any],
+                              params: CallToolRequestParams) -> Answer:
+        """The call, cancelled when the agent's request stream closes (the agent went away):
+        its hold is voided and the upstream is told, as when the agent cancels it.
+
+        The 2026-07-28 transport cancels on a closed stream itself; the handshake era's treats
+        a closed stream as a pause the agent resumes from, but this proxy keeps no events to
+        resume from, so the answer could never reach the agent."""
+        answer: Answer | None = None
+        with anyio.CancelScope() as call:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_cancel_when_gone, ctx.request, call)
+                answer = await self._call(ctx, params)
+                tasks.cancel_scope.cancel()
+        if answer is None:  # nobody reads this: the agent's stream is closed
+            raise MCPError(REQUEST_CANCELLED, "the agent went away: the call was cancelled "
+                                              "and not billed")
+        return answer
 
     async def void_open(self) -> int:
         """Void the holds of calls still open (a shutdown cut them off); returns how many."""
@@ -176,8 +199,8 @@ class ProxyBilling:
         except BillingError as error:  # INVALID_CREDIT_TOKEN: none sent, or not for us
             return self._challenge(params.name, error)
         source = CALL_SOURCE.set(client_address(ctx.request))
-        try:
-            with step(self.verifier.tracing, "hold"):
+        try:  # shielded: a hold taken while the call is cancelled must be voided, not lost
+            with step(self.verifier.tracing, "hold"), anyio.CancelScope(shield=True):
                 opened = await self.verifier.abegin(
                     token, params.name, args=dict(params.arguments or {}),
                     idempotency_key=round_key(idempotency_key(meta), params))
@@ -203,6 +226,8 @@ class ProxyBilling:
         self._open[hold.id] = hold
         try:
             outcome = await self.forward(ctx, params)
+            # A call cancelled as its result came is not charged: the agent gets no answer.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:  # cancelled (client gone, shutdown) or the upstream's own error
             await self._void(hold)
             raise
@@ -216,8 +241,9 @@ class ProxyBilling:
             ended(how, code=code)
             return _answer(outcome)
         self._open.pop(hold.id, None)
-        try:
-            with step(self.verifier.tracing, "capture"):
+        try:  # shielded: once the capture starts, the call is charged, its answer kept for a
+            # retry to replay (a cancellation that comes now is too late)
+            with step(self.verifier.tracing, "capture"), anyio.CancelScope(shield=True):
                 receipt = await self.verifier.acapture(hold, result=outcome.json)
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
             ended("refused", code=error.code)
@@ -396,6 +422,17 @@ def oversized(size: int, limit: int, tool: str | None = None) -> ResponseTooLarg
     return ResponseTooLarge(f"the upstream answered with {size} bytes, over this proxy's limit "
                             f"of {limit} bytes; nothing was relayed and the call was not billed",
                             **details)
+
+
+async def _cancel_when_gone(request: Any, call: anyio.CancelScope) -> None:
+    """Cancel ``call`` once the HTTP ``request`` it came on is disconnected (checked every
+    GONE_POLL_SECONDS; no HTTP request, in process: never)."""
+    if not isinstance(request, Request):
+        return
+    while not await request.is_disconnected():
+        await anyio.sleep(GONE_POLL_SECONDS)
+    log.info("the agent's request stream closed: cancelling its call")
+    call.cancel()
 
 
 def _relay(ctx: ServerRequestContext[Any, Any]) -> ProgressFnT:

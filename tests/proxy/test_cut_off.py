@@ -1,0 +1,164 @@
+"""Paid calls the agent cuts off: it cancels the call (``notifications/cancelled``, or closing
+the request's stream on 2026-07-28) or goes away mid-call. The agent receives nothing, so it is
+charged nothing: the hold is voided, the upstream is told to stop, and no receipt is made.
+
+The stdio upstream's standard input is copied to a file, so a test reads what the proxy told it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from sqlalchemy import Engine, select
+
+from mcpbill_cli.config import Settings
+from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.models import calls
+from mcpbill_cli.mcp import TOKEN_META
+from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
+from mcpbill_cli.verifier import Verifier
+from tests.mcp.conftest import Mint, serve
+
+from .conftest import EVERYTHING, NODE
+from .test_billing import assert_nothing_billed
+
+LONG = "trigger-long-running-operation"
+SLOW = {"duration": 20, "steps": 40}  # progress every half second, the result after 20 s
+SETTLED_WITHIN = 10.0  # seconds: a cut-off call is voided well before the upstream would finish
+MODES = ["legacy", "2026-07-28"]
+
+# An agent in a process of its own: it starts the slow call and says so once it runs upstream.
+AGENT = """
+import json, sys, anyio, httpx2
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+
+async def main(url, mode, tool, args, key, token):
+    async def progress(done, total, message):
+        print("running", flush=True)
+
+    async with httpx2.AsyncClient(timeout=60) as web, Client(
+            streamable_http_client(url, http_client=web), mode=mode, cache=None) as client:
+        await client.call_tool(tool, json.loads(args), meta={key: token},
+                               progress_callback=progress)
+
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def told(tmp_path: Path) -> Path:
+    """Where the stdio upstream's standard input is copied."""
+    return tmp_path / "upstream.in"
+
+
+@pytest.fixture
+def proxy_url(priced: Settings, verifier: Verifier, told: Path, tmp_path: Path) -> Iterator[str]:
+    """The proxy in front of the reference server over stdio, its input copied to ``told``."""
+    command = f'sh -c \'tee -a "{told}" | "{NODE}" "{EVERYTHING}" stdio\''
+    with (tmp_path / "upstream.log").open("w") as errlog:
+        upstream = Upstream(UpstreamTarget.parse(command=command, url=None), connect_timeout=30,
+                            errlog=errlog)
+        proxy = Proxy(verifier, upstream, Limits(call_timeout=60, max_concurrent=8))
+        with serve(build_app(proxy)) as url:
+            yield url
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_paid_call_the_agent_cancels_is_voided_and_the_upstream_told(
+        proxy_url: str, mint: Mint, engine: Engine, told: Path, mode: str) -> None:
+    token = mint()
+
+    async def go() -> None:
+        async with httpx2.AsyncClient(timeout=60) as web, \
+                Client(streamable_http_client(proxy_url, http_client=web), mode=mode,
+                       cache=None) as client:
+            running = anyio.Event()
+
+            async def progress(progress: float, total: float | None,
+                               message: str | None) -> None:
+                running.set()
+
+            async def call() -> None:
+                await client.call_tool(LONG, SLOW, meta={TOKEN_META: token.token},  # type: ignore[arg-type]
+                                       progress_callback=progress)
+                raise AssertionError("the cancelled call was answered")
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call)
+                await running.wait()  # held, and running upstream
+                tasks.cancel_scope.cancel()  # the client sends notifications/cancelled
+            await settled(engine, token.claims.jti)
+
+    anyio.run(go)
+    assert_cut_off(engine, token, told)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_paid_call_whose_agent_dies_is_voided_and_the_upstream_told(
+        proxy_url: str, mint: Mint, engine: Engine, told: Path, mode: str) -> None:
+    token = mint()
+    command = [sys.executable, "-c", AGENT, proxy_url, mode, LONG, json.dumps(SLOW), TOKEN_META,
+               token.token]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True) as agent:
+        try:
+            assert agent.stdout is not None
+            assert agent.stdout.readline().strip() == "running"  # held, running upstream
+        finally:
+            agent.send_signal(signal.SIGKILL)  # no cancellation, no DELETE: sockets close
+            agent.wait(30)
+    anyio.run(settled, engine, token.claims.jti)
+    assert_cut_off(engine, token, told)
+
+
+async def settled(engine: Engine, jti: str) -> None:
+    """Wait until the token's call is no longer held (at most SETTLED_WITHIN seconds)."""
+    deadline = time.monotonic() + SETTLED_WITHIN
+    while call_rows(engine, jti) == [] or call_rows(engine, jti)[0]["status"] == "held":
+        assert time.monotonic() < deadline, f"still held: {call_rows(engine, jti)}"
+        await anyio.sleep(0.1)
+
+
+def call_rows(engine: Engine, jti: str) -> list[dict[str, Any]]:
+    with reading(engine) as conn:
+        rows = conn.execute(select(calls.c.tool, calls.c.status, calls.c.amount,
+                                   calls.c.receipt).where(calls.c.jti == jti)).mappings()
+        return [dict(row) for row in rows]
+
+
+def assert_cut_off(engine: Engine, token: Any, told: Path) -> None:
+    """One call, voided without a receipt, nothing billed; the upstream got the cancellation of
+    the very request the proxy sent it."""
+    assert call_rows(engine, token.claims.jti) == [
+        {"tool": LONG, "status": "voided", "amount": None, "receipt": None}]
+    assert_nothing_billed(engine, token)
+    deadline = time.monotonic() + SETTLED_WITHIN
+    while (cancelled := upstream_cancelled(told)) is None:
+        assert time.monotonic() < deadline, "the upstream was not told: " + told.read_text()
+        time.sleep(0.1)
+    assert cancelled
+
+
+def upstream_cancelled(told: Path) -> bool | None:
+    """Whether the upstream got notifications/cancelled for its tools/call of LONG (None: not
+    yet)."""
+    messages = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
+    called = [message["id"] for message in messages if message.get("method") == "tools/call"
+              and message["params"]["name"] == LONG]
+    assert len(called) == 1, messages
+    cancels = [message["params"].get("requestId") for message in messages
+               if message.get("method") == "notifications/cancelled"]
+    return (called[0] in cancels) or None
