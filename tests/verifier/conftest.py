@@ -75,3 +75,14 @@ def verifier(funded: Engine, keys: KeySource, pricing: PricingTable,
 def offline(ring: KeyRing, pricing: PricingTable, clock: FakeClock) -> Verifier:
     """A stateless verifier from the JWKS only: checks receipts as a third party would."""
     return Verifier.stateless(jwks=ring.jwks(), pricing=pricing, clock=clock)
+
+
+@pytest.fixture
+def served(funded: Engine, keys: KeySource, pricing: PricingTable, clock: FakeClock
+           ) -> Iterator[Verifier]:
+    """A verifier that opens the ledger itself, from its URL, as a server does (its paid
+    calls run on connections it keeps open: ``ledger.engine.Shelf``)."""
+    verifier = Verifier(db_url=funded.url.render_as_string(hide_password=False), keys=keys,
+                        pricing=pricing, hold_timeout=300, clock=clock)
+    yield verifier
+    verifier.close()

@@ -20,10 +20,9 @@ import jwt
 import pytest
 from sqlalchemy import Engine, event, text
 
-from mcpbill_cli.keys import ALGORITHMS, KeyRing, KeySource, init_keyring
+from mcpbill_cli.keys import ALGORITHMS, KeyRing, init_keyring
 from mcpbill_cli.ledger.credit import IssuedToken
 from mcpbill_cli.ledger.engine import make_engine, reading, writing
-from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.receipts import sign_receipt, sign_refund_receipt, verify_receipt
 from mcpbill_cli.verifier import Hold, Verifier
 
@@ -174,16 +173,6 @@ def test_receipts_are_the_jws_jwt_encode_writes(alg: str, tmp_path: Path,
         assert jwt.get_unverified_header(signed) == {"alg": alg, "kid": info.kid, "typ": typ}
     receipt = sign_receipt(CLAIMS, kid=info.kid, alg=alg, key=key)
     assert verify_receipt(receipt.jws, ring.verification_keys()).claims == CLAIMS
-
-
-@pytest.fixture
-def served(funded: Engine, keys: KeySource, pricing: PricingTable, clock: FakeClock
-           ) -> Iterator[Verifier]:
-    """A verifier that opens the ledger itself, from its URL, as a server does."""
-    verifier = Verifier(db_url=funded.url.render_as_string(hide_password=False), keys=keys,
-                        pricing=pricing, hold_timeout=300, clock=clock)
-    yield verifier
-    verifier.close()
 
 
 def test_paid_calls_of_one_thread_take_no_connection_from_the_pool_after_the_first(

@@ -90,6 +90,31 @@ def test_threads_and_processes_never_spend_past_the_limit(
     assert count_calls(engine, token.claims.jti) == 100
 
 
+def test_threads_of_a_verifier_that_opens_its_ledger_never_spend_past_the_limit(
+        engine: Engine, served: Verifier, offline: Verifier,
+        new_token: Callable[..., IssuedToken], clock: FakeClock) -> None:
+    """16 threads share the connections the verifier keeps open between paid calls."""
+    token = new_token(limit=USDC)
+    numbers = itertools.count()
+    receipts: list[Any] = []
+
+    def charge() -> None:
+        receipts.append(served.charge(token.token, "search", args={"n": next(numbers)}))
+
+    def in_block() -> None:
+        with served.call(token.token, "search", args={"n": next(numbers)}) as call:
+            pass
+        receipts.append(call.receipt)
+
+    by_thread = run_threads(16, lambda i: outcome_counter(25, charge if i % 2 else in_block)(),
+                            indexed=True)
+    assert sum(by_thread, Counter()) == {"ok": 100, "BUDGET_EXCEEDED": 300}
+    assert token_state(engine, token, clock) == (USDC, 0, 0)
+    checked = [offline.verify_receipt(r.jws) for r in receipts]
+    assert len({r.receipt_id for r in checked}) == 100
+    assert count_calls(engine, token.claims.jti) == 100
+
+
 @pytest.mark.slow
 def test_hold_then_capture_under_threads_never_overdraws(
         engine: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
