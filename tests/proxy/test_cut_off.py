@@ -24,7 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 from sqlalchemy import Engine, select
 
 from mcpbill_cli.config import Settings
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
@@ -65,15 +65,22 @@ def told(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def proxy_url(priced: Settings, verifier: Verifier, told: Path, tmp_path: Path) -> Iterator[str]:
-    """The proxy in front of the reference server over stdio, its input copied to ``told``."""
+def proxy(priced: Settings, verifier: Verifier, told: Path, tmp_path: Path) -> Iterator[Proxy]:
+    """The proxy in front of the reference server over stdio, its input copied to ``told``;
+    served on ``proxy.url``."""
     command = f'sh -c \'tee -a "{told}" | "{NODE}" "{EVERYTHING}" stdio\''
     with (tmp_path / "upstream.log").open("w") as errlog:
         upstream = Upstream(UpstreamTarget.parse(command=command, url=None), connect_timeout=30,
                             errlog=errlog)
         proxy = Proxy(verifier, upstream, Limits(call_timeout=60, max_concurrent=8))
         with serve(build_app(proxy)) as url:
-            yield url
+            proxy.url = url  # type: ignore[attr-defined]
+            yield proxy
+
+
+@pytest.fixture
+def proxy_url(proxy: Proxy) -> str:
+    return str(proxy.url)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -122,6 +129,37 @@ def test_a_paid_call_whose_agent_dies_is_voided_and_the_upstream_told(
             agent.wait(30)
     anyio.run(settled, engine, token.claims.jti)
     assert_cut_off(engine, token, told)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock holds the hold
+@pytest.mark.parametrize("mode", MODES)
+def test_a_paid_call_cancelled_while_its_hold_is_taken_is_voided(
+        proxy: Proxy, mint: Mint, engine: Engine, mode: str) -> None:
+    token = mint()
+
+    async def go() -> None:
+        async with httpx2.AsyncClient(timeout=60) as web, \
+                Client(streamable_http_client(str(proxy.url), http_client=web),  # type: ignore[attr-defined]
+                       mode=mode, cache=None) as client:
+
+            async def call() -> None:
+                await client.call_tool(LONG, SLOW, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+                raise AssertionError("the cancelled call was answered")
+
+            with writing(engine):  # the ledger is locked: the hold waits for it
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(call)
+                    while proxy.billing.in_flight == 0:
+                        await anyio.sleep(0.05)
+                    await anyio.sleep(1)  # the proxy is taking the hold
+                    tasks.cancel_scope.cancel()
+                await anyio.sleep(1)  # the cancellation reaches the proxy
+            await settled(engine, token.claims.jti)  # the hold is taken, then voided
+
+    anyio.run(go)
+    assert call_rows(engine, token.claims.jti) == [
+        {"tool": LONG, "status": "voided", "amount": None, "receipt": None}]
+    assert_nothing_billed(engine, token)
 
 
 async def settled(engine: Engine, jti: str) -> None:
