@@ -65,10 +65,25 @@ def told(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def proxy(priced: Settings, verifier: Verifier, told: Path, tmp_path: Path) -> Iterator[Proxy]:
-    """The proxy in front of the reference server over stdio, its input copied to ``told``;
-    served on ``proxy.url``."""
-    command = f'sh -c \'tee -a "{told}" | "{NODE}" "{EVERYTHING}" stdio\''
+def answered(tmp_path: Path) -> Path:
+    """Where the stdio upstream's standard output is copied."""
+    return tmp_path / "upstream.out"
+
+
+@pytest.fixture
+def deaf() -> bool:
+    """Whether the upstream never hears a cancellation (parametrize to change): it answers."""
+    return False
+
+
+@pytest.fixture
+def proxy(priced: Settings, verifier: Verifier, told: Path, answered: Path, deaf: bool,
+          tmp_path: Path) -> Iterator[Proxy]:
+    """The proxy in front of the reference server over stdio, its input copied to ``told`` and
+    its output to ``answered``; served on ``proxy.url``."""
+    deafness = "grep --line-buffered -v notifications/cancelled | " if deaf else ""
+    command = (f'sh -c \'tee -a "{told}" | {deafness}"{NODE}" "{EVERYTHING}" stdio '
+               f'| tee -a "{answered}"\'')
     with (tmp_path / "upstream.log").open("w") as errlog:
         upstream = Upstream(UpstreamTarget.parse(command=command, url=None), connect_timeout=30,
                             errlog=errlog)
@@ -160,6 +175,46 @@ def test_a_paid_call_cancelled_while_its_hold_is_taken_is_voided(
     assert call_rows(engine, token.claims.jti) == [
         {"tool": LONG, "status": "voided", "amount": None, "receipt": None}]
     assert_nothing_billed(engine, token)
+
+
+@pytest.mark.parametrize("deaf", [True])
+@pytest.mark.parametrize("mode", MODES)
+def test_an_upstream_result_after_the_cancellation_is_not_charged(
+        proxy_url: str, mint: Mint, engine: Engine, told: Path, answered: Path,
+        mode: str) -> None:
+    token = mint()
+
+    async def go() -> None:
+        async with httpx2.AsyncClient(timeout=60) as web, \
+                Client(streamable_http_client(proxy_url, http_client=web), mode=mode,
+                       cache=None) as client:
+            running = anyio.Event()
+
+            async def progress(progress: float, total: float | None,
+                               message: str | None) -> None:
+                running.set()
+
+            async def call() -> None:
+                await client.call_tool(LONG, {"duration": 2, "steps": 4},
+                                       meta={TOKEN_META: token.token},  # type: ignore[arg-type]
+                                       progress_callback=progress)
+                raise AssertionError("the cancelled call was answered")
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call)
+                await running.wait()
+                tasks.cancel_scope.cancel()
+            deadline = time.monotonic() + SETTLED_WITHIN
+            while "Long running operation completed" not in answered.read_text():
+                assert time.monotonic() < deadline, "the upstream never answered"
+                await anyio.sleep(0.1)
+            await anyio.sleep(1)  # the late result reaches the proxy (which drops it)
+
+    anyio.run(go)
+    assert call_rows(engine, token.claims.jti) == [
+        {"tool": LONG, "status": "voided", "amount": None, "receipt": None}]
+    assert_nothing_billed(engine, token)
+    assert upstream_cancelled(told)  # the proxy told it; it never heard, and answered
 
 
 async def settled(engine: Engine, jti: str) -> None:
