@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import httpx2
 import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult
 from sqlalchemy import Engine, select
 
 from mcpbill_cli.config import Settings
@@ -29,7 +31,7 @@ from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
-from tests.mcp.conftest import Mint, serve
+from tests.mcp.conftest import Mint, receipt_of, serve, token_view, usd
 
 from .conftest import EVERYTHING, NODE
 from .test_billing import assert_nothing_billed
@@ -215,6 +217,51 @@ def test_an_upstream_result_after_the_cancellation_is_not_charged(
         {"tool": LONG, "status": "voided", "amount": None, "receipt": None}]
     assert_nothing_billed(engine, token)
     assert upstream_cancelled(told)  # the proxy told it; it never heard, and answered
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock holds the capture
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cancellation_once_the_capture_started_is_too_late_and_a_retry_replays(
+        proxy_url: str, mint: Mint, engine: Engine, told: Path, answered: Path,
+        mode: str) -> None:
+    token = mint()
+    args = {"duration": 1, "steps": 2}
+
+    async def go() -> CallToolResult:
+        async with httpx2.AsyncClient(timeout=60) as web, \
+                Client(streamable_http_client(proxy_url, http_client=web), mode=mode,
+                       cache=None) as client:
+            running = anyio.Event()
+
+            async def progress(progress: float, total: float | None,
+                               message: str | None) -> None:
+                running.set()
+
+            async def call() -> None:
+                await client.call_tool(LONG, args, meta={TOKEN_META: token.token},  # type: ignore[arg-type]
+                                       progress_callback=progress)
+                raise AssertionError("the cancelled call was answered")
+
+            with ExitStack() as lock:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(call)
+                    await running.wait()  # held: now lock the ledger
+                    lock.enter_context(writing(engine))
+                    while "Long running operation completed" not in answered.read_text():
+                        await anyio.sleep(0.1)
+                    await anyio.sleep(1)  # the proxy is capturing
+                    tasks.cancel_scope.cancel()
+                await anyio.sleep(1)  # the cancellation reaches the proxy
+            await settled(engine, token.claims.jti)
+            return await client.call_tool(LONG, args, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+
+    retried = anyio.run(go)
+    assert [row["status"] for row in call_rows(engine, token.claims.jti)] == ["captured"]
+    assert receipt_of(retried)["amountUsd"] == "0.005"  # the stored result, replayed
+    assert token_view(engine, token).spent == usd("0.005")  # billed once
+    messages = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
+    assert [message["params"]["name"] for message in messages
+            if message.get("method") == "tools/call"] == [LONG]  # the upstream ran it once
 
 
 async def settled(engine: Engine, jti: str) -> None:
