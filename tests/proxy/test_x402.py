@@ -2,12 +2,14 @@
 upstream over stdio, the official ``mcp`` client as the agent, the official ``x402`` client
 signing the payment from the proxy's challenge, mcpbill settling it on anvil. Billed once, the
 upstream called once; the payment reused for another call is X402_NONCE_USED; a call the
-upstream fails releases the payment; the upstream never sees it. A payment sent on a 2026-07-28
-round that ends in ``input_required`` is released and pays the round that completes."""
+upstream fails, or the agent cancels while its payment is reserved, releases the payment at once;
+the upstream never sees it. A payment sent on a 2026-07-28 round that ends in
+``input_required`` is released and pays the round that completes."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from mcp_types import CallToolResult, ElicitResult, InputRequiredResult
 from x402.mcp.utils import extract_payment_required_from_result
 
 from mcpbill_cli.keys import KeySource
+from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.mcp import RECEIPT_META
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
 from mcpbill_cli.pricing import PricingTable
@@ -53,6 +56,7 @@ peer = x402_fixtures.peer
 keys_dir = x402_fixtures.keys_dir
 
 ECHO_PRICE = 10_000  # 0.01 USDC
+RELEASED_WITHIN = 10.0  # seconds: well before Acceptor.recover would release a payment
 PROXY_PRICING: dict[str, Any] = {**ACCEPT_PRICING, "tools": {
     "echo": {"price": "0.01"}, "get-sum": {"price": "0"},
     "get-env": {"price": "0.01", "x402": False}}}
@@ -157,6 +161,44 @@ def test_an_upstream_error_releases_the_payment(proxied: tuple[str, Shop]) -> No
     assert books.received() == 0 and balance(books.devnet, payer.address) == 1_000_000
     assert books.captured_calls() == []
     assert [row.status for row in books.payment_rows()] in ([], ["released"])
+    books.assert_books_clean()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock holds the reserve
+def test_a_payment_reserved_for_a_call_cancelled_meanwhile_is_released_at_once(
+        proxied: tuple[str, Shop]) -> None:
+    url, books = proxied
+    payer = new_payer(books.devnet)
+    client = official_client(payer, books.devnet.chain.usdc)
+    challenge = challenge_of(call(url, "echo", {"message": "cut off"}))
+    cut_off = official_payment(client, challenge)
+
+    async def cancel_while_reserving() -> None:
+        async with agent(url, None) as session:
+            async def paid_call() -> None:
+                await session.call("echo", {"message": "cut off"}, meta={PAYMENT_META: cut_off})
+                raise AssertionError("the cancelled call was answered")
+
+            with writing(books.engine):  # the ledger is locked: the reserve waits for it
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(paid_call)
+                    await anyio.sleep(2)  # the proxy has verified the payment and is reserving
+                    tasks.cancel_scope.cancel()
+                await anyio.sleep(1)  # the cancellation reaches the proxy
+            deadline = time.monotonic() + RELEASED_WITHIN
+            while [row.status for row in books.payment_rows()] != ["released"]:
+                assert time.monotonic() < deadline, books.payment_rows()
+                await anyio.sleep(0.1)
+
+    anyio.run(cancel_while_reserving)
+    assert books.received() == 0 and balance(books.devnet, payer.address) == 1_000_000
+    assert books.captured_calls() == []
+
+    paid = call(url, "echo", {"message": "paid again"},
+                {PAYMENT_META: official_payment(client, challenge)})  # a new authorization
+    assert not paid.is_error and paid.content[0].text == "Echo: paid again"  # type: ignore[union-attr]
+    assert [row.status for row in books.payment_rows()] == ["released", "settled"]
+    assert books.received() == ECHO_PRICE  # the second payment alone, settled once
     books.assert_books_clean()
 
 
