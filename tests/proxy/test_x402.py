@@ -48,6 +48,7 @@ from tests.x402.peer import NETWORK
 from tests.x402.test_accept_mcp import as_x402
 
 from .conftest import agent, stdio_target
+from .test_cut_off import MODES
 from .test_input_required import QUESTION, upstream_server
 
 # The x402 tests' session chain and keys, as fixtures here.
@@ -165,8 +166,9 @@ def test_an_upstream_error_releases_the_payment(proxied: tuple[str, Shop]) -> No
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock holds the reserve
+@pytest.mark.parametrize("mode", MODES)
 def test_a_payment_reserved_for_a_call_cancelled_meanwhile_is_released_at_once(
-        proxied: tuple[str, Shop]) -> None:
+        proxied: tuple[str, Shop], mode: str) -> None:
     url, books = proxied
     payer = new_payer(books.devnet)
     client = official_client(payer, books.devnet.chain.usdc)
@@ -174,9 +176,12 @@ def test_a_payment_reserved_for_a_call_cancelled_meanwhile_is_released_at_once(
     cut_off = official_payment(client, challenge)
 
     async def cancel_while_reserving() -> None:
-        async with agent(url, None) as session:
+        async with httpx2.AsyncClient(timeout=60) as web, \
+                Client(streamable_http_client(url, http_client=web), mode=mode,
+                       cache=None) as session:
             async def paid_call() -> None:
-                await session.call("echo", {"message": "cut off"}, meta={PAYMENT_META: cut_off})
+                await session.call_tool("echo", {"message": "cut off"},
+                                        meta={PAYMENT_META: cut_off})  # type: ignore[arg-type]
                 raise AssertionError("the cancelled call was answered")
 
             with writing(books.engine):  # the ledger is locked: the reserve waits for it
