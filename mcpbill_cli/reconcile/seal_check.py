@@ -13,7 +13,11 @@ reconcile printed, vouches for the past). ``chain="full"`` checks every seal fro
   the seal's batch hash. On PostgreSQL the server hashes them (``seal_sql``), on SQLite one
   pass per slice on the raw driver (``seal_py``); ``seals.verify_batch`` re-checks only the
   seals they could not vouch for, one seal's events in memory at a time, and names the
-  events. On SQLite, worker processes share a big window's slices.
+  events. On SQLite, a big window's slices are hashed beside the SQL checks: with two jobs
+  by a thread of this process (SQLite runs those checks with the GIL released, so the thread
+  has a core of its own, and a spawned worker would first spend about 0.6 s of CPU importing
+  what it runs: more than the 100k events of a busy day take to hash), with more by
+  ``jobs - 1`` worker processes.
 - **Money**: per seal, the transfers its events name summed again per class of account
   (``ledger.seal_money``, one grouped join per slice) against the money the seal signed,
   which must sum to zero: the ledger sums to zero at every seal, and no transfer changed after
@@ -115,7 +119,10 @@ def start_seal_check(engine: Engine, conn: Connection, scope: Scope | None, keys
         work = (partial(_check_batches, conn) if jobs <= 1 or len(parts) <= 1
                 else partial(_check_in_thread, engine, prepare))
         results = start_slices(work, parts, jobs, threads=True)
-    elif jobs > 1:  # this process runs the SQL checks meanwhile: jobs - 1 workers hash
+    elif jobs == 2:  # one job beside the SQL checks: a thread here (see BESIDE_IN_THREAD)
+        results = start_slices(partial(_check_in_thread, engine, _as_is), parts, 1,
+                               threads=True, beside=True)
+    elif jobs > 2:  # this process runs the SQL checks meanwhile: jobs - 1 workers hash
         results = start_slices(_check_in_worker, parts, jobs - 1, beside=True)
     else:
         results = start_slices(partial(_check_batches, conn), parts, 1)
@@ -210,6 +217,10 @@ def _slices(conn: Connection, scope: Scope, jobs: int) -> tuple[list[tuple[int, 
 def _check_in_worker(part: BatchSlice) -> SliceResult:
     with reading(worker_engine(part.url)) as conn:
         return _check_batches(conn, part)
+
+
+def _as_is(_conn: Connection) -> None:
+    """SQLite's connections need no setting up."""
 
 
 def _check_in_thread(engine: Engine, prepare: Callable[[Connection], None],

@@ -1,5 +1,5 @@
-"""With several jobs, spawned workers (PostgreSQL: connections) hash the sealed batches and
-verify receipts in slices: the findings are exactly those of one process."""
+"""With several jobs, a thread or spawned workers (PostgreSQL: connections) hash the sealed
+batches and verify receipts in slices: the findings are exactly those of one process."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from .support import Ledger, rows_of
 
 
 @pytest.mark.slow
-def test_workers_find_what_one_process_finds(ledger: Ledger,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("jobs", [2, 3])  # SQLite: the batches in a thread; in workers
+def test_workers_find_what_one_process_finds(ledger: Ledger, monkeypatch: pytest.MonkeyPatch,
+                                             jobs: int) -> None:
     charge = ledger.calls["charge"]
     ledger.sql("UPDATE events SET tool = 'other' WHERE id = 3")
     ledger.sql("UPDATE seals SET sealed_at = sealed_at + interval '1 second' WHERE number = 2"
@@ -25,7 +26,7 @@ def test_workers_find_what_one_process_finds(ledger: Ledger,
     monkeypatch.setattr(seal_check, "SLICE", 1)
     monkeypatch.setattr(receipt_check, "PARALLEL_FROM", 1)
 
-    spread = ledger.reconcile(verify_receipts=True, jobs=2)
+    spread = ledger.reconcile(verify_receipts=True, jobs=jobs)
 
     assert rows_of(spread) == rows_of(alone) == [
         ("audit_chain_broken", "error", ["seals/2", "events/3", "seals/1"]),
