@@ -67,7 +67,7 @@ from mcpbill_cli.mcp.wire import (
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.sessions import AgentSession, agent_session, has_session
-from mcpbill_cli.proxy.upstream import Upstream
+from mcpbill_cli.proxy.upstream import SessionUnknown, Upstream
 from mcpbill_cli.tracing import ended, step
 from mcpbill_cli.verifier import CALL_SOURCE, Hold, Verifier
 from mcpbill_cli.x402.accept import Acceptor
@@ -310,6 +310,11 @@ class ProxyBilling:
         UPSTREAM_UNAVAILABLE, PROXY_SESSIONS_FULL, RESPONSE_TOO_LARGE: a result over the limit
         is not relayed, so a paid one is voided).
 
+        A call the upstream refused because it lost the agent's session (it restarted) never
+        ran there: it is sent again on a new session (:meth:`Link.call
+        <mcpbill_cli.proxy.upstream.Link.call>`), a paid one under the same hold, so its one
+        run is charged once.
+
         A JSON-RPC error the upstream answered with is raised as is (the agent gets it).
         """
         try:
@@ -323,7 +328,12 @@ class ProxyBilling:
         timeout = self.limits.call_timeout
         try:
             with anyio.fail_after(timeout), session.during(ctx):
-                result = await _call_upstream(client, ctx, params, progress)
+                result = await session.link.call(
+                    client, lambda live: _call_upstream(live, ctx, params, progress))
+        except UpstreamUnavailable as error:  # no new connection after a lost session
+            return error
+        except SessionUnknown as error:  # the new session was refused too
+            return self._lost(session, client, params.name, error)
         except TimeoutError:
             return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
                                    f"{timeout:g} s; the call was not billed",

@@ -45,7 +45,7 @@ from mcpbill_cli.pricing import quote
 from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
 from mcpbill_cli.proxy.listen import Listening
 from mcpbill_cli.proxy.sessions import Kept, agent_session, has_session, opened_session
-from mcpbill_cli.proxy.upstream import Upstream
+from mcpbill_cli.proxy.upstream import SessionUnknown, Upstream
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.x402.accept import Acceptor
 
@@ -221,7 +221,9 @@ class Proxy:
         """A request other than ``tools/call``, forwarded as is to the agent's upstream session;
         the upstream's JSON-RPC error is the agent's, and a proxy failure is one too, with the
         mcpbill error in its data (a result over ``--max-response-bytes`` is RESPONSE_TOO_LARGE,
-        an agent session over the cap PROXY_SESSIONS_FULL)."""
+        an agent session over the cap PROXY_SESSIONS_FULL). A request the upstream refused for
+        a session it lost (it restarted) is sent again on a new one (:meth:`Link.call
+        <mcpbill_cli.proxy.upstream.Link.call>`)."""
         try:
             session = agent_session(self.upstream, ctx)
             client = await session.link.client()
@@ -230,11 +232,15 @@ class Proxy:
         timeout = self.limits.call_timeout
         try:
             with anyio.fail_after(timeout), session.during(ctx):
-                result = await request(client)
+                result = await session.link.call(client, request)
         except TimeoutError:
             raise _rpc_error(REQUEST_TIMEOUT, UpstreamTimeout(
                 f"the upstream did not answer within {timeout:g} s",
                 timeoutSeconds=timeout)) from None
+        except (SessionUnknown, UpstreamUnavailable) as error:
+            raise _rpc_error(INTERNAL_ERROR, UpstreamUnavailable(
+                f"the upstream lost this agent's session and could not be reconnected "
+                f"({error}): retry", upstream=self.upstream.target.describe())) from None
         except MCPError as error:
             if error.code != CONNECTION_CLOSED:
                 raise

@@ -20,36 +20,64 @@ on the old one (:class:`Link`), and is closed (the child exits, the HTTP session
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import anyio
+import httpx2
 import mcp_types as types
 from anyio.abc import ObjectReceiveStream, TaskGroup, TaskStatus
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import MCP_SESSION_ID, streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 
-__all__ = ["Link", "Replay", "Upstream", "UpstreamTarget", "resend"]
+__all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
 log = logging.getLogger("mcpbill.proxy")
 
 RECONNECT_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconnect, then the last
 MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by default
 SESSIONS_RETRY_MS = 1000
+# The SDK's own client timeouts: a response stream may stay open for minutes.
+HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 # Restores on a new connection what its agent set on the one before (see Link).
 Replay = Callable[[Client], Awaitable[None]]
 # A new client; the connection calls its argument when it ends on its own (a stdio child exits).
 Connect = Callable[[Callable[[], None]], Client]
+_T = TypeVar("_T")
+
+
+class SessionUnknown(Exception):  # noqa: N818 - what the upstream said, not a failure of ours
+    """The upstream answered a request that it does not know the session it came on (it
+    restarted since): the request never ran there."""
+
+
+@dataclass
+class Sending:
+    """One request on its way to an HTTP upstream (set by :func:`_noticing_lost_sessions`):
+    whether the upstream refused it for an unknown session before it accepted any request of
+    it (the SDK's client may post more than one, e.g. ``tools/list`` for a result's schema);
+    only then did nothing of it run."""
+
+    session_unknown: bool = False
+    accepted: bool = False
+
+
+# The request the current task is sending. The SDK's transport posts each request in the
+# contextvars of the task that sent it, so the response hook finds it here.
+_SENDING: ContextVar[Sending | None] = ContextVar("mcpbill_proxy_sending", default=None)
 
 
 @dataclass(frozen=True)
@@ -155,7 +183,7 @@ class Upstream:
         options: dict[str, Any] = {"cache": None, **client_options}
         if self.target.url is not None:
             url = self.target.url
-            return lambda ended: Client(url, **options)
+            return lambda ended: Client(_http(url), **options)
         parameters = StdioServerParameters(command=self.target.command[0],
                                            args=list(self.target.command[1:]),
                                            env=self.target.env)
@@ -176,6 +204,52 @@ async def resend(client: Client, requests: list[Any]) -> None:
             if error.code == CONNECTION_CLOSED:
                 raise
             log.warning("the upstream refused to restore %s: %s", request.method, error)
+
+
+@asynccontextmanager
+async def _http(url: str) -> AsyncIterator[tuple[Any, Any]]:
+    """The SDK's streamable HTTP transport, on an HTTP client of its own that notes an unknown
+    session in the answer to a request (the SDK's client keeps the status to itself)."""
+    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT,
+                                  event_hooks={"response": [_noticing_lost_sessions]}) as http:
+        async with streamable_http_client(url, http_client=http) as streams:
+            yield streams
+
+
+async def _noticing_lost_sessions(response: httpx2.Response) -> None:
+    """Note on the request being sent (:data:`_SENDING`) that the upstream does not know the
+    session it was posted on: 404 (the spec's answer), or 400 whose
+    JSON-RPC error names the session (the reference server's: "Bad Request: No valid session ID
+    provided"). Any other answer is left to the SDK."""
+    sending = _SENDING.get()
+    if sending is None or sending.accepted or not _posts_request(response.request):
+        return
+    if response.status_code == 404 or (response.status_code == 400
+                                        and _names_session(await response.aread())):
+        sending.session_unknown = True
+    elif response.is_success:
+        sending.accepted = True
+
+
+def _posts_request(request: httpx2.Request) -> bool:
+    """Whether ``request`` posts a JSON-RPC request on a session: its answer is then the
+    request's own. Not a GET that resumes the stream of a request the upstream accepted: that
+    request may have run before the upstream went away."""
+    if request.method != "POST" or MCP_SESSION_ID not in request.headers:
+        return False
+    try:
+        return "id" in json.loads(request.content)
+    except (ValueError, TypeError):
+        return False
+
+
+def _names_session(body: bytes) -> bool:
+    """Whether a JSON-RPC error ``body`` says its trouble is the session."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(message, str) and "session" in message.lower()
 
 
 @asynccontextmanager
@@ -281,6 +355,35 @@ class Link:
         raise UpstreamUnavailable(
             f"the upstream {self.target.describe()} is not reachable (no connection within "
             f"{self.connect_timeout:g} s)", upstream=self.target.describe())
+
+    async def call(self, client: Client, request: Callable[[Client], Awaitable[_T]]) -> _T:
+        """``request`` on ``client`` (from :meth:`client`). When the upstream answers that it does
+        not know the session (it restarted), the link reconnects, replaying its agent's state,
+        and the request is sent once more on the new session: it never ran on the old one, so
+        a paid call, too, runs once. :class:`SessionUnknown` if the new session is refused as
+        well; UPSTREAM_UNAVAILABLE if no new connection comes within ``connect_timeout``."""
+        try:
+            return await self._send(client, request)
+        except SessionUnknown:
+            log.warning("upstream %s no longer knows its session (restarted?): reconnecting "
+                        "and sending the request again", self.target.describe())
+        return await self._send(await self.client(), request)
+
+    async def _send(self, client: Client, request: Callable[[Client], Awaitable[_T]]) -> _T:
+        """``request`` on ``client``; SessionUnknown (the connection dropped) if the upstream
+        refused it for an unknown session, whatever error the SDK made of that answer."""
+        sending = Sending()
+        token = _SENDING.set(sending)
+        try:
+            return await request(client)
+        except Exception as error:
+            if not sending.session_unknown:
+                raise
+            self.broken(client)
+            raise SessionUnknown(f"the upstream {self.target.describe()} does not know the "
+                                 f"session ({error})") from error
+        finally:
+            _SENDING.reset(token)
 
     def broken(self, client: Client) -> None:
         """A call found ``client``'s connection broken: drop it and reconnect (once, however

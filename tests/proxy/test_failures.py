@@ -12,10 +12,13 @@ from pathlib import Path
 import anyio
 import httpx2
 import pytest
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
 
 from mcpbill_cli.config import Settings
+from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import (
@@ -31,6 +34,7 @@ from tests.mcp.test_http import free_port, wait_for_port
 
 from .conftest import EVERYTHING, NODE, Running, agent
 from .test_billing import assert_nothing_billed
+from .test_cut_off import call_rows
 
 LONG = "trigger-long-running-operation"
 
@@ -195,3 +199,46 @@ def start_everything_http(port: int) -> subprocess.Popen[bytes]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, server)  # type: ignore[arg-type]
     return server
+
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+def test_an_http_upstream_restarted_between_calls_is_reconnected_and_each_call_billed_once(
+        priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str) -> None:
+    """The restarted upstream answers the old session's requests 400 (it does not know the
+    session): the proxy opens a new one and sends them again, the paid call under its hold."""
+    token = mint()
+    port = free_port()
+    servers = [start_everything_http(port)]
+    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
+                        connect_timeout=30)
+    proxy = Proxy(verifier, upstream, Limits(call_timeout=30))
+    meta = {TOKEN_META: token.token}
+    try:
+        with serve(build_app(proxy)) as url:
+
+            async def go() -> tuple[CallToolResult, CallToolResult, list[str]]:
+                async with httpx2.AsyncClient(timeout=60) as web, \
+                        Client(streamable_http_client(url, http_client=web), mode=mode,
+                               cache=None) as client:
+                    await client.call_tool("echo", {"message": "before"}, meta=meta)  # type: ignore[arg-type]
+                    servers[0].kill()
+                    servers[0].wait(10)
+                    servers.append(start_everything_http(port))  # no session of ours in it
+                    paid = await client.call_tool("echo", {"message": "after"}, meta=meta)  # type: ignore[arg-type]
+                    free = await client.call_tool("get-sum", {"a": 2, "b": 3})
+                    listed = await client.list_tools()
+                return paid, free, [tool.name for tool in listed.tools]
+
+            paid, free, listed = anyio.run(go)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(10)
+    assert receipt_of(paid)["amountUsd"] == "0.002"
+    assert not free.is_error and "5" in str(free.content[0])
+    assert "echo" in listed
+    assert upstream.connects == 2  # one new session, for the refused call; the rest used it
+    assert [row["status"] for row in call_rows(engine, token.claims.jti)] == ["captured"] * 2
+    assert token_view(engine, token).spent == usd("0.004")  # each echo once
+    assert token_view(engine, token).held == 0
