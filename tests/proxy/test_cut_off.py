@@ -22,18 +22,22 @@ import httpx2
 import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp_types import CallToolResult
+from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import METHOD_NOT_FOUND, CallToolResult
 from sqlalchemy import Engine, select
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpbill_cli.config import Settings
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import calls
 from mcpbill_cli.mcp import TOKEN_META
+from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import Mint, receipt_of, serve, token_view, usd
 
-from .conftest import EVERYTHING, NODE
+from .conftest import EVERYTHING, NODE, PRICING
 from .test_billing import assert_nothing_billed
 
 LONG = "trigger-long-running-operation"
@@ -302,3 +306,128 @@ def upstream_cancelled(told: Path) -> bool | None:
     cancels = [message["params"].get("requestId") for message in messages
                if message.get("method") == "notifications/cancelled"]
     return (called[0] in cancels) or None
+
+
+
+class Heard:
+    """A Python SDK server over streamable HTTP as the upstream, and what it heard: every
+    JSON-RPC message posted to it (as the stdio upstream's input is copied) and the request ids
+    of the calls whose handlers were cancelled. ``handshake`` makes it a 2025-11-25 server: it
+    refuses ``server/discover``, so the proxy's client falls back to initialize and cancels
+    with ``notifications/cancelled`` (on 2026-07-28 it closes the request's stream instead)."""
+
+    def __init__(self, *, handshake: bool) -> None:
+        self.handshake = handshake
+        self.messages: list[dict[str, Any]] = []
+        self.running: list[str] = []
+        self.cancelled: list[str] = []
+
+    def app(self) -> ASGIApp:
+        """The server's app, noting each message posted to it."""
+        app = self._server().streamable_http_app()
+
+        async def heard(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                return await app(scope, receive, send)
+            body = await _body(receive)
+            message = json.loads(body)
+            self.messages.append(message)
+            if self.handshake and message.get("method") == "server/discover":
+                return await JSONResponse({"jsonrpc": "2.0", "id": message["id"], "error": {
+                    "code": METHOD_NOT_FOUND, "message": "Method not found"}})(
+                        scope, receive, send)
+            return await app(scope, _replaying(body, receive), send)
+
+        return heard
+
+    def _server(self) -> MCPServer:
+        """A server whose tool ``slow`` runs until cancelled, noting it."""
+        server: MCPServer = MCPServer("heard")
+
+        @server.tool()
+        async def slow(ctx: Context) -> str:  # type: ignore[type-arg]
+            self.running.append(str(ctx.request_id))
+            try:
+                await anyio.sleep(60)
+            except anyio.get_cancelled_exc_class():
+                self.cancelled.append(str(ctx.request_id))
+                raise
+            return "not cancelled"
+
+        return server
+
+
+async def _body(receive: Receive) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """``receive`` with ``body`` read already: it gives the body, then what comes (a
+    disconnect)."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+@pytest.fixture
+def slow_priced(priced: Settings) -> Settings:
+    """The proxy tests' pricing with the Python upstream's ``slow`` tool paid."""
+    save_pricing_text(priced.pricing_path, PRICING + '\n[tools.slow]\nprice = "0.004"\n')
+    return priced
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the ledger side is as above
+@pytest.mark.parametrize("era", ["2025-11-25", "2026-07-28"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_paid_call_the_agent_cancels_is_cancelled_at_an_http_upstream(
+        slow_priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str,
+        era: str) -> None:
+    token = mint()
+    heard = Heard(handshake=era == "2025-11-25")
+    with serve(heard.app()) as upstream_url:
+        upstream = Upstream(UpstreamTarget.parse(command=None, url=upstream_url),
+                            connect_timeout=30)
+        with serve(build_app(Proxy(verifier, upstream, Limits(call_timeout=60)))) as url:
+
+            async def go() -> None:
+                async with httpx2.AsyncClient(timeout=60) as web, \
+                        Client(streamable_http_client(url, http_client=web), mode=mode,
+                               cache=None) as client:
+
+                    async def call() -> None:
+                        await client.call_tool("slow", {}, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+                        raise AssertionError("the cancelled call was answered")
+
+                    async with anyio.create_task_group() as tasks:
+                        tasks.start_soon(call)
+                        while not heard.running:  # held, and running upstream
+                            await anyio.sleep(0.05)
+                        tasks.cancel_scope.cancel()
+                    await settled(engine, token.claims.jti)
+                    deadline = time.monotonic() + SETTLED_WITHIN
+                    while not heard.cancelled:
+                        assert time.monotonic() < deadline, f"not cancelled: {heard.messages}"
+                        await anyio.sleep(0.05)
+
+            anyio.run(go)
+    assert call_rows(engine, token.claims.jti) == [
+        {"tool": "slow", "status": "voided", "amount": None, "receipt": None}]
+    assert_nothing_billed(engine, token)
+    called = [message["id"] for message in heard.messages
+              if message.get("method") == "tools/call"]
+    assert len(called) == 1 and heard.cancelled == [str(called[0])]  # the proxy's request
+    cancels = [message["params"]["requestId"] for message in heard.messages
+               if message.get("method") == "notifications/cancelled"]
+    assert cancels == (called if era == "2025-11-25" else [])  # 2026-07-28: its stream closed
