@@ -10,7 +10,7 @@ reason and source, with one sample token hash) and its background writer adds th
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,23 +37,24 @@ class Counter:
 
     def __init__(self) -> None:
         self._counts: dict[Key, Tally] = {}
+        self._oldest: datetime | None = None  # the earliest minute in _counts
         self._lock = threading.Lock()
 
-    def add(self, at: datetime, code: str, reason: str, source: str, sample: str | None
-            ) -> None:
-        key = (at.replace(second=0, microsecond=0), code, reason, source[:MAX_SOURCE])
+    def add(self, at: datetime, code: str, reason: str, source: str,
+            sample: Callable[[], str | None]) -> bool:
+        """Count one refusal; whether counts of a minute before ``at``'s are waiting to be
+        written. ``sample`` is called for the first refusal of a key only, the one whose
+        sample is kept: the rest of a flood of garbage is not hashed."""
+        minute = at.replace(second=0, microsecond=0)
+        key = (minute, code, reason, source[:MAX_SOURCE])
         with self._lock:
             tally = self._counts.get(key)
-            if tally is None:
-                self._counts[key] = Tally(1, sample)
-            else:
+            if tally is not None:
                 tally.count += 1
-
-    def older_than(self, now: datetime) -> bool:
-        """Whether counts of a minute before ``now``'s are waiting to be written."""
-        minute = now.replace(second=0, microsecond=0)
-        with self._lock:
-            return any(key[0] < minute for key in self._counts)
+            else:
+                self._counts[key] = Tally(1, sample())
+                self._oldest = min(minute, self._oldest or minute)
+            return self._oldest is not None and self._oldest < minute
 
     def give_back(self, taken: Mapping[Key, Tally]) -> None:
         """Counts taken but not written (the ledger was down): counted again."""
@@ -61,11 +62,12 @@ class Counter:
             for key, tally in taken.items():
                 mine = self._counts.setdefault(key, Tally(0, tally.sample))
                 mine.count += tally.count
+                self._oldest = min(key[0], self._oldest or key[0])
 
     def take(self) -> dict[Key, Tally]:
         """Everything counted so far, and start again from nothing."""
         with self._lock:
-            taken, self._counts = self._counts, {}
+            taken, self._counts, self._oldest = self._counts, {}, None
         return taken
 
 

@@ -26,6 +26,7 @@ from mcpbill_cli.ledger.audit import token_fingerprint
 from mcpbill_cli.ledger.credit import IssuedToken, revoke
 from mcpbill_cli.ledger.engine import make_engine, reading, writing
 from mcpbill_cli.ledger.models import events, refusal_counts
+from mcpbill_cli.ledger.refusals import Counter
 from mcpbill_cli.ledger.seals import read_seals
 from mcpbill_cli.mcp import TOKEN_META, Billing
 from mcpbill_cli.pricing import PricingTable
@@ -200,6 +201,93 @@ def test_the_same_garbage_again_is_refused_again_and_counted_each_time(
                 assert (refused.code, refused.details["reason"]) == (CODE, reason), token
     verifier.seal()
     assert counts(funded) == {(minute_of(clock()), CODE, reason, ""): 15 for reason in flood}
+
+
+def test_the_same_garbage_from_many_threads_is_counted_exactly(
+        verifier: Verifier, funded: Engine, new_token: Callable[..., IssuedToken],
+        stranger: KeyRing, clock: FakeClock) -> None:
+    """A flood repeating a few tokens (their refusals remembered after the first) from many
+    threads at once: every refusal counted, none twice, each for its own reason."""
+    genuine, other = new_token(), new_token(agent="agent-2")
+    flood = garbage(genuine, other, stranger, clock, 4)
+    threads, rounds = 6, 10
+
+    def send() -> None:
+        for _ in range(rounds):
+            for reason, tokens in flood.items():
+                for n, token in enumerate(tokens):
+                    assert refuse(verifier, token, n).details["reason"] == reason
+
+    workers = [threading.Thread(target=send) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    verifier.seal()
+    assert counts(funded) == {(minute_of(clock()), CODE, reason, ""): threads * rounds * 4
+                              for reason in flood}
+
+
+def test_the_sample_of_each_minute_is_the_hash_of_its_first_refusal(
+        verifier: Verifier, funded: Engine, clock: FakeClock) -> None:
+    """Only a key's first refusal in its minute is hashed (the rest of a flood is not): that
+    one's hash is the sample, however many refusals follow."""
+    first = minute_of(clock())
+    for n in range(5):
+        refuse(verifier, f"first-minute-{n}", n)
+    clock.advance(20)
+    for n in range(5):
+        refuse(verifier, f"second-minute-{n}", n)
+    verifier.seal()
+    with reading(funded) as conn:
+        samples = {_aware(minute): sample
+                   for minute, sample in conn.execute(select(rc.minute, rc.sample))}
+    assert samples == {first: token_fingerprint("first-minute-0"),
+                       first + timedelta(minutes=1): token_fingerprint("second-minute-0")}
+
+
+def test_a_remembered_refusal_answers_for_its_own_token_text_only(
+        verifier: Verifier, funded: Engine, new_token: Callable[..., IssuedToken],
+        clock: FakeClock) -> None:
+    """A forgery of a genuine token stays refused however often it comes (its refusal
+    remembered), and the genuine token, sent after the forgeries and between them, is
+    accepted every time: the memory of garbage never answers for a token we signed."""
+    genuine = new_token()
+    head, _, signature = genuine.token.split(".")
+    richer = f"{head}.{b64url_json({**jwt_parts(genuine.token)[1], 'lim': 10**12})}.{signature}"
+    middle = len(genuine.token) - 20  # inside the signature, whose last character has spare bits
+    flipped = "A" if genuine.token[middle] != "A" else "B"
+    near = genuine.token[:middle] + flipped + genuine.token[middle + 1:]
+    for n in range(3):  # the forgeries first: their refusals are remembered before it is seen
+        for forged in (richer, near):
+            refused = refuse(verifier, forged, n)
+            assert (refused.code, refused.details["reason"]) == (CODE, "bad_signature")
+        assert verifier.preflight(genuine.token, "search").jti == genuine.claims.jti
+    verifier.seal()
+    assert counts(funded) == {(minute_of(clock()), CODE, "bad_signature", ""): 6}
+
+
+def test_the_counter_says_when_a_passed_minute_is_waiting() -> None:
+    """``add`` says whether counts of an earlier minute wait to be written (a verifier with
+    no writer thread writes them then) and asks for a key's sample once."""
+    counter = Counter()
+    asked: list[str] = []
+
+    def sample(name: str) -> Callable[[], str]:
+        return lambda: asked.append(name) or name
+
+    at = datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
+    assert counter.add(at, CODE, "malformed", "", sample("a")) is False
+    assert counter.add(at + timedelta(seconds=20), CODE, "malformed", "", sample("b")) is False
+    assert counter.add(at + timedelta(seconds=40), CODE, "malformed", "", sample("c")) is True
+    assert asked == ["a", "c"]
+    taken = counter.take()
+    assert {key[0].minute: (tally.count, tally.sample) for key, tally in taken.items()} == {
+        0: (2, "a"), 1: (1, "c")}
+    assert counter.add(at + timedelta(seconds=45), CODE, "malformed", "", sample("d")) is False
+    counter.give_back(taken)  # the ledger was down: 12:00 waits again
+    assert counter.add(at + timedelta(seconds=50), CODE, "malformed", "", sample("e")) is True
+    assert {key[0].minute: tally.count for key, tally in counter.take().items()} == {0: 2, 1: 3}
 
 
 def test_a_token_of_a_key_this_replica_lacked_verifies_once_its_ring_has_the_key(
