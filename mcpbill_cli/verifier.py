@@ -23,7 +23,6 @@ This module imports neither typer nor rich nor web3, never prints and never exit
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from mcpbill_cli import refunding
+from mcpbill_cli import offloop, refunding
 from mcpbill_cli.budgets import TokenTerms, window_key
 from mcpbill_cli.clock import Clock, aware, rfc3339
 from mcpbill_cli.config import Settings, load_settings
@@ -576,23 +575,23 @@ class Verifier:
     # --- async twins ----------------------------------------------------------------------------
 
     async def apreflight(self, token: str, tool: str, **kw: Any) -> Quote:
-        return await asyncio.to_thread(lambda: self.preflight(token, tool, **kw))
+        return await offloop.run(lambda: self.preflight(token, tool, **kw))
 
     async def ahold(self, token: str, tool: str, **kw: Any) -> Hold:
-        return await asyncio.to_thread(lambda: self.hold(token, tool, **kw))
+        return await offloop.run(lambda: self.hold(token, tool, **kw))
 
     async def abegin(self, token: str, tool: str, **kw: Any) -> Hold | Quote:
-        return await asyncio.to_thread(lambda: self.begin(token, tool, **kw))
+        return await offloop.run(lambda: self.begin(token, tool, **kw))
 
     async def acapture(self, hold: Hold, *, units: int | None = None,
                        result: str | None = None) -> Receipt:
-        return await asyncio.to_thread(lambda: self.capture(hold, units=units, result=result))
+        return await offloop.run(lambda: self.capture(hold, units=units, result=result))
 
     async def avoid(self, hold: Hold, *, outcome: str = "voided") -> None:
-        await asyncio.to_thread(lambda: self.void(hold, outcome=outcome))
+        await offloop.run(lambda: self.void(hold, outcome=outcome))
 
     async def acharge(self, token: str, tool: str, **kw: Any) -> Receipt:
-        return await asyncio.to_thread(lambda: self.charge(token, tool, **kw))
+        return await offloop.run(lambda: self.charge(token, tool, **kw))
 
     @asynccontextmanager
     async def acall(self, token: str, tool: str, **kw: Any) -> AsyncIterator[BilledCall]:

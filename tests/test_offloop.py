@@ -1,0 +1,100 @@
+"""``mcpbill_cli.offloop``: what the async twins await instead of ``asyncio.to_thread``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from contextvars import ContextVar
+
+import pytest
+
+from mcpbill_cli import offloop
+
+SOURCE: ContextVar[str] = ContextVar("source", default="none")
+
+
+def test_the_function_runs_on_another_thread_with_the_callers_context_variables() -> None:
+    async def scenario() -> tuple[str, int]:
+        SOURCE.set("10.0.0.7")
+        return await offloop.run(lambda: (SOURCE.get(), threading.get_ident()))
+
+    source, thread = asyncio.run(scenario())
+    assert source == "10.0.0.7"
+    assert thread != threading.get_ident()
+
+
+def test_an_exception_reaches_the_caller_as_raised() -> None:
+    class Refused(Exception):
+        pass
+
+    def refuse() -> None:
+        raise Refused("no")
+
+    with pytest.raises(Refused, match="no"):
+        asyncio.run(offloop.run(refuse))
+
+
+def test_jobs_run_at_once_side_by_side_not_one_after_another() -> None:
+    """Each job waits for all the others to have started: run one at a time, none would end."""
+    side_by_side = 4
+    barrier = threading.Barrier(side_by_side, timeout=10)
+
+    async def scenario() -> list[int]:
+        return await asyncio.gather(*(offloop.run(barrier.wait) for _ in range(side_by_side)))
+
+    assert sorted(asyncio.run(scenario())) == list(range(side_by_side))
+
+
+def test_a_cancelled_caller_stops_waiting_and_the_job_still_runs_to_its_end() -> None:
+    release, ended = threading.Event(), threading.Event()
+
+    def job() -> None:
+        release.wait(10)
+        ended.set()
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(offloop.run(job))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        await asyncio.to_thread(ended.wait, 10)
+
+    asyncio.run(scenario())
+    assert ended.is_set()
+    assert asyncio.run(offloop.run(lambda: "next")) == "next"  # the thread took the next job
+
+
+def test_sequential_jobs_start_no_thread_beyond_the_first() -> None:
+    """A thread is counted idle before its caller hears back: the caller's next job finds it
+    (else every job could start a thread, up to MAX_THREADS)."""
+    async def scenario() -> None:
+        for _ in range(1000):
+            await offloop.run(lambda: None)
+
+    asyncio.run(offloop.run(lambda: None))
+    started = len(offloop._workers.threads)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often: the caller could overtake the thread
+    try:
+        asyncio.run(scenario())
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(offloop._workers.threads) == started
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_runs_its_jobs_on_threads_of_its_own() -> None:
+    asyncio.run(offloop.run(lambda: None))  # the parent has a worker thread
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's result is its exit status
+        ok = False
+        try:
+            ok = asyncio.run(asyncio.wait_for(offloop.run(lambda: 42), 10)) == 42
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
