@@ -26,6 +26,7 @@ import anyio
 import mcp_types as types
 from mcp.client import Client
 from mcp.server import Server
+from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, REQUEST_TIMEOUT
@@ -96,6 +97,8 @@ class Proxy:
                 on_set_logging_level=self._set_logging_level,
                 on_roots_list_changed=self._roots_list_changed,
                 on_subscriptions_listen=self.listening.listen)
+        if verifier.tracing is None:
+            self.server.middleware = _untraced(self.server.middleware)
         if acceptor is not None:  # x402's extension binding for the agents that advertise it
             self.server.middleware.append(extension_binding_middleware())
 
@@ -252,6 +255,14 @@ class Proxy:
         if oversized is not None:
             raise _rpc_error(INTERNAL_ERROR, oversized)
         return result
+
+
+def _untraced(middleware: list[Any]) -> list[Any]:
+    """``middleware`` without the SDK's OpenTelemetry span per message. An untraced proxy
+    exports no spans (``mcpbill proxy`` sets a tracer provider up only with ``--trace``), so that
+    span would be work on every request (started, its attributes built, the agent's trace
+    context parsed) that nothing records."""
+    return [layer for layer in middleware if not isinstance(layer, OpenTelemetryMiddleware)]
 
 
 def _page(params: types.PaginatedRequestParams | None) -> tuple[str | None, Any]:

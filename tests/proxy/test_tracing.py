@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from mcp.server._otel import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -79,3 +80,16 @@ def test_proxied_calls_join_the_agents_trace(traced: str, mint: Mint,
     [capture] = named(exporter, "mcpbill.capture")
     for step in (hold, capture):
         assert step.parent is not None and step.parent.span_id == paid.context.span_id
+
+
+def test_only_a_traced_proxy_makes_the_sdks_span_per_message(verifier: Verifier,
+                                                              tmp_path: Path) -> None:
+    """Untraced, the SDK's server span (started for every request, recorded by nothing) is
+    left out; traced, it is kept: it joins each ``mcpbill.call`` to the agent's trace."""
+    def sdk_spans(proxy: Proxy) -> bool:
+        return any(isinstance(layer, OpenTelemetryMiddleware) for layer in proxy.server.middleware)
+
+    upstream = Upstream(stdio_target(tmp_path / "upstream.pid"))
+    assert not sdk_spans(Proxy(verifier, upstream))
+    verifier.enable_tracing(Tracing(tracer_provider=TracerProvider()))
+    assert sdk_spans(Proxy(verifier, upstream))
