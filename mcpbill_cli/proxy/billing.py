@@ -158,9 +158,12 @@ class ProxyBilling:
         """The call, cancelled when the agent's request stream closes (the agent went away):
         its hold is voided and the upstream is told, as when the agent cancels it.
 
-        The 2026-07-28 transport cancels on a closed stream itself; the handshake era's treats
-        a closed stream as a pause the agent resumes from, but this proxy keeps no events to
-        resume from, so the answer could never reach the agent."""
+        The 2026-07-28 transport cancels on a closed stream itself: its calls are not watched
+        here (a task per call, and its cancellation, are a good part of a call's own work). The
+        handshake era's treats a closed stream as a pause the agent resumes from, but this
+        proxy keeps no events to resume from, so the answer could never reach the agent."""
+        if not has_session(ctx):  # the 2026-07-28 transport cancels the call itself
+            return await self._call(ctx, params)
         answer: Answer | None = None
         with anyio.CancelScope() as call:
             async with anyio.create_task_group() as tasks:
@@ -439,8 +442,10 @@ async def _cancel_when_gone(request: Any, call: anyio.CancelScope) -> None:
     GONE_POLL_SECONDS; no HTTP request, in process: never)."""
     if not isinstance(request, Request):
         return
-    while not await request.is_disconnected():
-        await anyio.sleep(GONE_POLL_SECONDS)
+    while True:
+        await anyio.sleep(GONE_POLL_SECONDS)  # first: most calls end before it is ever checked
+        if await request.is_disconnected():
+            break
     log.info("the agent's request stream closed: cancelling its call")
     call.cancel()
 
