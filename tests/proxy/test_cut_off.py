@@ -12,8 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import METHOD_NOT_FOUND, CallToolResult
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -110,24 +110,9 @@ def test_a_paid_call_the_agent_cancels_is_voided_and_the_upstream_told(
     token = mint()
 
     async def go() -> None:
-        async with httpx2.AsyncClient(timeout=60) as web, \
-                Client(streamable_http_client(proxy_url, http_client=web), mode=mode,
-                       cache=None) as client:
-            running = anyio.Event()
-
-            async def progress(progress: float, total: float | None,
-                               message: str | None) -> None:
-                running.set()
-
-            async def call() -> None:
-                await client.call_tool(LONG, SLOW, meta={TOKEN_META: token.token},  # type: ignore[arg-type]
-                                       progress_callback=progress)
-                raise AssertionError("the cancelled call was answered")
-
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(call)
-                await running.wait()  # held, and running upstream
-                tasks.cancel_scope.cancel()  # the client sends notifications/cancelled
+        async with agent_on(proxy_url, mode) as client:
+            async with running_call(client, token.token, SLOW):
+                pass  # held, and running upstream: the client sends notifications/cancelled
             await settled(engine, token.claims.jti)
 
     anyio.run(go)
@@ -152,27 +137,25 @@ def test_a_paid_call_whose_agent_dies_is_voided_and_the_upstream_told(
     assert_cut_off(engine, token, told)
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock holds the hold
 @pytest.mark.parametrize("mode", MODES)
 def test_a_paid_call_cancelled_while_its_hold_is_taken_is_voided(
         proxy: Proxy, mint: Mint, engine: Engine, mode: str) -> None:
     token = mint()
 
     async def go() -> None:
-        async with httpx2.AsyncClient(timeout=60) as web, \
-                Client(streamable_http_client(str(proxy.url), http_client=web),  # type: ignore[attr-defined]
-                       mode=mode, cache=None) as client:
+        async with agent_on(str(proxy.url), mode) as client:  # type: ignore[attr-defined]
 
             async def call() -> None:
                 await client.call_tool(LONG, SLOW, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
                 raise AssertionError("the cancelled call was answered")
 
-            with writing(engine):  # the ledger is locked: the hold waits for it
+            with ledger_locked(engine):  # the hold waits for the lock
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(call)
                     while proxy.billing.in_flight == 0:
                         await anyio.sleep(0.05)
                     await anyio.sleep(1)  # the proxy is taking the hold
+                    assert call_rows(engine, token.claims.jti) == []  # waiting for the lock
                     tasks.cancel_scope.cancel()
                 await anyio.sleep(1)  # the cancellation reaches the proxy
             await settled(engine, token.claims.jti)  # the hold is taken, then voided
@@ -191,25 +174,9 @@ def test_an_upstream_result_after_the_cancellation_is_not_charged(
     token = mint()
 
     async def go() -> None:
-        async with httpx2.AsyncClient(timeout=60) as web, \
-                Client(streamable_http_client(proxy_url, http_client=web), mode=mode,
-                       cache=None) as client:
-            running = anyio.Event()
-
-            async def progress(progress: float, total: float | None,
-                               message: str | None) -> None:
-                running.set()
-
-            async def call() -> None:
-                await client.call_tool(LONG, {"duration": 2, "steps": 4},
-                                       meta={TOKEN_META: token.token},  # type: ignore[arg-type]
-                                       progress_callback=progress)
-                raise AssertionError("the cancelled call was answered")
-
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(call)
-                await running.wait()
-                tasks.cancel_scope.cancel()
+        async with agent_on(proxy_url, mode) as client:
+            async with running_call(client, token.token, {"duration": 2, "steps": 4}):
+                pass  # cancelled as soon as it runs upstream
             deadline = time.monotonic() + SETTLED_WITHIN
             while "Long running operation completed" not in answered.read_text():
                 assert time.monotonic() < deadline, "the upstream never answered"
@@ -223,7 +190,6 @@ def test_an_upstream_result_after_the_cancellation_is_not_charged(
     assert upstream_cancelled(told)  # the proxy told it; it never heard, and answered
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a write lock holds the capture
 @pytest.mark.parametrize("mode", MODES)
 def test_a_cancellation_once_the_capture_started_is_too_late_and_a_retry_replays(
         proxy_url: str, mint: Mint, engine: Engine, told: Path, answered: Path,
@@ -232,29 +198,14 @@ def test_a_cancellation_once_the_capture_started_is_too_late_and_a_retry_replays
     args = {"duration": 1, "steps": 2}
 
     async def go() -> CallToolResult:
-        async with httpx2.AsyncClient(timeout=60) as web, \
-                Client(streamable_http_client(proxy_url, http_client=web), mode=mode,
-                       cache=None) as client:
-            running = anyio.Event()
-
-            async def progress(progress: float, total: float | None,
-                               message: str | None) -> None:
-                running.set()
-
-            async def call() -> None:
-                await client.call_tool(LONG, args, meta={TOKEN_META: token.token},  # type: ignore[arg-type]
-                                       progress_callback=progress)
-                raise AssertionError("the cancelled call was answered")
-
+        async with agent_on(proxy_url, mode) as client:
             with ExitStack() as lock:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(call)
-                    await running.wait()  # held: now lock the ledger
-                    lock.enter_context(writing(engine))
+                async with running_call(client, token.token, args):
+                    lock.enter_context(ledger_locked(engine))  # held: the capture will wait
                     while "Long running operation completed" not in answered.read_text():
                         await anyio.sleep(0.1)
                     await anyio.sleep(1)  # the proxy is capturing
-                    tasks.cancel_scope.cancel()
+                    assert call_rows(engine, token.claims.jti)[0]["status"] == "held"
                 await anyio.sleep(1)  # the cancellation reaches the proxy
             await settled(engine, token.claims.jti)
             return await client.call_tool(LONG, args, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
@@ -266,6 +217,45 @@ def test_a_cancellation_once_the_capture_started_is_too_late_and_a_retry_replays
     messages = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
     assert [message["params"]["name"] for message in messages
             if message.get("method") == "tools/call"] == [LONG]  # the upstream ran it once
+
+
+@asynccontextmanager
+async def agent_on(url: str, mode: str) -> AsyncIterator[Client]:
+    """The official client on the proxy at ``url``, in ``mode``."""
+    async with httpx2.AsyncClient(timeout=60) as web, \
+            Client(streamable_http_client(url, http_client=web), mode=mode, cache=None) as client:
+        yield client
+
+
+@asynccontextmanager
+async def running_call(client: Client, token: str, args: dict[str, Any]) -> AsyncIterator[None]:
+    """A paid call of LONG, entered once it runs upstream (its first progress came) and
+    cancelled by the agent when the block ends; answering it fails the test."""
+    running = anyio.Event()
+
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        running.set()
+
+    async def call() -> None:
+        await client.call_tool(LONG, args, meta={TOKEN_META: token},  # type: ignore[arg-type]
+                               progress_callback=progress)
+        raise AssertionError("the cancelled call was answered")
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(call)
+        await running.wait()
+        yield
+        tasks.cancel_scope.cancel()
+
+
+@contextmanager
+def ledger_locked(engine: Engine) -> Iterator[None]:
+    """No hold or capture can be written until the block ends: SQLite's write lock (``BEGIN
+    IMMEDIATE``), or on PostgreSQL a lock on the balances each of them updates (reads go on)."""
+    with writing(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("LOCK TABLE accounts IN EXCLUSIVE MODE"))
+        yield
 
 
 async def settled(engine: Engine, jti: str) -> None:
@@ -402,9 +392,7 @@ def test_a_paid_call_the_agent_cancels_is_cancelled_at_an_http_upstream(
         with serve(build_app(Proxy(verifier, upstream, Limits(call_timeout=60)))) as url:
 
             async def go() -> None:
-                async with httpx2.AsyncClient(timeout=60) as web, \
-                        Client(streamable_http_client(url, http_client=web), mode=mode,
-                               cache=None) as client:
+                async with agent_on(url, mode) as client:
 
                     async def call() -> None:
                         await client.call_tool("slow", {}, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
