@@ -109,12 +109,16 @@ def compact_jws(claims: dict[str, Any], *, kid: str, alg: str, typ: str, key: An
     """
     algorithm = _algorithm(alg)
     signing_input = (_header(alg, kid, typ) + b"."
-                     + _b64(json.dumps(claims, separators=(",", ":")).encode()))
+                     + _b64(_COMPACT.encode(claims).encode()))
     prepared = algorithm.prepare_key(key)
     short = algorithm.check_key_length(prepared)
     if short:  # as jwt.encode does (its default is to warn)
         warnings.warn(short, jwt.InsecureKeyLengthWarning, stacklevel=3)
     return (signing_input + b"." + _b64(algorithm.sign(signing_input, prepared))).decode()
+
+
+# What PyJWT encodes claims with (json.dumps(claims, separators=(",", ":"))), made once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 @functools.cache

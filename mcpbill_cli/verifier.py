@@ -1141,9 +1141,15 @@ def _unauthenticated(exc: BillingError) -> bool:
     return exc.code in ("INVALID_CREDIT_TOKEN", "INVALID_INPUT")
 
 
+# json.dumps with these options builds an encoder per call; every paid call hashes its request.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=str)
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str)
+    """``json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    default=str)``, with one encoder made once."""
+    return _CANONICAL.encode(value)
 
 
 def _request_hash(jti: str, tool: str, args: Any, units: int | None, amount: int | None

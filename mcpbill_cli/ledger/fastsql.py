@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Boolean, Connection, DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 
 Processor = Callable[[Any], Any]
+# Column types whose values are immutable and whose processors every statement of a dialect
+# shares (see _bind_processor): the types themselves, not subclasses that may process otherwise.
+_SHARED_TYPES = (DateTime, Boolean)
+_SHARED: weakref.WeakKeyDictionary[Dialect, dict[tuple[type, Any], Processor]] = (
+    weakref.WeakKeyDictionary())
 _CURSOR = "mcpbill_cursor"  # the key of the kept cursor in a pooled connection's info
 
 
@@ -99,7 +104,7 @@ class Prepared:
                 continue
             if not bind.required:
                 constants[name] = bind.effective_value
-            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            process = _bind_processor(bind.type, dialect)
             if process is not None:
                 binds[name] = process
         for column in [*compiled.insert_prefetch, *compiled.update_prefetch]:
@@ -137,6 +142,44 @@ def _cursor(conn: Connection) -> Any:
         # (sqlite3, psycopg): a plain attribute, where driver_connection is two properties.
         cursor = pooled.info[_CURSOR] = pooled.dbapi_connection.cursor()  # type: ignore[union-attr]
     return cursor
+
+
+def _bind_processor(type_: Any, dialect: Dialect) -> Processor | None:
+    """How ``dialect`` binds a value of ``type_``; for timestamps and booleans, one processor
+    shared by every statement, that remembers its last two answers (:func:`_remembering`).
+
+    A paid call binds its ``now`` and its ``demo`` flag to a dozen parameters of its
+    statements; SQLite's timestamp processor formats a datetime field by field each time, and
+    the boolean one checks and coerces: 17 processor calls per paid call, 13 of them on an
+    object the shared processor has just seen.
+    """
+    process: Processor | None = type_.dialect_impl(dialect).bind_processor(dialect)
+    if process is None or type(type_) not in _SHARED_TYPES:
+        return process
+    shared = _SHARED.setdefault(dialect, {})
+    return shared.setdefault((type(type_), getattr(type_, "timezone", None)),
+                             _remembering(process))
+
+
+def _remembering(process: Processor) -> Processor:
+    """``process`` that answers either of the last two objects it was given (``is``: only for
+    immutable values) as it did then. Each pair is one tuple, so a thread always reads a value
+    with its own answer."""
+    never = (object(), None)
+    last: tuple[tuple[Any, Any], tuple[Any, Any]] = (never, never)
+
+    def remembered(value: Any) -> Any:
+        nonlocal last
+        newer, older = last
+        if value is newer[0]:
+            return newer[1]
+        if value is older[0]:
+            return older[1]
+        answer = process(value)
+        last = ((value, answer), newer)
+        return answer
+
+    return remembered
 
 
 def _positional(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:

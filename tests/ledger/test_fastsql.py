@@ -3,7 +3,7 @@ does, on both backends: the same stored values, defaults, rows, types and errors
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import Engine, bindparam, insert, select, update
@@ -102,3 +102,26 @@ def test_autobegins_like_connection_execute(engine: Engine) -> None:
         conn.rollback()
     with reading(engine) as conn:
         assert conn.execute(select(a.id).where(a.id == "late")).first() is None
+
+
+def test_timestamps_and_flags_bound_in_turn_store_what_core_stores(engine: Engine) -> None:
+    """Statements share a remembering processor per type: every value, whatever came before
+    it (the same instant in another zone is another value to SQLite's processor), is stored
+    as Core stores it."""
+    later = AT + timedelta(microseconds=1)
+    instants = [AT, later, AT, AT.astimezone(timezone(timedelta(hours=2))), later, later, AT]
+    insert_account = Prepared(insert(accounts), columns=ACCOUNT_COLUMNS)
+    touch = Prepared(update(accounts).where(a.id == bindparam("b_id"))
+                     .values(guarded=bindparam("b_guarded")))
+    with writing(engine) as conn:
+        for i, at in enumerate(instants):
+            guarded = i % 3 == 0
+            fast = {**_account(f"fast{i}"), "created_at": at, "guarded": guarded}
+            insert_account.rowcount(conn, fast)
+            touch.rowcount(conn, {"b_id": f"fast{i}", "b_guarded": not guarded})
+            conn.execute(insert(accounts), {**fast, "id": f"core{i}", "guarded": not guarded})
+    with reading(engine) as conn:
+        raw = {r[0]: r[1:] for r in conn.exec_driver_sql(
+            "SELECT id, guarded, created_at FROM accounts")}
+    for i in range(len(instants)):
+        assert raw[f"fast{i}"] == raw[f"core{i}"], i
