@@ -73,6 +73,7 @@ def serve(settings: Settings, options: ProxyOptions,
                   "upstream": target.describe(), "metrics_url": metrics_url})
         with _stopped_cleanly():
             uvicorn.run(app, host=options.host, port=options.port, log_level="warning",
+                        access_log=False,  # a line per request, below log_level all the same
                         timeout_graceful_shutdown=GRACE_SECONDS)
     finally:
         if scraper is not None:
