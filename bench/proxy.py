@@ -11,7 +11,10 @@ its ``echo`` tool. In one run, rounds alternate between:
 - the verifier's floor: the verifier's own begin (hold) + capture called directly in a tight
   loop, on the same ledger: what billing a call costs with no MCP, HTTP or upstream around it.
 
-Prints the median per call of each and proxied / (direct + floor) (goal <= 1.3x). The proxy adds
+Prints the median per call of each and proxied / (direct + floor) (goal <= 1.3x), and the
+proxy process's own CPU per paid and per free call (its user + system time from ``/proc``
+across each round, on Linux): on a machine shared with other work the wall times stretch, its
+CPU per call much less. The proxy adds
 a whole HTTP hop the direct call does not make, so this ratio also holds the hop's cost; paid
 minus free, beside the verifier's floor, is what billing itself adds to a proxied call.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import shutil
 import socket
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +135,26 @@ def verifier_floor(verifier: Verifier, token: str, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (NaN without ``/proc``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def proxy_cpu(pid: int, calls: int, timed: Awaitable[float]) -> tuple[float, float]:
+    """Seconds per call of ``timed``, and the proxy's CPU seconds per call meanwhile."""
+    before = cpu_seconds(pid)
+    seconds = await timed
+    return seconds, (cpu_seconds(pid) - before) / calls
+
+
 async def measure(node: str, url: str, token: str, verifier: Verifier, calls: int,
-                  rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {"direct": [], "proxied": [], "floor": [], "free": []}
+                  rounds: int, pid: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {"direct": [], "proxied": [], "floor": [], "free": [],
+                                     "proxied_cpu": [], "free_cpu": []}
     upstream = StdioServerParameters(command=node, args=[str(EVERYTHING), "stdio"])
     with open(os.devnull, "w") as quiet:
         async with httpx2.AsyncClient() as web, \
@@ -142,8 +164,11 @@ async def measure(node: str, url: str, token: str, verifier: Verifier, calls: in
             await per_call(proxied, 20, token=token)
             for _ in range(rounds):
                 times["direct"].append(await per_call(direct, calls))
-                times["proxied"].append(await per_call(proxied, calls, token=token))
-                times["free"].append(await per_call(proxied, calls, free=True))
+                for name, timed in (("proxied", per_call(proxied, calls, token=token)),
+                                    ("free", per_call(proxied, calls, free=True))):
+                    seconds, cpu = await proxy_cpu(pid, calls, timed)
+                    times[name].append(seconds)
+                    times[f"{name}_cpu"].append(cpu)
                 times["floor"].append(verifier_floor(verifier, token, calls))
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -165,7 +190,7 @@ def main() -> None:
             verifier = Verifier.from_settings(settings)
             try:
                 median = anyio.run(measure, node, f"http://127.0.0.1:{port}/mcp", token,
-                                   verifier, args.calls, args.rounds)
+                                   verifier, args.calls, args.rounds, proxy.pid)
             finally:
                 verifier.close()
                 proxy.terminate()
@@ -179,6 +204,8 @@ def main() -> None:
     billing = proxied - median["free"]
     print(f"billing's share (paid - free)           {billing * 1000:8.3f} ms/call "
           f"= {billing / floor:.2f}x the verifier floor")
+    print(f"proxy's CPU per paid call               {median['proxied_cpu'] * 1000:8.3f} ms")
+    print(f"proxy's CPU per free call               {median['free_cpu'] * 1000:8.3f} ms")
     print(f"proxied / direct                        {proxied / direct:8.2f}x")
     print(f"proxied / (direct + floor)              {proxied / (direct + floor):8.2f}x  "
           "(goal <= 1.30x)")
