@@ -18,6 +18,16 @@ agent's channel:
 The upstream session declares what the agent declared at initialize: sampling (with its
 sub-capabilities), elicitation and roots only when the agent has them, so the upstream offers
 the tools that use them to exactly the agents that can answer.
+
+Elicitation has two modes, ``form`` and ``url``, and the agent declares those it handles
+(``capabilities.elicitation.form`` / ``.url``; an empty ``elicitation: {}`` is form only, for
+backwards compatibility). The SDK's client (mcp 2.3.0) declares both modes whenever it has an
+elicitation callback and has no public option to declare fewer (only its private
+``_build_capabilities`` decides), so the upstream is told the agent handles both even when it
+declared one, and may offer it tools that need the other. The relay makes up for it: an
+``elicitation/create`` in a mode the agent did not declare is answered with the spec's error,
+-32602 (Invalid params), without asking the agent. The upstream sees that error as the agent's
+refusal; the agent's call goes on and is billed as the upstream then answers it.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from mcp.server.session import ServerSession
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 
-__all__ = ["Relay"]
+__all__ = ["Relay", "elicitation_modes"]
 
 log = logging.getLogger("mcpbill.proxy")
 
@@ -52,6 +62,7 @@ class Relay:
                  capabilities: types.ClientCapabilities | None) -> None:
         self._session = session
         self._capabilities = capabilities or types.ClientCapabilities()
+        self._modes = elicitation_modes(self._capabilities)
         self._in_flight: dict[int, Context] = {}
 
     @contextmanager
@@ -85,6 +96,10 @@ class Relay:
 
     async def elicitation(self, context: ClientRequestContext, params: types.ElicitRequestParams
                           ) -> types.ElicitResult | types.ErrorData:
+        if params.mode not in self._modes:  # the upstream was told of both modes, see above
+            log.debug("refused a %s mode elicitation the agent did not declare", params.mode)
+            return types.ErrorData(code=types.INVALID_PARAMS, message=(
+                f"the client did not declare {params.mode} mode elicitation"))
         return await self._ask(types.ElicitRequest(params=params), types.ElicitResult)
 
     async def roots(self, context: ClientRequestContext) -> types.ListRootsResult | types.ErrorData:
@@ -114,6 +129,17 @@ class Relay:
             await _quietly(session.send_notification(message, related_request_id=related))
         elif isinstance(message, TOLD):
             await _quietly(self._session.send_notification(message))
+
+
+def elicitation_modes(capabilities: types.ClientCapabilities) -> frozenset[str]:
+    """The elicitation modes a client declared: none without the capability, form alone for an
+    empty one (the spec's reading of a client older than the modes)."""
+    declared = capabilities.elicitation
+    if declared is None:
+        return frozenset()
+    modes = frozenset(mode for mode, given in (("form", declared.form), ("url", declared.url))
+                      if given is not None)
+    return modes or frozenset({"form"})
 
 
 async def _quietly(sending: Any) -> None:
