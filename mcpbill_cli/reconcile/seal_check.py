@@ -17,7 +17,8 @@ reconcile printed, vouches for the past). ``chain="full"`` checks every seal fro
   by a thread of this process (SQLite runs those checks with the GIL released, so the thread
   has a core of its own, and a spawned worker would first spend about 0.6 s of CPU importing
   what it runs: more than the 100k events of a busy day take to hash), with more by
-  ``jobs - 1`` worker processes.
+  ``jobs - 1`` worker processes. A ledger in memory is seen by its own connection only: its
+  batches are hashed on that one.
 - **Money**: per seal, the transfers its events name summed again per class of account
   (``ledger.seal_money``, one grouped join per slice) against the money the seal signed,
   which must sum to zero: the ledger sums to zero at every seal, and no transfer changed after
@@ -39,7 +40,7 @@ from sqlalchemy import Connection, Engine, exists, func, select
 
 from mcpbill_cli.keys import KeyRing, VerificationKey
 from mcpbill_cli.ledger.audit import GENESIS
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.engine import reading, sqlite_file
 from mcpbill_cli.ledger.models import events, seals
 from mcpbill_cli.ledger.seal_money import Money, money_by_seal
 from mcpbill_cli.ledger.seals import (
@@ -119,13 +120,13 @@ def start_seal_check(engine: Engine, conn: Connection, scope: Scope | None, keys
         work = (partial(_check_batches, conn) if jobs <= 1 or len(parts) <= 1
                 else partial(_check_in_thread, engine, prepare))
         results = start_slices(work, parts, jobs, threads=True)
-    elif jobs == 2:  # one job beside the SQL checks: a thread here (see BESIDE_IN_THREAD)
+    elif jobs <= 1 or sqlite_file(engine_url(engine)) is None:  # in memory: only conn sees it
+        results = start_slices(partial(_check_batches, conn), parts, 1)
+    elif jobs == 2:  # one job beside the SQL checks: a thread here (see the module's docstring)
         results = start_slices(partial(_check_in_thread, engine, _as_is), parts, 1,
                                threads=True, beside=True)
-    elif jobs > 2:  # this process runs the SQL checks meanwhile: jobs - 1 workers hash
+    else:  # this process runs the SQL checks meanwhile: jobs - 1 workers hash
         results = start_slices(_check_in_worker, parts, jobs - 1, beside=True)
-    else:
-        results = start_slices(partial(_check_batches, conn), parts, 1)
 
     def finish() -> tuple[int, str] | None:
         anchor = _check_seals(conn, scope, keys, found)
