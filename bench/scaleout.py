@@ -442,7 +442,9 @@ def flood(ledger: Ledger, per_second: float, seconds: float, rounds: int) -> Non
         beside.add(results, "mcpbill")
         refused.add(results, "flood")
     print(f"flood: W={FLOOD_WIDTH} paid alone {alone.rate:.0f}/s, beside the flood "
-          f"{beside.rate:.0f}/s, ratio {beside.rate / alone.rate:.2f} (goal >= 0.9)")
+          f"{beside.rate:.0f}/s, ratio {beside.rate / alone.rate:.2f} (goal >= 0.9); "
+          f"client CPU per paid call {alone.cpu_per_call:.0f} us alone, "
+          f"{beside.cpu_per_call:.0f} us beside")
     print(f"flood: garbage refused {refused.rate:.0f}/s by {FLOOD_WORKERS} processes "
           f"(target {per_second:.0f}/s), {refused.cpu_per_call:.0f} us CPU each, "
           f"{refused.cpu / (rounds * seconds):.2f} of the {os.cpu_count()} CPUs")
