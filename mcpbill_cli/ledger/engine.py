@@ -130,7 +130,9 @@ def _begin_sqlite(connection: PoolProxiedConnection) -> None:
     here is the driver's; SQLAlchemy wraps it as it wraps any error of ``do_begin``.
     """
     statement = "BEGIN" if connection.info.get(_READONLY) else "BEGIN IMMEDIATE"
-    connection.driver_connection.execute(statement)  # type: ignore[union-attr]
+    # The driver's own connection (sqlite3's), a plain attribute: driver_connection is a chain
+    # of three properties, and two transactions per paid call begin here.
+    connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
 
 
 @contextmanager

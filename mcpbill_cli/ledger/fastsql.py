@@ -34,7 +34,7 @@ _CURSOR = "mcpbill_cursor"  # the key of the kept cursor in a pooled connection'
 @dataclass(frozen=True)
 class _Plan:
     sql: str
-    arguments: Callable[[dict[str, Any]], Any] | None  # positional paramstyles: in order
+    arguments: Callable[[Mapping[str, Any]], Any] | None  # positional paramstyles: in order
     constants: dict[str, Any]  # the statement's own literals (``kind = 'pending'``)
     binds: dict[str, Processor]  # bind processors, by parameter name
     row: Callable[..., Any] | None  # the row type of a statement that returns rows
@@ -83,9 +83,7 @@ class Prepared:
             self._last = (dialect, plan)
         if not conn.in_transaction():
             conn.begin()  # as Connection.execute would (autobegin)
-        values = {**plan.constants, **params} if plan.constants else dict(params)
-        for name, process in plan.binds.items():
-            values[name] = process(values[name])
+        values = _values(plan, params)
         arguments = values if plan.arguments is None else plan.arguments(values)
         cursor = _cursor(conn)
         try:
@@ -125,6 +123,18 @@ class Prepared:
         plan = _Plan(compiled.string, arguments, constants, binds, row_type, results)
         self._plans[dialect] = plan
         return plan
+
+
+def _values(plan: _Plan, params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` with the statement's own literals and each value as the driver takes it; the
+    caller's mapping itself when there is nothing to add or convert (most of a paid call's
+    statements bind only ids and amounts), so it is never copied for nothing."""
+    if not plan.constants and not plan.binds:
+        return params
+    values = {**plan.constants, **params}
+    for name, process in plan.binds.items():
+        values[name] = process(values[name])
+    return values
 
 
 def _cursor(conn: Connection) -> Any:
@@ -182,7 +192,7 @@ def _remembering(process: Processor) -> Processor:
     return remembered
 
 
-def _positional(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+def _positional(names: list[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     if len(names) > 1:
         return itemgetter(*names)
     return lambda values: tuple(values[name] for name in names)

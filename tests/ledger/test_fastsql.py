@@ -125,3 +125,19 @@ def test_timestamps_and_flags_bound_in_turn_store_what_core_stores(engine: Engin
             "SELECT id, guarded, created_at FROM accounts")}
     for i in range(len(instants)):
         assert raw[f"fast{i}"] == raw[f"core{i}"], i
+
+
+def test_a_statement_without_literals_still_converts_its_values(engine: Engine) -> None:
+    """Values are passed on as given only when nothing needs converting: a timestamp bound by
+    a statement with no literals of its own is stored as Core stores it."""
+    stamp = Prepared(update(accounts).where(a.id == bindparam("b_id"))
+                     .values(created_at=bindparam("b_at")))
+    moved = AT + timedelta(days=1, microseconds=7)
+    with writing(engine) as conn:
+        for id in ("fast", "core"):
+            ops.insert_ignore(conn, accounts, {**_account(id), "closed": False})
+        assert stamp.rowcount(conn, {"b_id": "fast", "b_at": moved}) == 1
+        conn.execute(update(accounts).where(a.id == "core").values(created_at=moved))
+    with reading(engine) as conn:
+        raw = dict(conn.exec_driver_sql("SELECT id, created_at FROM accounts").all())
+    assert raw["fast"] == raw["core"]
