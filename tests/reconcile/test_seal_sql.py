@@ -126,27 +126,46 @@ def test_tampering_is_found_alike(postgres: Engine, tampering: str, rows: Any) -
     assert compare(postgres)
 
 
-def sql_style_digest(event: dict[str, Any]) -> str:
+def sql_style_digest(event: dict[str, Any], escaped: str = "\\n", written: str = "\n") -> str:
     """A forger's hash: the canonical form with text left unescaped (what the server would
-    compute if it did not check that the text is printable ASCII)."""
+    compute if it did not check that the text is printable ASCII), ``escaped`` as ``written``."""
     fields = {name: event.get(name) for name in audit.CHAIN_FIELDS}
     fields["seq"] = event["id"]
     fields["at"] = event["at"].astimezone(UTC).isoformat(timespec="microseconds")
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.replace("\\n", "\n").encode()).hexdigest()
+    return hashlib.sha256(canonical.replace(escaped, written).encode()).hexdigest()
+
+
+def forge(engine: Engine, changes: dict[str, Any], escaped: str, written: str) -> None:
+    """Edit event 1 of a sealed batch of two and re-hash the batch as a server that writes
+    ``escaped`` unescaped would hash it."""
+    with engine.begin() as conn:
+        conn.execute(update(events).where(events.c.id == 1).values(**changes))
+        rows = conn.execute(select(events).order_by(events.c.id)).mappings().all()
+        digests = [sql_style_digest(dict(row), escaped, written) for row in rows]
+        for row, digest in zip(rows, digests, strict=True):
+            conn.execute(update(events).where(events.c.id == row["id"]).values(hash=digest))
+        conn.execute(update(seals).values(batch_hash=batch_hash(digests)))
 
 
 def test_a_batch_forged_over_unescaped_text_is_not_vouched_for(postgres: Engine) -> None:
     write_sealed(postgres, plain(odd_events())[:2])
-    with postgres.begin() as conn:
-        conn.execute(update(events).where(events.c.id == 1).values(detail="line\nbreak"))
-        rows = conn.execute(select(events).order_by(events.c.id)).mappings().all()
-        digests = [sql_style_digest(dict(row)) for row in rows]
-        for row, digest in zip(rows, digests, strict=True):
-            conn.execute(update(events).where(events.c.id == row["id"]).values(hash=digest))
-        conn.execute(update(seals).values(batch_hash=batch_hash(digests)))
+    forge(postgres, {"detail": "line\nbreak"}, "\\n", "\n")
     assert unvouched(postgres) == [1]
     assert compare(postgres) == [("events", "1", "changed after seal 1 took it"),
                                  ("seals", "1", "its events no longer hash to its batch hash "
                                                 "(an event was reordered or rewritten with its "
                                                 "hash)")]
+
+
+@pytest.mark.parametrize(("name", "escaped", "written"),
+                         [("ac\"me", '"ac\\"me"', '"ac"me"'),
+                          ("ac\\me", '"ac\\\\me"', '"ac\\me"')])
+def test_a_batch_forged_over_an_unescaped_name_is_not_vouched_for(
+        postgres: Engine, name: str, escaped: str, written: str) -> None:
+    """Names and ids go into the server's canonical form as they are: one holding a ``"`` or
+    a ``\\`` is left to Python, which escapes it."""
+    write_sealed(postgres, plain(odd_events())[:2])
+    forge(postgres, {"tenant": name}, escaped, written)
+    assert unvouched(postgres) == [1]
+    assert compare(postgres)[0] == ("events", "1", "changed after seal 1 took it")
