@@ -6,12 +6,12 @@ id as ``seq`` and no previous hash). The canonical JSON is built in SQL exactly 
 ``json.dumps`` writes it for the events where that is certain: every text field printable ASCII
 (where ``json.dumps`` escapes only ``"`` and ``\\``) and ``at`` within years 1000..9999. Only
 ``detail`` (JSON text) is escaped: the other text fields are names and ids, vouched for only
-without a ``"`` or ``\\`` and written as they are (escaping them too cost a quarter of the
-query). Per
-seal, PostgreSQL returns the count, the id span, the batch hash (the hex digests joined by
-``\\n`` in id order), whether it could decide every event, and how many events' stored hash
-differs. A seal it vouches for is clean; any other is re-checked in Python
-(``seals.verify_batch``), which names the events: the answer is the Python one.
+without a ``"`` or ``\\`` and written as they are (escaping them too cost 0.53 s of server CPU
+against 0.49 s over 107k events). Per seal, PostgreSQL returns the count, the id span, the
+batch hash (the hex digests joined by ``\\n`` in id order), whether it could decide every event,
+and how many events' stored hash differs. A seal it vouches for is clean; any other is
+re-checked in Python (``seals.verify_batch``), which names the events: the answer is the
+Python one.
 """
 
 from __future__ import annotations
