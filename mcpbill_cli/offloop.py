@@ -8,8 +8,11 @@ trip that is about twice the CPU of what is done here (worker threads blocked on
 
 Semantics are ``to_thread``'s: the function runs in a copy of the caller's context (its context
 variables), its exception is raised to the caller, and a caller cancelled meanwhile stops
-waiting while the function still runs to its end. Threads are started as work needs them, up
-to :data:`MAX_THREADS`, and kept; at interpreter exit the work already queued is finished first.
+waiting while the function still runs to its end. What it made then is nobody's unless the
+caller named who takes it (``abandoned``): a hold taken for a caller that was cancelled (a plain
+``task.cancel()``, which no anyio shield holds back) would stay held until it lapsed.
+Threads are started as work needs them, up to :data:`MAX_THREADS`, and kept; at interpreter
+exit the work already queued is finished first.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextvars
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
@@ -28,8 +32,10 @@ __all__ = ["MAX_THREADS", "run"]
 _T = TypeVar("_T")
 MAX_THREADS = min(32, (os.cpu_count() or 1) + 4)  # as the default executor's
 _STOP = None  # a worker takes it and ends
+# A job: its caller's loop and future, the caller's context, the function, and what takes the
+# function's result when the caller stopped waiting for it (see run()).
 Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", contextvars.Context,
-            Callable[[], Any]]
+            Callable[[], Any], Callable[[Any], object] | None]
 
 
 class _Workers:
@@ -66,7 +72,7 @@ class _Workers:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not _STOP:
-            loop, future, context, function = job
+            loop, future, context, function, _ = job
             result: Any = None
             error: BaseException | None = None
             try:
@@ -75,19 +81,25 @@ class _Workers:
                 error = raised
             with self.lock:  # idle before the caller hears: its next job finds this thread
                 self.idle += 1
-            _answer(loop, future, result, error)
+            _answer(job, result, error)
 
 
-def _answer(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any,
-            error: BaseException | None) -> None:
+def _answer(job: Job, result: Any, error: BaseException | None) -> None:
     try:
-        loop.call_soon_threadsafe(_settle, future, result, error)
+        job[0].call_soon_threadsafe(_settle, job, result, error)
     except RuntimeError:  # the loop is closed: nobody waits any more
         pass
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _settle(job: Job, result: Any, error: BaseException | None) -> None:
+    """On the caller's loop (where its cancellation happens too, so the two cannot cross):
+    the caller's answer, or, for a caller that stopped waiting, the result to ``abandoned`` on
+    a worker thread."""
+    future = job[1]
     if future.cancelled():  # the caller stopped waiting; the work is done all the same
+        loop, _, context, _, abandoned = job
+        if abandoned is not None and error is None:  # its errors are its own to handle
+            _workers.submit((loop, future, context, partial(abandoned, result), None))
         return
     if error is not None:
         future.set_exception(error)
@@ -104,11 +116,14 @@ def _reset() -> None:
     _workers = _Workers()
 
 
-async def run(function: Callable[[], _T]) -> _T:
-    """``function()`` on a worker thread, awaited (see the module docstring)."""
+async def run(function: Callable[[], _T],
+              abandoned: Callable[[_T], object] | None = None) -> _T:
+    """``function()`` on a worker thread, awaited (see the module docstring); when the caller
+    was cancelled before it returned, its result goes to ``abandoned`` instead, on a worker
+    thread, e.g. to undo what nobody will know of."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
-    _workers.submit((loop, future, contextvars.copy_context(), function))
+    _workers.submit((loop, future, contextvars.copy_context(), function, abandoned))
     return await future
 
 

@@ -578,10 +578,21 @@ class Verifier:
         return await offloop.run(lambda: self.preflight(token, tool, **kw))
 
     async def ahold(self, token: str, tool: str, **kw: Any) -> Hold:
-        return await offloop.run(lambda: self.hold(token, tool, **kw))
+        return await offloop.run(lambda: self.hold(token, tool, **kw), self._unclaimed)
 
     async def abegin(self, token: str, tool: str, **kw: Any) -> Hold | Quote:
-        return await offloop.run(lambda: self.begin(token, tool, **kw))
+        return await offloop.run(lambda: self.begin(token, tool, **kw), self._unclaimed)
+
+    def _unclaimed(self, opened: Hold | Quote) -> None:
+        """A hold taken for a caller cancelled meanwhile (an anyio shield does not hold back a
+        plain ``task.cancel()``): nobody will capture or void it, so it is voided now rather
+        than left held until it lapses."""
+        if not isinstance(opened, Hold):
+            return
+        try:
+            self.void(opened)
+        except BillingError as error:  # resolved already: nothing is held
+            logger.warning("void of the unclaimed hold %s: %s", opened.id, error.code)
 
     async def acapture(self, hold: Hold, *, units: int | None = None,
                        result: str | None = None) -> Receipt:

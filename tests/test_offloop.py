@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import sys
 import threading
+import time
 from contextvars import ContextVar
 
 import pytest
@@ -66,6 +68,36 @@ def test_a_cancelled_caller_stops_waiting_and_the_job_still_runs_to_its_end() ->
     asyncio.run(scenario())
     assert ended.is_set()
     assert asyncio.run(offloop.run(lambda: "next")) == "next"  # the thread took the next job
+
+
+
+def test_what_a_job_made_for_a_cancelled_caller_goes_to_abandoned() -> None:
+    """A caller cancelled while its job runs (a plain task.cancel()) never gets the result:
+    ``abandoned`` does, once; a caller that waited gets it itself and ``abandoned`` nothing."""
+    release = threading.Event()
+    taken: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+
+    def job() -> str:
+        release.wait(10)
+        return "made"
+
+    def abandoned(result: str) -> None:
+        taken.put((result, threading.get_ident()))
+
+    async def scenario() -> str:
+        waiting = asyncio.ensure_future(offloop.run(job, abandoned))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        release.set()
+        return await offloop.run(lambda: "waited for", abandoned)
+
+    assert asyncio.run(scenario()) == "waited for"
+    result, thread = taken.get(timeout=10)
+    assert result == "made" and thread != threading.get_ident()  # on a worker thread
+    time.sleep(0.2)
+    assert taken.empty()
 
 
 def test_sequential_jobs_start_no_thread_beyond_the_first() -> None:

@@ -7,13 +7,15 @@ The stdio upstream's standard input is copied to a file, so a test reads what th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared.exceptions import MCPError
 from mcp_types import METHOD_NOT_FOUND, CallToolResult
 from sqlalchemy import Engine, select, text
 from starlette.responses import JSONResponse
@@ -35,7 +38,7 @@ from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
-from tests.mcp.conftest import Mint, receipt_of, serve, token_view, usd
+from tests.mcp.conftest import Mint, assert_ledger_sound, receipt_of, serve, token_view, usd
 
 from .conftest import EVERYTHING, NODE, PRICING
 from .test_billing import assert_nothing_billed
@@ -217,6 +220,107 @@ def test_a_cancellation_once_the_capture_started_is_too_late_and_a_retry_replays
     messages = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
     assert [message["params"]["name"] for message in messages
             if message.get("method") == "tools/call"] == [LONG]  # the upstream ran it once
+
+
+@pytest.mark.parametrize("point", ["hold", "upstream", "capture"])
+def test_a_plain_task_cancel_at_each_step_of_a_paid_call_settles_its_hold_once(
+        proxy: Proxy, mint: Mint, engine: Engine, answered: Path, told: Path,
+        point: str) -> None:
+    """The task handling a paid call is cancelled with a plain ``task.cancel()`` (no anyio
+    scope: the shields around the ledger steps do not hold it back, and the ledger work goes on
+    on its worker thread) while its hold waits for the ledger, while the upstream runs it, or
+    while its capture waits for the ledger. The hold ends voided, or (the capture had started)
+    captured once and replayed to a retry: never left held, never charged twice."""
+    token = mint()
+    step = Step(engine, answered, token.claims.jti, handling_tasks(proxy))
+    args = {"duration": 2, "steps": 4}
+
+    async def go() -> CallToolResult:
+        async with agent_on(str(proxy.url), "legacy") as client:  # type: ignore[attr-defined]
+
+            async def call() -> None:
+                with suppress(MCPError):  # the cut-off handling may close the request's stream
+                    await client.call_tool(LONG, args, meta={TOKEN_META: token.token},  # type: ignore[arg-type]
+                                           progress_callback=step.progress)
+
+            with step.lock:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(call)
+                    await getattr(step, point)()
+                    step.handling[0].get_loop().call_soon_threadsafe(step.handling[0].cancel)
+                    await anyio.sleep(0.5)  # the cancellation lands
+                    step.lock.close()  # the ledger step it cut off goes on
+                    await settled(engine, token.claims.jti)
+                    tasks.cancel_scope.cancel()
+        async with agent_on(str(proxy.url), "legacy") as client:  # type: ignore[attr-defined]
+            return await client.call_tool(LONG, args, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+
+    retried = anyio.run(go)
+    messages = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
+    ran = [message for message in messages if message.get("method") == "tools/call"]
+    if point == "capture":  # too late to cancel: charged once, and the retry gets the receipt
+        assert receipt_of(retried)["amountUsd"] == "0.005" and len(ran) == 1
+        assert [row["status"] for row in call_rows(engine, token.claims.jti)] == ["captured"]
+        assert token_view(engine, token).spent == usd("0.005")
+    else:  # voided; the retry is a new call, held and captured on its own
+        assert [row["status"] for row in call_rows(engine, token.claims.jti)] == [
+            "voided", "captured"]
+        assert token_view(engine, token).spent == usd("0.005")
+    assert token_view(engine, token).held == 0
+    assert_ledger_sound(engine)
+
+
+@dataclass
+class Step:
+    """Where a paid call of LONG is in the proxy, for a test to cancel it there: each method
+    returns once the call is at its step (``lock`` keeps the ledger locked when it must wait)."""
+
+    engine: Engine
+    answered: Path
+    jti: str
+    handling: list[asyncio.Task[Any]]
+    running: anyio.Event = field(default_factory=anyio.Event)
+    lock: ExitStack = field(default_factory=ExitStack)
+
+    async def progress(self, done: float, total: float | None, message: str | None) -> None:
+        self.running.set()
+
+    async def hold(self) -> None:
+        """Its hold waits for the ledger."""
+        self.lock.enter_context(ledger_locked(self.engine))
+        while not self.handling:
+            await anyio.sleep(0.05)
+        await anyio.sleep(1)  # the hold is being taken
+        assert call_rows(self.engine, self.jti) == []
+
+    async def upstream(self) -> None:
+        """The upstream runs it."""
+        await self.running.wait()
+
+    async def capture(self) -> None:
+        """The upstream answered; its capture waits for the ledger."""
+        await self.running.wait()
+        self.lock.enter_context(ledger_locked(self.engine))
+        while "Long running operation completed" not in self.answered.read_text():
+            await anyio.sleep(0.1)
+        await anyio.sleep(1)  # the proxy is capturing
+        assert call_rows(self.engine, self.jti)[0]["status"] == "held"
+
+
+def handling_tasks(proxy: Proxy) -> list[asyncio.Task[Any]]:
+    """The tasks handling the proxy's paid calls, each noted as its call starts (the proxy's
+    own ``_call`` runs unchanged inside)."""
+    tasks: list[asyncio.Task[Any]] = []
+    call = proxy.billing._call
+
+    async def noting(ctx: Any, params: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        return await call(ctx, params)
+
+    proxy.billing._call = noting  # type: ignore[method-assign]
+    return tasks
 
 
 @asynccontextmanager
