@@ -482,7 +482,6 @@ def slow_priced(priced: Settings) -> Settings:
     return priced
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the ledger side is as above
 @pytest.mark.parametrize("era", ["2025-11-25", "2026-07-28"])
 @pytest.mark.parametrize("mode", MODES)
 def test_a_paid_call_the_agent_cancels_is_cancelled_at_an_http_upstream(
