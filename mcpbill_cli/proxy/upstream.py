@@ -11,9 +11,10 @@ agent's alone, and whatever the upstream asks or tells on a connection is for th
 (the next agent session is refused PROXY_SESSIONS_FULL until one ends), plus one shared link
 for requests that come without a session (the 2026-07-28 era), which does not count. Each link
 runs in its own task of :meth:`Upstream.run` (the SDK's client must be entered and left in the
-same task), reconnects, restarting a stdio child, whenever the child exits, a call reports the
-connection broken or the client itself fails, restores on the new connection what its agent set
-on the old one (:class:`Link`), and is closed (the child exits, the HTTP session is deleted) by
+same task), reconnects, restarting a stdio child, whenever the child exits, an HTTP upstream's
+standalone stream is lost (:class:`_Watching`), a call reports the connection broken or the
+client itself fails, restores on the new connection what its agent set on the old one
+(:class:`Link`), and is closed (the child exits, the HTTP session is deleted) by
 :meth:`Upstream.close` when its agent session ends. Handlers get the live client from
 :meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds.
 """
@@ -54,7 +55,8 @@ SESSIONS_RETRY_MS = 1000
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 # Restores on a new connection what its agent set on the one before (see Link).
 Replay = Callable[[Client], Awaitable[None]]
-# A new client; the connection calls its argument when it ends on its own (a stdio child exits).
+# A new client; the connection calls its argument when it ends on its own (a stdio child exits,
+# an HTTP upstream's standalone stream is lost).
 Connect = Callable[[Callable[[], None]], Client]
 _T = TypeVar("_T")
 
@@ -183,7 +185,7 @@ class Upstream:
         options: dict[str, Any] = {"cache": None, **client_options}
         if self.target.url is not None:
             url = self.target.url
-            return lambda ended: Client(_http(url), **options)
+            return lambda ended: Client(_http(url, ended), **options)
         parameters = StdioServerParameters(command=self.target.command[0],
                                            args=list(self.target.command[1:]),
                                            env=self.target.env)
@@ -207,10 +209,11 @@ async def resend(client: Client, requests: list[Any]) -> None:
 
 
 @asynccontextmanager
-async def _http(url: str) -> AsyncIterator[tuple[Any, Any]]:
+async def _http(url: str, ended: Callable[[], None]) -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's streamable HTTP transport, on an HTTP client of its own that notes an unknown
-    session in the answer to a request (the SDK's client keeps the status to itself)."""
-    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT,
+    session in the answer to a request (the SDK's client keeps the status to itself) and calls
+    ``ended`` when the upstream's standalone stream is lost (:class:`_Watching`)."""
+    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_Watching(ended),
                                   event_hooks={"response": [_noticing_lost_sessions]}) as http:
         async with streamable_http_client(url, http_client=http) as streams:
             yield streams
@@ -250,6 +253,70 @@ def _names_session(body: bytes) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     return isinstance(message, str) and "session" in message.lower()
+
+
+class _Watching(httpx2.AsyncBaseTransport):
+    """One HTTP connection's transport, watching its standalone stream: the GET on which the
+    upstream sends what answers no request (list changes, resource updates, its log, its own
+    requests). An agent that sends nothing hears from the upstream on it alone, and a call that
+    finds the session gone (:meth:`Link.call`) never comes. So once that stream was open, it
+    breaking (the upstream went away), or its reopening failing or being refused (404, or 400:
+    the upstream restarted and lost the session) calls ``ended``: the link reconnects at once
+    and its agent's subscriptions are set again. The SDK's own reopening of a stream that ended
+    cleanly is left to it, and so is an upstream that offers no standalone stream (405)."""
+
+    def __init__(self, ended: Callable[[], None]) -> None:
+        self._transport = httpx2.AsyncHTTPTransport()
+        self._ended = ended
+        self._opened = False
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        if not _standalone(request):
+            return await self._transport.handle_async_request(request)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except httpx2.TransportError:
+            self._lost()
+            raise
+        if response.is_success:
+            self._opened = True
+            response.stream = _Breaking(response.stream, self._ended)
+        elif response.status_code in (400, 404):
+            self._lost()
+        return response
+
+    def _lost(self) -> None:
+        if self._opened:  # a stream never opened is not lost: no reconnecting in a loop
+            self._ended()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
+class _Breaking(httpx2.AsyncByteStream):
+    """A response body that calls ``broke`` when reading it fails (not when it ends cleanly)."""
+
+    def __init__(self, stream: Any, broke: Callable[[], None]) -> None:
+        self._stream = stream
+        self._broke = broke
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except httpx2.TransportError:
+            self._broke()
+            raise
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _standalone(request: httpx2.Request) -> bool:
+    """Whether ``request`` opens the standalone stream of a session: a GET on it that resumes no
+    request's stream (those are sent on behalf of a request, see :data:`_SENDING`)."""
+    return (request.method == "GET" and MCP_SESSION_ID in request.headers
+            and _SENDING.get() is None)
 
 
 @asynccontextmanager
@@ -394,9 +461,10 @@ class Link:
 
     def _ended(self, broken: anyio.Event) -> None:
         """The connection ``broken`` stands for ended on its own: reconnect now, so that the
-        next call waits for the new connection instead of failing on this one."""
+        next call waits for the new connection instead of failing on this one, and what the
+        upstream tells its agent comes on the new one."""
         if broken is self._broken and not broken.is_set():
-            log.warning("upstream %s exited; restarting it", self.target.describe())
+            log.warning("upstream %s went away; reconnecting", self.target.describe())
             self._drop()
             broken.set()
 

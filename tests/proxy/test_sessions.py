@@ -385,3 +385,53 @@ def test_a_reconnected_http_upstream_gets_back_the_agents_subscriptions_and_log_
     assert after and all(log.level in NOTICE_AND_UP for log in after)
     assert not any(other in str(log.data) for log in asked.logs)
     assert token_view(engine, token).spent == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # nothing is billed
+@pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed")
+def test_an_idle_agent_hears_from_a_restarted_http_upstream_with_its_subscriptions_back(
+        priced: Settings, verifier: Verifier) -> None:
+    """The agent sends nothing while the upstream restarts: the proxy reconnects when the
+    upstream's standalone stream breaks, and the new upstream session asks the agent for its
+    roots (as a new session does, 350 ms in) and logs that it got them, on that agent's
+    standalone stream; its subscription is back without any request of the agent's."""
+    asked = Asked()
+    port = free_port()
+    servers = [start_everything_http(port)]
+    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
+                        connect_timeout=30)
+    try:
+        with serve(build_app(Proxy(verifier, upstream))) as url:
+
+            async def go() -> tuple[str, int]:
+                async with asked_agent(url, asked) as client:
+                    uri = str((await client.list_resources()).resources[0].uri)
+                    await client.subscribe_resource(uri)
+                    with anyio.fail_after(30):
+                        while roots_logged(asked) < 1:
+                            await anyio.sleep(0.05)
+                    servers[0].kill()  # the agent is idle from here on
+                    servers[0].wait(10)
+                    servers.append(start_everything_http(port))  # no session of ours in it
+                    with anyio.fail_after(30):
+                        while asked.roots_asked < 2 or roots_logged(asked) < 2:
+                            await anyio.sleep(0.05)
+                    connects = upstream.connects
+                    assert not (await client.call_tool("toggle-subscriber-updates", {})).is_error
+                    with anyio.fail_after(30):
+                        await asked.update.wait()
+                    await client.call_tool("toggle-subscriber-updates", {})
+                    return uri, connects
+
+            uri, connects = anyio.run(go)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(10)
+    assert connects == 2 and upstream.connects == 2  # reconnected before the agent's next call
+    assert asked.updated and set(asked.updated) == {uri}  # subscribed again by the proxy
+
+
+def roots_logged(asked: Asked) -> int:
+    """How many times the upstream logged that it got the agent's roots (once per session)."""
+    return sum("Roots updated" in str(log.data) for log in asked.logs)
