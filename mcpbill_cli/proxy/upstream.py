@@ -223,15 +223,17 @@ async def _noticing_lost_sessions(response: httpx2.Response) -> None:
     """Note on the request being sent (:data:`_SENDING`) that the upstream does not know the
     session it was posted on: 404 (the spec's answer), or 400 whose
     JSON-RPC error names the session (the reference server's: "Bad Request: No valid session ID
-    provided"). Any other answer is left to the SDK."""
+    provided"). Any other answer is left to the SDK. The status is looked at first: the request's
+    JSON is parsed only for an answer that settles something."""
     sending = _SENDING.get()
-    if sending is None or sending.accepted or not _posts_request(response.request):
+    if sending is None or sending.accepted:
         return
-    if response.status_code == 404 or (response.status_code == 400
-                                        and _names_session(await response.aread())):
+    status = response.status_code
+    if response.is_success:
+        sending.accepted = _posts_request(response.request)
+    elif status in (400, 404) and _posts_request(response.request) and (
+            status == 404 or _names_session(await response.aread())):
         sending.session_unknown = True
-    elif response.is_success:
-        sending.accepted = True
 
 
 def _posts_request(request: httpx2.Request) -> bool:
