@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import anyio
@@ -16,6 +17,10 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp import TOKEN_META
@@ -202,18 +207,40 @@ def start_everything_http(port: int) -> subprocess.Popen[bytes]:
 
 
 
+@pytest.mark.parametrize("standalone", [True, False], ids=["standalone", "no-standalone"])
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 def test_an_http_upstream_restarted_between_calls_is_reconnected_and_each_call_billed_once(
-        priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str) -> None:
-    """The restarted upstream answers the old session's requests 400 (it does not know the
-    session): the proxy opens a new one and sends them again, the paid call under its hold."""
+        priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str,
+        standalone: bool) -> None:
+    """The upstream's standalone stream breaks as it dies: the proxy reconnects at once. Behind a
+    front that offers no standalone stream, the proxy hears of the restart only from the
+    restarted upstream's 400 to the old session's next request (it does not know the session):
+    it opens a new session and sends that request again, the paid call under its hold."""
     token = mint()
     port = free_port()
     servers = [start_everything_http(port)]
-    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
-                        connect_timeout=30)
-    proxy = Proxy(verifier, upstream, Limits(call_timeout=30))
+    target = f"http://127.0.0.1:{port}/mcp"
     meta = {TOKEN_META: token.token}
+    with ExitStack() as fronted:
+        if not standalone:
+            target = fronted.enter_context(serve(without_standalone_stream(target)))
+        upstream = Upstream(UpstreamTarget.parse(command=None, url=target), connect_timeout=30)
+        paid, free, listed = restarted_between_calls(
+            Proxy(verifier, upstream, Limits(call_timeout=30)), servers, port, mode, meta)
+    assert receipt_of(paid)["amountUsd"] == "0.002"
+    assert not free.is_error and "5" in str(free.content[0])
+    assert "echo" in listed
+    assert upstream.connects == 2  # one new session; every call after the restart used it
+    assert [row["status"] for row in call_rows(engine, token.claims.jti)] == ["captured"] * 2
+    assert token_view(engine, token).spent == usd("0.004")  # each echo once
+    assert token_view(engine, token).held == 0
+
+
+def restarted_between_calls(proxy: Proxy, servers: list[subprocess.Popen[bytes]], port: int,
+                            mode: str, meta: dict[str, str]
+                            ) -> tuple[CallToolResult, CallToolResult, list[str]]:
+    """A paid echo, the upstream restarted on ``port``, then a paid echo, a free get-sum and
+    tools/list through ``proxy``: their answers."""
     try:
         with serve(build_app(proxy)) as url:
 
@@ -230,15 +257,27 @@ def test_an_http_upstream_restarted_between_calls_is_reconnected_and_each_call_b
                     listed = await client.list_tools()
                 return paid, free, [tool.name for tool in listed.tools]
 
-            paid, free, listed = anyio.run(go)
+            return anyio.run(go)
     finally:
         for server in servers:
             server.kill()
             server.wait(10)
-    assert receipt_of(paid)["amountUsd"] == "0.002"
-    assert not free.is_error and "5" in str(free.content[0])
-    assert "echo" in listed
-    assert upstream.connects == 2  # one new session, for the refused call; the rest used it
-    assert [row["status"] for row in call_rows(engine, token.claims.jti)] == ["captured"] * 2
-    assert token_view(engine, token).spent == usd("0.004")  # each echo once
-    assert token_view(engine, token).held == 0
+
+
+def without_standalone_stream(url: str) -> Starlette:
+    """The MCP endpoint at ``url`` behind a front that offers no standalone stream (a GET is
+    answered 405, as the spec allows) and passes every other request on as it is."""
+
+    async def forward(request: Request) -> Response:
+        if request.method == "GET":
+            return Response(status_code=405)
+        headers = {name: value for name, value in request.headers.items()
+                   if name not in ("host", "content-length")}
+        async with httpx2.AsyncClient(timeout=60) as web:
+            answer = await web.request(request.method, url, headers=headers,
+                                       content=await request.body())
+        kept = {name: value for name, value in answer.headers.items()
+                if name not in ("content-length", "transfer-encoding", "content-encoding")}
+        return Response(answer.content, status_code=answer.status_code, headers=kept)
+
+    return Starlette(routes=[Route("/mcp", forward, methods=["GET", "POST", "DELETE"])])
