@@ -265,7 +265,9 @@ class _Watching(httpx2.AsyncBaseTransport):
     breaking (the upstream went away), or its reopening failing or being refused (404, or 400:
     the upstream restarted and lost the session) calls ``ended``: the link reconnects at once
     and its agent's subscriptions are set again. The SDK's own reopening of a stream that ended
-    cleanly is left to it, and so is an upstream that offers no standalone stream (405)."""
+    cleanly is left to it, and so is an upstream that offers no standalone stream (405). The
+    stream has no read timeout: an upstream with nothing to tell is not gone (and the SDK's
+    client gives the stream up after two failures)."""
 
     def __init__(self, ended: Callable[[], None]) -> None:
         self._transport = httpx2.AsyncHTTPTransport()
@@ -275,6 +277,7 @@ class _Watching(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if not _standalone(request):
             return await self._transport.handle_async_request(request)
+        request.extensions["timeout"] = {**request.extensions.get("timeout", {}), "read": None}
         try:
             response = await self._transport.handle_async_request(request)
         except httpx2.TransportError:

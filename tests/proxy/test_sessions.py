@@ -27,6 +27,7 @@ from sqlalchemy import Engine
 from mcpbill_cli.config import Settings
 from mcpbill_cli.mcp import TOKEN_META
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
+from mcpbill_cli.proxy import upstream as upstream_module
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import (
     Mint,
@@ -435,3 +436,31 @@ def test_an_idle_agent_hears_from_a_restarted_http_upstream_with_its_subscriptio
 def roots_logged(asked: Asked) -> int:
     """How many times the upstream logged that it got the agent's roots (once per session)."""
     return sum("Roots updated" in str(log.data) for log in asked.logs)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # nothing is billed
+def test_a_silent_http_upstream_keeps_its_session(
+        priced: Settings, verifier: Verifier, everything_http: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream that sends nothing on its standalone stream for longer than the HTTP read
+    timeout has not gone away: the stream stays open on the same upstream session, and what the
+    upstream sends on it later still reaches the agent."""
+    monkeypatch.setattr(upstream_module, "HTTP_TIMEOUT", httpx2.Timeout(30.0, read=0.5))
+    upstream = Upstream(UpstreamTarget.parse(command=None, url=everything_http),
+                        connect_timeout=30)
+    asked = Asked()
+
+    async def go() -> None:
+        async with asked_agent(url, asked) as client:
+            await client.list_resources()
+            await anyio.sleep(3)  # silence: six read timeouts' worth
+            told = len(asked.logs)
+            assert not (await client.call_tool("toggle-simulated-logging", {})).is_error
+            with anyio.fail_after(15):  # a log at once on the standalone stream, then every 5 s
+                while len(asked.logs) == told:
+                    await anyio.sleep(0.05)
+            await client.call_tool("toggle-simulated-logging", {})
+
+    with serve(build_app(Proxy(verifier, upstream))) as url:
+        anyio.run(go)
+    assert upstream.connects == 1
