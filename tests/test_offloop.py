@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
-import sys
 import threading
 import time
 from contextvars import ContextVar
+from typing import Any
 
 import pytest
 
@@ -70,7 +70,6 @@ def test_a_cancelled_caller_stops_waiting_and_the_job_still_runs_to_its_end() ->
     assert asyncio.run(offloop.run(lambda: "next")) == "next"  # the thread took the next job
 
 
-
 def test_what_a_job_made_for_a_cancelled_caller_goes_to_abandoned() -> None:
     """A caller cancelled while its job runs (a plain task.cancel()) never gets the result:
     ``abandoned`` does, once; a caller that waited gets it itself and ``abandoned`` nothing."""
@@ -100,22 +99,36 @@ def test_what_a_job_made_for_a_cancelled_caller_goes_to_abandoned() -> None:
     assert taken.empty()
 
 
-def test_sequential_jobs_start_no_thread_beyond_the_first() -> None:
+def test_sequential_jobs_start_no_thread_beyond_the_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A thread is counted idle before its caller hears back: the caller's next job finds it
-    (else every job could start a thread, up to MAX_THREADS)."""
-    async def scenario() -> None:
-        for _ in range(1000):
-            await offloop.run(lambda: None)
+    (else every job could start a thread, up to MAX_THREADS). The thread is held just after
+    it answers until the caller has handed over its next job, so the race is always lost by
+    a thread counted idle too late."""
+    workers = offloop._Workers()  # no idle threads left by other tests
+    monkeypatch.setattr(offloop, "_workers", workers)
+    next_job_in = threading.Event()
+    answer = offloop._answer
 
-    asyncio.run(offloop.run(lambda: None))
-    started = len(offloop._workers.threads)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # threads take turns often: the caller could overtake the thread
+    def answer_then_wait(*args: Any) -> None:
+        answer(*args)
+        next_job_in.wait(10)
+
+    monkeypatch.setattr(offloop, "_answer", answer_then_wait)
+
+    async def scenario() -> int:
+        await offloop.run(lambda: None)
+        following = asyncio.ensure_future(offloop.run(lambda: None))
+        await asyncio.sleep(0)  # the next job is submitted
+        next_job_in.set()
+        await following
+        return len(workers.threads)
+
     try:
-        asyncio.run(scenario())
+        started = asyncio.run(scenario())
     finally:
-        sys.setswitchinterval(interval)
-    assert len(offloop._workers.threads) == started
+        workers.stop()
+    assert started == 1
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
