@@ -22,6 +22,11 @@ of its own (several verifiers in one process never share counters):
   may be from the database server's (NaN before its first reading); see
   :class:`~mcpbill_cli.ledger.clock.DatabaseClock`.
 
+Verifiers given one :class:`PrometheusMetrics` count into the same series; the last two gauges
+stay one series each (Prometheus refuses a whole scrape that has a series twice): the oldest
+unsealed event of the ledgers they write to (each read once), and the largest error bound of
+their clocks.
+
 The ``tool`` label of a refused or free call is the caller's word, sent before any token is
 checked: it is kept only for the tools the pricing table names (and the tools a proxy's upstream
 lists), else it reads ``unknown``, so that a caller cannot grow the series without bound.
@@ -40,7 +45,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
+    from sqlalchemy import URL, Engine
 
 __all__ = ["LEDGER_ERRORS", "UNKNOWN_TOOL", "PrometheusMetrics", "serve", "stop"]
 
@@ -72,6 +77,10 @@ class PrometheusMetrics:
         self._ledger_errors = Counter("mcpbill_ledger_errors",
                                       "Calls refused because the ledger was unreachable or full.",
                                       registry=self.registry)
+        self._seal_lag = _SealLag()
+        self._clock_bound = _ClockErrorBound()
+        self.registry.register(self._seal_lag)
+        self.registry.register(self._clock_bound)
         self._held: dict[str, float] = {}  # hold id -> monotonic time of the hold
         self._lock = threading.Lock()
         self._named: Callable[[str], bool] | None = None  # None: every tool label is kept
@@ -150,13 +159,14 @@ class PrometheusMetrics:
     # --- the ledger's part ----------------------------------------------------------------------
 
     def watch_seal_lag(self, engine: Engine, clock: Callable[[], datetime]) -> None:
-        """Add ``mcpbill_seal_lag_seconds``, read from ``engine`` at each scrape."""
-        self.registry.register(_SealLag(engine, clock))
+        """Count ``engine``'s ledger in ``mcpbill_seal_lag_seconds``, read at each scrape
+        (a ledger watched already, by its URL, is read once)."""
+        self._seal_lag.watch(engine, clock)
 
     def watch_clock(self, error_bound: Callable[[], float | None]) -> None:
-        """Add ``mcpbill_clock_error_bound_seconds``, asked of ``error_bound`` at each
-        scrape (``None``: NaN)."""
-        self.registry.register(_ClockErrorBound(error_bound))
+        """Count the clock ``error_bound`` tells of in ``mcpbill_clock_error_bound_seconds``,
+        asked at each scrape (``None``: it has not read its server yet)."""
+        self._clock_bound.watch(error_bound)
 
     # --- serving --------------------------------------------------------------------------------
 
@@ -174,54 +184,71 @@ class PrometheusMetrics:
 
 
 class _SealLag:
-    """A collector: the age of the oldest unsealed audit event, computed when scraped."""
+    """A collector: the age of the oldest unsealed audit event of the ledgers watched,
+    computed when scraped (no series before one is watched)."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
-        self.engine = engine
-        self.clock = clock
+    def __init__(self) -> None:
+        self._ledgers: dict[URL, tuple[Engine, Callable[[], datetime]]] = {}
+
+    def watch(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+        if engine.url not in self._ledgers:  # a new dict: a scrape may be iterating this one
+            self._ledgers = {**self._ledgers, engine.url: (engine, clock)}
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
+        if not self._ledgers:
+            return
+        lags = [_lag(engine, clock) for engine, clock in self._ledgers.values()]
         yield GaugeMetricFamily("mcpbill_seal_lag_seconds",
                                 "Age of the oldest audit event not yet sealed (0: none).",
-                                value=self._lag())
+                                value=math.nan if any(map(math.isnan, lags)) else max(lags))
 
-    def _lag(self) -> float:
-        """NaN while the ledger cannot be read: the scrape still serves every other metric
-        (``mcpbill_ledger_errors_total`` above all)."""
-        from sqlalchemy import func, select
-        from sqlalchemy.exc import DBAPIError
 
-        from mcpbill_cli.clock import aware
-        from mcpbill_cli.errors import BillingError
-        from mcpbill_cli.ledger.engine import reading
-        from mcpbill_cli.ledger.models import events
+def _lag(engine: Engine, clock: Callable[[], datetime]) -> float:
+    """NaN while the ledger cannot be read: the scrape still serves every other metric
+    (``mcpbill_ledger_errors_total`` above all)."""
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import DBAPIError
 
-        try:
-            with reading(self.engine) as conn:
-                oldest = conn.execute(select(func.min(events.c.at))
-                                      .where(events.c.seal.is_(None))).scalar()
-        except (BillingError, DBAPIError):
-            return math.nan
-        if oldest is None:
-            return 0.0
-        return max((self.clock() - aware(oldest)).total_seconds(), 0.0)
+    from mcpbill_cli.clock import aware
+    from mcpbill_cli.errors import BillingError
+    from mcpbill_cli.ledger.engine import reading
+    from mcpbill_cli.ledger.models import events
+
+    try:
+        with reading(engine) as conn:
+            oldest = conn.execute(select(func.min(events.c.at))
+                                  .where(events.c.seal.is_(None))).scalar()
+    except (BillingError, DBAPIError):
+        return math.nan
+    if oldest is None:
+        return 0.0
+    return max((clock() - aware(oldest)).total_seconds(), 0.0)
 
 
 class _ClockErrorBound:
-    """A collector: how far the verifier's clock may be from its ledger's, when scraped."""
+    """A collector: how far the verifiers' clocks may be from their ledgers', when scraped
+    (the largest bound; NaN until a clock has read its server; no series before one is
+    watched)."""
 
-    def __init__(self, error_bound: Callable[[], float | None]) -> None:
-        self.error_bound = error_bound
+    def __init__(self) -> None:
+        self._bounds: tuple[Callable[[], float | None], ...] = ()
+
+    def watch(self, error_bound: Callable[[], float | None]) -> None:
+        if error_bound not in self._bounds:
+            self._bounds = (*self._bounds, error_bound)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        bound = self.error_bound()
+        if not self._bounds:
+            return
+        known = [bound for bound in (error_bound() for error_bound in self._bounds)
+                 if bound is not None]
         yield GaugeMetricFamily("mcpbill_clock_error_bound_seconds",
-                                "How far this verifier's time may be from the database's.",
-                                value=math.nan if bound is None else bound)
+                                "How far this process's time may be from the database's.",
+                                value=max(known, default=math.nan))
 
 
 def serve(metrics: PrometheusMetrics, host: str, port: int) -> Any:

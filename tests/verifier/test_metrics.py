@@ -28,6 +28,7 @@ from tests.mcp.conftest import serve
 from .billing_support import FakeClock
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+LEDGER_GAUGES = ("mcpbill_seal_lag_seconds", "mcpbill_clock_error_bound_seconds")
 
 
 @pytest.fixture
@@ -49,7 +50,10 @@ def scrape_url(metered: Verifier) -> Iterator[str]:
 
 
 def scrape(url: str) -> Samples:
-    text = httpx2.get(url, timeout=10).text
+    return parsed(httpx2.get(url, timeout=10).text)
+
+
+def parsed(text: str) -> Samples:
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
@@ -163,9 +167,36 @@ def test_an_unreadable_ledger_leaves_the_scrape_whole(tmp_path: Path) -> None:
     watched = metrics.PrometheusMetrics()
     watched.watch_seal_lag(gone, utcnow)
     watched.refused("search", "LEDGER_UNAVAILABLE")
-    got = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-           for family in text_string_to_metric_families(watched.text())
-           for sample in family.samples}
+    got = parsed(watched.text())
     assert math.isnan(got[("mcpbill_seal_lag_seconds", ())])
     assert got[("mcpbill_ledger_errors_total", ())] == 1
     gone.dispose()
+
+
+def test_verifiers_given_one_set_of_metrics_count_into_the_same_series(
+        funded: Engine, keys: KeySource, pricing: PricingTable,
+        new_token: Callable[..., IssuedToken]) -> None:
+    """The ledger's gauges stay one series each however many verifiers watch it (a series
+    twice makes Prometheus refuse the whole scrape); on PostgreSQL each verifier follows the
+    server's clock with a clock of its own, and the gauge gives the largest bound."""
+    shared = metrics.PrometheusMetrics()
+    first, second = (Verifier(keys=keys, pricing=pricing, engine=funded, metrics=shared)
+                     for _ in range(2))
+    try:
+        token = new_token().token
+        first.charge(token, "search", idempotency_key="first")
+        second.charge(token, "search", idempotency_key="second")
+        bounds = [first.clock_error_bound(), second.clock_error_bound()]
+        text = shared.text()
+    finally:
+        first.close()
+        second.close()
+    assert calls_of(parsed(text), "search", "captured") == 2
+    gauges = [(sample.name, sample.value) for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name in LEDGER_GAUGES]
+    if funded.dialect.name == "sqlite":  # the host's clock: no bound to tell
+        assert [name for name, _ in gauges] == ["mcpbill_seal_lag_seconds"]
+    else:
+        assert [name for name, _ in gauges] == list(LEDGER_GAUGES)
+        assert None not in bounds
+        assert gauges[1][1] >= max(b for b in bounds if b is not None)
