@@ -103,6 +103,20 @@ def refuse(verifier: Verifier, token: Any, n: int = 0) -> BillingError:
     return refused.value
 
 
+def refuse_across_a_minute(verifier: Verifier, clock: FakeClock, *, before: int,
+                           after: int) -> datetime:
+    """``before`` garbage tokens (``before-0``, ...) refused in the clock's minute, ``after``
+    (``after-0``, ...) in the next one, then sealed; returns the first minute."""
+    first = minute_of(clock())
+    for n in range(before):
+        refuse(verifier, f"before-{n}", n)
+    clock.advance(20)
+    for n in range(after):
+        refuse(verifier, f"after-{n}", n)
+    verifier.seal()
+    return first
+
+
 def event_count(engine: Engine) -> int:
     with reading(engine) as conn:
         return int(conn.execute(select(func.count()).select_from(events)).scalar_one())
@@ -232,18 +246,12 @@ def test_the_sample_of_each_minute_is_the_hash_of_its_first_refusal(
         verifier: Verifier, funded: Engine, clock: FakeClock) -> None:
     """Only a key's first refusal in its minute is hashed (the rest of a flood is not): that
     one's hash is the sample, however many refusals follow."""
-    first = minute_of(clock())
-    for n in range(5):
-        refuse(verifier, f"first-minute-{n}", n)
-    clock.advance(20)
-    for n in range(5):
-        refuse(verifier, f"second-minute-{n}", n)
-    verifier.seal()
+    first = refuse_across_a_minute(verifier, clock, before=5, after=5)
     with reading(funded) as conn:
         samples = {_aware(minute): sample
                    for minute, sample in conn.execute(select(rc.minute, rc.sample))}
-    assert samples == {first: token_fingerprint("first-minute-0"),
-                       first + timedelta(minutes=1): token_fingerprint("second-minute-0")}
+    assert samples == {first: token_fingerprint("before-0"),
+                       first + timedelta(minutes=1): token_fingerprint("after-0")}
 
 
 def test_a_remembered_refusal_answers_for_its_own_token_text_only(
@@ -364,13 +372,7 @@ def test_a_refusal_of_a_verified_token_is_still_one_event(
 
 def test_counts_that_span_a_minute_boundary_land_in_two_rows(
         verifier: Verifier, funded: Engine, clock: FakeClock) -> None:
-    first = minute_of(clock())
-    for n in range(3):
-        refuse(verifier, f"before-{n}", n)
-    clock.advance(20)
-    for n in range(2):
-        refuse(verifier, f"after-{n}", n)
-    verifier.seal()
+    first = refuse_across_a_minute(verifier, clock, before=3, after=2)
     assert counts(funded) == {(first, CODE, "malformed", ""): 3,
                               (first + timedelta(minutes=1), CODE, "malformed", ""): 2}
 
