@@ -214,6 +214,8 @@ class Verifier:
         tracing: Tracing | bool | None = None,
     ) -> None:
         self._checkpointer: WalCheckpointer | None = None
+        self._stopping: list[Callable[[], None]] = []  # see stop_on_close
+        self._closed = False
         owned = engine is None and db_url is not None
         if engine is None and db_url is not None:
             engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES, durable=not demo,
@@ -334,7 +336,20 @@ class Verifier:
         if self._sealer is not None:
             self._sealer.start()
 
+    def stop_on_close(self, stop: Callable[[], None]) -> None:
+        """Have :meth:`close` call ``stop`` first: for a thread another part runs on this
+        verifier (an x402 acceptor's recovery), which must end before the ledger is let go,
+        and which a server that closes only its verifier would otherwise leave running."""
+        self._stopping.append(stop)
+
     def close(self) -> None:
+        """Stop every thread this verifier runs or :meth:`stop_on_close` was given, seal and
+        write the last counts, and let the ledger go; once (a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        for stop in self._stopping:
+            stop()
         if self._deliverer is not None:
             self._deliverer.stop()
         if self._sealer is not None:

@@ -398,9 +398,11 @@ class Acceptor:
     def start_recovery(self, *, older_than: int = RECOVER_AFTER,
                        interval: float = RECOVER_INTERVAL) -> Recovery:
         """Run :meth:`recover` now and every ``interval`` seconds from a daemon thread (see
-        :mod:`mcpbill_cli.x402.recovery`); once per acceptor."""
+        :mod:`mcpbill_cli.x402.recovery`), until :meth:`close` or the verifier's close; once
+        per acceptor."""
         if self.recovery is None:
             self.recovery = Recovery(self, older_than=older_than, interval=interval)
+            self.verifier.stop_on_close(self.recovery.close)
             self.recovery.start()
         return self.recovery
 

@@ -15,9 +15,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ from mcpbill_cli.ledger import invariants
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import calls, deposits, x402_payments
 from mcpbill_cli.mcp import Billing
+from mcpbill_cli.pricing import Price
+from mcpbill_cli.verifier import Hold
 from mcpbill_cli.wallet.keystore import ENV_KEYSTORE_PASSWORD, create_keystore, keystore_path
 from mcpbill_cli.x402.offers import Terms
 from mcpbill_cli.x402.recovery import recovery_times
@@ -163,6 +167,27 @@ def test_a_server_killed_before_settling_is_released_once_it_can_no_longer_settl
     assert balance(peer.devnet, payer.address) == 1_000_000
     with reading(engine) as conn:
         assert invariants.check(conn) == []
+
+
+def test_closing_the_verifier_stops_every_thread_it_and_its_acceptor_started(
+        home: Settings) -> None:
+    """A server that closes only its verifier (as ``mcpbill proxy`` does) leaves no thread
+    of billing's running: the acceptor's recovery stops with the sealer, the hold keeper and
+    the webhook deliverer; a second close does nothing."""
+    config = tomllib.loads(home.config_path.read_text())
+    home.config_path.write_text(tomli_w.dumps({**config, "webhooks": {"deliver": True}}))
+    before = set(threading.enumerate())
+    billing = Billing.from_settings(load_settings(home=home.home, db_url=home.db_url))
+    assert billing.acceptor is not None and billing.acceptor.recovery is not None
+    billing.verifier.keep_alive(Hold(  # its keeper's thread starts with the first hold kept
+        "kept-by-this-test", "jti", "acme", "agent", "search", SEARCH_PRICE, "key",
+        datetime.now(UTC) + timedelta(minutes=5), Price(SEARCH_PRICE, "search", 1)))
+    started = {thread.name for thread in set(threading.enumerate()) - before}
+    assert {"mcpbill-x402-recovery", "mcpbill-sealer", "mcpbill-hold-keeper",
+            "mcpbill-webhooks"} <= started
+    billing.verifier.close()
+    billing.verifier.close()
+    assert [thread.name for thread in set(threading.enumerate()) - before] == []
 
 
 def test_recovery_times_come_from_config_and_refuse_words() -> None:
