@@ -55,10 +55,16 @@ class HoldKeeper:
             self._thread.join(timeout=10)
 
     def extend_due(self) -> int:
-        """Extend every kept hold past half its time; returns how many were extended."""
-        now = self._clock()
+        """Extend every kept hold past half its time; returns how many were extended.
+
+        With no hold kept it does not read the clock: the thread of a verifier left open
+        (never closed, its ledger gone with its process) asks the ledger nothing."""
         with self._lock:
-            due = [i for i, timeout in self._kept.items() if timeout - now < self._timeout / 2]
+            kept = list(self._kept.items())
+        if not kept:
+            return 0
+        now = self._clock()
+        due = [i for i, timeout in kept if timeout - now < self._timeout / 2]
         if not due:
             return 0
         until = now + self._timeout

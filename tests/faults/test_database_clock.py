@@ -239,6 +239,29 @@ def test_an_unreachable_database_keeps_the_last_reading_and_calls_refuse(
     engine.dispose()
 
 
+def test_a_verifier_left_open_reads_no_clock_once_its_calls_are_done(
+        cluster: ScratchPostgres, keys_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A verifier never closed outlives its database (a process exiting after it): its hold
+    keeper, with no call left to keep, does not read the clock at its wakes, so nothing is
+    logged. (It read it at every wake, and logged "could not read the ledger's clock".)"""
+    engine = make_engine(cluster.url)
+    upgrade(engine)
+    host = Host(0, boot=0)
+    clock = DatabaseClock(engine, monotonic=host.monotonic)
+    fund(engine, "acme", 10 * USDC, now=clock() - timedelta(hours=1))
+    credit = token(engine, keys_dir, issued=clock() - timedelta(seconds=10), ttl=3600)
+    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine, clock=clock,
+                        pricing=PricingTable.from_document(PRICING_DOC))
+    with verifier.call(credit, "search"):  # kept while it runs: the keeper's thread starts
+        pass
+    host.advance(600)  # past the next reading's time
+    cluster.kill()
+    assert verifier._keeper.extend_due() == 0  # what its thread does at each wake
+    assert caplog.records == []
+    verifier.close()
+    engine.dispose()
+
+
 def test_a_failover_to_a_primary_whose_clock_is_ahead_decides_from_the_next_call(
         cluster: ScratchPostgres, keys_dir: Path) -> None:
     """The primary is replaced by one with the same data at the same address whose clock is an
