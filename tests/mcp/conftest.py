@@ -159,7 +159,9 @@ def revoke(engine: Engine, token: IssuedToken) -> None:
 
 @pytest.fixture
 def verifier(home: Settings, engine: Engine) -> Iterator[Verifier]:
-    yield Verifier.from_settings(home, engine=engine)
+    verifier = Verifier.from_settings(home, engine=engine)
+    yield verifier
+    verifier.close()
 
 
 @pytest.fixture

@@ -29,7 +29,9 @@ def clock() -> FakeClock:
 @pytest.fixture
 def verifier(home: Settings, engine: Engine, clock: FakeClock) -> Iterator[Verifier]:
     """The example server's verifier, on a clock the test moves."""
-    yield Verifier.from_settings(home, engine=engine, clock=clock)
+    verifier = Verifier.from_settings(home, engine=engine, clock=clock)
+    yield verifier
+    verifier.close()
 
 
 def rated_token(home: Settings, engine: Engine, clock: FakeClock, *rates: str) -> IssuedToken:

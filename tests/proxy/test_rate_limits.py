@@ -27,7 +27,9 @@ def clock() -> FakeClock:
 @pytest.fixture
 def verifier(home: Settings, engine: Engine, clock: FakeClock) -> Iterator[Verifier]:
     """The proxy's verifier, on a clock the test moves."""
-    yield Verifier.from_settings(home, engine=engine, clock=clock)
+    verifier = Verifier.from_settings(home, engine=engine, clock=clock)
+    yield verifier
+    verifier.close()
 
 
 @pytest.mark.parametrize("upstream_kind", ["http"])

@@ -68,7 +68,9 @@ def new_token(funded: Engine, ring: KeyRing, clock: FakeClock) -> Callable[..., 
 @pytest.fixture
 def verifier(funded: Engine, keys: KeySource, pricing: PricingTable,
              clock: FakeClock) -> Iterator[Verifier]:
-    yield Verifier(keys=keys, pricing=pricing, engine=funded, hold_timeout=300, clock=clock)
+    verifier = Verifier(keys=keys, pricing=pricing, engine=funded, hold_timeout=300, clock=clock)
+    yield verifier
+    verifier.close()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,9 +39,11 @@ def pricing_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def live_verifier(funded: Engine, keys: KeySource, pricing_file: Path,
-                  clock: FakeClock) -> Verifier:
+                  clock: FakeClock) -> Iterator[Verifier]:
     source = PricingSource(pricing_file, check_interval=0)
-    return Verifier(keys=keys, pricing=source, engine=funded, clock=clock)
+    verifier = Verifier(keys=keys, pricing=source, engine=funded, clock=clock)
+    yield verifier
+    verifier.close()
 
 
 def test_an_edit_is_charged_at_once_and_the_receipt_names_the_new_version(

@@ -151,9 +151,11 @@ def new_token(funded: Engine, keys_dir: Path, clock: FakeClock) -> Callable[...,
 
 
 @pytest.fixture
-def verifier(funded: Engine, keys_dir: Path, clock: FakeClock) -> Verifier:
-    return Verifier(keys=KeySource(directory=keys_dir), engine=funded, clock=clock,
-                    pricing=PricingTable.from_document(PRICING))
+def verifier(funded: Engine, keys_dir: Path, clock: FakeClock) -> Iterator[Verifier]:
+    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=funded, clock=clock,
+                        pricing=PricingTable.from_document(PRICING))
+    yield verifier
+    verifier.close()
 
 
 def add_endpoint(engine: Engine, url: str, types: list[str] | None = None) -> tuple[str, str]:

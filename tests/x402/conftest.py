@@ -119,8 +119,10 @@ def verifier(engine: Engine, keys_dir: Path) -> Iterator[Verifier]:
     from mcpbill_cli.clock import utcnow
 
     fund(engine, "acme", 100 * USDC, now=utcnow())
-    yield Verifier(keys=KeySource(directory=keys_dir),
-                   pricing=PricingTable.from_document(PRICING_DOC), engine=engine)
+    verifier = Verifier(keys=KeySource(directory=keys_dir),
+                        pricing=PricingTable.from_document(PRICING_DOC), engine=engine)
+    yield verifier
+    verifier.close()
 
 
 @pytest.fixture
