@@ -209,20 +209,28 @@ def test_the_clock_never_goes_backwards_when_a_new_reading_is_behind(
     assert clock() > held[2]
 
 
+def on_the_database_clock(cluster: ScratchPostgres, keys_dir: Path, host: Host
+                          ) -> tuple[Engine, DatabaseClock, Verifier, str]:
+    """A funded ledger on ``cluster``, a verifier on its clock read from ``host``, and a
+    credit token issued by that clock."""
+    engine = make_engine(cluster.url)
+    upgrade(engine)
+    clock = DatabaseClock(engine, monotonic=host.monotonic)
+    fund(engine, "acme", 10 * USDC, now=clock() - timedelta(hours=1))
+    credit = token(engine, keys_dir, issued=clock() - timedelta(seconds=10), ttl=3600)
+    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine, clock=clock,
+                        pricing=PricingTable.from_document(PRICING_DOC))
+    return engine, clock, verifier, credit
+
+
 def test_an_unreachable_database_keeps_the_last_reading_and_calls_refuse(
         cluster: ScratchPostgres, keys_dir: Path) -> None:
     """The server is down when the clock reads it again: the clock answers from its last
     reading, the call is refused LEDGER_UNAVAILABLE as without it, and once the server is
     back the next call reads it afresh and is charged. A clock that never reached its server
     refuses the call the same way."""
-    engine = make_engine(cluster.url)
-    upgrade(engine)
     host = Host(0, boot=0)
-    clock = DatabaseClock(engine, monotonic=host.monotonic)
-    fund(engine, "acme", 10 * USDC, now=clock() - timedelta(hours=1))
-    credit = token(engine, keys_dir, issued=clock() - timedelta(seconds=10), ttl=3600)
-    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine, clock=clock,
-                        pricing=PricingTable.from_document(PRICING_DOC))
+    engine, clock, verifier, credit = on_the_database_clock(cluster, keys_dir, host)
     assert verifier.charge(credit, "search", args={"n": 1}).amount == PRICE
     before = clock()
     host.advance(600)  # past the next reading's time
@@ -244,14 +252,8 @@ def test_a_verifier_left_open_reads_no_clock_once_its_calls_are_done(
     """A verifier never closed outlives its database (a process exiting after it): its hold
     keeper, with no call left to keep, does not read the clock at its wakes, so nothing is
     logged. (It read it at every wake, and logged "could not read the ledger's clock".)"""
-    engine = make_engine(cluster.url)
-    upgrade(engine)
     host = Host(0, boot=0)
-    clock = DatabaseClock(engine, monotonic=host.monotonic)
-    fund(engine, "acme", 10 * USDC, now=clock() - timedelta(hours=1))
-    credit = token(engine, keys_dir, issued=clock() - timedelta(seconds=10), ttl=3600)
-    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine, clock=clock,
-                        pricing=PricingTable.from_document(PRICING_DOC))
+    engine, clock, verifier, credit = on_the_database_clock(cluster, keys_dir, host)
     with verifier.call(credit, "search"):  # kept while it runs: the keeper's thread starts
         pass
     host.advance(600)  # past the next reading's time
