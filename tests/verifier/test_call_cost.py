@@ -44,6 +44,7 @@ class StatementLog:
     as the database driver reports them."""
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self.sql: list[str] = []
         self.traced: list[tuple[Any, IO[bytes]]] = []  # PostgreSQL: (driver connection, file)
@@ -78,6 +79,12 @@ class StatementLog:
         self.traced.clear()
         return verbs
 
+    def close(self) -> None:
+        """Stop watching (the verifier's close writes its last counts on new connections)
+        and close the traces."""
+        event.remove(self.engine, "checkout", self._watch)
+        self.take()
+
 
 @pytest.fixture
 def statements(verifier: Verifier) -> Iterator[StatementLog]:
@@ -85,7 +92,7 @@ def statements(verifier: Verifier) -> Iterator[StatementLog]:
     verifier.engine.dispose()  # every connection from here on is watched
     log = StatementLog(verifier.engine)
     yield log
-    log.take()
+    log.close()
 
 
 def paid_call(verifier: Verifier, token: str) -> None:
