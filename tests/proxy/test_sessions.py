@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -331,55 +333,83 @@ def alive(pid: int) -> bool:
     return True
 
 
+class RestartableEverything:
+    """The reference server over streamable HTTP on a port of its own, restarted in place by
+    :meth:`restart` (killed, and a new one on the same port that knows no session of ours)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.servers = [start_everything_http(self.port)]
+
+    @property
+    def restarts(self) -> int:
+        return len(self.servers) - 1
+
+    def restart(self) -> None:
+        self.servers[-1].kill()
+        self.servers[-1].wait(10)
+        self.servers.append(start_everything_http(self.port))
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill()
+            server.wait(10)
+
+
+@contextmanager
+def proxied_http_upstream(verifier: Verifier
+                          ) -> Iterator[tuple[str, Upstream, RestartableEverything]]:
+    """A proxy in front of a restartable reference server: the proxy's URL, its upstream and
+    the server."""
+    everything = RestartableEverything()
+    upstream = Upstream(UpstreamTarget.parse(command=None, url=everything.url),
+                        connect_timeout=30)
+    try:
+        with serve(build_app(Proxy(verifier, upstream))) as url:
+            yield url, upstream, everything
+    finally:
+        everything.close()
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # as in test_failures
 @pytest.mark.filterwarnings("ignore:resources/(un)?subscribe is removed",
                             "ignore:The logging capability is deprecated")
 def test_a_reconnected_http_upstream_gets_back_the_agents_subscriptions_and_log_level(
         priced: Settings, verifier: Verifier, mint: Mint, engine: Engine) -> None:
     token, asked = mint(), Asked()
-    port = free_port()
-    servers = [start_everything_http(port)]
-    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
-                        connect_timeout=30)
-    try:
-        with serve(build_app(Proxy(verifier, upstream))) as url:
+    with proxied_http_upstream(verifier) as (url, upstream, everything):
 
-            async def go() -> tuple[list[str], types.CallToolResult, int]:
-                async def progress(done: float, total: float | None,
-                                   message: str | None) -> None:
-                    if len(servers) == 1:  # the call is at the upstream: it dies, another
-                        servers[0].kill()  # one takes its port, knowing no session of ours
-                        servers[0].wait(10)
-                        servers.append(start_everything_http(port))
+        async def go() -> tuple[list[str], types.CallToolResult, int]:
+            async def progress(done: float, total: float | None,
+                               message: str | None) -> None:
+                if not everything.restarts:  # the call is at the upstream: it dies,
+                    everything.restart()  # another takes its port, knowing no session of ours
 
-                async with asked_agent(url, asked) as client:
-                    kept, other = [str(resource.uri) for resource
-                                   in (await client.list_resources()).resources[:2]]
-                    await client.set_logging_level("notice")
-                    await client.subscribe_resource(kept)
-                    cut = await client.call_tool(
-                        "trigger-long-running-operation", {"duration": 10, "steps": 20},
-                        progress_callback=progress,
-                        meta={TOKEN_META: token.token})  # type: ignore[arg-type]
-                    told = len(asked.logs)
-                    await client.list_resources()  # the agent's next request: reconnected
-                    await client.subscribe_resource(other)  # logged at info: below the level
-                    await client.unsubscribe_resource(other)
-                    for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
-                        assert not (await client.call_tool(tool, {})).is_error
-                    with anyio.fail_after(30):
-                        await asked.update.wait()
-                        while len(asked.logs) == told:
-                            await anyio.sleep(0.05)
-                    for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
-                        await client.call_tool(tool, {})
-                    return [kept, other], cut, told
+            async with asked_agent(url, asked) as client:
+                kept, other = [str(resource.uri) for resource
+                               in (await client.list_resources()).resources[:2]]
+                await client.set_logging_level("notice")
+                await client.subscribe_resource(kept)
+                cut = await client.call_tool(
+                    "trigger-long-running-operation", {"duration": 10, "steps": 20},
+                    progress_callback=progress,
+                    meta={TOKEN_META: token.token})  # type: ignore[arg-type]
+                told = len(asked.logs)
+                await client.list_resources()  # the agent's next request: reconnected
+                await client.subscribe_resource(other)  # logged at info: below the level
+                await client.unsubscribe_resource(other)
+                for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
+                    assert not (await client.call_tool(tool, {})).is_error
+                with anyio.fail_after(30):
+                    await asked.update.wait()
+                    while len(asked.logs) == told:
+                        await anyio.sleep(0.05)
+                for tool in ("toggle-subscriber-updates", "toggle-simulated-logging"):
+                    await client.call_tool(tool, {})
+                return [kept, other], cut, told
 
-            (kept, other), cut, told = anyio.run(go)
-    finally:
-        for server in servers:
-            server.kill()
-            server.wait(10)
+        (kept, other), cut, told = anyio.run(go)
     assert refusal_of(cut)["code"] == "UPSTREAM_UNAVAILABLE" and upstream.connects == 2
     assert asked.updated and set(asked.updated) == {kept}
     after = asked.logs[told:]
@@ -397,38 +427,28 @@ def test_an_idle_agent_hears_from_a_restarted_http_upstream_with_its_subscriptio
     roots (as a new session does, 350 ms in) and logs that it got them, on that agent's
     standalone stream; its subscription is back without any request of the agent's."""
     asked = Asked()
-    port = free_port()
-    servers = [start_everything_http(port)]
-    upstream = Upstream(UpstreamTarget.parse(command=None, url=f"http://127.0.0.1:{port}/mcp"),
-                        connect_timeout=30)
-    try:
-        with serve(build_app(Proxy(verifier, upstream))) as url:
+    with proxied_http_upstream(verifier) as (url, upstream, everything):
 
-            async def go() -> tuple[str, int]:
-                async with asked_agent(url, asked) as client:
-                    uri = str((await client.list_resources()).resources[0].uri)
-                    await client.subscribe_resource(uri)
-                    with anyio.fail_after(30):
-                        while roots_logged(asked) < 1:
-                            await anyio.sleep(0.05)
-                    servers[0].kill()  # the agent is idle from here on
-                    servers[0].wait(10)
-                    servers.append(start_everything_http(port))  # no session of ours in it
-                    with anyio.fail_after(30):
-                        while asked.roots_asked < 2 or roots_logged(asked) < 2:
-                            await anyio.sleep(0.05)
-                    connects = upstream.connects
-                    assert not (await client.call_tool("toggle-subscriber-updates", {})).is_error
-                    with anyio.fail_after(30):
-                        await asked.update.wait()
-                    await client.call_tool("toggle-subscriber-updates", {})
-                    return uri, connects
+        async def go() -> tuple[str, int]:
+            async with asked_agent(url, asked) as client:
+                uri = str((await client.list_resources()).resources[0].uri)
+                await client.subscribe_resource(uri)
+                with anyio.fail_after(30):
+                    while roots_logged(asked) < 1:
+                        await anyio.sleep(0.05)
+                everything.restart()  # the agent is idle from here on; no session of
+                # ours in the new server
+                with anyio.fail_after(30):
+                    while asked.roots_asked < 2 or roots_logged(asked) < 2:
+                        await anyio.sleep(0.05)
+                connects = upstream.connects
+                assert not (await client.call_tool("toggle-subscriber-updates", {})).is_error
+                with anyio.fail_after(30):
+                    await asked.update.wait()
+                await client.call_tool("toggle-subscriber-updates", {})
+                return uri, connects
 
-            uri, connects = anyio.run(go)
-    finally:
-        for server in servers:
-            server.kill()
-            server.wait(10)
+        uri, connects = anyio.run(go)
     assert connects == 2 and upstream.connects == 2  # reconnected before the agent's next call
     assert asked.updated and set(asked.updated) == {uri}  # subscribed again by the proxy
 
