@@ -1,0 +1,109 @@
+"""CPU instructions per paid call: the verifier's begin (hold) + capture, and the floor under it.
+
+Wall time on a shared machine moves by tens of percent from one run to the next; instruction
+counts under valgrind's callgrind move by about one. This runs itself under callgrind twice
+per path, with ``--calls`` and three times as many, on ``bench/mcp_overhead.py``'s setup (a
+demo-mode SQLite ledger, one token, one paid tool), and prints the difference divided by the
+extra calls: what one more call costs, with start-up, imports and warm-up cancelled out.
+
+- ``verifier``: ``Verifier.begin`` then ``Verifier.capture``, called directly;
+- ``floor``: the rows a billed call writes as hand-written SQL on the raw driver, plus the
+  receipt's signature (``mcp_overhead.ledger_writes_alone``).
+
+The verifier's background threads (sealer, WAL checkpointer) are stopped before counting:
+they wake on the clock, and under callgrind a call takes many times as long, so their work
+would weigh many times over. The log is checkpointed before counting, as its size changes
+what a lookup in it costs.
+
+Usage: python bench/instructions.py [--calls N]   (needs valgrind)
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jwt
+
+sys.path.insert(0, str(Path(__file__).parent))
+import mcp_overhead  # noqa: E402 - a sibling script, not a package
+
+from mcpbill_cli.keys import KeyRing  # noqa: E402
+from mcpbill_cli.verifier import Verifier  # noqa: E402
+
+WARM_UP = 300  # calls before counting: tables and caches of a running server
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def run(path: str, calls: int) -> None:
+    """The measured part, in this process (under callgrind): set up, warm up, run."""
+    with tempfile.TemporaryDirectory(prefix="mcpbill-bench-") as root:
+        settings = mcp_overhead.make_home(Path(root))
+        token = mcp_overhead.issue(settings, 10_000_000)
+        verifier = Verifier.from_settings(settings)
+        _stop_background(verifier)
+        mcp_overhead.verifier_alone(verifier, token, WARM_UP)
+        database = Path(root) / "ledger.db"
+        _truncate_log(database)
+        if path == "verifier":
+            mcp_overhead.verifier_alone(verifier, token, calls)
+        else:
+            jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+            signer = KeyRing.load(settings.keys_dir).signing_key()[1]
+            mcp_overhead.ledger_writes_alone(database, jti, signer.sign, calls)
+        verifier.close()
+
+
+def _stop_background(verifier: Verifier) -> None:
+    """Stop the sealer's and the checkpointer's threads (see the module's docstring)."""
+    for worker in (verifier._sealer, verifier._checkpointer):
+        if worker is not None:
+            worker.close()  # both may be closed again: Verifier.close does
+
+
+def _truncate_log(database: Path) -> None:
+    db = sqlite3.connect(database)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+def instructions(path: str, calls: int) -> int:
+    """Instructions callgrind counted in a whole run of ``path`` with ``calls`` calls."""
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         __file__, "--run", path, "--calls", str(calls)],
+        capture_output=True, text=True, check=True)
+    found = _COLLECTED.search(done.stderr)
+    if found is None:
+        raise SystemExit(f"no count from callgrind:\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="instructions per paid call (callgrind)")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--run", choices=("verifier", "floor"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        run(args.run, args.calls)
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed")
+    per_call = {}
+    for path in ("verifier", "floor"):
+        extra = instructions(path, 3 * args.calls) - instructions(path, args.calls)
+        per_call[path] = extra / (2 * args.calls)
+    print(f"callgrind, demo-mode SQLite ledger, {args.calls} and {3 * args.calls} calls")
+    for path, count in per_call.items():
+        print(f"{path:8}  {count / 1000:8.0f}k instructions per call")
+    print(f"verifier / floor  {per_call['verifier'] / per_call['floor']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
