@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import anyio
+import anyio.lowlevel
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension
 from mcp.server.mcpserver import MCPServer
@@ -420,6 +421,8 @@ class Billing(Extension):
         token = _current_run.set(_Prepaid())
         try:
             result = await call_next(ctx)
+            # A call cancelled as its result came is not paid: the agent gets no answer.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             await paid.release()
             raise

@@ -34,6 +34,7 @@ from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, Server
 from mcp_types import CallToolResult, TextContent
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from mcpbill_cli import offloop
 from mcpbill_cli.errors import BillingError, InvalidInput
 from mcpbill_cli.mcp.wire import (
     PREFIX,
@@ -170,7 +171,7 @@ class PaidCall:
         """Verify and reserve the payment: ``None`` when the tool may run, else the answer
         (a refusal with a fresh challenge, or the replay of the call it paid already)."""
         try:
-            taken = await anyio.to_thread.run_sync(self._take)
+            taken = await offloop.run(self._take, self._unclaimed)
         except BillingError as error:
             self._ended("refused", code=error.code)
             return self._refused(error)
@@ -189,9 +190,11 @@ class PaidCall:
             await self.unpaid(unbilled(result))
             return result
         done = cast(CallToolResult, result)
-        try:
-            settlement, receipt = await anyio.to_thread.run_sync(
-                lambda: self._settle(kept_result(done)))
+        try:  # started at once and shielded: once settlement starts, the call is paid (a
+            # plain task.cancel() stops the waiting; the worker settles and records it, and a
+            # retry replays it)
+            with anyio.CancelScope(shield=True):
+                settlement, receipt = await offloop.run(lambda: self._settle(kept_result(done)))
         except BillingError as error:  # settlement failed: the output is withheld
             self._ended("refused", code=error.code)
             return self._refused(error)
@@ -225,6 +228,13 @@ class PaidCall:
         verified = self.acceptor.verify(self.payment, self.tool, args=self.args,
                                         tenant=self.tenant, agent=self.agent)
         return self.acceptor.reserve(verified)
+
+    def _unclaimed(self, taken: Reserved | Replayed) -> None:
+        """A payment reserved for a caller cancelled meanwhile (an anyio shield does not hold
+        back a plain ``task.cancel()``): nobody will settle or release it, so it is released
+        now rather than left reserved until recovery releases it."""
+        if isinstance(taken, Reserved):
+            self.acceptor.release(taken)
 
     def _settle(self, kept: str) -> tuple[SettleResponse, Any]:
         assert self.opened is not None  # noqa: S101 - close() checked

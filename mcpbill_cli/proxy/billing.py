@@ -281,6 +281,8 @@ class ProxyBilling:
             return cast(CallToolResult, answer)  # the tool-result binding: always a result
         try:
             outcome = await self.forward(ctx, params)
+            # A call cancelled as its result came is not paid: the agent gets no answer.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             await paid.release()
             raise

@@ -354,11 +354,12 @@ async def running_call(client: Client, token: str, args: dict[str, Any]) -> Asyn
 
 @contextmanager
 def ledger_locked(engine: Engine) -> Iterator[None]:
-    """No hold or capture can be written until the block ends: SQLite's write lock (``BEGIN
-    IMMEDIATE``), or on PostgreSQL a lock on the balances each of them updates (reads go on)."""
+    """No hold, capture or x402 payment can be written until the block ends: SQLite's write
+    lock (``BEGIN IMMEDIATE``), or on PostgreSQL a lock on the balances a hold or capture
+    updates and on the payments an x402 reserve inserts (reads go on)."""
     with writing(engine) as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("LOCK TABLE accounts IN EXCLUSIVE MODE"))
+            conn.execute(text("LOCK TABLE accounts, x402_payments IN EXCLUSIVE MODE"))
         yield
 
 

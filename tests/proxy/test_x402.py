@@ -8,10 +8,12 @@ the upstream never sees it. A payment sent on a 2026-07-28 round that ends in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,13 @@ import httpx2
 import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, ElicitResult, InputRequiredResult
 from x402.mcp.utils import extract_payment_required_from_result
 
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger.engine import writing
-from mcpbill_cli.mcp import RECEIPT_META
+from mcpbill_cli.mcp import RECEIPT_META, REPLAYED_META
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
@@ -48,7 +51,7 @@ from tests.x402.peer import NETWORK
 from tests.x402.test_accept_mcp import as_x402
 
 from .conftest import agent, stdio_target
-from .test_cut_off import MODES
+from .test_cut_off import LONG, MODES, agent_on, handling_tasks, ledger_locked
 from .test_input_required import QUESTION, upstream_server
 
 # The x402 tests' session chain and keys, as fixtures here.
@@ -57,15 +60,17 @@ peer = x402_fixtures.peer
 keys_dir = x402_fixtures.keys_dir
 
 ECHO_PRICE = 10_000  # 0.01 USDC
+LONG_ARGS = {"duration": 2, "steps": 4}
 RELEASED_WITHIN = 10.0  # seconds: well before Acceptor.recover would release a payment
 PROXY_PRICING: dict[str, Any] = {**ACCEPT_PRICING, "tools": {
-    "echo": {"price": "0.01"}, "get-sum": {"price": "0"},
+    "echo": {"price": "0.01"}, "get-sum": {"price": "0"}, LONG: {"price": "0.01"},
     "get-env": {"price": "0.01", "x402": False}}}
 
 
 @pytest.fixture
-def proxied(shop: Shop, tmp_path: Path) -> Iterator[tuple[str, Shop]]:  # noqa: F811
-    """The proxy taking x402 for the reference server's tools: (its URL, its shop)."""
+def x402_proxy(shop: Shop, tmp_path: Path) -> Iterator[tuple[Proxy, Shop]]:  # noqa: F811
+    """The proxy taking x402 for the reference server's tools, served on ``proxy.url``: (the
+    proxy, its shop)."""
     a = shop.acceptor
     verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
                         pricing=PricingTable.from_document(PROXY_PRICING))
@@ -75,9 +80,17 @@ def proxied(shop: Shop, tmp_path: Path) -> Iterator[tuple[str, Shop]]:  # noqa: 
         proxy = Proxy(verifier, upstream, Limits(call_timeout=30), acceptor=acceptor)
         try:
             with serve(build_app(proxy)) as url:
-                yield url, replace(shop, acceptor=acceptor, verifier=verifier)
+                proxy.url = url  # type: ignore[attr-defined]
+                yield proxy, replace(shop, acceptor=acceptor, verifier=verifier)
         finally:
             verifier.close()
+
+
+@pytest.fixture
+def proxied(x402_proxy: tuple[Proxy, Shop]) -> tuple[str, Shop]:
+    """The proxy taking x402 for the reference server's tools: (its URL, its shop)."""
+    proxy, books = x402_proxy
+    return str(proxy.url), books  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -205,6 +218,101 @@ def test_a_payment_reserved_for_a_call_cancelled_meanwhile_is_released_at_once(
     assert [row.status for row in books.payment_rows()] == ["released", "settled"]
     assert books.received() == ECHO_PRICE  # the second payment alone, settled once
     books.assert_books_clean()
+
+
+@pytest.mark.parametrize("point", ["reserve", "upstream", "settle"])
+def test_a_plain_task_cancel_at_each_step_of_an_x402_paid_call_settles_its_payment_once(
+        x402_proxy: tuple[Proxy, Shop], point: str) -> None:
+    """The task handling an x402-paid call is cancelled with a plain ``task.cancel()`` (no
+    anyio scope: the shields do not hold it back, and the ledger work goes on on its worker
+    thread) while its payment is reserved, while the upstream runs it, or once it settled on
+    chain and waits for the ledger to record it. The payment ends released, or (settlement
+    had started) settled once with the call captured, and a retry replays it: never left
+    reserved, never paid without a receipt. A released payment pays its retry once."""
+    proxy, books = x402_proxy
+    url = str(proxy.url)  # type: ignore[attr-defined]
+    payer = new_payer(books.devnet)
+    payment = official_payment(official_client(payer, books.devnet.chain.usdc),
+                               challenge_of(call(url, LONG, LONG_ARGS)))
+    step = PaidStep(books, handling_tasks(proxy))
+
+    async def cancel_at_point() -> None:
+        async with agent_on(url, "legacy") as session:
+
+            async def paid_call() -> None:
+                with suppress(MCPError):  # the cut-off handling may close the request's stream
+                    await session.call_tool(LONG, LONG_ARGS, meta={PAYMENT_META: payment},  # type: ignore[arg-type]
+                                            progress_callback=step.progress)
+
+            with step.lock:
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(paid_call)
+                    await getattr(step, point)()
+                    step.handling[0].get_loop().call_soon_threadsafe(step.handling[0].cancel)
+                    await anyio.sleep(0.5)  # the cancellation lands
+                    step.lock.close()  # the ledger step it cut off goes on
+                    deadline = time.monotonic() + RELEASED_WITHIN
+                    while [row.status for row in books.payment_rows()] in ([], ["reserved"]):
+                        assert time.monotonic() < deadline, "left reserved"
+                        await anyio.sleep(0.1)
+                    tasks.cancel_scope.cancel()
+
+    anyio.run(cancel_at_point)
+    statuses = [row.status for row in books.payment_rows()]
+    received = books.received()
+    retried = call(url, LONG, LONG_ARGS, {PAYMENT_META: payment})
+
+    if point == "settle":  # too late to cancel: paid once, and the retry replays its receipt
+        assert statuses == ["settled"] and received == ECHO_PRICE
+        assert (retried.meta or {}).get(REPLAYED_META) is True
+    else:  # released, nothing moved; the retry pays its own call
+        assert statuses == ["released"] and received == 0
+        assert REPLAYED_META not in (retried.meta or {})
+    assert not retried.is_error, retried
+    receipt = books.verifier.verify_receipt((retried.meta or {})[RECEIPT_META]["jws"])
+    assert receipt.amount == ECHO_PRICE
+    assert [row.status for row in books.payment_rows()] == ["settled"]
+    assert books.received() == ECHO_PRICE  # settled once, on chain
+    assert balance(books.devnet, payer.address) == 1_000_000 - ECHO_PRICE
+    assert len(books.captured_calls(LONG)) == 1
+    books.assert_books_clean()
+
+
+@dataclass
+class PaidStep:
+    """Where an x402-paid call of LONG is in the proxy, for a test to cancel it there: each
+    method returns once the call is at its step (``lock`` keeps the ledger locked when it must
+    wait)."""
+
+    books: Shop
+    handling: list[asyncio.Task[Any]]
+    running: anyio.Event = field(default_factory=anyio.Event)
+    lock: ExitStack = field(default_factory=ExitStack)
+
+    async def progress(self, done: float, total: float | None, message: str | None) -> None:
+        self.running.set()
+
+    async def reserve(self) -> None:
+        """Its payment, verified, waits for the ledger to reserve it."""
+        self.lock.enter_context(ledger_locked(self.books.engine))
+        while not self.handling:
+            await anyio.sleep(0.05)
+        await anyio.sleep(1)  # verified, and reserving
+        assert self.books.payment_rows() == []
+
+    async def upstream(self) -> None:
+        """The upstream runs it."""
+        await self.running.wait()
+
+    async def settle(self) -> None:
+        """The upstream answered and the payment is on chain; its record waits for the
+        ledger."""
+        await self.running.wait()
+        self.lock.enter_context(ledger_locked(self.books.engine))
+        while self.books.received() == 0:
+            await anyio.sleep(0.1)
+        await anyio.sleep(0.5)  # recording
+        assert [row.status for row in self.books.payment_rows()] == ["reserved"]
 
 
 def test_a_tool_without_x402_offers_no_challenge(proxied: tuple[str, Shop]) -> None:
