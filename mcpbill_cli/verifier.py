@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from mcpbill_cli import offloop, refunding
-from mcpbill_cli.budgets import TokenTerms, window_key
+from mcpbill_cli.budgets import Budget, TokenTerms, window_key
 from mcpbill_cli.clock import Clock, aware, rfc3339
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import (
@@ -366,7 +366,11 @@ class Verifier:
 
     def preflight(self, token: str, tool: str, *, args: Any = None,
                   units: int | None = None) -> Quote:
-        """Check everything a call needs, moving no money: token, scope, price, balance."""
+        """Check everything a call needs, moving no money: token, scope, price, balance and
+        budget caps, refused as its hold would be (BUDGET_EXCEEDED for the token's limit or a
+        daily/monthly cap, with the same details). A read, so advisory under concurrency:
+        another call may take the balance or the cap's room before this call's hold, which
+        stays the enforcement."""
         with self._refusals_recorded(token, tool, metered=False):
             claims = self._claims(token, tool)
             return self._quote(claims, tool, self._price(claims, tool, units))
@@ -740,9 +744,8 @@ class Verifier:
     def _price(self, claims: Claims, tool: str, units: int | None) -> Price:
         return price_quote(self._table(), tool, tenant=claims.tenant, units=units)
 
-    def _remaining(self, claims: Claims) -> int:
-        with reading(self._ledger()) as conn:
-            found = calls.available(conn, claims.jti, now=self._clock())
+    def _remaining(self, conn: Connection, claims: Claims) -> int:
+        found = calls.available(conn, claims.jti, now=self._clock())
         if found is None:
             raise InvalidCreditToken(f"token {claims.jti} is not in this ledger",
                                      reason="unknown_token")
@@ -752,12 +755,21 @@ class Verifier:
         return remaining
 
     def _quote(self, claims: Claims, tool: str, price: Price) -> Quote:
-        """Preflight's answer: the price, and (with a ledger) the balance that covers it."""
+        """Preflight's answer: the price, and (with a ledger) the balance that covers it. Read
+        in the order the hold checks them: the token's limit, then each budget cap (a free
+        call counts into none)."""
         if self.engine is None:
             return Quote(tool, claims.jti, claims.tenant, claims.agent, price, None)
-        remaining = self._remaining(claims)
-        if remaining < price.amount:
-            raise self._budget_exceeded(claims, tool, price, remaining)
+        with reading(self._ledger()) as conn:
+            remaining = self._remaining(conn, claims)
+            if remaining < price.amount:
+                raise self._budget_exceeded(claims, tool, price, remaining)
+            reached = None if price.free else ledger_budgets.reached(
+                conn, self._budgets(claims, self._table()),
+                ledger_budgets.Spender(claims.tenant, claims.agent, claims.jti), price.amount,
+                at=self._clock())
+        if reached is not None:
+            raise self._cap_reached(claims, tool, price, reached)
         return Quote(tool, claims.jti, claims.tenant, claims.agent, price, remaining)
 
     def _hold(self, claims: Claims, price: Price, call: calls.NewCall) -> Hold:
@@ -800,9 +812,15 @@ class Verifier:
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
             pricing_version=price.version, price_rule=price.rule, demo=self.demo,
-            budgets=(*table_budgets(table, claims.tenant), *claims.terms.budgets),
+            budgets=self._budgets(claims, table),
             dedupe_window=window,
             rates=() if self._rate_store is not None else _rate_counters(claims, table))
+
+    @staticmethod
+    def _budgets(claims: Claims, table: PricingTable) -> tuple[Budget, ...]:
+        """The caps a call of ``claims`` counts into, in order: its tenant's and agent's (from
+        ``table``), then its token's own."""
+        return (*table_budgets(table, claims.tenant), *claims.terms.budgets)
 
     def _opened(self, claims: Claims, price: Price, call: calls.NewCall,
                 write: Callable[[Connection], _Opened | calls.KeyTaken | calls.Refused]

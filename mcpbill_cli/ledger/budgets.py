@@ -73,6 +73,17 @@ def count(conn: Connection, budgets: tuple[Budget, ...], who: Spender, amount: i
     return None
 
 
+def reached(conn: Connection, budgets: tuple[Budget, ...], who: Spender, amount: int, *,
+            at: datetime) -> CapReached | None:
+    """The first cap ``amount`` would pass at ``at``, as :func:`count` would find it, read
+    without writing anything (a preflight's answer: it holds as of this read only)."""
+    for budget in budgets:
+        used = spent(conn, budget.scope, budget.period, who, at)
+        if used + amount > budget.cap:
+            return CapReached(budget, used, resets_at(budget.period, at))
+    return None
+
+
 def give_back(conn: Connection, names: str | None, who: Spender, amount: int, *,
               counted_at: datetime) -> None:
     """Return ``amount`` to each window (``"tenant.day agent.month"``) a hold made at

@@ -18,7 +18,7 @@ from mcpbill_cli.keys import KeyRing, KeySource
 from mcpbill_cli.ledger import alerts
 from mcpbill_cli.ledger.credit import IssuedToken, IssueRequest, issue, show
 from mcpbill_cli.ledger.engine import reading, writing
-from mcpbill_cli.ledger.models import budget_spend, events, transfers, webhook_events
+from mcpbill_cli.ledger.models import budget_spend, calls, events, transfers, webhook_events
 from mcpbill_cli.ledger.topups import TokenTerms
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
@@ -145,6 +145,46 @@ def test_a_tokens_own_caps_refuse_by_day_then_by_month(
     details = refusal(verifier, capped, 7)
     assert (details["scope"], details["window"], details["capUsd"], details["resetsAt"]) == (
         "token", "month", "0.03", "2031-02-01T00:00:00.000000Z")
+
+
+@pytest.mark.parametrize("scope", ["tenant", "agent", "token"])
+def test_preflight_refuses_a_call_past_a_cap_as_its_hold_would_and_writes_nothing(
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock, scope: str) -> None:
+    """A capped token preflights OK while its cap has room for the price, then is refused
+    with the very refusal its hold gets; a token the cap does not cover preflights OK; no
+    preflight, OK or refused, writes a spend, a transfer or a call."""
+    caps = {"tenant": {"daily_cap": "0.025"}, "agent": {"agent_monthly_cap": "0.025"}}
+    verifier = a_verifier(funded, keys, clock, **caps.get(scope, {}))
+    capped = a_token(funded, ring, clock, terms=TokenTerms(daily_cap=25_000)
+                     if scope == "token" else None)
+    other = a_token(funded, ring, clock, agent="agent-2")  # under the tenant's cap alone
+    for n in range(2):
+        assert verifier.preflight(capped.token, "search").remaining == USDC - n * PRICE
+        charge(verifier, capped, 1, start=n)
+    before = ledger_writes(funded)
+
+    with pytest.raises(BudgetExceeded) as preflighted:
+        verifier.preflight(capped.token, "search")
+    assert ledger_writes(funded) == before
+    details = preflighted.value.to_dict()
+    assert details == refusal(verifier, capped, 2)  # the hold's, word for word
+    assert (details["scope"], details["window"], details["remainingUsd"],
+            details["resetsAt"]) == (scope, "month" if scope == "agent" else "day", "0.005",
+                                     "2031-02-01T00:00:00.000000Z")
+    if scope == "tenant":
+        with pytest.raises(BudgetExceeded):
+            verifier.preflight(other.token, "search")
+    else:
+        assert verifier.preflight(other.token, "search").remaining == USDC
+    assert verifier.preflight(capped.token, "status").price.free  # a free call counts in none
+    assert ledger_writes(funded) == before
+
+
+def ledger_writes(engine: Engine) -> tuple[Any, ...]:
+    """What a call writes: budget windows, transfers and call rows."""
+    with reading(engine) as conn:
+        return (spend_rows(engine), conn.scalar(select(func.count()).select_from(transfers)),
+                conn.scalar(select(func.count()).select_from(calls)))
 
 
 def test_a_void_gives_back_to_the_day_of_the_hold_not_to_today(
