@@ -1,4 +1,5 @@
-"""CPU instructions per paid call: the verifier's begin (hold) + capture, and the floor under it.
+"""CPU instructions per paid call: the verifier's begin (hold) + capture, the floor under it, and
+what billing adds to a whole MCP call.
 
 Wall time on a shared machine moves by tens of percent from one run to the next; instruction
 counts under valgrind's callgrind move by about one. This runs itself under callgrind twice
@@ -8,7 +9,10 @@ extra calls: what one more call costs, with start-up, imports and warm-up cancel
 
 - ``verifier``: ``Verifier.begin`` then ``Verifier.capture``, called directly;
 - ``floor``: the rows a billed call writes as hand-written SQL on the raw driver, plus the
-  receipt's signature (``mcp_overhead.ledger_writes_alone``).
+  receipt's signature (``mcp_overhead.ledger_writes_alone``);
+- ``billed`` and ``unbilled``: whole MCP tool calls through the SDK's in-memory transport, as
+  ``mcp_overhead`` makes them. Billed minus unbilled is what billing adds to a call; that
+  minus the verifier alone is the MCP integration's share (the glue).
 
 The verifier's background threads (sealer, WAL checkpointer) are stopped before counting:
 they wake on the clock, and under callgrind a call takes many times as long, so their work
@@ -28,15 +32,21 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
+import anyio
 import jwt
+from mcp.client import Client
+from mcp_types import RequestParamsMeta
 
 sys.path.insert(0, str(Path(__file__).parent))
 import mcp_overhead  # noqa: E402 - a sibling script, not a package
 
 from mcpbill_cli.keys import KeyRing  # noqa: E402
+from mcpbill_cli.mcp import TOKEN_META, Billing  # noqa: E402
 from mcpbill_cli.verifier import Verifier  # noqa: E402
 
+PATHS = ("verifier", "floor", "billed", "unbilled")
 WARM_UP = 300  # calls before counting: tables and caches of a running server
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -53,11 +63,25 @@ def run(path: str, calls: int) -> None:
         _truncate_log(database)
         if path == "verifier":
             mcp_overhead.verifier_alone(verifier, token, calls)
+        elif path in ("billed", "unbilled"):
+            anyio.run(_mcp_calls, verifier, token, database, path, calls)
         else:
             jti = jwt.decode(token, options={"verify_signature": False})["jti"]
             signer = KeyRing.load(settings.keys_dir).signing_key()[1]
             mcp_overhead.ledger_writes_alone(database, jti, signer.sign, calls)
         verifier.close()
+
+
+async def _mcp_calls(verifier: Verifier, token: str, database: Path, path: str,
+                     calls: int) -> None:
+    """``calls`` calls of the billed echo or the unbilled one, after warming it up."""
+    server = mcp_overhead.build_server(Billing(verifier))
+    tool = "echo" if path == "billed" else "echo_unbilled"
+    meta = cast(RequestParamsMeta, {TOKEN_META: token})
+    async with Client(server) as client:
+        await mcp_overhead.per_call(client, tool, meta, WARM_UP)
+        _truncate_log(database)
+        await mcp_overhead.per_call(client, tool, meta, calls)
 
 
 def _stop_background(verifier: Verifier) -> None:
@@ -88,7 +112,7 @@ def instructions(path: str, calls: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description="instructions per paid call (callgrind)")
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--run", choices=("verifier", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
         run(args.run, args.calls)
@@ -96,14 +120,16 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")
     per_call = {}
-    for path in ("verifier", "floor"):
+    for path in PATHS:
         extra = instructions(path, 3 * args.calls) - instructions(path, args.calls)
         per_call[path] = extra / (2 * args.calls)
     print(f"callgrind, demo-mode SQLite ledger, {args.calls} and {3 * args.calls} calls")
     for path, count in per_call.items():
         print(f"{path:8}  {count / 1000:8.0f}k instructions per call")
     print(f"verifier / floor  {per_call['verifier'] / per_call['floor']:.2f}x")
-
+    billing = per_call["billed"] - per_call["unbilled"]
+    print(f"billed - unbilled {billing / 1000:8.0f}k: what billing adds to an MCP call")
+    print(f"  - verifier      {(billing - per_call['verifier']) / 1000:8.0f}k: the MCP glue")
 
 if __name__ == "__main__":
     main()
