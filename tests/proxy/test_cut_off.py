@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +232,8 @@ def test_a_plain_task_cancel_at_each_step_of_a_paid_call_settles_its_hold_once(
     while its capture waits for the ledger. The hold ends voided, or (the capture had started)
     captured once and replayed to a retry: never left held, never charged twice."""
     token = mint()
-    step = Step(engine, answered, token.claims.jti, handling_tasks(proxy))
+    step = Step(engine=engine, answered=answered, jti=token.claims.jti,
+                handling=handling_tasks(proxy))
     args = {"duration": 2, "steps": 4}
 
     async def go() -> CallToolResult:
@@ -243,15 +244,7 @@ def test_a_plain_task_cancel_at_each_step_of_a_paid_call_settles_its_hold_once(
                     await client.call_tool(LONG, args, meta={TOKEN_META: token.token},  # type: ignore[arg-type]
                                            progress_callback=step.progress)
 
-            with step.lock:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(call)
-                    await getattr(step, point)()
-                    step.handling[0].get_loop().call_soon_threadsafe(step.handling[0].cancel)
-                    await anyio.sleep(0.5)  # the cancellation lands
-                    step.lock.close()  # the ledger step it cut off goes on
-                    await settled(engine, token.claims.jti)
-                    tasks.cancel_scope.cancel()
+            await step.cancelled_at(point, call, lambda: settled(engine, token.claims.jti))
         async with agent_on(str(proxy.url), "legacy") as client:  # type: ignore[attr-defined]
             return await client.call_tool(LONG, args, meta={TOKEN_META: token.token})  # type: ignore[arg-type]
 
@@ -270,20 +263,42 @@ def test_a_plain_task_cancel_at_each_step_of_a_paid_call_settles_its_hold_once(
     assert_ledger_sound(engine)
 
 
-@dataclass
-class Step:
-    """Where a paid call of LONG is in the proxy, for a test to cancel it there: each method
-    returns once the call is at its step (``lock`` keeps the ledger locked when it must wait)."""
+@dataclass(kw_only=True)
+class CutOff:
+    """A call a test cuts off in the proxy: the proxy's ``handling`` tasks, ``running`` once
+    the upstream reports progress, and the ``lock`` its ledger steps wait on."""
 
-    engine: Engine
-    answered: Path
-    jti: str
     handling: list[asyncio.Task[Any]]
     running: anyio.Event = field(default_factory=anyio.Event)
     lock: ExitStack = field(default_factory=ExitStack)
 
     async def progress(self, done: float, total: float | None, message: str | None) -> None:
         self.running.set()
+
+    async def cancelled_at(self, point: str, call: Callable[[], Awaitable[None]],
+                           settled: Callable[[], Awaitable[None]]) -> None:
+        """Runs ``call`` and, once it is at ``point`` (a method of this step), cancels the
+        proxy's task handling it with a plain ``task.cancel()``; then lets the ledger step it
+        cut off go on, and waits for ``settled``."""
+        with self.lock:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(call)
+                await getattr(self, point)()
+                self.handling[0].get_loop().call_soon_threadsafe(self.handling[0].cancel)
+                await anyio.sleep(0.5)  # the cancellation lands
+                self.lock.close()  # the ledger step it cut off goes on
+                await settled()
+                tasks.cancel_scope.cancel()
+
+
+@dataclass(kw_only=True)
+class Step(CutOff):
+    """Where a paid call of LONG is in the proxy, for a test to cancel it there: each method
+    returns once the call is at its step (``lock`` keeps the ledger locked when it must wait)."""
+
+    engine: Engine
+    answered: Path
+    jti: str
 
     async def hold(self) -> None:
         """Its hold waits for the ledger."""

@@ -8,12 +8,11 @@ the upstream never sees it. A payment sent on a 2026-07-28 round that ends in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field, replace
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from tests.x402.peer import NETWORK
 from tests.x402.test_accept_mcp import as_x402
 
 from .conftest import agent, stdio_target
-from .test_cut_off import LONG, MODES, agent_on, handling_tasks, ledger_locked
+from .test_cut_off import LONG, MODES, CutOff, agent_on, handling_tasks, ledger_locked
 from .test_input_required import QUESTION, upstream_server
 
 # The x402 tests' session chain and keys, as fixtures here.
@@ -234,7 +233,7 @@ def test_a_plain_task_cancel_at_each_step_of_an_x402_paid_call_settles_its_payme
     payer = new_payer(books.devnet)
     payment = official_payment(official_client(payer, books.devnet.chain.usdc),
                                challenge_of(call(url, LONG, LONG_ARGS)))
-    step = PaidStep(books, handling_tasks(proxy))
+    step = PaidStep(books=books, handling=handling_tasks(proxy))
 
     async def cancel_at_point() -> None:
         async with agent_on(url, "legacy") as session:
@@ -244,18 +243,13 @@ def test_a_plain_task_cancel_at_each_step_of_an_x402_paid_call_settles_its_payme
                     await session.call_tool(LONG, LONG_ARGS, meta={PAYMENT_META: payment},  # type: ignore[arg-type]
                                             progress_callback=step.progress)
 
-            with step.lock:
-                async with anyio.create_task_group() as tasks:
-                    tasks.start_soon(paid_call)
-                    await getattr(step, point)()
-                    step.handling[0].get_loop().call_soon_threadsafe(step.handling[0].cancel)
-                    await anyio.sleep(0.5)  # the cancellation lands
-                    step.lock.close()  # the ledger step it cut off goes on
-                    deadline = time.monotonic() + RELEASED_WITHIN
-                    while [row.status for row in books.payment_rows()] in ([], ["reserved"]):
-                        assert time.monotonic() < deadline, "left reserved"
-                        await anyio.sleep(0.1)
-                    tasks.cancel_scope.cancel()
+            await step.cancelled_at(point, paid_call, settled_or_released)
+
+    async def settled_or_released() -> None:
+        deadline = time.monotonic() + RELEASED_WITHIN
+        while [row.status for row in books.payment_rows()] in ([], ["reserved"]):
+            assert time.monotonic() < deadline, "left reserved"
+            await anyio.sleep(0.1)
 
     anyio.run(cancel_at_point)
     statuses = [row.status for row in books.payment_rows()]
@@ -278,19 +272,13 @@ def test_a_plain_task_cancel_at_each_step_of_an_x402_paid_call_settles_its_payme
     books.assert_books_clean()
 
 
-@dataclass
-class PaidStep:
+@dataclass(kw_only=True)
+class PaidStep(CutOff):
     """Where an x402-paid call of LONG is in the proxy, for a test to cancel it there: each
     method returns once the call is at its step (``lock`` keeps the ledger locked when it must
     wait)."""
 
     books: Shop
-    handling: list[asyncio.Task[Any]]
-    running: anyio.Event = field(default_factory=anyio.Event)
-    lock: ExitStack = field(default_factory=ExitStack)
-
-    async def progress(self, done: float, total: float | None, message: str | None) -> None:
-        self.running.set()
 
     async def reserve(self) -> None:
         """Its payment, verified, waits for the ledger to reserve it."""
