@@ -131,5 +131,6 @@ def main() -> None:
     print(f"billed - unbilled {billing / 1000:8.0f}k: what billing adds to an MCP call")
     print(f"  - verifier      {(billing - per_call['verifier']) / 1000:8.0f}k: the MCP glue")
 
+
 if __name__ == "__main__":
     main()

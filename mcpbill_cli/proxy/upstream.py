@@ -12,8 +12,8 @@ agent's alone, and whatever the upstream asks or tells on a connection is for th
 for requests that come without a session (the 2026-07-28 era), which does not count. Each link
 runs in its own task of :meth:`Upstream.run` (the SDK's client must be entered and left in the
 same task), reconnects, restarting a stdio child, whenever the child exits, an HTTP upstream's
-standalone stream is lost (:class:`_Watching`), a call reports the connection broken or the
-client itself fails, restores on the new connection what its agent set on the old one
+standalone stream is lost (:class:`_WatchingStandalone`), a call reports the connection broken
+or the client itself fails, restores on the new connection what its agent set on the old one
 (:class:`Link`), and is closed (the child exits, the HTTP session is deleted) by
 :meth:`Upstream.close` when its agent session ends. Handlers get the live client from
 :meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds.
@@ -212,8 +212,8 @@ async def resend(client: Client, requests: list[Any]) -> None:
 async def _http(url: str, ended: Callable[[], None]) -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's streamable HTTP transport, on an HTTP client of its own that notes an unknown
     session in the answer to a request (the SDK's client keeps the status to itself) and calls
-    ``ended`` when the upstream's standalone stream is lost (:class:`_Watching`)."""
-    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_Watching(ended),
+    ``ended`` when the upstream's standalone stream is lost (:class:`_WatchingStandalone`)."""
+    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_WatchingStandalone(ended),
                                   event_hooks={"response": [_noticing_lost_sessions]}) as http:
         async with streamable_http_client(url, http_client=http) as streams:
             yield streams
@@ -257,7 +257,7 @@ def _names_session(body: bytes) -> bool:
     return isinstance(message, str) and "session" in message.lower()
 
 
-class _Watching(httpx2.AsyncBaseTransport):
+class _WatchingStandalone(httpx2.AsyncBaseTransport):
     """One HTTP connection's transport, watching its standalone stream: the GET on which the
     upstream sends what answers no request (list changes, resource updates, its log, its own
     requests). An agent that sends nothing hears from the upstream on it alone, and a call that
