@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from mcpbill_cli.errors import ConfigInvalid, LedgerUnavailable
@@ -66,18 +67,24 @@ class RedisCounters:
         is full."""
         hits: list[Hit] = []
         for counter in counters:
-            steps: tuple[tuple[Literal["calls", "spend"], int, int], ...] = (
-                ("calls", counter.calls, 1), ("spend", counter.spend, amount))
-            for kind, limit, cost in steps:
-                if limit == NO_LIMIT or cost == 0:
-                    continue
-                hit = self._hit(counter, kind, limit, min(cost, limit))
+            for kind, limit, cost in _steps(counter, amount):
+                hit = self._hit(counter, kind, limit, cost)
                 if isinstance(hit, Hit):
                     hits.append(hit)
                     continue
                 self.give_back(hits)
                 return Limited(counter, kind, hit)
         return hits
+
+    def full(self, counters: Sequence[Counter], amount: int) -> Limited | None:
+        """The first of ``counters`` that a call of ``amount`` would not fit in now, taking
+        nothing (a preflight)."""
+        for counter in counters:
+            for kind, limit, cost in _steps(counter, amount):
+                item, ids = _item(limit, counter.window), (counter.scope, counter.key, kind)
+                if not self._redis(partial(self.limiter.test, item, *ids, cost=cost)):
+                    return Limited(counter, kind, self._reset_ms(item, ids))
+        return None
 
     def give_back(self, hits: Sequence[Hit]) -> None:
         for hit in hits:
@@ -93,6 +100,10 @@ class RedisCounters:
             return Hit(item, ids, cost)
         self._redis(lambda: self.storage.incr(item.key_for(*ids), item.get_expiry(),
                                               amount=-cost))
+        return self._reset_ms(item, ids)
+
+    def _reset_ms(self, item: Any, ids: tuple[str, ...]) -> int:
+        """The milliseconds until the window of ``item`` for ``ids`` ends."""
         reset: float = self._redis(lambda: self.limiter.get_window_stats(item, *ids).reset_time)
         return max(math.ceil((reset - time.time()) * 1000), 1)
 
@@ -103,6 +114,16 @@ class RedisCounters:
         except self.storage.base_exceptions as exc:
             raise LedgerUnavailable(f"the rate limit store (Redis) is unavailable: "
                                     f"{type(exc).__name__}") from None
+
+
+def _steps(counter: Counter, amount: int
+           ) -> Iterator[tuple[Literal["calls", "spend"], int, int]]:
+    """What a call of ``amount`` costs in each limit ``counter`` has: its kind, the limit and
+    the cost (a cost above a spend rate counts as the rate: a window's first call fits)."""
+    if counter.calls != NO_LIMIT:
+        yield "calls", counter.calls, 1
+    if counter.spend != NO_LIMIT and amount != 0:
+        yield "spend", counter.spend, min(amount, counter.spend)
 
 
 def _item(limit: int, window: int) -> Any:

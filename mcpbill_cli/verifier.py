@@ -756,11 +756,17 @@ class Verifier:
 
     def _quote(self, claims: Claims, tool: str, price: Price) -> Quote:
         """Preflight's answer: the price, and (with a ledger) the balance that covers it. Read
-        in the order the hold checks them: the token's limit, then each budget cap (a free
-        call counts into none)."""
+        in the order the hold checks them: the rate limits, the token's limit, then each
+        budget cap (a free call counts into none)."""
         if self.engine is None:
             return Quote(tool, claims.jti, claims.tenant, claims.agent, price, None)
+        counters = () if price.free else _rate_counters(claims, self._table())
+        if counters and self._rate_store is not None:
+            self._raise_if_full(claims, tool, self._rate_store.full(counters, price.amount))
         with reading(self._ledger()) as conn:
+            if counters and self._rate_store is None:
+                self._raise_if_full(claims, tool, rates.full(conn, counters, price.amount,
+                                                             self._clock()))
             remaining = self._remaining(conn, claims)
             if remaining < price.amount:
                 raise self._budget_exceeded(claims, tool, price, remaining)
@@ -771,6 +777,12 @@ class Verifier:
         if reached is not None:
             raise self._cap_reached(claims, tool, price, reached)
         return Quote(tool, claims.jti, claims.tenant, claims.agent, price, remaining)
+
+    @staticmethod
+    def _raise_if_full(claims: Claims, tool: str, limited: rates.Limited | None) -> None:
+        if limited is not None:
+            raise _rate_limited(claims, tool, limited.counter, limited.kind,
+                                limited.retry_after_ms)
 
     def _hold(self, claims: Claims, price: Price, call: calls.NewCall) -> Hold:
         now = self._clock()

@@ -72,6 +72,21 @@ def count(conn: Connection, counters: Sequence[Counter], amount: int, at: dateti
     return _limited(conn, full, amount, at)
 
 
+def full(conn: Connection, counters: Sequence[Counter], amount: int, at: datetime
+         ) -> Limited | None:
+    """The first of ``counters`` that a call of ``amount`` would not fit in now, read and
+    counted nowhere (a preflight). As :func:`count` decides: a window's first call always
+    fits."""
+    for counter in counters:
+        row = _ROW.first(conn, {"b_scope": counter.scope, "b_key": counter.key,
+                                "b_window": counter.window,
+                                "b_start": window_start(counter, at)})
+        if row is not None and (row.calls + 1 > counter.calls
+                                or row.spend + amount > counter.spend):
+            return _limited(conn, counter, amount, at)
+    return None
+
+
 def _limited(conn: Connection, counter: Counter, amount: int, at: datetime) -> Limited:
     start = window_start(counter, at)
     row = _ROW.first(conn, {"b_scope": counter.scope, "b_key": counter.key,

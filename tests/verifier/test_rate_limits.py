@@ -200,6 +200,36 @@ def test_a_repeat_of_a_call_made_already_is_replayed_not_rate_limited(
     refusal(verifier, token, q="other")
 
 
+def test_preflight_refuses_a_call_past_a_rate_as_its_hold_would_and_counts_nothing(
+        verifier: Verifier, rated: Mint, clock: FakeClock, funded: Engine) -> None:
+    """Preflight reads the rate limits before the balance, as the hold counts them first:
+    a call past a rate is refused with the hold's very refusal, and no preflight, passed or
+    refused, counts in a window."""
+    token = rated("2/s")
+    clock.advance(0.25)
+    for _ in range(3):  # preflights count nowhere: the 2/s still has room for two calls
+        assert verifier.preflight(token.token, "search").remaining == 1_000_000
+    assert outcomes(verifier, token, 2) == ["ok", "ok"]
+    with reading(funded) as conn:
+        before = _counters(conn)
+    with pytest.raises(RateLimited) as preflighted:
+        verifier.preflight(token.token, "search")
+    assert preflighted.value.to_dict() == refusal(verifier, token).to_dict()  # word for word
+    assert preflighted.value.details["retryAfterMs"] == 750
+    assert verifier.preflight(token.token, "status").price.free  # a free call counts in none
+    with reading(funded) as conn:
+        assert _counters(conn) == before
+    clock.advance(0.75)  # the next second: a new window
+    assert verifier.preflight(token.token, "search").remaining == 1_000_000 - 2 * PRICE
+
+    spender = rated(spend=("0.025/m",))  # search costs 0.01: two fit, the third does not
+    assert outcomes(verifier, spender, 2) == ["ok", "ok"]
+    with pytest.raises(RateLimited) as over:
+        verifier.preflight(spender.token, "search")
+    assert over.value.to_dict() == refusal(verifier, spender).to_dict()
+    assert over.value.details["kind"] == "spend"
+
+
 def test_a_token_without_limits_never_touches_the_counter_table(
         verifier: Verifier, new_token: Mint, funded: Engine) -> None:
     with writing(funded) as conn:

@@ -92,6 +92,28 @@ def test_a_repeat_of_a_call_made_already_is_replayed_even_when_the_window_is_ful
     assert again.receipt_id == first.receipt_id
 
 
+def test_preflight_reads_a_rate_in_redis_and_takes_nothing(
+        redis_verifier: Verifier, rated: Mint) -> None:
+    token = rated("2/m", spend=("0.025/m",), agent=f"agent-{uuid.uuid4().hex}")
+    for _ in range(3):  # preflights take no hit: two calls still fit
+        redis_verifier.preflight(token.token, "search")
+    assert outcomes(redis_verifier, token, 2) == ["ok", "ok"]
+    with pytest.raises(RateLimited) as preflighted:
+        redis_verifier.preflight(token.token, "search")
+    assert (preflighted.value.details["kind"], preflighted.value.details["limit"]) == (
+        "calls", "2/m")
+    assert 0 < preflighted.value.details["retryAfterMs"] <= 60_000
+    with pytest.raises(RateLimited) as held:
+        redis_verifier.charge(token.token, "search", args={"late": True})
+    assert held.value.details["kind"] == "calls"
+
+    spender = rated(spend=("0.025/m",), agent=f"agent-{uuid.uuid4().hex}")
+    assert outcomes(redis_verifier, spender, 2) == ["ok", "ok"]
+    with pytest.raises(RateLimited) as over:
+        redis_verifier.preflight(spender.token, "search")
+    assert over.value.details["kind"] == "spend"
+
+
 def test_a_spend_rate_in_redis(redis_verifier: Verifier, rated: Mint) -> None:
     token = rated(spend=("0.025/m",))
     assert outcomes(redis_verifier, token, 3) == ["ok", "ok", "RATE_LIMITED"]
