@@ -9,8 +9,10 @@ processes, servers sharing a PostgreSQL ledger), the refunds of one call never p
 
 The money goes back from where the charge went (the call's revenue account) to the token while
 it is active (not revoked, not expired: its limit grows by the refund, so it may spend it
-again, as after a topup), else to its tenant. The token's account row is locked first, in the
-order revoke takes it, so a refund racing a revoke waits for it and then credits the tenant.
+again, as after a topup), else to its tenant, and the budget windows the call was counted in
+(a daily or monthly cap's) get the amount back, as a void's do. The token's account row is
+locked first, in the order revoke takes it, so a refund racing a revoke waits for it and then
+credits the tenant.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, select, update
 
 from mcpbill_cli.clock import aware
-from mcpbill_cli.ledger import audit, ops, outbox
+from mcpbill_cli.ledger import audit, budgets, ops, outbox
 from mcpbill_cli.ledger.models import accounts, calls, refunds, tokens, transfers
 from mcpbill_cli.money import format_usd
 
@@ -34,7 +36,7 @@ tk = tokens.c
 t = transfers.c
 
 _CALL = select(c.id, c.jti, c.tenant, c.agent, c.tool, c.status, c.amount, c.refunded,
-               c.transfer_id, c.demo)
+               c.transfer_id, c.demo, c.budgets, c.created_at)
 _STORED = select(r.id, r.call_id, r.amount, r.requested, r.refunded_after, r.credited_to,
                  r.reason, r.idempotency_key, r.receipt, r.created_at)
 
@@ -144,6 +146,9 @@ def open_refund(conn: Connection, request: RefundRequest, *, at: datetime) -> Op
         reason: Literal["exceeds", "raced"] = (
             "raced" if request.amount is None and left > 0 else "exceeds")
         return Refused(reason, status=call.status, charged=charged, refundable=max(left, 0))
+    # What is refunded was not spent: the budget windows the call was counted in get it back.
+    budgets.give_back(conn, call.budgets, budgets.Spender(call.tenant, call.agent, call.jti),
+                      amount, counted_at=aware(call.created_at))
     credited_to = _credit_target(conn, call.jti, call.tenant, at)
     refund_id = new_refund_id()
     transfer_id = f"refund:{refund_id}"

@@ -218,6 +218,29 @@ def test_a_partial_capture_gives_the_unused_hold_back_to_every_window(
         ("token", token.claims.jti, "month", "2031-01-01"): 10_000}
 
 
+def test_a_refund_gives_back_to_the_windows_the_call_was_counted_in(
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock) -> None:
+    """What is refunded was not spent: a full cap has room again for it, and a refund made
+    the next day goes back to the day of the call, not to today."""
+    clock.now = MID_MARCH
+    verifier = a_verifier(funded, keys, clock, daily_cap="0.02", agent_monthly_cap="0.05")
+    token = a_token(funded, ring, clock)
+    first = verifier.charge(token.token, "search", args={"n": 0})
+    second = verifier.charge(token.token, "search", args={"n": 1})
+    assert refusal(verifier, token, 2)["remainingUsd"] == "0.00"
+    verifier.refund(first.receipt_id, amount=PRICE // 2)
+    assert refusal(verifier, token, 3)["remainingUsd"] == "0.005"  # half back: not a call
+    verifier.refund(first.receipt_id)  # the rest: room for one call
+    charge(verifier, token, 1, start=4)
+    assert refusal(verifier, token, 5)["remainingUsd"] == "0.00"
+    clock.advance(20 * 60)  # the next day
+    verifier.refund(second.receipt_id)
+    assert spend_rows(funded) == {("tenant", "", "day", "2031-03-14"): PRICE,
+                                  ("agent", "agent-1", "month", "2031-03-01"): PRICE}
+    assert_reconciles(funded, clock, verifier)
+    verifier.close()
+
+
 def topups_of(engine: Engine, jti: str) -> list[int]:
     with reading(engine) as conn:
         rows = conn.execute(select(events.c.amount, events.c.detail).where(
