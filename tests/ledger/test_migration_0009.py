@@ -4,6 +4,7 @@ and keeps the calls' partial unique index."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def a_0008_ledger_with_a_call(db_url: str, keys_dir: Path) -> tuple[Engine, Rece
         token = issue(conn, IssueRequest(tenant="acme", agent="a", limit=1_000_000, ttl=3600,
                                          scope=None, audience="mcpbill", issuer="mcpbill"),
                       signer=KeyRing.load(keys_dir).signing_key(), ttl_cap=86400, now=DAY)
-    verifier = a_verifier(engine, keys_dir)
-    return engine, verifier.charge(token.token, "search")
+    with closing(a_verifier(engine, keys_dir)) as verifier:
+        return engine, verifier.charge(token.token, "search")
 
 
 def a_verifier(engine: Engine, keys_dir: Path) -> Verifier:
@@ -47,7 +48,8 @@ def test_upgrade_starts_every_call_with_nothing_refunded(db_url: str, tmp_path: 
         assert upgrade(engine) == ("0008", SCHEMA_REVISION)
         with reading(engine) as conn:
             assert conn.execute(select(calls.c.refunded)).scalars().all() == [0]
-        done = a_verifier(engine, tmp_path / "keys").refund(receipt.receipt_id)
+        with closing(a_verifier(engine, tmp_path / "keys")) as verifier:
+            done = verifier.refund(receipt.receipt_id)
         assert (done.amount, done.refundable) == (10_000, 0)
     finally:
         engine.dispose()

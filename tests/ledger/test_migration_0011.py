@@ -4,6 +4,7 @@ old calls stay."""
 
 from __future__ import annotations
 
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def a_0010_ledger_with_a_call(db_url: str, keys_dir: Path) -> Engine:
     init_keyring(keys_dir, "EdDSA", now=DAY, force=False).save()
     with writing(engine) as conn:
         fund_demo(conn, "acme", 5_000_000, now=DAY)
-    a_verifier(engine, keys_dir).charge(a_token(engine, keys_dir), "search")
+    with closing(a_verifier(engine, keys_dir)) as verifier:
+        verifier.charge(a_token(engine, keys_dir), "search")
     return engine
 
 
@@ -53,11 +55,11 @@ def test_upgrade_adds_rate_counters_and_a_rate_holds(db_url: str, tmp_path: Path
     try:
         assert "rate_counters" not in inspect(engine).get_table_names()
         assert upgrade(engine) == ("0010", SCHEMA_REVISION)
-        verifier = a_verifier(engine, tmp_path / "keys")
         token = a_token(engine, tmp_path / "keys", ("1/s",))
-        verifier.charge(token, "search", args={"n": 1})
-        with pytest.raises(RateLimited):
-            verifier.charge(token, "search", args={"n": 2})
+        with closing(a_verifier(engine, tmp_path / "keys")) as verifier:
+            verifier.charge(token, "search", args={"n": 1})
+            with pytest.raises(RateLimited):
+                verifier.charge(token, "search", args={"n": 2})
         with reading(engine) as conn:
             assert conn.execute(select(func.count()).select_from(rate_counters)).scalar() == 1
             assert conn.execute(select(func.count()).select_from(calls)).scalar() == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +60,20 @@ def mint_rated(engine: Engine, ring: KeyRing, clock: FakeClock, rates_: tuple[An
         return issue(conn, request, signer=ring.signing_key(), ttl_cap=86400, now=clock())
 
 
-def on(engine: Engine, keys: KeySource, clock: FakeClock, doc: dict[str, Any]) -> Verifier:
-    return Verifier(keys=keys, pricing=PricingTable.from_document(doc), engine=engine,
-                    clock=clock)
+@pytest.fixture
+def on() -> Iterator[Callable[..., Verifier]]:
+    """``on(engine, keys, clock, doc)``: a verifier of pricing ``doc``, closed after the test."""
+    made: list[Verifier] = []
+
+    def make(engine: Engine, keys: KeySource, clock: FakeClock, doc: dict[str, Any]
+             ) -> Verifier:
+        made.append(Verifier(keys=keys, pricing=PricingTable.from_document(doc),
+                             engine=engine, clock=clock))
+        return made[-1]
+
+    yield make
+    for verifier in made:
+        verifier.close()
 
 
 def outcomes(verifier: Verifier, token: IssuedToken, calls: int,
@@ -141,7 +152,8 @@ def test_a_held_call_counts_as_its_hold(verifier: Verifier, rated: Mint) -> None
 
 
 def test_the_pricing_tables_limits_apply_to_every_token_and_a_tenant_replaces_them(
-        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock) -> None:
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock,
+        on: Callable[..., Verifier]) -> None:
     from mcpbill_cli.ledger.credit import fund_demo
 
     with writing(funded) as conn:
@@ -158,7 +170,8 @@ def test_the_pricing_tables_limits_apply_to_every_token_and_a_tenant_replaces_th
 
 
 def test_an_agents_rate_holds_over_all_its_tokens(
-        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock) -> None:
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock,
+        on: Callable[..., Verifier]) -> None:
     verifier = on(funded, keys, clock, limited_pricing(agent_calls=["3/m"]))
     first, second = (mint(funded, ring, now=clock(), agent="looper") for _ in range(2))
     other = mint(funded, ring, now=clock(), agent="calm")
