@@ -1,159 +1,132 @@
-"""SQLite hashes the sealed batches in Python, on the raw driver, in one pass per slice.
+"""SQLite hashes the sealed batches in Python, on the raw driver, one seal at a time.
 
-SQLite has no SHA-256, so every event is read into Python; what costs is everything else per
-row. One statement reads a slice's events in (seal, id) order and hands back the driver's own
-tuples. Each event's
-own hash is :func:`audit.chain_hash` of its fields as stored: SQLite keeps ``at`` as the text
-``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC), which becomes the canonical ``...THH:MM:SS.ffffff+00:00``
-without a ``datetime``; ``demo`` is 0 or 1. A seal whose events all read that way, count and
+SQLite has no SHA-256, so every event's canonical form is read into Python and hashed there;
+what costs is everything else per row. SQLite writes the form itself (``json_object``, in C:
+writing it key by key in Python cost more than reading the fields) and the form is
+:func:`audit.chain_hash`'s when ``at`` is in the stored text form ``YYYY-MM-DD
+HH:MM:SS.ffffff`` (UTC, made ``...THH:MM:SS.ffffff+00:00``), ``demo`` 0 or 1, ``amount`` an
+integer. Both escape ``"``, ``\\`` and control characters alike; ``json.dumps`` also escapes DEL
+and everything beyond ASCII, which SQLite writes as it is, so forms holding such a byte are
+not vouched for. These are checked per seal, over its forms and times at once (per event in
+SQL they cost as much as writing the forms). A seal whose events all read that way, count and
 span and batch hash and stored hashes as sealed, is vouched for; any other is re-checked by
 ``seals.verify_batch`` through SQLAlchemy, which names the events: the answer is that one.
 
-The same pass sums each seal's money (``ledger.seal_money``): the transfers its events name,
-those created within its events' span (widened by ``SLACK``; ``money_by_seal`` on PostgreSQL
-takes the span of the slice's events), read by that span and matched by id in Python.
+Each seal's money (``ledger.seal_money``) is summed in SQL too: the transfers its events name
+(:func:`seal_money.named_transfer`, written in SQL below), looked up by primary key among
+those created within its events' span (widened by ``SLACK``), grouped per class of account.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from operator import methodcaller
 from typing import Any
 
 from sqlalchemy import Connection
 
 from mcpbill_cli.ledger import seal_money
-from mcpbill_cli.ledger.audit import chain_hash
-from mcpbill_cli.ledger.seal_money import Money, account_class, named_transfer
+from mcpbill_cli.ledger.audit import CHAIN_FIELDS
+from mcpbill_cli.ledger.seal_money import Money
 from mcpbill_cli.ledger.seals import Seal, batch_hash
 
 _STORED = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy's DateTime keeps a time in SQLite
-_STORED_AT = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", re.ASCII)
-_FIELDS = ("id", "hash", "at", "kind", "code", "jti", "token_hash", "tenant", "agent", "tool",
-           "amount", "ref", "detail", "demo")
+_STORED_AT = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}"
+_STORED_ATS = re.compile(f"(?:{_STORED_AT}\n)*{_STORED_AT}", re.ASCII)  # a seal's, one a line
+_ONE_AT = re.compile(_STORED_AT, re.ASCII)
+_WRITABLE = "demo IN (0, 1) AND typeof(amount) IN ('integer', 'null')"
+_MEMBERS = {"seq": "id", "at": "substr(at, 1, 10) || 'T' || substr(at, 12) || '+00:00'",
+            "demo": "json(iif(demo, 'true', 'false'))"}
+_FORM = "json_object({})".format(", ".join(f"'{name}', {_MEMBERS.get(name, name)}"
+                                           for name in sorted(CHAIN_FIELDS)))
+_EVENTS = (f"SELECT id, hash, CAST(iif({_WRITABLE}, {_FORM}, NULL) AS BLOB), at "  # noqa: S608
+           "FROM events WHERE seal = ? ORDER BY id")
+
+_NAMED = ("CASE WHEN e.kind IN ('hold', 'capture', 'charge', 'void', 'expire', 'refund') "
+          "THEN e.kind || ':' || ifnull(e.ref, '') "
+          "WHEN e.kind = 'issue' THEN iif(ifnull(e.ref, '') = '', 'allot:', 'child:') "
+          "|| ifnull(e.jti, '') "
+          "WHEN e.kind = 'deposit' THEN iif(e.ref GLOB 'deposit:*', e.ref, 'deposit:' || e.ref) "
+          "WHEN e.kind IN ('topup', 'release') THEN e.ref END")
 
 
-_EVENTS = (f"SELECT events.seal, {', '.join(f'events.{name}' for name in _FIELDS)} "  # noqa: S608
-           "FROM events WHERE events.seal >= ? AND events.seal <= ? ORDER BY events.seal, "
-           "events.id")
-_MOVED = ("SELECT id, amount, kind, debit_account_id, credit_account_id FROM transfers "
-          "WHERE created_at >= ? AND created_at <= ?")
+def _class(account: str) -> str:
+    """:func:`seal_money.account_class` in SQL (GLOB: SQLite's LIKE ignores case)."""
+    named = " ".join(f"WHEN {account} GLOB '{name}:*' THEN '{name}'"
+                     for name in seal_money.CLASSES)
+    return f"CASE {named} WHEN {account} = 'revenue' THEN 'revenue' ELSE 'other' END"
 
 
-@dataclass
-class _Batch:
-    """What one seal's events showed in the pass."""
-
-    ids: list[int] = field(default_factory=list)
-    digests: list[str] = field(default_factory=list)
-    decidable: bool = True
-    stored_differ: bool = False
-    times: list[str] = field(default_factory=list)  # the events' ``at`` as stored: min, max
-    named: list[str] = field(default_factory=list)  # the transfers its events name
+_MOVED = (f"SELECT t.kind IN {seal_money.POSTED_KINDS}, {_class('t.credit_account_id')}, "  # noqa: S608
+          f"{_class('t.debit_account_id')}, count(*), sum(t.amount) "
+          f"FROM events AS e JOIN transfers AS t ON t.id = {_NAMED} "
+          "WHERE e.seal = ? AND t.created_at >= ifnull(?, t.created_at) "
+          "AND t.created_at <= ifnull(?, t.created_at) GROUP BY 1, 2, 3")  # NULL: unbounded
+_hex = methodcaller("hexdigest")
 
 
 def unvouched(conn: Connection, seals: Iterable[Seal]) -> tuple[list[Seal], dict[int, Money]]:
-    """The seals among ``seals`` (in order, numbered ``first``..``last``) whose events this
-    pass could not show to match (re-check those with ``verify_batch``), and each seal's money
-    now. One seal's events are held at a time."""
-    listed = {seal.number: seal for seal in seals}
-    if not listed:
-        return [], {}
-    suspects, money = set(listed), {}
-    driver = conn.connection.driver_connection
-    events, moved = driver.cursor(), driver.cursor()  # type: ignore[union-attr]
+    """The seals among ``seals`` whose events this pass could not show to match (re-check
+    those with ``verify_batch``), and each seal's money now. One seal's events are held at a
+    time."""
+    suspects, money = [], {}
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        for number, batch in _read(events, min(listed), max(listed)):
-            money[number] = _money(moved, batch)
-            if number in listed and _clean(listed[number], batch):
-                suspects.discard(number)
+        for seal in seals:
+            rows = cursor.execute(_EVENTS, (seal.number,)).fetchall()
+            columns = tuple(zip(*rows, strict=True)) or ((), (), (), ())
+            times = _times(columns[3])
+            if not _clean(seal, columns, times):
+                suspects.append(seal)
+            if times:
+                money[seal.number] = _money(cursor, seal.number, min(times), max(times))
     finally:
-        events.close()
-        moved.close()
-    return [listed[number] for number in sorted(suspects)], money
+        cursor.close()
+    return suspects, money
 
 
-def _read(cursor: Any, first: int, last: int) -> Iterator[tuple[int, _Batch]]:
-    """Each seal's batch, in seal order, as the rows come."""
-    number, batch = None, _Batch()
-    cursor.execute(_EVENTS, (first, last))
-    while rows := cursor.fetchmany(5000):
-        for row in rows:
-            if row[0] != number:
-                if number is not None:
-                    yield number, batch
-                number, batch = row[0], _Batch()
-            _add(batch, row[1:])
-    if number is not None:
-        yield number, batch
+def _times(stored: tuple[Any, ...]) -> tuple[str, ...]:
+    """The events' ``at`` in the stored form (all of them, as a clean seal's are)."""
+    if all(type(at) is str for at in stored) and _STORED_ATS.fullmatch("\n".join(stored)):
+        return stored
+    return tuple(at for at in stored if type(at) is str and _ONE_AT.fullmatch(at))
 
 
-def _add(batch: _Batch, row: tuple[Any, ...]) -> None:
-    (event_id, stored, at, kind, code, jti, token_hash, tenant, agent, tool, amount, ref,
-     detail, demo) = row
-    named = named_transfer(kind, ref, jti)
-    if named is not None:
-        batch.named.append(named)
-    text = _canonical_at(at)
-    if text is None or demo not in (0, 1):
-        batch.decidable = False
-        return
-    digest = chain_hash("", event_id, text, kind, code, jti, token_hash, tenant, agent, tool,
-                        amount, ref, detail, demo)
-    batch.ids.append(event_id)
-    batch.digests.append(digest)
-    batch.stored_differ = batch.stored_differ or stored != digest
-    if not batch.times:
-        batch.times = [at, at]
-    elif at < batch.times[0]:
-        batch.times[0] = at
-    elif at > batch.times[1]:
-        batch.times[1] = at
-
-
-def _canonical_at(at: Any) -> str | None:
-    """``at`` as stored, in the canonical form; None when it is not the stored form (a date
-    out of range cannot be the one a sealer hashed: its digest tells)."""
-    if type(at) is not str or _STORED_AT.fullmatch(at) is None:
-        return None
-    return f"{at[:10]}T{at[11:]}+00:00"
-
-
-def _clean(seal: Seal, batch: _Batch | None) -> bool:
-    if batch is None or not batch.decidable or batch.stored_differ:
+def _clean(seal: Seal, columns: tuple[tuple[Any, ...], ...], times: tuple[str, ...]) -> bool:
+    """The seal's events, read as columns, are what it sealed (each form certain, see above)."""
+    ids, stored, forms, _ = columns
+    if len(ids) != seal.count or not ids or (ids[0], ids[-1]) != (seal.first_id, seal.last_id):
         return False
-    return (len(batch.ids) == seal.count and (batch.ids[0], batch.ids[-1])
-            == (seal.first_id, seal.last_id) and batch_hash(batch.digests) == seal.batch_hash)
+    if None in forms or len(times) != len(ids):
+        return False
+    written = b"".join(forms)
+    if not written.isascii() or b"\x7f" in written:
+        return False
+    digests = list(map(_hex, map(hashlib.sha256, forms)))
+    return digests == list(stored) and batch_hash(digests) == seal.batch_hash
 
 
-def _span(batch: _Batch) -> tuple[str, str]:
-    """The seal's events' span, widened by ``SLACK``, as stored text (which sorts as time)."""
-    if not batch.times:
-        return "", ""
-    low = datetime.strptime(batch.times[0], _STORED) - seal_money.SLACK  # noqa: DTZ007 - UTC
-    high = datetime.strptime(batch.times[1], _STORED) + seal_money.SLACK  # noqa: DTZ007
-    return low.strftime(_STORED), high.strftime(_STORED)
-
-
-def _money(cursor: Any, batch: _Batch) -> Money:
-    """The transfers the seal's events name, those created within its events' span (one
-    range read of ``ix_transfers_created``, matched here: cheaper than a probe per event)."""
-    if not batch.named or not batch.times:
-        return Money()
-    moved = {row[0]: row for row in cursor.execute(_MOVED, _span(batch))}
+def _money(cursor: Any, number: int, first: str, last: str) -> Money:
+    """The transfers the seal's events name, those created within its events' span (each
+    looked up by primary key), per class of account."""
     count = total = 0
     posted: dict[str, int] = {}
     pending: dict[str, int] = {}
-    for name in batch.named:
-        row = moved.get(name)
-        if row is None:
-            continue
-        _, amount, kind, debit, credit = row
-        count, total = count + 1, total + amount
-        nets = posted if kind in seal_money.POSTED_KINDS else pending
-        credited, debited = account_class(credit), account_class(debit)
+    span = (_moved(first, -seal_money.SLACK), _moved(last, seal_money.SLACK))
+    for is_posted, credited, debited, moved, amount in cursor.execute(_MOVED, (number, *span)):
+        count, total = count + moved, total + amount
+        nets = posted if is_posted else pending
         nets[credited] = nets.get(credited, 0) + amount
         nets[debited] = nets.get(debited, 0) - amount
     return Money(count, total, posted, pending)
+
+
+def _moved(at: str, by: timedelta) -> str | None:
+    """``at`` (as stored) moved ``by``, as stored; None beyond the ends of time (unbounded)."""
+    try:
+        return (datetime.strptime(at, _STORED) + by).strftime(_STORED)  # noqa: DTZ007 - UTC
+    except OverflowError:
+        return None
