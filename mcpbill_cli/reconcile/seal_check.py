@@ -10,19 +10,20 @@ reconcile printed, vouches for the past). ``chain="full"`` checks every seal fro
   its hash over its fields, its JWS by a key of the key ring (any status: a seal is a record
   of the past). Few rows: a seal holds up to 5,000 events.
 - **Batches**: the events stamped with each seal, their count, id span and own hashes against
-  the seal's batch hash. On PostgreSQL the server hashes them (``seal_sql``), on SQLite one
-  pass per slice on the raw driver (``seal_py``); ``seals.verify_batch`` re-checks only the
-  seals they could not vouch for, one seal's events in memory at a time, and names the
-  events. On SQLite, a big window's slices are hashed beside the SQL checks: with two jobs
-  by a thread of this process (SQLite runs those checks with the GIL released, so the thread
-  has a core of its own, and a spawned worker would first spend about 0.6 s of CPU importing
-  what it runs: more than the 100k events of a busy day take to hash), with more by
-  ``jobs - 1`` worker processes. A ledger in memory is seen by its own connection only: its
+  the seal's batch hash. On PostgreSQL the server hashes them (``seal_sql``), on SQLite Python
+  hashes the canonical forms SQLite writes, seal by seal (``seal_py``); ``seals.verify_batch``
+  re-checks only the seals they could not vouch for, one seal's events in memory at a time,
+  and names the events. On SQLite, a big window's slices are hashed beside the SQL checks:
+  with two jobs by a thread of this process (SQLite runs those checks with the GIL released,
+  so the thread has a core of its own, and a spawned worker would first spend about 0.6 s of
+  CPU importing what it runs: more than the 100k events of a busy day take to hash), with more
+  by ``jobs - 1`` worker processes. A ledger in memory is seen by its own connection only: its
   batches are hashed on that one.
 - **Money**: per seal, the transfers its events name summed again per class of account
-  (``ledger.seal_money``, one grouped join per slice) against the money the seal signed,
-  which must sum to zero: the ledger sums to zero at every seal, and no transfer changed after
-  it was sealed. Seals written before schema 0008 carry no money and are not checked for it.
+  (``ledger.seal_money``: one grouped join per slice, per seal on SQLite) against the money
+  the seal signed, which must sum to zero: the ledger sums to zero at every seal, and no
+  transfer changed after it was sealed. Seals written before schema 0008 carry no money and
+  are not checked for it.
 - **Strays**: seal numbers that events carry and no seal row has (a seal deleted, an event
   stamped by hand).
 - **Unsealed**: events older than ``UNSEALED_WINDOW`` that no sealer has taken.

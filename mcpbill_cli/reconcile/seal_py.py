@@ -7,10 +7,11 @@ writing it key by key in Python cost more than reading the fields) and the form 
 HH:MM:SS.ffffff`` (UTC, made ``...THH:MM:SS.ffffff+00:00``), ``demo`` 0 or 1, ``amount`` an
 integer. Both escape ``"``, ``\\`` and control characters alike; ``json.dumps`` also escapes DEL
 and everything beyond ASCII, which SQLite writes as it is, so forms holding such a byte are
-not vouched for. These are checked per seal, over its forms and times at once (per event in
-SQL they cost as much as writing the forms). A seal whose events all read that way, count and
-span and batch hash and stored hashes as sealed, is vouched for; any other is re-checked by
-``seals.verify_batch`` through SQLAlchemy, which names the events: the answer is that one.
+not vouched for. The bytes and the times are checked per seal, over all its events at once
+(checked per event in SQL they cost as much as writing the forms). A seal whose events all
+read that way, count and span and batch hash and stored hashes as sealed, is vouched for;
+any other is re-checked by ``seals.verify_batch`` through SQLAlchemy, which names the
+events: the answer is that one.
 
 Each seal's money (``ledger.seal_money``) is summed in SQL too: the transfers its events name
 (:func:`seal_money.named_transfer`, written in SQL below), looked up by primary key among
