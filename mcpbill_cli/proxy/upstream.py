@@ -26,7 +26,7 @@ import logging
 import shlex
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -53,6 +53,9 @@ MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by 
 SESSIONS_RETRY_MS = 1000
 # The SDK's own client timeouts: a response stream may stay open for minutes.
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+# What of a request's SSE stream is read after its answer, to keep the connection (_Draining).
+DRAIN_SECONDS = 0.05
+DRAIN_BYTES = 64 * 1024
 # Restores on a new connection what its agent set on the one before (see Link).
 Replay = Callable[[Client], Awaitable[None]]
 # A new client; the connection calls its argument when it ends on its own (a stdio child exits,
@@ -276,7 +279,7 @@ class _WatchingStandalone(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if not _standalone(request):
-            return await self._transport.handle_async_request(request)
+            return _drained(await self._transport.handle_async_request(request))
         request.extensions["timeout"] = {**request.extensions.get("timeout", {}), "read": None}
         try:
             response = await self._transport.handle_async_request(request)
@@ -315,6 +318,52 @@ class _Breaking(httpx2.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def _drained(response: httpx2.Response) -> httpx2.Response:
+    """``response``, its body read to the end before it is closed when it is an SSE stream
+    (:class:`_Draining`)."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        response.stream = _Draining(response.stream)
+    return response
+
+
+class _Draining(httpx2.AsyncByteStream):
+    """An SSE response body that, closed before its end, reads the rest first (at most
+    DRAIN_BYTES, for at most DRAIN_SECONDS), so its connection goes back to the pool.
+
+    The SDK's client closes a request's SSE stream as soon as the answer came, while the
+    upstream is about to end it: closing a response not read to its end closes its connection
+    too, and every call would open a new one (a TCP connect and close per call, on both sides:
+    about 0.5 ms of the proxy's CPU per call, measured here). A stream that goes on is closed
+    as before."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self._chunks = self._stream.__aiter__()
+        async for chunk in self._chunks:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            if self._chunks is not None:
+                await _drain(self._chunks)
+        finally:
+            await self._stream.aclose()
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what is left of ``chunks`` (see :class:`_Draining`); a failure to read it only
+    costs the connection."""
+    left = DRAIN_BYTES
+    with anyio.move_on_after(DRAIN_SECONDS), suppress(httpx2.TransportError):
+        async for chunk in chunks:
+            left -= len(chunk)
+            if left < 0:
+                return
 
 
 def _standalone(request: httpx2.Request) -> bool:
