@@ -66,6 +66,7 @@ from mcpbill_cli.mcp.wire import (
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
+from mcpbill_cli.proxy.posted import wire_of
 from mcpbill_cli.proxy.sessions import AgentSession, agent_session, has_session
 from mcpbill_cli.proxy.upstream import SessionUnknown, Upstream
 from mcpbill_cli.tracing import ended, step
@@ -395,6 +396,9 @@ async def _call_upstream(client: Client, ctx: ServerRequestContext[Any, Any],
     era is asked on its session instead, by its upstream session's client
     (:mod:`mcpbill_cli.proxy.relay`), which retries the upstream itself."""
     args, meta = dict(params.arguments or {}), forwarded_meta(params.meta)
+    wire = wire_of(client)
+    if wire is not None and params.input_responses is None and params.request_state is None:
+        return await wire.call_tool(params.name, args, meta, progress)
     if has_session(ctx):
         return await client.call_tool(params.name, args, progress_callback=progress,
                                       meta=meta)  # type: ignore[arg-type]

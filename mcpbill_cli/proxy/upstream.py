@@ -43,6 +43,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
+from mcpbill_cli.proxy.posted import Wire
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -188,7 +189,12 @@ class Upstream:
         options: dict[str, Any] = {"cache": None, **client_options}
         if self.target.url is not None:
             url = self.target.url
-            return lambda ended: Client(_http(url, ended), **options)
+
+            def connect(ended: Callable[[], None]) -> Client:
+                wire = Wire(url, options)
+                return wire.bind(Client(_http(url, ended, wire), **options))
+
+            return connect
         parameters = StdioServerParameters(command=self.target.command[0],
                                            args=list(self.target.command[1:]),
                                            env=self.target.env)
@@ -212,12 +218,15 @@ async def resend(client: Client, requests: list[Any]) -> None:
 
 
 @asynccontextmanager
-async def _http(url: str, ended: Callable[[], None]) -> AsyncIterator[tuple[Any, Any]]:
+async def _http(url: str, ended: Callable[[], None], wire: Wire
+                ) -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's streamable HTTP transport, on an HTTP client of its own that notes an unknown
-    session in the answer to a request (the SDK's client keeps the status to itself) and calls
-    ``ended`` when the upstream's standalone stream is lost (:class:`_WatchingStandalone`)."""
-    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_WatchingStandalone(ended),
+    session in the answer to a request (the SDK's client keeps the status to itself), calls
+    ``ended`` when the upstream's standalone stream is lost (:class:`_WatchingStandalone`) and
+    is ``wire``'s, for the calls the proxy posts itself (:mod:`mcpbill_cli.proxy.posted`)."""
+    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_WatchingStandalone(ended, wire),
                                   event_hooks={"response": [_noticing_lost_sessions]}) as http:
+        wire.http = http
         async with streamable_http_client(url, http_client=http) as streams:
             yield streams
 
@@ -272,12 +281,14 @@ class _WatchingStandalone(httpx2.AsyncBaseTransport):
     stream has no read timeout: an upstream with nothing to tell is not gone (and the SDK's
     client gives the stream up after two failures)."""
 
-    def __init__(self, ended: Callable[[], None]) -> None:
+    def __init__(self, ended: Callable[[], None], wire: Wire) -> None:
         self._transport = httpx2.AsyncHTTPTransport()
         self._ended = ended
+        self._wire = wire
         self._opened = False
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self._wire.noted(request)
         if not _standalone(request):
             return _drained(await self._transport.handle_async_request(request))
         request.extensions["timeout"] = {**request.extensions.get("timeout", {}), "read": None}
