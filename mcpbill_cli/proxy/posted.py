@@ -4,11 +4,11 @@ The SDK's client spends about twice the CPU of one plain POST on a call (its wri
 per request, memory streams, its SSE reader's generators left to the loop's finalizer, two
 validations of the result): measured against the reference server here, 2.2 to 3.4 ms per call
 against 1.3 ms. The proxy makes every paid call it forwards, so it posts a call itself when it
-can: the session's ``Mcp-Session-Id`` and protocol version are known (the SDK's client sent
-them on the session's own requests, :meth:`Wire.noted`), and the session cannot ask its agent
-anything (it declared no sampling, elicitation or roots), so the only messages on the call's
-stream are notifications and the answer. Otherwise, and for every other request, the SDK's
-client does it.
+can: the handshake is over (the session's ``Mcp-Session-Id`` noted from the upstream's answer
+to it, :meth:`Wire.noted`; its protocol version from the SDK's client), and the session cannot
+ask its agent anything (it declared no sampling, elicitation or roots), so the only messages on
+the call's stream are notifications and the answer. Otherwise, and for every other request,
+the SDK's client does it.
 
 What the SDK's client would do, it does: progress to the call's progress callback, other
 notifications to the session's message handler, a ``ping`` answered, any other request of the
@@ -16,8 +16,7 @@ upstream refused (it was told of no capability that needs one); a JSON-RPC error
 :class:`MCPError`, a broken stream as ``CONNECTION_CLOSED``, and a call cancelled (the agent
 went away, the timeout) told to the upstream with ``notifications/cancelled``. An answer that
 refuses the session (the upstream restarted) is noticed by the HTTP client's response hook, as
-for the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`).
-"""
+for the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`)."""
 
 from __future__ import annotations
 
@@ -36,6 +35,7 @@ from mcp.client.streamable_http import MCP_SESSION_ID
 from mcp.shared.dispatcher import ProgressFnT
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 __all__ = ["Wire", "wire_of"]
@@ -58,6 +58,7 @@ class Wire:
     def __init__(self, url: str, client_options: Mapping[str, Any]) -> None:
         self.url = url
         self.http: httpx2.AsyncClient | None = None
+        self.session: str | None = None
         self.headers: dict[str, str] | None = None
         self.handler: Handler | None = client_options.get("message_handler")
         self.asks = any(client_options.get(name) is not None for name in ASKING)
@@ -68,15 +69,25 @@ class Wire:
         finalize(client, _WIRES.pop, id(client), None)
         return client
 
-    def noted(self, request: httpx2.Request) -> None:
-        """Keep the session's headers from the first request the SDK's client posts on it."""
-        if self.headers is None and request.method == "POST":
-            session = request.headers.get(MCP_SESSION_ID)
-            version = request.headers.get(MCP_PROTOCOL_VERSION_HEADER)
-            if session is not None and version is not None:
-                self.headers = {"accept": "application/json, text/event-stream",
-                                "content-type": "application/json",
-                                MCP_SESSION_ID: session, MCP_PROTOCOL_VERSION_HEADER: version}
+    def noted(self, response: httpx2.Response) -> None:
+        """Keep the session's id from the upstream's answer to the handshake (``initialize``):
+        the SDK's client has read it before the handshake is over."""
+        if self.session is None:
+            self.session = response.headers.get(MCP_SESSION_ID)
+
+    def ready(self, version: str | None) -> bool:
+        """Whether calls can be posted on the session, of protocol ``version``: once its
+        handshake is over, in the era that has one (2026-07-28 requests carry the client's
+        identity in each call's ``_meta``: the SDK's client makes those). An upstream that
+        gives no session id (a stateless one) is posted to without one."""
+        if self.headers is None and version is not None \
+                and version not in MODERN_PROTOCOL_VERSIONS:
+            self.headers = {"accept": "application/json, text/event-stream",
+                            "content-type": "application/json",
+                            MCP_PROTOCOL_VERSION_HEADER: version}
+            if self.session is not None:
+                self.headers[MCP_SESSION_ID] = self.session
+        return self.headers is not None and self.http is not None and not self.asks
 
     async def call_tool(self, name: str, arguments: dict[str, Any],
                         meta: dict[str, Any] | None, progress: ProgressFnT | None
@@ -181,9 +192,7 @@ def wire_of(client: Client) -> Wire | None:
     """The wire ``client``'s calls can be posted on, if they can be (see the module
     docstring)."""
     wire = _WIRES.get(id(client))
-    if wire is None or wire.asks or wire.http is None or wire.headers is None:
-        return None
-    return wire
+    return wire if wire is not None and wire.ready(client.session.protocol_version) else None
 
 
 def _refused(status: int, body: bytes) -> dict[str, Any]:

@@ -288,9 +288,10 @@ class _WatchingStandalone(httpx2.AsyncBaseTransport):
         self._opened = False
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        self._wire.noted(request)
         if not _standalone(request):
-            return _drained(await self._transport.handle_async_request(request))
+            response = await self._transport.handle_async_request(request)
+            self._wire.noted(response)
+            return _drained(response)
         request.extensions["timeout"] = {**request.extensions.get("timeout", {}), "read": None}
         try:
             response = await self._transport.handle_async_request(request)
