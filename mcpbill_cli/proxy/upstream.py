@@ -16,7 +16,9 @@ standalone stream is lost (:class:`_WatchingStandalone`), a call reports the con
 or the client itself fails, restores on the new connection what its agent set on the old one
 (:class:`Link`), and is closed (the child exits, the HTTP session is deleted) by
 :meth:`Upstream.close` when its agent session ends. Handlers get the live client from
-:meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds.
+:meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds. On an HTTP
+upstream a ``tools/call`` is posted by the proxy itself where it can be
+(:mod:`mcpbill_cli.proxy.posted`), on the client's own HTTP client and session.
 """
 
 from __future__ import annotations
