@@ -102,9 +102,10 @@ def named_transfer_sql() -> Any:
     ref = func.coalesce(e.ref, "")
     return case(
         (e.kind.in_(KIND_REF_KINDS), e.kind + ":" + ref),
-        (e.kind == "issue", case((e.ref.is_(None), "allot:"), else_="child:")
+        (e.kind == "issue", case((ref == "", "allot:"), else_="child:")
          + func.coalesce(e.jti, "")),
-        (and_(e.kind == "deposit", e.ref.like("deposit:%")), e.ref),
+        # substr, not LIKE: SQLite's LIKE ignores case, Python's startswith does not
+        (and_(e.kind == "deposit", func.substr(e.ref, 1, 8) == "deposit:"), e.ref),
         (e.kind == "deposit", "deposit:" + e.ref),
         (e.kind.in_(("topup", "release")), e.ref),
         else_=None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sqlite3
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from operator import methodcaller
@@ -45,6 +46,7 @@ _FORM = "json_object({})".format(", ".join(f"'{name}', {_MEMBERS.get(name, name)
                                            for name in sorted(CHAIN_FIELDS)))
 _EVENTS = (f"SELECT id, hash, CAST(iif({_WRITABLE}, {_FORM}, NULL) AS BLOB), at "  # noqa: S608
            "FROM events WHERE seal = ? ORDER BY id")
+_UNWRITTEN = "SELECT id, hash, NULL, at FROM events WHERE seal = ? ORDER BY id"
 
 _NAMED = ("CASE WHEN e.kind IN ('hold', 'capture', 'charge', 'void', 'expire', 'refund') "
           "THEN e.kind || ':' || ifnull(e.ref, '') "
@@ -77,7 +79,10 @@ def unvouched(conn: Connection, seals: Iterable[Seal]) -> tuple[list[Seal], dict
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
         for seal in seals:
-            rows = cursor.execute(_EVENTS, (seal.number,)).fetchall()
+            try:
+                rows = cursor.execute(_EVENTS, (seal.number,)).fetchall()
+            except sqlite3.OperationalError:  # a BLOB in a text field: no form, no sealer's
+                rows = cursor.execute(_UNWRITTEN, (seal.number,)).fetchall()
             columns = tuple(zip(*rows, strict=True)) or ((), (), (), ())
             times = _times(columns[3])
             if not _clean(seal, columns, times):

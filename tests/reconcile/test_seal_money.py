@@ -9,13 +9,14 @@ import json
 from datetime import timedelta
 
 import jwt
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from mcpbill_cli.keys import KeyRing
 from mcpbill_cli.ledger.engine import reading
-from mcpbill_cli.ledger.models import seals, transfers
-from mcpbill_cli.ledger.seal_money import Money
+from mcpbill_cli.ledger.models import events, seals, transfers
+from mcpbill_cli.ledger.seal_money import Money, named_transfer, named_transfer_sql
 from mcpbill_cli.ledger.seals import SEAL_TYPE, read_seals
+from mcpbill_cli.reconcile import seal_py
 
 from .support import USDC, Ledger, rows_of
 from .test_tampering import seal_hash
@@ -114,3 +115,32 @@ def test_a_revoked_tokens_remainder_is_sealed_with_its_release_event(ledger: Led
         "posted": {"tenant": done.released, "token": -done.released}, "pending": {}}
     assert done.released == 10 * USDC - 50_000
     assert rows_of(ledger.reconcile()) == []
+
+
+# Events as they come, and as someone with write access could leave them: each names the
+# transfer Python's sealer names (or none), in every SQL that sums a seal's money again.
+NAMING = [("issue", None, "j1"), ("issue", "", "j1"), ("issue", "parent", "j1"),
+          ("issue", None, None), ("deposit", "deposit:0xab", None), ("deposit", "0xab", None),
+          ("deposit", "DEPOSIT:0xab", None), ("deposit", None, None), ("capture", "c1", None),
+          ("capture", None, None), ("refund", "rfnd_1", None), ("topup", "topup:t1", None),
+          ("release", None, None), ("refusal", "x", "j1"), ("revoke", None, "j1")]
+
+
+def test_sql_names_the_transfer_of_each_event_as_the_sealer_does(ledger: Ledger) -> None:
+    with ledger.engine.begin() as conn:
+        row = dict(conn.execute(select(events).order_by(events.c.id).limit(1)).mappings().one())
+        top = int(conn.execute(select(func.max(events.c.id))).scalar_one())
+        conn.execute(events.insert(), [
+            {**row, "id": top + n, "kind": kind, "ref": ref, "jti": jti, "seal": None}
+            for n, (kind, ref, jti) in enumerate(NAMING, 1)])
+        added = events.c.id > top
+        in_sql = conn.execute(select(named_transfer_sql()).where(added)
+                              .order_by(events.c.id)).scalars().all()
+        in_sqlite = None if conn.dialect.name != "sqlite" else [
+            name for (name,) in conn.exec_driver_sql(
+                f"SELECT {seal_py._NAMED} FROM events AS e WHERE e.id > ? ORDER BY e.id",  # noqa: S608
+                (top,))]
+        conn.rollback()
+    expected = [named_transfer(kind, ref, jti) for kind, ref, jti in NAMING]
+    assert in_sql == expected
+    assert in_sqlite in (None, expected)

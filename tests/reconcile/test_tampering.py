@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import delete, insert, select, update
 
 from mcpbill_cli.clock import aware
@@ -275,6 +276,20 @@ def test_an_audit_event_edited(ledger: Ledger) -> None:
         "changed after seal 1 took it",
         "its events no longer hash to its batch hash (an event was reordered or rewritten with "
         "its hash)"]
+
+
+@pytest.mark.parametrize("field", ["tool", "ref", "detail"])
+def test_an_audit_event_given_a_blob_where_text_was_sealed(ledger: Ledger, field: str) -> None:
+    """SQLite keeps whatever type it is given: a BLOB in a text field is no value a sealer
+    hashed, and is found as an edit, not a crash of the check (PostgreSQL refuses the type)."""
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL refuses a BLOB in a text column")
+    event = event_of(ledger, ledger.calls["charge"], "charge")
+    ledger.sql(f"UPDATE events SET {field} = CAST(ifnull({field}, '{{}}') AS BLOB) "  # noqa: S608
+               "WHERE id = :i", i=event["id"])
+    report = ledger.reconcile()
+    assert ("audit_chain_broken", "error", [f"events/{event['id']}", "seals/1"]) in rows_of(
+        report)
 
 
 def test_an_audit_event_edited_with_its_hash_recomputed(ledger: Ledger) -> None:
