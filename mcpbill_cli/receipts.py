@@ -110,11 +110,29 @@ def compact_jws(claims: dict[str, Any], *, kid: str, alg: str, typ: str, key: An
     algorithm = _algorithm(alg)
     signing_input = (_header(alg, kid, typ) + b"."
                      + _b64(_COMPACT.encode(claims).encode()))
-    prepared = algorithm.prepare_key(key)
-    short = algorithm.check_key_length(prepared)
+    prepared, short = _prepared(algorithm, key)
     if short:  # as jwt.encode does (its default is to warn)
         warnings.warn(short, jwt.InsecureKeyLengthWarning, stacklevel=3)
     return (signing_input + b"." + _b64(algorithm.sign(signing_input, prepared))).decode()
+
+
+# The last key signed with, as (algorithm, key, prepared key, key length warning): a process
+# signs with one key until it rotates, and preparing it again (type checks, PyJWT's key length
+# check) took a few microseconds of every receipt. One tuple, so a thread reads a whole entry.
+_LAST_KEY: tuple[Algorithm | None, Any, Any, str | None] = (None, None, None, None)
+
+
+def _prepared(algorithm: Algorithm, key: Any) -> tuple[Any, str | None]:
+    """``algorithm.prepare_key(key)`` and its ``check_key_length``, remembered for the last
+    key (by identity: key objects are not compared)."""
+    global _LAST_KEY
+    last = _LAST_KEY
+    if last[0] is algorithm and last[1] is key:
+        return last[2], last[3]
+    prepared = algorithm.prepare_key(key)
+    short = algorithm.check_key_length(prepared)
+    _LAST_KEY = (algorithm, key, prepared, short)
+    return prepared, short
 
 
 # What PyJWT encodes claims with (json.dumps(claims, separators=(",", ":"))), made once.
