@@ -761,12 +761,13 @@ class Verifier:
         if self.engine is None:
             return Quote(tool, claims.jti, claims.tenant, claims.agent, price, None)
         counters = () if price.free else _rate_counters(claims, self._table())
-        if counters and self._rate_store is not None:
-            self._raise_if_full(claims, tool, self._rate_store.full(counters, price.amount))
         with reading(self._ledger()) as conn:
-            if counters and self._rate_store is None:
-                self._raise_if_full(claims, tool, rates.full(conn, counters, price.amount,
-                                                             self._clock()))
+            if counters:
+                limited = (rates.full(conn, counters, price.amount, self._clock())
+                           if self._rate_store is None
+                           else self._rate_store.full(counters, price.amount))
+                if limited is not None:
+                    raise _rate_limited(claims, tool, limited)
             remaining = self._remaining(conn, claims)
             if remaining < price.amount:
                 raise self._budget_exceeded(claims, tool, price, remaining)
@@ -777,12 +778,6 @@ class Verifier:
         if reached is not None:
             raise self._cap_reached(claims, tool, price, reached)
         return Quote(tool, claims.jti, claims.tenant, claims.agent, price, remaining)
-
-    @staticmethod
-    def _raise_if_full(claims: Claims, tool: str, limited: rates.Limited | None) -> None:
-        if limited is not None:
-            raise _rate_limited(claims, tool, limited.counter, limited.kind,
-                                limited.retry_after_ms)
 
     def _hold(self, claims: Claims, price: Price, call: calls.NewCall) -> Hold:
         now = self._clock()
@@ -846,8 +841,7 @@ class Verifier:
         hits = store.take(counters, call.amount)
         if isinstance(hits, rates.Limited):
             if not self._key_known(call):
-                raise _rate_limited(claims, call.tool, hits.counter, hits.kind,
-                                    hits.retry_after_ms)
+                raise _rate_limited(claims, call.tool, hits)
             hits = []  # a repeat of a call made already: its outcome, uncounted
         try:
             opened = self._opened_in_ledger(claims, price, call, write)
@@ -906,8 +900,7 @@ class Verifier:
         if refused.cap is not None:
             return self._cap_reached(claims, tool, price, refused.cap)
         if refused.limited is not None:
-            return _rate_limited(claims, tool, refused.limited.counter, refused.limited.kind,
-                                 refused.limited.retry_after_ms)
+            return _rate_limited(claims, tool, refused.limited)
         return self._budget_exceeded(claims, tool, price, refused.available)
 
     def _top_up(self, wanted: TokenTerms, jti: str, tenant: str, remaining: int) -> None:
@@ -1179,9 +1172,9 @@ def _rate_counters(claims: Claims, table: PricingTable) -> tuple[Counter, ...]:
                     own=claims.rates, table=limits)
 
 
-def _rate_limited(claims: Claims, tool: str, counter: Counter, kind: str,
-                  retry_after_ms: int) -> RateLimited:
-    limit = counter.limit_of("spend" if kind == "spend" else "calls")
+def _rate_limited(claims: Claims, tool: str, limited: rates.Limited) -> RateLimited:
+    counter, kind, retry_after_ms = limited.counter, limited.kind, limited.retry_after_ms
+    limit = counter.limit_of(kind)
     what = f"{format_usd(counter.spend)} USDC" if kind == "spend" else f"{counter.calls} calls"
     whose = f"token {claims.jti}" if counter.scope == "token" else f"agent {claims.agent}"
     return RateLimited(

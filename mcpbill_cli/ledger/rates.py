@@ -69,7 +69,7 @@ def count(conn: Connection, counters: Sequence[Counter], amount: int, at: dateti
         return None
     done = {(row.scope, row.key, row.window_seconds) for row in counted}
     full = next(c for c in counters if (c.scope, c.key, c.window) not in done)
-    return _limited(conn, full, amount, at)
+    return _limited(full, _row(conn, full, at), at)
 
 
 def full(conn: Connection, counters: Sequence[Counter], amount: int, at: datetime
@@ -78,29 +78,30 @@ def full(conn: Connection, counters: Sequence[Counter], amount: int, at: datetim
     counted nowhere (a preflight). As :func:`count` decides: a window's first call always
     fits."""
     for counter in counters:
-        row = _ROW.first(conn, {"b_scope": counter.scope, "b_key": counter.key,
-                                "b_window": counter.window,
-                                "b_start": window_start(counter, at)})
+        row = _row(conn, counter, at)
         if row is not None and (row.calls + 1 > counter.calls
                                 or row.spend + amount > counter.spend):
-            return _limited(conn, counter, amount, at)
+            return _limited(counter, row, at)
     return None
 
 
-def _limited(conn: Connection, counter: Counter, amount: int, at: datetime) -> Limited:
-    start = window_start(counter, at)
-    row = _ROW.first(conn, {"b_scope": counter.scope, "b_key": counter.key,
-                            "b_window": counter.window, "b_start": start})
+def _limited(counter: Counter, row: Any, at: datetime) -> Limited:
+    """Why ``counter``, whose window's ``row`` it is (None: no row), refused a call."""
     over_calls = row is None or row.calls + 1 > counter.calls
-    wait = (start + counter.window - at.timestamp()) * 1000
+    wait = (window_start(counter, at) + counter.window - at.timestamp()) * 1000
     return Limited(counter, "calls" if over_calls else "spend", max(math.ceil(wait), 1))
 
 
 def used(conn: Connection, counter: Counter, at: datetime) -> tuple[int, int]:
     """The calls and spend ``counter`` has counted in the window of ``at``."""
-    row = _ROW.first(conn, {"b_scope": counter.scope, "b_key": counter.key,
-                            "b_window": counter.window, "b_start": window_start(counter, at)})
+    row = _row(conn, counter, at)
     return (0, 0) if row is None else (row.calls, row.spend)
+
+
+def _row(conn: Connection, counter: Counter, at: datetime) -> Any:
+    """The counter's row for the window of ``at`` (calls, spend), or None."""
+    return _ROW.first(conn, {"b_scope": counter.scope, "b_key": counter.key,
+                             "b_window": counter.window, "b_start": window_start(counter, at)})
 
 
 def sweep(conn: Connection, *, now: datetime) -> int:

@@ -45,7 +45,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
-from mcpbill_cli.proxy.posted import Wire
+from mcpbill_cli.proxy.posted import DRAIN_SECONDS, Wire
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -56,8 +56,8 @@ MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by 
 SESSIONS_RETRY_MS = 1000
 # The SDK's own client timeouts: a response stream may stay open for minutes.
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
-# What of a request's SSE stream is read after its answer, to keep the connection (_Draining).
-DRAIN_SECONDS = 0.05
+# How much of a request's SSE stream is read after its answer, to keep the connection
+# (_Draining; for at most DRAIN_SECONDS, as the proxy's own calls do).
 DRAIN_BYTES = 64 * 1024
 # Restores on a new connection what its agent set on the one before (see Link).
 Replay = Callable[[Client], Awaitable[None]]
