@@ -16,7 +16,12 @@ upstream refused (it was told of no capability that needs one); a JSON-RPC error
 :class:`MCPError`, a broken stream as ``CONNECTION_CLOSED``, and a call cancelled (the agent
 went away, the timeout) told to the upstream with ``notifications/cancelled``. An answer that
 refuses the session (the upstream restarted) is noticed by the HTTP client's response hook, as
-for the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`)."""
+for the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`), or told to
+``heard`` when the call went on a connection of the wire's own.
+
+A plain ``http://`` upstream reached directly is posted to on connections the wire keeps itself
+(:mod:`mcpbill_cli.proxy.plain`: a fifth of httpx's CPU per call); any other, with the SDK's
+client's own HTTP client."""
 
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
+from mcpbill_cli.proxy.plain import FAILURES, READ_SECONDS, Connections, Exchange, direct
+
 __all__ = ["Wire", "wire_of"]
 
 log = logging.getLogger("mcpbill.proxy")
@@ -49,17 +56,25 @@ _IDS = itertools.count(1)
 # Each client's wire, by the client's id while it lives (a Client is a dataclass: unhashable).
 _WIRES: dict[int, Wire] = {}
 Handler = Callable[[Any], Awaitable[None]]
+# Told the status and body of the answer to a call posted on a session (the body only when the
+# status is not 200): the upstream's response hook for the SDK's requests.
+Heard = Callable[[int, bytes], None]
 
 
 class Wire:
     """What posting a call on one HTTP connection's session takes: its HTTP client, the
-    session's headers (once the SDK's client sent them) and its notifications' handler."""
+    session's headers (once the SDK's client sent them), its notifications' handler, and the
+    connections it keeps itself for a plain HTTP upstream (see the module docstring)."""
 
-    def __init__(self, url: str, client_options: Mapping[str, Any]) -> None:
+    def __init__(self, url: str, client_options: Mapping[str, Any],
+                 heard: Heard | None = None) -> None:
         self.url = url
         self.http: httpx2.AsyncClient | None = None
         self.session: str | None = None
         self.headers: dict[str, str] | None = None
+        self.heard = heard
+        self.plain = Connections(url) if direct(url) else None
+        self._head = b""
         self.handler: Handler | None = client_options.get("message_handler")
         self.asks = any(client_options.get(name) is not None for name in ASKING)
 
@@ -87,6 +102,8 @@ class Wire:
                             MCP_PROTOCOL_VERSION_HEADER: version}
             if self.session is not None:
                 self.headers[MCP_SESSION_ID] = self.session
+            if self.plain is not None:
+                self._head = self.plain.head(self.headers)
         return self.headers is not None and self.http is not None and not self.asks
 
     async def call_tool(self, name: str, arguments: dict[str, Any],
@@ -115,8 +132,16 @@ class Wire:
                            error.get("data"))
         return types.CallToolResult.model_validate(answer.get("result"))
 
+    def close(self) -> None:
+        """Close the connections the wire keeps (its HTTP client is closed with the SDK's)."""
+        if self.plain is not None:
+            self.plain.close()
+
     async def _post(self, message: dict[str, Any], request_id: str,
                     progress: ProgressFnT | None) -> dict[str, Any]:
+        if self.plain is not None:
+            return await self._post_plain(self.plain, json.dumps(message).encode(), request_id,
+                                          progress)
         assert self.http is not None and self.headers is not None  # noqa: S101 - see wire_of
         try:
             async with self.http.stream("POST", self.url, content=json.dumps(message),
@@ -159,6 +184,72 @@ class Wire:
             raise MCPError(types.CONNECTION_CLOSED, "the upstream's stream ended without an "
                                                     "answer")
         return answer
+
+    async def _post_plain(self, plain: Connections, body: bytes, request_id: str,
+                          progress: ProgressFnT | None) -> dict[str, Any]:
+        """:meth:`_post` on a connection the wire keeps; a failed connection is
+        ``CONNECTION_CLOSED``, as httpx's transport errors are."""
+        try:
+            exchange = await plain.exchange()
+        except (*FAILURES, TimeoutError) as error:
+            raise _broke(error) from error
+        try:
+            return await self._exchanged(exchange, body, request_id, progress)
+        except FAILURES as error:
+            raise _broke(error) from error
+        finally:
+            exchange.release()
+
+    async def _exchanged(self, exchange: Exchange, body: bytes, request_id: str,
+                         progress: ProgressFnT | None) -> dict[str, Any]:
+        with anyio.CancelScope() as waiting:
+            exchange.timed(waiting)
+            await exchange.request(self._head, body)
+        if waiting.cancelled_caught:
+            raise _silent()
+        status = exchange.status
+        if status != 200:
+            refused = await _whole(exchange)
+            self._heard(status, refused)
+            return _refused(status, refused)
+        self._heard(status, b"")
+        kind = exchange.headers.get("content-type", "")
+        if kind.startswith("application/json"):
+            answer: dict[str, Any] = json.loads(await _whole(exchange))
+            return answer
+        if kind.startswith("text/event-stream"):
+            return await self._events(exchange, request_id, progress)
+        raise MCPError(types.INVALID_REQUEST, f"unexpected content type {kind!r}")
+
+    async def _events(self, exchange: Exchange, request_id: str,
+                      progress: ProgressFnT | None) -> dict[str, Any]:
+        """:meth:`_streamed`, on a connection the wire keeps."""
+        answer: dict[str, Any] | None = None
+        events = _Events()
+        with anyio.CancelScope() as rest:
+            exchange.timed(rest)
+            while (chunk := await exchange.chunk()) is not None:
+                if answer is None:  # else the rest, read to keep the connection
+                    answer = await self._answer_in(events.feed(chunk), request_id, progress)
+                    if answer is not None:
+                        exchange.until = anyio.current_time() + DRAIN_SECONDS
+        if answer is None:
+            raise _silent() if rest.cancelled_caught else MCPError(
+                types.CONNECTION_CLOSED, "the upstream's stream ended without an answer")
+        return answer
+
+    async def _answer_in(self, messages: list[dict[str, Any]], request_id: str,
+                         progress: ProgressFnT | None) -> dict[str, Any] | None:
+        """The call's answer among ``messages``, those before it taken as they come."""
+        for message in messages:
+            if message.get("id") == request_id and "method" not in message:
+                return message
+            await self._take(message, request_id, progress)
+        return None
+
+    def _heard(self, status: int, body: bytes) -> None:
+        if self.heard is not None and self.session is not None:  # posted on its session
+            self.heard(status, body)
 
     async def _take(self, message: dict[str, Any], request_id: str,
                     progress: ProgressFnT | None) -> None:
@@ -221,6 +312,47 @@ def _message(data: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return message if isinstance(message, dict) else {}
+
+
+class _Events:
+    """The JSON-RPC messages of an SSE stream's events, from its bytes as they come: a line ends
+    with LF, CRLF or CR, an event at a blank line, its ``data:`` lines joined (as httpx's
+    ``aiter_lines`` and :meth:`Wire._streamed` read them)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        lines = (self._pending + chunk).splitlines(keepends=True)
+        # a last line without its LF may be a CRLF cut in two: it waits for the next chunk
+        self._pending = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        messages = []
+        for raw in lines:
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            if line.startswith("data:"):
+                self._data.append(line[5:].removeprefix(" "))
+            elif not line and self._data:
+                messages.append(_message("\n".join(self._data)))
+                self._data = []
+        return messages
+
+
+async def _whole(exchange: Exchange) -> bytes:
+    """The rest of an answer's body, each read given READ_SECONDS."""
+    with anyio.CancelScope() as reading:
+        exchange.timed(reading)
+        return await exchange.read()
+    raise _silent()
+
+
+def _broke(error: BaseException) -> MCPError:
+    return MCPError(types.CONNECTION_CLOSED, f"the upstream's stream broke: {error!r}")
+
+
+def _silent() -> MCPError:
+    return MCPError(types.CONNECTION_CLOSED, f"the upstream's stream broke: nothing read in "
+                                             f"{READ_SECONDS:g} s")
 
 
 def _reply(request_id: Any, method: str) -> dict[str, Any]:

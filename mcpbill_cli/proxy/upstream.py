@@ -45,6 +45,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
+from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS
 from mcpbill_cli.proxy.posted import DRAIN_SECONDS, Wire
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
@@ -55,7 +56,7 @@ RECONNECT_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconne
 MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by default
 SESSIONS_RETRY_MS = 1000
 # The SDK's own client timeouts: a response stream may stay open for minutes.
-HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+HTTP_TIMEOUT = httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS)
 # How much of a request's SSE stream is read after its answer, to keep the connection
 # (_Draining; for at most DRAIN_SECONDS, as the proxy's own calls do).
 DRAIN_BYTES = 64 * 1024
@@ -193,7 +194,7 @@ class Upstream:
             url = self.target.url
 
             def connect(ended: Callable[[], None]) -> Client:
-                wire = Wire(url, options)
+                wire = Wire(url, options, heard=_heard)
                 return wire.bind(Client(_http(url, ended, wire), **options))
 
             return connect
@@ -229,8 +230,11 @@ async def _http(url: str, ended: Callable[[], None], wire: Wire
     async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_WatchingStandalone(ended, wire),
                                   event_hooks={"response": [_noticing_lost_sessions]}) as http:
         wire.http = http
-        async with streamable_http_client(url, http_client=http) as streams:
-            yield streams
+        try:
+            async with streamable_http_client(url, http_client=http) as streams:
+                yield streams
+        finally:
+            wire.close()
 
 
 async def _noticing_lost_sessions(response: httpx2.Response) -> None:
@@ -247,6 +251,18 @@ async def _noticing_lost_sessions(response: httpx2.Response) -> None:
         sending.accepted = _posts_request(response.request)
     elif status in (400, 404) and _posts_request(response.request) and (
             status == 404 or _names_session(await response.aread())):
+        sending.session_unknown = True
+
+
+def _heard(status: int, body: bytes) -> None:
+    """What :func:`_noticing_lost_sessions` notes, for a ``tools/call`` the wire posted on its
+    session on a connection of its own (:mod:`mcpbill_cli.proxy.posted`)."""
+    sending = _SENDING.get()
+    if sending is None or sending.accepted:
+        return
+    if 200 <= status < 300:
+        sending.accepted = True
+    elif status == 404 or (status == 400 and _names_session(body)):
         sending.session_unknown = True
 
 
