@@ -18,7 +18,8 @@ or the client itself fails, restores on the new connection what its agent set on
 :meth:`Upstream.close` when its agent session ends. Handlers get the live client from
 :meth:`Link.client`, waiting for a reconnect at most ``connect_timeout`` seconds. On an HTTP
 upstream a ``tools/call`` is posted by the proxy itself where it can be
-(:mod:`mcpbill_cli.proxy.posted`), on the client's own HTTP client and session.
+(:mod:`mcpbill_cli.proxy.posted`) on the client's session: on connections of its own for a
+plain ``http://`` upstream (:mod:`mcpbill_cli.proxy.plain`), else on the client's HTTP client.
 """
 
 from __future__ import annotations
