@@ -12,7 +12,10 @@ extra calls: what one more call costs, with start-up, imports and warm-up cancel
   receipt's signature (``mcp_overhead.ledger_writes_alone``);
 - ``billed`` and ``unbilled``: whole MCP tool calls through the SDK's in-memory transport, as
   ``mcp_overhead`` makes them. Billed minus unbilled is what billing adds to a call; that
-  minus the verifier alone is the MCP integration's share (the glue).
+  minus the verifier alone is the MCP integration's share (the glue);
+- ``self_billed``: an unbilled tool making the same begin and capture itself
+  (``mcp_overhead.add_self_billed``): billed minus it is the glue alone, without the
+  verifier's own instructions that differ inside a call (its caches, the worker thread).
 
 The verifier's background threads (sealer, WAL checkpointer) are stopped before counting:
 they wake on the clock, and under callgrind a call takes many times as long, so their work
@@ -46,7 +49,7 @@ from mcpbill_cli.keys import KeyRing  # noqa: E402
 from mcpbill_cli.mcp import TOKEN_META, Billing  # noqa: E402
 from mcpbill_cli.verifier import Verifier  # noqa: E402
 
-PATHS = ("verifier", "floor", "billed", "unbilled")
+PATHS = ("verifier", "floor", "billed", "unbilled", "self_billed")
 WARM_UP = 300  # calls before counting: tables and caches of a running server
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -63,7 +66,7 @@ def run(path: str, calls: int) -> None:
         _truncate_log(database)
         if path == "verifier":
             mcp_overhead.verifier_alone(verifier, token, calls)
-        elif path in ("billed", "unbilled"):
+        elif path in ("billed", "unbilled", "self_billed"):
             anyio.run(_mcp_calls, verifier, token, database, path, calls)
         else:
             jti = jwt.decode(token, options={"verify_signature": False})["jti"]
@@ -74,9 +77,12 @@ def run(path: str, calls: int) -> None:
 
 async def _mcp_calls(verifier: Verifier, token: str, database: Path, path: str,
                      calls: int) -> None:
-    """``calls`` calls of the billed echo or the unbilled one, after warming it up."""
+    """``calls`` calls of the billed echo, the unbilled one or the self-billed one, after
+    warming it up."""
     server = mcp_overhead.build_server(Billing(verifier))
-    tool = "echo" if path == "billed" else "echo_unbilled"
+    mcp_overhead.add_self_billed(server, verifier, token)
+    tool = {"billed": "echo", "unbilled": "echo_unbilled",
+            "self_billed": "echo_self_billed"}[path]
     meta = cast(RequestParamsMeta, {TOKEN_META: token})
     async with Client(server) as client:
         await mcp_overhead.per_call(client, tool, meta, WARM_UP)
@@ -130,6 +136,9 @@ def main() -> None:
     billing = per_call["billed"] - per_call["unbilled"]
     print(f"billed - unbilled {billing / 1000:8.0f}k: what billing adds to an MCP call")
     print(f"  - verifier      {(billing - per_call['verifier']) / 1000:8.0f}k: the MCP glue")
+    glue = per_call["billed"] - per_call["self_billed"]
+    print(f"billed - self_billed {glue / 1000:5.0f}k: the glue alone (the same begin + capture "
+          "made by an unbilled tool)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ and, in the same rounds:
   running after an MCP call has left the CPU caches cold: the same instructions
   (``bench/instructions.py`` counts both), yet by thread CPU time begin and capture cost 1.05
   to 1.3 times as much inside a call as in the tight loop;
+- to tell those two apart, the same begin + capture made by an unbilled tool itself (the
+  verifier inside an MCP call, in the SDK's worker thread, with no billing code): billed minus
+  that is the glue alone; that minus unbilled minus the tight loop is what running the
+  verifier inside a call costs;
 - a floor under any billing code on this ledger: the rows a billed call writes (two
   transactions: account updates, transfers, the call, one audit event each, appended with no
   chain: a sealer hashes it later) as hand-written SQL on the raw driver, plus the receipt's
@@ -97,6 +101,18 @@ def build_server(billing: Billing) -> MCPServer:
         return text
 
     return server
+
+
+def add_self_billed(server: MCPServer, verifier: Verifier, token: str) -> None:
+    """An unbilled echo that makes the billed echo's begin and capture itself: the verifier
+    inside an MCP call, with none of the billing extension's code around it."""
+
+    @server.tool()
+    def echo_self_billed(text: str) -> str:
+        hold = verifier.begin(token, "echo", args={"text": text})
+        assert isinstance(hold, Hold) and hold.replayed is None
+        verifier.capture(hold, result=_RESULT)
+        return text
 
 
 async def per_call(client: Client, tool: str, meta: RequestParamsMeta, calls: int) -> float:
@@ -194,13 +210,17 @@ def verifier_alone(verifier: Verifier, token: str, calls: int) -> float:
 async def measure(server: MCPServer, verifier: Verifier, token: str,
                   floor: Callable[[int], float], calls: int, rounds: int) -> dict[str, float]:
     meta = cast(RequestParamsMeta, {TOKEN_META: token})
-    times: dict[str, list[float]] = {"unbilled": [], "billed": [], "verifier": [], "floor": []}
+    times: dict[str, list[float]] = {"unbilled": [], "billed": [], "self_billed": [],
+                                     "verifier": [], "floor": []}
     async with Client(server) as client:
-        await per_call(client, "echo", meta, 20)  # warm up both paths
+        await per_call(client, "echo", meta, 20)  # warm up the paths
         await per_call(client, "echo_unbilled", meta, 20)
+        await per_call(client, "echo_self_billed", meta, 20)
         for _ in range(rounds):
             times["unbilled"].append(await per_call(client, "echo_unbilled", meta, calls))
             times["billed"].append(await per_call(client, "echo", meta, calls))
+            times["self_billed"].append(await per_call(client, "echo_self_billed", meta,
+                                                       calls))
             times["verifier"].append(verifier_alone(verifier, token, calls))
             times["floor"].append(floor(calls))
     return {name: statistics.median(values) for name, values in times.items()}
@@ -216,6 +236,7 @@ def main() -> None:
         token = issue(settings, 10_000_000)
         verifier = Verifier.from_settings(settings)
         server = build_server(Billing(verifier))
+        add_self_billed(server, verifier, token)
         jti = jwt.decode(token, options={"verify_signature": False})["jti"]
         signer = KeyRing.load(settings.keys_dir).signing_key()[1]
         floor = functools.partial(ledger_writes_alone, Path(root) / "ledger.db", jti,
@@ -232,6 +253,11 @@ def main() -> None:
           "(begin: hold, then capture)")
     rest = billed - unbilled - ledger
     print(f"and the rest (glue, cold caches)      {rest * 1000:6.3f} ms/call")
+    in_call = median["self_billed"] - unbilled - ledger
+    print(f"  the verifier inside a call costs    {in_call * 1000:6.3f} ms/call more "
+          "(an unbilled tool making the same begin + capture)")
+    print(f"  the glue (billed - that tool)       {(billed - median['self_billed']) * 1000:6.3f}"
+          " ms/call")
     print(f"floor: the same rows as raw SQL     {median['floor'] * 1000:8.3f} ms/call "
           f"= {floor_share:.2f} of an unbilled call,")
     print(f"       so billed / unbilled cannot go below {1 + floor_share:.2f}x on this ledger")
