@@ -7,18 +7,31 @@ object shared by both copies rather than a value the tool would set in its own c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
 class Meter:
-    """The units one billed call has reported so far (``None``: none reported)."""
+    """The units one billed call has reported so far (``None``: none reported), current for
+    the duration of a ``with`` block (see :func:`metering`).
+
+    A context manager of its own rather than a ``@contextmanager`` generator: every billed
+    call opens one, and the generator's machinery cost 2.2 us a call against 0.6 us for
+    ``__enter__``/``__exit__`` (timeit)."""
 
     tool: str
     units: int | None = None
+    _opened: Token[Meter | None] | None = field(default=None, repr=False, compare=False)
+
+    def __enter__(self) -> Meter:
+        self._opened = _current.set(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._opened is not None  # noqa: S101 - __enter__ ran
+        _current.reset(self._opened)
 
 
 _current: ContextVar[Meter | None] = ContextVar("mcpbill_meter", default=None)
@@ -43,12 +56,6 @@ def current_meter() -> Meter | None:
     return _current.get()
 
 
-@contextmanager
-def metering(tool: str) -> Iterator[Meter]:
-    """Open a meter for one call of ``tool`` for the duration of the block."""
-    meter = Meter(tool)
-    token = _current.set(meter)
-    try:
-        yield meter
-    finally:
-        _current.reset(token)
+def metering(tool: str) -> Meter:
+    """A meter for one call of ``tool``, open for the duration of a ``with`` block."""
+    return Meter(tool)

@@ -234,8 +234,14 @@ def with_receipt(result: CallToolResult, receipt: Receipt) -> CallToolResult:
 
 
 def kept_result(result: Result) -> str:
-    """The result as the agent gets it (before the receipt is added), kept for replays."""
-    return result.model_dump_json(by_alias=True, exclude_none=True)
+    """The result as the agent gets it (before the receipt is added), kept for replays.
+
+    The same JSON as ``result.model_dump_json(by_alias=True, exclude_none=True)``, from the
+    model's own serializer: ``model_dump_json`` spends more than the serialization itself
+    sorting out its other options (4.3 us against 1.9 us for an echo's result, timeit), on
+    every paid call."""
+    return result.__pydantic_serializer__.to_json(result, by_alias=True, exclude_none=True,
+                                                  warnings=True).decode()
 
 
 def replayed(receipt: Receipt, kept: str | None) -> CallToolResult:
