@@ -42,8 +42,10 @@ FAILURES = (OSError, EOFError, asyncio.LimitOverrunError, Broken)
 
 def direct(url: str) -> bool:
     """Whether ``url`` is plain HTTP that httpx would reach without a proxy (none is named in
-    the environment for it)."""
-    if urlsplit(url).scheme != "http":
+    the environment for it) and without credentials of its own (httpx sends a URL's user and
+    password as Basic auth)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.username is not None or parts.password is not None:
         return False
     proxies = urllib.request.getproxies()
     return "http" not in proxies and "all" not in proxies

@@ -233,6 +233,8 @@ class Wire:
                     answer = await self._answer_in(events.feed(chunk), request_id, progress)
                     if answer is not None:
                         exchange.until = anyio.current_time() + DRAIN_SECONDS
+            if answer is None:  # the stream ended: its last line with it
+                answer = await self._answer_in(events.end(), request_id, progress)
         if answer is None:
             raise _silent() if rest.cancelled_caught else MCPError(
                 types.CONNECTION_CLOSED, "the upstream's stream ended without an answer")
@@ -336,6 +338,10 @@ class _Events:
                 messages.append(_message("\n".join(self._data)))
                 self._data = []
         return messages
+
+    def end(self) -> list[dict[str, Any]]:
+        """What the stream's last line, ended by the end of the stream, completes."""
+        return self.feed(b"\n") if self._pending else []
 
 
 async def _whole(exchange: Exchange) -> bytes:

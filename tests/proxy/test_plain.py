@@ -169,6 +169,10 @@ def test_sse_events_read_the_same_however_the_stream_is_cut() -> None:
         cut = [message for start in range(0, len(stream), size)
                for message in events.feed(stream[start:start + size])]
         assert cut == expected, size
+    ended = _Events()
+    assert ended.feed(b'data: {"id": "c"}\r\r') == []  # the last CR may be half a CRLF
+    assert ended.end() == [{"id": "c"}]  # the stream's end says it is not
+    assert _Events().end() == []
 
 
 def test_only_a_plain_http_upstream_reached_directly_is_posted_to_on_kept_connections(
@@ -177,5 +181,6 @@ def test_only_a_plain_http_upstream_reached_directly_is_posted_to_on_kept_connec
         monkeypatch.delenv(name, raising=False)
     assert direct("http://127.0.0.1:8080/mcp")
     assert not direct("https://example.com/mcp")
+    assert not direct("http://user:secret@127.0.0.1:8080/mcp")  # httpx sends Basic auth
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     assert not direct("http://127.0.0.1:8080/mcp")
