@@ -117,7 +117,21 @@ def _sqlite_engine(url: str, database: str | None, wal_autocheckpoint: int | Non
         cursor.close()
 
     engine.dialect.do_begin = _begin_sqlite  # type: ignore[method-assign,assignment]
+    sqlite3.register_adapter(type(None), _null)
     return engine
+
+
+def _null(value: None) -> None:
+    """sqlite3's adapter for ``None``: NULL, as without one, found at once.
+
+    Without an adapter, sqlite3 binds a ``None`` only after looking for ``__adapt__`` on its
+    protocol and ``__conform__`` on ``None``, two failed lookups that each build an
+    AttributeError: about 1,800 instructions per NULL parameter (callgrind), and a paid call
+    binds 17 of them (a hold's and a capture's rows and events), about 30k of its 2.3M.
+    Registered process-wide (sqlite3 keeps adapters per type, not per connection); it
+    changes nothing but the lookup for any other sqlite3 user in the process.
+    """
+    return value
 
 
 def _begin_sqlite(connection: PoolProxiedConnection) -> None:
