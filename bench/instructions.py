@@ -23,8 +23,9 @@ would weigh many times over. The log is checkpointed before counting, as its siz
 what a lookup in it costs. The process ends right after the counted calls, without closing
 the verifier: its sealer's last turn would seal their events, and SQLite's last connection
 would checkpoint their log into the database, work that grows with the calls and that a
-server does off the call path (counted, it added about 260k instructions per call to the
-verifier's path and 140k to the floor's).
+server does off the call path (counted, the verifier's path came out at 2.3-2.5M instructions
+per call instead of 1.8-2.1M, the floor's at 1.56M instead of 1.42M). Even so, runs of the
+same code differ by up to 150k per call: compare paths within a few percent over several runs.
 
 Usage: python bench/instructions.py [--calls N]   (needs valgrind)
 """
