@@ -20,7 +20,7 @@ its seal signed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -161,21 +161,23 @@ def money_by_seal(conn: Connection, first: int, last: int) -> dict[int, Money]:
              .join(moved, moved.c.id == named.c.transfer)
              .group_by(named.c.seal, moved.c.posted, moved.c.credit, moved.c.debit))
     parts: dict[int, list[Any]] = {}
-    for row in conn.execute(query):
-        parts.setdefault(int(row.seal), []).append(row)
-    return {seal: _fold(rows) for seal, rows in parts.items()}
+    for seal, *part in conn.execute(query):
+        parts.setdefault(int(seal), []).append(part)
+    return {seal: fold(rows) for seal, rows in parts.items()}
 
 
-def _fold(rows: list[Any]) -> Money:
+def fold(parts: Iterable[Sequence[Any]]) -> Money:
+    """The :class:`Money` of groups of transfers, each ``(posted, credited class, debited
+    class, how many, their sum)``."""
     count = amount = 0
     posted: dict[str, int] = {}
     pending: dict[str, int] = {}
-    for row in rows:
-        total = int(row.sum)
-        count, amount = count + int(row.n), amount + total
-        nets = posted if row.posted else pending
-        nets[row.credit] = nets.get(row.credit, 0) + total
-        nets[row.debit] = nets.get(row.debit, 0) - total
+    for is_posted, credit, debit, n, moved in parts:
+        total = int(moved)
+        count, amount = count + int(n), amount + total
+        nets = posted if is_posted else pending
+        nets[credit] = nets.get(credit, 0) + total
+        nets[debit] = nets.get(debit, 0) - total
     return Money(count, amount, posted, pending)
 
 

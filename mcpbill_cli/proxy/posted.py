@@ -165,21 +165,15 @@ class Wire:
         stream is then read to its end (for DRAIN_SECONDS at most), so that its connection
         goes back to the pool."""
         answer: dict[str, Any] | None = None
-        data: list[str] = []
+        events = _Events()
         with anyio.CancelScope() as rest:
-            async for line in response.aiter_lines():
-                if answer is not None:  # the rest, read to keep the connection
-                    continue
-                if line.startswith("data:"):
-                    data.append(line[5:].removeprefix(" "))
-                elif not line and data:
-                    message = _message("\n".join(data))
-                    data = []
-                    if message.get("id") == request_id and "method" not in message:
-                        answer = message
+            async for chunk in response.aiter_bytes():
+                if answer is None:  # else the rest, read to keep the connection
+                    answer = await self._answer_in(events.feed(chunk), request_id, progress)
+                    if answer is not None:
                         rest.deadline = anyio.current_time() + DRAIN_SECONDS
-                    else:
-                        await self._take(message, request_id, progress)
+            if answer is None:  # the stream ended: its last line with it
+                answer = await self._answer_in(events.end(), request_id, progress)
         if answer is None:
             raise MCPError(types.CONNECTION_CLOSED, "the upstream's stream ended without an "
                                                     "answer")
@@ -319,7 +313,7 @@ def _message(data: str) -> dict[str, Any]:
 class _Events:
     """The JSON-RPC messages of an SSE stream's events, from its bytes as they come: a line ends
     with LF, CRLF or CR, an event at a blank line, its ``data:`` lines joined (as httpx's
-    ``aiter_lines`` and :meth:`Wire._streamed` read them)."""
+    ``aiter_lines`` reads the lines)."""
 
     def __init__(self) -> None:
         self._pending = b""

@@ -248,16 +248,15 @@ async def _noticing_lost_sessions(response: httpx2.Response) -> None:
     if sending is None or sending.accepted:
         return
     status = response.status_code
-    if response.is_success:
-        sending.accepted = _posts_request(response.request)
-    elif status in (400, 404) and _posts_request(response.request) and (
-            status == 404 or _names_session(await response.aread())):
-        sending.session_unknown = True
+    if (response.is_success or status in (400, 404)) and _posts_request(response.request):
+        _heard(status, await response.aread() if status == 400 else b"")
 
 
 def _heard(status: int, body: bytes) -> None:
-    """What :func:`_noticing_lost_sessions` notes, for a ``tools/call`` the wire posted on its
-    session on a connection of its own (:mod:`mcpbill_cli.proxy.posted`)."""
+    """Note on the request being sent (:data:`_SENDING`) what the answer to it, posted on a
+    session, settles: accepted (2xx), or the session unknown to the upstream (see
+    :func:`_noticing_lost_sessions`). Told directly by a ``tools/call`` the wire posted on a
+    connection of its own (:mod:`mcpbill_cli.proxy.posted`)."""
     sending = _SENDING.get()
     if sending is None or sending.accepted:
         return

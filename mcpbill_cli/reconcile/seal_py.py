@@ -123,18 +123,10 @@ def _money(cursor: Any, named: Iterable[Any], first: str, last: str) -> Money:
     created within its events' span, each as often as named, per class of account. (As
     SQLite compares them: a BLOB id equals a BLOB only, never a text.)"""
     times = Counter(name for name in named if name is not None)
-    count = total = 0
-    posted: dict[str, int] = {}
-    pending: dict[str, int] = {}
-    for transfer, is_posted, credited, debited, amount in _span(cursor, first, last):
-        named_times = times.get(transfer)
-        if named_times:
-            moved = named_times * amount
-            count, total = count + named_times, total + moved
-            nets = posted if is_posted else pending
-            nets[credited] = nets.get(credited, 0) + moved
-            nets[debited] = nets.get(debited, 0) - moved
-    return Money(count, total, posted, pending)
+    return seal_money.fold(
+        (is_posted, credited, debited, named_times, named_times * amount)
+        for transfer, is_posted, credited, debited, amount in _span(cursor, first, last)
+        if (named_times := times.get(transfer)))
 
 
 def _span(cursor: Any, first: str, last: str) -> Any:
