@@ -66,7 +66,7 @@ from mcpbill_cli.mcp.wire import (
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
 from mcpbill_cli.pricing import quote
-from mcpbill_cli.proxy.posted import wire_of
+from mcpbill_cli.proxy.posted import TooLarge, wire_of
 from mcpbill_cli.proxy.sessions import AgentSession, agent_session, has_session
 from mcpbill_cli.proxy.upstream import SessionUnknown, Upstream
 from mcpbill_cli.tracing import ended, step
@@ -314,7 +314,8 @@ class ProxyBilling:
                       params: CallToolRequestParams) -> Relayed | BillingError:
         """The upstream's result with its JSON, or why there is none (UPSTREAM_TIMEOUT,
         UPSTREAM_UNAVAILABLE, PROXY_SESSIONS_FULL, RESPONSE_TOO_LARGE: a result over the limit
-        is not relayed, so a paid one is voided).
+        is not relayed, so a paid one is voided; one the proxy posts itself is cut off as it
+        is read, see :mod:`mcpbill_cli.proxy.posted`).
 
         A call the upstream refused because it lost the agent's session (it restarted) never
         ran there: it is sent again on a new session (:meth:`Link.call
@@ -331,15 +332,17 @@ class ProxyBilling:
         meta = params.meta
         wants_progress = any((meta or {}).get(key) is not None for key in PROGRESS_TOKENS)
         progress = _relay(ctx) if wants_progress else None
-        timeout = self.limits.call_timeout
+        timeout, limit = self.limits.call_timeout, self.limits.max_response_bytes
         try:
             with anyio.fail_after(timeout), session.during(ctx):
                 result = await session.link.call(
-                    client, lambda live: _call_upstream(live, ctx, params, progress))
+                    client, lambda live: _call_upstream(live, ctx, params, progress, limit))
         except UpstreamUnavailable as error:  # no new connection after a lost session
             return error
         except SessionUnknown as error:  # the new session was refused too
             return self._lost(session, client, params.name, error)
+        except TooLarge as error:  # cut off while read: an answer posted by the proxy itself
+            return over_limit(error.size, limit, params.name)
         except TimeoutError:
             return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
                                    f"{timeout:g} s; the call was not billed",
@@ -351,8 +354,7 @@ class ProxyBilling:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as error:
             return self._lost(session, client, params.name, error)
         relayed = Relayed(result, kept_result(result))
-        return (oversized(len(relayed.json.encode()), self.limits.max_response_bytes, params.name)
-                or relayed)
+        return oversized(len(relayed.json.encode()), limit, params.name) or relayed
 
     def _lost(self, session: AgentSession, client: Client, tool: str,
               error: BaseException) -> UpstreamUnavailable:
@@ -389,7 +391,8 @@ class ProxyBilling:
 
 
 async def _call_upstream(client: Client, ctx: ServerRequestContext[Any, Any],
-                         params: CallToolRequestParams, progress: ProgressFnT | None) -> Answer:
+                         params: CallToolRequestParams, progress: ProgressFnT | None,
+                         limit: int) -> Answer:
     """``tools/call`` on the upstream. For a 2026-07-28 agent (no session) the upstream's
     ``input_required`` result is the agent's to answer: it retries the call with
     ``inputResponses`` and ``requestState``, passed on as they come. An agent of the handshake
@@ -398,7 +401,7 @@ async def _call_upstream(client: Client, ctx: ServerRequestContext[Any, Any],
     args, meta = dict(params.arguments or {}), forwarded_meta(params.meta)
     wire = wire_of(client)
     if wire is not None and params.input_responses is None and params.request_state is None:
-        return await wire.call_tool(params.name, args, meta, progress)
+        return await wire.call_tool(params.name, args, meta, progress, limit)
     if has_session(ctx):
         return await client.call_tool(params.name, args, progress_callback=progress,
                                       meta=meta)  # type: ignore[arg-type]
@@ -433,8 +436,11 @@ def too_large(result: Any, limit: int, tool: str | None = None) -> ResponseTooLa
 
 def oversized(size: int, limit: int, tool: str | None = None) -> ResponseTooLarge | None:
     """RESPONSE_TOO_LARGE when a result of ``size`` bytes is over ``limit``, else None."""
-    if size <= limit:
-        return None
+    return None if size <= limit else over_limit(size, limit, tool)
+
+
+def over_limit(size: int, limit: int, tool: str | None = None) -> ResponseTooLarge:
+    """RESPONSE_TOO_LARGE for an answer of ``size`` bytes (or cut off after them)."""
     details: dict[str, Any] = {"limitBytes": limit, "sizeBytes": size}
     if tool is not None:
         details["tool"] = tool

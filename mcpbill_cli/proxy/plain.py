@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import anyio
 
 __all__ = ["CONNECT_SECONDS", "FAILURES", "READ_SECONDS", "Broken", "Connections", "Exchange",
-           "direct"]
+           "TooLarge", "direct"]
 
 CONNECT_SECONDS = 30.0  # as the SDK's client: connecting, and each read of an answer
 READ_SECONDS = 300.0
@@ -34,6 +34,15 @@ CHUNK_BYTES = 64 * 1024
 
 class Broken(Exception):  # noqa: N818 - the upstream's answer, as read
     """An answer that is not HTTP/1.1 as this module reads it."""
+
+
+class TooLarge(Exception):  # noqa: N818 - the upstream's answer, as read
+    """An answer (or one message of it) over the bytes its reader takes: ``size`` read so far.
+    Nothing more of it is read, and its connection is not kept."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"over the limit after {size} bytes")
+        self.size = size
 
 
 # What reading or writing an exchange raises when its connection fails.
@@ -113,6 +122,7 @@ class Exchange:
         self.headers: dict[str, str] = {}
         self._chunked = False
         self._left: int | None = None  # bytes of a Content-Length body still to read
+        self._chunk_left = 0  # bytes of the current chunk of a chunked body still to read
         self._ended = False
         self._keep = False
 
@@ -154,11 +164,14 @@ class Exchange:
         self._left -= len(data)
         return data
 
-    async def read(self) -> bytes:
-        """The rest of the answer's body."""
-        pieces = []
+    async def read(self, limit: float = math.inf) -> bytes:
+        """The rest of the answer's body; :class:`TooLarge` once it is over ``limit`` bytes."""
+        pieces, size = [], 0
         while (piece := await self.chunk()) is not None:
             pieces.append(piece)
+            size += len(piece)
+            if size > limit:
+                raise TooLarge(size)
         return b"".join(pieces)
 
     def release(self) -> None:
@@ -189,20 +202,26 @@ class Exchange:
             self._keep = False
 
     async def _next_chunk(self) -> bytes | None:
-        line = await self._reader.readuntil(b"\r\n")
-        try:
-            size = int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            raise Broken("a chunk size that is not a number") from None
-        if size == 0:
-            while await self._reader.readuntil(b"\r\n") != b"\r\n":  # trailers, unread
-                pass
-            self._ended = True
-            return None
-        data = await self._reader.readexactly(size + 2)
-        if data[-2:] != b"\r\n":
+        """The next piece of a chunked body, at most CHUNK_BYTES of its current chunk: a chunk
+        that says it is huge is read as it comes, not gathered whole."""
+        if self._chunk_left == 0:
+            line = await self._reader.readuntil(b"\r\n")
+            try:
+                self._chunk_left = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise Broken("a chunk size that is not a number") from None
+            if self._chunk_left < 0:
+                raise Broken("a chunk size that is negative")
+            if self._chunk_left == 0:
+                while await self._reader.readuntil(b"\r\n") != b"\r\n":  # trailers, unread
+                    pass
+                self._ended = True
+                return None
+        data = await self._reader.readexactly(min(self._chunk_left, CHUNK_BYTES))
+        self._chunk_left -= len(data)
+        if self._chunk_left == 0 and await self._reader.readexactly(2) != b"\r\n":
             raise Broken("a chunk that does not end where its size says")
-        return data[:-2]
+        return data
 
 
 def _head(block: bytes) -> tuple[str, int, dict[str, str]]:

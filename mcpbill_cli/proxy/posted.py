@@ -19,6 +19,11 @@ refuses the session (the upstream restarted) is noticed by the HTTP client's res
 for the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`), or told to
 ``heard`` when the call went on a connection of the wire's own.
 
+An answer is read up to the size the proxy relays (``limit``, plus :data:`ENVELOPE_BYTES` for
+its JSON-RPC message and SSE framing): a body, or one event of the call's stream, that goes
+past it raises :class:`~mcpbill_cli.proxy.plain.TooLarge` then, unread further, its connection
+closed; an endless or enormous answer costs the proxy neither its memory nor the call's timeout.
+
 A plain ``http://`` upstream reached directly is posted to on connections the wire keeps itself
 (:mod:`mcpbill_cli.proxy.plain`: a fifth of httpx's CPU per call); any other, with the SDK's
 client's own HTTP client."""
@@ -28,6 +33,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from weakref import finalize
@@ -43,14 +49,23 @@ from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from mcpbill_cli.proxy.plain import FAILURES, READ_SECONDS, Connections, Exchange, direct
+from mcpbill_cli.proxy.plain import (
+    FAILURES,
+    READ_SECONDS,
+    Connections,
+    Exchange,
+    TooLarge,
+    direct,
+)
 
-__all__ = ["Wire", "wire_of"]
+__all__ = ["TooLarge", "Wire", "wire_of"]
 
 log = logging.getLogger("mcpbill.proxy")
 
 DRAIN_SECONDS = 0.05  # how long the rest of a call's stream is read once it answered
 CANCEL_SECONDS = 5.0  # how long telling the upstream of a cancelled call may take
+# What an answer's bytes may hold beyond its result: the JSON-RPC message around it, SSE framing.
+ENVELOPE_BYTES = 1024
 ASKING = ("sampling_callback", "elicitation_callback", "list_roots_callback")
 _IDS = itertools.count(1)
 # Each client's wire, by the client's id while it lives (a Client is a dataclass: unhashable).
@@ -107,9 +122,10 @@ class Wire:
         return self.headers is not None and self.http is not None and not self.asks
 
     async def call_tool(self, name: str, arguments: dict[str, Any],
-                        meta: dict[str, Any] | None, progress: ProgressFnT | None
-                        ) -> types.CallToolResult:
-        """``tools/call`` of ``name`` on the session (see the module docstring)."""
+                        meta: dict[str, Any] | None, progress: ProgressFnT | None,
+                        limit: int) -> types.CallToolResult:
+        """``tools/call`` of ``name`` on the session, its result read up to ``limit`` bytes
+        (see the module docstring)."""
         request_id = f"mcpbill-{next(_IDS)}"
         params: dict[str, Any] = {"name": name, "arguments": arguments}
         if progress is not None:
@@ -119,7 +135,7 @@ class Wire:
         try:
             answer = await self._post({"jsonrpc": "2.0", "id": request_id,
                                        "method": "tools/call", "params": params},
-                                      request_id, progress)
+                                      request_id, progress, limit + ENVELOPE_BYTES)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_SECONDS):
                 await self._tell({"jsonrpc": "2.0", "method": "notifications/cancelled",
@@ -138,34 +154,34 @@ class Wire:
             self.plain.close()
 
     async def _post(self, message: dict[str, Any], request_id: str,
-                    progress: ProgressFnT | None) -> dict[str, Any]:
+                    progress: ProgressFnT | None, limit: int) -> dict[str, Any]:
         if self.plain is not None:
             return await self._post_plain(self.plain, json.dumps(message).encode(), request_id,
-                                          progress)
+                                          progress, limit)
         assert self.http is not None and self.headers is not None  # noqa: S101 - see wire_of
         try:
             async with self.http.stream("POST", self.url, content=json.dumps(message),
                                         headers=self.headers) as response:
                 if response.status_code != 200:
-                    return _refused(response.status_code, await response.aread())
+                    return _refused(response.status_code, await _gathered(response, limit))
                 kind = response.headers.get("content-type", "")
                 if kind.startswith("application/json"):
-                    answer: dict[str, Any] = json.loads(await response.aread())
+                    answer: dict[str, Any] = json.loads(await _gathered(response, limit))
                     return answer
                 if kind.startswith("text/event-stream"):
-                    return await self._streamed(response, request_id, progress)
+                    return await self._streamed(response, request_id, progress, limit)
         except (httpx2.TransportError, httpx2.StreamError) as error:
             raise MCPError(types.CONNECTION_CLOSED, f"the upstream's stream broke: {error}"
                            ) from error
         raise MCPError(types.INVALID_REQUEST, f"unexpected content type {kind!r}")
 
     async def _streamed(self, response: httpx2.Response, request_id: str,
-                        progress: ProgressFnT | None) -> dict[str, Any]:
+                        progress: ProgressFnT | None, limit: int) -> dict[str, Any]:
         """The answer on the call's SSE stream, what comes before it taken as it comes; the
         stream is then read to its end (for DRAIN_SECONDS at most), so that its connection
         goes back to the pool."""
         answer: dict[str, Any] | None = None
-        events = _Events()
+        events = _Events(limit)
         with anyio.CancelScope() as rest:
             async for chunk in response.aiter_bytes():
                 if answer is None:  # else the rest, read to keep the connection
@@ -180,7 +196,7 @@ class Wire:
         return answer
 
     async def _post_plain(self, plain: Connections, body: bytes, request_id: str,
-                          progress: ProgressFnT | None) -> dict[str, Any]:
+                          progress: ProgressFnT | None, limit: int) -> dict[str, Any]:
         """:meth:`_post` on a connection the wire keeps; a failed connection is
         ``CONNECTION_CLOSED``, as httpx's transport errors are."""
         try:
@@ -188,14 +204,14 @@ class Wire:
         except (*FAILURES, TimeoutError) as error:
             raise _broke(error) from error
         try:
-            return await self._exchanged(exchange, body, request_id, progress)
+            return await self._exchanged(exchange, body, request_id, progress, limit)
         except FAILURES as error:
             raise _broke(error) from error
         finally:
             exchange.release()
 
     async def _exchanged(self, exchange: Exchange, body: bytes, request_id: str,
-                         progress: ProgressFnT | None) -> dict[str, Any]:
+                         progress: ProgressFnT | None, limit: int) -> dict[str, Any]:
         with anyio.CancelScope() as waiting:
             exchange.timed(waiting)
             await exchange.request(self._head, body)
@@ -203,23 +219,23 @@ class Wire:
             raise _silent()
         status = exchange.status
         if status != 200:
-            refused = await _whole(exchange)
+            refused = await _whole(exchange, limit)
             self._heard(status, refused)
             return _refused(status, refused)
         self._heard(status, b"")
         kind = exchange.headers.get("content-type", "")
         if kind.startswith("application/json"):
-            answer: dict[str, Any] = json.loads(await _whole(exchange))
+            answer: dict[str, Any] = json.loads(await _whole(exchange, limit))
             return answer
         if kind.startswith("text/event-stream"):
-            return await self._events(exchange, request_id, progress)
+            return await self._events(exchange, request_id, progress, limit)
         raise MCPError(types.INVALID_REQUEST, f"unexpected content type {kind!r}")
 
     async def _events(self, exchange: Exchange, request_id: str,
-                      progress: ProgressFnT | None) -> dict[str, Any]:
+                      progress: ProgressFnT | None, limit: int) -> dict[str, Any]:
         """:meth:`_streamed`, on a connection the wire keeps."""
         answer: dict[str, Any] | None = None
-        events = _Events()
+        events = _Events(limit)
         with anyio.CancelScope() as rest:
             exchange.timed(rest)
             while (chunk := await exchange.chunk()) is not None:
@@ -313,11 +329,14 @@ def _message(data: str) -> dict[str, Any]:
 class _Events:
     """The JSON-RPC messages of an SSE stream's events, from its bytes as they come: a line ends
     with LF, CRLF or CR, an event at a blank line, its ``data:`` lines joined (as httpx's
-    ``aiter_lines`` reads the lines)."""
+    ``aiter_lines`` reads the lines). An event whose bytes so far (its data and the line being
+    read) are over ``limit`` raises :class:`TooLarge`."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: float = math.inf) -> None:
+        self._limit = limit
         self._pending = b""
         self._data: list[str] = []
+        self._size = 0  # bytes of the event's data lines so far
 
     def feed(self, chunk: bytes) -> list[dict[str, Any]]:
         lines = (self._pending + chunk).splitlines(keepends=True)
@@ -328,9 +347,12 @@ class _Events:
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
             if line.startswith("data:"):
                 self._data.append(line[5:].removeprefix(" "))
+                self._size += len(raw)
             elif not line and self._data:
                 messages.append(_message("\n".join(self._data)))
-                self._data = []
+                self._data, self._size = [], 0
+        if not messages and self._size + len(self._pending) > self._limit:  # else taken first
+            raise TooLarge(self._size + len(self._pending))
         return messages
 
     def end(self) -> list[dict[str, Any]]:
@@ -338,12 +360,22 @@ class _Events:
         return self.feed(b"\n") if self._pending else []
 
 
-async def _whole(exchange: Exchange) -> bytes:
-    """The rest of an answer's body, each read given READ_SECONDS."""
+async def _whole(exchange: Exchange, limit: int) -> bytes:
+    """The rest of an answer's body, each read given READ_SECONDS; TooLarge past ``limit``."""
     with anyio.CancelScope() as reading:
         exchange.timed(reading)
-        return await exchange.read()
+        return await exchange.read(limit)
     raise _silent()
+
+
+async def _gathered(response: httpx2.Response, limit: int) -> bytes:
+    """The rest of ``response``'s body (httpx's ``aread``); TooLarge past ``limit``."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(len(body))
+    return bytes(body)
 
 
 def _broke(error: BaseException) -> MCPError:

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from mcpbill_cli.proxy import plain
-from mcpbill_cli.proxy.plain import Broken, Connections, direct
+from mcpbill_cli.proxy.plain import CHUNK_BYTES, Broken, Connections, TooLarge, direct
 from mcpbill_cli.proxy.posted import _Events
 
 
@@ -145,6 +145,7 @@ def test_a_connection_the_upstream_closed_or_idle_too_long_is_not_reused(
     b"SSH-2.0-OpenSSH\r\n\r\n",
     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
     b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-2\r\nhi\r\n0\r\n\r\n",
 ])
 def test_an_answer_that_is_not_http_1_1_as_framed_fails_the_exchange(answer: bytes) -> None:
     async def go() -> None:
@@ -153,6 +154,46 @@ def test_an_answer_that_is_not_http_1_1_as_framed_fails_the_exchange(answer: byt
                 await post(pool)
 
     anyio.run(go)
+
+
+@pytest.mark.parametrize("framing", [b"transfer-encoding: chunked\r\n\r\n40000000\r\n",
+                                     b"content-length: 1073741824\r\n\r\n", b"\r\n"])
+def test_a_huge_answer_is_read_as_it_comes_and_cut_at_the_limit(framing: bytes) -> None:
+    """A chunk, a Content-Length or a connection's end that promises a GiB: the reader stops
+    past the limit instead of gathering it (or waiting for all of it), and the connection is
+    not kept."""
+
+    def huge(writer: asyncio.StreamWriter) -> None:  # sends 512 KiB, then waits
+        writer.write(b"HTTP/1.1 200 OK\r\n" + framing + b"x" * (512 * 1024))
+
+    async def go() -> None:
+        async with scripted(huge, json_answer(b"{}")) as (server, pool):
+            exchange = await pool.exchange()
+            try:
+                await exchange.request(pool.head({}), b"{}")
+                with anyio.fail_after(5), pytest.raises(TooLarge) as cut:
+                    await exchange.read(100_000)
+            finally:
+                exchange.release()
+            assert 100_000 < cut.value.size <= 100_000 + CHUNK_BYTES
+            assert await post(pool) == (200, b"{}")
+            assert server.accepted == 2
+
+    anyio.run(go)
+
+
+def test_an_sse_event_over_the_limit_is_cut_once_the_events_before_it_are_taken() -> None:
+    events = _Events(limit=1000)
+    fits = b'data: {"id": "a", "result": {"text": "%s"}}\n\n' % (b"y" * 900)
+    assert events.feed(fits * 3) == [{"id": "a", "result": {"text": "y" * 900}}] * 3
+    assert events.feed(b'data: {"id": "b"}\n\ndata: "' + b"x" * 2000) == [{"id": "b"}]
+    with pytest.raises(TooLarge) as cut:
+        events.feed(b"x")  # one line without end
+    assert cut.value.size == 2008
+    lines = _Events(limit=1000)
+    with pytest.raises(TooLarge):
+        for _ in range(100):
+            lines.feed(b"data: " + b"z" * 40 + b"\n")  # one event of many lines, without end
 
 
 def test_sse_events_read_the_same_however_the_stream_is_cut() -> None:

@@ -1,19 +1,28 @@
 """`--max-response-bytes`: an upstream result over the limit is not relayed; a paid call is
-voided and refused with RESPONSE_TOO_LARGE, counted in the proxy's metrics."""
+voided and refused with RESPONSE_TOO_LARGE, counted in the proxy's metrics. A call the proxy
+posts itself is cut off at the limit as it is read: an upstream that streams an endless answer
+gets the same refusal, not a timeout, and its connection closed."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import mcp_types as types
 import pytest
+from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpbill_cli.config import Settings
 from mcpbill_cli.metrics import PrometheusMetrics
+from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, UpstreamTarget, build_app
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import (
@@ -26,7 +35,8 @@ from tests.mcp.conftest import (
     usd,
 )
 
-from .conftest import agent, stdio_target
+from .conftest import PRICING, agent, stdio_target
+from .test_cut_off import _body, _replaying
 
 Limited = tuple[str, PrometheusMetrics]
 LIMIT = 16 * 1024  # over the reference server's tools/list, which the client reads to validate
@@ -68,15 +78,22 @@ def test_a_paid_result_over_the_limit_is_voided_and_refused(
     assert body["code"] == "RESPONSE_TOO_LARGE" and body["limitBytes"] == LIMIT
     assert body["sizeBytes"] > LIMIT and body["tool"] == "echo"
     assert "x" * 100 not in str(big.content)  # the upstream's text never reached the agent
-    assert receipt_of(small)["amountUsd"] == "0.002"  # the proxy goes on relaying
+    assert_voided_then_charged(small, "0.002", engine, token, metrics, "echo")
+
+
+def assert_voided_then_charged(next_result: CallToolResult, price: str, engine: Engine,
+                               token: Any, metrics: PrometheusMetrics, tool: str) -> None:
+    """The oversized call was voided and refused (counted), and the next call, relayed and
+    charged ``price``, is the token's only spending."""
+    assert receipt_of(next_result)["amountUsd"] == price  # the proxy goes on relaying
     view = token_view(engine, token)
-    assert (view.spent, view.held) == (usd("0.002"), 0)
+    assert (view.spent, view.held) == (usd(price), 0)
     assert_ledger_sound(engine)
     registry = metrics.registry
     assert registry.get_sample_value("mcpbill_refusals_total", {
-        "tool": "echo", "code": "RESPONSE_TOO_LARGE"}) == 1
+        "tool": tool, "code": "RESPONSE_TOO_LARGE"}) == 1
     assert registry.get_sample_value("mcpbill_calls_total", {
-        "tool": "echo", "outcome": "voided"}) == 1
+        "tool": tool, "outcome": "voided"}) == 1
     assert registry.get_sample_value("mcpbill_holds_open") == 0
 
 
@@ -97,3 +114,104 @@ def test_other_results_over_the_limit_are_refused_too(
     assert messages > 0
     assert error.error.data["code"] == "RESPONSE_TOO_LARGE"
     assert error.error.data["limitBytes"] == response_limit
+
+
+class Flooding:
+    """The upstream (a Python SDK server of the 2025-11-25 era, whose calls the proxy posts
+    itself): its tool ``fits`` answers; a call of ``flood`` is answered, in ``mode``, with a
+    body that never ends, until the proxy closes the connection (counted in ``cut``)."""
+
+    MODES = {  # status, content type, the answer's start (the rest is "x" without end)
+        "event": (200, b"text/event-stream",
+                  b'event: message\ndata: {"jsonrpc": "2.0", "id": "%s", "result": {"content": '
+                  b'[{"type": "text", "text": "'),
+        "json": (200, b"application/json",
+                 b'{"jsonrpc": "2.0", "id": "%s", "result": {"content": [{"type": "text", '
+                 b'"text": "'),
+        "error": (500, b"text/plain", b"%s failed: "),
+    }
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.cut = 0
+        server: MCPServer = MCPServer("flooding")
+
+        @server.tool()
+        def fits() -> str:
+            return "fits"
+
+        self._app = server.streamable_http_app()
+
+    def app(self) -> ASGIApp:
+        async def flooding(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or scope["method"] != "POST":
+                return await self._app(scope, receive, send)
+            body = await _body(receive)
+            message = json.loads(body)
+            if message.get("method") == "server/discover":  # the 2025-11-25 era
+                return await JSONResponse({"jsonrpc": "2.0", "id": message["id"], "error": {
+                    "code": types.METHOD_NOT_FOUND, "message": "Method not found"}})(
+                        scope, receive, send)
+            if message.get("method") == "tools/call" and message["params"]["name"] == "flood":
+                return await self._flood(str(message["id"]).encode(), receive, send)
+            return await self._app(scope, _replaying(body, receive), send)
+
+        return flooding
+
+    async def _flood(self, request_id: bytes, receive: Receive, send: Send) -> None:
+        status, kind, start = self.MODES[self.mode]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", kind)]})
+        await send({"type": "http.response.body", "body": start % request_id,
+                    "more_body": True})
+
+        async def endless() -> None:
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 65536,
+                            "more_body": True})
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(endless)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.cut += 1
+            tasks.cancel_scope.cancel()
+
+
+@pytest.fixture
+def floods_priced(priced: Settings) -> Settings:
+    save_pricing_text(priced.pricing_path, PRICING + '\n[tools.flood]\nprice = "0.004"\n'
+                                                     '\n[tools.fits]\nprice = "0.001"\n')
+    return priced
+
+
+@pytest.mark.parametrize("mode", sorted(Flooding.MODES))
+@pytest.mark.parametrize("path", ["plain", "httpx"])
+def test_an_endless_answer_is_cut_off_at_the_limit_voided_and_refused(
+        floods_priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str,
+        path: str) -> None:
+    token = mint()
+    flooding = Flooding(mode)
+    metrics = PrometheusMetrics()
+
+    async def go() -> tuple[CallToolResult, CallToolResult]:
+        async with agent(url, token.token) as paying:
+            flooded = await paying.call("flood")
+            with anyio.fail_after(10):
+                while not flooding.cut:  # the upstream saw its connection closed
+                    await anyio.sleep(0.01)
+            return flooded, await paying.call("fits")
+
+    with serve(flooding.app()) as upstream_url:
+        if path == "httpx":  # credentials in the URL: posted with httpx, as httpx sends them
+            upstream_url = upstream_url.replace("http://", "http://user:secret@")
+        upstream = Upstream(UpstreamTarget.parse(command=None, url=upstream_url))
+        limits = Limits(call_timeout=20, max_response_bytes=LIMIT)
+        with serve(build_app(Proxy(verifier, upstream, limits, metrics=metrics))) as url:
+            flooded, fitted = anyio.run(go)
+    body = refusal_of(flooded)
+    assert body["code"] == "RESPONSE_TOO_LARGE" and body["tool"] == "flood", body
+    assert body["limitBytes"] == LIMIT and LIMIT < body["sizeBytes"] < 2 * LIMIT + 65536
+    assert flooding.cut == 1
+    assert_voided_then_charged(fitted, "0.001", engine, token, metrics, "flood")
