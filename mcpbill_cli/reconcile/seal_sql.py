@@ -30,26 +30,35 @@ NAMES = tuple(name for name in TEXT_FIELDS if name != ESCAPED)
 _AT = "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"
 
 
-def _json_value(field: str) -> str:
-    """SQL for ``field`` as ``json.dumps`` writes it (text fields: when printable ASCII)."""
+def _json_value(field: str) -> tuple[str, str, str]:
+    """``field`` as ``json.dumps`` writes it (text fields: when printable ASCII): the SQL, with
+    the constant text written just before and after it."""
     if field == ESCAPED:
-        return (f"coalesce('\"' || replace(replace({field}, '\\', '\\\\'), '\"', '\\\"') "
-                "|| '\"', 'null')")
+        return "", (f"coalesce('\"' || replace(replace({field}, '\\', '\\\\'), '\"', "
+                    "'\\\"') || '\"', 'null')"), ""
     if field in NAMES:  # vouched for only without characters to escape
-        return f"coalesce('\"' || {field} || '\"', 'null')"
+        return "", f"coalesce('\"' || {field} || '\"', 'null')", ""
     if field == "at":
-        return f"'\"' || {_AT} || '+00:00\"'"
+        return '"', _AT, '+00:00"'
     if field == "demo":
-        return "CASE WHEN demo THEN 'true' ELSE 'false' END"
+        return "", "CASE WHEN demo THEN 'true' ELSE 'false' END", ""
     if field == "seq":  # an event's own hash takes its id as its place
-        return "id::text"
-    return f"coalesce({field}::text, 'null')"  # amount: bigint, as Python's int
+        return "", "id::text", ""
+    return "", f"coalesce({field}::text, 'null')", ""  # amount: bigint, as Python's int
 
 
 def canonical_sql() -> str:
-    """SQL for an event's canonical form (the keys sorted, as ``json.dumps`` sorts them)."""
-    members = [f"'\"{field}\":' || {_json_value(field)}" for field in sorted(audit.CHAIN_FIELDS)]
-    return "'{' || " + " || ',' || ".join(members) + " || '}'"
+    """SQL for an event's canonical form (the keys sorted, as ``json.dumps`` sorts them).
+    The constant text between two values is one literal: each ``||`` copies the text built so
+    far, and a literal per key, comma and quote cost the batches of a 1M-call day (1.07M
+    events) 4.85-5.09 s of server CPU against 4.43-4.57 s."""
+    parts: list[str] = []
+    constant = "{"
+    for field in sorted(audit.CHAIN_FIELDS):
+        before, value, after = _json_value(field)
+        parts += [f"'{constant}\"{field}\":{before}'", value]
+        constant = after + ","
+    return " || ".join([*parts, f"'{constant[:-1]}}}'"])
 
 
 # What PostgreSQL can vouch for: printable ASCII throughout (in the names and ids, but for
