@@ -218,11 +218,13 @@ def _ledger_label(ctx: Context) -> str:
 
 
 def _start_seals(ctx: Context, conn: Connection) -> Callable[[], tuple[int, str] | None]:
-    """Start hashing the batches (they hash while the SQL checks run)."""
+    """Start hashing the batches (they hash while the SQL checks run). Their connections
+    group each seal's money by hashing: sorting the day's million named transfers first cost
+    2.19-2.45 s of server CPU against 1.99-2.11 s (the batches themselves must sort)."""
     options = ctx.options
     scope = seal_check.seal_scope(conn, options.chain, options.window)
     return seal_check.start_seal_check(ctx.engine, conn, scope, ctx.seal_keys(), options.jobs,
-                                       ctx.found, prepare(Planning.STREAMED))
+                                       ctx.found, prepare(Planning.HASHED))
 
 
 def _finish_seals(ctx: Context, conn: Connection,
