@@ -217,11 +217,14 @@ class Exchange:
                     pass
                 self._ended = True
                 return None
-        data = await self._reader.readexactly(min(self._chunk_left, CHUNK_BYTES))
-        self._chunk_left -= len(data)
-        if self._chunk_left == 0 and await self._reader.readexactly(2) != b"\r\n":
+        if self._chunk_left > CHUNK_BYTES:
+            self._chunk_left -= CHUNK_BYTES
+            return await self._reader.readexactly(CHUNK_BYTES)
+        data = await self._reader.readexactly(self._chunk_left + 2)  # its end in the same read
+        self._chunk_left = 0
+        if data[-2:] != b"\r\n":
             raise Broken("a chunk that does not end where its size says")
-        return data
+        return data[:-2]
 
 
 def _head(block: bytes) -> tuple[str, int, dict[str, str]]:
