@@ -195,20 +195,11 @@ class Shelf:
         self.keep = keep if isinstance(engine.pool, QueuePool) else 0
         self._idle: list[Connection] = []  # list.append and .pop are atomic
 
-    @contextmanager
-    def writing(self) -> Iterator[Connection]:
+    def writing(self) -> _Shelved:
         """:func:`writing` on a shelved connection (or a new one, shelved after)."""
-        conn = self._take()
-        try:
-            with conn.begin():
-                yield conn
-        except OperationalError as exc:
-            conn.close()
-            self.close()
-            raise unavailable(self.engine, exc) from None
-        except BaseException:
-            conn.close()
-            raise
+        return _Shelved(self)
+
+    def _shelve(self, conn: Connection) -> None:
         if len(self._idle) < self.keep and not conn.invalidated:
             self._idle.append(conn)
         else:
@@ -232,6 +223,51 @@ class Shelf:
             except IndexError:
                 return
             conn.close()
+
+
+class _Shelved:
+    """One write transaction of :meth:`Shelf.writing`: committed on success, rolled back on
+    any exception; the connection is shelved after a commit and closed after a failure (with
+    every shelved one when the server is lost: ``OperationalError``, LEDGER_UNAVAILABLE).
+
+    A context manager of its own rather than a ``@contextmanager`` generator: every paid call
+    runs two of these, and the generator's machinery (its object, ``next``, the helper) was
+    about a quarter of what SQLAlchemy adds to a transaction on SQLite. An empty transaction
+    took 11.3 us of CPU (median of 10 rounds; 10.3-13.0) through the generator, 10.1 us
+    (9.3-12.4) through this, against 5.7 us for ``BEGIN IMMEDIATE``/``COMMIT`` on the driver."""
+
+    __slots__ = ("_conn", "_shelf", "_transaction")
+
+    def __init__(self, shelf: Shelf) -> None:
+        self._shelf = shelf
+
+    def __enter__(self) -> Connection:
+        conn = self._conn = self._shelf._take()
+        try:
+            self._transaction = conn.begin().__enter__()
+        except BaseException as exc:
+            self._drop(exc)
+            raise
+        return conn
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: Any) -> None:
+        try:
+            self._transaction.__exit__(kind, error, trace)  # commit, or roll back
+        except BaseException as exc:
+            self._drop(exc)
+            raise
+        if error is not None:
+            self._drop(error)  # and ``error`` goes on, unless the server is lost
+            return
+        self._shelf._shelve(self._conn)
+
+    def _drop(self, error: BaseException) -> None:
+        """Close the connection of a failed transaction; LEDGER_UNAVAILABLE for a lost server."""
+        self._conn.close()
+        if isinstance(error, OperationalError):
+            self._shelf.close()
+            raise unavailable(self._shelf.engine, error) from None
 
 
 @contextmanager
