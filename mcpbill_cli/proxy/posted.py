@@ -15,9 +15,9 @@ notifications to the session's message handler, a ``ping`` answered, any other r
 upstream refused (it was told of no capability that needs one); a JSON-RPC error raised as
 :class:`MCPError`, a broken stream as ``CONNECTION_CLOSED``, and a call cancelled (the agent
 went away, the timeout) told to the upstream with ``notifications/cancelled``. An answer that
-refuses the session (the upstream restarted) is noticed by the HTTP client's response hook, as
-for the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`), or told to
-``heard`` when the call went on a connection of the wire's own.
+refuses the session (the upstream restarted) is told to ``heard``, as the HTTP client's response
+hook tells it of the SDK's requests (:meth:`Link.call <mcpbill_cli.proxy.upstream.Link.call>`):
+by the wire itself, once it read the body up to the limit (the hook reads a 400's whole).
 
 An answer is read up to the size the proxy relays (``limit``, plus :data:`ENVELOPE_BYTES` for
 its JSON-RPC message and SSE framing): a body, or one event of the call's stream, that goes
@@ -66,6 +66,9 @@ DRAIN_SECONDS = 0.05  # how long the rest of a call's stream is read once it ans
 CANCEL_SECONDS = 5.0  # how long telling the upstream of a cancelled call may take
 # What an answer's bytes may hold beyond its result: the JSON-RPC message around it, SSE framing.
 ENVELOPE_BYTES = 1024
+# The extension that marks a call the wire posts with the HTTP client: the HTTP client's
+# response hook leaves its answer to the wire, which tells ``heard`` itself.
+POSTED = "mcpbill.posted"
 ASKING = ("sampling_callback", "elicitation_callback", "list_roots_callback")
 _IDS = itertools.count(1)
 # Each client's wire, by the client's id while it lives (a Client is a dataclass: unhashable).
@@ -161,18 +164,30 @@ class Wire:
         assert self.http is not None and self.headers is not None  # noqa: S101 - see wire_of
         try:
             async with self.http.stream("POST", self.url, content=json.dumps(message),
-                                        headers=self.headers) as response:
-                if response.status_code != 200:
-                    return _refused(response.status_code, await _gathered(response, limit))
-                kind = response.headers.get("content-type", "")
-                if kind.startswith("application/json"):
-                    answer: dict[str, Any] = json.loads(await _gathered(response, limit))
-                    return answer
-                if kind.startswith("text/event-stream"):
-                    return await self._streamed(response, request_id, progress, limit)
+                                        headers=self.headers, extensions={POSTED: True}
+                                        ) as response:
+                return await self._answered(
+                    response.status_code, response.headers.get("content-type", ""),
+                    lambda: _gathered(response, limit),
+                    lambda: self._streamed(response, request_id, progress, limit))
         except (httpx2.TransportError, httpx2.StreamError) as error:
             raise MCPError(types.CONNECTION_CLOSED, f"the upstream's stream broke: {error}"
                            ) from error
+
+    async def _answered(self, status: int, kind: str, whole: Callable[[], Awaitable[bytes]],
+                        streamed: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """The answer of ``status`` and content type ``kind``, its body read ``whole`` (up to
+        the limit) or ``streamed`` as SSE; ``heard`` is told what it settles."""
+        if status != 200:
+            refused = await whole()
+            self._heard(status, refused)
+            return _refused(status, refused)
+        self._heard(status, b"")
+        if kind.startswith("application/json"):
+            answer: dict[str, Any] = json.loads(await whole())
+            return answer
+        if kind.startswith("text/event-stream"):
+            return await streamed()
         raise MCPError(types.INVALID_REQUEST, f"unexpected content type {kind!r}")
 
     async def _streamed(self, response: httpx2.Response, request_id: str,
@@ -217,19 +232,9 @@ class Wire:
             await exchange.request(self._head, body)
         if waiting.cancelled_caught:
             raise _silent()
-        status = exchange.status
-        if status != 200:
-            refused = await _whole(exchange, limit)
-            self._heard(status, refused)
-            return _refused(status, refused)
-        self._heard(status, b"")
-        kind = exchange.headers.get("content-type", "")
-        if kind.startswith("application/json"):
-            answer: dict[str, Any] = json.loads(await _whole(exchange, limit))
-            return answer
-        if kind.startswith("text/event-stream"):
-            return await self._events(exchange, request_id, progress, limit)
-        raise MCPError(types.INVALID_REQUEST, f"unexpected content type {kind!r}")
+        return await self._answered(exchange.status, exchange.headers.get("content-type", ""),
+                                    lambda: _whole(exchange, limit),
+                                    lambda: self._events(exchange, request_id, progress, limit))
 
     async def _events(self, exchange: Exchange, request_id: str,
                       progress: ProgressFnT | None, limit: int) -> dict[str, Any]:

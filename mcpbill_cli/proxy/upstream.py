@@ -47,7 +47,7 @@ from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS
-from mcpbill_cli.proxy.posted import DRAIN_SECONDS, Wire
+from mcpbill_cli.proxy.posted import DRAIN_SECONDS, POSTED, Wire
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -245,8 +245,8 @@ async def _noticing_lost_sessions(response: httpx2.Response) -> None:
     provided"). Any other answer is left to the SDK. The status is looked at first: the request's
     JSON is parsed only for an answer that settles something."""
     sending = _SENDING.get()
-    if sending is None or sending.accepted:
-        return
+    if sending is None or sending.accepted or response.request.extensions.get(POSTED):
+        return  # a call the wire posted: it tells _heard itself, see mcpbill_cli.proxy.posted
     status = response.status_code
     if (response.is_success or status in (400, 404)) and _posts_request(response.request):
         _heard(status, await response.aread() if status == 400 else b"")
@@ -255,8 +255,8 @@ async def _noticing_lost_sessions(response: httpx2.Response) -> None:
 def _heard(status: int, body: bytes) -> None:
     """Note on the request being sent (:data:`_SENDING`) what the answer to it, posted on a
     session, settles: accepted (2xx), or the session unknown to the upstream (see
-    :func:`_noticing_lost_sessions`). Told directly by a ``tools/call`` the wire posted on a
-    connection of its own (:mod:`mcpbill_cli.proxy.posted`)."""
+    :func:`_noticing_lost_sessions`). Told directly by a ``tools/call`` the wire posted
+    (:mod:`mcpbill_cli.proxy.posted`)."""
     sending = _SENDING.get()
     if sending is None or sending.accepted:
         return

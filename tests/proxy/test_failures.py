@@ -207,15 +207,18 @@ def start_everything_http(port: int) -> subprocess.Popen[bytes]:
 
 
 
+@pytest.mark.parametrize("path", ["plain", "httpx"])
 @pytest.mark.parametrize("standalone", [True, False], ids=["standalone", "no-standalone"])
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 def test_an_http_upstream_restarted_between_calls_is_reconnected_and_each_call_billed_once(
         priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str,
-        standalone: bool) -> None:
+        standalone: bool, path: str) -> None:
     """The upstream's standalone stream breaks as it dies: the proxy reconnects at once. Behind a
     front that offers no standalone stream, the proxy hears of the restart only from the
     restarted upstream's 400 to the old session's next request (it does not know the session):
-    it opens a new session and sends that request again, the paid call under its hold."""
+    it opens a new session and sends that request again, the paid call under its hold. The
+    legacy era's paid calls are posted by the proxy itself, on connections of its own or (a URL
+    with credentials) with httpx."""
     token = mint()
     port = free_port()
     servers = [start_everything_http(port)]
@@ -224,6 +227,8 @@ def test_an_http_upstream_restarted_between_calls_is_reconnected_and_each_call_b
     with ExitStack() as fronted:
         if not standalone:
             target = fronted.enter_context(serve(without_standalone_stream(target)))
+        if path == "httpx":
+            target = target.replace("http://", "http://user:secret@")
         upstream = Upstream(UpstreamTarget.parse(command=None, url=target), connect_timeout=30)
         paid, free, listed = restarted_between_calls(
             Proxy(verifier, upstream, Limits(call_timeout=30)), servers, port, mode, meta)

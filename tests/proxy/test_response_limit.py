@@ -129,6 +129,8 @@ class Flooding:
                  b'{"jsonrpc": "2.0", "id": "%s", "result": {"content": [{"type": "text", '
                  b'"text": "'),
         "error": (500, b"text/plain", b"%s failed: "),
+        "refused": (400, b"application/json",  # read by the HTTP client's hook, once
+                    b'{"jsonrpc": "2.0", "id": "%s", "error": {"code": -32600, "message": "'),
     }
 
     def __init__(self, mode: str) -> None:
