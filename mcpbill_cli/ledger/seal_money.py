@@ -139,8 +139,13 @@ def money_of(conn: Connection, named: list[str]) -> Money:
 
 def money_by_seal(conn: Connection, first: int, last: int) -> dict[int, Money]:
     """Per seal numbered ``first``..``last``, the :class:`Money` of the transfers its events
-    name as they are now (a seal none of whose transfers is left: absent)."""
-    since, until = conn.execute(select(func.min(e.at), func.max(e.at)).where(
+    name as they are now (a seal none of whose transfers is left: absent). The seals' span
+    of time is the min and max of an expression of ``at``: of the bare column, PostgreSQL
+    walks ``ix_events_at`` from the oldest event until one is in the seals, reading every
+    event of the days before (after 10 days of 100k calls: 389 ms against 40 ms through
+    ``ix_events_seal``)."""
+    at = func.coalesce(e.at, e.at)
+    since, until = conn.execute(select(func.min(at), func.max(at)).where(
         e.seal >= first, e.seal <= last)).one()
     if since is None:
         return {}
