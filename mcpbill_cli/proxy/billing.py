@@ -342,7 +342,7 @@ class ProxyBilling:
         except SessionUnknown as error:  # the new session was refused too
             return self._lost(session, client, params.name, error)
         except TooLarge as error:  # cut off while read: an answer posted by the proxy itself
-            return over_limit(error.size, limit, params.name)
+            return over_limit(error.size, limit, params.name, cut_off=True)
         except TimeoutError:
             return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
                                    f"{timeout:g} s; the call was not billed",
@@ -439,12 +439,15 @@ def oversized(size: int, limit: int, tool: str | None = None) -> ResponseTooLarg
     return None if size <= limit else over_limit(size, limit, tool)
 
 
-def over_limit(size: int, limit: int, tool: str | None = None) -> ResponseTooLarge:
-    """RESPONSE_TOO_LARGE for an answer of ``size`` bytes (or cut off after them)."""
+def over_limit(size: int, limit: int, tool: str | None = None, *,
+               cut_off: bool = False) -> ResponseTooLarge:
+    """RESPONSE_TOO_LARGE for an answer of ``size`` bytes, or (``cut_off``) one whose reading
+    stopped after ``size`` bytes: its whole size is not known."""
     details: dict[str, Any] = {"limitBytes": limit, "sizeBytes": size}
     if tool is not None:
         details["tool"] = tool
-    return ResponseTooLarge(f"the upstream answered with {size} bytes, over this proxy's limit "
+    answered = f"more than {size} bytes (cut off)" if cut_off else f"{size} bytes"
+    return ResponseTooLarge(f"the upstream answered with {answered}, over this proxy's limit "
                             f"of {limit} bytes; nothing was relayed and the call was not billed",
                             **details)
 

@@ -215,5 +215,6 @@ def test_an_endless_answer_is_cut_off_at_the_limit_voided_and_refused(
     body = refusal_of(flooded)
     assert body["code"] == "RESPONSE_TOO_LARGE" and body["tool"] == "flood", body
     assert body["limitBytes"] == LIMIT and LIMIT < body["sizeBytes"] < 2 * LIMIT + 65536
+    assert f"more than {body['sizeBytes']} bytes (cut off)" in body["message"], body
     assert flooding.cut == 1
     assert_voided_then_charged(fitted, "0.001", engine, token, metrics, "flood")
