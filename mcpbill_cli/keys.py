@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -324,8 +325,6 @@ class KeySource:
         return self._signer
 
     def _maybe_reload(self) -> None:
-        import time
-
         if self.directory is None or time.monotonic() < self._next_check:
             return
         with self._lock:
