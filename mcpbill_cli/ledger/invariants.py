@@ -262,9 +262,7 @@ def _by_account(account: Any, *sums: Any, where: Any = None) -> Any:
 
 
 def _captured_calls_posted(conn: Connection) -> list[Violation]:
-    query = (_incomplete_by_sorting() if conn.dialect.name == "sqlite"
-             else _incomplete_by_hashing())
-    rows = conn.execute(query).all()
+    rows = conn.execute(_incomplete()).all()
     return [Violation("captured_calls_posted", "captured calls without exactly one posted "
                       "transfer and a receipt", [r.id for r in rows])] if rows else []
 
@@ -309,19 +307,12 @@ def _incomplete_among(conn: Connection, posted: dict[str, int]) -> list[str]:
     return incomplete
 
 
-def _incomplete_by_hashing() -> Any:
-    """PostgreSQL: the posted transfers counted per call (hashed), joined to the calls."""
-    posted = (select(t.ref.label("call"), func.count().label("n"))
-              .where(t.code.in_(SPEND_CODES)).group_by(t.ref).subquery())
-    return (select(c.id).outerjoin(posted, posted.c.call == c.id)
-            .where(c.status == "captured",
-                   (func.coalesce(posted.c.n, 0) != 1) | c.receipt.is_(None)))
-
-
-def _incomplete_by_sorting() -> Any:
-    """SQLite, which groups by sorting: captured calls and posted transfers in one stream,
-    sorted once by call id (grouping the transfers, then indexing the groups to join them
-    to the calls, sorted twice: twice as slow)."""
+def _incomplete() -> Any:
+    """The captured calls and the posted transfers in one stream, grouped once by call id.
+    SQLite groups it by sorting once (grouping the transfers, then indexing the groups to join
+    them to the calls, sorted twice: twice as slow); PostgreSQL hashes it once (grouping the
+    transfers, then hashing the groups to join the calls to them cost 2.53-3.62 s of server
+    CPU at 1M calls against 2.11-2.64 s)."""
     captured = select(c.id.label("id"), literal(1).label("captured"), literal(0).label("posted"),
                       case((c.receipt.is_(None), 1), else_=0).label("unsigned")
                       ).where(c.status == "captured")
