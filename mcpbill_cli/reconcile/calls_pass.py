@@ -46,7 +46,7 @@ class CallGroup(NamedTuple):
     ``price_ok`` says (1 or 0) whether SQL found its amounts right; any other captured call
     keeps its held and charged amounts in the key, to be priced in Python. ``charged`` and
     ``held_total`` sum the group's calls; ``last_at`` is the latest ``created_at`` as the
-    driver returns it."""
+    driver returns it; ``refunded`` counts its calls with something refunded."""
 
     jti: str
     tenant: str
@@ -63,6 +63,7 @@ class CallGroup(NamedTuple):
     charged: int
     held_total: int
     last_at: datetime
+    refunded: int
 
 
 def call_groups(conn: Connection, window: Window,
@@ -82,20 +83,23 @@ def call_groups(conn: Connection, window: Window,
              "amount_key": case((priced_later, c.amount)), "price_ok": price_ok}
     query = (select(*keys, *(expr.label(name) for name, expr in named.items()),
                     func.count(), func.coalesce(func.sum(c.amount), 0),
-                    func.coalesce(func.sum(c.amount_held), 0), func.max(c.created_at))
+                    func.coalesce(func.sum(c.amount_held), 0), func.max(c.created_at),
+                    func.count(case((c.refunded != 0, 1))))
              .select_from(source)
              .where(c.created_at >= window.start, c.created_at < window.end)
              .group_by(*keys, *(literal_column(name) for name in named))
              .execution_options(yield_per=BATCH))
     for row in conn.execute(query):
-        *key, count, charged, held_total, last_at = row
-        yield CallGroup._make((*key, int(count), int(charged), int(held_total), last_at))
+        *key, count, charged, held_total, last_at, refunded = row
+        yield CallGroup._make((*key, int(count), int(charged), int(held_total), last_at,
+                               int(refunded)))
 
 
 @dataclass
 class TokenTally:
     """What one token's calls in the window add up to, for the control totals against the
-    transfers: charged at once, held (by outcome), captured from holds."""
+    transfers: charged at once, held (by outcome), captured from holds; and how many have
+    something refunded (for the refunds check)."""
 
     tenant: str
     agent: str
@@ -103,8 +107,10 @@ class TokenTally:
     captures: list[int] = field(default_factory=lambda: [0, 0])
     holds: dict[str, list[int]] = field(default_factory=dict)  # hold status -> count, amount
     last_charged_at: datetime | None = None
+    refunded: int = 0
 
     def add(self, group: CallGroup) -> None:
+        self.refunded += group.refunded
         if group.status == "captured":
             totals = self.charges if group.kind == "charge" else self.captures
             totals[0] += group.calls

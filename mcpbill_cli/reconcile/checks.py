@@ -166,7 +166,8 @@ def _event_transfers_noted(ctx: Context, _conn: Connection, mismatches: Mismatch
 
 def _refunds(ctx: Context, conn: Connection) -> None:
     ctx.totals.add_refunds(conn, ctx.options.window, ctx.options.filters)
-    check_refunds(conn, ctx.options.window, ctx.found)
+    refunded = [jti for jti, tally in ctx.by_calls.items() if tally.refunded]
+    check_refunds(conn, ctx.options.window, refunded, ctx.found)
 
 
 def _stale_holds(ctx: Context, conn: Connection) -> None:
@@ -264,7 +265,8 @@ CHECKS: tuple[Check, ...] = (
           skip=lambda ctx: None if ctx.options.ledger_wide
           else "ledger_invariants (--window-only)", label=_ledger_label),
     Check("refunds", "the window's refunds (rows, transfers and events) and the calls they "
-          "name or the window's calls with something refunded", _refunds),
+          "name or the window's calls with something refunded (of the tokens whose groups "
+          "count some)", _refunds),
     Check("stale_holds", "the open holds and the x402 payments still reserved", _stale_holds),
     Check("refused_captures", "the window's refusals of lapsed holds", _refused_captures),
     Check("deposits", "the window's deposits and their transfers", _deposits),

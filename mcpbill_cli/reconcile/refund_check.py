@@ -10,12 +10,16 @@
 The window's refunds are read from all three sides (by their own times: a refund's row,
 transfer and event are written in one transaction with one time), and the calls they name
 or that the window made with something refunded, by primary key. Refunds are rare next to
-calls: each side is read in full and compared in Python.
+calls: each side is read in full and compared in Python. Which tokens made the window's
+refunded calls, the pass over the window's calls already counted (``calls_pass``): only
+their calls are read again, and none on a day without any (at 1M calls, a second scan of
+the window's calls took the check from 0.27-0.32 s of PostgreSQL's CPU to 0.71-0.78 s; the
+count adds about 0.2 s to the pass).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +37,7 @@ e = events.c
 EXCEEDS = "refund_exceeds_charge"
 MISMATCH = "refund_mismatch"
 PREFIX = "refund:"
+IN_TOKENS = 500  # tokens named in one query; more: the window's calls are read instead
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,12 @@ class _Side:
     credited_to: str | None
 
 
-def check_refunds(conn: Connection, window: Window, found: Findings) -> None:
+def check_refunds(conn: Connection, window: Window, tokens: Sequence[str],
+                  found: Findings) -> None:
+    """The window's refunds; ``tokens``: those of the window's calls with something
+    refunded."""
     _check_sides(conn, window, found)
-    _check_calls(conn, window, found)
+    _check_calls(conn, window, tokens, found)
 
 
 def _check_sides(conn: Connection, window: Window, found: Findings) -> None:
@@ -89,14 +97,12 @@ def _disagreement(rows: list[_Side], moved: list[_Side], written: list[_Side]) -
     return ""
 
 
-def _check_calls(conn: Connection, window: Window, found: Findings) -> None:
-    """The calls the window's refunds name, and the window's calls with something refunded:
-    refunded within the charge, and equal to the sum of their refund rows."""
-    named = union(
-        select(r.call_id.label("id")).where(r.created_at >= window.start,
-                                            r.created_at < window.end),
-        select(c.id).where(c.created_at >= window.start, c.created_at < window.end,
-                           c.refunded != 0)).subquery()
+def _check_calls(conn: Connection, window: Window, tokens: Sequence[str],
+                 found: Findings) -> None:
+    """The calls the window's refunds name, and the window's calls with something refunded
+    (of ``tokens``; past ``IN_TOKENS`` of them, of any token): refunded within the charge,
+    and equal to the sum of their refund rows."""
+    named = _named_calls(window, tokens)
     sums = (select(r.call_id, func.sum(r.amount).label("total"))
             .where(r.call_id.in_(select(named.c.id))).group_by(r.call_id).subquery())
     query = (select(c.id, c.amount, c.refunded, func.coalesce(sums.c.total, 0).label("total"))
@@ -111,3 +117,15 @@ def _check_calls(conn: Connection, window: Window, found: Findings) -> None:
             found.add(MISMATCH, Row("calls", call_id,
                                     f"refunded {format_usd(refunded)} USDC, its refunds sum to "
                                     f"{format_usd(total)}"))
+
+
+def _named_calls(window: Window, tokens: Sequence[str]) -> Any:
+    """The ids of the calls :func:`_check_calls` checks, each once."""
+    named = select(r.call_id.label("id")).where(r.created_at >= window.start,
+                                                r.created_at < window.end)
+    if not tokens:
+        return named.distinct().subquery()
+    of_tokens = [c.jti.in_(tokens)] if len(tokens) <= IN_TOKENS else []
+    return union(named, select(c.id).where(c.created_at >= window.start,
+                                           c.created_at < window.end, c.refunded != 0,
+                                           *of_tokens)).subquery()

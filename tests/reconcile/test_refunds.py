@@ -64,6 +64,12 @@ def test_a_call_marked_refunded_past_its_charge(ledger: Ledger) -> None:
         ("refund_mismatch", "error", [f"calls/{call}"])]
 
 
+def test_a_call_marked_refunded_without_any_refund(ledger: Ledger) -> None:
+    call = ledger.calls["captured"]
+    ledger.sql("UPDATE calls SET refunded = 1000 WHERE id = :c", c=call)
+    assert rows_of(ledger.reconcile()) == [("refund_mismatch", "error", [f"calls/{call}"])]
+
+
 def test_a_refund_row_without_its_transfer_and_event(ledger: Ledger) -> None:
     ids = refunded(ledger)
     call = ledger.calls["captured"]
