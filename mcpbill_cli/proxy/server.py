@@ -31,7 +31,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import CONNECTION_CLOSED, INTERNAL_ERROR, REQUEST_TIMEOUT
 from starlette.applications import Starlette
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpbill_cli.errors import (
     BillingError,
@@ -43,8 +43,10 @@ from mcpbill_cli.errors import (
 from mcpbill_cli.mcp.wire import LIST_TTL_MS, PRICE_META, check_list_ttl, list_hints, narrowed
 from mcpbill_cli.mcp.x402 import extension_binding_middleware
 from mcpbill_cli.pricing import quote
-from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, too_large
+from mcpbill_cli.proxy.billing import Limits, ProxyBilling, forwarded_meta, over_limit, too_large
 from mcpbill_cli.proxy.listen import Listening
+from mcpbill_cli.proxy.plain import TooLarge
+from mcpbill_cli.proxy.posted import ENVELOPE_BYTES
 from mcpbill_cli.proxy.sessions import Kept, agent_session, has_session, opened_session
 from mcpbill_cli.proxy.upstream import SessionUnknown, Upstream
 from mcpbill_cli.verifier import Verifier
@@ -78,6 +80,7 @@ class Proxy:
         self.list_ttl_ms = check_list_ttl(list_ttl_ms)
         self.upstream = upstream
         self.limits = limits or Limits()
+        upstream.max_message_bytes = self.limits.max_response_bytes + ENVELOPE_BYTES
         self.billing = ProxyBilling(verifier, upstream, self.limits, resource=resource,
                                     bearer=bearer, acceptor=acceptor)
         self._schemas: dict[str, dict[str, Any]] = {}
@@ -236,6 +239,9 @@ class Proxy:
         try:
             with anyio.fail_after(timeout), session.during(ctx):
                 result = await session.link.call(client, request)
+        except TooLarge as error:  # cut off while read
+            raise _rpc_error(INTERNAL_ERROR, over_limit(
+                error.size, self.limits.max_response_bytes, cut_off=True)) from None
         except TimeoutError:
             raise _rpc_error(REQUEST_TIMEOUT, UpstreamTimeout(
                 f"the upstream did not answer within {timeout:g} s",
@@ -306,24 +312,48 @@ def build_app(proxy: Proxy, *, host: str = "127.0.0.1", path: str = "/mcp") -> S
 
 
 class _SizeLimit:
-    """Refuse a request whose declared body is over ``limit`` bytes with 413 and the coded
-    REQUEST_TOO_LARGE as a JSON-RPC error (the SDK's own limit still cuts off a streamed body
-    that grows past it)."""
+    """Refuse a request whose body is over ``limit`` bytes with 413 and the coded
+    REQUEST_TOO_LARGE as a JSON-RPC error: at once when its ``Content-Length`` says so, else (a
+    chunked body) once what was read of it passes the limit, nothing more of it read. The SDK's
+    own limit cuts a chunked body off at the same size, but answers a plain-text 413 and keeps
+    the connection, so an agent still sending an endless body never gets it; this answer closes
+    the connection. A body with a ``Content-Length`` is framed by it and not counted again."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.limit:
-                await self._refuse(int(declared), send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is None:
+            await self._counted(scope, receive, send)
+        elif declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(f"{int(declared)} bytes", int(declared), send)
+        else:
+            await self.app(scope, receive, send)
 
-    async def _refuse(self, size: int, send: Send) -> None:
-        error = RequestTooLarge(f"the request body is {size} bytes, over this proxy's limit of "
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        read = 0
+
+        async def counting() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.limit:
+                    raise _Overflow(read)
+            return message
+
+        try:
+            await self.app(scope, counting, send)
+        except _Overflow as overflow:  # the body is read before anything is answered
+            await self._refuse(f"more than {overflow.size} bytes (cut off)", overflow.size, send)
+
+    async def _refuse(self, size_text: str, size: int, send: Send) -> None:
+        error = RequestTooLarge(f"the request body is {size_text}, over this proxy's limit of "
                                 f"{self.limit} bytes; nothing was forwarded or held",
                                 limitBytes=self.limit, sizeBytes=size)
         body = json.dumps({"jsonrpc": "2.0", "id": None, "error": {
@@ -333,3 +363,11 @@ class _SizeLimit:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class _Overflow(Exception):  # noqa: N818 - the agent's request body, as read
+    """A request body over the limit after ``size`` bytes read."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size

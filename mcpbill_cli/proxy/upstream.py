@@ -40,14 +40,15 @@ import httpx2
 import mcp_types as types
 from anyio.abc import ObjectReceiveStream, TaskGroup, TaskStatus
 from mcp.client import Client
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import MCP_SESSION_ID, streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
-from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS
+from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS, TooLarge
 from mcpbill_cli.proxy.posted import DRAIN_SECONDS, POSTED, Wire
+from mcpbill_cli.proxy.stdio import OVERSIZED, bounded_stdio
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -55,6 +56,7 @@ log = logging.getLogger("mcpbill.proxy")
 
 RECONNECT_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconnect, then the last
 MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by default
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 1024  # the proxy's default response limit and envelope
 SESSIONS_RETRY_MS = 1000
 # The SDK's own client timeouts: a response stream may stay open for minutes.
 HTTP_TIMEOUT = httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS)
@@ -134,6 +136,8 @@ class Upstream:
         self._shared: Link | None = None
         self.shared_options: dict[str, Any] = {}  # the shared session's client options
         self.shared_replay: Replay | None = None  # and what it sets on each new connection
+        # The most bytes of one message the upstream sends that are read (see bounded_stdio).
+        self.max_message_bytes = MAX_MESSAGE_BYTES
         self._tasks: TaskGroup | None = None
 
     @property
@@ -202,8 +206,8 @@ class Upstream:
         parameters = StdioServerParameters(command=self.target.command[0],
                                            args=list(self.target.command[1:]),
                                            env=self.target.env)
-        errlog = self._errlog or sys.stderr
-        return lambda ended: Client(_watching(stdio_client(parameters, errlog=errlog), ended),
+        errlog, limit = self._errlog or sys.stderr, self.max_message_bytes
+        return lambda ended: Client(_watching(bounded_stdio(parameters, limit, errlog), ended),
                                     **options)
 
 
@@ -430,6 +434,16 @@ class _Watched(ObjectReceiveStream[Any]):
         await self._stream.aclose()
 
 
+def _cut_off(error: Exception) -> int | None:
+    """The bytes read of an answer cut off at the limit, if ``error`` stands for one (see
+    :func:`~mcpbill_cli.proxy.stdio.bounded_stdio`)."""
+    if not isinstance(error, MCPError) or error.code != OVERSIZED:
+        return None
+    data = error.error.data
+    size = data.get("sizeBytes") if isinstance(data, dict) else None
+    return size if isinstance(size, int) else None
+
+
 class Link:
     """One upstream session, supervised: opened by :meth:`run`, reopened when it breaks, ended
     by :meth:`close`.
@@ -522,12 +536,15 @@ class Link:
 
     async def _send(self, client: Client, request: Callable[[Client], Awaitable[_T]]) -> _T:
         """``request`` on ``client``; SessionUnknown (the connection dropped) if the upstream
-        refused it for an unknown session, whatever error the SDK made of that answer."""
+        refused it for an unknown session, whatever error the SDK made of that answer;
+        TooLarge if its answer was cut off at the limit (see bounded_stdio)."""
         sending = Sending()
         token = _SENDING.set(sending)
         try:
             return await request(client)
         except Exception as error:
+            if (size := _cut_off(error)) is not None:
+                raise TooLarge(size) from None
             if not sending.session_unknown:
                 raise
             self.broken(client)
