@@ -33,7 +33,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TextIO, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 import anyio
 import httpx2
@@ -85,6 +85,7 @@ class Sending:
 
     session_unknown: bool = False
     accepted: bool = False
+    cut_off: int | None = None  # the bytes read of its answer, cut off at the limit
 
 
 # The request the current task is sending. The SDK's transport posts each request in the
@@ -198,9 +199,11 @@ class Upstream:
         if self.target.url is not None:
             url = self.target.url
 
+            limit = self.max_message_bytes
+
             def connect(ended: Callable[[], None]) -> Client:
                 wire = Wire(url, options, heard=_heard)
-                return wire.bind(Client(_http(url, ended, wire), **options))
+                return wire.bind(Client(_http(url, ended, wire, limit), **options))
 
             return connect
         parameters = StdioServerParameters(command=self.target.command[0],
@@ -226,13 +229,15 @@ async def resend(client: Client, requests: list[Any]) -> None:
 
 
 @asynccontextmanager
-async def _http(url: str, ended: Callable[[], None], wire: Wire
+async def _http(url: str, ended: Callable[[], None], wire: Wire, limit: int
                 ) -> AsyncIterator[tuple[Any, Any]]:
     """The SDK's streamable HTTP transport, on an HTTP client of its own that notes an unknown
     session in the answer to a request (the SDK's client keeps the status to itself), calls
-    ``ended`` when the upstream's standalone stream is lost (:class:`_WatchingStandalone`) and
-    is ``wire``'s, for the calls the proxy posts itself (:mod:`mcpbill_cli.proxy.posted`)."""
-    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=_WatchingStandalone(ended, wire),
+    ``ended`` when the upstream's standalone stream is lost (:class:`_WatchingStandalone`),
+    reads each answer up to ``limit`` bytes (:class:`_Bounded`) and is ``wire``'s, for the calls
+    the proxy posts itself (:mod:`mcpbill_cli.proxy.posted`)."""
+    transport = _WatchingStandalone(ended, wire, limit)
+    async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, transport=transport,
                                   event_hooks={"response": [_noticing_lost_sessions]}) as http:
         wire.http = http
         try:
@@ -253,7 +258,10 @@ async def _noticing_lost_sessions(response: httpx2.Response) -> None:
         return  # a call the wire posted: it tells _heard itself, see mcpbill_cli.proxy.posted
     status = response.status_code
     if (response.is_success or status in (400, 404)) and _posts_request(response.request):
-        _heard(status, await response.aread() if status == 400 else b"")
+        try:
+            _heard(status, await response.aread() if status == 400 else b"")
+        except httpx2.StreamError:  # a refusal over the limit (_Bounded): it says nothing
+            _heard(status, b"")
 
 
 def _heard(status: int, body: bytes) -> None:
@@ -303,16 +311,19 @@ class _WatchingStandalone(httpx2.AsyncBaseTransport):
     stream has no read timeout: an upstream with nothing to tell is not gone (and the SDK's
     client gives the stream up after two failures)."""
 
-    def __init__(self, ended: Callable[[], None], wire: Wire) -> None:
+    def __init__(self, ended: Callable[[], None], wire: Wire, limit: int) -> None:
         self._transport = httpx2.AsyncHTTPTransport()
         self._ended = ended
         self._wire = wire
+        self._limit = limit
         self._opened = False
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         if not _standalone(request):
             response = await self._transport.handle_async_request(request)
             self._wire.noted(response)
+            if not request.extensions.get(POSTED):  # else read up to the limit by the wire
+                _bound(response, self._limit)
             return _drained(response)
         request.extensions["timeout"] = {**request.extensions.get("timeout", {}), "read": None}
         try:
@@ -322,6 +333,7 @@ class _WatchingStandalone(httpx2.AsyncBaseTransport):
             raise
         if response.is_success:
             self._opened = True
+            _bound(response, self._limit)
             response.stream = _Breaking(response.stream, self._ended)
         elif response.status_code in (400, 404):
             self._lost()
@@ -352,6 +364,68 @@ class _Breaking(httpx2.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+def _bound(response: httpx2.Response, limit: int) -> None:
+    """Read ``response``'s body, or each SSE event of it, up to ``limit`` bytes (see
+    :class:`_Bounded`)."""
+    sse = response.headers.get("content-type", "").startswith("text/event-stream")
+    response.stream = _Bounded(response.stream, limit, sse=sse, sending=_SENDING.get())
+
+
+class _Bounded(httpx2.AsyncByteStream):
+    """A response body read up to ``limit`` bytes, or each event of an SSE stream: past it,
+    nothing more is read, the request being sent notes it (:attr:`Sending.cut_off`: the
+    caller gets RESPONSE_TOO_LARGE, see :meth:`Link.call`) and reading fails the way the SDK's
+    client answers a broken body, its request resolved at once: an SSE stream with
+    :class:`_EventTooLarge` (on the standalone stream too, which is then reopened, see
+    :class:`_WatchingStandalone`), a JSON body with :class:`_BodyTooLarge`.
+
+    The SDK's client reads an answer whole before it parses it (an SSE event too, however
+    long), so without this an upstream answering any request with an endless body would grow
+    the proxy's memory until the call times out. An event ends at a blank line (LF LF, CR CR or
+    CRLF CRLF, which may be cut between two reads: the last bytes of one are looked at again
+    with the next). Counting costs 1 to 3 µs of CPU per answer (measured here, a 2 KB JSON
+    body or SSE answer read through it and without), and only on requests other than the calls
+    the wire posts, whose reading is bounded by the wire itself."""
+
+    def __init__(self, stream: Any, limit: int, *, sse: bool, sending: Sending | None) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._sse = sse
+        self._sending = sending
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size, edge = 0, b""
+        async for chunk in self._stream:
+            if self._sse:
+                seen = edge + chunk
+                ends = max(seen.rfind(b"\n\n") + 2, seen.rfind(b"\r\r") + 2,
+                           seen.rfind(b"\r\n\r\n") + 4)
+                size = len(seen) - ends if ends > 1 else size + len(chunk)
+                edge = seen[-3:]
+            else:
+                size += len(chunk)
+            if size > self._limit:
+                self._over(size)
+            yield chunk
+
+    def _over(self, size: int) -> NoReturn:
+        if self._sending is not None:
+            self._sending.cut_off = size
+        raise (_EventTooLarge if self._sse else _BodyTooLarge)(
+            f"an answer over the limit after {size} bytes")
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _EventTooLarge(httpx2.SSEError):
+    """An SSE event over the limit (:class:`_Bounded`)."""
+
+
+class _BodyTooLarge(httpx2.StreamError):
+    """A response body over the limit (:class:`_Bounded`)."""
 
 
 def _drained(response: httpx2.Response) -> httpx2.Response:
@@ -543,7 +617,7 @@ class Link:
         try:
             return await request(client)
         except Exception as error:
-            if (size := _cut_off(error)) is not None:
+            if (size := sending.cut_off or _cut_off(error)) is not None:
                 raise TooLarge(size) from None
             if not sending.session_unknown:
                 raise

@@ -4,6 +4,7 @@ paid call's hold is voided, and the proxy serves the next call, charged once."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 from sqlalchemy import Engine
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpbill_cli.config import Settings
 from mcpbill_cli.metrics import PrometheusMetrics
@@ -33,7 +35,8 @@ from tests.mcp.conftest import (
 )
 
 from .conftest import PRICING, Running, agent
-from .test_response_limit import assert_voided_then_charged
+from .test_cut_off import _body, _replaying
+from .test_response_limit import Flooding, assert_voided_then_charged
 
 LIMIT = 16 * 1024
 ENDLESS = Path(__file__).with_name("endless_stdio.py")
@@ -132,3 +135,53 @@ def test_an_endless_chunked_request_is_refused_while_read(
     assert receipt_of(anyio.run(go))["amountUsd"] == "0.002"
     view = token_view(engine, token)
     assert (view.spent, view.held) == (usd("0.002"), 0)
+
+
+class ListFlooding(Flooding):
+    """:class:`Flooding`, whose endless answer (in ``mode``) is to the first ``tools/list``
+    (the agent's client lists the tools again to check a call's result)."""
+
+    def app(self) -> ASGIApp:
+        inner = super().app()
+
+        async def flooding(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["method"] == "POST":
+                body = await _body(receive)
+                message = json.loads(body)
+                if message.get("method") == "tools/list" and not self.cut:
+                    return await self._flood(str(message["id"]).encode(), receive, send)
+                receive = _replaying(body, receive)
+            return await inner(scope, receive, send)
+
+        return flooding
+
+
+@pytest.mark.parametrize("mode", ["event", "json"])
+def test_an_endless_answer_to_tools_list_is_cut_off_and_refused(
+        endless_priced: Settings, verifier: Verifier, mint: Mint, engine: Engine,
+        mode: str) -> None:
+    token = mint()
+    flooding = ListFlooding(mode)
+
+    async def go(url: str) -> tuple[MCPError, CallToolResult]:
+        async with agent(url, token.token) as paying:
+            with anyio.fail_after(25), pytest.raises(MCPError) as refused:
+                await paying.client.list_tools()
+            with anyio.fail_after(10):
+                while not flooding.cut:  # the upstream saw its connection closed
+                    await anyio.sleep(0.01)
+            return refused.value, await paying.call("fits")
+
+    with serve(flooding.app()) as upstream_url:
+        upstream = Upstream(UpstreamTarget.parse(command=None, url=upstream_url))
+        limits = Limits(call_timeout=30, max_response_bytes=LIMIT)
+        with serve(build_app(Proxy(verifier, upstream, limits))) as url:
+            error, fitted = anyio.run(go, url)
+    data = error.error.data
+    assert data["code"] == "RESPONSE_TOO_LARGE" and data["limitBytes"] == LIMIT, data
+    assert LIMIT < data["sizeBytes"] < LIMIT + 2 * 65536, data
+    assert flooding.cut == 1
+    assert receipt_of(fitted)["amountUsd"] == "0.001"
+    view = token_view(engine, token)
+    assert (view.spent, view.held) == (usd("0.001"), 0)
+    assert_ledger_sound(engine)
