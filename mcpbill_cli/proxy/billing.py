@@ -341,7 +341,7 @@ class ProxyBilling:
             return error
         except SessionUnknown as error:  # the new session was refused too
             return self._lost(session, client, params.name, error)
-        except TooLarge as error:  # cut off while read: an answer posted by the proxy itself
+        except TooLarge as error:  # cut off while read, on every upstream
             return over_limit(error.size, limit, params.name, cut_off=True)
         except TimeoutError:
             return UpstreamTimeout(f"the upstream did not answer {params.name!r} within "
@@ -429,8 +429,9 @@ def response_bytes(result: Any) -> int:
 def too_large(result: Any, limit: int, tool: str | None = None) -> ResponseTooLarge | None:
     """RESPONSE_TOO_LARGE when ``result`` is over ``limit`` bytes, else None.
 
-    The SDK's client has read the whole result by then: the limit keeps an oversized answer
-    from the agent (and from the bill), not from the proxy's memory."""
+    A result that came whole was within the limit plus its envelope as read (every answer is
+    read up to that and cut off past it), so this is the exact test, on the result's JSON as
+    the agent would get it."""
     return oversized(response_bytes(result), limit, tool)
 
 
