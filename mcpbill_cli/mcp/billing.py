@@ -23,9 +23,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import anyio
@@ -118,6 +119,13 @@ class _Run:
     done (an error result, a crash, a cancelled call), and answers a refusal or a replay
     itself, whatever the SDK made of the stopped tool.
     Sync tools run with a copy of the context: this object is shared by both copies.
+
+    A call cancelled with a plain ``task.cancel()`` (which no anyio shield holds back) leaves
+    the interceptor while its open or capture still runs on a worker thread. Who owns the hold
+    then is decided under ``_lock``, once: the interceptor voids what is open when it leaves
+    (:meth:`leave`), an open that ends after that voids its own hold (:meth:`_kept`), and a
+    capture under way stands: the call is charged, its receipt kept for a retry with the same
+    idempotency key, though the cancelled request itself gets no answer.
     """
 
     verifier: Verifier
@@ -126,6 +134,9 @@ class _Run:
     opened: Hold | Quote | None = None
     refused: BillingError | None = None
     receipt: Receipt | None = None
+    left: bool = False  # the interceptor is done with the call
+    capturing: bool = False  # close() took the hold to capture: nobody voids it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def open(self) -> _Run | None:
         """Begin the call, once: this run when it holds money for :meth:`close` to capture;
@@ -136,22 +147,45 @@ class _Run:
         call = self.call
         try:
             with step(self.verifier.tracing, "hold"):
-                self.opened = self.verifier.begin(
+                opened = self.verifier.begin(
                     call.token, call.tool.name, args=call.args,
                     idempotency_key=call.idempotency_key, max_units=call.tool.max_units)
         except BillingError as error:
             self.refuse(error)
+        if not self._kept(opened):
+            raise ToolError("the call was cancelled while it opened: its hold is voided")
         if isinstance(self.opened, Hold) and self.opened.replayed is not None:
             raise ToolError(f"a replay of call {self.opened.id}: the tool does not run again")
         return self if isinstance(self.opened, Hold) else None
 
+    def _kept(self, opened: Hold | Quote) -> bool:
+        """Whether ``opened`` is this run's to close: not once the interceptor has left (the
+        call was cancelled while it opened), when its hold is voided here, on this thread."""
+        with self._lock:
+            if not self.left:
+                self.opened = opened
+                return True
+        if isinstance(opened, Hold):
+            self.verifier.void(opened)
+        return False
+
+    def leave(self) -> Hold | None:
+        """The interceptor is done with the call (the SDK answered, or gave up on it): the hold
+        it is to void if the call is not captured, ``None`` when nothing is held yet (an open
+        still running voids its own) or a capture has it."""
+        with self._lock:
+            self.left = True
+            if self.capturing or not isinstance(self.opened, Hold):
+                return None
+            return self.opened
+
     def close(self, value: Any) -> Any:
         """The tool's ``value`` as the agent gets it: a success is captured and carries its
         receipt (per-unit tools: for the units reported); anything else is left for the
-        interceptor to void."""
+        interceptor to void, as is a success of a call it left (cancelled) already."""
         hold = cast(Hold, self.opened)
         result = self.convert(value)
-        if not succeeded(result):
+        if not succeeded(result) or not self._capturing():
             return result
         meter = current_meter()
         done = cast(CallToolResult, result)
@@ -162,7 +196,23 @@ class _Run:
                     result=kept_result(done))
         except BillingError as error:  # e.g. the hold lapsed: the agent is told, not billed
             self.refuse(error)
+        except BaseException:  # not captured: voided by whoever leaves it last
+            if self._uncaptured():
+                self.verifier.void(hold)
+            raise
         return with_receipt(done, self.receipt)
+
+    def _capturing(self) -> bool:
+        """Take the hold to capture, unless the interceptor left (and voided it)."""
+        with self._lock:
+            self.capturing = not self.left
+            return self.capturing
+
+    def _uncaptured(self) -> bool:
+        """Give the hold back after a failed capture: whether it is this thread's to void."""
+        with self._lock:
+            self.capturing = False
+            return self.left
 
     def refuse(self, error: BillingError) -> NoReturn:
         self.refused = error
@@ -353,11 +403,12 @@ class Billing(Extension):
             with metering(run.call.tool.name):
                 result = await call_next(ctx)
         except BaseException:
-            if isinstance(run.opened, Hold) and run.receipt is None:
-                await self._void(run.opened)
+            if (held := run.leave()) is not None:
+                await self._void(held)
             raise
         finally:
             _current_run.reset(token)
+        unclaimed = run.leave()
         if run.refused is not None:
             ended("refused", code=run.refused.code)
             return self._refusal(run, ctx)
@@ -370,7 +421,8 @@ class Billing(Extension):
             return replayed(hold.replayed, hold.result)
         if run.receipt is None:  # an error result, an interim round, or the tool crashed
             how = unbilled(result)
-            await self._void(hold, how)
+            if unclaimed is not None:
+                await self._void(unclaimed, how)
             ended(how)
             return result
         ended("captured", amount=run.receipt.amount)
@@ -469,10 +521,12 @@ def _guarded(fn: ToolFn, tool: str) -> ToolFn:
 
 async def _off_loop(work: Callable[[], _Done]) -> _Done:
     """``work`` (an async tool's open or close) on a worker thread, shielded as
-    ``anyio.to_thread.run_sync`` runs it: a cancelled call still learns what it did (a hold to
-    void, a receipt that stands). Through :mod:`mcpbill_cli.offloop`, as the verifier's own
-    async twins: 39 us of CPU per trip against 87 us for anyio's (medians of 7 alternating
-    rounds of 3,000 trips, one process), two trips per paid call of an async tool."""
+    ``anyio.to_thread.run_sync`` runs it: a call cancelled by anyio still learns what it did (a
+    hold to void, a receipt that stands); one cancelled by a plain ``task.cancel()`` stops
+    waiting, and :class:`_Run` settles the hold between the worker and the interceptor.
+    Through :mod:`mcpbill_cli.offloop`, as the verifier's own async twins: 39 us of CPU per
+    trip against 87 us for anyio's (medians of 7 alternating rounds of 3,000 trips, one
+    process), two trips per paid call of an async tool."""
     with anyio.CancelScope(shield=True):
         done = await offloop.run(work)
     return done
