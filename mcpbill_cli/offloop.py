@@ -88,7 +88,8 @@ def _answer(job: Job, result: Any, error: BaseException | None) -> None:
     try:
         job[0].call_soon_threadsafe(_settle, job, result, error)
     except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
+        if job[1].cancelled():  # as asyncio.run() cancels what is left before it closes
+            _settle(job, result, error)  # nothing of the loop's: abandoned, on a worker
 
 
 def _settle(job: Job, result: Any, error: BaseException | None) -> None:
@@ -123,8 +124,21 @@ async def run(function: Callable[[], _T],
     thread, e.g. to undo what nobody will know of."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[_T] = loop.create_future()
-    _workers.submit((loop, future, contextvars.copy_context(), function, abandoned))
-    return await future
+    context = contextvars.copy_context()
+    _workers.submit((loop, future, context, function, abandoned))
+    try:
+        return await future
+    except asyncio.CancelledError:
+        # Cancelled after the answer came but before this task resumed (the future done, not
+        # cancelled, so _settle handed nothing to ``abandoned``): the result is lost here.
+        if abandoned is not None and _answered(future):
+            _workers.submit((loop, future, context, partial(abandoned, future.result()), None))
+        raise
+
+
+def _answered(future: asyncio.Future[Any]) -> bool:
+    """Whether ``future`` holds a result (not cancelled, no exception)."""
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 atexit.register(lambda: _workers.stop())

@@ -99,6 +99,69 @@ def test_what_a_job_made_for_a_cancelled_caller_goes_to_abandoned() -> None:
     assert taken.empty()
 
 
+class _AnsweringLoop(asyncio.SelectorEventLoop):
+    """An event loop that tells when another thread has queued a callback on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = threading.Event()
+
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> asyncio.Handle:  # type: ignore[override]
+        handle = super().call_soon_threadsafe(*args, **kwargs)
+        self.queued.set()
+        return handle
+
+
+def test_a_result_answered_as_its_caller_is_cancelled_goes_to_abandoned() -> None:
+    """The answer is on the loop (the future done) when the caller is cancelled, before it
+    resumed: it never gets the result, so ``abandoned`` does, once."""
+    release = threading.Event()
+    taken: queue.SimpleQueue[str] = queue.SimpleQueue()
+    loop = _AnsweringLoop()
+
+    def job() -> str:
+        release.wait(10)
+        return "made"
+
+    async def scenario() -> None:
+        waiting = asyncio.ensure_future(offloop.run(job, taken.put))
+        await asyncio.sleep(0)  # the job is submitted
+        release.set()
+        assert loop.queued.wait(10)  # the loop blocked until the answer is queued on it
+        loop.call_soon(waiting.cancel)  # runs after the answer, before the caller resumes
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert taken.get(timeout=10) == "made"
+    time.sleep(0.2)
+    assert taken.empty()
+
+
+def test_what_a_job_made_for_a_caller_cancelled_as_its_loop_closed_goes_to_abandoned() -> None:
+    """asyncio.run() cancels the callers still waiting and closes the loop (a server shutting
+    down): the answer has no loop to go to, and ``abandoned`` takes it."""
+    release = threading.Event()
+    taken: queue.SimpleQueue[str] = queue.SimpleQueue()
+    callers: list[asyncio.Future[str]] = []
+
+    def job() -> str:
+        release.wait(10)
+        return "made"
+
+    async def scenario() -> None:
+        callers.append(asyncio.ensure_future(offloop.run(job, taken.put)))
+        await asyncio.sleep(0)  # the job is submitted; the caller is left waiting
+
+    asyncio.run(scenario())
+    assert callers[0].cancelled()
+    release.set()
+    assert taken.get(timeout=10) == "made"
+
+
 def test_sequential_jobs_start_no_thread_beyond_the_first(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A thread is counted idle before its caller hears back: the caller's next job finds it
