@@ -44,8 +44,10 @@ from pydantic import ValidationError
 __all__ = ["OVERSIZED", "bounded_stdio"]
 
 # The JSON-RPC error code of the answer made for a request whose line was over the limit: the
-# caller reads it as RESPONSE_TOO_LARGE (:meth:`~mcpbill_cli.proxy.upstream.Link.call`).
-OVERSIZED = -32099
+# caller reads it as RESPONSE_TOO_LARGE (:meth:`~mcpbill_cli.proxy.upstream.Link.call`). One of
+# the codes MCP leaves to implementations (-32019..-32000), not the spec's own: it never reaches
+# the agent, but an upstream's answer would not carry it with another meaning from the spec.
+OVERSIZED = -32019
 # How far past the limit a line is read to its end (discarded) before the child is given up.
 SKIP_FACTOR = 16
 EDGE_BYTES = 512  # of a line's start and end kept, to find the request it answers
