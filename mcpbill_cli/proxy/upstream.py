@@ -373,6 +373,9 @@ def _bound(response: httpx2.Response, limit: int) -> None:
     response.stream = _Bounded(response.stream, limit, sse=sse, sending=_SENDING.get())
 
 
+EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n")  # the blank lines that end an SSE event
+
+
 class _Bounded(httpx2.AsyncByteStream):
     """A response body read up to ``limit`` bytes, or each event of an SSE stream: past it,
     nothing more is read, the request being sent notes it (:attr:`Sending.cut_off`: the
@@ -400,9 +403,9 @@ class _Bounded(httpx2.AsyncByteStream):
         async for chunk in self._stream:
             if self._sse:
                 seen = edge + chunk
-                ends = max(seen.rfind(b"\n\n") + 2, seen.rfind(b"\r\r") + 2,
-                           seen.rfind(b"\r\n\r\n") + 4)
-                size = len(seen) - ends if ends > 1 else size + len(chunk)
+                ends = max((seen.rfind(blank) + len(blank) for blank in EVENT_ENDS
+                            if blank in seen), default=0)  # past the last event's end
+                size = len(seen) - ends if ends else size + len(chunk)
                 edge = seen[-3:]
             else:
                 size += len(chunk)
