@@ -156,12 +156,13 @@ class ListFlooding(Flooding):
         return flooding
 
 
-@pytest.mark.parametrize("mode", ["event", "json"])
+@pytest.mark.parametrize(("mode", "piece"), [("event", 65536), ("json", 65536),
+                                              ("event", 256), ("json", 256)])
 def test_an_endless_answer_to_tools_list_is_cut_off_and_refused(
         endless_priced: Settings, verifier: Verifier, mint: Mint, engine: Engine,
-        mode: str) -> None:
+        mode: str, piece: int) -> None:
     token = mint()
-    flooding = ListFlooding(mode)
+    flooding = ListFlooding(mode, piece)
 
     async def go(url: str) -> tuple[MCPError, CallToolResult]:
         async with agent(url, token.token) as paying:

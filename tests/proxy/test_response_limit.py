@@ -119,7 +119,9 @@ def test_other_results_over_the_limit_are_refused_too(
 class Flooding:
     """The upstream (a Python SDK server of the 2025-11-25 era, whose calls the proxy posts
     itself): its tool ``fits`` answers; a call of ``flood`` is answered, in ``mode``, with a
-    body that never ends, until the proxy closes the connection (counted in ``cut``)."""
+    body that never ends, until the proxy closes the connection (counted in ``cut``): pieces of
+    ``piece`` bytes, a pause between small ones, so that each reaches the proxy as a read of its
+    own and a limit counted per read, not across them, would never be passed."""
 
     MODES = {  # status, content type, the answer's start (the rest is "x" without end)
         "event": (200, b"text/event-stream",
@@ -133,8 +135,9 @@ class Flooding:
                     b'{"jsonrpc": "2.0", "id": "%s", "error": {"code": -32600, "message": "'),
     }
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, piece: int = 65536) -> None:
         self.mode = mode
+        self.piece = piece
         self.cut = 0
         server: MCPServer = MCPServer("flooding")
 
@@ -167,11 +170,13 @@ class Flooding:
         await send({"type": "http.response.body", "body": start % request_id,
                     "more_body": True})
 
+        pause = 0 if self.piece >= 65536 else 0.001
+
         async def endless() -> None:
             while True:
-                await send({"type": "http.response.body", "body": b"x" * 65536,
+                await send({"type": "http.response.body", "body": b"x" * self.piece,
                             "more_body": True})
-                await anyio.sleep(0)
+                await anyio.sleep(pause)
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(endless)
@@ -188,13 +193,14 @@ def floods_priced(priced: Settings) -> Settings:
     return priced
 
 
-@pytest.mark.parametrize("mode", sorted(Flooding.MODES))
+@pytest.mark.parametrize(("mode", "piece"), [
+    *((mode, 65536) for mode in sorted(Flooding.MODES)), ("event", 256), ("json", 256)])
 @pytest.mark.parametrize("path", ["plain", "httpx"])
 def test_an_endless_answer_is_cut_off_at_the_limit_voided_and_refused(
         floods_priced: Settings, verifier: Verifier, mint: Mint, engine: Engine, mode: str,
-        path: str) -> None:
+        piece: int, path: str) -> None:
     token = mint()
-    flooding = Flooding(mode)
+    flooding = Flooding(mode, piece)
     metrics = PrometheusMetrics()
 
     async def go() -> tuple[CallToolResult, CallToolResult]:
