@@ -14,6 +14,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from mcpbill_cli.errors import (
 from mcpbill_cli.ledger.models import SCHEMA_REVISION
 
 _READONLY = "mcpbill_readonly"
+BUSY_TIMEOUT_MS = 30_000  # how long a SQLite write transaction waits for the write lock
+# Set by at_once(): the next write transaction begun in this context does not wait for the lock.
+_AT_ONCE: ContextVar[bool] = ContextVar("mcpbill_ledger_at_once", default=False)
 # Less room than this left beside a SQLite file, and its "disk I/O error" is a full disk.
 _NO_ROOM = 1 << 20
 
@@ -108,7 +112,7 @@ def _sqlite_engine(url: str, database: str | None, wal_autocheckpoint: int | Non
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # in WAL mode FULL syncs the log at every commit; NORMAL only at checkpoints
         cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -143,10 +147,50 @@ def _begin_sqlite(connection: PoolProxiedConnection) -> None:
     Python calls of a write transaction (cProfile), two transactions per paid call. An error
     here is the driver's; SQLAlchemy wraps it as it wraps any error of ``do_begin``.
     """
-    statement = "BEGIN" if connection.info.get(_READONLY) else "BEGIN IMMEDIATE"
     # The driver's own connection (sqlite3's), a plain attribute: driver_connection is a chain
     # of three properties, and two transactions per paid call begin here.
-    connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+    driver: Any = connection.dbapi_connection
+    if connection.info.get(_READONLY):
+        driver.execute("BEGIN")
+    elif _AT_ONCE.get():
+        _begin_at_once(driver)
+    else:
+        driver.execute("BEGIN IMMEDIATE")
+
+
+class LedgerBusy(Exception):  # noqa: N818 - a state, not a failure: the work runs elsewhere
+    """A write transaction begun under :func:`at_once` found another writer holding the
+    SQLite ledger's lock. Nothing was written by the work it ran in: run that work again where
+    it may wait for the lock."""
+
+
+def _begin_at_once(driver: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE`` with no wait: LedgerBusy if the lock is taken. Once it is had, the
+    rest of the work waits as usual, so LedgerBusy only ever comes before its first write."""
+    driver.execute("PRAGMA busy_timeout=0")
+    try:
+        driver.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            raise
+        raise LedgerBusy("another writer holds the ledger's write lock") from None
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    _AT_ONCE.set(False)
+
+
+@contextmanager
+def at_once() -> Iterator[None]:
+    """Within this block, the first write transaction on a SQLite ledger does not wait for the
+    write lock: it raises :class:`LedgerBusy` instead, before anything is written. Work run on
+    an event loop's own thread uses it to hand itself to a worker thread rather than stall the
+    loop behind another writer (see :meth:`Verifier.abegin
+    <mcpbill_cli.verifier.Verifier.abegin>`). PostgreSQL ledgers are not affected."""
+    token = _AT_ONCE.set(True)
+    try:
+        yield
+    finally:
+        _AT_ONCE.reset(token)
 
 
 @contextmanager
