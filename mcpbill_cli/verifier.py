@@ -613,11 +613,13 @@ class Verifier:
         first transaction does not wait for it (:func:`~mcpbill_cli.ledger.engine.at_once`)
         and the step, having written nothing, runs on a worker thread instead, where it waits.
         So the loop never stalls behind another writer, and an uncontended step skips the two
-        thread switches of a trip to a worker and back. On a machine as busy as its own
-        agents keep it, those switches were most of what billing added to a call:
-        ``bench/proxy.py`` (2 cores, the proxy, its upstream and the agent on them) measured a
-        paid call 0.93 ms faster over HTTP (11.19 ms against 12.12) and 1.62 ms over stdio,
-        for 0.3-0.7 ms less of the proxy's CPU, in the same run, alternating. Run here, a step
+        thread switches of a trip to a worker and back, which cost most where the machine is
+        busiest. Measured with ``mcpbill proxy`` in front of the reference server on 2 cores
+        (proxy, upstream and agent on them), each way alternated in one run: 2,000+ paid calls
+        over HTTP took 7.84 and 8.27 ms each, 3.41 and 3.63 ms of the proxy's CPU, against 8.21
+        and 9.42 ms, 3.68 and 4.22 ms on worker threads. ``bench/proxy.py`` (2 runs) put the
+        billing share of the proxy's CPU 0.1-0.4 ms lower and a paid call 0.03-0.22 ms faster
+        (0.93 ms over HTTP, 1.62 over stdio, in a trial on a busier machine). Run here, a step
         cannot be cancelled half way: there is no await in it."""
         if self._steps_on_loop:
             try:
