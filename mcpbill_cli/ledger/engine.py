@@ -184,8 +184,8 @@ def at_once() -> Iterator[None]:
     """Within this block, the first write transaction on a SQLite ledger does not wait for the
     write lock: it raises :class:`LedgerBusy` instead, before anything is written. Work run on
     an event loop's own thread uses it to hand itself to a worker thread rather than stall the
-    loop behind another writer (see :meth:`Verifier.abegin
-    <mcpbill_cli.verifier.Verifier.abegin>`). PostgreSQL ledgers are not affected."""
+    loop behind another writer (see ``Verifier._step`` in :mod:`mcpbill_cli.verifier`).
+    PostgreSQL ledgers are not affected."""
     token = _AT_ONCE.set(True)
     try:
         yield

@@ -47,7 +47,7 @@ from mcp_types import CONNECTION_CLOSED
 
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS, TooLarge
-from mcpbill_cli.proxy.posted import DRAIN_SECONDS, POSTED, Wire
+from mcpbill_cli.proxy.posted import DRAIN_SECONDS, ENVELOPE_BYTES, POSTED, Wire
 from mcpbill_cli.proxy.stdio import OVERSIZED, bounded_stdio
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
@@ -56,7 +56,7 @@ log = logging.getLogger("mcpbill.proxy")
 
 RECONNECT_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0)  # seconds before each reconnect, then the last
 MAX_SESSIONS = 64  # upstream sessions open at once (one per agent session), by default
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 1024  # the proxy's default response limit and envelope
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + ENVELOPE_BYTES  # the proxy's default response limit
 SESSIONS_RETRY_MS = 1000
 # The SDK's own client timeouts: a response stream may stay open for minutes.
 HTTP_TIMEOUT = httpx2.Timeout(CONNECT_SECONDS, read=READ_SECONDS)
