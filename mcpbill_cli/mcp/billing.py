@@ -478,7 +478,7 @@ class Billing(Extension):
             # A call cancelled as its result came is not paid: the agent gets no answer.
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            await paid.release()
+            await paid.cancelled()
             raise
         finally:
             _current_run.reset(token)

@@ -282,7 +282,7 @@ class BillingMiddleware(Middleware):
         try:
             result = await call_next(context)
         except BaseException:
-            await paid.release()
+            await paid.cancelled()
             raise
         if result.is_error or isinstance(result, InputRequiredToolResult):
             await paid.unpaid(_unbilled(result))

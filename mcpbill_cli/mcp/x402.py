@@ -196,14 +196,14 @@ class PaidCall:
             with anyio.CancelScope(shield=True):
                 settlement, receipt = await offloop.run(lambda: self._settle(kept_result(done)))
         except BillingError as error:  # settlement failed: the output is withheld
-            self._ended("refused", code=error.code)
             return self._refused(error)
-        self._ended("captured", amount=receipt.amount)
         meta = {**(done.meta or {}), RECEIPT_META: receipt.to_dict(),
                 PAYMENT_RESPONSE_META: settlement.to_dict()}
         return done.model_copy(update={"meta": meta})
 
     async def release(self) -> None:
+        """Give the payment back, counting nothing: the caller says how the call ended (see
+        :meth:`unpaid`, :meth:`cancelled`)."""
         opened = self.opened
         if opened is None:
             return
@@ -215,6 +215,12 @@ class PaidCall:
         ``input_required``: the agent may pay the round that completes with it)."""
         await self.release()
         self._ended(outcome)
+
+    async def cancelled(self) -> None:
+        """Release the payment of a call that ended with no result (the agent cancelled, the
+        server shut down, the upstream answered with an error): counted ``voided``, as such a
+        credit-token call's hold is."""
+        await self.unpaid("voided")
 
     def _ended(self, outcome: str, *, amount: int | None = None,
                code: str | None = None) -> None:
@@ -235,11 +241,20 @@ class PaidCall:
         now rather than left reserved until recovery releases it."""
         if isinstance(taken, Reserved):
             self.acceptor.release(taken)
+            self._ended("voided")  # as a hold taken for a cancelled caller is voided
 
     def _settle(self, kept: str) -> tuple[SettleResponse, Any]:
+        """Settle and record, counting how the call ended here, on the worker: a caller
+        cancelled meanwhile no longer waits, but its call was paid (or refused) all the same."""
         assert self.opened is not None  # noqa: S101 - close() checked
-        settlement = self.acceptor.settle(self.opened)
-        return settlement, self.acceptor.record(self.opened, settlement, result=kept)
+        try:
+            settlement = self.acceptor.settle(self.opened)
+            receipt = self.acceptor.record(self.opened, settlement, result=kept)
+        except BillingError as error:
+            self._ended("refused", code=error.code)
+            raise
+        self._ended("captured", amount=receipt.amount)
+        return settlement, receipt
 
 
 def _replayed(replay: Replayed) -> CallToolResult:

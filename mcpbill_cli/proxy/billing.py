@@ -285,7 +285,7 @@ class ProxyBilling:
             # A call cancelled as its result came is not paid: the agent gets no answer.
             await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            await paid.release()
+            await paid.cancelled()
             raise
         if isinstance(outcome, BillingError):
             await paid.release()

@@ -339,14 +339,21 @@ class _Events:
 
     def __init__(self, limit: float = math.inf) -> None:
         self._limit = limit
-        self._pending = b""
+        self._pending: list[bytes] = []  # the line being read, in the pieces it came in
+        self._pending_size = 0
         self._data: list[str] = []
         self._size = 0  # bytes of the event's data lines so far
 
     def feed(self, chunk: bytes) -> list[dict[str, Any]]:
-        lines = (self._pending + chunk).splitlines(keepends=True)
+        if b"\n" not in chunk and b"\r" not in chunk:  # the line goes on: its pieces are
+            self._pending.append(chunk)  # joined once it ends, not again at each piece
+            self._pending_size += len(chunk)
+            self._check([])
+            return []
+        lines = b"".join((*self._pending, chunk)).splitlines(keepends=True)
         # a last line without its LF may be a CRLF cut in two: it waits for the next chunk
-        self._pending = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        last = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        self._pending, self._pending_size = ([last], len(last)) if last else ([], 0)
         messages = []
         for raw in lines:
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
@@ -356,9 +363,12 @@ class _Events:
             elif not line and self._data:
                 messages.append(_message("\n".join(self._data)))
                 self._data, self._size = [], 0
-        if not messages and self._size + len(self._pending) > self._limit:  # else taken first
-            raise TooLarge(self._size + len(self._pending))
+        self._check(messages)
         return messages
+
+    def _check(self, messages: list[dict[str, Any]]) -> None:
+        if not messages and self._size + self._pending_size > self._limit:  # else taken first
+            raise TooLarge(self._size + self._pending_size)
 
     def end(self) -> list[dict[str, Any]]:
         """What the stream's last line, ended by the end of the stream, completes."""

@@ -194,6 +194,14 @@ def test_an_sse_event_over_the_limit_is_cut_once_the_events_before_it_are_taken(
     with pytest.raises(TooLarge):
         for _ in range(100):
             lines.feed(b"data: " + b"z" * 40 + b"\n")  # one event of many lines, without end
+    pieces = _Events(limit=1000)
+    assert pieces.feed(b'data: {"id": "c"}\n\ndata: "') == [{"id": "c"}]
+    fed = 7
+    with pytest.raises(TooLarge) as cut:
+        while True:  # one endless line, a piece at a time: cut once it is over the limit
+            fed += 30
+            pieces.feed(b"w" * 30)
+    assert cut.value.size == fed == 1027
 
 
 def test_sse_events_read_the_same_however_the_stream_is_cut() -> None:

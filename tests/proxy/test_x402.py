@@ -72,7 +72,7 @@ def x402_proxy(shop: Shop, tmp_path: Path) -> Iterator[tuple[Proxy, Shop]]:  # n
     proxy, its shop)."""
     a = shop.acceptor
     verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
-                        pricing=PricingTable.from_document(PROXY_PRICING))
+                        pricing=PricingTable.from_document(PROXY_PRICING), metrics=True)
     acceptor = Acceptor(verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler)
     with (tmp_path / "upstream.log").open("w") as errlog:
         upstream = Upstream(stdio_target(tmp_path / "upstream.pid"), errlog=errlog)
@@ -203,8 +203,10 @@ def test_a_payment_reserved_for_a_call_cancelled_meanwhile_is_released_at_once(
                     tasks.cancel_scope.cancel()
                 await anyio.sleep(1)  # the cancellation reaches the proxy
             deadline = time.monotonic() + RELEASED_WITHIN
-            while [row.status for row in books.payment_rows()] != ["released"]:
-                assert time.monotonic() < deadline, books.payment_rows()
+            while [row.status for row in books.payment_rows()] != ["released"] \
+                    or calls_ended(books, "echo") != {"refused": 1, "voided": 1}:
+                assert time.monotonic() < deadline, (books.payment_rows(),
+                                                     calls_ended(books, "echo"))
                 await anyio.sleep(0.1)
 
     anyio.run(cancel_while_reserving)
@@ -216,7 +218,18 @@ def test_a_payment_reserved_for_a_call_cancelled_meanwhile_is_released_at_once(
     assert not paid.is_error and paid.content[0].text == "Echo: paid again"  # type: ignore[union-attr]
     assert [row.status for row in books.payment_rows()] == ["released", "settled"]
     assert books.received() == ECHO_PRICE  # the second payment alone, settled once
+    assert calls_ended(books, "echo") == {"refused": 1, "voided": 1, "captured": 1}
     books.assert_books_clean()
+
+
+def calls_ended(books: Shop, tool: str) -> dict[str, float]:
+    """The verifier's ``mcpbill_calls_total`` for ``tool``, by outcome (those counted; the
+    challenge a payment is signed from counts as ``refused``)."""
+    assert books.verifier.metrics is not None
+    sample = books.verifier.metrics.registry.get_sample_value
+    counted = {outcome: sample("mcpbill_calls_total", {"tool": tool, "outcome": outcome})
+               for outcome in ("captured", "voided", "refused", "replayed")}
+    return {outcome: n for outcome, n in counted.items() if n}
 
 
 @pytest.mark.parametrize("point", ["reserve", "upstream", "settle"])
@@ -259,9 +272,11 @@ def test_a_plain_task_cancel_at_each_step_of_an_x402_paid_call_settles_its_payme
     if point == "settle":  # too late to cancel: paid once, and the retry replays its receipt
         assert statuses == ["settled"] and received == ECHO_PRICE
         assert (retried.meta or {}).get(REPLAYED_META) is True
+        assert calls_ended(books, LONG) == {"refused": 1, "captured": 1, "replayed": 1}
     else:  # released, nothing moved; the retry pays its own call
         assert statuses == ["released"] and received == 0
         assert REPLAYED_META not in (retried.meta or {})
+        assert calls_ended(books, LONG) == {"refused": 1, "voided": 1, "captured": 1}
     assert not retried.is_error, retried
     receipt = books.verifier.verify_receipt((retried.meta or {})[RECEIPT_META]["jws"])
     assert receipt.amount == ECHO_PRICE
