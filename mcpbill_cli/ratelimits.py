@@ -148,9 +148,15 @@ def counters(*, jti: str, tenant: str, agent: str, own: Sequence[Rate],
     and its agent's (the table's agent rates), in a fixed order (rows lock in that order)."""
     limits = table or LimitSet()
     of_token = [*own, *(limits.token_calls or ()), *(limits.token_spend or ())]
+    return (*_merged("token", jti, of_token), *agent_counters(tenant, agent, limits))
+
+
+def agent_counters(tenant: str, agent: str, table: LimitSet | None) -> tuple[Counter, ...]:
+    """The counters of the agent alone (the table's agent rates): what a call paid with x402
+    takes, its payer (or the agent of the credit token sent with it) being its agent."""
+    limits = table or LimitSet()
     of_agent = [*(limits.agent_calls or ()), *(limits.agent_spend or ())]
-    return (*_merged("token", jti, of_token),
-            *_merged("agent", agent_key(tenant, agent), of_agent))
+    return tuple(_merged("agent", agent_key(tenant, agent), of_agent))
 
 
 def agent_key(tenant: str, agent: str) -> str:

@@ -683,6 +683,12 @@ class Verifier:
             return self._shelf.writing()
         return writing(self._ledger())
 
+    @property
+    def rate_store(self) -> RedisCounters | None:
+        """Where rate limits count: Redis, or ``None`` for the ledger (in the transaction
+        that opens a call)."""
+        return self._rate_store
+
     def _ledger(self) -> Engine:
         if self.engine is None:
             raise StatelessVerifier(
@@ -1211,15 +1217,23 @@ def _rate_counters(claims: Claims, table: PricingTable) -> tuple[Counter, ...]:
 
 
 def _rate_limited(claims: Claims, tool: str, limited: rates.Limited) -> RateLimited:
+    return rate_limited(limited, tool=tool, agent=claims.agent, jti=claims.jti)
+
+
+def rate_limited(limited: rates.Limited, *, tool: str, agent: str, jti: str | None = None
+                 ) -> RateLimited:
+    """The RATE_LIMITED refusal of a call of ``tool`` by ``agent`` (on token ``jti``, if any)
+    that ``limited`` says is over a limit."""
     counter, kind, retry_after_ms = limited.counter, limited.kind, limited.retry_after_ms
     limit = counter.limit_of(kind)
     what = f"{format_usd(counter.spend)} USDC" if kind == "spend" else f"{counter.calls} calls"
-    whose = f"token {claims.jti}" if counter.scope == "token" else f"agent {claims.agent}"
+    whose = f"token {jti}" if counter.scope == "token" else f"agent {agent}"
+    token = {} if jti is None else {"jti": jti}
     return RateLimited(
         f"{whose} reached its rate limit of {what} per {WINDOW_NAMES[counter.window]}; "
         f"retry in {retry_after_ms} ms (a loop calling {tool} again and again?)",
         retryAfterMs=retry_after_ms, limit=limit, kind=kind,
-        window=WINDOW_NAMES[counter.window], scope=counter.scope, jti=claims.jti, tool=tool)
+        window=WINDOW_NAMES[counter.window], scope=counter.scope, **token, tool=tool)
 
 
 def _unauthenticated(exc: BillingError) -> bool:

@@ -135,8 +135,9 @@ class X402Gate:
         payment, tool, url, tenant = paid
         try:
             response = await run()
-        except BaseException:
+        except BaseException:  # cut off (the client went, the server stops): not paid
             await self._release(opened)
+            self._ended(tool, "voided")
             raise
         if not response.succeeded:
             await self._release(opened)

@@ -69,9 +69,10 @@ def payment_of(meta: Mapping[str, Any] | None) -> Mapping[str, Any] | str | None
 def challenged(error: BillingError, acceptor: Acceptor | None, tool: str,
                tenant: str | None = None) -> CallToolResult:
     """The refusal of ``error``, with the ``PaymentRequired`` for ``tool`` beside it when x402
-    is offered for it (and paying can help: not for a tool that takes no x402 payment)."""
+    is offered for it (and paying can help: not for a tool that takes no x402 payment, nor for
+    a call over a rate limit)."""
     answer = refusal(error)
-    if acceptor is None or _not_offered(error):
+    if acceptor is None or _no_challenge(error):
         return answer
     challenge = acceptor.payment_required(tool, tenant, error=error.message)
     if challenge is None:
@@ -96,7 +97,7 @@ def answered(error: BillingError, acceptor: Acceptor | None, tool: str,
              ) -> CallToolResult | dict[str, Any]:
     """The answer to a refused call: with ``extension`` (see :func:`uses_extension`) and x402
     offered for ``tool``, the ``payment_required`` result; else :func:`challenged`."""
-    if extension and acceptor is not None and not _not_offered(error):
+    if extension and acceptor is not None and not _no_challenge(error):
         challenge = acceptor.payment_required(tool, tenant, error=error.message)
         if challenge is not None:
             return {"resultType": PAYMENT_REQUIRED, "paymentRequired": challenge,
@@ -268,5 +269,8 @@ def _replayed(replay: Replayed) -> CallToolResult:
     return first.model_copy(update={"meta": meta})
 
 
-def _not_offered(error: BillingError) -> bool:
-    return isinstance(error, X402PaymentInvalid) and error.reason == "not_offered"
+def _no_challenge(error: BillingError) -> bool:
+    """Whether a new payment cannot answer ``error``: x402 is not offered for the tool, or a
+    rate limit refused the call (the same payment pays a retry once the window ends)."""
+    return (isinstance(error, X402PaymentInvalid) and error.reason == "not_offered") \
+        or error.code == "RATE_LIMITED"

@@ -59,11 +59,15 @@ from mcpbill_cli.errors import BillingError, CallInProgress, ConfigInvalid
 from mcpbill_cli.ledger import calls, credit
 from mcpbill_cli.ledger import x402_payments as payments
 from mcpbill_cli.ledger.engine import reading, writing
-from mcpbill_cli.pricing import Price, PricingTable, x402_offered
+from mcpbill_cli.ledger.rates import Limited
+from mcpbill_cli.ledger.rates import count as count_rates
+from mcpbill_cli.pricing import Price, PricingTable, rate_limits, x402_offered
 from mcpbill_cli.pricing import quote as price_quote
+from mcpbill_cli.ratelimits import agent_counters
+from mcpbill_cli.ratestore import Hit
 from mcpbill_cli.receipts import Receipt, read_receipt
 from mcpbill_cli.tracing import ended
-from mcpbill_cli.verifier import Verifier
+from mcpbill_cli.verifier import Verifier, rate_limited
 from mcpbill_cli.wallet import eip3009
 from mcpbill_cli.wallet.chains import Chain
 from mcpbill_cli.wallet.crediting import Deposit, credit_deposit
@@ -314,18 +318,59 @@ class Acceptor:
     def reserve(self, verified: Verified) -> Reserved | Replayed:
         """Take the payment for this call (one INSERT): :class:`Reserved`, or the
         :class:`Replayed` call it paid already; CALL_IN_PROGRESS while that call runs;
-        X402_NONCE_USED for any other call."""
+        X402_NONCE_USED for any other call.
+
+        A new call counts in its agent's rate limits (``[limits]`` ``agent_calls`` and
+        ``agent_spend`` of its tenant: the payer is the agent of a call paid without a credit
+        token), in the reservation's transaction or in Redis as the verifier counts them. Over
+        a limit it is RATE_LIMITED and nothing is reserved: the same payment pays a retry once
+        the window has ended. A replay or a retry of a call made already is never counted."""
         row = payments.Payment(
             id=verified.payment_id, status="reserved", network=verified.terms.network,
             asset=verified.terms.asset, payer=verified.signed.payer, nonce=verified.signed.nonce,
             tenant=verified.tenant, agent=verified.agent, tool=verified.tool,
             amount=verified.amount, valid_before=verified.signed.valid_before,
             request_hash=verified.request_hash)
-        with writing(self._engine()) as conn:
-            taken = payments.reserve(conn, row, at=self._clock())
+        counters = agent_counters(verified.tenant, verified.agent,
+                                  rate_limits(self.verifier.pricing_table(), verified.tenant))
+        store = self.verifier.rate_store if counters else None
+        hits: list[Hit] = []
+        if store is not None and verified.known is None:
+            took = store.take(counters, verified.amount)
+            if isinstance(took, Limited):
+                if not self._taken_already(verified.payment_id):
+                    raise self._limited(verified, took)
+                took = []  # a retry of a call made already: its outcome, uncounted
+            hits = took
+        limited = None
+        try:
+            with writing(self._engine()) as conn:
+                now = self._clock()
+                taken = payments.reserve(conn, row, at=now)
+                if taken is None and counters and store is None:
+                    limited = count_rates(conn, counters, verified.amount, now)
+                    if limited is not None:
+                        conn.rollback()  # the reservation too: the payment stays unused
+        except BaseException:
+            if store is not None:
+                store.give_back(hits)
+            raise
+        if limited is not None:
+            raise self._limited(verified, limited)
         if taken is None:
             return Reserved(verified)
+        if store is not None:
+            store.give_back(hits)
         return self._taken(verified, taken)
+
+    def _taken_already(self, payment_id: str) -> bool:
+        with reading(self._engine()) as conn:
+            known = payments.find(conn, payment_id)
+        return known is not None and known.status != "released"
+
+    @staticmethod
+    def _limited(verified: Verified, limited: Limited) -> BillingError:
+        return rate_limited(limited, tool=verified.tool, agent=verified.agent)
 
     def release(self, opened: Reserved) -> None:
         """The tool failed: give the payment back (nothing moved; the agent may pay again)."""

@@ -12,7 +12,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from x402.mechanisms.evm.exact import ExactEvmClientScheme
 from x402.mechanisms.evm.exact.v1 import ExactEvmSchemeV1Client
 from x402.schemas.v1 import PaymentRequiredV1
 
+from mcpbill_cli.clock import utcnow
 from mcpbill_cli.http import (
     RECEIPT_HEADER,
     REPLAYED_HEADER,
@@ -326,6 +327,40 @@ def test_a_reused_payment_header_replays_or_is_refused_and_settles_once(
         ("mcpbill_refusals_total", (("code", "X402_NONCE_USED"), ("tool", "search"))): 1,
         ("mcpbill_charged_micro_usdc_total", (("tool", "search"),)): SEARCH_PRICE,
     }
+
+
+def test_a_payer_over_its_agent_rate_limit_gets_429_with_retry_after_and_no_challenge(
+        shop: Shop, payer: LocalAccount, served: tuple[Switch, str],
+        runs: Counter[str]) -> None:
+    """A payer paying again and again meets ``[limits] agent_calls`` as its agent: 429 with
+    ``Retry-After`` and no ``PAYMENT-REQUIRED`` (paying again would not help); the endpoint
+    does not run and the payment is not taken."""
+    pinned = utcnow()  # one window for both requests
+    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
+                        pricing=PricingTable.from_document(
+                            {**ACCEPT_PRICING, "limits": {"agent_calls": ["1/m"]}}),
+                        clock=lambda: pinned)
+    a = shop.acceptor
+    limited = replace(shop, verifier=verifier, acceptor=Acceptor(
+        verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler))
+    switch, url = served
+    switch.app = shop_app(limited, runs)
+    try:
+        first = pay_with_official_client(url, "/report", payer, shop.terms.asset)
+        v2 = decoded(httpx.get(f"{url}/report").headers["PAYMENT-REQUIRED"])
+        payment = official_payment(official_client(payer, shop.terms.asset), v2)
+        second = httpx.get(f"{url}/report", headers={
+            "PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payment).encode()).decode()})
+    finally:
+        switch.app = None
+        verifier.close()
+
+    assert first.status_code == 200, first.text
+    assert second.status_code == 429 and second.json()["code"] == "RATE_LIMITED"
+    assert second.json()["scope"] == "agent" and int(second.headers["Retry-After"]) >= 1
+    assert "PAYMENT-REQUIRED" not in second.headers
+    assert runs["report"] == 1 and shop.received() == SEARCH_PRICE
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
 
 
 def test_an_error_status_releases_the_payment_and_moves_nothing(

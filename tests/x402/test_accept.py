@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.addresses import checksum_address
 from mcpbill_cli.wallet.rpc import Rpc
 from mcpbill_cli.wallet.scan import sync
-from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable, Verified
 
 from .accepting import (
     ACCEPT_PRICING,
@@ -37,6 +38,8 @@ from .accepting import (
     signed_payment,
 )
 from .peer import NETWORK, V1_NETWORK
+
+REDIS = "redis://127.0.0.1:6379/0"  # as tests/verifier/test_rate_limits_redis.py
 
 
 def pay_and_run(shop: Shop, payment: dict[str, Any] | str, tool: str = "search",
@@ -267,6 +270,72 @@ def test_a_payment_for_a_call_still_running_is_in_progress_and_a_failed_tool_rel
     settlement, _ = pay_and_run(shop, payment, tool="boom")  # the agent may pay again
     assert settlement.success and shop.received() == SEARCH_PRICE
     assert [row.status for row in shop.payment_rows()] == ["settled"]
+
+
+@pytest.mark.parametrize("storage", ["ledger", "redis"])
+def test_a_payer_calling_in_a_loop_is_rate_limited_as_its_agent_until_the_window_ends(
+        shop: Shop, storage: str) -> None:
+    """``[limits] agent_calls`` of the ``[x402] tenant`` count each new call paid with x402,
+    its payer being its agent, in the ledger or in Redis as the verifier counts them: over the
+    limit it is RATE_LIMITED with no challenge to pay again, nothing is reserved, and the same
+    payment pays once the window has ended. Another payer, and a retry of a call made already,
+    are not counted."""
+    pinned = [utcnow().replace(microsecond=100_000)]  # the ledger's windows: the clock's second
+    verifier = Verifier(
+        keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
+        pricing=PricingTable.from_document({**ACCEPT_PRICING,
+                                            "limits": {"agent_calls": ["2/s"]}}),
+        clock=(lambda: pinned[0]) if storage == "ledger" else None,
+        limits_storage=REDIS if storage == "redis" else None)
+    a = shop.acceptor
+    acceptor = Acceptor(verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler)
+    books = replace(shop, acceptor=acceptor, verifier=verifier)
+    payer, someone_else = new_payer(shop.devnet), new_payer(shop.devnet)
+
+    def paid(who: LocalAccount, n: Any) -> Verified:
+        return acceptor.verify(signed_payment(who, books.terms, amount=SEARCH_PRICE), "search",
+                               args={"q": n})
+
+    try:
+        verified = [paid(payer, n) for n in range(4)]
+        other = paid(someone_else, "other")
+
+        first, second = (acceptor.reserve(v) for v in verified[:2])
+        limited = refusal(lambda: acceptor.reserve(verified[2]))
+        again = refusal(lambda: acceptor.reserve(verified[3]))
+        retried = refusal(lambda: acceptor.reserve(verified[0]))  # a retry: not counted
+        elsewhere = acceptor.reserve(other)
+
+        assert isinstance(first, Reserved) and isinstance(second, Reserved)
+        assert limited.code == again.code == "RATE_LIMITED"
+        assert payer.address.lower() in limited.message
+        details = limited.to_dict()
+        assert (details["scope"], details["limit"], details["window"], details["kind"]) == (
+            "agent", "2/s", "second", "calls")
+        assert 0 < details["retryAfterMs"] <= 1000 and "jti" not in details
+        assert isinstance(retried, CallInProgress)
+        assert isinstance(elsewhere, Reserved)  # another agent
+        assert sorted(row.payer for row in books.payment_rows()) == sorted(
+            [payer.address.lower()] * 2 + [someone_else.address.lower()])
+        assert books.received() == 0
+
+        if storage == "ledger":  # the window ends
+            pinned[0] += timedelta(seconds=1)
+        else:
+            time.sleep(1.1)
+        third = acceptor.reserve(verified[2])  # the same payment, refused before
+
+        assert isinstance(third, Reserved)
+        settlement = acceptor.settle(third)
+        receipt = acceptor.record(third, settlement, result='{"ok": true}')
+        assert receipt.amount == SEARCH_PRICE and books.received() == SEARCH_PRICE
+        for opened in (first, second, elsewhere):
+            acceptor.release(opened)
+        assert sorted(row.status for row in books.payment_rows()) == [
+            "released", "released", "released", "settled"]
+        books.assert_books_clean()
+    finally:
+        verifier.close()
 
 
 # --- after settlement ----------------------------------------------------------------------

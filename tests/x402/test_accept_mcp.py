@@ -23,15 +23,19 @@ from x402.mcp.types import MCPToolResult
 from x402.mcp.utils import extract_payment_required_from_result
 
 from mcpbill_cli.clock import utcnow
-from mcpbill_cli.keys import KeyRing
+from mcpbill_cli.keys import KeyRing, KeySource
 from mcpbill_cli.ledger import credit
 from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.mcp import RECEIPT_META, TOKEN_META, Billing
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
+from mcpbill_cli.pricing import PricingTable
+from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.addresses import checksum_address
+from mcpbill_cli.x402.accept import Acceptor
 from tests.verifier.billing_support import fund, mint
 
 from .accepting import (
+    ACCEPT_PRICING,
     SEARCH_PRICE,
     Shop,
     balance,
@@ -183,6 +187,46 @@ def test_a_wrong_payment_is_refused_with_a_fresh_challenge_and_the_tool_never_ru
     assert (refused["code"], refused["reason"]) == ("X402_PAYMENT_INVALID", "amount")
     assert refused["accepts"][0]["amount"] == str(SEARCH_PRICE)
     assert tools.runs == [] and shop.received() == 0 and shop.payment_rows() == []
+
+
+def test_a_payer_over_its_agent_rate_limit_is_refused_with_no_challenge_and_nothing_runs(
+        shop: Shop, tools: Tools) -> None:
+    """An agent paying with x402 in a loop meets ``[limits] agent_calls`` as its payer: the
+    refusal is RATE_LIMITED with ``retryAfterMs`` and no ``PaymentRequired`` (another payment
+    would not help), the tool does not run and nothing moves."""
+    pinned = utcnow()  # one window for both calls
+    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
+                        pricing=PricingTable.from_document(
+                            {**ACCEPT_PRICING, "limits": {"agent_calls": ["1/m"]}}),
+                        clock=lambda: pinned)
+    a = shop.acceptor
+    billing = Billing(verifier, acceptor=Acceptor(verifier, chain=a.chain, pay_to=a.pay_to,
+                                                  rpc=a.rpc, settler=a.settler))
+    limited: MCPServer = MCPServer("limited", extensions=[billing])
+
+    @billing.tool(limited)
+    def search(q: str) -> str:
+        tools.runs.append(("search", {"q": q}))
+        return q
+
+    payer = new_payer(shop.devnet)
+    try:
+        first = call(limited, "search", {"q": "a"},
+                     {PAYMENT_META: signed_payment(payer, shop.terms, amount=SEARCH_PRICE)})
+        refused = body(call(limited, "search", {"q": "b"},
+                            {PAYMENT_META: signed_payment(payer, shop.terms,
+                                                          amount=SEARCH_PRICE)}))
+    finally:
+        verifier.close()
+
+    assert not first.is_error, first
+    assert (refused["code"], refused["scope"], refused["limit"]) == ("RATE_LIMITED", "agent",
+                                                                     "1/m")
+    assert 0 < refused["retryAfterMs"] <= 60_000
+    assert "accepts" not in refused and "x402Version" not in refused
+    assert tools.runs == [("search", {"q": "a"})]
+    assert shop.received() == SEARCH_PRICE
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
 
 
 def test_a_tool_that_fails_releases_the_payment_and_nothing_moves(
