@@ -63,8 +63,8 @@ from mcpbill_cli.ledger.rates import Limited
 from mcpbill_cli.ledger.rates import count as count_rates
 from mcpbill_cli.pricing import Price, PricingTable, rate_limits, x402_offered
 from mcpbill_cli.pricing import quote as price_quote
-from mcpbill_cli.ratelimits import agent_counters
-from mcpbill_cli.ratestore import Hit
+from mcpbill_cli.ratelimits import Counter, agent_counters
+from mcpbill_cli.ratestore import Hit, RedisCounters
 from mcpbill_cli.receipts import Receipt, read_receipt
 from mcpbill_cli.tracing import ended
 from mcpbill_cli.verifier import Verifier, rate_limited
@@ -334,23 +334,9 @@ class Acceptor:
         counters = agent_counters(verified.tenant, verified.agent,
                                   rate_limits(self.verifier.pricing_table(), verified.tenant))
         store = self.verifier.rate_store if counters else None
-        hits: list[Hit] = []
-        if store is not None and verified.known is None:
-            took = store.take(counters, verified.amount)
-            if isinstance(took, Limited):
-                if not self._taken_already(verified.payment_id):
-                    raise self._limited(verified, took)
-                took = []  # a retry of a call made already: its outcome, uncounted
-            hits = took
-        limited = None
+        hits = [] if store is None else self._hits(verified, counters, store)
         try:
-            with writing(self._engine()) as conn:
-                now = self._clock()
-                taken = payments.reserve(conn, row, at=now)
-                if taken is None and counters and store is None:
-                    limited = count_rates(conn, counters, verified.amount, now)
-                    if limited is not None:
-                        conn.rollback()  # the reservation too: the payment stays unused
+            taken, limited = self._reserved(row, () if store is not None else counters)
         except BaseException:
             if store is not None:
                 store.give_back(hits)
@@ -362,6 +348,33 @@ class Acceptor:
         if store is not None:
             store.give_back(hits)
         return self._taken(verified, taken)
+
+    def _hits(self, verified: Verified, counters: tuple[Counter, ...], store: RedisCounters
+              ) -> list[Hit]:
+        """The call's hits on its counters in Redis (none for a call made already)."""
+        if verified.known is not None:
+            return []
+        took = store.take(counters, verified.amount)
+        if not isinstance(took, Limited):
+            return took
+        if not self._taken_already(verified.payment_id):
+            raise self._limited(verified, took)
+        return []  # a retry of a call made already: its outcome, uncounted
+
+    def _reserved(self, row: payments.Payment, counters: tuple[Counter, ...]
+                  ) -> tuple[payments.Payment | None, Limited | None]:
+        """One transaction: the reservation's INSERT (the payment it found taken, or
+        ``None``) and, for a new call, its count in ``counters``, all rolled back over a limit
+        (the payment stays unused)."""
+        with writing(self._engine()) as conn:
+            now = self._clock()
+            taken = payments.reserve(conn, row, at=now)
+            limited = None
+            if taken is None and counters:
+                limited = count_rates(conn, counters, row.amount, now)
+                if limited is not None:
+                    conn.rollback()
+        return taken, limited
 
     def _taken_already(self, payment_id: str) -> bool:
         with reading(self._engine()) as conn:
