@@ -12,7 +12,7 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from tests.x402.accepting import (
     new_payer,
     official_client,
     official_payment,
+    rate_limited,
 )
 from tests.x402.conftest import Peer
 from tests.x402.peer import NETWORK, V1_NETWORK
@@ -336,24 +337,17 @@ def test_a_payer_over_its_agent_rate_limit_gets_429_with_retry_after_and_no_chal
     ``Retry-After`` and no ``PAYMENT-REQUIRED`` (paying again would not help); the endpoint
     does not run and the payment is not taken."""
     pinned = utcnow()  # one window for both requests
-    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
-                        pricing=PricingTable.from_document(
-                            {**ACCEPT_PRICING, "limits": {"agent_calls": ["1/m"]}}),
-                        clock=lambda: pinned)
-    a = shop.acceptor
-    limited = replace(shop, verifier=verifier, acceptor=Acceptor(
-        verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler))
     switch, url = served
-    switch.app = shop_app(limited, runs)
-    try:
-        first = pay_with_official_client(url, "/report", payer, shop.terms.asset)
-        v2 = decoded(httpx.get(f"{url}/report").headers["PAYMENT-REQUIRED"])
-        payment = official_payment(official_client(payer, shop.terms.asset), v2)
-        second = httpx.get(f"{url}/report", headers={
-            "PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payment).encode()).decode()})
-    finally:
-        switch.app = None
-        verifier.close()
+    with rate_limited(shop, "1/m", clock=lambda: pinned) as limited:
+        switch.app = shop_app(limited, runs)
+        try:
+            first = pay_with_official_client(url, "/report", payer, shop.terms.asset)
+            v2 = decoded(httpx.get(f"{url}/report").headers["PAYMENT-REQUIRED"])
+            payment = official_payment(official_client(payer, shop.terms.asset), v2)
+            second = httpx.get(f"{url}/report", headers={
+                "PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payment).encode()).decode()})
+        finally:
+            switch.app = None
 
     assert first.status_code == 200, first.text
     assert second.status_code == 429 and second.json()["code"] == "RATE_LIMITED"

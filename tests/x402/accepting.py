@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from x402.mechanisms.evm.exact import ExactEvmClientScheme
 from x402.mechanisms.evm.exact.v1 import ExactEvmSchemeV1Client
 from x402.schemas.helpers import parse_payment_required
 
-from mcpbill_cli.clock import utcnow
+from mcpbill_cli.clock import Clock, utcnow
 from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger import invariants
 from mcpbill_cli.ledger.engine import reading
@@ -161,6 +162,23 @@ def with_settler(shop: Shop, settler: Settler) -> Shop:
     a = shop.acceptor
     acceptor = Acceptor(a.verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=settler)
     return replace(shop, acceptor=acceptor)
+
+
+@contextmanager
+def rate_limited(shop: Shop, agent_calls: str, *, clock: Clock | None = None,
+                 limits_storage: str | None = None) -> Iterator[Shop]:
+    """The same shop (ledger, chain, deposit address, settler) with ``[limits] agent_calls``
+    set: its own verifier (on ``clock``, counting in ``limits_storage``) and acceptor."""
+    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
+                        pricing=PricingTable.from_document(
+                            {**ACCEPT_PRICING, "limits": {"agent_calls": [agent_calls]}}),
+                        clock=clock, limits_storage=limits_storage)
+    a = shop.acceptor
+    acceptor = Acceptor(verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler)
+    try:
+        yield replace(shop, acceptor=acceptor, verifier=verifier)
+    finally:
+        verifier.close()
 
 
 def balance(devnet: Devnet, address: str) -> int:

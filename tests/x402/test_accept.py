@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.addresses import checksum_address
 from mcpbill_cli.wallet.rpc import Rpc
 from mcpbill_cli.wallet.scan import sync
-from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable, Verified
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable
 
 from .accepting import (
     ACCEPT_PRICING,
@@ -35,6 +34,7 @@ from .accepting import (
     new_payer,
     official_client,
     official_payment,
+    rate_limited,
     signed_payment,
 )
 from .peer import NETWORK, V1_NETWORK
@@ -281,24 +281,14 @@ def test_a_payer_calling_in_a_loop_is_rate_limited_as_its_agent_until_the_window
     payment pays once the window has ended. Another payer, and a retry of a call made already,
     are not counted."""
     pinned = [utcnow().replace(microsecond=100_000)]  # the ledger's windows: the clock's second
-    verifier = Verifier(
-        keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
-        pricing=PricingTable.from_document({**ACCEPT_PRICING,
-                                            "limits": {"agent_calls": ["2/s"]}}),
-        clock=(lambda: pinned[0]) if storage == "ledger" else None,
-        limits_storage=REDIS if storage == "redis" else None)
-    a = shop.acceptor
-    acceptor = Acceptor(verifier, chain=a.chain, pay_to=a.pay_to, rpc=a.rpc, settler=a.settler)
-    books = replace(shop, acceptor=acceptor, verifier=verifier)
     payer, someone_else = new_payer(shop.devnet), new_payer(shop.devnet)
-
-    def paid(who: LocalAccount, n: Any) -> Verified:
-        return acceptor.verify(signed_payment(who, books.terms, amount=SEARCH_PRICE), "search",
-                               args={"q": n})
-
-    try:
-        verified = [paid(payer, n) for n in range(4)]
-        other = paid(someone_else, "other")
+    with rate_limited(shop, "2/s", clock=(lambda: pinned[0]) if storage == "ledger" else None,
+                      limits_storage=REDIS if storage == "redis" else None) as books:
+        acceptor = books.acceptor
+        verified = [acceptor.verify(signed_payment(who, books.terms, amount=SEARCH_PRICE),
+                                    "search", args={"q": n})
+                    for n, who in enumerate([payer] * 4 + [someone_else])]
+        other = verified.pop()
 
         first, second = (acceptor.reserve(v) for v in verified[:2])
         limited = refusal(lambda: acceptor.reserve(verified[2]))
@@ -334,8 +324,6 @@ def test_a_payer_calling_in_a_loop_is_rate_limited_as_its_agent_until_the_window
         assert sorted(row.status for row in books.payment_rows()) == [
             "released", "released", "released", "settled"]
         books.assert_books_clean()
-    finally:
-        verifier.close()
 
 
 # --- after settlement ----------------------------------------------------------------------

@@ -23,25 +23,22 @@ from x402.mcp.types import MCPToolResult
 from x402.mcp.utils import extract_payment_required_from_result
 
 from mcpbill_cli.clock import utcnow
-from mcpbill_cli.keys import KeyRing, KeySource
+from mcpbill_cli.keys import KeyRing
 from mcpbill_cli.ledger import credit
 from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.mcp import RECEIPT_META, TOKEN_META, Billing
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
-from mcpbill_cli.pricing import PricingTable
-from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.addresses import checksum_address
-from mcpbill_cli.x402.accept import Acceptor
 from tests.verifier.billing_support import fund, mint
 
 from .accepting import (
-    ACCEPT_PRICING,
     SEARCH_PRICE,
     Shop,
     balance,
     new_payer,
     official_client,
     official_payment,
+    rate_limited,
     signed_payment,
 )
 from .peer import NETWORK
@@ -195,29 +192,19 @@ def test_a_payer_over_its_agent_rate_limit_is_refused_with_no_challenge_and_noth
     refusal is RATE_LIMITED with ``retryAfterMs`` and no ``PaymentRequired`` (another payment
     would not help), the tool does not run and nothing moves."""
     pinned = utcnow()  # one window for both calls
-    verifier = Verifier(keys=KeySource(directory=shop.keys_dir), engine=shop.engine,
-                        pricing=PricingTable.from_document(
-                            {**ACCEPT_PRICING, "limits": {"agent_calls": ["1/m"]}}),
-                        clock=lambda: pinned)
-    a = shop.acceptor
-    billing = Billing(verifier, acceptor=Acceptor(verifier, chain=a.chain, pay_to=a.pay_to,
-                                                  rpc=a.rpc, settler=a.settler))
-    limited: MCPServer = MCPServer("limited", extensions=[billing])
-
-    @billing.tool(limited)
-    def search(q: str) -> str:
-        tools.runs.append(("search", {"q": q}))
-        return q
-
     payer = new_payer(shop.devnet)
-    try:
-        first = call(limited, "search", {"q": "a"},
-                     {PAYMENT_META: signed_payment(payer, shop.terms, amount=SEARCH_PRICE)})
-        refused = body(call(limited, "search", {"q": "b"},
-                            {PAYMENT_META: signed_payment(payer, shop.terms,
-                                                          amount=SEARCH_PRICE)}))
-    finally:
-        verifier.close()
+    with rate_limited(shop, "1/m", clock=lambda: pinned) as books:
+        billing = Billing(books.verifier, acceptor=books.acceptor)
+        limited: MCPServer = MCPServer("limited", extensions=[billing])
+
+        @billing.tool(limited)
+        def search(q: str) -> str:
+            tools.runs.append(("search", {"q": q}))
+            return q
+
+        first, second = (call(limited, "search", {"q": q}, {PAYMENT_META: signed_payment(
+            payer, shop.terms, amount=SEARCH_PRICE)}) for q in "ab")
+    refused = body(second)
 
     assert not first.is_error, first
     assert (refused["code"], refused["scope"], refused["limit"]) == ("RATE_LIMITED", "agent",
