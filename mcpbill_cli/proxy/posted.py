@@ -345,8 +345,9 @@ class _Events:
         self._size = 0  # bytes of the event's data lines so far
 
     def feed(self, chunk: bytes) -> list[dict[str, Any]]:
-        if b"\n" not in chunk and b"\r" not in chunk:  # the line goes on: its pieces are
-            self._pending.append(chunk)  # joined once it ends, not again at each piece
+        if b"\n" not in chunk and b"\r" not in chunk and not (
+                self._pending and self._pending[-1].endswith(b"\r")):  # the line goes on:
+            self._pending.append(chunk)  # its pieces are joined once it ends, not per piece
             self._pending_size += len(chunk)
             self._check([])
             return []

@@ -218,6 +218,11 @@ def test_sse_events_read_the_same_however_the_stream_is_cut() -> None:
         cut = [message for start in range(0, len(stream), size)
                for message in events.feed(stream[start:start + size])]
         assert cut == expected, size
+    crs = _Events()
+    assert crs.feed(b'data: {"id": "d"}\r\r') == []  # the last CR may be half a CRLF ...
+    assert crs.feed(b'data: {"id": "e"') == [{"id": "d"}]  # ... and is not: the event ends
+    assert crs.feed(b"}\r\r") == []
+    assert crs.end() == [{"id": "e"}]
     ended = _Events()
     assert ended.feed(b'data: {"id": "c"}\r\r') == []  # the last CR may be half a CRLF
     assert ended.end() == [{"id": "c"}]  # the stream's end says it is not
