@@ -307,9 +307,8 @@ class Acceptor:
                                     description=f"{tool} (one call)"),
             payment_id=payment_id, request_hash=_request_hash(payment_id, tool, args),
             args=args)
-        with reading(self._engine()) as conn:
-            known = payments.find(conn, payment_id)
-        if known is not None and known.status != "released":
+        known = self._in_use(payment_id)
+        if known is not None:
             return _with_known(verified, known)  # reserve() says what it means: no chain read
         self._check_chain(signed, terms)
         self.settler.verify(signed, verified.requirement)
@@ -357,7 +356,7 @@ class Acceptor:
         took = store.take(counters, verified.amount)
         if not isinstance(took, Limited):
             return took
-        if not self._taken_already(verified.payment_id):
+        if self._in_use(verified.payment_id) is None:
             raise self._limited(verified, took)
         return []  # a retry of a call made already: its outcome, uncounted
 
@@ -376,10 +375,11 @@ class Acceptor:
                     conn.rollback()
         return taken, limited
 
-    def _taken_already(self, payment_id: str) -> bool:
+    def _in_use(self, payment_id: str) -> payments.Payment | None:
+        """The payment ``payment_id`` as a call took it (a released one is free again)."""
         with reading(self._engine()) as conn:
             known = payments.find(conn, payment_id)
-        return known is not None and known.status != "released"
+        return known if known is not None and known.status != "released" else None
 
     @staticmethod
     def _limited(verified: Verified, limited: Limited) -> BillingError:
