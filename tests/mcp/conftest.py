@@ -85,6 +85,14 @@ def receipt_of(result: CallToolResult) -> dict[str, Any]:
     return dict(result.meta[RECEIPT_META])
 
 
+def forged_token(token: str) -> str:
+    """``token`` with one character of its signature changed, in the middle: the last characters
+    of an Ed25519 signature carry few bits (S < 2**253, and the last character has spare bits),
+    so a change there can decode to the very same signature."""
+    middle = len(token) - 40
+    return token[:middle] + ("A" if token[middle] != "A" else "B") + token[middle + 1:]
+
+
 def refusal_of(result: CallToolResult) -> dict[str, Any]:
     """The error object an agent reads from ``content[0].text`` alone (checked against the rest)."""
     assert result.is_error, result

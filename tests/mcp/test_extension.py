@@ -19,7 +19,7 @@ from mcpbill_cli.mcp import EXTENSION_ID, RECEIPT_META, TOKEN_META, Billing, rep
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 
-from .conftest import Mint, receipt_of, refusal_of, token_view, usd
+from .conftest import Mint, forged_token, receipt_of, refusal_of, token_view, usd
 
 
 async def call(server: MCPServer, tool: str, args: dict[str, Any] | None = None,
@@ -48,7 +48,7 @@ def test_a_token_that_is_not_a_string_is_refused(server: MCPServer) -> None:
 
 
 def test_a_forged_token_is_refused(server: MCPServer, mint: Mint) -> None:
-    forged = mint().token[:-4] + "AAAA"
+    forged = forged_token(mint().token)
     error = refusal_of(anyio.run(call, server, "search", {"q": "x"}, {TOKEN_META: forged}))
     assert error["code"] == "INVALID_CREDIT_TOKEN"
 

@@ -33,6 +33,7 @@ from .conftest import (
     Mint,
     assert_ledger_sound,
     assert_paid_search,
+    forged_token,
     raw_session,
     receipt_of,
     refusal_of,
@@ -122,7 +123,7 @@ def test_free_call_checks_the_token_and_charges_nothing(
     assert RECEIPT_META not in (result.meta or {})
     view = token_view(engine, token)
     assert (view.spent, view.held, view.remaining) == (0, 0, usd("0.05"))
-    forged = mint().token[:-4] + "AAAA"
+    forged = forged_token(mint().token)
     assert refusal_of(calls(server, forged, ("status", {}))[0])["code"] == "INVALID_CREDIT_TOKEN"
 
 
