@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 from mcpbill_cli.errors import BillingError, DuplicateCall, ResponseTooLarge
 from mcpbill_cli.http.asgi import BufferedRequest, BufferedResponse
 from mcpbill_cli.http.wire import receipt_header, refusal, replayed_header
-from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved
+from mcpbill_cli.receipts import Receipt
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
 
 logger = logging.getLogger("mcpbill")
 
@@ -148,25 +149,37 @@ class X402Gate:
                     "payment was not settled", tool=tool)), []
             return response, []
         try:
-            settlement = await asyncio.to_thread(self.acceptor.settle, opened)
+            settlement, receipt = await asyncio.to_thread(self._close, opened, tool, response)
         except BillingError as error:  # not settled: the endpoint's output is withheld
-            self._ended(tool, "refused", code=error.code)
             failure = {"success": False, "errorReason": error.code, "transaction": "",
                        "network": opened.verified.requirement["network"],
                        "payer": opened.verified.signed.payer}
             return await self.challenge(error, tool, url, [
                 (payment.response_header, _b64_json(failure).encode())], tenant=tenant), []
         headers = [(payment.response_header, _b64_json(settlement.to_dict()).encode())]
+        if receipt is None:  # settled: the payer gets what it paid for
+            return response, headers
+        return response, [*headers, receipt_header(receipt)]
+
+    def _close(self, opened: Reserved, tool: str, response: BufferedResponse
+               ) -> tuple[SettleResponse, Receipt | None]:
+        """Settle and record, counting how the request ended here, on the worker: a request
+        cut off meanwhile no longer waits, but it was paid (or refused) all the same, and is
+        recorded now rather than by ``Acceptor.recover()``. ``None``: settled, not recorded."""
         try:
-            receipt = await asyncio.to_thread(self.acceptor.record, opened, settlement,
-                                              result=response.to_json())
-        except BillingError as error:  # settled: the payer gets what it paid for
+            settlement = self.acceptor.settle(opened)
+        except BillingError as error:
+            self._ended(tool, "refused", code=error.code)
+            raise
+        try:
+            receipt = self.acceptor.record(opened, settlement, result=response.to_json())
+        except BillingError as error:
             logger.warning("x402 payment %s settled in %s but is not recorded yet (%s); "
                            "Acceptor.recover() records it", opened.verified.payment_id,
                            settlement.transaction, error.code)
-            return response, headers
+            return settlement, None
         self._ended(tool, "captured", amount=receipt.amount)
-        return response, [*headers, receipt_header(receipt)]
+        return settlement, receipt
 
     def _ended(self, tool: str, outcome: str, *, amount: int | None = None,
                code: str | None = None) -> None:

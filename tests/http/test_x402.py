@@ -10,8 +10,10 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from mcpbill_cli.wallet.rpc import Rpc, connect
 from mcpbill_cli.x402.accept import Acceptor
 from mcpbill_cli.x402.offers import Terms
 from mcpbill_cli.x402.settlers import FacilitatorSettler, SelfSettler, Settler
+from tests.proxy.test_cut_off import ledger_locked
 from tests.x402.accepting import (
     ACCEPT_PRICING,
     SEARCH_PRICE,
@@ -380,6 +383,57 @@ def test_a_failed_settlement_withholds_the_response(
     assert RECEIPT_HEADER not in response.headers
     assert shop.received() == 0 and shop.captured_calls() == []
     assert [row.status for row in shop.payment_rows()] == ["failed"]
+    shop.assert_books_clean()
+
+
+def test_a_request_cut_off_while_its_payment_is_recorded_is_recorded_and_counted_at_once(
+        shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
+    """The task serving a paid request is cancelled (a plain ``task.cancel()``: the server
+    stops, say) once the payment is on chain and its record waits for the ledger. The worker
+    records it all the same, as soon as the ledger is free, not later by
+    ``Acceptor.recover()``, and counts the call ``captured``; the same header replays it."""
+    metrics = shop.verifier.enable_metrics()
+    held = Held()
+    app = shop_app(shop, runs, held=held)
+
+    def statuses() -> list[str]:
+        return [row.status for row in shop.payment_rows()]
+
+    async def until(done: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://shop", timeout=60) as http:
+            v2 = decoded((await http.get("/held")).headers["PAYMENT-REQUIRED"])
+            payment = official_payment(official_client(payer, shop.terms.asset), v2)
+            header = {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payment).encode()).decode()}
+            request = asyncio.create_task(http.get("/held", headers=header))
+            assert await asyncio.to_thread(held.entered.wait, 30)
+            with ledger_locked(shop.engine):
+                held.release.set()
+                await until(lambda: shop.received() > 0, "never settled on chain")
+                await asyncio.sleep(0.5)  # recording: waiting for the ledger
+                assert statuses() == ["reserved"]
+                request.cancel()
+                with suppress(asyncio.CancelledError):
+                    await request
+            await until(lambda: statuses() != ["reserved"], "left for recover()")
+            return await http.get("/held", headers=header)
+
+    again = asyncio.run(scenario())
+    assert statuses() == ["settled"] and shop.received() == SEARCH_PRICE
+    assert again.status_code == 200 and again.headers[REPLAYED_HEADER] == "true", again.text
+    assert shop.verifier.verify_receipt(again.headers[RECEIPT_HEADER]).amount == SEARCH_PRICE
+    assert runs["held"] == 1 and len(shop.captured_calls("search")) == 1
+    sample = metrics.registry.get_sample_value
+    assert {outcome: sample("mcpbill_calls_total", {"tool": "search", "outcome": outcome})
+            for outcome in ("captured", "voided", "refused", "replayed")} == {
+        "captured": 1, "voided": None, "refused": 1, "replayed": 1}
+    assert sample("mcpbill_charged_micro_usdc_total", {"tool": "search"}) == SEARCH_PRICE
     shop.assert_books_clean()
 
 
