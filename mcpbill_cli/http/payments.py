@@ -25,8 +25,7 @@ from typing import Any, NamedTuple
 from mcpbill_cli.errors import BillingError, DuplicateCall, ResponseTooLarge
 from mcpbill_cli.http.asgi import BufferedRequest, BufferedResponse
 from mcpbill_cli.http.wire import receipt_header, refusal, replayed_header
-from mcpbill_cli.receipts import Receipt
-from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved
 
 logger = logging.getLogger("mcpbill")
 
@@ -149,7 +148,8 @@ class X402Gate:
                     "payment was not settled", tool=tool)), []
             return response, []
         try:
-            settlement, receipt = await asyncio.to_thread(self._close, opened, tool, response)
+            settlement, receipt = await asyncio.to_thread(  # goes on for a request cut off
+                self.acceptor.pay_for, opened, tool, result=response.to_json())
         except BillingError as error:  # not settled: the endpoint's output is withheld
             failure = {"success": False, "errorReason": error.code, "transaction": "",
                        "network": opened.verified.requirement["network"],
@@ -160,26 +160,6 @@ class X402Gate:
         if receipt is None:  # settled: the payer gets what it paid for
             return response, headers
         return response, [*headers, receipt_header(receipt)]
-
-    def _close(self, opened: Reserved, tool: str, response: BufferedResponse
-               ) -> tuple[SettleResponse, Receipt | None]:
-        """Settle and record, counting how the request ended here, on the worker: a request
-        cut off meanwhile no longer waits, but it was paid (or refused) all the same, and is
-        recorded now rather than by ``Acceptor.recover()``. ``None``: settled, not recorded."""
-        try:
-            settlement = self.acceptor.settle(opened)
-        except BillingError as error:
-            self._ended(tool, "refused", code=error.code)
-            raise
-        try:
-            receipt = self.acceptor.record(opened, settlement, result=response.to_json())
-        except BillingError as error:
-            logger.warning("x402 payment %s settled in %s but is not recorded yet (%s); "
-                           "Acceptor.recover() records it", opened.verified.payment_id,
-                           settlement.transaction, error.code)
-            return settlement, None
-        self._ended(tool, "captured", amount=receipt.amount)
-        return settlement, receipt
 
     def _ended(self, tool: str, outcome: str, *, amount: int | None = None,
                code: str | None = None) -> None:
@@ -196,14 +176,16 @@ class X402Gate:
 
 def _replayed(opened: Replayed, payment: Payment) -> tuple[BufferedResponse, Headers]:
     """A payment settled for this very request before: the kept response, its receipt and
-    settlement; DUPLICATE_CALL with the receipt when the response was too large to keep."""
+    settlement; DUPLICATE_CALL with the receipt when no response was kept (too large to keep,
+    or recorded by ``Acceptor.recover()`` after the server that ran it failed)."""
     kept = BufferedResponse.from_json(opened.result) if opened.result is not None else None
     headers = [(payment.response_header, _b64_json(opened.settlement.to_dict()).encode()),
                receipt_header(opened.receipt)]
     if kept is None:
         return refusal(DuplicateCall(
             f"this request was paid and answered already (receipt "
-            f"{opened.receipt.receipt_id}); its response was too large to keep",
+            f"{opened.receipt.receipt_id}); its response was not kept (too large to keep, or "
+            "recorded after its server failed)",
             receipt=opened.receipt)), headers
     return kept, [*headers, replayed_header()]
 

@@ -246,11 +246,13 @@ def kept_result(result: Result) -> str:
 
 def replayed(receipt: Receipt, kept: str | None) -> CallToolResult:
     """A replay's answer: the first run's ``kept`` result with its receipt, marked as a replay;
-    DUPLICATE_CALL with the receipt when no result was kept (it was over the size cap)."""
+    DUPLICATE_CALL with the receipt when no result was kept (it was over the size cap, or the
+    call was recorded after the server that ran it failed: ``Acceptor.recover()``)."""
     if kept is None:
         return refusal(DuplicateCall(
-            f"this call was made already (receipt {receipt.receipt_id}) and its result was too "
-            "large to keep; it is not run or billed again", receipt=receipt))
+            f"this call was made already (receipt {receipt.receipt_id}) and its result was not "
+            "kept (too large to keep, or recorded after its server failed); it is not run or "
+            "billed again", receipt=receipt))
     first = CallToolResult.model_validate_json(kept)
     meta = {**(first.meta or {}), REPLAYED_META: True, RECEIPT_META: receipt.to_dict()}
     return first.model_copy(update={"meta": meta})

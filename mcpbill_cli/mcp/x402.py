@@ -9,7 +9,10 @@
   tool runs; it is settled after the tool succeeded and before the result is returned, and the
   result carries ``_meta["x402/payment-response"]`` (the ``SettleResponse``) next to the
   receipt. A tool that failed releases the payment (nothing is settled); a settlement that
-  fails withholds the tool's output (X402_SETTLEMENT_FAILED, with a fresh challenge).
+  fails withholds the tool's output (X402_SETTLEMENT_FAILED, with a fresh challenge). A payment
+  settled that the ledger then fails to record still returns the result (the payer has paid:
+  asking it to pay again would charge it twice), with the settlement and no receipt;
+  ``Acceptor.recover()`` records it later, and a retry replays it then.
 - A retry of a settled payment for the same call replays its result; the tool runs at most
   once per payment.
 
@@ -42,10 +45,11 @@ from mcpbill_cli.mcp.wire import (
     REPLAYED_META,
     kept_result,
     refusal,
+    replayed,
     succeeded,
     unbilled,
 )
-from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, SettleResponse
+from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved
 from mcpbill_cli.x402.errors import X402PaymentInvalid
 
 PAYMENT_META = "x402/payment"
@@ -185,7 +189,8 @@ class PaidCall:
     async def close(self, result: HandlerResult) -> HandlerResult:
         """Settle and record a successful result (withheld if settlement fails); release the
         payment of a failed one."""
-        if self.opened is None:
+        opened = self.opened
+        if opened is None:
             return result
         if not succeeded(result):
             await self.unpaid(unbilled(result))
@@ -195,11 +200,13 @@ class PaidCall:
             # plain task.cancel() stops the waiting; the worker settles and records it, and a
             # retry replays it)
             with anyio.CancelScope(shield=True):
-                settlement, receipt = await offloop.run(lambda: self._settle(kept_result(done)))
+                settlement, receipt = await offloop.run(lambda: self.acceptor.pay_for(
+                    opened, self.tool, result=kept_result(done)))
         except BillingError as error:  # settlement failed: the output is withheld
             return self._refused(error)
-        meta = {**(done.meta or {}), RECEIPT_META: receipt.to_dict(),
-                PAYMENT_RESPONSE_META: settlement.to_dict()}
+        meta = {**(done.meta or {}), PAYMENT_RESPONSE_META: settlement.to_dict()}
+        if receipt is not None:  # else paid, not recorded yet: the result is the payer's due
+            meta[RECEIPT_META] = receipt.to_dict()
         return done.model_copy(update={"meta": meta})
 
     async def release(self) -> None:
@@ -244,26 +251,10 @@ class PaidCall:
             self.acceptor.release(taken)
             self._ended("voided")  # as a hold taken for a cancelled caller is voided
 
-    def _settle(self, kept: str) -> tuple[SettleResponse, Any]:
-        """Settle and record, counting how the call ended here, on the worker: a caller
-        cancelled meanwhile no longer waits, but its call was paid (or refused) all the same."""
-        assert self.opened is not None  # noqa: S101 - close() checked
-        try:
-            settlement = self.acceptor.settle(self.opened)
-            receipt = self.acceptor.record(self.opened, settlement, result=kept)
-        except BillingError as error:
-            self._ended("refused", code=error.code)
-            raise
-        self._ended("captured", amount=receipt.amount)
-        return settlement, receipt
-
-
 def _replayed(replay: Replayed) -> CallToolResult:
-    if replay.result is None:
-        first = CallToolResult(content=[TextContent(type="text", text=json.dumps(
-            {"receiptId": replay.receipt.receipt_id, "replayed": True}))])
-    else:
-        first = CallToolResult.model_validate_json(replay.result)
+    """The call this payment paid already (:func:`~mcpbill_cli.mcp.wire.replayed`: its kept
+    result, or DUPLICATE_CALL), with its receipt and settlement."""
+    first = replayed(replay.receipt, replay.result)
     meta = {**(first.meta or {}), REPLAYED_META: True, RECEIPT_META: replay.receipt.to_dict(),
             PAYMENT_RESPONSE_META: replay.settlement.to_dict()}
     return first.model_copy(update={"meta": meta})

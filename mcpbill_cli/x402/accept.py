@@ -15,6 +15,7 @@
         raise
     settlement = acceptor.settle(opened)         # on chain, or X402_SETTLEMENT_FAILED (withhold)
     receipt = acceptor.record(opened, settlement, result=result_json)
+    # or both in one, counted in the metrics: acceptor.pay_for(opened, "search", result=...)
 
 ``payment`` is a v2 ``PaymentPayload`` (or a v1 one) as a mapping, or the base64 JSON of a
 ``PAYMENT-SIGNATURE`` / ``X-PAYMENT`` header. ``tenant``/``agent``/``jti`` name the credit token
@@ -35,6 +36,9 @@ What each step guarantees:
   ``wallet sync`` would give its ``Transfer`` log, so sync never credits it again), a credit token
   of exactly the price for the tenant (internal, never handed out), the call charged on it with
   a signed receipt carrying the settlement, and the payment marked settled.
+- :meth:`Acceptor.pay_for`: settle and record, counted in the verifier's metrics; a payment
+  settled but not recorded (the ledger failed) still gives the payer its result, and is left to
+  :meth:`Acceptor.recover`.
 - :meth:`Acceptor.recover`: payments left ``reserved`` by a server that died (after settling,
   before recording) are recorded from the chain, or released once they can no longer settle;
   an acceptor built by :meth:`Acceptor.from_settings` runs it by itself, at start-up and then
@@ -418,6 +422,30 @@ class Acceptor:
         verified = opened.verified
         transfer = self._transfer(settlement.transaction, verified.terms)
         return self._record(_Paid.of(verified), transfer, settlement, result)
+
+    def pay_for(self, opened: Reserved, tool: str, *, result: str | None = None
+                ) -> tuple[SettleResponse, Receipt | None]:
+        """:meth:`settle` and :meth:`record` for a tool that succeeded, counting how the call
+        ended (:meth:`call_ended`) here: called on a worker, it goes on for a caller cancelled
+        meanwhile, whose call is paid (or refused) all the same. The receipt is ``None`` when
+        the payment settled but could not be recorded (the ledger failed): the payer has paid,
+        so the result is its due, and :meth:`recover` records the payment later. A settlement
+        that fails raises: withhold the result."""
+        try:
+            settlement = self.settle(opened)
+        except BillingError as error:
+            self.call_ended(tool, "refused", code=error.code)
+            raise
+        try:
+            receipt = self.record(opened, settlement, result=result)
+        except BillingError as error:
+            logger.warning("x402 payment %s settled in %s but is not recorded yet (%s); "
+                           "Acceptor.recover() records it", opened.verified.payment_id,
+                           settlement.transaction, error.code)
+            self.call_ended(tool, "captured", amount=opened.verified.amount)  # it was paid
+            return settlement, None
+        self.call_ended(tool, "captured", amount=receipt.amount)
+        return settlement, receipt
 
     # --- recovery -------------------------------------------------------------------------------
 

@@ -54,10 +54,12 @@ from tests.x402.accepting import (
     SEARCH_PRICE,
     Shop,
     balance,
+    cut_recording,
     new_payer,
     official_client,
     official_payment,
     rate_limited,
+    recording_waits,
 )
 from tests.x402.conftest import Peer
 from tests.x402.peer import NETWORK, V1_NETWORK
@@ -386,12 +388,21 @@ def test_a_failed_settlement_withholds_the_response(
     shop.assert_books_clean()
 
 
-def test_a_request_cut_off_while_its_payment_is_recorded_is_recorded_and_counted_at_once(
-        shop: Shop, payer: LocalAccount, runs: Counter[str]) -> None:
-    """The task serving a paid request is cancelled (a plain ``task.cancel()``: the server
-    stops, say) once the payment is on chain and its record waits for the ledger. The worker
-    records it all the same, as soon as the ledger is free, not later by
-    ``Acceptor.recover()``, and counts the call ``captured``; the same header replays it."""
+@pytest.mark.parametrize("cut", ["task", "ledger"])
+def test_a_request_cut_off_while_its_payment_is_recorded_is_paid_once(
+        shop: Shop, payer: LocalAccount, runs: Counter[str], cut: str) -> None:
+    """The payment of a paid request is on chain and its record waits for the ledger; then
+    either the task serving the request is cancelled (``task``: a plain ``task.cancel()``, the
+    server stopping), or PostgreSQL cuts the ledger connection recording it (``ledger``).
+
+    - ``task``: the worker records the payment all the same as soon as the ledger is free,
+      not later by ``Acceptor.recover()``, and counts the call ``captured``; the same header
+      replays the kept response.
+    - ``ledger``: the payer has paid, so the response is its due: 200 with ``PAYMENT-RESPONSE``
+      and no receipt yet. ``Acceptor.recover()`` records the payment once; the same header
+      then gets DUPLICATE_CALL with the receipt (no response was kept)."""
+    if cut == "ledger" and shop.engine.dialect.name != "postgresql":
+        pytest.skip("cuts the ledger's connection from the PostgreSQL server")
     metrics = shop.verifier.enable_metrics()
     held = Held()
     app = shop_app(shop, runs, held=held)
@@ -405,7 +416,7 @@ def test_a_request_cut_off_while_its_payment_is_recorded_is_recorded_and_counted
             assert time.monotonic() < deadline, what
             await asyncio.sleep(0.1)
 
-    async def scenario() -> httpx.Response:
+    async def scenario() -> tuple[httpx.Response | None, httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://shop", timeout=60) as http:
             v2 = decoded((await http.get("/held")).headers["PAYMENT-REQUIRED"])
@@ -413,26 +424,46 @@ def test_a_request_cut_off_while_its_payment_is_recorded_is_recorded_and_counted
             header = {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payment).encode()).decode()}
             request = asyncio.create_task(http.get("/held", headers=header))
             assert await asyncio.to_thread(held.entered.wait, 30)
+            answered = None
             with ledger_locked(shop.engine):
                 held.release.set()
                 await until(lambda: shop.received() > 0, "never settled on chain")
-                await asyncio.sleep(0.5)  # recording: waiting for the ledger
+                if cut == "task":
+                    await asyncio.sleep(0.5)  # recording: waiting for the ledger
+                    assert statuses() == ["reserved"]
+                    request.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await request
+                else:
+                    await until(lambda: recording_waits(shop.engine), "never recorded")
+                    cut_recording(shop.engine)
+                    answered = await request
+            if cut == "task":
+                await until(lambda: statuses() != ["reserved"], "left for recover()")
+            else:
                 assert statuses() == ["reserved"]
-                request.cancel()
-                with suppress(asyncio.CancelledError):
-                    await request
-            await until(lambda: statuses() != ["reserved"], "left for recover()")
-            return await http.get("/held", headers=header)
+                assert len(shop.acceptor.recover(older_than=0)) == 1
+            return answered, await http.get("/held", headers=header)
 
-    again = asyncio.run(scenario())
+    answered, again = asyncio.run(scenario())
     assert statuses() == ["settled"] and shop.received() == SEARCH_PRICE
-    assert again.status_code == 200 and again.headers[REPLAYED_HEADER] == "true", again.text
-    assert shop.verifier.verify_receipt(again.headers[RECEIPT_HEADER]).amount == SEARCH_PRICE
     assert runs["held"] == 1 and len(shop.captured_calls("search")) == 1
+    if cut == "task":
+        assert again.status_code == 200 and again.headers[REPLAYED_HEADER] == "true", again.text
+        assert again.json() == {"held": True}
+    else:
+        assert answered is not None and answered.status_code == 200, answered.text
+        assert answered.json() == {"held": True} and RECEIPT_HEADER not in answered.headers
+        settlement = decoded(answered.headers["PAYMENT-RESPONSE"])
+        assert settlement["success"] is True and settlement["payer"] == payer.address.lower()
+        assert again.status_code == 409 and again.json()["code"] == "DUPLICATE_CALL"
+        assert decoded(again.headers["PAYMENT-RESPONSE"]) == settlement
+    receipt = shop.verifier.verify_receipt(again.headers[RECEIPT_HEADER])
+    assert receipt.amount == SEARCH_PRICE
     sample = metrics.registry.get_sample_value
-    assert {outcome: sample("mcpbill_calls_total", {"tool": "search", "outcome": outcome})
-            for outcome in ("captured", "voided", "refused", "replayed")} == {
-        "captured": 1, "voided": None, "refused": 1, "replayed": 1}
+    counted = {outcome: sample("mcpbill_calls_total", {"tool": "search", "outcome": outcome})
+               for outcome in ("captured", "voided", "refused", "replayed")}
+    assert counted == {"captured": 1, "voided": None, "refused": 1, "replayed": 1}
     assert sample("mcpbill_charged_micro_usdc_total", {"tool": "search"}) == SEARCH_PRICE
     shop.assert_books_clean()
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 from web3 import Web3
 from x402 import x402ClientSync
 from x402.mechanisms.evm.exact import ExactEvmClientScheme
@@ -234,3 +234,22 @@ def signed_payment(payer: LocalAccount, terms: Terms, *, amount: int, to: str | 
     return {"x402Version": 2, "accepted": accepted,
             "payload": {"signature": "0x" + bytes(signed.signature).hex(),
                         "authorization": authorization}}
+
+
+# The connections that wait for the tables ``ledger_locked`` (tests/proxy/test_cut_off.py)
+# holds on PostgreSQL, in this ledger's schema: a payment being recorded.
+_WAITING = ("FROM pg_locks WHERE NOT granted AND relation IN "
+            "('accounts'::regclass, 'x402_payments'::regclass)")
+
+
+def recording_waits(engine: Engine) -> bool:
+    """Whether a payment's record waits for the locked ledger (PostgreSQL)."""
+    with engine.connect() as conn:
+        return bool(conn.execute(text(f"SELECT count(*) {_WAITING}")).scalar_one())  # noqa: S608
+
+
+def cut_recording(engine: Engine) -> None:
+    """PostgreSQL terminates the connections of :func:`recording_waits`, as a database restart
+    would: the record fails LEDGER_UNAVAILABLE after its payment settled."""
+    with engine.connect() as conn:
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) {_WAITING}"))  # noqa: S608

@@ -5,6 +5,7 @@ the tool result (its own MCP helpers) and signs the payment; the server settles 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,16 +30,19 @@ from mcpbill_cli.ledger.engine import writing
 from mcpbill_cli.mcp import RECEIPT_META, TOKEN_META, Billing
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PAYMENT_RESPONSE_META
 from mcpbill_cli.wallet.addresses import checksum_address
+from tests.proxy.test_cut_off import ledger_locked
 from tests.verifier.billing_support import fund, mint
 
 from .accepting import (
     SEARCH_PRICE,
     Shop,
     balance,
+    cut_recording,
     new_payer,
     official_client,
     official_payment,
     rate_limited,
+    recording_waits,
     signed_payment,
 )
 from .peer import NETWORK
@@ -214,6 +218,84 @@ def test_a_payer_over_its_agent_rate_limit_is_refused_with_no_challenge_and_noth
     assert tools.runs == [("search", {"q": "a"})]
     assert shop.received() == SEARCH_PRICE
     assert [row.status for row in shop.payment_rows()] == ["settled"]
+
+
+def test_a_payment_settled_that_the_ledger_fails_to_record_still_returns_the_result(
+        shop: Shop) -> None:
+    """The ledger's connection is cut (PostgreSQL terminates it) while a call paid with x402
+    is being recorded, after its payment settled on chain. The payer has paid: it gets the
+    tool's result with the settlement (no receipt yet), not a refusal with a fresh challenge
+    that would have it pay twice. ``Acceptor.recover()`` records the payment once, later, and
+    the same payment then replays the call without running it or moving money again."""
+    if shop.engine.dialect.name != "postgresql":
+        pytest.skip("cuts the ledger's connection from the PostgreSQL server")
+    metrics = shop.verifier.enable_metrics()
+    billing = Billing(shop.verifier, acceptor=shop.acceptor)
+    server: MCPServer = MCPServer("paid", extensions=[billing])
+    entered, release, runs = threading.Event(), threading.Event(), []
+
+    @billing.tool(server)
+    def search(q: str) -> list[str]:
+        runs.append(q)
+        entered.set()
+        release.wait(30)
+        return [f"{q}: result 1"]
+
+    payer = new_payer(shop.devnet)
+    args = {"q": "usdc"}
+    release.set()  # the challenge: the tool does not run
+    challenge = extract_payment_required_from_result(as_x402(call(server, "search", args)))
+    assert challenge is not None and runs == []
+    release.clear()
+    payment = official_payment(official_client(payer, shop.devnet.chain.usdc),
+                               challenge.model_dump(by_alias=True, exclude_none=True))
+
+    async def cut_while_recording() -> CallToolResult:
+        answered: list[CallToolResult] = []
+        async with Client(server) as client, anyio.create_task_group() as tasks:
+
+            async def paid_call() -> None:
+                answered.append(await client.call_tool(  # type: ignore[arg-type]
+                    "search", args, meta={PAYMENT_META: payment}))
+
+            tasks.start_soon(paid_call)
+            assert await anyio.to_thread.run_sync(entered.wait, 30)
+            with ledger_locked(shop.engine), anyio.fail_after(60):
+                release.set()  # the tool answers; the payment settles; its record waits
+                while shop.received() == 0 or not recording_waits(shop.engine):
+                    await anyio.sleep(0.1)
+                cut_recording(shop.engine)
+                while not answered:
+                    await anyio.sleep(0.1)
+        return answered[0]
+
+    result = anyio.run(cut_while_recording)
+
+    assert not result.is_error, result
+    assert result.structured_content == {"result": ["usdc: result 1"]}
+    settlement = (result.meta or {})[PAYMENT_RESPONSE_META]
+    assert settlement["success"] is True and settlement["payer"] == payer.address.lower()
+    assert RECEIPT_META not in (result.meta or {})
+    assert shop.received() == SEARCH_PRICE and runs == ["usdc"]
+    assert [row.status for row in shop.payment_rows()] == ["reserved"]
+    sample = metrics.registry.get_sample_value  # paid: counted, though not recorded yet
+    assert sample("mcpbill_calls_total", {"tool": "search", "outcome": "captured"}) == 1
+    assert sample("mcpbill_charged_micro_usdc_total", {"tool": "search"}) == SEARCH_PRICE
+
+    assert len(shop.acceptor.recover(older_than=0)) == 1
+    assert shop.acceptor.recover(older_than=0) == []
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
+    [captured] = shop.captured_calls("search")
+    again = call(server, "search", args, {PAYMENT_META: payment})  # its result was not kept
+    assert again.is_error and (again.meta or {})[PAYMENT_RESPONSE_META] == settlement
+    assert again.structured_content is not None
+    assert again.structured_content["code"] == "DUPLICATE_CALL"
+    receipt = shop.verifier.verify_receipt(again.structured_content["receipt"]["jws"])
+    assert (receipt.receipt_id, receipt.amount) == (captured.id, SEARCH_PRICE)
+    assert receipt.claims["transaction"] == settlement["transaction"]
+    assert runs == ["usdc"] and shop.received() == SEARCH_PRICE
+    assert balance(shop.devnet, payer.address) == 1_000_000 - SEARCH_PRICE
+    shop.assert_books_clean()
 
 
 def test_a_tool_that_fails_releases_the_payment_and_nothing_moves(
