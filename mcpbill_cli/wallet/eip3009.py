@@ -170,20 +170,34 @@ class SettlementReverted(Exception):
         self.tx_hash = tx_hash
 
 
-def settled_transfer(rpc: Rpc, tx_hash: str, token: str, recipient: str) -> SettledTransfer | None:
-    """The ``Transfer`` of ``token`` to ``recipient`` in a mined ``tx_hash``, or ``None``."""
+def settled_transfer(rpc: Rpc, tx_hash: str, token: str, recipient: str, *,
+                     sender: str | None = None, amount: int | None = None
+                     ) -> SettledTransfer | None:
+    """The ``Transfer`` of ``token`` to ``recipient`` (from ``sender``, of ``amount``, when
+    given) in a mined ``tx_hash``, or ``None``."""
     receipt = rpc.receipt(tx_hash)
-    if receipt is None or receipt["status"] != 1:
+    if receipt is None:
+        return None
+    return transfer_in(receipt, tx_hash, token, recipient, sender=sender, amount=amount)
+
+
+def transfer_in(receipt: Any, tx_hash: str, token: str, recipient: str, *,
+                sender: str | None = None, amount: int | None = None) -> SettledTransfer | None:
+    """:func:`settled_transfer` in a transaction's ``receipt`` (None when it reverted)."""
+    if receipt["status"] != 1:
         return None
     wanted = address_topic(recipient)
     for position, log in enumerate(receipt["logs"]):
         topics = ["0x" + bytes(topic).hex() for topic in log["topics"]]
         if (str(log["address"]).lower() == token.lower() and len(topics) == 3
                 and topics[0] == TRANSFER_TOPIC and topics[2] == wanted):
-            return SettledTransfer(
+            found = SettledTransfer(
                 tx_hash=tx_hash.lower(), log_index=int(log["logIndex"]), position=position,
                 block_number=int(log["blockNumber"]), sender="0x" + topics[1][-40:],
                 recipient=recipient.lower(), amount=int.from_bytes(bytes(log["data"]), "big"))
+            if (sender is None or found.sender == sender.lower()) and (
+                    amount is None or found.amount == amount):
+                return found
     return None
 
 

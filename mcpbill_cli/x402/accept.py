@@ -420,7 +420,8 @@ class Acceptor:
         """Record the settled call (see the module docstring) and return its signed receipt;
         ``result`` is the tool's result as JSON text, kept for replays."""
         verified = opened.verified
-        transfer = self._transfer(settlement.transaction, verified.terms)
+        transfer = self._transfer(settlement.transaction, verified.terms, verified.signed.payer,
+                                  verified.signed.value)
         return self._record(_Paid.of(verified), transfer, settlement, result)
 
     def pay_for(self, opened: Reserved, tool: str, *, result: str | None = None
@@ -428,21 +429,24 @@ class Acceptor:
         """:meth:`settle` and :meth:`record` for a tool that succeeded, counting how the call
         ended (:meth:`call_ended`) here: called on a worker, it goes on for a caller cancelled
         meanwhile, whose call is paid (or refused) all the same. The receipt is ``None`` when
-        the payment settled but could not be recorded (the ledger failed): the payer has paid,
-        so the result is its due, and :meth:`recover` records the payment later. A settlement
-        that fails raises: withhold the result."""
+        the USDC is seen on chain but the ledger could not record it: the payer has paid, so
+        the result is its due, and :meth:`recover` records the payment later. A settlement
+        that fails, or whose transfer the chain does not show, raises: withhold the result."""
+        verified = opened.verified
         try:
             settlement = self.settle(opened)
+            transfer = self._transfer(settlement.transaction, verified.terms,
+                                      verified.signed.payer, verified.signed.value)
         except BillingError as error:
             self.call_ended(tool, "refused", code=error.code)
             raise
         try:
-            receipt = self.record(opened, settlement, result=result)
+            receipt = self._record(_Paid.of(verified), transfer, settlement, result)
         except BillingError as error:
             logger.warning("x402 payment %s settled in %s but is not recorded yet (%s); "
-                           "Acceptor.recover() records it", opened.verified.payment_id,
+                           "Acceptor.recover() records it", verified.payment_id,
                            settlement.transaction, error.code)
-            self.call_ended(tool, "captured", amount=opened.verified.amount)  # it was paid
+            self.call_ended(tool, "captured", amount=verified.amount)  # it was paid
             return settlement, None
         self.call_ended(tool, "captured", amount=receipt.amount)
         return settlement, receipt
@@ -549,20 +553,27 @@ class Acceptor:
         if not eip3009.authorization_used(self.rpc, terms.asset, signed.payer, signed.nonce):
             return None
         tx_hash = eip3009.authorization_tx(self.rpc, terms.asset, signed.payer, signed.nonce)
-        if tx_hash is None or eip3009.settled_transfer(self.rpc, tx_hash, terms.asset,
-                                                       terms.pay_to) is None:
+        if tx_hash is None or eip3009.settled_transfer(
+                self.rpc, tx_hash, terms.asset, terms.pay_to, sender=signed.payer,
+                amount=signed.value) is None:
             return None
         return tx_hash
 
-    def _transfer(self, tx_hash: str, terms: Terms) -> eip3009.SettledTransfer:
+    def _transfer(self, tx_hash: str, terms: Terms, payer: str, amount: int
+                  ) -> eip3009.SettledTransfer:
+        """The USDC ``payer`` paid in ``tx_hash``: ``amount`` to the deposit address, waiting up
+        to RECEIPT_WAIT for the transaction to be mined (a facilitator's may not be yet).
+        X402_SETTLEMENT_FAILED when the chain does not show it: a facilitator that answered
+        with another transaction (another payer's, or one that moved nothing) is not taken at
+        its word."""
         deadline = time.monotonic() + RECEIPT_WAIT
-        while True:
-            found = eip3009.settled_transfer(self.rpc, tx_hash, terms.asset, terms.pay_to)
-            if found is not None or time.monotonic() > deadline:
-                break
+        while (receipt := self.rpc.receipt(tx_hash)) is None and time.monotonic() < deadline:
             time.sleep(0.2)
+        found = None if receipt is None else eip3009.transfer_in(
+            receipt, tx_hash, terms.asset, terms.pay_to, sender=payer, amount=amount)
         if found is None:
-            raise X402SettlementFailed(f"settlement {tx_hash} moved no USDC to {terms.pay_to}",
+            raise X402SettlementFailed(f"settlement {tx_hash} moved no {amount} USDC units "
+                                       f"from {payer} to {terms.pay_to}",
                                        transaction=tx_hash, outcome="unknown")
         return found
 
@@ -608,7 +619,8 @@ class Acceptor:
                          Price(row.amount, "x402.recovered", table.version), row.request_hash,
                          None)
             settlement = SettleResponse(True, tx_hash, row.network, row.payer)
-            self._record(paid, self._transfer(tx_hash, terms), settlement, None)
+            self._record(paid, self._transfer(tx_hash, terms, row.payer, row.amount), settlement,
+                         None)
             logger.warning("x402 payment %s was settled in %s but not recorded: recorded now",
                            row.id, tx_hash)
             return True

@@ -5,7 +5,9 @@ and two replicas on one ledger given the same payment at once (one settles)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +170,64 @@ def _transfer_args(payment: dict[str, Any]) -> list[Any]:
     return [auth["from"], auth["to"], int(auth["value"]), int(auth["validAfter"]),
             int(auth["validBefore"]), bytes.fromhex(auth["nonce"][2:]), signature[64],
             signature[:32], signature[32:64]]
+
+
+@dataclass
+class Pretender:
+    """A facilitator that settles nothing: it answers every settlement with success and the
+    hash of a transaction it did not make for this payment (``answer``)."""
+
+    answer: str
+    name: str = "pretender"
+
+    def verify(self, signed: Any, requirement: Any) -> None:
+        """Every payment looks fine to it."""
+
+    def settle(self, signed: Any, requirement: Any) -> str:
+        return self.answer
+
+
+@pytest.mark.parametrize("answer", ["another payer's payment", "a transaction moving no USDC"])
+def test_a_facilitator_answering_with_a_transaction_that_did_not_pay_gets_no_output(
+        shop: Shop, answer: str) -> None:
+    """The chain, not the facilitator's word, says whether the payer paid: the transfer must be
+    this payer's, of the price, to the deposit address. The output is withheld and the payment
+    is left to recovery (the facilitator holds the authorization and may still settle it),
+    which releases it once it lapses unused. The authorization lives 3 s here."""
+    honest = mcp_server(shop, lambda q: [q])
+    first = call(honest, "search", {"q": "paid"}, {PAYMENT_META: official(shop, new_payer(
+        shop.devnet))})
+    if answer == "another payer's payment":
+        transaction = (first.meta or {})[PAYMENT_RESPONSE_META]["transaction"]
+    else:
+        w3 = shop.devnet.w3
+        transaction = Web3.to_hex(w3.eth.send_transaction(
+            {"from": shop.devnet.deployer, "to": Web3.to_checksum_address(shop.pay_to),
+             "value": 1}))
+        assert w3.eth.wait_for_transaction_receipt(transaction)["status"] == 1
+    pretending = with_settler(shop, Pretender(transaction))
+    pretending.acceptor.settle_margin = 1
+    runs: list[str] = []
+    server = mcp_server(pretending, lambda q: runs.append(q) or ["the secret output"])
+    payer = new_payer(shop.devnet)
+    lapses = int(time.time()) + 3
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE, valid_before=lapses)
+
+    result = call(server, "search", {"q": "x"}, {PAYMENT_META: payment})
+
+    assert runs == ["x"] and result.is_error and result.structured_content is not None
+    assert result.structured_content["code"] == "X402_SETTLEMENT_FAILED"
+    assert "the secret output" not in str(result.model_dump())
+    assert transaction in result.structured_content["message"]
+    assert shop.received() == SEARCH_PRICE and len(shop.captured_calls()) == 1  # the first
+    assert balance(shop.devnet, payer.address) == 1_000_000
+    assert [row.status for row in shop.payment_rows()] == ["settled", "reserved"]
+    assert pretending.acceptor.recover(older_than=0) == []  # it may still settle: left
+    time.sleep(max(0.0, lapses + 1 - time.time()))
+    assert len(pretending.acceptor.recover(older_than=0)) == 1
+    assert [row.status for row in shop.payment_rows()] == ["settled", "released"]
+    assert shop.received() == SEARCH_PRICE and balance(shop.devnet, payer.address) == 1_000_000
+    shop.assert_books_clean()
 
 
 # --- two replicas, one ledger --------------------------------------------------------------
