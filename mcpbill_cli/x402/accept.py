@@ -419,10 +419,8 @@ class Acceptor:
                result: str | None = None) -> Receipt:
         """Record the settled call (see the module docstring) and return its signed receipt;
         ``result`` is the tool's result as JSON text, kept for replays."""
-        verified = opened.verified
-        transfer = self._transfer(settlement.transaction, verified.terms, verified.signed.payer,
-                                  verified.signed.value)
-        return self._record(_Paid.of(verified), transfer, settlement, result)
+        return self._record(_Paid.of(opened.verified), self._paid_in(opened, settlement),
+                            settlement, result)
 
     def pay_for(self, opened: Reserved, tool: str, *, result: str | None = None
                 ) -> tuple[SettleResponse, Receipt | None]:
@@ -435,8 +433,7 @@ class Acceptor:
         verified = opened.verified
         try:
             settlement = self.settle(opened)
-            transfer = self._transfer(settlement.transaction, verified.terms,
-                                      verified.signed.payer, verified.signed.value)
+            transfer = self._paid_in(opened, settlement)
         except BillingError as error:
             self.call_ended(tool, "refused", code=error.code)
             raise
@@ -558,6 +555,12 @@ class Acceptor:
                 amount=signed.value) is None:
             return None
         return tx_hash
+
+    def _paid_in(self, opened: Reserved, settlement: SettleResponse) -> eip3009.SettledTransfer:
+        """The payer's transfer in the transaction ``settlement`` names (:meth:`_transfer`)."""
+        signed = opened.verified.signed
+        return self._transfer(settlement.transaction, opened.verified.terms, signed.payer,
+                              signed.value)
 
     def _transfer(self, tx_hash: str, terms: Terms, payer: str, amount: int
                   ) -> eip3009.SettledTransfer:
