@@ -1,7 +1,8 @@
 """One exception tree: every refusal is a :class:`BillingError` with a stable ``code``.
 
 Servers catch ``BillingError``; the CLI maps ``code`` to an exit status in one place
-(``mcpbill_cli/cli/output.py``). ``to_dict()`` is the wire form an agent reads.
+(``mcpbill_cli/cli/output.py``). ``for_agent()`` is the wire form an agent reads: ``to_dict()``,
+but for the errors of the operator's own infrastructure, whose messages are the operator's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ class BillingError(Exception):
     def to_dict(self) -> dict[str, Any]:
         """The error as a JSON-ready object: ``{"code", "message", **details}``."""
         return {"code": self.code, "message": self.message, **self.details}
+
+    def for_agent(self) -> dict[str, Any]:
+        """The error as an agent is told it: :meth:`to_dict`, unless it is about the
+        operator's own infrastructure (see :class:`LedgerUnavailable`)."""
+        return self.to_dict()
+
+    @property
+    def agent_message(self) -> str:
+        """The message of :meth:`for_agent`."""
+        return str(self.for_agent()["message"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code}: {self.message})"
@@ -105,6 +116,14 @@ class LedgerUnavailable(BillingError):
     under the same idempotency key, is safe."""
 
     code = "LEDGER_UNAVAILABLE"
+    # What an agent is told. The message itself names the ledger (its URL, host and database)
+    # and the driver's reason: the operator's to read in the server's log and in the CLI, not
+    # a caller's.
+    told: ClassVar[str] = ("the server's ledger is unavailable: nothing of this call was "
+                           "written or billed; retry shortly, with the same idempotency key")
+
+    def for_agent(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.told}
 
 
 class LedgerFull(LedgerUnavailable):
@@ -113,6 +132,8 @@ class LedgerFull(LedgerUnavailable):
     LEDGER_UNAVAILABLE catches this too."""
 
     code = "LEDGER_FULL"
+    told = ("the server's ledger is full: nothing of this call was written or billed; retry "
+            "later, with the same idempotency key")
 
 
 class HoldNotActive(BillingError):

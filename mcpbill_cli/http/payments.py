@@ -85,7 +85,7 @@ class X402Gate:
         """``error`` as a 402 that also asks for an x402 payment of ``tool`` (both versions) at
         ``tenant``'s price (the anonymous one without); the plain refusal when x402 is not
         offered for it."""
-        v2, v1 = await asyncio.to_thread(self._documents, tool, url, error.message, tenant)
+        v2, v1 = await asyncio.to_thread(self._documents, tool, url, error.agent_message, tenant)
         if v2 is None or v1 is None:
             response = refusal(error)
         else:

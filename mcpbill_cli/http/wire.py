@@ -59,11 +59,11 @@ def status_of(error: BillingError) -> int:
 def refusal(error: BillingError, *, status: int | None = None,
             headers: Mapping[str, str] | None = None,
             fields: Mapping[str, Any] | None = None) -> BufferedResponse:
-    """``error`` as a JSON response: its ``to_dict()`` (under ``fields``, which it overrides:
+    """``error`` as a JSON response: its ``for_agent()`` (under ``fields``, which it overrides:
     an x402 v1 challenge's), ``status`` (else :func:`status_of`), and a ``Retry-After`` where
     a retry can succeed."""
     status = status or status_of(error)
-    body = json.dumps({**(fields or {}), **error.to_dict()}, default=str).encode()
+    body = json.dumps({**(fields or {}), **error.for_agent()}, default=str).encode()
     extra = {"content-type": "application/json", "content-length": str(len(body)),
              **{name.lower(): value for name, value in (headers or {}).items()}}
     retry = _retry_after(error, status)

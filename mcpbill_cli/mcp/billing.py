@@ -217,7 +217,7 @@ class _Run:
     def refuse(self, error: BillingError) -> NoReturn:
         self.refused = error
         # A deliberate refusal, not a crash: the SDK logs a ToolError at INFO, no traceback.
-        raise ToolError(f"{error.code}: {error.message}") from None
+        raise ToolError(f"{error.code}: {error.agent_message}") from None
 
 
 class _Prepaid:
@@ -487,7 +487,10 @@ class Billing(Extension):
     async def _void(self, hold: Hold, outcome: str = "voided") -> None:
         # Shielded: a call cancelled by its client must still release what it held.
         with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
-            await self.verifier.avoid(hold, outcome=outcome)
+            try:
+                await self.verifier.avoid(hold, outcome=outcome)
+            except BillingError as error:  # the ledger is down: the hold lapses by itself
+                logger.warning("void of hold %s: %s", hold.id, error.message)
 
 
 def _guarded(fn: ToolFn, tool: str) -> ToolFn:

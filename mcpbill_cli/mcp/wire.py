@@ -222,7 +222,7 @@ def client_address(request: Any) -> str:
 
 def refusal(error: BillingError) -> CallToolResult:
     """The x402-style refusal: ``isError``, the error object, and the same JSON as text."""
-    text = json.dumps(error.to_dict(), default=str)
+    text = json.dumps(error.for_agent(), default=str)
     return CallToolResult(content=[TextContent(type="text", text=text)],
                           structured_content=json.loads(text), is_error=True)
 

@@ -78,10 +78,10 @@ def challenged(error: BillingError, acceptor: Acceptor | None, tool: str,
     answer = refusal(error)
     if acceptor is None or _no_challenge(error):
         return answer
-    challenge = acceptor.payment_required(tool, tenant, error=error.message)
+    challenge = acceptor.payment_required(tool, tenant, error=error.agent_message)
     if challenge is None:
         return answer
-    text = json.dumps({**challenge, **error.to_dict()}, default=str)
+    text = json.dumps({**challenge, **error.for_agent()}, default=str)
     return answer.model_copy(update={"content": [TextContent(type="text", text=text)],
                                      "structured_content": json.loads(text)})
 
@@ -102,10 +102,10 @@ def answered(error: BillingError, acceptor: Acceptor | None, tool: str,
     """The answer to a refused call: with ``extension`` (see :func:`uses_extension`) and x402
     offered for ``tool``, the ``payment_required`` result; else :func:`challenged`."""
     if extension and acceptor is not None and not _no_challenge(error):
-        challenge = acceptor.payment_required(tool, tenant, error=error.message)
+        challenge = acceptor.payment_required(tool, tenant, error=error.agent_message)
         if challenge is not None:
             return {"resultType": PAYMENT_REQUIRED, "paymentRequired": challenge,
-                    "_meta": {REFUSAL_META: error.to_dict()}}
+                    "_meta": {REFUSAL_META: error.for_agent()}}
     return challenged(error, acceptor, tool, tenant)
 
 

@@ -278,7 +278,7 @@ def _page(params: types.PaginatedRequestParams | None) -> tuple[str | None, Any]
 
 
 def _rpc_error(code: int, error: BillingError) -> MCPError:
-    return MCPError(code, f"{error.code}: {error.message}", data=error.to_dict())
+    return MCPError(code, f"{error.code}: {error.agent_message}", data=error.for_agent())
 
 
 # --- the HTTP app ---------------------------------------------------------------------------------

@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 class ScratchPostgres:
-    """One cluster: ``start``, ``restart`` (a clean, fast shutdown), ``kill`` (an immediate
-    shutdown: the server's processes die without a checkpoint, as in a crash) and ``destroy``.
+    """One cluster: ``start``, ``restart`` (a clean, fast shutdown), ``stop`` (the same, staying
+    down), ``kill`` (an immediate shutdown: the server's processes die without a checkpoint, as
+    in a crash) and ``destroy``.
     """
 
     def __init__(self, binaries: Path, root: Path) -> None:
@@ -69,6 +70,10 @@ class ScratchPostgres:
         ``env`` added to its environment: libfaketime's, say)."""
         self._pg_ctl("restart", "-m", "fast", "-o", self._options(), "-l", str(self._log),
                      env=env)
+
+    def stop(self) -> None:
+        """A clean stop: sessions are told to end, and what was committed is on disk."""
+        self._pg_ctl("stop", "-m", "fast")
 
     def kill(self) -> None:
         """Stop as a crash would (no shutdown checkpoint; recovery runs at the next start)."""

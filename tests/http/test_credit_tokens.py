@@ -281,6 +281,10 @@ def test_a_ledger_that_cannot_be_reached_is_503_with_retry_after(
         broken.close()
     assert response.status_code == 503 and response.json()["code"] == "LEDGER_UNAVAILABLE"
     assert response.headers["retry-after"] == "1"
+    # Which ledger, where, and the driver's reason are the operator's, not the caller's.
+    assert set(response.json()) == {"code", "message"}
+    for told in ("nowhere", "127.0.0.1", str(tmp_path), "sqlite", "psycopg"):
+        assert told not in response.text, told
     assert endpoints.runs["report"] == 0
     assert anonymous_free.status_code == 200  # a free tool without a token needs no ledger
 
