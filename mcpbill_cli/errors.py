@@ -23,6 +23,10 @@ class BillingError(Exception):
     """
 
     code: ClassVar[str] = "BILLING_ERROR"
+    # What an agent is told instead of the message, by the errors about the operator's own
+    # infrastructure: their messages name it (a URL, host and database, the driver's reason),
+    # which is for the server's log and the CLI, not for a caller.
+    told: ClassVar[str | None] = None
 
     def __init__(self, message: str, **details: Any) -> None:
         message = redact(message)
@@ -35,9 +39,11 @@ class BillingError(Exception):
         return {"code": self.code, "message": self.message, **self.details}
 
     def for_agent(self) -> dict[str, Any]:
-        """The error as an agent is told it: :meth:`to_dict`, unless it is about the
-        operator's own infrastructure (see :class:`LedgerUnavailable`)."""
-        return self.to_dict()
+        """The error as an agent is told it: :meth:`to_dict`, but only the code and
+        :attr:`told` for an error about the operator's own infrastructure."""
+        if self.told is None:
+            return self.to_dict()
+        return {"code": self.code, "message": self.told}
 
     @property
     def agent_message(self) -> str:
@@ -116,14 +122,8 @@ class LedgerUnavailable(BillingError):
     under the same idempotency key, is safe."""
 
     code = "LEDGER_UNAVAILABLE"
-    # What an agent is told. The message itself names the ledger (its URL, host and database)
-    # and the driver's reason: the operator's to read in the server's log and in the CLI, not
-    # a caller's.
-    told: ClassVar[str] = ("the server's ledger is unavailable: nothing of this call was "
-                           "written or billed; retry shortly, with the same idempotency key")
-
-    def for_agent(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.told}
+    told = ("the server's ledger is unavailable: nothing of this call was written or billed; "
+            "retry shortly, with the same idempotency key")
 
 
 class LedgerFull(LedgerUnavailable):

@@ -68,6 +68,7 @@ class RpcUnavailable(BillingError):
     """The RPC endpoint is unreachable, rate-limiting or failing, after bounded retries."""
 
     code = "RPC_UNAVAILABLE"
+    told = "the server cannot reach its chain's RPC endpoint just now; retry shortly"
 
 
 class ChainInconsistent(BillingError):

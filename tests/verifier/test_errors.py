@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 import mcpbill_cli.ledger.ops
 import mcpbill_cli.receipts  # noqa: F401 - registers InvalidReceipt under BillingError
+import mcpbill_cli.wallet.errors  # noqa: F401 - registers RpcUnavailable
 from mcpbill_cli import errors
 from mcpbill_cli.errors import BillingError, LedgerUnavailable
 from mcpbill_cli.keys import KeyRing, KeySource
@@ -120,12 +121,19 @@ def test_to_dict_works_for_every_code() -> None:
         assert json.loads(json.dumps(doc)) == doc
         assert doc["code"] == cls.code and doc["message"] == error.message, cls
         assert doc["detail"] == "x"
+        told = error.for_agent()  # the wire form: the same, but of the operator's own failures
+        if cls.told is None:
+            assert told == doc, cls
+        else:
+            assert told == {"code": cls.code, "message": cls.told}, cls
         codes.add(cls.code)
     assert DESIGN_CODES <= codes
     own = [cls.code for cls in classes if "code" in vars(cls)]
     assert len(own) == len(set(own)), f"two error classes share a code: {sorted(own)}"
     assert {mcpbill_cli.ledger.ops.AccountClosed, mcpbill_cli.receipts.InvalidReceipt} <= set(
         classes)
+    assert {cls.code for cls in classes if cls.told is not None} == {
+        "LEDGER_UNAVAILABLE", "LEDGER_FULL", "RPC_UNAVAILABLE"}
 
 
 def test_every_refusal_on_the_call_path_is_data(
@@ -174,8 +182,12 @@ def test_ledger_unavailable(tmp_path: Path, keys: KeySource, pricing: PricingTab
         assert doc["code"] == "LEDGER_UNAVAILABLE", url
         broken = Verifier(keys=keys, pricing=pricing, engine=make_engine(url), clock=clock)
         for step in (broken.preflight, broken.hold, broken.charge):
-            assert refused(lambda s=step: s(token.token, "search"))["code"] == (
-                "LEDGER_UNAVAILABLE"), (url, step.__name__)
+            with pytest.raises(LedgerUnavailable) as caught:
+                step(token.token, "search")
+            assert caught.value.to_dict()["url"] in caught.value.message  # the operator's
+            told = json.dumps(caught.value.for_agent())  # the agent's: nothing of the ledger
+            for where in ("nowhere", "127.0.0.1", str(tmp_path), "sqlite", "psycopg"):
+                assert where not in told, (url, step.__name__, where)
         broken.close()
     assert issubclass(LedgerUnavailable, BillingError)
 
