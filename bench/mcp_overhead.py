@@ -22,7 +22,10 @@ and, in the same rounds:
   transactions: account updates, transfers, the call, one audit event each, appended with no
   chain: a sealer hashes it later) as hand-written SQL on the raw driver, plus the receipt's
   signature. One plus its share of an
-  unbilled call is the lowest ratio this ledger's writes allow.
+  unbilled call is the lowest ratio this ledger's writes allow;
+- the same floor written by an unbilled tool, inside an MCP call: whether the raw driver's
+  writes cost more after the call's own work too (the verifier's code does), and billed over
+  that tool, both inside a call.
 
 Usage: python bench/mcp_overhead.py [--calls N] [--rounds R]
 """
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import hashlib
 import itertools
 import sqlite3
@@ -160,40 +162,71 @@ _RESULT = ('{"content":[{"type":"text","text":"hello 12345"}],'
            '"structuredContent":{"result":"hello 12345"},"isError":false,"resultType":"complete"}')
 
 
-def ledger_writes_alone(path: Path, jti: str, sign: Callable[[bytes], bytes],
-                        calls: int) -> float:
-    """Seconds per call of the floor under any billing code: the rows a billed call writes
-    (hold: two account updates, a pending transfer, the call, an event; capture: the same
-    again and the receipt), as hand-written SQL on the raw driver with its statement cache
-    warm, one transaction each, plus the receipt's signature. No checks, no reads, nothing of
-    mcpbill in the way."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")  # as the verifier's connections
-    now = utcnow()
-    rows = [{"call": call, "token": f"token:{jti}", "revenue": f"revenue:{jti}", "jti": jti,
-             "amount": 1, "now": now.isoformat(" "),
-             "later": (now + timedelta(minutes=5)).isoformat(" "),
-             "digest": hashlib.sha256(call.encode()).hexdigest()}
-            for call in (f"floor_{uuid.uuid4().hex}" for _ in range(calls))]
-    start = time.perf_counter()
-    for row in rows:
-        call = str(row["call"])
+class LedgerWrites:
+    """The floor under any billing code: the rows a billed call writes (hold: two account
+    updates, a pending transfer, the call, an event; capture: the same again and the receipt),
+    as hand-written SQL on the raw driver with its statement cache warm, one transaction each,
+    plus the receipt's signature. No checks, no reads, nothing of mcpbill in the way.
+
+    :meth:`alone` writes them in a tight loop; :meth:`one` a call's, from an unbilled tool
+    (``echo_raw_floor``): the floor inside an MCP call, with the call's own work around it."""
+
+    def __init__(self, path: Path, jti: str, sign: Callable[[bytes], bytes]) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")  # as the verifier's
+        self.jti, self.sign = jti, sign
+        self.ready: list[dict[str, Any]] = []  # rows made ahead, for :meth:`one`
+
+    def rows(self, calls: int) -> list[dict[str, Any]]:
+        now, jti = utcnow(), self.jti
+        return [{"call": call, "token": f"token:{jti}", "revenue": f"revenue:{jti}", "jti": jti,
+                 "amount": 1, "now": now.isoformat(" "),
+                 "later": (now + timedelta(minutes=5)).isoformat(" "),
+                 "digest": hashlib.sha256(call.encode()).hexdigest()}
+                for call in (f"floor_{uuid.uuid4().hex}" for _ in range(calls))]
+
+    def alone(self, calls: int) -> float:
+        """Seconds per call of ``calls`` calls' rows, written back to back."""
+        rows = self.rows(calls)
+        start = time.perf_counter()
+        for row in rows:
+            self.write(row)
+        return (time.perf_counter() - start) / calls
+
+    def one(self) -> None:
+        """One call's rows (made ahead by :meth:`prepare`)."""
+        self.write(self.ready.pop())
+
+    def prepare(self, calls: int) -> None:
+        self.ready = self.rows(calls)
+
+    def write(self, row: dict[str, Any]) -> None:
+        db, call = self.db, str(row["call"])
         for kind, statements in (("hold", _HOLD), ("capture", _CAPTURE)):
             db.execute("BEGIN IMMEDIATE")
             for statement in statements:
                 db.execute(statement, row)
             if kind == "capture":
                 payload = call.encode() * 16  # a receipt: ~600 bytes of claims, signed
-                receipt = base64.urlsafe_b64encode(payload + sign(payload)).decode()
+                receipt = base64.urlsafe_b64encode(payload + self.sign(payload)).decode()
                 db.execute("UPDATE calls SET amount = 1, transfer_id = 'capture:' || :call, "
                            "receipt = :receipt, result = :result WHERE id = :call",
                            {**row, "receipt": receipt, "result": _RESULT})
             db.execute(_EVENT, {**row, "kind": kind})
             db.execute("COMMIT")
-    elapsed = time.perf_counter() - start
-    db.close()
-    return elapsed / calls
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def add_raw_floor(server: MCPServer, floor: LedgerWrites) -> None:
+    """An unbilled echo that writes the floor's rows of one call itself."""
+
+    @server.tool()
+    def echo_raw_floor(text: str) -> str:
+        floor.one()
+        return text
 
 
 def verifier_alone(verifier: Verifier, token: str, calls: int) -> float:
@@ -208,21 +241,26 @@ def verifier_alone(verifier: Verifier, token: str, calls: int) -> float:
 
 
 async def measure(server: MCPServer, verifier: Verifier, token: str,
-                  floor: Callable[[int], float], calls: int, rounds: int) -> dict[str, float]:
+                  floor: LedgerWrites, calls: int, rounds: int) -> dict[str, float]:
     meta = cast(RequestParamsMeta, {TOKEN_META: token})
     times: dict[str, list[float]] = {"unbilled": [], "billed": [], "self_billed": [],
-                                     "verifier": [], "floor": []}
+                                     "verifier": [], "floor": [], "floor_in_call": []}
+    floor.prepare(20)
     async with Client(server) as client:
         await per_call(client, "echo", meta, 20)  # warm up the paths
         await per_call(client, "echo_unbilled", meta, 20)
         await per_call(client, "echo_self_billed", meta, 20)
+        await per_call(client, "echo_raw_floor", meta, 20)
         for _ in range(rounds):
             times["unbilled"].append(await per_call(client, "echo_unbilled", meta, calls))
             times["billed"].append(await per_call(client, "echo", meta, calls))
             times["self_billed"].append(await per_call(client, "echo_self_billed", meta,
                                                        calls))
             times["verifier"].append(verifier_alone(verifier, token, calls))
-            times["floor"].append(floor(calls))
+            times["floor"].append(floor.alone(calls))
+            floor.prepare(calls)
+            times["floor_in_call"].append(await per_call(client, "echo_raw_floor", meta,
+                                                         calls))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -239,9 +277,10 @@ def main() -> None:
         add_self_billed(server, verifier, token)
         jti = jwt.decode(token, options={"verify_signature": False})["jti"]
         signer = KeyRing.load(settings.keys_dir).signing_key()[1]
-        floor = functools.partial(ledger_writes_alone, Path(root) / "ledger.db", jti,
-                                  signer.sign)
+        floor = LedgerWrites(Path(root) / "ledger.db", jti, signer.sign)
+        add_raw_floor(server, floor)
         median = anyio.run(measure, server, verifier, token, floor, args.calls, args.rounds)
+        floor.close()
         verifier.close()
     unbilled, billed, ledger = median["unbilled"], median["billed"], median["verifier"]
     floor_share = median["floor"] / unbilled
@@ -263,6 +302,11 @@ def main() -> None:
     print(f"       so billed / unbilled cannot go below {1 + floor_share:.2f}x on this ledger")
     print(f"billed / (unbilled + floor)         {billed / (unbilled + median['floor']):8.2f}x  "
           "(goal <= 1.25x)")
+    in_call = median["floor_in_call"] - unbilled
+    print(f"the floor inside a call              {in_call * 1000:6.3f} ms/call more than unbilled "
+          "(an unbilled tool writing the same rows)")
+    print(f"billed / that tool                  {billed / median['floor_in_call']:8.2f}x  "
+          "(what billing costs over the least a billed call does, both inside a call)")
 
 
 if __name__ == "__main__":
