@@ -102,3 +102,5 @@ class X402FacilitatorUnavailable(X402Error):
     and the tool's output was withheld."""
 
     code = "X402_FACILITATOR_UNAVAILABLE"
+    told = ("the x402 facilitator cannot be reached just now: nothing was settled or charged; "
+            "retry shortly")

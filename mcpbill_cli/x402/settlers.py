@@ -14,6 +14,7 @@ with ``{"x402Version", "paymentPayload", "paymentRequirements"}``; ``/settle`` a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +29,8 @@ from mcpbill_cli.x402.errors import (
 )
 from mcpbill_cli.x402.offers import Signed, Terms
 from mcpbill_cli.x402.wire import is_tx_hash
+
+logger = logging.getLogger("mcpbill")
 
 FACILITATOR_TIMEOUT = 30.0  # seconds: a settlement waits for a block
 
@@ -81,13 +84,14 @@ class FacilitatorSettler:
         try:
             response = httpx.post(url, json=body, timeout=self.timeout)
         except httpx.ConnectError:
+            logger.warning("the x402 facilitator at %s cannot be reached (/%s)", self.url, path)
             raise X402FacilitatorUnavailable(
                 f"the x402 facilitator at {self.url} cannot be reached; nothing was settled or "
                 "charged", url=self.url) from None
         except httpx.HTTPError as exc:
             raise X402SettlementFailed(
-                f"the x402 facilitator at {self.url} did not answer /{path} "
-                f"({type(exc).__name__})", outcome="unknown" if sent else "refused") from None
+                f"the x402 facilitator did not answer /{path} ({type(exc).__name__})",
+                outcome="unknown" if sent else "refused") from None
         return _answer(response, path, self.url, sent=sent)
 
 
@@ -100,9 +104,11 @@ def _answer(response: Any, path: str, url: str, *, sent: bool) -> dict[str, Any]
                                        or "isValid" in document):
         return document
     if response.status_code >= 500 and not sent:
+        logger.warning("the x402 facilitator at %s failed /%s (HTTP %d)", url, path,
+                       response.status_code)
         raise X402FacilitatorUnavailable(f"the x402 facilitator at {url} failed /{path} "
                                          f"(HTTP {response.status_code})", url=url)
-    raise X402SettlementFailed(f"the x402 facilitator at {url} answered /{path} with HTTP "
+    raise X402SettlementFailed(f"the x402 facilitator answered /{path} with HTTP "
                                f"{response.status_code}", status=response.status_code,
                                outcome="unknown" if sent and response.status_code >= 500
                                else "refused")
@@ -136,8 +142,9 @@ class SelfSettler:
                                        "nothing moved", transaction=reverted.tx_hash,
                                        outcome="refused") from None
         except BillingError as error:  # RPC_UNAVAILABLE: sent or not, the chain will say
+            logger.warning("x402 settlement could not be confirmed: %s", error.message)
             raise X402SettlementFailed(f"the settlement could not be confirmed: "
-                                       f"{error.message}", outcome="unknown") from None
+                                       f"{error.agent_message}", outcome="unknown") from None
 
 
 def domain_of(terms: Terms) -> eip3009.Domain:

@@ -133,7 +133,7 @@ def test_to_dict_works_for_every_code() -> None:
     assert {mcpbill_cli.ledger.ops.AccountClosed, mcpbill_cli.receipts.InvalidReceipt} <= set(
         classes)
     assert {cls.code for cls in classes if cls.told is not None} == {
-        "LEDGER_UNAVAILABLE", "LEDGER_FULL", "RPC_UNAVAILABLE"}
+        "LEDGER_UNAVAILABLE", "LEDGER_FULL", "RPC_UNAVAILABLE", "X402_FACILITATOR_UNAVAILABLE"}
 
 
 def test_every_refusal_on_the_call_path_is_data(

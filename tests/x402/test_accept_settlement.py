@@ -98,8 +98,10 @@ def test_the_official_facilitator_settles_an_mcp_payment_once(
     shop.assert_books_clean()
 
 
-def test_a_facilitator_that_cannot_be_reached_refuses_before_the_tool_runs(shop: Shop) -> None:
-    shop = with_settler(shop, FacilitatorSettler(f"http://127.0.0.1:{free_port()}"))
+def test_a_facilitator_that_cannot_be_reached_refuses_before_the_tool_runs(
+        shop: Shop, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    shop = with_settler(shop, FacilitatorSettler(f"http://127.0.0.1:{port}"))
     runs: list[str] = []
     server = mcp_server(shop, lambda q: runs.append(q) or [q])
 
@@ -110,6 +112,9 @@ def test_a_facilitator_that_cannot_be_reached_refuses_before_the_tool_runs(shop:
     assert refused.structured_content["code"] == "X402_FACILITATOR_UNAVAILABLE"
     assert refused.structured_content["accepts"][0]["amount"] == str(SEARCH_PRICE)
     assert runs == [] and shop.received() == 0 and shop.payment_rows() == []
+    # Where the operator's facilitator runs is the operator's: in the log, not the answer.
+    assert str(port) not in refused.model_dump_json()
+    assert any(f"127.0.0.1:{port}" in record.getMessage() for record in caplog.records)
 
 
 def test_a_facilitator_gone_after_the_tool_ran_withholds_its_output_and_charges_nothing(
@@ -130,6 +135,7 @@ def test_a_facilitator_gone_after_the_tool_ran_withholds_its_output_and_charges_
     assert result.is_error and result.structured_content is not None
     assert "the secret output" not in str(result.model_dump())
     assert result.structured_content["code"] == "X402_FACILITATOR_UNAVAILABLE"
+    assert url.split("//")[1] not in result.model_dump_json()  # the operator's facilitator
     assert [row.status for row in shop.payment_rows()] == ["failed"]
     assert shop.received() == 0 and shop.captured_calls() == []
     assert balance(shop.devnet, payer.address) == 1_000_000
