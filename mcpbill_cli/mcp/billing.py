@@ -64,6 +64,7 @@ from mcpbill_cli.mcp.wire import (
     round_key,
     succeeded,
     unbilled,
+    void_held,
     with_receipt,
 )
 from mcpbill_cli.mcp.x402 import (
@@ -485,12 +486,7 @@ class Billing(Extension):
         return await paid.close(result)
 
     async def _void(self, hold: Hold, outcome: str = "voided") -> None:
-        # Shielded: a call cancelled by its client must still release what it held.
-        with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
-            try:
-                await self.verifier.avoid(hold, outcome=outcome)
-            except BillingError as error:  # the ledger is down: the hold lapses by itself
-                logger.warning("void of hold %s: %s", hold.id, error.message)
+        await void_held(self.verifier, hold, outcome)
 
 
 def _guarded(fn: ToolFn, tool: str) -> ToolFn:

@@ -33,7 +33,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
-import anyio
 import mcp_types as mt
 from fastmcp import FastMCP
 from fastmcp.server.dependencies import FastMCPRequestContext
@@ -60,6 +59,7 @@ from mcpbill_cli.mcp.wire import (
     replayed,
     round_key,
     unbilled,
+    void_held,
 )
 from mcpbill_cli.mcp.x402 import (
     PaidCall,
@@ -291,9 +291,7 @@ class BillingMiddleware(Middleware):
         return ToolResult.from_mcp_result(cast(mt.CallToolResult, closed))
 
     async def _void(self, hold: Hold, outcome: str = "voided") -> None:
-        # Shielded: a call cancelled by its client must still release what it held.
-        with anyio.CancelScope(shield=True):
-            await self.verifier.avoid(hold, outcome=outcome)
+        await void_held(self.verifier, hold, outcome)
 
 
 def _request_of(context: CallContext) -> FastMCPRequestContext | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,7 +43,8 @@ from mcpbill_cli.errors import BillingError, DuplicateCall, InvalidCreditToken, 
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.receipts import Receipt
 from mcpbill_cli.tokens import peek_audience
-from mcpbill_cli.verifier import MAX_KEY_LENGTH, Verifier
+from mcpbill_cli.tracing import step
+from mcpbill_cli.verifier import MAX_KEY_LENGTH, Hold, Verifier
 
 # MCP 2026-07-28 names `_meta` keys (and extension identifiers) with a reverse-DNS prefix, and
 # reserves every prefix whose second label is `mcp` or `modelcontextprotocol`. Ours is mcpbill.dev
@@ -61,6 +63,8 @@ ROUND_DIGEST = 16  # hex characters of a multi-round call's answers in its round
 # How long a client may keep a tools/list (prices included) before it asks again: prices change
 # only when the operator edits the table, and a call is charged at the price in force anyway.
 LIST_TTL_MS = 60_000
+
+logger = logging.getLogger("mcpbill")
 
 
 def credit_token(meta: Mapping[str, Any] | None, request: Any, *,
@@ -242,6 +246,18 @@ def kept_result(result: Result) -> str:
     every paid call."""
     return result.__pydantic_serializer__.to_json(result, by_alias=True, exclude_none=True,
                                                   warnings=True).decode()
+
+
+async def void_held(verifier: Verifier, hold: Hold, outcome: str = "voided") -> None:
+    """Void ``hold`` of a call that did not succeed, shielded: a call cancelled by its client
+    must still release what it held. A void the ledger refuses (it is down, or the hold was
+    resolved already) is logged, not raised: the hold lapses by itself, unbilled, and the
+    agent's answer (the tool's error) stands."""
+    with anyio.CancelScope(shield=True), step(verifier.tracing, "void"):
+        try:
+            await verifier.avoid(hold, outcome=outcome)
+        except BillingError as error:
+            logger.warning("void of hold %s: %s", hold.id, error.message)
 
 
 def replayed(receipt: Receipt, kept: str | None) -> CallToolResult:
