@@ -27,6 +27,7 @@ class BillingError(Exception):
     # infrastructure: their messages name it (a URL, host and database, the driver's reason),
     # which is for the server's log and the CLI, not for a caller.
     told: ClassVar[str | None] = None
+    shown: ClassVar[tuple[str, ...]] = ()  # the details an agent is told beside it
 
     def __init__(self, message: str, **details: Any) -> None:
         message = redact(message)
@@ -43,7 +44,8 @@ class BillingError(Exception):
         :attr:`told` for an error about the operator's own infrastructure."""
         if self.told is None:
             return self.to_dict()
-        return {"code": self.code, "message": self.told}
+        return {"code": self.code, "message": self.told,
+                **{name: self.details[name] for name in self.shown if name in self.details}}
 
     @property
     def agent_message(self) -> str:
@@ -174,6 +176,10 @@ class UpstreamUnavailable(BillingError):
     restarts a stdio upstream and reconnects to an HTTP one."""
 
     code = "UPSTREAM_UNAVAILABLE"
+    # The message names the upstream (its URL, or its command line and arguments).
+    told = ("the server behind this proxy is not reachable just now, or failed during the "
+            "call; the call was not billed: retry shortly")
+    shown = ("tool",)
 
 
 class UpstreamTimeout(BillingError):

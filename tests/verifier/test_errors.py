@@ -125,7 +125,7 @@ def test_to_dict_works_for_every_code() -> None:
         if cls.told is None:
             assert told == doc, cls
         else:
-            assert told == {"code": cls.code, "message": cls.told}, cls
+            assert told == {"code": cls.code, "message": cls.told}, cls  # "detail" not shown
         codes.add(cls.code)
     assert DESIGN_CODES <= codes
     own = [cls.code for cls in classes if "code" in vars(cls)]
@@ -133,7 +133,8 @@ def test_to_dict_works_for_every_code() -> None:
     assert {mcpbill_cli.ledger.ops.AccountClosed, mcpbill_cli.receipts.InvalidReceipt} <= set(
         classes)
     assert {cls.code for cls in classes if cls.told is not None} == {
-        "LEDGER_UNAVAILABLE", "LEDGER_FULL", "RPC_UNAVAILABLE", "X402_FACILITATOR_UNAVAILABLE"}
+        "LEDGER_UNAVAILABLE", "LEDGER_FULL", "RPC_UNAVAILABLE", "X402_FACILITATOR_UNAVAILABLE",
+        "UPSTREAM_UNAVAILABLE"}
 
 
 def test_every_refusal_on_the_call_path_is_data(
