@@ -50,7 +50,7 @@ class BillingError(Exception):
     @property
     def agent_message(self) -> str:
         """The message of :meth:`for_agent`."""
-        return str(self.for_agent()["message"])
+        return self.message if self.told is None else self.told
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code}: {self.message})"

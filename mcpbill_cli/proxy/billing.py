@@ -62,6 +62,7 @@ from mcpbill_cli.mcp.wire import (
     round_key,
     succeeded,
     unbilled,
+    void_held,
     with_receipt,
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
@@ -365,14 +366,9 @@ class ProxyBilling:
                                    tool=tool, upstream=self.upstream.target.describe())
 
     async def _void(self, hold: Hold, outcome: str = "voided") -> None:
-        # Shielded: a call cancelled by its client must still release what it held.
         if self._open.pop(hold.id, None) is None:
             return  # voided already (a shutdown's void_open)
-        with anyio.CancelScope(shield=True), step(self.verifier.tracing, "void"):
-            try:
-                await self.verifier.avoid(hold, outcome=outcome)
-            except BillingError as error:  # already resolved (e.g. lapsed): nothing to release
-                log.warning("void of hold %s: %s", hold.id, error.code)
+        await void_held(self.verifier, hold, outcome)
 
     def _refuse(self, tool: str, error: BillingError) -> CallToolResult:
         """A refusal of the proxy's own (the verifier never saw the call)."""
