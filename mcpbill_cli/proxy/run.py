@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 from mcpbill_cli import metrics as prometheus
 from mcpbill_cli import tracing
 from mcpbill_cli.config import Settings
+from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.mcp.wire import authorization_resource
 from mcpbill_cli.proxy.billing import Limits
 from mcpbill_cli.proxy.server import Proxy, build_app
@@ -52,18 +54,20 @@ def serve(settings: Settings, options: ProxyOptions,
     import uvicorn
 
     target = UpstreamTarget.parse(command=options.upstream_cmd, url=options.upstream)
+    target.check_runnable()
     limits = Limits(call_timeout=options.call_timeout, max_concurrent=options.max_concurrent,
                     max_request_bytes=options.max_request_bytes,
                     max_response_bytes=options.max_response_bytes,
                     session_idle_timeout=options.session_idle_timeout)
-    spans = tracing.export("mcpbill-proxy") if options.trace else None
-    verifier = Verifier.from_settings(settings)
-    scraper: Any = None
+    listening = listen_on(options.host, options.port, "listen")  # taken before it is announced
+    spans = verifier = scraper = None
     try:
+        spans = tracing.export("mcpbill-proxy") if options.trace else None
+        verifier = Verifier.from_settings(settings)
         metrics_url = None
         if options.metrics is not None:
             host, port = options.metrics
-            scraper = prometheus.serve(verifier.enable_metrics(), host, port)
+            scraper = _serve_metrics(verifier, host, port)
             metrics_url = f"http://{_url_host(host)}:{port}/metrics"
         proxy = Proxy(verifier, Upstream(target, max_sessions=options.max_sessions), limits,
                       resource=authorization_resource(settings), tracing=options.trace,
@@ -71,16 +75,48 @@ def serve(settings: Settings, options: ProxyOptions,
         app = build_app(proxy, host=options.host)
         announce({"url": f"http://{_url_host(options.host)}:{options.port}/mcp",
                   "upstream": target.describe(), "metrics_url": metrics_url})
+        server = uvicorn.Server(uvicorn.Config(
+            app, log_level="warning",
+            access_log=False,  # a line per request, below log_level all the same
+            timeout_graceful_shutdown=GRACE_SECONDS))
         with _stopped_cleanly():
-            uvicorn.run(app, host=options.host, port=options.port, log_level="warning",
-                        access_log=False,  # a line per request, below log_level all the same
-                        timeout_graceful_shutdown=GRACE_SECONDS)
+            server.run(sockets=[listening])
     finally:
+        listening.close()
         if scraper is not None:
             prometheus.stop(scraper)
-        verifier.close()  # seals the last calls' events
+        if verifier is not None:
+            verifier.close()  # seals the last calls' events
         if spans is not None:
             spans.shutdown()  # sends the spans still queued
+
+
+def listen_on(host: str, port: int, option: str) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (as uvicorn binds one); INVALID_INPUT naming
+    ``--option`` when it cannot be (the port is taken, the address is not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise _unavailable(option, host, port, error) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve_metrics(verifier: Verifier, host: str, port: int) -> Any:
+    try:
+        return prometheus.serve(verifier.enable_metrics(), host, port)
+    except OSError as error:
+        raise _unavailable("metrics", host, port, error) from None
+
+
+def _unavailable(option: str, host: str, port: int, error: OSError) -> InvalidInput:
+    reason = error.strerror or str(error)
+    return InvalidInput(f"--{option} {_url_host(host)}:{port}: cannot listen there ({reason}); "
+                        "choose another address or port", field=option, reason=reason)
 
 
 def _acceptor(verifier: Verifier, settings: Settings) -> Acceptor | None:

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -118,6 +120,16 @@ class UpstreamTarget:
         if not words:
             raise InvalidInput("--upstream-cmd is empty", field="upstream-cmd")
         return cls(command=words, env=env)
+
+    def check_runnable(self) -> None:
+        """INVALID_INPUT now, when the command's program cannot be run (not on ``PATH``, not
+        executable), rather than on each agent's first request."""
+        if not self.command:
+            return
+        path = {**os.environ, **(self.env or {})}.get("PATH", os.defpath)
+        if shutil.which(self.command[0], path=path) is None:
+            raise InvalidInput(f"--upstream-cmd: cannot run {self.command[0]!r}: no such "
+                               "executable (on PATH, or at that path)", field="upstream-cmd")
 
     def describe(self) -> str:
         return self.url if self.url is not None else shlex.join(self.command)

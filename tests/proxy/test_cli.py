@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ EXAMPLE = ROOT / "examples" / "proxy_agent.py"
     (["--upstream", "ftp://example.com/mcp"], "upstream"),
     (["--upstream-cmd", "node x.js", "--listen", "8080"], "listen"),
     (["--upstream-cmd", "node x.js", "--metrics", "9090"], "metrics"),
+    (["--upstream-cmd", "no-such-program-7f3a --stdio"], "upstream-cmd"),
+    (["--upstream-cmd", "/dev/null"], "upstream-cmd"),  # there, but not a program
 ])
 def test_a_bad_command_line_is_refused_with_a_code(args: list[str], field: str) -> None:
     result = CliRunner().invoke(app, ["proxy", "--json", *args])
@@ -39,6 +42,53 @@ def test_a_bad_command_line_is_refused_with_a_code(args: list[str], field: str) 
     document = json.loads(result.stdout)
     assert document["errors"][0]["code"] == "INVALID_INPUT"
     assert document["errors"][0]["field"] == field
+
+
+def run_proxy(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mcpbill proxy`` run as an operator runs it, to its end."""
+    env = {ENV_HOME: str(settings.home), ENV_DB_URL: settings.db_url, ENV_MODE: "demo",
+           "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "mcpbill_cli", "proxy", *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("option", ["listen", "metrics"])
+def test_a_port_taken_is_refused_before_the_proxy_says_it_serves(priced: Settings,
+                                                                   option: str) -> None:
+    """A port another process listens on: one JSON document, the refusal naming the option
+    and the address (never a document saying the proxy serves, then uvicorn's own error),
+    exit 3, and the proxy's other port is let go."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port, other = taken.getsockname()[1], free_port()
+        ports = {option: port, "metrics" if option == "listen" else "listen": other}
+        ran = run_proxy(priced, "--json", "--listen", f"127.0.0.1:{ports['listen']}",
+                        "--metrics", f"127.0.0.1:{ports['metrics']}",
+                        "--upstream-cmd", f"{NODE} {EVERYTHING} stdio")
+    assert ran.returncode == 3, ran.stderr
+    document = json.loads(ran.stdout)  # the whole of stdout: one document
+    assert (document["status"], document["data"]) == ("error", None)
+    error = document["errors"][0]
+    assert (error["code"], error["field"]) == ("INVALID_INPUT", option)
+    assert f"--{option} 127.0.0.1:{port}: cannot listen there" in error["message"]
+    assert "Traceback" not in ran.stderr and "ERROR" not in ran.stderr, ran.stderr
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", other))  # not held by the proxy that refused to start
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_port_taken_is_said_on_stderr_with_nothing_on_stdout(priced: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ran = run_proxy(priced, "--listen", f"127.0.0.1:{port}",
+                        "--upstream-cmd", f"{NODE} {EVERYTHING} stdio")
+    assert (ran.returncode, ran.stdout) == (3, ""), ran.stderr
+    assert ran.stderr.startswith(f"error INVALID_INPUT: --listen 127.0.0.1:{port}: cannot "
+                                 "listen there (Address already in use)"), ran.stderr
 
 
 @pytest.mark.slow
