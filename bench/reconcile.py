@@ -67,10 +67,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from operator import methodcaller
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -598,20 +599,27 @@ def _libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def bare_seconds(engine: Engine, start: datetime) -> float:
-    """Best of three: the baseline GROUP BY over the day's calls."""
-    query = text("SELECT tool, count(*), sum(amount) FROM calls "
-                 "WHERE created_at >= :start AND created_at < :end GROUP BY tool")
+def best_of_three(engine: Engine, query: Any, start: datetime,
+                  read: Callable[[Any], Any] = methodcaller("all")) -> tuple[float, Any]:
+    """The least seconds of three runs of ``query`` over the day from ``start`` (``:start`` to
+    ``:end``), each on a new connection and ``read`` whole; and what the last ``read`` gave."""
     bounds: dict[str, Any] = {"start": start, "end": start + timedelta(days=1)}
     if engine.dialect.name == "sqlite":
         bounds = {k: _sqlite_value(v) for k, v in bounds.items()}
-    best = float("inf")
+    best, got = float("inf"), None
     for _ in range(3):
         started = time.perf_counter()
         with engine.connect() as conn:
-            conn.execute(query, bounds).all()
+            got = read(conn.execute(query, bounds))
         best = min(best, time.perf_counter() - started)
-    return best
+    return best, got
+
+
+def bare_seconds(engine: Engine, start: datetime) -> float:
+    """Best of three: the baseline GROUP BY over the day's calls."""
+    return best_of_three(engine, text(
+        "SELECT tool, count(*), sum(amount) FROM calls "
+        "WHERE created_at >= :start AND created_at < :end GROUP BY tool"), start)[0]
 
 
 _HASHED = ("id", "at", "kind", "code", "jti", "token_hash", "tenant", "agent", "tool",
@@ -624,7 +632,6 @@ def chain_floor_seconds(engine: Engine, start: datetime) -> float:
     exact re-hash of the sealed events does at least this much. PostgreSQL hashes in SQL (parallel
     workers allowed, as for the bare query); SQLite has no SHA-256, so the joined text is read
     into Python and hashed there, in one process."""
-    bounds: dict[str, Any] = {"start": start, "end": start + timedelta(days=1)}
     if engine.dialect.name == "postgresql":
         joined = f"concat_ws('|', {', '.join(_HASHED)})"
         query = text(f"SELECT count(sha256(convert_to({joined}, 'UTF8'))) FROM events "
@@ -632,16 +639,13 @@ def chain_floor_seconds(engine: Engine, start: datetime) -> float:
     else:
         joined = " || '|' || ".join(f"ifnull({name}, '')" for name in _HASHED)
         query = text(f"SELECT {joined} FROM events WHERE at >= :start AND at < :end")
-        bounds = {k: _sqlite_value(v) for k, v in bounds.items()}
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        with engine.connect() as conn:
-            for (value,) in conn.execute(query, bounds):
-                if isinstance(value, str):
-                    hashlib.sha256(value.encode()).digest()
-        best = min(best, time.perf_counter() - started)
-    return best
+
+    def hashed(rows: Any) -> None:
+        for (value,) in rows:
+            if isinstance(value, str):
+                hashlib.sha256(value.encode()).digest()
+
+    return best_of_three(engine, query, start, hashed)[0]
 
 
 def match_floor_seconds(engine: Engine, start: datetime) -> float:
@@ -657,15 +661,7 @@ def match_floor_seconds(engine: Engine, start: datetime) -> float:
         f"UNION ALL SELECT id, 0, 1 FROM transfers "
         f"WHERE created_at >= :start AND created_at < :end AND code IN ({kinds})) AS both_sides "
         "GROUP BY transfer HAVING sum(written) != 1 OR sum(moved) != 1) AS mismatched")
-    bounds: dict[str, Any] = {"start": start, "end": start + timedelta(days=1)}
-    if engine.dialect.name == "sqlite":
-        bounds = {k: _sqlite_value(v) for k, v in bounds.items()}
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        with engine.connect() as conn:
-            mismatched = conn.execute(query, bounds).scalar_one()
-        best = min(best, time.perf_counter() - started)
+    best, mismatched = best_of_three(engine, query, start, methodcaller("scalar_one"))
     if mismatched:
         raise SystemExit(f"the generated day has {mismatched} events and transfers unmatched")
     return best
