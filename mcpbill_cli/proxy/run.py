@@ -102,7 +102,6 @@ def listen_on(host: str, port: int, option: str) -> socket.socket:
     except OSError as error:
         sock.close()
         raise _unavailable(option, host, port, error) from None
-    sock.set_inheritable(True)
     return sock
 
 

@@ -41,7 +41,7 @@ from mcp.client.stdio import (
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
-__all__ = ["OVERSIZED", "bounded_stdio"]
+__all__ = ["OVERSIZED", "bounded_stdio", "child_environment"]
 
 # The JSON-RPC error code of the answer made for a request whose line was over the limit: the
 # caller reads it as RESPONSE_TOO_LARGE (:meth:`~mcpbill_cli.proxy.upstream.Link.call`). One of
@@ -61,6 +61,12 @@ WRITER_FLUSH_SECONDS = 0.5  # as the SDK's stdio_client
 Received = SessionMessage | Exception
 
 
+def child_environment(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment a stdio child runs in (and finds its program on ``PATH`` in): the
+    SDK's safe defaults, then ``env``."""
+    return get_default_environment() | (env or {})
+
+
 @asynccontextmanager
 async def bounded_stdio(server: StdioServerParameters, limit: int, errlog: TextIO = sys.stderr
                         ) -> AsyncIterator[tuple[Any, Any]]:
@@ -68,7 +74,7 @@ async def bounded_stdio(server: StdioServerParameters, limit: int, errlog: TextI
     (see the module docstring)."""
     command = await _get_executable_command(server.command)
     process = await _create_platform_compatible_process(
-        command=command, args=server.args, env=get_default_environment() | (server.env or {}),
+        command=command, args=server.args, env=child_environment(server.env),
         errlog=errlog, cwd=server.cwd)
     read_writer, read_stream = anyio.create_memory_object_stream[Received](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)

@@ -50,7 +50,7 @@ from mcp_types import CONNECTION_CLOSED
 from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavailable
 from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS, TooLarge
 from mcpbill_cli.proxy.posted import DRAIN_SECONDS, ENVELOPE_BYTES, POSTED, Wire
-from mcpbill_cli.proxy.stdio import OVERSIZED, bounded_stdio
+from mcpbill_cli.proxy.stdio import OVERSIZED, bounded_stdio, child_environment
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -126,7 +126,7 @@ class UpstreamTarget:
         executable), rather than on each agent's first request."""
         if not self.command:
             return
-        path = {**os.environ, **(self.env or {})}.get("PATH", os.defpath)
+        path = child_environment(self.env).get("PATH", os.defpath)
         if shutil.which(self.command[0], path=path) is None:
             raise InvalidInput(f"--upstream-cmd: cannot run {self.command[0]!r}: no such "
                                "executable (on PATH, or at that path)", field="upstream-cmd")
