@@ -858,7 +858,7 @@ class Verifier:
         window = None if key is not None else dedupe_window(table, tool)
         return calls.NewCall(
             id=calls.new_call_id(),
-            idempotency_key=_checked_key(key) if key is not None else _derived_key(
+            idempotency_key=_agents_key(key, request_hash) if key is not None else _derived_key(
                 request_hash, window or 0),
             request_hash=request_hash, jti=claims.jti, tenant=claims.tenant,
             agent=claims.agent, tool=tool, units=units, amount=price.amount,
@@ -1271,7 +1271,24 @@ def _derived_key(request_hash: str, window: int) -> str:
     window (``"0s"``), every call is a new one."""
     if window <= 0:
         return f"rnd_{uuid.uuid4().hex}"
-    return f"drv_{request_hash[:48]}"
+    return f"{DERIVED}{request_hash[:48]}"
+
+
+DERIVED = "drv_"  # the keys the verifier derives from a request: see _agents_key
+
+
+def _agents_key(key: Any, request_hash: str) -> str:
+    """The key an agent sent. Derived keys (``drv_``) are the verifier's: an agent may send
+    one back only for the request it was derived from (a retry under the key its receipt
+    carries), never take another call's key first. Keys are unique per tenant, and a
+    receipt names its token, so an agent of the same tenant could otherwise compute a
+    colleague's key and have every call of theirs refused ``IDEMPOTENCY_CONFLICT``."""
+    checked = _checked_key(key)
+    if checked.startswith(DERIVED) and checked != _derived_key(request_hash, 1):
+        raise InvalidInput(f"idempotency keys starting {DERIVED!r} are the ones mcpbill derives "
+                           "from a call; send such a key only to retry that same call, or "
+                           "choose a key of your own", field="idempotency_key")
+    return checked
 
 
 def _checked_key(key: Any) -> str:

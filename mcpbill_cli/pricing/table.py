@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from mcpbill_cli.durations import parse_duration
@@ -196,7 +197,13 @@ class PricingTable:
     def names(self, tool: str) -> bool:
         """Whether the table prices ``tool`` by name (for some tenant or all), not only by its
         default price or a free-tier pattern."""
-        return tool in self.tools or any(tool in terms.tools for terms in self.tenants.values())
+        return tool in self.tools or tool in self.tenant_tools
+
+    @cached_property
+    def tenant_tools(self) -> frozenset[str]:
+        """The tools some tenant prices on its own terms (``[tenants.NAME.tools.TOOL]``): only
+        for these can a call's price, or whether it has one, depend on whose token pays."""
+        return frozenset(tool for terms in self.tenants.values() for tool in terms.tools)
 
     def free_tier_for(self, tool: str) -> str | None:
         """The first free-tier pattern that covers ``tool``, if any."""

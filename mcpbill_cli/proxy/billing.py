@@ -41,6 +41,7 @@ from starlette.requests import Request
 
 from mcpbill_cli.errors import (
     BillingError,
+    InvalidCreditToken,
     ProxyBusy,
     ProxySessionsFull,
     ResponseTooLarge,
@@ -66,7 +67,7 @@ from mcpbill_cli.mcp.wire import (
     with_receipt,
 )
 from mcpbill_cli.mcp.x402 import PAYMENT_META, PaidCall, challenged, payment_of
-from mcpbill_cli.pricing import quote
+from mcpbill_cli.pricing import PricingTable, quote
 from mcpbill_cli.proxy.posted import TooLarge, wire_of
 from mcpbill_cli.proxy.sessions import AgentSession, agent_session, has_session
 from mcpbill_cli.proxy.upstream import SessionUnknown, Upstream
@@ -188,13 +189,16 @@ class ProxyBilling:
 
     async def _call(self, ctx: ServerRequestContext[Any, Any],
                     params: CallToolRequestParams) -> Answer:
-        try:
-            price = quote(self.verifier.pricing_table(), params.name)
-        except BillingError as error:  # PRICE_UNKNOWN: a table without a default_price
-            return self._refuse(params.name, error)
-        if price.free:
-            return self._free(params.name, await self.forward(ctx, params))
         meta = params.meta
+        table = self.verifier.pricing_table()
+        try:
+            price = quote(table, params.name)
+        except BillingError as error:  # PRICE_UNKNOWN: a table without a default_price
+            if not self._on_tenant_terms(table, ctx, params):
+                return self._refuse(params.name, error)
+        else:
+            if price.free and not self._on_tenant_terms(table, ctx, params):
+                return self._free(params.name, await self.forward(ctx, params))
         try:
             payment = payment_of(meta) if self.acceptor is not None else None
             if payment is not None:
@@ -220,6 +224,22 @@ class ProxyBilling:
             ended("replayed", amount=opened.replayed.amount)
             return replayed(opened.replayed, opened.result)
         return await self._settle(opened, ctx, params)
+
+    def _on_tenant_terms(self, table: PricingTable, ctx: ServerRequestContext[Any, Any],
+                         params: CallToolRequestParams) -> bool:
+        """Whether a tool free, or without a price, on the table's base terms is still billed:
+        some tenant prices it on its own terms and the call brings a credential (a credit
+        token, or an x402 payment), whose tenant the verifier prices it for. A call without
+        one is priced on the base terms, as the embedded verifier prices an anonymous call."""
+        if params.name not in table.tenant_tools:
+            return False
+        if self.acceptor is not None and payment_of(params.meta) is not None:
+            return True
+        try:
+            credit_token(params.meta, ctx.request, resource=self.resource)
+        except InvalidCreditToken as error:
+            return error.reason != "missing"
+        return True
 
     async def _settle(self, hold: Hold, ctx: ServerRequestContext[Any, Any],
                       params: CallToolRequestParams) -> Answer:

@@ -3,6 +3,7 @@ keys and their dedupe window. One test per way it leaked before, named after it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from mcpbill_cli.ledger.credit import IssuedToken, revoke, show, sweep
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import calls, events
 from mcpbill_cli.pricing import PricingTable
-from mcpbill_cli.verifier import Hold, Verifier
+from mcpbill_cli.verifier import Hold, Verifier, canonical_json
 
 from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock, fund, mint
 from .invariants import assert_ledger_invariants
@@ -132,6 +133,27 @@ def test_the_same_call_within_the_dedupe_window_is_one_call(
     other = verifier.charge(token.token, "search", args={"q": "usdc", "n": 4})
     assert other != first
     assert spent(funded, token, clock) == (2 * PRICE, 0)
+
+
+def test_no_agent_can_take_the_key_derived_for_another_agents_call(
+        funded: Engine, verifier: Verifier, new_token: NewToken, clock: FakeClock) -> None:
+    victim, squatter = new_token(agent="victim", limit=USDC), new_token(agent="squatter")
+    args = {"q": "weather in paris"}
+    # keys are unique per tenant, and every receipt names its token: an agent of the same
+    # tenant can compute the key of a call another agent is about to make
+    request = canonical_json([victim.claims.jti, "search", args]).encode()
+    derived = "drv_" + hashlib.sha256(request).hexdigest()[:48]
+    refused = refusal(lambda: verifier.charge(squatter.token, "search", args={"q": 0},
+                                              idempotency_key=derived))
+    assert (refused["code"], refused["field"]) == ("INVALID_INPUT", "idempotency_key")
+    first = verifier.charge(victim.token, "search", args=args)  # not IDEMPOTENCY_CONFLICT
+    assert first.claims["idempotencyKey"] == derived
+    # the key the receipt carries still retries that same call, and only it
+    assert verifier.charge(victim.token, "search", args=args, idempotency_key=derived) == first
+    assert refusal(lambda: verifier.charge(victim.token, "search", args={"q": 1},
+                                           idempotency_key=derived))["code"] == "INVALID_INPUT"
+    assert spent(funded, victim, clock) == (PRICE, 0)
+    assert spent(funded, squatter, clock) == (0, 0)
 
 
 def test_the_window_counts_from_the_end_of_the_call(
