@@ -172,7 +172,8 @@ def _keys(settings: Settings) -> KeysStatus:
     from mcpbill_cli.keys import KeyRing
 
     ring = KeyRing.load(settings.keys_dir)
-    active = ring.active()
+    active, _ = ring.signing_key()  # KEYRING_CORRUPT when a file it lists is gone or damaged
+    ring.verification_keys()
     return KeysStatus(active.kid, active.alg, len(ring.keys))
 
 

@@ -19,6 +19,7 @@ from mcpbill_cli.budgets import TokenTerms
 from mcpbill_cli.errors import InvalidCreditToken, InvalidInput
 from mcpbill_cli.keys import VerificationKey
 from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.names import require_name
 from mcpbill_cli.ratelimits import CLAIM as RATES_CLAIM
 from mcpbill_cli.ratelimits import Rate, rates_claim, rates_from_claim
 from mcpbill_cli.scope import pattern_problem
@@ -73,6 +74,10 @@ def new_jti() -> str:
 
 
 def encode_token(claims: Claims, alg: str, private_key: Any) -> str:
+    """The signed JWT of ``claims``; INVALID_INPUT for an audience or issuer that is not a
+    name (blank, outer spaces, control characters): no token is signed with one."""
+    require_name(claims.audience, "audience")
+    require_name(claims.issuer, "issuer")
     headers = {"kid": claims.kid, "typ": "JWT"}
     return jwt.encode(claims.to_jwt_payload(), private_key, algorithm=alg, headers=headers)
 

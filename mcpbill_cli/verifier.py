@@ -224,18 +224,23 @@ class Verifier:
         self._checkpointer: WalCheckpointer | None = None
         self._stopping: list[Callable[[], None]] = []  # see stop_on_close
         self._closed = False
+        # Read first: a pricing file that is bad refuses the verifier before it opens anything.
+        self.pricing = pricing if isinstance(pricing, PricingSource) else PricingSource(pricing)
         owned = engine is None and db_url is not None
         if engine is None and db_url is not None:
             engine = make_engine(db_url, wal_autocheckpoint=BACKSTOP_PAGES, durable=not demo,
                                  pre_ping=False)  # a round trip per call saved
-            check_schema(engine)
+            try:
+                check_schema(engine)
+            except BaseException:
+                engine.dispose()
+                raise
             self._checkpointer = background_checkpointer(engine)  # no commit checkpoints
         self.engine = engine
         # The paid call path's transactions, on connections kept open between them; an engine
         # given by its owner is the owner's to hand out (its pool, its connections).
         self._shelf = Shelf(engine) if owned and engine is not None else None
         self.keys = keys
-        self.pricing = pricing if isinstance(pricing, PricingSource) else PricingSource(pricing)
         self.audience = audience
         self.issuer = issuer
         self.leeway = leeway

@@ -376,12 +376,25 @@ def print_json(document: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
-def emit(data: Any, *, as_json: bool, human: Callable[[], None]) -> None:
-    """Print ``data`` as the JSON envelope, or call ``human`` to render it for a person."""
-    if as_json:
-        print_json(envelope(data))
-    else:
-        human()
+def emit(data: Any, *, as_json: bool, human: Callable[[], None],
+         lost: str | None = None) -> None:
+    """Print ``data`` as the JSON envelope, or call ``human`` to render it for a person.
+
+    ``lost`` is for output nothing else can give again (a credit token): said on stderr when
+    stdout turns out to be closed, since the command's effect stands and the run still ends
+    as a closed pipe does (status 0). Output a reader drops unread after it was written is
+    past telling."""
+    try:
+        if as_json:
+            print_json(envelope(data))
+        else:
+            human()
+        if lost is not None:
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        if lost is not None:
+            say(f"[yellow]stdout was closed[/]: {lost}")
+        raise
 
 
 def fail(exc: BillingError, *, as_json: bool) -> NoReturn:
@@ -414,9 +427,17 @@ NAME_PARAMETERS = ("tenant", "agent", "tool", "jti", "kid", "key", "parent", "to
                    "request_id", "idempotency_key", "chains")
 
 
-def refuse_blank_names(arguments: Mapping[str, Any]) -> None:
-    """Raise INVALID_INPUT for the first name parameter given as empty or whitespace."""
+# Parameters naming what the ledger keeps, and what they name: beyond not blank, each is held
+# to the rule of mcpbill_cli.names (printable, no outer spaces, fits its column), so that
+# `--tenant 'acme '` is not a second tenant and `token list --agent` reads what issue wrote.
+KEPT_NAMES = {"tenant": "tenant", "agent": "agent", "aud": "audience"}
+
+
+def refuse_bad_names(arguments: Mapping[str, Any]) -> None:
+    """Raise INVALID_INPUT for the first name parameter given as empty or whitespace, then for
+    the first kept name (:data:`KEPT_NAMES`) the ledger could not keep as it is."""
     from mcpbill_cli.errors import InvalidInput
+    from mcpbill_cli.names import require_name
 
     for name in NAME_PARAMETERS:
         value = arguments.get(name)
@@ -425,17 +446,21 @@ def refuse_blank_names(arguments: Mapping[str, Any]) -> None:
                 label = name.rstrip("s") if name in ("tokens", "chains") else name
                 raise InvalidInput(f"the {label.replace('_', ' ')} given is empty: name one "
                                    "(blank is not a name)", field=name)
+    for name, what in KEPT_NAMES.items():
+        value = arguments.get(name)
+        if isinstance(value, str):
+            require_name(value, what)
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Render any BillingError the command raises, as JSON when the command got ``--json``;
-    anything else that escapes is the last line of defence's (:func:`unexpected`). Blank names
-    are refused first (:func:`refuse_blank_names`)."""
+    anything else that escapes is the last line of defence's (:func:`unexpected`). Blank and
+    bad names are refused first (:func:`refuse_bad_names`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            refuse_blank_names(kwargs)
+            refuse_bad_names(kwargs)
             return fn(*args, **kwargs)
         except BillingError as exc:
             fail(exc, as_json=_wants_json(kwargs))

@@ -85,12 +85,14 @@ def set_price(
     dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Set a tool's price (for everyone, or for one tenant). Bumps the table version, unless
-    the price is already that (then nothing is written)."""
+    """Set a tool's price (for everyone, or for one tenant). Bumps the table version, past
+    every version the ledger charged with, unless the price is already that (then nothing is
+    written)."""
     amount = parse_usd(price, allow_zero=True, field="price")
     cap = None if max_price is None else parse_usd(max_price, allow_zero=True, field="max")
     edit = pricing.edit_pricing(_pricing_path(ctx), lambda table: pricing.set_price(
-        table, tool, amount, tenant=tenant, per_unit=per_unit, max_amount=cap), dry_run=dry_run)
+        table, tool, amount, tenant=tenant, per_unit=per_unit, max_amount=cap), dry_run=dry_run,
+        recorded_version=_latest_recorded(ctx))
     _emit_edit(edit, _pricing_path(ctx), dry_run=dry_run, as_json=as_json)
 
 
@@ -109,7 +111,7 @@ def unset_price(
     """Remove a tool's own price; it then falls to the free tiers or the default price."""
     edit = pricing.edit_pricing(
         _pricing_path(ctx), lambda table: pricing.unset_price(table, tool, tenant=tenant),
-        dry_run=dry_run)
+        dry_run=dry_run, recorded_version=_latest_recorded(ctx))
     _emit_edit(edit, _pricing_path(ctx), dry_run=dry_run, as_json=as_json)
 
 
@@ -159,6 +161,19 @@ def _version_recorded(ctx: typer.Context, table: pricing.PricingTable, path: Pat
         return False
     with reading(engine) as conn:
         return check_version(conn, table, source=str(path))
+
+
+def _latest_recorded(ctx: typer.Context) -> int:
+    """The highest version the home's ledger charged with, which an edit must go past; 0
+    without a ledger to ask."""
+    from mcpbill_cli.ledger.engine import reading
+    from mcpbill_cli.ledger.pricing_versions import latest_version
+
+    engine = _existing_ledger(ctx)
+    if engine is None:
+        return 0
+    with reading(engine) as conn:
+        return latest_version(conn) or 0
 
 
 def _existing_ledger(ctx: typer.Context) -> Engine | None:

@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Signed receipts: recover and verify.", no_args_is_help=True)
 
 
-def _render(claims: dict[str, object]) -> None:
-    print_fields({key: str(value) for key, value in claims.items()})
+def _render(data: dict[str, object]) -> None:
+    """The fields --json prints (snake_case, ``amount_micro``), a line each; values that are
+    not text as JSON writes them (``true``, ``null``, objects)."""
+    print_fields({key: value if isinstance(value, str) else json.dumps(value)
+                  for key, value in data.items()})
 
 
 @app.command("show")
@@ -47,8 +50,8 @@ def show(ctx: typer.Context,
         state_note = f" (the call is {stored.status})" if stored else ""
         raise NotFound(f"no receipt for {key!r}{state_note}")
     receipt = read_receipt(stored.receipt)
-    emit(receipt_data(receipt.to_dict()), as_json=as_json,
-         human=lambda: _render(receipt.to_dict()))
+    data = receipt_data(receipt.to_dict())
+    emit(data, as_json=as_json, human=lambda: _render(data))
 
 
 def _by_key(conn: Connection, key: str, tenant: str | None) -> StoredCall | None:
@@ -84,8 +87,8 @@ def verify(
     keys = _jwks_keys(jwks) if jwks else state(ctx).keyring().signature_keys()
     verify = verify_refund_receipt if receipt_type(text) == REFUND_TYPE else verify_receipt
     checked = verify(text, keys)
-    emit({"valid": True, **receipt_data(checked.claims)}, as_json=as_json,
-         human=lambda: _render({"valid": True, **checked.claims}))
+    data = {"valid": True, **receipt_data(checked.claims)}
+    emit(data, as_json=as_json, human=lambda: _render(data))
 
 
 def _jwks_keys(path: Path) -> dict[str, VerificationKey]:

@@ -332,9 +332,12 @@ def export(
     if as_json and out_file is None:
         raise InvalidInput("with --json, stdout carries the summary: write the events to a "
                            "file with --out FILE")
-    bounds = {"since": parse_moment(since, "--since") if since else None,
-              "until": parse_moment(until, "--until") if until else None,
-              "after": after}
+    start = parse_moment(since, "--since") if since else None
+    end = parse_moment(until, "--until") if until else None
+    if start is not None and end is not None and end <= start:
+        raise InvalidInput(f"--until ({until}) is not after --since ({since}): no event "
+                           "could be in that window", field="until")
+    bounds = {"since": start, "until": end, "after": after}
     with reading(state(ctx).engine()) as conn, progress_bar(
             "exporting", unit="events", shown=not as_json) as progress:
         if out_file is None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,9 +14,17 @@ from mcpbill_cli.cli.confirm import YesOption, confirm
 from mcpbill_cli.cli.output import JsonOption, emit, handles_errors, say
 from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.clock import rfc3339
+from mcpbill_cli.config import DEFAULT_TENANT
 from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.fsutil import write_atomic
 from mcpbill_cli.money import format_usd
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy import Connection
+
+    from mcpbill_cli.ledger.credit import Revocation
 
 # Version 2 lists each token's `expires_at` (RFC 3339); version 1 had `exp` (epoch seconds).
 REVOCATIONS_VERSION = 2
@@ -31,67 +40,111 @@ def revoke(
         metavar="JTI|JWT...", help="Tokens to revoke, by jti or as the JWT itself.",
         autocompletion=complete.active_tokens)] = None,
     tenant: Annotated[str | None, typer.Option(
-        "--tenant", "-t", help="Revoke every active token of this tenant.",
+        "--tenant", "-t", help="Revoke every active token of this tenant; with --agent, the "
+                               "tenant the agent is in.",
+        show_default=f"{DEFAULT_TENANT!r} with --agent alone",
         autocompletion=complete.tenants)] = None,
     agent: Annotated[str | None, typer.Option(
-        "--agent", help="Revoke every active token of this agent.",
+        "--agent", help="Revoke every active token of this agent within one tenant (--tenant).",
         autocompletion=complete.agents)] = None,
     reason: Annotated[str | None, typer.Option("--reason", help="Kept in the audit trail.")
                       ] = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Show what would be revoked; change nothing.")] = False,
+        "--dry-run", help="Show what would be revoked and released; change nothing.")] = False,
     yes: YesOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Revoke tokens now; children follow, unspent credit returns to the tenant at once.
 
-    Revoking a revoked token is a successful no-op. --tenant and --agent ask first (--yes in
-    scripts). Examples: mcpbill revoke tok_123; mcpbill revoke --agent crawler --reason "key
-    leaked" --yes
+    Revoking a revoked token is a successful no-op. --agent revokes one agent's tokens within
+    one tenant: --tenant's, else the tenant default. --tenant and --agent ask first (--yes in
+    scripts). Examples: mcpbill revoke tok_123; mcpbill revoke --tenant acme --agent crawler
+    --reason "key leaked" --yes
     """
     from mcpbill_cli.ledger.credit import revoke as revoke_tokens
     from mcpbill_cli.ledger.engine import writing
 
     st = state(ctx)
-    if bool(tokens) + bool(tenant) + bool(agent) != 1:
-        raise InvalidInput("name tokens (JTI or JWT), or --tenant T, or --agent A: exactly one")
-    jtis = ([_jti_of(st, value) for value in tokens] if tokens
-            else _confirmed_matches(st, tenant, agent, ask=not dry_run, yes=yes))
+    if bool(tokens) == bool(tenant or agent):
+        raise InvalidInput("name tokens (JTI or JWT), or --tenant T, or --agent A (the agent in "
+                           f"tenant {DEFAULT_TENANT}, or in T with --tenant T): one of these")
+    chosen = None
+    if tokens:
+        jtis = [_jti_of(st, value) for value in tokens]
+    else:
+        chosen = Selection(tenant or DEFAULT_TENANT, agent)
+        jtis = _confirmed_matches(st, chosen, named_tenant=tenant is not None,
+                                  ask=not dry_run, yes=yes)
     with writing(st.engine()) as conn:
         outcomes = revoke_tokens(conn, jtis, reason=reason, clock=st.clock(), dry_run=dry_run)
         if dry_run:
             conn.rollback()
-    data = {"dry_run": dry_run, "revoked": [
-        {"jti": o.jti, "already_revoked": o.already, "released_usd": format_usd(o.released),
-         "cascaded_from": o.cascaded_from} for o in outcomes]}
+    _render(outcomes, chosen, dry_run=dry_run, as_json=as_json)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a bulk revoke names: a tenant's tokens, or one agent's within a tenant."""
+
+    tenant: str
+    agent: str | None
+
+    def __str__(self) -> str:
+        if self.agent:
+            return f"agent {self.agent} in tenant {self.tenant}"
+        return f"tenant {self.tenant}"
+
+
+def _render(outcomes: list[Revocation], chosen: Selection | None, *, dry_run: bool,
+            as_json: bool) -> None:
+    data = {"dry_run": dry_run, "tenant": chosen.tenant if chosen else None,
+            "agent": chosen.agent if chosen else None, "revoked": [
+                {"jti": o.jti, "tenant": o.tenant, "agent": o.agent,
+                 "already_revoked": o.already, "released_usd": format_usd(o.released),
+                 "cascaded_from": o.cascaded_from} for o in outcomes]}
 
     def human() -> None:
         verb = "would revoke" if dry_run else "revoked"
         for o in outcomes:
             note = " (already revoked)" if o.already else (
-                f", returned {format_usd(o.released)} USDC" if o.released else "")
+                f", {'would return' if dry_run else 'returned'} {format_usd(o.released)} USDC"
+                if o.released else "")
             via = f" via {o.cascaded_from}" if o.cascaded_from else ""
-            say(f"{verb} {o.jti}{via}{note}")
+            say(f"{verb} {o.jti} (agent {o.agent}, tenant {o.tenant}){via}{note}")
         if not outcomes:
-            say("no active tokens matched")
+            say(f"no active tokens of {chosen}" if chosen else "no active tokens matched")
 
     emit(data, as_json=as_json, human=human)
 
 
-def _confirmed_matches(st: State, tenant: str | None, agent: str | None, *, ask: bool,
+def _confirmed_matches(st: State, chosen: Selection, *, named_tenant: bool, ask: bool,
                        yes: bool) -> list[str]:
-    """The active tokens of a tenant or agent; a bulk revocation is confirmed first, and
-    revokes what was confirmed, not what was issued while the prompt waited."""
+    """The active tokens of a tenant or of an agent in it; a bulk revocation is confirmed
+    first, and revokes what was confirmed, not what was issued while the prompt waited."""
     from mcpbill_cli.ledger.credit import tokens_for
     from mcpbill_cli.ledger.engine import reading
 
-    st.require_tenant(tenant)
+    st.require_tenant(chosen.tenant)
+    now = st.now()
     with reading(st.engine()) as conn:
-        jtis = tokens_for(conn, tenant=tenant, agent=agent, now=st.now())
+        jtis = tokens_for(conn, tenant=chosen.tenant, agent=chosen.agent, now=now)
+        elsewhere = [] if named_tenant or not chosen.agent else _tenants_elsewhere(
+            conn, chosen, now=now)
+    if elsewhere:
+        say(f"note: agent {chosen.agent} also has active tokens in tenant(s) "
+            f"{', '.join(elsewhere)}, left as they are: --tenant T revokes them there")
     if jtis and ask:
-        whose = f"tenant {tenant}" if tenant else f"agent {agent}"
-        confirm(f"Revoke {len(jtis)} active token(s) of {whose}", yes=yes)
+        confirm(f"Revoke {len(jtis)} active token(s) of {chosen}", yes=yes)
     return jtis
+
+
+def _tenants_elsewhere(conn: Connection, chosen: Selection, *, now: datetime) -> list[str]:
+    """Other tenants where an agent of the same name has active tokens: --agent alone used
+    to revoke those too, so the operator is told they were left alone."""
+    from mcpbill_cli.ledger.credit import list_views
+
+    views = list_views(conn, now=now, agent=chosen.agent, status="active")
+    return sorted({view.tenant for view in views} - {chosen.tenant})
 
 
 def _jti_of(st: State, value: str) -> str:

@@ -150,7 +150,9 @@ def issue(
                 f"{' USDC' if any(r.spend for r in claims.rates) else ''}")
         typer.echo(issued.token)
 
-    emit(data, as_json=as_json, human=human)
+    emit(data, as_json=as_json, human=human,
+         lost=f"token {claims.jti} was issued but not printed; `mcpbill revoke "
+              f"{claims.jti}` returns its {format_usd(claims.limit)} USDC to the tenant")
 
 
 @app.command("list")
@@ -264,7 +266,11 @@ def _token_from_stdin(*, explicit: bool) -> str:
     if sys.stdin.isatty() and not explicit:
         raise typer.BadParameter(f"missing: give it as an argument, in {ENV_TOKEN}, or piped "
                                  "in with -", param_hint="TOKEN")
-    return sys.stdin.read()
+    piped = sys.stdin.read()
+    if not piped.strip():  # nothing came: a missing token, not a malformed one
+        raise typer.BadParameter(f"missing: stdin was empty; give it as an argument, in "
+                                 f"{ENV_TOKEN}, or piped in with -", param_hint="TOKEN")
+    return piped
 
 
 def _inspect(st: State, raw: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import accounts, calls, refunds, tokens, transfers
 from mcpbill_cli.money import format_usd
+from mcpbill_cli.names import require_name
 from mcpbill_cli.ratelimits import Rate, rates_claim
 from mcpbill_cli.scope import within
 from mcpbill_cli.tokens import Claims, encode_token, expires, new_jti
@@ -58,6 +59,8 @@ class IssuedToken:
 def issue(conn: Connection, request: IssueRequest, *, signer: tuple[KeyInfo, Any],
           ttl_cap: int, now: datetime) -> IssuedToken:
     """Record a token and allot its limit from the tenant (or its parent) in one transaction."""
+    require_name(request.tenant, "tenant")
+    require_name(request.agent, "agent")
     if request.ttl > ttl_cap:
         raise InvalidInput(f"ttl is above the cap of {ttl_cap}s; ask for less or raise ttl_cap",
                            field="ttl")
@@ -172,6 +175,7 @@ def fund_demo(conn: Connection, tenant: str, amount: int, *, now: datetime,
     With ``idempotency_key`` (the tenant's own, like call keys) the funding happens once: the
     same key and amount again changes nothing, another amount is IDEMPOTENCY_CONFLICT.
     """
+    require_name(tenant, "tenant")
     ops.ensure_account(conn, ops.DEMO_SOURCE, kind="chain", guarded=False, at=now)
     account = ops.tenant_account(tenant)
     ops.ensure_account(conn, account, kind="tenant", guarded=True, at=now)
@@ -355,14 +359,16 @@ class Revocation:
     already: bool
     released: int
     cascaded_from: str | None
+    tenant: str
+    agent: str
 
 
-def tokens_for(conn: Connection, *, tenant: str | None, agent: str | None,
+def tokens_for(conn: Connection, *, tenant: str, agent: str | None,
                now: datetime) -> list[str]:
-    """Active, top-level tokens of a tenant or agent (children follow their parents)."""
-    query = select(tk.jti).where(tk.revoked_at.is_(None), tk.expires_at > now)
-    if tenant:
-        query = query.where(tk.tenant == tenant)
+    """Active tokens of a tenant, or of one of its agents (an agent is a token's ``sub``
+    within its tenant); :func:`revoke` takes their children along, whoever's they are."""
+    query = select(tk.jti).where(tk.tenant == tenant, tk.revoked_at.is_(None),
+                                 tk.expires_at > now)
     if agent:
         query = query.where(tk.agent == agent)
     return list(conn.execute(query.order_by(tk.issued_at)).scalars())
@@ -374,11 +380,22 @@ def revoke(conn: Connection, jtis: Iterable[str], *, reason: str | None,
 
     The revocation time is read from ``clock`` once the plan's accounts are locked (see
     :func:`_lock_accounts`), and stamps the tokens, their events and the released remainders.
+    A dry run revokes the same way in a savepoint it then rolls back, so it reports the very
+    amounts a revoke would release now and leaves nothing written.
     """
-    plan = _revocation_plan(conn, list(dict.fromkeys(jtis)))
-    if dry_run:
-        return [Revocation(jti, row.revoked_at is not None, 0, origin)
-                for jti, row, origin in plan]
+    named = list(dict.fromkeys(jtis))
+    if not dry_run:
+        return _revoke(conn, named, reason=reason, clock=clock)
+    savepoint = conn.begin_nested()
+    try:
+        return _revoke(conn, named, reason=reason, clock=clock)
+    finally:
+        savepoint.rollback()
+
+
+def _revoke(conn: Connection, jtis: list[str], *, reason: str | None,
+            clock: Clock) -> list[Revocation]:
+    plan = _revocation_plan(conn, jtis)
     _lock_accounts(conn, [jti for jti, _, _ in plan])
     now = clock()
     outcomes = []
@@ -391,8 +408,8 @@ def revoke(conn: Connection, jtis: Iterable[str], *, reason: str | None,
                          ref=origin, detail={"reason": reason} if reason else None)
         outcomes.append((jti, row, origin, not closed))
     released = {jti: _release(conn, row, now) for jti, row, _, _ in reversed(outcomes)}
-    return [Revocation(jti, already, released[jti], origin)
-            for jti, _, origin, already in outcomes]
+    return [Revocation(jti, already, released[jti], origin, row.tenant, row.agent)
+            for jti, row, origin, already in outcomes]
 
 
 def _lock_accounts(conn: Connection, jtis: list[str]) -> None:

@@ -378,8 +378,15 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def _is_missing_table(exc: DBAPIError) -> bool:
-    message = str(exc.orig).lower()
-    return "no such table" in message or "does not exist" in message
+    """A table not there (an empty ledger), never a database not there (PostgreSQL says
+    "does not exist" of both; its SQLSTATE tells them apart)."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return bool(sqlstate == UNDEFINED_TABLE)
+    return "no such table" in str(exc.orig).lower()
+
+
+UNDEFINED_TABLE = "42P01"  # PostgreSQL's SQLSTATE for a relation that does not exist
 
 
 def check_schema(engine: Engine) -> None:

@@ -15,7 +15,7 @@ from mcpbill_cli.errors import NotInitialized, PricingInvalid
 from mcpbill_cli.fsutil import write_atomic
 from mcpbill_cli.pricing.diff import Change, diff_tables
 from mcpbill_cli.pricing.parsing import parse_pricing, read_text
-from mcpbill_cli.pricing.table import PricingTable
+from mcpbill_cli.pricing.table import MAX_VERSION, PricingTable, invalid
 
 _NORMAL_FORM_HEADER = (
     "# mcpbill pricing table, in normal form: `mcpbill pricing set/unset` rewrite this file\n"
@@ -91,7 +91,7 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def edit_pricing(path: Path, edit: Callable[[PricingTable], PricingTable], *,
-                 dry_run: bool = False) -> PricingEdit:
+                 dry_run: bool = False, recorded_version: int = 0) -> PricingEdit:
     """Read, ``edit`` and write the file under an exclusive lock, so no concurrent edit is lost.
 
     A missing file starts as an empty table at version 0. ``edit`` returns the new table
@@ -99,19 +99,39 @@ def edit_pricing(path: Path, edit: Callable[[PricingTable], PricingTable], *,
     edit that leaves every price as it was writes nothing and keeps the version, so setting
     a price twice is one version, not two. ``dry_run`` reads (without the lock, which would
     leave a lock file behind) and writes nothing.
+
+    ``recorded_version`` is the highest version the ledger charged with: the edit's version
+    goes past it, since a number the ledger holds already names other prices. No edit goes
+    past :data:`MAX_VERSION` (:class:`PricingInvalid`, and nothing is written).
     """
     if dry_run:
-        return _planned(path, edit)
+        return _planned(path, edit, recorded_version)
     with _exclusive_lock(path):
-        planned = _planned(path, edit)
+        planned = _planned(path, edit, recorded_version)
         if planned.changed:
             save_pricing(path, planned.after)
     return planned
 
 
-def _planned(path: Path, edit: Callable[[PricingTable], PricingTable]) -> PricingEdit:
+def _planned(path: Path, edit: Callable[[PricingTable], PricingTable],
+             recorded_version: int) -> PricingEdit:
     text = read_text(path)
     before = PricingTable(version=0) if text is None else parse_pricing(text, source=str(path))
     after = edit(before)
-    same = replace(after, version=before.version).to_document() == before.to_document()
-    return PricingEdit(before, before if same else after)
+    if replace(after, version=before.version).to_document() == before.to_document():
+        return PricingEdit(before, before)
+    version = max(after.version, recorded_version + 1)
+    if version > MAX_VERSION:
+        raise _no_version_left(path, recorded_version)
+    return PricingEdit(before, replace(after, version=version))
+
+
+def _no_version_left(path: Path, recorded_version: int) -> PricingInvalid:
+    if recorded_version >= MAX_VERSION:
+        what_next = "the ledger charged with that one already: no edit can have a new version"
+    else:
+        what_next = (f"set `version` by hand to a number from {recorded_version + 1} up, "
+                     "which the ledger has not charged with, then edit again")
+    return invalid(f"{path}: version: an edit cannot bump the version past {MAX_VERSION}, the "
+                   f"highest (the ledger keeps it as a 32-bit integer); {what_next}",
+                   str(path), key="version")

@@ -18,11 +18,14 @@ from typing import Any
 from mcpbill_cli.durations import parse_duration
 from mcpbill_cli.errors import InvalidInput, PricingInvalid
 from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.names import MAX_LENGTH
+from mcpbill_cli.names import name_problem as kept_name_problem
 from mcpbill_cli.ratelimits import LIMIT_KEYS, LimitSet, limit_set
 from mcpbill_cli.scope import MAX_NAME_LENGTH, matches, pattern_problem
 
 CURRENCY = "USDC"
 MAX_DEDUPE_WINDOW = 86400  # seconds; a retry comes within seconds, not days
+MAX_VERSION = 2**31 - 1  # the ledger keeps versions in a 32-bit INTEGER column
 
 # --- the table -------------------------------------------------------------------------------
 
@@ -236,14 +239,13 @@ def known(value: int | None) -> int:
 
 
 def name_problem(name: str, what: str) -> str | None:
-    if not name or name != name.strip() or not name.isprintable():
-        return f"{what} name {name!r} must be non-empty printable text without outer spaces"
-    if len(name) > MAX_NAME_LENGTH:
-        return f"{what} name {name[:20]!r}... is longer than {MAX_NAME_LENGTH} characters"
-    if what == "tool" and "*" in name:
+    """Why ``name`` cannot name a ``what`` (a tool, a tenant) in the table, or None: the rule
+    of :mod:`mcpbill_cli.names`, and a tool entry is an exact name."""
+    problem = kept_name_problem(name, what, MAX_LENGTH.get(what, MAX_NAME_LENGTH))
+    if problem is None and what == "tool" and "*" in name:
         return (f"tool name {name!r} contains '*': tool entries are exact names; "
                 "put patterns under [free_tiers] patterns")
-    return None
+    return problem
 
 
 # --- validating a document -------------------------------------------------------------------
@@ -331,8 +333,10 @@ def _version(doc: Mapping[str, Any]) -> int:
     if "version" not in doc:
         raise Problem(("version",), "missing: add `version = 1` at the top of the file")
     value = doc["version"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise Problem(("version",), f"must be a whole number, 0 or more, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VERSION:
+        raise Problem(("version",), f"must be a whole number from 0 to {MAX_VERSION}, not "
+                                    f"{value!r}: the ledger keeps it as a 32-bit integer, so "
+                                    "count versions (1, 2, 3...) rather than write a date")
     return value
 
 
@@ -407,7 +411,8 @@ def _x402_terms(node: Any, path: tuple[str, ...]) -> X402Terms:
     if chain is not None and (not isinstance(chain, str) or not chain.strip()):
         raise Problem(path + ("chain",), "must name a chain of config.toml, like \"base\"")
     tenant = terms.get("tenant", DEFAULT_X402_TENANT)
-    if not isinstance(tenant, str) or not _X402_TENANT.fullmatch(tenant):
+    if not isinstance(tenant, str) or not _X402_TENANT.fullmatch(tenant) or not (
+            tenant.isprintable()):
         raise Problem(path + ("tenant",), "must be a tenant name: 1 to 100 characters without "
                                           "spaces or slashes")
     timeout = DEFAULT_X402_TIMEOUT

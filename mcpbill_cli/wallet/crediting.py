@@ -13,7 +13,6 @@ migration): :func:`find_recorded` adopts such a row when it meets the same trans
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,13 +20,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, case, select, update
 
-from mcpbill_cli.errors import IdempotencyConflict, InvalidInput
+from mcpbill_cli.errors import IdempotencyConflict
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.models import deposits, wallet_links
 from mcpbill_cli.wallet.errors import DepositClaimed
 
 d = deposits.c
-_TENANT = re.compile(r"[^\s/]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -62,14 +60,6 @@ class Credit:
 
     deposit: Deposit
     tenant: str
-
-
-def check_tenant(tenant: str) -> str:
-    """A tenant name as the ledger keys it: 1 to 100 characters, no spaces or slashes."""
-    if not _TENANT.fullmatch(tenant):
-        raise InvalidInput(f"tenant {tenant!r} is not a valid name: use 1 to 100 characters "
-                           "without spaces or slashes", field="tenant")
-    return tenant
 
 
 def credited_tenant(conn: Connection, deposit_id: str) -> str | None:

@@ -23,9 +23,10 @@ from sqlalchemy import Engine
 
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.ledger.engine import writing
+from mcpbill_cli.names import require_name
 from mcpbill_cli.wallet.addresses import normalize_address, normalize_tx_hash
 from mcpbill_cli.wallet.chains import Chain
-from mcpbill_cli.wallet.crediting import Deposit, check_tenant, credit_deposit
+from mcpbill_cli.wallet.crediting import Deposit, credit_deposit
 from mcpbill_cli.wallet.errors import (
     ChainInconsistent,
     NotUsdc,
@@ -90,7 +91,7 @@ def fund_from_tx(engine: Engine, w3: Web3 | Rpc, chain: Chain, tenant: str, tx_h
 
     Funding the same transaction again credits nothing and lists the deposits in ``already``.
     """
-    check_tenant(tenant)
+    require_name(tenant, "tenant")
     found = verify_deposit(w3, chain, tx_hash, deposit_address)
     at = at or utcnow()
     credited: list[Deposit] = []

@@ -12,8 +12,9 @@ from mcpbill_cli.errors import AlreadyExists
 from mcpbill_cli.ledger import audit, ops
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import wallet_links
+from mcpbill_cli.names import require_name
 from mcpbill_cli.wallet.addresses import normalize_address
-from mcpbill_cli.wallet.crediting import Credit, check_tenant, claim_unlinked
+from mcpbill_cli.wallet.crediting import Credit, claim_unlinked
 
 w = wallet_links.c
 
@@ -40,7 +41,7 @@ def link(engine: Engine, tenant: str, address: str, *, replace: bool = False,
     same transaction. An address linked to another tenant is refused unless ``replace``;
     a replaced link changes only deposits not yet credited.
     """
-    check_tenant(tenant)
+    require_name(tenant, "tenant")
     sender = normalize_address(address)
     at = at or utcnow()
     with writing(engine) as conn:

@@ -67,7 +67,8 @@ def issued(ledger_cli: Invoke) -> Invoke:
     return ledger_cli
 
 
-DESTRUCTIVE = [("init", "--force"), ("revoke", "--tenant", "acme"), ("revoke", "--agent", "agent"),
+DESTRUCTIVE = [("init", "--force"), ("revoke", "--tenant", "acme"),
+               ("revoke", "--tenant", "acme", "--agent", "agent"),
                ("keys", "retire", "{old_kid}", "--force")]
 
 

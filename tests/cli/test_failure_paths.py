@@ -246,6 +246,8 @@ CASES: list[tuple[str, Break, list[str], str]] = [
      "FILE_UNAVAILABLE"),
     ("events-out-in-proc", nothing, ["events", "export", "--out", "/proc/mcpbill-e.jsonl"],
      "FILE_UNAVAILABLE"),
+    ("events-until-before-since", nothing,
+     ["events", "export", "--since", "2026-12-08", "--until", "2026-12-07"], "INVALID_INPUT"),
     ("seals-out-a-directory", scratch_directory("d"),
      ["audit", "seals", "export", "--out", "SCRATCH/d"], "FILE_UNAVAILABLE"),
     ("revocations-out-parent-a-file", scratch_file("f", "x"),
@@ -401,6 +403,16 @@ def test_token_inspect_on_a_terminal_without_a_token_is_a_usage_error(home: Path
     as_json = in_terminal("token", "inspect", "--json", timeout=30)
     assert as_json.returncode == EXIT_CODES["USAGE_ERROR"], as_json
     assert '"USAGE_ERROR"' in as_json.stderr
+
+
+def test_token_inspect_with_nothing_piped_in_is_a_usage_error(home: Path) -> None:
+    """stdin at its end (cron, CI, `< /dev/null`) brings no token: missing, not malformed."""
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_CREDIT_JWT"}
+    for args in (("token", "inspect"), ("token", "inspect", "-"), ("token", "inspect", "--json")):
+        ran = without_terminal(*args, env=env, timeout=30)
+        assert ran.returncode == EXIT_CODES["USAGE_ERROR"], ran
+        said = ran.stdout if "--json" in args else ran.stderr  # --json: one document
+        assert "stdin was empty" in said and "AGENT_CREDIT_JWT" in said, ran
 
 
 # --- x402 fetch: nothing listening --------------------------------------------------------------

@@ -64,10 +64,11 @@ def test_revoke_by_agent_and_sweep_of_expired(ledger_cli: Invoke) -> None:
     for agent in ("crawler", "crawler", "writer"):
         ok_json(cli("token", "issue", "--tenant", "acme", "--agent", agent, "--limit", "1",
                     "--json"))
-    dry = ok_json(cli("revoke", "--agent", "crawler", "--dry-run", "--json"))
+    dry = ok_json(cli("revoke", "--tenant", "acme", "--agent", "crawler", "--dry-run",
+                      "--json"))
     assert dry["dry_run"] and len(dry["revoked"]) == 2
     assert len(ok_json(cli("token", "list", "--status", "active", "--json"))) == 3
-    done = ok_json(cli("revoke", "--agent", "crawler", "--yes", "--json"))
+    done = ok_json(cli("revoke", "--tenant", "acme", "--agent", "crawler", "--yes", "--json"))
     assert [r["released_usd"] for r in done["revoked"]] == ["1.00", "1.00"]
     listed = ok_json(cli("token", "list", "--tenant", "acme", "--status", "revoked", "--json"))
     assert {t["agent"] for t in listed} == {"crawler"}

@@ -143,6 +143,27 @@ def test_a_closed_pipe_exits_0_without_a_word(env: dict[str, str]) -> None:
     assert (proc.returncode, proc.stderr) == (0, b"")
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_token_issued_into_a_closed_pipe_is_named_on_stderr(env: dict[str, str],
+                                                              as_json: bool) -> None:
+    """The credit token cannot be printed again: stderr names it, so it can be revoked."""
+    before = {t["jti"] for t in data(env, "token", "list")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the token is printed
+    proc = subprocess.run([MCPBILL, "token", "issue", "--limit", "0.25",
+                           *(["--json"] if as_json else [])], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, env=env, check=False)
+    os.close(write_end)
+    [issued] = [t for t in data(env, "token", "list") if t["jti"] not in before]
+    assert proc.returncode == 0
+    assert f"token {issued['jti']} was issued but not printed" in proc.stderr
+    assert "eyJ" not in proc.stderr  # the credential itself is never on stderr
+    revoked = json.loads(run(env, "revoke", issued["jti"], "--json").stdout)
+    assert revoked["status"] == "ok"
+    assert {t["jti"]: t["status"] for t in data(env, "token", "list")}[issued["jti"]] == (
+        "revoked")
+
+
 def test_help_through_head_1_exits_quietly(isolated_home: Path) -> None:
     """Rich, which prints the help, ends a run on a broken pipe with exit 1 of its own."""
     with subprocess.Popen([MCPBILL, "--help"], stdout=subprocess.PIPE,

@@ -10,13 +10,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 
 from mcpbill_cli import Verifier
 from mcpbill_cli.ledger.engine import make_engine
 from mcpbill_cli.ledger.models import SCHEMA_REVISION
 from tests.cli.conftest import Invoke, ok_json
 from tests.cli.test_startup import heavy_imports
+from tests.conftest import PG_ADMIN_URL
 
 BASE_CHAIN_ID = 8453
 
@@ -90,6 +91,18 @@ def test_an_unreachable_ledger_exits_8_without_its_password(ledger_cli: Invoke) 
     assert "hunter2" not in result.output
 
 
+@pytest.mark.parametrize("command", [["status"], ["db", "status"], ["wallet", "balance"]])
+def test_a_postgresql_database_not_there_is_unreachable_not_empty(
+        cli: Invoke, command: list[str]) -> None:
+    """PostgreSQL says "does not exist" of a missing table and of a missing database alike:
+    `mcpbill init` cannot create a database, so the advice must be to check the URL."""
+    assert cli("init").exit_code == 0
+    url = make_url(PG_ADMIN_URL).set(database=f"mcpbill_absent_{os.getpid()}")
+    result = cli("--db-url", url.render_as_string(hide_password=False), *command, "--json")
+    assert result.exit_code == 8, result.output
+    assert [e["code"] for e in json.loads(result.stdout)["errors"]] == ["LEDGER_UNAVAILABLE"]
+
+
 class _ChainIdHandler(BaseHTTPRequestHandler):
     chain_id = BASE_CHAIN_ID
 
@@ -116,6 +129,19 @@ def rpc_server() -> Iterator[HTTPServer]:
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_a_signing_key_that_cannot_sign_exits_10(ledger_cli: Invoke, damage: str) -> None:
+    """`status` answers for the key `token issue` signs with, not only for the ring's index."""
+    key = next((Path(os.environ["MCPBILL_HOME"]) / "keys").glob("*.pem"))
+    key.unlink()
+    if damage == "garbage":
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    document = status_document(ledger_cli, code=10)
+    assert [e["code"] for e in document["errors"]] == ["KEYRING_CORRUPT"]
+    assert key.name in document["errors"][0]["message"]
+    assert ledger_cli("token", "issue", "--limit", "1").exit_code == 10  # what status foretold
 
 
 def test_a_configured_rpc_is_asked_for_its_chain(ledger_cli: Invoke,
