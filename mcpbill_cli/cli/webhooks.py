@@ -27,7 +27,8 @@ app = typer.Typer(help="Signed webhooks (Standard Webhooks) for alerts: token th
 
 EndpointArgument = Annotated[str, typer.Argument(
     metavar="ID", help="The endpoint's id (whep_…), as `mcpbill webhooks list` shows it.")]
-ENDPOINT_COLUMNS = (Column("id", lambda e: e.id, ident=True), Column("url", lambda e: e.url),
+ENDPOINT_COLUMNS = (Column("id", lambda e: e.id, ident=True),
+                    Column("url", lambda e: _shown_url(e.url)),
                     Column("events", lambda e: e.event_types),
                     Column("enabled", lambda e: e.enabled),
                     Column("created_at", lambda e: timestamp(e.created_at)))
@@ -114,7 +115,17 @@ def _check_url(url: str) -> None:
 
 def _endpoint_json(endpoint: Any) -> dict[str, Any]:
     data: dict[str, Any] = to_jsonable(endpoint)
+    data["url"] = _shown_url(endpoint.url)
     return data
+
+
+def _shown_url(url: str) -> str:
+    """An endpoint's URL as printed: a password or a secret parameter in it masked, as in
+    every other URL the CLI prints (listings end up in scrollback and CI logs). The ledger
+    keeps it whole, and deliveries use it whole."""
+    from mcpbill_cli.redaction import redact
+
+    return redact(url)
 
 
 @app.command("list")

@@ -56,6 +56,20 @@ def test_add_shows_the_secret_once_and_never_again(ledger_cli: Invoke, receiver:
     assert secret not in caplog.text
 
 
+def test_a_url_with_credentials_is_printed_masked_and_delivered_to_whole(
+        ledger_cli: Invoke, receiver: Receiver) -> None:
+    url = receiver.url.replace("http://", "http://ops:hunter2@") + "?token=abc123&team=ops"
+    endpoint = add(ledger_cli, url, "webhook.test")
+    receiver.secret = endpoint["secret"]
+    printed = [ledger_cli("webhooks", "list", "--json"), ledger_cli("webhooks", "list")]
+    assert ok_json(printed[0])[0]["url"] == endpoint["url"]
+    for text in (endpoint["url"], *(result.stdout for result in printed)):
+        assert "hunter2" not in text and "abc123" not in text
+        assert f"ops:***@127.0.0.1:{receiver.port}/hooks?token=***&team=ops" in text
+    tested = ok_json(ledger_cli("webhooks", "test", endpoint["id"], "--json"))
+    assert tested["http_status"] == 200 and len(receiver.received) == 1  # the URL as given
+
+
 def test_add_in_a_terminal_prints_only_the_secret_on_stdout(ledger_cli: Invoke,
                                                             db_url: str) -> None:
     result = ledger_cli("webhooks", "add", "https://ops.example.com/hooks")
