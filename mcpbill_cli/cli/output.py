@@ -120,6 +120,10 @@ class _LazyConsole:
 
             self._console = Console(**self._options)
             self._console.soft_wrap = self._console.soft_wrap or not self._console.is_terminal
+            if self._console.width < 1:  # COLUMNS=0: Rich would print nothing at all
+                import shutil
+
+                self._console.width = shutil.get_terminal_size().columns  # skips COLUMNS<=0
         return self._console
 
     def __getattr__(self, name: str) -> Any:

@@ -119,6 +119,15 @@ def test_a_terminal_shows_every_id_whole(env: dict[str, str], columns: int) -> N
     assert bool(BOX.search(shown)) == (columns == 120), shown  # too narrow: field per line
 
 
+def test_a_terminal_with_columns_0_still_shows_results_and_errors(env: dict[str, str]) -> None:
+    """COLUMNS=0 (a broken shell profile) made Rich print nothing: a fund done in silence."""
+    zero = {**env, "COLUMNS": "0"}
+    status, shown = in_pty(zero, 80, "wallet", "fund", "--demo", "1")
+    assert status == 0 and "funded default with 1.00 USDC" in shown, shown
+    status, shown = in_pty(zero, 80, "token", "issue", "--limit", "999999")
+    assert status == 5 and "INSUFFICIENT_FUNDS" in shown, shown
+
+
 def test_head_1_ends_a_listing_quietly(env: dict[str, str], cli: Invoke) -> None:
     for n in range(250):  # more lines than a pipe buffers: head leaves before the last
         assert cli("token", "issue", "--limit", "0.01", "--agent", f"bulk-{n}").exit_code == 0
