@@ -85,6 +85,9 @@ class _Workers:
 
 
 def _answer(job: Job, result: Any, error: BaseException | None) -> None:
+    if job[1].cancelled():  # the caller stopped waiting before: settled here, without a trip
+        _settle(job, result, error)  # to a loop that may close before it runs the callback
+        return
     try:
         job[0].call_soon_threadsafe(_settle, job, result, error)
     except RuntimeError:  # the loop is closed: nobody waits any more

@@ -99,6 +99,33 @@ def test_what_a_job_made_for_a_cancelled_caller_goes_to_abandoned() -> None:
     assert taken.empty()
 
 
+def test_a_cancelled_callers_result_reaches_abandoned_when_its_loop_runs_no_more() -> None:
+    """The job ends after its caller was cancelled and its loop stopped running (it was
+    closing, or its server stopped): ``abandoned`` gets the result all the same (a hold to
+    void), not a callback queued on a loop that never runs it."""
+    release = threading.Event()
+    taken: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def job() -> str:
+        release.wait(10)
+        return "made"
+
+    async def cancelled_caller() -> None:
+        waiting = asyncio.ensure_future(offloop.run(job, taken.put))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(cancelled_caller())
+        release.set()  # the job ends while nothing runs the loop
+        assert taken.get(timeout=10) == "made"
+    finally:
+        loop.close()
+
+
 class _AnsweringLoop(asyncio.SelectorEventLoop):
     """An event loop that tells when another thread has queued a callback on it."""
 
