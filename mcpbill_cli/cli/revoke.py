@@ -77,8 +77,6 @@ def revoke(
                                   ask=not dry_run, yes=yes)
     with writing(st.engine()) as conn:
         outcomes = revoke_tokens(conn, jtis, reason=reason, clock=st.clock(), dry_run=dry_run)
-        if dry_run:
-            conn.rollback()
     _render(outcomes, chosen, dry_run=dry_run, as_json=as_json)
 
 
