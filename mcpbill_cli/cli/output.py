@@ -178,8 +178,17 @@ class Column:
         if value is None:
             return "-"
         if isinstance(value, list | tuple):
-            return ", ".join(str(v) for v in value)
-        return str(value)
+            return ", ".join(shown(str(v)) for v in value)
+        return shown(str(value))
+
+
+def shown(text: str) -> str:
+    """``text`` with each character a terminal would act on (an escape, a bell, a carriage
+    return; anything not printable but a tab or a newline) written as its Python escape, so a
+    name kept before names were checked lists as data and never drives the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\t\n" else repr(c)[1:-1] for c in text)
 
 
 def usd_column(header: str, attribute: str) -> Column:
@@ -243,11 +252,11 @@ def print_fields(fields: Mapping[str, str], *, to_stderr: bool = False) -> None:
     """One field a line: aligned on a terminal, ``name<TAB>value`` elsewhere; never wrapped."""
     stream = sys.stderr if to_stderr else sys.stdout
     if not is_terminal(stream):
-        stream.write("".join(f"{k}\t{_one_line(v)}\n" for k, v in fields.items()))
+        stream.write("".join(f"{k}\t{_one_line(shown(v))}\n" for k, v in fields.items()))
         return
     width = max((len(name) for name in fields), default=0)
     for name, value in fields.items():
-        (err if to_stderr else out).print(f"{name:<{width}}  {value}", markup=False)
+        (err if to_stderr else out).print(f"{name:<{width}}  {shown(value)}", markup=False)
 
 
 def write_plain(items: Sequence[Any], columns: Sequence[Column], *,

@@ -65,6 +65,7 @@ from mcpbill_cli.ledger import x402_payments as payments
 from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.rates import Limited
 from mcpbill_cli.ledger.rates import count as count_rates
+from mcpbill_cli.names import require_name
 from mcpbill_cli.pricing import Price, PricingTable, rate_limits, x402_offered
 from mcpbill_cli.pricing import quote as price_quote
 from mcpbill_cli.ratelimits import Counter, agent_counters
@@ -288,7 +289,12 @@ class Acceptor:
                tenant: str | None = None, agent: str | None = None,
                resource: str | None = None) -> Verified:
         """Check ``payment`` for one call of ``tool`` (see the module docstring); every
-        refusal is an X402_* :class:`~mcpbill_cli.errors.BillingError`."""
+        refusal is an X402_* :class:`~mcpbill_cli.errors.BillingError`, except a ``tenant`` or
+        ``agent`` that cannot name one (INVALID_INPUT, before the payment is read), which the
+        ledger would refuse only after the payment settled."""
+        for name, what in ((tenant, "tenant"), (agent, "agent")):
+            if name is not None:
+                require_name(name, what)
         signed = read_payment(payment)
         price = self.price(tool, tenant)
         if price is None:

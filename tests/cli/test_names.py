@@ -211,3 +211,30 @@ def test_names_that_are_names_still_work(funded: Invoke) -> None:
                                 "--json"))
         assert (issued["tenant"], issued["agent"]) == (tenant, f"{tenant} bot")
         assert len(ok_json(funded("token", "list", "--agent", f"{tenant} bot", "--json"))) == 1
+
+
+
+def test_a_name_kept_before_names_were_checked_lists_as_data_not_terminal_codes(
+        funded: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger older than the name rule may hold a tenant or agent with a terminal escape in
+    it: listings in a terminal and in a pipe show it escaped, never raw."""
+    from mcpbill_cli import names
+    from mcpbill_cli.ledger import credit
+    from tests.cli.terminal import in_terminal, without_terminal
+
+    raw = "ac\x1b]0;pwned\x07me"
+    with monkeypatch.context() as old_rules:  # as an older mcpbill kept them
+        for module in (names, credit):
+            old_rules.setattr(module, "require_name", lambda name, what: name)
+        ok_json(funded("wallet", "fund", "--tenant", raw, "--demo", "2", "--json"))
+        ok_json(funded("token", "issue", "--tenant", raw, "--agent", raw, "--limit", "1",
+                       "--json"))
+    assert raw in [t["tenant"] for t in ok_json(funded("tenant", "list", "--json"))]
+
+    for args in (("tenant", "list"), ("token", "list")):
+        for run in (in_terminal, without_terminal):
+            seen = run(*args)
+            shown = seen.stdout + seen.stderr
+            assert seen.returncode == 0, (args, run, shown)
+            assert "pwned\x07" not in shown and "\x1b]0;" not in shown, (args, run, shown)
+            assert "pwned\\x07me" in "".join(shown.split()), (args, run, shown)

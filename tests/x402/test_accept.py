@@ -210,6 +210,25 @@ def test_a_signature_by_someone_else_is_refused(shop: Shop) -> None:
     assert (error.code, error.details["reason"]) == ("X402_PAYMENT_INVALID", "signature")
 
 
+@pytest.mark.parametrize(("names", "field"), [
+    ({"tenant": "acme\x1b[2J"}, "tenant"), ({"tenant": " acme"}, "tenant"),
+    ({"tenant": "t" * 101}, "tenant"), ({"agent": "bot\n"}, "agent"), ({"agent": ""}, "agent"),
+])
+def test_a_tenant_or_agent_the_ledger_cannot_keep_is_refused_before_the_payment_settles(
+        shop: Shop, names: dict[str, str], field: str) -> None:
+    payer = new_payer(shop.devnet)
+    payment = signed_payment(payer, shop.terms, amount=SEARCH_PRICE)
+
+    error = refusal(lambda: shop.acceptor.verify(payment, "search", **names))
+
+    assert (error.code, error.details["field"]) == ("INVALID_INPUT", field)
+    assert shop.payment_rows() == [] and shop.received() == 0
+    assert balance(shop.devnet, payer.address) == 1_000_000
+    settlement, receipt = pay_and_run(shop, payment)  # the same payment, for a good name
+    assert settlement.success and shop.received() == SEARCH_PRICE
+    shop.assert_books_clean()
+
+
 @pytest.mark.parametrize("payment", [
     {}, {"x402Version": 3}, {"x402Version": 2, "accepted": {"scheme": "upto"}},
     {"x402Version": 2, "accepted": {"scheme": "exact", "network": "eip155:43113"},
