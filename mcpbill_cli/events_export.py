@@ -73,10 +73,11 @@ def export_events(conn: Connection, out: IO[str], *, since: datetime | None = No
                   until: datetime | None = None, after: int | None = None) -> ExportResult:
     """Write the events with ``since <= at < until`` to ``out``: the sealed ones in seal
     order, then the unsealed ones; with ``after`` (a sealed event's id), only those after it
-    in that order. Refuses an ``after`` that names no sealed event."""
+    in that order; ``after=0`` is the start, as no event has id 0 (a script's first cursor).
+    Refuses any other ``after`` that names no sealed event."""
     sealed = select(events).where(e.seal.is_not(None)).order_by(e.seal, e.id)
     unsealed = select(events).where(e.seal.is_(None)).order_by(e.id)
-    if after is not None:
+    if after:
         sealed = sealed.where(_after(conn, after))
     count, first, last, cursor = 0, None, None, after
     for query in (sealed, unsealed):

@@ -47,6 +47,8 @@ def demo(
     """
     from mcpbill_cli.demo import run_demo
 
+    if home is not None:
+        _require_new(home)
     where = home or Path(tempfile.mkdtemp(prefix="mcpbill-demo-"))
     kept = keep or home is not None
     steps = []
@@ -64,6 +66,17 @@ def demo(
          as_json=as_json, human=lambda: say(
              f"demo ledger and server log kept in {where}" if kept
              else "removed the demo home (run with --keep to look into it)"))
+
+
+def _require_new(home: Path) -> None:
+    """ALREADY_EXISTS for a ``--home`` that holds anything: the demo writes its own keys,
+    ledger and pricing, and never into a home (or any directory) that was there before."""
+    from mcpbill_cli.errors import AlreadyExists
+
+    if home.is_dir() and any(home.iterdir()) or home.exists() and not home.is_dir():
+        raise AlreadyExists(f"--home {home} is not new: the demo makes a home of its own there; "
+                            "give a path that does not exist yet (or an empty directory), or "
+                            "leave --home out for a temporary one", field="home")
 
 
 def _step_data(step: DemoStep) -> dict[str, Any]:

@@ -311,7 +311,8 @@ def export(
         "--until", help="Events before this date or time.")] = None,
     after: Annotated[int | None, typer.Option(
         "--after", min=0, metavar="ID", help="Events after this sealed event: resume with the "
-                                             "cursor the last export gave.")] = None,
+                                             "cursor the last export gave (0: from the "
+                                             "start).")] = None,
     out_file: Annotated[Path | None, typer.Option(
         "--out", help="Write to this file (atomically) instead of stdout.")] = None,
     as_json: JsonOption = False,

@@ -123,3 +123,23 @@ def test_an_interrupted_demo_keeps_its_home_and_says_where(tmp_path: Path) -> No
     [home] = tmp.iterdir()
     assert f"the demo stopped; its home is kept in {home} (server log: server.log)" in rest
     assert (home / "ledger.db").is_file() and (home / "server.log").is_file()
+
+
+def test_a_home_that_is_not_new_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "MCPBILL_HOME": str(home)}
+    subprocess.run([sys.executable, "-m", "mcpbill_cli", "init", "--json"], env=env,
+                   capture_output=True, check=True, timeout=60)
+    before = {path: path.read_bytes() for path in home.rglob("*") if path.is_file()}
+
+    proc = subprocess.run([*DEMO, "--home", str(home), "--json"], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+    assert proc.returncode == 7, proc.stderr
+    [error] = json.loads(proc.stdout)["errors"]
+    assert (error["code"], error["field"]) == ("ALREADY_EXISTS", "home")
+    assert "--force" not in error["message"] and "kept" not in proc.stderr
+    assert {path: path.read_bytes() for path in home.rglob("*") if path.is_file()} == before
+    as_text = subprocess.run([*DEMO, "--home", str(home / "config.toml")], capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert as_text.returncode == 7 and as_text.stderr.startswith("error ALREADY_EXISTS: --home")

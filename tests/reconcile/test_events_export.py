@@ -69,6 +69,17 @@ def test_unsealed_events_follow_and_are_shipped_again_once_sealed(
     assert moved == waiting
 
 
+def test_after_0_is_the_start_a_script_s_first_cursor(
+        cli: Invoke, home_ledger: Ledger, tmp_path: Path) -> None:
+    home_ledger.seal()
+    waiting = an_event(home_ledger)
+    everything, cursor = shipped(cli, tmp_path)
+    assert everything[-1]["id"] == waiting and cursor is not None
+
+    assert shipped(cli, tmp_path, "--after", "0") == (everything, cursor)
+    assert shipped(cli, tmp_path, "--after", str(cursor)) == (everything[-1:], cursor)
+
+
 def test_resuming_after_an_unsealed_event_is_refused(cli: Invoke, home_ledger: Ledger) -> None:
     waiting = an_event(home_ledger)
     result = cli("events", "export", "--after", str(waiting), "--json")
