@@ -91,9 +91,10 @@ def _current_schema(settings: Settings) -> str | None:
 
 
 def _migrate(settings: Settings) -> str:
-    from mcpbill_cli.ledger.engine import make_engine
+    from mcpbill_cli.ledger.engine import make_engine, start_sqlite_file
     from mcpbill_cli.ledger.schema import upgrade
 
+    start_sqlite_file(settings.db_url)
     engine = make_engine(settings.db_url)
     try:
         return upgrade(engine)[1]

@@ -34,10 +34,12 @@ class State:
         Only ``create`` (`db upgrade`) may start a SQLite ledger file: anything else on a
         mistyped ``--home`` would leave a stray home and an empty ledger behind.
         """
-        from mcpbill_cli.ledger.engine import check_schema, make_engine
+        from mcpbill_cli.ledger.engine import check_schema, make_engine, start_sqlite_file
 
         if self._engine is None:
-            if not create:
+            if create:
+                start_sqlite_file(self.settings.db_url)
+            else:
                 self._refuse_missing_ledger()
             self._engine = make_engine(self.settings.db_url)
         if check:

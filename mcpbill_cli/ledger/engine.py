@@ -87,6 +87,21 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database).expanduser()
 
 
+def start_sqlite_file(url: str) -> None:
+    """Make the file of a SQLite ``url`` that does not exist yet, empty and mode 0600, before
+    SQLite opens it: SQLite gives its -wal and -shm files the database's mode, and the ledger
+    holds every tenant's money and may hold webhook secrets (else it would be 0644, by the
+    umask). Nothing for other databases or a file that exists; a directory that does not
+    exist is left to SQLite to report, as before."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except (FileExistsError, FileNotFoundError, NotADirectoryError):
+        pass
+
+
 def _pg_connect_args(parsed: URL, durable: bool) -> dict[str, str]:
     """Startup ``options`` that set ``synchronous_commit``, after any the URL carries.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -120,3 +121,28 @@ def test_init_refuses_force_with_exist_ok(ledger_cli: Invoke, isolated_home: Pat
     assert result.exit_code == 3
     error_json(result, "INVALID_INPUT")
     assert tree_snapshot(isolated_home) == before
+
+
+def test_a_new_sqlite_ledger_and_its_log_are_the_owner_s_alone(
+        cli: Invoke, tmp_path: Path, isolated_home: Path) -> None:
+    """init (the home's ledger) and db upgrade (a file elsewhere) start a SQLite ledger mode
+    0600, whatever the umask, and SQLite gives the write-ahead log the same mode."""
+    import sqlite3
+
+    old = os.umask(0o022)
+    try:
+        assert cli("init").exit_code == 0
+        elsewhere = tmp_path / "elsewhere.db"
+        assert cli("--db-url", f"sqlite:///{elsewhere}", "db", "upgrade").exit_code == 0
+    finally:
+        os.umask(old)
+    for ledger in (isolated_home / "ledger.db", elsewhere):
+        assert ledger.stat().st_mode & 0o777 == 0o600, ledger
+        writer = sqlite3.connect(ledger)  # the WAL and its index exist while it is open
+        try:
+            writer.execute("CREATE TABLE scratch (n INTEGER)")
+            for log in (ledger.with_name(ledger.name + "-wal"),
+                        ledger.with_name(ledger.name + "-shm")):
+                assert log.stat().st_mode & 0o777 == 0o600, log
+        finally:
+            writer.close()
