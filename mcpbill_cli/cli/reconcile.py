@@ -147,7 +147,7 @@ def reconcile(
     with progress_bar("reconciling", unit="", shown=chosen is Output.table):
         report = run_reconcile(st.engine(), options)
     _render(report, strict=strict, output=chosen,
-            dimensions=[d.value for d in by] if by else ["tenant", "tool"])
+            dimensions=[d.value for d in by] if by else ["tenant", "tool"], max_rows=max_rows)
     if report.failed(strict=strict):
         raise typer.Exit(FINDINGS_EXIT_CODE)
 
@@ -188,7 +188,7 @@ def _totals_json(totals: Totals) -> dict[str, Any]:
 
 
 def _render(report: ReconcileReport, *, strict: bool, output: Output,
-            dimensions: list[str]) -> None:
+            dimensions: list[str], max_rows: int) -> None:
     failed = report.failed(strict=strict)
     if output is Output.json:
         problems = [{"code": FINDINGS_CODE, "message": _verdict(report)}] if failed else None
@@ -196,10 +196,10 @@ def _render(report: ReconcileReport, *, strict: bool, output: Output,
         return
     if output is Output.csv:
         _write_csv(report)
-        _print_findings(report, to_stderr=True)
+        _print_findings(report, to_stderr=True, max_rows=max_rows)
     else:
         _print_totals(report, dimensions)
-        _print_findings(report, to_stderr=False)
+        _print_findings(report, to_stderr=False, max_rows=max_rows)
     say(_verdict(report))
 
 
@@ -251,13 +251,13 @@ def _print_totals(report: ReconcileReport, dimensions: list[str]) -> None:
                      title=f"by {dimension}")
 
 
-def _print_findings(report: ReconcileReport, *, to_stderr: bool) -> None:
+def _print_findings(report: ReconcileReport, *, to_stderr: bool, max_rows: int) -> None:
     for finding in report.findings:
+        title = _finding_title(finding) + _more(finding, max_rows)
         if to_stderr or not is_terminal(sys.stdout):
-            _finding_lines(finding, to_stderr=to_stderr)
+            _finding_lines(finding, title, to_stderr=to_stderr)
         else:
-            show_listing(finding.rows, FINDING_COLUMNS,
-                         title=_finding_title(finding) + _more(finding))
+            show_listing(finding.rows, FINDING_COLUMNS, title=title)
     for skipped in report.skipped:
         say(f"[dim]not checked: {skipped}[/]")
 
@@ -266,15 +266,18 @@ def _finding_title(finding: Finding) -> str:
     return f"{finding.severity}: {finding.name} ({finding.count}) - {finding.message}"
 
 
-def _more(finding: Finding) -> str:
+def _more(finding: Finding, max_rows: int) -> str:
+    """What --max-rows left out; nothing for a finding that lists fewer rows than it may (one
+    summed up in a row, as ``audit_unsealed``'s oldest event of its count)."""
     hidden = finding.count - len(finding.rows)
-    return f"; {hidden} more not listed (--max-rows)" if hidden > 0 else ""
+    cut = hidden > 0 and len(finding.rows) >= max_rows
+    return f"; {hidden} more not listed (--max-rows)" if cut else ""
 
 
-def _finding_lines(finding: Finding, *, to_stderr: bool) -> None:
+def _finding_lines(finding: Finding, title: str, *, to_stderr: bool) -> None:
     """A finding off a terminal: its title on stderr, then one tab-separated line per row, the
     finding's name first, so ``grep`` finds every row of one finding."""
-    err.print(_finding_title(finding) + _more(finding), markup=False, soft_wrap=True)
+    err.print(title, markup=False, soft_wrap=True)
     stream = sys.stderr if to_stderr else sys.stdout
     for row in finding.rows:
         stream.write("\t".join(" ".join(cell.split()) for cell in (

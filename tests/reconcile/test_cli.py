@@ -248,3 +248,28 @@ def test_unsealed_events_warn_and_say_how_to_seal(cli: Invoke, home_ledger: Ledg
         "audit_unsealed", "warning", 1)
     assert "`mcpbill audit seal`" in finding["message"]
     assert cli("reconcile", "--date", DAY.isoformat(), "--strict").exit_code == 20
+
+
+def test_unsealed_events_are_counted_in_one_row_and_no_more_is_said_hidden(
+        cli: Invoke, home_ledger: Ledger) -> None:
+    """audit_unsealed sums its events up in one row (the oldest): --max-rows hides none of
+    them, so the report does not say it did."""
+    with writing(home_ledger.engine) as conn:
+        for _ in range(3):
+            audit.record(conn, "wallet_link", at=utcnow() - timedelta(seconds=6), tenant="acme")
+    result = cli("reconcile", "--date", DAY.isoformat())
+    assert result.exit_code == 0, result.output
+    [title] = [line for line in result.stderr.splitlines() if "audit_unsealed (3)" in line]
+    assert "not listed" not in title, title
+    assert [line.split("\t")[:2] for line in result.stdout.splitlines()
+            if line.startswith("audit_unsealed")] == [["audit_unsealed", "events"]]
+
+
+def test_a_finding_cut_by_max_rows_says_how_many_more(cli: Invoke, home_ledger: Ledger
+                                                      ) -> None:
+    home_ledger.sql("UPDATE tokens SET revoked_at = :at",
+                    at=home_ledger.clock() - timedelta(hours=2))
+    result = cli("reconcile", "--date", DAY.isoformat(), "--max-rows", "1")
+    [title] = [line for line in result.stderr.splitlines() if "charge_after_revocation" in line]
+    count = int(re.search(r"charge_after_revocation \((\d+)\)", title)[1])  # type: ignore[index]
+    assert count > 1 and title.endswith(f"; {count - 1} more not listed (--max-rows)"), title
