@@ -306,6 +306,7 @@ class KeySource:
         self._stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._keys: dict[str, VerificationKey] = keys or {}
+        self._signed_with: dict[str, VerificationKey] = self._keys
         self._signer: tuple[KeyInfo, Any] | None = None
         self._until = datetime.max.replace(tzinfo=UTC)
         if directory is not None:
@@ -318,6 +319,13 @@ class KeySource:
     def verification_keys(self) -> dict[str, VerificationKey]:
         self._maybe_reload()
         return self._keys
+
+    def receipt_keys(self) -> dict[str, VerificationKey]:
+        """The keys a receipt or seal of this operator may be signed with: a key ring's every
+        key (a receipt stays verifiable after its key is rotated out or retired, as
+        ``mcpbill receipt verify`` checks it); a static source's keys as given."""
+        self._maybe_reload()
+        return self._signed_with
 
     def signer(self) -> tuple[KeyInfo, Any] | None:
         """The active key and its private key, or None for a source with public keys only."""
@@ -340,6 +348,7 @@ class KeySource:
         ring = KeyRing.load(self.directory)
         now = datetime.now(UTC)
         self._keys = ring.verification_keys(now)
+        self._signed_with = ring.signature_keys()
         self._signer = ring.signing_key()
         # A verifying key lapses at its verify_until: reload then, even if the file is the same.
         lapses = [datetime.fromisoformat(k.verify_until) for k in ring.keys.values()

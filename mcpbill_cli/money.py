@@ -14,6 +14,19 @@ DECIMALS = 6
 # The ledger stores amounts as signed 64-bit integers; leave headroom for sums of many amounts.
 MAX_MICRO = 10**15  # one billion USDC
 
+
+
+def whole_micro(amount: object, what: str) -> int:
+    """``amount`` when it is a whole number of micro-USDC from 1 to :data:`MAX_MICRO` (a
+    ``bool`` is not one), else INVALID_INPUT (``field``: ``amount``) naming ``what`` (``"a
+    refund amount"``): the ledger's 64-bit columns would refuse a larger one only as a
+    database error, and a sum of large ones could overflow."""
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_MICRO:
+        raise InvalidInput(f"{what} is a whole number of micro-USDC from 1 to {MAX_MICRO} "
+                           f"({format_usd(MAX_MICRO)} USDC), not {amount!r}", field="amount")
+    return amount
+
+
 _AMOUNT = re.compile(r"\$?(?P<whole>[0-9]*)(?:\.(?P<frac>[0-9]*))?")
 
 

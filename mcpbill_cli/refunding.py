@@ -31,7 +31,7 @@ from mcpbill_cli.errors import (
 from mcpbill_cli.keys import KeyInfo
 from mcpbill_cli.ledger import refunds
 from mcpbill_cli.ledger.engine import writing
-from mcpbill_cli.money import format_usd
+from mcpbill_cli.money import format_usd, whole_micro
 from mcpbill_cli.receipts import RefundReceipt, read_refund_receipt, sign_refund_receipt
 
 MAX_TEXT = 200  # a receipt id, an idempotency key
@@ -52,7 +52,7 @@ def refund(engine: Engine, signer: tuple[KeyInfo, Any], receipt_id: str, *,
     """
     request = refunds.RefundRequest(
         _text(receipt_id, "receipt_id", MAX_TEXT),
-        None if amount is None else _positive(amount),
+        None if amount is None else whole_micro(amount, "a refund amount"),
         None if reason is None else _text(reason, "reason", MAX_REASON),
         None if idempotency_key is None else _text(idempotency_key, "idempotency_key",
                                                    MAX_TEXT))
@@ -131,13 +131,6 @@ def _refused(request: refunds.RefundRequest, refused: refunds.Refused) -> Billin
         f"{format_usd(refused.charged)} USDC charge is left to refund; nothing was refunded",
         receiptId=call, chargedUsd=format_usd(refused.charged),
         refundableUsd=format_usd(refused.refundable))
-
-
-def _positive(amount: Any) -> int:
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise InvalidInput(f"a refund amount is a positive integer of micro-USDC, not "
-                           f"{amount!r}", field="amount")
-    return amount
 
 
 def _text(value: Any, name: str, limit: int) -> str:

@@ -75,7 +75,7 @@ from mcpbill_cli.ledger.engine import (
     writing,
 )
 from mcpbill_cli.ledger.ops import token_account
-from mcpbill_cli.money import format_usd, parse_usd
+from mcpbill_cli.money import format_usd, parse_usd, whole_micro
 from mcpbill_cli.pricing import (
     Price,
     PricingSource,
@@ -183,7 +183,9 @@ class BilledCall:
     receipt: Receipt | None = field(default=None, init=False)
 
     def report_units(self, units: int) -> None:
-        """For per-unit tools: how many units (tokens, rows...) this call used."""
+        """For per-unit tools: how many units (tokens, rows...) this call used. A count the
+        price cannot take is INVALID_INPUT here, inside the block, so the hold is voided."""
+        self.hold.price.for_units(units)
         self.units = units
 
 
@@ -446,8 +448,9 @@ class Verifier:
         """
         if hold.replayed is not None:
             return hold.replayed
-        self._keeper.forget(hold.id)
+        # Bad units are INVALID_INPUT before the keeper lets go: the hold stays as it was.
         amount = None if units is None else min(hold.price.for_units(units), hold.amount)
+        self._keeper.forget(hold.id)
         kept = result if result is not None and len(result.encode()) <= self.result_cap else None
         now = self._clock()
         with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id,
@@ -567,7 +570,11 @@ class Verifier:
         except BaseException:
             self.void(billed.hold)
             raise
-        billed.receipt = self.capture(billed.hold, units=billed.units)
+        try:
+            billed.receipt = self.capture(billed.hold, units=billed.units)
+        except InvalidInput:  # refused before it wrote: nobody else will void the hold
+            self.void(billed.hold)
+            raise
 
     # --- receipts -------------------------------------------------------------------------------
 
@@ -583,8 +590,10 @@ class Verifier:
         return read_receipt(stored.receipt)
 
     def verify_receipt(self, jws: str) -> Receipt:
-        """Check a receipt's signature with this verifier's keys (offline, no ledger)."""
-        return verify_receipt(jws, self.keys.verification_keys())
+        """Check a receipt's signature with this verifier's keys (offline, no ledger): every
+        key of its key ring, retired ones too (a receipt outlives its key's use for tokens);
+        a JWKS-built verifier's keys as given."""
+        return verify_receipt(jws, self.keys.receipt_keys())
 
     def sweep_expired(self) -> int:
         """Void every hold past its timeout; returns how many. Holds also expire lazily."""
@@ -677,7 +686,11 @@ class Verifier:
         except BaseException:
             await self.avoid(billed.hold)
             raise
-        billed.receipt = await self.acapture(billed.hold, units=billed.units)
+        try:
+            billed.receipt = await self.acapture(billed.hold, units=billed.units)
+        except InvalidInput:  # refused before it wrote: nobody else will void the hold
+            await self.avoid(billed.hold)
+            raise
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -846,7 +859,7 @@ class Verifier:
             claims, table, price = self._priced(token, tool, units)
         else:
             claims, table = self._claims(token, tool), self._table()
-            price = Price(_positive(amount), rule, table.version)
+            price = Price(whole_micro(amount, "a hold amount"), rule, table.version)
         return claims, price, self._call(claims, tool, table, price, args, key, units, amount)
 
     def _priced(self, token: str, tool: str, units: int | None
@@ -1348,13 +1361,6 @@ def _fresh(hold: Hold) -> Hold:
         return hold
     raise DuplicateCall(f"this call was made already (receipt {hold.id}); it is not run or "
                         "billed again", receipt=hold.replayed, result=hold.result)
-
-
-def _positive(amount: int) -> int:
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise InvalidInput(f"a hold amount must be a positive integer of micro-USDC, "
-                           f"not {amount!r}")
-    return amount
 
 
 def _version_of(call: calls.NewCall | Hold) -> int:

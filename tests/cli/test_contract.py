@@ -213,3 +213,24 @@ def test_readme_exit_code_table_matches_the_cli() -> None:
             for code in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.group(2)):
                 documented[code] = int(row.group(1))
     assert documented == EXIT_CODES
+
+
+def test_every_refusal_code_has_its_exit_code() -> None:
+    """Each code a BillingError can carry (the x402 refusals' root aside, which none carries
+    alone) is in the exit code table: none falls through to the generic 1 of INTERNAL_ERROR."""
+    import importlib
+    import pkgutil
+
+    import mcpbill_cli
+    from mcpbill_cli.cli.output import EXIT_CODES
+    from mcpbill_cli.errors import BillingError
+
+    for module in pkgutil.walk_packages(mcpbill_cli.__path__, "mcpbill_cli."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+
+    def kinds(cls: type[BillingError]) -> list[type[BillingError]]:
+        return [k for sub in cls.__subclasses__() for k in (sub, *kinds(sub))]
+
+    codes = {kind.code for kind in kinds(BillingError)} - {"X402_ERROR", "INTERNAL_ERROR"}
+    assert sorted(codes - set(EXIT_CODES)) == []

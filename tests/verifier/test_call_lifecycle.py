@@ -203,6 +203,34 @@ def test_partial_capture_of_a_per_unit_tool_returns_the_rest(
     assert state(funded, token, clock) == (212_340, 0, USDC - 212_340)
 
 
+@pytest.mark.parametrize("units", [-1, 1.5, True, 2**63])
+def test_units_a_per_unit_price_cannot_take_void_the_call_and_free_its_money(
+        funded: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
+        clock: FakeClock, units: Any) -> None:
+    token = new_token(limit=USDC)
+    refused = refusal(lambda: _report(verifier, token, units))
+    assert (refused["code"], refused["field"]) == ("INVALID_INPUT", "units")
+    assert state(funded, token, clock) == (0, 0, USDC)  # nothing held till the timeout
+    retry = refusal(lambda: verifier.hold(token.token, "summarize", idempotency_key="k"))
+    assert (retry["code"], retry["status"]) == ("CALL_FAILED", "voided")  # not in progress
+
+    verifier._keeper.close()  # its thread stays out of the way: this test extends by hand
+    hold = verifier.hold(token.token, "summarize", max_units=1_000)
+    verifier.keep_alive(hold)
+    bad = refusal(lambda: verifier.capture(hold, units=units))
+    assert bad["code"] == "INVALID_INPUT"
+    clock.advance(TIMEOUT * 0.6)
+    assert verifier._keeper.extend_due() == 1  # still kept alive: the capture wrote nothing
+    assert call_status(funded, hold.id) == "held"
+    assert verifier.capture(hold, units=10).amount == 100  # the hold is as it was
+    assert state(funded, token, clock) == (100, 0, USDC - 100)
+
+
+def _report(verifier: Verifier, token: IssuedToken, units: Any) -> None:
+    with verifier.call(token.token, "summarize", idempotency_key="k") as billed:
+        billed.report_units(units)
+
+
 def test_per_unit_hold_that_does_not_fit_asks_for_fewer_units(
         funded: Engine, verifier: Verifier, new_token: Callable[..., IssuedToken],
         clock: FakeClock) -> None:

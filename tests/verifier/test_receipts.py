@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import Engine, select
 
 from mcpbill_cli.errors import BillingError
-from mcpbill_cli.keys import KeyRing, KeySource, rotate
+from mcpbill_cli.keys import KeyRing, KeySource, retire, rotate
 from mcpbill_cli.ledger.credit import IssuedToken, show
 from mcpbill_cli.ledger.engine import reading
 from mcpbill_cli.ledger.models import events, transfers
@@ -150,6 +150,37 @@ def test_receipts_still_verify_after_a_key_rotation(
     assert jwt_parts(after.jws)[0]["kid"] == ring.active().kid != old_kid
     offline = Verifier.stateless(jwks=ring.jwks(), pricing=pricing, clock=clock)
     assert offline.verify_receipt(before.jws).amount == offline.verify_receipt(after.jws).amount
+
+
+@pytest.mark.parametrize("ending", ["lapsed", "retired"])
+def test_the_verifier_still_verifies_its_own_receipts_once_their_key_signs_no_more(
+        funded: Engine, keys_dir: Path, pricing: PricingTable,
+        new_token: Callable[..., IssuedToken], clock: FakeClock, ending: str) -> None:
+    """A running verifier and a new one (as after a restart) check a receipt whose key was
+    rotated out, then lapsed or was retired: a receipt outlives its key's use for tokens."""
+    running = Verifier(keys=KeySource(directory=keys_dir, check_interval=0), pricing=pricing,
+                       engine=funded, clock=clock)
+    receipt = running.charge(new_token(limit=USDC).token, "search")
+    ring = KeyRing.load(keys_dir)
+    old_kid = ring.active().kid
+    rotate(ring, "EdDSA", now=clock(),
+           last_expiry=clock() if ending == "lapsed" else clock().replace(year=2999))
+    if ending == "retired":
+        retire(ring, old_kid)
+    ring.save()
+    restarted = Verifier(keys=KeySource(directory=keys_dir), pricing=pricing, engine=funded,
+                         clock=clock)
+    try:
+        for verifier in (running, restarted):
+            assert old_kid not in verifier.keys.verification_keys()  # it verifies no token
+            assert verifier.verify_receipt(receipt.jws).receipt_id == receipt.receipt_id
+        forged = receipt.jws[:-4] + ("AAAA" if not receipt.jws.endswith("AAAA") else "BBBB")
+        with pytest.raises(BillingError) as refused:
+            restarted.verify_receipt(forged)
+        assert refused.value.code == "INVALID_RECEIPT"
+    finally:
+        running.close()
+        restarted.close()
 
 
 def test_demo_mode_marks_receipts_transfers_and_events(

@@ -126,10 +126,29 @@ def test_what_cannot_be_refunded_is_refused_with_its_code(
     for call_id in (held.id, voided.id):
         error = refused(lambda: verifier.refund(call_id))  # noqa: B023 - called at once
         assert error.code == "CALL_NOT_CAPTURED"
-    for bad in (0, -5, True, 1.5):
+    for bad in (0, -5, True, 1.5, 10**15 + 1, 2**63 - 1, 2**63):
         assert refused(lambda: verifier.refund(held.id, bad)).code == "INVALID_INPUT"  # noqa: B023
     assert refused(lambda: verifier.refund(held.id, 1, reason="\x00")).code == "INVALID_INPUT"
     assert ledger_rows(funded) == before
+
+
+def test_an_amount_past_what_the_ledger_holds_is_invalid_input_not_a_database_error(
+        verifier: Verifier, funded: Engine, new_token: Callable[..., IssuedToken]) -> None:
+    """After a partial refund, refunded + amount would pass a 64-bit column: still a
+    BillingError, before the ledger is asked; a hold of such an amount too."""
+    token = new_token()
+    receipt = verifier.charge(token.token, "translate")
+    verifier.refund(receipt.receipt_id, 1)
+    before = ledger_rows(funded)
+    for amount in (10**15 + 1, 2**63 - 1, 2**63):
+        error = refused(lambda: verifier.refund(receipt.receipt_id, amount))  # noqa: B023
+        assert (error.code, error.details["field"]) == ("INVALID_INPUT", "amount")
+    assert ledger_rows(funded) == before
+    for amount in (10**15 + 1, 2**63 - 1, 2**63):
+        error = refused(lambda: verifier.hold(token.token, "x", amount=amount))  # noqa: B023
+        assert (error.code, error.details["field"]) == ("INVALID_INPUT", "amount")
+    after = ledger_rows(funded)  # a refused call of a valid token is an event, no money moved
+    assert {**after, "events": 0} == {**before, "events": 0}
 
 
 def test_a_retried_refund_under_its_key_moves_money_once(
