@@ -27,9 +27,12 @@ stay one series each (Prometheus refuses a whole scrape that has a series twice)
 unsealed event of the ledgers they write to (each read once), and the largest error bound of
 their clocks.
 
-The ``tool`` label of a refused or free call is the caller's word, sent before any token is
-checked: it is kept only for the tools the pricing table names (and the tools a proxy's upstream
-lists), else it reads ``unknown``, so that a caller cannot grow the series without bound.
+The ``tool`` label of a call that charged nothing (refused, free, voided, replayed) is the
+caller's word, sent before any token is checked or to a tool that does not exist (a proxy
+forwards a name its upstream then refuses, and voids the call): it is kept only for the tools
+the pricing table names (and the tools a proxy's upstream lists), else it reads ``unknown``,
+so that a caller cannot grow the series without bound. A captured call's is kept: each costs
+its caller the price.
 
 Serve them with :func:`serve` (a thread of their own) or mount :meth:`PrometheusMetrics.asgi_app`
 into an ASGI application.
@@ -51,7 +54,7 @@ __all__ = ["LEDGER_ERRORS", "UNKNOWN_TOOL", "PrometheusMetrics", "serve", "stop"
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LEDGER_ERRORS = frozenset({"LEDGER_UNAVAILABLE", "LEDGER_FULL"})
-UNKNOWN_TOOL = "unknown"  # the tool label of a refused or free call of a tool nobody names
+UNKNOWN_TOOL = "unknown"  # the tool label of an uncharged call of a tool nobody names
 
 
 class PrometheusMetrics:
@@ -89,8 +92,8 @@ class PrometheusMetrics:
     # --- which tool labels are kept ---------------------------------------------------------------
 
     def name_tools(self, named: Callable[[str], bool]) -> None:
-        """Keep the ``tool`` label of refused and free calls only where ``named(tool)`` (the
-        verifier's pricing table names it) or the tool was :meth:`listed`."""
+        """Keep the ``tool`` label of calls that charged nothing only where ``named(tool)``
+        (the verifier's pricing table names it) or the tool was :meth:`listed`."""
         self._named = named
 
     def listed(self, tools: Iterable[str]) -> None:
@@ -106,10 +109,9 @@ class PrometheusMetrics:
 
     def finished(self, tool: str, outcome: str) -> None:
         """A call ended without a capture: ``voided``, ``input_required``, ``refused``,
-        ``replayed`` or ``free``."""
-        if outcome in ("refused", "free"):  # perhaps before any token was checked
-            tool = self._label(tool)
-        self._calls.labels(tool, outcome).inc()
+        ``replayed`` or ``free``. Its tool may be anything a caller named (see the module
+        docstring)."""
+        self._calls.labels(self._label(tool), outcome).inc()
 
     def refused(self, tool: str, code: str) -> None:
         """A call was answered with the coded refusal ``code`` (and ended there)."""

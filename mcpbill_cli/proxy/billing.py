@@ -25,6 +25,7 @@ carries the settlement and the receipt), released otherwise; refusals carry the 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -42,6 +43,7 @@ from starlette.requests import Request
 from mcpbill_cli.errors import (
     BillingError,
     InvalidCreditToken,
+    InvalidInput,
     ProxyBusy,
     ProxySessionsFull,
     ResponseTooLarge,
@@ -103,6 +105,17 @@ class Limits:
     max_request_bytes: int = 1024 * 1024
     max_response_bytes: int = 4 * 1024 * 1024
     session_idle_timeout: float = 30 * 60.0
+
+    def __post_init__(self) -> None:
+        """INVALID_INPUT for a time that is not a finite number of seconds above 0 (``nan``
+        or ``inf`` from a command line): no call or session could be timed by it."""
+        for name in ("call_timeout", "session_idle_timeout"):
+            seconds = getattr(self, name)
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                    or not math.isfinite(seconds) or seconds <= 0:
+                option = name.replace("_", "-")
+                raise InvalidInput(f"--{option} must be a finite number of seconds above 0, "
+                                   f"not {seconds!r}", field=option)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ def serve(settings: Settings, options: ProxyOptions,
                     max_request_bytes=options.max_request_bytes,
                     max_response_bytes=options.max_response_bytes,
                     session_idle_timeout=options.session_idle_timeout)
+    if options.metrics is not None:
+        _apart(options.metrics, (options.host, options.port))
     listening = listen_on(options.host, options.port, "listen")  # taken before it is announced
     spans = verifier = scraper = None
     try:
@@ -103,6 +105,33 @@ def listen_on(host: str, port: int, option: str) -> socket.socket:
         sock.close()
         raise _unavailable(option, host, port, error) from None
     return sock
+
+
+def _apart(metrics: tuple[str, int], listen: tuple[str, int]) -> None:
+    """INVALID_INPUT when ``--metrics`` is the agents' own address (the same port, on the same
+    or on every interface). Both sockets allow their address's reuse, as servers do: binding
+    the second would not fail, only the agents' socket once uvicorn listens on it, after the
+    proxy said it serves."""
+    (host, port), (agents_host, agents_port) = metrics, listen
+    if port != agents_port or not _overlap(host, agents_host, port):
+        return
+    raise InvalidInput(f"--metrics {_url_host(host)}:{port} is where agents reach the proxy "
+                       f"(--listen {_url_host(agents_host)}:{agents_port}); give metrics a port "
+                       "of their own", field="metrics")
+
+
+def _overlap(one: str, other: str, port: int) -> bool:
+    """Whether two hosts name a common address on this machine: the same, or either every
+    interface (``0.0.0.0``, ``::``)."""
+    def addresses(host: str) -> set[str]:
+        try:
+            return {str(info[4][0])
+                    for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:  # unresolvable: the bind says why
+            return {host}
+
+    mine, theirs = addresses(one), addresses(other)
+    return bool(mine & theirs) or bool((mine | theirs) & {"0.0.0.0", "::"})  # noqa: S104
 
 
 def _serve_metrics(verifier: Verifier, host: str, port: int) -> Any:

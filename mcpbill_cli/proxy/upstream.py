@@ -116,7 +116,12 @@ class UpstreamTarget:
                 raise InvalidInput(f"--upstream must be an http(s) URL, not {url!r}",
                                    field="upstream")
             return cls(url=url)
-        words = tuple(shlex.split(command or ""))
+        try:
+            words = tuple(shlex.split(command or ""))
+        except ValueError as error:  # an unbalanced quote, a lone escape at the end
+            raise InvalidInput(f"--upstream-cmd {command!r} cannot be split into words as a "
+                               f"shell would ({error}): check its quotes",
+                               field="upstream-cmd") from None
         if not words:
             raise InvalidInput("--upstream-cmd is empty", field="upstream-cmd")
         return cls(command=words, env=env)
@@ -224,6 +229,20 @@ class Upstream:
         errlog, limit = self._errlog or sys.stderr, self.max_message_bytes
         return lambda ended: Client(_watching(bounded_stdio(parameters, limit, errlog), ended),
                                     **options)
+
+
+def relay_results_as_they_come(client: Client) -> None:
+    """Turn off the SDK client's check of each ``tools/call`` result against the tool's output
+    schema, on this upstream session: a relay passes results on, and the agent's own client
+    checks them against the schema it listed. The check also lists the upstream's tools, on
+    the call's path, for any tool not listed yet on this session: a ``tools/list`` the agent
+    never asked for, as large as the upstream's catalogue (over a small
+    ``--max-response-bytes``, every call failed with RESPONSE_TOO_LARGE). Set on the
+    session, the SDK's only switch for it being its method."""
+    async def relayed(name: str, result: Any) -> None:
+        return None
+
+    client.session.validate_tool_result = relayed  # type: ignore[method-assign]
 
 
 async def resend(client: Client, requests: list[Any]) -> None:
@@ -578,6 +597,7 @@ class Link:
             try:
                 broken = self._broken = anyio.Event()
                 async with self._connect(partial(self._ended, broken)) as client:
+                    relay_results_as_they_come(client)
                     if self._replay is not None:
                         with anyio.fail_after(self.connect_timeout):
                             await self._replay(client)

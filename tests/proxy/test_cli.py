@@ -35,6 +35,11 @@ EXAMPLE = ROOT / "examples" / "proxy_agent.py"
     (["--upstream-cmd", "node x.js", "--metrics", "9090"], "metrics"),
     (["--upstream-cmd", "no-such-program-7f3a --stdio"], "upstream-cmd"),
     (["--upstream-cmd", "/dev/null"], "upstream-cmd"),  # there, but not a program
+    (["--upstream-cmd", "node 'unterminated"], "upstream-cmd"),  # no closing quote
+    (["--upstream-cmd", "node x.js", "--call-timeout", "nan"], "call-timeout"),
+    (["--upstream-cmd", "node x.js", "--call-timeout", "inf"], "call-timeout"),
+    (["--upstream-cmd", "node x.js", "--session-idle-timeout", "nan"], "session-idle-timeout"),
+    (["--upstream-cmd", "node x.js", "--session-idle-timeout", "inf"], "session-idle-timeout"),
 ])
 def test_a_bad_command_line_is_refused_with_a_code(args: list[str], field: str) -> None:
     result = CliRunner().invoke(app, ["proxy", "--json", *args])
@@ -76,6 +81,22 @@ def test_a_port_taken_is_refused_before_the_proxy_says_it_serves(priced: Setting
     assert "Traceback" not in ran.stderr and "ERROR" not in ran.stderr, ran.stderr
     with socket.socket() as again:
         again.bind(("127.0.0.1", other))  # not held by the proxy that refused to start
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("agents_host", ["127.0.0.1", "0.0.0.0"])  # noqa: S104
+def test_metrics_on_the_agents_own_address_is_refused_before_the_proxy_says_it_serves(
+        priced: Settings, agents_host: str) -> None:
+    port = free_port()
+    ran = run_proxy(priced, "--json", "--listen", f"{agents_host}:{port}", "--metrics",
+                    f"127.0.0.1:{port}", "--upstream-cmd", f"{NODE} {EVERYTHING} stdio")
+    assert ran.returncode == 3, ran.stderr
+    document = json.loads(ran.stdout)  # the whole of stdout: one document
+    assert (document["status"], document["errors"][0]["code"]) == ("error", "INVALID_INPUT")
+    assert document["errors"][0]["field"] == "metrics"
+    assert "Traceback" not in ran.stderr, ran.stderr
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # let go
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -15,12 +15,13 @@ from mcpbill_cli.config import Settings
 from mcpbill_cli.metrics import PrometheusMetrics
 from mcpbill_cli.metrics import serve as serve_metrics
 from mcpbill_cli.metrics import stop as stop_metrics
+from mcpbill_cli.pricing import save_pricing_text
 from mcpbill_cli.proxy import Limits, Proxy, Upstream, build_app
 from mcpbill_cli.verifier import Verifier
 from tests.mcp.conftest import Mint, receipt_of, refusal_of, serve, token_view
 from tests.mcp.test_http import free_port
 
-from .conftest import agent, stdio_target
+from .conftest import PRICING, agent, stdio_target
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -28,6 +29,19 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture
 def metered(priced: Settings, verifier: Verifier, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A proxy with metrics: (its MCP URL, its metrics URL)."""
+    yield from _metered(verifier, tmp_path)
+
+
+@pytest.fixture
+def metered_any_name(home: Settings, verifier: Verifier, tmp_path: Path
+                     ) -> Iterator[tuple[str, str]]:
+    """As ``metered``, with a ``default_price``: any tool name is paid, held and forwarded."""
+    save_pricing_text(home.pricing_path, PRICING.replace(
+        'currency = "USDC"', 'currency = "USDC"\ndefault_price = "0.001"'))
+    yield from _metered(verifier, tmp_path)
+
+
+def _metered(verifier: Verifier, tmp_path: Path) -> Iterator[tuple[str, str]]:
     metrics = PrometheusMetrics()
     port = free_port()
     scraper = serve_metrics(metrics, "127.0.0.1", port)
@@ -99,3 +113,28 @@ def test_refusals_of_tools_nobody_names_share_one_label(metered: tuple[str, str]
     refusals = {dict(labels)["tool"]: value for (name, labels), value in scrape(metrics_url).items()
                 if name == "mcpbill_refusals_total"}
     assert refusals == {"unknown": 3, "echo": 1, "get-env": 1}
+
+
+def test_paid_calls_of_names_the_upstream_does_not_have_share_one_label(
+        metered_any_name: tuple[str, str], mint: Mint, engine: Engine) -> None:
+    """With a default price, a token's holder can make up tool names: each is held, forwarded,
+    refused by the upstream and voided, and counted under ``unknown``, with its refusals; a
+    made-up name never becomes a series of its own."""
+    url, metrics_url = metered_any_name
+    token = mint()
+
+    async def run() -> None:
+        async with agent(url, token.token) as client:
+            for n in range(5):
+                assert (await client.call(f"made-up-{n}")).is_error
+            assert receipt_of(await client.call("echo", {"message": "real"}))
+
+    anyio.run(run)
+    got = scrape(metrics_url)
+    tools = {dict(labels)["tool"] for (name, labels) in got
+             if name in ("mcpbill_calls_total", "mcpbill_refusals_total")}
+    assert tools == {"unknown", "echo"}
+    assert got[("mcpbill_calls_total", (("outcome", "voided"), ("tool", "unknown")))] == 5
+    assert got[("mcpbill_calls_total", (("outcome", "captured"), ("tool", "echo")))] == 1
+    view = token_view(engine, token)
+    assert (view.spent, view.held) == (2000, 0)  # only echo's price

@@ -39,7 +39,7 @@ from .conftest import PRICING, agent, stdio_target
 from .test_cut_off import _body, _replaying
 
 Limited = tuple[str, PrometheusMetrics]
-LIMIT = 16 * 1024  # over the reference server's tools/list, which the client reads to validate
+LIMIT = 16 * 1024
 
 
 @pytest.fixture
@@ -95,6 +95,38 @@ def assert_voided_then_charged(next_result: CallToolResult, price: str, engine: 
     assert registry.get_sample_value("mcpbill_calls_total", {
         "tool": tool, "outcome": "voided"}) == 1
     assert registry.get_sample_value("mcpbill_holds_open") == 0
+
+
+@pytest.mark.parametrize("response_limit", [2048])
+def test_a_limit_under_the_upstream_s_tool_list_still_relays_small_results(
+        limited: Limited, mint: Mint, engine: Engine, response_limit: int) -> None:
+    """The reference server's tools/list is over 2 KiB: small calls, paid and free, are
+    relayed all the same (the proxy never lists the upstream's tools behind a call), and an
+    oversized result is measured as itself. The agent's client does not check results against
+    listed schemas (the SDK's check lists the tools, through the proxy, over its limit)."""
+    url, _ = limited
+    token = mint()
+
+    async def unchecked(name: str, result: Any) -> None:
+        return None
+
+    async def go() -> tuple[CallToolResult, CallToolResult, CallToolResult]:
+        async with agent(url, token.token) as client:
+            client.client.session.validate_tool_result = unchecked  # type: ignore[method-assign]
+            paid = await client.call("echo", {"message": "small"})
+            free = await client.call("get-sum", {"a": 1, "b": 2})
+            big = await client.call("echo", {"message": "x" * (2 * response_limit)})
+            return paid, free, big
+
+    paid, free, big = anyio.run(go)
+    assert receipt_of(paid)["amountUsd"] == "0.002" and not free.is_error
+    assert "3" in str(free.content)
+    body = refusal_of(big)
+    assert (body["code"], body["limitBytes"]) == ("RESPONSE_TOO_LARGE", response_limit)
+    assert 2 * response_limit < body["sizeBytes"] < 3 * response_limit  # the echo's own size
+    view = token_view(engine, token)
+    assert (view.spent, view.held) == (usd("0.002"), 0)
+    assert_ledger_sound(engine)
 
 
 @pytest.mark.parametrize("upstream_kind", ["stdio"])
