@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -77,6 +78,8 @@ def rotate(
     ring = st.keyring()
     with reading(st.engine()) as conn:
         until = last_expiry(conn, ring.active().kid)
+    if until is not None:  # verifiers accept a token for their leeway past its exp
+        until += timedelta(seconds=st.settings.leeway)
     old = ring.active()
     new = keys.rotate(ring, alg, now=st.now(), last_expiry=until, write=not dry_run)
     if not dry_run:

@@ -163,14 +163,15 @@ def export(
     out_file: Annotated[Path | None, typer.Option("--out", help="Write to this file.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Write revoked, unexpired jti with their exp, for verifiers that have no ledger."""
+    """Write revoked jti with their exp, for verifiers that have no ledger: each until its exp
+    plus the leeway verifiers allow (leeway in config.toml, 30s by default)."""
     from mcpbill_cli.ledger.credit import revoked_list
     from mcpbill_cli.ledger.engine import reading
 
     st = state(ctx)
     now = st.now()
     with reading(st.engine()) as conn:
-        revoked = revoked_list(conn, now=now)
+        revoked = revoked_list(conn, now=now, leeway=st.settings.leeway)
     document = {"version": REVOCATIONS_VERSION, "generated_at": rfc3339(now),
                 "revoked": revoked}
     if out_file is not None:

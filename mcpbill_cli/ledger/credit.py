@@ -505,11 +505,14 @@ def expire_holds(conn: Connection, *, now: datetime, account: str | None = None)
     return count
 
 
-def revoked_list(conn: Connection, *, now: datetime) -> list[dict[str, Any]]:
-    """Revoked tokens not yet expired, for stateless verifiers: ``[{jti, expires_at}]``, the
-    time in RFC 3339 form."""
+def revoked_list(conn: Connection, *, now: datetime, leeway: int = 0
+                 ) -> list[dict[str, Any]]:
+    """Revoked tokens a verifier may still accept, for stateless verifiers: ``[{jti,
+    expires_at}]``, the time in RFC 3339 form. A token stays listed ``leeway`` seconds past
+    its ``exp``, as long as verifiers accept it (their own leeway)."""
     rows = conn.execute(select(tk.jti, tk.expires_at).where(
-        and_(tk.revoked_at.is_not(None), tk.expires_at > now)).order_by(tk.jti))
+        and_(tk.revoked_at.is_not(None), tk.expires_at > now - timedelta(seconds=leeway)))
+        .order_by(tk.jti))
     return [{"jti": jti, "expires_at": rfc3339(exp)} for jti, exp in rows]
 
 

@@ -250,6 +250,25 @@ def test_unsealed_events_warn_and_say_how_to_seal(cli: Invoke, home_ledger: Ledg
     assert cli("reconcile", "--date", DAY.isoformat(), "--strict").exit_code == 20
 
 
+def test_no_snapshot_writes_no_findings_alert_either(cli: Invoke, home_ledger: Ledger) -> None:
+    """--no-snapshot is for a read-only role or a replica: a run with findings writes no
+    webhook event; without it, one."""
+    from mcpbill_cli.ledger.models import webhook_events
+
+    with writing(home_ledger.engine) as conn:
+        audit.record(conn, "wallet_link", at=utcnow() - timedelta(seconds=6), tenant="acme")
+
+    def alerts() -> int:
+        with reading(home_ledger.engine) as conn:
+            return len(conn.execute(select(webhook_events.c.id)).all())
+
+    result = cli("reconcile", "--date", DAY.isoformat(), "--no-snapshot", "--json")
+    assert result.exit_code == 0, result.output
+    assert envelope(result)["data"]["findings"] and alerts() == 0  # type: ignore[index]
+    assert cli("reconcile", "--date", DAY.isoformat(), "--json").exit_code == 0
+    assert alerts() == 1
+
+
 def test_unsealed_events_are_counted_in_one_row_and_no_more_is_said_hidden(
         cli: Invoke, home_ledger: Ledger) -> None:
     """audit_unsealed sums its events up in one row (the oldest): --max-rows hides none of

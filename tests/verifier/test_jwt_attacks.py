@@ -362,6 +362,26 @@ def test_revoked_in_the_exported_list_is_refused_by_a_stateless_verifier(
         "TOKEN_REVOKED", None)
 
 
+def test_a_revoked_token_stays_listed_while_verifiers_accept_it_past_its_expiry(
+        funded: Engine, ring: KeyRing, pricing: PricingTable, genuine: IssuedToken,
+        clock: FakeClock) -> None:
+    """A stateless verifier accepts a token for its leeway (30 s) past ``exp``: the list a
+    revocation export writes then still names it, and the token is refused, not accepted."""
+    with writing(funded) as conn:
+        revoke(conn, [genuine.claims.jti], reason="leaked", clock=clock)
+    clock.now = genuine.claims.expires_at + timedelta(seconds=10)  # past exp, inside leeway
+    with reading(funded) as conn:
+        listed = revoked_list(conn, now=clock(), leeway=30)
+    assert [entry["jti"] for entry in listed] == [genuine.claims.jti]
+    stateless = Verifier.stateless(jwks=ring.jwks(), pricing=pricing, leeway=30,
+                                   revocations={"revoked": listed}, clock=clock)
+    assert refusal(lambda: stateless.preflight(genuine.token, "search")) == (
+        "TOKEN_REVOKED", None)
+    clock.now = genuine.claims.expires_at + timedelta(seconds=31)  # no verifier accepts it
+    with reading(funded) as conn:
+        assert revoked_list(conn, now=clock(), leeway=30) == []
+
+
 # --- size and the audit trail ------------------------------------------------------------------
 
 
