@@ -103,7 +103,9 @@ class Deliverer:
         try:
             response = httpx.post(job.url, content=job.payload.encode(), headers=headers,
                                   timeout=self.timeout, follow_redirects=False)
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to send is this delivery's alone
+            # (httpx.HTTPError, and httpx.InvalidURL and ValueError for a URL it cannot use,
+            # which are not HTTPError: they ended the whole deliverer, every endpoint with it)
             return None, f"{type(exc).__name__}: {exc}"
         if 200 <= response.status_code < 300:
             return response.status_code, None

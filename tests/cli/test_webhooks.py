@@ -94,6 +94,9 @@ def test_a_failed_test_delivery_exits_31_and_stays_pending(ledger_cli: Invoke) -
 
 @pytest.mark.parametrize(("args", "code", "status"), [
     (("webhooks", "add", "ftp://example.com/x"), "INVALID_INPUT", 3),
+    (("webhooks", "add", "http://127.0.0.1:abc/hook"), "INVALID_INPUT", 3),
+    (("webhooks", "add", "http://127.0.0.1:70000/hook"), "INVALID_INPUT", 3),
+    (("webhooks", "add", "http://[::1/hook"), "INVALID_INPUT", 3),
     (("webhooks", "add", "https://example.com/x", "--events", "refund.made"), "INVALID_INPUT", 3),
     (("webhooks", "remove", "whep_nope"), "NOT_FOUND", 4),
     (("webhooks", "test", "whep_nope"), "NOT_FOUND", 4),

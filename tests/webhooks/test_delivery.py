@@ -105,6 +105,22 @@ def test_5xx_is_retried_with_growing_jittered_backoff(engine: Engine,
     assert 1800 <= delays[3] <= 3600
 
 
+def test_an_endpoint_whose_url_cannot_be_used_fails_alone(engine: Engine,
+                                                         receiver: Receiver) -> None:
+    """An endpoint kept with a URL httpx cannot send to (a port that is not a number, as an
+    older `webhooks add` took): its delivery fails and is retried like any other; the other
+    endpoints' are delivered, and the deliverer goes on."""
+    _, receiver.secret = add_endpoint(engine, receiver.url)
+    add_endpoint(engine, "http://127.0.0.1:abc/hook")
+    emit_refunds(engine, 2)
+    attempts = Deliverer(engine, utcnow).deliver_due()
+    assert Counter(a.outcome for a in attempts) == Counter({"delivered": 2, "retry": 2})
+    assert len(receiver.received) == 2
+    with reading(engine) as conn:
+        failed = [d for d in outbox.deliveries(conn, limit=10) if d.status != "delivered"]
+    assert len(failed) == 2 and all("abc" in (d.last_error or "") for d in failed)
+
+
 def test_a_delivery_past_its_attempts_is_failed(engine: Engine) -> None:
     receiver = Receiver()  # never started
     _, receiver.secret = add_endpoint(engine, receiver.url)
