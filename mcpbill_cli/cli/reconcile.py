@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -285,7 +286,9 @@ def _finding_lines(finding: Finding, title: str, *, to_stderr: bool) -> None:
 
 
 def _write_csv(report: ReconcileReport) -> None:
-    writer = csv.writer(sys.stdout, lineterminator="\n")
+    """The totals as CSV, as every listing's (README, Output): CRLF line ends, and the
+    ``refusals`` object as JSON (``{"BUDGET_EXCEEDED": 1}``, ``{}`` for none)."""
+    writer = csv.writer(sys.stdout, lineterminator="\r\n")
     writer.writerow(["dimension", "key", "calls", "captured", "charged_usd", "voided",
                      "expired", "held", "refusals", "deposits", "deposited_usd", "refunds",
                      "refunded_usd"])
@@ -293,7 +296,7 @@ def _write_csv(report: ReconcileReport) -> None:
         (dimension, key, totals) for dimension, keyed in report.totals.items()
         for key, totals in keyed.items()]
     for dimension, key, totals in rows:
-        refusals = ";".join(f"{code}={n}" for code, n in totals.refusals.items())
+        refusals = json.dumps(dict(totals.refusals))
         writer.writerow([dimension, key, totals.calls, totals.captured,
                          format_usd(totals.charged), totals.voided, totals.expired, totals.held,
                          refusals, totals.deposits, format_usd(totals.deposited),

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection
+
 from mcpbill_cli.clock import Clock
 from mcpbill_cli.config import Settings, load_settings
 from mcpbill_cli.errors import BillingError, CallInProgress, ConfigInvalid
@@ -75,7 +77,7 @@ from mcpbill_cli.tracing import ended
 from mcpbill_cli.verifier import Verifier, rate_limited
 from mcpbill_cli.wallet import eip3009
 from mcpbill_cli.wallet.chains import Chain
-from mcpbill_cli.wallet.crediting import Deposit, credit_deposit
+from mcpbill_cli.wallet.crediting import Deposit, credit_deposit, find_recorded
 from mcpbill_cli.wallet.rpc import Rpc
 from mcpbill_cli.x402.errors import (
     X402FacilitatorUnavailable,
@@ -467,10 +469,16 @@ class Acceptor:
 
     def _recovered(self, row: payments.Payment, now: datetime) -> bool:
         """:meth:`_recover_one`; False when another server (a replica's recovery) resolved
-        the payment first: its transaction, and all it booked, rolled back."""
+        the payment first (its transaction, and all it booked, rolled back), or when this one
+        cannot be resolved now: that is logged, and the payments after it are still
+        resolved (a pass stopped at its oldest would never resolve those)."""
         try:
             return self._recover_one(row, now)
         except X402NonceUsed:
+            return False
+        except BillingError as error:
+            logger.warning("x402 payment %s not recovered this time: %s %s", row.id,
+                           error.code, error.message)
             return False
 
     def call_ended(self, tool: str, outcome: str, *, amount: int | None = None,
@@ -597,16 +605,20 @@ class Acceptor:
                           block_number=transfer.block_number,
                           sender=transfer.sender, recipient=transfer.recipient,
                           token=paid.asset, amount=transfer.amount)
-        request = credit.IssueRequest(
-            tenant=paid.tenant, agent=paid.agent, limit=paid.price.amount, ttl=PAID_TOKEN_TTL,
-            scope=[paid.tool], audience=verifier.own_audience or "mcpbill",
-            issuer=verifier.issuer or "mcpbill", demo=verifier.demo)
         now = self._clock()
         with writing(self._engine()) as conn:
-            credit_deposit(conn, deposit, paid.tenant, now)
+            tenant = _paying_tenant(conn, deposit, paid.tenant, now)
+            # Priced for the payment's tenant: on another's funds, a price from outside the
+            # table (reconcile does not price it again for that tenant's terms)
+            price = paid.price if tenant == paid.tenant else replace(paid.price,
+                                                                     rule="x402.synced")
+            request = credit.IssueRequest(
+                tenant=tenant, agent=paid.agent, limit=price.amount, ttl=PAID_TOKEN_TTL,
+                scope=[paid.tool], audience=verifier.own_audience or "mcpbill",
+                issuer=verifier.issuer or "mcpbill", demo=verifier.demo)
             issued = credit.issue(conn, request, signer=signer, ttl_cap=PAID_TOKEN_TTL, now=now)
             receipt = verifier.charge_paid(
-                conn, issued.claims, paid.tool, paid.price, args=paid.args,
+                conn, issued.claims, paid.tool, price, args=paid.args,
                 idempotency_key=f"x402_{paid.request_hash[:48]}",
                 settlement=settlement.to_dict(), at=now, result=result)
             if not payments.settled(conn, paid.payment_id, call_id=receipt.receipt_id,
@@ -637,6 +649,20 @@ class Acceptor:
             return False  # it may still be settled: leave it to a later sweep
         with writing(self._engine()) as conn:
             return payments.released(conn, row.id, at=now)
+
+
+def _paying_tenant(conn: Connection, deposit: Deposit, tenant: str, now: datetime) -> str:
+    """The tenant whose funds pay a settled call: ``tenant``, credited the payment here; or
+    the tenant a ``wallet sync`` credited the same Transfer to first. Anyone may put a signed
+    authorization on chain, the payer too, while its call runs (or before a crashed server's
+    payment is recovered); a sync then credits the Transfer to the tenant the payer's address
+    is linked to. The call is paid from that credit, so the payer's money pays its call once
+    and is not left spendable besides."""
+    recorded = find_recorded(conn, deposit)
+    if recorded is not None and recorded.status == "credited" and recorded.tenant != tenant:
+        return str(recorded.tenant)
+    credit_deposit(conn, deposit, tenant, now)
+    return tenant
 
 
 @dataclass(frozen=True)

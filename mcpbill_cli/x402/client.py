@@ -8,9 +8,10 @@
 
 On a 402 the transport reads the challenge, chooses an option the policy allows, holds its
 amount on the agent's token (the idempotency key is the request's id), signs an EIP-3009
-authorization and retries once with the payment header. A successful settlement captures the
-hold (the receipt records the transaction); anything else voids it and raises
-``X402_SETTLEMENT_FAILED``. Refusals come before the hold or the signature whenever they can.
+authorization and retries once with the payment header. A settlement the server reports done
+captures the hold (the receipt records the transaction), even on an error status for the
+resource itself; anything else voids it and raises ``X402_SETTLEMENT_FAILED``. Refusals come
+before the hold or the signature whenever they can.
 If the paid retry itself fails in transit the hold is kept: the outcome is unknown, the key stays
 taken (never signed again) and the hold voids itself at its timeout, after the authorization has
 expired.
@@ -144,8 +145,8 @@ class X402Payer:
             return f"HTTP {status} without a readable {pending.challenge.response_header}"
         if not settlement.success:
             return "the server reports a failed settlement"
-        if not 200 <= status < 300:
-            return f"HTTP {status}"
+        # A settlement the server reports done is captured whatever the status: the money
+        # moved (a 5xx for the resource does not bring it back), so it counts in the budget.
         if not is_tx_hash(settlement.transaction):
             return f"the settlement names no transaction hash ({settlement.transaction!r})"
         return None

@@ -128,11 +128,18 @@ def test_warnings_fail_only_with_strict(cli: Invoke, home_ledger: Ledger) -> Non
 def test_csv_totals(cli: Invoke) -> None:
     result = cli("reconcile", "--date", DAY.isoformat(), "--csv")
     assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    written = result.stdout_bytes.decode()  # as written: Click's .stdout makes CRLF LF
+    lines = written.split("\r\n")
+    assert lines[-1] == "" and all("\n" not in line for line in lines)  # CRLF, as RFC 4180
+    rows = list(csv.DictReader(io.StringIO(written, newline="")))
     assert rows[0]["dimension"] == "all" and rows[0]["calls"] == "5"
     tenants = {r["key"]: r for r in rows if r["dimension"] == "tenant"}
     assert tenants["globex"]["charged_usd"] == "0.05"
     assert tenants["acme"]["voided"] == "1"
+    as_json = envelope(cli("reconcile", "--date", DAY.isoformat(), "--json"))["data"]
+    for row in rows:  # the refusals object as JSON, as in --json ({} for none)
+        assert isinstance(json.loads(row["refusals"]), dict)
+    assert json.loads(rows[0]["refusals"]) == as_json["summary"]["refusals"]  # type: ignore[index]
 
 
 def test_a_settled_day_leaves_its_snapshot_unless_told_not_to(

@@ -18,10 +18,14 @@ from sqlalchemy import Engine
 from mcpbill_cli.clock import utcnow
 from mcpbill_cli.errors import BillingError, CallInProgress
 from mcpbill_cli.keys import KeySource
+from mcpbill_cli.ledger import credit
+from mcpbill_cli.ledger.credit import tenant_balance
+from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.reconcile import ReconcileOptions, Window, reconcile
 from mcpbill_cli.verifier import Verifier
 from mcpbill_cli.wallet.addresses import checksum_address
+from mcpbill_cli.wallet.links import link
 from mcpbill_cli.wallet.rpc import Rpc
 from mcpbill_cli.wallet.scan import sync
 from mcpbill_cli.x402.accept import Acceptor, Replayed, Reserved, Unavailable
@@ -383,6 +387,67 @@ def test_a_crash_between_settlement_and_record_is_recovered_from_the_chain(shop:
     assert shop.received() == SEARCH_PRICE and len(shop.captured_calls("search")) == 1
     assert shop.acceptor.recover(older_than=0) == []
     shop.assert_books_clean()
+
+
+def _settled_then_synced(shop: Shop, payer: LocalAccount) -> tuple[Reserved, Any]:
+    """A payment of ``payer`` (linked to tenant acme) settled, and a ``wallet sync`` that
+    credited its Transfer to acme before the server recorded the call (the payer put its
+    own authorization on chain, or the server died and the operator synced)."""
+    start = shop.devnet.w3.eth.block_number
+    link(shop.engine, "acme", payer.address)
+    opened = shop.acceptor.reserve(shop.acceptor.verify(
+        signed_payment(payer, shop.terms, amount=SEARCH_PRICE), "search"))
+    assert isinstance(opened, Reserved)
+    settlement = shop.acceptor.settle(opened)
+    shop.devnet.mine(2)
+    synced = sync(shop.engine, Rpc(shop.devnet.w3), shop.devnet.chain, shop.pay_to,
+                  from_block=start)
+    assert [credit.tenant for credit in synced.credited] == ["acme"]
+    return opened, settlement
+
+
+def acme(shop: Shop) -> tuple[int, int, int]:
+    """acme's (funded, spent, available)."""
+    with reading(shop.engine) as conn:
+        view = tenant_balance(conn, "acme")
+    return view.funded, view.spent, view.available
+
+
+def test_a_payment_a_wallet_sync_credited_first_pays_its_call_from_that_credit(
+        shop: Shop) -> None:
+    payer = new_payer(shop.devnet)
+    opened, settlement = _settled_then_synced(shop, payer)
+
+    receipt = shop.acceptor.record(opened, settlement, result='{"ok": true}')
+
+    assert receipt.amount == SEARCH_PRICE and receipt.claims["tenant"] == "acme"
+    assert acme(shop) == (SEARCH_PRICE, SEARCH_PRICE, 0)  # paid once, not spendable besides
+    assert [row.status for row in shop.payment_rows()] == ["settled"]
+    assert shop.received() == SEARCH_PRICE and shop.deposit_count() == 1
+    shop.assert_books_clean()
+
+
+def test_a_payment_recovery_cannot_record_now_does_not_hold_back_the_others(
+        shop: Shop) -> None:
+    """The oldest stale payment was synced to acme, which spent the credit since: it cannot
+    be recorded (INSUFFICIENT_FUNDS) and stays reserved; the next one is recovered."""
+    first, _ = _settled_then_synced(shop, new_payer(shop.devnet))
+    with writing(shop.engine) as conn:  # acme spends what the sync credited it
+        credit.issue(conn, credit.IssueRequest(
+            tenant="acme", agent="other", limit=SEARCH_PRICE, ttl=600, scope=None,
+            audience="mcpbill", issuer="mcpbill", demo=False),
+            signer=shop.verifier.keys.signer(), ttl_cap=600, now=utcnow())  # type: ignore[arg-type]
+    second = shop.acceptor.reserve(shop.acceptor.verify(
+        signed_payment(new_payer(shop.devnet), shop.terms, amount=SEARCH_PRICE), "search"))
+    assert isinstance(second, Reserved)
+    shop.acceptor.settle(second)  # ... and the server dies here too
+
+    recovered = shop.acceptor.recover(older_than=0)
+
+    assert [row.id for row in recovered] == [second.verified.payment_id]
+    statuses = {row.id: row.status for row in shop.payment_rows()}
+    assert statuses == {first.verified.payment_id: "reserved",
+                        second.verified.payment_id: "settled"}
 
 
 def test_a_reserved_payment_that_can_no_longer_settle_is_released(shop: Shop) -> None:

@@ -208,6 +208,42 @@ def test_a_payment_the_peer_refuses_is_voided_and_nothing_is_charged(
     assert peer.balances() == before
 
 
+@pytest.mark.parametrize("status", [500, 404, 402])
+def test_a_settlement_the_server_reports_done_is_captured_whatever_its_status(
+        peer: Peer, verifier: Verifier, new_token: NewToken, payer_for: PayerFor,
+        status: int) -> None:
+    """The server took the payment and says so, then failed the resource: the money moved,
+    so it counts in the agent's budget (voided, a budget would let more be paid than it
+    holds)."""
+    import base64
+    import json
+
+    issued = new_token(limit=USDC)
+    payer = payer_for(issued.token)
+    request = httpx.Request("GET", peer.url + "/v2/report")
+    challenge = httpx.get(peer.url + "/v2/report")
+    assert challenge.status_code == 402
+    pending = payer.prepare(request, challenge.headers, challenge.content)
+    tx = "0x" + "ab" * 32
+    settled = base64.b64encode(json.dumps({
+        "success": True, "transaction": tx, "network": "eip155:43113",
+        "payer": peer.operator.address}).encode()).decode()
+
+    outcome = payer.finish(pending, status,
+                           httpx.Headers({pending.challenge.response_header: settled}))
+
+    assert outcome.receipt.amount == PRICE and outcome.receipt.claims["transaction"] == tx
+    assert spent_and_held(verifier, issued.claims.jti) == (PRICE, 0)
+    failed = base64.b64encode(json.dumps({"success": False, "transaction": "",
+                                          "errorReason": "insufficient_funds"}).encode())
+    again = payer.prepare(httpx.Request("GET", peer.url + "/v2/report?n=2"),
+                          challenge.headers, challenge.content)
+    with pytest.raises(X402SettlementFailed):
+        payer.finish(again, status, httpx.Headers({
+            again.challenge.response_header: failed.decode()}))
+    assert spent_and_held(verifier, issued.claims.jti) == (PRICE, 0)  # that one: voided
+
+
 def test_the_async_transport_pays_too(peer: Peer, verifier: Verifier, new_token: NewToken,
                                       payer_for: PayerFor) -> None:
     issued = new_token()
