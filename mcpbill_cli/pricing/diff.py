@@ -7,12 +7,13 @@ from typing import Any, Literal
 
 from mcpbill_cli.money import format_usd
 from mcpbill_cli.pricing.table import PricingTable, TenantPricing, key_path, render_window
+from mcpbill_cli.ratelimits import LimitSet
 
 
 @dataclass(frozen=True)
 class Change:
-    """One difference between two tables: a tool price, a tenant term, the default, a tier or a
-    dedupe window."""
+    """One difference between two tables: a tool price, a tenant term, the default, a tier, a
+    dedupe window, a rate limit, or an x402 term."""
 
     key: str
     kind: Literal["added", "removed", "changed"]
@@ -62,9 +63,28 @@ def _facts(table: PricingTable) -> dict[str, _Fact]:
         if entry.dedupe_window is not None:
             facts[key_path(("tools", name, "dedupe_window"))] = _Fact(
                 render_window(entry.dedupe_window), tool=name)
+        if entry.x402 is not None:
+            facts[key_path(("tools", name, "x402"))] = _Fact(_flag(entry.x402), tool=name)
+    if table.x402 is not None:
+        for key, value in table.x402.to_document().items():
+            facts[key_path(("x402", key))] = _Fact(_flag(value))
+    facts.update(_limit_facts(("limits",), table.limits))
     for tenant, terms in table.tenants.items():
         facts.update(_tenant_facts(tenant, terms))
     return facts
+
+
+def _limit_facts(path: tuple[str, ...], limits: LimitSet | None, tenant: str | None = None
+                 ) -> dict[str, _Fact]:
+    """A fact per rate limit key set (``[limits]`` or a tenant's): its rates as written."""
+    if limits is None:
+        return {}
+    return {key_path((*path, key)): _Fact(", ".join(rates), tenant=tenant)
+            for key, rates in limits.to_document().items()}
+
+
+def _flag(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _tenant_facts(tenant: str, terms: TenantPricing) -> dict[str, _Fact]:
@@ -78,4 +98,5 @@ def _tenant_facts(tenant: str, terms: TenantPricing) -> dict[str, _Fact]:
     for name, entry in terms.tools.items():
         facts[key_path(("tenants", tenant, "tools", name))] = _Fact(
             entry.describe(), tenant=tenant, tool=name)
+    facts.update(_limit_facts(("tenants", tenant, "limits"), terms.limits, tenant))
     return facts

@@ -274,6 +274,34 @@ def test_diff_lists_changes_per_tool_and_tenant(
     assert len(document["data"]["changes"]) == 2
 
 
+def test_diff_shows_rate_limits_and_x402_terms(runner: CliRunner, home: Path,
+                                              tmp_path: Path) -> None:
+    """Rate limits and x402 change what is refused and what is offered: a diff names them."""
+    other = tmp_path / "other.toml"
+    other.write_text(SAMPLE_PRICING.replace("version = 1", "version = 2")
+                     .replace('[tools.search]\nprice = "0.002"              # per call',
+                              '[tools.search]\nprice = "0.002"\nx402 = true')
+                     + '\n[limits]\ntoken_calls = ["10/s", "300/m"]\n'
+                     + '\n[tenants.acme.limits]\nagent_spend = ["1.00/m"]\n'
+                     + '\n[x402]\nenabled = true\n')
+    assert run(runner, "validate", str(other)).exit_code == 0
+
+    result = run(runner, "diff", str(other))
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "added    limits.token_calls: - -> 10/s, 300/m",
+        "added    tenants.acme.limits.agent_spend: - -> 1.00/m",
+        "added    tools.search.x402: - -> true",
+        "added    x402.enabled: - -> true",
+        "added    x402.max_timeout: - -> 60s",
+        "added    x402.tenant: - -> x402",
+    ]
+    code, document = run_json(runner, "diff", str(other))
+    assert {change["key"]: change["tenant"] for change in document["data"]["changes"]}[
+        "tenants.acme.limits.agent_spend"] == "acme"
+
+
 def test_diff_of_the_same_table_is_empty(runner: CliRunner, home: Path) -> None:
     result = run(runner, "diff", str(home / "pricing.toml"))
     assert (result.exit_code, result.stdout, result.stderr) == (0, "", "no changes\n")
