@@ -252,8 +252,13 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
         note(f"other tools: {sheet.default.describe()} ({sheet.default.rule})")
     if sheet.free_tiers:
         note(f"free tiers: {', '.join(sheet.free_tiers)}")
-    if sheet.daily_cap is not None:
-        note(f"daily cap: {format_usd(sheet.daily_cap)} USDC per UTC day")
+    for cap, what in ((sheet.daily_cap, "daily cap: {} USDC per UTC day"),
+                      (sheet.monthly_cap, "monthly cap: {} USDC per UTC month"),
+                      (sheet.agent_daily_cap, "agent daily cap: {} USDC per agent per UTC day"),
+                      (sheet.agent_monthly_cap,
+                       "agent monthly cap: {} USDC per agent per UTC month")):
+        if cap is not None:
+            note(what.format(format_usd(cap)))
 
 
 def _emit_edit(edit: pricing.PricingEdit, path: Path, *, dry_run: bool, as_json: bool) -> None:

@@ -191,6 +191,10 @@ class PriceSheet:
     free_tiers: tuple[str, ...]
     daily_cap: int | None
     tenant_has_terms: bool = False  # False for a tenant the table does not mention (a typo?)
+    # The tenant's other caps: monthly, and each agent's daily and monthly (None: not set)
+    monthly_cap: int | None = None
+    agent_daily_cap: int | None = None
+    agent_monthly_cap: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -199,16 +203,27 @@ class PriceSheet:
             "tools": [{"tool": name, **price.to_dict()} for name, price in self.tools],
             "default": None if self.default is None else self.default.to_dict(),
             "freeTiers": list(self.free_tiers),
-            "dailyCapUsd": None if self.daily_cap is None else format_usd(self.daily_cap),
+            "dailyCapUsd": _usd_or_none(self.daily_cap),
+            "monthlyCapUsd": _usd_or_none(self.monthly_cap),
+            "agentDailyCapUsd": _usd_or_none(self.agent_daily_cap),
+            "agentMonthlyCapUsd": _usd_or_none(self.agent_monthly_cap),
         }
 
 
+def _usd_or_none(amount: int | None) -> str | None:
+    return None if amount is None else format_usd(amount)
+
+
 def price_sheet(table: PricingTable, tenant: str | None = None) -> PriceSheet:
-    """The effective price of every listed tool, the default, the free tiers and the daily cap."""
+    """The effective price of every listed tool, the default, the free tiers and the caps."""
+    terms = table.tenants.get(tenant) if tenant is not None else None
     return PriceSheet(
         version=table.version, tenant=tenant, tools=price_list(table, tenant),
         default=default_quote(table, tenant), free_tiers=table.free_tiers,
         daily_cap=daily_cap(table, tenant), tenant_has_terms=tenant in table.tenants,
+        monthly_cap=terms.monthly_cap if terms else None,
+        agent_daily_cap=terms.agent_daily_cap if terms else None,
+        agent_monthly_cap=terms.agent_monthly_cap if terms else None,
     )
 
 

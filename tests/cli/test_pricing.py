@@ -94,6 +94,23 @@ def test_show_for_a_tenant_without_terms_says_so(runner: CliRunner, home: Path) 
     assert run_json(runner, "show", "-t", "acme")[1]["data"]["tenant_has_terms"] is True
 
 
+def test_show_for_a_tenant_names_every_cap_it_has(runner: CliRunner, home: Path) -> None:
+    path = home / "pricing.toml"
+    path.write_text(SAMPLE_PRICING.replace(
+        'daily_cap = "25.00"', 'daily_cap = "25.00"\nmonthly_cap = "500.00"\n'
+        'agent_daily_cap = "5.00"\nagent_monthly_cap = "50.00"'))
+    code, document = run_json(runner, "show", "-t", "acme")
+    assert code == 0
+    caps = {key: value for key, value in document["data"].items() if key.endswith("cap_usd")}
+    assert caps == {"daily_cap_usd": "25.00", "monthly_cap_usd": "500.00",
+                    "agent_daily_cap_usd": "5.00", "agent_monthly_cap_usd": "50.00"}
+    told = flat(run(runner, "show", "-t", "acme").stderr)
+    for line in ("daily cap: 25.00 USDC per UTC day", "monthly cap: 500.00 USDC per UTC month",
+                 "agent daily cap: 5.00 USDC per agent per UTC day",
+                 "agent monthly cap: 50.00 USDC per agent per UTC month"):
+        assert line in told, told
+
+
 def test_show_prints_tool_names_with_brackets_verbatim(runner: CliRunner, home: Path) -> None:
     assert run(runner, "set", "[bold]x", "0.5").exit_code == 0
     assert "[bold]x" in run(runner, "show").stdout
