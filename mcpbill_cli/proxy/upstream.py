@@ -36,6 +36,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import httpx2
@@ -51,6 +52,7 @@ from mcpbill_cli.errors import InvalidInput, ProxySessionsFull, UpstreamUnavaila
 from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS, TooLarge
 from mcpbill_cli.proxy.posted import DRAIN_SECONDS, ENVELOPE_BYTES, POSTED, Wire
 from mcpbill_cli.proxy.stdio import OVERSIZED, bounded_stdio, child_environment
+from mcpbill_cli.redaction import redact
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -112,9 +114,7 @@ class UpstreamTarget:
                                "--upstream-cmd \"CMD ARGS\" (a stdio server to run)",
                                field="upstream")
         if url is not None:
-            if not url.startswith(("http://", "https://")):
-                raise InvalidInput(f"--upstream must be an http(s) URL, not {url!r}",
-                                   field="upstream")
+            _check_url(url)
             return cls(url=url)
         try:
             words = tuple(shlex.split(command or ""))
@@ -229,6 +229,20 @@ class Upstream:
         errlog, limit = self._errlog or sys.stderr, self.max_message_bytes
         return lambda ended: Client(_watching(bounded_stdio(parameters, limit, errlog), ended),
                                     **options)
+
+
+def _check_url(url: str) -> None:
+    """INVALID_INPUT for an ``--upstream`` that is not an http(s) URL with a host, and a port
+    (if any) from 1 to 65535: refused at start, not on each agent's first request."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError as error:  # also an unclosed IPv6 address
+        raise InvalidInput(f"--upstream {redact(url)!r} is not a usable URL ({error})",
+                           field="upstream") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise InvalidInput(f"--upstream must be an http(s) URL with a host, not {redact(url)!r}",
+                           field="upstream")
 
 
 def relay_results_as_they_come(client: Client) -> None:

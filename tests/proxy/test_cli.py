@@ -31,6 +31,10 @@ EXAMPLE = ROOT / "examples" / "proxy_agent.py"
     ([], "upstream"),
     (["--upstream", "http://127.0.0.1:1/mcp", "--upstream-cmd", "node x.js"], "upstream"),
     (["--upstream", "ftp://example.com/mcp"], "upstream"),
+    (["--upstream", "http://[::1/mcp"], "upstream"),  # an unclosed IPv6 address
+    (["--upstream", "http://"], "upstream"),  # no host
+    (["--upstream", "http://127.0.0.1:99999/mcp"], "upstream"),
+    (["--upstream", "http://127.0.0.1:0/mcp"], "upstream"),
     (["--upstream-cmd", "node x.js", "--listen", "8080"], "listen"),
     (["--upstream-cmd", "node x.js", "--metrics", "9090"], "metrics"),
     (["--upstream-cmd", "no-such-program-7f3a --stdio"], "upstream-cmd"),
