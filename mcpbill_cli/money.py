@@ -15,7 +15,6 @@ DECIMALS = 6
 MAX_MICRO = 10**15  # one billion USDC
 
 
-
 def whole_micro(amount: object, what: str) -> int:
     """``amount`` when it is a whole number of micro-USDC from 1 to :data:`MAX_MICRO` (a
     ``bool`` is not one), else INVALID_INPUT (``field``: ``amount``) naming ``what`` (``"a
