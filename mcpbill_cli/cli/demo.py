@@ -73,7 +73,7 @@ def _require_new(home: Path) -> None:
     ledger and pricing, and never into a home (or any directory) that was there before."""
     from mcpbill_cli.errors import AlreadyExists
 
-    if home.is_dir() and any(home.iterdir()) or home.exists() and not home.is_dir():
+    if home.exists() and (not home.is_dir() or any(home.iterdir())):
         raise AlreadyExists(f"--home {home} is not new: the demo makes a home of its own there; "
                             "give a path that does not exist yet (or an empty directory), or "
                             "leave --home out for a temporary one", field="home")

@@ -236,6 +236,11 @@ def quote(
 # --- rendering -------------------------------------------------------------------------------
 
 
+_CAP_PERIODS = {"daily_cap": "per UTC day", "monthly_cap": "per UTC month",
+                "agent_daily_cap": "per agent per UTC day",
+                "agent_monthly_cap": "per agent per UTC month"}
+
+
 def _render_sheet(sheet: pricing.PriceSheet) -> None:
     if sheet.tenant is not None and not sheet.tenant_has_terms:
         say(f"tenant {sheet.tenant!r} has no terms of its own: these are everyone's prices")
@@ -252,13 +257,9 @@ def _render_sheet(sheet: pricing.PriceSheet) -> None:
         note(f"other tools: {sheet.default.describe()} ({sheet.default.rule})")
     if sheet.free_tiers:
         note(f"free tiers: {', '.join(sheet.free_tiers)}")
-    for cap, what in ((sheet.daily_cap, "daily cap: {} USDC per UTC day"),
-                      (sheet.monthly_cap, "monthly cap: {} USDC per UTC month"),
-                      (sheet.agent_daily_cap, "agent daily cap: {} USDC per agent per UTC day"),
-                      (sheet.agent_monthly_cap,
-                       "agent monthly cap: {} USDC per agent per UTC month")):
+    for key, cap in sheet.caps.items():
         if cap is not None:
-            note(what.format(format_usd(cap)))
+            note(f"{key.replace('_', ' ')}: {format_usd(cap)} USDC {_CAP_PERIODS[key]}")
 
 
 def _emit_edit(edit: pricing.PricingEdit, path: Path, *, dry_run: bool, as_json: bool) -> None:

@@ -106,16 +106,12 @@ def _event_types(events: str) -> list[str]:
 
 
 def _check_url(url: str) -> None:
-    from urllib.parse import urlsplit
+    from mcpbill_cli.urls import http_url_problem
 
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - a port that is not a number 0-65535 raises here
-    except ValueError as error:  # "Invalid IPv6 URL", "Port could not be cast ..."
-        raise InvalidInput(f"not a usable http(s) URL ({error}): {_shown_url(url)}",
-                           field="url") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(f"not an http(s) URL: {_shown_url(url)}", field="url")
+    problem = http_url_problem(url)
+    if problem is not None:
+        raise InvalidInput(f"not a usable http(s) URL ({problem}): {_shown_url(url)}",
+                           field="url")
 
 
 def _endpoint_json(endpoint: Any) -> dict[str, Any]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from mcpbill_cli.budgets import Budget, Period, Scope
 from mcpbill_cli.errors import InvalidInput, PriceUnknown
 from mcpbill_cli.money import format_usd
-from mcpbill_cli.pricing.table import CURRENCY, PricingTable, ToolPrice, known
+from mcpbill_cli.pricing.table import CURRENCY, PricingTable, TenantPricing, ToolPrice, known
 from mcpbill_cli.ratelimits import LimitSet
 from mcpbill_cli.scope import in_scope, overlap
 
@@ -182,19 +183,17 @@ def default_quote(table: PricingTable, tenant: str | None = None) -> Price | Non
 
 @dataclass(frozen=True)
 class PriceSheet:
-    """What a tenant (or anyone, with ``tenant=None``) pays: see :func:`price_sheet`."""
+    """What a tenant (or anyone, with ``tenant=None``) pays: see :func:`price_sheet`. ``caps``
+    are the tenant's, by their pricing.toml key (``daily_cap``, ``monthly_cap``,
+    ``agent_daily_cap``, ``agent_monthly_cap``; ``None``: not set)."""
 
     version: int
     tenant: str | None
     tools: list[tuple[str, Price]]
     default: Price | None
     free_tiers: tuple[str, ...]
-    daily_cap: int | None
+    caps: Mapping[str, int | None]
     tenant_has_terms: bool = False  # False for a tenant the table does not mention (a typo?)
-    # The tenant's other caps: monthly, and each agent's daily and monthly (None: not set)
-    monthly_cap: int | None = None
-    agent_daily_cap: int | None = None
-    agent_monthly_cap: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,27 +202,23 @@ class PriceSheet:
             "tools": [{"tool": name, **price.to_dict()} for name, price in self.tools],
             "default": None if self.default is None else self.default.to_dict(),
             "freeTiers": list(self.free_tiers),
-            "dailyCapUsd": _usd_or_none(self.daily_cap),
-            "monthlyCapUsd": _usd_or_none(self.monthly_cap),
-            "agentDailyCapUsd": _usd_or_none(self.agent_daily_cap),
-            "agentMonthlyCapUsd": _usd_or_none(self.agent_monthly_cap),
+            **{_camel(key) + "Usd": None if cap is None else format_usd(cap)
+               for key, cap in self.caps.items()},
         }
 
 
-def _usd_or_none(amount: int | None) -> str | None:
-    return None if amount is None else format_usd(amount)
+def _camel(key: str) -> str:
+    first, *rest = key.split("_")
+    return first + "".join(word.capitalize() for word in rest)
 
 
 def price_sheet(table: PricingTable, tenant: str | None = None) -> PriceSheet:
     """The effective price of every listed tool, the default, the free tiers and the caps."""
-    terms = table.tenants.get(tenant) if tenant is not None else None
+    terms = table.tenants.get(tenant, TenantPricing()) if tenant is not None else TenantPricing()
     return PriceSheet(
         version=table.version, tenant=tenant, tools=price_list(table, tenant),
-        default=default_quote(table, tenant), free_tiers=table.free_tiers,
-        daily_cap=daily_cap(table, tenant), tenant_has_terms=tenant in table.tenants,
-        monthly_cap=terms.monthly_cap if terms else None,
-        agent_daily_cap=terms.agent_daily_cap if terms else None,
-        agent_monthly_cap=terms.agent_monthly_cap if terms else None,
+        default=default_quote(table, tenant), free_tiers=table.free_tiers, caps=terms.caps,
+        tenant_has_terms=tenant in table.tenants,
     )
 
 

@@ -36,7 +36,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn, TextIO, TypeVar
-from urllib.parse import urlsplit
 
 import anyio
 import httpx2
@@ -53,6 +52,7 @@ from mcpbill_cli.proxy.plain import CONNECT_SECONDS, READ_SECONDS, TooLarge
 from mcpbill_cli.proxy.posted import DRAIN_SECONDS, ENVELOPE_BYTES, POSTED, Wire
 from mcpbill_cli.proxy.stdio import OVERSIZED, bounded_stdio, child_environment
 from mcpbill_cli.redaction import redact
+from mcpbill_cli.urls import http_url_problem
 
 __all__ = ["Link", "Replay", "SessionUnknown", "Upstream", "UpstreamTarget", "resend"]
 
@@ -232,17 +232,12 @@ class Upstream:
 
 
 def _check_url(url: str) -> None:
-    """INVALID_INPUT for an ``--upstream`` that is not an http(s) URL with a host, and a port
-    (if any) from 1 to 65535: refused at start, not on each agent's first request."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises for a port that is not a number from 0 to 65535
-    except ValueError as error:  # also an unclosed IPv6 address
-        raise InvalidInput(f"--upstream {redact(url)!r} is not a usable URL ({error})",
-                           field="upstream") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise InvalidInput(f"--upstream must be an http(s) URL with a host, not {redact(url)!r}",
-                           field="upstream")
+    """INVALID_INPUT for an ``--upstream`` it cannot send to: refused at start, not on each
+    agent's first request."""
+    problem = http_url_problem(url)
+    if problem is not None:
+        raise InvalidInput(f"--upstream must be an http(s) URL with a host, not {redact(url)!r} "
+                           f"({problem})", field="upstream")
 
 
 def relay_results_as_they_come(client: Client) -> None:
