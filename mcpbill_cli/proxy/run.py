@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -81,7 +82,7 @@ def serve(settings: Settings, options: ProxyOptions,
             app, log_level="warning",
             access_log=False,  # a line per request, below log_level all the same
             timeout_graceful_shutdown=GRACE_SECONDS))
-        with _stopped_cleanly():
+        with _stopped_cleanly(), _cut_off_quietly():
             server.run(sockets=[listening])
     finally:
         listening.close()
@@ -160,6 +161,39 @@ def _acceptor(verifier: Verifier, settings: Settings) -> Acceptor | None:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+class _CutOff(logging.Filter):
+    """uvicorn's ERRORs for what a shutdown does on purpose: the calls still running
+    ``GRACE_SECONDS`` after the signal are cancelled ("Cancel N running task(s)..."), and each
+    then ends in "Exception in ASGI application" with a CancelledError traceback. The first
+    becomes a WARNING that says what happens to them; the tracebacks of the cancelled calls are
+    dropped (their holds are voided, and logged so). Any other error stays as it is."""
+
+    cutting = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Cancel %s running task(s)"):
+            self.cutting = True
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = ("shutdown: %s call(s) still running after the grace period (%ss) are "
+                          "cut off; their holds are voided")
+            record.args = (*(record.args or ()), GRACE_SECONDS)
+            return True
+        cancelled = isinstance(record.exc_info[1] if record.exc_info else None,
+                               asyncio.CancelledError)
+        return not (self.cutting and cancelled)
+
+
+@contextmanager
+def _cut_off_quietly() -> Iterator[None]:
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    quiet = _CutOff()
+    uvicorn_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        uvicorn_log.removeFilter(quiet)
 
 
 @contextmanager

@@ -145,6 +145,10 @@ def test_the_proxy_bills_and_a_sigterm_voids_the_call_in_flight(
     assert token_view(engine, paid).spent == usd("0.002")
     assert (token_view(engine, cut).spent, token_view(engine, cut).held) == (0, 0)
     assert_ledger_sound(engine)
+    logged = (tmp_path / "proxy.log").read_text()
+    # The call cut off is a warning that says what became of it, not an error with a traceback.
+    assert "call(s) still running after the grace period (5s) are cut off" in logged, logged
+    assert "Traceback" not in logged and "ERROR" not in logged, logged
 
 
 async def call_then_stop(url: str, paid: str, cut: str, proxy: subprocess.Popen[bytes],
