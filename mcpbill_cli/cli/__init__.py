@@ -52,13 +52,22 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _given(value: str | None) -> str | None:
+    """An empty ``--home`` or ``--db-url`` (``--home "$UNSET"`` in a script) is refused, not
+    taken for the default: it would act on the default home's ledger instead."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty; leave the option out for the default")
+    return value
+
+
 def root(
     ctx: typer.Context,
     home: Annotated[str | None, typer.Option(
-        "--home", envvar=ENV_HOME, help="mcpbill home (config, keys, pricing, SQLite ledger).",
+        "--home", envvar=ENV_HOME, callback=_given,
+        help="mcpbill home (config, keys, pricing, SQLite ledger).",
         show_default="the platform config dir, e.g. ~/.config/mcpbill")] = None,
     db_url: Annotated[str | None, typer.Option(
-        "--db-url", envvar=ENV_DB_URL, show_default="sqlite:///<home>/ledger.db",
+        "--db-url", envvar=ENV_DB_URL, callback=_given, show_default="sqlite:///<home>/ledger.db",
         help="Ledger database URL, e.g. postgresql+psycopg://user@host/db.")] = None,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -146,3 +149,26 @@ def test_a_new_sqlite_ledger_and_its_log_are_the_owner_s_alone(
                 assert log.stat().st_mode & 0o777 == 0o600, log
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("option", ["--home", "--db-url"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_home_or_ledger_is_refused_not_taken_for_the_default(
+        isolated_home: Path, tmp_path: Path, option: str, value: str) -> None:
+    """``mcpbill --home "$TYPO" init`` in a script: refused, and the home the environment
+    names (here the default) is not created or touched."""
+    def mcpbill(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mcpbill_cli", option, value, *args],
+                              capture_output=True, text=True, check=False, timeout=60,
+                              cwd=tmp_path)
+
+    made = mcpbill("init")
+    assert made.returncode == 2, made.stderr
+    assert f"Invalid value for '{option}'" in made.stderr and "is empty" in made.stderr
+    assert not isolated_home.exists()
+    listed = mcpbill("token", "list", "--json")
+    assert listed.returncode == 2
+    document = json.loads(listed.stdout)
+    assert [error["code"] for error in document["errors"]] == ["USAGE_ERROR"]
+    assert "is empty" in document["errors"][0]["message"]
+    assert not isolated_home.exists()
