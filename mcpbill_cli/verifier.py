@@ -928,9 +928,10 @@ class Verifier:
                 if (outcome.reason in ("funds", "budget", "rate")
                         and self._key_known(call)):
                     outcome = calls.KeyTaken(call.idempotency_key)  # a replay needs no budget
-                elif outcome.reason == "funds" and not swept:
-                    swept = True
-                    if self._expire_stale_holds(claims.jti):
+                elif outcome.reason in ("funds", "budget") and not swept:
+                    swept = True  # a server that died mid-call left holds past their timeout
+                    if self._expire_stale_holds(claims.jti if outcome.reason == "funds"
+                                                else None):
                         continue
                     raise self._refusal(claims, call.tool, price, outcome)
                 else:
@@ -992,9 +993,13 @@ class Verifier:
             self._release(hold)
         raise _not_active(hold, outcome)
 
-    def _expire_stale_holds(self, jti: str) -> int:
+    def _expire_stale_holds(self, jti: str | None) -> int:
+        """Void the holds past their timeout of token ``jti`` (its limit refused the call) or,
+        ``None``, of the whole ledger (a cap did: any token of the tenant may hold the
+        window); how many. Each gives its amount back to its token and its cap windows."""
         with writing(self._ledger()) as conn:
-            return expire_holds(conn, now=self._clock(), account=token_account(jti))
+            return expire_holds(conn, now=self._clock(),
+                                account=None if jti is None else token_account(jti))
 
     def _existing(self, call: calls.NewCall, claims: Claims, price: Price) -> Hold | None:
         """What the call already under ``call``'s key means for ``call``: its replay (a Hold),

@@ -367,3 +367,26 @@ def test_a_tenant_or_agent_cap_reached_alerts_once_per_window_a_tokens_does_not(
     [event] = emitted(funded, "cap.reached")
     assert event["data"] == {"tenant": "acme", "agent": "agent-1", "window": "month",
                              "period": "2031-01-01", "cap_usd": "0.02", "spent_usd": "0.02"}
+
+
+@pytest.mark.parametrize("who", ["the same token", "another agent's token"])
+def test_holds_a_dead_server_left_past_their_timeout_do_not_keep_a_cap_full(
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock, who: str) -> None:
+    """A server killed mid-call leaves its holds counted in the tenant's day. Once they are
+    past their timeout they bill nothing, so they must not refuse the tenant's next call."""
+    clock.now = MID_MARCH
+    dead = a_verifier(funded, keys, clock, daily_cap="0.02")
+    first = a_token(funded, ring, clock)
+    stale = [dead.hold(first.token, "search", args={"n": n}) for n in range(2)]  # then killed
+    verifier = a_verifier(funded, keys, clock, daily_cap="0.02")
+    token = first if who == "the same token" else a_token(funded, ring, clock, agent="agent-2")
+    assert refusal(verifier, token, 2)["reason"] == "daily_cap"  # the holds are still live
+    clock.advance(3600)  # the holds' timeout
+    charge(verifier, token, 2, start=3)
+    assert refusal(verifier, token, 5)["reason"] == "daily_cap"  # the cap itself still holds
+    with reading(funded) as conn:
+        statuses = dict(conn.execute(select(calls.c.id, calls.c.status)
+                                     .where(calls.c.id.in_([h.id for h in stale]))).all())
+    assert statuses == {hold.id: "expired" for hold in stale}
+    with reading(funded) as conn:
+        assert show(conn, token.claims.jti, now=clock()).spent == 2 * PRICE
