@@ -160,7 +160,9 @@ def agent_counters(tenant: str, agent: str, table: LimitSet | None) -> tuple[Cou
 
 
 def agent_key(tenant: str, agent: str) -> str:
-    return f"{tenant}/{agent}"
+    """An agent's counter key: its tenant's and its own name, the tenant's length first, so
+    that no two agents share one (``a`` + ``b/c`` and ``a/b`` + ``c``: names may hold "/")."""
+    return f"{len(tenant)}:{tenant}/{agent}"
 
 
 def _merged(scope: Scope, key: str, rates: Sequence[Rate]) -> list[Counter]:

@@ -23,7 +23,7 @@ from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.ratelimits import parse_rates
 from mcpbill_cli.verifier import Verifier
 
-from .billing_support import PRICE, PRICING_DOC, FakeClock, mint
+from .billing_support import PRICE, PRICING_DOC, USDC, FakeClock, fund, mint
 from .rate_workers import burst
 
 Mint = Callable[..., IssuedToken]
@@ -315,3 +315,22 @@ def burst_outcomes(db_url: str, keys_dir: Path, token: IssuedToken, clock: FakeC
     assert [worker.exitcode for worker in workers] == [0] * 8
     return total
 
+
+
+def agents_apart(funded: Engine, ring: KeyRing, clock: FakeClock, prefix: str
+                 ) -> tuple[IssuedToken, IssuedToken]:
+    """Agent ``b/c`` of tenant ``<prefix>`` and agent ``c`` of tenant ``<prefix>/b``: two
+    agents whose tenant and name, joined by a slash, read the same."""
+    for tenant in (prefix, f"{prefix}/b"):
+        fund(funded, tenant, 10 * USDC, now=clock())
+    return (mint(funded, ring, now=clock(), tenant=prefix, agent="b/c"),
+            mint(funded, ring, now=clock(), tenant=f"{prefix}/b", agent="c"))
+
+
+def test_agents_of_two_tenants_never_share_a_rate_whatever_their_names(
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock,
+        on: Callable[..., Verifier]) -> None:
+    verifier = on(funded, keys, clock, limited_pricing(agent_calls=["1/m"]))
+    one, other = agents_apart(funded, ring, clock, "a")
+    assert outcomes(verifier, one, 2) == ["ok", "RATE_LIMITED"]
+    assert outcomes(verifier, other, 2) == ["ok", "RATE_LIMITED"]

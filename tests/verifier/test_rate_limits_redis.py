@@ -20,7 +20,14 @@ from mcpbill_cli.pricing import PricingTable
 from mcpbill_cli.verifier import Verifier
 
 from .billing_support import PRICE, PRICING_DOC, FakeClock
-from .test_rate_limits import burst_outcomes, mint_rated, outcomes, own_rates, spent
+from .test_rate_limits import (
+    agents_apart,
+    burst_outcomes,
+    mint_rated,
+    outcomes,
+    own_rates,
+    spent,
+)
 
 REDIS = "redis://127.0.0.1:6379/0"
 Mint = Callable[..., IssuedToken]
@@ -155,3 +162,16 @@ def test_config_show_scrubs_the_redis_password(isolated_home: Path) -> None:
     shown = CliRunner().invoke(app, ["config", "show", "--json"], catch_exceptions=False)
     assert shown.exit_code == 0, shown.output
     assert "s3cret" not in shown.stdout and "127.0.0.1:6379" in shown.stdout
+
+
+def test_agents_of_two_tenants_never_share_a_rate_in_redis_whatever_their_names(
+        funded: Engine, keys: KeySource, ring: KeyRing, clock: FakeClock) -> None:
+    doc = {**PRICING_DOC, "limits": {"agent_calls": ["1/m"]}}
+    verifier = Verifier(keys=keys, pricing=PricingTable.from_document(doc), engine=funded,
+                        clock=clock, limits_storage=REDIS)
+    try:  # tenants of their own: Redis outlives the test's ledger
+        one, other = agents_apart(funded, ring, clock, f"t{uuid.uuid4().hex[:8]}")
+        assert outcomes(verifier, one, 2) == ["ok", "RATE_LIMITED"]
+        assert outcomes(verifier, other, 2) == ["ok", "RATE_LIMITED"]
+    finally:
+        verifier.close()
