@@ -33,6 +33,9 @@ def test_every_cap_is_read_kept_and_counted_in_order() -> None:
     ('agent_monthly_cap = "5"', 'agent_monthly_cap = "0.25"', "tenants.acme.agent_monthly_cap"),
     ('agent_daily_cap = "0.50"', 'agent_daily_cap = "-1"', "tenants.acme.agent_daily_cap"),
     ('monthly_cap = "20"', "monthly_cap = 20.0", "tenants.acme.monthly_cap"),
+    ('daily_cap = "2"', 'daily_cap = "0"', "tenants.acme.daily_cap"),
+    ('daily_cap = "2"', "daily_cap = 0", "tenants.acme.daily_cap"),
+    ('agent_daily_cap = "0.50"', 'agent_daily_cap = "0.000"', "tenants.acme.agent_daily_cap"),
 ])
 def test_a_bad_cap_is_refused_at_its_key(old: str, new: str, key: str) -> None:
     with pytest.raises(PricingInvalid) as caught:

@@ -359,6 +359,16 @@ def _optional_amount(node: Mapping[str, Any], path: tuple[str, ...]) -> int | No
     return _amount(node[path[-1]], path) if path[-1] in node else None
 
 
+def _cap(value: Any, path: tuple[str, ...]) -> int:
+    """A spend cap: an amount above zero (a cap of zero would refuse every paid call; leave the
+    key out for no cap)."""
+    amount = _amount(value, path)
+    if amount == 0:
+        raise Problem(path, f"{value!r} is zero; a cap is above 0 (leave {path[-1]} out for "
+                            "no cap)")
+    return amount
+
+
 def _window(value: Any, path: tuple[str, ...]) -> int:
     if not isinstance(value, str):
         raise Problem(path, f'must be a duration string like "10s", or "0s" to treat every call '
@@ -487,7 +497,8 @@ def _tenants(node: Any, path: tuple[str, ...]) -> dict[str, TenantPricing]:
 def _tenant(node: Any, path: tuple[str, ...]) -> TenantPricing:
     terms = _toml_table(node, path)
     _only(terms, path, _TENANT_KEYS)
-    caps = {key: _optional_amount(terms, path + (key,)) for key in _TENANT_KEYS[1:5]}
+    caps = {key: _cap(terms[key], path + (key,)) if key in terms else None
+            for key in _TENANT_KEYS[1:5]}
     for prefix in ("", "agent_"):
         daily, monthly = caps[f"{prefix}daily_cap"], caps[f"{prefix}monthly_cap"]
         if daily is not None and monthly is not None and monthly < daily:
