@@ -7,6 +7,7 @@ or a settlement fails. Both buffers have a size limit.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -87,6 +88,20 @@ async def read_request(scope: Scope, receive: Receive, limit: int) -> BufferedRe
         scheme=str(scope.get("scheme", "http")))
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``scope["path"]`` less the ``root_path`` it starts with.
+
+    Mounted under ``/v1`` (``Mount``, ``app.mount``) or served with a root path (``uvicorn
+    --root-path``, ``FastAPI(root_path=...)``), a request's ``path`` carries that prefix and
+    the framework routes on the rest, as Starlette's ``get_route_path`` does: billed routes are
+    written as the app itself routes them."""
+    path, root = str(scope["path"]), str(scope.get("root_path") or "")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root):]
+    return rest if not rest or rest.startswith("/") else path
+
+
 def replaying(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands the app the body read already, then waits for the client."""
     sent = False
@@ -117,11 +132,21 @@ class BufferedResponse:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
     too_large: bool = False
+    complete: bool = False  # its last body message came (``more_body`` false)
+    rest: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def succeeded(self) -> bool:
-        """A 2xx response: the only kind that is billed."""
-        return 200 <= self.status < 300 and not self.too_large
+        """A whole 2xx response: the only kind that is billed. A stream the endpoint stopped
+        before its end (its client went away) is not whole, and not kept for replays."""
+        return 200 <= self.status < 300 and self.complete and not self.too_large
+
+    async def finish(self) -> None:
+        """What the endpoint runs after its response (a framework's background tasks), once
+        the response is answered; their exception is raised here, as without billing."""
+        if self.rest is not None:
+            rest, self.rest = self.rest, None
+            await rest
 
     def to_json(self) -> str:
         """The response as JSON text, kept by the verifier for replays."""
@@ -153,18 +178,40 @@ class BufferedResponse:
 async def run_buffered(app: ASGIApp, scope: Scope, receive: Receive,
                        limit: int) -> BufferedResponse:
     """Run ``app`` and keep what it answers; a body past ``limit`` bytes is dropped and the
-    response marked :attr:`~BufferedResponse.too_large`."""
+    response marked :attr:`~BufferedResponse.too_large`.
+
+    Returns once the response is whole, or the app is done: what the app goes on to run after
+    its last body message (background tasks) is :attr:`~BufferedResponse.rest`, for the caller
+    to await with :meth:`~BufferedResponse.finish` once it has answered, so the client is not
+    kept waiting for it, nor is a call that succeeded voided when it fails."""
     response = BufferedResponse()
+    whole = asyncio.Event()
 
     async def keep(message: Message) -> None:
         if message["type"] == "http.response.start":
             response.status = int(message["status"])
             response.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", [])]
-        elif message["type"] == "http.response.body" and not response.too_large:
-            response.body += message.get("body", b"")
-            if len(response.body) > limit:
-                response.too_large = True
-                response.body = bytearray()
+        elif message["type"] == "http.response.body" and not response.complete:
+            if not response.too_large:
+                response.body += message.get("body", b"")
+                if len(response.body) > limit:
+                    response.too_large = True
+                    response.body = bytearray()
+            if not message.get("more_body", False):
+                response.complete = True
+                whole.set()
 
-    await app(buffered_scope(scope), receive, keep)
+    running = asyncio.ensure_future(app(buffered_scope(scope), receive, keep))
+    answered = asyncio.ensure_future(whole.wait())
+    try:
+        await asyncio.wait((running, answered), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: so is the endpoint
+        running.cancel()
+        raise
+    finally:
+        answered.cancel()
+    if running.done():
+        running.result()  # the endpoint's exception, if it raised
+    else:
+        response.rest = running
     return response

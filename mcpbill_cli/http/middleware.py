@@ -37,6 +37,7 @@ from mcpbill_cli.http.asgi import (
     Send,
     read_request,
     replaying,
+    route_path,
     run_buffered,
 )
 from mcpbill_cli.http.routes import PaidRoute, RouteTable
@@ -98,7 +99,7 @@ class PaymentMiddleware:
             quote(table, route.tool, units=route.max_units)  # PRICE_UNKNOWN now, not per call
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = (self.routes.match(scope["method"], scope["path"])
+        route = (self.routes.match(scope["method"], route_path(scope))
                  if scope["type"] == "http" else None)
         if route is None:
             await self.app(scope, receive, send)
@@ -137,9 +138,17 @@ class PaymentMiddleware:
         app_receive = replaying(request.body, receive)
         payment = self.gate.payment_of(request) if self.gate is not None else None
         if payment is not None and not await self._free(route):
-            answer, extra = await self._pay(payment, route, request, lambda: run_buffered(
-                self.app, scope, app_receive, self.max_response_bytes))
+            ran: list[BufferedResponse] = []
+
+            async def run() -> BufferedResponse:
+                ran.append(await run_buffered(self.app, scope, app_receive,
+                                              self.max_response_bytes))
+                return ran[0]
+
+            answer, extra = await self._pay(payment, route, request, run)
             await answer.send_to(send, extra)
+            for response in ran:
+                await response.finish()
             return
         opened = await self._open(route, request)
         if isinstance(opened, BufferedResponse):  # refused
@@ -155,6 +164,7 @@ class PaymentMiddleware:
             response, units = await self._run(opened, scope, app_receive)
             answer, extra = await self._settle(opened, response, units)
             await answer.send_to(send, extra)
+            await response.finish()
 
     async def _pay(self, payment: Payment, route: PaidRoute, request: BufferedRequest,
                    run: Run) -> tuple[BufferedResponse, Headers]:
