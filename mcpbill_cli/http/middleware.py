@@ -278,9 +278,14 @@ class PaymentMiddleware:
         ended("free")
 
     async def _free(self, route: PaidRoute) -> bool:
-        """Whether an anonymous call of ``route`` costs nothing (its base price is 0)."""
+        """Whether an anonymous call of ``route`` costs nothing (its base price is 0); not a
+        tool the table lost the price of since the app started (the verifier refuses a call
+        with a token PRICE_UNKNOWN; one without is asked for a token)."""
         table = await asyncio.to_thread(self.verifier.pricing.current)  # a file read at most
-        return quote(table, route.tool, units=route.max_units).free
+        try:
+            return quote(table, route.tool, units=route.max_units).free
+        except BillingError:
+            return False
 
     def _missing_token(self) -> InvalidCreditToken:
         how = " or pay with x402 (PAYMENT-SIGNATURE)" if self.gate is not None else ""

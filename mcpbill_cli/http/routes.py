@@ -1,8 +1,12 @@
 """Which requests are billed: ``"METHOD /path"`` routes mapped to priced tool names.
 
-A path is matched whole. A segment written ``{name}`` matches any one segment
-(``"GET /reports/{id}"`` matches ``/reports/42``, not ``/reports/42/pdf``). Every other request
-passes through the middleware untouched.
+A path is matched whole. A parameter written ``{name}`` matches any one segment
+(``"GET /reports/{id}"`` matches ``/reports/42``, not ``/reports/42/pdf``); with one of
+Starlette's convertors it matches what the framework's route does: ``{id:int}`` digits,
+``{x:float}``, ``{u:uuid}``, ``{name:str}`` one segment, ``{p:path}`` the rest of the path,
+slashes and all. Any other brace is refused when the middleware is built, so a route can
+never be a literal that no request matches. Every other request passes through the
+middleware untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from dataclasses import dataclass
 
 from mcpbill_cli.errors import InvalidInput
 
-_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?::(str|int|float|uuid|path))?\}")
+# What each convertor matches: Starlette's own patterns (starlette.convertors).
+_HEX = "[0-9a-fA-F]"
+_CONVERTED = {None: "[^/]+", "str": "[^/]+", "int": "[0-9]+", "float": r"[0-9]+(?:\.[0-9]+)?",
+              "uuid": "-?".join(f"{_HEX}{{{n}}}" for n in (8, 4, 4, 4, 12)), "path": ".*"}
 _METHOD = re.compile(r"[A-Z]+")
 
 
@@ -80,13 +88,19 @@ class RouteTable:
 
 
 def _compile(path: str) -> re.Pattern[str]:
-    parts = _PARAM.split(path)
-    return re.compile("[^/]+".join(re.escape(part) for part in parts))
+    pattern, end = "", 0
+    for param in _PARAM.finditer(path):
+        pattern += re.escape(path[end:param.start()]) + _CONVERTED[param.group(1)]
+        end = param.end()
+    return re.compile(pattern + re.escape(path[end:]))
 
 
 def _check(route: PaidRoute) -> None:
     if not _METHOD.fullmatch(route.method) or not route.path.startswith("/"):
         raise InvalidInput(f"a billed route is 'METHOD /path' (e.g. 'GET /report'), not "
                            f"{route.method!r} {route.path!r}", field="routes")
+    if "{" in _PARAM.sub("", route.path) or "}" in _PARAM.sub("", route.path):
+        raise InvalidInput(f"route {route.method} {route.path}: a parameter is {{name}} or "
+                           "{name:str|int|float|uuid|path}", field="routes")
     if not route.tool:
         raise InvalidInput(f"route {route.method} {route.path} names no tool", field="routes")

@@ -11,10 +11,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import tomli_w
 import uvicorn
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import StreamingResponse
@@ -22,6 +24,7 @@ from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from mcpbill_cli.errors import InvalidInput
 from mcpbill_cli.http import (
     IDEMPOTENCY_KEY_HEADER,
     RECEIPT_HEADER,
@@ -30,15 +33,18 @@ from mcpbill_cli.http import (
     PaidRoute,
     PaymentMiddleware,
 )
+from mcpbill_cli.keys import KeySource
 from mcpbill_cli.ledger.credit import IssuedToken
+from mcpbill_cli.pricing.source import PricingSource
 from mcpbill_cli.verifier import Verifier
-from tests.verifier.billing_support import PRICE
+from tests.verifier.billing_support import PRICE, PRICING_DOC
 
 from .conftest import assert_ledger_sound, view
 
 Mint = Callable[..., IssuedToken]
 ROUTES = [PaidRoute("POST", "/search", "search"), PaidRoute("GET", "/events", "search"),
-          PaidRoute("POST", "/order", "search")]
+          PaidRoute("POST", "/order", "search"), PaidRoute("GET", "/reports/{rid:int}", "search"),
+          PaidRoute("GET", "/files/{name:path}", "search")]
 
 
 class Served:
@@ -79,6 +85,16 @@ def billed_app(verifier: Verifier, runs: Runs) -> FastAPI:
     async def search() -> dict[str, Any]:
         runs.counts["search"] += 1
         return {"ran": True}
+
+    @app.get("/reports/{rid:int}")
+    async def report(rid: int) -> dict[str, Any]:
+        runs.counts["report"] += 1
+        return {"report": rid}
+
+    @app.get("/files/{name:path}")
+    async def file(name: str) -> dict[str, Any]:
+        runs.counts["file"] += 1
+        return {"file": name}
 
     @app.get("/events")
     async def events() -> StreamingResponse:
@@ -191,3 +207,52 @@ def test_background_tasks_run_after_the_billed_response_and_cannot_void_it(
     assert runs.counts["order"] == 1  # the order was placed once
     assert view(engine, token).spent == PRICE
     assert_ledger_sound(engine)
+
+
+def test_a_route_whose_tool_lost_its_price_asks_an_anonymous_caller_for_a_token(
+        engine: Engine, keys_dir: Path, new_token: Mint, runs: Runs, tmp_path: Path) -> None:
+    """The operator unsets the tool's price while the app runs: a call with a token is refused
+    PRICE_UNKNOWN, one without a token INVALID_CREDIT_TOKEN, both as JSON; nothing runs."""
+    pricing = tmp_path / "pricing.toml"
+    pricing.write_text(tomli_w.dumps(PRICING_DOC))
+    verifier = Verifier(keys=KeySource(directory=keys_dir), engine=engine,
+                        pricing=PricingSource(pricing, check_interval=0))
+    token = new_token()
+    try:
+        with Served(billed_app(verifier, runs)) as url, httpx.Client(base_url=url) as http:
+            assert http.post("/search", headers={TOKEN_HEADER: token.token}).status_code == 200
+            unpriced = {key: value for key, value in PRICING_DOC.items()
+                        if key != "default_price"}
+            unpriced["tools"] = {name: terms for name, terms in PRICING_DOC["tools"].items()
+                                 if name != "search"}
+            pricing.write_text(tomli_w.dumps(unpriced))
+            with_token = http.post("/search", headers={TOKEN_HEADER: token.token})
+            anonymous = http.post("/search")
+    finally:
+        verifier.close()
+    assert (with_token.status_code, with_token.json()["code"]) == (500, "PRICE_UNKNOWN")
+    assert (anonymous.status_code, anonymous.json()["code"]) == (401, "INVALID_CREDIT_TOKEN")
+    assert runs.counts["search"] == 1
+    assert view(engine, token).spent == PRICE
+
+
+@pytest.mark.parametrize("path", ["/reports/42", "/files/a/b.txt"])
+def test_a_route_with_a_convertor_is_billed_as_the_framework_routes_it(
+        verifier: Verifier, engine: Engine, new_token: Mint, runs: Runs, path: str) -> None:
+    token = new_token()
+    with Served(billed_app(verifier, runs)) as url, httpx.Client(base_url=url) as http:
+        anonymous = http.get(path)
+        billed = http.get(path, headers={TOKEN_HEADER: token.token})
+    assert (anonymous.status_code, anonymous.json()["code"]) == (401, "INVALID_CREDIT_TOKEN")
+    assert billed.status_code == 200 and RECEIPT_HEADER in billed.headers
+    assert sum(runs.counts.values()) == 1
+    assert view(engine, token).spent == PRICE
+
+
+@pytest.mark.parametrize("path", ["/reports/{rid:integer}", "/reports/{rid", "/reports/}"])
+def test_a_route_with_a_brace_the_middleware_cannot_match_is_refused_at_start(
+        verifier: Verifier, path: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        PaymentMiddleware(billed_app(verifier, Runs()), verifier=verifier,
+                          routes={f"GET {path}": "search"})
+    assert refused.value.details["field"] == "routes" and path in refused.value.message
