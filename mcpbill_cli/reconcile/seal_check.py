@@ -93,16 +93,21 @@ def seal_keys(keys_dir: Path | None) -> Keys | None:
 
 
 def seal_scope(conn: Connection, mode: ChainMode, window: Window) -> Scope | None:
-    """Every seal (``full``), or those holding the window's events; None: nothing sealed.
-    (``seal + 0``: PostgreSQL would find the min and max down ``ix_events_seal`` from either
-    end, reading every event sealed before the window, not the window's through ``ix_events_at``.)
-    """
+    """Every seal (``full``), or those holding the window's events and the seal on either
+    side of them; None: nothing sealed. (``seal + 0``: PostgreSQL would find the min and max
+    down ``ix_events_seal`` from either end, reading every event sealed before the window, not
+    the window's through ``ix_events_at``.)
+
+    The seals on either side are whole seals of their own, checked like the rest: a seal at
+    the window's edge emptied of its events (deleted with their transfers at midnight) holds
+    an event of no window, and a seal written after the last one without events (a copy of an
+    old one) none either; each day's reconcile would pass them by."""
     if mode == "full":
         return Scope(1, None)
     number = e.seal + 0
     low, high = conn.execute(select(func.min(number), func.max(number)).where(
         e.at >= window.start, e.at < window.end, e.seal.is_not(None))).one()
-    return None if low is None else Scope(int(low), int(high))
+    return None if low is None else Scope(max(int(low) - 1, 1), int(high) + 1)
 
 
 def start_seal_check(engine: Engine, conn: Connection, scope: Scope | None, keys: Keys | None,

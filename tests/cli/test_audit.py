@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from mcpbill_cli import Verifier
 from mcpbill_cli.keys import VerificationKey, keys_from_jwks
@@ -183,13 +183,14 @@ def test_seals_export_json_needs_out_and_prints_a_summary(
     out = tmp_path / "later.jsonl"
     data = ok_json(ledger_cli("audit", "seals", "export", "--after", "1", "--out", str(out),
                               "--json"))
-    assert data == {"seals": 2, "first": 2, "last": 3, "out": str(out)}
+    assert data == {"seals": 2, "first": 2, "last": 3, "out": str(out), "kept": 0}
     assert [json.loads(line) for line in out.read_text().splitlines()] == exported(
         three_seals[1:])
     none = ok_json(ledger_cli("audit", "seals", "export", "--after", "3", "--out", str(out),
                               "--json"))
-    assert none == {"seals": 0, "first": None, "last": None, "out": str(out)}
-    assert out.read_text() == ""
+    assert none == {"seals": 0, "first": None, "last": None, "out": str(out), "kept": 2}
+    assert [json.loads(line) for line in out.read_text().splitlines()] == exported(
+        three_seals[1:])
     refused = ledger_cli("audit", "seals", "export", "--json")
     assert "--out" in error_json(refused, "INVALID_INPUT")["message"]
 
@@ -237,3 +238,43 @@ def test_audit_commands_have_help(cli: Invoke, path: tuple[str, ...], lists: lis
         assert word in result.stdout, (path, word)
     summary = result.stdout.split("Usage:")[1].split("╭")[0].strip()
     assert len(summary.splitlines()) >= 2, f"{' '.join(path)} has no help text"
+
+
+def test_seals_export_continues_its_file_and_refuses_a_rewritten_trail(
+        ledger_cli: Invoke, ledger: Engine, three_seals: list[dict[str, Any]],
+        tmp_path: Path) -> None:
+    """Run from cron on one file: each run adds the seals made since. A trail rewritten in the
+    database since (its events un-stamped and sealed again: the chain is the operator's own,
+    signed with its key) no longer matches the file: refused, the file kept as it was."""
+    out = tmp_path / "seals.jsonl"
+    ok_json(ledger_cli("audit", "seals", "export", "--after", "1", "--out", str(out), "--json"))
+    activity(ledger_cli, ledger, 3)
+    fourth = ok_json(ledger_cli("audit", "seal", "--json"))["seals"]
+    data = ok_json(ledger_cli("audit", "seals", "export", "--out", str(out), "--json"))
+    assert data == {"seals": 1, "first": 4, "last": 4, "out": str(out), "kept": 2}
+    assert [json.loads(line) for line in out.read_text().splitlines()] == exported(
+        three_seals[1:] + fourth)
+    wrong_after = ledger_cli("audit", "seals", "export", "--after", "2", "--out", str(out),
+                             "--json")
+    assert "--after 4" in error_json(wrong_after, "INVALID_INPUT")["message"]
+
+    kept = out.read_bytes()
+    with ledger.begin() as conn:  # rewrite history, then let the sealer seal it again
+        conn.execute(text("UPDATE events SET seal = NULL, hash = NULL"))
+        conn.execute(text("DELETE FROM seals"))
+    assert ok_json(ledger_cli("audit", "seal", "--json"))["events"] > 0
+    refused = ledger_cli("audit", "seals", "export", "--out", str(out), "--json")
+    assert refused.exit_code == 9
+    assert "rewritten" in error_json(refused, "AUDIT_CHAIN_BROKEN")["message"]
+    assert out.read_bytes() == kept
+
+
+@pytest.mark.parametrize("content", [b"not json\n", b'{"seal": 1}\n', b'{"seal": 1, "hash'])
+def test_seals_export_refuses_to_continue_a_file_it_did_not_write(
+        ledger_cli: Invoke, three_seals: list[dict[str, Any]], tmp_path: Path,
+        content: bytes) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_bytes(content)
+    refused = ledger_cli("audit", "seals", "export", "--out", str(out), "--json")
+    assert "nothing was written" in error_json(refused, "INVALID_INPUT")["message"]
+    assert out.read_bytes() == content
