@@ -112,6 +112,12 @@ def leave_snapshot(engine: Engine, ledger: LedgerCheck | None) -> datetime | Non
         return None
     plan, moved = ledger.plan, ledger.checked.sums
     if plan.take is not None and moved is not None:
-        snapshots.write(engine, plan.take, plan.base, moved)
+        try:
+            snapshots.write(engine, plan.take, plan.base, moved)
+        except DBAPIError as error:  # a read-only role: the report stands, unsnapshotted
+            log.warning("reconcile: no snapshot was written (%s); the next reconcile reads "
+                        "from the last one. A read-only role runs with --no-snapshot",
+                        type(error.orig).__name__)
+            return plan.kept
         return plan.take
     return plan.kept

@@ -5,15 +5,16 @@ leaves the snapshot at the day's end for the next day."""
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, case, event, func, select, update
+from sqlalchemy import Connection, Engine, case, event, func, select, text, update
 
 from mcpbill_cli.clock import rfc3339
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.engine import make_engine, reading
 from mcpbill_cli.ledger.models import (
     account_snapshots,
     accounts,
@@ -22,7 +23,7 @@ from mcpbill_cli.ledger.models import (
     tokens,
     transfers,
 )
-from mcpbill_cli.reconcile import ReconcileReport, Window, snapshots
+from mcpbill_cli.reconcile import ReconcileOptions, ReconcileReport, Window, reconcile, snapshots
 
 from .support import DAY, USDC, Ledger, rows_of, three_days
 from .test_tampering import jti_of
@@ -339,3 +340,29 @@ def test_snapshots_older_than_the_retention_are_dropped(days: Ledger) -> None:
     assert snapshot(days.engine, FIRST.end) is None
     with reading(days.engine) as conn:
         assert snapshot(days.engine, later.end) == recomputed(conn, later.end)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # roles are PostgreSQL's
+def test_a_read_only_role_gets_its_report_without_a_snapshot(days: Ledger) -> None:
+    """A role that may only read (a replica's, an auditor's) forgot --no-snapshot: the
+    report stands, no snapshot is written, and the run says so in its log."""
+    schema = days.engine.url.query["options"].removeprefix("-csearch_path=")
+    role = f"ro_{uuid.uuid4().hex[:10]}"
+    with days.engine.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"'))
+        conn.execute(text(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"'))
+    reader = make_engine(days.engine.url.set(username=role).render_as_string(
+        hide_password=False))
+    try:
+        report = reconcile(reader, ReconcileOptions(window=THIRD, keys_dir=days.keys_dir,
+                                                    now=days.clock(), jobs=1))
+    finally:
+        reader.dispose()
+        with days.engine.begin() as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
+    assert rows_of(report) == [] and report.summary.calls > 0
+    assert report.snapshot_at is None
+    with reading(days.engine) as conn:
+        assert conn.execute(text("SELECT count(*) FROM ledger_snapshots")).scalar_one() == 0
