@@ -46,14 +46,17 @@ def test_each_seal_signs_the_money_of_its_transfers_and_it_sums_to_zero(ledger: 
 
 def test_a_transfer_edited_after_sealing_is_found_at_its_seal(ledger: Ledger) -> None:
     """acme's demo funding made 1 larger, both accounts' sums with it: the books balance and
-    every account matches its transfers; only seal 1 remembers what moved."""
+    every account matches its transfers; seal 1 remembers what moved, and the deposit's
+    sealed event its amount."""
     ledger.sql("UPDATE transfers SET amount = amount + 1 WHERE code = 'deposit' "
                "AND credit_account_id = 'tenant:acme'")
     ledger.sql("UPDATE accounts SET debits_posted = debits_posted + 1 WHERE id = 'chain:demo'")
     ledger.sql("UPDATE accounts SET credits_posted = credits_posted + 1 "
                "WHERE id = 'tenant:acme'")
     report = ledger.reconcile()
-    assert rows_of(report) == [("seal_money_mismatch", "error", ["seals/1"])]
+    assert [(name, severity) for name, severity, _ in rows_of(report)] == [
+        ("seal_money_mismatch", "error"), ("event_transfer_mismatch", "error")]
+    assert rows_of(report)[0][2] == ["seals/1"]
     assert report.findings[0].rows[0].detail.startswith("the transfers its events name add up")
 
 

@@ -19,12 +19,13 @@ from sqlalchemy import delete, insert, select, update
 from mcpbill_cli.clock import aware
 from mcpbill_cli.keys import KeyRing, init_keyring
 from mcpbill_cli.ledger import audit
-from mcpbill_cli.ledger.engine import reading
+from mcpbill_cli.ledger.credit import fund_demo
+from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import events, transfers
 from mcpbill_cli.ledger.sealing import seal_all
 from mcpbill_cli.ledger.seals import read_seals, signer
 
-from .support import Ledger, rows_of
+from .support import USDC, Ledger, rows_of
 
 
 def jti_of(ledger: Ledger, name: str) -> str:
@@ -111,7 +112,8 @@ def test_a_transfer_amount_changed_with_balanced_books(ledger: Ledger) -> None:
     move_money(ledger, f"token:{jti_of(ledger, 'acme')}", 5)
     report = ledger.reconcile()
     assert rows_of(report) == [("charge_amount_mismatch", "error", [f"calls/{charge}"]),
-                               ("seal_money_mismatch", "error", ["seals/1"])]
+                               ("seal_money_mismatch", "error", ["seals/1"]),
+                               ("event_transfer_mismatch", "error", [f"transfers/charge:{charge}"])]
     assert report.findings[0].rows[0].detail == (
         f"call charged 0.005 but charge:{charge} moved 0.005005")
     assert report.findings[1].rows[0].detail.startswith("the transfers its events name add up")
@@ -144,7 +146,9 @@ def test_a_charge_that_differs_from_its_pricing_version(ledger: Ledger) -> None:
     move_money(ledger, f"token:{jti_of(ledger, 'globex')}", 10_000)
     report = ledger.reconcile()
     assert rows_of(report) == [("charge_price_mismatch", "error", [f"calls/{charge2}"]),
-                               ("seal_money_mismatch", "error", ["seals/1"])]
+                               ("seal_money_mismatch", "error", ["seals/1"]),
+                               ("event_transfer_mismatch", "error",
+                                [f"transfers/charge:{charge2}"])]
     assert report.findings[0].rows[0].detail == (
         "charged 0.06, version 1 prices it 0.05 (tools.translate)")
     signed = ledger.reconcile(verify_receipts=True)
@@ -159,7 +163,8 @@ def test_a_metered_capture_above_what_its_units_cost(ledger: Ledger) -> None:
     move_money(ledger, f"token:{jti_of(ledger, 'acme')}", 1)
     assert rows_of(ledger.reconcile()) == [
         ("charge_price_mismatch", "error", [f"calls/{metered}"]),
-        ("seal_money_mismatch", "error", ["seals/2"])]
+        ("seal_money_mismatch", "error", ["seals/2"]),
+        ("event_transfer_mismatch", "error", [f"transfers/capture:{metered}"])]
 
 
 def test_pricing_versions_deleted(ledger: Ledger) -> None:
@@ -270,8 +275,9 @@ def test_an_audit_event_edited(ledger: Ledger) -> None:
     event = event_of(ledger, ledger.calls["charge"], "charge")
     rewrite_event(ledger, event["id"], amount=1)
     report = ledger.reconcile()
-    assert rows_of(report) == [("audit_chain_broken", "error",
-                                [f"events/{event['id']}", "seals/1"])]
+    assert rows_of(report) == [
+        ("audit_chain_broken", "error", [f"events/{event['id']}", "seals/1"]),
+        ("event_transfer_mismatch", "error", [f"transfers/charge:{ledger.calls['charge']}"])]
     assert [row.detail for row in report.findings[0].rows] == [
         "changed after seal 1 took it",
         "its events no longer hash to its batch hash (an event was reordered or rewritten with "
@@ -296,7 +302,9 @@ def test_an_audit_event_edited_with_its_hash_recomputed(ledger: Ledger) -> None:
     event = event_of(ledger, ledger.calls["charge"], "charge")
     rewrite_event(ledger, event["id"], amount=1, hash=own_hash({**event, "amount": 1}))
     report = ledger.reconcile()
-    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    assert rows_of(report) == [
+        ("audit_chain_broken", "error", ["seals/1"]),
+        ("event_transfer_mismatch", "error", [f"transfers/charge:{ledger.calls['charge']}"])]
     assert report.findings[0].rows[0].detail.startswith(
         "its events no longer hash to its batch hash")
 
@@ -338,8 +346,10 @@ def test_an_event_inserted_with_a_seal_number_no_seal_has(ledger: Ledger) -> Non
     with ledger.engine.begin() as conn:
         conn.execute(insert(events).values(**{**forged, "hash": own_hash(forged)}))
     report = ledger.reconcile()
-    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/3"])]
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/3"]),
+                               ("event_transfer_mismatch", "error", ["events/10000"])]
     assert report.findings[0].rows[0].detail.startswith("events carry this seal number")
+    assert report.findings[1].rows[0].detail.endswith("which is not in the window")
 
 
 def test_an_event_inserted_unsealed(ledger: Ledger) -> None:
@@ -482,9 +492,53 @@ def test_a_history_rechained_and_resigned_with_another_key(ledger: Ledger,
     info, key = forger.signing_key()
     seal_all(ledger.engine, signer(info.alg, info.kid, key), clock=ledger.clock)
     report = ledger.reconcile()
-    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"])]
+    # The edited event no longer says what its transfer moved: found with or without keys.
+    edited = ("event_transfer_mismatch", "error", [f"transfers/charge:{ledger.calls['charge']}"])
+    assert rows_of(report) == [("audit_chain_broken", "error", ["seals/1"]), edited]
     assert report.findings[0].rows[0].detail == (
         f"signed by key {info.kid!r}, which the key ring does not hold")
     blind = ledger.reconcile(keys_dir=None)
-    assert rows_of(blind) == [] and "seal_signatures (keys_dir)" in blind.skipped
+    assert rows_of(blind) == [edited] and "seal_signatures (keys_dir)" in blind.skipped
     assert blind.audit_anchor is not None and blind.audit_anchor != before
+
+
+def test_a_sealed_deposit_moved_to_another_tenant_with_the_sums_edited(ledger: Ledger) -> None:
+    """The seal's money signs nets per class of account: a deposit moved from one tenant to
+    another keeps them, and the accounts' sums were edited to match. Its sealed event still
+    names the tenant it was for."""
+    with writing(ledger.engine) as conn:
+        fund_demo(conn, "initech", 7 * USDC, now=ledger.clock())
+    ledger.seal()
+    with reading(ledger.engine) as conn:
+        deposit, amount = conn.execute(select(transfers.c.id, transfers.c.amount).where(
+            transfers.c.code == "deposit",
+            transfers.c.credit_account_id == "tenant:initech")).one()
+    ledger.sql("UPDATE transfers SET credit_account_id = 'tenant:globex' WHERE id = :d",
+               d=deposit)
+    ledger.sql("UPDATE accounts SET credits_posted = credits_posted - :n "
+               "WHERE id = 'tenant:initech'", n=amount)
+    ledger.sql("UPDATE accounts SET credits_posted = credits_posted + :n "
+               "WHERE id = 'tenant:globex'", n=amount)
+    report = ledger.reconcile()
+    assert rows_of(report) == [("event_transfer_mismatch", "error", [f"transfers/{deposit}"])]
+    detail = report.findings[0].rows[0].detail
+    assert "names tenant:initech and 7000000" in detail and "from tenant:globex" in detail
+
+
+def test_a_sealed_charge_moved_to_another_tenants_token_with_the_sums_edited(
+        ledger: Ledger) -> None:
+    """acme's charge made globex's: its transfer, its call row and both tokens' sums."""
+    charge, acme, globex = (ledger.calls["charge"], jti_of(ledger, "acme"),
+                            jti_of(ledger, "globex"))
+    amount = ledger.call_row(charge).amount
+    ledger.sql("UPDATE transfers SET debit_account_id = :g WHERE id = 'charge:' || :c",
+               g=f"token:{globex}", c=charge)
+    ledger.sql("UPDATE calls SET jti = :g, tenant = 'globex' WHERE id = :c", g=globex, c=charge)
+    ledger.sql("UPDATE accounts SET debits_posted = debits_posted - :n WHERE id = :a",
+               n=amount, a=f"token:{acme}")
+    ledger.sql("UPDATE accounts SET debits_posted = debits_posted + :n WHERE id = :g",
+               n=amount, g=f"token:{globex}")
+    report = ledger.reconcile()
+    assert ("event_transfer_mismatch", "error", [f"transfers/charge:{charge}"]) in rows_of(
+        report)
+    assert report.failed()
