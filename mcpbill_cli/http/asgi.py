@@ -56,10 +56,20 @@ class BufferedRequest:
         return None
 
     def arguments(self) -> dict[str, str]:
-        """What identifies this request for the verifier's dedupe window: the same method,
-        path, query and body again is the same call."""
+        """What identifies this request for the verifier's dedupe window and its idempotency
+        key: the same method, path, query and body again, sent with the same credentials of
+        the application's own (``Authorization``, ``Cookie``), is the same call.
+
+        A replay does not run the endpoint, so its own authorization is not checked again: a
+        request with other credentials is another call (a derived key) or a conflict (an
+        ``Idempotency-Key``), never a replay of a response made for someone else."""
+        credentials = hashlib.sha256()
+        for key, value in self.headers:
+            if key.lower() in (b"authorization", b"cookie"):
+                credentials.update(key.lower() + b":" + value + b"\n")
         return {"method": self.method, "path": self.path, "query": self.query,
-                "body": hashlib.sha256(self.body).hexdigest()}
+                "body": hashlib.sha256(self.body).hexdigest(),
+                "credentials": credentials.hexdigest()}
 
 
 async def read_request(scope: Scope, receive: Receive, limit: int) -> BufferedRequest:

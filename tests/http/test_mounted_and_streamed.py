@@ -18,7 +18,7 @@ import httpx
 import pytest
 import tomli_w
 import uvicorn
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -44,7 +44,7 @@ from .conftest import assert_ledger_sound, view
 Mint = Callable[..., IssuedToken]
 ROUTES = [PaidRoute("POST", "/search", "search"), PaidRoute("GET", "/events", "search"),
           PaidRoute("POST", "/order", "search"), PaidRoute("GET", "/reports/{rid:int}", "search"),
-          PaidRoute("GET", "/files/{name:path}", "search")]
+          PaidRoute("GET", "/files/{name:path}", "search"), PaidRoute("GET", "/me", "search")]
 
 
 class Served:
@@ -80,21 +80,12 @@ class Runs:
 def billed_app(verifier: Verifier, runs: Runs) -> FastAPI:
     app = FastAPI()
     app.add_middleware(PaymentMiddleware, verifier=verifier, routes=ROUTES)
+    _routed_endpoints(app, runs)
 
     @app.post("/search")
     async def search() -> dict[str, Any]:
         runs.counts["search"] += 1
         return {"ran": True}
-
-    @app.get("/reports/{rid:int}")
-    async def report(rid: int) -> dict[str, Any]:
-        runs.counts["report"] += 1
-        return {"report": rid}
-
-    @app.get("/files/{name:path}")
-    async def file(name: str) -> dict[str, Any]:
-        runs.counts["file"] += 1
-        return {"file": name}
 
     @app.get("/events")
     async def events() -> StreamingResponse:
@@ -121,6 +112,28 @@ def billed_app(verifier: Verifier, runs: Runs) -> FastAPI:
         return {"ordered": runs.counts["order"]}
 
     return app
+
+
+def _routed_endpoints(app: FastAPI, runs: Runs) -> None:
+    """Endpoints behind convertors, and one with the application's own authorization."""
+
+    @app.get("/reports/{rid:int}")
+    async def report(rid: int) -> dict[str, Any]:
+        runs.counts["report"] += 1
+        return {"report": rid}
+
+    @app.get("/files/{name:path}")
+    async def file(name: str) -> dict[str, Any]:
+        runs.counts["file"] += 1
+        return {"file": name}
+
+    @app.get("/me")
+    async def me(request: Request) -> dict[str, Any]:  # the application's own authorization
+        user = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if user not in ("alice", "mallory"):
+            raise HTTPException(status_code=401, detail="who are you?")
+        runs.counts[user] += 1
+        return {"user": user, "statement": f"{user}'s account"}
 
 
 @pytest.fixture
@@ -256,3 +269,37 @@ def test_a_route_with_a_brace_the_middleware_cannot_match_is_refused_at_start(
         PaymentMiddleware(billed_app(verifier, Runs()), verifier=verifier,
                           routes={f"GET {path}": "search"})
     assert refused.value.details["field"] == "routes" and path in refused.value.message
+
+
+def test_a_replay_never_serves_a_response_made_for_other_credentials_of_the_app(
+        verifier: Verifier, engine: Engine, new_token: Mint, runs: Runs) -> None:
+    """One credit token shared by a gateway's users: the app tells them apart by its own
+    Authorization. A replay does not run the endpoint, so it must not answer mallory (or no
+    one) with alice's response, under her idempotency key or a derived one."""
+    token = new_token()
+
+    def as_user(user: str | None, key: str | None = None) -> dict[str, str]:
+        headers = {TOKEN_HEADER: token.token}
+        if user:
+            headers["Authorization"] = f"Bearer {user}"
+        if key:
+            headers[IDEMPOTENCY_KEY_HEADER] = key
+        return headers
+
+    with Served(billed_app(verifier, runs)) as url, httpx.Client(base_url=url) as http:
+        alice = http.get("/me", headers=as_user("alice", "statement-1"))
+        keyed = [http.get("/me", headers=as_user(user, "statement-1"))
+                 for user in ("mallory", None)]
+        again = http.get("/me", headers=as_user("alice", "statement-1"))
+        derived = http.get("/me", headers=as_user("alice"))
+        derived_others = [http.get("/me", headers=as_user(user)) for user in ("mallory", None)]
+    assert alice.json()["user"] == "alice"
+    assert [(r.status_code, r.json()["code"]) for r in keyed] == [
+        (409, "IDEMPOTENCY_CONFLICT")] * 2
+    assert again.headers[REPLAYED_HEADER] == "true" and again.json()["user"] == "alice"
+    assert derived.json()["user"] == "alice" and REPLAYED_HEADER not in derived.headers
+    mallory, nobody = derived_others
+    assert mallory.json()["user"] == "mallory" and REPLAYED_HEADER not in mallory.headers
+    assert nobody.status_code == 401 and "alice" not in nobody.text
+    assert (runs.counts["alice"], runs.counts["mallory"]) == (2, 1)
+    assert view(engine, token).spent == 3 * PRICE
