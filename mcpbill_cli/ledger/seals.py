@@ -235,8 +235,26 @@ def verify_seal(seal: Seal, prev_hash: str, keys: Mapping[str, VerificationKey] 
             yield problem
 
 
+# How SQLAlchemy's DateTime keeps a time in a SQLite file, the only text a sealer wrote there.
+_STORED_AT = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] "
+              "[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
+_RESTATED = text("SELECT id, at FROM events WHERE seal = :seal "
+                 "AND (typeof(at) != 'text' OR at NOT GLOB :stored) ORDER BY id")
+
+
 def verify_batch(conn: Connection, seal: Seal) -> Iterator[SealBreak]:
-    """The events stamped with ``seal``: their count, span and hashes against the seal."""
+    """The events stamped with ``seal``: their count, span and hashes against the seal.
+
+    On SQLite a time is text: one restated in another form (the same instant with a UTC
+    offset, ``2026-12-06 00:00:59.9+00:01``) hashes as the sealed one, yet windows compare the
+    text and would count the event on another day. Any time not in the form written is a
+    change."""
+    if conn.dialect.name == "sqlite":
+        for event_id, stored in conn.execute(_RESTATED, {"seal": seal.number,
+                                                         "stored": _STORED_AT}):
+            yield SealBreak("events", str(event_id), f"its time is stored as {stored!r}, not "
+                                                     "as its sealer wrote it (restated to move "
+                                                     "it to another day?)")
     rows = conn.execute(select(e.id, e.hash, *(e[name] for name in EVENT_FIELDS))
                         .where(e.seal == seal.number).order_by(e.id)).mappings().all()
     digests = []

@@ -24,6 +24,7 @@ from mcpbill_cli.ledger.engine import reading, writing
 from mcpbill_cli.ledger.models import events, transfers
 from mcpbill_cli.ledger.sealing import seal_all
 from mcpbill_cli.ledger.seals import read_seals, signer
+from mcpbill_cli.reconcile import Window
 
 from .support import USDC, Ledger, rows_of
 
@@ -542,3 +543,25 @@ def test_a_sealed_charge_moved_to_another_tenants_token_with_the_sums_edited(
     assert ("event_transfer_mismatch", "error", [f"transfers/charge:{charge}"]) in rows_of(
         report)
     assert report.failed()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL keeps a timestamp
+def test_a_sealed_time_restated_with_an_offset_to_move_it_to_the_next_day(
+        ledger: Ledger) -> None:
+    """The same instant written with a UTC offset hashes as the sealed one, but SQLite
+    compares the text: the charge and its transfer would move to the next day."""
+    charge = ledger.calls["charge"]
+    event = event_of(ledger, charge, "charge")
+    instant = aware(event["at"])
+    restated = (instant + timedelta(hours=23, minutes=59)).strftime(
+        "%Y-%m-%d %H:%M:%S.%f") + "+23:59"
+    ledger.sql("UPDATE events SET at = :at WHERE id = :i", at=restated, i=event["id"])
+    ledger.sql("UPDATE transfers SET created_at = :at WHERE id = :t", at=restated,
+               t=f"charge:{charge}")
+    assert restated[:10] > instant.strftime("%Y-%m-%d")  # as text, the next day's
+    report = ledger.reconcile(window=Window(instant - timedelta(days=1),
+                                            instant + timedelta(days=2)))
+    broken = [row for finding in report.findings if finding.name == "audit_chain_broken"
+              for row in finding.rows]
+    assert [(row.table, row.key) for row in broken][:1] == [("events", str(event["id"]))]
+    assert "+23:59" in broken[0].detail
