@@ -102,7 +102,7 @@ class Zsh(ZshComplete):
     def format_completion(self, item: CompletionItem) -> str:
         """Typer doubles a ``'`` inside the single-quoted ``_arguments`` spec, which zsh reads
         as nothing (``o'brien`` came out ``obrien``): close, escape and reopen the quote."""
-        return super().format_completion(item).replace("''", "'\\''")
+        return _one_line(super().format_completion(item)).replace("''", "'\\''")
 
 
 class Fish(FishComplete):
@@ -111,6 +111,16 @@ class Fish(FishComplete):
 
     def get_completions(self, args: list[str], incomplete: str) -> list[CompletionItem]:
         return _joined(super().get_completions, args, incomplete)
+
+    def format_completion(self, item: CompletionItem) -> str:
+        return _one_line(super().format_completion(item))
+
+
+def _one_line(completion: str) -> str:
+    """A completion and its description on one line: Typer renders a description through Rich,
+    which wraps it at 80 columns, and zsh and fish read each line as a completion of its own
+    (``--daily.``, the end of ``--monthly``'s help, was offered as an option)."""
+    return re.sub(r" *\n *", " ", completion)
 
 
 def split_line(line: str) -> tuple[list[str], str]:

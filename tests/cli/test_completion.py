@@ -4,6 +4,7 @@ complete a command line against a real home and ledger, through ``mcpbill`` on P
 from __future__ import annotations
 
 import os
+import re
 import select
 import shlex
 import shutil
@@ -280,3 +281,16 @@ def test_fixed_values_complete(tmp_path: Path) -> None:
         "active", "revoked", "expired"]
     assert bash_complete("mcpbill token list --output j", env, capture) == ["json"]
     assert bash_complete("mcpbill completion ", env, capture) == ["bash", "zsh", "fish"]
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_every_option_offered_is_an_option_whatever_its_description(
+        shell: str, tmp_path: Path) -> None:
+    """zsh and fish show each option's help beside it; a description longer than a line was
+    wrapped, and each line after the first came back as a completion of its own."""
+    env, runner = _env(tmp_path), SHELLS[shell]
+    for command in ("token issue", "proxy", "reconcile", "webhooks add"):
+        offered = runner(f"mcpbill {command} --", env, tmp_path / "capture")
+        assert offered and all(re.fullmatch(r"--[a-z0-9-]+", word) for word in offered), (
+            command, offered)
+        assert "--json" in offered or command == "proxy", (command, offered)
