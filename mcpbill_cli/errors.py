@@ -126,6 +126,7 @@ class LedgerUnavailable(BillingError):
     code = "LEDGER_UNAVAILABLE"
     told = ("the server's ledger is unavailable: nothing of this call was written or billed; "
             "retry shortly, with the same idempotency key")
+    dropped = False  # the server closed a pooled connection: a new one may well do
 
 
 class LedgerFull(LedgerUnavailable):

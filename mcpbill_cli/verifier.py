@@ -53,6 +53,7 @@ from mcpbill_cli.errors import (
     IdempotencyConflict,
     InvalidCreditToken,
     InvalidInput,
+    LedgerUnavailable,
     RateLimited,
     ScopeDenied,
     StatelessVerifier,
@@ -455,15 +456,20 @@ class Verifier:
         now = self._clock()
         with self._refusals_recorded(None, hold.tool, jti=hold.jti, ref=hold.id,
                                      hold_id=hold.id):
-            with self._writing() as conn:
+            def settle(conn: Connection) -> tuple[calls.Settled, Receipt] | calls.NotActive:
                 settled = calls.settle(conn, hold.id, amount=amount, at=now)
-                if isinstance(settled, calls.Settled):
-                    receipt = self._sign(hold, settled.posted, settled.remaining, now,
-                                         f"capture:{hold.id}", settlement)
-                    calls.record_capture(conn, hold.id, settled, units=units, at=now,
-                                         receipt=receipt.jws, result=kept)
-            if not isinstance(settled, calls.Settled):
-                return self._not_captured(hold, settled)
+                if not isinstance(settled, calls.Settled):
+                    return settled
+                receipt = self._sign(hold, settled.posted, settled.remaining, now,
+                                     f"capture:{hold.id}", settlement)
+                calls.record_capture(conn, hold.id, settled, units=units, at=now,
+                                     receipt=receipt.jws, result=kept)
+                return settled, receipt
+
+            outcome = self._transaction(settle)
+            if isinstance(outcome, calls.NotActive):
+                return self._not_captured(hold, outcome)
+            settled, receipt = outcome
         self._top_up(hold.terms, hold.jti, hold.tenant, settled.remaining)
         if self.metrics is not None:
             self.metrics.captured(hold.tool, receipt.amount, hold.id)
@@ -947,11 +953,33 @@ class Verifier:
 
     def _write(self, write: Callable[[Connection], _T]) -> _T:
         """``write`` in one transaction; rolled back when it says the call did not open."""
-        with self._writing() as conn:
+
+        def opened(conn: Connection) -> _T:
             outcome = write(conn)
             if isinstance(outcome, calls.KeyTaken | calls.Refused):
                 conn.rollback()
-        return outcome
+            return outcome
+
+        return self._transaction(opened)
+
+    def _transaction(self, work: Callable[[Connection], _T]) -> _T:
+        """``work`` in a write transaction of the call path; once more, on a new connection,
+        when the server had closed the one it ran on (a database restart or an idle timeout
+        while the connection sat in the pool: this verifier's engine does not ping a pooled
+        connection before each transaction, a round trip per call). Without it the call's
+        capture failed LEDGER_UNAVAILABLE after the tool had run, and its hold lapsed.
+        (A connection lost while its commit was under way may have committed: run again,
+        the step finds its work done, as a retry of the call would.)"""
+        try:
+            with self._writing() as conn:
+                return work(conn)
+        except LedgerUnavailable as failure:
+            if not failure.dropped:
+                raise
+            logger.info("ledger connection dropped by the server; the transaction runs again "
+                        "on a new one")
+        with self._writing() as conn:
+            return work(conn)
 
     def _refusal(self, claims: Claims, tool: str, price: Price,
                  refused: calls.Refused) -> BillingError:

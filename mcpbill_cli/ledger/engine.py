@@ -345,10 +345,14 @@ def unavailable(engine: Engine, exc: DBAPIError) -> LedgerUnavailable:
             f"the ledger at {url} is full ({reason}): nothing of this transaction was "
             "written; free disk space (or raise the database's size limit) and retry",
             url=url)
-    return LedgerUnavailable(
+    failure = LedgerUnavailable(
         f"cannot reach the ledger at {url}: {reason}; check MCPBILL_DB_URL or --db-url",
         url=url,
     )
+    # The server closed this connection (a restart, an idle timeout) and the pool has let
+    # go of its others: the same transaction on a new connection may well go through.
+    failure.dropped = bool(getattr(exc, "connection_invalidated", False))
+    return failure
 
 
 def _disk_full(error: BaseException | None, database: str | None) -> bool:
