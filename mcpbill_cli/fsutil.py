@@ -1,7 +1,9 @@
-"""Files written so a crash never leaves half of one: temp file, fsync, rename, fsync the dir."""
+"""Files written so a crash never leaves half of one: temp file, fsync, rename, fsync the dir;
+and the lock files that keep two processes' read-edit-write cycles of one file apart."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -81,3 +83,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def file_lock(path: Path, *, shared: bool = False, mode: int = 0o644) -> Iterator[None]:
+    """Hold a lock on the lock file ``path`` for the block: exclusive for a read-edit-write
+    cycle, so a concurrent one waits instead of writing over it from what it read before;
+    ``shared`` for readers that must not overlap such a cycle, but may overlap each other.
+
+    The file is made (with ``mode``) when missing and never removed: a process that removed
+    it could leave the next two locking different files. The lock goes with the descriptor,
+    so a process that dies holding it holds it no more."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    except OSError as exc:
+        raise unwritable(path, exc) from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)

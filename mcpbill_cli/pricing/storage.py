@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -12,7 +10,7 @@ from pathlib import Path
 import tomli_w
 
 from mcpbill_cli.errors import NotInitialized, PricingInvalid
-from mcpbill_cli.fsutil import write_atomic
+from mcpbill_cli.fsutil import file_lock, write_atomic
 from mcpbill_cli.pricing.diff import Change, diff_tables
 from mcpbill_cli.pricing.parsing import parse_pricing, read_text
 from mcpbill_cli.pricing.table import MAX_VERSION, PricingTable, invalid
@@ -82,12 +80,8 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
     if not path.parent.is_dir():
         raise NotInitialized(f"{path.parent} does not exist: run `mcpbill init` first",
                              path=str(path))
-    descriptor = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    with file_lock(lock_path(path)):
         yield
-    finally:
-        os.close(descriptor)  # closing the descriptor releases the lock
 
 
 def edit_pricing(path: Path, edit: Callable[[PricingTable], PricingTable], *,
