@@ -3,6 +3,9 @@
 ``keyring.json`` lists every key with its status: ``active`` signs new tokens and receipts;
 ``verifying`` keys (rotated out) still verify until their last token expires; ``retired`` keys
 verify nothing. Private key material is never printed and never leaves this module.
+
+``keyring.json.lock`` beside it keeps processes apart: whatever rewrites the ring holds it
+exclusively (:func:`editing`, ``init``), whatever signs tokens shares it (:func:`active_signer`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,11 +28,12 @@ from mcpbill_cli.errors import (
     NotFound,
     NotInitialized,
 )
-from mcpbill_cli.fsutil import write_atomic, write_new_secret
+from mcpbill_cli.fsutil import file_lock, write_atomic, write_new_secret
 
 ALGORITHMS = ("EdDSA", "ES256", "HS256")
 DEFAULT_ALGORITHM = "EdDSA"
 INDEX = "keyring.json"
+LOCK = INDEX + ".lock"
 MIN_HMAC_BYTES = 32
 STATUSES = ("active", "verifying", "retired")
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -71,7 +77,7 @@ class KeyRing:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise NotInitialized(f"no signing keys in {directory}: run `mcpbill init`") from None
+            raise _no_keys(directory) from None
         except (OSError, ValueError, RecursionError) as exc:
             raise _corrupt(path, str(exc) or type(exc).__name__) from None
         infos = [_key_info(entry, path) for entry in _entries(raw, path)]
@@ -124,6 +130,55 @@ class KeyRing:
         doc = {"keys": [asdict(k) for k in self.keys.values()]}
         write_atomic(self.directory / INDEX, (json.dumps(doc, indent=2) + "\n").encode(),
                      mode=0o600)
+
+
+def ring_lock(directory: Path, *, shared: bool = False) -> AbstractContextManager[None]:
+    """The lock of the key ring in ``directory`` (made there if missing): exclusive to rewrite
+    the ring, ``shared`` to sign tokens with its active key."""
+    return file_lock(directory / LOCK, shared=shared, mode=0o600)
+
+
+@contextmanager
+def editing(directory: Path, *, dry_run: bool = False) -> Iterator[KeyRing]:
+    """The key ring, to change in the block; saved when the block ends without an error.
+
+    Read and saved under the ring's exclusive lock, so a concurrent rotate, retire or init
+    waits for this one and reads what it saved. Unlocked, it would save the ring as it read it
+    before: the key made here lost, and tokens it signed out there unverifiable. A dry run
+    reads without the lock and saves nothing.
+    """
+    if dry_run:
+        yield KeyRing.load(directory)
+        return
+    _require_keys(directory)
+    with ring_lock(directory):
+        ring = KeyRing.load(directory)
+        yield ring
+        ring.save()
+
+
+@contextmanager
+def active_signer(directory: Path) -> Iterator[tuple[KeyInfo, Any]]:
+    """The active key and its private key, to sign tokens with in the block; end the block
+    once they are recorded in the ledger.
+
+    The ring's shared lock is held meanwhile: ``keys rotate`` waits until those tokens are
+    recorded before it reads when the last token of the key it rotates out expires (the
+    key's ``verify_until``), and a token signed after the rotation is signed by the new key.
+    """
+    _require_keys(directory)
+    with ring_lock(directory, shared=True):
+        yield KeyRing.load(directory).signing_key()
+
+
+def _require_keys(directory: Path) -> None:
+    """NOT_INITIALIZED without a key ring, before a lock file would be made for none."""
+    if not KeyRing.exists(directory):
+        raise _no_keys(directory)
+
+
+def _no_keys(directory: Path) -> NotInitialized:
+    return NotInitialized(f"no signing keys in {directory}: run `mcpbill init`")
 
 
 def create_key(ring: KeyRing, alg: str, *, now: datetime, write: bool = True) -> KeyInfo:

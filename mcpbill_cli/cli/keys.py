@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,7 +25,7 @@ from mcpbill_cli.cli.output import (
     timestamp,
     to_jsonable,
 )
-from mcpbill_cli.cli.state import state
+from mcpbill_cli.cli.state import State, state
 from mcpbill_cli.fsutil import write_atomic
 
 if TYPE_CHECKING:
@@ -71,19 +71,14 @@ def rotate(
 ) -> None:
     """Make a new active key. The old one keeps verifying until its last token expires."""
     from mcpbill_cli import keys
-    from mcpbill_cli.ledger.credit import last_expiry
-    from mcpbill_cli.ledger.engine import reading
 
     st = state(ctx)
-    ring = st.keyring()
-    with reading(st.engine()) as conn:
-        until = last_expiry(conn, ring.active().kid)
-    if until is not None:  # verifiers accept a token for their leeway past its exp
-        until += timedelta(seconds=st.settings.leeway)
-    old = ring.active()
-    new = keys.rotate(ring, alg, now=st.now(), last_expiry=until, write=not dry_run)
-    if not dry_run:
-        ring.save()
+    # Under the ring's lock: no other rotation in between, and every token signed by the old
+    # key is in the ledger before its last expiry is read.
+    with keys.editing(st.settings.keys_dir, dry_run=dry_run) as ring:
+        old = ring.active()
+        new = keys.rotate(ring, alg, now=st.now(), last_expiry=_last_accepted(st, old.kid),
+                          write=not dry_run)
     previous = ring.keys[old.kid]
     # a dry run draws no kid: the new key's would be drawn when it is made
     active = {**key_data(new), "kid": None} if dry_run else key_data(new)
@@ -98,6 +93,17 @@ def rotate(
 
     emit({"dry_run": dry_run, "active": active, "previous": key_data(previous)}, as_json=as_json,
          human=human)
+
+
+def _last_accepted(st: State, kid: str) -> datetime | None:
+    """Until when verifiers accept the last token ``kid`` signed: its exp and their leeway
+    past it (None if it signed none)."""
+    from mcpbill_cli.ledger.credit import last_expiry
+    from mcpbill_cli.ledger.engine import reading
+
+    with reading(st.engine()) as conn:
+        until = last_expiry(conn, kid)
+    return None if until is None else until + timedelta(seconds=st.settings.leeway)
 
 
 @app.command("export-jwks")
@@ -145,8 +151,7 @@ def retire(
     from mcpbill_cli.ledger.engine import reading
 
     st = state(ctx)
-    ring = st.keyring()
-    ring.get(kid)
+    st.keyring().get(kid)
     now = st.now()
     with reading(st.engine()) as conn:
         live = live_tokens_signed_by(conn, kid, now=now)
@@ -155,6 +160,8 @@ def retire(
                            "verifying; pass --force to retire it anyway")
     if live:
         confirm(f"Retire {kid}: {live} unexpired token(s) signed by it stop verifying", yes=yes)
-    info = keys.retire(ring, kid)
-    ring.save()
+    # Read again under the lock rather than held across the question: a rotation and every
+    # token issue would wait for the answer.
+    with keys.editing(st.settings.keys_dir) as ring:
+        info = keys.retire(ring, kid)
     emit(key_data(info), as_json=as_json, human=lambda: say(f"retired {kid}"))

@@ -98,6 +98,7 @@ def issue(
     """
     from mcpbill_cli.budgets import TokenTerms
     from mcpbill_cli.durations import parse_duration
+    from mcpbill_cli.keys import active_signer
     from mcpbill_cli.ledger.credit import IssueRequest, require_tenant
     from mcpbill_cli.ledger.credit import issue as issue_token
     from mcpbill_cli.ledger.engine import writing
@@ -117,8 +118,8 @@ def issue(
         terms=TokenTerms(*(None if text is None else parse_usd(text, field=name) for name, text
                            in (("daily", daily), ("monthly", monthly),
                                ("topup_below", topup_below), ("topup_to", topup_to)))))
-    signer = st.keyring().signing_key()
-    with writing(st.engine()) as conn:
+    # The signing key stays the active one until the token is recorded: see active_signer.
+    with active_signer(settings.keys_dir) as signer, writing(st.engine()) as conn:
         if parent is None:  # a child token's tenant is its parent's
             require_tenant(conn, request.tenant)
         issued = issue_token(conn, request, signer=signer, ttl_cap=settings.ttl_cap,

@@ -69,14 +69,15 @@ def extend(
     one); both spend the same credit. Only tokens signed by the active key can be extended.
     """
     from mcpbill_cli.durations import parse_duration
+    from mcpbill_cli.keys import active_signer
     from mcpbill_cli.ledger.engine import writing
     from mcpbill_cli.ledger.token_changes import extend as extend_token
 
     st = state(ctx)
     settings = st.settings
     seconds = parse_duration(ttl, field="ttl")
-    signer = st.keyring().signing_key()
-    with writing(st.engine()) as conn:
+    # The new exp is in the ledger before a rotation reads how long the key must verify.
+    with active_signer(settings.keys_dir) as signer, writing(st.engine()) as conn:
         done = extend_token(conn, jti, seconds, now=st.now(), signer=signer,
                             issuer=settings.issuer, ttl_cap=settings.ttl_cap)
     data = {"token": done.token, "jti": done.jti, "expires_at": rfc3339(done.expires_at),
