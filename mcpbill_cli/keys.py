@@ -218,7 +218,10 @@ def retire(ring: KeyRing, kid: str) -> KeyInfo:
 def init_keyring(directory: Path, alg: str, *, now: datetime, force: bool) -> KeyRing:
     """A keyring with one new active key. Existing keys are refused unless ``force``; with it
     they are retired, not deleted: they verify no token any more, but the receipts and seals
-    they signed still check against them (``reconcile --verify-receipts``)."""
+    they signed still check against them (``reconcile --verify-receipts``).
+
+    Where other processes may use the directory, hold :func:`ring_lock` from before this
+    call until the ring is saved (as ``mcpbill init`` does)."""
     existing = KeyRing.exists(directory)
     if existing and not force:
         raise AlreadyExists(

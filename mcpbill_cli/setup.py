@@ -11,7 +11,7 @@ from mcpbill_cli.clock import utcnow
 from mcpbill_cli.config import MODES, Settings, default_db_url, redact_url
 from mcpbill_cli.errors import AlreadyExists, InvalidInput
 from mcpbill_cli.fsutil import write_atomic
-from mcpbill_cli.keys import ALGORITHMS, KeyRing, init_keyring
+from mcpbill_cli.keys import ALGORITHMS, KeyRing, init_keyring, ring_lock
 
 
 @dataclass(frozen=True)
@@ -28,19 +28,40 @@ class InitResult:
         return [f"created {c}" for c in self.created] + [f"kept {k}" for k in self.kept]
 
 
-def initialize(settings: Settings, *, alg: str, mode: str, force: bool) -> InitResult:
-    """Create what is missing; refuse an initialized home unless ``force`` (then: new keys)."""
+def initialize(settings: Settings, *, alg: str, mode: str, force: bool,
+               exist_ok: bool = False) -> InitResult:
+    """Create what is missing; refuse an initialized home unless ``force`` (then: new keys)
+    or ``exist_ok`` (then: change nothing).
+
+    The home is made under its key ring's lock, and whether it is made already is asked
+    again under it: of two inits racing on a new home, one makes it and the other finds it
+    made, as if it had run second (never a second key that replaces the first one's). The
+    first ask, without the lock, leaves an initialized home untouched, lock file and all."""
     if alg not in ALGORITHMS:
         raise InvalidInput(f"algorithm {alg!r} is not one of {', '.join(ALGORITHMS)}")
     if mode not in MODES:
         raise InvalidInput(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    existing = KeyRing.exists(settings.keys_dir)
-    if existing and not force:
+    if KeyRing.exists(settings.keys_dir) and not force:
+        return _initialized(settings, exist_ok=exist_ok)
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.keys_dir.mkdir(exist_ok=True, mode=0o700)
+    with ring_lock(settings.keys_dir):
+        if KeyRing.exists(settings.keys_dir) and not force:
+            return _initialized(settings, exist_ok=exist_ok)
+        return _make_home(settings, alg=alg, mode=mode, force=force)
+
+
+def _initialized(settings: Settings, *, exist_ok: bool) -> InitResult:
+    """The home as it is for ``exist_ok``; else ALREADY_EXISTS, with nothing changed."""
+    if not exist_ok:
         raise AlreadyExists(
             f"{settings.home} is already initialized; nothing was changed. "
             "Pass --force to replace its signing keys."
         )
-    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return already_initialized(settings)
+
+
+def _make_home(settings: Settings, *, alg: str, mode: str, force: bool) -> InitResult:
     created: list[str] = []
     kept: list[str] = []
     schema = _migrate(settings)

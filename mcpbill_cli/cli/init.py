@@ -41,19 +41,16 @@ def init(
     """
     from mcpbill_cli.errors import InvalidInput
     from mcpbill_cli.keys import KeyRing
-    from mcpbill_cli.setup import already_initialized, initialize
+    from mcpbill_cli.setup import initialize
 
     if force and exist_ok:
         raise InvalidInput("give --force (replace the keys) or --exist-ok (change nothing), "
                            "not both")
     settings = state(ctx).settings
-    if exist_ok and KeyRing.exists(settings.keys_dir):
-        result = already_initialized(settings)
-    else:
-        if force and KeyRing.exists(settings.keys_dir):
-            confirm(f"Replace the signing keys in {settings.keys_dir}: tokens they signed stop "
-                    "verifying (the keys stay, retired, for old receipts)", yes=yes)
-        result = initialize(settings, alg=alg, mode=mode, force=force)
+    if force and KeyRing.exists(settings.keys_dir):
+        confirm(f"Replace the signing keys in {settings.keys_dir}: tokens they signed stop "
+                "verifying (the keys stay, retired, for old receipts)", yes=yes)
+    result = initialize(settings, alg=alg, mode=mode, force=force, exist_ok=exist_ok)
     emit(result, as_json=as_json, human=lambda: _render(result))
 
 

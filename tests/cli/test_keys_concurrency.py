@@ -1,4 +1,4 @@
-"""`keys rotate`, `keys retire` and `token issue` run at once, as separate processes on
+"""`keys rotate`, `keys retire`, `token issue` and `init` run at once, as separate processes on
 one home: no key is lost from the ring, and every token issued verifies until it expires."""
 
 from __future__ import annotations
@@ -97,3 +97,31 @@ def test_a_retire_beside_rotations_keeps_their_keys_and_they_keep_it(
     assert set(made) < set(ring.keys) and len(ring.keys) == 3 + len(made)
     assert sorted(ring.keys) == key_files(isolated_home / "keys")
     assert [ring.keys[kid].status for kid in old] == ["retired"] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exist_ok", [False, True], ids=["init", "init --exist-ok"])
+def test_concurrent_inits_of_a_new_home_make_one_key(
+        db_url: str, isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
+        exist_ok: bool) -> None:
+    """Two of four inits at once exited 0 naming different keys; the ring held one of them,
+    so tokens signed by the other never verified. Now one init makes the home and the others
+    do what an init run after it does: refuse (ALREADY_EXISTS), or with --exist-ok name its
+    key."""
+    monkeypatch.setenv("MCPBILL_DB_URL", db_url)
+    command = ("init", "--json", *(["--exist-ok"] if exist_ok else []))
+    results = run_at_once(*[command] * 4)
+    made = [data_of(r) for r in results if r.returncode == 0 and json.loads(r.stdout)[
+        "data"]["created"]]
+    assert len(made) == 1, [r.stdout for r in results]
+    kid = made[0]["kid"]
+    for result in results:
+        if exist_ok:
+            assert data_of(result)["kid"] == kid
+        elif result.returncode != 0:
+            assert result.returncode == 7, result.stdout
+            [error] = json.loads(result.stdout)["errors"]
+            assert error["code"] == "ALREADY_EXISTS"
+            assert "is already initialized; nothing was changed" in error["message"]
+    assert list(KeyRing.load(isolated_home / "keys").keys) == [kid]
+    assert key_files(isolated_home / "keys") == [kid]
