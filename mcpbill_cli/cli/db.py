@@ -15,7 +15,11 @@ app = typer.Typer(help="Ledger schema: status and migrations.", no_args_is_help=
 @handles_errors
 def upgrade(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Migrate the ledger to this version's schema (creates the tables on an empty database),
-    then seal the audit trail with the home's signing key, if it has one."""
+    then seal the audit trail with the home's signing key, if it has one.
+
+    The home's own ledger is made by `mcpbill init`; a ledger that --db-url or
+    MCPBILL_DB_URL names may be new.
+    """
     from mcpbill_cli.ledger import schema
 
     st = state(ctx)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mcpbill_cli.config import Settings, load_settings
+from mcpbill_cli.config import Settings, default_db_url, load_settings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -31,13 +31,15 @@ class State:
     def engine(self, *, check: bool = True, create: bool = False) -> Engine:
         """The ledger engine; with ``check`` a missing or outdated schema is refused.
 
-        Only ``create`` (`db upgrade`) may start a SQLite ledger file: anything else on a
-        mistyped ``--home`` would leave a stray home and an empty ledger behind.
+        Only ``create`` (`db upgrade`) may start a SQLite ledger file, and only one named by
+        --db-url, MCPBILL_DB_URL or config.toml: anything else on a mistyped ``--home`` would
+        leave a stray home and an empty ledger behind. The home's own ledger is started by
+        `mcpbill init`, with the keys and config that make the home.
         """
         from mcpbill_cli.ledger.engine import check_schema, make_engine, start_sqlite_file
 
         if self._engine is None:
-            if create:
+            if create and self.settings.db_url != default_db_url(self.settings.home):
                 start_sqlite_file(self.settings.db_url)
             else:
                 self._refuse_missing_ledger()

@@ -103,6 +103,37 @@ def test_db_upgrade_still_creates_a_ledger(cli: Invoke, tmp_path: Path) -> None:
     assert (tmp_path / "new" / "ledger.db").exists()
 
 
+def test_db_upgrade_on_a_mistyped_home_is_not_initialized_and_creates_nothing(
+        cli: Invoke, tmp_path: Path) -> None:
+    """It made the home and a ledger in it and exited 0, where every other command says
+    NOT_INITIALIZED: then `wallet fund --demo` funded the half-made home, and `init` said it
+    created the ledger that held those funds."""
+    mistyped = tmp_path / "typo" / "home"
+    result = cli("--home", str(mistyped), "db", "upgrade", "--json")
+    assert result.exit_code == 9, result.output
+    assert str(mistyped) in error_json(result, "NOT_INITIALIZED")["message"]
+    assert not (tmp_path / "typo").exists()
+    said = cli("--home", str(mistyped), "db", "upgrade")
+    assert said.exit_code == 9 and said.stdout == ""
+    assert f"NOT_INITIALIZED: no mcpbill home at {mistyped}" in " ".join(said.stderr.split())
+    assert not (tmp_path / "typo").exists()
+
+
+def test_db_upgrade_does_not_start_a_lost_ledger_of_the_home(
+        cli: Invoke, isolated_home: Path) -> None:
+    """An initialized home whose ledger file is gone: an empty ledger in its place would pass
+    for it (its tenants' balances gone, its tokens unknown). The missing file is named, as
+    by any other command."""
+    assert cli("init").exit_code == 0
+    ledger = isolated_home / "ledger.db"
+    ledger.unlink()
+    result = cli("db", "upgrade", "--json")
+    assert result.exit_code == 9, result.output
+    message = error_json(result, "NOT_INITIALIZED")["message"]
+    assert str(ledger) in message and "db_url" in message
+    assert not ledger.exists()
+
+
 def test_init_exist_ok_creates_a_missing_home(cli: Invoke, isolated_home: Path) -> None:
     data = ok_json(cli("init", "--exist-ok", "--json"))
     assert data["created"] and (isolated_home / "keys" / "keyring.json").exists()
