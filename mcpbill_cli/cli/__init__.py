@@ -6,13 +6,14 @@ import importlib
 import itertools
 import os
 import sys
+from contextlib import suppress
 from typing import Annotated
 
 import typer
 
 from mcpbill_cli.__about__ import __version__
-from mcpbill_cli.cli import complete
-from mcpbill_cli.cli.output import envelope, exit_code, print_json, redacted
+from mcpbill_cli.cli import complete, streams
+from mcpbill_cli.cli.output import envelope, exit_code, printed_json, redacted
 from mcpbill_cli.cli.state import State
 from mcpbill_cli.config import ENV_DB_URL, ENV_HOME
 
@@ -139,17 +140,22 @@ CLOSED_PIPE_EXIT = 0
 
 
 def main() -> None:
-    """Console entry point: a run whose reader closed stdout ends quietly, with status 0."""
+    """Console entry point: a run whose reader closed stdout ends quietly, with status 0; one
+    whose stdout cannot be written fails with a code (streams.py)."""
     stdout_at_start = _stdout_stat()
+    streams.prepare()
     try:
         _main()
-        sys.stdout.flush()
     except BrokenPipeError:
         _exit_on_closed_pipe()
-    except SystemExit:
+    except OSError as exc:  # what Typer prints itself (--help) on a stdout that fails
+        if exc.filename not in (None, "<stdout>"):
+            raise
+        sys.exit(streams.settle(streams.unwritable(exc)))
+    except SystemExit as done:
         if _click_saw_closed_pipe() or _rich_saw_closed_pipe(stdout_at_start):
             _exit_on_closed_pipe()
-        raise
+        sys.exit(streams.settle(done.code))
 
 
 def _stdout_stat() -> os.stat_result | None:
@@ -209,15 +215,15 @@ def _main() -> None:
         sys.exit(exit_code("USAGE_ERROR"))  # Typer printed the help
     except ClickException as exc:
         exc.message = redacted(exc.message)
-        if as_json:
-            print_json(envelope(None, [{"code": "USAGE_ERROR",
-                                        "message": redacted(exc.format_message())}]))
+        if as_json and printed_json(envelope(None, [{
+                "code": "USAGE_ERROR", "message": redacted(exc.format_message())}])):
             sys.exit(exit_code("USAGE_ERROR"))
-        if sys.stderr.isatty():
-            from typer import rich_utils
+        with suppress(OSError):  # a closed or full stderr: the exit status still tells
+            if sys.stderr.isatty():
+                from typer import rich_utils
 
-            rich_utils.rich_format_error(exc)
-        else:  # a log: Click's plain lines, not a box wrapped at 80 columns
-            exc.show()
+                rich_utils.rich_format_error(exc)
+            else:  # a log: Click's plain lines, not a box wrapped at 80 columns
+                exc.show()
         sys.exit(exc.exit_code)
     sys.exit(result if isinstance(result, int) else 0)

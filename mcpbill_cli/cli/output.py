@@ -17,7 +17,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import PurePath
 from typing import IO, Annotated, Any, NoReturn, ParamSpec, TypeVar
@@ -109,10 +109,13 @@ class _LazyConsole:
     rich.console costs start-up time on every command.
 
     Off a terminal (a pipe, a file, a CI log) it never hard-wraps: a long line stays one line.
+    A ``best_effort`` console (stderr's) drops what it cannot write: talk that a closed or full
+    stderr cannot take must not turn a command that was done into a failure.
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, best_effort: bool = False, **options: Any) -> None:
         self._options = options
+        self._best_effort = best_effort
         self._console: Any = None
 
     def get(self) -> Any:
@@ -128,12 +131,19 @@ class _LazyConsole:
                 self._console.width = shutil.get_terminal_size().columns  # skips COLUMNS<=0
         return self._console
 
+    def print(self, *objects: Any, **options: Any) -> None:
+        try:
+            self.get().print(*objects, **options)
+        except OSError:
+            if not self._best_effort:
+                raise
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.get(), name)
 
 
 out: Any = _LazyConsole(markup=False, highlight=False, soft_wrap=True)
-err: Any = _LazyConsole(stderr=True, highlight=False)
+err: Any = _LazyConsole(stderr=True, highlight=False, best_effort=True)
 
 
 def is_terminal(stream: IO[str]) -> bool:
@@ -206,12 +216,13 @@ def emit_listing(items: Sequence[Any], columns: Sequence[Column], *, output: Out
     """Print ``items`` as a table (tab-separated lines off a terminal), their ``records`` (one
     JSON object per item) as CSV, or the JSON envelope of ``data`` (the records unless given).
     """
-    if output is Output.json:
-        print_json(envelope(records if data is None else data))
-    elif output is Output.csv:
-        write_csv(records)
-    else:
-        show_listing(items, columns, title=title)
+    with printing():
+        if output is Output.json:
+            print_json(envelope(records if data is None else data))
+        elif output is Output.csv:
+            write_csv(records)
+        else:
+            show_listing(items, columns, title=title)
 
 
 def show_listing(items: Sequence[Any], columns: Sequence[Column], *, title: str | None = None,
@@ -391,35 +402,64 @@ def print_json(document: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
 
 
+def printed_json(document: dict[str, Any]) -> bool:
+    """Print ``document`` on stdout and flush it; False when stdout cannot take it (closed, a
+    full disk, its reader gone)."""
+    try:
+        print_json(document)
+        sys.stdout.flush()
+    except OSError:
+        return False
+    return True
+
+
 def emit(data: Any, *, as_json: bool, human: Callable[[], None],
          lost: str | None = None) -> None:
-    """Print ``data`` as the JSON envelope, or call ``human`` to render it for a person.
+    """Print ``data`` as the JSON envelope, or call ``human`` to render it for a person; a
+    ``human`` prints the result on stdout before any talk on stderr.
 
-    ``lost`` is for output nothing else can give again (a credit token): said on stderr when
-    stdout turns out to be closed, since the command's effect stands and the run still ends
-    as a closed pipe does (status 0). Output a reader drops unread after it was written is
-    past telling."""
-    try:
+    ``lost`` is for output nothing else can give again (a credit token, a signing secret): what
+    was done and how to undo it. A reader that closed stdout hears it on stderr, and the run
+    still ends as a closed pipe does (status 0); a stdout that cannot be written (closed, a
+    full disk) fails the command with FILE_UNAVAILABLE, whose message carries it. Output a
+    reader drops unread after it was written is past telling."""
+    with printing(lost):
         if as_json:
             print_json(envelope(data))
         else:
             human()
-        if lost is not None:
-            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+
+
+@contextmanager
+def printing(lost: str | None = None) -> Iterator[None]:
+    """Print a result in the block, then flush it, so that a stdout that fails shows here and
+    not in the interpreter's last flush: as FILE_UNAVAILABLE naming stdout, or as a closed
+    pipe (see :func:`emit` for ``lost``)."""
+    try:
+        yield
+        sys.stdout.flush()
     except BrokenPipeError:
         if lost is not None:
             say(f"[yellow]stdout was closed[/]: {lost}")
         raise
+    except OSError as exc:
+        reason = f"cannot write to stdout: {exc.strerror or exc}"
+        raise FileUnavailable(reason if lost is None else f"{reason}; {lost}",
+                              path="<stdout>") from None
 
 
 def fail(exc: BillingError, *, as_json: bool) -> NoReturn:
-    code = exit_code(exc.code)
-    if as_json:
-        print_json(envelope(None, [redacted(exc.to_dict())]))
-    else:
-        err.print(f"[bold red]error[/] [dim]{exc.code}[/]: ", end="")
-        err.print(exc.message, markup=False)
-    raise typer.Exit(code)
+    """End the command with ``exc``'s exit status, told as the JSON envelope with ``--json``
+    (on stderr when stdout cannot take it: the failure may be stdout's own)."""
+    if not (as_json and printed_json(envelope(None, [redacted(exc.to_dict())]))):
+        tell(exc)
+    raise typer.Exit(exit_code(exc.code))
+
+
+def tell(exc: BillingError) -> None:
+    """Say ``exc`` on stderr, as ``error CODE: message``."""
+    err.print(f"[bold red]error[/] [dim]{exc.code}[/]: ", end="")
+    err.print(exc.message, markup=False)
 
 
 def redacted(value: Any) -> Any:
@@ -535,15 +575,18 @@ def say(message: str) -> None:
 
     Off a terminal the line is written as plain text, markup removed and never wrapped, without
     making a Rich console: importing rich.console is a sixth of what `token issue` may spend
-    beyond its import floor (bench/cli_startup.py)."""
-    if sys.stderr.isatty():
+    beyond its import floor (bench/cli_startup.py). Best effort: a closed or full stderr drops
+    the line, and the command's outcome stands."""
+    if is_terminal(sys.stderr):
         err.print(message)
         return
     if "[" in message:
         from rich.markup import render
 
         message = render(message, emoji=False).plain
-    sys.stderr.write(message + "\n")
+    if sys.stderr is not None:  # None: started without one, outside `mcpbill` (streams.py)
+        with suppress(OSError):
+            sys.stderr.write(message + "\n")
 
 
 def with_usd(value: Any, *amount_fields: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from mcpbill_cli.cli.output import (
     is_terminal,
     output_format,
     print_json,
+    printing,
     progress_bar,
     say,
     show_listing,
@@ -147,8 +148,10 @@ def reconcile(
         say(f"reconciling {rfc3339(window.start)} .. {rfc3339(window.end)}")
     with progress_bar("reconciling", unit="", shown=chosen is Output.table):
         report = run_reconcile(st.engine(), options)
-    _render(report, strict=strict, output=chosen,
-            dimensions=[d.value for d in by] if by else ["tenant", "tool"], max_rows=max_rows)
+    with printing():
+        _render(report, strict=strict, output=chosen,
+                dimensions=[d.value for d in by] if by else ["tenant", "tool"],
+                max_rows=max_rows)
     if report.failed(strict=strict):
         raise typer.Exit(FINDINGS_EXIT_CODE)
 
@@ -349,7 +352,8 @@ def export(
             "exporting", unit="events", shown=not as_json) as progress:
         if out_file is None:
             sink: Any = _Counted(sys.stdout, progress)
-            result = export_events(conn, sink, **bounds)  # type: ignore[arg-type]
+            with printing():
+                result = export_events(conn, sink, **bounds)  # type: ignore[arg-type]
         else:
             with atomic_text_file(out_file) as fh:
                 sink = _Counted(fh, progress)

@@ -130,9 +130,6 @@ def issue(
 
             tenant_debited(conn, account=tenant_account(issued.claims.tenant),
                            amount=issued.claims.limit, at=issued.claims.issued_at)
-    if tenant and tenant != issued.claims.tenant:
-        say(f"[yellow]note[/]: a child token belongs to its parent's tenant "
-            f"{issued.claims.tenant}")
     claims = issued.claims
     data = {"token": issued.token, "jti": claims.jti, "tenant": claims.tenant,
             "agent": claims.agent, "scope": list(claims.scope), "audience": claims.audience,
@@ -141,6 +138,7 @@ def issue(
             **_terms_data(request.terms)}
 
     def human() -> None:
+        typer.echo(issued.token)  # first: the one thing the caller must get
         say(f"issued {claims.jti}: {format_usd(claims.limit)} USDC for {claims.agent} "
             f"({claims.tenant}), expires {claims.expires_at:%Y-%m-%d %H:%M:%SZ}")
         if claims.rates:
@@ -149,11 +147,12 @@ def issue(
                 f"{'; ' if any(r.spend for r in claims.rates) else ''}"
                 f"{', '.join(r.render() for r in claims.rates if r.spend)}"
                 f"{' USDC' if any(r.spend for r in claims.rates) else ''}")
-        typer.echo(issued.token)
 
     emit(data, as_json=as_json, human=human,
          lost=f"token {claims.jti} was issued but not printed; `mcpbill revoke "
               f"{claims.jti}` returns its {format_usd(claims.limit)} USDC to the tenant")
+    if tenant and tenant != claims.tenant:
+        say(f"[yellow]note[/]: a child token belongs to its parent's tenant {claims.tenant}")
 
 
 @app.command("list")

@@ -84,8 +84,8 @@ def extend(
             "previous_expires_at": rfc3339(done.previous_expires_at)}
 
     def human() -> None:
+        typer.echo(done.token)  # first: what the caller must get
         say(f"extended {done.jti} to {data['expires_at']} (was {data['previous_expires_at']}); "
             "the earlier JWT still expires then")
-        typer.echo(done.token)
 
     emit(data, as_json=as_json, human=human)

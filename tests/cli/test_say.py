@@ -14,7 +14,7 @@ def test_talk_in_a_pipe_is_plain_one_line_each(ledger_cli: Invoke) -> None:
     result = ledger_cli("token", "issue", "--limit", "0.5", "--parent", parent["jti"],
                         "--tenant", "other", "--agent", agent)
     assert result.exit_code == 0, result.output
-    note, issued = result.stderr.splitlines()  # "[yellow]note[/]": the markup is gone
+    issued, note = result.stderr.splitlines()  # "[yellow]note[/]": the markup is gone
     assert note == "note: a child token belongs to its parent's tenant default"
     assert issued.startswith("issued tok_") and f"for {agent} (default)" in issued
     listed = json.loads(ledger_cli("token", "list", "--json").stdout)["data"]

@@ -1,0 +1,144 @@
+"""Standard streams as scripts leave them: closed (``>&-``), on a full disk (``>/dev/full``).
+
+What a command did stands whatever happens to its output: a result stdout cannot take is
+FILE_UNAVAILABLE, with what was done and how to undo it on stderr; talk stderr cannot take is
+dropped. Never a traceback, never Python's exit status 120. Each run goes through bash, as a
+script's redirections do, with stdout block-buffered as in a shell (no PYTHONUNBUFFERED)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcpbill_cli.cli.output import EXIT_CODES
+
+MCPBILL = str(Path(sys.executable).with_name("mcpbill"))
+FILE_UNAVAILABLE = EXIT_CODES["FILE_UNAVAILABLE"]
+STDOUT_FAILURES = [">/dev/full", ">&-"]
+
+
+@pytest.fixture
+def env(isolated_home: Path) -> dict[str, str]:
+    """A demo home with 5 USDC for the default tenant; a shell's environment."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for args in (["init", "--mode", "demo"], ["wallet", "fund", "--demo", "5"]):
+        subprocess.run([MCPBILL, *args], env=environ, capture_output=True, check=True,
+                       timeout=60)
+    return environ
+
+
+def sh(environ: dict[str, str], *args: str, redirect: str) -> subprocess.CompletedProcess[str]:
+    """``mcpbill ARGS REDIRECT`` run by bash; what it left on the other streams, captured."""
+    line = f"{shlex.join([MCPBILL, *args])} {redirect}"
+    return subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=environ,
+                          check=False, timeout=60)
+
+
+def data(environ: dict[str, str], *args: str) -> Any:
+    proc = subprocess.run([MCPBILL, *args, "--json"], capture_output=True, text=True,
+                          env=environ, check=True, timeout=60)
+    return json.loads(proc.stdout)["data"]
+
+
+def new_tokens(environ: dict[str, str], before: set[str]) -> list[dict[str, Any]]:
+    return [t for t in data(environ, "token", "list") if t["jti"] not in before]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize("unbuffered", [False, True])
+@pytest.mark.parametrize("redirect", STDOUT_FAILURES)
+def test_a_token_stdout_cannot_take_is_file_unavailable_and_named(
+        env: dict[str, str], redirect: str, unbuffered: bool, as_json: bool) -> None:
+    """The token is allotted and cannot be printed again: exit 3, and stderr names it and how to
+    give its credit back (it was INTERNAL_ERROR, or an AttributeError with stdout closed)."""
+    environ = {**env, "PYTHONUNBUFFERED": "1"} if unbuffered else env
+    before = {t["jti"] for t in data(env, "token", "list")}
+    proc = sh(environ, "token", "issue", "--limit", "0.1", *(["--json"] if as_json else []),
+              redirect=redirect)
+    [issued] = new_tokens(env, before)
+    assert proc.returncode == FILE_UNAVAILABLE, proc.stderr
+    [said] = proc.stderr.splitlines()
+    assert said.startswith("error FILE_UNAVAILABLE: cannot write to stdout: "), said
+    assert (f"token {issued['jti']} was issued but not printed; `mcpbill revoke "
+            f"{issued['jti']}` returns its 0.10 USDC to the tenant") in said
+    assert "eyJ" not in proc.stderr  # the credential itself is never on stderr
+    assert issued["status"] == "active"
+    data(env, "revoke", issued["jti"])
+    assert data(env, "wallet", "balance")["available_usd"] == "5.00"
+
+
+@pytest.mark.parametrize("redirect", ["2>/dev/full", "2>&-"])
+def test_a_token_is_printed_whatever_becomes_of_the_talk(env: dict[str, str],
+                                                         redirect: str) -> None:
+    """`T=$(mcpbill token issue ... 2>/dev/full)` got exit 1 and no token, the token allotted."""
+    before = {t["jti"] for t in data(env, "token", "list")}
+    proc = sh(env, "token", "issue", "--limit", "0.1", redirect=redirect)
+    [issued] = new_tokens(env, before)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.count(".") == 2 and proc.stdout.startswith("eyJ"), proc.stdout
+    inspected = subprocess.run([MCPBILL, "token", "inspect", "-", "--json"], input=proc.stdout,
+                               capture_output=True, text=True, env=env, check=True, timeout=60)
+    assert json.loads(inspected.stdout)["data"]["jti"] == issued["jti"]
+
+
+@pytest.mark.parametrize("redirect", ["2>/dev/full", "2>&-"])
+def test_a_fund_whose_talk_is_lost_is_done_once_and_says_so(env: dict[str, str],
+                                                           redirect: str) -> None:
+    """`wallet fund --demo 1 2>&-` funded and exited 1: a script that retried funded twice."""
+    proc = sh(env, "wallet", "fund", "--demo", "1", redirect=redirect)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert data(env, "wallet", "balance")["funded_usd"] == "6.00"
+
+
+def test_the_token_comes_before_the_talk(env: dict[str, str]) -> None:
+    """The result is written first: talk that blocks or fails comes after what must be got."""
+    proc = sh(env, "token", "issue", "--limit", "0.1", "--rate", "5/s", redirect="2>&1")
+    assert proc.returncode == 0, proc.stdout
+    token, *talk = proc.stdout.splitlines()
+    assert token.startswith("eyJ") and talk[0].startswith("issued tok_"), proc.stdout
+    assert talk[1] == "rate limits: 5/s calls"
+
+
+@pytest.mark.parametrize("redirect", STDOUT_FAILURES)
+@pytest.mark.parametrize("args", [("token", "list"), ("token", "list", "--json"),
+                                  ("tenant", "list", "--output", "csv"), ("--help",),
+                                  ("events", "export"), ("reconcile", "--json")],
+                         ids=" ".join)
+def test_output_stdout_cannot_take_is_file_unavailable(env: dict[str, str], redirect: str,
+                                                       args: tuple[str, ...]) -> None:
+    """`token list --json >&-` printed a traceback (AttributeError on None); `>/dev/full` ended
+    in INTERNAL_ERROR or Python's own exit status 120."""
+    proc = sh(env, *args, redirect=redirect)
+    assert proc.returncode == FILE_UNAVAILABLE, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(
+        "error FILE_UNAVAILABLE: cannot write to stdout: "), proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+@pytest.mark.parametrize("redirect", STDOUT_FAILURES)
+def test_a_failure_stdout_cannot_take_keeps_its_code_and_is_told_on_stderr(
+        env: dict[str, str], redirect: str) -> None:
+    proc = sh(env, "token", "show", "tok_missing", "--json", redirect=redirect)
+    assert proc.returncode == EXIT_CODES["NOT_FOUND"], proc.stderr
+    [said] = proc.stderr.splitlines()
+    assert said.startswith("error NOT_FOUND: no token tok_missing"), said
+
+
+def test_a_usage_error_stdout_cannot_take_is_told_on_stderr(env: dict[str, str]) -> None:
+    proc = sh(env, "token", "list", "--bogus", "--json", redirect=">&-")
+    assert proc.returncode == EXIT_CODES["USAGE_ERROR"], proc.stderr
+    assert "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_no_stream_at_all_still_exits_with_the_code(env: dict[str, str]) -> None:
+    before = {t["jti"] for t in data(env, "token", "list")}
+    proc = sh(env, "token", "issue", "--limit", "0.1", redirect=">&- 2>&-")
+    assert proc.returncode == FILE_UNAVAILABLE
+    assert len(new_tokens(env, before)) == 1
