@@ -70,13 +70,16 @@ def add(
         endpoint, secret = outbox.add_endpoint(conn, url, types, at=at)
     _owner_only(st.settings.db_url)
     data = {**_endpoint_json(endpoint), "secret": secret}
-    emit(data, as_json=as_json, human=lambda: _print_secret(endpoint.id, secret))
+    emit(data, as_json=as_json, human=lambda: _print_secret(endpoint.id, secret),
+         lost=f"webhook endpoint {endpoint.id} was added but its signing secret, never shown "
+              f"again, was not printed; `mcpbill webhooks remove {endpoint.id}` removes it, "
+              "then add it again")
 
 
 def _print_secret(endpoint_id: str, secret: str) -> None:
-    say(f"added webhook endpoint {endpoint_id}; its signing secret follows, shown this once: "
-        "give it to the receiver")
-    typer.echo(secret)
+    typer.echo(secret)  # first: the one thing the receiver must get
+    say(f"added webhook endpoint {endpoint_id}; its signing secret, shown this once, is on "
+        "stdout: give it to the receiver")
 
 
 def _owner_only(db_url: str) -> None:

@@ -142,3 +142,37 @@ def test_no_stream_at_all_still_exits_with_the_code(env: dict[str, str]) -> None
     proc = sh(env, "token", "issue", "--limit", "0.1", redirect=">&- 2>&-")
     assert proc.returncode == FILE_UNAVAILABLE
     assert len(new_tokens(env, before)) == 1
+
+
+@pytest.mark.parametrize("redirect", STDOUT_FAILURES)
+def test_a_webhook_secret_stdout_cannot_take_says_how_to_remove_the_endpoint(
+        env: dict[str, str], redirect: str) -> None:
+    """The endpoint was added with a secret nobody had: exit 0 with stdout closed,
+    INTERNAL_ERROR on a full disk, and no word of how to undo it."""
+    proc = sh(env, "webhooks", "add", "https://ops.example.com/hooks", redirect=redirect)
+    [endpoint] = data(env, "webhooks", "list")
+    assert proc.returncode == FILE_UNAVAILABLE, proc.stderr
+    [said] = proc.stderr.splitlines()
+    assert said.startswith("error FILE_UNAVAILABLE: cannot write to stdout: "), said
+    assert (f"webhook endpoint {endpoint['id']} was added but its signing secret, never shown "
+            f"again, was not printed; `mcpbill webhooks remove {endpoint['id']}` removes it"
+            ) in said
+    assert "whsec_" not in proc.stderr
+    data(env, "webhooks", "remove", endpoint["id"])
+    assert data(env, "webhooks", "list") == []
+
+
+def test_a_webhook_secret_into_a_closed_pipe_is_named_on_stderr(env: dict[str, str]) -> None:
+    """A reader gone before the secret: the run ends as a closed pipe does (status 0), and
+    stderr names the endpoint to remove."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([MCPBILL, "webhooks", "add", "https://ops.example.com/hooks"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                          check=False, timeout=60)
+    os.close(write_end)
+    [endpoint] = data(env, "webhooks", "list")
+    assert proc.returncode == 0, proc.stderr
+    assert (f"stdout was closed: webhook endpoint {endpoint['id']} was added but its signing "
+            "secret") in proc.stderr
+    assert "whsec_" not in proc.stderr
