@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from mcpbill_cli.cli.output import is_terminal
 from mcpbill_cli.errors import ConfirmationRequired
 
 YesOption = Annotated[bool, typer.Option(
@@ -22,7 +23,7 @@ def confirm(action: str, *, yes: bool) -> None:
     """Return if the operator agrees to ``action`` (or passed --yes); refuse otherwise."""
     if yes:
         return
-    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+    if not (is_terminal(sys.stdin) and is_terminal(sys.stderr)):
         raise ConfirmationRequired(f"not confirmed: {action}. There is no terminal to ask on: "
                                    "pass --yes to go ahead. Nothing was changed.")
     try:

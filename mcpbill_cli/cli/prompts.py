@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from mcpbill_cli.cli.output import is_terminal
 from mcpbill_cli.errors import NoTerminal
 
 
@@ -20,7 +21,7 @@ def secret(variable: str, question: str, *, confirm: bool = False) -> str:
     value = os.environ.get(variable)
     if value:
         return value
-    if not sys.stdin.isatty():
+    if not is_terminal(sys.stdin):
         raise NoTerminal(f"the {question} is needed and stdin is not a terminal to ask it on: "
                          f"set {variable}", variable=variable)
     return str(typer.prompt(question, hide_input=True, confirmation_prompt=confirm, err=True))

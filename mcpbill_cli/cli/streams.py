@@ -17,7 +17,7 @@ from typing import Any
 from mcpbill_cli.cli.output import exit_code, tell
 from mcpbill_cli.errors import FileUnavailable
 
-STDOUT, STDERR = 1, 2
+STDIN, STDOUT, STDERR = 0, 1, 2
 
 
 class ClosedStream(io.TextIOBase):
@@ -46,8 +46,12 @@ def prepare() -> None:
     """Fill in closed standard streams.
 
     A closed descriptor gets /dev/null, so no file the run opens takes its number. Then a closed
-    stdout fails each write (:class:`ClosedStream`) and a closed stderr drops what is said: talk
-    is best effort."""
+    stdin reads as /dev/null does (nothing piped in, no terminal to ask on), a closed stdout
+    fails each write (:class:`ClosedStream`) and a closed stderr drops what is said: talk is
+    best effort."""
+    if sys.stdin is None:
+        _hold(STDIN, os.O_RDONLY)
+        sys.stdin = open(STDIN, closefd=False)
     if sys.stdout is None:
         _hold(STDOUT, os.O_WRONLY)
         sys.stdout = ClosedStream("stdout")

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mcpbill_cli.cli.output import EXIT_CODES
+from tests.cli.conftest import tree_snapshot
 
 MCPBILL = str(Path(sys.executable).with_name("mcpbill"))
 FILE_UNAVAILABLE = EXIT_CODES["FILE_UNAVAILABLE"]
@@ -176,3 +177,38 @@ def test_a_webhook_secret_into_a_closed_pipe_is_named_on_stderr(env: dict[str, s
     assert (f"stdout was closed: webhook endpoint {endpoint['id']} was added but its signing "
             "secret") in proc.stderr
     assert "whsec_" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (("revoke", "--tenant", "default"), "CONFIRMATION_REQUIRED"),
+    (("init", "--force"), "CONFIRMATION_REQUIRED"),
+    (("wallet", "create"), "NO_TERMINAL"),
+    (("token", "inspect"), "USAGE_ERROR"),
+], ids=lambda value: " ".join(value) if isinstance(value, tuple) else value)
+def test_a_closed_stdin_is_no_terminal_as_dev_null_is(env: dict[str, str], isolated_home: Path,
+                                                      args: tuple[str, ...], code: str) -> None:
+    """`revoke --tenant default <&-` was INTERNAL_ERROR (None has no isatty) where README says
+    25 and `</dev/null` gave it; nothing may change either way."""
+    data(env, "token", "issue", "--limit", "1")
+    before = tree_snapshot(isolated_home), data(env, "token", "list")
+    closed = sh(env, *args, "--json", redirect="<&-")
+    null = sh(env, *args, "--json", redirect="</dev/null")
+    assert closed.returncode == EXIT_CODES[code], closed
+    assert (closed.returncode, closed.stdout) == (null.returncode, null.stdout)
+    assert [e["code"] for e in json.loads(closed.stdout)["errors"]] == [code]
+    assert (tree_snapshot(isolated_home), data(env, "token", "list")) == before
+    assert not (isolated_home / "keys" / "wallet.json").exists()
+
+
+def test_the_questions_take_a_missing_stdin_for_no_terminal(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """Outside the entry point (which stands /dev/null in), stdin may still be None."""
+    from mcpbill_cli.cli.confirm import confirm
+    from mcpbill_cli.cli.prompts import secret
+    from mcpbill_cli.errors import ConfirmationRequired, NoTerminal
+
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(ConfirmationRequired, match="pass --yes"):
+        confirm("Drop the ledger", yes=False)
+    with pytest.raises(NoTerminal, match="MCPBILL_KEYSTORE_PASSWORD"):
+        secret("MCPBILL_KEYSTORE_PASSWORD", "keystore password")
