@@ -43,12 +43,14 @@ class ClosedStream(io.TextIOBase):
 
 
 def prepare() -> None:
-    """Fill in closed standard streams.
+    """Fill in closed standard streams, and let stdout show any text.
 
     A closed descriptor gets /dev/null, so no file the run opens takes its number. Then a closed
     stdin reads as /dev/null does (nothing piped in, no terminal to ask on), a closed stdout
     fails each write (:class:`ClosedStream`) and a closed stderr drops what is said: talk is
-    best effort."""
+    best effort. A character the terminal's encoding cannot show (``LC_ALL=C``,
+    ``PYTHONIOENCODING=latin-1``) is escaped, ``caf\\xe9``, as ``output.shown`` escapes control
+    characters: it failed the command with a UnicodeEncodeError (stderr escapes already)."""
     if sys.stdin is None:
         _hold(STDIN, os.O_RDONLY)
         sys.stdin = open(STDIN, closefd=False)
@@ -57,7 +59,9 @@ def prepare() -> None:
         sys.stdout = ClosedStream("stdout")
     if sys.stderr is None:
         _hold(STDERR, os.O_WRONLY)
-        sys.stderr = open(STDERR, "w", closefd=False)
+        sys.stderr = open(STDERR, "w", errors="backslashreplace", closefd=False)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def settle(status: Any) -> Any:

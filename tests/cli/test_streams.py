@@ -212,3 +212,26 @@ def test_the_questions_take_a_missing_stdin_for_no_terminal(monkeypatch: pytest.
         confirm("Drop the ledger", yes=False)
     with pytest.raises(NoTerminal, match="MCPBILL_KEYSTORE_PASSWORD"):
         secret("MCPBILL_KEYSTORE_PASSWORD", "keystore password")
+
+
+@pytest.mark.parametrize(("encoding", "cafe"), [
+    ({"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}, b"caf\\xe9"),
+    ({"PYTHONIOENCODING": "latin-1"}, "café".encode("latin-1")),
+], ids=["C locale", "latin-1"])
+@pytest.mark.parametrize("output", ["table", "csv"])
+def test_a_name_the_terminal_cannot_show_is_escaped(env: dict[str, str],
+                                                    encoding: dict[str, str], cafe: bytes,
+                                                    output: str) -> None:
+    """`LC_ALL=C mcpbill tenant list` with a tenant named café was INTERNAL_ERROR
+    (UnicodeEncodeError), nothing listed."""
+    for tenant in ("café", "東京"):
+        data(env, "wallet", "fund", "--demo", "1", "--tenant", tenant)
+    environ = {name: value for name, value in env.items()
+               if not name.startswith(("LC_", "LANG", "PYTHONIOENCODING", "PYTHONUTF8"))}
+    proc = subprocess.run([MCPBILL, "tenant", "list", "--output", output],
+                          env={**environ, **encoding}, capture_output=True, check=False,
+                          timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, b""), proc.stderr
+    separator = b"\t" if output == "table" else b","
+    tenants = [line.split(separator)[0] for line in proc.stdout.splitlines()[1:]]
+    assert sorted(tenants) == sorted([b"default", cafe, b"\\u6771\\u4eac"])
