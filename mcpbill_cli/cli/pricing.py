@@ -126,7 +126,7 @@ def validate(
     """Check a pricing file without changing anything; exit 10 with the key path if it is bad,
     or if the home's ledger charged with other prices under its version.
 
-    When the file turns x402 on (``[x402]``), it also says whether this home can accept x402
+    When the file turns x402 on (``\\[x402]``), it also says whether this home can accept x402
     payments under it and, if not, every reason why (a warning: the file is still valid).
 
     Example: mcpbill pricing validate new-pricing.toml --json | jq '.data.x402.reasons'

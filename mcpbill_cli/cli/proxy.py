@@ -53,13 +53,13 @@ def proxy(
     trace: Annotated[bool, typer.Option(
         "--trace", help="OpenTelemetry spans of each tool call, joined to the agent's trace "
                         "(_meta traceparent), exported as the OTEL_* variables say (default "
-                        "OTLP over HTTP to localhost:4318). Needs mcpbill[otel].")] = False,
+                        "OTLP over HTTP to localhost:4318). Needs mcpbill\\[otel].")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Serve an MCP endpoint that forwards to an upstream MCP server and bills its tool calls.
 
     Each tools/call is priced by the pricing table: a paid call needs a credit token
-    (_meta "dev.mcpbill/token"; Authorization: Bearer only with [mcp] authorization = "bearer"
+    (_meta "dev.mcpbill/token"; Authorization: Bearer only with \\[mcp] authorization = "bearer"
     in config.toml, for tokens issued to its resource), is held before it is forwarded, captured
     with a signed receipt when the upstream succeeds, and voided when it errs, times out or
     fails. Free tools and every other request pass through, each agent session to an upstream

@@ -62,7 +62,7 @@ def issue(
         autocompletion=complete.tools)] = None,
     aud: Annotated[str | None, typer.Option(
         "--audience", "--aud", help="Audience: the server(s) that accept it; for a server "
-        "that takes it as Authorization: Bearer, that server's canonical URI ([mcp] resource).",
+        "that takes it as Authorization: Bearer, that server's canonical URI (\\[mcp] resource).",
         show_default="config audience")] = None,
     parent: Annotated[str | None, typer.Option(
         "--parent", help="Parent jti: fund a sub-agent's child token from the parent's credit.",

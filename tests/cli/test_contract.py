@@ -4,11 +4,14 @@ failure too), committed completion scripts that match what the CLI generates."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
 from typer.main import get_command
+from typer.testing import CliRunner
 
 from mcpbill_cli import Receipt, Verifier
 from mcpbill_cli.cli import app
@@ -55,6 +58,52 @@ def test_help_paragraphs_reflow_to_the_terminal(path: tuple[str, ...]) -> None:
     narrower than the source breaks it twice."""
     text = getattr(leaf_commands()[path], "help", None) or ""
     assert all("\n" not in paragraph for paragraph in text.split("\n\n")), text
+
+
+def every_command() -> dict[tuple[str, ...], Any]:
+    """Every command of the CLI, groups and the root (``()``) included, by its path."""
+    found: dict[tuple[str, ...], Any] = {}
+
+    def walk(command: Any, prefix: tuple[str, ...]) -> None:
+        found[prefix] = command
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            walk(sub, (*prefix, name))
+
+    walk(get_command(app), ())
+    return found
+
+
+# `[mcp]`, `mcpbill[otel]`: bracketed text a help string means literally. Rich markup, which
+# the help is rendered with, takes it for a style and drops it unless written `\[mcp]`.
+BRACKETED = re.compile(r"\\?(\[[^\[\]\s]+\])")
+
+
+def bracketed_in_source(command: Any) -> set[str]:
+    """The bracketed words a command's help, its options' help and shown defaults write."""
+    texts = [command.help or ""]
+    for param in command.params:
+        texts.append(getattr(param, "help", None) or "")
+        if isinstance(getattr(param, "show_default", None), str):
+            texts.append(param.show_default)
+    return {match.group(1) for text in texts for match in BRACKETED.finditer(text)}
+
+
+def test_help_texts_write_bracketed_words_to_check() -> None:
+    """The next test has something to check: the help does name extras and config tables."""
+    assert set().union(*map(bracketed_in_source, every_command().values()))
+
+
+@pytest.mark.parametrize("path", sorted(every_command()), ids=lambda p: " ".join(p) or "mcpbill")
+def test_help_shows_the_bracketed_words_its_source_writes(runner: CliRunner,
+                                                          path: tuple[str, ...]) -> None:
+    """`token issue --help` showed "canonical URI ( resource)" for "([mcp] resource)", `proxy
+    --help` "Needs mcpbill." for "mcpbill[otel]"."""
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "250"},
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    missing = sorted(word for word in bracketed_in_source(every_command()[path])
+                     if word not in result.stdout)
+    assert missing == [], result.stdout
 
 
 def test_root_help_lists_every_group(cli: Invoke) -> None:
@@ -202,8 +251,6 @@ def test_typer_app_has_no_install_completion() -> None:
 
 
 def test_readme_exit_code_table_matches_the_cli() -> None:
-    import re
-
     from mcpbill_cli.cli.output import EXIT_CODES
 
     documented: dict[str, int] = {}
