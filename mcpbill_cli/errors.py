@@ -310,6 +310,12 @@ class WebhookFailed(BillingError):
     code = "WEBHOOK_FAILED"
 
 
+class Interrupted(BillingError):
+    """Stopped by the person at the terminal: Ctrl-C, or Ctrl-D (end of input) at a prompt."""
+
+    code = "INTERRUPTED"
+
+
 class InternalError(BillingError):
     """An exception nobody anticipated: a bug. ``MCPBILL_DEBUG=1`` shows its traceback."""
 

@@ -26,7 +26,13 @@ import typer
 from typer._click.exceptions import ClickException
 
 from mcpbill_cli.clock import rfc3339, rfc3339_text
-from mcpbill_cli.errors import BillingError, FileUnavailable, InternalError, LedgerUnavailable
+from mcpbill_cli.errors import (
+    BillingError,
+    FileUnavailable,
+    InternalError,
+    Interrupted,
+    LedgerUnavailable,
+)
 
 # 2: one data contract (snake_case, `*_usd`, RFC 3339 `Z` times); 1 had camelCase fields in
 # pricing, receipt and x402 data, `exp` in `token issue` and times in several forms.
@@ -101,6 +107,7 @@ EXIT_CODES: dict[str, int] = {
     "RESPONSE_TOO_LARGE": 29,
     "RATE_LIMITED": 30,
     "WEBHOOK_FAILED": 31,
+    "INTERRUPTED": 130,
 }
 GENERIC_FAILURE = 1
 
@@ -509,8 +516,8 @@ def refuse_bad_names(arguments: Mapping[str, Any]) -> None:
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Render any BillingError the command raises, as JSON when the command got ``--json``;
-    anything else that escapes is the last line of defence's (:func:`unexpected`). Blank and
-    bad names are refused first (:func:`refuse_bad_names`)."""
+    Ctrl-C is INTERRUPTED; anything else that escapes is the last line of defence's
+    (:func:`unexpected`). Blank and bad names are refused first (:func:`refuse_bad_names`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -521,6 +528,9 @@ def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
             fail(exc, as_json=_wants_json(kwargs))
         except (typer.Exit, typer.Abort, BrokenPipeError, ClickException):
             raise  # an exit status, a usage error or a closed pipe: not failures to recode
+        except KeyboardInterrupt:  # exit 130 as Typer's, but told (one document with --json)
+            fail(Interrupted("interrupted (Ctrl-C): what it had done by then stands"),
+                 as_json=_wants_json(kwargs))
         except Exception as exc:  # noqa: BLE001 - the last line of defence, see unexpected()
             fail(unexpected(exc), as_json=_wants_json(kwargs))
 

@@ -13,7 +13,7 @@ import sys
 import typer
 
 from mcpbill_cli.cli.output import is_terminal
-from mcpbill_cli.errors import NoTerminal
+from mcpbill_cli.errors import Interrupted, NoTerminal
 
 
 def secret(variable: str, question: str, *, confirm: bool = False) -> str:
@@ -24,4 +24,10 @@ def secret(variable: str, question: str, *, confirm: bool = False) -> str:
     if not is_terminal(sys.stdin):
         raise NoTerminal(f"the {question} is needed and stdin is not a terminal to ask it on: "
                          f"set {variable}", variable=variable)
-    return str(typer.prompt(question, hide_input=True, confirmation_prompt=confirm, err=True))
+    try:
+        return str(typer.prompt(question, hide_input=True, confirmation_prompt=confirm,
+                                err=True))
+    except typer.Abort as stopped:  # Ctrl-C, or Ctrl-D (end of input), at the prompt
+        how = "Ctrl-C" if isinstance(stopped.__context__, KeyboardInterrupt) else "Ctrl-D"
+        raise Interrupted(f"stopped at the {question} prompt ({how}): set {variable} to give "
+                          "it without a prompt", variable=variable) from None

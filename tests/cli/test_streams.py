@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
+import select
 import shlex
+import signal
 import subprocess
 import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +241,92 @@ def test_a_name_the_terminal_cannot_show_is_escaped(env: dict[str, str],
     separator = b"\t" if output == "table" else b","
     tenants = [line.split(separator)[0] for line in proc.stdout.splitlines()[1:]]
     assert sorted(tenants) == sorted([b"default", cafe, b"\\u6771\\u4eac"])
+
+
+def at_the_password_prompt(environ: dict[str, str], keys: bytes, *args: str
+                           ) -> tuple[int, str, str]:
+    """``mcpbill ARGS`` with stdin and stderr on a terminal of its own (its controlling terminal,
+    where getpass asks) and stdout a pipe; ``keys`` are typed at the first password prompt.
+    Its exit status, its stdout and what the terminal showed."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(["setsid", "-w", "-c", MCPBILL, *args], stdin=secondary,
+                            stdout=subprocess.PIPE, stderr=secondary, env=environ, text=True,
+                            close_fds=True)
+    os.close(secondary)
+    try:
+        screen = read_screen(primary, until=b"password: ")
+        os.write(primary, keys)
+        stdout, _ = proc.communicate(timeout=60)
+        return proc.returncode, stdout, (screen + read_screen(primary)).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(primary)
+
+
+def read_screen(fd: int, until: bytes | None = None, timeout: float = 60) -> bytes:
+    screen, deadline = b"", time.monotonic() + timeout
+    while until is None or until not in screen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"the terminal showed {screen!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    return screen
+
+
+@pytest.mark.parametrize(("keys", "how"), [(b"\x03", "Ctrl-C"), (b"\x04", "Ctrl-D")])
+def test_stopping_at_the_password_prompt_is_interrupted_in_one_document(
+        env: dict[str, str], isolated_home: Path, keys: bytes, how: str) -> None:
+    """`wallet create --json`: Ctrl-C or Ctrl-D at the prompt exited 1 with nothing on stdout."""
+    status, stdout, screen = at_the_password_prompt(env, keys, "wallet", "create", "--json")
+    assert status == 130, screen  # as a shell's, for a run stopped by Ctrl-C
+    [error] = json.loads(stdout)["errors"]
+    assert error == {"code": "INTERRUPTED", "variable": "MCPBILL_KEYSTORE_PASSWORD",
+                     "message": f"stopped at the keystore password prompt ({how}): set "
+                                "MCPBILL_KEYSTORE_PASSWORD to give it without a prompt"}
+    assert "Aborted" not in screen and "Traceback" not in screen
+    assert not (isolated_home / "keys" / "wallet.json").exists()
+
+
+def test_ctrl_c_at_the_password_prompt_is_told_on_the_terminal(env: dict[str, str]) -> None:
+    status, stdout, screen = at_the_password_prompt(env, b"\x03", "wallet", "create")
+    assert (status, stdout) == (130, ""), screen
+    shown = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", screen).split())  # no styles, no wrapping
+    assert ("error INTERRUPTED: stopped at the keystore password prompt (Ctrl-C): set "
+            "MCPBILL_KEYSTORE_PASSWORD to give it without a prompt") in shown
+    assert "Aborted" not in shown
+
+
+def test_ctrl_c_while_the_talk_waits_leaves_the_token_printed(env: dict[str, str]) -> None:
+    """The tester's sigint_after_commit.py: stderr a pipe whose reader is slow (full), so the
+    talk after the commit waits; Ctrl-C then. The token came after the talk, so it was
+    allotted and never printed, and the run exited 130 without a word."""
+    before = {t["jti"] for t in data(env, "token", "list")}
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)
+    with subprocess.Popen([MCPBILL, "token", "issue", "--limit", "0.25"], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=write_end) as proc:
+        os.close(write_end)
+        assert proc.stdout is not None
+        select.select([proc.stdout], [], [], 10)  # the token, then the talk waits
+        proc.send_signal(signal.SIGINT)
+        with os.fdopen(read_end, "rb") as stderr:
+            said = stderr.read().lstrip(b"x").decode()
+        token = proc.stdout.read().strip()
+        assert proc.wait(timeout=60) == 130, said
+    [issued] = new_tokens(env, before)
+    inspected = subprocess.run([MCPBILL, "token", "inspect", "-", "--json"], input=token,
+                               capture_output=True, text=True, env=env, check=True, timeout=60)
+    assert json.loads(inspected.stdout)["data"]["jti"] == issued["jti"]
+    assert "error INTERRUPTED: interrupted (Ctrl-C)" in said
