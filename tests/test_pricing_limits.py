@@ -44,7 +44,7 @@ def test_counters_merge_windows_and_take_the_lower_limit() -> None:
     found = counters(jti="tok_1", tenant="beta", agent="a", own=(Rate(5, 1),), table=table)
     assert found == (Counter("token", "tok_1", 1, 5, NO_LIMIT),
                      Counter("token", "tok_1", 60, 300, 1_000_000),
-                     Counter("agent", "beta/a", 1, 20, NO_LIMIT))
+                     Counter("agent", "4:beta/a", 1, 20, NO_LIMIT))
 
 
 @pytest.mark.parametrize(("limits", "key"), [

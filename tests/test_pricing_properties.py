@@ -47,7 +47,7 @@ windowed_entries = st.builds(
 listed_tool_tables = st.dictionaries(tool_names, windowed_entries, max_size=5)
 tenant_documents = st.fixed_dictionaries({}, optional={
     "discount_percent": st.integers(0, 100),
-    "daily_cap": amount_values,
+    "daily_cap": micro.filter(bool).map(format_usd) | st.integers(1, 1_000),  # a cap is > 0
     "tools": tool_tables,
 })
 documents = st.fixed_dictionaries({"version": st.integers(0, 10**6)}, optional={

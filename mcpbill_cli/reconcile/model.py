@@ -73,9 +73,10 @@ FINDINGS: dict[str, tuple[Severity, str]] = {
     "audit_unsealed": ("warning", f"audit events written more than {UNSEALED_WINDOW} s ago are "
                                   "still unsealed (run a verifier on the ledger, or `mcpbill "
                                   "audit seal`)"),
-    "event_transfer_mismatch": ("error", "a hold, capture, charge, void or expire event without "
-                                         "its transfer, a transfer without its event, or one "
-                                         "call's event twice"),
+    "event_transfer_mismatch": ("error", "a hold, capture, charge, void, expire, deposit or "
+                                         "issue event without its transfer, a transfer without "
+                                         "its event, one call's event twice, or an event and "
+                                         "its transfer that differ in amount or account"),
     "refund_exceeds_charge": ("error", "a call is refunded past what it charged"),
     "refund_mismatch": ("error", "a refund's row, its refund transfer and its refund event "
                                  "disagree or one is missing, or a call's refunded differs "
